@@ -1,0 +1,169 @@
+"""Frontends: turn a diffusers U-Net into an ATen-level torch.fx GraphModule.
+
+Two frontends, one output form:
+
+* ``export``: ``torch.export.export(unet, (), inputs, strict=False)``. Non-strict export is the
+  quickest full-graph capture of a diffusers U-Net (``fx.symbolic_trace`` fails on all of them)
+  and its output equals eager. We never call the default ``run_decompositions()``: it splits
+  attention, SiLU and linear, which are exactly the ops the sparse passes replace.
+* ``dynamo``: the graph a ``torch.compile`` backend receives (parameters as placeholders, torch
+  functions as ops) is lowered by the same non-strict export, so both frontends reach the same
+  ATen dialect and a single canonicalizer serves both.
+
+The result is a GraphModule whose parameters and buffers are ``get_attr`` nodes on its own root
+module and whose placeholders are the tensor user inputs, named after the U-Net's keyword
+arguments (``added_cond_kwargs`` flattened to ``added_cond_kwargs_text_embeds`` and so on).
+``gm.meta["fc_inputs"]`` lists those names in placeholder order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .errors import FiseditError
+
+FRONTENDS = ("export", "dynamo")
+
+
+def check_unet(module) -> None:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if not isinstance(module, (UNet2DConditionModel, UNet2DModel)):
+        raise FiseditError(
+            f"{type(module).__name__} is not a diffusers U-Net: fisedit-compiler compiles "
+            "UNet2DConditionModel and UNet2DModel (for a pipeline, pass pipe.unet)")
+
+
+def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
+    """The tensor inputs of a U-Net call under the names the captured graph uses."""
+    flat = {}
+    for name, value in inputs.items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flat[f"{name}_{key}"] = inner
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+        elif isinstance(value, (int, float)) and name == "timestep":
+            flat[name] = torch.tensor(value)
+    return flat
+
+
+def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
+    """Capture ``unet`` called with keyword ``inputs`` into an ATen-level GraphModule."""
+    check_unet(unet)
+    if frontend not in FRONTENDS:
+        raise FiseditError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
+    inputs = dict(inputs, return_dict=False)
+    if frontend == "export":
+        with torch.no_grad():
+            program = torch.export.export(unet, (), inputs, strict=False)
+        return program_to_graph_module(program)
+    graph_module, example_inputs = dynamo_graph(unet, inputs)
+    return lower_dynamo_graph(graph_module, example_inputs)
+
+
+def dynamo_graph(unet, inputs: dict):
+    """The single graph (and its example inputs) Dynamo hands a backend for ``unet(**inputs)``."""
+    seen = {}
+
+    def grab(graph_module, example_inputs):
+        seen["graph"] = (graph_module, example_inputs)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend=grab, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(**inputs)
+    torch._dynamo.reset()
+    return seen["graph"]
+
+
+def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Lower a Dynamo backend graph to ATen; its parameter placeholders become constants.
+
+    Dynamo passes parameters as placeholders whose example inputs are the ``nn.Parameter``
+    objects themselves; they become ``get_attr`` nodes holding those same tensors, so in-place
+    weight updates stay visible. The remaining placeholders are the user inputs, in Dynamo's
+    order: ``gm.meta["fc_input_positions"]`` gives each one's position in the backend's call.
+    """
+    with torch.no_grad():
+        program = torch.export.export(graph_module, tuple(example_inputs), strict=False)
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
+    constants = {}
+    user_names, positions = [], []
+    for position, (node, param) in enumerate(zip(placeholders, is_param)):
+        if param:
+            constants[node.name] = example_inputs[position]
+        else:
+            user_names.append(_dynamo_input_name(node.name))
+            positions.append(position)
+    result = program_to_graph_module(program, extra_constants=constants, rename=dict(
+        zip([n.name for n, p in zip(placeholders, is_param) if not p], user_names)))
+    result.meta["fc_input_positions"] = positions
+    return result
+
+
+def _dynamo_input_name(name: str) -> str:
+    for prefix in ("l_kwargs_", "l_args_", "l_"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.rstrip("_") or name
+
+
+def program_to_graph_module(program, extra_constants=None, rename=None) -> fx.GraphModule:
+    """A plain GraphModule from an ExportedProgram: lifted parameters become ``get_attr`` nodes.
+
+    ``extra_constants`` maps user-input names that are really constants (Dynamo's parameter
+    placeholders) to their tensors; ``rename`` renames the remaining user inputs.
+    """
+    from torch.export.graph_signature import InputKind
+
+    extra_constants = extra_constants or {}
+    rename = rename or {}
+    root = torch.nn.Module()
+    source = program.graph_module
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    state = {**program.state_dict, **program.constants}
+    specs = {spec.arg.name: spec for spec in program.graph_signature.input_specs}
+    user_inputs = []
+    for index, node in enumerate(source.graph.nodes):
+        if node.op == "placeholder":
+            spec = specs[node.name]
+            if spec.kind == InputKind.USER_INPUT and node.name not in extra_constants:
+                if not isinstance(node.meta.get("val"), torch.Tensor):
+                    continue  # return_dict and other constant flags: baked into the graph
+                name = rename.get(node.name, node.name)
+                new = graph.placeholder(name)
+                user_inputs.append(name)
+            else:
+                value = (extra_constants[node.name] if node.name in extra_constants
+                         else state[spec.target])
+                attr = f"c{index}_{node.name}"
+                _register(root, attr, value)
+                new = graph.get_attr(attr)
+            new.meta.update(node.meta)
+            env[node] = new
+        elif node.op == "output":
+            outputs = node.args[0]
+            if len(outputs) != 1:
+                raise FiseditError(
+                    f"the U-Net graph returns {len(outputs)} values; expected one sample tensor")
+            graph.output(env[outputs[0]])
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    result = fx.GraphModule(root, graph)
+    result.meta["fc_inputs"] = user_inputs
+    return result
+
+
+def _register(root: torch.nn.Module, name: str, value) -> None:
+    if isinstance(value, torch.nn.Parameter):
+        root.register_parameter(name, value)
+    elif isinstance(value, torch.Tensor):
+        root.register_buffer(name, value)
+    else:
+        setattr(root, name, value)

@@ -1,0 +1,454 @@
+"""Real diffusers U-Net architectures built offline from their configs, with seeded random weights.
+
+No weights can be downloaded here, and none are needed to measure compute: a U-Net with random
+weights runs exactly the same operations as a trained one. Each full config below is the
+published config of the named model (the fields that differ from diffusers' defaults); each
+``-tiny`` variant keeps the block types and every architectural switch of its full model and
+shrinks only widths and depths, so CPU tests exercise the same graph shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import FiseditError
+
+# Published configs (diffusers' UNet2DConditionModel / UNet2DModel keyword arguments).
+_SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+_SD21 = dict(
+    _SD15, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True, upcast_attention=True,
+)
+_SDXL = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+# google/ddpm-church-256: six levels, padding-0 downsamplers, spatial self-attention at 16x16.
+_DDPM = dict(
+    sample_size=256, in_channels=3, out_channels=3,
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
+    attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    norm_eps=1e-6, norm_num_groups=32,
+)
+
+_TINY_SD = dict(
+    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, sample_size=16,
+)
+
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "sd15": ("UNet2DConditionModel", _SD15),
+    "sd21": ("UNet2DConditionModel", _SD21),
+    "sdxl": ("UNet2DConditionModel", _SDXL),
+    "ddpm": ("UNet2DModel", _DDPM),
+    "sd15-tiny": ("UNet2DConditionModel", dict(_SD15, **_TINY_SD)),
+    "sd21-tiny": ("UNet2DConditionModel", dict(
+        _SD21, **dict(_TINY_SD, attention_head_dim=(4, 8)))),
+    "sdxl-tiny": ("UNet2DConditionModel", dict(
+        _SDXL, sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+        cross_attention_dim=32, addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8)),
+    "ddpm-tiny": ("UNet2DModel", dict(
+        _DDPM, sample_size=32, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8)),
+}
+
+MODEL_NAMES = tuple(CONFIGS)
+
+
+def config(name: str) -> dict:
+    """The keyword arguments that build model ``name`` (a copy)."""
+    _check_name(name)
+    return dict(CONFIGS[name][1])
+
+
+def _check_name(name: str) -> None:
+    if name not in CONFIGS:
+        raise FiseditError(
+            f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Build U-Net ``name`` from its config with random weights drawn from ``seed``, in eval mode."""
+    import diffusers
+
+    _check_name(name)
+    cls_name, cfg = CONFIGS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(diffusers, cls_name)(**cfg)
+    if dtype != torch.float32:  # diffusers' ModelMixin.to warns whenever a dtype is passed
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval()
+
+
+def from_config(cfg: dict, *, seed: int = 0):
+    """A UNet2DConditionModel (or UNet2DModel when ``cfg`` has no cross-attention) from a config."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return diffusers.UNet2DConditionModel(**cfg).eval()
+
+
+def latent_size(model) -> tuple[int, int]:
+    size = model.config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None = None,
+                   width: int | None = None, timestep: float = 500.0,
+                   text_length: int = 77) -> dict:
+    """Keyword arguments for ``model(**inputs)``: random latents and text states, one timestep.
+
+    Works for any UNet2DConditionModel or UNet2DModel config, including SDXL's text-time added
+    conditions, so generated configurations get valid inputs too. ``return_dict`` is False.
+    """
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if not isinstance(model, (UNet2DConditionModel, UNet2DModel)):
+        raise FiseditError(
+            f"{type(model).__name__} is not a diffusers U-Net; pass a UNet2DConditionModel "
+            "or UNet2DModel (for a pipeline, pass pipe.unet)")
+    cfg = model.config
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    h0, w0 = latent_size(model)
+    h, w = height or h0, width or w0
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    inputs = {
+        "sample": randn(batch, cfg.in_channels, h, w),
+        "timestep": torch.full((batch,), float(timestep), device=device),
+        "return_dict": False,
+    }
+    if isinstance(model, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = randn(batch, text_length, cfg.cross_attention_dim)
+        if cfg.addition_embed_type == "text_time":
+            text_dim = (cfg.projection_class_embeddings_input_dim
+                        - 6 * cfg.addition_time_embed_dim)
+            time_ids = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=dtype)
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": randn(batch, text_dim),
+                "time_ids": time_ids.repeat(batch, 1).to(device),
+            }
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete text-to-image pipelines (random weights, offline)
+# ---------------------------------------------------------------------------------------------
+#
+# Each pipeline wraps the zoo U-Net of the same name with a VAE, CLIP text encoder(s), a locally
+# built byte-level CLIP tokenizer and a DPM-Solver++ scheduler, all built from configs. The full
+# sizes use the published component configs (only the vocabulary differs: ours is the 514-token
+# byte-level one, since the real 49408-token BPE vocabulary cannot be downloaded); the -tiny
+# variants shrink widths and depths and keep the 8x VAE and the U-Net's conditioning dimensions.
+
+PIPELINE_NAMES = ("sd15", "sd21", "sdxl", "sd15-tiny", "sd21-tiny", "sdxl-tiny")
+
+_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=4, norm_num_groups=32, act_fn="silu",
+)
+# Four levels like the real VAE, so it downsamples 8x, at tiny widths.
+_TINY_VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
+_OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                   num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+_OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                      num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+
+def _tiny_clip(hidden, act, projection):
+    return dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, hidden_act=act, projection_dim=projection)
+
+
+_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)
+
+# name -> (pipeline class, VAE kwargs, [text encoder kwargs, ...], scheduler kwargs)
+PIPELINE_CONFIGS: dict[str, tuple[str, dict, list[dict], dict]] = {
+    "sd15": ("StableDiffusionPipeline", dict(_VAE, sample_size=512, scaling_factor=0.18215),
+             [_CLIP_L], _SCHEDULER),
+    "sd21": ("StableDiffusionPipeline", dict(_VAE, sample_size=768, scaling_factor=0.18215),
+             [_OPENCLIP_H], dict(_SCHEDULER, prediction_type="v_prediction")),
+    "sdxl": ("StableDiffusionXLPipeline", dict(_VAE, sample_size=1024, scaling_factor=0.13025),
+             [_CLIP_L, _OPENCLIP_BIGG], _SCHEDULER),
+    "sd15-tiny": ("StableDiffusionPipeline",
+                  dict(_VAE, **_TINY_VAE, sample_size=128, scaling_factor=0.18215),
+                  [_tiny_clip(32, "quick_gelu", 32)], _SCHEDULER),
+    "sd21-tiny": ("StableDiffusionPipeline",
+                  dict(_VAE, **_TINY_VAE, sample_size=128, scaling_factor=0.18215),
+                  [_tiny_clip(32, "gelu", 32)], dict(_SCHEDULER, prediction_type="v_prediction")),
+    # SDXL concatenates both encoders' penultimate states: 16 + 16 = the tiny U-Net's 32, and
+    # text_encoder_2's pooled projection (32) + 6 * addition_time_embed_dim (8) = 80.
+    "sdxl-tiny": ("StableDiffusionXLPipeline",
+                  dict(_VAE, **_TINY_VAE, sample_size=128, scaling_factor=0.13025),
+                  [_tiny_clip(16, "quick_gelu", 16), _tiny_clip(16, "gelu", 32)], _SCHEDULER),
+}
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _check_pipeline_name(name) -> None:
+    if name in ("ddpm", "ddpm-tiny"):
+        raise FiseditError(
+            f"{name!r} is an unconditional DDPM U-Net and has no text-to-image pipeline; "
+            f"use zoo.unet({name!r}) instead, or pick a pipeline name: {', '.join(PIPELINE_NAMES)}")
+    if name not in PIPELINE_CONFIGS:
+        raise FiseditError(
+            f"unknown pipeline name {name!r}; choose one of {', '.join(PIPELINE_NAMES)}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode character mapping."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_vocab() -> dict[str, int]:
+    """Every byte character, then each with "</w>", then the two specials (CLIP's order)."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [_BOS, _EOS]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def tokenizer():
+    """A CLIPTokenizer over a byte-level vocabulary, built from files written to a temp folder.
+
+    Any text tokenizes (one token per UTF-8 byte, no merges), so prompts behave like real ones
+    for the pipeline: 77 tokens, bos/eos, padded with eos.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="fisedit-tokenizer-") as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps(_byte_vocab(), ensure_ascii=False),
+                                           encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(
+            tmp, model_max_length=77, bos_token=_BOS, eos_token=_EOS, unk_token=_EOS,
+            pad_token=_EOS, local_files_only=True)
+
+
+def _text_encoder(cfg: dict, tok, *, with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        **cfg, vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config).eval()
+
+
+def _check_dims(name: str, unet_model, encoders) -> None:
+    """The text encoders must produce what the U-Net's cross-attention and added conditions take."""
+    cfg = unet_model.config
+    hidden = sum(e.config.hidden_size for e in encoders)
+    if hidden != cfg.cross_attention_dim:
+        raise FiseditError(  # only reachable if the config tables above are edited inconsistently
+            f"zoo pipeline {name!r}: text encoder hidden sizes sum to {hidden} but the U-Net's "
+            f"cross_attention_dim is {cfg.cross_attention_dim}; fix PIPELINE_CONFIGS")
+    if cfg.addition_embed_type == "text_time":
+        want = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        if encoders[-1].config.projection_dim != want:
+            raise FiseditError(
+                f"zoo pipeline {name!r}: text_encoder_2 projection_dim is "
+                f"{encoders[-1].config.projection_dim} but the U-Net's added conditions take "
+                f"{want}; fix PIPELINE_CONFIGS")
+
+
+def _build_pipeline(name: str, seed: int, dtype: torch.dtype):
+    import diffusers
+
+    _check_pipeline_name(name)
+    cls_name, vae_cfg, text_cfgs, sched_cfg = PIPELINE_CONFIGS[name]
+    unet_model = unet(name, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        vae = diffusers.AutoencoderKL(**vae_cfg).eval()
+    tok = tokenizer()
+    sdxl = cls_name == "StableDiffusionXLPipeline"
+    encoders = [
+        _text_encoder(cfg, tok, with_projection=sdxl and i == 1, seed=seed + 2 + i)
+        for i, cfg in enumerate(text_cfgs)
+    ]
+    _check_dims(name, unet_model, encoders)
+    scheduler = diffusers.DPMSolverMultistepScheduler(**sched_cfg)
+    if dtype != torch.float32:
+        # Cast the components, not the pipeline: DiffusionPipeline.to(dtype) warns on CPU.
+        for module in (unet_model, vae, *encoders):
+            module.to(dtype)
+    if sdxl:
+        return diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tok,
+            tokenizer_2=tokenizer(), unet=unet_model, scheduler=scheduler,
+            force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=encoders[0], tokenizer=tok, unet=unet_model, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _read_model_index(path) -> dict:
+    import json
+    from pathlib import Path
+
+    index = Path(path) / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FiseditError(
+            f"{path} holds no saved pipeline (no model_index.json); pass a folder written by "
+            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise FiseditError(
+            f"{index} cannot be read as JSON ({e}); save the pipeline again with "
+            "pipe.save_pretrained(...) or point at another folder") from None
+
+
+def _missing_components(path, index: dict) -> list[str]:
+    from pathlib import Path
+
+    missing = []
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
+            continue
+        if value[0] is None or value[1] is None:  # an optional component saved as None
+            continue
+        folder = Path(path) / key
+        if not folder.is_dir() or not any(folder.iterdir()):
+            missing.append(key)
+    return missing
+
+
+def load_pipeline(path, dtype: torch.dtype = torch.float32):
+    """Load a pipeline saved with ``save_pretrained`` from folder ``path``, offline."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    if not Path(path).is_dir():
+        raise FiseditError(
+            f"{path} is not a folder; pass the folder a pipeline was saved to with "
+            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there")
+    index = _read_model_index(path)
+    missing = _missing_components(path, index)
+    if missing:
+        raise FiseditError(
+            f"the pipeline saved at {path} lists components whose folders are missing or empty: "
+            f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
+            "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+
+
+def _check_saved_matches(name: str, path, index: dict) -> None:
+    """A saved pipeline loaded under a zoo name must be that model (class and U-Net config)."""
+    import json
+    from pathlib import Path
+
+    cls_name = PIPELINE_CONFIGS[name][0]
+    problem = None
+    if index.get("_class_name") != cls_name:
+        problem = f"a {index.get('_class_name')}, not a {cls_name}"
+    else:
+        try:
+            saved = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None  # load_pipeline reports unreadable components
+        if saved is not None:
+            def norm(v):
+                return list(v) if isinstance(v, (list, tuple)) else v
+
+            for key, want in CONFIGS[name][1].items():
+                got = saved.get(key)
+                if key in saved and norm(got) != norm(want):
+                    problem = f"a U-Net with {key}={got!r}, not {want!r}"
+                    break
+    if problem:
+        raise FiseditError(
+            f"{path} holds {problem}, so it is not zoo pipeline {name!r}; pass name=None to "
+            "load whatever is saved there, or choose another (empty) folder for this name")
+
+
+def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A complete offline diffusers text-to-image pipeline with random weights drawn from ``seed``.
+
+    ``name`` is one of PIPELINE_NAMES: StableDiffusionPipeline for sd15/sd21 (and -tiny),
+    StableDiffusionXLPipeline for sdxl (and -tiny); its U-Net is ``unet(name, seed=seed)``.
+    With ``path``: a folder that holds a saved pipeline (model_index.json) is loaded from there
+    (``name`` may then be None); an absent or empty folder gets the built pipeline saved to it.
+    """
+    from pathlib import Path
+
+    if name is not None:
+        _check_pipeline_name(name)
+    if path is None:
+        if name is None:
+            raise FiseditError(
+                "zoo.pipeline needs a name to build or a path to load; pass one of "
+                f"{', '.join(PIPELINE_NAMES)}, or path= a folder written by save_pretrained")
+        return _build_pipeline(name, seed, dtype)
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        if name is not None:
+            _check_saved_matches(name, folder, _read_model_index(folder))
+        return load_pipeline(folder, dtype)
+    if folder.exists() and not folder.is_dir():
+        raise FiseditError(
+            f"{path} is a file, not a folder; pass a folder to save the pipeline in or load from")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FiseditError(
+            f"{path} is not empty and holds no saved pipeline (no model_index.json); pass an "
+            "empty or new folder to build and save there, or a folder written by "
+            "pipe.save_pretrained(...) to load")
+    if name is None:
+        raise FiseditError(
+            f"{path} holds no saved pipeline to load; pass a name to build one there "
+            f"({', '.join(PIPELINE_NAMES)})")
+    pipe = _build_pipeline(name, seed, dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder)
+    return pipe

@@ -167,3 +167,21 @@ def _register(root: torch.nn.Module, name: str, value) -> None:
         root.register_buffer(name, value)
     else:
         setattr(root, name, value)
+
+
+STAGES = ("captured", "canonical")
+
+
+def trace(unet, inputs: dict, frontend: str = "export", stage: str = "canonical") -> fx.GraphModule:
+    """Capture ``unet(**inputs)`` and run the front passes up to ``stage``.
+
+    ``captured`` is the ATen graph of the frontend; ``canonical`` is that graph in the ``ir``
+    dialect, annotated by ``passes.analyze`` (domains, levels, MACs, invariance).
+    """
+    from .passes.analyze import analyze
+    from .passes.canonicalize import canonicalize
+
+    if stage not in STAGES:
+        raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    gm = capture(unet, inputs, frontend)
+    return gm if stage == "captured" else analyze(canonicalize(gm))

@@ -381,7 +381,18 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
             f"the pipeline saved at {path} lists components whose folders are missing or empty: "
             f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
             "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype))
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``dtype=`` where diffusers has it (``torch_dtype=`` is deprecated there), else ``torch_dtype=``."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        new_style = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        new_style = False
+    return {"dtype": dtype} if new_style else {"torch_dtype": dtype}
 
 
 def _check_saved_matches(name: str, path, index: dict) -> None:

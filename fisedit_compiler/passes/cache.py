@@ -1,0 +1,79 @@
+"""cache: derive the minimal recorded set from the edit graph and build the record graph.
+
+Why: an edit reads recorded values only where its sparse ops look outside the active set:
+convolution halos (the conv input), self-attention K/V under the ``full`` policy, group-norm
+statistics, the inputs of nodes that run dense, and the U-Net output. Pointwise intermediates
+are never read. Rather than name layers, this pass reads the edit graph produced by
+``sparsify``: its ``cache_read`` nodes *are* the set. The record graph is the canonical graph
+with a ``cache_write`` after each recorded node (or, for group-norm statistics, after their
+computation from the norm's input), so one dense run stores exactly what edits will read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .. import ir
+from ..config import SparseConfig
+from ..runtime import sparse_ops as ops
+from .sparsify import CACHE_INPUT, META_CACHE_KIND, META_CACHE_SOURCE
+
+META_CACHE_WRITE = "fc_cache_write"   # on canonical nodes: the keys recorded from them
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    key: str
+    kind: str      # "value" or "group_norm_stats"
+    source: str    # the canonical node whose value (or whose input's statistics) is recorded
+
+
+def derive_cache_set(edit: fx.GraphModule) -> list[CacheEntry]:
+    """The entries an edit graph reads, in graph order."""
+    return [CacheEntry(node.args[1], node.meta[META_CACHE_KIND], node.meta[META_CACHE_SOURCE])
+            for node in edit.graph.nodes
+            if node.op == "call_function" and node.target is ops.cache_read]
+
+
+def insert_cache_writes(gm: fx.GraphModule, entries: list[CacheEntry],
+                        config: SparseConfig) -> fx.GraphModule:
+    """The record graph: ``gm`` (canonical, analyzed) plus a ``cache_write`` per entry.
+
+    The record graph takes the user inputs plus ``fc_cache``, the dict that receives the step's
+    recorded values, and returns the same output as ``gm``.
+    """
+    by_source: dict[str, list[CacheEntry]] = {}
+    for entry in entries:
+        by_source.setdefault(entry.source, []).append(entry)
+    tiles = config.tiles_for(gm.meta["fc_levels"])
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = list(gm.graph.nodes)
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    for node in placeholders:
+        env[node] = graph.node_copy(node)
+    cache = graph.placeholder(CACHE_INPUT)
+
+    def write_entries(node: fx.Node) -> None:
+        for entry in by_source.get(node.name, ()):
+            if entry.kind == "value":
+                value = env[node]
+            else:
+                x, groups = env[node.args[0]], node.args[1]
+                domain = node.args[0].meta[ir.META_DOMAIN]
+                value = graph.call_function(
+                    ops.group_norm_stats, (x, groups, tiles[domain.level], domain.size))
+            graph.call_function(ops.cache_write, (cache, entry.key, value))
+            node.meta.setdefault(META_CACHE_WRITE, []).append(entry.key)
+
+    for node in placeholders:
+        write_entries(node)
+    for node in nodes:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            write_entries(node)
+    record = fx.GraphModule(gm, graph)
+    record.meta.update(gm.meta)
+    return record

@@ -1,0 +1,339 @@
+"""sparsify: rewrite an analyzed canonical graph into the edit graph over compact tensors.
+
+Why: an edit changes a small region, so every positional value (spatial or tokens) is carried
+*compact*, holding only its level's active positions (see ``runtime.plan``), and each op is
+replaced by the sparse form that computes exactly those positions:
+
+* conv2d -> ``sparse_conv2d`` over active output tiles, halos read from the recorded input
+  (1x1 stride-1 convs -> ``pointwise_conv2d``); stride 2 maps tiles of the lower level to input
+  windows of the upper one;
+* upsample_nearest -> ``upsample_gather`` (the plan guarantees the sources are active);
+* group_norm -> ``sparse_group_norm`` with the config's policy, from recorded statistics;
+* attention -> ``sparse_attention``: active queries; self-attention K/V by policy;
+* pointwise, linear, layer_norm, cat and views -> the same op on compact tensors, with
+  position dimensions remapped and global operands collapsed or gathered;
+* global nodes (timestep chain, text K/V) -> unchanged.
+
+Anything else positional (an unknown op, a reshape that mixes positions with channels, a
+masked attention) runs *dense*: its inputs are rebuilt as mixed dense tensors from the
+recorded values, the op runs as captured, and the result is gathered back if positional. That
+is exact against the oracle, only slower; a warning names such nodes.
+
+Recorded data enters through ``cache_read(cache, key)`` nodes; ``passes.cache`` derives the
+record graph's writes from exactly those nodes. The edit graph takes the user inputs plus the
+placeholders ``fc_plan`` (a MaskPlan) and ``fc_cache`` (one step's recorded values).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch.fx as fx
+
+from .. import ir
+from ..config import SparseConfig
+from ..runtime import sparse_ops as ops
+from .analyze import Domain
+
+PLAN_INPUT = "fc_plan"
+CACHE_INPUT = "fc_cache"
+META_CACHE_KIND = "fc_cache_kind"      # on cache_read nodes: "value" or "group_norm_stats"
+META_CACHE_SOURCE = "fc_cache_source"  # on cache_read nodes: the canonical node recorded
+META_SPARSE = "fc_sparse"              # how a canonical node runs in edits, see sparse_mode()
+OUTPUT_KEY = "output"
+
+
+def value_key(node: fx.Node) -> str:
+    return node.name
+
+
+def stats_key(node: fx.Node) -> str:
+    return f"{node.name}:stats"
+
+
+def sparsify(gm: fx.GraphModule, config: SparseConfig) -> fx.GraphModule:
+    """The edit graph of an analyzed canonical ``gm`` (left unchanged except META_SPARSE tags)."""
+    rewriter = _Rewriter(gm, config)
+    edit = rewriter.run()
+    if rewriter.dense_nodes:
+        names = ", ".join(sorted(rewriter.dense_nodes)[:8])
+        warnings.warn(
+            f"{len(rewriter.dense_nodes)} positional node(s) run dense in edits (exact but "
+            f"slower), e.g. {names}; inspect with `fisedit-compiler dump --stage sparse`",
+            stacklevel=2)
+    return edit
+
+
+def _compact_axis(domain: Domain, axis: int) -> int:
+    """Where dense ``axis`` of a positional tensor lands once its positions are one dimension."""
+    first, last = domain.dims[0], domain.dims[-1]
+    if axis < first:
+        return axis
+    if axis <= last:
+        return first
+    return axis - (last - first)
+
+
+def _domain(node) -> Domain:
+    return node.meta[ir.META_DOMAIN]
+
+
+def _shape(node) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta["val"].shape)
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, config: SparseConfig):
+        self.gm, self.config = gm, config
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.reads: dict[str, fx.Node] = {}
+        self.levels: dict[int, fx.Node] = {}
+        self.dense_nodes: list[str] = []
+
+    # -- helpers --------------------------------------------------------------------------
+    def emit(self, target, *args, source: fx.Node | None = None) -> fx.Node:
+        new = self.graph.call_function(target, tuple(args))
+        if source is not None:
+            new.meta["fc_from"] = source.name
+        return new
+
+    def read(self, source: fx.Node, kind: str = "value") -> fx.Node:
+        key = value_key(source) if kind == "value" else stats_key(source)
+        if key not in self.reads:
+            node = self.emit(ops.cache_read, self.cache, key)
+            node.meta[META_CACHE_KIND] = kind
+            node.meta[META_CACHE_SOURCE] = source.name
+            self.reads[key] = node
+        return self.reads[key]
+
+    def full(self, value):
+        """A dense (mixed) version of a canonical argument."""
+        if isinstance(value, fx.Node):
+            domain = _domain(value)
+            if domain.positional:
+                return self.emit(ops.scatter_full, self.env[value], self.read(value),
+                                 self.level(domain), domain.dims)
+            return self.env[value]
+        return value
+
+    def level(self, domain: Domain) -> fx.Node:
+        if domain.level not in self.levels:
+            self.levels[domain.level] = self.emit(_level_of, self.plan, domain.level)
+        return self.levels[domain.level]
+
+    # -- main loop ------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:
+            if node.op == "placeholder":
+                self.env[node] = self.graph.placeholder(node.name)
+        self.plan = self.graph.placeholder(PLAN_INPUT)
+        self.cache = self.graph.placeholder(CACHE_INPUT)
+        for node in nodes:
+            if node.op == "placeholder":
+                domain = _domain(node)
+                if domain.positional:
+                    self.env[node] = self.emit(ops.gather_positions, self.env[node],
+                                               self.level(domain), domain.dims, source=node)
+                node.meta[META_SPARSE] = "input"
+            elif node.op == "get_attr":
+                self.env[node] = self.graph.get_attr(node.target)
+            elif node.op == "output":
+                self.graph.output(self.output(node.args[0]))
+            else:
+                self.env[node] = self.rewrite(node)
+        edit = fx.GraphModule(self.gm, self.graph)
+        edit.meta.update(self.gm.meta)
+        return edit
+
+    def output(self, value: fx.Node) -> fx.Node:
+        domain = _domain(value)
+        if not domain.positional:
+            return self.env[value]
+        return self.emit(ops.scatter_full, self.env[value], self.read(value), self.level(domain),
+                         domain.dims)
+
+    def rewrite(self, node: fx.Node) -> fx.Node:
+        domain = _domain(node)
+        if domain.kind == "global":
+            node.meta[META_SPARSE] = "global"
+            return self.graph.node_copy(node, lambda n: self.env[n])
+        if domain.positional:
+            rule = _RULES.get(ir.op_name(node))
+            result = rule(self, node) if rule else None
+            if result is not None:
+                node.meta.setdefault(META_SPARSE, "sparse")
+                return result
+        node.meta[META_SPARSE] = "dense"
+        self.dense_nodes.append(node.name)
+        return self.dense(node)
+
+    def dense(self, node: fx.Node) -> fx.Node:
+        """Run ``node`` on mixed dense inputs; gather the result back if it is positional."""
+        args = fx.map_arg(node.args, self.full)
+        kwargs = fx.map_arg(node.kwargs, self.full)
+        new = self.graph.call_function(node.target, args, kwargs)
+        new.meta["fc_from"] = node.name
+        domain = _domain(node)
+        if domain.positional:
+            return self.emit(ops.gather_positions, new, self.level(domain), domain.dims)
+        return new
+
+    def operand(self, value, out_node: fx.Node):
+        """A pointwise/cat operand in compact form (``None`` when that is not possible)."""
+        if not isinstance(value, fx.Node):
+            return value
+        domain = _domain(value)
+        if domain.positional:
+            return self.env[value]
+        out = _domain(out_node)
+        shape, out_rank = _shape(value), len(_shape(out_node))
+        offset = out_rank - len(shape)
+        aligned = [d - offset for d in out.dims]
+        if aligned[-1] < 0:
+            return self.env[value]                  # broadcasts over trailing dims only
+        if aligned[0] < 0:
+            return None
+        block = tuple(shape[d] for d in aligned)
+        if all(size == 1 for size in block):
+            collapsed = shape[:aligned[0]] + (1,) + shape[aligned[-1] + 1:]
+            return self.emit(ir.reshape, self.env[value], collapsed)
+        positions = out.size if len(block) == 2 else (out.size[0] * out.size[1],)
+        if block == tuple(positions):
+            return self.emit(ops.gather_positions, self.env[value], self.level(out),
+                             tuple(aligned))
+        return None
+
+
+def _level_of(plan, level: int):
+    return plan[level]
+
+
+def _conv(self: _Rewriter, node: fx.Node):
+    x, weight, bias, stride, padding, dilation, groups = node.args
+    source, target = _domain(x), _domain(node)
+    if source.kind != "spatial":
+        return None
+    weight_shape = _shape(weight)
+    if weight_shape[-2:] == (1, 1) and stride == (1, 1) and padding == (0, 0, 0, 0):
+        return self.emit(ops.pointwise_conv2d, self.env[x], self.env[weight],
+                         self.env.get(bias), source=node)
+    return self.emit(ops.sparse_conv2d, self.env[x], self.read(x), self.plan, source.level,
+                     target.level, self.env[weight], self.env.get(bias), stride, padding,
+                     dilation, groups, source=node)
+
+
+def _upsample(self: _Rewriter, node: fx.Node):
+    x = node.args[0]
+    if _domain(x).kind != "spatial":
+        return None
+    return self.emit(ops.upsample_gather, self.env[x], self.plan, _domain(x).level,
+                     _domain(node).level, source=node)
+
+
+def _group_norm(self: _Rewriter, node: fx.Node):
+    x, groups, weight, bias, eps = node.args
+    domain = _domain(x)
+    if len(_shape(x)) - len(domain.dims) + 1 != 3:
+        return None   # the compact input must be [B, C, P]
+    return self.emit(ops.sparse_group_norm, self.env[x], self.read(node, "group_norm_stats"),
+                     self.plan, domain.level, groups, self.env.get(weight), self.env.get(bias),
+                     eps, self.config.group_norm, source=node)
+
+
+def _attention(self: _Rewriter, node: fx.Node):
+    q, k, v, mask, scale = node.args
+    if mask is not None:
+        return None
+    is_self = node.meta.get(ir.META_ATTN_KIND) == "self"
+    if is_self and not (_domain(k).positional and _domain(v).positional):
+        return None
+    if not is_self and (_domain(k).positional or _domain(v).positional):
+        return None
+    recorded_k = recorded_v = None
+    if is_self and self.config.self_attention == "full":
+        recorded_k, recorded_v = self.read(k), self.read(v)
+    return self.emit(ops.sparse_attention, self.env[q], self.env[k], self.env[v], recorded_k,
+                     recorded_v, self.plan, _domain(node).level, scale,
+                     self.config.self_attention, source=node)
+
+
+def _same_op(self: _Rewriter, node: fx.Node):
+    """Pointwise ops: the same op on compact operands (global operands collapsed or gathered)."""
+    args = []
+    for value in node.args:
+        compact = self.operand(value, node)
+        if compact is None:
+            return None
+        args.append(compact)
+    return self.emit(node.target, *args, source=node)
+
+
+def _per_position(self: _Rewriter, node: fx.Node):
+    """linear and layer_norm act on each position's channels: same op, compact input."""
+    x, *rest = node.args
+    return self.emit(node.target, self.env[x], *fx.map_arg(tuple(rest), lambda n: self.env[n]),
+                     source=node)
+
+
+def _cat(self: _Rewriter, node: fx.Node):
+    tensors, dim = node.args
+    compact = [self.operand(value, node) for value in tensors]
+    if any(value is None for value in compact):
+        return None
+    return self.emit(ir.cat, compact, _compact_axis(_domain(node), dim), source=node)
+
+
+def _template(node: fx.Node) -> tuple:
+    domain, shape = _domain(node), _shape(node)
+    return shape[:domain.dims[0]] + (None,) + shape[domain.dims[-1] + 1:]
+
+
+def _reshape(self: _Rewriter, node: fx.Node):
+    x = node.args[0]
+    return self.emit(ops.compact_reshape, self.env[x], _template(node), _domain(x).dims[0],
+                     source=node)
+
+
+def _expand(self: _Rewriter, node: fx.Node):
+    x = node.args[0]
+    return self.emit(ops.compact_expand, self.env[x], _template(node), _domain(x).dims[0],
+                     source=node)
+
+
+def _permute(self: _Rewriter, node: fx.Node):
+    x, order = node.args
+    source, target = _domain(x), _domain(node)
+    compact_order = tuple(_compact_axis(source, order[axis]) for axis in range(len(order))
+                          if not target.dims[0] < axis <= target.dims[-1])
+    return self.emit(ir.permute, self.env[x], compact_order, source=node)
+
+
+def _slice(self: _Rewriter, node: fx.Node):
+    x, dim, start, end, step = node.args
+    return self.emit(ir.slice_dim, self.env[x], _compact_axis(_domain(x), dim), start, end,
+                     step, source=node)
+
+
+def _split(self: _Rewriter, node: fx.Node):
+    x, sizes, dim = node.args
+    return self.emit(ir.split, self.env[x], sizes, _compact_axis(_domain(x), dim), source=node)
+
+
+def _getitem(self: _Rewriter, node: fx.Node):
+    container, index = node.args
+    return self.emit(ir.OPS["getitem"], self.env[container], index, source=node)
+
+
+_RULES = {
+    "conv2d": _conv,
+    "upsample_nearest": _upsample,
+    "group_norm": _group_norm,
+    "attention": _attention,
+    "linear": _per_position, "layer_norm": _per_position,
+    **{name: _same_op for name, kind in ir.KIND.items() if kind == "pointwise"},
+    "cat": _cat,
+    "reshape": _reshape, "expand": _expand, "permute": _permute,
+    "slice": _slice, "split": _split, "getitem": _getitem,
+}

@@ -1,0 +1,298 @@
+"""SparseEngine: record a generation densely, then edit it sparsely, on the torch reference path.
+
+``fisedit_compiler.compile(unet, config)`` returns a SparseEngine. The engine compiles lazily,
+once per input signature (resolution, batch, dtypes, devices): capture, canonicalize, analyze,
+sparsify, derive the cache set, build the record graph. A cache (``new_cache``) belongs to one
+original generation: its signature, its timesteps and the config it was recorded with; every
+edit is checked against it, and a failed call never changes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import ir
+from ..capture import check_unet, flatten_inputs, trace
+from ..config import SparseConfig
+from ..errors import FiseditError
+from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
+from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
+from .plan import MaskPlan
+
+
+@dataclass
+class Program:
+    """Everything compiled for one input signature."""
+    signature: tuple
+    canonical: fx.GraphModule
+    record: fx.GraphModule
+    edit: fx.GraphModule
+    entries: list[CacheEntry]
+    levels: list[tuple[int, int]]
+    tiles: list[int]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.canonical.meta["fc_inputs"]
+
+
+class EditCache:
+    """The recorded values of one original generation, keyed by step index.
+
+    ``steps[i]`` maps cache keys to tensors (or group-norm statistics). The signature, config
+    and per-step timesteps are fixed by the first ``record`` and checked on every later call.
+    """
+
+    def __init__(self, num_steps: int, config: SparseConfig):
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise FiseditError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.num_steps = num_steps
+        self.config = config
+        self.signature: tuple | None = None
+        self.steps: dict[int, dict] = {}
+        self.timesteps: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def nbytes(self) -> int:
+        """Bytes held by all recorded steps."""
+        return sum(self.breakdown().values())
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes per cache key, summed over the recorded steps."""
+        sizes: dict[str, int] = {}
+        for store in self.steps.values():
+            for key, value in store.items():
+                sizes[key] = sizes.get(key, 0) + _nbytes(value)
+        return sizes
+
+    def __repr__(self) -> str:
+        return (f"EditCache({len(self.steps)}/{self.num_steps} steps recorded, "
+                f"{self.nbytes() / 2**20:.1f} MiB)")
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def _describe(signature: tuple) -> str:
+    return ", ".join(f"{name} {list(shape)} {str(dtype).replace('torch.', '')}"
+                     for name, shape, dtype, _ in signature)
+
+
+class SparseEngine:
+    """A U-Net compiled for incremental edits. See DESIGN section 8 for the call sequence."""
+
+    def __init__(self, unet, config: SparseConfig | None = None):
+        check_unet(unet)
+        self.unet = unet
+        self.config = config or SparseConfig()
+        self._programs: dict[tuple, Program] = {}
+
+    # -- compilation ----------------------------------------------------------------------
+    @staticmethod
+    def signature(inputs: dict) -> tuple:
+        flat = flatten_inputs(inputs)
+        return tuple((name, tuple(value.shape), value.dtype, str(value.device))
+                     for name, value in flat.items())
+
+    def program(self, inputs: dict) -> Program:
+        """The compiled program for ``inputs``' signature (compiled on first use)."""
+        signature = self.signature(inputs)
+        if signature not in self._programs:
+            canonical = trace(self.unet, inputs, self.config.frontend)
+            edit = sparsify(canonical, self.config)
+            entries = derive_cache_set(edit)
+            record = insert_cache_writes(canonical, entries, self.config)
+            levels = canonical.meta["fc_levels"]
+            self._programs[signature] = Program(signature, canonical, record, edit, entries,
+                                                levels, self.config.tiles_for(levels))
+        return self._programs[signature]
+
+    def program_for_size(self, size: tuple[int, int]) -> Program:
+        """A program at latent ``size``: a compiled one if any, else one for example inputs."""
+        for program in self._programs.values():
+            if program.levels and tuple(program.levels[0]) == tuple(size):
+                return program
+        from ..zoo import example_inputs
+
+        return self.program(example_inputs(self.unet, batch=2, height=size[0], width=size[1]))
+
+    # -- public API -----------------------------------------------------------------------
+    def new_cache(self, num_steps: int = 1) -> EditCache:
+        return EditCache(num_steps, self.config)
+
+    @torch.no_grad()
+    def record(self, cache: EditCache, step: int = 0, **inputs) -> torch.Tensor:
+        """Run the U-Net densely on ``inputs`` and record what edits of ``step`` will read."""
+        self._check_cache(cache, step)
+        program = self.program(inputs)
+        if cache.signature is not None and cache.signature != program.signature:
+            raise FiseditError(
+                "this cache belongs to a generation with inputs "
+                f"({_describe(cache.signature)}) but record got ({_describe(program.signature)}); "
+                "use engine.new_cache() for a new generation")
+        flat = flatten_inputs(inputs)
+        store: dict = {}
+        output = program.record(**flat, **{CACHE_INPUT: store})
+        cache.signature = program.signature
+        cache.steps[step] = store
+        cache.timesteps[step] = flat["timestep"].clone() if "timestep" in flat else None
+        if self.config.check_inputs:
+            cache.inputs[step] = {name: value.clone() for name, value in flat.items()}
+        return output
+
+    def plan(self, mask) -> MaskPlan:
+        """The mask plan of a bool ``[H, W]`` edit mask at latent resolution."""
+        if not isinstance(mask, torch.Tensor):
+            mask = torch.as_tensor(mask)
+        if mask.dim() != 2:
+            raise FiseditError(
+                f"the edit mask must be 2-D [H, W] at latent resolution, got shape "
+                f"{tuple(mask.shape)}; drop batch and channel dimensions")
+        program = self.program_for_size(tuple(mask.shape))
+        if not program.levels:
+            raise FiseditError("this U-Net graph has no spatial levels, so there is nothing "
+                               "to plan; run it densely")
+        device = next(self.unet.parameters()).device
+        return MaskPlan(mask, program.levels, program.tiles, self.config.dilation,
+                        self.config.dense_threshold, device=device)
+
+    @torch.no_grad()
+    def edit(self, cache: EditCache, step: int = 0, plan: MaskPlan | None = None,
+             **inputs) -> torch.Tensor:
+        """Recompute only the planned region of step ``step`` for the edited ``inputs``."""
+        if plan is None:
+            raise FiseditError("edit needs plan=engine.plan(mask)")
+        self._check_cache(cache, step)
+        if step not in cache.steps:
+            recorded = sorted(cache.steps) or "none"
+            raise FiseditError(
+                f"step {step} has not been recorded (recorded steps: {recorded}); call "
+                "engine.record(cache, step, **inputs) on the original generation first")
+        program = self.program(inputs)
+        if cache.signature != program.signature:
+            raise FiseditError(
+                "the edit inputs do not match the recorded generation: recorded "
+                f"({_describe(cache.signature)}), got ({_describe(program.signature)}); "
+                "edits must keep the resolution, batch and dtypes of the original")
+        if plan.level_sizes != program.levels or [l.tile for l in plan.levels] != program.tiles:
+            raise FiseditError(
+                f"the plan was made for levels {plan.level_sizes} but this generation has "
+                f"levels {program.levels}; make the plan with engine.plan(mask) for a mask at "
+                f"{program.levels[0][0]}x{program.levels[0][1]}")
+        flat = flatten_inputs(inputs)
+        self._check_timestep(cache, step, flat)
+        if self.config.check_inputs:
+            self._check_outside_mask(cache, step, plan, flat)
+        store = cache.steps[step]
+        if plan.empty and _output_key(program) in store:
+            return store[_output_key(program)].clone()   # nothing active: the recorded output
+        return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
+
+    def stats(self, plan: MaskPlan) -> dict:
+        """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal
+        (dense x the edit's active fraction) MACs, and the per-level fractions."""
+        program = self.program_for_size(plan.level_sizes[0])
+        rows = node_macs(program, plan, self.config)
+        return {
+            "dense_macs": sum(r["dense_macs"] for r in rows),
+            "sparse_macs": sum(r["sparse_macs"] for r in rows),
+            "ideal_macs": sum(r["ideal_macs"] for r in rows),
+            "mask_fraction": plan.raw_fraction,
+            "levels": [{"level": l.index, "size": list(l.size), "tile": l.tile,
+                        "dense": l.dense, "fraction": l.fraction,
+                        "tiles": int(l.tiles.shape[0])} for l in plan.levels],
+        }
+
+    # -- validation -----------------------------------------------------------------------
+    def _check_cache(self, cache, step) -> None:
+        if not isinstance(cache, EditCache):
+            raise FiseditError(f"expected an EditCache from engine.new_cache(), got "
+                               f"{type(cache).__name__}")
+        if cache.config != self.config:
+            raise FiseditError("this cache was made by an engine with a different SparseConfig; "
+                               "use the engine that created it or record a new cache")
+        if not isinstance(step, int) or not 0 <= step < cache.num_steps:
+            raise FiseditError(f"step {step!r} is out of range for a cache of "
+                               f"{cache.num_steps} steps (0..{cache.num_steps - 1})")
+
+    @staticmethod
+    def _check_timestep(cache, step, flat) -> None:
+        recorded = cache.timesteps.get(step)
+        new = flat.get("timestep")
+        if recorded is not None and new is not None and not torch.equal(
+                recorded.to(new.device), new):
+            raise FiseditError(
+                f"step {step} was recorded at timestep {recorded.flatten()[:1].tolist()} but the "
+                f"edit passes {new.flatten()[:1].tolist()}; edits must follow the recorded "
+                "scheduler timesteps (same scheduler and step count)")
+
+    @staticmethod
+    def _check_outside_mask(cache, step, plan, flat) -> None:
+        outside = ~plan.levels[0].active
+        for name, new in flat.items():
+            old = cache.inputs[step][name]
+            if name == "sample":
+                differs = (new != old)[..., outside].any()
+            elif name == "timestep":
+                continue
+            else:
+                differs = False  # text and added conditions may change freely
+            if bool(differs):
+                raise FiseditError(
+                    f"the edited {name} differs from the recorded one outside the edit mask; "
+                    "blend the latents with the recorded ones outside the mask, or enlarge "
+                    "the mask")
+
+
+def _output_key(program: Program) -> str:
+    output = program.canonical.graph.output_node().args[0]
+    return output.name
+
+
+def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[dict]:
+    """Per canonical node: dense, sparse and ideal MACs under ``plan``, and how it runs.
+
+    Sparse MACs count what the sparse ops really compute: whole output tiles for windowed
+    convolutions, active positions for per-position ops, active queries (times active keys
+    under the ``sparse`` self-attention policy) for attention. Ideal MACs scale positional work
+    by the raw mask fraction.
+    """
+    rows = []
+    for node in program.canonical.graph.nodes:
+        dense = node.meta.get(ir.META_MACS, 0)
+        domain = node.meta.get(ir.META_DOMAIN)
+        mode = node.meta.get(META_SPARSE, "")
+        sparse = ideal = dense
+        if dense and domain is not None and domain.positional and mode == "sparse":
+            level = plan[domain.level]
+            positions = level.size[0] * level.size[1]
+            fraction = level.count / positions
+            ideal = dense * plan.raw_fraction
+            if level.dense:
+                sparse = dense
+            elif ir.is_op(node, "conv2d") and not _is_pointwise_conv(node):
+                sparse = dense * level.tiles.shape[0] * level.tile * level.tile / positions
+            elif (ir.is_op(node, "attention") and node.meta.get(ir.META_ATTN_KIND) == "self"
+                  and config.self_attention == "sparse"):
+                sparse = dense * fraction * fraction
+            else:
+                sparse = dense * fraction
+        rows.append({"name": node.name, "op": ir.op_name(node) or node.op, "mode": mode,
+                     "dense_macs": int(dense), "sparse_macs": int(math.ceil(sparse)),
+                     "ideal_macs": int(math.ceil(ideal))})
+    return rows
+
+
+def _is_pointwise_conv(node: fx.Node) -> bool:
+    weight = node.args[1].meta["val"]
+    return tuple(weight.shape[-2:]) == (1, 1) and node.args[3] == (1, 1) and \
+        node.args[4] == (0, 0, 0, 0)

@@ -1,0 +1,229 @@
+"""The sparse ops of the edit graph, as torch reference implementations.
+
+These are the functions ``passes.sparsify`` puts in the edit graph. Each works on *compact*
+tensors: a positional tensor whose position dimensions (H, W) or (H*W) are replaced by one
+dimension holding only the level's active positions, in the plan's compact order. They are the
+reference path (CPU, and GPU without Triton) and the specification every Triton kernel is tested
+against.
+
+Recorded values come from the cache (``cache_read``); a tensor with recorded values outside the
+active set and new values inside is called *mixed*.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from .. import ir
+from .plan import LevelPlan, MaskPlan, tile_slots
+
+
+# --- cache access --------------------------------------------------------------------------
+
+def cache_read(cache: dict, key: str):
+    """The recorded value stored under ``key`` for this step."""
+    return cache[key]
+
+
+def cache_write(cache: dict, key: str, value) -> None:
+    """Record ``value`` under ``key`` (record mode)."""
+    cache[key] = value
+
+
+torch.fx.node._side_effectful_functions.add(cache_write)
+
+
+# --- moving between compact and dense -------------------------------------------------------
+
+def gather_positions(full: torch.Tensor, level: LevelPlan, dims: tuple[int, ...]) -> torch.Tensor:
+    """Compact tensor from a dense one: the active positions of ``dims``, in compact order."""
+    flat = full.flatten(dims[0], dims[-1])
+    return flat if level.dense else flat.index_select(dims[0], level.pixels)
+
+
+def scatter_full(compact: torch.Tensor, recorded: torch.Tensor, level: LevelPlan,
+                 dims: tuple[int, ...]) -> torch.Tensor:
+    """The mixed dense tensor: ``recorded`` with its active positions replaced by ``compact``."""
+    if level.dense:
+        return compact.reshape(recorded.shape)
+    flat = recorded.flatten(dims[0], dims[-1]).clone()
+    flat.index_copy_(dims[0], level.pixels, compact.to(flat.dtype))
+    return flat.reshape(recorded.shape)
+
+
+def compact_reshape(x: torch.Tensor, template: tuple, compact_dim: int) -> torch.Tensor:
+    """Reshape a compact tensor; ``None`` in ``template`` stands for its number of positions."""
+    count = x.shape[compact_dim]
+    return x.reshape([count if size is None else size for size in template])
+
+
+def compact_expand(x: torch.Tensor, template: tuple, compact_dim: int) -> torch.Tensor:
+    count = x.shape[compact_dim]
+    return x.expand([count if size is None else size for size in template])
+
+
+# --- convolution ----------------------------------------------------------------------------
+
+def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
+                  stride, padding, dilation, groups):
+    """conv2d on the active output tiles of ``level_out``.
+
+    ``x`` is the compact input ``[B, C, P]`` and ``recorded`` the recorded dense input: the
+    halo of each tile reads new values where active and recorded values elsewhere, and zero
+    padding applies outside the image (DESIGN section 3). Output tiles are computed whole
+    (``tile x tile``) and the slots outside the image dropped.
+    """
+    source, target = plan[level_in], plan[level_out]
+    full = scatter_full(x, recorded, source, (2, 3))
+    if target.dense:
+        return ir.conv2d(full, weight, bias, stride, padding, dilation, groups).flatten(2)
+    batch, channels = full.shape[:2]
+    tile = target.tile
+    windows_index, slots, pad = target.table(
+        ("conv", level_in, weight.shape[-2:], stride, padding, dilation),
+        lambda: _conv_windows(target, source.size, weight.shape[-2:], stride, padding, dilation))
+    padded = F.pad(full, pad).flatten(2)                          # [B, C, Hp * Wp]
+    count = target.tiles.shape[0]
+    window_h, window_w = _window_size(tile, weight.shape[-2:], stride, dilation)
+    windows = padded[:, :, windows_index]                         # [B, C, n, wh * ww]
+    windows = windows.permute(0, 2, 1, 3).reshape(batch * count, channels, window_h, window_w)
+    out = F.conv2d(windows, weight, bias, stride, 0, dilation, groups)  # [B*n, Co, t, t]
+    out = out.reshape(batch, count, -1, tile * tile).permute(0, 2, 1, 3).flatten(2)
+    return out if slots is None else out.index_select(2, slots)
+
+
+def pointwise_conv2d(x, weight, bias):
+    """A 1x1, stride-1, unpadded conv2d on a compact ``[B, C, P]`` tensor: a per-position op."""
+    return F.conv2d(x.unsqueeze(-1), weight, bias).squeeze(-1)
+
+
+def _window_size(tile, kernel, stride, dilation):
+    return tuple((tile - 1) * s + (k - 1) * d + 1 for k, s, d in zip(kernel, stride, dilation))
+
+
+def _conv_windows(target: LevelPlan, in_size, kernel, stride, padding, dilation):
+    """Index tables for one conv configuration on one plan.
+
+    Returns the flat index of every input window pixel in the padded input ``[n, wh * ww]``,
+    the output slots that lie inside the image (None when all do) and the F.pad amounts.
+    """
+    tile = target.tile
+    top, bottom, left, right = padding
+    window_h, window_w = _window_size(tile, kernel, stride, dilation)
+    grid_h, grid_w = target.tile_grid
+    padded_h = max(in_size[0] + top + bottom, (grid_h * tile - tile) * stride[0] + window_h)
+    padded_w = max(in_size[1] + left + right, (grid_w * tile - tile) * stride[1] + window_w)
+    pad = (left, padded_w - in_size[1] - left, top, padded_h - in_size[0] - top)
+    device = target.tiles.device
+    origin_y = target.tiles[:, 0] * tile * stride[0]
+    origin_x = target.tiles[:, 1] * tile * stride[1]
+    rows = origin_y[:, None, None] + torch.arange(window_h, device=device)[None, :, None]
+    cols = origin_x[:, None, None] + torch.arange(window_w, device=device)[None, None, :]
+    windows = (rows * padded_w + cols).reshape(target.tiles.shape[0], -1)
+    slot_pixels = tile_slots(target.tiles, tile, target.size)
+    slots = None if bool((slot_pixels >= 0).all()) else torch.nonzero(slot_pixels >= 0)[:, 0]
+    return windows, slots, pad
+
+
+# --- upsampling -----------------------------------------------------------------------------
+
+def upsample_gather(x, plan: MaskPlan, level_in: int, level_out: int):
+    """Nearest upsampling of a compact ``[B, C, P_in]`` tensor to the active positions of
+    ``level_out``; the plan guarantees every source position is active."""
+    source, target = plan[level_in], plan[level_out]
+    index = target.table(("upsample", level_in), lambda: _upsample_index(source, target))
+    return x.index_select(2, index)
+
+
+def _upsample_index(source: LevelPlan, target: LevelPlan) -> torch.Tensor:
+    height, width = target.size
+    rows = (target.pixels // width) * source.size[0] // height
+    cols = (target.pixels % width) * source.size[1] // width
+    index = source.position[rows * source.size[1] + cols]
+    assert bool((index >= 0).all()), "mask plan violates upsample coverage"
+    return index
+
+
+# --- group norm -----------------------------------------------------------------------------
+
+def group_norm_stats(x, groups: int, tile: int, size: tuple[int, int]) -> dict:
+    """Record-mode statistics of a group norm's input ``x`` (``[B, C, H, W]`` or ``[B, C, H*W]``).
+
+    Keeps, per (batch, group), the mean and inverse standard deviation (the ``cached`` policy)
+    and, per tile of the level's grid, the sums of ``x - mean`` and its square in fp32 (the
+    ``incremental`` policy). Shifting by the recorded mean avoids the cancellation of
+    ``E[x^2] - E[x]^2`` when only a small region changes.
+    """
+    batch, channels = x.shape[:2]
+    height, width = size
+    grouped = x.float().reshape(batch, groups, channels // groups, height, width)
+    mean = grouped.mean(dim=(2, 3, 4))
+    shifted = grouped - mean[:, :, None, None, None]
+    variance = (shifted * shifted).mean(dim=(2, 3, 4))
+    pad_h, pad_w = -height % tile, -width % tile
+    padded = F.pad(shifted, (0, pad_w, 0, pad_h))               # zeros add nothing to the sums
+    tiles = padded.reshape(batch, groups, channels // groups, (height + pad_h) // tile, tile,
+                           (width + pad_w) // tile, tile)
+    return {
+        "mean": mean,
+        "variance": variance,
+        "tile_sum": tiles.sum(dim=(2, 4, 6)).flatten(2),
+        "tile_sum_sq": (tiles * tiles).sum(dim=(2, 4, 6)).flatten(2),
+    }
+
+
+def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,
+                      eps: float, policy: str):
+    """group_norm of a compact ``[B, C, P]`` tensor whose mixed tensor has the level's size.
+
+    ``incremental`` (exact): the mixed tensor's statistics are the recorded sums minus the
+    recorded sums of the active tiles plus the new active sums. ``cached`` (SIGE, FISEdit):
+    the recorded statistics. A dense level normalises directly.
+    """
+    target = plan[level]
+    if target.dense:
+        return F.group_norm(x, groups, weight, bias, eps)
+    batch, channels, count = x.shape
+    grouped = x.float().reshape(batch, groups, channels // groups, count)
+    mean_recorded = stats["mean"]
+    if policy == "cached":
+        mean, variance = mean_recorded, stats["variance"]
+    else:
+        total = (channels // groups) * target.size[0] * target.size[1]
+        tile_ids = target.table("tile_ids",
+                                lambda: target.tiles[:, 0] * target.tile_grid[1] + target.tiles[:, 1])
+        shifted = grouped - mean_recorded[:, :, None, None]
+        sum_new = shifted.sum(dim=(2, 3))
+        sum_sq_new = (shifted * shifted).sum(dim=(2, 3))
+        sum_mixed = stats["tile_sum"].sum(-1) - stats["tile_sum"][:, :, tile_ids].sum(-1) + sum_new
+        sum_sq_mixed = (stats["tile_sum_sq"].sum(-1) - stats["tile_sum_sq"][:, :, tile_ids].sum(-1)
+                        + sum_sq_new)
+        shift = sum_mixed / total
+        mean = mean_recorded + shift
+        variance = sum_sq_mixed / total - shift * shift
+    normed = (grouped - mean[:, :, None, None]) * torch.rsqrt(variance + eps)[:, :, None, None]
+    normed = normed.reshape(batch, channels, count).to(x.dtype)
+    if weight is not None:
+        normed = normed * weight[None, :, None]
+    if bias is not None:
+        normed = normed + bias[None, :, None]
+    return normed
+
+
+# --- attention ------------------------------------------------------------------------------
+
+def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,
+                     policy: str):
+    """Attention for the active queries of a level.
+
+    Cross-attention (``recorded_k`` is None) attends to the text as usual. Self-attention with
+    the ``full`` policy (exact) attends to the recorded K/V with the active rows replaced; the
+    ``sparse`` policy (FISEdit's fast mode) attends to the active tokens only.
+    """
+    target = plan[level]
+    if recorded_k is not None and policy == "full" and not target.dense:
+        k = scatter_full(k, recorded_k, target, (recorded_k.dim() - 2,))
+        v = scatter_full(v, recorded_v, target, (recorded_v.dim() - 2,))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

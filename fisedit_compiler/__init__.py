@@ -6,9 +6,18 @@
     cache = engine.new_cache(num_steps=1)
     y = engine.record(cache, step=0, **inputs)
     y2 = engine.edit(cache, step=0, plan=engine.plan(mask), **edited_inputs)
+
+Or through a stock pipeline, with the torch.compile backend "fisedit":
+
+    pipe.unet = torch.compile(pipe.unet, backend="fisedit")
+    with fc.recording(pipe.unet) as rec:
+        pipe(prompt, generator=torch.Generator().manual_seed(0))
+    with fc.editing(rec, mask):
+        pipe(new_prompt, generator=torch.Generator().manual_seed(0))
 """
 
 from . import oracle, zoo
+from .backend import Editing, Recording, editing, fisedit_backend, recording
 from .config import SparseConfig
 from .errors import FiseditError, UnsupportedGraphError
 from .runtime.engine import EditCache, SparseEngine
@@ -24,4 +33,5 @@ def compile(unet, config: SparseConfig | None = None) -> SparseEngine:  # noqa: 
 
 
 __all__ = ["compile", "SparseConfig", "SparseEngine", "EditCache", "MaskPlan", "FiseditError",
-           "UnsupportedGraphError", "oracle", "zoo"]
+           "UnsupportedGraphError", "oracle", "zoo", "recording", "editing", "Recording",
+           "Editing", "fisedit_backend"]

@@ -79,14 +79,24 @@ def dynamo_graph(unet, inputs: dict):
     return seen["graph"]
 
 
-def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs) -> fx.GraphModule:
+def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
+                       arg_names=None) -> fx.GraphModule:
     """Lower a Dynamo backend graph to ATen; its parameter placeholders become constants.
 
     Dynamo passes parameters as placeholders whose example inputs are the ``nn.Parameter``
     objects themselves; they become ``get_attr`` nodes holding those same tensors, so in-place
     weight updates stay visible. The remaining placeholders are the user inputs, in Dynamo's
-    order: ``gm.meta["fc_input_positions"]`` gives each one's position in the backend's call.
+    order: ``gm.meta["fc_input_positions"]`` gives each tensor input's position in the
+    backend's call.
+
+    A graph compiled with dynamic shapes also takes symbolic sizes (``SymInt`` placeholders):
+    the lowered graph is specialized to the example's concrete sizes, and those inputs are not
+    among the positions. Positional arguments of the compiled call (Dynamo names them
+    ``args_0``, ``args_1``, ... when a module is called positionally, as pipelines do) are
+    named by ``arg_names`` (the forward's parameter names), else ``sample``, ``timestep``
+    (the first two of every diffusers U-Net) and ``arg<i>``.
     """
+    example_inputs = [_concrete(x) for x in example_inputs]
     with torch.no_grad():
         program = torch.export.export(graph_module, tuple(example_inputs), strict=False)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
@@ -97,20 +107,40 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs) -> fx.Graph
         if param:
             constants[node.name] = example_inputs[position]
         else:
-            user_names.append(_dynamo_input_name(node.name))
-            positions.append(position)
+            user_names.append(_dynamo_input_name(node.name, arg_names))
+            if isinstance(example_inputs[position], torch.Tensor):
+                positions.append(position)
     result = program_to_graph_module(program, extra_constants=constants, rename=dict(
         zip([n.name for n, p in zip(placeholders, is_param) if not p], user_names)))
     result.meta["fc_input_positions"] = positions
     return result
 
 
-def _dynamo_input_name(name: str) -> str:
+_POSITIONAL_DEFAULTS = ("sample", "timestep")
+
+
+def _dynamo_input_name(name: str, arg_names=None) -> str:
     for prefix in ("l_kwargs_", "l_args_", "l_"):
         if name.startswith(prefix):
             name = name[len(prefix):]
             break
-    return name.rstrip("_") or name
+    name = name.rstrip("_") or name
+    if name.isdigit():   # a positional argument of the compiled call
+        index = int(name)
+        names = list(arg_names) if arg_names is not None else list(_POSITIONAL_DEFAULTS)
+        name = names[index] if index < len(names) else f"arg{index}"
+    return name
+
+
+def _concrete(value):
+    """A Dynamo example input with symbolic sizes replaced by their concrete hints."""
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        if hint is None:
+            raise FiseditError("a dynamic-shape graph input has no concrete example value; "
+                               "compile with dynamic=False")
+        return int(hint)
+    return value
 
 
 def program_to_graph_module(program, extra_constants=None, rename=None) -> fx.GraphModule:

@@ -143,7 +143,9 @@ def _binary(name: str, reverse: bool = False):
         lhs, rhs = a["self"], a["other"]
         if name == "div" and a.get("rounding_mode") is not None:
             return None
-        if name in ("div", "mul") and _is_scalar(rhs, 1.0):
+        # x / 1.0 is x only when no type promotion happens (an integer x gives a float).
+        if (name in ("div", "mul") and _is_scalar(rhs, 1.0)
+                and lhs.meta["val"].dtype == b.source.meta["val"].dtype):
             return b.forward(lhs)
         if name in ("add", "sub") and not _is_scalar(a.get("alpha", 1), 1):
             rhs = b.emit("mul", b.get(rhs), a["alpha"])

@@ -9,6 +9,7 @@ edit is checked against it, and a failed call never changes it.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from ..config import SparseConfig
 from ..errors import FiseditError
 from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
-from .plan import MaskPlan
+from .plan import MaskPlan, validate_mask
 
 
 @dataclass
@@ -82,6 +83,22 @@ def _nbytes(value) -> int:
     return 0
 
 
+def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig) -> Program:
+    """The one compile path after capture, shared by SparseEngine and the "fisedit" backend.
+
+    ``shared`` is an analyzed canonical graph (``capture.trace`` or the backend's lowering of
+    a Dynamo graph); it is left untouched and may serve several configs.
+    """
+    # A fresh graph (parameters shared) so this config's passes tag their own nodes.
+    canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
+    canonical.meta.update(shared.meta)
+    edit = sparsify(canonical, config)
+    entries = derive_cache_set(edit)
+    record = insert_cache_writes(canonical, entries, config)
+    levels = canonical.meta["fc_levels"]
+    return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
+
+
 def _describe(signature: tuple) -> str:
     return ", ".join(f"{name} {list(shape)} {str(dtype).replace('torch.', '')}"
                      for name, shape, dtype, _ in signature)
@@ -90,11 +107,18 @@ def _describe(signature: tuple) -> str:
 class SparseEngine:
     """A U-Net compiled for incremental edits. See DESIGN section 8 for the call sequence."""
 
-    def __init__(self, unet, config: SparseConfig | None = None):
+    def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None):
         check_unet(unet)
         self.unet = unet
         self.config = config or SparseConfig()
         self._programs: dict[tuple, Program] = {}
+        # Canonical graphs do not depend on the config, so engines made by with_config share
+        # them and capture each signature once.
+        self._traces: dict[tuple, fx.GraphModule] = {} if _traces is None else _traces
+
+    def with_config(self, config: SparseConfig) -> "SparseEngine":
+        """An engine for the same U-Net under another config, sharing the captured graphs."""
+        return SparseEngine(self.unet, config, _traces=self._traces)
 
     # -- compilation ----------------------------------------------------------------------
     @staticmethod
@@ -107,20 +131,25 @@ class SparseEngine:
         """The compiled program for ``inputs``' signature (compiled on first use)."""
         signature = self.signature(inputs)
         if signature not in self._programs:
-            canonical = trace(self.unet, inputs, self.config.frontend)
-            edit = sparsify(canonical, self.config)
-            entries = derive_cache_set(edit)
-            record = insert_cache_writes(canonical, entries, self.config)
-            levels = canonical.meta["fc_levels"]
-            self._programs[signature] = Program(signature, canonical, record, edit, entries,
-                                                levels, self.config.tiles_for(levels))
+            key = (signature, self.config.frontend)
+            if key not in self._traces:
+                self._traces[key] = trace(self.unet, inputs, self.config.frontend)
+            self._programs[signature] = build_program(signature, self._traces[key], self.config)
         return self._programs[signature]
 
     def program_for_size(self, size: tuple[int, int]) -> Program:
-        """A program at latent ``size``: a compiled one if any, else one for example inputs."""
+        """A program at latent ``size``: a compiled one if any, else one for example inputs.
+
+        Once a generation has been compiled, a mask at another size is refused: it is almost
+        always an image-resolution or stale mask rather than a wish to recompile.
+        """
+        sizes = []
         for program in self._programs.values():
             if program.levels and tuple(program.levels[0]) == tuple(size):
                 return program
+            sizes.append(tuple(program.levels[0]) if program.levels else None)
+        if sizes:
+            validate_mask(torch.zeros(size, dtype=torch.bool), sizes[0])
         from ..zoo import example_inputs
 
         return self.program(example_inputs(self.unet, batch=2, height=size[0], width=size[1]))

@@ -1,0 +1,85 @@
+"""The ``fisedit-compiler`` command line.
+
+Each subcommand is one ``add_<name>(subparsers)`` function that registers its parser and sets
+``run`` (a function of the parsed arguments returning an exit code); listing it in
+``SUBCOMMANDS`` is all it takes to add one. A ``FiseditError`` (bad input) is printed as one
+line on stderr with exit code 2, like argparse's own usage errors; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import capture, inspect, zoo
+from .errors import FiseditError
+
+
+def add_dump(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dump", help="show a U-Net graph: ops, shapes, domains, levels, MACs",
+        description="Capture a zoo U-Net or a saved pipeline's U-Net on example inputs and show "
+                    "its graph as a text table, JSON (schema: fisedit_compiler.inspect."
+                    "JSON_SCHEMA), Graphviz DOT, or SVG (needs Graphviz's dot).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="NAME",
+                        help=f"a zoo model: {', '.join(zoo.MODEL_NAMES)}")
+    source.add_argument("--pipeline", metavar="DIR",
+                        help="a folder holding a diffusers pipeline saved with save_pretrained")
+    parser.add_argument("--stage", choices=capture.STAGES, default="canonical",
+                        help="captured: the frontend's ATen graph; canonical: the canonical "
+                             "dialect with analysis (default)")
+    parser.add_argument("--format", choices=inspect.FORMATS, default="text",
+                        help="output format (default: text)")
+    parser.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    parser.add_argument("--frontend", choices=capture.FRONTENDS, default="export",
+                        help="capture frontend (default: export)")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="batch size of the example inputs (default: 2, as with CFG)")
+    parser.set_defaults(run=run_dump)
+
+
+def run_dump(args) -> int:
+    text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,
+                        frontend=args.frontend, batch=args.batch)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.out).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise FiseditError(f"cannot write {args.out}: {error.strerror}") from None
+    return 0
+
+
+SUBCOMMANDS = (add_dump,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fisedit-compiler",
+        description="Compile diffusers U-Nets into incremental, mask-sparse editing engines.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0), or a usage error argparse has printed (2)
+        return exit_.code
+    try:
+        return args.run(args)
+    except FiseditError as error:
+        print(f"fisedit-compiler {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

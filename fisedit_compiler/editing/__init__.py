@@ -1,0 +1,5 @@
+"""FISEdit-style editing sessions over stock diffusers pipelines (DESIGN section 4)."""
+
+from .session import EditResult, EditSession
+
+__all__ = ["EditSession", "EditResult"]

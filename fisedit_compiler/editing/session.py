@@ -1,0 +1,476 @@
+"""EditSession: FISEdit-style editing over a stock diffusers Stable Diffusion (XL) pipeline.
+
+``generate`` runs the pipeline densely and records, through ``SparseEngine.record``, every
+step's U-Net call plus the per-step latents and scheduler history. ``edit`` runs k dense probe
+steps with the new prompt from the same noise, derives the edit mask from the latent difference
+(Target Area Capture), blends latents and scheduler history with the recorded ones outside the
+plan's active region, and runs the remaining steps sparsely through ``SparseEngine.edit``.
+Because sparse U-Net calls return the recorded output outside the active region and every
+supported scheduler is elementwise, the final latents outside that region equal the original's
+bit for bit.
+
+The pipeline is not forked: U-Net calls are routed by temporarily replacing the instance's
+``forward`` (always restored), and per-step work runs in ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SparseConfig
+from ..errors import FiseditError
+from ..runtime.engine import EditCache, SparseEngine, _output_key
+from ..runtime.plan import MaskPlan, validate_mask
+from . import mask as tac
+from .attention import CrossAttentionControl, shared_tokens
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
+MASK_MODES = ("replace", "intersect")
+# Pipeline arguments the session sets itself (they decide noise, batch and per-step locality).
+_MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
+                   "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
+                   "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds")
+# U-Net arguments the engine's recorded graphs take; others must be None.
+_UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs")
+
+
+@dataclass
+class Trajectory:
+    """One denoising run: per step, the U-Net's inputs (and output), latents and scheduler history.
+
+    ``latents[i]`` and ``history[i]`` are taken after step ``i`` (after any blend); ``history``
+    is the multistep solver's ``model_outputs`` (empty for single-step schedulers).
+    ``blend_steps`` are the steps after which the latents were blended, i.e. where they are not
+    the scheduler's continuation of the previous step.
+    """
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    height: int
+    width: int
+    num_steps: int
+    noise: torch.Tensor
+    unet_inputs: list[dict] = field(default_factory=list)
+    unet_outputs: list[torch.Tensor] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    history: list[list] = field(default_factory=list)
+    blend_steps: set[int] = field(default_factory=set)
+
+
+@dataclass
+class EditResult:
+    """An edit: ``images`` (the pipeline's output), ``mask`` (bool, latent resolution: the mask
+    the plan was built from), ``plan``, ``latents`` (final) and ``report`` (timings, MACs, areas).
+    """
+    images: object
+    mask: torch.Tensor
+    plan: MaskPlan
+    latents: torch.Tensor
+    report: dict
+    _trajectory: Trajectory = field(repr=False)
+    _generation: int = field(repr=False)
+
+
+class EditSession:
+    """Generate once densely, then edit repeatedly and sparsely; see the module docstring."""
+
+    def __init__(self, pipe, config: SparseConfig | None = None):
+        _check_pipeline(pipe)
+        self.pipe = pipe
+        self.engine = SparseEngine(pipe.unet, config)
+        self.cache: EditCache | None = None
+        self.original: Trajectory | None = None
+        self.generate_time_s: float | None = None
+        self._generation = 0   # bumped by generate and accept; results of older ones are stale
+        self._forward_params = inspect.signature(type(pipe.unet).forward).parameters
+
+    # -- public API -----------------------------------------------------------------------
+    def generate(self, prompt: str, seed: int | None = 0, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, *, negative_prompt: str | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", **pipeline_kwargs):
+        """Run the pipeline densely, recording every step; returns the pipeline's images.
+
+        The initial noise comes from ``latents`` if given, else ``generator``, else ``seed``;
+        it is kept so that edits start from the same noise. The previous generation (and its
+        cache) is replaced only when this call succeeds.
+        """
+        _check_kwargs(pipeline_kwargs)
+        self._check_scheduler()
+        height, width = self._size(height, width)
+        noise = self._noise(seed, generator, latents, height, width)
+        trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
+                                num_inference_steps, noise)
+        cache = self.engine.new_cache(num_inference_steps)
+
+        def unet_call(step, inputs):
+            trajectory.unet_inputs.append(_detach(inputs))
+            return self.engine.record(cache, step, **inputs)
+
+        def on_step_end(step, latents_):
+            trajectory.latents.append(latents_.clone())
+            trajectory.history.append(_history(self.pipe.scheduler))
+            return latents_
+
+        start = time.perf_counter()
+        images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
+        self.generate_time_s = time.perf_counter() - start
+        self.cache, self.original = cache, trajectory
+        self._scheduler_type = type(self.pipe.scheduler)
+        self._generation += 1
+        return images
+
+    def edit(self, new_prompt: str, mask=None, probe_steps: int = 10, *,
+             mask_mode: str = "replace", mask_dilation: int = 0,
+             cross_attention_control: bool = False,
+             negative_prompt: str | None = None, guidance_scale: float | None = None,
+             num_inference_steps: int | None = None, height: int | None = None,
+             width: int | None = None, output_type: str = "pil",
+             **pipeline_kwargs) -> EditResult:
+        """Edit the recorded generation towards ``new_prompt``.
+
+        Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise;
+        their latent difference to the recorded trajectory gives the automatic mask. A user
+        ``mask`` (bool ``[H, W]`` at latent resolution) replaces it (``mask_mode="replace"``,
+        where ``probe_steps=0`` skips the probe and runs sparse from the first step) or
+        intersects it (``"intersect"``). After step ``probe_steps - 1`` the latents and the
+        scheduler history are blended with the recorded ones outside ``plan.levels[0].active``;
+        the remaining steps run sparsely. The recorded generation is never changed by an edit.
+        ``cross_attention_control`` reuses, during the probe steps, the recorded generation's
+        cross-attention probabilities for the tokens both prompts share (see ``attention``;
+        it costs one extra dense U-Net call per probe step).
+        """
+        original = self._require_generation()
+        _check_kwargs(pipeline_kwargs)
+        self._check_scheduler()
+        if type(self.pipe.scheduler) is not self._scheduler_type:
+            raise FiseditError(
+                f"the generation was recorded with {self._scheduler_type.__name__} but the "
+                f"pipeline now has {type(self.pipe.scheduler).__name__}; edits must use the "
+                "recorded scheduler (or call generate again)")
+        if mask_mode not in MASK_MODES:
+            raise FiseditError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        steps = original.num_steps if num_inference_steps is None else num_inference_steps
+        height = original.height if height is None else height
+        width = original.width if width is None else width
+        if (height, width) != (original.height, original.width) or steps != original.num_steps:
+            raise FiseditError(
+                f"the generation was recorded at {original.height}x{original.width} with "
+                f"{original.num_steps} steps but the edit asks for {height}x{width} with {steps} "
+                "steps; edits keep the recorded resolution and step count (call generate again "
+                "to change them)")
+        if not isinstance(probe_steps, int) or not 0 <= probe_steps < steps:
+            raise FiseditError(f"probe_steps must be an int in [0, {steps - 1}], got "
+                               f"{probe_steps!r}")
+        latent_size = tuple(original.noise.shape[-2:])
+        user_mask = None
+        if mask is not None:
+            user_mask = validate_mask(mask, latent_size).to(original.noise.device)
+        if probe_steps == 0 and (user_mask is None or mask_mode != "replace"):
+            raise FiseditError("probe_steps=0 needs a user mask with mask_mode='replace'; the "
+                               "automatic mask is computed from at least one probe step")
+        guidance = original.guidance_scale if guidance_scale is None else guidance_scale
+        if (guidance > 1) != (original.guidance_scale > 1):
+            raise FiseditError(
+                f"the generation used guidance_scale={original.guidance_scale} and the edit "
+                f"{guidance}: classifier-free guidance must stay on (or off) for both, since it "
+                "sets the U-Net batch")
+
+        trajectory = Trajectory(new_prompt, negative_prompt, guidance, height, width, steps,
+                                original.noise)
+        state = {"plan": None, "mask": None, "differences": [], "blend_at": None}
+        timings = {"mask_s": 0.0}
+
+        def make_plan(auto_mask):
+            if user_mask is None:
+                chosen = auto_mask
+            elif mask_mode == "replace":
+                chosen = user_mask
+            else:
+                chosen = auto_mask & user_mask
+            state["mask"] = chosen
+            state["plan"] = self.engine.plan(chosen)
+
+        if probe_steps == 0:
+            make_plan(None)
+        control = None
+        if cross_attention_control:
+            control = CrossAttentionControl(*shared_tokens(self.pipe.tokenizer, original.prompt,
+                                                           new_prompt))
+
+        def unet_call(step, inputs):
+            trajectory.unet_inputs.append(_detach(inputs))
+            if step < probe_steps and control is not None:
+                with control.installed(self.pipe.unet, "capture"):
+                    self._dense(original.unet_inputs[step])
+                with control.installed(self.pipe.unet, "inject"):
+                    output = self._dense(inputs)
+                control.probabilities.clear()
+            elif step < probe_steps:
+                output = self._dense(inputs)
+            else:
+                output = self.engine.edit(self.cache, step, state["plan"], **inputs)
+            trajectory.unet_outputs.append(output.detach().clone())
+            return output
+
+        def on_step_end(step, latents_):
+            if step < probe_steps and (user_mask is None or mask_mode == "intersect"):
+                state["differences"].append(
+                    tac.latent_difference(latents_, original.latents[step]))
+            blend = step == probe_steps - 1 or (step >= probe_steps
+                                                and step in original.blend_steps)
+            if step == probe_steps - 1:
+                mask_start = time.perf_counter()
+                auto = (tac.capture_mask(state["differences"], mask_dilation)
+                        if state["differences"] else None)
+                make_plan(auto)
+                timings["mask_s"] = time.perf_counter() - mask_start
+                timings["probe_s"] = time.perf_counter() - start
+            if blend:
+                latents_ = self._blend(latents_, step, state["plan"])
+                trajectory.blend_steps.add(step)
+            trajectory.latents.append(latents_.clone())
+            trajectory.history.append(_history(self.pipe.scheduler))
+            return latents_
+
+        start = time.perf_counter()
+        images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
+        total = time.perf_counter() - start
+        timings["probe_s"] = timings.get("probe_s", 0.0)
+        timings["sparse_s"] = total - timings["probe_s"]
+        timings["edit_s"] = total
+        timings["generate_s"] = self.generate_time_s
+        plan = state["plan"]
+        report = self._report(plan, probe_steps, steps, timings, state["mask"], user_mask,
+                              mask_mode)
+        report["cross_attention_control"] = control is not None
+        if control is not None:
+            report["shared_token_positions"] = int(control.new_positions.numel())
+        return EditResult(images, state["mask"], plan, trajectory.latents[-1], report,
+                          trajectory, self._generation)
+
+    def accept(self, result: EditResult) -> None:
+        """Make ``result`` the new original generation, so that later edits build on it.
+
+        The edit's U-Net calls are re-recorded: ``engine.record`` runs densely on each step's
+        recorded edit inputs (cost: one dense U-Net call per step, like a generation without
+        text encoding and decoding, and a second cache in memory until the swap). The recorded
+        output of each step is then replaced by the output the edit actually used, so that the
+        next edit's sparse calls return, outside their region, what produced the accepted
+        latents; the accepted latents and scheduler history become the recorded ones. The
+        session changes only if every step records.
+        """
+        self._require_generation()
+        if not isinstance(result, EditResult) or result._generation != self._generation:
+            raise FiseditError("accept takes an EditResult of the current generation (from this "
+                               "session's latest generate or accept); edit again and accept that")
+        trajectory = result._trajectory
+        cache = self.engine.new_cache(trajectory.num_steps)
+        for step, inputs in enumerate(trajectory.unet_inputs):
+            self.engine.record(cache, step, **inputs)
+            key = _output_key(self.engine.program(inputs))
+            cache.steps[step][key] = trajectory.unet_outputs[step].clone()
+        accepted = Trajectory(trajectory.prompt, trajectory.negative_prompt,
+                              trajectory.guidance_scale, trajectory.height, trajectory.width,
+                              trajectory.num_steps, trajectory.noise,
+                              unet_inputs=trajectory.unet_inputs, latents=trajectory.latents,
+                              history=trajectory.history,
+                              blend_steps=set(trajectory.blend_steps))
+        self.cache, self.original = cache, accepted
+        self._generation += 1
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the engine cache of the current generation (0 before generate)."""
+        return 0 if self.cache is None else self.cache.nbytes()
+
+    # -- pipeline driving -----------------------------------------------------------------
+    def _run(self, trajectory: Trajectory, unet_call, on_step_end, output_type,
+             pipeline_kwargs):
+        """Run the pipeline once with U-Net calls sent to ``unet_call(step, inputs)`` and
+        ``on_step_end(step, latents) -> latents`` called after every scheduler step."""
+        counter = {"calls": 0}
+
+        def callback(pipe, step, timestep, callback_kwargs):
+            if counter["calls"] != step + 1:
+                raise FiseditError(
+                    f"the pipeline called the U-Net {counter['calls']} times by the end of step "
+                    f"{step}; the session needs exactly one (batched) U-Net call per step")
+            return {"latents": on_step_end(step, callback_kwargs["latents"])}
+
+        def routed(inputs):
+            step = counter["calls"]
+            counter["calls"] += 1
+            return unet_call(step, inputs)
+
+        with self._routed_unet(routed):
+            output = self.pipe(
+                trajectory.prompt, negative_prompt=trajectory.negative_prompt,
+                num_inference_steps=trajectory.num_steps,
+                guidance_scale=trajectory.guidance_scale, height=trajectory.height,
+                width=trajectory.width, latents=trajectory.noise.clone(),
+                output_type=output_type, callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=["latents"], **pipeline_kwargs)
+        return output.images
+
+    @contextmanager
+    def _routed_unet(self, handler):
+        """Replace ``pipe.unet.forward`` by a router to ``handler(inputs) -> sample`` and always
+        restore it. The instance attribute is removed while the handler runs, so the engine's
+        graph capture and dense calls see the U-Net's own forward."""
+        unet = self.pipe.unet
+
+        def routed(*args, **kwargs):
+            inputs, return_dict = self._unet_inputs(args, kwargs)
+            del unet.forward
+            try:
+                sample = handler(inputs)
+            finally:
+                unet.forward = routed
+            if return_dict:
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+                return UNet2DConditionOutput(sample=sample)
+            return (sample,)
+
+        unet.forward = routed
+        try:
+            yield
+        finally:
+            unet.__dict__.pop("forward", None)
+
+    def _unet_inputs(self, args, kwargs) -> tuple[dict, bool]:
+        """The engine's keyword inputs from a pipeline's U-Net call; refuses extra conditioning
+        the recorded graph does not take."""
+        bound = inspect.Signature(list(self._forward_params.values())[1:]).bind(*args, **kwargs)
+        inputs = {}
+        for name, value in bound.arguments.items():
+            if name in _UNET_INPUTS:
+                if value is not None:
+                    inputs[name] = value
+            elif name != "return_dict" and value is not None:
+                raise FiseditError(
+                    f"the pipeline passed {name} to the U-Net; EditSession supports only "
+                    f"{', '.join(_UNET_INPUTS)} (no ControlNet, LoRA scales or guidance "
+                    "embeddings)")
+        inputs["return_dict"] = False
+        return inputs, bool(bound.arguments.get("return_dict", True))
+
+    def _dense(self, inputs: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return self.pipe.unet(**inputs)[0]
+
+    def _blend(self, latents: torch.Tensor, step: int, plan: MaskPlan) -> torch.Tensor:
+        """Outside the plan's level-0 active region, take the recorded latents and scheduler
+        history of ``step``: from there on the sparse steps reproduce the recorded trajectory
+        there exactly."""
+        active = plan.levels[0].active.to(latents.device)
+        scheduler = self.pipe.scheduler
+        recorded = self.original.history[step]
+        if hasattr(scheduler, "model_outputs"):
+            for index, (current, old) in enumerate(zip(scheduler.model_outputs, recorded)):
+                if current is not None and old is not None:
+                    scheduler.model_outputs[index] = torch.where(active, current, old)
+        return torch.where(active, latents, self.original.latents[step])
+
+    # -- checks and helpers ---------------------------------------------------------------
+    def _require_generation(self) -> Trajectory:
+        if self.original is None or self.cache is None:
+            raise FiseditError("nothing to edit yet: call session.generate(prompt, seed) first")
+        return self.original
+
+    def _check_scheduler(self) -> None:
+        scheduler = self.pipe.scheduler
+        name = type(scheduler).__name__
+        if name not in SUPPORTED_SCHEDULERS:
+            raise FiseditError(
+                f"EditSession supports the schedulers {', '.join(SUPPORTED_SCHEDULERS)}, but "
+                f"the pipeline has {name}; set one, e.g. pipe.scheduler = "
+                f"DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)")
+        algorithm = getattr(scheduler.config, "algorithm_type", None)
+        if name == "DPMSolverMultistepScheduler" and algorithm not in ("dpmsolver++",
+                                                                      "dpmsolver"):
+            raise FiseditError(
+                f"DPMSolverMultistepScheduler with algorithm_type={algorithm!r} adds noise at "
+                "every step, which breaks the exact background; use 'dpmsolver++'")
+
+    def _size(self, height, width) -> tuple[int, int]:
+        scale = self.pipe.vae_scale_factor
+        default = self.pipe.unet.config.sample_size * scale
+        height, width = height or default, width or default
+        if height % scale or width % scale:
+            raise FiseditError(f"height and width must be multiples of {scale}, got "
+                               f"{height}x{width}")
+        return height, width
+
+    def _noise(self, seed, generator, latents, height, width) -> torch.Tensor:
+        """The unscaled initial noise the pipeline receives as ``latents=``."""
+        unet = self.pipe.unet
+        shape = (1, unet.config.in_channels, height // self.pipe.vae_scale_factor,
+                 width // self.pipe.vae_scale_factor)
+        device, dtype = unet.device, unet.dtype
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise FiseditError(f"latents must have shape {shape} for {height}x{width}, got "
+                                   f"{tuple(latents.shape)}")
+            return latents.to(device=device, dtype=dtype).clone()
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
+        return torch.randn(shape, generator=generator, device=generator.device,
+                           dtype=dtype).to(device)
+
+    def _report(self, plan, probe_steps, steps, timings, mask, user_mask, mask_mode) -> dict:
+        stats = self.engine.stats(plan)
+        dense, sparse = stats["dense_macs"], stats["sparse_macs"]
+        edit_macs = probe_steps * dense + (steps - probe_steps) * sparse
+        source = "auto" if user_mask is None else ("user" if mask_mode == "replace"
+                                                   else "auto&user")
+        return {
+            "num_inference_steps": steps,
+            "probe_steps": probe_steps,
+            "sparse_steps": steps - probe_steps,
+            "mask_source": source,
+            "mask_area_fraction": float(mask.float().mean()),
+            "active_area_fraction": plan.levels[0].fraction,
+            "timings_s": timings,
+            "macs": {
+                "unet_call": stats,
+                "edit_unet_macs": edit_macs,
+                "dense_unet_macs": steps * dense,
+                "macs_ratio": edit_macs / (steps * dense) if dense else 1.0,
+            },
+        }
+
+
+def _check_pipeline(pipe) -> None:
+    names = {cls.__name__ for cls in type(pipe).__mro__}
+    if not names & set(SUPPORTED_PIPELINES):
+        raise FiseditError(
+            f"EditSession supports {', '.join(SUPPORTED_PIPELINES)} (text-to-image), got "
+            f"{type(pipe).__name__}; load the text-to-image pipeline of your model")
+
+
+def _check_kwargs(pipeline_kwargs: dict) -> None:
+    managed = sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS))
+    if managed:
+        raise FiseditError(
+            f"EditSession sets {', '.join(managed)} itself (noise, batch and per-step blending "
+            "depend on them); pass seed=/generator=/latents= to generate instead")
+
+
+def _history(scheduler) -> list:
+    """A copy of the multistep solver's model-output history (empty for one-step schedulers)."""
+    return [None if t is None else t.clone() for t in getattr(scheduler, "model_outputs", [])]
+
+
+def _detach(inputs: dict) -> dict:
+    """The U-Net inputs of one call, kept for oracle checks and for re-recording on accept.
+    Samples are cloned; text states are shared by all steps and kept by reference."""
+    kept = dict(inputs)
+    kept["sample"] = inputs["sample"].clone()
+    return kept

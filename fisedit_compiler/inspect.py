@@ -1,0 +1,440 @@
+"""Inspection: show a captured or canonical U-Net graph as a table, JSON, DOT or SVG.
+
+Why: every later pass (sparsify, cache, fuse) decides from the per-node facts that ``analyze``
+records (domain, level, MACs, invariance, module path). Seeing them for a real model is how one
+checks that a new architecture is understood before trusting a sparse engine built from it.
+
+The tooling is built in three layers, so later stages (``--stage sparse`` with a mask) plug in
+by adding keys rather than new code paths:
+
+1. ``node_rows(gm)``: one plain dict per graph node (the ``NODE_KEYS``; a later stage may add
+   keys such as ``"sparse"``). Works on any stage: keys whose metadata a stage lacks are None.
+2. ``report(gm, model=..., stage=..., frontend=...)``: the whole dump as one JSON-ready dict,
+   ``{"model", "stage", "frontend", "inputs", "summary", "nodes"}``; its form is ``JSON_SCHEMA``.
+3. ``render(report, fmt)``: that dict as ``text``, ``json``, ``dot`` or ``svg``.
+
+``dump(...)`` is the Python form of ``fisedit-compiler dump``; ``to_networkx(gm)`` gives the
+graph as a ``networkx.DiGraph`` for ad-hoc analysis.
+
+Parameters (``get_attr`` nodes) appear in the JSON nodes and in the networkx graph, but not in
+the text table or the DOT drawing, where they would double the node count and say nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from . import capture, ir, zoo
+from .errors import FiseditError
+from .passes.analyze import module_path
+
+FORMATS = ("text", "json", "dot", "svg")
+DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
+NODE_KEYS = ("name", "kind", "op", "source", "shape", "dtype", "module", "domain", "level",
+             "invariant", "attention", "macs", "unknown", "inputs")
+
+_SHAPE = {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0},
+          "description": "tensor shape; null for non-tensor values (a split's tuple, output)"}
+_COUNT = {"type": "integer", "minimum": 0}
+_COUNTS = {"type": "object", "additionalProperties": _COUNT}
+
+
+def _tally(**extra) -> dict:
+    """Schema of {"nodes": operations, "macs": their MACs, **extra}."""
+    return {"type": "object", "required": ["nodes", "macs", *extra],
+            "properties": {"nodes": _COUNT, "macs": _COUNT, **extra}}
+
+
+JSON_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "urn:fisedit-compiler:dump",
+    "title": "fisedit-compiler dump",
+    "description": (
+        "One U-Net graph at one stage. Node facts that a stage does not compute (domain, level, "
+        "MACs, ... at the captured stage) are null; later stages may add keys to nodes and "
+        "summary. Counts of nodes in summary cover operations (call_function nodes) only."),
+    "type": "object",
+    "required": ["model", "stage", "frontend", "inputs", "summary", "nodes"],
+    "properties": {
+        "model": {"type": "string", "description": "zoo model name, or the pipeline folder"},
+        "stage": {"enum": list(capture.STAGES)},
+        "frontend": {"enum": list(capture.FRONTENDS)},
+        "inputs": {
+            "type": "object", "description": "the graph's user inputs, by placeholder name",
+            "additionalProperties": {"type": "object", "required": ["shape", "dtype"],
+                                     "properties": {"shape": _SHAPE, "dtype": {"type": "string"}}},
+        },
+        "summary": {
+            "type": "object",
+            "required": ["nodes", "ops", "unknown_ops", "levels", "domains", "attention", "macs"],
+            "properties": {
+                "nodes": {**_COUNT,
+                          "description": "all graph nodes, parameters and inputs included"},
+                "ops": {**_COUNTS, "description": "operations by op name: canonical names at "
+                        "the canonical stage (ATen names for unknown ops), ATen names before"},
+                "unknown_ops": {**_COUNTS, "description": "ops outside the canonical set"},
+                "levels": {
+                    "type": "object",
+                    "description": "spatial levels by index as a string, finest (the latent) "
+                                   "first; empty before analysis",
+                    "additionalProperties": _tally(size={
+                        "type": "array", "items": {"type": "integer", "minimum": 1},
+                        "description": "[H, W]"}),
+                },
+                "domains": {"type": "object", "description": "by domain kind; empty before "
+                            "analysis", "additionalProperties": _tally()},
+                "attention": {"type": ["object", "null"], "required": ["self", "cross"],
+                              "properties": {"self": _COUNT, "cross": _COUNT}},
+                "macs": {"type": ["integer", "null"], "minimum": 0,
+                         "description": "dense multiply-accumulates of one U-Net call"},
+            },
+        },
+        "nodes": {"type": "array", "description": "graph nodes in execution order", "items": {
+            "type": "object",
+            "required": list(NODE_KEYS),
+            "properties": {
+                "name": {"type": "string", "description": "fx node name, unique"},
+                "kind": {"enum": ["placeholder", "get_attr", "call_function", "call_method",
+                                  "call_module", "output"], "description": "fx node.op"},
+                "op": {"type": "string", "description": "canonical op name; the ATen target "
+                       "for captured-stage or unknown ops; the kind for non-operations"},
+                "source": {"type": ["string", "null"],
+                           "description": "the ATen op a canonical node came from"},
+                "shape": _SHAPE,
+                "dtype": {"type": ["string", "null"]},
+                "module": {"type": "string", "description": "dotted module path; '' for root"},
+                "domain": {"enum": [*DOMAIN_KINDS, None]},
+                "level": {"type": ["integer", "null"], "minimum": 0},
+                "invariant": {"enum": ["step", "prompt", "constant", None],
+                              "description": "how rarely the value changes; null: with the "
+                                             "sample (or not analyzed)"},
+                "attention": {"enum": ["self", "cross", None]},
+                "macs": {"type": ["integer", "null"], "minimum": 0},
+                "unknown": {"type": "boolean"},
+                "inputs": {"type": "array", "items": {"type": "string"},
+                           "description": "names of the nodes this one reads"},
+            },
+        }},
+    },
+}
+
+
+# ------------------------------------------------------------------------------ rows and report
+
+def node_rows(gm: fx.GraphModule) -> list[dict]:
+    """One dict per node of ``gm`` (keys ``NODE_KEYS``), in graph order."""
+    return [_row(node) for node in gm.graph.nodes]
+
+
+def _row(node: fx.Node) -> dict:
+    value = node.meta.get("val")
+    tensor = isinstance(value, torch.Tensor)
+    domain = node.meta.get(ir.META_DOMAIN)
+    return {
+        "name": node.name,
+        "kind": node.op,
+        "op": _op(node),
+        "source": node.meta.get(ir.META_SOURCE),
+        "shape": [int(s) for s in value.shape] if tensor else None,
+        "dtype": str(value.dtype).removeprefix("torch.") if tensor else None,
+        "module": node.meta.get(ir.META_MODULE, module_path(node)),
+        "domain": domain.kind if domain else None,
+        "level": domain.level if domain else None,
+        "invariant": node.meta.get(ir.META_INVARIANT),
+        "attention": node.meta.get(ir.META_ATTN_KIND),
+        "macs": node.meta.get(ir.META_MACS),
+        "unknown": bool(node.meta.get(ir.META_UNKNOWN, False)),
+        "inputs": [source.name for source in node.all_input_nodes],
+    }
+
+
+def _op(node: fx.Node) -> str:
+    if node.op != "call_function":
+        return node.op
+    name = ir.op_name(node)
+    if name is not None:
+        return name
+    target = node.target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(
+        target, "__name__", str(target))
+
+
+def summarize(rows: list[dict], level_sizes=()) -> dict:
+    """Counts of ``rows`` by op, level and domain, attention kinds and total MACs.
+
+    ``level_sizes`` is the (H, W) of each level (``gm.meta["fc_levels"]``). Level and domain
+    tallies count operations only, and are empty for an unanalyzed (captured) graph.
+    """
+    calls = [row for row in rows if row["kind"] == "call_function"]
+    analyzed = any(row["domain"] is not None for row in rows)
+    levels = {str(level): {"size": list(size), "nodes": 0, "macs": 0}
+              for level, size in enumerate(level_sizes)}
+    domains = {kind: {"nodes": 0, "macs": 0} for kind in DOMAIN_KINDS} if analyzed else {}
+    for row in calls if analyzed else ():
+        tallies = [domains[row["domain"]]]
+        if row["level"] is not None:
+            tallies.append(levels[str(row["level"])])
+        for tally in tallies:
+            tally["nodes"] += 1
+            tally["macs"] += row["macs"] or 0
+    kinds = Counter(row["attention"] for row in calls if row["attention"])
+    return {
+        "nodes": len(rows),
+        "ops": dict(Counter(row["op"] for row in calls).most_common()),
+        "unknown_ops": dict(Counter(row["op"] for row in calls if row["unknown"]).most_common()),
+        "levels": levels,
+        "domains": domains,
+        "attention": {"self": kinds["self"], "cross": kinds["cross"]} if analyzed else None,
+        "macs": sum(row["macs"] or 0 for row in calls) if analyzed else None,
+    }
+
+
+def report(gm: fx.GraphModule, *, model: str, stage: str, frontend: str) -> dict:
+    """The dump of ``gm`` as one JSON-ready dict (``JSON_SCHEMA``); ``model``, ``stage`` and
+    ``frontend`` only label it."""
+    rows = node_rows(gm)
+    return {
+        "model": model,
+        "stage": stage,
+        "frontend": frontend,
+        "inputs": {row["name"]: {"shape": row["shape"], "dtype": row["dtype"]}
+                   for row in rows if row["kind"] == "placeholder"},
+        "summary": summarize(rows, gm.meta.get("fc_levels", ())),
+        "nodes": rows,
+    }
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """``gm`` as a DiGraph: one node per fx node (by name) carrying its row's facts as attributes
+    (op, shape, dtype, domain, level, macs, module, ...), one edge per data dependency."""
+    graph = nx.DiGraph()
+    for row in node_rows(gm):
+        graph.add_node(row["name"], **{k: v for k, v in row.items() if k not in ("name", "inputs")})
+        graph.add_edges_from((source, row["name"]) for source in row["inputs"])
+    return graph
+
+
+# ------------------------------------------------------------------------------ rendering
+
+def render(report: dict, fmt: str) -> str:
+    """``report`` (from ``report()``) as ``fmt``: one of ``FORMATS``."""
+    renderers = {"text": _text, "json": _json, "dot": _dot, "svg": _svg}
+    _check_format(fmt)
+    return renderers[fmt](report)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise FiseditError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _json(report: dict) -> str:
+    return json.dumps(report, indent=1) + "\n"
+
+
+def _si(count: int) -> str:
+    """A count in engineering units: 4718592 -> "4.72M"."""
+    for scale, unit in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+def _table(header: list[str], rows: list[list[str]], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows as aligned columns; columns ``right`` (counts) are right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return ["  ".join(str(cell).rjust(w) if i in right else str(cell).ljust(w)
+                      for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+            for line in (header, *rows)]
+
+
+def _domain_cell(row: dict) -> str:
+    if row["domain"] is None:
+        return "-"
+    if row["level"] is not None:
+        return f"{row['domain']}@L{row['level']}"
+    return f"{row['domain']}:{row['invariant']}" if row["invariant"] else row["domain"]
+
+
+def _op_cell(row: dict) -> str:
+    if row["unknown"]:
+        return f"{row['op']} (UNKNOWN)"
+    return f"{row['op']}({row['attention']})" if row["attention"] else row["op"]
+
+
+def _shape_cell(shape) -> str:
+    return "x".join(map(str, shape)) if shape is not None else "-"
+
+
+def _text(report: dict) -> str:
+    summary = report["summary"]
+    rows = [row for row in report["nodes"] if row["kind"] != "get_attr"]
+    lines = [f"model {report['model']}  stage {report['stage']}  frontend {report['frontend']}",
+             "inputs: " + ", ".join(f"{name} {spec['dtype']}[{_shape_cell(spec['shape'])}]"
+                                    for name, spec in report["inputs"].items())]
+    if summary["levels"]:
+        lines.append("levels: " + ", ".join(f"L{level} {_shape_cell(tally['size'])}"
+                                            for level, tally in summary["levels"].items()))
+    if summary["attention"] is not None:
+        lines.append(f"attention: {summary['attention']['self']} self, "
+                     f"{summary['attention']['cross']} cross")
+    if summary["macs"] is not None:  # analyzed, so canonical: unknown ops are flagged
+        lines.append(f"MACs: {_si(summary['macs'])} ({summary['macs']})")
+        unknown = summary["unknown_ops"]
+        lines.append("unknown ops: " + (", ".join(f"{op} x{n}" for op, n in unknown.items())
+                                        if unknown else "none"))
+    lines += ["", f"Nodes ({len(rows)} shown; {summary['nodes'] - len(rows)} parameters omitted)"]
+    lines += _table(
+        ["name", "op", "shape", "dtype", "domain", "MACs", "module"],
+        [[row["name"], _op_cell(row), _shape_cell(row["shape"]), row["dtype"] or "-",
+          _domain_cell(row), _si(row["macs"]) if row["macs"] else "", row["module"]]
+         for row in rows], right=(5,))
+    op_macs = Counter()
+    for row in rows:
+        op_macs[row["op"]] += row["macs"] or 0
+    lines += ["", "By op"] + _table(
+        ["op", "count", "MACs"],
+        [[op, str(count), _si(op_macs[op])] for op, count in summary["ops"].items()],
+        right=(1, 2))
+    if summary["domains"]:
+        by_level = [[f"L{level}", _shape_cell(tally["size"]), str(tally["nodes"]),
+                     _si(tally["macs"])] for level, tally in summary["levels"].items()]
+        by_level += [[kind, "-", str(tally["nodes"]), _si(tally["macs"])]
+                     for kind, tally in summary["domains"].items() if kind in ("global", "opaque")]
+        lines += ["", "By level"] + _table(["level", "size", "nodes", "MACs"], by_level,
+                                           right=(2, 3))
+    return "\n".join(lines) + "\n"
+
+
+# Fill colours: per level for positional domains (finest level lightest), one each for the rest.
+_SPATIAL_COLORS = ("#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5")
+_TOKEN_COLORS = ("#e5f5e0", "#c7e9c0", "#a1d99b", "#74c476", "#41ab5d", "#238b45")
+_GLOBAL_COLOR, _OPAQUE_COLOR, _UNKNOWN_COLOR, _PLAIN_COLOR = (
+    "#fff2cc", "#fdae6b", "#ff4d4d", "#ffffff")
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _quote(text: str) -> str:
+    return f'"{_escape(text)}"'
+
+
+def _block(module: str) -> str:
+    """The top-level block of a module path: "down_blocks.0.resnets.1.conv1" -> "down_blocks.0",
+    "time_embedding.linear_1" -> "time_embedding", "" (the root) -> ""."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def _node_color(row: dict) -> str:
+    if row["unknown"]:
+        return _UNKNOWN_COLOR
+    if row["domain"] == "spatial":
+        return _SPATIAL_COLORS[row["level"] % len(_SPATIAL_COLORS)]
+    if row["domain"] == "tokens":
+        return _TOKEN_COLORS[row["level"] % len(_TOKEN_COLORS)]
+    return {"global": _GLOBAL_COLOR, "opaque": _OPAQUE_COLOR}.get(row["domain"], _PLAIN_COLOR)
+
+
+def _dot_node(row: dict) -> str:
+    label = "\\n".join(_escape(part) for part in (
+        row["name"], _op_cell(row), _shape_cell(row["shape"]), _domain_cell(row)))
+    attrs = [f'label="{label}"', f'fillcolor="{_node_color(row)}"',
+             f"tooltip={_quote(row['module'] or '(root)')}"]
+    if row["unknown"]:
+        attrs += ['color="red"', "penwidth=3"]
+    if row["kind"] in ("placeholder", "output"):
+        attrs.append("shape=ellipse")
+    return f"{_quote(row['name'])} [{', '.join(attrs)}];"
+
+
+def _dot(report: dict) -> str:
+    """Graphviz DOT: operations, inputs and output, clustered by top-level block (the root's
+    nodes outside any cluster) and coloured by domain and level; unknown ops red."""
+    rows = [row for row in report["nodes"] if row["kind"] != "get_attr"]
+    shown = {row["name"] for row in rows}
+    blocks: dict[str, list[dict]] = {}
+    for row in rows:
+        blocks.setdefault(_block(row["module"]), []).append(row)
+    title = f"{report['model']} ({report['stage']}, {report['frontend']})"
+    lines = [f"digraph {_quote(report['model'])} {{",
+             f"  label={_quote(title)}; labelloc=t; rankdir=TB;",
+             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];']
+    for block, members in blocks.items():
+        indent = "    " if block else "  "
+        if block:
+            lines += [f"  subgraph {_quote('cluster_' + block)} {{",
+                      f'    label={_quote(block)}; style="rounded"; color="gray50";']
+        lines += [indent + _dot_node(row) for row in members]
+        if block:
+            lines.append("  }")
+    lines += [f"  {_quote(source)} -> {_quote(row['name'])};"
+              for row in rows for source in row["inputs"] if source in shown]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _dot_program() -> str:
+    program = shutil.which("dot")
+    if program is None:
+        raise FiseditError(
+            "--format svg needs Graphviz's `dot` program, which is not installed; install it "
+            "(apt-get install graphviz) or write --format dot and render that elsewhere")
+    return program
+
+
+def _svg(report: dict) -> str:
+    done = subprocess.run([_dot_program(), "-Tsvg"], input=_dot(report), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise FiseditError(f"dot -Tsvg failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+# ------------------------------------------------------------------------------ entry points
+
+def pipeline_unet(path):
+    """The U-Net of the diffusers pipeline saved (``save_pretrained``) in folder ``path``.
+
+    ``zoo.load_pipeline`` reports a missing folder, a missing ``model_index.json`` and missing
+    component folders; a pipeline saved without a U-Net is reported here, before loading.
+    """
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        try:
+            components = json.loads(index.read_text(encoding="utf-8"))
+        except ValueError:
+            components = None  # load_pipeline reports the unreadable index
+        if isinstance(components, dict) and components.get("unet") in (None, [None, None]):
+            raise FiseditError(
+                f"the pipeline saved at {path} has no unet ({index} lists none); fisedit-compiler "
+                "compiles U-Net pipelines (Stable Diffusion 1.x/2.x, SDXL)")
+    return zoo.load_pipeline(path).unet
+
+
+def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
+         stage: str = "canonical", frontend: str = "export", batch: int = 2) -> str:
+    """What ``fisedit-compiler dump`` prints: the graph of zoo ``model`` or of the U-Net of the
+    pipeline saved in folder ``pipeline`` (exactly one), called on ``zoo.example_inputs`` of
+    ``batch`` samples, traced by ``frontend`` up to ``stage`` and rendered as ``fmt``."""
+    if (model is None) == (pipeline is None):
+        raise FiseditError("dump needs exactly one of a zoo model name or a pipeline folder")
+    _check_format(fmt)  # fail before the capture, which takes seconds to minutes
+    if fmt == "svg":
+        _dot_program()
+    if batch < 1:
+        raise FiseditError(f"batch must be at least 1, got {batch}")
+    unet = zoo.unet(model) if model is not None else pipeline_unet(pipeline)
+    gm = capture.trace(unet, zoo.example_inputs(unet, batch=batch), frontend, stage)
+    label = model if model is not None else str(pipeline)
+    return render(report(gm, model=label, stage=stage, frontend=frontend), fmt)

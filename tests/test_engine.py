@@ -1,0 +1,338 @@
+"""The sparse engine against the oracle of DESIGN section 3, through the public API."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fisedit_compiler as fc
+from fisedit_compiler import zoo
+
+TINY = ["sd15-tiny", "sd21-tiny", "sdxl-tiny", "ddpm-tiny"]
+POLICIES = [("incremental", "full"), ("incremental", "sparse"), ("cached", "full"),
+            ("cached", "sparse")]
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def edited(inputs, mask, seed=1, prompt_shift=0.1):
+    """Inputs that differ from ``inputs`` inside ``mask`` (and in the prompt, if there is one)."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = inputs["sample"].clone()
+    noise = torch.randn(sample.shape, generator=gen)
+    sample[..., mask] = sample[..., mask] + noise[..., mask]
+    result = dict(inputs, sample=sample)
+    if "encoder_hidden_states" in inputs:
+        result["encoder_hidden_states"] = inputs["encoder_hidden_states"] + prompt_shift
+    return result
+
+
+def box(size, y0, x0, y1, x1):
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@pytest.fixture(scope="module", params=TINY)
+def model(request):
+    unet = zoo.unet(request.param)
+    return unet, zoo.example_inputs(unet, batch=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def recorded(model):
+    """One engine per policy pair, each with step 0 recorded."""
+    unet, inputs = model
+    result = {}
+    first = fc.compile(unet)
+    for group_norm, attention in POLICIES:
+        engine = first.with_config(fc.SparseConfig(group_norm=group_norm, self_attention=attention))
+        cache = engine.new_cache(num_steps=1)
+        output = engine.record(cache, step=0, **inputs)
+        result[group_norm, attention] = engine, cache, output
+    return result
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_record_equals_eager(model, recorded, policy):
+    unet, inputs = model
+    _, _, output = recorded[policy]
+    with torch.no_grad():
+        eager = unet(**inputs)[0]
+    assert (output - eager).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_full_mask_equals_dense(model, recorded, policy):
+    unet, inputs = model
+    engine, cache, _ = recorded[policy]
+    size = inputs["sample"].shape[-2:]
+    mask = torch.ones(size, dtype=torch.bool)
+    new = edited(inputs, mask)
+    plan = engine.plan(mask)
+    assert plan.full
+    with torch.no_grad():
+        dense = unet(**new)[0]
+    assert relative_error(engine.edit(cache, 0, plan=plan, **new), dense) <= 1e-5
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_empty_mask_returns_recorded_bit_for_bit(model, recorded, policy):
+    _, inputs = model
+    engine, cache, output = recorded[policy]
+    mask = torch.zeros(inputs["sample"].shape[-2:], dtype=torch.bool)
+    result = engine.edit(cache, 0, plan=engine.plan(mask), **edited(inputs, mask))
+    assert torch.equal(result, output)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_box_edit_equals_oracle_and_keeps_background(model, recorded, policy):
+    _, inputs = model
+    engine, cache, output = recorded[policy]
+    height, width = inputs["sample"].shape[-2:]
+    mask = box((height, width), 2, width // 2, 5, width // 2 + 3)
+    new = edited(inputs, mask)
+    plan = engine.plan(mask)
+    result = engine.edit(cache, 0, plan=plan, **new)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
+    assert relative_error(result, expected) <= 1e-5
+    outside = ~plan[0].active
+    assert torch.equal(result[..., outside], output[..., outside])
+    assert not torch.equal(result, output)
+
+
+def blobs(size):
+    """Masks of one or several rectangles anywhere (borders included), 1 pixel to all."""
+    height, width = size
+
+    def rectangle(draw):
+        y0 = draw(st.integers(0, height - 1))
+        x0 = draw(st.integers(0, width - 1))
+        y1 = draw(st.integers(y0 + 1, height))
+        x1 = draw(st.integers(x0 + 1, width))
+        return y0, x0, y1, x1
+
+    @st.composite
+    def strategy(draw):
+        mask = torch.zeros(size, dtype=torch.bool)
+        for _ in range(draw(st.integers(1, 3))):
+            y0, x0, y1, x1 = rectangle(draw)
+            mask[y0:y1, x0:x1] = True
+        return mask
+
+    return strategy()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_masks_meet_the_oracle(model, recorded, data):
+    _, inputs = model
+    policy = data.draw(st.sampled_from(POLICIES))
+    dilation = data.draw(st.integers(0, 2))
+    engine, cache, _ = recorded[policy]
+    mask = data.draw(blobs(tuple(inputs["sample"].shape[-2:])))
+    config = fc.SparseConfig(group_norm=policy[0], self_attention=policy[1], dilation=dilation)
+    if dilation != engine.config.dilation:
+        engine = engine.with_config(config)
+        cache = engine.new_cache(1)
+        engine.record(cache, 0, **inputs)
+    new = edited(inputs, mask, seed=data.draw(st.integers(0, 1000)))
+    plan = engine.plan(mask)
+    result = engine.edit(cache, 0, plan=plan, **new)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
+    assert relative_error(result, expected) <= 1e-5
+
+
+def test_several_steps_edited_in_turn():
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    cache = engine.new_cache(num_steps=3)
+    steps = [zoo.example_inputs(unet, seed=step, timestep=900 - 300 * step) for step in range(3)]
+    outputs = [engine.record(cache, step, **inputs) for step, inputs in enumerate(steps)]
+    mask = box((16, 16), 0, 0, 4, 7)
+    plan = engine.plan(mask)
+    for step in reversed(range(3)):
+        new = edited(steps[step], mask, seed=step)
+        result = engine.edit(cache, step, plan=plan, **new)
+        assert relative_error(result, fc.oracle.masked_dense(engine, plan, steps[step], new)) <= 1e-5
+        assert torch.equal(result[..., ~plan[0].active], outputs[step][..., ~plan[0].active])
+
+
+# --- generated U-Net configurations --------------------------------------------------------
+
+@st.composite
+def unet_configs(draw):
+    levels = draw(st.integers(2, 3))
+    groups = draw(st.sampled_from([4, 8]))
+    channels = tuple(groups * draw(st.integers(1, 4)) for _ in range(levels))
+    down = tuple(draw(st.sampled_from(["CrossAttnDownBlock2D", "DownBlock2D"]))
+                 for _ in range(levels))
+    up = tuple("CrossAttnUpBlock2D" if block == "CrossAttnDownBlock2D" else "UpBlock2D"
+               for block in reversed(down))
+    heads = tuple(draw(st.sampled_from([2, 4])) for _ in range(levels))
+    config = dict(
+        sample_size=draw(st.sampled_from([8, 12, 16, 20])),
+        block_out_channels=channels, down_block_types=down, up_block_types=up,
+        layers_per_block=draw(st.integers(1, 2)), cross_attention_dim=16,
+        attention_head_dim=heads, norm_num_groups=groups,
+        use_linear_projection=draw(st.booleans()),
+        transformer_layers_per_block=tuple(draw(st.integers(1, 2)) for _ in range(levels)),
+        mid_block_type=draw(st.sampled_from(["UNetMidBlock2DCrossAttn", None])),
+    )
+    return config
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(config=unet_configs(), data=st.data())
+def test_generated_unets_meet_the_oracle(config, data):
+    unet = zoo.from_config(config)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0, text_length=7)
+    policy = data.draw(st.sampled_from(POLICIES))
+    engine = fc.compile(unet, fc.SparseConfig(group_norm=policy[0], self_attention=policy[1]))
+    cache = engine.new_cache(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # a generated U-Net must not fall back to dense
+        output = engine.record(cache, 0, **inputs)
+    with torch.no_grad():
+        assert (output - unet(**inputs)[0]).abs().max().item() <= 1e-5
+    size = tuple(inputs["sample"].shape[-2:])
+    mask = data.draw(blobs(size))
+    new = edited(inputs, mask)
+    plan = engine.plan(mask)
+    result = engine.edit(cache, 0, plan=plan, **new)
+    assert relative_error(result, fc.oracle.masked_dense(engine, plan, inputs, new)) <= 1e-5
+    full = torch.ones(size, dtype=torch.bool)
+    with torch.no_grad():
+        dense = unet(**new)[0]
+    assert relative_error(engine.edit(cache, 0, plan=engine.plan(full), **new), dense) <= 1e-5
+
+
+# --- statistics and cache accounting ---------------------------------------------------------
+
+def test_stats_count_dense_sparse_and_ideal_macs():
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet)
+    engine.record(engine.new_cache(1), 0, **inputs)
+    small = engine.stats(engine.plan(box((16, 16), 0, 0, 2, 2)))
+    large = engine.stats(engine.plan(box((16, 16), 0, 0, 4, 6)))
+    full = engine.stats(engine.plan(torch.ones(16, 16, dtype=torch.bool)))
+    assert small["dense_macs"] == large["dense_macs"] == full["dense_macs"] > 0
+    assert small["ideal_macs"] <= small["sparse_macs"] < large["sparse_macs"]
+    assert large["sparse_macs"] < full["sparse_macs"] == full["dense_macs"]
+    assert [level["dense"] for level in full["levels"]] == [True, True]
+    assert small["mask_fraction"] == pytest.approx(4 / 256)
+
+
+def test_cache_holds_only_what_edits_read():
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet)
+    cache = engine.new_cache(2)
+    engine.record(cache, 0, **inputs)
+    program = engine.program(inputs)
+    keys = set(cache.breakdown())
+    assert keys == {entry.key for entry in program.entries}
+    kinds = {entry.kind for entry in program.entries}
+    assert kinds == {"value", "group_norm_stats"}
+    every_node = sum(node.meta["val"].numel() * 4 for node in program.canonical.graph.nodes
+                     if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor))
+    assert 0 < cache.nbytes() < every_node / 3
+    one_step = cache.nbytes()
+    engine.record(cache, 1, **inputs)
+    assert cache.nbytes() == 2 * one_step
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd15_tiny():
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet, fc.SparseConfig(check_inputs=True))
+    inputs = zoo.example_inputs(unet)
+    cache = engine.new_cache(2)
+    output = engine.record(cache, 0, **inputs)
+    return engine, cache, inputs, output
+
+
+def snapshot(cache):
+    return {step: {key: value.clone() if isinstance(value, torch.Tensor) else
+                   {k: v.clone() for k, v in value.items()}
+                   for key, value in store.items()} for step, store in cache.steps.items()}
+
+
+def same_cache(cache, before):
+    for step, store in before.items():
+        for key, value in store.items():
+            now = cache.steps[step][key]
+            if isinstance(value, dict):
+                assert all(torch.equal(now[k], v) for k, v in value.items())
+            else:
+                assert torch.equal(now, value)
+    return set(cache.steps) == set(before)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_shape", "latent is 16x16"),
+    ("image_resolution", "image-resolution mask"),
+    ("not_bool", "dtype bool"),
+    ("three_dims", "2-D"),
+])
+def test_bad_masks_are_refused(sd15_tiny, case, message):
+    engine = sd15_tiny[0]
+    mask = {"wrong_shape": torch.zeros(8, 8, dtype=torch.bool),
+            "image_resolution": torch.zeros(128, 128, dtype=torch.bool),
+            "not_bool": torch.zeros(16, 16),
+            "three_dims": torch.zeros(1, 16, 16, dtype=torch.bool)}[case]
+    with pytest.raises(fc.FiseditError, match=message):
+        engine.plan(mask)
+
+
+def test_bad_edits_are_refused_and_leave_the_cache_intact(sd15_tiny):
+    engine, cache, inputs, _ = sd15_tiny
+    mask = box((16, 16), 1, 1, 3, 3)
+    plan = engine.plan(mask)
+    assert not plan[0].dense
+    before = snapshot(cache)
+    unrecorded = edited(inputs, mask)
+    with pytest.raises(fc.FiseditError, match="has not been recorded"):
+        engine.edit(cache, 1, plan=plan, **unrecorded)
+    with pytest.raises(fc.FiseditError, match="out of range"):
+        engine.edit(cache, 5, plan=plan, **unrecorded)
+    with pytest.raises(fc.FiseditError, match="timestep"):
+        engine.edit(cache, 0, plan=plan, **dict(unrecorded, timestep=inputs["timestep"] - 1))
+    other_size = zoo.example_inputs(engine.unet, height=8, width=8)
+    with pytest.raises(fc.FiseditError, match="do not match the recorded generation"):
+        engine.edit(cache, 0, plan=plan, **other_size)
+    with pytest.raises(fc.FiseditError, match="outside the edit mask"):
+        engine.edit(cache, 0, plan=plan, **edited(inputs, torch.ones(16, 16, dtype=torch.bool)))
+    with pytest.raises(fc.FiseditError, match="plan="):
+        engine.edit(cache, 0, **unrecorded)
+    with pytest.raises(fc.FiseditError, match="new_cache"):
+        engine.record(cache, 1, **zoo.example_inputs(engine.unet, batch=1))
+    with pytest.raises(fc.FiseditError, match="different SparseConfig"):
+        fc.compile(engine.unet).edit(cache, 0, plan=plan, **unrecorded)
+    assert same_cache(cache, before)
+
+
+def test_an_edit_inside_the_mask_passes_the_input_check(sd15_tiny):
+    engine, cache, inputs, output = sd15_tiny
+    mask = box((16, 16), 1, 1, 3, 3)
+    result = engine.edit(cache, 0, plan=engine.plan(mask), **edited(inputs, mask))
+    assert result.shape == output.shape
+
+
+def test_compile_refuses_a_module_that_is_not_a_unet():
+    with pytest.raises(fc.FiseditError, match="not a diffusers U-Net"):
+        fc.compile(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("field, value", [("group_norm", "approx"), ("self_attention", "dense"),
+                                          ("tile", 0), ("dilation", -1), ("dense_threshold", 2.0)])
+def test_bad_configs_are_refused(field, value):
+    with pytest.raises(fc.FiseditError, match=field):
+        fc.SparseConfig(**{field: value})

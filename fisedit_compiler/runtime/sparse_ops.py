@@ -90,7 +90,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
     windows = padded[:, :, windows_index]                         # [B, C, n, wh * ww]
     windows = windows.permute(0, 2, 1, 3).reshape(batch * count, channels, window_h, window_w)
     out = F.conv2d(windows, weight, bias, stride, 0, dilation, groups)  # [B*n, Co, t, t]
-    out = out.reshape(batch, count, -1, tile * tile).permute(0, 2, 1, 3).flatten(2)
+    out = out.reshape(batch, count, weight.shape[0], tile * tile).permute(0, 2, 1, 3).flatten(2)
     return out if slots is None else out.index_select(2, slots)
 
 
@@ -121,7 +121,7 @@ def _conv_windows(target: LevelPlan, in_size, kernel, stride, padding, dilation)
     origin_x = target.tiles[:, 1] * tile * stride[1]
     rows = origin_y[:, None, None] + torch.arange(window_h, device=device)[None, :, None]
     cols = origin_x[:, None, None] + torch.arange(window_w, device=device)[None, None, :]
-    windows = (rows * padded_w + cols).reshape(target.tiles.shape[0], -1)
+    windows = (rows * padded_w + cols).reshape(target.tiles.shape[0], window_h * window_w)
     slot_pixels = tile_slots(target.tiles, tile, target.size)
     slots = None if bool((slot_pixels >= 0).all()) else torch.nonzero(slot_pixels >= 0)[:, 0]
     return windows, slots, pad

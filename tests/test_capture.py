@@ -1,0 +1,86 @@
+"""Capture: both frontends on every tiny zoo U-Net give canonical graphs equal to eager."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from fisedit_compiler import capture, ir, zoo
+from fisedit_compiler.errors import FiseditError
+
+TINY = [name for name in zoo.MODEL_NAMES if name.endswith("-tiny")]
+
+
+def run_graph(gm, inputs):
+    """Call a traced graph on the U-Net keyword ``inputs`` (placeholders in ``fc_inputs`` order)."""
+    flat = capture.flatten_inputs(inputs)
+    with torch.no_grad():
+        return gm(*[flat[name] for name in gm.meta["fc_inputs"]])
+
+
+def op_counts(gm):
+    return Counter(ir.op_name(n) for n in gm.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("frontend", capture.FRONTENDS)
+@pytest.mark.parametrize("name", TINY)
+def test_canonical_equals_eager(traced, name, frontend):
+    t = traced(name, frontend)
+    with torch.no_grad():
+        (expected,) = t.unet(**t.inputs)
+    actual = run_graph(t.gm, t.inputs)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() <= 1e-5
+    assert t.gm.meta["fc_unknown_ops"] == {}
+    assert not any(n.meta.get(ir.META_UNKNOWN) for n in t.gm.graph.nodes)
+    assert all(ir.op_name(n) in ir.OPS for n in t.gm.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_frontends_reach_one_dialect(traced, name):
+    """One canonicalizer serves both frontends: the same ops, the same number of times."""
+    assert op_counts(traced(name, "export").gm) == op_counts(traced(name, "dynamo").gm)
+
+
+def test_inputs_named_after_unet_kwargs(traced):
+    gm = traced("sdxl-tiny").gm
+    assert gm.meta["fc_inputs"] == [
+        "sample", "timestep", "encoder_hidden_states", "added_cond_kwargs_text_embeds",
+        "added_cond_kwargs_time_ids"]
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == gm.meta["fc_inputs"]
+
+
+def test_captured_stage_is_aten(traced):
+    t = traced("sd15-tiny", stage="captured")
+    calls = [n for n in t.gm.graph.nodes if n.op == "call_function"]
+    assert calls and not any(ir.META_OP in n.meta for n in calls)
+    assert Counter(n.target for n in calls)[torch.ops.aten.conv2d.default] == 33
+    # Canonical graphs drop `contiguous` copies, so matmuls may see other memory layouts and
+    # round differently: the two agree to float noise, not bit for bit.
+    canonical = run_graph(traced("sd15-tiny").gm, t.inputs)
+    torch.testing.assert_close(run_graph(t.gm, t.inputs), canonical, atol=1e-5, rtol=0)
+
+
+def test_non_unet_rejected():
+    with pytest.raises(FiseditError, match="not a diffusers U-Net.*pipe.unet"):
+        capture.capture(torch.nn.Conv2d(4, 4, 3), {"input": torch.randn(1, 4, 8, 8)})
+
+
+def test_unknown_frontend_and_stage(traced):
+    t = traced("sd15-tiny")
+    with pytest.raises(FiseditError, match="unknown frontend 'fx'.*export.*dynamo"):
+        capture.trace(t.unet, t.inputs, frontend="fx")
+    with pytest.raises(FiseditError, match="unknown stage 'lowered'.*captured.*canonical"):
+        capture.trace(t.unet, t.inputs, stage="lowered")
+
+
+@pytest.mark.slow
+def test_sd15_full_graph():
+    """DESIGN section 2's census of the SD1.5 U-Net."""
+    unet = zoo.unet("sd15")
+    gm = capture.trace(unet, zoo.example_inputs(unet, batch=2))
+    counts = op_counts(gm)
+    assert (counts["conv2d"], counts["group_norm"], counts["attention"]) == (98, 61, 32)
+    kinds = Counter(n.meta[ir.META_ATTN_KIND] for n in gm.graph.nodes if ir.is_op(n, "attention"))
+    assert kinds == {"self": 16, "cross": 16}
+    assert gm.meta["fc_unknown_ops"] == {}

@@ -1,0 +1,255 @@
+"""EditSession: exact background, oracle-exact sparse calls, masks, continuous edits, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler import zoo
+from fisedit_compiler.editing import EditSession
+from fisedit_compiler.editing import mask as tac
+from fisedit_compiler.errors import FiseditError
+
+STEPS = 6
+PROBE = 2
+
+
+def _corner_mask(size=16):
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[0:3, 0:3] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def pipe_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd15-tiny")
+    zoo.pipeline("sd15-tiny", path=folder)          # built and saved
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_folder):
+    loaded = zoo.pipeline(None, path=pipe_folder)    # loaded as a user would
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def session(pipe):
+    s = EditSession(pipe)
+    s.generate("a red circle", seed=0, num_inference_steps=STEPS, output_type="np")
+    return s
+
+
+def _outside_equal(result, reference_latents):
+    outside = ~result.plan.levels[0].active
+    return torch.equal(result.latents[..., outside], reference_latents[..., outside])
+
+
+def test_user_mask_background_and_oracle(session, monkeypatch):
+    calls = []
+    edit = session.engine.edit
+
+    def spy(cache, step, plan, **inputs):
+        output = edit(cache, step, plan, **inputs)
+        calls.append((step, plan, dict(inputs, sample=inputs["sample"].clone()), output.clone()))
+        return output
+
+    monkeypatch.setattr(session.engine, "edit", spy)
+    result = session.edit("a blue circle", mask=_corner_mask(), probe_steps=PROBE,
+                          output_type="np")
+    assert [c[0] for c in calls] == list(range(PROBE, STEPS))
+    assert not result.plan.levels[0].dense
+    assert _outside_equal(result, session.original.latents[-1])
+    assert not torch.equal(result.latents, session.original.latents[-1])
+    assert torch.equal(result.mask, _corner_mask())
+    step, plan, inputs, output = calls[-1]
+    expected = fc.oracle.masked_dense(session.engine, plan, session.original.unet_inputs[step],
+                                      inputs)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    assert ((output - expected).norm() / expected.norm()).item() <= 1e-5
+    report = result.report
+    assert report["mask_source"] == "user" and report["probe_steps"] == PROBE
+    assert report["macs"]["unet_call"]["sparse_macs"] < report["macs"]["unet_call"]["dense_macs"]
+    assert 0 < report["mask_area_fraction"] <= report["active_area_fraction"] < 1
+    assert result.images.shape == (1, 128, 128, 3)
+
+
+def test_user_mask_without_probe(session):
+    result = session.edit("a blue circle", mask=_corner_mask(), probe_steps=0, output_type="np")
+    assert result.report["sparse_steps"] == STEPS
+    assert _outside_equal(result, session.original.latents[-1])
+
+
+def test_auto_mask_and_intersect(session):
+    auto = session.edit("a blue circle", probe_steps=3, output_type="np")
+    assert auto.mask.dtype == torch.bool and auto.mask.shape == (16, 16)
+    assert auto.report["mask_source"] == "auto"
+    assert _outside_equal(auto, session.original.latents[-1])
+    both = session.edit("a blue circle", mask=_corner_mask(), probe_steps=3,
+                        mask_mode="intersect", output_type="np")
+    assert torch.equal(both.mask, auto.mask & _corner_mask())
+    assert _outside_equal(both, session.original.latents[-1])
+
+
+def test_shared_tokens_alignment(pipe):
+    from fisedit_compiler.editing.attention import shared_tokens
+
+    new, old = shared_tokens(pipe.tokenizer, "a cat", "a big cat")
+    # Byte-level tokens: <bos> a</w> c a t</w> ... and <bos> a</w> b i g</w> c a t</w> ...
+    assert new.numel() == old.numel() == 77 - 3
+    assert new[:5].tolist() == [0, 1, 5, 6, 7] and old[:5].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cross_attention_control(session, pipe):
+    # With the recorded prompt, injecting the recorded maps reproduces the recorded probe
+    # trajectory (up to the processors' different attention kernels).
+    same = session.edit(session.original.prompt, probe_steps=PROBE, cross_attention_control=True,
+                        output_type="latent")
+    recorded = session.original.latents[0]
+    assert ((same._trajectory.latents[0] - recorded).norm() / recorded.norm()).item() < 1e-4
+    assert same.report["shared_token_positions"] == 77
+    edited = session.edit("a blue circle", probe_steps=PROBE, cross_attention_control=True,
+                          output_type="latent")
+    assert edited.report["cross_attention_control"]
+    assert _outside_equal(edited, session.original.latents[-1])
+    assert not any(type(p).__name__ == "_ControlledAttnProcessor"
+                   for p in pipe.unet.attn_processors.values())
+
+
+def test_cache_accounting(session):
+    assert session.cache_nbytes() > 0
+    assert session.cache_nbytes() == session.cache.nbytes()
+
+
+def test_otsu_and_opening():
+    values = torch.cat([torch.full((90,), 0.1), torch.full((10,), 0.9)])
+    threshold = tac.otsu_threshold(values)
+    assert 0.1 < threshold < 0.9
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[2:6, 2:6] = True
+    mask[8, 8] = True                                  # a speck
+    opened = tac.opening(mask)
+    assert torch.equal(opened[2:6, 2:6], torch.ones(4, 4, dtype=torch.bool)) and not opened[8, 8]
+
+
+# ---------------------------------------------------------------------------------- errors
+
+def _unchanged(session, before):
+    assert session.cache is before[0] and session.cache_nbytes() == before[1]
+
+
+def test_edit_before_generate(pipe):
+    with pytest.raises(FiseditError, match="generate"):
+        EditSession(pipe).edit("a blue circle")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mask=torch.zeros(128, 128, dtype=torch.bool)), "latent is 16x16"),
+    (dict(height=64, width=64), "recorded at 128x128"),
+    (dict(num_inference_steps=STEPS + 1), f"with {STEPS} steps"),
+    (dict(probe_steps=STEPS), "probe_steps must be"),
+    (dict(probe_steps=0), "probe_steps=0 needs a user mask"),
+    (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),
+    (dict(latents=torch.zeros(1)), "sets latents itself"),
+])
+def test_bad_edit_arguments(session, kwargs, match):
+    before = (session.cache, session.cache_nbytes())
+    with pytest.raises(FiseditError, match=match):
+        session.edit("a blue circle", **dict(dict(probe_steps=PROBE), **kwargs))
+    _unchanged(session, before)
+
+
+def test_unsupported_scheduler(session, pipe):
+    from diffusers import PNDMScheduler
+
+    before = (session.cache, session.cache_nbytes())
+    original = pipe.scheduler
+    pipe.scheduler = PNDMScheduler.from_config(original.config)
+    try:
+        with pytest.raises(FiseditError, match="DDIMScheduler.*EulerDiscreteScheduler.*PNDM"):
+            session.edit("a blue circle", mask=_corner_mask())
+    finally:
+        pipe.scheduler = original
+    _unchanged(session, before)
+    assert "forward" not in pipe.unet.__dict__
+
+
+def test_unsupported_pipeline(pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    with pytest.raises(FiseditError, match="StableDiffusionPipeline.*Img2Img"):
+        EditSession(img2img)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_other_schedulers_background(session, pipe, scheduler):
+    import diffusers
+
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config)
+    try:
+        session.generate("a red circle", seed=2, num_inference_steps=4, output_type="latent")
+        result = session.edit("a blue circle", mask=_corner_mask(), probe_steps=1,
+                              output_type="latent")
+        assert _outside_equal(result, session.original.latents[-1])
+        assert not torch.equal(result.latents, session.original.latents[-1])
+    finally:
+        pipe.scheduler = original
+
+
+def test_sdxl_background():
+    pipe = zoo.pipeline("sdxl-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    s = EditSession(pipe)
+    s.generate("a red circle", seed=0, num_inference_steps=3, output_type="latent")
+    result = s.edit("a blue circle", mask=_corner_mask(), probe_steps=1, output_type="latent")
+    assert _outside_equal(result, s.original.latents[-1])
+    assert np.isfinite(result.latents.numpy()).all()
+
+
+def test_continuous_edits(session):
+    """Runs last: it regenerates and accepts on the shared session."""
+    s = session
+    s.generate("a red circle", seed=1, num_inference_steps=STEPS, output_type="np")
+    first = s.edit("a blue circle", mask=_corner_mask(), probe_steps=3, output_type="np")
+    s.accept(first)
+    assert torch.equal(s.original.latents[-1], first.latents)
+    assert s.cache_nbytes() == s.cache.nbytes() > 0
+    second_mask = torch.zeros(16, 16, dtype=torch.bool)
+    second_mask[12:15, 12:15] = True
+    # Probing fewer steps than the accepted edit crosses its blend step: still exact.
+    second = s.edit("a blue circle and a green square", mask=second_mask, probe_steps=1,
+                    output_type="np")
+    assert _outside_equal(second, first.latents)
+    with pytest.raises(FiseditError, match="current generation"):
+        s.accept(first)  # stale: made before the accept
+
+
+def test_edit_command(pipe_folder, tmp_path, capsys):
+    import argparse
+    import json
+
+    from PIL import Image
+
+    from fisedit_compiler.editing.commands import add_demo_command, add_edit_command
+
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_edit_command(subparsers)
+    add_demo_command(subparsers)
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[100:120, 100:120] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = parser.parse_args([
+        "edit", "--pipeline", str(pipe_folder), "--prompt", "a red circle", "--edit",
+        "a blue circle", "--mask", str(tmp_path / "mask.png"), "--steps", "3",
+        "--probe-steps", "1", "--out", str(tmp_path / "out")])
+    assert args.run(args) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert names == {"original.png", "edit.png", "mask.png", "overlay.png", "report.json"}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["mask_source"] == "user" and 0 < report["mask_area_fraction"] < 0.1
+    assert report["timings_s"]["dense_regeneration_s"] > 0
+    assert "edit_s" in capsys.readouterr().out

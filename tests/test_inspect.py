@@ -1,0 +1,279 @@
+"""inspect: rows, summary, the JSON schema, and the text / JSON / DOT / SVG / networkx views."""
+
+import json
+import shutil
+import warnings
+
+import networkx as nx
+import pydot
+import pytest
+import torch
+import torch.nn as nn
+
+from fisedit_compiler import capture, inspect, ir
+from fisedit_compiler.errors import FiseditError
+from fisedit_compiler.passes.analyze import analyze
+from fisedit_compiler.passes.canonicalize import canonicalize
+
+# ------------------------------------------------------------------ a minimal JSON Schema validator
+
+# The draft 2020-12 keywords JSON_SCHEMA may use; the validator refuses any other, so the schema
+# cannot silently rely on a keyword nobody checks.
+KEYWORDS = {"$schema", "$id", "title", "description", "type", "enum", "minimum", "properties",
+            "required", "additionalProperties", "items"}
+TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def is_type(value, name):
+    if name in ("integer", "number"):
+        kinds = int if name == "integer" else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    return isinstance(value, TYPES[name])
+
+
+def validate(value, schema, path="$"):
+    """Raise AssertionError, naming the path, where ``value`` breaks ``schema``."""
+    assert set(schema) <= KEYWORDS, f"{path}: unsupported keywords {set(schema) - KEYWORDS}"
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        assert any(is_type(value, t) for t in types), f"{path}: {value!r} is not {types}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{path}: {value!r} not in {schema['enum']}"
+    if "minimum" in schema and is_type(value, "number"):
+        assert value >= schema["minimum"], f"{path}: {value} < {schema['minimum']}"
+    if isinstance(value, dict):
+        missing = set(schema.get("required", ())) - set(value)
+        assert not missing, f"{path}: missing {missing}"
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in properties:
+                validate(item, properties[key], f"{path}.{key}")
+            else:
+                assert extra is not False, f"{path}: unexpected key {key!r}"
+                if isinstance(extra, dict):
+                    validate(item, extra, f"{path}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            validate(item, schema["items"], f"{path}[{index}]")
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def canonical(traced):
+    return traced("sd15-tiny").gm
+
+
+@pytest.fixture(scope="module")
+def canonical_report(canonical):
+    return inspect.report(canonical, model="sd15-tiny", stage="canonical", frontend="export")
+
+
+@pytest.fixture(scope="module")
+def captured_report(traced):
+    gm = traced("sd15-tiny", stage="captured").gm
+    return inspect.report(gm, model="sd15-tiny", stage="captured", frontend="export")
+
+
+class WithUnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample):
+        return self.conv(torch.cumsum(sample, dim=1))
+
+
+@pytest.fixture(scope="module")
+def unknown_report():
+    program = torch.export.export(WithUnknownOp().eval(), (torch.randn(2, 4, 8, 8),), strict=False)
+    gm = analyze(canonicalize(capture.program_to_graph_module(program)))
+    return inspect.report(gm, model="with-cumsum", stage="canonical", frontend="export")
+
+
+def row(report, name):
+    return next(r for r in report["nodes"] if r["name"] == name)
+
+
+# ------------------------------------------------------------------ rows, summary, JSON
+
+def test_rows_describe_nodes(canonical, canonical_report):
+    rows = canonical_report["nodes"]
+    assert [r["name"] for r in rows] == [n.name for n in canonical.graph.nodes]
+    assert all(tuple(r) == inspect.NODE_KEYS for r in rows)
+    conv_in = next(r for r in rows if r["module"] == "conv_in" and r["op"] == "conv2d")
+    assert conv_in | {"name": None, "inputs": None} == {
+        "name": None, "kind": "call_function", "op": "conv2d", "source": "aten.conv2d.default",
+        "shape": [2, 32, 16, 16], "dtype": "float32", "module": "conv_in", "domain": "spatial",
+        "level": 0, "invariant": None, "attention": None, "macs": 2 * 32 * 16 * 16 * 4 * 9,
+        "unknown": False, "inputs": None}
+    assert row(canonical_report, "encoder_hidden_states")["invariant"] == "prompt"
+
+
+def test_summary(canonical, canonical_report):
+    summary = canonical_report["summary"]
+    assert summary["nodes"] == len(canonical.graph.nodes)
+    assert summary["ops"]["conv2d"] == 33 and summary["ops"]["attention"] == 8
+    assert summary["attention"] == {"self": 4, "cross": 4}
+    assert summary["unknown_ops"] == {}
+    assert {k: v["size"] for k, v in summary["levels"].items()} == {"0": [16, 16], "1": [8, 8]}
+    calls = [n for n in canonical.graph.nodes if n.op == "call_function"]
+    assert summary["macs"] == sum(n.meta[ir.META_MACS] for n in calls) > 0
+    assert sum(d["nodes"] for d in summary["domains"].values()) == len(calls)
+    assert sum(d["macs"] for d in summary["domains"].values()) == summary["macs"]
+    positional = [d for k, d in summary["domains"].items() if k in ("spatial", "tokens")]
+    assert sum(lv["nodes"] for lv in summary["levels"].values()) == sum(d["nodes"] for d in positional)
+    assert canonical_report["inputs"] == {
+        "sample": {"shape": [2, 4, 16, 16], "dtype": "float32"},
+        "timestep": {"shape": [2], "dtype": "float32"},
+        "encoder_hidden_states": {"shape": [2, 77, 32], "dtype": "float32"}}
+
+
+def test_captured_stage_has_no_analysis(captured_report):
+    summary = captured_report["summary"]
+    assert summary["ops"]["aten.conv2d.default"] == 33
+    assert summary["levels"] == {} and summary["domains"] == {}
+    assert summary["macs"] is None and summary["attention"] is None
+    calls = [r for r in captured_report["nodes"] if r["kind"] == "call_function"]
+    assert all(r["domain"] is None and r["macs"] is None and r["source"] is None for r in calls)
+    assert any(r["module"].startswith("down_blocks.0.") for r in calls)
+
+
+@pytest.mark.parametrize("which", ["canonical_report", "captured_report", "unknown_report"])
+def test_json_matches_schema(request, which):
+    report = request.getfixturevalue(which)
+    text = inspect.render(report, "json")
+    assert json.loads(text) == report
+    validate(json.loads(text), inspect.JSON_SCHEMA)
+
+
+def test_validator_catches_violations(canonical_report):
+    broken = json.loads(inspect.render(canonical_report, "json"))
+    broken["nodes"][0]["level"] = "0"
+    with pytest.raises(AssertionError, match=r"\$.nodes\[0\].level"):
+        validate(broken, inspect.JSON_SCHEMA)
+    del broken["summary"]
+    with pytest.raises(AssertionError, match="missing {'summary'}"):
+        validate(broken, inspect.JSON_SCHEMA)
+
+
+def test_schema_with_jsonschema_if_installed(canonical_report):
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(inspect.JSON_SCHEMA)
+    jsonschema.validate(json.loads(inspect.render(canonical_report, "json")), inspect.JSON_SCHEMA)
+
+
+def test_unknown_op_reported(unknown_report):
+    assert unknown_report["summary"]["unknown_ops"] == {"aten.cumsum.default": 1}
+    cumsum = row(unknown_report, "cumsum")
+    assert cumsum["unknown"] and cumsum["op"] == "aten.cumsum.default"
+    assert cumsum["domain"] == "opaque"
+    text = inspect.render(unknown_report, "text")
+    assert "unknown ops: aten.cumsum.default x1" in text
+    assert "aten.cumsum.default (UNKNOWN)" in text
+
+
+# ------------------------------------------------------------------ text
+
+def test_text(canonical_report):
+    text = inspect.render(canonical_report, "text")
+    lines = text.splitlines()
+    assert lines[0] == "model sd15-tiny  stage canonical  frontend export"
+    assert "levels: L0 16x16, L1 8x8" in lines and "attention: 4 self, 4 cross" in lines
+    header = next(line for line in lines if line.startswith("name "))
+    assert header.split() == ["name", "op", "shape", "dtype", "domain", "MACs", "module"]
+    conv_in = next(line for line in lines if line.endswith(" conv_in"))
+    assert conv_in.split()[1:5] == ["conv2d", "2x32x16x16", "float32", "spatial@L0"]
+    assert "By op" in lines and "By level" in lines
+    assert not any(line.startswith("c0_") for line in lines)  # parameters are not listed
+
+
+def test_text_captured(captured_report):
+    lines = inspect.render(captured_report, "text").splitlines()
+    assert any(line.split()[1:2] == ["aten.conv2d.default"] for line in lines)
+    assert "By op" in lines and "By level" not in lines
+    assert not any(line.startswith(("levels:", "MACs:", "unknown ops:")) for line in lines)
+
+
+def test_unknown_format(canonical_report):
+    with pytest.raises(FiseditError, match="unknown format 'png'.*text, json, dot, svg"):
+        inspect.render(canonical_report, "png")
+
+
+# ------------------------------------------------------------------ DOT and SVG
+
+def parse_dot(text):
+    """The pydot graph and its nodes by name, from the top level and every cluster."""
+    with warnings.catch_warnings():  # pydot's parser uses pyparsing's deprecated names
+        warnings.simplefilter("ignore", DeprecationWarning)
+        (graph,) = pydot.graph_from_dot_data(text)
+    found = list(graph.get_nodes())
+    for cluster in graph.get_subgraphs():
+        found += cluster.get_nodes()
+    return graph, {n.get_name().strip('"'): n for n in found
+                   if n.get_name() not in ("node", "edge", "graph")}
+
+
+def test_dot(canonical_report):
+    graph, dot_nodes = parse_dot(inspect.render(canonical_report, "dot"))
+    shown = [r for r in canonical_report["nodes"] if r["kind"] != "get_attr"]
+    assert set(dot_nodes) == {r["name"] for r in shown}
+    assert len(graph.get_edges()) == sum(
+        source in dot_nodes for r in shown for source in r["inputs"])
+    clusters = {c.get_name().strip('"') for c in graph.get_subgraphs()}
+    assert {"cluster_down_blocks.0", "cluster_mid_block", "cluster_up_blocks.1",
+            "cluster_time_embedding", "cluster_conv_in"} <= clusters
+    conv_in = next(r for r in shown if r["module"] == "conv_in")
+    fill = dot_nodes[conv_in["name"]].get("fillcolor").strip('"')
+    down = next(r for r in shown if r["op"] == "conv2d" and r["level"] == 1)
+    attn = next(r for r in shown if r["op"] == "attention")
+    fills = {dot_nodes[r["name"]].get("fillcolor").strip('"') for r in (conv_in, down, attn)}
+    assert len(fills) == 3 and fill == inspect._SPATIAL_COLORS[0]  # by domain and level
+
+
+def test_dot_flags_unknown_ops_red(unknown_report):
+    _, dot_nodes = parse_dot(inspect.render(unknown_report, "dot"))
+    cumsum = dot_nodes["cumsum"]
+    assert cumsum.get("color").strip('"') == "red"
+    assert cumsum.get("fillcolor").strip('"') == inspect._UNKNOWN_COLOR
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_svg(unknown_report):
+    svg = inspect.render(unknown_report, "svg")
+    assert "<svg" in svg and "cumsum" in svg
+
+
+def test_svg_without_graphviz(monkeypatch, unknown_report):
+    monkeypatch.setattr(inspect.shutil, "which", lambda name: None)
+    with pytest.raises(FiseditError, match="apt-get install graphviz"):
+        inspect.render(unknown_report, "svg")
+    with pytest.raises(FiseditError, match="apt-get install graphviz"):
+        inspect.dump("sd15-tiny", fmt="svg")  # refused before the (slow) capture
+
+
+# ------------------------------------------------------------------ networkx
+
+def test_networkx(canonical):
+    graph = inspect.to_networkx(canonical)
+    assert graph.number_of_nodes() == len(canonical.graph.nodes)
+    assert graph.number_of_edges() == sum(len(n.all_input_nodes) for n in canonical.graph.nodes)
+    assert nx.is_directed_acyclic_graph(graph)
+    conv = next(n for n in canonical.graph.nodes if ir.is_op(n, "conv2d"))
+    attrs = graph.nodes[conv.name]
+    assert {"op", "shape", "domain", "level", "macs", "module"} <= set(attrs)
+    assert (attrs["op"], attrs["domain"], attrs["level"]) == ("conv2d", "spatial", 0)
+    assert attrs["macs"] == conv.meta[ir.META_MACS] and attrs["module"] == "conv_in"
+
+
+# ------------------------------------------------------------------ dump argument checks
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one"),
+    ({"model": "sd15-tiny", "pipeline": "x"}, "exactly one"),
+    ({"model": "sd15-tiny", "fmt": "yaml"}, "unknown format"),
+    ({"model": "sd15-tiny", "batch": 0}, "batch must be at least 1"),
+])
+def test_dump_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(FiseditError, match=message):
+        inspect.dump(**kwargs)

@@ -1,0 +1,99 @@
+"""The sparsify and cache passes: what they rewrite, what they record, and the dense fallback."""
+
+import pytest
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler import ir, zoo
+from fisedit_compiler.passes.cache import derive_cache_set
+from fisedit_compiler.passes.sparsify import META_SPARSE
+from fisedit_compiler.runtime import sparse_ops as ops
+
+
+@pytest.fixture(scope="module")
+def program():
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet)
+    return fc.compile(unet).program(inputs)
+
+
+def targets(gm):
+    return [node.target for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def test_every_heavy_op_becomes_its_sparse_form(program):
+    canonical, edit = program.canonical, program.edit
+    count = lambda name: sum(ir.is_op(n, name) for n in canonical.graph.nodes)
+    edit_targets = targets(edit)
+    convs = edit_targets.count(ops.sparse_conv2d) + edit_targets.count(ops.pointwise_conv2d)
+    assert convs == count("conv2d")
+    assert edit_targets.count(ops.sparse_group_norm) == count("group_norm")
+    assert edit_targets.count(ops.sparse_attention) == count("attention")
+    assert edit_targets.count(ops.upsample_gather) == count("upsample_nearest")
+    for name in ("conv2d", "group_norm", "attention", "upsample_nearest"):
+        assert ir.OPS[name] not in edit_targets
+    modes = {node.meta.get(META_SPARSE) for node in canonical.graph.nodes
+             if node.op == "call_function"}
+    assert modes == {"sparse", "global"}
+
+
+def test_cache_set_is_derived_from_what_sparse_ops_read(program):
+    canonical = program.canonical
+    nodes = {node.name: node for node in canonical.graph.nodes}
+    output = canonical.graph.output_node().args[0]
+    entries = derive_cache_set(program.edit)
+    assert entries == program.entries
+    for entry in entries:
+        source = nodes[entry.source]
+        if entry.kind == "group_norm_stats":
+            assert ir.is_op(source, "group_norm")
+            continue
+        readers = [user for user in source.users if ir.is_op(user, "conv2d", "attention")]
+        windowed = any(ir.is_op(user, "conv2d") and tuple(user.args[1].meta["val"].shape[-2:]) != (1, 1)
+                       for user in readers)
+        self_kv = any(ir.is_op(user, "attention") and user.meta[ir.META_ATTN_KIND] == "self"
+                      and source is not user.args[0] for user in readers)
+        assert windowed or self_kv or source is output, entry
+    # a pointwise intermediate (the SiLU before the time projection, say) is never recorded
+    recorded = {entry.source for entry in entries}
+    assert not any(ir.is_op(nodes[name], "linear", "layer_norm", "gelu") for name in recorded)
+
+
+def test_sparse_attention_policy_records_no_self_attention_kv():
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet)
+    full = fc.compile(unet).program(inputs)
+    sparse = fc.compile(unet, fc.SparseConfig(self_attention="sparse")).program(inputs)
+    attention_inputs = {n.args[1].name for n in full.canonical.graph.nodes
+                        if ir.is_op(n, "attention") and n.meta[ir.META_ATTN_KIND] == "self"}
+    assert attention_inputs <= {e.source for e in full.entries}
+    assert not attention_inputs & {e.source for e in sparse.entries}
+
+
+def test_record_graph_writes_exactly_the_entries(program):
+    writes = [node.args[1] for node in program.record.graph.nodes
+              if node.op == "call_function" and node.target is ops.cache_write]
+    assert sorted(writes) == sorted(entry.key for entry in program.entries)
+
+
+def test_an_unsupported_op_runs_dense_with_a_warning_and_stays_exact():
+    unet = zoo.unet("sd15-tiny")
+    # torch.roll mixes positions: no canonical form, so the engine must fall back to dense.
+    unet.conv_in.register_forward_hook(lambda module, args, out: out + 0.1 * torch.roll(out, 1, -1))
+    inputs = zoo.example_inputs(unet)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    with pytest.warns(UserWarning, match="run dense"):
+        recorded = engine.record(cache, 0, **inputs)
+    with torch.no_grad():
+        assert (recorded - unet(**inputs)[0]).abs().max() <= 1e-5
+    assert engine.program(inputs).canonical.meta["fc_unknown_ops"]
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:4, 10:12] = True
+    plan = engine.plan(mask)
+    new = dict(inputs, sample=inputs["sample"] + mask * torch.randn_like(inputs["sample"]))
+    result = engine.edit(cache, 0, plan=plan, **new)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
+    assert ((result - expected).norm() / expected.norm()) <= 1e-5
+    empty = engine.plan(torch.zeros(16, 16, dtype=torch.bool))
+    torch.testing.assert_close(engine.edit(cache, 0, plan=empty, **inputs), recorded)

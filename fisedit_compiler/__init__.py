@@ -19,6 +19,7 @@ Or through a stock pipeline, with the torch.compile backend "fisedit":
 from . import oracle, zoo
 from .backend import Editing, Recording, editing, fisedit_backend, recording
 from .config import SparseConfig
+from .editing import EditResult, EditSession
 from .errors import FiseditError, UnsupportedGraphError
 from .runtime.engine import EditCache, SparseEngine
 from .runtime.plan import MaskPlan
@@ -32,6 +33,6 @@ def compile(unet, config: SparseConfig | None = None) -> SparseEngine:  # noqa: 
     return SparseEngine(unet, config)
 
 
-__all__ = ["compile", "SparseConfig", "SparseEngine", "EditCache", "MaskPlan", "FiseditError",
-           "UnsupportedGraphError", "oracle", "zoo", "recording", "editing", "Recording",
-           "Editing", "fisedit_backend"]
+__all__ = ["compile", "SparseConfig", "SparseEngine", "EditCache", "MaskPlan", "EditSession",
+           "EditResult", "recording", "editing", "Recording", "Editing", "fisedit_backend",
+           "FiseditError", "UnsupportedGraphError", "oracle", "zoo"]

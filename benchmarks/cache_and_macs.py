@@ -1,0 +1,143 @@
+"""Cache bytes per step and MACs of compact edits, plus reference-path timings on a GPU.
+
+For one zoo U-Net (default sd15 at its native 64x64 latent = 512 px), batch 2 (CFG):
+* the bytes one recorded step holds (the derived minimal set) against caching every node;
+* dense, sparse and ideal MACs of a centred square edit covering 1%, 5% and 20% of the latent;
+* on CUDA, per-call latency of dense eager, dense torch.compile and the engine's torch
+  reference path (no Triton kernels yet), and each edit's error against the oracle.
+
+    python benchmarks/cache_and_macs.py --model sd15 --dtype float16 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import time
+
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler import zoo
+
+AREAS = (0.01, 0.05, 0.20)
+
+
+def centred_square(size, area):
+    height, width = size
+    side = max(1, round(math.sqrt(area * height * width)))
+    mask = torch.zeros(size, dtype=torch.bool)
+    y0, x0 = (height - side) // 2, (width - side) // 2
+    mask[y0:y0 + side, x0:x0 + side] = True
+    return mask
+
+
+def gpu_time_ms(fn, repeats=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def every_node_bytes(program) -> int:
+    total = 0
+    for node in program.canonical.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "call_function" and isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time dense torch.compile")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    unet = zoo.unet(args.model, dtype=dtype, device=device)
+    inputs = zoo.example_inputs(unet, batch=args.batch, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    started = time.perf_counter()
+    engine.record(cache, 0, **inputs)
+    program = engine.program(inputs)
+    result = {
+        "model": args.model, "dtype": args.dtype, "batch": args.batch, "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "torch": torch.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip(),
+        "latent": list(inputs["sample"].shape[-2:]),
+        "compile_and_record_s": time.perf_counter() - started,
+        "cache_bytes_per_step": cache.nbytes(),
+        "cache_entries": len(program.entries),
+        "every_node_bytes": every_node_bytes(program),
+        "edits": [],
+    }
+    breakdown = {}
+    for entry in program.entries:
+        breakdown[entry.kind] = breakdown.get(entry.kind, 0) + cache.breakdown()[entry.key]
+    result["cache_by_kind"] = breakdown
+    if device == "cuda":
+        with torch.no_grad():
+            result["dense_eager_ms"] = gpu_time_ms(lambda: unet(**inputs))
+            if args.compile:
+                compiled = torch.compile(unet)
+                result["dense_compile_ms"] = gpu_time_ms(lambda: compiled(**inputs))
+    size = tuple(inputs["sample"].shape[-2:])
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    for area in AREAS:
+        mask = centred_square(size, area)
+        plan = engine.plan(mask)
+        stats = engine.stats(plan)
+        noise = torch.randn(inputs["sample"].shape, generator=generator).to(device, dtype)
+        edited = dict(inputs, sample=torch.where(mask.to(device), inputs["sample"] + noise,
+                                                 inputs["sample"]))
+        row = {"area": area, "mask_fraction": stats["mask_fraction"],
+               "dense_macs": stats["dense_macs"], "sparse_macs": stats["sparse_macs"],
+               "ideal_macs": stats["ideal_macs"],
+               "level_fractions": [round(level["fraction"], 4) for level in stats["levels"]]}
+        output = engine.edit(cache, 0, plan=plan, **edited)
+        expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
+        row["oracle_rel_error"] = ((output.float() - expected.float()).norm()
+                                   / expected.float().norm()).item()
+        if device == "cuda":
+            row["reference_edit_ms"] = gpu_time_ms(
+                lambda: engine.edit(cache, 0, plan=plan, **edited))
+        result["edits"].append(row)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    print(text)
+    mib = 2 ** 20
+    print(f"\n{args.model} {args.dtype} batch {args.batch} on {result['gpu'] or device}")
+    print(f"cache/step {result['cache_bytes_per_step'] / mib:.1f} MiB "
+          f"(every node {result['every_node_bytes'] / mib:.1f} MiB); by kind "
+          + ", ".join(f"{k} {v / mib:.1f} MiB" for k, v in breakdown.items()))
+    for row in result["edits"]:
+        print(f"area {row['area']:.0%}: GMACs dense {row['dense_macs'] / 1e9:.1f} sparse "
+              f"{row['sparse_macs'] / 1e9:.1f} ideal {row['ideal_macs'] / 1e9:.1f}; "
+              f"oracle err {row['oracle_rel_error']:.1e}; ref edit "
+              f"{row.get('reference_edit_ms', float('nan')):.1f} ms")
+    for key in ("dense_eager_ms", "dense_compile_ms"):
+        if key in result:
+            print(f"{key}: {result[key]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,6 +53,8 @@ def _tally(**extra) -> dict:
             "properties": {"nodes": _COUNT, "macs": _COUNT, **extra}}
 
 
+# The form of ``report()``, i.e. of ``--format json``. The descriptions document the fields; the
+# schema uses only type, enum, minimum, properties, required, items and additionalProperties.
 JSON_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "urn:fisedit-compiler:dump",
@@ -178,13 +180,14 @@ def summarize(rows: list[dict], level_sizes=()) -> dict:
     levels = {str(level): {"size": list(size), "nodes": 0, "macs": 0}
               for level, size in enumerate(level_sizes)}
     domains = {kind: {"nodes": 0, "macs": 0} for kind in DOMAIN_KINDS} if analyzed else {}
-    for row in calls if analyzed else ():
-        tallies = [domains[row["domain"]]]
-        if row["level"] is not None:
-            tallies.append(levels[str(row["level"])])
-        for tally in tallies:
-            tally["nodes"] += 1
-            tally["macs"] += row["macs"] or 0
+    if analyzed:
+        for row in calls:
+            tallies = [domains[row["domain"]]]
+            if row["level"] is not None:
+                tallies.append(levels[str(row["level"])])
+            for tally in tallies:
+                tally["nodes"] += 1
+                tally["macs"] += row["macs"] or 0
     kinds = Counter(row["attention"] for row in calls if row["attention"])
     return {
         "nodes": len(rows),
@@ -250,8 +253,8 @@ def _si(count: int) -> str:
 
 def _table(header: list[str], rows: list[list[str]], right: tuple[int, ...] = ()) -> list[str]:
     """Rows as aligned columns; columns ``right`` (counts) are right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return ["  ".join(str(cell).rjust(w) if i in right else str(cell).ljust(w)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
                       for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
             for line in (header, *rows)]
 
@@ -276,21 +279,21 @@ def _shape_cell(shape) -> str:
 
 def _text(report: dict) -> str:
     summary = report["summary"]
+    analyzed = summary["macs"] is not None
     rows = [row for row in report["nodes"] if row["kind"] != "get_attr"]
     lines = [f"model {report['model']}  stage {report['stage']}  frontend {report['frontend']}",
              "inputs: " + ", ".join(f"{name} {spec['dtype']}[{_shape_cell(spec['shape'])}]"
                                     for name, spec in report["inputs"].items())]
-    if summary["levels"]:
-        lines.append("levels: " + ", ".join(f"L{level} {_shape_cell(tally['size'])}"
-                                            for level, tally in summary["levels"].items()))
-    if summary["attention"] is not None:
-        lines.append(f"attention: {summary['attention']['self']} self, "
-                     f"{summary['attention']['cross']} cross")
-    if summary["macs"] is not None:  # analyzed, so canonical: unknown ops are flagged
-        lines.append(f"MACs: {_si(summary['macs'])} ({summary['macs']})")
+    if analyzed:  # and so canonicalized: unknown ops are flagged
         unknown = summary["unknown_ops"]
-        lines.append("unknown ops: " + (", ".join(f"{op} x{n}" for op, n in unknown.items())
-                                        if unknown else "none"))
+        lines += [
+            "levels: " + ", ".join(f"L{level} {_shape_cell(tally['size'])}"
+                                   for level, tally in summary["levels"].items()),
+            f"attention: {summary['attention']['self']} self, "
+            f"{summary['attention']['cross']} cross",
+            f"MACs: {_si(summary['macs'])} ({summary['macs']})",
+            "unknown ops: " + (", ".join(f"{op} x{n}" for op, n in unknown.items())
+                               if unknown else "none")]
     lines += ["", f"Nodes ({len(rows)} shown; {summary['nodes'] - len(rows)} parameters omitted)"]
     lines += _table(
         ["name", "op", "shape", "dtype", "domain", "MACs", "module"],
@@ -302,9 +305,10 @@ def _text(report: dict) -> str:
         op_macs[row["op"]] += row["macs"] or 0
     lines += ["", "By op"] + _table(
         ["op", "count", "MACs"],
-        [[op, str(count), _si(op_macs[op])] for op, count in summary["ops"].items()],
+        [[op, str(count), _si(op_macs[op]) if analyzed else "-"]
+         for op, count in summary["ops"].items()],
         right=(1, 2))
-    if summary["domains"]:
+    if analyzed:
         by_level = [[f"L{level}", _shape_cell(tally["size"]), str(tally["nodes"]),
                      _si(tally["macs"])] for level, tally in summary["levels"].items()]
         by_level += [[kind, "-", str(tally["nodes"]), _si(tally["macs"])]
@@ -388,8 +392,8 @@ def _dot_program() -> str:
     program = shutil.which("dot")
     if program is None:
         raise FiseditError(
-            "--format svg needs Graphviz's `dot` program, which is not installed; install it "
-            "(apt-get install graphviz) or write --format dot and render that elsewhere")
+            "SVG output needs Graphviz's `dot` program, which is not installed; install it "
+            "(apt-get install graphviz), or write the dot format and render it elsewhere")
     return program
 
 

@@ -107,6 +107,22 @@ def test_pad_kept_when_not_foldable():
     assert_same_output(module, gm, x)
 
 
+class CropConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (-1, -1, 0, 0)))  # a negative pad crops
+
+
+def test_negative_pad_not_folded():
+    module, x = CropConv(), torch.randn(2, 3, 8, 8)
+    _, gm = export(module, x)
+    assert ops(gm) == ["aten.pad.default", "conv2d"]
+    assert_same_output(module, gm, x)
+
+
 class Transpose(nn.Module):
     def forward(self, x):
         return x.transpose(1, -1).transpose(2, 2)

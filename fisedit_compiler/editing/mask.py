@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def latent_difference(edited: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference over channels of one step's latents ``[1, C, H, W]`` -> ``[H, W]``."""
+    """Mean absolute difference over channels of one step's ``[1, C, H, W]`` latents: ``[H, W]``."""
     return (edited.float() - recorded.float()).abs().mean(dim=1)[0]
 
 

@@ -87,6 +87,7 @@ class EditSession:
         self.cache: EditCache | None = None
         self.original: Trajectory | None = None
         self.generate_time_s: float | None = None
+        self._scheduler_type: type | None = None   # the scheduler class of the generation
         self._generation = 0   # bumped by generate and accept; results of older ones are stale
         self._forward_params = inspect.signature(type(pipe.unet).forward).parameters
 

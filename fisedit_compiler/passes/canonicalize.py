@@ -122,13 +122,16 @@ def _conv(b: _Builder, a: dict):
 
 
 def _foldable_pad(node: fx.Node) -> bool:
-    """A zero, constant, 2-D pad whose every user is a conv2d (so the conv can absorb it)."""
+    """A zero, constant, 2-D pad whose every user is a conv2d (so the conv can absorb it).
+
+    Negative pads crop, and a crop followed by the conv's zero padding is not a smaller padding.
+    """
     a = _arguments(node)
     if node.target == aten.pad.default and (a["mode"] != "constant" or a["value"] not in (None, 0, 0.0)):
         return False
     if node.target == aten.constant_pad_nd.default and a["value"] not in (None, 0, 0.0):
         return False
-    return (len(a["pad"]) == 4 and len(node.users) > 0
+    return (len(a["pad"]) == 4 and min(a["pad"]) >= 0 and len(node.users) > 0
             and all(user.target == aten.conv2d.default and user.args[0] is node
                     for user in node.users))
 

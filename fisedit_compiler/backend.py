@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import types
 import warnings
 import weakref
 
@@ -121,9 +122,17 @@ def _frame_module():
 _GRAPHS: "weakref.WeakSet[FiseditGraph]" = weakref.WeakSet()
 
 
-def compiled_graphs() -> list["FiseditGraph"]:
-    """The live graphs the backend has compiled in this process (for inspection and tests)."""
-    return list(_GRAPHS)
+def compiled_graphs(unet=None) -> list["FiseditGraph"]:
+    """The live graphs the backend has compiled in this process, or those compiled from calls
+    of ``unet`` (compiled or not, or a pipeline holding it). For inspection and tests; note
+    that Dynamo lets U-Nets of one architecture share a graph."""
+    graphs = list(_GRAPHS)
+    if unet is None:
+        return graphs
+    if not isinstance(unet, torch.nn.Module) and hasattr(unet, "unet"):
+        unet = unet.unet
+    unet = getattr(unet, "_orig_mod", unet)
+    return [graph for graph in graphs if graph.module is unet]
 
 
 class FiseditGraph:
@@ -135,6 +144,9 @@ class FiseditGraph:
     """
 
     def __init__(self, gm, example_inputs, *, module=None, arg_names=None, strict=False):
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+
+        _LazyGraphModule.force_recompile(gm)  # else gm.forward stays a recompiling trampoline
         self.gm = gm
         self.forward = gm.forward
         self.strict = strict
@@ -149,11 +161,17 @@ class FiseditGraph:
                             for i in self.input_positions]
         self.arg_names = arg_names
         self.module_type = type(module).__name__ if module is not None else None
+        self._module = weakref.ref(module) if module is not None else lambda: None
         self._probe = None if self.param_positions else next(iter(gm.parameters()), None)
         self.problem = _structural_problem(gm, example_inputs, module, self)
         # Per U-Net module, held weakly (the programs hold its parameters, not the module).
         self._built: "weakref.WeakKeyDictionary[torch.nn.Module, _Built]" = \
             weakref.WeakKeyDictionary()
+
+    @property
+    def module(self):
+        """The module whose call Dynamo compiled into this graph (None if unknown or gone)."""
+        return self._module()
 
     def __repr__(self) -> str:
         state = "dense fallback: " + self.problem if self.problem else "ok"
@@ -359,6 +377,10 @@ class Recording:
     def latent_size(self) -> tuple[int, int]:
         return tuple(self.program.levels[0])
 
+    def editing(self, mask, *, start_step: int = 0):
+        """``with rec.editing(mask): pipe(...)``, the same as ``fc.editing(rec, mask)``."""
+        return editing(self, mask, start_step=start_step)
+
     def plan(self, mask) -> MaskPlan:
         """The mask plan of a bool ``[H, W]`` mask at this recording's latent resolution."""
         levels = self.program.levels
@@ -377,10 +399,10 @@ class Recording:
             " Was the U-Net compiled with backend=\"fisedit\" and called inside the context?")
         return "the recording holds no U-Net call." + why
 
-    def _finish(self) -> None:
+    def _finish(self, warn: bool = True) -> None:
         if self.growable:
             self.cache.num_steps = max(1, len(self.cache.steps))
-        if not self.cache.steps:
+        if warn and not self.cache.steps:
             warnings.warn("fisedit: " + self._nothing_recorded(), UnsupportedGraphWarning,
                           stacklevel=3)
 
@@ -421,7 +443,7 @@ class _State:
         reason = str(error)
         if reason not in sink:
             sink.append(reason)
-        if id(graph) not in self.warned:
+        if graph.problem is None and id(graph) not in self.warned:  # else warned at compile
             self.warned.add(id(graph))
             warnings.warn(f"fisedit: {reason}; this U-Net call runs dense and is not "
                           f"{self.verb}", UnsupportedGraphWarning, stacklevel=3)
@@ -429,7 +451,7 @@ class _State:
 
 
 class _RecordState(_State):
-    verb = "recorded"
+    verb, activity = "recorded", "recording"
 
     def __init__(self, recording: Recording):
         super().__init__(recording.unet)
@@ -460,7 +482,7 @@ class _RecordState(_State):
 
 
 class _EditState(_State):
-    verb = "edited"
+    verb, activity = "edited", "editing"
 
     def __init__(self, editing: Editing):
         super().__init__(editing.recording.unet)
@@ -496,7 +518,7 @@ def _activate(state):
     for other in active:
         if other.unet is state.unet:
             raise FiseditError(
-                f"this U-Net is already {other.verb[:-1]}ing; recording and editing contexts "
+                f"this U-Net is already {other.activity}; recording and editing contexts "
                 "of one U-Net cannot be nested")
     token = _ACTIVE.set(active + (state,))
     try:
@@ -523,8 +545,10 @@ def recording(unet, config: SparseConfig | None = None, num_steps: int | None = 
     with _activate(_RecordState(rec)):
         try:
             yield rec
-        finally:
-            rec._finish()
+        except BaseException:
+            rec._finish(warn=False)
+            raise
+        rec._finish()
 
 
 @contextlib.contextmanager
@@ -544,3 +568,22 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session
+
+
+class _CallablePackage(types.ModuleType):
+    """The ``fisedit_compiler.editing`` package (the FISEdit flow), callable as ``editing``.
+
+    The issue's API is ``fc.editing(rec, mask)``, and DESIGN puts the editing flow in the
+    package ``fisedit_compiler.editing``: one attribute cannot be both a function and a
+    subpackage (importing the subpackage rebinds the attribute), so the package's module
+    object is made callable instead. ``rec.editing(mask)`` is the same context without this.
+    """
+
+    def __call__(self, recording, mask, *, start_step: int = 0):
+        return editing(recording, mask, start_step=start_step)
+
+
+def make_callable(package: types.ModuleType) -> None:
+    """Let ``package(recording, mask)`` open an editing context (see _CallablePackage)."""
+    if type(package) is types.ModuleType:
+        package.__class__ = _CallablePackage

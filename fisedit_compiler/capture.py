@@ -96,6 +96,11 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
     named by ``arg_names`` (the forward's parameter names), else ``sample``, ``timestep``
     (the first two of every diffusers U-Net) and ``arg<i>``.
     """
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    # Dynamo hands backends lazily compiled graph modules whose forward is ``(*args, **kwargs)``
+    # until first called; export names the inputs after forward's signature, so generate it.
+    _LazyGraphModule.force_recompile(graph_module)
     example_inputs = [_concrete(x) for x in example_inputs]
     with torch.no_grad():
         program = torch.export.export(graph_module, tuple(example_inputs), strict=False)

@@ -29,9 +29,14 @@ def add_dump(subparsers) -> None:
                         help=f"a zoo model: {', '.join(zoo.MODEL_NAMES)}")
     source.add_argument("--pipeline", metavar="DIR",
                         help="a folder holding a diffusers pipeline saved with save_pretrained")
-    parser.add_argument("--stage", choices=capture.STAGES, default="canonical",
+    parser.add_argument("--stage", choices=inspect.STAGES, default="canonical",
                         help="captured: the frontend's ATen graph; canonical: the canonical "
-                             "dialect with analysis (default)")
+                             "dialect with analysis (default); sparse: how an edit under "
+                             "--mask/--mask-box runs each node, its sparse MACs, cache writes")
+    parser.add_argument("--mask", metavar="PNG", help="edit mask image (white = edit), at "
+                        "latent size or an integer multiple; for --stage sparse")
+    parser.add_argument("--mask-box", metavar="x0,y0,x1,y1", help="edit box in fractions of "
+                        "the width and height; for --stage sparse")
     parser.add_argument("--format", choices=inspect.FORMATS, default="text",
                         help="output format (default: text)")
     parser.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
@@ -44,7 +49,8 @@ def add_dump(subparsers) -> None:
 
 def run_dump(args) -> int:
     text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,
-                        frontend=args.frontend, batch=args.batch)
+                        frontend=args.frontend, batch=args.batch, mask=args.mask,
+                        mask_box=args.mask_box)
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -44,6 +44,7 @@ NODE_KEYS = ("name", "kind", "op", "source", "shape", "dtype", "module", "domain
 _SHAPE = {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0},
           "description": "tensor shape; null for non-tensor values (a split's tuple, output)"}
 _COUNT = {"type": "integer", "minimum": 0}
+STAGES = capture.STAGES + ("sparse",)
 _COUNTS = {"type": "object", "additionalProperties": _COUNT}
 
 
@@ -67,7 +68,7 @@ JSON_SCHEMA = {
     "required": ["model", "stage", "frontend", "inputs", "summary", "nodes"],
     "properties": {
         "model": {"type": "string", "description": "zoo model name, or the pipeline folder"},
-        "stage": {"enum": list(capture.STAGES)},
+        "stage": {"enum": list(STAGES)},
         "frontend": {"enum": list(capture.FRONTENDS)},
         "inputs": {
             "type": "object", "description": "the graph's user inputs, by placeholder name",
@@ -277,6 +278,11 @@ def _shape_cell(shape) -> str:
     return "x".join(map(str, shape)) if shape is not None else "-"
 
 
+def _level_cell(level: dict) -> str:
+    share = "dense" if level["dense"] else f"{level['fraction']:.1%}"
+    return f"L{level['level']} {share}"
+
+
 def _text(report: dict) -> str:
     summary = report["summary"]
     analyzed = summary["macs"] is not None
@@ -294,12 +300,22 @@ def _text(report: dict) -> str:
             f"MACs: {_si(summary['macs'])} ({summary['macs']})",
             "unknown ops: " + (", ".join(f"{op} x{n}" for op, n in unknown.items())
                                if unknown else "none")]
+    sparse = summary.get("sparse")
+    if sparse:
+        lines += [f"edit mask {sparse['mask_fraction']:.2%}: MACs dense {_si(sparse['dense_macs'])}, "
+                  f"sparse {_si(sparse['sparse_macs'])}, ideal {_si(sparse['ideal_macs'])}",
+                  "levels: " + ", ".join(_level_cell(level) for level in sparse["levels"])]
     lines += ["", f"Nodes ({len(rows)} shown; {summary['nodes'] - len(rows)} parameters omitted)"]
-    lines += _table(
-        ["name", "op", "shape", "dtype", "domain", "MACs", "module"],
-        [[row["name"], _op_cell(row), _shape_cell(row["shape"]), row["dtype"] or "-",
-          _domain_cell(row), _si(row["macs"]) if row["macs"] else "", row["module"]]
-         for row in rows], right=(5,))
+    header = ["name", "op", "shape", "dtype", "domain", "MACs", "module"]
+    cells = [[row["name"], _op_cell(row), _shape_cell(row["shape"]), row["dtype"] or "-",
+              _domain_cell(row), _si(row["macs"]) if row["macs"] else "", row["module"]]
+             for row in rows]
+    if sparse:
+        header += ["edit", "sparse MACs", "cache"]
+        for cell, row in zip(cells, rows):
+            cell += [row["sparse"] or "", _si(row["sparse_macs"]) if row["sparse_macs"] else "",
+                     "cache_write" if row["cache_write"] else ""]
+    lines += _table(header, cells, right=(5,))
     op_macs = Counter()
     for row in rows:
         op_macs[row["op"]] += row["macs"] or 0
@@ -426,8 +442,67 @@ def pipeline_unet(path):
     return zoo.load_pipeline(path).unet
 
 
+def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
+                  config=None) -> dict:
+    """The ``sparse`` stage: the canonical graph with, per node, how an edit under ``mask`` runs
+    it (``sparse``: "sparse", "dense", "global" or "input"), its sparse MACs and the cache keys
+    recorded from it (``cache_write``; the edit graph reads them back); the summary gains
+    ``engine.stats(plan)`` under ``"sparse"``."""
+    from .config import SparseConfig
+    from .runtime.engine import SparseEngine, node_macs
+
+    config = config or SparseConfig(frontend=frontend)
+    engine = SparseEngine(unet, config)
+    program = engine.program(inputs)
+    plan = engine.plan(mask)
+    result = report(program.canonical, model=model, stage="sparse", frontend=frontend)
+    by_name = {row["name"]: row for row in node_macs(program, plan, config)}
+    writes = {node.name: node.meta.get("fc_cache_write", []) for node in program.canonical.graph.nodes}
+    for row in result["nodes"]:
+        row["sparse"] = by_name[row["name"]]["mode"] or None
+        row["sparse_macs"] = by_name[row["name"]]["sparse_macs"]
+        row["cache_write"] = writes.get(row["name"], [])
+    result["summary"]["sparse"] = engine.stats(plan)
+    return result
+
+
+def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask from ``"x0,y0,x1,y1"`` in fractions of the width and height."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    except ValueError:
+        raise FiseditError(f"--mask-box must be x0,y0,x1,y1 as fractions in [0, 1], got {box!r}") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise FiseditError(f"--mask-box needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}")
+    height, width = size
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[int(y0 * height):max(int(y0 * height) + 1, round(y1 * height)),
+         int(x0 * width):max(int(x0 * width) + 1, round(x1 * width))] = True
+    return mask
+
+
+def mask_from_png(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask from a PNG (white = edit) at latent or image resolution (max-pooled down)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        image = np.asarray(Image.open(path).convert("L"))
+    except OSError as error:
+        raise FiseditError(f"cannot read the mask image {path}: {error}") from None
+    mask = torch.from_numpy(image > 127)
+    height, width = size
+    if mask.shape[0] % height or mask.shape[1] % width or \
+            mask.shape[0] // height != mask.shape[1] // width:
+        raise FiseditError(f"the mask image is {mask.shape[1]}x{mask.shape[0]} but the latent is "
+                           f"{width}x{height}: give a mask at latent size or an integer multiple")
+    factor = mask.shape[0] // height
+    return torch.nn.functional.max_pool2d(mask[None].float(), factor)[0] > 0
+
+
 def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
-         stage: str = "canonical", frontend: str = "export", batch: int = 2) -> str:
+         stage: str = "canonical", frontend: str = "export", batch: int = 2,
+         mask: str | None = None, mask_box: str | None = None) -> str:
     """What ``fisedit-compiler dump`` prints: the graph of zoo ``model`` or of the U-Net of the
     pipeline saved in folder ``pipeline`` (exactly one), called on ``zoo.example_inputs`` of
     ``batch`` samples, traced by ``frontend`` up to ``stage`` and rendered as ``fmt``."""
@@ -438,7 +513,17 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
         _dot_program()
     if batch < 1:
         raise FiseditError(f"batch must be at least 1, got {batch}")
+    if stage not in STAGES:
+        raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    if (stage == "sparse") != (mask is not None or mask_box is not None):
+        raise FiseditError("--stage sparse needs exactly one of --mask PNG or --mask-box "
+                           "x0,y0,x1,y1, and the masks need --stage sparse")
     unet = zoo.unet(model) if model is not None else pipeline_unet(pipeline)
-    gm = capture.trace(unet, zoo.example_inputs(unet, batch=batch), frontend, stage)
+    inputs = zoo.example_inputs(unet, batch=batch)
     label = model if model is not None else str(pipeline)
+    if stage == "sparse":
+        size = tuple(inputs["sample"].shape[-2:])
+        edit_mask = mask_from_png(mask, size) if mask is not None else mask_from_box(mask_box, size)
+        return render(sparse_report(unet, inputs, edit_mask, model=label, frontend=frontend), fmt)
+    gm = capture.trace(unet, inputs, frontend, stage)
     return render(report(gm, model=label, stage=stage, frontend=frontend), fmt)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fisedit_compiler import capture, inspect, ir
+from fisedit_compiler import capture, inspect, ir, zoo
 from fisedit_compiler.errors import FiseditError
 from fisedit_compiler.passes.analyze import analyze
 from fisedit_compiler.passes.canonicalize import canonicalize
@@ -277,3 +277,30 @@ def test_networkx(canonical):
 def test_dump_rejects_bad_arguments(kwargs, message):
     with pytest.raises(FiseditError, match=message):
         inspect.dump(**kwargs)
+
+
+def test_sparse_stage_marks_how_an_edit_runs_each_node():
+    unet = zoo.unet("sd15-tiny")
+    mask = inspect.mask_from_box("0.0,0.0,0.25,0.25", (16, 16))
+    assert int(mask.sum()) == 16
+    report = inspect.sparse_report(unet, zoo.example_inputs(unet), mask, model="sd15-tiny",
+                                   frontend="export")
+    validate(json.loads(inspect.render(report, "json")), inspect.JSON_SCHEMA)
+    sparse = report["summary"]["sparse"]
+    assert sparse["ideal_macs"] <= sparse["sparse_macs"] < sparse["dense_macs"]
+    modes = {row["sparse"] for row in report["nodes"] if row["kind"] == "call_function"}
+    assert modes == {"sparse", "global"}
+    convs = [row for row in report["nodes"] if row["op"] == "conv2d"]
+    assert all(row["sparse_macs"] < row["macs"] for row in convs)
+    assert any(row["cache_write"] for row in report["nodes"])
+    assert "sparse MACs" in inspect.render(report, "text")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stage": "sparse"}, "needs exactly one of --mask"),
+    ({"mask_box": "0,0,0.5,0.5"}, "needs exactly one of --mask"),
+    ({"stage": "sparse", "mask_box": "0.5,0,0.2,1"}, "x0 < x1"),
+])
+def test_sparse_stage_argument_errors(kwargs, message):
+    with pytest.raises(FiseditError, match=message):
+        inspect.dump("sd15-tiny", **kwargs)

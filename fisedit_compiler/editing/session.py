@@ -24,7 +24,7 @@ import torch
 
 from ..config import SparseConfig
 from ..errors import FiseditError
-from ..runtime.engine import EditCache, SparseEngine, _output_key
+from ..runtime.engine import EditCache, SparseEngine
 from ..runtime.plan import MaskPlan, validate_mask
 from . import mask as tac
 from .attention import CrossAttentionControl, shared_tokens
@@ -276,7 +276,7 @@ class EditSession:
         cache = self.engine.new_cache(trajectory.num_steps)
         for step, inputs in enumerate(trajectory.unet_inputs):
             self.engine.record(cache, step, **inputs)
-            key = _output_key(self.engine.program(inputs))
+            key = self.engine.program(inputs).output_key
             cache.steps[step][key] = trajectory.unet_outputs[step].clone()
         accepted = Trajectory(trajectory.prompt, trajectory.negative_prompt,
                               trajectory.guidance_scale, trajectory.height, trajectory.width,

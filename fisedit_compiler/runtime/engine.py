@@ -40,6 +40,11 @@ class Program:
     def input_names(self) -> list[str]:
         return self.canonical.meta["fc_inputs"]
 
+    @property
+    def output_key(self) -> str:
+        """The cache key of the recorded U-Net output."""
+        return self.canonical.graph.output_node().args[0].name
+
 
 class EditCache:
     """The recorded values of one original generation, keyed by step index.
@@ -222,8 +227,8 @@ class SparseEngine:
         if self.config.check_inputs:
             self._check_outside_mask(cache, step, plan, flat)
         store = cache.steps[step]
-        if plan.empty and _output_key(program) in store:
-            return store[_output_key(program)].clone()   # nothing active: the recorded output
+        if plan.empty and program.output_key in store:
+            return store[program.output_key].clone()   # nothing active: the recorded output
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
 
     def stats(self, plan: MaskPlan) -> dict:
@@ -280,11 +285,6 @@ class SparseEngine:
                     f"the edited {name} differs from the recorded one outside the edit mask; "
                     "blend the latents with the recorded ones outside the mask, or enlarge "
                     "the mask")
-
-
-def _output_key(program: Program) -> str:
-    output = program.canonical.graph.output_node().args[0]
-    return output.name
 
 
 def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[dict]:

@@ -6,6 +6,9 @@
     with fc.editing(rec, mask):                    # U-Net call i edits recorded step i
         edited = pipe(new_prompt, generator=...).images[0]
 
+(``rec.editing(mask)`` is the same context; ``fc.editing`` is also the package of the FISEdit
+flow, made callable, see ``make_callable``.)
+
 Outside both contexts the compiled U-Net is a plain dense U-Net: the backend returns Dynamo's
 own graph code, ``gm.forward``, behind one context-variable read. That is the cheapest correct
 path (no lowering, no copies), and it means compiling costs nothing beyond Dynamo's trace until
@@ -284,11 +287,14 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
         return f"the graph has no 'sample' input (its inputs are {graph.input_names})"
     sample = example_inputs[graph.input_positions[graph.input_names.index("sample")]]
     value = getattr(outputs[0], "meta", {}).get("example_value")
+    channels = getattr(getattr(module, "config", None), "out_channels", None)
     if isinstance(value, torch.Tensor) and sample.dim() == 4 and (
             value.dim() != 4 or value.shape[0] != sample.shape[0]
-            or tuple(value.shape[-2:]) != tuple(sample.shape[-2:])):
-        return (f"the graph returns a {list(value.shape)} tensor, not a sample like its "
-                f"{list(sample.shape)} input")
+            or tuple(value.shape[-2:]) != tuple(sample.shape[-2:])
+            or (channels is not None and value.shape[1] != channels)):
+        return (f"the graph returns a {list(value.shape)} tensor, not the U-Net's output for "
+                f"its {list(sample.shape)} sample: a graph break split the U-Net call "
+                "(torch.compile(..., fullgraph=True) shows where)")
     return None
 
 

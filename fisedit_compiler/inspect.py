@@ -35,6 +35,7 @@ import torch.fx as fx
 from . import capture, ir, zoo
 from .errors import FiseditError
 from .passes.analyze import module_path
+from .runtime.plan import load_mask_png
 
 FORMATS = ("text", "json", "dot", "svg")
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
@@ -481,25 +482,6 @@ def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
-def mask_from_png(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """A bool mask from a PNG (white = edit) at latent or image resolution (max-pooled down)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        image = np.asarray(Image.open(path).convert("L"))
-    except OSError as error:
-        raise FiseditError(f"cannot read the mask image {path}: {error}") from None
-    mask = torch.from_numpy(image > 127)
-    height, width = size
-    if mask.shape[0] % height or mask.shape[1] % width or \
-            mask.shape[0] // height != mask.shape[1] // width:
-        raise FiseditError(f"the mask image is {mask.shape[1]}x{mask.shape[0]} but the latent is "
-                           f"{width}x{height}: give a mask at latent size or an integer multiple")
-    factor = mask.shape[0] // height
-    return torch.nn.functional.max_pool2d(mask[None].float(), factor)[0] > 0
-
-
 def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
          stage: str = "canonical", frontend: str = "export", batch: int = 2,
          mask: str | None = None, mask_box: str | None = None) -> str:
@@ -523,7 +505,7 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
     label = model if model is not None else str(pipeline)
     if stage == "sparse":
         size = tuple(inputs["sample"].shape[-2:])
-        edit_mask = mask_from_png(mask, size) if mask is not None else mask_from_box(mask_box, size)
+        edit_mask = load_mask_png(mask, size) if mask is not None else mask_from_box(mask_box, size)
         return render(sparse_report(unet, inputs, edit_mask, model=label, frontend=frontend), fmt)
     gm = capture.trace(unet, inputs, frontend, stage)
     return render(report(gm, model=label, stage=stage, frontend=frontend), fmt)

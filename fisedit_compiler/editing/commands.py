@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import FiseditError
+from ..runtime.plan import load_mask_png
 
 DEMO_PROMPT, DEMO_EDIT = "a red circle on a white table", "a blue circle on a white table"
 
@@ -122,7 +123,7 @@ def _generate_and_edit(pipe, args) -> dict:
     original = session.generate(args.prompt, seed=args.seed, output_type="pil", **common)[0]
     mask = None
     if args.mask:
-        mask = _load_mask(args.mask, tuple(session.original.noise.shape[-2:]))
+        mask = load_mask_png(args.mask, tuple(session.original.noise.shape[-2:]))
     result = session.edit(args.edit, mask=mask, probe_steps=args.probe_steps,
                           mask_mode=args.mask_mode, output_type="pil")
     edited = result.images[0]
@@ -147,26 +148,6 @@ def _generate_and_edit(pipe, args) -> dict:
     _overlay(edited, mask_image).save(out / "overlay.png")
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
-
-
-def _load_mask(path: str, latent_size: tuple[int, int]) -> torch.Tensor:
-    """A PNG mask (nonzero = edit) at image or latent resolution -> bool mask at latent size;
-    any edited pixel marks its latent pixel (max pooling, as FISEdit does)."""
-    from PIL import Image
-
-    try:
-        image = np.asarray(Image.open(path).convert("L"))
-    except OSError as error:
-        raise FiseditError(f"cannot read the mask {path}: {error}") from None
-    mask = torch.from_numpy(image > 127)
-    height, width = latent_size
-    if mask.shape[0] % height or mask.shape[1] % width or \
-            mask.shape[0] // height != mask.shape[1] // width:
-        raise FiseditError(
-            f"the mask {path} is {mask.shape[1]}x{mask.shape[0]} pixels; it must be the image "
-            f"size or the latent size {width}x{height} (or an integer multiple of it)")
-    factor = mask.shape[0] // height
-    return torch.nn.functional.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
 
 
 def _mask_image(mask: torch.Tensor, size: tuple[int, int]):

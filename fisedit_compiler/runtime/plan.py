@@ -137,6 +137,28 @@ def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
+def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A bool edit mask at latent ``size`` from a PNG (white = edit) at latent resolution or an
+    integer multiple of it (the image size); any edited pixel marks its latent pixel (max
+    pooling, as FISEdit does)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        image = np.asarray(Image.open(path).convert("L"))
+    except OSError as error:
+        raise FiseditError(f"cannot read the mask {path}: {error}") from None
+    mask = torch.from_numpy(image > 127)
+    height, width = size
+    if mask.shape[0] % height or mask.shape[1] % width or \
+            mask.shape[0] // height != mask.shape[1] // width:
+        raise FiseditError(
+            f"the mask {path} is {mask.shape[1]}x{mask.shape[0]} pixels; it must be the image "
+            f"size or the latent size {width}x{height} (or an integer multiple of it)")
+    factor = mask.shape[0] // height
+    return F.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
+
+
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     if radius <= 0:
         return mask

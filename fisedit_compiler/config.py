@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .errors import FiseditError
 
@@ -60,6 +60,3 @@ class SparseConfig:
             raise FiseditError(f"SparseConfig.tile gives {len(tiles)} tile sizes but the U-Net "
                                f"has {len(levels)} levels {levels}")
         return [max(1, min(t, max(size))) for t, size in zip(tiles, levels)]
-
-    def as_dict(self) -> dict:
-        return asdict(self)

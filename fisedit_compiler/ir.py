@@ -146,9 +146,6 @@ KIND = {
     **{name: "view" for name in ("reshape", "permute", "expand", "slice", "split", "getitem")},
     "arange": "factory", "full": "factory",
 }
-# The torch-level function behind a target. Binary ops are Python operators, so the
-# target alone is ambiguous with unrelated operator calls; the META_OP tag decides.
-NAME_OF = {id(fn): name for name, fn in OPS.items()}
 
 
 def op_name(node) -> str | None:

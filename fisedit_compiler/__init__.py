@@ -17,17 +17,12 @@ Or through a stock pipeline, with the torch.compile backend "fisedit":
 """
 
 from . import oracle, zoo
-from .backend import Editing, Recording, fisedit_backend, recording
-from .backend import make_callable as _make_callable
+from .backend import Editing, Recording, editing, fisedit_backend, recording
 from .config import SparseConfig
-from .editing import EditResult, EditSession
+from .edit_flow import EditResult, EditSession
 from .errors import FiseditError, UnsupportedGraphError
 from .runtime.engine import EditCache, SparseEngine
 from .runtime.plan import MaskPlan
-from . import editing  # noqa: E402 - the editing flow package, and (callable) the context
-
-_make_callable(editing)  # fc.editing(rec, mask): the backend's editing context, see backend.py
-
 
 def compile(unet, config: SparseConfig | None = None) -> SparseEngine:  # noqa: A001 - public API
     """Compile ``unet`` (a diffusers UNet2DConditionModel or UNet2DModel) into a SparseEngine.

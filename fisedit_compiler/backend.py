@@ -6,8 +6,8 @@
     with fc.editing(rec, mask):                    # U-Net call i edits recorded step i
         edited = pipe(new_prompt, generator=...).images[0]
 
-(``rec.editing(mask)`` is the same context; ``fc.editing`` is also the package of the FISEdit
-flow, made callable, see ``make_callable``.)
+(``rec.editing(mask)`` is the same context. The FISEdit flow lives in the package
+``fisedit_compiler.edit_flow``, not ``editing``, so that ``fc.editing`` is plainly this function.)
 
 Outside both contexts the compiled U-Net is a plain dense U-Net: the backend returns Dynamo's
 own graph code, ``gm.forward``, behind one context-variable read. That is the cheapest correct
@@ -41,7 +41,6 @@ import contextlib
 import contextvars
 import inspect
 import logging
-import types
 import warnings
 import weakref
 
@@ -574,22 +573,3 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session
-
-
-class _CallablePackage(types.ModuleType):
-    """The ``fisedit_compiler.editing`` package (the FISEdit flow), callable as ``editing``.
-
-    The issue's API is ``fc.editing(rec, mask)``, and DESIGN puts the editing flow in the
-    package ``fisedit_compiler.editing``: one attribute cannot be both a function and a
-    subpackage (importing the subpackage rebinds the attribute), so the package's module
-    object is made callable instead. ``rec.editing(mask)`` is the same context without this.
-    """
-
-    def __call__(self, recording, mask, *, start_step: int = 0):
-        return editing(recording, mask, start_step=start_step)
-
-
-def make_callable(package: types.ModuleType) -> None:
-    """Let ``package(recording, mask)`` open an editing context (see _CallablePackage)."""
-    if type(package) is types.ModuleType:
-        package.__class__ = _CallablePackage

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import capture, inspect, zoo
-from .editing.commands import add_demo_command, add_edit_command
+from .edit_flow.commands import add_demo_command, add_edit_command
 from .errors import FiseditError
 
 

@@ -5,15 +5,21 @@
 * Tests marked ``gpu`` are skipped when no CUDA device is available.
 * ``traced``: tiny zoo graphs, captured once per session and shared by every test module,
   because one capture takes seconds (the Dynamo frontend up to ~10 s).
+* Without CUDA, Triton kernels run in interpreter mode: ``TRITON_INTERPRET=1`` is set here,
+  before anything imports triton (it is read at import).
 """
 
 from __future__ import annotations
 
 import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from dataclasses import dataclass
 
 import pytest
-import torch
 import torch.fx as fx
 
 from fisedit_compiler import capture, zoo

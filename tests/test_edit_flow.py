@@ -6,8 +6,8 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
-from fisedit_compiler.editing import EditSession
-from fisedit_compiler.editing import mask as tac
+from fisedit_compiler.edit_flow import EditSession
+from fisedit_compiler.edit_flow import mask as tac
 from fisedit_compiler.errors import FiseditError
 
 STEPS = 6
@@ -93,7 +93,7 @@ def test_auto_mask_and_intersect(session):
 
 
 def test_shared_tokens_alignment(pipe):
-    from fisedit_compiler.editing.attention import shared_tokens
+    from fisedit_compiler.edit_flow.attention import shared_tokens
 
     new, old = shared_tokens(pipe.tokenizer, "a cat", "a big cat")
     # Byte-level tokens: <bos> a</w> c a t</w> ... and <bos> a</w> b i g</w> c a t</w> ...
@@ -233,7 +233,7 @@ def test_edit_command(pipe_folder, tmp_path, capsys):
 
     from PIL import Image
 
-    from fisedit_compiler.editing.commands import add_demo_command, add_edit_command
+    from fisedit_compiler.edit_flow.commands import add_demo_command, add_edit_command
 
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -21,6 +21,7 @@ from ..capture import check_unet, flatten_inputs, trace
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
+from ..passes.fuse import fuse
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
 from .plan import MaskPlan, validate_mask
 
@@ -97,7 +98,7 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     # A fresh graph (parameters shared) so this config's passes tag their own nodes.
     canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
     canonical.meta.update(shared.meta)
-    edit = sparsify(canonical, config)
+    edit = fuse(sparsify(canonical, config))
     entries = derive_cache_set(edit)
     record = insert_cache_writes(canonical, entries, config)
     levels = canonical.meta["fc_levels"]

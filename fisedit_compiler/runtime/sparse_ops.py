@@ -67,14 +67,40 @@ def compact_expand(x: torch.Tensor, template: tuple, compact_dim: int) -> torch.
 # --- convolution ----------------------------------------------------------------------------
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
-                  stride, padding, dilation, groups):
-    """conv2d on the active output tiles of ``level_out``.
+                  stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
+                  residual=None, out_divisor=None):
+    """conv2d on the active output tiles of ``level_out``, with the fused prologue and epilogue
+    of ``passes.fuse``.
 
     ``x`` is the compact input ``[B, C, P]`` and ``recorded`` the recorded dense input: the
     halo of each tile reads new values where active and recorded values elsewhere, and zero
     padding applies outside the image (DESIGN section 3). Output tiles are computed whole
     (``tile x tile``) and the slots outside the image dropped.
+
+    Fused prologue (applied to the new values only; the recorded input is already normalised):
+    ``norm = (stats, groups, weight, bias, eps, policy)`` runs ``sparse_group_norm`` first, and
+    ``silu`` a SiLU. Fused epilogue, in this order: ``+ temb`` (a global value broadcast over
+    positions), ``residual +``, ``/ out_divisor``.
     """
+    if norm is not None:
+        stats, norm_groups, norm_weight, norm_bias, eps, policy = norm
+        x = sparse_group_norm(x, stats, plan, level_in, norm_groups, norm_weight, norm_bias, eps,
+                              policy)
+    if silu:
+        x = ir.silu(x)
+    out = _windowed_conv2d(x, recorded, plan, level_in, level_out, weight, bias, stride, padding,
+                           dilation, groups)
+    if temb is not None:
+        out = out + temb
+    if residual is not None:
+        out = residual + out
+    if out_divisor is not None:
+        out = out / out_divisor
+    return out
+
+
+def _windowed_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
+                     stride, padding, dilation, groups):
     source, target = plan[level_in], plan[level_out]
     full = scatter_full(x, recorded, source, (2, 3))
     if target.dense:

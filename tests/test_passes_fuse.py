@@ -1,0 +1,77 @@
+"""The fuse pass: which ops it folds into sparse convs, and that fusing changes no result."""
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+
+import fisedit_compiler as fc
+from fisedit_compiler import ir, zoo
+from fisedit_compiler.capture import flatten_inputs
+from fisedit_compiler.passes.fuse import fuse
+from fisedit_compiler.passes.sparsify import CACHE_INPUT, PLAN_INPUT, sparsify
+from fisedit_compiler.runtime import sparse_ops as ops
+
+
+@pytest.fixture(scope="module", params=["sd15-tiny", "sdxl-tiny"])
+def setup(request):
+    unet = zoo.unet(request.param)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet, fc.SparseConfig())
+    return engine, inputs, engine.program(inputs)
+
+
+def convs(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.sparse_conv2d]
+
+
+def test_resnet_chains_are_folded_into_convs(setup):
+    _, _, program = setup
+    canonical = program.canonical
+    # Every windowed conv whose input is SiLU(group_norm(..)) in the canonical graph gets both.
+    norm_silu_convs = sum(
+        1 for n in canonical.graph.nodes if ir.is_op(n, "conv2d")
+        and ir.is_op(n.args[0], "silu") and ir.is_op(n.args[0].args[0], "group_norm")
+        and tuple(n.args[1].meta["val"].shape[-2:]) != (1, 1))
+    fused = convs(program.edit)
+    assert norm_silu_convs > 0
+    assert sum(n.kwargs.get("norm") is not None and n.kwargs.get("silu") for n in fused) \
+        == norm_silu_convs
+    assert any(n.kwargs.get("temb") is not None for n in fused)      # ResnetBlock2D conv1
+    assert any(n.kwargs.get("residual") is not None for n in fused)  # ResnetBlock2D conv2
+    # No SiLU or group norm is left between a norm and a conv that could take it.
+    for node in fused:
+        x = node.args[0]
+        assert not (x.op == "call_function" and x.target is ir.silu and len(x.users) == 1)
+
+
+def test_fused_and_unfused_edits_agree(setup):
+    engine, inputs, program = setup
+    unfused = sparsify(fx.GraphModule(program.canonical, copy.deepcopy(program.canonical.graph)),
+                       engine.config)
+    refused = fuse(copy.deepcopy(unfused))
+    assert len(refused.graph.nodes) < len(unfused.graph.nodes)
+    cache = engine.new_cache()
+    engine.record(cache, step=0, **inputs)
+    size = program.levels[0]
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[1:size[0] // 2, 2:size[1] // 2 + 1] = True
+    plan = engine.plan(mask)
+    edited = dict(inputs, sample=torch.where(mask, torch.randn_like(inputs["sample"]),
+                                             inputs["sample"]))
+    run = lambda gm: gm(**flatten_inputs(edited), **{PLAN_INPUT: plan, CACHE_INPUT: cache.steps[0]})
+    expected, actual = run(unfused), run(refused)
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_fuse_leaves_chains_with_other_users_alone():
+    graph = fx.Graph()
+    x, recorded, plan, weight = (graph.placeholder(n) for n in ("x", "recorded", PLAN_INPUT, "w"))
+    act = graph.call_function(ir.silu, (x,))
+    conv = graph.call_function(ops.sparse_conv2d, (act, recorded, plan, 0, 0, weight, None,
+                                                   (1, 1), (1, 1, 1, 1), (1, 1), 1))
+    graph.output((conv, act))                  # the activation has a second user
+    gm = fuse(fx.GraphModule(torch.nn.Module(), graph))
+    (conv,) = convs(gm)
+    assert conv.args[0].target is ir.silu and "silu" not in conv.kwargs

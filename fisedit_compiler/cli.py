@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import capture, inspect, zoo
+from .bench import add_bench_command
 from .edit_flow.commands import add_demo_command, add_edit_command
 from .errors import FiseditError
 
@@ -61,7 +62,7 @@ def run_dump(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_dump, add_edit_command, add_demo_command)
+SUBCOMMANDS = (add_dump, add_edit_command, add_demo_command, add_bench_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import FiseditError
 
 GROUP_NORM_POLICIES = ("incremental", "cached")
 ATTENTION_POLICIES = ("full", "sparse")
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -18,23 +21,35 @@ class SparseConfig:
         FISEdit: the recorded statistics of the same step).
     self_attention: ``full`` (exact: recorded K/V with the active rows replaced) or ``sparse``
         (FISEdit's fast mode: active queries attend to active tokens only).
-    tile: output tile side at every level, or one value per level (finest first); the
-        effective masks are unions of these tiles.
+    tile: output tile side at every level, or one value per level (finest first; the last
+        value repeats for further levels); the effective masks are unions of these tiles. The
+        default (4, 2, 1) halves the tile per level: a 4x4 tile is a quarter of an 8x8 level,
+        so coarse tiles there would inflate a 1% edit to most of the low levels, while the
+        Triton kernels compute exactly the active pixels whatever the tile, and 4x4 tiles at
+        the finest level keep its group-norm tile statistics small.
     dilation: latent pixels by which the edit mask grows before tiling (edits spread through
         convolutions; exactness against the oracle holds for any value).
     dense_threshold: a level whose active fraction exceeds this runs dense, and so do the
-        levels below it.
+        levels below it; one value, or one per level (finest first), e.g. measured by
+        ``runtime.cost_model.calibrate``.
     frontend: ``export`` or ``dynamo`` capture.
     check_inputs: verify on each edit that the inputs equal the recorded ones outside the mask.
+    kernels: ``auto`` (Triton kernels on CUDA, the torch reference elsewhere), ``torch`` (the
+        reference everywhere) or ``triton`` (Triton everywhere; on CPU only under
+        ``TRITON_INTERPRET=1``, for tests).
+    cuda_graphs: on CUDA, capture each edit step once per mask as a CUDA graph and replay it
+        (no per-op launch overhead); the recorded values are copied into its static buffers.
     """
 
     group_norm: str = "incremental"
     self_attention: str = "full"
-    tile: int | tuple[int, ...] = 4
+    tile: int | tuple[int, ...] = (4, 2, 1)
     dilation: int = 1
-    dense_threshold: float = 0.5
+    dense_threshold: float | tuple[float, ...] = 0.5
     frontend: str = "export"
     check_inputs: bool = False
+    kernels: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.group_norm not in GROUP_NORM_POLICIES:
@@ -49,14 +64,34 @@ class SparseConfig:
                                f"got {self.tile!r}")
         if self.dilation < 0:
             raise FiseditError(f"SparseConfig.dilation must be >= 0, got {self.dilation}")
-        if not 0.0 <= self.dense_threshold <= 1.0:
-            raise FiseditError(f"SparseConfig.dense_threshold must be in [0, 1], got "
-                               f"{self.dense_threshold}")
+        thresholds = (self.dense_threshold if isinstance(self.dense_threshold, tuple)
+                      else (self.dense_threshold,))
+        if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
+            raise FiseditError(f"SparseConfig.dense_threshold must be in [0, 1] (or a tuple of "
+                               f"such values, one per level), got {self.dense_threshold!r}")
+        if self.kernels not in KERNELS:
+            raise FiseditError(f"SparseConfig.kernels must be one of {KERNELS}, got "
+                               f"{self.kernels!r}")
 
     def tiles_for(self, levels: list[tuple[int, int]]) -> list[int]:
         """The tile side of each level, clipped to the level's size."""
-        tiles = self.tile if isinstance(self.tile, tuple) else (self.tile,) * len(levels)
-        if len(tiles) < len(levels):
-            raise FiseditError(f"SparseConfig.tile gives {len(tiles)} tile sizes but the U-Net "
-                               f"has {len(levels)} levels {levels}")
+        tiles = self.tile if isinstance(self.tile, tuple) else (self.tile,)
+        tiles = tiles + (tiles[-1],) * (len(levels) - len(tiles))
         return [max(1, min(t, max(size))) for t, size in zip(tiles, levels)]
+
+    def thresholds_for(self, levels: list[tuple[int, int]]) -> list[float]:
+        """The dense threshold of each level (a tuple's last value repeats, as for ``tile``)."""
+        values = (self.dense_threshold if isinstance(self.dense_threshold, tuple)
+                  else (self.dense_threshold,))
+        values = values + (values[-1],) * (len(levels) - len(values))
+        return [float(t) for t in values[:len(levels)]]
+
+    def use_triton(self, device: torch.device | str) -> bool:
+        """Whether edit graphs on ``device`` run the Triton kernels."""
+        from .kernels import HAS_TRITON, INTERPRET
+
+        if self.kernels == "torch" or not HAS_TRITON:
+            return False
+        if self.kernels == "triton":
+            return torch.device(device).type == "cuda" or INTERPRET
+        return torch.device(device).type == "cuda"

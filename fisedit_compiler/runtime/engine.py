@@ -22,7 +22,9 @@ from ..config import SparseConfig
 from ..errors import FiseditError
 from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
 from ..passes.fuse import fuse
+from ..passes.lower_kernels import lower_kernels
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
+from .cuda_graph import CapturedStep
 from .plan import MaskPlan, validate_mask
 
 
@@ -36,6 +38,7 @@ class Program:
     entries: list[CacheEntry]
     levels: list[tuple[int, int]]
     tiles: list[int]
+    dense_compiled: object = None    # torch.compile of ``canonical`` for full-mask edits (GPU)
 
     @property
     def input_names(self) -> list[str]:
@@ -99,10 +102,17 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
     canonical.meta.update(shared.meta)
     edit = fuse(sparsify(canonical, config))
+    if config.use_triton(_device_of(signature)):
+        edit = lower_kernels(edit)
     entries = derive_cache_set(edit)
     record = insert_cache_writes(canonical, entries, config)
     levels = canonical.meta["fc_levels"]
     return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
+
+
+def _device_of(signature: tuple) -> torch.device:
+    """The device of the signature's tensors (the first one's; a U-Net call uses one device)."""
+    return torch.device(signature[0][3]) if signature else torch.device("cpu")
 
 
 def _describe(signature: tuple) -> str:
@@ -198,7 +208,7 @@ class SparseEngine:
                                "to plan; run it densely")
         device = next(self.unet.parameters()).device
         return MaskPlan(mask, program.levels, program.tiles, self.config.dilation,
-                        self.config.dense_threshold, device=device)
+                        self.config.thresholds_for(program.levels), device=device)
 
     @torch.no_grad()
     def edit(self, cache: EditCache, step: int = 0, plan: MaskPlan | None = None,
@@ -230,7 +240,22 @@ class SparseEngine:
         store = cache.steps[step]
         if plan.empty and program.output_key in store:
             return store[program.output_key].clone()   # nothing active: the recorded output
+        on_gpu = self.config.cuda_graphs and _device_of(program.signature).type == "cuda"
+        if on_gpu and plan.full:
+            # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
+            return self._dense_compiled(program)(**flat).clone()
+        if on_gpu:
+            key = ("cuda_graph", program.signature, self.config)
+            if key not in plan.memo:
+                plan.memo[key] = CapturedStep(program.edit, plan, flat, store)
+            return plan.memo[key](flat, store)
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
+
+    def _dense_compiled(self, program: Program):
+        """``torch.compile`` of the canonical graph with CUDA graphs, built at first use."""
+        if program.dense_compiled is None:
+            program.dense_compiled = torch.compile(program.canonical, mode="reduce-overhead")
+        return program.dense_compiled
 
     def stats(self, plan: MaskPlan) -> dict:
         """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal

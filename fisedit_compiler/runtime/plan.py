@@ -65,14 +65,17 @@ class MaskPlan:
     """Effective masks and index tables for one edit mask; see the module docstring."""
 
     def __init__(self, mask: torch.Tensor, levels: list[tuple[int, int]], tiles: list[int],
-                 dilation: int, dense_threshold: float, device=None):
+                 dilation: int, dense_threshold: float | list[float], device=None):
         mask = validate_mask(mask, levels[0])
         device = device or mask.device
         self.raw = mask.to(device)
         self.raw_fraction = float(mask.float().mean())
         self.dilation = dilation
-        self.dense_threshold = dense_threshold
+        thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
+                      else [dense_threshold] * len(levels))
+        self.dense_threshold = thresholds
         self.levels: list[LevelPlan] = []
+        self.memo: dict = {}     # per-plan runtime state (captured CUDA graphs), see engine
         current = _dilate(mask, dilation)
         dense = False
         for index, (size, tile) in enumerate(zip(levels, tiles)):
@@ -80,7 +83,7 @@ class MaskPlan:
                 current = _cover_for_upsample(current, size)
             current = _quantize(current, tile)
             fraction = float(current.float().mean())
-            dense = dense or fraction > dense_threshold
+            dense = dense or fraction > thresholds[index]
             self.levels.append(_level_plan(index, size, tile, dense, current, device))
 
     @property

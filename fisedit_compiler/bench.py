@@ -1,0 +1,292 @@
+"""Per-step U-Net latency against edit area: the sparse engine against dense eager and dense
+torch.compile, measured side by side in one run (DESIGN section 6), and ``fisedit-compiler
+bench``.
+
+For one zoo model at its native resolution (sd15 512 px, sd21 768 px, sdxl 1024 px), CFG batch
+2, it times per U-Net call:
+
+* dense eager, and dense ``torch.compile`` in each requested mode (the best is the baseline);
+* the engine's torch reference path (no Triton, no CUDA graph);
+* the engine with Triton kernels and CUDA graphs (the product path);
+
+for edit masks covering 1 ... 100% of the latent, as one square blob and as scattered blobs,
+plus dense, sparse and ideal MACs, the per-level active fractions, and each sparse result's
+error against the oracle (``oracle.masked_dense``), so a fast wrong answer cannot pass
+unnoticed. Times are medians of CUDA-event timings after warm-up; every edit call includes its
+input and cache copies and the output clone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import oracle, zoo
+from .config import SparseConfig
+from .errors import FiseditError
+
+RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+AREAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+LAYOUTS = ("blob", "scattered")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
+    """One centred square covering ``area`` of the latent (rounded to whole pixels)."""
+    height, width = size
+    side_h = max(1, min(height, round(math.sqrt(area) * height)))
+    side_w = max(1, min(width, round(math.sqrt(area) * width)))
+    mask = torch.zeros(size, dtype=torch.bool)
+    top, left = (height - side_h) // 2, (width - side_w) // 2
+    mask[top:top + side_h, left:left + side_w] = True
+    return mask
+
+
+def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int = 0):
+    """``blobs`` squares at seeded random places, together covering about ``area``."""
+    height, width = size
+    gen = torch.Generator().manual_seed(seed)
+    side = max(1, round(math.sqrt(area * height * width / blobs)))
+    mask = torch.zeros(size, dtype=torch.bool)
+    for _ in range(blobs):
+        top = int(torch.randint(0, max(1, height - side + 1), (1,), generator=gen))
+        left = int(torch.randint(0, max(1, width - side + 1), (1,), generator=gen))
+        mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def cuda_time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds per call of ``fn`` by CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def edited_inputs(inputs: dict, mask: torch.Tensor, seed: int = 1) -> dict:
+    """A new prompt everywhere and new latents inside ``mask`` (outside they stay recorded)."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = inputs["sample"]
+    noise = torch.randn(sample.shape, generator=gen).to(sample)
+    text = inputs["encoder_hidden_states"]
+    new_text = text + 0.1 * torch.randn(text.shape, generator=gen).to(text)
+    return dict(inputs, sample=torch.where(mask.to(sample.device), noise, sample),
+                encoder_hidden_states=new_text)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.float()
+    return float((actual.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    import diffusers
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version(), "commit": commit or "unknown"}
+
+
+@torch.no_grad()
+def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE_MODES[:2],
+        reference: bool = True, dtype: torch.dtype = torch.float16, batch: int = 2,
+        config: SparseConfig | None = None, tolerance: float = 2e-2, reps: int = 20,
+        log=print) -> dict:
+    """The benchmark; returns the JSON-ready result (see the module docstring)."""
+    import fisedit_compiler as fc
+
+    if not torch.cuda.is_available():
+        raise FiseditError("the benchmark measures GPU latency and needs a CUDA device; on CPU "
+                           "use `fisedit-compiler dump --stage sparse` for MACs")
+    latent = RESOLUTION.get(model.removesuffix("-tiny"), 512) // 8
+    unet = zoo.unet(model, dtype=dtype, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=batch, seed=0, height=latent, width=latent)
+    size = tuple(inputs["sample"].shape[-2:])
+    result = {"model": model, "resolution_px": latent * 8, "latent": list(size), "batch": batch,
+              "dtype": str(dtype).removeprefix("torch."), "environment": environment(),
+              "dense": {}, "rows": []}
+
+    call = lambda: unet(**inputs)  # noqa: E731
+    result["dense"]["eager_ms"] = cuda_time_ms(call, reps=reps)
+    log(f"dense eager {result['dense']['eager_ms']:.2f} ms")
+    for mode in compile_modes:
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+        started = time.perf_counter()
+        compiled(**inputs)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - started
+        result["dense"][f"compile[{mode}]_ms"] = cuda_time_ms(lambda: compiled(**inputs),
+                                                              reps=reps)
+        result["dense"][f"compile[{mode}]_compile_s"] = compile_s
+        log(f"dense torch.compile {mode}: {result['dense'][f'compile[{mode}]_ms']:.2f} ms "
+            f"(compiled in {compile_s:.0f} s)")
+    torch._dynamo.reset()
+    compiled_times = {m: result["dense"][f"compile[{m}]_ms"] for m in compile_modes}
+    best_mode = min(compiled_times, key=compiled_times.get) if compiled_times else None
+    best = compiled_times.get(best_mode, result["dense"]["eager_ms"])
+    result["dense"]["best_compiled_mode"] = best_mode
+    result["dense"]["best_compiled_ms"] = best
+
+    config = config or SparseConfig()
+    fast = fc.compile(unet, config)
+    engines = {"triton": fast}
+    if reference:
+        engines["reference"] = fast.with_config(
+            SparseConfig(**{**config.__dict__, "kernels": "torch", "cuda_graphs": False}))
+    caches = {}
+    for name, engine in engines.items():
+        caches[name] = engine.new_cache()
+        engine.record(caches[name], step=0, **inputs)
+    result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20
+
+    for layout in layouts:
+        for area in areas:
+            mask = blob_mask(size, area) if layout == "blob" else scattered_mask(size, area)
+            if layout == "scattered" and area >= 1.0:
+                continue
+            edited = edited_inputs(inputs, mask)
+            plan = fast.plan(mask)
+            stats = fast.stats(plan)
+            row = {"layout": layout, "area": area, "mask_fraction": plan.raw_fraction,
+                   "levels": [("dense" if l["dense"] else round(l["fraction"], 4))
+                              for l in stats["levels"]],
+                   "dense_gmacs": stats["dense_macs"] / 1e9,
+                   "sparse_gmacs": stats["sparse_macs"] / 1e9,
+                   "ideal_gmacs": stats["ideal_macs"] / 1e9}
+            expected = oracle.masked_dense(fast, plan, inputs, edited)
+            for name, engine in engines.items():
+                engine_plan = plan if name == "triton" else engine.plan(mask)
+                edit = lambda: engine.edit(caches[name], 0, plan=engine_plan, **edited)  # noqa
+                row[f"{name}_error"] = relative_error(edit(), expected)
+                row[f"{name}_ms"] = cuda_time_ms(edit, reps=reps)
+            row["speedup_vs_eager"] = result["dense"]["eager_ms"] / row["triton_ms"]
+            row["speedup_vs_compiled"] = best / row["triton_ms"]
+            row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
+            result["rows"].append(row)
+            log(_format_row(row))
+            del plan
+            torch.cuda.empty_cache()
+    return result
+
+
+def _format_row(row: dict) -> str:
+    ref = f"{row['reference_ms']:8.2f}" if "reference_ms" in row else "       -"
+    return (f"{row['layout']:9s} {row['area']:6.0%} {row['triton_ms']:8.2f} {ref} "
+            f"{row['speedup_vs_eager']:6.2f}x {row['speedup_vs_compiled']:6.2f}x "
+            f"{row['sparse_gmacs']:7.1f} {row['ideal_gmacs']:7.1f} "
+            f"{row['triton_error']:.1e} {'ok' if row['ok'] else 'FAIL'}  {row['levels']}")
+
+
+def table(result: dict) -> str:
+    """The result as a markdown table."""
+    dense = result["dense"]
+    env = result["environment"]
+    lines = [f"{result['model']} {result['resolution_px']} px, batch {result['batch']}, "
+             f"{result['dtype']}, {env['device']}, torch {env['torch']}, triton {env['triton']},"
+             f" commit {env['commit']}: dense eager {dense['eager_ms']:.2f} ms, best "
+             f"torch.compile ({dense['best_compiled_mode']}) {dense['best_compiled_ms']:.2f} ms;"
+             f" cache {result['cache_mib_per_step']:.1f} MiB/step",
+             "",
+             "| layout | area | engine ms | reference ms | vs eager | vs compiled | GMACs sparse "
+             "| GMACs ideal | oracle err | levels |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        ref = f"{row['reference_ms']:.2f}" if "reference_ms" in row else "-"
+        lines.append(
+            f"| {row['layout']} | {row['area']:.0%} | {row['triton_ms']:.2f} | {ref} | "
+            f"{row['speedup_vs_eager']:.2f}x | {row['speedup_vs_compiled']:.2f}x | "
+            f"{row['sparse_gmacs']:.1f} | {row['ideal_gmacs']:.1f} | "
+            f"{row['triton_error']:.1e} | {row['levels']} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str | Path) -> bool:
+    """Speedup against edit area, one line per model and layout; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for result in results:
+        for layout in LAYOUTS:
+            rows = [r for r in result["rows"] if r["layout"] == layout]
+            if rows:
+                axis.plot([100 * r["area"] for r in rows],
+                          [r["speedup_vs_compiled"] for r in rows], marker="o",
+                          label=f"{result['model']} {layout}")
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("edit area (% of latent)")
+    axis.set_ylabel("speedup vs best torch.compile")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def add_bench_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time sparse edit steps against dense eager and torch.compile (GPU)",
+        description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--model", action="append", choices=sorted(RESOLUTION) + [
+        f"{m}-tiny" for m in sorted(RESOLUTION)], help="zoo model (repeatable; default sd15)")
+    parser.add_argument("--areas", default=",".join(str(a) for a in AREAS),
+                        help="comma-separated edit areas as fractions of the latent")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="blob,scattered")
+    parser.add_argument("--compile-modes", default=",".join(COMPILE_MODES[:2]),
+                        help=f"torch.compile modes for the dense baseline ({', '.join(COMPILE_MODES)})")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the engine's torch reference path")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--out", metavar="DIR", default="bench-out",
+                        help="writes results.json, results.md and speedup.png (with matplotlib)")
+    parser.set_defaults(run=run_bench_command)
+
+
+def run_bench_command(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model in args.model or ["sd15"]:
+        result = run(model, areas=[float(a) for a in args.areas.split(",")],
+                     layouts=args.layouts.split(","),
+                     compile_modes=[m for m in args.compile_modes.split(",") if m],
+                     reference=not args.no_reference, reps=args.reps,
+                     log=lambda text: print(text, flush=True))
+        results.append(result)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    markdown = "\n\n".join(table(result) for result in results)
+    (out / "results.md").write_text(markdown + "\n")
+    print(markdown)
+    if not plot(results, out / "speedup.png"):
+        print("matplotlib not installed: no plot (fisedit_compiler.bench.plot on results.json "
+              "makes it later)", file=sys.stderr)
+    return 0 if all(row["ok"] for result in results for row in result["rows"]) else 1

@@ -1,0 +1,114 @@
+"""The sparse ops of the edit graph on Triton kernels: same signatures as ``sparse_ops``.
+
+``passes.lower_kernels`` swaps these in for their ``sparse_ops`` namesakes when a program runs
+on CUDA (``SparseConfig.kernels``). Each one turns the mask plan into the kernel's index tables
+(built once per plan and kept on it) and calls the kernel from ``fisedit_compiler.kernels``;
+where a kernel does not apply it calls the reference op, so the result is always the same
+function of the inputs:
+
+* a conv whose output level is dense runs the reference (one cuDNN conv over the mixed
+  tensor): a dense level has no halo to save, and cuDNN is the fastest dense conv;
+* grouped convs run the reference (the kernel supports groups == 1);
+* self-attention under the ``full`` policy reads the recorded K/V with the active rows
+  replaced in place; cross-attention and the ``sparse`` policy are plain attention over
+  compact tensors and use PyTorch's fused SDPA.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import attention as attention_kernels
+from ..kernels import group_norm as group_norm_kernels
+from ..kernels import sparse_conv as conv_kernels
+from . import sparse_ops
+from .plan import LevelPlan, MaskPlan
+
+
+def _position(level: LevelPlan) -> torch.Tensor:
+    return level.table("position_int32", lambda: level.position.to(torch.int32))
+
+
+def _pixels(level: LevelPlan) -> torch.Tensor:
+    return level.table("pixels_int32", lambda: level.pixels.to(torch.int32))
+
+
+def _active_tiles(level: LevelPlan) -> torch.Tensor:
+    return level.table("tile_ids", lambda: level.tiles[:, 0] * level.tile_grid[1]
+                       + level.tiles[:, 1])
+
+
+# id(weight) -> (weak reference to the weight, packed copy). The weak reference tells a live
+# entry from one whose id was reused after its weight was freed. Weights are assumed not to
+# change in place between edits (a fine-tuned U-Net needs a new engine).
+_packed_weights: dict[int, tuple] = {}
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """``pack_weight(weight)``, once per weight tensor."""
+    entry = _packed_weights.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight), conv_kernels.pack_weight(weight))
+        _packed_weights[id(weight)] = entry
+        weakref.finalize(weight, _packed_weights.pop, id(weight), None)
+    return entry[1]
+
+
+def _scale_shift(x, norm, level: LevelPlan):
+    """The fp32 per-(batch, channel) affine that is the group norm of the mixed tensor."""
+    stats, groups, weight, bias, eps, policy = norm
+    count = (x.shape[1] // groups) * level.size[0] * level.size[1]
+    if level.dense:
+        # Every tile is new: the statistics are x's own (as F.group_norm), whatever the policy.
+        policy = "incremental"
+    return group_norm_kernels.group_norm_scale_shift(x, stats, _active_tiles(level), count,
+                                                     groups, weight, bias, eps, policy)
+
+
+def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
+                  stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
+                  residual=None, out_divisor=None):
+    source, target = plan[level_in], plan[level_out]
+    batch, c_out = x.shape[0], weight.shape[0]
+    per_channel_temb = temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
+                                        and temb.shape[1] == c_out)
+    if groups != 1 or target.dense or not per_channel_temb:
+        return sparse_ops.sparse_conv2d(x, recorded, plan, level_in, level_out, weight, bias,
+                                        stride, padding, dilation, groups, norm=norm, silu=silu,
+                                        temb=temb, residual=residual, out_divisor=out_divisor)
+    scale = shift = None
+    if norm is not None:
+        scale, shift = _scale_shift(x, norm, source)
+    if temb is not None:
+        temb = temb.expand(batch, c_out, 1).reshape(batch, c_out)
+    return conv_kernels.sparse_conv2d(
+        x, recorded, _position(source), _pixels(target), target.size, weight, bias,
+        stride=stride, padding=padding, dilation=dilation, scale=scale, shift=shift, silu=silu,
+        temb=temb, residual=residual,
+        out_scale=None if out_divisor is None else 1.0 / out_divisor,
+        packed_weight=_packed(weight))
+
+
+def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,
+                      eps: float, policy: str):
+    scale, shift = _scale_shift(x, (stats, groups, weight, bias, eps, policy), plan[level])
+    return group_norm_kernels.group_norm_apply(x, scale, shift)
+
+
+def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,
+                     policy: str):
+    target = plan[level]
+    if recorded_k is not None and policy == "full" and not target.dense:
+        return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
+                                           _position(target))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+LOWERINGS = {
+    sparse_ops.sparse_conv2d: sparse_conv2d,
+    sparse_ops.sparse_group_norm: sparse_group_norm,
+    sparse_ops.sparse_attention: sparse_attention,
+}

@@ -19,6 +19,7 @@ input and cache copies and the output clone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -115,7 +116,7 @@ def environment() -> dict:
 def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE_MODES[:2],
         reference: bool = True, dtype: torch.dtype = torch.float16, batch: int = 2,
         config: SparseConfig | None = None, tolerance: float = 2e-2, reps: int = 20,
-        log=print) -> dict:
+        calibrate: bool = True, log=print) -> dict:
     """The benchmark; returns the JSON-ready result (see the module docstring)."""
     import fisedit_compiler as fc
 
@@ -154,10 +155,21 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
 
     config = config or SparseConfig()
     fast = fc.compile(unet, config)
-    engines = {"triton": fast}
+    if calibrate:
+        from .runtime.cost_model import calibrate as measure_thresholds
+
+        result["calibration"] = measure_thresholds(fast, inputs, log=log)
+        config = dataclasses.replace(config,
+                                     dense_threshold=result["calibration"]["thresholds"])
+        fast = fast.with_config(config)
+        log(f"calibrated dense thresholds per level: {config.dense_threshold}")
+    # The product path, the same graph on the torch ops under CUDA graphs (what the Triton
+    # kernels must beat), and the plain reference path.
+    engines = {"triton": fast,
+               "torch_graphs": fast.with_config(dataclasses.replace(config, kernels="torch"))}
     if reference:
         engines["reference"] = fast.with_config(
-            SparseConfig(**{**config.__dict__, "kernels": "torch", "cuda_graphs": False}))
+            dataclasses.replace(config, kernels="torch", cuda_graphs=False))
     caches = {}
     for name, engine in engines.items():
         caches[name] = engine.new_cache()
@@ -196,7 +208,8 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
 
 def _format_row(row: dict) -> str:
     ref = f"{row['reference_ms']:8.2f}" if "reference_ms" in row else "       -"
-    return (f"{row['layout']:9s} {row['area']:6.0%} {row['triton_ms']:8.2f} {ref} "
+    return (f"{row['layout']:9s} {row['area']:6.0%} {row['triton_ms']:8.2f} "
+            f"{row['torch_graphs_ms']:8.2f} {ref} "
             f"{row['speedup_vs_eager']:6.2f}x {row['speedup_vs_compiled']:6.2f}x "
             f"{row['sparse_gmacs']:7.1f} {row['ideal_gmacs']:7.1f} "
             f"{row['triton_error']:.1e} {'ok' if row['ok'] else 'FAIL'}  {row['levels']}")
@@ -212,13 +225,15 @@ def table(result: dict) -> str:
              f"torch.compile ({dense['best_compiled_mode']}) {dense['best_compiled_ms']:.2f} ms;"
              f" cache {result['cache_mib_per_step']:.1f} MiB/step",
              "",
-             "| layout | area | engine ms | reference ms | vs eager | vs compiled | GMACs sparse "
-             "| GMACs ideal | oracle err | levels |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| layout | area | engine ms (Triton + CUDA graph) | torch ops + CUDA graph ms | "
+             "reference ms | vs eager | vs compiled | GMACs sparse | GMACs ideal | oracle err | "
+             "levels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ref = f"{row['reference_ms']:.2f}" if "reference_ms" in row else "-"
         lines.append(
-            f"| {row['layout']} | {row['area']:.0%} | {row['triton_ms']:.2f} | {ref} | "
+            f"| {row['layout']} | {row['area']:.0%} | {row['triton_ms']:.2f} | "
+            f"{row['torch_graphs_ms']:.2f} | {ref} | "
             f"{row['speedup_vs_eager']:.2f}x | {row['speedup_vs_compiled']:.2f}x | "
             f"{row['sparse_gmacs']:.1f} | {row['ideal_gmacs']:.1f} | "
             f"{row['triton_error']:.1e} | {row['levels']} |")
@@ -266,6 +281,8 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the engine's torch reference path")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
                         help="writes results.json, results.md and speedup.png (with matplotlib)")
     parser.set_defaults(run=run_bench_command)
@@ -280,6 +297,7 @@ def run_bench_command(args) -> int:
                      layouts=args.layouts.split(","),
                      compile_modes=[m for m in args.compile_modes.split(",") if m],
                      reference=not args.no_reference, reps=args.reps,
+                     calibrate=not args.no_calibrate,
                      log=lambda text: print(text, flush=True))
         results.append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -38,7 +38,6 @@ class Program:
     entries: list[CacheEntry]
     levels: list[tuple[int, int]]
     tiles: list[int]
-    dense_compiled: object = None    # torch.compile of ``canonical`` for full-mask edits (GPU)
 
     @property
     def input_names(self) -> list[str]:
@@ -123,18 +122,19 @@ def _describe(signature: tuple) -> str:
 class SparseEngine:
     """A U-Net compiled for incremental edits. See DESIGN section 8 for the call sequence."""
 
-    def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None):
+    def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None, _dense=None):
         check_unet(unet)
         self.unet = unet
         self.config = config or SparseConfig()
         self._programs: dict[tuple, Program] = {}
-        # Canonical graphs do not depend on the config, so engines made by with_config share
-        # them and capture each signature once.
+        # Canonical graphs (and their compiled dense form) do not depend on the config, so
+        # engines made by with_config share them: one capture and one compile per signature.
         self._traces: dict[tuple, fx.GraphModule] = {} if _traces is None else _traces
+        self._dense: dict[tuple, object] = {} if _dense is None else _dense
 
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs."""
-        return SparseEngine(self.unet, config, _traces=self._traces)
+        return SparseEngine(self.unet, config, _traces=self._traces, _dense=self._dense)
 
     # -- compilation ----------------------------------------------------------------------
     @staticmethod
@@ -253,9 +253,10 @@ class SparseEngine:
 
     def _dense_compiled(self, program: Program):
         """``torch.compile`` of the canonical graph with CUDA graphs, built at first use."""
-        if program.dense_compiled is None:
-            program.dense_compiled = torch.compile(program.canonical, mode="reduce-overhead")
-        return program.dense_compiled
+        if program.signature not in self._dense:
+            self._dense[program.signature] = torch.compile(program.canonical,
+                                                           mode="reduce-overhead")
+        return self._dense[program.signature]
 
     def stats(self, plan: MaskPlan) -> dict:
         """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal

@@ -1,0 +1,77 @@
+"""The cost model: per-level dense thresholds measured on the device, not guessed.
+
+A level runs sparse or dense (and every level below a dense one is dense, DESIGN section 3),
+so for one mask the choices are "the first dense level is d" for d = 0 (the whole U-Net dense,
+which the engine runs as compiled dense) to L (all levels sparse). ``calibrate`` times every
+choice, on the device, for square masks of increasing area, and sets each level's threshold
+between the largest active fraction at which keeping it sparse was fastest and the smallest at
+which making it dense was. With those thresholds in ``SparseConfig.dense_threshold`` the plan
+picks, for masks like the calibration ones, the fastest of the candidates, and in particular
+no edit runs slower than the dense compiled step (the d = 0 candidate) by more than noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .plan import MaskPlan
+
+CALIBRATION_AREAS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+
+
+def _square(size: tuple[int, int], area: float) -> torch.Tensor:
+    side_h = max(1, min(size[0], round(math.sqrt(area) * size[0])))
+    side_w = max(1, min(size[1], round(math.sqrt(area) * size[1])))
+    mask = torch.zeros(size, dtype=torch.bool)
+    top, left = (size[0] - side_h) // 2, (size[1] - side_w) // 2
+    mask[top:top + side_h, left:left + side_w] = True
+    return mask
+
+
+@torch.no_grad()
+def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=None) -> dict:
+    """Measure per-level dense thresholds for ``engine``'s U-Net at ``inputs``' signature.
+
+    ``timer(fn) -> ms`` times one callable (default: ``bench.cuda_time_ms`` with 5 calls).
+    Returns ``{"thresholds": tuple, "measurements": [...]}``; pass the thresholds as
+    ``SparseConfig(dense_threshold=...)``.
+    """
+    if timer is None:
+        from ..bench import cuda_time_ms
+
+        timer = lambda fn: cuda_time_ms(fn, warmup=2, reps=5)  # noqa: E731
+    program = engine.program(inputs)
+    levels, tiles = program.levels, program.tiles
+    cache = engine.new_cache()
+    engine.record(cache, step=0, **inputs)
+    device = inputs["sample"].device
+    sparse_best = [0.0] * len(levels)      # largest fraction at which sparse won, per level
+    dense_best = [1.0] * len(levels)       # smallest fraction at which dense won
+    measurements = []
+    for area in areas:
+        mask = _square(tuple(levels[0]), area)
+        fractions = MaskPlan(mask, levels, tiles, engine.config.dilation, 1.0,
+                             device=device).fractions()
+        times = []
+        for first_dense in range(len(levels) + 1):
+            thresholds = [1.0] * first_dense + [0.0] * (len(levels) - first_dense)
+            plan = MaskPlan(mask, levels, tiles, engine.config.dilation, thresholds,
+                            device=device)
+            times.append(timer(lambda: engine.edit(cache, 0, plan=plan, **inputs)))
+            del plan
+        best = min(range(len(times)), key=times.__getitem__)
+        for level, fraction in enumerate(fractions):
+            if level < best:
+                sparse_best[level] = max(sparse_best[level], fraction)
+            else:
+                dense_best[level] = min(dense_best[level], fraction)
+        measurements.append({"area": area, "fractions": fractions, "ms_by_first_dense_level":
+                             times, "best_first_dense_level": best})
+        if log:
+            log(f"calibrate {area:.0%}: fractions {[round(f, 3) for f in fractions]} "
+                f"ms by first dense level {[round(t, 2) for t in times]} -> {best}")
+    thresholds = tuple((low + high) / 2 if low < high else low
+                       for low, high in zip(sparse_best, dense_best))
+    return {"thresholds": thresholds, "measurements": measurements}

@@ -431,9 +431,21 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     StableDiffusionXLPipeline for sdxl (and -tiny); its U-Net is ``unet(name, seed=seed)``.
     With ``path``: a folder that holds a saved pipeline (model_index.json) is loaded from there
     (``name`` may then be None); an absent or empty folder gets the built pipeline saved to it.
+
+    ``name="shapes"`` is the exception: the small StableDiffusionPipeline *trained* on rendered
+    scenes (``fisedit_compiler.shapes``), loaded from the package's weights folder (``path``:
+    from there instead, or an empty folder to copy the weights into); ``seed`` does not apply.
+    A FiseditError names the training command if the weights are missing.
     """
     from pathlib import Path
 
+    if name == "shapes":
+        from .shapes import load_pipeline as load_shapes
+
+        return load_shapes(path, dtype)
+    if name is not None and name not in PIPELINE_CONFIGS and name not in ("ddpm", "ddpm-tiny"):
+        raise FiseditError(f"unknown pipeline name {name!r}; choose one of "
+                           f"{', '.join(PIPELINE_NAMES + ('shapes',))}")
     if name is not None:
         _check_pipeline_name(name)
     if path is None:

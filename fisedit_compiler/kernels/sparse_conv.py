@@ -1,0 +1,401 @@
+"""Sparse convolution over the active output pixels: a torch reference and a Triton kernel.
+
+An edit recomputes a conv only at the active output pixels of its level. Each output pixel reads
+a window of the conv input, which is *mixed* (DESIGN section 3): new values at the active
+positions of the source grid (the compact tensor ``x``), recorded values elsewhere, zeros in
+the padding. The kernel reads that mixed input straight from ``x`` and ``recorded``, so the
+dense mixed tensor is never built, and fuses what surrounds a conv in diffusers' ResnetBlock2D:
+
+* prologue, on the new values only: a group norm's affine folded into a per-(batch, channel)
+  ``scale`` and ``shift``, then SiLU (recorded values are the recorded conv input, already
+  normalised and activated, and zero padding applies after the activation);
+* a nearest upsample by an integer factor, folded into the indexing (``Upsample2D`` + conv);
+* epilogue: bias, time-embedding add, residual add, multiply by ``out_scale``.
+
+``sparse_conv2d_reference`` is plain torch and the specification; ``sparse_conv2d`` is the
+Triton implicit GEMM: M = batch x output pixels, N = output channels, K = taps x input channels.
+Both take the same arguments (the kernel adds ``packed_weight``) and check them the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FiseditError
+from . import HAS_TRITON, INTERPRET, triton_enabled
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+
+# --- the specification ----------------------------------------------------------------------
+
+def sparse_conv2d_reference(x, recorded, in_position, out_pixels, out_size, weight, bias=None, *,
+                            stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), upsample=1,
+                            scale=None, shift=None, silu=False, temb=None, residual=None,
+                            out_scale=None):
+    """The conv of the mixed input at the output pixels ``out_pixels``: ``[B, Cout, P_out]``.
+
+    * ``x`` ``[B, Cin, P_in]``: new values at the active source pixels, in compact order;
+      ``recorded`` ``[B, Cin, Hs, Ws]``: the recorded conv input (the source grid), same dtype;
+      ``in_position`` ``[Hs * Ws]``: compact index of each source pixel, -1 where inactive.
+    * ``upsample``: the conv input is the source grid upsampled (nearest) by this factor.
+    * ``out_pixels`` ``[P_out]``: flat index ``oy * Wo + ox`` of each output pixel to compute;
+      ``out_size`` ``(Ho, Wo)`` must be the conv's output size.
+    * ``padding`` is ``(top, bottom, left, right)``, zeros.
+    * ``scale``, ``shift`` ``[B, Cin]`` (together) and ``silu``: applied to the new values.
+    * ``temb`` ``[B, Cout]``, ``residual`` ``[B, Cout, P_out]``, ``out_scale`` (float): added,
+      added, multiplied after the bias, in that order.
+
+    Computed in fp32 (the prologue's result is rounded to ``x.dtype`` first, as the kernel feeds
+    its matrix product in that dtype) and returned in ``x.dtype``. Grouped convs (inferred from
+    ``weight``'s shape) are supported here and not by the kernel. On CUDA an fp32 conv follows
+    ``torch.backends.cudnn.allow_tf32`` (TF32 by default): turn it off to compare fp32 exactly.
+    """
+    groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
+                    dilation, upsample, scale, shift, temb, residual)
+    batch, channels, height, width = recorded.shape
+    new = x.float()
+    if scale is not None:
+        new = new * scale.float()[:, :, None] + shift.float()[:, :, None]
+    if silu:
+        new = F.silu(new)
+    flat = recorded.reshape(batch, channels, height * width).clone()
+    active = torch.nonzero(in_position >= 0)[:, 0]
+    flat[:, :, active] = new.to(x.dtype)[:, :, in_position[active].long()]
+    full = flat.reshape(batch, channels, height, width)
+    if upsample > 1:
+        full = full.repeat_interleave(upsample, 2).repeat_interleave(upsample, 3)
+    top, bottom, left, right = padding
+    full = F.pad(full.float(), (left, right, top, bottom))
+    out = F.conv2d(full, weight.float(), None, stride, 0, dilation, groups)
+    out = out.flatten(2).index_select(2, out_pixels.long())
+    if bias is not None:
+        out = out + bias.float()[None, :, None]
+    if temb is not None:
+        out = out + temb.float()[:, :, None]
+    if residual is not None:
+        out = out + residual.float()
+    if out_scale is not None:
+        out = out * out_scale
+    return out.to(x.dtype)
+
+
+def _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
+           dilation, upsample, scale, shift, temb, residual) -> int:
+    """Validate the arguments shared by the reference and the kernel; return the conv's groups.
+
+    Data-dependent properties (positions within ``x``, pixels within the output) are not
+    checked: that would synchronize with the device.
+    """
+    def fail(message):
+        raise FiseditError(f"sparse_conv2d: {message}")
+
+    if x.dim() != 3 or recorded.dim() != 4:
+        fail(f"x must be [B, Cin, P_in] and recorded [B, Cin, Hs, Ws], got {tuple(x.shape)} "
+             f"and {tuple(recorded.shape)}")
+    batch, channels, height, width = recorded.shape
+    if tuple(x.shape[:2]) != (batch, channels):
+        fail(f"x {tuple(x.shape)} and recorded {tuple(recorded.shape)} differ in batch or "
+             "channels")
+    if x.dtype not in _DTYPES or recorded.dtype != x.dtype or weight.dtype != x.dtype:
+        fail(f"x, recorded and weight must share one dtype of {_DTYPES}, got {x.dtype}, "
+             f"{recorded.dtype} and {weight.dtype}")
+    for name, index in (("in_position", in_position), ("out_pixels", out_pixels)):
+        if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            fail(f"{name} must be a 1-D int32 or int64 tensor, got {index.dtype} "
+                 f"{tuple(index.shape)}")
+    if in_position.numel() != height * width:
+        fail(f"in_position has {in_position.numel()} entries, the source grid "
+             f"{height}x{width} has {height * width}")
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        fail(f"stride and dilation take 2 values, padding 4 (top, bottom, left, right); got "
+             f"{stride}, {dilation}, {padding}")
+    if not isinstance(upsample, int) or upsample < 1:
+        fail(f"upsample must be a positive int, got {upsample!r}")
+    if weight.dim() != 4 or channels % weight.shape[1] or weight.shape[0] % (
+            channels // weight.shape[1]):
+        fail(f"weight {tuple(weight.shape)} does not fit {channels} input channels")
+    groups = channels // weight.shape[1]
+    c_out, _, kernel_h, kernel_w = weight.shape
+    top, bottom, left, right = padding
+    expected = tuple(
+        (size * upsample + before + after - dil * (kernel - 1) - 1) // step + 1
+        for size, before, after, dil, kernel, step in
+        ((height, top, bottom, dilation[0], kernel_h, stride[0]),
+         (width, left, right, dilation[1], kernel_w, stride[1])))
+    if tuple(out_size) != expected:
+        fail(f"out_size {tuple(out_size)} is not the conv's output size {expected}")
+    if (scale is None) != (shift is None):
+        fail("scale and shift come together (a group norm's affine folded per batch and "
+             "channel); pass both or neither")
+    tables = {"scale": (scale, (batch, channels)), "shift": (shift, (batch, channels)),
+              "bias": (bias, (c_out,)), "temb": (temb, (batch, c_out)),
+              "residual": (residual, (batch, c_out, out_pixels.numel()))}
+    for name, (value, shape) in tables.items():
+        if value is not None and tuple(value.shape) != shape:
+            fail(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    return groups
+
+
+# --- the Triton kernel ----------------------------------------------------------------------
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight ``[Cout, Cin, kh, kw]`` as the kernel's B matrix ``[kh * kw * Cin, Cout]``.
+
+    Row ``(ky * kw + kx) * Cin + c`` holds tap (ky, kx) of input channel c, so one tap's channel
+    block is a contiguous run of rows and each row is contiguous over output channels. The
+    runtime packs each conv's weight once and passes it as ``packed_weight``.
+    """
+    c_out, c_in, kernel_h, kernel_w = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(kernel_h * kernel_w * c_in, c_out).contiguous()
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    def _configs():
+        """One small tile in the interpreter (fast CPU tests); a handful to tune on the GPU.
+
+        128 x 128 tiles never won in benchmarks/micro_sparse_conv.py on an H100 (the gathered A
+        tile, not the tensor cores, bounds this kernel), so they were dropped: each config
+        costs a compile per specialization."""
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+        shapes = [(32, 64, 64, 4, 3), (32, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                  (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps,
+                              num_stages=stages) for m, n, k, warps, stages in shapes]
+
+    @triton.jit
+    def _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
+                  sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr,
+                  HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """Bias, time embedding, residual and output scale on an fp32 ``[rows, cols]`` tile of
+        the GEMM, stored to ``out`` ``[B, Cout, P_out]``."""
+        row_ok = rows < m_total
+        col_ok = cols < c_out
+        mask = row_ok[:, None] & col_ok[None, :]
+        batch = rows // p_out
+        batch64 = batch.to(tl.int64)
+        slot = rows % p_out
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_TEMB:
+            acc += tl.load(temb_ptr + batch[:, None] * c_out + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + batch64[:, None] * sres_b + cols[None, :] * sres_c
+                           + slot[:, None] * sres_p, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * out_scale
+        out = out_ptr + batch64[:, None] * c_out * p_out + cols[None, :] * p_out + slot[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # ``m_bucket`` (the power of two at or above B * P_out) is in the key and unused in the
+    # body: tuning once per bucket, not per mask, keeps a new mask from re-tuning every conv.
+    # The sizes and strides that follow the mask (P_out, P_in) are not specialized on, so a
+    # new mask does not recompile either.
+    @triton.autotune(configs=_configs(), key=["c_in", "c_out", "KH", "KW", "m_bucket"])
+    @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket", "sx_b", "sx_c", "sres_b",
+                                   "sres_c"])
+    def _sparse_conv2d_kernel(
+            x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
+            temb_ptr, res_ptr, out_ptr, partial_ptr,
+            m_total, p_out, c_in, c_out, src_w, in_h, in_w, out_w, pad_top, pad_left, m_bucket,
+            sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w, sres_b, sres_c, sres_p, out_scale,
+            KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+            DIL_H: tl.constexpr, DIL_W: tl.constexpr, UPSAMPLE: tl.constexpr,
+            HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+            HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < m_total
+        col_ok = cols < c_out
+        batch = rows // p_out
+        slot = rows % p_out
+        # Offsets inside one batch item fit int32 (the wrapper checks); batch offsets may not.
+        batch64 = batch.to(tl.int64)
+        pixel = tl.load(pixels_ptr + slot, mask=row_ok, other=0).to(tl.int32)
+        oy = pixel // out_w
+        ox = pixel % out_w
+        x_rows = x_ptr + batch64 * sx_b
+        rec_rows = rec_ptr + batch64 * sr_b
+        ks = tl.arange(0, BLOCK_K)
+        # This program's share of the K steps (tap, channel block), in tap-major order.
+        c_blocks = tl.cdiv(c_in, BLOCK_K)
+        per_split = tl.cdiv(KH * KW * c_blocks, tl.num_programs(2))
+        k_begin = tl.program_id(2) * per_split
+        k_end = tl.minimum(k_begin + per_split, KH * KW * c_blocks)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for tap in range(k_begin // c_blocks, tl.cdiv(k_end, c_blocks)):
+            iy = oy * STRIDE_H - pad_top + (tap // KW) * DIL_H
+            ix = ox * STRIDE_W - pad_left + (tap % KW) * DIL_W
+            inside = row_ok & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
+            sy = tl.where(inside, iy, 0) // UPSAMPLE
+            sx = tl.where(inside, ix, 0) // UPSAMPLE
+            position = tl.load(position_ptr + sy * src_w + sx, mask=inside, other=-1)
+            position = position.to(tl.int32)
+            new = position >= 0
+            old = inside & (position < 0)
+            x_tap = x_rows + position * sx_p
+            rec_tap = rec_rows + sy * sr_h + sx * sr_w
+            first = tl.maximum(k_begin - tap * c_blocks, 0)
+            last = tl.minimum(k_end - tap * c_blocks, c_blocks)
+            for block in range(first, last):
+                channel = block * BLOCK_K + ks
+                c_ok = channel < c_in
+                new_mask = new[:, None] & c_ok[None, :]
+                value = tl.load(x_tap[:, None] + channel[None, :] * sx_c, mask=new_mask,
+                                other=0.0)
+                if HAS_AFFINE:
+                    table = batch[:, None] * c_in + channel[None, :]
+                    value = (value.to(tl.float32)
+                             * tl.load(scale_ptr + table, mask=new_mask, other=0.0)
+                             + tl.load(shift_ptr + table, mask=new_mask, other=0.0))
+                if SILU:
+                    value = value.to(tl.float32)
+                    value = value * tl.sigmoid(value)
+                recorded = tl.load(rec_tap[:, None] + channel[None, :] * sr_c,
+                                   mask=old[:, None] & c_ok[None, :], other=0.0)
+                a = tl.where(new_mask, value.to(recorded.dtype), recorded)
+                w_rows = tap * c_in + channel
+                b = tl.load(w_ptr + w_rows[:, None] * c_out + cols[None, :],
+                            mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+                # ieee: fp32 operands multiply in full fp32, not TF32 (fp16/bf16 are unaffected).
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        if SPLIT_K:
+            # Partial sums [split, M, Cout] in fp32; _split_k_epilogue adds them in split order.
+            partial = (partial_ptr + tl.program_id(2).to(tl.int64) * m_total * c_out
+                       + rows[:, None].to(tl.int64) * c_out + cols[None, :])
+            tl.store(partial, acc, mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+                      out_ptr, sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB,
+                      HAS_RESIDUAL)
+
+    @triton.jit(do_not_specialize=["m_total", "p_out", "sres_b", "sres_c"])
+    def _split_k_epilogue(
+            partial_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, splits, m_total, p_out, c_out,
+            sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
+            HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Sum the split-K partials in a fixed order (deterministic), then the epilogue."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
+        partial = partial_ptr + rows[:, None].to(tl.int64) * c_out + cols[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(splits):
+            acc += tl.load(partial, mask=mask, other=0.0)
+            partial += m_total.to(tl.int64) * c_out
+        _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
+                  sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) -> int:
+    """Split K when the output alone gives too few programs to fill the GPU.
+
+    Small edits have few output pixels and long reductions (Cin x taps up to 23k), so a few
+    programs would walk the whole K serially. Splitting K over up to 16 programs per output
+    tile fills the streaming multiprocessors; the partial sums cost an extra fp32 write and
+    read of ``[split, M, Cout]``, small exactly when the split is large. A power of two keeps
+    the number of distinct launches small; each split keeps at least 4 K steps of 64.
+    """
+    if INTERPRET:
+        return 1
+    programs = 2 * _multiprocessors(device)
+    tiles = triton.cdiv(m_total, 64) * triton.cdiv(c_out, 64)
+    wanted = min(16, programs // tiles, k_total // 256)
+    return 1 << (wanted.bit_length() - 1) if wanted > 1 else 1
+
+
+def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=None, *,
+                  stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), upsample=1,
+                  scale=None, shift=None, silu=False, temb=None, residual=None, out_scale=None,
+                  packed_weight=None, split_k=None):
+    """``sparse_conv2d_reference`` as a Triton kernel (see the module docstring).
+
+    ``packed_weight`` is ``pack_weight(weight)``, packed once per conv by the runtime (packed
+    here when omitted). ``split_k`` splits the reduction over that many programs per output
+    tile, whose partial sums a second small kernel adds (in a fixed order, so results are
+    deterministic) before the epilogue; None chooses from the problem size (``_auto_split_k``).
+
+    Accumulates in fp32; fp32 inputs multiply in IEEE fp32 (no TF32), so the kernel matches
+    the reference to rounding. Strided ``x``, ``recorded`` and ``residual`` are read in place.
+    No host synchronization, except that on CUDA the first call of each (channels, kernel
+    size, dtypes, size bucket) autotunes: warm up before capturing a CUDA graph.
+    """
+    groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
+                    dilation, upsample, scale, shift, temb, residual)
+    if groups != 1:
+        raise FiseditError(
+            f"sparse_conv2d: the Triton kernel supports groups == 1 only, this conv has groups="
+            f"{groups}; the runtime should use sparse_conv2d_reference for it")
+    if not triton_enabled(x):
+        raise FiseditError(
+            "sparse_conv2d: the Triton kernel needs Triton and a CUDA tensor (or TRITON_INTERPRET=1"
+            "); the runtime should use sparse_conv2d_reference here")
+    batch, c_in, src_h, src_w = recorded.shape
+    c_out, _, kernel_h, kernel_w = weight.shape
+    packed = pack_weight(weight) if packed_weight is None else packed_weight
+    if tuple(packed.shape) != (kernel_h * kernel_w * c_in, c_out) or not packed.is_contiguous() \
+            or packed.dtype != weight.dtype:
+        raise FiseditError(
+            f"sparse_conv2d: packed_weight must be pack_weight(weight), a contiguous "
+            f"{weight.dtype} [{kernel_h * kernel_w * c_in}, {c_out}] tensor; got {packed.dtype} "
+            f"{tuple(packed.shape)}")
+    tensors = [t for t in (x, recorded, in_position, out_pixels, packed, bias, scale, shift, temb,
+                           residual) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        raise FiseditError(f"sparse_conv2d: every tensor must be on {x.device}, got "
+                           f"{sorted({str(t.device) for t in tensors})}")
+    p_out = out_pixels.numel()
+    # In-kernel offsets within one batch item are int32; batch offsets are int64.
+    spans = [sum((size - 1) * step for size, step in zip(t.shape[1:], t.stride()[1:]))
+             for t in (x, recorded, residual) if t is not None]
+    if max(spans + [c_out * p_out, packed.numel()]) > _INT32_MAX:
+        raise FiseditError("sparse_conv2d: one batch item spans more than 2^31 elements; "
+                           "split the channels or the image")
+    out = torch.empty((batch, c_out, p_out), dtype=x.dtype, device=x.device)
+    m_total = batch * p_out
+    if m_total == 0:
+        return out
+    splits = (_auto_split_k(m_total, c_out, packed.shape[0], x.device) if split_k is None
+              else split_k)
+    if not isinstance(splits, int) or splits < 1:
+        raise FiseditError(f"sparse_conv2d: split_k must be a positive int, got {split_k!r}")
+    partial = (torch.empty((splits, m_total, c_out), dtype=torch.float32, device=x.device)
+               if splits > 1 else None)
+    # The per-(batch, channel) tables are tiny; the kernel indexes them as contiguous fp32.
+    if scale is not None:
+        scale, shift = scale.float().contiguous(), shift.float().contiguous()
+    temb = temb.contiguous() if temb is not None else None
+    res_strides = residual.stride() if residual is not None else (0, 0, 0)
+    top, _, left, _ = padding
+    out_scale = 1.0 if out_scale is None else float(out_scale)  # multiplying by 1.0 is exact
+    grid = lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    _sparse_conv2d_kernel[grid](
+        x, recorded, in_position, out_pixels, packed, bias, scale, shift, temb, residual, out,
+        partial, m_total, p_out, c_in, c_out, src_w, src_h * upsample, src_w * upsample, out_size[1],
+        top, left, triton.next_power_of_2(m_total),
+        *x.stride(), *recorded.stride(), *res_strides, out_scale,
+        KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], UPSAMPLE=upsample,
+        HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None, SILU=bool(silu),
+        HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1)
+    if splits > 1:
+        _split_k_epilogue[(triton.cdiv(m_total, 64), triton.cdiv(c_out, 64))](
+            partial, bias, temb, residual, out, splits, m_total, p_out, c_out, *res_strides,
+            out_scale, HAS_BIAS=bias is not None, HAS_TEMB=temb is not None,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=64, BLOCK_N=64)
+    return out

@@ -22,6 +22,7 @@ from ..config import SparseConfig
 from ..errors import FiseditError
 from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
 from ..passes.fuse import fuse
+from ..passes.fuse_tokens import fuse_tokens
 from ..passes.lower_kernels import lower_kernels
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
 from .cuda_graph import CapturedStep
@@ -100,7 +101,7 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     # A fresh graph (parameters shared) so this config's passes tag their own nodes.
     canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
     canonical.meta.update(shared.meta)
-    edit = fuse(sparsify(canonical, config))
+    edit = fuse_tokens(fuse(sparsify(canonical, config)))
     if config.use_triton(_device_of(signature)):
         edit = lower_kernels(edit)
     entries = derive_cache_set(edit)

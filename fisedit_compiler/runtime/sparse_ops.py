@@ -238,6 +238,20 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
     return normed
 
 
+# --- token ops (passes.fuse_tokens) ---------------------------------------------------------
+
+def add_layer_norm(x, residual, weight, bias, eps: float):
+    """``(x + residual, layer_norm(x + residual))`` over the last dim."""
+    total = x + residual
+    return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)
+
+
+def geglu(x, dim: int):
+    """GEGLU: the first half of ``x`` along ``dim`` times the exact GELU of the second."""
+    hidden, gate = x.chunk(2, dim)
+    return hidden * F.gelu(gate)
+
+
 # --- attention ------------------------------------------------------------------------------
 
 def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..kernels import attention as attention_kernels
 from ..kernels import group_norm as group_norm_kernels
 from ..kernels import sparse_conv as conv_kernels
+from ..kernels import tokens as token_kernels
 from . import sparse_ops
 from .plan import LevelPlan, MaskPlan
 
@@ -113,8 +114,22 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def add_layer_norm(x, residual, weight, bias, eps: float):
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        return sparse_ops.add_layer_norm(x, residual, weight, bias, eps)   # a broadcasting add
+    return token_kernels.add_layer_norm(x, residual, weight, bias, eps)
+
+
+def geglu(x, dim: int):
+    if dim not in (-1, x.dim() - 1):
+        return sparse_ops.geglu(x, dim)
+    return token_kernels.geglu(x)
+
+
 LOWERINGS = {
     sparse_ops.sparse_conv2d: sparse_conv2d,
     sparse_ops.sparse_group_norm: sparse_group_norm,
     sparse_ops.sparse_attention: sparse_attention,
+    sparse_ops.add_layer_norm: add_layer_norm,
+    sparse_ops.geglu: geglu,
 }

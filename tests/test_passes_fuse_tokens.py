@@ -1,0 +1,58 @@
+"""The fuse_tokens pass: residual add + layer_norm and GEGLU become single ops, same results."""
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+
+import fisedit_compiler as fc
+from fisedit_compiler import ir, zoo
+from fisedit_compiler.capture import flatten_inputs
+from fisedit_compiler.passes.fuse import fuse
+from fisedit_compiler.passes.fuse_tokens import fuse_tokens
+from fisedit_compiler.passes.sparsify import CACHE_INPUT, PLAN_INPUT, sparsify
+from fisedit_compiler.runtime import sparse_ops as ops
+
+
+@pytest.fixture(scope="module", params=["sd15-tiny", "sd21-tiny"])
+def setup(request):
+    unet = zoo.unet(request.param)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet, fc.SparseConfig())
+    program = engine.program(inputs)
+    unfused = fuse(sparsify(fx.GraphModule(program.canonical,
+                                           copy.deepcopy(program.canonical.graph)),
+                            engine.config))
+    return engine, inputs, program, unfused
+
+
+def count(gm, target):
+    return sum(node.op == "call_function" and node.target is target for node in gm.graph.nodes)
+
+
+def test_every_transformer_block_is_fused(setup):
+    _, _, program, unfused = setup
+    norms_after_add = sum(1 for n in unfused.graph.nodes if n.op == "call_function"
+                          and n.target is ir.layer_norm and n.args[0].target is ir.add)
+    geglus = count(unfused, ir.gelu)                 # one GELU per feed-forward GEGLU here
+    assert norms_after_add > 0 and geglus > 0
+    assert count(program.edit, ops.add_layer_norm) == norms_after_add
+    assert count(program.edit, ops.geglu) == geglus
+    assert count(program.edit, ir.gelu) == 0
+
+
+def test_fused_and_unfused_edits_agree(setup):
+    engine, inputs, program, unfused = setup
+    fused = fuse_tokens(copy.deepcopy(unfused))
+    cache = engine.new_cache()
+    engine.record(cache, step=0, **inputs)
+    size = program.levels[0]
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[2:size[0] // 2, 1:size[1] // 2] = True
+    plan = engine.plan(mask)
+    edited = dict(inputs, sample=torch.where(mask, torch.randn_like(inputs["sample"]),
+                                             inputs["sample"]))
+    run = lambda gm: gm(**flatten_inputs(edited), **{PLAN_INPUT: plan,  # noqa: E731
+                                                     CACHE_INPUT: cache.steps[0]})
+    assert torch.equal(run(fused), run(unfused))     # the same torch ops, in the same order

@@ -101,7 +101,7 @@ def environment() -> dict:
     import triton
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                                 text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
     except OSError:
         commit = ""
@@ -116,7 +116,7 @@ def environment() -> dict:
 def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE_MODES[:2],
         reference: bool = True, dtype: torch.dtype = torch.float16, batch: int = 2,
         config: SparseConfig | None = None, tolerance: float = 2e-2, reps: int = 20,
-        calibrate: bool = True, log=print) -> dict:
+        calibrate: bool = True, profile_area: float | None = None, log=print) -> dict:
     """The benchmark; returns the JSON-ready result (see the module docstring)."""
     import fisedit_compiler as fc
 
@@ -199,11 +199,57 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
             row["speedup_vs_eager"] = result["dense"]["eager_ms"] / row["triton_ms"]
             row["speedup_vs_compiled"] = best / row["triton_ms"]
             row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
+            if profile_area is not None and abs(area - profile_area) < 1e-9 \
+                    and layout == "blob":
+                row["profile"] = profile_step(fast, caches["triton"], plan, edited)
+                log(f"profile at {area:.0%}: {row['profile']['kernels_per_step']:.0f} kernels, "
+                    f"{row['profile']['gpu_kernel_ms_per_step']:.2f} ms of GPU kernel time per "
+                    f"step (replayed step: {row['triton_ms']:.2f} ms)")
+                for entry in row["profile"]["top"]:
+                    log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x "
+                        f"{entry['kernel']}")
             result["rows"].append(row)
             log(_format_row(row))
             del plan
             torch.cuda.empty_cache()
     return result
+
+
+@torch.no_grad()
+def profile_step(engine, cache, plan, edited: dict, calls: int = 5, top: int = 15) -> dict:
+    """Where one sparse step's time goes: the kernels it launches and their GPU time.
+
+    Runs ``engine`` without CUDA graphs under ``torch.profiler`` (a replayed graph hides its
+    kernels) and reports per step: the number of kernel launches, the summed GPU kernel time,
+    and the top kernels by GPU time. Comparing the summed kernel time with the replayed step's
+    latency separates kernel work from launch gaps and host work.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    eager = engine.with_config(dataclasses.replace(engine.config, cuda_graphs=False))
+    eager_cache = eager.new_cache()
+    eager_cache.signature, eager_cache.timesteps = cache.signature, cache.timesteps
+    eager_cache.steps = cache.steps            # the same recorded values, read only
+    run = lambda: eager.edit(eager_cache, 0, plan=plan, **edited)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time_total / 1000.0
+    launches = sum(count for count, _ in kernels.values()) / calls
+    gpu_ms = sum(ms for _, ms in kernels.values()) / calls
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+    return {"kernels_per_step": launches, "gpu_kernel_ms_per_step": gpu_ms,
+            "top": [{"kernel": name[:90], "calls_per_step": count / calls,
+                     "ms_per_step": ms / calls} for name, (count, ms) in ranked]}
 
 
 def _format_row(row: dict) -> str:
@@ -281,6 +327,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the engine's torch reference path")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--profile-area", type=float, metavar="AREA",
+                        help="profile the blob edit of this area: kernels per step, GPU "
+                             "kernel time, top kernels")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
@@ -297,7 +346,7 @@ def run_bench_command(args) -> int:
                      layouts=args.layouts.split(","),
                      compile_modes=[m for m in args.compile_modes.split(",") if m],
                      reference=not args.no_reference, reps=args.reps,
-                     calibrate=not args.no_calibrate,
+                     calibrate=not args.no_calibrate, profile_area=args.profile_area,
                      log=lambda text: print(text, flush=True))
         results.append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))

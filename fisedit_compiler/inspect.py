@@ -35,7 +35,7 @@ import torch.fx as fx
 from . import capture, ir, zoo
 from .errors import FiseditError
 from .passes.analyze import module_path
-from .runtime.plan import load_mask_png
+from .runtime.plan import load_mask_png, mask_from_box
 
 FORMATS = ("text", "json", "dot", "svg")
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
@@ -465,21 +465,6 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
         row["cache_write"] = writes.get(row["name"], [])
     result["summary"]["sparse"] = engine.stats(plan)
     return result
-
-
-def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
-    """A bool mask from ``"x0,y0,x1,y1"`` in fractions of the width and height."""
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box.split(","))
-    except ValueError:
-        raise FiseditError(f"--mask-box must be x0,y0,x1,y1 as fractions in [0, 1], got {box!r}") from None
-    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise FiseditError(f"--mask-box needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}")
-    height, width = size
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[int(y0 * height):max(int(y0 * height) + 1, round(y1 * height)),
-         int(x0 * width):max(int(x0 * width) + 1, round(x1 * width))] = True
-    return mask
 
 
 def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",

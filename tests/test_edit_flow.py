@@ -253,3 +253,21 @@ def test_edit_command(pipe_folder, tmp_path, capsys):
     assert report["mask_source"] == "user" and 0 < report["mask_area_fraction"] < 0.1
     assert report["timings_s"]["dense_regeneration_s"] > 0
     assert "edit_s" in capsys.readouterr().out
+
+
+def test_demo_command_edits_its_default_box(tmp_path, capsys):
+    import json
+
+    from fisedit_compiler.cli import build_parser
+    from fisedit_compiler.edit_flow.commands import DEMO_BOX
+
+    args = build_parser().parse_args(["demo", "--steps", "2", "--probe-steps", "1",
+                                      "--out", str(tmp_path / "demo")])
+    assert args.run(args) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["mask_source"] == "user" and 0 < report["mask_area_fraction"] < 0.1
+    assert report["active_area_fraction"] < 0.5            # a real sparse edit, not dense
+    assert DEMO_BOX in capsys.readouterr().out
+    both = build_parser().parse_args(["demo", "--mask", "m.png", "--mask-box", DEMO_BOX])
+    with pytest.raises(FiseditError, match="either --mask or --mask-box"):
+        both.run(both)

@@ -14,6 +14,7 @@ from fisedit_compiler import capture, inspect, ir, zoo
 from fisedit_compiler.errors import FiseditError
 from fisedit_compiler.passes.analyze import analyze
 from fisedit_compiler.passes.canonicalize import canonicalize
+from fisedit_compiler.runtime.plan import mask_from_box
 
 # ------------------------------------------------------------------ a minimal JSON Schema validator
 
@@ -281,7 +282,7 @@ def test_dump_rejects_bad_arguments(kwargs, message):
 
 def test_sparse_stage_marks_how_an_edit_runs_each_node():
     unet = zoo.unet("sd15-tiny")
-    mask = inspect.mask_from_box("0.0,0.0,0.25,0.25", (16, 16))
+    mask = mask_from_box("0.0,0.0,0.25,0.25", (16, 16))
     assert int(mask.sum()) == 16
     report = inspect.sparse_report(unet, zoo.example_inputs(unet), mask, model="sd15-tiny",
                                    frontend="export")

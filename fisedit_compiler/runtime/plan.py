@@ -129,11 +129,12 @@ def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
             f"{tuple(mask.shape)}; drop batch and channel dimensions")
     if tuple(mask.shape) != tuple(size):
         height, width = size
-        factor = mask.shape[0] / height if height else 0
+        factor = mask.shape[0] / height if height else 0.0
+        whole_factor = factor > 1 and factor.is_integer() and factor == mask.shape[1] / width
         hint = (f"; it looks like an image-resolution mask ({factor:g}x the latent): "
                 f"downsample it to {height}x{width}, e.g. "
                 f"F.max_pool2d(mask[None].float(), {factor:g})[0] > 0"
-                ) if factor > 1 and factor == mask.shape[1] / width else ""
+                ) if whole_factor else ""
         raise FiseditError(
             f"the edit mask has shape {tuple(mask.shape)} but the latent is {height}x{width}"
             f"{hint}")
@@ -219,3 +220,18 @@ def tile_slots(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.T
 def _tile_major_pixels(tiles, tile, size) -> torch.Tensor:
     slots = tile_slots(tiles, tile, size)
     return slots[slots >= 0]
+
+
+def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask from ``"x0,y0,x1,y1"`` in fractions of the width and height."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    except ValueError:
+        raise FiseditError(f"--mask-box must be x0,y0,x1,y1 as fractions in [0, 1], got {box!r}") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise FiseditError(f"--mask-box needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}")
+    height, width = size
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[int(y0 * height):max(int(y0 * height) + 1, round(y1 * height)),
+         int(x0 * width):max(int(x0 * width) + 1, round(x1 * width))] = True
+    return mask

@@ -21,6 +21,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
+from fisedit_compiler.bench import cuda_time_ms
 
 AREAS = (0.01, 0.05, 0.20)
 
@@ -32,21 +33,6 @@ def centred_square(size, area):
     y0, x0 = (height - side) // 2, (width - side) // 2
     mask[y0:y0 + side, x0:x0 + side] = True
     return mask
-
-
-def gpu_time_ms(fn, repeats=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def every_node_bytes(program) -> int:
@@ -94,10 +80,10 @@ def main():
     result["cache_by_kind"] = breakdown
     if device == "cuda":
         with torch.no_grad():
-            result["dense_eager_ms"] = gpu_time_ms(lambda: unet(**inputs))
+            result["dense_eager_ms"] = cuda_time_ms(lambda: unet(**inputs))
             if args.compile:
                 compiled = torch.compile(unet)
-                result["dense_compile_ms"] = gpu_time_ms(lambda: compiled(**inputs))
+                result["dense_compile_ms"] = cuda_time_ms(lambda: compiled(**inputs))
     size = tuple(inputs["sample"].shape[-2:])
     generator = torch.Generator(device="cpu").manual_seed(1)
     for area in AREAS:
@@ -116,7 +102,7 @@ def main():
         row["oracle_rel_error"] = ((output.float() - expected.float()).norm()
                                    / expected.float().norm()).item()
         if device == "cuda":
-            row["reference_edit_ms"] = gpu_time_ms(
+            row["reference_edit_ms"] = cuda_time_ms(
                 lambda: engine.edit(cache, 0, plan=plan, **edited))
         result["edits"].append(row)
     text = json.dumps(result, indent=1)

@@ -210,9 +210,9 @@ class EditSession:
             trajectory.unet_inputs.append(_detach(inputs))
             if step < probe_steps and control is not None:
                 with control.installed(self.pipe.unet, "capture"):
-                    self._dense(original.unet_inputs[step])
+                    self._dense(original.unet_inputs[step], module=True)
                 with control.installed(self.pipe.unet, "inject"):
-                    output = self._dense(inputs)
+                    output = self._dense(inputs, module=True)
                 control.probabilities.clear()
             elif step < probe_steps:
                 output = self._dense(inputs)
@@ -362,9 +362,11 @@ class EditSession:
         inputs["return_dict"] = False
         return inputs, bool(bound.arguments.get("return_dict", True))
 
-    def _dense(self, inputs: dict) -> torch.Tensor:
+    def _dense(self, inputs: dict, *, module: bool = False) -> torch.Tensor:
+        """A dense U-Net call: the engine's fastest dense path, or the module itself when its
+        attention processors must run (cross-attention control hooks into them)."""
         with torch.no_grad():
-            return self.pipe.unet(**inputs)[0]
+            return self.pipe.unet(**inputs)[0] if module else self.engine.dense(**inputs)
 
     def _blend(self, latents: torch.Tensor, step: int, plan: MaskPlan) -> torch.Tensor:
         """Outside the plan's level-0 active region, take the recorded latents and scheduler

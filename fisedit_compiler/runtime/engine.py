@@ -244,7 +244,7 @@ class SparseEngine:
         on_gpu = self.config.cuda_graphs and _device_of(program.signature).type == "cuda"
         if on_gpu and plan.full:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
-            return self._dense_compiled(program)(**flat).clone()
+            return self.dense(**inputs)
         if on_gpu:
             key = ("cuda_graph", program.signature, self.config)
             if key not in plan.memo:
@@ -252,12 +252,20 @@ class SparseEngine:
             return plan.memo[key](flat, store)
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
 
-    def _dense_compiled(self, program: Program):
-        """``torch.compile`` of the canonical graph with CUDA graphs, built at first use."""
+    @torch.no_grad()
+    def dense(self, **inputs) -> torch.Tensor:
+        """The U-Net's output on ``inputs``, computed densely on the fastest path: on CUDA (with
+        ``config.cuda_graphs``) the canonical graph under ``torch.compile`` with CUDA graphs,
+        compiled once per signature and shared by ``with_config`` engines; elsewhere the
+        module itself. Full-mask edits and the editing flow's dense probe steps use it."""
+        if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
+            return self.unet(**inputs)[0]
+        program = self.program(inputs)
         if program.signature not in self._dense:
             self._dense[program.signature] = torch.compile(program.canonical,
                                                            mode="reduce-overhead")
-        return self._dense[program.signature]
+        # Cloned: the next replay of the compiled CUDA graph overwrites its output.
+        return self._dense[program.signature](**flatten_inputs(inputs)).clone()
 
     def stats(self, plan: MaskPlan) -> dict:
         """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal

@@ -50,15 +50,24 @@ def test_cache_set_is_derived_from_what_sparse_ops_read(program):
         if entry.kind == "group_norm_stats":
             assert ir.is_op(source, "group_norm")
             continue
+        if source.meta[ir.META_DEPENDS] == {"timestep"}:
+            # a time-embedding value that positional nodes use: recorded once per step
+            assert any(user.meta[ir.META_DOMAIN].kind != "global" for user in source.users)
+            assert source.meta[ir.META_DOMAIN].kind == "global"
+            continue
         readers = [user for user in source.users if ir.is_op(user, "conv2d", "attention")]
         windowed = any(ir.is_op(user, "conv2d") and tuple(user.args[1].meta["val"].shape[-2:]) != (1, 1)
                        for user in readers)
         self_kv = any(ir.is_op(user, "attention") and user.meta[ir.META_ATTN_KIND] == "self"
                       and source is not user.args[0] for user in readers)
         assert windowed or self_kv or source is output, entry
-    # a pointwise intermediate (the SiLU before the time projection, say) is never recorded
+    # a positional pointwise intermediate is never recorded, nor the global chain behind a
+    # recorded time-embedding value
     recorded = {entry.source for entry in entries}
-    assert not any(ir.is_op(nodes[name], "linear", "layer_norm", "gelu") for name in recorded)
+    assert not any(ir.is_op(nodes[name], "linear", "layer_norm", "gelu") for name in recorded
+                   if nodes[name].meta[ir.META_DOMAIN].kind != "global")
+    assert not any(ir.is_op(node, "linear") and node.meta[ir.META_DEPENDS] == {"timestep"}
+                   for node in program.edit.graph.nodes)
 
 
 def test_sparse_attention_policy_records_no_self_attention_kv():

@@ -12,7 +12,9 @@ replaced by the sparse form that computes exactly those positions:
 * attention -> ``sparse_attention``: active queries; self-attention K/V by policy;
 * pointwise, linear, layer_norm, cat and views -> the same op on compact tensors, with
   position dimensions remapped and global operands collapsed or gathered;
-* global nodes (timestep chain, text K/V) -> unchanged.
+* global nodes -> unchanged (text K/V), except that values depending on the timestep alone
+  (the time embedding each block adds) are read from the recording where positional nodes
+  use them, since an edit step runs at the recorded timestep.
 
 Anything else positional (an unknown op, a reshape that mixes positions with channels, a
 masked attention) runs *dense*: its inputs are rebuilt as mixed dense tensors from the
@@ -33,7 +35,7 @@ import torch.fx as fx
 from .. import ir
 from ..config import SparseConfig
 from ..runtime import sparse_ops as ops
-from .analyze import Domain
+from .analyze import TIMESTEP_INPUT, Domain
 
 PLAN_INPUT = "fc_plan"
 CACHE_INPUT = "fc_cache"
@@ -143,6 +145,7 @@ class _Rewriter:
                 self.graph.output(self.output(node.args[0]))
             else:
                 self.env[node] = self.rewrite(node)
+        self.graph.eliminate_dead_code()    # global chains whose values are now read
         edit = fx.GraphModule(self.gm, self.graph)
         edit.meta.update(self.gm.meta)
         return edit
@@ -158,6 +161,12 @@ class _Rewriter:
         domain = _domain(node)
         if domain.kind == "global":
             node.meta[META_SPARSE] = "global"
+            if _timestep_only(node) and any(_domain(user).kind != "global"
+                                            for user in node.users):
+                # An edit step runs at the recorded timestep (the engine checks it), so this
+                # value is the recorded one: read it rather than recompute the time
+                # embedding chain in every sparse step (~50 kernels per SD1.5 step).
+                return self.read(node)
             return self.graph.node_copy(node, lambda n: self.env[n])
         if domain.positional:
             rule = _RULES.get(ir.op_name(node))
@@ -204,6 +213,10 @@ class _Rewriter:
             return self.emit(ops.gather_positions, self.env[value], self.level(out),
                              tuple(aligned))
         return None
+
+
+def _timestep_only(node: fx.Node) -> bool:
+    return node.meta.get(ir.META_DEPENDS) == frozenset({TIMESTEP_INPUT})
 
 
 def _level_of(plan, level: int):

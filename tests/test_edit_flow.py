@@ -122,6 +122,19 @@ def test_cache_accounting(session):
     assert session.cache_nbytes() == session.cache.nbytes()
 
 
+def test_a_cache_budget_offloads_steps_and_changes_no_result(session, pipe):
+    budgeted = EditSession(pipe, cache_budget_bytes=session.cache_nbytes() // (2 * STEPS))
+    budgeted.generate("a red circle", seed=0, num_inference_steps=STEPS, output_type="np")
+    assert budgeted.cache.offloaded == set(range(STEPS))   # not even one step fits
+    assert budgeted.cache_nbytes() == session.cache_nbytes()
+    args = dict(mask=_corner_mask(), probe_steps=1, output_type="np")
+    expected = session.edit("a blue circle", **args)
+    actual = budgeted.edit("a blue circle", **args)
+    assert torch.equal(actual.latents, expected.latents)
+    budgeted.accept(actual)                                # accept re-records under the budget
+    assert budgeted.cache.offloaded == set(range(STEPS))
+
+
 def test_otsu_and_opening():
     values = torch.cat([torch.full((90,), 0.1), torch.full((10,), 0.9)])
     threshold = tac.otsu_threshold(values)

@@ -80,10 +80,14 @@ class EditResult:
 class EditSession:
     """Generate once densely, then edit repeatedly and sparsely; see the module docstring."""
 
-    def __init__(self, pipe, config: SparseConfig | None = None):
+    def __init__(self, pipe, config: SparseConfig | None = None, *,
+                 cache_budget_bytes: int | None = None):
         _check_pipeline(pipe)
         self.pipe = pipe
         self.engine = SparseEngine(pipe.unet, config)
+        # Recorded steps beyond this many bytes on the device go to pinned host memory and are
+        # prefetched one step ahead during edits (EditCache); None keeps every step on it.
+        self.cache_budget_bytes = cache_budget_bytes
         self.cache: EditCache | None = None
         self.original: Trajectory | None = None
         self.generate_time_s: float | None = None
@@ -109,7 +113,7 @@ class EditSession:
         noise = self._noise(seed, generator, latents, height, width)
         trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
                                 num_inference_steps, noise)
-        cache = self.engine.new_cache(num_inference_steps)
+        cache = self.engine.new_cache(num_inference_steps, self.cache_budget_bytes)
 
         def unet_call(step, inputs):
             trajectory.unet_inputs.append(_detach(inputs))
@@ -273,11 +277,11 @@ class EditSession:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")
         trajectory = result._trajectory
-        cache = self.engine.new_cache(trajectory.num_steps)
+        cache = self.engine.new_cache(trajectory.num_steps, self.cache_budget_bytes)
         for step, inputs in enumerate(trajectory.unet_inputs):
             self.engine.record(cache, step, **inputs)
             key = self.engine.program(inputs).output_key
-            cache.steps[step][key] = trajectory.unet_outputs[step].clone()
+            cache.replace(step, key, trajectory.unet_outputs[step].clone())
         accepted = Trajectory(trajectory.prompt, trajectory.negative_prompt,
                               trajectory.guidance_scale, trajectory.height, trajectory.width,
                               trajectory.num_steps, trajectory.noise,

@@ -26,6 +26,7 @@ from ..passes.fuse_tokens import fuse_tokens
 from ..passes.lower_kernels import lower_kernels
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
 from .cuda_graph import CapturedStep
+from .edit_cache import EditCache
 from .plan import MaskPlan, validate_mask
 
 
@@ -48,48 +49,6 @@ class Program:
     def output_key(self) -> str:
         """The cache key of the recorded U-Net output."""
         return self.canonical.graph.output_node().args[0].name
-
-
-class EditCache:
-    """The recorded values of one original generation, keyed by step index.
-
-    ``steps[i]`` maps cache keys to tensors (or group-norm statistics). The signature, config
-    and per-step timesteps are fixed by the first ``record`` and checked on every later call.
-    """
-
-    def __init__(self, num_steps: int, config: SparseConfig):
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise FiseditError(f"num_steps must be a positive int, got {num_steps!r}")
-        self.num_steps = num_steps
-        self.config = config
-        self.signature: tuple | None = None
-        self.steps: dict[int, dict] = {}
-        self.timesteps: dict[int, torch.Tensor] = {}
-        self.inputs: dict[int, dict[str, torch.Tensor]] = {}
-
-    def nbytes(self) -> int:
-        """Bytes held by all recorded steps."""
-        return sum(self.breakdown().values())
-
-    def breakdown(self) -> dict[str, int]:
-        """Bytes per cache key, summed over the recorded steps."""
-        sizes: dict[str, int] = {}
-        for store in self.steps.values():
-            for key, value in store.items():
-                sizes[key] = sizes.get(key, 0) + _nbytes(value)
-        return sizes
-
-    def __repr__(self) -> str:
-        return (f"EditCache({len(self.steps)}/{self.num_steps} steps recorded, "
-                f"{self.nbytes() / 2**20:.1f} MiB)")
-
-
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
 
 
 def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig) -> Program:
@@ -172,8 +131,10 @@ class SparseEngine:
         return self.program(example_inputs(self.unet, batch=2, height=size[0], width=size[1]))
 
     # -- public API -----------------------------------------------------------------------
-    def new_cache(self, num_steps: int = 1) -> EditCache:
-        return EditCache(num_steps, self.config)
+    def new_cache(self, num_steps: int = 1, device_budget_bytes: int | None = None) -> EditCache:
+        """An empty cache for a generation of ``num_steps`` U-Net calls; steps beyond
+        ``device_budget_bytes`` on the device are kept in pinned host memory."""
+        return EditCache(num_steps, self.config, device_budget_bytes)
 
     @torch.no_grad()
     def record(self, cache: EditCache, step: int = 0, **inputs) -> torch.Tensor:
@@ -189,7 +150,7 @@ class SparseEngine:
         store: dict = {}
         output = program.record(**flat, **{CACHE_INPUT: store})
         cache.signature = program.signature
-        cache.steps[step] = store
+        cache.put(step, store)
         cache.timesteps[step] = flat["timestep"].clone() if "timestep" in flat else None
         if self.config.check_inputs:
             cache.inputs[step] = {name: value.clone() for name, value in flat.items()}
@@ -238,14 +199,19 @@ class SparseEngine:
         self._check_timestep(cache, step, flat)
         if self.config.check_inputs:
             self._check_outside_mask(cache, step, plan, flat)
-        store = cache.steps[step]
-        if plan.empty and program.output_key in store:
-            return store[program.output_key].clone()   # nothing active: the recorded output
-        on_gpu = self.config.cuda_graphs and _device_of(program.signature).type == "cuda"
-        if on_gpu and plan.full:
+        device = _device_of(program.signature)
+        if plan.full and self.config.cuda_graphs and device.type == "cuda":
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
             return self.dense(**inputs)
-        if on_gpu:
+        output = self._edit_step(program, plan, flat, cache.store_on(step, device))
+        if step + 1 < cache.num_steps:
+            cache.prefetch(step + 1, device)    # overlaps this step's compute
+        return output
+
+    def _edit_step(self, program: Program, plan: MaskPlan, flat: dict, store: dict):
+        if plan.empty and program.output_key in store:
+            return store[program.output_key].clone()   # nothing active: the recorded output
+        if self.config.cuda_graphs and _device_of(program.signature).type == "cuda":
             key = ("cuda_graph", program.signature, self.config)
             if key not in plan.memo:
                 plan.memo[key] = CapturedStep(program.edit, plan, flat, store)

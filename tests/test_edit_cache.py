@@ -1,0 +1,80 @@
+"""EditCache: the device memory budget, offloaded steps, prefetch, and edits that read them."""
+
+import pytest
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler import bench, zoo
+
+
+@pytest.fixture(scope="module")
+def setup():
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    steps = [zoo.example_inputs(unet, batch=2, seed=step, timestep=900 - 100 * step)
+             for step in range(3)]
+    reference = engine.new_cache(3)
+    for step, inputs in enumerate(steps):
+        engine.record(reference, step, **inputs)
+    return engine, steps, reference
+
+
+def test_steps_over_the_budget_are_offloaded(setup):
+    engine, steps, reference = setup
+    per_step = reference.nbytes() // 3
+    cache = engine.new_cache(3, device_budget_bytes=int(per_step * 1.5))
+    for step, inputs in enumerate(steps):
+        engine.record(cache, step, **inputs)
+    assert cache.offloaded == {1, 2}                    # the first step fits, later ones not
+    assert cache.device_nbytes() == per_step and cache.host_nbytes() == 2 * per_step
+    assert cache.nbytes() == reference.nbytes()
+    assert "2 offloaded" in repr(cache)
+
+
+def test_edits_of_offloaded_steps_equal_edits_of_kept_ones(setup):
+    engine, steps, reference = setup
+    cache = engine.new_cache(3, device_budget_bytes=0)   # every step offloaded
+    for step, inputs in enumerate(steps):
+        engine.record(cache, step, **inputs)
+    assert cache.offloaded == {0, 1, 2} and cache.device_nbytes() == 0
+    plan = engine.plan(bench.blob_mask((16, 16), 0.1))
+    for step, inputs in enumerate(steps):
+        edited = bench.edited_inputs(inputs, plan.raw)
+        kept = engine.edit(reference, step, plan=plan, **edited)
+        assert torch.equal(engine.edit(cache, step, plan=plan, **edited), kept)
+
+
+def test_replace_keeps_a_step_where_it_is(setup):
+    engine, steps, _ = setup
+    cache = engine.new_cache(3, device_budget_bytes=0)
+    engine.record(cache, 0, **steps[0])
+    key = engine.program(steps[0]).output_key
+    value = torch.randn_like(cache.steps[0][key])
+    cache.replace(0, key, value)
+    assert torch.equal(cache.steps[0][key], value) and 0 in cache.offloaded
+    engine.record(cache, 0, **steps[0])                  # re-recording replaces the step
+    assert not torch.equal(cache.steps[0][key], value)
+
+
+def test_a_negative_budget_is_refused(setup):
+    engine, _, _ = setup
+    with pytest.raises(fc.FiseditError, match="device_budget_bytes"):
+        engine.new_cache(3, device_budget_bytes=-1)
+
+
+@pytest.mark.gpu
+def test_offloaded_steps_are_pinned_and_prefetched_on_cuda():
+    unet = zoo.unet("sd15-tiny", device="cuda")
+    engine = fc.compile(unet)
+    steps = [zoo.example_inputs(unet, batch=2, seed=s, timestep=900 - 100 * s) for s in range(2)]
+    kept, offloaded = engine.new_cache(2), engine.new_cache(2, device_budget_bytes=0)
+    for step, inputs in enumerate(steps):
+        engine.record(kept, step, **inputs)
+        engine.record(offloaded, step, **inputs)
+    key = engine.program(steps[0]).output_key
+    assert offloaded.steps[1][key].is_pinned()
+    plan = engine.plan(bench.blob_mask((16, 16), 0.1))
+    for step, inputs in enumerate(steps):                # step 0's edit prefetches step 1
+        edited = bench.edited_inputs(inputs, plan.raw)
+        assert torch.equal(engine.edit(offloaded, step, plan=plan, **edited),
+                           engine.edit(kept, step, plan=plan, **edited))

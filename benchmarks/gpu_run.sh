@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU measurements of the open issues, one stage per device call (each fits 10 minutes):
+#   bash benchmarks/gpu_run.sh tests      GPU tests of the kernels, the engine and the cache
+#   bash benchmarks/gpu_run.sh sd15       bench sd15: calibrated thresholds, a 5% profile
+#   bash benchmarks/gpu_run.sh sdxl       bench sdxl at 1024 px (and sd21 at 768 px)
+#   bash benchmarks/gpu_run.sh e2e        end-to-end edit vs dense regeneration (sd15)
+#   bash benchmarks/gpu_run.sh shapes     train the shapes model (~8 min), weights under $OUT
+# On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
+# Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
+set -o pipefail
+case "$1" in tests|sd15|sdxl|e2e|shapes) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|shapes" >&2; exit 2 ;; esac
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+bench() { python3 -m fisedit_compiler.cli bench --reps 10 "$@" 2>&1 | grep -v -i "warn" | tee -a "$OUT/bench.log"; }
+case "$1" in
+  tests)  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests.log" ;;
+  sd15)   bench --model sd15 --profile-area 0.05 --compile-modes default,reduce-overhead --out "$OUT/sd15" ;;
+  sdxl)   bench --model sdxl --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sdxl"
+          bench --model sd21 --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sd21" ;;
+  e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;
+  shapes) python3 -m fisedit_compiler.shapes.train --out /tmp/shapes/weights --work /tmp/shapes/work \
+            --minutes 7 --max-run-minutes 9.3 --archive "$OUT/shapes-weights.tar.gz" 2>&1 \
+            | grep -v ImageProcessor | tee "$OUT/train.log"
+          cp /tmp/shapes/work/samples.png /tmp/shapes/work/metrics.json "$OUT/" ;;
+esac

@@ -33,22 +33,12 @@ import torch
 from . import oracle, zoo
 from .config import SparseConfig
 from .errors import FiseditError
+from .runtime.plan import blob_mask  # noqa: F401 - part of the bench API
 
 RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 AREAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LAYOUTS = ("blob", "scattered")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
-    """One centred square covering ``area`` of the latent (rounded to whole pixels)."""
-    height, width = size
-    side_h = max(1, min(height, round(math.sqrt(area) * height)))
-    side_w = max(1, min(width, round(math.sqrt(area) * width)))
-    mask = torch.zeros(size, dtype=torch.bool)
-    top, left = (height - side_h) // 2, (width - side_w) // 2
-    mask[top:top + side_h, left:left + side_w] = True
-    return mask
 
 
 def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int = 0):
@@ -201,7 +191,7 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
             row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
             if profile_area is not None and abs(area - profile_area) < 1e-9 \
                     and layout == "blob":
-                row["profile"] = profile_step(fast, caches["triton"], plan, edited)
+                row["profile"] = profile_step(fast, inputs, plan, edited)
                 log(f"profile at {area:.0%}: {row['profile']['kernels_per_step']:.0f} kernels, "
                     f"{row['profile']['gpu_kernel_ms_per_step']:.2f} ms of GPU kernel time per "
                     f"step (replayed step: {row['triton_ms']:.2f} ms)")
@@ -216,7 +206,8 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
 
 
 @torch.no_grad()
-def profile_step(engine, cache, plan, edited: dict, calls: int = 5, top: int = 15) -> dict:
+def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
+                 top: int = 15) -> dict:
     """Where one sparse step's time goes: the kernels it launches and their GPU time.
 
     Runs ``engine`` without CUDA graphs under ``torch.profiler`` (a replayed graph hides its
@@ -229,8 +220,7 @@ def profile_step(engine, cache, plan, edited: dict, calls: int = 5, top: int = 1
 
     eager = engine.with_config(dataclasses.replace(engine.config, cuda_graphs=False))
     eager_cache = eager.new_cache()
-    eager_cache.signature, eager_cache.timesteps = cache.signature, cache.timesteps
-    eager_cache.steps = cache.steps            # the same recorded values, read only
+    eager.record(eager_cache, 0, **inputs)
     run = lambda: eager.edit(eager_cache, 0, plan=plan, **edited)  # noqa: E731
     run()
     torch.cuda.synchronize()

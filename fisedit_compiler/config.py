@@ -75,16 +75,12 @@ class SparseConfig:
 
     def tiles_for(self, levels: list[tuple[int, int]]) -> list[int]:
         """The tile side of each level, clipped to the level's size."""
-        tiles = self.tile if isinstance(self.tile, tuple) else (self.tile,)
-        tiles = tiles + (tiles[-1],) * (len(levels) - len(tiles))
+        tiles = _per_level(self.tile, len(levels))
         return [max(1, min(t, max(size))) for t, size in zip(tiles, levels)]
 
     def thresholds_for(self, levels: list[tuple[int, int]]) -> list[float]:
         """The dense threshold of each level (a tuple's last value repeats, as for ``tile``)."""
-        values = (self.dense_threshold if isinstance(self.dense_threshold, tuple)
-                  else (self.dense_threshold,))
-        values = values + (values[-1],) * (len(levels) - len(values))
-        return [float(t) for t in values[:len(levels)]]
+        return [float(t) for t in _per_level(self.dense_threshold, len(levels))]
 
     def use_triton(self, device: torch.device | str) -> bool:
         """Whether edit graphs on ``device`` run the Triton kernels."""
@@ -95,3 +91,9 @@ class SparseConfig:
         if self.kernels == "triton":
             return torch.device(device).type == "cuda" or INTERPRET
         return torch.device(device).type == "cuda"
+
+
+def _per_level(value, count: int) -> tuple:
+    """One value per level from a value or a tuple whose last value repeats."""
+    values = value if isinstance(value, tuple) else (value,)
+    return (values + (values[-1],) * (count - len(values)))[:count]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 # Node metadata keys written by the passes.
@@ -153,6 +154,11 @@ def op_name(node) -> str | None:
     if node.op != "call_function":
         return None
     return node.meta.get(META_OP)
+
+
+def is_call(node, target) -> bool:
+    """Whether ``node`` is an fx call of the function ``target`` (any function, not only ops)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
 def is_op(node, *names: str) -> bool:

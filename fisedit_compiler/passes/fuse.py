@@ -47,11 +47,11 @@ def _fuse_prologue(graph: fx.Graph, conv: fx.Node) -> None:
     x, level_in = conv.args[0], conv.args[3]
     absorbed = []
     silu = False
-    if _is_call(x, ir.silu) and _only_user(x) is conv:
+    if ir.is_call(x, ir.silu) and _only_user(x) is conv:
         absorbed.append(x)
         silu, x = True, x.args[0]
     norm = None
-    if (_is_call(x, ops.sparse_group_norm) and _only_user(x) is (absorbed[-1] if absorbed else conv)
+    if (ir.is_call(x, ops.sparse_group_norm) and _only_user(x) is (absorbed[-1] if absorbed else conv)
             and x.args[3] == level_in):
         _, stats, _, _, groups, weight, bias, eps, policy = x.args
         absorbed.append(x)
@@ -102,10 +102,6 @@ def _other_operand(node: fx.Node, operand: fx.Node):
     if second is operand and first is not operand:
         return first
     return None
-
-
-def _is_call(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
 def _descendants(root: fx.Node) -> set:

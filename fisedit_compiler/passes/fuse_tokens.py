@@ -27,22 +27,18 @@ def fuse_tokens(edit: fx.GraphModule) -> fx.GraphModule:
     graph = edit.graph
     order = {node: index for index, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if _is_call(node, ir.layer_norm):
+        if ir.is_call(node, ir.layer_norm):
             _fuse_add_layer_norm(graph, node, order)
-        elif _is_call(node, ir.mul):
+        elif ir.is_call(node, ir.mul):
             _fuse_geglu(graph, node)
     graph.lint()
     edit.recompile()
     return edit
 
 
-def _is_call(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
 def _fuse_add_layer_norm(graph: fx.Graph, norm: fx.Node, order: dict) -> None:
     total, shape, weight, bias, eps = norm.args
-    if not _is_call(total, ir.add) or len(shape) != 1:
+    if not ir.is_call(total, ir.add) or len(shape) != 1:
         return
     x, residual = total.args
     params = [p for p in (weight, bias) if isinstance(p, fx.Node)]
@@ -63,13 +59,13 @@ def _fuse_add_layer_norm(graph: fx.Graph, norm: fx.Node, order: dict) -> None:
 
 def _fuse_geglu(graph: fx.Graph, mul: fx.Node) -> None:
     hidden, gelu = mul.args
-    if not (_is_call(gelu, ir.gelu) and gelu.args[1] == "none" and len(gelu.users) == 1
-            and _is_call(hidden, _getitem) and hidden.args[1] == 0 and len(hidden.users) == 1):
+    if not (ir.is_call(gelu, ir.gelu) and gelu.args[1] == "none" and len(gelu.users) == 1
+            and ir.is_call(hidden, _getitem) and hidden.args[1] == 0 and len(hidden.users) == 1):
         return
     gate = gelu.args[0]
     split = hidden.args[0]
-    if not (_is_call(gate, _getitem) and gate.args == (split, 1) and len(gate.users) == 1
-            and _is_call(split, ir.split) and len(split.users) == 2):
+    if not (ir.is_call(gate, _getitem) and gate.args == (split, 1) and len(gate.users) == 1
+            and ir.is_call(split, ir.split) and len(split.users) == 2):
         return
     x, sizes, dim = split.args
     if len(sizes) != 2 or sizes[0] != sizes[1]:

@@ -12,22 +12,11 @@ no edit runs slower than the dense compiled step (the d = 0 candidate) by more t
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .plan import MaskPlan
+from .plan import MaskPlan, blob_mask
 
 CALIBRATION_AREAS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
-
-
-def _square(size: tuple[int, int], area: float) -> torch.Tensor:
-    side_h = max(1, min(size[0], round(math.sqrt(area) * size[0])))
-    side_w = max(1, min(size[1], round(math.sqrt(area) * size[1])))
-    mask = torch.zeros(size, dtype=torch.bool)
-    top, left = (size[0] - side_h) // 2, (size[1] - side_w) // 2
-    mask[top:top + side_h, left:left + side_w] = True
-    return mask
 
 
 @torch.no_grad()
@@ -51,7 +40,7 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
     dense_best = [1.0] * len(levels)       # smallest fraction at which dense won
     measurements = []
     for area in areas:
-        mask = _square(tuple(levels[0]), area)
+        mask = blob_mask(tuple(levels[0]), area)
         fractions = MaskPlan(mask, levels, tiles, engine.config.dilation, 1.0,
                              device=device).fractions()
         times = []

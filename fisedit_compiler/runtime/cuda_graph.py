@@ -19,15 +19,8 @@ import torch
 import torch.fx as fx
 
 from ..passes.sparsify import CACHE_INPUT, PLAN_INPUT
+from .edit_cache import map_tensors
 from .plan import MaskPlan
-
-
-def _static_copy(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _static_copy(item) for key, item in value.items()}
-    return value
 
 
 def _pairs(static, value, out: list) -> list:
@@ -54,8 +47,8 @@ class CapturedStep:
 
     def __init__(self, edit: fx.GraphModule, plan: MaskPlan, inputs: dict, store: dict):
         self.edit, self.plan = edit, plan
-        self.inputs = _static_copy(inputs)
-        self.store = _static_copy(store)
+        self.inputs = map_tensors(inputs, torch.clone)
+        self.store = map_tensors(store, torch.clone)
         # Warm up outside the capture, on a side stream as capture requires: this builds the
         # plan's index tables, packs weights and autotunes the Triton kernels (host work that
         # must not be captured).

@@ -25,12 +25,12 @@ def _nbytes(value) -> int:
     return 0
 
 
-def _map(value, fn):
+def map_tensors(value, fn):
     """``fn`` applied to every tensor of a nested dict of tensors."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return {key: _map(item, fn) for key, item in value.items()}
+        return {key: map_tensors(item, fn) for key, item in value.items()}
     return value
 
 
@@ -41,6 +41,11 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor)
     return host
+
+
+def _to_device(store: dict, device: torch.device) -> dict:
+    """``store`` copied to ``device``, asynchronously from pinned memory."""
+    return map_tensors(store, lambda tensor: tensor.to(device, non_blocking=True))
 
 
 class EditCache:
@@ -80,7 +85,7 @@ class EditCache:
             self._prefetched = None
         budget = self.device_budget_bytes
         if budget is not None and self.device_nbytes() + _nbytes(store) > budget:
-            store = _map(store, _to_host)
+            store = map_tensors(store, _to_host)
             self.offloaded.add(step)
         self.steps[step] = store
 
@@ -100,9 +105,9 @@ class EditCache:
             current = torch.cuda.current_stream(device)
             current.wait_event(ready)
             # The copies were allocated on the side stream: tell the allocator they are used here.
-            _map(store, lambda tensor: tensor.record_stream(current))
+            map_tensors(store, lambda tensor: tensor.record_stream(current))
             return store
-        return _map(self.steps[step], lambda tensor: tensor.to(device, non_blocking=True))
+        return _to_device(self.steps[step], device)
 
     def prefetch(self, step: int, device: torch.device) -> None:
         """Start copying offloaded ``step`` to a CUDA ``device`` on a side stream (one step is
@@ -116,7 +121,7 @@ class EditCache:
         # The side stream waits for work already queued that may still read the pinned source.
         self._copy_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._copy_stream):
-            store = _map(self.steps[step], lambda tensor: tensor.to(device, non_blocking=True))
+            store = _to_device(self.steps[step], device)
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
         self._prefetched = (step, store, ready)

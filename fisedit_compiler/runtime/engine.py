@@ -200,18 +200,20 @@ class SparseEngine:
         if self.config.check_inputs:
             self._check_outside_mask(cache, step, plan, flat)
         device = _device_of(program.signature)
-        if plan.full and self.config.cuda_graphs and device.type == "cuda":
+        graphs = self.config.cuda_graphs and device.type == "cuda"
+        if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
-            return self.dense(**inputs)
-        output = self._edit_step(program, plan, flat, cache.store_on(step, device))
+            return self._compiled_dense(program, flat)
+        output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs)
         if step + 1 < cache.num_steps:
             cache.prefetch(step + 1, device)    # overlaps this step's compute
         return output
 
-    def _edit_step(self, program: Program, plan: MaskPlan, flat: dict, store: dict):
+    def _edit_step(self, program: Program, plan: MaskPlan, flat: dict, store: dict,
+                   graphs: bool):
         if plan.empty and program.output_key in store:
             return store[program.output_key].clone()   # nothing active: the recorded output
-        if self.config.cuda_graphs and _device_of(program.signature).type == "cuda":
+        if graphs:
             key = ("cuda_graph", program.signature, self.config)
             if key not in plan.memo:
                 plan.memo[key] = CapturedStep(program.edit, plan, flat, store)
@@ -226,12 +228,14 @@ class SparseEngine:
         module itself. Full-mask edits and the editing flow's dense probe steps use it."""
         if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
             return self.unet(**inputs)[0]
-        program = self.program(inputs)
+        return self._compiled_dense(self.program(inputs), flatten_inputs(inputs))
+
+    def _compiled_dense(self, program: Program, flat: dict) -> torch.Tensor:
         if program.signature not in self._dense:
             self._dense[program.signature] = torch.compile(program.canonical,
                                                            mode="reduce-overhead")
         # Cloned: the next replay of the compiled CUDA graph overwrites its output.
-        return self._dense[program.signature](**flatten_inputs(inputs)).clone()
+        return self._dense[program.signature](**flat).clone()
 
     def stats(self, plan: MaskPlan) -> dict:
         """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal

@@ -54,6 +54,11 @@ class LevelPlan:
     def tile_grid(self) -> tuple[int, int]:
         return (math.ceil(self.size[0] / self.tile), math.ceil(self.size[1] / self.tile))
 
+    def tile_ids(self) -> torch.Tensor:
+        """Row-major ids of the active tiles in the level's tile grid (memoised)."""
+        return self.table("tile_ids", lambda: self.tiles[:, 0] * self.tile_grid[1]
+                          + self.tiles[:, 1])
+
     def table(self, key, build):
         """A per-plan memo of index tables (built once per mask, kept on the plan's device)."""
         if key not in self._tables:
@@ -234,4 +239,15 @@ def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
     mask = torch.zeros(size, dtype=torch.bool)
     mask[int(y0 * height):max(int(y0 * height) + 1, round(y1 * height)),
          int(x0 * width):max(int(x0 * width) + 1, round(x1 * width))] = True
+    return mask
+
+
+def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
+    """One centred square covering ``area`` of the latent (rounded to whole pixels)."""
+    height, width = size
+    side_h = max(1, min(height, round(math.sqrt(area) * height)))
+    side_w = max(1, min(width, round(math.sqrt(area) * width)))
+    mask = torch.zeros(size, dtype=torch.bool)
+    top, left = (height - side_h) // 2, (width - side_w) // 2
+    mask[top:top + side_h, left:left + side_w] = True
     return mask

@@ -218,8 +218,7 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
         mean, variance = mean_recorded, stats["variance"]
     else:
         total = (channels // groups) * target.size[0] * target.size[1]
-        tile_ids = target.table("tile_ids",
-                                lambda: target.tiles[:, 0] * target.tile_grid[1] + target.tiles[:, 1])
+        tile_ids = target.tile_ids()
         shifted = grouped - mean_recorded[:, :, None, None]
         sum_new = shifted.sum(dim=(2, 3))
         sum_sq_new = (shifted * shifted).sum(dim=(2, 3))

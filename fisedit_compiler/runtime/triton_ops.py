@@ -37,11 +37,6 @@ def _pixels(level: LevelPlan) -> torch.Tensor:
     return level.table("pixels_int32", lambda: level.pixels.to(torch.int32))
 
 
-def _active_tiles(level: LevelPlan) -> torch.Tensor:
-    return level.table("tile_ids", lambda: level.tiles[:, 0] * level.tile_grid[1]
-                       + level.tiles[:, 1])
-
-
 # id(weight) -> (weak reference to the weight, packed copy). The weak reference tells a live
 # entry from one whose id was reused after its weight was freed. Weights are assumed not to
 # change in place between edits (a fine-tuned U-Net needs a new engine).
@@ -65,7 +60,7 @@ def _scale_shift(x, norm, level: LevelPlan):
     if level.dense:
         # Every tile is new: the statistics are x's own (as F.group_norm), whatever the policy.
         policy = "incremental"
-    return group_norm_kernels.group_norm_scale_shift(x, stats, _active_tiles(level), count,
+    return group_norm_kernels.group_norm_scale_shift(x, stats, level.tile_ids(), count,
                                                      groups, weight, bias, eps, policy)
 
 

@@ -78,3 +78,38 @@ def test_offloaded_steps_are_pinned_and_prefetched_on_cuda():
         edited = bench.edited_inputs(inputs, plan.raw)
         assert torch.equal(engine.edit(offloaded, step, plan=plan, **edited),
                            engine.edit(kept, step, plan=plan, **edited))
+
+
+def test_a_step_is_packed_into_one_buffer_keeping_values_and_strides():
+    from fisedit_compiler.runtime.edit_cache import StoreLayout
+
+    base = torch.randn(2, 8, 5, 3)
+    store = {"contiguous": torch.randn(3, 7),
+             "channels_last": base.to(memory_format=torch.channels_last),
+             "transposed_slice": base[:, ::2].transpose(1, 3),      # does not fill its span
+             "half": torch.randn(5).half(), "scalar": torch.tensor(3.0),
+             "norm": {"mean": torch.randn(2, 4), "tile_sum": torch.randn(2, 4, 9)}}
+    packed = StoreLayout(store).pack(store)
+    views = [packed["contiguous"], packed["channels_last"], packed["transposed_slice"],
+             packed["half"], packed["scalar"], packed["norm"]["mean"], packed["norm"]["tile_sum"]]
+    originals = [store["contiguous"], store["channels_last"], store["transposed_slice"],
+                 store["half"], store["scalar"], store["norm"]["mean"], store["norm"]["tile_sum"]]
+    for view, original in zip(views, originals):
+        assert torch.equal(view, original) and view.dtype == original.dtype
+        assert view.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
+        assert view.data_ptr() % 64 == 0
+    assert packed["channels_last"].stride() == store["channels_last"].stride()
+    copy = packed.clone()                    # one buffer copy gives every value at new places
+    assert torch.equal(copy["norm"]["tile_sum"], store["norm"]["tile_sum"])
+    assert copy["half"].data_ptr() != packed["half"].data_ptr()
+
+
+def test_replace_refuses_a_value_of_another_shape(setup):
+    engine, steps, _ = setup
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **steps[0])
+    key = engine.program(steps[0]).output_key
+    before = cache.steps[0][key].clone()
+    with pytest.raises(fc.FiseditError, match="cannot replace"):
+        cache.replace(0, key, torch.zeros(3))
+    assert torch.equal(cache.steps[0][key], before)

@@ -7,6 +7,13 @@ several times that: more than a consumer GPU holds next to the model. A cache ma
 host memory as they are recorded. An edit of an offloaded step copies it back; the engine
 starts that copy one step early (``prefetch``) on a side stream, so it overlaps the previous
 step's compute instead of stalling the next one.
+
+Each step's values live in one byte buffer (``StepStore``), one view per key. Why: the edit
+step's CUDA graph reads its cache at fixed addresses, so before each replay the step's values
+are copied into the graph's own buffer. SD1.5 records ~350 tensors per step; copied one by
+one that took 2.1 ms of host time per step on an H100 (``benchmarks/host_overhead.py``), a
+third of the whole edit step. One buffer makes it one copy, and offloading and prefetching a
+step one copy each way.
 """
 
 from __future__ import annotations
@@ -25,13 +32,10 @@ def _nbytes(value) -> int:
     return 0
 
 
-def map_tensors(value, fn):
-    """``fn`` applied to every tensor of a nested dict of tensors."""
+def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {key: map_tensors(item, fn) for key, item in value.items()}
-    return value
+        return f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,15 +47,117 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _to_device(store: dict, device: torch.device) -> dict:
-    """``store`` copied to ``device``, asynchronously from pinned memory."""
-    return map_tensors(store, lambda tensor: tensor.to(device, non_blocking=True))
+_ALIGN = 64     # bytes; every view starts aligned for any dtype and for vectorised loads
+
+
+class StepStore(dict):
+    """One step's recorded values: a nested dict of views into one byte ``buffer``.
+
+    Reads like the plain dict the record graph fills (``store[key]``); ``layout`` gives the
+    same views over any other buffer of the same layout, which is how a CUDA graph's static
+    copy and offloaded or prefetched copies are made.
+    """
+
+    def __init__(self, buffer: torch.Tensor, layout: "StoreLayout"):
+        super().__init__(layout.views(buffer))
+        self.buffer, self.layout = buffer, layout
+
+    def to(self, device, non_blocking: bool = False) -> "StepStore":
+        return StepStore(self.buffer.to(device, non_blocking=non_blocking), self.layout)
+
+    def clone(self) -> "StepStore":
+        return StepStore(self.buffer.clone(), self.layout)
+
+
+class StoreLayout:
+    """Where each tensor of a recorded step lives in its byte buffer: offset, dtype, shape,
+    strides. Tensors whose elements fill their span keep their strides (channels-last stays
+    channels-last); others are stored contiguous, which every later view and op accepts."""
+
+    def __init__(self, store: dict):
+        self.slots = []             # (path, dtype, shape, stride, byte offset, elements)
+        self.nbytes = 0
+        for path, tensor in _leaves(store, ()):
+            stride = tensor.stride() if _fills_span(tensor) else _contiguous_strides(tensor.shape)
+            self.slots.append((path, tensor.dtype, tuple(tensor.shape), tuple(stride),
+                               self.nbytes, tensor.numel()))
+            self.nbytes += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+        self.signature = [(path, dtype, shape) for path, dtype, shape, *_ in self.slots]
+
+    def matches(self, store: dict) -> bool:
+        return self.signature == [(path, t.dtype, tuple(t.shape)) for path, t in _leaves(store, ())]
+
+    def pack(self, store: dict) -> StepStore:
+        """``store``'s tensors copied into one new buffer on their device (one launch on CUDA)."""
+        leaves = dict(_leaves(store, ()))
+        pieces, end = [], 0
+        for path, dtype, shape, stride, offset, numel in self.slots:
+            if offset > end:
+                pieces.append(torch.zeros(offset - end, dtype=torch.uint8,
+                                          device=leaves[path].device))
+            pieces.append(_storage_order(leaves[path], stride).view(torch.uint8))
+            end = offset + pieces[-1].numel()
+        if not pieces:
+            return StepStore(torch.empty(0, dtype=torch.uint8), self)
+        if self.nbytes > end:
+            pieces.append(torch.zeros(self.nbytes - end, dtype=torch.uint8,
+                                      device=pieces[0].device))
+        return StepStore(torch.cat(pieces), self)
+
+    def views(self, buffer: torch.Tensor) -> dict:
+        store: dict = {}
+        for path, dtype, shape, stride, offset, numel in self.slots:
+            size = numel * dtype.itemsize
+            flat = buffer[offset:offset + size].view(dtype)
+            node = store
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = flat.as_strided(shape, stride)
+        return store
+
+
+def _leaves(value, path):
+    """(path, tensor) for every tensor of a nested dict, in insertion order."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, path + (key,))
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _fills_span(tensor: torch.Tensor) -> bool:
+    """True when the tensor's elements occupy exactly ``numel`` consecutive storage slots."""
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride())
+                  if size > 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return tensor.numel() > 0
+
+
+def _storage_order(tensor: torch.Tensor, stride: tuple) -> torch.Tensor:
+    """The tensor's elements as a flat tensor in the storage order of a view with ``stride``."""
+    if tuple(tensor.stride()) != tuple(stride) or not _fills_span(tensor):
+        tensor = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype,
+                                     device=tensor.device).copy_(tensor)
+    return tensor.as_strided((tensor.numel(),), (1,))
 
 
 class EditCache:
     """The recorded values of one original generation, keyed by step index.
 
-    ``steps[i]`` maps cache keys to tensors (or group-norm statistics). The signature, config
+    ``steps[i]`` maps cache keys to tensors (or group-norm statistics), all views into one
+    buffer per step (``StepStore``). The signature, config
     and per-step timesteps are fixed by the first ``record`` and checked on every later call.
     Steps recorded while the device holds more than ``device_budget_bytes`` of this cache go
     to pinned host memory (``offloaded``); None means no budget.
@@ -68,7 +174,8 @@ class EditCache:
         self.config = config
         self.device_budget_bytes = device_budget_bytes
         self.signature: tuple | None = None
-        self.steps: dict[int, dict] = {}
+        self.layout: StoreLayout | None = None     # fixed by the first recorded step
+        self.steps: dict[int, StepStore] = {}
         self.offloaded: set[int] = set()
         self.timesteps: dict[int, torch.Tensor] = {}
         self.inputs: dict[int, dict[str, torch.Tensor]] = {}
@@ -77,24 +184,37 @@ class EditCache:
 
     # -- storing ----------------------------------------------------------------------------
     def put(self, step: int, store: dict) -> None:
-        """Keep ``store`` as the recorded values of ``step``: on its device while the budget
-        allows, else in pinned host memory."""
+        """Keep ``store`` (the record graph's dict) as the recorded values of ``step``, packed
+        into one buffer: on its device while the budget allows, else in pinned host memory."""
+        if self.layout is None:
+            self.layout = StoreLayout(store)
+        elif not self.layout.matches(store):
+            raise FiseditError("this step records other values than the cache's earlier steps; "
+                               "a cache holds one generation: use engine.new_cache()")
         self.steps.pop(step, None)
         self.offloaded.discard(step)
         if self._prefetched is not None and self._prefetched[0] == step:
             self._prefetched = None
+        packed = self.layout.pack(store)
         budget = self.device_budget_bytes
-        if budget is not None and self.device_nbytes() + _nbytes(store) > budget:
-            store = map_tensors(store, _to_host)
+        if budget is not None and self.device_nbytes() + _nbytes(packed) > budget:
+            packed = StepStore(_to_host(packed.buffer), self.layout)
             self.offloaded.add(step)
-        self.steps[step] = store
+        self.steps[step] = packed
 
     def replace(self, step: int, key: str, value: torch.Tensor) -> None:
-        """Replace one recorded value of ``step``, keeping the step where it is stored."""
-        self.steps[step][key] = _to_host(value) if step in self.offloaded else value
+        """Overwrite one recorded value of ``step`` in place, wherever the step is stored."""
+        old = self.steps[step][key]
+        if not isinstance(old, torch.Tensor) or old.shape != value.shape or \
+                old.dtype != value.dtype:
+            raise FiseditError(f"cannot replace {key!r} of step {step}: recorded "
+                               f"{_describe(old)}, got {_describe(value)}")
+        old.copy_(value)
+        if self._prefetched is not None and self._prefetched[0] == step:
+            self._prefetched = None         # the prefetched copy is stale
 
     # -- reading ----------------------------------------------------------------------------
-    def store_on(self, step: int, device: torch.device) -> dict:
+    def store_on(self, step: int, device: torch.device) -> StepStore:
         """The recorded values of ``step`` on ``device``: as stored, prefetched, or copied now
         (asynchronously from pinned memory, ordered before the work that reads them)."""
         if step not in self.offloaded:
@@ -104,10 +224,10 @@ class EditCache:
             self._prefetched = None
             current = torch.cuda.current_stream(device)
             current.wait_event(ready)
-            # The copies were allocated on the side stream: tell the allocator they are used here.
-            map_tensors(store, lambda tensor: tensor.record_stream(current))
+            # The copy was allocated on the side stream: tell the allocator it is used here.
+            store.buffer.record_stream(current)
             return store
-        return _to_device(self.steps[step], device)
+        return self.steps[step].to(device, non_blocking=True)
 
     def prefetch(self, step: int, device: torch.device) -> None:
         """Start copying offloaded ``step`` to a CUDA ``device`` on a side stream (one step is
@@ -121,7 +241,7 @@ class EditCache:
         # The side stream waits for work already queued that may still read the pinned source.
         self._copy_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._copy_stream):
-            store = _to_device(self.steps[step], device)
+            store = self.steps[step].to(device, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
         self._prefetched = (step, store, ready)

@@ -1,0 +1,94 @@
+"""Where the host time of one CUDA-graph edit call goes (GPU only).
+
+    python benchmarks/host_overhead.py [--model sd15] [--area 0.05]
+
+``fisedit-compiler bench --profile-area`` splits an edit call into the replayed graph and the
+host time of the call; this script splits the host time further, piece by piece, in the order
+``SparseEngine.edit`` runs them: the program lookup, the timestep check, the step's cache
+lookup, the copies of the inputs and the cache into the graph's static buffers (host launch
+time and GPU time), the replay launch and the output clone. Medians of perf_counter timings
+from an idle GPU; GPU times by CUDA events. Prints a table and the CUDA kernels launched
+outside the graph, from a profile of one edit call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler import bench, zoo
+from fisedit_compiler.capture import flatten_inputs
+
+
+def host_ms(fn, reps: int = 20) -> float:
+    """Median host milliseconds of ``fn`` started with an idle GPU."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - started))
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--area", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    latent = bench.RESOLUTION[args.model] // 8
+    unet = zoo.unet(args.model, dtype=torch.float16, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=latent, width=latent)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    mask = bench.blob_mask((latent, latent), args.area)
+    plan = engine.plan(mask)
+    edited = bench.edited_inputs(inputs, mask)
+    edit = lambda: engine.edit(cache, 0, plan=plan, **edited)  # noqa: E731
+    edit()
+    captured = next(v for k, v in plan.memo.items() if isinstance(k, tuple))
+    flat = flatten_inputs(edited)
+    store = cache.store_on(0, torch.device("cuda"))
+    slots = store.layout.slots
+    dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype, *_ in slots})
+    mib = store.buffer.numel() / 2**20
+
+    def copy_inputs():
+        for name, value in flat.items():
+            captured.inputs[name].copy_(value)
+
+    copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
+    rows = [
+        ("whole edit call (host)", host_ms(edit), bench.cuda_time_ms(edit)),
+        ("program lookup", host_ms(lambda: engine.program(edited)), None),
+        ("flatten inputs", host_ms(lambda: flatten_inputs(edited)), None),
+        ("timestep check", host_ms(lambda: engine._check_timestep(cache, 0, flat)), None),
+        ("cache store_on", host_ms(lambda: cache.store_on(0, torch.device("cuda"))), None),
+        ("copy inputs", host_ms(copy_inputs), bench.cuda_time_ms(copy_inputs)),
+        ("copy cache", host_ms(copy_cache), bench.cuda_time_ms(copy_cache)),
+        ("graph replay", host_ms(captured.graph.replay), bench.cuda_time_ms(captured.graph.replay)),
+        ("output clone", host_ms(lambda: captured.output.clone()), None),
+    ]
+    print(f"{args.model} {latent * 8} px, {args.area:.0%} blob, cache: {len(slots)} tensors in "
+          f"one {mib:.1f} MiB buffer, dtypes {dtypes}")
+    print(f"{'piece':28s} {'host ms':>8s} {'GPU ms':>8s}")
+    for name, host, gpu in rows:
+        print(f"{name:28s} {host:8.3f} {'' if gpu is None else f'{gpu:8.3f}':>8s}")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        edit()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()

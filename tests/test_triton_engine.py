@@ -9,6 +9,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.passes.lower_kernels import CHANNELS_LAST_KEYS
 from fisedit_compiler.runtime import triton_ops
 
 
@@ -31,7 +32,12 @@ def test_interpreted_kernels_meet_the_oracle():
     unet = zoo.unet("sd15-tiny")
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[5:7, 6:8] = True              # small: the interpreter runs every program in Python
-    edit_and_check(unet, fc.SparseConfig(kernels="triton"), mask, 1e-5)
+    engine, cache, *_ = edit_and_check(unet, fc.SparseConfig(kernels="triton"), mask, 1e-5)
+    # The sparse convs' recorded inputs are kept channels-last, the layout their kernel reads
+    # fastest; the edit above read them that way.
+    keys = engine.program(zoo.example_inputs(unet, batch=2)).edit.meta[CHANNELS_LAST_KEYS]
+    assert keys and all(cache.steps[0][key].is_contiguous(memory_format=torch.channels_last)
+                        for key in keys)
 
 
 def test_kernel_choice_follows_the_config():

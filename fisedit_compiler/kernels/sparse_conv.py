@@ -192,16 +192,18 @@ if HAS_TRITON:
             acc += tl.load(res_ptr + batch64[:, None] * sres_b + cols[None, :] * sres_c
                            + slot[:, None] * sres_p, mask=mask, other=0.0).to(tl.float32)
         acc = acc * out_scale
-        out = out_ptr + batch64[:, None] * c_out * p_out + cols[None, :] * p_out + slot[:, None]
+        # Channel-fast output (see sparse_conv2d): a row of the tile is one contiguous run.
+        out = out_ptr + batch64[:, None] * c_out * p_out + slot[:, None] * c_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     # ``m_bucket`` (the power of two at or above B * P_out) is in the key and unused in the
     # body: tuning once per bucket, not per mask, keeps a new mask from re-tuning every conv.
-    # The sizes and strides that follow the mask (P_out, P_in) are not specialized on, so a
-    # new mask does not recompile either.
+    # The sizes and batch strides that follow the mask (P_out, P_in) are not specialized on, so
+    # a new mask does not recompile either. Channel strides are: a channel stride of 1 (the
+    # channel-fast layout the runtime uses) lets Triton load each pixel's channels as one
+    # contiguous vector, which is what makes the gathered A tile cheap.
     @triton.autotune(configs=_configs(), key=["c_in", "c_out", "KH", "KW", "m_bucket"])
-    @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket", "sx_b", "sx_c", "sres_b",
-                                   "sres_c"])
+    @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket", "sx_b", "sres_b"])
     def _sparse_conv2d_kernel(
             x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
             temb_ptr, res_ptr, out_ptr, partial_ptr,
@@ -330,7 +332,10 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     deterministic) before the epilogue; None chooses from the problem size (``_auto_split_k``).
 
     Accumulates in fp32; fp32 inputs multiply in IEEE fp32 (no TF32), so the kernel matches
-    the reference to rounding. Strided ``x``, ``recorded`` and ``residual`` are read in place.
+    the reference to rounding. Strided ``x``, ``recorded`` and ``residual`` are read in place;
+    they are fastest channel-fast (``x`` and ``residual`` with strides ``(P * C, 1, C)``,
+    ``recorded`` channels-last), and the output is channel-fast: ``[B, Cout, P_out]`` with
+    strides ``(P_out * Cout, 1, Cout)``.
     No host synchronization, except that on CUDA the first call of each (channels, kernel
     size, dtypes, size bucket) autotunes: warm up before capturing a CUDA graph.
     """
@@ -365,7 +370,9 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     if max(spans + [c_out * p_out, packed.numel()]) > _INT32_MAX:
         raise FiseditError("sparse_conv2d: one batch item spans more than 2^31 elements; "
                            "split the channels or the image")
-    out = torch.empty((batch, c_out, p_out), dtype=x.dtype, device=x.device)
+    # Channel-fast: each output pixel's channels are contiguous, so the kernel's stores and the
+    # next conv's gathered loads (its ``x``) are contiguous vectors, not strided scalars.
+    out = torch.empty((batch, p_out, c_out), dtype=x.dtype, device=x.device).transpose(1, 2)
     m_total = batch * p_out
     if m_total == 0:
         return out

@@ -71,14 +71,21 @@ class StepStore(dict):
 
 class StoreLayout:
     """Where each tensor of a recorded step lives in its byte buffer: offset, dtype, shape,
-    strides. Tensors whose elements fill their span keep their strides (channels-last stays
-    channels-last); others are stored contiguous, which every later view and op accepts."""
+    strides. 4-D tensors under a key in ``channels_last`` are stored channels-last (what the
+    sparse conv kernel reads fastest); other tensors whose elements fill their span keep their
+    strides; the rest are stored contiguous, which every later view and op accepts."""
 
-    def __init__(self, store: dict):
+    def __init__(self, store: dict, channels_last=()):
         self.slots = []             # (path, dtype, shape, stride, byte offset, elements)
         self.nbytes = 0
         for path, tensor in _leaves(store, ()):
-            stride = tensor.stride() if _fills_span(tensor) else _contiguous_strides(tensor.shape)
+            if path[0] in channels_last and tensor.dim() == 4:
+                batch, channels, height, width = tensor.shape
+                stride = (height * width * channels, 1, width * channels, channels)
+            elif _fills_span(tensor):
+                stride = tensor.stride()
+            else:
+                stride = _contiguous_strides(tensor.shape)
             self.slots.append((path, tensor.dtype, tuple(tensor.shape), tuple(stride),
                                self.nbytes, tensor.numel()))
             self.nbytes += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
@@ -183,11 +190,13 @@ class EditCache:
         self._copy_stream = None
 
     # -- storing ----------------------------------------------------------------------------
-    def put(self, step: int, store: dict) -> None:
+    def put(self, step: int, store: dict, channels_last=()) -> None:
         """Keep ``store`` (the record graph's dict) as the recorded values of ``step``, packed
-        into one buffer: on its device while the budget allows, else in pinned host memory."""
+        into one buffer: on its device while the budget allows, else in pinned host memory.
+        The first step fixes the layout; 4-D values under the keys in ``channels_last`` are
+        stored channels-last."""
         if self.layout is None:
-            self.layout = StoreLayout(store)
+            self.layout = StoreLayout(store, channels_last)
         elif not self.layout.matches(store):
             raise FiseditError("this step records other values than the cache's earlier steps; "
                                "a cache holds one generation: use engine.new_cache()")

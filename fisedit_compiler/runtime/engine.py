@@ -23,7 +23,7 @@ from ..errors import FiseditError
 from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
 from ..passes.fuse import fuse
 from ..passes.fuse_tokens import fuse_tokens
-from ..passes.lower_kernels import lower_kernels
+from ..passes.lower_kernels import CHANNELS_LAST_KEYS, lower_kernels
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
 from .cuda_graph import CapturedStep
 from .edit_cache import EditCache
@@ -150,7 +150,7 @@ class SparseEngine:
         store: dict = {}
         output = program.record(**flat, **{CACHE_INPUT: store})
         cache.signature = program.signature
-        cache.put(step, store)
+        cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
         cache.timesteps[step] = flat["timestep"].clone() if "timestep" in flat else None
         if self.config.check_inputs:
             cache.inputs[step] = {name: value.clone() for name, value in flat.items()}

@@ -16,9 +16,16 @@ import torch
 from ..errors import FiseditError
 from ..runtime.plan import load_mask_png, mask_from_box
 
-DEMO_PROMPT, DEMO_EDIT = "a red circle on a white table", "a blue circle on a white table"
+# The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
+# package) by default: its scene and colour edit come from there, at its native 64 px, with
+# the settings of benchmarks/edit_quality.py (20 DDIM steps, 5 probe steps, guidance 5).
+DEMO_MODEL = "shapes"
+SHAPES_DEFAULTS = dict(steps=20, probe_steps=5, guidance_scale=5.0, size=None)
+# Any other zoo pipeline (--model) has random weights: a generic prompt edit, fewer steps.
+RANDOM_PROMPT, RANDOM_EDIT = "a red circle on a white table", "a blue circle on a white table"
+RANDOM_DEFAULTS = dict(steps=8, probe_steps=3, guidance_scale=7.5, size=128)
 # Random weights give latents without spatial structure, so the automatic mask comes out
-# empty; the random-weight demo edits this box instead, to show a real sparse edit.
+# empty; a random-weight demo edits this box instead, to show a real sparse edit.
 DEMO_BOX = "0.4,0.4,0.6,0.6"
 
 
@@ -41,20 +48,32 @@ def add_edit_command(subparsers) -> None:
 
 def add_demo_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="generate and edit with an offline zoo pipeline (random weights)",
-        description="Build an offline zoo pipeline (random weights, so images look like "
-                    "noise), generate, edit and write the images and report.json.")
-    parser.add_argument("--model", default=None,
-                        help="zoo pipeline name (default: sd15 with CUDA, else sd15-tiny)")
+        "demo", help="generate and edit offline with the shipped 'shapes' model",
+        description="Generate a scene with the small trained 'shapes' pipeline shipped with "
+                    "the package (64 px scenes of coloured shapes), edit its prompt (a colour "
+                    "change), and write original.png, edit.png, mask.png, overlay.png and "
+                    "report.json. Offline; about a second on CPU. --model NAME uses a zoo "
+                    "pipeline with random weights instead (noise-like images; without --mask "
+                    f"or --mask-box it edits the box {DEMO_BOX}).")
+    parser.add_argument("--model", default=DEMO_MODEL,
+                        help="'shapes' (default: the trained model) or a zoo pipeline name "
+                             "(random weights, e.g. sd15-tiny, sd15)")
     parser.add_argument("--out", metavar="DIR", default="fisedit-demo",
                         help="output folder (default: fisedit-demo)")
-    parser.add_argument("--prompt", default=DEMO_PROMPT, help="the original prompt")
-    parser.add_argument("--edit", default=DEMO_EDIT, help="the edited prompt")
-    _add_common(parser, steps=8, probe_steps=3, size=128)
+    parser.add_argument("--prompt", default=None,
+                        help="the original prompt (default: the model's demo scene)")
+    parser.add_argument("--edit", default=None,
+                        help="the edited prompt (default: the model's demo edit)")
+    _add_common(parser, steps=None, probe_steps=None, size=None, guidance_scale=None)
     parser.set_defaults(run=run_demo)
 
 
-def _add_common(parser, steps: int, probe_steps: int, size: int | None) -> None:
+def _add_common(parser, steps: int | None, probe_steps: int | None, size: int | None,
+                guidance_scale: float | None = 7.5) -> None:
+    """The options shared by edit and demo; a default of None means "the model's" (demo)."""
+    def default(value):
+        return "the model's" if value is None else value
+
     parser.add_argument("--mask", metavar="PNG",
                         help="a user mask (white = edit), at image or latent resolution")
     parser.add_argument("--mask-box", metavar="x0,y0,x1,y1",
@@ -62,12 +81,14 @@ def _add_common(parser, steps: int, probe_steps: int, size: int | None) -> None:
     parser.add_argument("--mask-mode", choices=("replace", "intersect"), default="replace",
                         help="a user mask replaces the automatic one or intersects it")
     parser.add_argument("--steps", type=int, default=steps,
-                        help=f"denoising steps (default: {steps})")
+                        help=f"denoising steps (default: {default(steps)})")
     parser.add_argument("--probe-steps", type=int, default=probe_steps,
-                        help=f"dense probe steps before the sparse ones (default: {probe_steps})")
+                        help="dense probe steps before the sparse ones (default: "
+                             f"{default(probe_steps)})")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--guidance-scale", type=float, default=guidance_scale,
+                        help="classifier-free guidance scale (default: "
+                             f"{default(guidance_scale)})")
     parser.add_argument("--size", type=int, default=size,
                         help="image height and width (default: the pipeline's)"
                         if size is None else f"image height and width (default: {size})")
@@ -87,17 +108,31 @@ def run_edit(args) -> int:
 def run_demo(args) -> int:
     from .. import zoo
 
-    device = _device(args.device)
-    name = args.model or ("sd15" if device.type == "cuda" else "sd15-tiny")
-    pipe = zoo.pipeline(name)
-    print(f"demo with zoo pipeline {name!r} (random weights: the images are noise-like)")
-    if args.mask is None and args.mask_box is None:
-        args.mask_box = DEMO_BOX
-        print(f"random weights leave the automatic mask empty (the latent difference has no "
-              f"spatial structure), so the demo edits --mask-box {DEMO_BOX}; pass --mask or "
-              f"--mask-box to change it")
+    trained = args.model == DEMO_MODEL
+    if trained:
+        from .. import shapes
+
+        prompt, edit, defaults = shapes.DEMO_PROMPT, shapes.DEMO_EDIT, SHAPES_DEFAULTS
+    else:
+        prompt, edit, defaults = RANDOM_PROMPT, RANDOM_EDIT, RANDOM_DEFAULTS
+    args.prompt = prompt if args.prompt is None else args.prompt
+    args.edit = edit if args.edit is None else args.edit
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    pipe = zoo.pipeline(args.model)
+    if trained:
+        print(f"demo with the trained {DEMO_MODEL!r} pipeline: {args.prompt!r} -> {args.edit!r}")
+    else:
+        print(f"demo with zoo pipeline {args.model!r} (random weights: the images are "
+              "noise-like)")
+        if args.mask is None and args.mask_box is None:
+            args.mask_box = DEMO_BOX
+            print(f"random weights leave the automatic mask empty (the latent difference has "
+                  f"no spatial structure), so the demo edits --mask-box {DEMO_BOX}; pass "
+                  f"--mask or --mask-box to change it")
     report = _generate_and_edit(pipe, args)
-    report["model"] = name
+    report["model"] = args.model
     print(json.dumps(_summary(report), indent=2))
     print(f"wrote original.png, edit.png, mask.png, overlay.png, report.json to {args.out}")
     return 0

@@ -9,6 +9,7 @@ function of the inputs:
 * a conv whose output level is dense runs the reference (one cuDNN conv over the mixed
   tensor): a dense level has no halo to save, and cuDNN is the fastest dense conv;
 * grouped convs run the reference (the kernel supports groups == 1);
+* the skip connections' channel joins keep the conv outputs' channel-fast layout;
 * self-attention under the ``full`` policy reads the recorded K/V with the active rows
   replaced in place; cross-attention and the ``sparse`` policy are plain attention over
   compact tensors and use PyTorch's fused SDPA.
@@ -21,6 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .. import ir
 from ..kernels import attention as attention_kernels
 from ..kernels import group_norm as group_norm_kernels
 from ..kernels import sparse_conv as conv_kernels
@@ -121,7 +123,20 @@ def geglu(x, dim: int):
     return token_kernels.geglu(x)
 
 
+def cat(tensors, dim: int):
+    """``ir.cat``, keeping channel-fast compact tensors channel-fast when joining channels.
+
+    The U-Net's skip connections join channels right before the up blocks' widest convs
+    (2560 input channels in SD1.5). ``torch.cat`` of 3-D tensors returns a contiguous tensor,
+    channel stride P, which the conv kernel would then gather element by element.
+    """
+    if dim % 3 == 1 and all(t.dim() == 3 and t.stride(1) == 1 for t in tensors):
+        return torch.cat([t.transpose(1, 2) for t in tensors], 2).transpose(1, 2)
+    return torch.cat(tensors, dim)
+
+
 LOWERINGS = {
+    ir.cat: cat,
     sparse_ops.sparse_conv2d: sparse_conv2d,
     sparse_ops.sparse_group_norm: sparse_group_norm,
     sparse_ops.sparse_attention: sparse_attention,

@@ -198,12 +198,14 @@ if HAS_TRITON:
 
     # ``m_bucket`` (the power of two at or above B * P_out) is in the key and unused in the
     # body: tuning once per bucket, not per mask, keeps a new mask from re-tuning every conv.
-    # The sizes and batch strides that follow the mask (P_out, P_in) are not specialized on, so
-    # a new mask does not recompile either. Channel strides are: a channel stride of 1 (the
-    # channel-fast layout the runtime uses) lets Triton load each pixel's channels as one
-    # contiguous vector, which is what makes the gathered A tile cheap.
+    # The sizes that follow the mask (P_out, P_in) are not specialized on, so a new mask does
+    # not recompile. Strides are: a channel stride of 1 (the channel-fast layout the runtime
+    # uses) and batch and pixel strides divisible by 16 let Triton load each pixel's channels
+    # as aligned contiguous vectors, which is what makes the gathered A tile cheap. The batch
+    # strides follow the mask (P x C) but only their divisibility by 16 is specialized on, so
+    # a mask costs at most one more compile per conv.
     @triton.autotune(configs=_configs(), key=["c_in", "c_out", "KH", "KW", "m_bucket"])
-    @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket", "sx_b", "sres_b"])
+    @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket"])
     def _sparse_conv2d_kernel(
             x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
             temb_ptr, res_ptr, out_ptr, partial_ptr,

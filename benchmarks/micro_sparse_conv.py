@@ -14,6 +14,12 @@ and the kernel's max abs error against the reference. Prints the autotune winner
 shapes, then the table. Needs torch and triton only (no diffusers); run from the repo root:
 
     PYTHONPATH=. python benchmarks/micro_sparse_conv.py [--json OUT]
+
+``--layouts contiguous,channel-fast`` also times the inputs as the runtime now passes them
+(compact ``x`` and ``residual`` channel-fast, ``recorded`` channels-last), and ``--split-k
+auto,1,8,32`` forces split-K factors; ``--fractions`` and ``--variants`` narrow the table.
+``weight_floor_ms`` is the weight's bytes over 3 TB/s: the time a small edit cannot beat,
+since every output tile reads the whole weight.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ def centred_square(size: int, fraction: float) -> torch.Tensor:
     return (rows[:, None] * size + rows[None, :]).flatten()
 
 
-def make_case(shape, fraction, variant, device="cuda", dtype=torch.float16):
+def make_case(shape, fraction, variant, device="cuda", dtype=torch.float16,
+              layout="contiguous"):
     c_in, c_out, source, stride, padding, upsample = shape
     out = (source * upsample + padding[0] + padding[1] - 3) // stride + 1
     active = centred_square(source, fraction).to(device)
@@ -71,6 +78,12 @@ def make_case(shape, fraction, variant, device="cuda", dtype=torch.float16):
                       residual=torch.randn(BATCH, c_out, out_pixels.numel(), device=device,
                                            dtype=dtype),
                       out_scale=1.0 / 1.5)
+    if layout == "channel-fast":
+        channel_fast = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+        args = (channel_fast(args[0]), args[1].contiguous(memory_format=torch.channels_last),
+                *args[2:])
+        if "residual" in kwargs:
+            kwargs["residual"] = channel_fast(kwargs["residual"])
     return args, kwargs
 
 
@@ -86,15 +99,15 @@ def dense_conv(args, kwargs):
     return lambda: F.conv2d(padded, weight, bias, kwargs["stride"])
 
 
-def measure(name, shape, fraction, variant) -> dict:
+def measure(name, shape, fraction, variant, layout="contiguous", split_k=None) -> dict:
     """One table row: the timings, the kernel's error and its autotune winner."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    args, kwargs = make_case(shape, fraction, variant)
+    args, kwargs = make_case(shape, fraction, variant, layout=layout)
     packed = pack_weight(args[5])
 
     def kernel():
-        return sparse_conv2d(*args, **kwargs, packed_weight=packed)
+        return sparse_conv2d(*args, **kwargs, packed_weight=packed, split_k=split_k)
 
     def reference():
         return sparse_conv2d_reference(*args, **kwargs)
@@ -105,7 +118,9 @@ def measure(name, shape, fraction, variant) -> dict:
     triton_ms = do_bench_cudagraph(kernel, return_mode="median")
     c_in, c_out = shape[0], shape[1]
     p_out = args[3].numel()
-    return dict(shape=name, variant=variant, fraction=fraction, p_out=p_out, triton_ms=triton_ms,
+    return dict(shape=name, variant=variant, fraction=fraction, layout=layout,
+                split_k=split_k or "auto", p_out=p_out, triton_ms=triton_ms,
+                weight_floor_ms=packed.numel() * packed.element_size() / 3e12 * 1e3,
                 eager_ms=do_bench(kernel, return_mode="median"),
                 reference_ms=do_bench(reference, return_mode="median"),
                 dense_ms=do_bench_cudagraph(dense_conv(args, kwargs), return_mode="median"),
@@ -118,19 +133,28 @@ def measure(name, shape, fraction, variant) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--layouts", default="contiguous")
+    parser.add_argument("--split-k", default="auto")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("micro_sparse_conv needs a CUDA device")
     import triton
 
     rows = []
+    splits = [None if k == "auto" else int(k) for k in args.split_k.split(",")]
     for name, shape in SHAPES.items():
-        for variant in VARIANTS:
-            for fraction in FRACTIONS:
-                row = measure(name, shape, fraction, variant)
-                rows.append(row)
-                print(f"{name} {variant} {fraction:.0%}: triton {row['triton_ms']:.4f}, eager "
-                      f"{row['eager_ms']:.4f}, dense {row['dense_ms']:.4f} ms", flush=True)
+        for variant in args.variants.split(","):
+            for fraction in [float(f) for f in args.fractions.split(",")]:
+                for layout in args.layouts.split(","):
+                    for split_k in splits:
+                        row = measure(name, shape, fraction, variant, layout, split_k)
+                        rows.append(row)
+                        print(f"{name} {variant} {fraction:.0%} {layout} split {row['split_k']}: "
+                              f"triton {row['triton_ms']:.4f}, eager {row['eager_ms']:.4f}, "
+                              f"dense {row['dense_ms']:.4f}, weight floor "
+                              f"{row['weight_floor_ms']:.4f} ms", flush=True)
 
     print("\nautotune winners (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):")
     for row in rows:

@@ -63,3 +63,12 @@ def test_cuda_graph_edits_meet_the_oracle_at_sd15_size(policies):
     engine, cache, plan, edited, first = edit_and_check(unet, config, mask, 2e-2)
     again = engine.edit(cache, step=0, plan=plan, **edited)      # a replay of the capture
     assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+def test_a_mask_on_the_device_is_planned():
+    engine = fc.compile(zoo.unet("sd15-tiny", device="cuda"))
+    mask = bench.blob_mask((16, 16), 0.2)
+    on_device = engine.plan(mask.cuda())
+    assert torch.equal(on_device.raw.cpu(), mask)
+    assert [l.fraction for l in on_device.levels] == [l.fraction for l in engine.plan(mask).levels]

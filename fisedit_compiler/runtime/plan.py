@@ -73,6 +73,9 @@ class MaskPlan:
                  dilation: int, dense_threshold: float | list[float], device=None):
         mask = validate_mask(mask, levels[0])
         device = device or mask.device
+        # Planned on the host (small index work on a mask that may come from the device, e.g.
+        # an automatic edit mask); the tables move to ``device`` once, in _level_plan.
+        mask = mask.cpu()
         self.raw = mask.to(device)
         self.raw_fraction = float(mask.float().mean())
         self.dilation = dilation

@@ -336,3 +336,14 @@ def test_compile_refuses_a_module_that_is_not_a_unet():
 def test_bad_configs_are_refused(field, value):
     with pytest.raises(fc.FiseditError, match=field):
         fc.SparseConfig(**{field: value})
+
+
+def test_an_identical_mask_gets_the_same_plan_back():
+    engine = fc.compile(zoo.unet("sd15-tiny"))
+    mask = box((16, 16), 2, 3, 8, 9)
+    plan = engine.plan(mask)
+    assert engine.plan(mask.clone()) is plan             # its captured graphs are reused
+    other = engine.plan(box((16, 16), 2, 3, 8, 10))
+    assert other is not plan and not torch.equal(other.raw, plan.raw)
+    assert engine.plan(mask) is not plan                 # only the last plan is kept
+    assert torch.equal(engine.plan(mask).raw, plan.raw)

@@ -91,6 +91,7 @@ class SparseEngine:
         # engines made by with_config share them: one capture and one compile per signature.
         self._traces: dict[tuple, fx.GraphModule] = {} if _traces is None else _traces
         self._dense: dict[tuple, object] = {} if _dense is None else _dense
+        self._last_plan: tuple | None = None        # (mask key, MaskPlan), see plan()
 
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs."""
@@ -168,9 +169,18 @@ class SparseEngine:
         if not program.levels:
             raise FiseditError("this U-Net graph has no spatial levels, so there is nothing "
                                "to plan; run it densely")
+        # The last plan is kept and returned again for an identical mask: a plan carries its
+        # captured CUDA graphs, so repeating an edit with the same mask (another prompt, or a
+        # continued edit) replays them instead of capturing again. One plan only, because each
+        # captured graph holds a static copy of a step's cache.
+        key = (tuple(mask.shape), str(mask.dtype), mask.detach().cpu().numpy().tobytes())
+        if self._last_plan is not None and self._last_plan[0] == key:
+            return self._last_plan[1]
         device = next(self.unet.parameters()).device
-        return MaskPlan(mask, program.levels, program.tiles, self.config.dilation,
+        plan = MaskPlan(mask, program.levels, program.tiles, self.config.dilation,
                         self.config.thresholds_for(program.levels), device=device)
+        self._last_plan = (key, plan)
+        return plan
 
     @torch.no_grad()
     def edit(self, cache: EditCache, step: int = 0, plan: MaskPlan | None = None,

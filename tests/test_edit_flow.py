@@ -72,6 +72,8 @@ def test_user_mask_background_and_oracle(session, monkeypatch):
     assert report["mask_source"] == "user" and report["probe_steps"] == PROBE
     assert report["macs"]["unet_call"]["sparse_macs"] < report["macs"]["unet_call"]["dense_macs"]
     assert 0 < report["mask_area_fraction"] <= report["active_area_fraction"] < 1
+    timings = report["timings_s"]
+    assert 0 < timings["first_sparse_step_s"] <= timings["sparse_s"] <= timings["edit_s"]
     assert result.images.shape == (1, 128, 128, 3)
 
 
@@ -144,6 +146,15 @@ def test_otsu_and_opening():
     mask[8, 8] = True                                  # a speck
     opened = tac.opening(mask)
     assert torch.equal(opened[2:6, 2:6], torch.ones(4, 4, dtype=torch.bool)) and not opened[8, 8]
+
+
+def test_the_opening_scales_with_the_latent_size():
+    assert [tac.opening_size(h) for h in (16, 32, 64, 96, 128)] == [1, 1, 3, 3, 5]
+    # A 2x2 object of a 16x16 latent (the shapes model) survives mask capture.
+    difference = torch.zeros(16, 16)
+    difference[6:8, 9:11] = 1.0
+    mask = tac.capture_mask([difference, 0.5 * difference])
+    assert torch.equal(mask, difference > 0)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -268,16 +279,50 @@ def test_edit_command(pipe_folder, tmp_path, capsys):
     assert "edit_s" in capsys.readouterr().out
 
 
-def test_demo_command_edits_its_default_box(tmp_path, capsys):
+def test_demo_command_edits_the_trained_shapes_model(tmp_path, capsys):
+    """The default demo: the shipped shapes model, its colour edit, an automatic mask; the edit
+    must land (the checker accepts the edited caption) and stay sparse."""
+    import json
+
+    from PIL import Image
+
+    from fisedit_compiler import shapes
+    from fisedit_compiler.cli import build_parser
+    from fisedit_compiler.edit_flow.commands import DEMO_BOX
+    from fisedit_compiler.shapes import checker
+
+    out = tmp_path / "demo"
+    args = build_parser().parse_args(["demo", "--device", "cpu", "--out", str(out)])
+    assert args.run(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "shapes" and report["mask_source"] == "auto"
+    assert report["prompt"] == shapes.DEMO_PROMPT and report["edit"] == shapes.DEMO_EDIT
+    assert report["num_inference_steps"] == 20 and report["probe_steps"] == 5
+    assert 0 < report["mask_area_fraction"] < 0.2
+    assert report["active_area_fraction"] < 0.5             # a real sparse edit, not dense
+    assert report["timings_s"]["warm_edit_s"] > 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"original.png", "edit.png", "mask.png", "overlay.png", "report.json"}
+    original = np.asarray(Image.open(out / "original.png").convert("RGB"))
+    edited = np.asarray(Image.open(out / "edit.png").convert("RGB"))
+    assert original.shape == edited.shape == (64, 64, 3)   # the model's native size
+    assert checker.check(original, shapes.DEMO_PROMPT)["scene"]
+    assert checker.check(edited, shapes.DEMO_EDIT)["scene"]
+    printed = capsys.readouterr().out
+    assert "random weights" not in printed and DEMO_BOX not in printed
+
+
+def test_demo_command_random_weight_model_edits_its_default_box(tmp_path, capsys):
     import json
 
     from fisedit_compiler.cli import build_parser
-    from fisedit_compiler.edit_flow.commands import DEMO_BOX
+    from fisedit_compiler.edit_flow.commands import DEMO_BOX, RANDOM_PROMPT
 
-    args = build_parser().parse_args(["demo", "--steps", "2", "--probe-steps", "1",
-                                      "--out", str(tmp_path / "demo")])
+    args = build_parser().parse_args(["demo", "--model", "sd15-tiny", "--steps", "2",
+                                      "--probe-steps", "1", "--out", str(tmp_path / "demo")])
     assert args.run(args) == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["model"] == "sd15-tiny" and report["prompt"] == RANDOM_PROMPT
     assert report["mask_source"] == "user" and 0 < report["mask_area_fraction"] < 0.1
     assert report["active_area_fraction"] < 0.5            # a real sparse edit, not dense
     assert DEMO_BOX in capsys.readouterr().out

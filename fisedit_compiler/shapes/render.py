@@ -434,9 +434,10 @@ def make_edit_pair(seed: int, kind: str) -> EditPair:
 
 
 def benchmark_pairs(n: int, start: int = 0) -> list[EditPair]:
-    """The fixed benchmark set: pair ``i`` is ``make_edit_pair(start + i, EDIT_KINDS[i % 5])``,
-    so every prefix is balanced over the edit kinds."""
-    return [make_edit_pair(start + i, EDIT_KINDS[i % len(EDIT_KINDS)]) for i in range(n)]
+    """The fixed benchmark set from pair ``start`` on: pair ``j`` is ``make_edit_pair(j,
+    EDIT_KINDS[j % 5])``, so every prefix is balanced over the edit kinds and a run split with
+    ``start`` measures the same pairs as one run."""
+    return [make_edit_pair(j, EDIT_KINDS[j % len(EDIT_KINDS)]) for j in range(start, start + n)]
 
 
 def changed_region(pair: EditPair, size: int = 64, dilation: int = 1,

@@ -335,7 +335,24 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, examples = [], []
+    variants = ["exact", "exact_cac"] + [p for p in policies if p != "exact"]
     start = time.perf_counter()
+
+    def save(files: dict) -> dict:
+        # Written every 10 pairs as well, so a run cut short still leaves its results.
+        summary = summarise(records, variants)
+        summary["setup"] = {"device": str(device), "steps": args.steps,
+                            "probe_steps": args.probe_steps,
+                            "guidance_scale": args.guidance_scale,
+                            "scheduler": type(pipe.scheduler).__name__,
+                            "pipeline": "random-tiny" if args.random_tiny else
+                            (args.pipeline or "zoo:shapes"), "torch": torch.__version__,
+                            "seconds": time.perf_counter() - start,
+                            "complete": len(records) == len(pairs)}
+        (out / "edit_quality.json").write_text(json.dumps(
+            {"summary": summary, "files": files, "pairs": records}, indent=2), encoding="utf-8")
+        return summary
+
     for i, pair in enumerate(pairs):
         record, images = run_pair(pair, sessions, args)
         records.append(record)
@@ -346,19 +363,12 @@ def main(argv=None) -> int:
                   f"{mean(r['exact']['mask_iou'] for r in records):.3f}, with CAC "
                   f"{mean(r['exact_cac']['mask_iou'] for r in records):.3f}, success "
                   f"{mean(r['exact']['success'] for r in records):.3f}", flush=True)
-    variants = ["exact", "exact_cac"] + [p for p in policies if p != "exact"]
+            if i + 1 < len(pairs):
+                save({})
     summary = summarise(records, variants)
-    summary["setup"] = {"device": str(device), "steps": args.steps,
-                        "probe_steps": args.probe_steps, "guidance_scale": args.guidance_scale,
-                        "scheduler": type(pipe.scheduler).__name__,
-                        "pipeline": "random-tiny" if args.random_tiny else
-                        (args.pipeline or "zoo:shapes"), "torch": torch.__version__,
-                        "seconds": time.perf_counter() - start}
     files = {"examples": write_examples(examples, out / "examples.png"),
              "plot": write_plot(summary, out / "iou_by_kind.png")}
-    (out / "edit_quality.json").write_text(json.dumps(
-        {"summary": summary, "files": files, "pairs": records}, indent=2), encoding="utf-8")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(save(files), indent=2))
     return 0
 
 

@@ -14,25 +14,12 @@ outside the graph, from a profile of one edit call.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.capture import flatten_inputs
-
-
-def host_ms(fn, reps: int = 20) -> float:
-    """Median host milliseconds of ``fn`` started with an idle GPU."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - started))
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()
@@ -64,16 +51,17 @@ def main(argv=None) -> None:
             captured.inputs[name].copy_(value)
 
     copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
+    host, gpu = bench.host_time_ms, bench.cuda_time_ms
     rows = [
-        ("whole edit call (host)", host_ms(edit), bench.cuda_time_ms(edit)),
-        ("program lookup", host_ms(lambda: engine.program(edited)), None),
-        ("flatten inputs", host_ms(lambda: flatten_inputs(edited)), None),
-        ("timestep check", host_ms(lambda: engine._check_timestep(cache, 0, flat)), None),
-        ("cache store_on", host_ms(lambda: cache.store_on(0, torch.device("cuda"))), None),
-        ("copy inputs", host_ms(copy_inputs), bench.cuda_time_ms(copy_inputs)),
-        ("copy cache", host_ms(copy_cache), bench.cuda_time_ms(copy_cache)),
-        ("graph replay", host_ms(captured.graph.replay), bench.cuda_time_ms(captured.graph.replay)),
-        ("output clone", host_ms(lambda: captured.output.clone()), None),
+        ("whole edit call (host)", host(edit), gpu(edit)),
+        ("program lookup", host(lambda: engine.program(edited)), None),
+        ("flatten inputs", host(lambda: flatten_inputs(edited)), None),
+        ("timestep check", host(lambda: engine._check_timestep(cache, 0, flat)), None),
+        ("cache store_on", host(lambda: cache.store_on(0, torch.device("cuda"))), None),
+        ("copy inputs", host(copy_inputs), gpu(copy_inputs)),
+        ("copy cache", host(copy_cache), gpu(copy_cache)),
+        ("graph replay", host(captured.graph.replay), gpu(captured.graph.replay)),
+        ("output clone", host(lambda: captured.output.clone()), None),
     ]
     print(f"{args.model} {latent * 8} px, {args.area:.0%} blob, cache: {len(slots)} tensors in "
           f"one {mib:.1f} MiB buffer, dtypes {dtypes}")

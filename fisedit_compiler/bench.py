@@ -259,16 +259,21 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
     """
     captured = next(value for key, value in plan.memo.items()
                     if isinstance(key, tuple) and key[0] == "cuda_graph")
-    host = []
+    return {"replay_ms": cuda_time_ms(captured.graph.replay, reps=reps),
+            "host_ms": host_time_ms(lambda: engine.edit(cache, 0, plan=plan, **edited), reps)}
+
+
+def host_time_ms(fn, reps: int = 20) -> float:
+    """Median host milliseconds of ``fn``, each call started with an idle GPU."""
+    times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        engine.edit(cache, 0, plan=plan, **edited)
-        host.append(1000 * (time.perf_counter() - started))
+        fn()
+        times.append(1000 * (time.perf_counter() - started))
     torch.cuda.synchronize()
-    host.sort()
-    return {"replay_ms": cuda_time_ms(captured.graph.replay, reps=reps),
-            "host_ms": host[len(host) // 2]}
+    times.sort()
+    return times[len(times) // 2]
 
 
 def _format_row(row: dict) -> str:

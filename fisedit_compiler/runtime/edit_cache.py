@@ -154,7 +154,9 @@ def _fills_span(tensor: torch.Tensor) -> bool:
 
 def _storage_order(tensor: torch.Tensor, stride: tuple) -> torch.Tensor:
     """The tensor's elements as a flat tensor in the storage order of a view with ``stride``."""
-    if tuple(tensor.stride()) != tuple(stride) or not _fills_span(tensor):
+    # Strides the layout kept are ones that fill their span (StoreLayout), so equal strides
+    # mean the storage order can be read off directly.
+    if tuple(tensor.stride()) != tuple(stride):
         tensor = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype,
                                      device=tensor.device).copy_(tensor)
     return tensor.as_strided((tensor.numel(),), (1,))

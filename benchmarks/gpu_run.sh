@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_run.sh sd15       bench sd15: calibrated thresholds, a 5% profile
 #   bash benchmarks/gpu_run.sh sdxl       bench sdxl at 1024 px (and sd21 at 768 px)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end edit vs dense regeneration (sd15)
+#   bash benchmarks/gpu_run.sh e2e-sdxl   the same for sdxl at 1024 px (cache partly on the host)
 #   bash benchmarks/gpu_run.sh shapes     train the shapes model (~8 min), weights under $OUT
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|shapes) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|shapes" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -20,6 +21,9 @@ case "$1" in
   sdxl)   bench --model sdxl --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sdxl"
           bench --model sd21 --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sd21" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;
+  # 50 steps x 1.4 GiB: 40 GiB stay on the GPU, the rest is prefetched from pinned host memory.
+  e2e-sdxl) python3 benchmarks/edit_e2e.py --model sdxl --cache-budget-gib 40 \
+            --json "$OUT/e2e_sdxl.json" 2>&1 | tee "$OUT/e2e_sdxl.log" ;;
   shapes) python3 -m fisedit_compiler.shapes.train --out /tmp/shapes/weights --work /tmp/shapes/work \
             --minutes 7 --max-run-minutes 9.3 --archive "$OUT/shapes-weights.tar.gz" 2>&1 \
             | grep -v ImageProcessor | tee "$OUT/train.log"

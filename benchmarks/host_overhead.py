@@ -9,17 +9,29 @@ lookup, the copies of the inputs and the cache into the graph's static buffers (
 time and GPU time), the replay launch and the output clone. Medians of perf_counter timings
 from an idle GPU; GPU times by CUDA events. Prints a table and the CUDA kernels launched
 outside the graph, from a profile of one edit call.
+
+``--new-masks N`` then times what an edit with a *new* mask pays before its first replay, for
+N masks (the square moved by 1..N latent pixels): planning the mask (``engine.plan``), the
+first eager run of the edit graph under the plan (index tables, any Triton compile or
+autotune a new size needs), a second eager run (the Python launch cost alone), the CUDA-graph
+capture (``CapturedStep``: a warm-up run, the capture and instantiation), and a cProfile of
+the last mask's capture, by cumulative time.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.capture import flatten_inputs
+from fisedit_compiler.passes.sparsify import CACHE_INPUT, PLAN_INPUT
+from fisedit_compiler.runtime.cuda_graph import CapturedStep
 
 
 @torch.no_grad()
@@ -27,6 +39,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--area", type=float, default=0.05)
+    parser.add_argument("--new-masks", type=int, default=0, metavar="N")
     args = parser.parse_args(argv)
     latent = bench.RESOLUTION[args.model] // 8
     unet = zoo.unet(args.model, dtype=torch.float16, device="cuda")
@@ -76,6 +89,39 @@ def main(argv=None) -> None:
         edit()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    if args.new_masks:
+        new_mask_costs(engine, edited, mask, store, args.new_masks)
+
+
+def synchronized_ms(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def new_mask_costs(engine, edited: dict, mask, store, count: int) -> None:
+    """Per new mask: plan, first and second eager run, capture (ms); then a capture profile."""
+    program = engine.program(edited)
+    flat = flatten_inputs(edited)
+    print(f"\nnew masks: {'shift':>5s} {'plan':>8s} {'eager 1':>8s} {'eager 2':>8s} "
+          f"{'capture':>8s}  (ms)")
+    for shift in range(1, count + 1):
+        moved = mask.roll(shift, dims=1)
+        plans = []
+        plan_ms = synchronized_ms(lambda: plans.append(engine.plan(moved)))
+        run = lambda: program.edit(**flat, **{PLAN_INPUT: plans[0], CACHE_INPUT: store})  # noqa
+        first, second = synchronized_ms(run), synchronized_ms(run)
+        capture = synchronized_ms(lambda: CapturedStep(program.edit, plans[0], flat, store))
+        print(f"{'':10s} {shift:5d} {plan_ms:8.1f} {first:8.1f} {second:8.1f} {capture:8.1f}")
+    plan = engine.plan(mask.roll(count + 1, dims=1))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    CapturedStep(program.edit, plan, flat, store)
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
 if __name__ == "__main__":

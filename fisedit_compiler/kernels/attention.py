@@ -68,7 +68,9 @@ if HAS_TRITON:
     @triton.autotune(configs=_configs(),
                      key=["q_bucket", "keys_per_split", "HEAD_DIM", "MIXED", "SPLIT"],
                      prune_configs_by={"early_config_prune": _prune_configs})
-    @triton.jit
+    # The query count follows the mask: not specialized on (Triton would compile a variant per
+    # divisibility class), so a new mask does not recompile; tuning is per power-of-two bucket.
+    @triton.jit(do_not_specialize=["q_len", "q_bucket"])
     def _attention_kernel(q, k, v, k_rec, v_rec, key_position, out, partial, stats,
                           q_len, n_keys, keys_per_split, heads, qk_scale, q_bucket,
                           sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
@@ -134,7 +136,7 @@ if HAS_TRITON:
             tl.store(out + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
                      (acc / row_sum[:, None]).to(out.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["q_len"])
     def _combine_kernel(partial, stats, out, q_len, heads, splits, so_b, so_h, so_l, so_d,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
         """Program (query block, batch * heads): merge the splits' partial softmaxes (each

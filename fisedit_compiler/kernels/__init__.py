@@ -8,6 +8,7 @@ the CPU tests use; it must be set before triton is first imported, which tests/c
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -15,6 +16,22 @@ import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_options() -> dict:
+    """Options of every ``triton.autotune`` here: short timings, results kept on disk.
+
+    The kernels tune once per size bucket of the active region, so an edit whose mask puts a
+    level in a new bucket tunes there, inside the user's edit. Triton's default timing (25 ms
+    warm-up and 100 ms of repetitions per config) made that 41 s for SD1.5 on an H100 (session
+    4, ``benchmarks/host_overhead.py --new-masks``); a few milliseconds per config ranks these
+    microsecond kernels just as well. ``cache_results`` keeps the choices in Triton's cache
+    directory, so a later process does not tune again.
+    """
+    import triton.testing
+
+    return {"do_bench": functools.partial(triton.testing.do_bench, warmup=2, rep=8),
+            "cache_results": True}
 
 
 def triton_enabled(tensor: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..errors import FiseditError
-from . import HAS_TRITON, INTERPRET
+from . import HAS_TRITON, INTERPRET, autotune_options
 
 if HAS_TRITON:
     import triton
@@ -67,7 +67,8 @@ if HAS_TRITON:
 
     @triton.autotune(configs=_configs(),
                      key=["q_bucket", "keys_per_split", "HEAD_DIM", "MIXED", "SPLIT"],
-                     prune_configs_by={"early_config_prune": _prune_configs})
+                     prune_configs_by={"early_config_prune": _prune_configs},
+                     **autotune_options())
     # The query count follows the mask: not specialized on (Triton would compile a variant per
     # divisibility class), so a new mask does not recompile; tuning is per power-of-two bucket.
     @triton.jit(do_not_specialize=["q_len", "q_bucket"])
@@ -250,12 +251,16 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
     """Triton version of ``attention_reference``; q/k/v may be strided views (e.g. permutes).
 
     fp32 inputs use exact fp32 dot products (not TF32) so they match the reference closely.
-    The output is a new contiguous [B, H, Lq, D] tensor of q's dtype. With few queries the keys
-    are split across programs and a second small kernel merges the partial results.
+    The output is [B, H, Lq, D] in q's dtype, stored as the permuted view of a contiguous
+    [B, Lq, H, D] tensor: the attention block's next step, ``permute(0, 2, 1, 3).reshape(B,
+    Lq, H * D)`` for the output projection, is then a free view instead of a copy kernel. With
+    few queries the keys are split across programs and a second small kernel merges the partial
+    results.
     """
     mixed = _check_inputs(q, k, v, k_recorded, v_recorded, key_position)
     batch, heads, q_len, head_dim = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty((batch, q_len, heads, head_dim), dtype=q.dtype,
+                      device=q.device).permute(0, 2, 1, 3)
     if q_len == 0:
         return out
     if not mixed:

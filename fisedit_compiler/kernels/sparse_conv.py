@@ -15,6 +15,9 @@ dense mixed tensor is never built, and fuses what surrounds a conv in diffusers'
 ``sparse_conv2d_reference`` is plain torch and the specification; ``sparse_conv2d`` is the
 Triton implicit GEMM: M = batch x output pixels, N = output channels, K = taps x input channels.
 Both take the same arguments (the kernel adds ``packed_weight``) and check them the same way.
+Small edits split K over several programs per output tile (split-K), still in one launch: each
+split stores an fp32 partial tile, and the last split to arrive at a tile (counted by an atomic
+per tile) adds all the partials in split order, so deterministically, and runs the epilogue.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FiseditError
-from . import HAS_TRITON, INTERPRET, triton_enabled
+from . import HAS_TRITON, INTERPRET, autotune_options, triton_enabled
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
@@ -196,6 +199,55 @@ if HAS_TRITON:
         out = out_ptr + batch64[:, None] * c_out * p_out + slot[:, None] * c_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _split_k_finish(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+                        out_ptr, partial_ptr, counter_ptr, sres_b, sres_c, sres_p, out_scale,
+                        HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr):
+        """Split-K, in the same launch: publish this split's fp32 partial tile; the last split
+        of the output tile to arrive adds all the partials and runs the epilogue.
+
+        Each split stores its tile to ``partial`` ``[split, M, Cout]`` and increments the
+        tile's counter; the one that reads back ``splits - 1`` is last, so every other split's
+        partial is stored. It adds the partials in split order 0, 1, ... (its own included,
+        read back like the others) whichever split it is, so the sum does not depend on the
+        order of arrival: results are deterministic. It then sets the counter back to 0, so
+        every launch leaves all counters at 0 (see ``_tile_counters``). Nothing waits or
+        spins: a program that is not last just exits.
+
+        Memory ordering (PTX memory model). Producer side: every thread of the program stores
+        part of the tile, but a scalar atomic is executed by one thread. The ``debug_barrier``
+        (``bar.sync``) orders all the program's stores before that thread's atomic, and the
+        atomic's release half (``acq_rel``, gpu scope) is cumulative: it publishes the stores
+        ordered before it through the barrier, not only its own thread's (the pattern of
+        CUTLASS's split-K semaphore: ``__syncthreads()``, then one thread's release). Consumer
+        side: the last program's atomic reads a value written by the release of every other
+        split (an RMW chain on one counter), so its acquire half synchronizes with all of
+        them; Triton hands the atomic's result to the program's other threads through shared
+        memory and a ``bar.sync``, which orders their loads after the acquire. The loads use
+        ``.cg`` (cache in L2, not L1), so no stale L1 line could be hit even if the acquire did
+        not invalidate L1; the partials are read once anyway. The counter is reset by a plain
+        store: no other program touches it again in this launch, and the end of the launch
+        publishes it to the next one.
+        """
+        mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
+        splits = tl.num_programs(2)
+        stride = m_total.to(tl.int64) * c_out
+        tile = partial_ptr + rows[:, None].to(tl.int64) * c_out + cols[None, :]
+        tl.store(tile + tl.program_id(2).to(tl.int64) * stride, acc, mask=mask)
+        tl.debug_barrier()
+        counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in range(0, splits):
+                total += tl.load(tile + split * stride, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(counter, 0)
+            _epilogue(total, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+                      out_ptr, sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB,
+                      HAS_RESIDUAL)
+
     # ``m_bucket`` (the power of two at or above B * P_out) is in the key and unused in the
     # body: tuning once per bucket, not per mask, keeps a new mask from re-tuning every conv.
     # The sizes that follow the mask (P_out, P_in) are not specialized on, so a new mask does
@@ -204,11 +256,17 @@ if HAS_TRITON:
     # as aligned contiguous vectors, which is what makes the gathered A tile cheap. The batch
     # strides follow the mask (P x C) but only their divisibility by 16 is specialized on, so
     # a mask costs at most one more compile per conv.
-    @triton.autotune(configs=_configs(), key=["c_in", "c_out", "KH", "KW", "m_bucket"])
+    #
+    # Grid: (M tiles, N tiles, splits). With SPLIT_K each of the ``splits`` programs of an
+    # output tile reduces its share of K and ``_split_k_finish`` completes the tile: the last
+    # to arrive (``counter_ptr``, one int32 per tile, left at 0) sums the partials from
+    # ``partial_ptr`` and runs the epilogue. Without it, the single program runs the epilogue.
+    @triton.autotune(configs=_configs(), key=["c_in", "c_out", "KH", "KW", "m_bucket"],
+                     **autotune_options())
     @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket"])
     def _sparse_conv2d_kernel(
             x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
-            temb_ptr, res_ptr, out_ptr, partial_ptr,
+            temb_ptr, res_ptr, out_ptr, partial_ptr, counter_ptr,
             m_total, p_out, c_in, c_out, src_w, in_h, in_w, out_w, pad_top, pad_left, m_bucket,
             sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w, sres_b, sres_c, sres_p, out_scale,
             KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -273,36 +331,49 @@ if HAS_TRITON:
                 # ieee: fp32 operands multiply in full fp32, not TF32 (fp16/bf16 are unaffected).
                 acc = tl.dot(a, b, acc, input_precision="ieee")
         if SPLIT_K:
-            # Partial sums [split, M, Cout] in fp32; _split_k_epilogue adds them in split order.
-            partial = (partial_ptr + tl.program_id(2).to(tl.int64) * m_total * c_out
-                       + rows[:, None].to(tl.int64) * c_out + cols[None, :])
-            tl.store(partial, acc, mask=row_ok[:, None] & col_ok[None, :])
+            _split_k_finish(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+                            out_ptr, partial_ptr, counter_ptr, sres_b, sres_c, sres_p, out_scale,
+                            HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
         else:
             _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
                       out_ptr, sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB,
                       HAS_RESIDUAL)
 
-    @triton.jit(do_not_specialize=["m_total", "p_out", "sres_b", "sres_c"])
-    def _split_k_epilogue(
-            partial_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, splits, m_total, p_out, c_out,
-            sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
-            HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Sum the split-K partials in a fixed order (deterministic), then the epilogue."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
-        partial = partial_ptr + rows[:, None].to(tl.int64) * c_out + cols[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(splits):
-            acc += tl.load(partial, mask=mask, other=0.0)
-            partial += m_total.to(tl.int64) * c_out
-        _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
-                  sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
-
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Split-K tile counters: one zeroed int32 buffer per device, shared by every split-K launch.
+# Invariant: every launch leaves the counters it used at 0 (the last split of each output tile
+# resets its counter), so launches need no memset: launches on one stream run one after another
+# (and so do the kernels of a replayed CUDA graph, which bakes the buffer's address in), each
+# finding the counters at 0. Limit: split-K launches running concurrently, on different streams
+# (or graphs replayed on different streams), would share counters and corrupt each other; they
+# would need one buffer per stream. The buffer is allocated on first use (the runtime warms up
+# before capturing a CUDA graph, so that happens outside the capture) and replaced by a larger
+# one when a launch needs more tiles; growing during a capture is refused (the allocation and
+# its zeroing would be captured), so it starts generously large. Replaced buffers are kept
+# alive: a captured graph may still address them.
+_MIN_TILE_COUNTERS = 4096
+_tile_counter_buffers: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's zeroed split-K counters, at least ``tiles`` of them (see above)."""
+    buffers = _tile_counter_buffers.setdefault(device, [])
+    if buffers and buffers[-1].numel() >= tiles:
+        return buffers[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        have = buffers[-1].numel() if buffers else 0
+        raise FiseditError(
+            f"sparse_conv2d: split-K needs {tiles} tile counters on {device}, {have} are "
+            "allocated, and they cannot be allocated during CUDA graph capture; run the same "
+            "convs once before capturing")
+    size = max(_MIN_TILE_COUNTERS, triton.next_power_of_2(tiles))
+    buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) -> int:
@@ -311,7 +382,8 @@ def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) 
     Small edits have few output pixels and long reductions (Cin x taps up to 23k), so a few
     programs would walk the whole K serially. Splitting K over up to 16 programs per output
     tile fills the streaming multiprocessors; the partial sums cost an extra fp32 write and
-    read of ``[split, M, Cout]``, small exactly when the split is large. A power of two keeps
+    read of ``[split, M, Cout]``, small exactly when the split is large, and no extra launch
+    (the last split of each tile to finish adds them, in the same kernel). A power of two keeps
     the number of distinct launches small; each split keeps at least 4 K steps of 64.
     """
     if INTERPRET:
@@ -330,8 +402,10 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
 
     ``packed_weight`` is ``pack_weight(weight)``, packed once per conv by the runtime (packed
     here when omitted). ``split_k`` splits the reduction over that many programs per output
-    tile, whose partial sums a second small kernel adds (in a fixed order, so results are
-    deterministic) before the epilogue; None chooses from the problem size (``_auto_split_k``).
+    tile; the last of them to finish adds their fp32 partial sums (in split order, so results
+    are deterministic) and runs the epilogue, all in one launch. None chooses from the problem
+    size (``_auto_split_k``). Split-K launches share per-device tile counters (see
+    ``_tile_counters``): they must not run concurrently on different streams.
 
     Accumulates in fp32; fp32 inputs multiply in IEEE fp32 (no TF32), so the kernel matches
     the reference to rounding. Strided ``x``, ``recorded`` and ``residual`` are read in place;
@@ -339,7 +413,8 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     ``recorded`` channels-last), and the output is channel-fast: ``[B, Cout, P_out]`` with
     strides ``(P_out * Cout, 1, Cout)``.
     No host synchronization, except that on CUDA the first call of each (channels, kernel
-    size, dtypes, size bucket) autotunes: warm up before capturing a CUDA graph.
+    size, dtypes, size bucket) autotunes: warm up before capturing a CUDA graph (which also
+    allocates the split-K counters).
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
                     dilation, upsample, scale, shift, temb, residual)
@@ -382,8 +457,14 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
               else split_k)
     if not isinstance(splits, int) or splits < 1:
         raise FiseditError(f"sparse_conv2d: split_k must be a positive int, got {split_k!r}")
-    partial = (torch.empty((splits, m_total, c_out), dtype=torch.float32, device=x.device)
-               if splits > 1 else None)
+    partial = counters = None
+    if splits > 1:
+        partial = torch.empty((splits, m_total, c_out), dtype=torch.float32, device=x.device)
+        # Enough counters for the grid of any config the autotuner may pick.
+        tiles = max(triton.cdiv(m_total, config.kwargs["BLOCK_M"])
+                    * triton.cdiv(c_out, config.kwargs["BLOCK_N"])
+                    for config in _sparse_conv2d_kernel.configs)
+        counters = _tile_counters(x.device, tiles)
     # The per-(batch, channel) tables are tiny; the kernel indexes them as contiguous fp32.
     if scale is not None:
         scale, shift = scale.float().contiguous(), shift.float().contiguous()
@@ -393,18 +474,19 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     out_scale = 1.0 if out_scale is None else float(out_scale)  # multiplying by 1.0 is exact
     grid = lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(c_out, meta["BLOCK_N"]), splits)
-    _sparse_conv2d_kernel[grid](
-        x, recorded, in_position, out_pixels, packed, bias, scale, shift, temb, residual, out,
-        partial, m_total, p_out, c_in, c_out, src_w, src_h * upsample, src_w * upsample, out_size[1],
-        top, left, triton.next_power_of_2(m_total),
-        *x.stride(), *recorded.stride(), *res_strides, out_scale,
-        KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], UPSAMPLE=upsample,
-        HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None, SILU=bool(silu),
-        HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1)
-    if splits > 1:
-        _split_k_epilogue[(triton.cdiv(m_total, 64), triton.cdiv(c_out, 64))](
-            partial, bias, temb, residual, out, splits, m_total, p_out, c_out, *res_strides,
-            out_scale, HAS_BIAS=bias is not None, HAS_TEMB=temb is not None,
-            HAS_RESIDUAL=residual is not None, BLOCK_M=64, BLOCK_N=64)
+    try:
+        _sparse_conv2d_kernel[grid](
+            x, recorded, in_position, out_pixels, packed, bias, scale, shift, temb, residual, out,
+            partial, counters, m_total, p_out, c_in, c_out, src_w, src_h * upsample,
+            src_w * upsample, out_size[1], top, left, triton.next_power_of_2(m_total),
+            *x.stride(), *recorded.stride(), *res_strides, out_scale,
+            KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1],
+            DIL_H=dilation[0], DIL_W=dilation[1], UPSAMPLE=upsample,
+            HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None, SILU=bool(silu),
+            HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1)
+    except BaseException:
+        # The interpreter can fail partway through a launch, leaving some counters raised.
+        if INTERPRET and counters is not None:
+            counters.zero_()
+        raise
     return out

@@ -14,7 +14,10 @@ EditSession and edited automatically (probe steps, Otsu mask, blended latents, s
   exactly (``latent_max_diff_outside``: 0 for every policy); decoded pixels are reported too
   (``pixel_max_diff_outside``, uint8 units): the VAE decoder's convolutions reach a few pixels
   past the region and its group norms are global, so decoded pixels can differ slightly even
-  though the latents are identical (``pixel_max_diff_outside_4px`` leaves out a 4-pixel band);
+  though the latents are identical (``pixel_max_diff_outside_4px`` leaves out a 4-pixel band).
+  The edits here are decoded raw (``composite_background=False``) to measure that spread and
+  to keep the checker's view of the decoder's own output; ``EditSession.edit`` by default
+  copies the original's pixels outside the region, which makes both columns 0;
 * fidelity: PSNR inside the active region against a dense reference: the same edit (same
   probe steps, mask and blend) whose remaining steps run the dense U-Net instead of the sparse
   engine; for the exact policies and FISEdit's approximations (cached group-norm statistics,
@@ -186,7 +189,8 @@ def run_pair(pair, sessions, args) -> tuple[dict, dict]:
     edits = {}
     for name, cac in (("exact", False), ("exact_cac", True)):
         result = exact.edit(pair.edit_prompt, probe_steps=args.probe_steps,
-                            cross_attention_control=cac, output_type="np")
+                            cross_attention_control=cac, output_type="np",
+                            composite_background=False)
         rec = edit_record(exact, result, original, original_latents, truth)
         check = checker.check(result.images[0], pair.edited)
         rec.update(success=check["scene"], check={k: check[k] for k in ("background",
@@ -200,7 +204,7 @@ def run_pair(pair, sessions, args) -> tuple[dict, dict]:
     result, _ = edits["exact"]
     with dense_sparse_steps(exact):
         reference = exact.edit(pair.edit_prompt, mask=result.mask, probe_steps=args.probe_steps,
-                               output_type="np").images[0]
+                               output_type="np", composite_background=False).images[0]
     region = upsample(result.plan.levels[0].active, reference.shape[0])
     record["reference_check"] = checker.check(reference, pair.edited)["scene"]
 
@@ -211,7 +215,8 @@ def run_pair(pair, sessions, args) -> tuple[dict, dict]:
         if name == "exact":
             continue
         session.generate(pair.prompt, seed=pair.seed, **common)
-        res = session.edit(pair.edit_prompt, probe_steps=args.probe_steps, output_type="np")
+        res = session.edit(pair.edit_prompt, probe_steps=args.probe_steps, output_type="np",
+                           composite_background=False)
         rec = edit_record(session, res, original, session.original.latents[-1], truth)
         rec["same_mask_as_exact"] = bool(torch.equal(res.mask, result.mask))
         rec["psnr_vs_dense"] = psnr(res.images[0], reference, region)

@@ -12,8 +12,9 @@ Errors are max |result - reference| against the module's ``*_reference`` (fp32 m
 * attention, self-attention of a level with a fraction of its queries active: Triton mixed-K/V
   attention vs scatter into a clone of the recorded K/V + F.scaled_dot_product_attention (what
   ``sparse_ops.sparse_attention`` does) vs dense SDPA over every query;
-* group norm + SiLU of a level with a fraction of its tiles active (incremental statistics):
-  Triton scale/shift + apply vs the torch reference vs dense F.group_norm + F.silu;
+* group norm + SiLU of a level with a fraction of its tiles active (incremental statistics),
+  on the channel-fast compact tensor the runtime passes: the one-launch Triton kernel vs the
+  torch reference vs dense F.group_norm + F.silu;
 * add_layer_norm and GEGLU on the compact tokens: Triton vs the unfused torch ops.
 
     python benchmarks/micro_attention_norm.py [--json OUT]
@@ -123,15 +124,14 @@ def bench_group_norm():
         for fraction in FRACTIONS:
             n_active = max(1, round(fraction * tiles))
             active_tiles = torch.randperm(tiles, device="cuda")[:n_active].sort().values
-            x = randn(BATCH, channels, n_active * tile * tile)
+            x = randn(BATCH, n_active * tile * tile, channels).transpose(1, 2)
             args = (x, stats, active_tiles, count, GROUPS, weight, bias, EPS, "incremental")
 
             def fused():
-                return kg.group_norm_apply(x, *kg.group_norm_scale_shift(*args), silu=True)
+                return kg.group_norm(*args, silu=True)
 
             def reference():
-                return kg.group_norm_apply_reference(
-                    x, *kg.group_norm_scale_shift_reference(*args), silu=True)
+                return kg.group_norm_reference(*args, silu=True)
 
             rows.append(dict(
                 op="group_norm+silu", shape=f"{channels}x{side}x{side} t{tile}",

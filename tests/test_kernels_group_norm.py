@@ -1,19 +1,20 @@
-"""kernels.group_norm: the references against sparse_ops and F.group_norm, the Triton kernels
-against the references.
+"""kernels.group_norm: the references against sparse_ops and F.group_norm, the one-launch
+Triton kernel against the reference.
 
-Tolerances: scale/shift are fp32 (1e-5; the Triton sums run in another order). The applied
-output is compared at the default torch.testing tolerances of its dtype (bf16: 1.6e-2 relative,
-one unit in the last place).
+Tolerances: the reference's fp32 scale/shift are compared at 1e-5. The kernel's output is
+compared at the default torch.testing tolerances of its dtype (bf16: 1.6e-2 relative, one unit
+in the last place); fp32 outputs at 1e-5, as the Triton sums run in another order.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fisedit_compiler.errors import FiseditError
-from fisedit_compiler.kernels.group_norm import (POLICIES, group_norm_apply,
-                                                 group_norm_apply_reference,
-                                                 group_norm_scale_shift,
+from fisedit_compiler.kernels.group_norm import (POLICIES, group_norm, group_norm_apply_reference,
+                                                 group_norm_reference,
                                                  group_norm_scale_shift_reference)
 from fisedit_compiler.runtime import sparse_ops as ops
 from fisedit_compiler.runtime.plan import MaskPlan
@@ -22,6 +23,7 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
 
 
 def affine(channels, present, dtype=torch.float32):
@@ -41,12 +43,23 @@ def recorded_level(batch, channels, groups, size, tile, n_active):
 
 
 def compact(batch, channels, positions, dtype=torch.float32, layout="contiguous"):
-    """A random compact [B, C, P] input: contiguous, a channels-last view, or a strided slice."""
+    """A random compact [B, C, P] input: contiguous, a channels-last view (channel stride 1, as
+    at runtime), or a strided slice."""
     if layout == "channels_last":
         return torch.randn(batch, positions, channels, dtype=dtype, device=DEVICE).transpose(1, 2)
     if layout == "sliced":
         return torch.randn(batch, channels, 2 * positions, dtype=dtype, device=DEVICE)[..., ::2]
     return torch.randn(batch, channels, positions, dtype=dtype, device=DEVICE)
+
+
+def assert_matches_reference(args, silu):
+    """The kernel's output equals the reference's, in x's dtype and memory layout."""
+    x = args[0]
+    result = group_norm(*args, silu=silu)
+    expected = group_norm_reference(*args, silu=silu)
+    assert result.dtype == x.dtype and result.stride() == torch.empty_like(x).stride()
+    tolerance = dict(atol=1e-5, rtol=1e-5) if x.dtype == torch.float32 else {}
+    torch.testing.assert_close(result, expected, **tolerance)
 
 
 # --- the references --------------------------------------------------------------------------
@@ -64,12 +77,10 @@ def test_reference_matches_sparse_group_norm(policy, seed):
     stats = ops.group_norm_stats(recorded, groups, tile, size)
     x = ops.gather_positions(torch.randn(2, 8, *size, device=DEVICE), level, (2, 3))
     weight, bias = affine(8, seed % 3 > 0)
-    active_tiles = level.tiles[:, 0] * level.tile_grid[1] + level.tiles[:, 1]
     count = (8 // groups) * size[0] * size[1]
-    scale, shift = group_norm_scale_shift_reference(x, stats, active_tiles, count, groups,
-                                                    weight, bias, 1e-5, policy)
     torch.testing.assert_close(
-        group_norm_apply_reference(x, scale, shift),
+        group_norm_reference(x, stats, level.tile_ids(), count, groups, weight, bias, 1e-5,
+                             policy),
         ops.sparse_group_norm(x, stats, plan, 0, groups, weight, bias, 1e-5, policy),
         atol=1e-5, rtol=1e-5)
 
@@ -79,55 +90,69 @@ def test_reference_with_every_tile_active_is_group_norm(with_affine):
     stats, active_tiles, count = recorded_level(2, 12, 3, (7, 8), 4, 4)
     x = torch.randn(2, 12, 56, device=DEVICE) * 2 - 1
     weight, bias = affine(12, with_affine)
-    scale, shift = group_norm_scale_shift_reference(x, stats, active_tiles, count, 3, weight,
-                                                    bias, 1e-5, "incremental")
-    torch.testing.assert_close(group_norm_apply_reference(x, scale, shift, silu=True),
-                               F.silu(F.group_norm(x, 3, weight, bias, 1e-5)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        group_norm_reference(x, stats, active_tiles, count, 3, weight, bias, 1e-5, "incremental",
+                             silu=True),
+        F.silu(F.group_norm(x, 3, weight, bias, 1e-5)), atol=1e-5, rtol=1e-5)
 
 
-# --- the Triton kernels against the references ----------------------------------------------
+# --- the Triton kernel against the reference ------------------------------------------------
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("batch, channels, groups, positions, n_active", [
-    (2, 12, 4, 37, 3),        # several position splits
-    (1, 130, 2, 9, 1),        # 65 channels per group: the channel loop
-    (2, 8, 8, 0, 0),          # nothing active: the recorded statistics
+    (2, 12, 4, 37, 3),        # several position blocks, 3 channels per group
+    (1, 130, 2, 9, 1),        # 65 channels per group: several channel blocks
+    (2, 8, 8, 0, 0),          # nothing active: the recorded statistics, an empty output
+    (2, 10, 2, 1, 1),         # one position
     (2, 16, 4, 90, 9),        # every tile active
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scale_shift_kernel(batch, channels, groups, positions, n_active, dtype, policy):
+def test_kernel(batch, channels, groups, positions, n_active, dtype, policy):
     stats, active_tiles, count = recorded_level(batch, channels, groups, (10, 9), 4, n_active)
     x = compact(batch, channels, positions, dtype)
     weight, bias = affine(channels, n_active % 2 == 1, dtype)
-    args = (x, stats, active_tiles, count, groups, weight, bias, 1e-5, policy)
-    for result, expected in zip(group_norm_scale_shift(*args),
-                                group_norm_scale_shift_reference(*args)):
-        assert result.dtype == torch.float32
-        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_scale_shift_kernel_strided_input(layout):
-    stats, active_tiles, count = recorded_level(2, 12, 4, (10, 9), 4, 3)
-    x = compact(2, 12, 37, layout=layout)
-    args = (x, stats, active_tiles.int(), count, 4, None, None, 1e-6, "incremental")
-    for result, expected in zip(group_norm_scale_shift(*args),
-                                group_norm_scale_shift_reference(*args)):
-        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    assert_matches_reference((x, stats, active_tiles, count, groups, weight, bias, 1e-5, policy),
+                             silu=positions % 2 == 1)
 
 
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_kernel(dtype, layout, silu):
+def test_kernel_strided_input(dtype, layout, silu):
+    stats, active_tiles, count = recorded_level(2, 24, 4, (10, 9), 4, 3)
     x = compact(2, 24, 37, dtype, layout)
-    scale, shift = torch.randn(2, 24, device=DEVICE), torch.randn(2, 24, device=DEVICE)
-    result = group_norm_apply(x, scale, shift, silu)
-    assert result.dtype == dtype
-    torch.testing.assert_close(result, group_norm_apply_reference(x, scale, shift, silu))
+    weight, bias = affine(24, True, dtype)
+    args = (x, stats, active_tiles.int(), count, 4, weight, bias, 1e-6, "incremental")
+    assert_matches_reference(args, silu)
     if layout == "channels_last":
-        assert result.stride(1) == 1
+        assert group_norm(*args, silu=silu).stride(1) == 1
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 2), groups=st.integers(1, 4), per_group=st.integers(1, 11),
+       positions=st.integers(0, 50), active_fraction=st.floats(0, 1),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+       policy=st.sampled_from(POLICIES), with_weight=st.booleans(), with_bias=st.booleans(),
+       silu=st.booleans())
+def test_kernel_random_shapes(batch, groups, per_group, positions, active_fraction, dtype,
+                              layout, policy, with_weight, with_bias, silu):
+    channels = groups * per_group
+    n_active = round(active_fraction * 9)          # a 6 x 7 level in 3 x 3 tiles: 9 tiles
+    stats, active_tiles, count = recorded_level(batch, channels, groups, (6, 7), 3, n_active)
+    x = compact(batch, channels, positions, dtype, layout)
+    weight, bias = affine(channels, True, dtype)
+    args = (x, stats, active_tiles, count, groups, weight if with_weight else None,
+            bias if with_bias else None, 1e-5, policy)
+    assert_matches_reference(args, silu)
+
+
+def test_kernel_cached_policy_reads_only_mean_and_variance():
+    stats, active_tiles, count = recorded_level(2, 12, 4, (10, 9), 4, 3)
+    x = compact(2, 12, 37)
+    cached = {"mean": stats["mean"], "variance": stats["variance"]}
+    torch.testing.assert_close(
+        group_norm(x, cached, active_tiles, count, 4, None, None, 1e-5, "cached"),
+        group_norm(x, stats, active_tiles, count, 4, None, None, 1e-5, "cached"))
 
 
 def test_bad_inputs_raise():
@@ -139,37 +164,36 @@ def test_bad_inputs_raise():
         dict(groups=6),                                 # stats were recorded for 4 groups
         dict(policy="exact"),
         dict(weight=torch.randn(11, device=DEVICE)),
+        dict(bias=torch.randn(12, 1, device=DEVICE)),
         dict(stats={"mean": stats["mean"], "variance": stats["variance"]}),  # no tile sums
+        dict(stats={**stats, "tile_sum_sq": stats["tile_sum_sq"][..., :-1]}),
         dict(active_tiles=active_tiles.float()),
+        dict(active_tiles=active_tiles[None]),
     ]
     base = dict(x=x, stats=stats, active_tiles=active_tiles, count=count, groups=4, weight=None,
                 bias=None, eps=1e-5, policy="incremental")
-    for fn in (group_norm_scale_shift, group_norm_scale_shift_reference):
+    for fn in (group_norm, group_norm_reference, group_norm_scale_shift_reference):
         for change in bad:
             with pytest.raises(FiseditError):
                 fn(**{**base, **change})
-    for fn in (group_norm_apply, group_norm_apply_reference):
-        with pytest.raises(FiseditError):
-            fn(x, torch.randn(2, 11, device=DEVICE), torch.randn(2, 12, device=DEVICE))
+    with pytest.raises(FiseditError):
+        group_norm_apply_reference(x, torch.randn(2, 11, device=DEVICE),
+                                   torch.randn(2, 12, device=DEVICE))
 
 
 # --- SD1.5 sizes on the GPU -----------------------------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("channels, side, tile", [(320, 64, 8), (640, 32, 4), (1280, 16, 2),
                                                   (2560, 8, 1)])
 @pytest.mark.parametrize("fraction", [0.05, 1.0])
-def test_kernels_sd15_sizes(channels, side, tile, fraction, policy):
+def test_kernel_sd15_sizes(channels, side, tile, fraction, layout, policy):
     grid = (side // tile) ** 2
     n_active = max(1, round(fraction * grid))
     stats, active_tiles, count = recorded_level(2, channels, 32, (side, side), tile, n_active)
-    x = compact(2, channels, n_active * tile * tile, torch.float16)
+    x = compact(2, channels, n_active * tile * tile, torch.float16, layout)
     weight, bias = affine(channels, True, torch.float16)
-    args = (x, stats, active_tiles, count, 32, weight, bias, 1e-5, policy)
-    scale, shift = group_norm_scale_shift(*args)
-    expected_scale, expected_shift = group_norm_scale_shift_reference(*args)
-    torch.testing.assert_close(scale, expected_scale, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(shift, expected_shift, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(group_norm_apply(x, scale, shift, silu=True),
-                               group_norm_apply_reference(x, scale, shift, silu=True))
+    assert_matches_reference((x, stats, active_tiles, count, 32, weight, bias, 1e-5, policy),
+                             silu=True)

@@ -1,4 +1,4 @@
-"""Group norm of a compact tensor as a per-(batch, channel) affine map (DESIGN sections 3, 5).
+"""Group norm of a compact tensor in one Triton launch (DESIGN sections 3, 5).
 
 The group norm of the mixed tensor, restricted to the active positions, is
 ``x * scale[b, c] + shift[b, c]`` where ``x`` is the compact new input ``[B, C, P]``. The
@@ -8,10 +8,15 @@ statistics behind ``scale`` and ``shift`` follow ``sparse_ops.sparse_group_norm`
   tiles plus the new sums over ``x``, all of values shifted by the recorded mean;
 * ``cached``: the recorded mean and variance.
 
-Splitting the op this way lets the cheap pointwise part (``group_norm_apply``, optionally with
-SiLU) fuse into a consumer, while ``group_norm_scale_shift`` does the one reduction over ``x``.
-The Triton reduction is deterministic: fixed per-program partial sums, then a tiny finish
-kernel, with no atomics and no host synchronisation.
+``group_norm`` does both steps, and optionally a SiLU, in one launch: one program per
+(batch, group) sums its group's slice of ``x``, finishes the statistics, then reads the slice
+again (from L2) to write the output. A U-Net step runs dozens of group norms, each too small
+to fill the GPU, so the launches rather than the bytes bound them. The reduction is
+deterministic (a fixed order per program, no atomics) and needs no host synchronisation.
+
+The torch specification is split the same way: ``group_norm_scale_shift_reference`` (the
+affine) and ``group_norm_apply_reference`` (applying it); ``group_norm_reference`` composes
+them.
 """
 
 from __future__ import annotations
@@ -24,40 +29,19 @@ from . import HAS_TRITON, INTERPRET
 
 POLICIES = ("incremental", "cached")
 
-# Elements one program of the reduction or of the apply kernel handles at once: a register-sized
-# block on the GPU; small under the interpreter so toy tests still split the work across programs.
-_BLOCK_ELEMENTS = 256 if INTERPRET else 4096
+# Elements of x a program holds at once, and its widest channel block: register-sized on the
+# GPU; small under the interpreter so toy tests still loop over several blocks.
+_BLOCK_ELEMENTS = 128 if INTERPRET else 4096
+_MAX_BLOCK_C = 8 if INTERPRET else 128
+# Recorded tile sums summed at once (SD1.5 levels have 64 tiles).
+_BLOCK_TILES = 8 if INTERPRET else 128
+# The grid is only B * G programs (64 in SD1.5), each streaming a whole group: more warps per
+# program keep more loads in flight.
+_NUM_WARPS = 8
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def _partial_sums_kernel(x, mean, partial_sum, partial_sum_sq, positions, groups,
-                             channels_per_group, splits, s_b, s_c, s_p,
-                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Program (b * G + g, split): sums of x - mean[b, g] and of its square over the group's
-        channels and one BLOCK_P slice of the positions."""
-        batch_group = tl.program_id(0)
-        split = tl.program_id(1)
-        b = batch_group // groups
-        g = batch_group % groups
-        offs_p = split * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = offs_p < positions
-        centre = tl.load(mean + batch_group)
-        x += b * s_b + g * channels_per_group * s_c
-        acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        acc_sq = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        for c0 in range(0, channels_per_group, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask = (offs_c < channels_per_group)[:, None] & p_mask[None, :]
-            values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p, mask=mask,
-                             other=0.0).to(tl.float32)
-            shifted = tl.where(mask, values - centre, 0.0)
-            acc += shifted
-            acc_sq += shifted * shifted
-        tl.store(partial_sum + batch_group * splits + split, tl.sum(acc))
-        tl.store(partial_sum_sq + batch_group * splits + split, tl.sum(acc_sq))
 
     @triton.jit
     def _sum_pair(first, second, index, length, GATHER: tl.constexpr, BLOCK: tl.constexpr):
@@ -74,64 +58,74 @@ if HAS_TRITON:
             total_second += tl.load(second + offs, mask=mask, other=0.0)
         return tl.sum(total_first), tl.sum(total_second)
 
-    @triton.jit
-    def _finish_kernel(partial_sum, partial_sum_sq, splits, tile_sum, tile_sum_sq, tile_count,
-                       active_tiles, active_count, mean, variance, weight, bias, scale, shift,
-                       groups, channels_per_group, count, eps,
-                       INCREMENTAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Program b * G + g: the group's mean and variance, then scale and shift of its
-        channels."""
+    # The number of positions and of active tiles change with every mask: not specialising on
+    # them keeps a new mask from compiling the kernel again.
+    @triton.jit(do_not_specialize=["positions", "active_count"])
+    def _group_norm_kernel(x, out, mean, variance, tile_sum, tile_sum_sq, tile_count,
+                           active_tiles, active_count, weight, bias, groups, channels_per_group,
+                           positions, count, eps, s_b, s_c, s_p, so_b, so_c, so_p,
+                           INCREMENTAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Program b * G + g: the group's mean and variance, then
+        ``out = x * scale[b, c] + shift[b, c]`` (then SiLU) over the group's channels and
+        positions, in fp32.
+
+        Incremental statistics sum ``x - mean`` and its square over the slice in
+        ``[BLOCK_C, BLOCK_P]`` blocks and add the recorded sums of the inactive tiles
+        (all tiles minus the active ones, as the reference does)."""
         batch_group = tl.program_id(0)
+        first_channel = (batch_group % groups) * channels_per_group
+        x += (batch_group // groups) * s_b + first_channel * s_c
+        out += (batch_group // groups) * so_b + first_channel * so_c
         group_mean = tl.load(mean + batch_group)
         if INCREMENTAL:
-            new_sum, new_sum_sq = _sum_pair(partial_sum + batch_group * splits,
-                                            partial_sum_sq + batch_group * splits,
-                                            partial_sum, splits, False, BLOCK)
+            acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+            acc_sq = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+            for c0 in range(0, channels_per_group, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c_mask = offs_c < channels_per_group
+                for p0 in range(0, positions, BLOCK_P):
+                    offs_p = p0 + tl.arange(0, BLOCK_P)
+                    mask = c_mask[:, None] & (offs_p < positions)[None, :]
+                    values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p,
+                                     mask=mask, other=0.0).to(tl.float32)
+                    shifted = tl.where(mask, values - group_mean, 0.0)
+                    acc += shifted
+                    acc_sq += shifted * shifted
             tile_sum += batch_group * tile_count
             tile_sum_sq += batch_group * tile_count
             all_sum, all_sum_sq = _sum_pair(tile_sum, tile_sum_sq, active_tiles, tile_count,
-                                            False, BLOCK)
+                                            False, BLOCK_T)
             old_sum, old_sum_sq = _sum_pair(tile_sum, tile_sum_sq, active_tiles, active_count,
-                                            True, BLOCK)
-            offset = (all_sum - old_sum + new_sum) / count
-            group_var = (all_sum_sq - old_sum_sq + new_sum_sq) / count - offset * offset
+                                            True, BLOCK_T)
+            offset = (all_sum - old_sum + tl.sum(acc)) / count
+            group_var = (all_sum_sq - old_sum_sq + tl.sum(acc_sq)) / count - offset * offset
             group_mean += offset
         else:
             group_var = tl.load(variance + batch_group)
         rstd = 1.0 / tl.sqrt(group_var + eps)
-        first_channel = (batch_group % groups) * channels_per_group
-        row = (batch_group // groups) * groups * channels_per_group
         for c0 in range(0, channels_per_group, BLOCK_C):
-            offs_c = first_channel + c0 + tl.arange(0, BLOCK_C)
-            c_mask = c0 + tl.arange(0, BLOCK_C) < channels_per_group
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_mask = offs_c < channels_per_group
             channel_scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
             if HAS_WEIGHT:
-                channel_scale *= tl.load(weight + offs_c, mask=c_mask).to(tl.float32)
+                channel_scale *= tl.load(weight + first_channel + offs_c, mask=c_mask,
+                                         other=0.0).to(tl.float32)
             channel_shift = -group_mean * channel_scale
             if HAS_BIAS:
-                channel_shift += tl.load(bias + offs_c, mask=c_mask).to(tl.float32)
-            tl.store(scale + row + offs_c, channel_scale, mask=c_mask)
-            tl.store(shift + row + offs_c, channel_shift, mask=c_mask)
-
-    @triton.jit
-    def _apply_kernel(x, scale, shift, out, channels, positions, s_b, s_c, s_p, so_b, so_c, so_p,
-                      SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Program (p block, c block, b): out = x * scale + shift (then SiLU), in fp32."""
-        b = tl.program_id(2)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c_mask = offs_c < channels
-        mask = c_mask[:, None] & (offs_p < positions)[None, :]
-        values = tl.load(x + b * s_b + offs_c[:, None] * s_c + offs_p[None, :] * s_p, mask=mask,
-                         other=0.0).to(tl.float32)
-        channel_scale = tl.load(scale + b * channels + offs_c, mask=c_mask, other=0.0)
-        channel_shift = tl.load(shift + b * channels + offs_c, mask=c_mask, other=0.0)
-        y = values * channel_scale[:, None] + channel_shift[:, None]
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(out + b * so_b + offs_c[:, None] * so_c + offs_p[None, :] * so_p,
-                 y.to(out.dtype.element_ty), mask=mask)
+                channel_shift += tl.load(bias + first_channel + offs_c, mask=c_mask,
+                                         other=0.0).to(tl.float32)
+            for p0 in range(0, positions, BLOCK_P):
+                offs_p = p0 + tl.arange(0, BLOCK_P)
+                mask = c_mask[:, None] & (offs_p < positions)[None, :]
+                values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p, mask=mask,
+                                 other=0.0).to(tl.float32)
+                y = values * channel_scale[:, None] + channel_shift[:, None]
+                if SILU:
+                    y = y * tl.sigmoid(y)
+                tl.store(out + offs_c[:, None] * so_c + offs_p[None, :] * so_p,
+                         y.to(out.dtype.element_ty), mask=mask)
 
 
 def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy):
@@ -149,9 +143,13 @@ def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy):
         if stats[key].shape[:2] != (batch, groups):
             raise FiseditError(f"group norm: stats[{key!r}] is {tuple(stats[key].shape)}, "
                                f"expected [B={batch}, G={groups}, ...]")
-    if policy == "incremental" and (active_tiles.dim() != 1
-                                    or active_tiles.dtype.is_floating_point):
-        raise FiseditError("group norm: active_tiles must be a 1-D integer tensor of tile ids")
+    if policy == "incremental":
+        if stats["tile_sum"].dim() != 3 or stats["tile_sum_sq"].shape != stats["tile_sum"].shape:
+            raise FiseditError(f"group norm: stats['tile_sum'] and stats['tile_sum_sq'] must "
+                               f"both be [B, G, tiles], got {tuple(stats['tile_sum'].shape)} "
+                               f"and {tuple(stats['tile_sum_sq'].shape)}")
+        if active_tiles.dim() != 1 or active_tiles.dtype.is_floating_point:
+            raise FiseditError("group norm: active_tiles must be a 1-D integer tensor of tile ids")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and param.shape != (channels,):
             raise FiseditError(f"group norm: {name} must be [C={channels}], "
@@ -190,43 +188,6 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     return scale, shift
 
 
-def group_norm_scale_shift(x, stats, active_tiles, count, groups, weight, bias, eps, policy):
-    """Triton version of ``group_norm_scale_shift_reference``; ``x`` may be strided (e.g. a
-    channels-last view). Two launches for ``incremental`` (partial sums, finish), one for
-    ``cached``."""
-    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy)
-    batch, channels, positions = x.shape
-    per_group = channels // groups
-    incremental = policy == "incremental"
-    mean = stats["mean"].float().contiguous()
-    block_c = min(triton.next_power_of_2(per_group), 64)
-    block_p = max(16, _BLOCK_ELEMENTS // block_c)
-    splits = max(1, triton.cdiv(positions, block_p))
-    scale = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
-    shift = torch.empty_like(scale)
-    if incremental:
-        partial_sum, partial_sum_sq = torch.empty(2, batch * groups, splits, dtype=torch.float32,
-                                                  device=x.device)
-        _partial_sums_kernel[(batch * groups, splits)](
-            x, mean, partial_sum, partial_sum_sq, positions, groups, per_group, splits,
-            *x.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
-        tile_sum = stats["tile_sum"].float().contiguous()
-        tile_sum_sq = stats["tile_sum_sq"].float().contiguous()
-        variance = mean  # unused by the incremental finish
-    else:
-        # The cached finish reads only mean and variance; the rest are placeholders.
-        partial_sum = partial_sum_sq = tile_sum = tile_sum_sq = active_tiles = mean
-        variance = stats["variance"].float().contiguous()
-    _finish_kernel[(batch * groups,)](
-        partial_sum, partial_sum_sq, splits, tile_sum, tile_sum_sq, tile_sum.shape[-1],
-        active_tiles, active_tiles.numel(), mean, variance,
-        scale if weight is None else weight, scale if bias is None else bias, scale, shift,
-        groups, per_group, count, eps,
-        INCREMENTAL=incremental, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK=64 if INTERPRET else 256, BLOCK_C=block_c)
-    return scale, shift
-
-
 def _check_apply(x, scale, shift):
     if x.dim() != 3 or scale.shape != x.shape[:2] or shift.shape != x.shape[:2]:
         raise FiseditError(f"group norm apply: x must be [B, C, P] and scale, shift [B, C]; got "
@@ -240,16 +201,43 @@ def group_norm_apply_reference(x, scale, shift, silu=False):
     return (F.silu(y) if silu else y).to(x.dtype)
 
 
-def group_norm_apply(x, scale, shift, silu=False):
-    """Triton version of ``group_norm_apply_reference``; the output keeps x's memory layout
-    (``empty_like``), so a channels-last input gives a channels-last output."""
-    _check_apply(x, scale, shift)
+def group_norm_reference(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
+                         silu=False):
+    """The group norm of the mixed tensor at x's positions (then SiLU), in x's dtype: the
+    affine of ``group_norm_scale_shift_reference`` applied by ``group_norm_apply_reference``."""
+    scale, shift = group_norm_scale_shift_reference(x, stats, active_tiles, count, groups,
+                                                    weight, bias, eps, policy)
+    return group_norm_apply_reference(x, scale, shift, silu)
+
+
+def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy, silu=False):
+    """``group_norm_reference`` in one Triton launch. ``x`` may be strided (e.g. channel-fast,
+    channel stride 1); the output keeps x's memory layout (``empty_like``)."""
+    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy)
     batch, channels, positions = x.shape
     out = torch.empty_like(x)
-    block_p = min(max(16, triton.next_power_of_2(positions)), 128)
-    block_c = max(1, _BLOCK_ELEMENTS // block_p)
-    grid = (triton.cdiv(positions, block_p), triton.cdiv(channels, block_c), batch)
-    _apply_kernel[grid](x, scale.float().contiguous(), shift.float().contiguous(), out, channels,
-                        positions, *x.stride(), *out.stride(),
-                        SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p)
+    if out.numel() == 0:
+        return out
+    per_group = channels // groups
+    incremental = policy == "incremental"
+    mean = stats["mean"].float().contiguous()
+    if incremental:
+        tile_sum = stats["tile_sum"].float().contiguous()
+        tile_sum_sq = stats["tile_sum_sq"].float().contiguous()
+        tile_count, active_count = tile_sum.shape[-1], active_tiles.numel()
+        variance = mean                     # unread by the incremental statistics
+    else:
+        variance = stats["variance"].float().contiguous()
+        # The cached statistics read no tile sums: placeholders.
+        tile_sum = tile_sum_sq = active_tiles = mean
+        tile_count = active_count = 0
+    block_c = min(triton.next_power_of_2(per_group), _MAX_BLOCK_C)
+    _group_norm_kernel[(batch * groups,)](
+        x, out, mean, variance, tile_sum, tile_sum_sq, tile_count, active_tiles, active_count,
+        mean if weight is None else weight, mean if bias is None else bias, groups, per_group,
+        positions, count, eps,
+        *x.stride(), *out.stride(),
+        INCREMENTAL=incremental, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        SILU=silu, BLOCK_C=block_c, BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
+        num_warps=_NUM_WARPS)
     return out

@@ -9,7 +9,8 @@ function of the inputs:
 * a conv whose output level is dense runs the reference (one cuDNN conv over the mixed
   tensor): a dense level has no halo to save, and cuDNN is the fastest dense conv;
 * grouped convs run the reference (the kernel supports groups == 1);
-* the skip connections' channel joins keep the conv outputs' channel-fast layout;
+* the skip connections' channel joins keep the conv outputs' channel-fast layout, and 1x1
+  convs of channel-fast tensors run as one GEMM;
 * self-attention under the ``full`` policy reads the recorded K/V with the active rows
   replaced in place; cross-attention and the ``sparse`` policy are plain attention over
   compact tensors and use PyTorch's fused SDPA.
@@ -55,15 +56,15 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return entry[1]
 
 
-def _scale_shift(x, norm, level: LevelPlan):
-    """The fp32 per-(batch, channel) affine that is the group norm of the mixed tensor."""
+def _group_norm(x, norm, level: LevelPlan, silu=False):
+    """The group norm of the mixed tensor at x's positions (then SiLU), in one launch."""
     stats, groups, weight, bias, eps, policy = norm
     count = (x.shape[1] // groups) * level.size[0] * level.size[1]
     if level.dense:
         # Every tile is new: the statistics are x's own (as F.group_norm), whatever the policy.
         policy = "incremental"
-    return group_norm_kernels.group_norm_scale_shift(x, stats, level.tile_ids(), count,
-                                                     groups, weight, bias, eps, policy)
+    return group_norm_kernels.group_norm(x, stats, level.tile_ids(), count, groups, weight, bias,
+                                         eps, policy, silu=silu)
 
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
@@ -83,8 +84,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         # tap cost more than the extra pass (up to 1.9x on the 1280-channel convs, measured by
         # benchmarks/micro_sparse_conv.py on the H100), while the compact tensor is small.
         if norm is not None:
-            scale, shift = _scale_shift(x, norm, source)
-            x = group_norm_kernels.group_norm_apply(x, scale, shift, silu=silu)
+            x = _group_norm(x, norm, source, silu=silu)
         else:
             x = F.silu(x)
     if temb is not None:
@@ -98,8 +98,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
 
 def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,
                       eps: float, policy: str):
-    scale, shift = _scale_shift(x, (stats, groups, weight, bias, eps, policy), plan[level])
-    return group_norm_kernels.group_norm_apply(x, scale, shift)
+    return _group_norm(x, (stats, groups, weight, bias, eps, policy), plan[level])
 
 
 def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,
@@ -135,6 +134,21 @@ def cat(tensors, dim: int):
     return torch.cat(tensors, dim)
 
 
+def pointwise_conv2d(x, weight, bias):
+    """``sparse_ops.pointwise_conv2d`` of a channel-fast compact tensor as one GEMM.
+
+    A 1x1 conv of ``[B, C, P]`` with channel stride 1 is a linear over its ``[B, P, C]`` view,
+    which is contiguous: cuBLAS runs it with the bias fused, and the result, transposed back,
+    is channel-fast again. ``F.conv2d`` on the same tensor converts layouts around its conv
+    (copy kernels per call; the transformer blocks' proj_in and proj_out and the ResNet
+    shortcuts are 46 such convs per SD1.5 step).
+    """
+    if x.stride(1) != 1:
+        return sparse_ops.pointwise_conv2d(x, weight, bias)
+    matrix = weight.reshape(weight.shape[0], weight.shape[1])
+    return F.linear(x.transpose(1, 2), matrix, bias).transpose(1, 2)
+
+
 LOWERINGS = {
     ir.cat: cat,
     sparse_ops.sparse_conv2d: sparse_conv2d,
@@ -142,4 +156,5 @@ LOWERINGS = {
     sparse_ops.sparse_attention: sparse_attention,
     sparse_ops.add_layer_norm: add_layer_norm,
     sparse_ops.geglu: geglu,
+    sparse_ops.pointwise_conv2d: pointwise_conv2d,
 }

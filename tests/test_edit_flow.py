@@ -46,6 +46,12 @@ def _outside_equal(result, reference_latents):
     return torch.equal(result.latents[..., outside], reference_latents[..., outside])
 
 
+def _outside_pixels(result, scale=8):
+    """bool [H, W]: pixels outside the plan's level-0 active region (nearest upsampling)."""
+    active = result.plan.levels[0].active.numpy()
+    return ~np.kron(active, np.ones((scale, scale), dtype=bool))
+
+
 def test_user_mask_background_and_oracle(session, monkeypatch):
     calls = []
     edit = session.engine.edit
@@ -92,6 +98,92 @@ def test_auto_mask_and_intersect(session):
                         mask_mode="intersect", output_type="np")
     assert torch.equal(both.mask, auto.mask & _corner_mask())
     assert _outside_equal(both, session.original.latents[-1])
+
+
+def test_np_edit_composites_the_background(session):
+    kept = session.original.images.copy()
+    args = dict(mask=_corner_mask(), probe_steps=PROBE, output_type="np")
+    result = session.edit("a blue circle", **args)
+    raw = session.edit("a blue circle", composite_background=False, **args)
+    outside = _outside_pixels(result)
+    assert outside.any() and not outside.all()
+    assert np.array_equal(result.images[:, outside], kept[:, outside])     # the original's
+    assert np.array_equal(result.images[:, ~outside], raw.images[:, ~outside])   # the edit's
+    assert torch.equal(result.latents, raw.latents)
+    assert result.report["background_composited"] is True
+    assert result.report["composite_area_fraction"] == pytest.approx(1 - outside.mean())
+    assert result.report["composite_area_fraction"] == pytest.approx(
+        result.report["active_area_fraction"])
+    assert raw.report["background_composited"] is False
+    assert raw.report["composite_area_fraction"] is None
+    assert np.array_equal(session.original.images, kept)   # an edit leaves the original alone
+
+
+@pytest.fixture(scope="module")
+def other_session(pipe):
+    """A second session, for tests that regenerate with other output types."""
+    return EditSession(pipe)
+
+
+def test_pil_edit_composites_and_a_mismatched_output_type_is_refused(other_session,
+                                                                     monkeypatch):
+    s = other_session
+    original = s.generate("a red circle", seed=0, num_inference_steps=STEPS, output_type="pil")
+    args = dict(mask=_corner_mask(), probe_steps=PROBE)
+    result = s.edit("a blue circle", output_type="pil", **args)
+    outside = _outside_pixels(result)
+    edited, kept = np.asarray(result.images[0]), np.asarray(original[0])
+    assert edited.dtype == np.uint8 and edited.shape == (128, 128, 3)
+    assert np.array_equal(edited[outside], kept[outside])                 # byte-identical
+    assert result.report["background_composited"] is True
+
+    # A mismatched output type is refused before any pipeline step runs.
+    before = (s.cache, s.original, s.cache_nbytes())
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_run", lambda *a, **k: pytest.fail("the pipeline ran"))
+        with pytest.raises(FiseditError, match=r"as 'np'.*output_type='pil'.*"
+                                               r"composite_background=False"):
+            s.edit("a blue circle", output_type="np", **args)
+    assert (s.cache, s.original, s.cache_nbytes()) == before
+    # ... and the session still edits: without compositing, or with the recorded type.
+    raw = s.edit("a blue circle", output_type="np", composite_background=False, **args)
+    assert raw.report["background_composited"] is False and raw.images.shape == (1, 128, 128, 3)
+    latent = s.edit("a blue circle", output_type="latent", **args)      # nothing to composite
+    assert latent.report["background_composited"] is False
+    assert torch.equal(latent.images, latent.latents)
+    again = s.edit("a blue circle", output_type="pil", **args)
+    assert np.array_equal(np.asarray(again.images[0]), edited)
+
+
+def test_accept_then_edit_composites_against_the_accepted_images(other_session):
+    s = other_session
+    s.generate("a red circle", seed=0, num_inference_steps=STEPS, output_type="pil")
+    first = s.edit("a blue circle", mask=_corner_mask(), probe_steps=PROBE, output_type="pil")
+    s.accept(first)
+    accepted = np.asarray(first.images[0])
+    assert np.array_equal(np.asarray(s.original.images[0]), accepted)
+    assert s.original.output_type == "pil"
+    second_mask = torch.zeros(16, 16, dtype=torch.bool)
+    second_mask[12:15, 12:15] = True
+    second = s.edit("a blue circle and a green square", mask=second_mask, probe_steps=PROBE,
+                    output_type="pil")
+    outside = _outside_pixels(second)
+    assert np.array_equal(np.asarray(second.images[0])[outside], accepted[outside])
+
+
+def test_pt_edit_composites_the_background(other_session):
+    s = other_session
+    original = s.generate("a red circle", seed=0, num_inference_steps=STEPS, output_type="pt")
+    result = s.edit("a blue circle", mask=_corner_mask(), probe_steps=PROBE, output_type="pt")
+    assert result.images.shape == (1, 3, 128, 128)
+    outside = torch.from_numpy(_outside_pixels(result))
+    assert torch.equal(result.images[..., outside], original[..., outside])
+    assert result.report["background_composited"] is True
+
+
+def test_output_type_must_be_known(other_session):
+    with pytest.raises(FiseditError, match="output_type must be one of"):
+        other_session.edit("a blue circle", mask=_corner_mask(), output_type="numpy")
 
 
 def test_shared_tokens_alignment(pipe):
@@ -219,6 +311,10 @@ def test_other_schedulers_background(session, pipe, scheduler):
                               output_type="latent")
         assert _outside_equal(result, session.original.latents[-1])
         assert not torch.equal(result.latents, session.original.latents[-1])
+        # A latent-only original has no decoded pixels to composite a "pil" edit against.
+        with pytest.raises(FiseditError, match=r"as 'pil'.*output_type='latent'.*"
+                                               r"composite_background=False"):
+            session.edit("a blue circle", mask=_corner_mask(), probe_steps=1)
     finally:
         pipe.scheduler = original
 
@@ -240,6 +336,7 @@ def test_continuous_edits(session):
     first = s.edit("a blue circle", mask=_corner_mask(), probe_steps=3, output_type="np")
     s.accept(first)
     assert torch.equal(s.original.latents[-1], first.latents)
+    assert np.array_equal(s.original.images, first.images)
     assert s.cache_nbytes() == s.cache.nbytes() > 0
     second_mask = torch.zeros(16, 16, dtype=torch.bool)
     second_mask[12:15, 12:15] = True
@@ -247,6 +344,8 @@ def test_continuous_edits(session):
     second = s.edit("a blue circle and a green square", mask=second_mask, probe_steps=1,
                     output_type="np")
     assert _outside_equal(second, first.latents)
+    outside = _outside_pixels(second)       # composited against the accepted edit's images
+    assert np.array_equal(second.images[:, outside], first.images[:, outside])
     with pytest.raises(FiseditError, match="current generation"):
         s.accept(first)  # stale: made before the accept
 
@@ -276,7 +375,10 @@ def test_edit_command(pipe_folder, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["mask_source"] == "user" and 0 < report["mask_area_fraction"] < 0.1
     assert report["timings_s"]["dense_regeneration_s"] > 0
-    assert "edit_s" in capsys.readouterr().out
+    assert report["background_composited"] is True
+    assert report["image_difference_outside_mask"]["max"] == 0.0
+    printed = capsys.readouterr().out
+    assert "edit_s" in printed and "background_composited" in printed
 
 
 def test_demo_command_edits_the_trained_shapes_model(tmp_path, capsys):
@@ -301,6 +403,8 @@ def test_demo_command_edits_the_trained_shapes_model(tmp_path, capsys):
     assert 0 < report["mask_area_fraction"] < 0.2
     assert report["active_area_fraction"] < 0.5             # a real sparse edit, not dense
     assert report["timings_s"]["warm_edit_s"] > 0
+    assert report["background_composited"] is True
+    assert report["image_difference_outside_mask"]["max"] == 0.0   # the exact background
     names = {p.name for p in out.iterdir()}
     assert names == {"original.png", "edit.png", "mask.png", "overlay.png", "report.json"}
     original = np.asarray(Image.open(out / "original.png").convert("RGB"))

@@ -236,8 +236,10 @@ def _overlay(image, mask_image):
 
 
 def _outside_difference(original, edited, active: torch.Tensor) -> dict:
-    """Decoded-image difference outside the blend region: a measurement, not a guarantee (the
-    VAE decoder is not local, so edits inside reach pixels outside)."""
+    """Decoded-image difference outside the blend region. The session composites the
+    original's pixels there (``background_composited`` in the report), so this is 0; it is kept
+    as an end-to-end check of the written images (without compositing the VAE decoder, which
+    is not local, would let the edit reach pixels outside)."""
     a = np.asarray(original, dtype=np.float32)
     b = np.asarray(edited, dtype=np.float32)
     scale = a.shape[0] // active.shape[0]
@@ -264,5 +266,6 @@ def _summary(report: dict) -> dict:
         "macs_ratio": round(macs["macs_ratio"], 4),
         "mask_area_fraction": round(report["mask_area_fraction"], 4),
         "active_area_fraction": round(report["active_area_fraction"], 4),
+        "background_composited": report["background_composited"],
         "image_difference_outside_mask": report["image_difference_outside_mask"],
     }

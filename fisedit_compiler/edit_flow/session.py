@@ -7,7 +7,9 @@ steps with the new prompt from the same noise, derives the edit mask from the la
 plan's active region, and runs the remaining steps sparsely through ``SparseEngine.edit``.
 Because sparse U-Net calls return the recorded output outside the active region and every
 supported scheduler is elementwise, the final latents outside that region equal the original's
-bit for bit.
+bit for bit. The decoded images would not (the VAE decoder has global group norms and a
+mid-block attention, so an edit shifts every pixel a little), so ``edit`` composites: outside
+that region, upsampled to pixels, its images take the original's decoded pixels.
 
 The pipeline is not forked: U-Net calls are routed by temporarily replacing the instance's
 ``forward`` (always restored), and per-step work runs in ``callback_on_step_end``.
@@ -20,6 +22,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+import PIL.Image
 import torch
 
 from ..config import SparseConfig
@@ -38,6 +42,9 @@ _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
                    "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds")
 # U-Net arguments the engine's recorded graphs take; others must be None.
 _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs")
+# The pipelines' output types (diffusers' VaeImageProcessor.postprocess); others are refused
+# because diffusers silently maps them to "np", which the background compositing must know.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -47,7 +54,9 @@ class Trajectory:
     ``latents[i]`` and ``history[i]`` are taken after step ``i`` (after any blend); ``history``
     is the multistep solver's ``model_outputs`` (empty for single-step schedulers).
     ``blend_steps`` are the steps after which the latents were blended, i.e. where they are not
-    the scheduler's continuation of the previous step.
+    the scheduler's continuation of the previous step. ``images`` are the run's output images
+    as returned for ``output_type`` (a private copy, composited for an edit): edits composite
+    their background against the original's.
     """
     prompt: str
     negative_prompt: str | None
@@ -61,12 +70,17 @@ class Trajectory:
     latents: list[torch.Tensor] = field(default_factory=list)
     history: list[list] = field(default_factory=list)
     blend_steps: set[int] = field(default_factory=set)
+    output_type: str | None = None
+    images: object = None
 
 
 @dataclass
 class EditResult:
-    """An edit: ``images`` (the pipeline's output), ``mask`` (bool, latent resolution: the mask
-    the plan was built from), ``plan``, ``latents`` (final) and ``report`` (timings, MACs, areas).
+    """An edit: ``images`` (the pipeline's output for the requested ``output_type``, with the
+    original's pixels outside the edited region unless ``composite_background=False``),
+    ``mask`` (bool, latent resolution: the mask the plan was built from), ``plan``, ``latents``
+    (final; equal to the original's outside ``plan.levels[0].active``) and ``report`` (timings,
+    MACs, areas, whether the background was composited).
     """
     images: object
     mask: torch.Tensor
@@ -108,11 +122,12 @@ class EditSession:
         cache) is replaced only when this call succeeds.
         """
         _check_kwargs(pipeline_kwargs)
+        _check_output_type(output_type)
         self._check_scheduler()
         height, width = self._size(height, width)
         noise = self._noise(seed, generator, latents, height, width)
         trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
-                                num_inference_steps, noise)
+                                num_inference_steps, noise, output_type=output_type)
         cache = self.engine.new_cache(num_inference_steps, self.cache_budget_bytes)
 
         def unet_call(step, inputs):
@@ -127,6 +142,9 @@ class EditSession:
         start = time.perf_counter()
         images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
         self.generate_time_s = time.perf_counter() - start
+        # A private copy: edits composite against it, and the caller may change the returned
+        # arrays in place.
+        trajectory.images = _copy_images(images)
         self.cache, self.original = cache, trajectory
         self._scheduler_type = type(self.pipe.scheduler)
         self._generation += 1
@@ -138,7 +156,7 @@ class EditSession:
              negative_prompt: str | None = None, guidance_scale: float | None = None,
              num_inference_steps: int | None = None, height: int | None = None,
              width: int | None = None, output_type: str = "pil",
-             **pipeline_kwargs) -> EditResult:
+             composite_background: bool = True, **pipeline_kwargs) -> EditResult:
         """Edit the recorded generation towards ``new_prompt``.
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise;
@@ -151,9 +169,25 @@ class EditSession:
         ``cross_attention_control`` reuses, during the probe steps, the recorded generation's
         cross-attention probabilities for the tokens both prompts share (see ``attention``;
         it costs one extra dense U-Net call per probe step).
+
+        ``composite_background`` (default True) makes the background of the decoded images
+        exact: outside ``plan.levels[0].active`` upsampled to pixels (each latent pixel covers a
+        ``vae_scale_factor``-square block) the images take the original's pixels, inside the
+        edit's. Why: the latents there already equal the original's bit for bit, but the VAE
+        decoder is not local (global group norms, a mid-block attention), so the raw decode
+        shifts background pixels too. Cost: nothing on the GPU side (no extra decode), a few ms
+        on the host for "pil". Seam risk: pixels just outside the region come from the
+        original, so a change that bleeds beyond the planned region (already dilated and
+        tile-quantised) is cut at the region's edge. It needs the original's images in the same
+        form: the edit's ``output_type`` must be the one of the generation (or accepted edit)
+        it edits, else FiseditError before any step runs; ``"latent"`` output needs nothing
+        (it is the latents, exact already). ``composite_background=False`` returns the raw
+        decode. ``report["background_composited"]`` says whether compositing happened and
+        ``report["composite_area_fraction"]`` the fraction of pixels taken from the edit.
         """
         original = self._require_generation()
         _check_kwargs(pipeline_kwargs)
+        _check_output_type(output_type)
         self._check_scheduler()
         if type(self.pipe.scheduler) is not self._scheduler_type:
             raise FiseditError(
@@ -187,9 +221,20 @@ class EditSession:
                 f"the generation used guidance_scale={original.guidance_scale} and the edit "
                 f"{guidance}: classifier-free guidance must stay on (or off) for both, since it "
                 "sets the U-Net batch")
+        # Last of the argument checks, still before any pipeline step: compositing selects
+        # pixels of the original's images, so they must exist in the requested form ("latent"
+        # output is the latents themselves, exact outside the region already).
+        composite = composite_background and output_type != "latent"
+        if composite and original.output_type != output_type:
+            raise FiseditError(
+                f"composite_background needs the original's decoded images as {output_type!r}, "
+                f"but the original (the last generate or accepted edit) was produced with "
+                f"output_type={original.output_type!r}; generate (or accept an edit made) with "
+                f"output_type={output_type!r}, or pass composite_background=False to get the "
+                "raw decode (its background is close to, not equal to, the original's)")
 
         trajectory = Trajectory(new_prompt, negative_prompt, guidance, height, width, steps,
-                                original.noise)
+                                original.noise, output_type=output_type)
         state = {"plan": None, "mask": None, "differences": [], "blend_at": None}
         timings = {"mask_s": 0.0}
 
@@ -253,14 +298,25 @@ class EditSession:
 
         start = time.perf_counter()
         images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
-        total = time.perf_counter() - start
-        timings["probe_s"] = timings.get("probe_s", 0.0)
-        timings["sparse_s"] = total - timings["probe_s"]
-        timings["edit_s"] = total
-        timings["generate_s"] = self.generate_time_s
+        run_s = time.perf_counter() - start
         plan = state["plan"]
+        composite_area = None
+        if composite:
+            images, composite_area = self._composite(images, original.images, output_type,
+                                                     plan.levels[0].active)
+        total = time.perf_counter() - start
+        # The edit's own images (composited), kept apart from the caller's: accept makes them
+        # the next edits' original.
+        trajectory.images = _copy_images(images)
+        timings["probe_s"] = timings.get("probe_s", 0.0)
+        timings["sparse_s"] = run_s - timings["probe_s"]
+        timings["composite_s"] = total - run_s
+        timings["edit_s"] = total     # probe_s + sparse_s + composite_s
+        timings["generate_s"] = self.generate_time_s
         report = self._report(plan, probe_steps, steps, timings, state["mask"], user_mask,
                               mask_mode)
+        report["background_composited"] = composite
+        report["composite_area_fraction"] = composite_area
         report["cross_attention_control"] = control is not None
         if control is not None:
             report["shared_token_positions"] = int(control.new_positions.numel())
@@ -275,8 +331,10 @@ class EditSession:
         text encoding and decoding, and a second cache in memory until the swap). The recorded
         output of each step is then replaced by the output the edit actually used, so that the
         next edit's sparse calls return, outside their region, what produced the accepted
-        latents; the accepted latents and scheduler history become the recorded ones. The
-        session changes only if every step records.
+        latents; the accepted latents and scheduler history become the recorded ones, and its
+        images (composited unless it was made with ``composite_background=False``) the
+        original images later edits composite against, in its ``output_type``. The session
+        changes only if every step records.
         """
         self._require_generation()
         if not isinstance(result, EditResult) or result._generation != self._generation:
@@ -293,7 +351,9 @@ class EditSession:
                               trajectory.num_steps, trajectory.noise,
                               unet_inputs=trajectory.unet_inputs, latents=trajectory.latents,
                               history=trajectory.history,
-                              blend_steps=set(trajectory.blend_steps))
+                              blend_steps=set(trajectory.blend_steps),
+                              output_type=trajectory.output_type,
+                              images=trajectory.images)
         self.cache, self.original = cache, accepted
         self._generation += 1
 
@@ -391,6 +451,43 @@ class EditSession:
                     scheduler.model_outputs[index] = torch.where(active, current, old)
         return torch.where(active, latents, self.original.latents[step])
 
+    def _composite(self, images, original_images, output_type: str, active: torch.Tensor):
+        """The edit's ``images`` with the original's pixels outside ``active`` (bool latent
+        [h, w]) upsampled to pixels by nearest neighbour; returns them and the fraction of
+        pixels taken from the edit. Pure selection, no arithmetic: outside, the result is the
+        original's bytes (uint8 for "pil")."""
+        scale = self.pipe.vae_scale_factor
+        inside = active.cpu().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        height, width = inside.shape
+        fraction = float(inside.float().mean())
+
+        def check(edited_shape, original_shape, hw):
+            # Cannot happen with a supported pipeline (same size, batch 1, same output_type);
+            # checked so that a mismatch is an error, not a silently broadcast composite.
+            if tuple(edited_shape) != tuple(original_shape) or tuple(hw) != (height, width):
+                raise FiseditError(
+                    f"cannot composite the background: the edit's images have shape "
+                    f"{tuple(edited_shape)} and the original's {tuple(original_shape)}, for a "
+                    f"{height}x{width} pixel region; pass composite_background=False")
+
+        if output_type == "pil":
+            # On the uint8 arrays: the background is then the original's bytes exactly.
+            edited = [np.asarray(image) for image in images]
+            kept = [np.asarray(image) for image in original_images]
+            check((len(edited),) + edited[0].shape, (len(kept),) + kept[0].shape,
+                  edited[0].shape[:2])
+            where = inside.numpy()
+            where = where[..., None] if edited[0].ndim == 3 else where   # RGB, or L
+            composited = [PIL.Image.fromarray(np.where(where, a, b)) for a, b in zip(edited, kept)]
+            return composited, fraction
+        if output_type == "np":        # [B, H, W, C]
+            check(images.shape, original_images.shape, images.shape[1:3])
+            return np.where(inside.numpy()[None, :, :, None], images, original_images), fraction
+        # "pt": [B, C, H, W]
+        check(images.shape, original_images.shape, images.shape[-2:])
+        where = inside.to(images.device)[None, None]
+        return torch.where(where, images, original_images.to(images.device)), fraction
+
     # -- checks and helpers ---------------------------------------------------------------
     def _require_generation(self) -> Trajectory:
         if self.original is None or self.cache is None:
@@ -473,6 +570,23 @@ def _check_pipeline(pipe) -> None:
         raise FiseditError(
             f"EditSession supports {', '.join(SUPPORTED_PIPELINES)} (text-to-image), got "
             f"{type(pipe).__name__}; load the text-to-image pipeline of your model")
+
+
+def _check_output_type(output_type) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise FiseditError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def _copy_images(images):
+    """A copy of a pipeline's images ("pil": a list of images, "np": an array, "pt"/"latent": a
+    tensor), so that later changes by the caller do not reach the session."""
+    if isinstance(images, (list, tuple)):
+        return [image.copy() for image in images]
+    if isinstance(images, np.ndarray):
+        return images.copy()
+    if isinstance(images, torch.Tensor):
+        return images.detach().clone()
+    return images
 
 
 def _check_kwargs(pipeline_kwargs: dict) -> None:

@@ -58,7 +58,13 @@ def assert_matches_reference(args, silu):
     result = group_norm(*args, silu=silu)
     expected = group_norm_reference(*args, silu=silu)
     assert result.dtype == x.dtype and result.stride() == torch.empty_like(x).stride()
-    tolerance = dict(atol=1e-5, rtol=1e-5) if x.dtype == torch.float32 else {}
+    # The kernel sums each group in fp32 blocks, torch pairwise. The tests' new values sit far
+    # from the recorded mean (to exercise the shift), so the variance is a difference of large
+    # sums and the statistics agree to ~1e-5 relative: near-zero half outputs differ by up to
+    # ~2e-5 on an H100 (SD1.5's 2560-channel level), beyond torch's default atol of 1e-5.
+    tolerance = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+                 torch.float16: dict(atol=1e-4, rtol=1e-3),      # rtol: torch's default
+                 torch.bfloat16: dict(atol=1e-4, rtol=1.6e-2)}[x.dtype]
     torch.testing.assert_close(result, expected, **tolerance)
 
 

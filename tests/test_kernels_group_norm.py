@@ -136,15 +136,19 @@ def test_kernel_strided_input(dtype, layout, silu):
 
 @settings(max_examples=12, deadline=None)
 @given(batch=st.integers(1, 2), groups=st.integers(1, 4), per_group=st.integers(1, 11),
-       positions=st.integers(0, 50), active_fraction=st.floats(0, 1),
+       active_fraction=st.floats(0, 1),
        dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
        policy=st.sampled_from(POLICIES), with_weight=st.booleans(), with_bias=st.booleans(),
        silu=st.booleans())
-def test_kernel_random_shapes(batch, groups, per_group, positions, active_fraction, dtype,
-                              layout, policy, with_weight, with_bias, silu):
+def test_kernel_random_shapes(batch, groups, per_group, active_fraction, dtype, layout, policy,
+                              with_weight, with_bias, silu):
     channels = groups * per_group
-    n_active = round(active_fraction * 9)          # a 6 x 7 level in 3 x 3 tiles: 9 tiles
+    # A 6 x 7 level in 3 x 3 tiles: a 2 x 3 tile grid whose last column is 1 pixel wide.
+    n_active = round(active_fraction * 6)
     stats, active_tiles, count = recorded_level(batch, channels, groups, (6, 7), 3, n_active)
+    # The new values cover exactly the active tiles' pixels, as at runtime (other counts make
+    # the incremental variance meaningless, even negative).
+    positions = sum(3 * (1 if tile % 3 == 2 else 3) for tile in active_tiles.tolist())
     x = compact(batch, channels, positions, dtype, layout)
     weight, bias = affine(channels, True, dtype)
     args = (x, stats, active_tiles, count, groups, weight if with_weight else None,

@@ -33,25 +33,12 @@ import torch
 from . import oracle, zoo
 from .config import SparseConfig
 from .errors import FiseditError
-from .runtime.plan import blob_mask  # noqa: F401 - part of the bench API
+from .runtime.plan import blob_mask, scattered_mask  # noqa: F401 - part of the bench API
 
 RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 AREAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LAYOUTS = ("blob", "scattered")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int = 0):
-    """``blobs`` squares at seeded random places, together covering about ``area``."""
-    height, width = size
-    gen = torch.Generator().manual_seed(seed)
-    side = max(1, round(math.sqrt(area * height * width / blobs)))
-    mask = torch.zeros(size, dtype=torch.bool)
-    for _ in range(blobs):
-        top = int(torch.randint(0, max(1, height - side + 1), (1,), generator=gen))
-        left = int(torch.randint(0, max(1, width - side + 1), (1,), generator=gen))
-        mask[top:top + side, left:left + side] = True
-    return mask
 
 
 def cuda_time_ms(fn, warmup: int = 3, reps: int = 20) -> float:

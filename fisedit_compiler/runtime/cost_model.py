@@ -3,20 +3,28 @@
 A level runs sparse or dense (and every level below a dense one is dense, DESIGN section 3),
 so for one mask the choices are "the first dense level is d" for d = 0 (the whole U-Net dense,
 which the engine runs as compiled dense) to L (all levels sparse). ``calibrate`` times every
-choice, on the device, for square masks of increasing area, and sets each level's threshold
-between the largest active fraction at which keeping it sparse was fastest and the smallest at
-which making it dense was. With those thresholds in ``SparseConfig.dense_threshold`` the plan
-picks, for masks like the calibration ones, the fastest of the candidates, and in particular
-no edit runs slower than the dense compiled step (the d = 0 candidate) by more than noise.
+choice, on the device, for masks of increasing area in two layouts, one square and scattered
+squares, and sets each level's threshold between the largest active fraction at which keeping
+it sparse was fastest and the smallest at which making it dense was. Where the layouts
+disagree (sparse won at a larger fraction in one layout than the one where it lost in the
+other), the threshold is set for the loser: dense from that fraction on. Scattered masks cost
+more at the same fraction (more tile edges, and plans whose coarsest level alone turns dense),
+and a square-only calibration let them run up to 1.3x slower than dense (session 4, run 3).
+With those thresholds in ``SparseConfig.dense_threshold`` the plan picks, for masks like the
+calibration ones, the fastest of the candidates, and in particular no edit runs slower than
+the dense compiled step (the d = 0 candidate) by more than noise.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .plan import MaskPlan, blob_mask
+from .plan import MaskPlan, blob_mask, scattered_mask
 
 CALIBRATION_AREAS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+CALIBRATION_MASKS = {"blob": blob_mask, "scattered": scattered_mask}
 
 
 @torch.no_grad()
@@ -36,11 +44,9 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
     cache = engine.new_cache()
     engine.record(cache, step=0, **inputs)
     device = inputs["sample"].device
-    sparse_best = [0.0] * len(levels)      # largest fraction at which sparse won, per level
-    dense_best = [1.0] * len(levels)       # smallest fraction at which dense won
     measurements = []
-    for area in areas:
-        mask = blob_mask(tuple(levels[0]), area)
+    for area, (layout, make_mask) in itertools.product(areas, CALIBRATION_MASKS.items()):
+        mask = make_mask(tuple(levels[0]), area)
         fractions = MaskPlan(mask, levels, tiles, engine.config.dilation, 1.0,
                              device=device).fractions()
         times = []
@@ -51,16 +57,31 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
             times.append(timer(lambda: engine.edit(cache, 0, plan=plan, **inputs)))
             del plan
         best = min(range(len(times)), key=times.__getitem__)
-        for level, fraction in enumerate(fractions):
-            if level < best:
+        measurements.append({"area": area, "layout": layout, "fractions": fractions,
+                             "ms_by_first_dense_level": times, "best_first_dense_level": best})
+        if log:
+            log(f"calibrate {layout} {area:.0%}: fractions {[round(f, 3) for f in fractions]} "
+                f"ms by first dense level {[round(t, 2) for t in times]} -> {best}")
+    return {"thresholds": thresholds_from(measurements, len(levels)),
+            "measurements": measurements}
+
+
+def thresholds_from(measurements: list[dict], levels: int) -> tuple:
+    """Per-level dense thresholds from ``calibrate``'s measurements (each with per-level
+    ``fractions`` and the ``best_first_dense_level``).
+
+    A level is dense where its fraction exceeds its threshold: halfway between the largest
+    fraction at which it was best sparse and the smallest at which it was best dense, or,
+    where those conflict (masks of different layouts disagree), just below that smallest
+    dense win, so the slower choice is never kept.
+    """
+    sparse_best = [0.0] * levels      # largest fraction at which sparse won, per level
+    dense_best = [1.0] * levels       # smallest fraction at which dense won
+    for measurement in measurements:
+        for level, fraction in enumerate(measurement["fractions"]):
+            if level < measurement["best_first_dense_level"]:
                 sparse_best[level] = max(sparse_best[level], fraction)
             else:
                 dense_best[level] = min(dense_best[level], fraction)
-        measurements.append({"area": area, "fractions": fractions, "ms_by_first_dense_level":
-                             times, "best_first_dense_level": best})
-        if log:
-            log(f"calibrate {area:.0%}: fractions {[round(f, 3) for f in fractions]} "
-                f"ms by first dense level {[round(t, 2) for t in times]} -> {best}")
-    thresholds = tuple((low + high) / 2 if low < high else low
-                       for low, high in zip(sparse_best, dense_best))
-    return {"thresholds": thresholds, "measurements": measurements}
+    return tuple((low + high) / 2 if low < high else high - 1e-9
+                 for low, high in zip(sparse_best, dense_best))

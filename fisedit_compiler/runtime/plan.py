@@ -254,3 +254,16 @@ def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
     top, left = (height - side_h) // 2, (width - side_w) // 2
     mask[top:top + side_h, left:left + side_w] = True
     return mask
+
+
+def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int = 0):
+    """``blobs`` squares at seeded random places, together covering about ``area``."""
+    height, width = size
+    gen = torch.Generator().manual_seed(seed)
+    side = max(1, round(math.sqrt(area * height * width / blobs)))
+    mask = torch.zeros(size, dtype=torch.bool)
+    for _ in range(blobs):
+        top = int(torch.randint(0, max(1, height - side + 1), (1,), generator=gen))
+        left = int(torch.randint(0, max(1, width - side + 1), (1,), generator=gen))
+        mask[top:top + side, left:left + side] = True
+    return mask

@@ -1,0 +1,41 @@
+"""The cost model's thresholds from calibration measurements (runtime/cost_model.py).
+
+Timing needs a GPU; how measurements become thresholds does not, and is what decides whether
+an edit can run slower than dense.
+"""
+
+import pytest
+
+from fisedit_compiler.runtime.cost_model import CALIBRATION_MASKS, thresholds_from
+from fisedit_compiler.runtime.plan import MaskPlan
+
+
+def measured(fractions, best_first_dense_level):
+    return {"fractions": fractions, "best_first_dense_level": best_first_dense_level}
+
+
+def test_threshold_lies_between_the_last_sparse_win_and_the_first_dense_win():
+    thresholds = thresholds_from([measured([0.1, 0.2], 2), measured([0.3, 0.4], 1),
+                                  measured([0.5, 0.6], 0)], levels=2)
+    assert thresholds == pytest.approx((0.4, 0.3))
+    # Plans made with them choose as measured: level 0 sparse at 0.3, both dense at 0.5.
+    assert 0.3 <= thresholds[0] < 0.5 and 0.2 <= thresholds[1] < 0.4
+
+
+def test_layouts_that_disagree_make_the_level_dense_where_any_lost():
+    # A square won sparse at 0.39; scattered squares lost at 0.37 (session 4, run 3).
+    thresholds = thresholds_from([measured([0.39], 1), measured([0.37], 0)], levels=1)
+    assert 0.36 < thresholds[0] < 0.37          # 0.37 > threshold: dense
+
+
+def test_a_level_that_never_won_dense_goes_halfway_to_full():
+    assert thresholds_from([measured([0.2], 1), measured([0.8], 1)], levels=1) == \
+        pytest.approx((0.9,))
+
+
+def test_calibration_masks_cover_their_areas_in_both_layouts():
+    levels, tiles = [(64, 64), (32, 32), (16, 16), (8, 8)], [8, 4, 2, 1]
+    for make_mask in CALIBRATION_MASKS.values():
+        small = MaskPlan(make_mask((64, 64), 0.02), levels, tiles, 0, 1.0).fractions()
+        large = MaskPlan(make_mask((64, 64), 0.5), levels, tiles, 0, 1.0).fractions()
+        assert all(0 < a < b for a, b in zip(small, large))

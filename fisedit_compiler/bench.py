@@ -18,10 +18,8 @@ input and cache copies and the output clone.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import platform
 import subprocess
 import sys

@@ -165,7 +165,6 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     its second edit on; the speedup is then computed from it."""
     from .session import EditSession
 
-    _check_mask_args(args)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -173,11 +173,12 @@ class SparseEngine:
         # captured CUDA graphs, so repeating an edit with the same mask (another prompt, or a
         # continued edit) replays them instead of capturing again. One plan only, because each
         # captured graph holds a static copy of a step's cache.
-        key = (tuple(mask.shape), str(mask.dtype), mask.detach().cpu().numpy().tobytes())
+        host = mask.detach().cpu()     # one copy: the key, and MaskPlan plans on the host
+        key = (tuple(host.shape), str(host.dtype), host.numpy().tobytes())
         if self._last_plan is not None and self._last_plan[0] == key:
             return self._last_plan[1]
         device = next(self.unet.parameters()).device
-        plan = MaskPlan(mask, program.levels, program.tiles, self.config.dilation,
+        plan = MaskPlan(host, program.levels, program.tiles, self.config.dilation,
                         self.config.thresholds_for(program.levels), device=device)
         self._last_plan = (key, plan)
         return plan

@@ -1,28 +1,25 @@
-"""End-to-end edit time against dense regeneration (issue 5), on a GPU.
+"""End-to-end edits as users make them, against dense regeneration, on a GPU (issue 14).
 
-For a zoo pipeline (random weights, same compute as trained ones) at its native resolution:
-generate once with an ``EditSession`` (recording every step), then time
+For a zoo pipeline (random weights, same compute as trained ones) at its native resolution,
+in one process:
 
-* the edit: ``probe_steps`` dense probe steps with the new prompt, then the remaining steps
-  sparse under a square user mask of ``--area`` of the latent (the automatic mask of a
-  random-weight model is empty; ``benchmarks/edit_quality.py`` measures the automatic mask on
-  the trained shapes model);
-* dense regeneration of the new prompt with the same pipeline, steps and scheduler.
+1. ``EditSession.generate`` (recording every step), timed, then what it prepares for edits
+   (``engine.prepare``: the dense graph of the probe steps, one captured sparse step per
+   capacity bucket), reported apart as a one-time cost;
+2. the **first edit after generate**, with a mask never seen before;
+3. **new-mask edits**: successive edits of the same generation, each with a new mask of a new
+   size and place: seeded single blobs (squares, rectangles, discs) and scattered squares,
+   ``--area`` of the latent (+-20%) in one group and 1-20% in another;
+4. **repeat-mask edits**: the last mask again;
+5. **dense regeneration** of the edited prompt with the strongest dense setting a diffusers
+   user would pick (a copy of the U-Net in channels_last with fused QKV projections, 1x1
+   convs as matmuls, ``torch.compile`` with CUDA graphs: the best of ``reduce-overhead`` and
+   ``max-autotune``), and dense eager beside it.
 
-Both sides run their dense U-Net calls through ``torch.compile`` with CUDA graphs (the session
-through ``engine.dense``, the regeneration through ``torch.compile(pipe.unet,
-mode="reduce-overhead")``), and the sparse steps on Triton kernels with CUDA graphs. Each is
-warmed up once (compilation, capture, autotuning) and then timed over ``--reps`` runs with the
-latents as output (no VAE decode on either side). Two kinds of edit are timed:
-
-* repeat edits (``edit_s``): every edit uses the same mask, so after the warm-up the engine
-  reuses its plan and captured graphs (``engine.plan``);
-* new-mask edits (``new_mask_edit_s``): each edit's mask is the square moved by one more latent
-  pixel, as when a user edits again with another prompt, so each pays planning, CUDA-graph
-  capture and any autotuning a new size bucket needs.
-
-``edit_timings_s`` and ``new_mask_timings_s`` hold every edit's phases (probe steps, mask,
-the first sparse step, which captures the graphs of a new plan, and the rest).
+Every edit runs ``--probe-steps`` dense probe steps, then the remaining steps sparse under the
+user mask (a random-weight model's automatic mask is empty); latents out on both sides (no
+VAE decode). Each edit is timed from an idle GPU to its synchronised end, with its phases from
+``report["timings_s"]``. Prints a table and writes JSON.
 
     python benchmarks/edit_e2e.py --model sd15 --steps 50 --probe-steps 10 --area 0.05
 """
@@ -30,7 +27,9 @@ the first sparse step, which captures the graphs of a new plan, and the rest).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import time
 
@@ -39,18 +38,55 @@ import torch
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 
+PROMPT, NEW_PROMPT = "a dog on the sofa", "a dog on the sofa wearing a hat"
 
-def wall_s(fn, reps: int) -> float:
-    """Median wall seconds of ``fn`` (synchronised), after one warm-up call."""
+
+def synchronized_s(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def new_masks(size: tuple[int, int], areas: list[float], seed: int) -> list[torch.Tensor]:
+    """One mask per area, alternating shapes (square, wide, tall, disc, scattered), each at a
+    seeded new place."""
+    height, width = size
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = torch.arange(height)[:, None], torch.arange(width)[None, :]
+    masks = []
+    for index, area in enumerate(areas):
+        shape = index % 5
+        if shape == 4:
+            masks.append(bench.scattered_mask(size, area, 4, seed=seed * 100 + index))
+            continue
+        pixels = area * height * width
+        if shape == 3:
+            radius = math.sqrt(pixels / math.pi)
+            cy = radius + float(torch.rand((), generator=gen)) * (height - 2 * radius)
+            cx = radius + float(torch.rand((), generator=gen)) * (width - 2 * radius)
+            masks.append((rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2)
+            continue
+        aspect = (1.0, 2.0, 0.5)[shape]
+        side_h = max(1, min(height, round(math.sqrt(pixels / aspect))))
+        side_w = max(1, min(width, round(math.sqrt(pixels * aspect))))
+        top = int(torch.randint(0, height - side_h + 1, (1,), generator=gen))
+        left = int(torch.randint(0, width - side_w + 1, (1,), generator=gen))
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[top:top + side_h, left:left + side_w] = True
+        masks.append(mask)
+    return masks
+
+
+def strongest_dense(unet, mode: str):
+    """A copy of ``unet`` as a diffusers user tuning for speed would run it."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    fast = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    fast.fuse_qkv_projections()
+    return torch.compile(fast, mode=mode)
 
 
 def main() -> None:
@@ -59,7 +95,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--probe-steps", type=int, default=10)
     parser.add_argument("--area", type=float, default=0.05)
+    parser.add_argument("--edits", type=int, default=6, help="new-mask edits per group")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dense-modes", default="reduce-overhead,max-autotune")
     parser.add_argument("--cache-budget-gib", type=float, metavar="GIB",
                         help="recorded steps beyond this many GiB on the GPU go to pinned host "
                              "memory (sdxl records ~1.4 GiB per step)")
@@ -69,45 +107,86 @@ def main() -> None:
         raise SystemExit("edit_e2e.py measures GPU time and needs CUDA")
 
     size = bench.RESOLUTION[args.model]
+    latent = (size // 8, size // 8)
     pipe = zoo.pipeline(args.model).to("cuda", torch.float16)
     pipe.set_progress_bar_config(disable=True)
-    prompt, new_prompt = "a dog on the sofa", "a dog on the sofa wearing a hat"
     common = dict(num_inference_steps=args.steps, height=size, width=size)
-
     budget = None if args.cache_budget_gib is None else int(args.cache_budget_gib * 2**30)
     session = fc.EditSession(pipe, cache_budget_bytes=budget)
-    session.generate(prompt, seed=0, output_type="latent", **common)
-    mask = bench.blob_mask((size // 8, size // 8), args.area)
-    reports, new_mask_reports = [], []
+    generate_s = synchronized_s(lambda: session.generate(PROMPT, seed=0, output_type="latent",
+                                                         **common))
+    prepare = dict(session.prepare_report)
 
-    def edit(edit_mask=mask, timings=reports):
-        result = session.edit(new_prompt, mask=edit_mask, probe_steps=args.probe_steps,
-                              output_type="latent")
-        timings.append(result.report["timings_s"])
+    def edit(mask) -> dict:
+        holder = {}
 
-    edit_s = wall_s(edit, args.reps)
-    shifts = iter(range(1, 2 * args.reps + 2))
-    new_mask_edit = lambda: edit(mask.roll(next(shifts), dims=1), new_mask_reports)  # noqa
-    new_mask_edit_s = wall_s(new_mask_edit, args.reps)
+        def run():
+            holder["result"] = session.edit(NEW_PROMPT, mask=mask, probe_steps=args.probe_steps,
+                                            output_type="latent")
+        wall = synchronized_s(run)
+        report = holder["result"].report
+        return {"wall_s": wall, "mask_area": report["mask_area_fraction"],
+                "active_area": report["active_area_fraction"],
+                "bucket": None if holder["result"].plan.bucket is None
+                else holder["result"].plan.bucket.index,
+                "timings_s": report["timings_s"]}
 
-    unet = pipe.unet
-    pipe.unet = torch.compile(unet, mode="reduce-overhead")
-    regenerate = lambda: pipe(new_prompt, generator=torch.Generator().manual_seed(0),  # noqa
+    gen = torch.Generator().manual_seed(7)
+    around = [args.area * (0.8 + 0.4 * float(torch.rand((), generator=gen)))
+              for _ in range(args.edits)]
+    spread = [0.01 + 0.19 * float(torch.rand((), generator=gen)) for _ in range(args.edits)]
+    first = edit(new_masks(latent, [args.area], seed=1)[0])
+    at_area = [edit(mask) for mask in new_masks(latent, around, seed=2)]
+    spread_edits = [edit(mask) for mask in new_masks(latent, spread, seed=3)]
+    repeat = [edit(new_masks(latent, around, seed=2)[-1]) for _ in range(args.reps)]
+
+    regenerate = lambda: pipe(NEW_PROMPT, generator=torch.Generator().manual_seed(0),  # noqa
                               output_type="latent", **common)
-    dense_s = wall_s(regenerate, args.reps)
-    pipe.unet = unet
+    unet = pipe.unet
+    dense = {"eager": min(synchronized_s(regenerate) for _ in range(args.reps))}
+    for mode in args.dense_modes.split(","):
+        pipe.unet = strongest_dense(unet, mode)
+        synchronized_s(regenerate)
+        synchronized_s(regenerate)               # CUDA graphs record on a later call
+        dense[mode] = min(synchronized_s(regenerate) for _ in range(args.reps))
+        pipe.unet = unet
+    best_mode = min((m for m in dense if m != "eager"), key=dense.__getitem__)
+    best = dense[best_mode]
 
-    result = {"model": args.model, "resolution_px": size, "steps": args.steps,
-              "probe_steps": args.probe_steps, "mask_area": float(mask.float().mean()),
-              "cache_budget_gib": args.cache_budget_gib,
-              "edit_s": edit_s, "new_mask_edit_s": new_mask_edit_s,
-              "dense_regeneration_s": dense_s, "speedup": dense_s / edit_s,
-              "new_mask_speedup": dense_s / new_mask_edit_s,
-              # Per edit (warm-up first): probe steps, mask capture, the first sparse step
-              # (which captures CUDA graphs for a new plan) and the rest.
-              "edit_timings_s": reports, "new_mask_timings_s": new_mask_reports,
-              "environment": bench.environment()}
+    median = lambda edits: statistics.median(e["wall_s"] for e in edits)  # noqa: E731
+    result = {
+        "model": args.model, "resolution_px": size, "steps": args.steps,
+        "probe_steps": args.probe_steps, "area": args.area,
+        "generate_s": generate_s, "prepare": prepare,
+        "first_edit_after_generate": first,
+        "new_mask_edits_at_area": at_area, "new_mask_edits_1_to_20": spread_edits,
+        "repeat_mask_edits": repeat,
+        "dense_regeneration_s": dense, "best_dense_mode": best_mode,
+        "summary": {
+            "first_edit_s": first["wall_s"],
+            "new_mask_at_area_median_s": median(at_area),
+            "new_mask_1_to_20_median_s": median(spread_edits),
+            "repeat_mask_median_s": median(repeat),
+            "best_dense_s": best,
+            "speedup_new_mask_at_area": best / median(at_area),
+            "speedup_new_mask_1_to_20": best / median(spread_edits),
+            "speedup_repeat": best / median(repeat),
+            "new_over_repeat": median(at_area) / median(repeat),
+            "first_over_later": first["wall_s"] / median(at_area),
+        },
+        "environment": bench.environment(),
+    }
     print(json.dumps(result, indent=1))
+    summary = result["summary"]
+    print(f"\n{args.model} {size} px, {args.steps} steps, {args.probe_steps} probe steps; "
+          f"generate {generate_s:.2f} s, prepare {prepare['prepare_s']:.2f} s "
+          f"({prepare['graphs_captured']} graphs)")
+    print(f"dense regeneration: " + ", ".join(f"{m} {s:.3f} s" for m, s in dense.items()))
+    for name in ("first_edit_s", "new_mask_at_area_median_s", "new_mask_1_to_20_median_s",
+                 "repeat_mask_median_s"):
+        print(f"{name:28s} {summary[name]:.3f} s  ({best / summary[name]:.2f}x vs best dense)")
+    print(f"new/repeat {summary['new_over_repeat']:.3f}, first/later "
+          f"{summary['first_over_later']:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

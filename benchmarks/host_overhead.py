@@ -10,19 +10,15 @@ time and GPU time), the replay launch and the output clone. Medians of perf_coun
 from an idle GPU; GPU times by CUDA events. Prints a table and the CUDA kernels launched
 outside the graph, from a profile of one edit call.
 
-``--new-masks N`` then times what an edit with a *new* mask pays before its first replay, for
-N masks (the square moved by 1..N latent pixels): planning the mask (``engine.plan``), the
-first eager run of the edit graph under the plan (index tables, any Triton compile or
-autotune a new size needs), a second eager run (the Python launch cost alone), the CUDA-graph
-capture (``CapturedStep``: a warm-up run, the capture and instantiation), and a cProfile of
-the last mask's capture, by cumulative time.
+``--new-masks N`` then times N edits with *new* masks (seeded squares of 1-20% at new
+places): planning the mask (``engine.plan``), the first edit with it and a second one. After
+``engine.prepare`` a first edit costs what a second does (its bucket's graph is captured);
+without it, a first edit of a new bucket pays that bucket's capture.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import time
 
 import torch
@@ -30,8 +26,6 @@ import torch
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.capture import flatten_inputs
-from fisedit_compiler.passes.sparsify import CACHE_INPUT, PLAN_INPUT
-from fisedit_compiler.runtime.cuda_graph import CapturedStep
 
 
 @torch.no_grad()
@@ -52,7 +46,7 @@ def main(argv=None) -> None:
     edited = bench.edited_inputs(inputs, mask)
     edit = lambda: engine.edit(cache, 0, plan=plan, **edited)  # noqa: E731
     edit()
-    captured = next(v for k, v in plan.memo.items() if isinstance(k, tuple))
+    captured = engine.captured_steps(**edited)
     flat = flatten_inputs(edited)
     store = cache.store_on(0, torch.device("cuda"))
     slots = store.layout.slots
@@ -64,6 +58,7 @@ def main(argv=None) -> None:
             captured.inputs[name].copy_(value)
 
     copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
+    graph = captured.capture(plan)
     host, gpu = bench.host_time_ms, bench.cuda_time_ms
     rows = [
         ("whole edit call (host)", host(edit), gpu(edit)),
@@ -73,8 +68,11 @@ def main(argv=None) -> None:
         ("cache store_on", host(lambda: cache.store_on(0, torch.device("cuda"))), None),
         ("copy inputs", host(copy_inputs), gpu(copy_inputs)),
         ("copy cache", host(copy_cache), gpu(copy_cache)),
-        ("graph replay", host(captured.graph.replay), gpu(captured.graph.replay)),
-        ("output clone", host(lambda: captured.output.clone()), None),
+        ("plan a new mask", host(lambda: engine.plan(mask.roll(3, dims=1))), None),
+        ("refill the bucket's tables", host(lambda: graph.plan.refill(plan)),
+         gpu(lambda: graph.plan.refill(plan))),
+        ("graph replay", host(graph.replay), gpu(graph.replay)),
+        ("output clone", host(lambda: graph.output.clone()), None),
     ]
     print(f"{args.model} {latent * 8} px, {args.area:.0%} blob, cache: {len(slots)} tensors in "
           f"one {mib:.1f} MiB buffer, dtypes {dtypes}")
@@ -90,7 +88,7 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     if args.new_masks:
-        new_mask_costs(engine, edited, mask, store, args.new_masks)
+        new_mask_costs(engine, cache, edited, mask, args.new_masks)
 
 
 def synchronized_ms(fn) -> float:
@@ -101,27 +99,25 @@ def synchronized_ms(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def new_mask_costs(engine, edited: dict, mask, store, count: int) -> None:
-    """Per new mask: plan, first and second eager run, capture (ms); then a capture profile."""
-    program = engine.program(edited)
-    flat = flatten_inputs(edited)
-    print(f"\nnew masks: {'shift':>5s} {'plan':>8s} {'eager 1':>8s} {'eager 2':>8s} "
-          f"{'capture':>8s}  (ms)")
-    for shift in range(1, count + 1):
-        moved = mask.roll(shift, dims=1)
+def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
+    """Per new mask (seeded blobs of new sizes and places): plan, first and second edit (ms).
+    A first edit slower than the second is capture or tuning on the edit path."""
+    from fisedit_compiler.runtime.plan import blob_mask
+
+    gen = torch.Generator().manual_seed(1)
+    size = tuple(mask.shape)
+    print(f"\nnew masks: {'area':>6s} {'bucket':>6s} {'plan':>8s} {'edit 1':>8s} {'edit 2':>8s}"
+          "  (ms)")
+    for _ in range(count):
+        area = 0.01 + 0.19 * float(torch.rand((), generator=gen))
+        shift = [int(v) for v in torch.randint(-size[0] // 3, size[0] // 3, (2,), generator=gen)]
+        moved = blob_mask(size, area).roll(shift, dims=(0, 1))
         plans = []
         plan_ms = synchronized_ms(lambda: plans.append(engine.plan(moved)))
-        run = lambda: program.edit(**flat, **{PLAN_INPUT: plans[0], CACHE_INPUT: store})  # noqa
+        run = lambda: engine.edit(cache, 0, plan=plans[0], **edited)  # noqa: E731
         first, second = synchronized_ms(run), synchronized_ms(run)
-        capture = synchronized_ms(lambda: CapturedStep(program.edit, plans[0], flat, store))
-        print(f"{'':10s} {shift:5d} {plan_ms:8.1f} {first:8.1f} {second:8.1f} {capture:8.1f}")
-    plan = engine.plan(mask.roll(count + 1, dims=1))
-    profiler = cProfile.Profile()
-    profiler.enable()
-    CapturedStep(program.edit, plan, flat, store)
-    torch.cuda.synchronize()
-    profiler.disable()
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+        bucket = "-" if plans[0].bucket is None else plans[0].bucket.index
+        print(f"{'':10s} {area:6.1%} {bucket:>6} {plan_ms:8.2f} {first:8.2f} {second:8.2f}")
 
 
 if __name__ == "__main__":

@@ -242,9 +242,8 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
     with the GPU's; the profile's kernel time against ``replay_ms`` shows launch gaps inside
     the graph.
     """
-    captured = next(value for key, value in plan.memo.items()
-                    if isinstance(key, tuple) and key[0] == "cuda_graph")
-    return {"replay_ms": cuda_time_ms(captured.graph.replay, reps=reps),
+    captured = engine.captured_steps(**edited).capture(plan)
+    return {"replay_ms": cuda_time_ms(captured.replay, reps=reps),
             "host_ms": host_time_ms(lambda: engine.edit(cache, 0, plan=plan, **edited), reps)}
 
 

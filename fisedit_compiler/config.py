@@ -37,8 +37,11 @@ class SparseConfig:
     kernels: ``auto`` (Triton kernels on CUDA, the torch reference elsewhere), ``torch`` (the
         reference everywhere) or ``triton`` (Triton everywhere; on CPU only under
         ``TRITON_INTERPRET=1``, for tests).
-    cuda_graphs: on CUDA, capture each edit step once per mask as a CUDA graph and replay it
-        (no per-op launch overhead); the recorded values are copied into its static buffers.
+    cuda_graphs: on CUDA, run edit steps as CUDA graphs (no per-op launch overhead): plans
+        are made for capacity buckets, and one graph per bucket, captured once
+        (``SparseEngine.prepare``), replays every mask of the bucket.
+    bucket_ratio: the growth of level 0's capacity from one bucket to the next (> 1): fewer
+        buckets (less to capture) against more padding (at most this factor on level 0).
     """
 
     group_norm: str = "incremental"
@@ -50,6 +53,7 @@ class SparseConfig:
     check_inputs: bool = False
     kernels: str = "auto"
     cuda_graphs: bool = True
+    bucket_ratio: float = 1.25
 
     def __post_init__(self):
         if self.group_norm not in GROUP_NORM_POLICIES:
@@ -69,6 +73,9 @@ class SparseConfig:
         if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
             raise FiseditError(f"SparseConfig.dense_threshold must be in [0, 1] (or a tuple of "
                                f"such values, one per level), got {self.dense_threshold!r}")
+        if not (isinstance(self.bucket_ratio, (int, float)) and self.bucket_ratio > 1):
+            raise FiseditError(f"SparseConfig.bucket_ratio must be a number > 1, got "
+                               f"{self.bucket_ratio!r}")
         if self.kernels not in KERNELS:
             raise FiseditError(f"SparseConfig.kernels must be one of {KERNELS}, got "
                                f"{self.kernels!r}")

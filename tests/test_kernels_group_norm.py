@@ -52,20 +52,22 @@ def compact(batch, channels, positions, dtype=torch.float32, layout="contiguous"
     return torch.randn(batch, channels, positions, dtype=dtype, device=DEVICE)
 
 
+# The kernel sums each group in fp32 blocks, torch pairwise. The tests' new values sit far
+# from the recorded mean (to exercise the shift), so the variance is a difference of large
+# sums and the statistics agree to ~1e-5 relative: near-zero half outputs differ by up to
+# ~2e-5 on an H100 (SD1.5's 2560-channel level), beyond torch's default atol of 1e-5.
+KERNEL_TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+                    torch.float16: dict(atol=1e-4, rtol=1e-3),      # rtol: torch's default
+                    torch.bfloat16: dict(atol=1e-4, rtol=1.6e-2)}
+
+
 def assert_matches_reference(args, silu):
     """The kernel's output equals the reference's, in x's dtype and memory layout."""
     x = args[0]
     result = group_norm(*args, silu=silu)
     expected = group_norm_reference(*args, silu=silu)
     assert result.dtype == x.dtype and result.stride() == torch.empty_like(x).stride()
-    # The kernel sums each group in fp32 blocks, torch pairwise. The tests' new values sit far
-    # from the recorded mean (to exercise the shift), so the variance is a difference of large
-    # sums and the statistics agree to ~1e-5 relative: near-zero half outputs differ by up to
-    # ~2e-5 on an H100 (SD1.5's 2560-channel level), beyond torch's default atol of 1e-5.
-    tolerance = {torch.float32: dict(atol=1e-5, rtol=1e-5),
-                 torch.float16: dict(atol=1e-4, rtol=1e-3),      # rtol: torch's default
-                 torch.bfloat16: dict(atol=1e-4, rtol=1.6e-2)}[x.dtype]
-    torch.testing.assert_close(result, expected, **tolerance)
+    torch.testing.assert_close(result, expected, **KERNEL_TOLERANCE[x.dtype])
 
 
 # --- the references --------------------------------------------------------------------------
@@ -154,6 +156,30 @@ def test_kernel_random_shapes(batch, groups, per_group, active_fraction, dtype, 
     args = (x, stats, active_tiles, count, groups, weight if with_weight else None,
             bias if with_bias else None, 1e-5, policy)
     assert_matches_reference(args, silu)
+
+
+@settings(max_examples=10, deadline=None)
+@given(extra_positions=st.integers(0, 9), extra_tiles=st.integers(0, 3),
+       dtype=st.sampled_from(DTYPES), policy=st.sampled_from(POLICIES), silu=st.booleans())
+def test_padded_input_sums_only_the_counted_positions(extra_positions, extra_tiles, dtype,
+                                                      policy, silu):
+    """A padded plan's compact tensor repeats its first position past the count (and its tile
+    list the first tile): with ``active_counts`` the statistics are the exact ones, and the
+    repeats are normalised like the position they repeat, in the reference and the kernel."""
+    stats, active_tiles, count = recorded_level(2, 8, 4, (6, 6), 3, 2)
+    x = compact(2, 8, 18, dtype)                    # two 3 x 3 tiles
+    padded = torch.cat([x, x[..., :1].expand(2, 8, extra_positions)], -1)
+    padded_tiles = torch.cat([active_tiles, active_tiles[:1].expand(extra_tiles)])
+    counts = torch.tensor([18, 2], dtype=torch.int32, device=DEVICE)
+    weight, bias = affine(8, True, dtype)
+    exact = group_norm_reference(x, stats, active_tiles, count, 4, weight, bias, 1e-5, policy,
+                                 silu=silu)
+    args = (padded, stats, padded_tiles, count, 4, weight, bias, 1e-5, policy)
+    reference = group_norm_reference(*args, silu=silu, active_counts=counts)
+    torch.testing.assert_close(reference[..., :18], exact, atol=1e-5, rtol=1e-5)
+    assert torch.equal(reference[..., 18:], reference[..., :1].expand_as(reference[..., 18:]))
+    kernel = group_norm(*args, silu=silu, active_counts=counts)
+    torch.testing.assert_close(kernel, reference, **KERNEL_TOLERANCE[dtype])
 
 
 def test_kernel_cached_policy_reads_only_mean_and_variance():

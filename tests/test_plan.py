@@ -1,12 +1,14 @@
 """Mask plans: level masks, tiling, coverage, dense fallback, index tables."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler import FiseditError
-from fisedit_compiler.runtime.plan import MaskPlan
+from fisedit_compiler.runtime.plan import Bucket, MaskPlan, capacity_buckets
 
 LEVELS = [(16, 16), (8, 8), (4, 4)]
 
@@ -88,3 +90,85 @@ def test_dilation_grows_the_mask():
 def test_bad_masks(mask, message):
     with pytest.raises(FiseditError, match=message):
         plan_for(mask)
+
+
+# --- capacity buckets ----------------------------------------------------------------------
+
+SD_LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
+SD_TILES = [4, 2, 1, 1]
+
+
+def test_capacity_buckets_grow_geometrically_and_stop_at_the_dense_threshold():
+    buckets = capacity_buckets(SD_LEVELS, SD_TILES, 1, 0.5, 1.25)
+    assert 8 <= len(buckets) <= 30, "few buckets"
+    assert [b.index for b in buckets] == list(range(len(buckets)))
+    for smaller, larger in zip(buckets, buckets[1:]):
+        assert larger.tiles[0] <= max(smaller.tiles[0] + 1, math.ceil(smaller.tiles[0] * 1.25))
+        for low, high in zip(smaller.tiles, larger.tiles):
+            assert high is None or (low is not None and low <= high), "capacities only grow"
+    for bucket in buckets:
+        dense = False
+        for capacity, (height, width), tile in zip(bucket.tiles, SD_LEVELS, SD_TILES):
+            dense = dense or capacity is None
+            assert (capacity is None) == dense, "levels below a dense level are dense"
+            if capacity is not None:
+                assert min(capacity * tile * tile, height * width) <= 0.5 * height * width
+
+
+@settings(max_examples=40, deadline=None)
+@given(mask=masks())
+def test_a_bucketed_plan_pads_the_exact_plan(mask):
+    buckets = capacity_buckets(LEVELS, [4, 4, 2], 1, 0.6, 1.25)
+    exact = MaskPlan(mask, LEVELS, [4, 4, 2], 1, 1.0)
+    padded = MaskPlan(mask, LEVELS, [4, 4, 2], 1, 1.0, buckets=buckets)
+    if padded.bucket is None:
+        assert padded.full or padded.empty, "a mask past every bucket plans its levels dense"
+        return
+    assert padded.bucket == next(b for b in buckets
+                                 if b.fits([level.tile_count for level in exact.levels]))
+    for mine, theirs in zip(padded.levels, exact.levels):
+        assert mine.dense == (padded.bucket.tiles[mine.index] is None)
+        if mine.dense:
+            continue
+        assert torch.equal(mine.active, theirs.active)
+        assert (mine.count, mine.tile_count) == (theirs.count, theirs.tile_count)
+        assert mine.tile_capacity == padded.bucket.tiles[mine.index]
+        assert torch.equal(mine.pixels[:mine.count], theirs.pixels)
+        assert bool((mine.pixels[mine.count:] == theirs.pixels[0]).all()), "repeats"
+        assert torch.equal(mine.position, theirs.position)
+        assert torch.equal(mine.tiles[:mine.tile_count], theirs.tiles)
+        assert mine.counts.tolist() == [theirs.count, theirs.tile_count]
+
+
+def test_a_mask_past_a_bucket_moves_to_the_next_and_past_every_bucket_runs_dense():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[0:4, 0:12] = True                  # 3 tiles at level 0 (tile 4), 2 at levels 1, 2
+    small, roomy = Bucket(0, (3, 1, 2)), Bucket(1, (3, 2, 2))
+    plan = MaskPlan(mask, LEVELS, [4, 4, 2], 0, 1.0, buckets=[small, roomy])
+    assert plan.bucket == roomy, "level 1 needs 2 tiles: past the first bucket"
+    assert [level.tile_capacity for level in plan.levels] == [3, 2, 2]
+    past_all = MaskPlan(mask, LEVELS, [4, 4, 2], 0, 1.0, buckets=[small])
+    assert past_all.bucket is None and past_all.full
+
+
+def test_refill_gives_a_template_another_plans_tables_in_place():
+    buckets = [Bucket(0, (6, 6, 6))]
+    first, second = torch.zeros(16, 16, dtype=torch.bool), torch.zeros(16, 16, dtype=torch.bool)
+    first[0:3, 0:3] = True
+    second[9:16, 10:13] = True
+    plan_a = MaskPlan(first, LEVELS, [4, 4, 2], 0, 1.0, buckets=buckets)
+    plan_b = MaskPlan(second, LEVELS, [4, 4, 2], 0, 1.0, buckets=buckets)
+    template = plan_a.template()
+    tables = {index: (level.pixels, level.position, level.tile_ids())
+              for index, level in enumerate(template.levels)}
+    template.refill(plan_b)
+    for index, level in enumerate(template.levels):
+        pixels, position, tile_ids = tables[index]
+        assert level.pixels is pixels and level.tile_ids() is tile_ids, "same storage"
+        assert torch.equal(pixels, plan_b[index].pixels)
+        assert torch.equal(position, plan_b[index].position)
+        assert torch.equal(tile_ids, plan_b[index].tile_ids())
+    assert not torch.equal(plan_a[0].pixels, plan_b[0].pixels), "the plan itself is untouched"
+    other_bucket = MaskPlan(second, LEVELS, [4, 4, 2], 0, 1.0, buckets=[Bucket(0, (7, 7, 7))])
+    with pytest.raises(FiseditError, match="same capacity bucket"):
+        template.refill(other_bucket)

@@ -8,18 +8,30 @@ from hypothesis import strategies as st
 
 from fisedit_compiler import ir
 from fisedit_compiler.runtime import sparse_ops as ops
-from fisedit_compiler.runtime.plan import MaskPlan
+from fisedit_compiler.runtime.plan import Bucket, MaskPlan
 
 
 @st.composite
 def plans(draw, levels):
+    """Random plans, exact or padded: half of them are made for a capacity bucket with room
+    for up to 3 more tiles per level than the mask needs (as CUDA-graph edits use them), so
+    every op is checked at a capacity above its active count: the positions past the count
+    repeat the first one and must compute its value."""
     height, width = levels[0]
     mask = torch.zeros(levels[0], dtype=torch.bool)
     for _ in range(draw(st.integers(1, 3))):
         y0, x0 = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
         mask[y0:y0 + draw(st.integers(1, 6)), x0:x0 + draw(st.integers(1, 6))] = True
     tiles = [draw(st.sampled_from([1, 2, 4])) for _ in levels]
-    return MaskPlan(mask, levels, tiles, draw(st.integers(0, 1)), 1.0)
+    dilation = draw(st.integers(0, 1))
+    exact = MaskPlan(mask, levels, tiles, dilation, 1.0)
+    if not draw(st.booleans()):
+        return exact
+    capacities = tuple(min(level.tile_grid[0] * level.tile_grid[1],
+                           level.tile_count + draw(st.integers(0, 3))) for level in exact.levels)
+    padded = MaskPlan(mask, levels, tiles, dilation, 1.0, buckets=[Bucket(0, capacities)])
+    assert padded.bucket is not None and all(level.padded for level in padded.levels)
+    return padded
 
 
 def mixed(new, recorded, level):
@@ -102,7 +114,7 @@ def test_sparse_attention(plan, policy, cross):
     q = ops.gather_positions(q_new, level, (2,))
     if cross:
         text_k, text_v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-        result = ops.sparse_attention(q, text_k, text_v, None, None, plan, 0, None, policy)
+        result = ops.sparse_attention(q, text_k, text_v, None, None, plan, 0, None, "cross")
         expected = F.scaled_dot_product_attention(q, text_k, text_v)
         torch.testing.assert_close(result, expected)
         return
@@ -113,7 +125,8 @@ def test_sparse_attention(plan, policy, cross):
         values = torch.where(level.active.flatten()[:, None], v_new, v_rec)
         expected = F.scaled_dot_product_attention(q, keys, values)
     else:
-        expected = F.scaled_dot_product_attention(q, k, v)
+        count = level.count       # the compact keys, without a padded plan's repeats
+        expected = F.scaled_dot_product_attention(q, k[..., :count, :], v[..., :count, :])
     torch.testing.assert_close(result, expected)
 
 

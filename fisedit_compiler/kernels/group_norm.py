@@ -62,9 +62,10 @@ if HAS_TRITON:
     # them keeps a new mask from compiling the kernel again.
     @triton.jit(do_not_specialize=["positions", "active_count"])
     def _group_norm_kernel(x, out, mean, variance, tile_sum, tile_sum_sq, tile_count,
-                           active_tiles, active_count, weight, bias, groups, channels_per_group,
-                           positions, count, eps, s_b, s_c, s_p, so_b, so_c, so_p,
-                           INCREMENTAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           active_tiles, active_count, active_counts, weight, bias, groups,
+                           channels_per_group, positions, count, eps, s_b, s_c, s_p, so_b, so_c,
+                           so_p, INCREMENTAL: tl.constexpr, COUNTED: tl.constexpr,
+                           HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
         """Program b * G + g: the group's mean and variance, then
@@ -73,8 +74,14 @@ if HAS_TRITON:
 
         Incremental statistics sum ``x - mean`` and its square over the slice in
         ``[BLOCK_C, BLOCK_P]`` blocks and add the recorded sums of the inactive tiles
-        (all tiles minus the active ones, as the reference does)."""
+        (all tiles minus the active ones, as the reference does). With COUNTED the sums
+        cover only the first ``active_counts[0]`` positions and ``active_counts[1]`` tiles (a
+        padded plan's); the output covers every position."""
         batch_group = tl.program_id(0)
+        summed_positions = positions
+        if COUNTED:
+            summed_positions = tl.load(active_counts)
+            active_count = tl.load(active_counts + 1)
         first_channel = (batch_group % groups) * channels_per_group
         x += (batch_group // groups) * s_b + first_channel * s_c
         out += (batch_group // groups) * so_b + first_channel * so_c
@@ -85,9 +92,9 @@ if HAS_TRITON:
             for c0 in range(0, channels_per_group, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_mask = offs_c < channels_per_group
-                for p0 in range(0, positions, BLOCK_P):
+                for p0 in range(0, summed_positions, BLOCK_P):
                     offs_p = p0 + tl.arange(0, BLOCK_P)
-                    mask = c_mask[:, None] & (offs_p < positions)[None, :]
+                    mask = c_mask[:, None] & (offs_p < summed_positions)[None, :]
                     values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p,
                                      mask=mask, other=0.0).to(tl.float32)
                     shifted = tl.where(mask, values - group_mean, 0.0)
@@ -157,23 +164,34 @@ def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy):
 
 
 def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weight, bias, eps,
-                                     policy):
+                                     policy, active_counts=None):
     """fp32 ``scale, shift [B, C]`` with group_norm(mixed)[active] == x * scale + shift.
 
     ``stats`` is ``sparse_ops.group_norm_stats`` of the recorded input; ``active_tiles`` the
     active tile ids (row-major in the level's tile grid); ``count`` the elements of one group of
-    the full level, (C // G) * H * W.
+    the full level, (C // G) * H * W. ``active_counts`` (int ``[positions, tiles]`` on x's
+    device; a padded plan's) limits the sums to the first positions of ``x`` and the first
+    ``active_tiles``: the rest repeat them.
     """
     _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy)
-    batch, channels, _ = x.shape
+    batch, channels, positions = x.shape
     mean = stats["mean"]
     if policy == "cached":
         variance = stats["variance"]
     else:
-        shifted = x.float().reshape(batch, groups, -1) - mean[:, :, None]
-        tile_sum, tile_sum_sq = stats["tile_sum"], stats["tile_sum_sq"]
-        sums = tile_sum.sum(-1) - tile_sum[:, :, active_tiles].sum(-1) + shifted.sum(-1)
-        sums_sq = (tile_sum_sq.sum(-1) - tile_sum_sq[:, :, active_tiles].sum(-1)
+        shifted = x.float() - mean.repeat_interleave(channels // groups, 1)[:, :, None]
+        tile_sum, tile_sum_sq = stats["tile_sum"][:, :, active_tiles], \
+            stats["tile_sum_sq"][:, :, active_tiles]
+        if active_counts is not None:
+            # Multiplying by 0/1 keeps a captured step free of data-dependent shapes.
+            shifted = shifted * (torch.arange(positions, device=x.device) < active_counts[0])
+            tile_sum = tile_sum * (torch.arange(tile_sum.shape[-1], device=x.device)
+                                   < active_counts[1])
+            tile_sum_sq = tile_sum_sq * (torch.arange(tile_sum.shape[-1], device=x.device)
+                                         < active_counts[1])
+        shifted = shifted.reshape(batch, groups, -1)
+        sums = stats["tile_sum"].sum(-1) - tile_sum.sum(-1) + shifted.sum(-1)
+        sums_sq = (stats["tile_sum_sq"].sum(-1) - tile_sum_sq.sum(-1)
                    + (shifted * shifted).sum(-1))
         offset = sums / count
         mean = mean + offset
@@ -202,15 +220,16 @@ def group_norm_apply_reference(x, scale, shift, silu=False):
 
 
 def group_norm_reference(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
-                         silu=False):
+                         silu=False, active_counts=None):
     """The group norm of the mixed tensor at x's positions (then SiLU), in x's dtype: the
     affine of ``group_norm_scale_shift_reference`` applied by ``group_norm_apply_reference``."""
     scale, shift = group_norm_scale_shift_reference(x, stats, active_tiles, count, groups,
-                                                    weight, bias, eps, policy)
+                                                    weight, bias, eps, policy, active_counts)
     return group_norm_apply_reference(x, scale, shift, silu)
 
 
-def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy, silu=False):
+def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy, silu=False,
+               active_counts=None):
     """``group_norm_reference`` in one Triton launch. ``x`` may be strided (e.g. channel-fast,
     channel stride 1); the output keeps x's memory layout (``empty_like``)."""
     _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy)
@@ -232,12 +251,14 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
         tile_sum = tile_sum_sq = active_tiles = mean
         tile_count = active_count = 0
     block_c = min(triton.next_power_of_2(per_group), _MAX_BLOCK_C)
+    counted = incremental and active_counts is not None
     _group_norm_kernel[(batch * groups,)](
         x, out, mean, variance, tile_sum, tile_sum_sq, tile_count, active_tiles, active_count,
+        active_counts if counted else mean,
         mean if weight is None else weight, mean if bias is None else bias, groups, per_group,
         positions, count, eps,
         *x.stride(), *out.stride(),
-        INCREMENTAL=incremental, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         SILU=silu, BLOCK_C=block_c, BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
         num_warps=_NUM_WARPS)
     return out

@@ -267,9 +267,9 @@ def _attention(self: _Rewriter, node: fx.Node):
     recorded_k = recorded_v = None
     if is_self and self.config.self_attention == "full":
         recorded_k, recorded_v = self.read(k), self.read(v)
+    policy = self.config.self_attention if is_self else "cross"
     return self.emit(ops.sparse_attention, self.env[q], self.env[k], self.env[v], recorded_k,
-                     recorded_v, self.plan, _domain(node).level, scale,
-                     self.config.self_attention, source=node)
+                     recorded_v, self.plan, _domain(node).level, scale, policy, source=node)
 
 
 def _same_op(self: _Rewriter, node: fx.Node):

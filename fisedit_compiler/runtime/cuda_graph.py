@@ -1,19 +1,34 @@
-"""A sparse edit step captured as a CUDA graph.
+"""Edit steps captured as CUDA graphs: one graph per capacity bucket, any mask replays it.
 
 Why: a sparse step of SD1.5 launches several hundred small kernels; at a small edit each runs
-for microseconds, so launching them from Python costs more than running them (DESIGN
-section 5). For one mask plan every shape in the edit graph is fixed, so the whole step is
-captured once and replayed: one launch per step, no host work, no synchronisation.
+for microseconds, so launching them from Python costs more than running them. The whole step
+is captured once and replayed: one launch per step, no host work, no synchronisation.
 
-A CUDA graph reads and writes fixed addresses. The user inputs and one step's recorded values
-are copied into static buffers before each replay: every step's cache lives in one buffer of
-one layout (``edit_cache.StepStore``), so that copy is a single device-to-device copy (~0.2 ms
-for SD1.5's 247 MiB on an H100), far less than capturing a graph per step would cost (one
-Python run of the edit graph each, per mask). The output is cloned, because the next replay
-overwrites it.
+A CUDA graph reads and writes fixed addresses and fixed shapes. The shapes of an edit step
+follow its plan's capacities, not its mask: every plan of one capacity bucket
+(``plan.capacity_buckets``) has tables of the same shapes, so the bucket's graph is captured
+once, against a private *template* plan, and a new mask of that bucket is replayed by
+writing its tables into the template's (``MaskPlan.refill``: a few small copies, no
+synchronisation). A plan made without buckets (an exact plan) gets a graph of its own,
+kept on the plan.
+
+All graphs of a program share one set of static buffers: the user inputs and one step's
+recorded values are copied into them before each replay (every step's cache lives in one
+buffer of one layout, ``edit_cache.StepStore``, so that is one device-to-device copy), and one
+memory pool, since replays run one after another on one stream. The output is cloned, because
+the next replay overwrites it.
+
+Nothing that tunes, compiles, synchronises or allocates outside the pool may run inside a
+capture: each graph is warmed up first, on the capture stream itself (kernel tuning and
+loading, packed weights, the plan's tables, cuBLAS workspaces of that stream), and captured in
+``thread_local`` mode, so CUDA calls of other threads (a compiler's workers) cannot invalidate
+it. A capture that fails anyway is dropped with a warning, and that bucket runs without a
+graph: the engine, its plans and the cache stay usable.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx as fx
@@ -23,31 +38,84 @@ from .edit_cache import StepStore
 from .plan import MaskPlan
 
 
-class CapturedStep:
-    """The edit graph of one program under one plan, replayable for any step's inputs."""
+class CapturedSteps:
+    """The captured edit steps of one program (one input signature)."""
 
-    def __init__(self, edit: fx.GraphModule, plan: MaskPlan, inputs: dict, store: StepStore):
-        self.edit, self.plan = edit, plan
-        self.inputs = {name: value.clone() for name, value in inputs.items()}
-        self.store = store.clone()
-        # Warm up outside the capture, on a side stream as capture requires: this builds the
-        # plan's index tables, packs weights and autotunes the Triton kernels (host work that
-        # must not be captured).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._run()
+    def __init__(self, edit: fx.GraphModule):
+        self.edit = edit
+        self.inputs: dict | None = None      # static copies of the user inputs
+        self.store: StepStore | None = None  # static copy of one step's recorded values
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+        self.graphs: dict = {}               # bucket -> _Graph, or None where capture failed
 
-    def _run(self):
-        return self.edit(**self.inputs, **{PLAN_INPUT: self.plan, CACHE_INPUT: self.store})
+    def __call__(self, plan: MaskPlan, inputs: dict, store: StepStore) -> torch.Tensor:
+        self._load(inputs, store)
+        graph = self.capture(plan)
+        if graph is None:
+            return self._run(plan)
+        if graph.plan is not plan:
+            graph.plan.refill(plan)
+        graph.replay()
+        return graph.output.clone()
 
-    def __call__(self, inputs: dict, store: StepStore) -> torch.Tensor:
+    def captured(self, plan: MaskPlan) -> bool:
+        """Whether replaying ``plan`` needs no capture."""
+        return self._key(plan) in self._graphs_of(plan)
+
+    def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None):
+        """The graph that replays ``plan`` (captured now if needed; None where capture failed).
+        ``inputs`` and ``store`` fill the static buffers when none are loaded yet."""
+        if inputs is not None and self.inputs is None:
+            self._load(inputs, store)
+        graphs, key = self._graphs_of(plan), self._key(plan)
+        if key not in graphs:
+            template = plan if plan.bucket is None else plan.template()
+            graphs[key] = self._capture(template)
+        return graphs[key]
+
+    def _graphs_of(self, plan: MaskPlan) -> dict:
+        # An exact plan's graph lives on the plan (and goes with it); a bucket's here.
+        return self.graphs if plan.bucket is not None else plan.memo.setdefault("graphs", {})
+
+    def _key(self, plan: MaskPlan):
+        return plan.bucket if plan.bucket is not None else id(self)
+
+    def _load(self, inputs: dict, store: StepStore) -> None:
+        if self.inputs is None:
+            self.inputs = {name: value.clone() for name, value in inputs.items()}
+            self.store = store.clone()
+            return
         for name, value in inputs.items():
             self.inputs[name].copy_(value)
         self.store.buffer.copy_(store.buffer)   # same layout: one cache, one signature
+
+    def _run(self, plan: MaskPlan):
+        return self.edit(**self.inputs, **{PLAN_INPUT: plan, CACHE_INPUT: self.store})
+
+    def _capture(self, template: MaskPlan) -> "_Graph | None":
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self._run(template)            # warm-up: tuning, tables, packed weights
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                  capture_error_mode="thread_local"):
+                output = self._run(template)
+        except Exception as error:  # noqa: BLE001 - any failure: run without a graph
+            warnings.warn(
+                f"capturing the edit step as a CUDA graph failed ({type(error).__name__}: "
+                f"{error}); this capacity bucket runs without a graph (correct, slower)",
+                RuntimeWarning, stacklevel=3)
+            torch.cuda.synchronize()
+            return None
+        return _Graph(graph, template, output)
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, plan: MaskPlan, output: torch.Tensor):
+        self.graph, self.plan, self.output = graph, plan, output
+
+    def replay(self) -> None:
         self.graph.replay()
-        return self.output.clone()

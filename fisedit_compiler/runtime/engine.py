@@ -25,9 +25,9 @@ from ..passes.fuse import fuse
 from ..passes.fuse_tokens import fuse_tokens
 from ..passes.lower_kernels import CHANNELS_LAST_KEYS, lower_kernels
 from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
-from .cuda_graph import CapturedStep
+from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
-from .plan import MaskPlan, validate_mask
+from .plan import Bucket, MaskPlan, capacity_buckets, validate_mask
 
 
 @dataclass
@@ -92,6 +92,8 @@ class SparseEngine:
         self._traces: dict[tuple, fx.GraphModule] = {} if _traces is None else _traces
         self._dense: dict[tuple, object] = {} if _dense is None else _dense
         self._last_plan: tuple | None = None        # (mask key, MaskPlan), see plan()
+        self._buckets: dict[tuple, list[Bucket]] = {}          # per level layout
+        self._captured: dict[tuple, CapturedSteps] = {}        # per signature
 
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs."""
@@ -157,8 +159,13 @@ class SparseEngine:
             cache.inputs[step] = {name: value.clone() for name, value in flat.items()}
         return output
 
-    def plan(self, mask) -> MaskPlan:
-        """The mask plan of a bool ``[H, W]`` edit mask at latent resolution."""
+    def plan(self, mask, bucketed: bool | None = None) -> MaskPlan:
+        """The mask plan of a bool ``[H, W]`` edit mask at latent resolution.
+
+        ``bucketed`` (default: where edits run as CUDA graphs) makes the plan for the
+        program's capacity buckets (``buckets``), so that its edits replay a graph captured
+        for any mask of its bucket; otherwise the plan's shapes are the mask's own.
+        """
         if not isinstance(mask, torch.Tensor):
             mask = torch.as_tensor(mask)
         if mask.dim() != 2:
@@ -169,19 +176,73 @@ class SparseEngine:
         if not program.levels:
             raise FiseditError("this U-Net graph has no spatial levels, so there is nothing "
                                "to plan; run it densely")
-        # The last plan is kept and returned again for an identical mask: a plan carries its
-        # captured CUDA graphs, so repeating an edit with the same mask (another prompt, or a
-        # continued edit) replays them instead of capturing again. One plan only, because each
-        # captured graph holds a static copy of a step's cache.
+        device = next(self.unet.parameters()).device
+        if bucketed is None:
+            bucketed = self._uses_graphs(device)
+        # The last plan is kept and returned again for an identical mask: planning it again
+        # would cost more than comparing the bytes.
         host = mask.detach().cpu()     # one copy: the key, and MaskPlan plans on the host
-        key = (tuple(host.shape), str(host.dtype), host.numpy().tobytes())
+        key = (tuple(host.shape), str(host.dtype), host.numpy().tobytes(), bucketed)
         if self._last_plan is not None and self._last_plan[0] == key:
             return self._last_plan[1]
-        device = next(self.unet.parameters()).device
         plan = MaskPlan(host, program.levels, program.tiles, self.config.dilation,
-                        self.config.thresholds_for(program.levels), device=device)
+                        self.config.thresholds_for(program.levels), device=device,
+                        buckets=self.buckets(program) if bucketed else None)
         self._last_plan = (key, plan)
         return plan
+
+    def buckets(self, program: Program) -> list[Bucket]:
+        """The capacity buckets of ``program``'s levels under this config (computed once)."""
+        key = (tuple(map(tuple, program.levels)), tuple(program.tiles))
+        if key not in self._buckets:
+            self._buckets[key] = capacity_buckets(
+                program.levels, program.tiles, self.config.dilation,
+                self.config.thresholds_for(program.levels), self.config.bucket_ratio)
+        return self._buckets[key]
+
+    @torch.no_grad()
+    def prepare(self, cache: EditCache, step: int = 0, **inputs) -> dict:
+        """Compile everything an edit of this generation can need, so that no edit compiles:
+        the dense graph (the editing flow's probe steps and full-mask edits) and, where edits
+        run as CUDA graphs, one captured edit step per capacity bucket (kernels tuned on the
+        way; tuning results persist on disk). ``inputs`` are the recorded step's. Returns the
+        time spent, in seconds, and the number of graphs captured."""
+        import time
+
+        self._check_cache(cache, step)
+        program = self.program(inputs)
+        device = _device_of(program.signature)
+        started = time.perf_counter()
+        captured = 0
+        if self._uses_graphs(device):
+            flat = flatten_inputs(inputs)
+            for _ in range(3):      # torch.compile's CUDA graphs record on a later call
+                self._compiled_dense(program, flat)
+            steps = self._captured_steps(program)
+            store = cache.store_on(step, device)
+            seed = torch.zeros(program.levels[0], dtype=torch.bool)
+            seed[0, 0] = True
+            for bucket in self.buckets(program):
+                plan = MaskPlan(seed, program.levels, program.tiles, self.config.dilation,
+                                self.config.thresholds_for(program.levels), device=device,
+                                buckets=[bucket])
+                if not steps.captured(plan):
+                    steps.capture(plan, flat, store)
+                    captured += 1
+            torch.cuda.synchronize(device)
+        return {"prepare_s": time.perf_counter() - started, "graphs_captured": captured}
+
+    def _uses_graphs(self, device) -> bool:
+        return self.config.cuda_graphs and torch.device(device).type == "cuda"
+
+    def captured_steps(self, **inputs) -> CapturedSteps:
+        """The CUDA-graph steps of ``inputs``' program (for benchmarks and inspection)."""
+        return self._captured_steps(self.program(inputs))
+
+    def _captured_steps(self, program: Program) -> CapturedSteps:
+        if program.signature not in self._captured:
+            self._captured[program.signature] = CapturedSteps(program.edit)
+        return self._captured[program.signature]
 
     @torch.no_grad()
     def edit(self, cache: EditCache, step: int = 0, plan: MaskPlan | None = None,
@@ -211,7 +272,7 @@ class SparseEngine:
         if self.config.check_inputs:
             self._check_outside_mask(cache, step, plan, flat)
         device = _device_of(program.signature)
-        graphs = self.config.cuda_graphs and device.type == "cuda"
+        graphs = self._uses_graphs(device)
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
             return self._compiled_dense(program, flat)
@@ -225,10 +286,7 @@ class SparseEngine:
         if plan.empty and program.output_key in store:
             return store[program.output_key].clone()   # nothing active: the recorded output
         if graphs:
-            key = ("cuda_graph", program.signature, self.config)
-            if key not in plan.memo:
-                plan.memo[key] = CapturedStep(program.edit, plan, flat, store)
-            return plan.memo[key](flat, store)
+            return self._captured_steps(program)(plan, flat, store)
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
 
     @torch.no_grad()

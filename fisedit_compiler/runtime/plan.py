@@ -30,21 +30,45 @@ import torch.nn.functional as F
 from ..errors import FiseditError
 
 
-@dataclass
+# The tensors of a level plan; ``refill`` copies them (then rebuilds every table made from
+# them) when a captured step is replayed for another plan of the same capacity bucket.
+BASE_TABLES = ("active", "pixels", "position", "tiles", "slots", "counts")
+
+
+@dataclass(eq=False)
 class LevelPlan:
+    """One level of a mask plan. The tensors live on the host (``host``); ops read them, and
+    the tables built from them, on the plan's device through ``table``.
+
+    A *padded* level (a plan made for a capacity bucket) lists more positions than are active:
+    ``capacity`` of them, the first ``count`` the active ones in compact order, the rest
+    repeating the first active position (and ``tiles`` repeats the first active tile up to
+    ``tile_capacity``). A repeated position computes exactly what the position it repeats
+    computes, so every per-position op, and every scatter back into a dense tensor, is right
+    without knowing the count; only reductions over positions (group-norm statistics, attention
+    over compact keys) must skip them, and they read the counts from ``counts`` (int32
+    ``[count, tile_count]`` on the device), so a captured step does not depend on them.
+    """
+
     index: int
     size: tuple[int, int]
     tile: int
     dense: bool
-    active: torch.Tensor          # bool [H, W]
-    pixels: torch.Tensor          # int64 [P]
-    position: torch.Tensor        # int64 [H * W], -1 where inactive
-    tiles: torch.Tensor           # int64 [n, 2] (tile row, tile column)
+    padded: bool                  # made for a capacity bucket: reductions read ``counts``
+    count: int                    # active positions
+    tile_count: int               # active tiles
+    host: dict                    # the BASE_TABLES on the host
+    device: torch.device
     _tables: dict = field(default_factory=dict, repr=False)
 
     @property
-    def count(self) -> int:
-        return int(self.pixels.numel())
+    def capacity(self) -> int:
+        """Positions in this level's compact tensors (``count`` unless padded)."""
+        return int(self.host["pixels"].numel())
+
+    @property
+    def tile_capacity(self) -> int:
+        return int(self.host["tiles"].shape[0])
 
     @property
     def fraction(self) -> float:
@@ -54,27 +78,64 @@ class LevelPlan:
     def tile_grid(self) -> tuple[int, int]:
         return (math.ceil(self.size[0] / self.tile), math.ceil(self.size[1] / self.tile))
 
+    # The base tensors on the plan's device: ``active`` bool [H, W]; ``pixels`` the flat pixel
+    # of each compact position [capacity]; ``position`` its inverse, pixel -> compact position
+    # or -1 [H * W]; ``tiles`` (tile row, tile column) [tile_capacity, 2]; ``slots`` for each
+    # compact position its slot among the tiles' tile x tile slots (sparse levels).
+    active = property(lambda self: self.table("active", lambda: self.host["active"]))
+    pixels = property(lambda self: self.table("pixels", lambda: self.host["pixels"]))
+    position = property(lambda self: self.table("position", lambda: self.host["position"]))
+    tiles = property(lambda self: self.table("tiles", lambda: self.host["tiles"]))
+    slots = property(lambda self: self.table("slots", lambda: self.host["slots"]))
+    counts = property(lambda self: self.table("counts", lambda: self.host["counts"]))
+
     def tile_ids(self) -> torch.Tensor:
-        """Row-major ids of the active tiles in the level's tile grid (memoised)."""
+        """Row-major ids of the (padded) active tiles in the level's tile grid."""
         return self.table("tile_ids", lambda: self.tiles[:, 0] * self.tile_grid[1]
                           + self.tiles[:, 1])
 
     def table(self, key, build):
-        """A per-plan memo of index tables (built once per mask, kept on the plan's device)."""
-        if key not in self._tables:
-            self._tables[key] = build()
-        return self._tables[key]
+        """``build()`` on the plan's device, built once per plan and kept.
+
+        ``build`` must depend only on this plan's tensors (and constants), and must not
+        synchronise with the device: ``refill`` calls it again for another plan's tensors.
+        """
+        entry = self._tables.get(key)
+        if entry is None:
+            entry = self._tables[key] = (build, build().to(self.device))
+        return entry[1]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A capacity bucket: the active tiles each level can hold, ``None`` for a dense level.
+
+    Every plan of one bucket has tensors of the same shapes, so one captured edit step serves
+    all its masks (``MaskPlan.refill``)."""
+
+    index: int
+    tiles: tuple
+
+    def fits(self, tile_counts: list[int]) -> bool:
+        return all(capacity is None or count <= capacity
+                   for capacity, count in zip(self.tiles, tile_counts))
 
 
 class MaskPlan:
-    """Effective masks and index tables for one edit mask; see the module docstring."""
+    """Effective masks and index tables for one edit mask; see the module docstring.
+
+    With ``buckets`` (from ``capacity_buckets``) the plan takes the first bucket that holds
+    every level's active tiles, and its levels are padded to the bucket's capacities and dense
+    where the bucket's are; a mask that fits no bucket plans every level dense.
+    """
 
     def __init__(self, mask: torch.Tensor, levels: list[tuple[int, int]], tiles: list[int],
-                 dilation: int, dense_threshold: float | list[float], device=None):
+                 dilation: int, dense_threshold: float | list[float], device=None,
+                 buckets: list[Bucket] | None = None):
         mask = validate_mask(mask, levels[0])
-        device = device or mask.device
+        device = torch.device(device or mask.device)
         # Planned on the host (small index work on a mask that may come from the device, e.g.
-        # an automatic edit mask); the tables move to ``device`` once, in _level_plan.
+        # an automatic edit mask); ops copy the tables they read to ``device`` once.
         mask = mask.cpu()
         self.raw = mask.to(device)
         self.raw_fraction = float(mask.float().mean())
@@ -82,17 +143,25 @@ class MaskPlan:
         thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
                       else [dense_threshold] * len(levels))
         self.dense_threshold = thresholds
-        self.levels: list[LevelPlan] = []
-        self.memo: dict = {}     # per-plan runtime state (captured CUDA graphs), see engine
-        current = _dilate(mask, dilation)
-        dense = False
-        for index, (size, tile) in enumerate(zip(levels, tiles)):
-            if index > 0:
-                current = _cover_for_upsample(current, size)
-            current = _quantize(current, tile)
-            fraction = float(current.float().mean())
-            dense = dense or fraction > thresholds[index]
-            self.levels.append(_level_plan(index, size, tile, dense, current, device))
+        self.memo: dict = {}     # per-plan runtime state, see engine
+        level_masks = effective_masks(mask, levels, tiles, dilation)
+        tile_counts = [int(_tile_mask(active, tile).sum())
+                       for active, tile in zip(level_masks, tiles)]
+        self.bucket = None
+        if buckets is not None and tile_counts[0] > 0:
+            self.bucket = next((b for b in buckets if b.fits(tile_counts)), None)
+        if self.bucket is not None:
+            capacities = list(self.bucket.tiles)
+            dense_levels = [capacity is None for capacity in capacities]
+        else:
+            capacities = [None] * len(levels)
+            dense_levels, dense = [], buckets is not None and tile_counts[0] > 0
+            for active, threshold in zip(level_masks, thresholds):
+                dense = dense or float(active.float().mean()) > threshold
+                dense_levels.append(dense)
+        self.levels = [_level_plan(index, size, tile, dense, active, capacity, device)
+                       for index, (size, tile, dense, active, capacity)
+                       in enumerate(zip(levels, tiles, dense_levels, level_masks, capacities))]
 
     @property
     def empty(self) -> bool:
@@ -112,10 +181,108 @@ class MaskPlan:
     def __getitem__(self, level: int) -> LevelPlan:
         return self.levels[level]
 
+    def template(self) -> "MaskPlan":
+        """A private copy of this plan whose tensors ``refill`` may overwrite."""
+        copy = object.__new__(MaskPlan)
+        copy.__dict__.update(self.__dict__)
+        copy.memo = {}
+        copy.levels = [LevelPlan(l.index, l.size, l.tile, l.dense, l.padded, l.count,
+                                 l.tile_count,
+                                 {key: value.clone() for key, value in l.host.items()},
+                                 l.device) for l in self.levels]
+        return copy
+
+    def refill(self, other: "MaskPlan") -> None:
+        """Make this plan's device tables those of ``other``, a plan of the same bucket, in
+        place (same shapes, same addresses): the base tensors are copied from ``other``'s
+        host tensors, then every table built from them is rebuilt into its old storage.
+        Nothing synchronises with the device."""
+        if other.bucket != self.bucket or other.level_sizes != self.level_sizes:
+            raise FiseditError("refill needs a plan of the same capacity bucket and levels")
+        for mine, theirs in zip(self.levels, other.levels):
+            mine.host, mine.count, mine.tile_count = theirs.host, theirs.count, theirs.tile_count
+            for key in BASE_TABLES:
+                if key in mine._tables:
+                    mine._tables[key][1].copy_(theirs.host[key], non_blocking=True)
+        for mine in self.levels:
+            for key, (build, tensor) in mine._tables.items():
+                if key not in BASE_TABLES:
+                    tensor.copy_(build())
+        self.raw, self.raw_fraction = other.raw, other.raw_fraction
+
     def __repr__(self) -> str:
         parts = ", ".join(f"L{l.index} {l.size[0]}x{l.size[1]} "
                           f"{'dense' if l.dense else f'{l.fraction:.1%}'}" for l in self.levels)
-        return f"MaskPlan(raw {self.raw_fraction:.1%}; {parts})"
+        bucket = "" if self.bucket is None else f"; bucket {self.bucket.index}"
+        return f"MaskPlan(raw {self.raw_fraction:.1%}; {parts}{bucket})"
+
+
+def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: int,
+                     dense_threshold: float | list[float], ratio: float) -> list[Bucket]:
+    """The capacity buckets of a program: few, geometric, and sized per level from real masks.
+
+    Level 0's capacities grow by ``ratio`` (1, 2, ... tiles, then geometric) up to its dense
+    threshold. A lower level's capacity in a bucket is the most active tiles that any mask of
+    a bank of masks (squares, rectangles, discs and scattered blobs of 0.1-60% of the latent,
+    at seeded places, ``mask_bank``) with at most the bucket's level-0 tiles has at that
+    level: a mask that needs more moves to the next bucket, so this costs only padding, never
+    correctness. A level is dense in a bucket (and so are the levels below it) where its
+    capacity covers more than its dense threshold; the padding a bucket adds is at most about
+    ``ratio`` on level 0 (``benchmarks`` report it measured).
+    """
+    thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
+                  else [dense_threshold] * len(levels))
+    grids = [math.ceil(h / t) * math.ceil(w / t) for (h, w), t in zip(levels, tiles)]
+    bank = [[int(_tile_mask(active, tile).sum()) for active, tile
+             in zip(effective_masks(mask, levels, tiles, dilation), tiles)]
+            for mask in mask_bank(levels[0])]
+    buckets, capacity = [], 1
+    while True:
+        capacities, dense = [], False
+        for level, ((height, width), tile, grid, threshold) in enumerate(
+                zip(levels, tiles, grids, thresholds)):
+            need = capacity if level == 0 else max(
+                [counts[level] for counts in bank if counts[0] <= capacity] + [1])
+            need = min(need, grid)
+            dense = dense or min(need * tile * tile, height * width) > threshold * height * width
+            capacities.append(None if dense else need)
+        if capacities[0] is None:
+            return buckets
+        bucket = Bucket(len(buckets), tuple(capacities))
+        if not buckets or bucket.tiles != buckets[-1].tiles:
+            buckets.append(bucket)
+        if capacity >= grids[0]:
+            return buckets
+        capacity = min(grids[0], max(capacity + 1, math.ceil(capacity * ratio)))
+
+
+def mask_bank(size: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    """Seeded masks of the shapes users paint: squares, wide and tall rectangles, discs, and
+    2-6 scattered squares, at areas from 0.1% to 60% of the latent."""
+    height, width = size
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    masks = []
+    areas = [0.001 * (600 ** (i / 19)) for i in range(20)]
+    for area in areas:
+        pixels = area * height * width
+        for aspect in (1.0, 2.0, 0.5, 4.0, 0.25):
+            side_h = max(1, min(height, round(math.sqrt(pixels / aspect))))
+            side_w = max(1, min(width, round(math.sqrt(pixels * aspect))))
+            top = int(torch.randint(0, height - side_h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - side_w + 1, (1,), generator=gen))
+            mask = torch.zeros(size, dtype=torch.bool)
+            mask[top:top + side_h, left:left + side_w] = True
+            masks.append(mask)
+        radius = math.sqrt(pixels / math.pi)
+        cy = float(torch.rand((), generator=gen)) * height
+        cx = float(torch.rand((), generator=gen)) * width
+        masks.append((rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2)
+        for blobs in (2, 3, 6):
+            masks.append(scattered_mask(size, area, blobs, seed=int(torch.randint(
+                0, 2 ** 31, (1,), generator=gen))))
+    return masks
 
 
 def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
@@ -197,7 +364,24 @@ def _quantize(mask: torch.Tensor, tile: int) -> torch.Tensor:
     return grid.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:height, :width]
 
 
-def _level_plan(index, size, tile, dense, active, device) -> LevelPlan:
+def effective_masks(mask: torch.Tensor, levels, tiles, dilation) -> list[torch.Tensor]:
+    """The effective mask of every level (host, bool): the dilated mask quantized to level 0's
+    tiles, then for each lower level the positions its upsampling reads, quantized."""
+    current = _dilate(mask, dilation)
+    masks = []
+    for index, (size, tile) in enumerate(zip(levels, tiles)):
+        if index > 0:
+            current = _cover_for_upsample(current, size)
+        current = _quantize(current, tile)
+        masks.append(current)
+    return masks
+
+
+def _tile_mask(active: torch.Tensor, tile: int) -> torch.Tensor:
+    return active[::tile, ::tile]
+
+
+def _level_plan(index, size, tile, dense, active, capacity, device) -> LevelPlan:
     height, width = size
     grid_h, grid_w = math.ceil(height / tile), math.ceil(width / tile)
     if dense:
@@ -205,14 +389,26 @@ def _level_plan(index, size, tile, dense, active, device) -> LevelPlan:
         pixels = torch.arange(height * width)
         tiles = torch.stack(torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w),
                                            indexing="ij"), -1).reshape(-1, 2)
+        slots = torch.zeros(0, dtype=torch.long)    # dense levels have no tiled ops
     else:
-        tile_active = active[::tile, ::tile]
-        tiles = torch.nonzero(tile_active)
-        pixels = _tile_major_pixels(tiles, tile, size)
+        tiles = torch.nonzero(_tile_mask(active, tile))
+        tile_pixels = tile_slots(tiles, tile, size)
+        slots = torch.nonzero(tile_pixels >= 0)[:, 0]
+        pixels = tile_pixels[slots]
+    count, tile_count = pixels.numel(), tiles.shape[0]
     position = torch.full((height * width,), -1, dtype=torch.long)
-    position[pixels] = torch.arange(pixels.numel())
-    return LevelPlan(index, size, tile, dense, active.to(device), pixels.to(device),
-                     position.to(device), tiles.to(device))
+    position[pixels] = torch.arange(count)
+    padded = capacity is not None and not dense and count > 0
+    if padded:
+        # Pad with repeats of the first active tile and position (see LevelPlan).
+        tiles = torch.cat([tiles, tiles[:1].expand(capacity - tile_count, 2)])
+        positions = min(capacity * tile * tile, height * width)
+        pixels = torch.cat([pixels, pixels[:1].expand(positions - count)])
+        slots = torch.cat([slots, slots[:1].expand(positions - count)])
+    counts = torch.tensor([count, tile_count], dtype=torch.int32)
+    return LevelPlan(index, size, tile, dense, padded, count, tile_count,
+                     {"active": active, "pixels": pixels, "position": position, "tiles": tiles,
+                      "slots": slots, "counts": counts}, device)
 
 
 def tile_slots(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.Tensor:
@@ -223,11 +419,6 @@ def tile_slots(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.T
     cols = tiles[:, 1:, None] * tile + offsets[None, None, :]     # [n, 1, tile]
     inside = (rows < height) & (cols < width)
     return torch.where(inside, rows * width + cols, -1).reshape(-1)
-
-
-def _tile_major_pixels(tiles, tile, size) -> torch.Tensor:
-    slots = tile_slots(tiles, tile, size)
-    return slots[slots >= 0]
 
 
 def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:

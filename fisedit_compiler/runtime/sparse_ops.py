@@ -17,7 +17,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import ir
-from .plan import LevelPlan, MaskPlan, tile_slots
+from ..kernels import group_norm as group_norm_kernels
+from .plan import LevelPlan, MaskPlan
 
 
 # --- cache access --------------------------------------------------------------------------
@@ -107,17 +108,18 @@ def _windowed_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int,
         return ir.conv2d(full, weight, bias, stride, padding, dilation, groups).flatten(2)
     batch, channels = full.shape[:2]
     tile = target.tile
-    windows_index, slots, pad = target.table(
+    windows_index = target.table(
         ("conv", level_in, weight.shape[-2:], stride, padding, dilation),
         lambda: _conv_windows(target, source.size, weight.shape[-2:], stride, padding, dilation))
+    pad = _conv_padding(target, source.size, weight.shape[-2:], stride, padding, dilation)
     padded = F.pad(full, pad).flatten(2)                          # [B, C, Hp * Wp]
-    count = target.tiles.shape[0]
+    count = target.tile_capacity
     window_h, window_w = _window_size(tile, weight.shape[-2:], stride, dilation)
     windows = padded[:, :, windows_index]                         # [B, C, n, wh * ww]
     windows = windows.permute(0, 2, 1, 3).reshape(batch * count, channels, window_h, window_w)
     out = F.conv2d(windows, weight, bias, stride, 0, dilation, groups)  # [B*n, Co, t, t]
     out = out.reshape(batch, count, weight.shape[0], tile * tile).permute(0, 2, 1, 3).flatten(2)
-    return out if slots is None else out.index_select(2, slots)
+    return out.index_select(2, target.slots)
 
 
 def pointwise_conv2d(x, weight, bias):
@@ -129,28 +131,31 @@ def _window_size(tile, kernel, stride, dilation):
     return tuple((tile - 1) * s + (k - 1) * d + 1 for k, s, d in zip(kernel, stride, dilation))
 
 
-def _conv_windows(target: LevelPlan, in_size, kernel, stride, padding, dilation):
-    """Index tables for one conv configuration on one plan.
-
-    Returns the flat index of every input window pixel in the padded input ``[n, wh * ww]``,
-    the output slots that lie inside the image (None when all do) and the F.pad amounts.
-    """
+def _conv_padding(target: LevelPlan, in_size, kernel, stride, padding, dilation):
+    """The F.pad amounts (left, right, top, bottom) that put every tile's window inside the
+    padded input."""
     tile = target.tile
     top, bottom, left, right = padding
     window_h, window_w = _window_size(tile, kernel, stride, dilation)
     grid_h, grid_w = target.tile_grid
     padded_h = max(in_size[0] + top + bottom, (grid_h * tile - tile) * stride[0] + window_h)
     padded_w = max(in_size[1] + left + right, (grid_w * tile - tile) * stride[1] + window_w)
-    pad = (left, padded_w - in_size[1] - left, top, padded_h - in_size[0] - top)
+    return (left, padded_w - in_size[1] - left, top, padded_h - in_size[0] - top)
+
+
+def _conv_windows(target: LevelPlan, in_size, kernel, stride, padding, dilation):
+    """The flat index of every input window pixel in the padded input, ``[n, wh * ww]``."""
+    tile = target.tile
+    window_h, window_w = _window_size(tile, kernel, stride, dilation)
+    left, right, _, _ = _conv_padding(target, in_size, kernel, stride, padding, dilation)
+    padded_w = in_size[1] + left + right
     device = target.tiles.device
     origin_y = target.tiles[:, 0] * tile * stride[0]
     origin_x = target.tiles[:, 1] * tile * stride[1]
     rows = origin_y[:, None, None] + torch.arange(window_h, device=device)[None, :, None]
     cols = origin_x[:, None, None] + torch.arange(window_w, device=device)[None, None, :]
     windows = (rows * padded_w + cols).reshape(target.tiles.shape[0], window_h * window_w)
-    slot_pixels = tile_slots(target.tiles, tile, target.size)
-    slots = None if bool((slot_pixels >= 0).all()) else torch.nonzero(slot_pixels >= 0)[:, 0]
-    return windows, slots, pad
+    return windows
 
 
 # --- upsampling -----------------------------------------------------------------------------
@@ -167,9 +172,8 @@ def _upsample_index(source: LevelPlan, target: LevelPlan) -> torch.Tensor:
     height, width = target.size
     rows = (target.pixels // width) * source.size[0] // height
     cols = (target.pixels % width) * source.size[1] // width
-    index = source.position[rows * source.size[1] + cols]
-    assert bool((index >= 0).all()), "mask plan violates upsample coverage"
-    return index
+    # The plan guarantees coverage (tests/test_plan.py); checking here would synchronise.
+    return source.position[rows * source.size[1] + cols]
 
 
 # --- group norm -----------------------------------------------------------------------------
@@ -206,35 +210,17 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
 
     ``incremental`` (exact): the mixed tensor's statistics are the recorded sums minus the
     recorded sums of the active tiles plus the new active sums. ``cached`` (SIGE, FISEdit):
-    the recorded statistics. A dense level normalises directly.
+    the recorded statistics. A dense level normalises directly. The specification is
+    ``kernels.group_norm.group_norm_reference``; a padded level's repeated positions and tiles
+    are left out of the sums by its device-side counts.
     """
     target = plan[level]
     if target.dense:
         return F.group_norm(x, groups, weight, bias, eps)
-    batch, channels, count = x.shape
-    grouped = x.float().reshape(batch, groups, channels // groups, count)
-    mean_recorded = stats["mean"]
-    if policy == "cached":
-        mean, variance = mean_recorded, stats["variance"]
-    else:
-        total = (channels // groups) * target.size[0] * target.size[1]
-        tile_ids = target.tile_ids()
-        shifted = grouped - mean_recorded[:, :, None, None]
-        sum_new = shifted.sum(dim=(2, 3))
-        sum_sq_new = (shifted * shifted).sum(dim=(2, 3))
-        sum_mixed = stats["tile_sum"].sum(-1) - stats["tile_sum"][:, :, tile_ids].sum(-1) + sum_new
-        sum_sq_mixed = (stats["tile_sum_sq"].sum(-1) - stats["tile_sum_sq"][:, :, tile_ids].sum(-1)
-                        + sum_sq_new)
-        shift = sum_mixed / total
-        mean = mean_recorded + shift
-        variance = sum_sq_mixed / total - shift * shift
-    normed = (grouped - mean[:, :, None, None]) * torch.rsqrt(variance + eps)[:, :, None, None]
-    normed = normed.reshape(batch, channels, count).to(x.dtype)
-    if weight is not None:
-        normed = normed * weight[None, :, None]
-    if bias is not None:
-        normed = normed + bias[None, :, None]
-    return normed
+    count = (x.shape[1] // groups) * target.size[0] * target.size[1]
+    return group_norm_kernels.group_norm_reference(
+        x, stats, target.tile_ids(), count, groups, weight, bias, eps, policy,
+        active_counts=target.counts if target.padded else None)
 
 
 # --- token ops (passes.fuse_tokens) ---------------------------------------------------------
@@ -257,12 +243,18 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
                      policy: str):
     """Attention for the active queries of a level.
 
-    Cross-attention (``recorded_k`` is None) attends to the text as usual. Self-attention with
-    the ``full`` policy (exact) attends to the recorded K/V with the active rows replaced; the
-    ``sparse`` policy (FISEdit's fast mode) attends to the active tokens only.
+    ``policy`` is ``cross`` for cross-attention, which attends to the text as usual.
+    Self-attention with the ``full`` policy (exact) attends to the recorded K/V with the
+    active rows replaced; the ``sparse`` policy (FISEdit's fast mode) attends to the active
+    tokens only.
     """
     target = plan[level]
     if recorded_k is not None and policy == "full" and not target.dense:
         k = scatter_full(k, recorded_k, target, (recorded_k.dim() - 2,))
         v = scatter_full(v, recorded_v, target, (recorded_v.dim() - 2,))
+    elif policy == "sparse" and target.padded:
+        # Self-attention over the compact tokens: a padded level's repeats of the first
+        # active token must not count twice.
+        keys = torch.arange(k.shape[-2], device=k.device) < target.counts[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys[None, :], scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)

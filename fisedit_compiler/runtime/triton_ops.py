@@ -64,7 +64,8 @@ def _group_norm(x, norm, level: LevelPlan, silu=False):
         # Every tile is new: the statistics are x's own (as F.group_norm), whatever the policy.
         policy = "incremental"
     return group_norm_kernels.group_norm(x, stats, level.tile_ids(), count, groups, weight, bias,
-                                         eps, policy, silu=silu)
+                                         eps, policy, silu=silu,
+                                         active_counts=level.counts if level.padded else None)
 
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
@@ -107,7 +108,8 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
     if recorded_k is not None and policy == "full" and not target.dense:
         return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
                                            _position(target))
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,
+                                       policy)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):

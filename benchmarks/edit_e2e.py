@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument("--area", type=float, default=0.05)
     parser.add_argument("--edits", type=int, default=6, help="new-mask edits per group")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--dense-modes", default="reduce-overhead,max-autotune")
+    parser.add_argument("--dense-modes", default="reduce-overhead,max-autotune",
+                        help="torch.compile modes of the dense side; max-autotune compiles "
+                             "SD1.5 for several minutes")
     parser.add_argument("--cache-budget-gib", type=float, metavar="GIB",
                         help="recorded steps beyond this many GiB on the GPU go to pinned host "
                              "memory (sdxl records ~1.4 GiB per step)")
@@ -116,6 +118,8 @@ def main() -> None:
     generate_s = synchronized_s(lambda: session.generate(PROMPT, seed=0, output_type="latent",
                                                          **common))
     prepare = dict(session.prepare_report)
+    print(f"generate {generate_s:.2f} s; prepare {prepare['prepare_s']:.2f} s "
+          f"({prepare['graphs_captured']} graphs)", flush=True)
 
     def edit(mask) -> dict:
         holder = {}
@@ -125,6 +129,8 @@ def main() -> None:
                                             output_type="latent")
         wall = synchronized_s(run)
         report = holder["result"].report
+        print(f"edit: {wall:.3f} s, mask {report['mask_area_fraction']:.1%}, "
+              f"{report['timings_s']}", flush=True)
         return {"wall_s": wall, "mask_area": report["mask_area_fraction"],
                 "active_area": report["active_area_fraction"],
                 "bucket": None if holder["result"].plan.bucket is None
@@ -150,6 +156,7 @@ def main() -> None:
         synchronized_s(regenerate)               # CUDA graphs record on a later call
         dense[mode] = min(synchronized_s(regenerate) for _ in range(args.reps))
         pipe.unet = unet
+        print(f"dense regeneration {mode}: {dense[mode]:.3f} s", flush=True)
     best_mode = min((m for m in dense if m != "eager"), key=dense.__getitem__)
     best = dense[best_mode]
 

@@ -38,14 +38,18 @@ def random_masks(size, count, seed):
     return masks
 
 
-@pytest.mark.parametrize("name, dtype, tolerance", [("sd15-tiny", torch.float32, 1e-4),
+# fp32 on the GPU: the Triton kernels' dots run in TF32 (~5e-4 relative per product), the
+# oracle in full fp32.
+@pytest.mark.parametrize("name, dtype, tolerance", [("sd15-tiny", torch.float32, 2e-3),
                                                      ("sd15", torch.float16, 2e-2)])
 def test_successive_new_masks_replay_prepared_graphs_and_meet_the_oracle(name, dtype, tolerance):
     unet = zoo.unet(name, dtype=dtype, device="cuda")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     engine = fc.compile(unet)
-    cache = engine.new_cache()
+    eager = engine.with_config(fc.SparseConfig(cuda_graphs=False))   # exact plans, no graphs
+    cache, eager_cache = engine.new_cache(), eager.new_cache()
     engine.record(cache, 0, **inputs)
+    eager.record(eager_cache, 0, **inputs)
     prepared = engine.prepare(cache, 0, **inputs)
     steps = engine.captured_steps(**inputs)
     assert prepared["graphs_captured"] == len(steps.graphs) == len(
@@ -59,6 +63,9 @@ def test_successive_new_masks_replay_prepared_graphs_and_meet_the_oracle(name, d
         actual = engine.edit(cache, 0, plan=plan, **edited)
         expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
         assert bench.relative_error(actual, expected) <= tolerance
+        same_kernels = eager.edit(eager_cache, 0, plan=eager.plan(mask), **edited)
+        if not plan.full:
+            assert bench.relative_error(actual, same_kernels) <= tolerance / 4
         outside = ~plan.levels[0].active
         assert torch.equal(actual[..., outside], cache.steps[0][engine.program(inputs)
                                                                   .output_key][..., outside])

@@ -29,9 +29,9 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
-from fisedit_compiler.capture import flatten_inputs
-from fisedit_compiler.passes.sparsify import CACHE_INPUT, PLAN_INPUT
-from fisedit_compiler.runtime.cuda_graph import CapturedStep
+from fisedit_compiler.compiler.capture import flatten_inputs
+from fisedit_compiler.engine.cuda_graph import CapturedStep
+from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
             captured.inputs[name].copy_(value)
 
     copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
-    host, gpu = bench.host_time_ms, bench.cuda_time_ms
+    host, gpu = timing.host_time_ms, timing.cuda_time_ms
     rows = [
         ("whole edit call (host)", host(edit), gpu(edit)),
         ("program lookup", host(lambda: engine.program(edited)), None),

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler import FiseditError
-from fisedit_compiler.runtime.plan import MaskPlan
+from fisedit_compiler.execution.plan import MaskPlan
 
 LEVELS = [(16, 16), (8, 8), (4, 4)]
 

@@ -33,7 +33,9 @@ import torch
 import torch.fx as fx
 
 from . import ir, zoo
-from .compiler import capture, pipeline
+from .compiler import capture
+from .compiler.pipeline import STAGES as COMPILE_STAGES
+from .compiler.pipeline import trace
 from .errors import FiseditError
 from .execution.plan import load_mask_png, mask_from_box
 from .passes.analyze import module_path
@@ -46,7 +48,7 @@ NODE_KEYS = ("name", "kind", "op", "source", "shape", "dtype", "module", "domain
 _SHAPE = {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0},
           "description": "tensor shape; null for non-tensor values (a split's tuple, output)"}
 _COUNT = {"type": "integer", "minimum": 0}
-STAGES = pipeline.STAGES + ("sparse",)
+STAGES = COMPILE_STAGES + ("sparse",)
 _COUNTS = {"type": "object", "additionalProperties": _COUNT}
 
 
@@ -493,5 +495,5 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
         size = tuple(inputs["sample"].shape[-2:])
         edit_mask = load_mask_png(mask, size) if mask is not None else mask_from_box(mask_box, size)
         return render(sparse_report(unet, inputs, edit_mask, model=label, frontend=frontend), fmt)
-    gm = pipeline.trace(unet, inputs, frontend, stage)
+    gm = trace(unet, inputs, frontend, stage)
     return render(report(gm, model=label, stage=stage, frontend=frontend), fmt)

@@ -21,7 +21,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
-from fisedit_compiler.bench import cuda_time_ms
+from fisedit_compiler.engine.timing import cuda_time_ms
 
 AREAS = (0.01, 0.05, 0.20)
 

@@ -188,7 +188,7 @@ def main() -> None:
     print(f"\n{args.model} {size} px, {args.steps} steps, {args.probe_steps} probe steps; "
           f"generate {generate_s:.2f} s, prepare {prepare['prepare_s']:.2f} s "
           f"({prepare['graphs_captured']} graphs)")
-    print(f"dense regeneration: " + ", ".join(f"{m} {s:.3f} s" for m, s in dense.items()))
+    print("dense regeneration: " + ", ".join(f"{m} {s:.3f} s" for m, s in dense.items()))
     for name in ("first_edit_s", "new_mask_at_area_median_s", "new_mask_1_to_20_median_s",
                  "repeat_mask_median_s"):
         print(f"{name:28s} {summary[name]:.3f} s  ({best / summary[name]:.2f}x vs best dense)")

@@ -25,7 +25,8 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
-from fisedit_compiler.capture import flatten_inputs
+from fisedit_compiler.engine import timing
+from fisedit_compiler.compiler.capture import flatten_inputs
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
 
     copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
     graph = captured.capture(plan)
-    host, gpu = bench.host_time_ms, bench.cuda_time_ms
+    host, gpu = timing.host_time_ms, timing.cuda_time_ms
     rows = [
         ("whole edit call (host)", host(edit), gpu(edit)),
         ("program lookup", host(lambda: engine.program(edited)), None),
@@ -102,8 +103,6 @@ def synchronized_ms(fn) -> float:
 def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
     """Per new mask (seeded blobs of new sizes and places): plan, first and second edit (ms).
     A first edit slower than the second is capture or tuning on the edit path."""
-    from fisedit_compiler.runtime.plan import blob_mask
-
     gen = torch.Generator().manual_seed(1)
     size = tuple(mask.shape)
     print(f"\nnew masks: {'area':>6s} {'bucket':>6s} {'plan':>8s} {'edit 1':>8s} {'edit 2':>8s}"
@@ -111,7 +110,7 @@ def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
     for _ in range(count):
         area = 0.01 + 0.19 * float(torch.rand((), generator=gen))
         shift = [int(v) for v in torch.randint(-size[0] // 3, size[0] // 3, (2,), generator=gen)]
-        moved = blob_mask(size, area).roll(shift, dims=(0, 1))
+        moved = bench.blob_mask(size, area).roll(shift, dims=(0, 1))
         plans = []
         plan_ms = synchronized_ms(lambda: plans.append(engine.plan(moved)))
         run = lambda: engine.edit(cache, 0, plan=plans[0], **edited)  # noqa: E731

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench_cudagraph
 
-from fisedit_compiler.kernels import attention as ka
-from fisedit_compiler.kernels import group_norm as kg
-from fisedit_compiler.kernels import tokens as kt
-from fisedit_compiler.runtime.sparse_ops import group_norm_stats
+from fisedit_compiler.execution.kernels import attention as ka
+from fisedit_compiler.execution.kernels import group_norm as kg
+from fisedit_compiler.execution.kernels import tokens as kt
+from fisedit_compiler.execution.sparse_ops import group_norm_stats
 
 BATCH = 2
 DTYPE = torch.float16

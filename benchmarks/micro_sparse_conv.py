@@ -31,9 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fisedit_compiler.kernels import sparse_conv
-from fisedit_compiler.kernels.sparse_conv import (pack_weight, sparse_conv2d,
-                                                  sparse_conv2d_reference)
+from fisedit_compiler.execution.kernels import sparse_conv
+from fisedit_compiler.execution.kernels.sparse_conv import (
+    pack_weight, sparse_conv2d, sparse_conv2d_reference)
 
 # name: (c_in, c_out, source grid, stride, padding, upsample)
 SHAPES = {

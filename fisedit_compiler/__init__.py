@@ -16,13 +16,15 @@ Or through a stock pipeline, with the torch.compile backend "fisedit":
         pipe(new_prompt, generator=torch.Generator().manual_seed(0))
 """
 
-from . import oracle, zoo
+from . import zoo
 from .backend import Editing, Recording, editing, fisedit_backend, recording
+from .compiler import oracle
 from .config import SparseConfig
 from .edit_flow import EditResult, EditSession
+from .engine.engine import EditCache, SparseEngine
 from .errors import FiseditError, UnsupportedGraphError
-from .runtime.engine import EditCache, SparseEngine
-from .runtime.plan import MaskPlan
+from .execution.plan import MaskPlan
+
 
 def compile(unet, config: SparseConfig | None = None) -> SparseEngine:  # noqa: A001 - public API
     """Compile ``unet`` (a diffusers UNet2DConditionModel or UNet2DModel) into a SparseEngine.

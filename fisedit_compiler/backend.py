@@ -14,8 +14,8 @@ own graph code, ``gm.forward``, behind one context-variable read. That is the ch
 path (no lowering, no copies), and it means compiling costs nothing beyond Dynamo's trace until
 the first recording: the sparse ``Program`` is built lazily, at the first recorded call of each
 (U-Net, input signature, config), by the same path as ``fc.compile``: the Dynamo graph is
-lowered to ATen (``capture.lower_dynamo_graph``), canonicalized, analyzed, then
-``runtime.engine.build_program`` (sparsify, cache set, record graph). Recording and editing
+lowered to ATen (``compiler.capture.lower_dynamo_graph``), canonicalized, analyzed, then
+``compiler.pipeline.build_program`` (sparsify, cache set, record graph). Recording and editing
 then run through a ``SparseEngine`` holding those programs, so the backend and the engine API
 give the same numbers and the same validation (signature, timesteps, plan levels).
 
@@ -46,11 +46,12 @@ import weakref
 
 import torch
 
-from .capture import _dynamo_input_name, check_unet, lower_dynamo_graph
+from .compiler.capture import check_unet, dynamo_input_name, lower_dynamo_graph
+from .compiler.pipeline import build_program, canonical_graph, describe_signature
 from .config import SparseConfig
+from .engine.engine import EditCache, SparseEngine
 from .errors import FiseditError, UnsupportedGraphError
-from .runtime.engine import EditCache, SparseEngine, _describe, build_program
-from .runtime.plan import MaskPlan, validate_mask
+from .execution.plan import MaskPlan, validate_mask
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class FiseditGraph:
         self.input_positions = [i for i, x in enumerate(example_inputs)
                                 if isinstance(x, torch.Tensor)
                                 and not isinstance(x, torch.nn.Parameter)]
-        self.input_names = [_dynamo_input_name(placeholders[i].name, arg_names)
+        self.input_names = [dynamo_input_name(placeholders[i].name, arg_names)
                             for i in self.input_positions]
         self.arg_names = arg_names
         self.module_type = type(module).__name__ if module is not None else None
@@ -229,12 +230,9 @@ class FiseditGraph:
         return result
 
     def _canonical(self, args):
-        from .passes.analyze import analyze
-        from .passes.canonicalize import canonicalize
-
         try:
             lowered = lower_dynamo_graph(self.gm, list(args), self.arg_names)
-            canonical = analyze(canonicalize(lowered))
+            canonical = canonical_graph(lowered)
         except Exception as error:  # noqa: BLE001 - any failure here means "unsupported"
             return _unsupported("lowering this graph failed", error)
         if canonical.meta["fc_inputs"] != self.input_names:
@@ -406,7 +404,7 @@ class Recording:
 
     def _finish(self, warn: bool = True) -> None:
         if self.growable:
-            self.cache.num_steps = max(1, len(self.cache.steps))
+            self.cache.resize(max(1, len(self.cache.steps)))
         if warn and not self.cache.steps:
             warnings.warn("fisedit: " + self._nothing_recorded(), UnsupportedGraphWarning,
                           stacklevel=3)
@@ -470,7 +468,7 @@ class _RecordState(_State):
             return self.fallback(graph, error, args, rec.fallbacks)
         step = len(rec.inputs)
         if rec.growable:
-            rec.cache.num_steps = max(rec.cache.num_steps, step + 1)
+            rec.cache.resize(max(rec.cache.num_steps, step + 1))
         elif step >= rec.cache.num_steps:
             raise FiseditError(
                 f"the recording was opened with num_steps={rec.cache.num_steps} but the U-Net "
@@ -479,7 +477,7 @@ class _RecordState(_State):
         flat = graph.flat_inputs(args)
         # Every step of a recording runs the program it started with (the cache keys are its
         # node names), even if Dynamo recompiled in between.
-        rec.engine._programs.setdefault(program.signature, program)
+        rec.engine.add_program(program)
         output = rec.engine.record(rec.cache, step, **flat)
         rec.inputs.append({name: value.detach().clone() for name, value in flat.items()})
         rec.outputs.append(output.detach().clone())
@@ -505,10 +503,10 @@ class _EditState(_State):
                 "edit with the scheduler and number of inference steps of the recording")
         flat = graph.flat_inputs(args)
         signature = SparseEngine.signature(flat)
-        if signature not in rec.engine._programs:
+        if not rec.engine.has_program(signature):
             raise FiseditError(
-                f"this U-Net call has inputs ({_describe(signature)}) but the recording was "
-                f"made with ({_describe(rec.cache.signature)}); edits must keep the "
+                f"this U-Net call has inputs ({describe_signature(signature)}) but the recording "
+                f"was made with ({describe_signature(rec.cache.signature)}); edits must keep the "
                 "resolution, batch and dtypes of the recorded generation")
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         ed.steps.append(step)

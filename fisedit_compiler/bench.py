@@ -28,32 +28,17 @@ from pathlib import Path
 
 import torch
 
-from . import oracle, zoo
+from . import zoo
+from .compiler import oracle
 from .config import SparseConfig
+from .engine.timing import cuda_time_ms, host_time_ms
 from .errors import FiseditError
-from .runtime.plan import blob_mask, scattered_mask  # noqa: F401 - part of the bench API
+from .execution.plan import blob_mask, scattered_mask
 
 RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 AREAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LAYOUTS = ("blob", "scattered")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def cuda_time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds per call of ``fn`` by CUDA events, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def edited_inputs(inputs: dict, mask: torch.Tensor, seed: int = 1) -> dict:
@@ -131,7 +116,7 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
     config = config or SparseConfig()
     fast = fc.compile(unet, config)
     if calibrate:
-        from .runtime.cost_model import calibrate as measure_thresholds
+        from .engine.cost_model import calibrate as measure_thresholds
 
         result["calibration"] = measure_thresholds(fast, inputs, log=log)
         config = dataclasses.replace(config,
@@ -245,19 +230,6 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
     captured = engine.captured_steps(**edited).capture(plan)
     return {"replay_ms": cuda_time_ms(captured.replay, reps=reps),
             "host_ms": host_time_ms(lambda: engine.edit(cache, 0, plan=plan, **edited), reps)}
-
-
-def host_time_ms(fn, reps: int = 20) -> float:
-    """Median host milliseconds of ``fn``, each call started with an idle GPU."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - started))
-    torch.cuda.synchronize()
-    times.sort()
-    return times[len(times) // 2]
 
 
 def _format_row(row: dict) -> str:

@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import capture, inspect, zoo
+from . import inspect, zoo
 from .bench import add_bench_command
+from .compiler import capture
 from .edit_flow.commands import add_demo_command, add_edit_command
 from .errors import FiseditError
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 
 from .errors import FiseditError
+
+# Whether Triton can be imported, and whether its CPU interpreter is on (TRITON_INTERPRET=1,
+# which tests/conftest.py sets before triton is first imported). The kernels read these too.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 GROUP_NORM_POLICIES = ("incremental", "cached")
 ATTENTION_POLICIES = ("full", "sparse")
@@ -31,7 +38,7 @@ class SparseConfig:
         convolutions; exactness against the oracle holds for any value).
     dense_threshold: a level whose active fraction exceeds this runs dense, and so do the
         levels below it; one value, or one per level (finest first), e.g. measured by
-        ``runtime.cost_model.calibrate``.
+        ``engine.cost_model.calibrate``.
     frontend: ``export`` or ``dynamo`` capture.
     check_inputs: verify on each edit that the inputs equal the recorded ones outside the mask.
     kernels: ``auto`` (Triton kernels on CUDA, the torch reference elsewhere), ``torch`` (the
@@ -91,8 +98,6 @@ class SparseConfig:
 
     def use_triton(self, device: torch.device | str) -> bool:
         """Whether edit graphs on ``device`` run the Triton kernels."""
-        from .kernels import HAS_TRITON, INTERPRET
-
         if self.kernels == "torch" or not HAS_TRITON:
             return False
         if self.kernels == "triton":

@@ -32,10 +32,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import capture, ir, zoo
+from . import ir, zoo
+from .compiler import capture
+from .compiler.pipeline import STAGES as COMPILE_STAGES
+from .compiler.pipeline import trace
 from .errors import FiseditError
+from .execution.plan import load_mask_png, mask_from_box
 from .passes.analyze import module_path
-from .runtime.plan import load_mask_png, mask_from_box
 
 FORMATS = ("text", "json", "dot", "svg")
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
@@ -45,7 +48,7 @@ NODE_KEYS = ("name", "kind", "op", "source", "shape", "dtype", "module", "domain
 _SHAPE = {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0},
           "description": "tensor shape; null for non-tensor values (a split's tuple, output)"}
 _COUNT = {"type": "integer", "minimum": 0}
-STAGES = capture.STAGES + ("sparse",)
+STAGES = COMPILE_STAGES + ("sparse",)
 _COUNTS = {"type": "object", "additionalProperties": _COUNT}
 
 
@@ -450,7 +453,7 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
     recorded from it (``cache_write``; the edit graph reads them back); the summary gains
     ``engine.stats(plan)`` under ``"sparse"``."""
     from .config import SparseConfig
-    from .runtime.engine import SparseEngine, node_macs
+    from .engine.engine import SparseEngine, node_macs
 
     config = config or SparseConfig(frontend=frontend)
     engine = SparseEngine(unet, config)
@@ -492,5 +495,5 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
         size = tuple(inputs["sample"].shape[-2:])
         edit_mask = load_mask_png(mask, size) if mask is not None else mask_from_box(mask_box, size)
         return render(sparse_report(unet, inputs, edit_mask, model=label, frontend=frontend), fmt)
-    gm = capture.trace(unet, inputs, frontend, stage)
+    gm = trace(unet, inputs, frontend, stage)
     return render(report(gm, model=label, stage=stage, frontend=frontend), fmt)

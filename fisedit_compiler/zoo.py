@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from .compiler.capture import example_inputs, latent_size  # noqa: F401 - part of the zoo API
 from .errors import FiseditError
+from .pipeline_files import byte_vocab, clip_tokenizer, load_pipeline, read_model_index
 
 # Published configs (diffusers' UNet2DConditionModel / UNet2DModel keyword arguments).
 _SD15 = dict(
@@ -109,53 +111,6 @@ def from_config(cfg: dict, *, seed: int = 0):
         return diffusers.UNet2DConditionModel(**cfg).eval()
 
 
-def latent_size(model) -> tuple[int, int]:
-    size = model.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None = None,
-                   width: int | None = None, timestep: float = 500.0,
-                   text_length: int = 77) -> dict:
-    """Keyword arguments for ``model(**inputs)``: random latents and text states, one timestep.
-
-    Works for any UNet2DConditionModel or UNet2DModel config, including SDXL's text-time added
-    conditions, so generated configurations get valid inputs too. ``return_dict`` is False.
-    """
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    if not isinstance(model, (UNet2DConditionModel, UNet2DModel)):
-        raise FiseditError(
-            f"{type(model).__name__} is not a diffusers U-Net; pass a UNet2DConditionModel "
-            "or UNet2DModel (for a pipeline, pass pipe.unet)")
-    cfg = model.config
-    param = next(model.parameters())
-    dtype, device = param.dtype, param.device
-    h0, w0 = latent_size(model)
-    h, w = height or h0, width or w0
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    inputs = {
-        "sample": randn(batch, cfg.in_channels, h, w),
-        "timestep": torch.full((batch,), float(timestep), device=device),
-        "return_dict": False,
-    }
-    if isinstance(model, UNet2DConditionModel):
-        inputs["encoder_hidden_states"] = randn(batch, text_length, cfg.cross_attention_dim)
-        if cfg.addition_embed_type == "text_time":
-            text_dim = (cfg.projection_class_embeddings_input_dim
-                        - 6 * cfg.addition_time_embed_dim)
-            time_ids = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=dtype)
-            inputs["added_cond_kwargs"] = {
-                "text_embeds": randn(batch, text_dim),
-                "time_ids": time_ids.repeat(batch, 1).to(device),
-            }
-    return inputs
-
-
 # ---------------------------------------------------------------------------------------------
 # Complete text-to-image pipelines (random weights, offline)
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +170,6 @@ PIPELINE_CONFIGS: dict[str, tuple[str, dict, list[dict], dict]] = {
                   [_tiny_clip(16, "quick_gelu", 16), _tiny_clip(16, "gelu", 32)], _SCHEDULER),
 }
 
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-
 def _check_pipeline_name(name) -> None:
     if name in ("ddpm", "ddpm-tiny"):
         raise FiseditError(
@@ -228,46 +180,11 @@ def _check_pipeline_name(name) -> None:
             f"unknown pipeline name {name!r}; choose one of {', '.join(PIPELINE_NAMES)}")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte -> printable unicode character mapping."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _byte_vocab() -> dict[str, int]:
-    """Every byte character, then each with "</w>", then the two specials (CLIP's order)."""
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + [_BOS, _EOS]
-    return {tok: i for i, tok in enumerate(tokens)}
-
-
 def tokenizer():
-    """A CLIPTokenizer over a byte-level vocabulary, built from files written to a temp folder.
-
-    Any text tokenizes (one token per UTF-8 byte, no merges), so prompts behave like real ones
-    for the pipeline: 77 tokens, bos/eos, padded with eos.
-    """
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="fisedit-tokenizer-") as tmp:
-        Path(tmp, "vocab.json").write_text(json.dumps(_byte_vocab(), ensure_ascii=False),
-                                           encoding="utf-8")
-        Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(
-            tmp, model_max_length=77, bos_token=_BOS, eos_token=_EOS, unk_token=_EOS,
-            pad_token=_EOS, local_files_only=True)
+    """A CLIPTokenizer over the byte-level vocabulary: any text tokenizes (one token per UTF-8
+    byte, no merges), so prompts behave like real ones for the pipeline: 77 tokens, bos/eos,
+    padded with eos."""
+    return clip_tokenizer(byte_vocab())
 
 
 def _text_encoder(cfg: dict, tok, *, with_projection: bool, seed: int):
@@ -329,70 +246,6 @@ def _build_pipeline(name: str, seed: int, dtype: torch.dtype):
     return diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=encoders[0], tokenizer=tok, unet=unet_model, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def _read_model_index(path) -> dict:
-    import json
-    from pathlib import Path
-
-    index = Path(path) / "model_index.json"
-    try:
-        return json.loads(index.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FiseditError(
-            f"{path} holds no saved pipeline (no model_index.json); pass a folder written by "
-            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise FiseditError(
-            f"{index} cannot be read as JSON ({e}); save the pipeline again with "
-            "pipe.save_pretrained(...) or point at another folder") from None
-
-
-def _missing_components(path, index: dict) -> list[str]:
-    from pathlib import Path
-
-    missing = []
-    for key, value in index.items():
-        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
-            continue
-        if value[0] is None or value[1] is None:  # an optional component saved as None
-            continue
-        folder = Path(path) / key
-        if not folder.is_dir() or not any(folder.iterdir()):
-            missing.append(key)
-    return missing
-
-
-def load_pipeline(path, dtype: torch.dtype = torch.float32):
-    """Load a pipeline saved with ``save_pretrained`` from folder ``path``, offline."""
-    from pathlib import Path
-
-    from diffusers import DiffusionPipeline
-
-    if not Path(path).is_dir():
-        raise FiseditError(
-            f"{path} is not a folder; pass the folder a pipeline was saved to with "
-            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there")
-    index = _read_model_index(path)
-    missing = _missing_components(path, index)
-    if missing:
-        raise FiseditError(
-            f"the pipeline saved at {path} lists components whose folders are missing or empty: "
-            f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
-            "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype))
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """``dtype=`` where diffusers has it (``torch_dtype=`` is deprecated there), else ``torch_dtype=``."""
-    try:
-        from diffusers.utils import deprecation_utils
-
-        new_style = hasattr(deprecation_utils, "_resolve_dtype")
-    except ImportError:
-        new_style = False
-    return {"dtype": dtype} if new_style else {"torch_dtype": dtype}
 
 
 def _check_saved_matches(name: str, path, index: dict) -> None:
@@ -457,7 +310,7 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     folder = Path(path)
     if (folder / "model_index.json").is_file():
         if name is not None:
-            _check_saved_matches(name, folder, _read_model_index(folder))
+            _check_saved_matches(name, folder, read_model_index(folder))
         return load_pipeline(folder, dtype)
     if folder.exists() and not folder.is_dir():
         raise FiseditError(

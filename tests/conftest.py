@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import pytest
 import torch.fx as fx
 
-from fisedit_compiler import capture, zoo
+from fisedit_compiler import zoo
+from fisedit_compiler.compiler import pipeline
 
 
 def pytest_addoption(parser):
@@ -68,7 +69,7 @@ def traced():
         key = (name, frontend, stage)
         if key not in graphs:
             unet, inputs = models[name]
-            graphs[key] = Traced(unet, inputs, capture.trace(unet, inputs, frontend, stage))
+            graphs[key] = Traced(unet, inputs, pipeline.trace(unet, inputs, frontend, stage))
         return graphs[key]
 
     return get

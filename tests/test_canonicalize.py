@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fisedit_compiler import capture, ir
+from fisedit_compiler import ir
+from fisedit_compiler.compiler import capture
 from fisedit_compiler.passes.canonicalize import canonicalize
 
 aten = torch.ops.aten

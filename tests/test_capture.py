@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from fisedit_compiler import capture, ir, zoo
+from fisedit_compiler import ir, zoo
+from fisedit_compiler.compiler import capture, pipeline
 from fisedit_compiler.errors import FiseditError
 
 TINY = [name for name in zoo.MODEL_NAMES if name.endswith("-tiny")]
@@ -69,16 +70,16 @@ def test_non_unet_rejected():
 def test_unknown_frontend_and_stage(traced):
     t = traced("sd15-tiny")
     with pytest.raises(FiseditError, match="unknown frontend 'fx'.*export.*dynamo"):
-        capture.trace(t.unet, t.inputs, frontend="fx")
+        pipeline.trace(t.unet, t.inputs, frontend="fx")
     with pytest.raises(FiseditError, match="unknown stage 'lowered'.*captured.*canonical"):
-        capture.trace(t.unet, t.inputs, stage="lowered")
+        pipeline.trace(t.unet, t.inputs, stage="lowered")
 
 
 @pytest.mark.slow
 def test_sd15_full_graph():
     """DESIGN section 2's census of the SD1.5 U-Net."""
     unet = zoo.unet("sd15")
-    gm = capture.trace(unet, zoo.example_inputs(unet, batch=2))
+    gm = pipeline.trace(unet, zoo.example_inputs(unet, batch=2))
     counts = op_counts(gm)
     assert (counts["conv2d"], counts["group_norm"], counts["attention"]) == (98, 61, 32)
     kinds = Counter(n.meta[ir.META_ATTN_KIND] for n in gm.graph.nodes if ir.is_op(n, "attention"))

@@ -1,4 +1,4 @@
-"""The cost model's thresholds from calibration measurements (runtime/cost_model.py).
+"""The cost model's thresholds from calibration measurements (engine/cost_model.py).
 
 Timing needs a GPU; how measurements become thresholds does not, and is what decides whether
 an edit can run slower than dense.
@@ -6,8 +6,8 @@ an edit can run slower than dense.
 
 import pytest
 
-from fisedit_compiler.runtime.cost_model import CALIBRATION_MASKS, thresholds_from
-from fisedit_compiler.runtime.plan import MaskPlan
+from fisedit_compiler.engine.cost_model import CALIBRATION_MASKS, thresholds_from
+from fisedit_compiler.execution.plan import MaskPlan
 
 
 def measured(fractions, best_first_dense_level):

@@ -1,4 +1,4 @@
-"""runtime.cuda_graph: one captured edit step per capacity bucket serves every mask (GPU).
+"""engine.cuda_graph: one captured edit step per capacity bucket serves every mask (GPU).
 
 The CPU side of the same promise (every sparse op at a capacity above its active count, a
 template refilled with another plan's tables) is tested in test_plan.py and

@@ -81,7 +81,7 @@ def test_offloaded_steps_are_pinned_and_prefetched_on_cuda():
 
 
 def test_a_step_is_packed_into_one_buffer_keeping_values_and_strides():
-    from fisedit_compiler.runtime.edit_cache import StoreLayout
+    from fisedit_compiler.engine.edit_cache import StoreLayout
 
     base = torch.randn(2, 8, 5, 3)
     store = {"contiguous": torch.randn(3, 7),

@@ -11,11 +11,12 @@ import torch.nn as nn
 
 pydot = pytest.importorskip("pydot")    # a dev dependency; the GPU machine's image lacks it
 
-from fisedit_compiler import capture, inspect, ir, zoo
+from fisedit_compiler import inspect, ir, zoo
+from fisedit_compiler.compiler import capture
 from fisedit_compiler.errors import FiseditError
+from fisedit_compiler.execution.plan import mask_from_box
 from fisedit_compiler.passes.analyze import analyze
 from fisedit_compiler.passes.canonicalize import canonicalize
-from fisedit_compiler.runtime.plan import mask_from_box
 
 # ------------------------------------------------------------------ a minimal JSON Schema validator
 

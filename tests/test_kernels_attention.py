@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler.errors import FiseditError
-from fisedit_compiler.kernels import INTERPRET
-from fisedit_compiler.kernels.attention import (_SPLIT_KEYS, _key_split, attention,
-                                                attention_reference)
+from fisedit_compiler.execution.kernels import INTERPRET
+from fisedit_compiler.execution.kernels.attention import (
+    _SPLIT_KEYS, _key_split, attention, attention_reference)
 
 pytest.importorskip("triton")
 

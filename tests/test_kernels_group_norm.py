@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler.errors import FiseditError
-from fisedit_compiler.kernels.group_norm import (POLICIES, group_norm, group_norm_apply_reference,
-                                                 group_norm_reference,
-                                                 group_norm_scale_shift_reference)
-from fisedit_compiler.runtime import sparse_ops as ops
-from fisedit_compiler.runtime.plan import MaskPlan
+from fisedit_compiler.execution import sparse_ops as ops
+from fisedit_compiler.execution.kernels.group_norm import (
+    POLICIES, group_norm, group_norm_apply_reference, group_norm_reference,
+    group_norm_scale_shift_reference)
+from fisedit_compiler.execution.plan import MaskPlan
 
 pytest.importorskip("triton")
 

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler.errors import FiseditError
-from fisedit_compiler.kernels import HAS_TRITON
-from fisedit_compiler.kernels import sparse_conv
-from fisedit_compiler.kernels.sparse_conv import (pack_weight, sparse_conv2d,
-                                                  sparse_conv2d_reference)
-from fisedit_compiler.runtime import sparse_ops as ops
-from fisedit_compiler.runtime.plan import MaskPlan
+from fisedit_compiler.execution import sparse_ops as ops
+from fisedit_compiler.execution.kernels import HAS_TRITON
+from fisedit_compiler.execution.kernels import sparse_conv
+from fisedit_compiler.execution.kernels.sparse_conv import (
+    pack_weight, sparse_conv2d, sparse_conv2d_reference)
+from fisedit_compiler.execution.plan import MaskPlan
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 # The toy cases run on the GPU where there is one (the interpreter runs CPU tensors only).

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from fisedit_compiler.errors import FiseditError
-from fisedit_compiler.kernels.tokens import (add_layer_norm, add_layer_norm_reference, geglu,
-                                             geglu_reference)
+from fisedit_compiler.execution.kernels.tokens import (
+    add_layer_norm, add_layer_norm_reference, geglu, geglu_reference)
 
 pytest.importorskip("triton")
 

@@ -8,11 +8,12 @@ import torch.fx as fx
 
 import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
-from fisedit_compiler.capture import flatten_inputs
+from fisedit_compiler.compiler.capture import flatten_inputs
+from fisedit_compiler.execution import sparse_ops as ops
+from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 from fisedit_compiler.passes.fuse import fuse
 from fisedit_compiler.passes.fuse_tokens import fuse_tokens
-from fisedit_compiler.passes.sparsify import CACHE_INPUT, PLAN_INPUT, sparsify
-from fisedit_compiler.runtime import sparse_ops as ops
+from fisedit_compiler.passes.sparsify import sparsify
 
 
 @pytest.fixture(scope="module", params=["sd15-tiny", "sd21-tiny"])

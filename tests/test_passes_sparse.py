@@ -5,9 +5,9 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
+from fisedit_compiler.execution import sparse_ops as ops
 from fisedit_compiler.passes.cache import derive_cache_set
 from fisedit_compiler.passes.sparsify import META_SPARSE
-from fisedit_compiler.runtime import sparse_ops as ops
 
 
 @pytest.fixture(scope="module")

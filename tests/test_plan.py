@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler import FiseditError
-from fisedit_compiler.runtime.plan import Bucket, MaskPlan, capacity_buckets
+from fisedit_compiler.execution.plan import Bucket, MaskPlan, capacity_buckets
 
 LEVELS = [(16, 16), (8, 8), (4, 4)]
 

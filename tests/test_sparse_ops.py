@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisedit_compiler import ir
-from fisedit_compiler.runtime import sparse_ops as ops
-from fisedit_compiler.runtime.plan import Bucket, MaskPlan
+from fisedit_compiler.execution import sparse_ops as ops
+from fisedit_compiler.execution.plan import Bucket, MaskPlan
 
 
 @st.composite

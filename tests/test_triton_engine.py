@@ -9,8 +9,8 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.execution import sparse_ops, triton_ops
 from fisedit_compiler.passes.lower_kernels import CHANNELS_LAST_KEYS
-from fisedit_compiler.runtime import sparse_ops, triton_ops
 
 
 def edit_and_check(unet, config, mask, tolerance):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import FiseditError
-from ..runtime.plan import load_mask_png, mask_from_box
+from ..execution.plan import load_mask_png, mask_from_box
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with

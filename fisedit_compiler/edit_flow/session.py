@@ -27,9 +27,9 @@ import PIL.Image
 import torch
 
 from ..config import SparseConfig
+from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
-from ..runtime.engine import EditCache, SparseEngine
-from ..runtime.plan import MaskPlan, validate_mask
+from ..execution.plan import MaskPlan, validate_mask
 from . import mask as tac
 from .attention import CrossAttentionControl, shared_tokens
 

@@ -17,8 +17,9 @@ import torch.fx as fx
 
 from .. import ir
 from ..config import SparseConfig
-from ..runtime import sparse_ops as ops
-from .sparsify import CACHE_INPUT, META_CACHE_KIND, META_CACHE_SOURCE
+from ..execution import sparse_ops as ops
+from ..graph_keys import CACHE_INPUT
+from .sparsify import META_CACHE_KIND, META_CACHE_SOURCE
 
 META_CACHE_WRITE = "fc_cache_write"   # on canonical nodes: the keys recorded from them
 

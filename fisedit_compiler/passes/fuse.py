@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import ir
-from ..runtime import sparse_ops as ops
-from .sparsify import PLAN_INPUT
+from ..execution import sparse_ops as ops
+from ..graph_keys import PLAN_INPUT
 
 
 def fuse(edit: fx.GraphModule) -> fx.GraphModule:

@@ -3,8 +3,8 @@
 Why: in every BasicTransformerBlock the residual add and the layer norm after it read and
 write the same token rows, and the feed-forward's GEGLU splits a projection, applies GELU to
 one half and multiplies: two and three kernels on the reference path (the split is a view),
-one each fused (``kernels/tokens.py``, 2.2-3.2x faster than the torch ops at SD1.5 sizes on
-the H100). The fused ops' references (``sparse_ops.add_layer_norm`` and ``sparse_ops.geglu``)
+one each fused (``execution/kernels/tokens.py``, 2.2-3.2x faster than the torch ops at SD1.5
+sizes on the H100). The fused ops' references (``sparse_ops.add_layer_norm`` and ``sparse_ops.geglu``)
 run the same torch sequence, so the CPU tests check the rewrite itself.
 
 Only exact patterns are taken: a layer norm over the last dim whose input is an add of two
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import ir
-from ..runtime import sparse_ops as ops
+from ..execution import sparse_ops as ops
 
 _getitem = ir.OPS["getitem"]
 

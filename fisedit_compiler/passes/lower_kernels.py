@@ -3,7 +3,7 @@
 Why: the edit graph is built once per input signature, and the signature fixes the device, so
 the choice between the torch reference ops (CPU, and the specification) and the Triton-backed
 ops (CUDA) is made once, here, rather than tested on every call. The Triton-backed ops take the
-same arguments and compute the same function (``runtime.triton_ops``), so this pass changes
+same arguments and compute the same function (``execution.triton_ops``), so this pass changes
 only node targets.
 
 It also names, in ``edit.meta[CHANNELS_LAST_KEYS]``, the cache keys that sparse convs read as
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import ir
-from ..runtime import sparse_ops, triton_ops
-from ..runtime.triton_ops import LOWERINGS
+from ..execution import sparse_ops, triton_ops
+from ..execution.triton_ops import LOWERINGS
 
 CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"
 

@@ -1,7 +1,7 @@
 """sparsify: rewrite an analyzed canonical graph into the edit graph over compact tensors.
 
 Why: an edit changes a small region, so every positional value (spatial or tokens) is carried
-*compact*, holding only its level's active positions (see ``runtime.plan``), and each op is
+*compact*, holding only its level's active positions (see ``execution.plan``), and each op is
 replaced by the sparse form that computes exactly those positions:
 
 * conv2d -> ``sparse_conv2d`` over active output tiles, halos read from the recorded input
@@ -34,11 +34,10 @@ import torch.fx as fx
 
 from .. import ir
 from ..config import SparseConfig
-from ..runtime import sparse_ops as ops
+from ..execution import sparse_ops as ops
+from ..graph_keys import CACHE_INPUT, PLAN_INPUT
 from .analyze import TIMESTEP_INPUT, Domain
 
-PLAN_INPUT = "fc_plan"
-CACHE_INPUT = "fc_cache"
 META_CACHE_KIND = "fc_cache_kind"      # on cache_read nodes: "value" or "group_norm_stats"
 META_CACHE_SOURCE = "fc_cache_source"  # on cache_read nodes: the canonical node recorded
 META_SPARSE = "fc_sparse"              # how a canonical node runs in edits, see sparse_mode()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import pipeline_files
 from ..errors import FiseditError
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -37,12 +38,10 @@ def load_pipeline(path=None, dtype: torch.dtype = torch.float32):
     """
     import shutil
 
-    from .. import zoo
-
     if path is not None:
         folder = Path(path)
         if (folder / "model_index.json").is_file():
-            return zoo.load_pipeline(folder, dtype)
+            return pipeline_files.load_pipeline(folder, dtype)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise FiseditError(
                 f"{path} is not an empty folder and holds no saved pipeline; pass an empty or "
@@ -54,8 +53,8 @@ def load_pipeline(path=None, dtype: torch.dtype = torch.float32):
             f"model_index.json); train it on a GPU with `{TRAIN_COMMAND}` (about 8 minutes on "
             "one H100) or pass path= a folder holding a trained shapes pipeline")
     if path is None:
-        return zoo.load_pipeline(WEIGHTS, dtype)
+        return pipeline_files.load_pipeline(WEIGHTS, dtype)
     if folder.exists():
         folder.rmdir()
     shutil.copytree(WEIGHTS, folder)
-    return zoo.load_pipeline(folder, dtype)
+    return pipeline_files.load_pipeline(folder, dtype)

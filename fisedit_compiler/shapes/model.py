@@ -28,12 +28,9 @@ and to run on a CPU in a fraction of a second per step:
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import torch
 
+from ..pipeline_files import byte_vocab, clip_tokenizer
 from . import render
 
 MAX_LENGTH = 32
@@ -83,9 +80,6 @@ def text_config(tiny: bool = False) -> dict:
 
 # ---------------------------------------------------------------------------------- tokenizer
 
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-
 def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """CLIP's byte-level vocabulary (so any text still tokenizes, one token per byte) plus one
     token per grammar word, reached through a chain of merges of the word's prefixes.
@@ -95,9 +89,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     first merge). Longer words' chains come first; ``tokenizer`` checks that every grammar
     word ends up as one token.
     """
-    from ..zoo import _byte_vocab
-
-    vocab = dict(_byte_vocab())
+    vocab = byte_vocab()
     merges: list[str] = []
     words = sorted(render.grammar_words(), key=lambda w: (-len(w), w))
     for word in words:
@@ -115,17 +107,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
 def tokenizer(max_length: int = MAX_LENGTH):
     """A CLIPTokenizer whose every grammar word is one token, built from files written to a
     temporary folder (nothing is downloaded); padded to ``max_length`` with EOS like CLIP."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _vocab_and_merges()
-    with tempfile.TemporaryDirectory(prefix="fisedit-shapes-tokenizer-") as tmp:
-        Path(tmp, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False),
-                                           encoding="utf-8")
-        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
-                                           encoding="utf-8")
-        tok = CLIPTokenizer.from_pretrained(
-            tmp, model_max_length=max_length, bos_token=_BOS, eos_token=_EOS, unk_token=_EOS,
-            pad_token=_EOS, local_files_only=True)
+    tok = clip_tokenizer(*_vocab_and_merges(), max_length=max_length)
     for word in render.grammar_words():
         ids = tok(word, add_special_tokens=False).input_ids
         if len(ids) != 1:

@@ -509,7 +509,7 @@ def generate(pipe, captions: list[str], *, steps: int, guidance: float, seed: in
 @torch.no_grad()
 def evaluate(folder: Path, device, work: Path, args) -> dict:
     """Reload the saved pipeline (fp32), generate the eval captions and run the checker."""
-    from ..zoo import load_pipeline
+    from ..pipeline_files import load_pipeline
 
     if args.eval_captions <= 0:
         return {}

@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import ir
-from ..kernels import group_norm as group_norm_kernels
+from .kernels import group_norm as group_norm_kernels
 from .plan import LevelPlan, MaskPlan
 
 

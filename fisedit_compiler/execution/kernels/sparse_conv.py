@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..errors import FiseditError
+from ...errors import FiseditError
 from . import HAS_TRITON, INTERPRET, autotune_options, triton_enabled
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .errors import FiseditError
+from ..errors import FiseditError
 
 FRONTENDS = ("export", "dynamo")
 
@@ -47,6 +47,53 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
         elif isinstance(value, (int, float)) and name == "timestep":
             flat[name] = torch.tensor(value)
     return flat
+
+
+def latent_size(model) -> tuple[int, int]:
+    size = model.config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None = None,
+                   width: int | None = None, timestep: float = 500.0,
+                   text_length: int = 77) -> dict:
+    """Keyword arguments for ``model(**inputs)``: random latents and text states, one timestep.
+
+    Works for any UNet2DConditionModel or UNet2DModel config, including SDXL's text-time added
+    conditions, so generated configurations get valid inputs too. ``return_dict`` is False.
+    """
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if not isinstance(model, (UNet2DConditionModel, UNet2DModel)):
+        raise FiseditError(
+            f"{type(model).__name__} is not a diffusers U-Net; pass a UNet2DConditionModel "
+            "or UNet2DModel (for a pipeline, pass pipe.unet)")
+    cfg = model.config
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    h0, w0 = latent_size(model)
+    h, w = height or h0, width or w0
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    inputs = {
+        "sample": randn(batch, cfg.in_channels, h, w),
+        "timestep": torch.full((batch,), float(timestep), device=device),
+        "return_dict": False,
+    }
+    if isinstance(model, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = randn(batch, text_length, cfg.cross_attention_dim)
+        if cfg.addition_embed_type == "text_time":
+            text_dim = (cfg.projection_class_embeddings_input_dim
+                        - 6 * cfg.addition_time_embed_dim)
+            time_ids = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=dtype)
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": randn(batch, text_dim),
+                "time_ids": time_ids.repeat(batch, 1).to(device),
+            }
+    return inputs
 
 
 def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
@@ -112,7 +159,7 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
         if param:
             constants[node.name] = example_inputs[position]
         else:
-            user_names.append(_dynamo_input_name(node.name, arg_names))
+            user_names.append(dynamo_input_name(node.name, arg_names))
             if isinstance(example_inputs[position], torch.Tensor):
                 positions.append(position)
     result = program_to_graph_module(program, extra_constants=constants, rename=dict(
@@ -124,7 +171,7 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
 _POSITIONAL_DEFAULTS = ("sample", "timestep")
 
 
-def _dynamo_input_name(name: str, arg_names=None) -> str:
+def dynamo_input_name(name: str, arg_names=None) -> str:
     for prefix in ("l_kwargs_", "l_args_", "l_"):
         if name.startswith(prefix):
             name = name[len(prefix):]
@@ -202,21 +249,3 @@ def _register(root: torch.nn.Module, name: str, value) -> None:
         root.register_buffer(name, value)
     else:
         setattr(root, name, value)
-
-
-STAGES = ("captured", "canonical")
-
-
-def trace(unet, inputs: dict, frontend: str = "export", stage: str = "canonical") -> fx.GraphModule:
-    """Capture ``unet(**inputs)`` and run the front passes up to ``stage``.
-
-    ``captured`` is the ATen graph of the frontend; ``canonical`` is that graph in the ``ir``
-    dialect, annotated by ``passes.analyze`` (domains, levels, MACs, invariance).
-    """
-    from .passes.analyze import analyze
-    from .passes.canonicalize import canonicalize
-
-    if stage not in STAGES:
-        raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
-    gm = capture(unet, inputs, frontend)
-    return gm if stage == "captured" else analyze(canonicalize(gm))

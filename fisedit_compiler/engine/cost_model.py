@@ -21,7 +21,8 @@ import itertools
 
 import torch
 
-from .plan import MaskPlan, blob_mask, scattered_mask
+from ..execution.plan import MaskPlan, blob_mask, scattered_mask
+from .timing import cuda_time_ms
 
 CALIBRATION_AREAS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
 CALIBRATION_MASKS = {"blob": blob_mask, "scattered": scattered_mask}
@@ -31,13 +32,11 @@ CALIBRATION_MASKS = {"blob": blob_mask, "scattered": scattered_mask}
 def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=None) -> dict:
     """Measure per-level dense thresholds for ``engine``'s U-Net at ``inputs``' signature.
 
-    ``timer(fn) -> ms`` times one callable (default: ``bench.cuda_time_ms`` with 5 calls).
+    ``timer(fn) -> ms`` times one callable (default: ``timing.cuda_time_ms`` with 5 calls).
     Returns ``{"thresholds": tuple, "measurements": [...]}``; pass the thresholds as
     ``SparseConfig(dense_threshold=...)``.
     """
     if timer is None:
-        from ..bench import cuda_time_ms
-
         timer = lambda fn: cuda_time_ms(fn, warmup=2, reps=5)  # noqa: E731
     program = engine.program(inputs)
     levels, tiles = program.levels, program.tiles

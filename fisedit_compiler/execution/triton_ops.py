@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import ir
-from ..kernels import attention as attention_kernels
-from ..kernels import group_norm as group_norm_kernels
-from ..kernels import sparse_conv as conv_kernels
-from ..kernels import tokens as token_kernels
 from . import sparse_ops
+from .kernels import attention as attention_kernels
+from .kernels import group_norm as group_norm_kernels
+from .kernels import sparse_conv as conv_kernels
+from .kernels import tokens as token_kernels
 from .plan import LevelPlan, MaskPlan
 
 

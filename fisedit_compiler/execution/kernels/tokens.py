@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import FiseditError
+from ...errors import FiseditError
 from . import HAS_TRITON
 
 if HAS_TRITON:

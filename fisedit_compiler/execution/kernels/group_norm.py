@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import FiseditError
+from ...errors import FiseditError
 from . import HAS_TRITON, INTERPRET
 
 POLICIES = ("incremental", "cached")

@@ -9,13 +9,10 @@ the CPU tests use; it must be set before triton is first imported, which tests/c
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ...config import HAS_TRITON, INTERPRET
 
 
 def autotune_options() -> dict:

@@ -33,9 +33,9 @@ import warnings
 import torch
 import torch.fx as fx
 
-from ..passes.sparsify import CACHE_INPUT, PLAN_INPUT
+from ..execution.plan import MaskPlan
+from ..graph_keys import CACHE_INPUT, PLAN_INPUT
 from .edit_cache import StepStore
-from .plan import MaskPlan
 
 
 class CapturedSteps:

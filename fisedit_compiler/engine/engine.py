@@ -9,74 +9,22 @@ edit is checked against it, and a failed call never changes it.
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from .. import ir
-from ..capture import check_unet, flatten_inputs, trace
+from ..compiler.capture import check_unet, example_inputs, flatten_inputs
+from ..compiler.pipeline import Program, build_program, describe_signature, device_of, trace
 from ..config import SparseConfig
 from ..errors import FiseditError
-from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
-from ..passes.fuse import fuse
-from ..passes.fuse_tokens import fuse_tokens
-from ..passes.lower_kernels import CHANNELS_LAST_KEYS, lower_kernels
-from ..passes.sparsify import CACHE_INPUT, META_SPARSE, PLAN_INPUT, sparsify
+from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
+from ..graph_keys import CACHE_INPUT, PLAN_INPUT
+from ..passes.lower_kernels import CHANNELS_LAST_KEYS
+from ..passes.sparsify import META_SPARSE
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
-from .plan import Bucket, MaskPlan, capacity_buckets, validate_mask
-
-
-@dataclass
-class Program:
-    """Everything compiled for one input signature."""
-    signature: tuple
-    canonical: fx.GraphModule
-    record: fx.GraphModule
-    edit: fx.GraphModule
-    entries: list[CacheEntry]
-    levels: list[tuple[int, int]]
-    tiles: list[int]
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.canonical.meta["fc_inputs"]
-
-    @property
-    def output_key(self) -> str:
-        """The cache key of the recorded U-Net output."""
-        return self.canonical.graph.output_node().args[0].name
-
-
-def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig) -> Program:
-    """The one compile path after capture, shared by SparseEngine and the "fisedit" backend.
-
-    ``shared`` is an analyzed canonical graph (``capture.trace`` or the backend's lowering of
-    a Dynamo graph); it is left untouched and may serve several configs.
-    """
-    # A fresh graph (parameters shared) so this config's passes tag their own nodes.
-    canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
-    canonical.meta.update(shared.meta)
-    edit = fuse_tokens(fuse(sparsify(canonical, config)))
-    if config.use_triton(_device_of(signature)):
-        edit = lower_kernels(edit)
-    entries = derive_cache_set(edit)
-    record = insert_cache_writes(canonical, entries, config)
-    levels = canonical.meta["fc_levels"]
-    return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
-
-
-def _device_of(signature: tuple) -> torch.device:
-    """The device of the signature's tensors (the first one's; a U-Net call uses one device)."""
-    return torch.device(signature[0][3]) if signature else torch.device("cpu")
-
-
-def _describe(signature: tuple) -> str:
-    return ", ".join(f"{name} {list(shape)} {str(dtype).replace('torch.', '')}"
-                     for name, shape, dtype, _ in signature)
 
 
 class SparseEngine:
@@ -129,8 +77,6 @@ class SparseEngine:
             sizes.append(tuple(program.levels[0]) if program.levels else None)
         if sizes:
             validate_mask(torch.zeros(size, dtype=torch.bool), sizes[0])
-        from ..zoo import example_inputs
-
         return self.program(example_inputs(self.unet, batch=2, height=size[0], width=size[1]))
 
     # -- public API -----------------------------------------------------------------------
@@ -147,7 +93,8 @@ class SparseEngine:
         if cache.signature is not None and cache.signature != program.signature:
             raise FiseditError(
                 "this cache belongs to a generation with inputs "
-                f"({_describe(cache.signature)}) but record got ({_describe(program.signature)}); "
+                f"({describe_signature(cache.signature)}) but record got "
+                f"({describe_signature(program.signature)}); "
                 "use engine.new_cache() for a new generation")
         flat = flatten_inputs(inputs)
         store: dict = {}
@@ -211,7 +158,7 @@ class SparseEngine:
 
         self._check_cache(cache, step)
         program = self.program(inputs)
-        device = _device_of(program.signature)
+        device = device_of(program.signature)
         started = time.perf_counter()
         captured = 0
         if self._uses_graphs(device):
@@ -260,7 +207,8 @@ class SparseEngine:
         if cache.signature != program.signature:
             raise FiseditError(
                 "the edit inputs do not match the recorded generation: recorded "
-                f"({_describe(cache.signature)}), got ({_describe(program.signature)}); "
+                f"({describe_signature(cache.signature)}), got "
+                f"({describe_signature(program.signature)}); "
                 "edits must keep the resolution, batch and dtypes of the original")
         if plan.level_sizes != program.levels or [l.tile for l in plan.levels] != program.tiles:
             raise FiseditError(
@@ -271,7 +219,7 @@ class SparseEngine:
         self._check_timestep(cache, step, flat)
         if self.config.check_inputs:
             self._check_outside_mask(cache, step, plan, flat)
-        device = _device_of(program.signature)
+        device = device_of(program.signature)
         graphs = self._uses_graphs(device)
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
@@ -288,6 +236,15 @@ class SparseEngine:
         if graphs:
             return self._captured_steps(program)(plan, flat, store)
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
+
+    def add_program(self, program: Program) -> Program:
+        """Use ``program`` (compiled elsewhere, e.g. by the "fisedit" backend) for its signature,
+        unless one is already there; returns the one in use."""
+        return self._programs.setdefault(program.signature, program)
+
+    def has_program(self, signature: tuple) -> bool:
+        """Whether a program for ``signature`` has been compiled or added."""
+        return signature in self._programs
 
     @torch.no_grad()
     def dense(self, **inputs) -> torch.Tensor:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..errors import FiseditError
+from ...errors import FiseditError
 from . import HAS_TRITON, INTERPRET, autotune_options
 
 if HAS_TRITON:

@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import ir
+from .. import ir
+from ..execution.plan import MaskPlan
 from .capture import flatten_inputs
-from .runtime.plan import MaskPlan
 
 
 @torch.no_grad()

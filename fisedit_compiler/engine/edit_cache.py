@@ -191,6 +191,13 @@ class EditCache:
         self._prefetched: tuple | None = None       # (step, device store, ready event)
         self._copy_stream = None
 
+    def resize(self, num_steps: int) -> None:
+        """Make this the cache of a generation of ``num_steps`` U-Net calls (a recording whose
+        length was not known in advance grows, then shrinks to the steps it recorded)."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise FiseditError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.num_steps = num_steps
+
     # -- storing ----------------------------------------------------------------------------
     def put(self, step: int, store: dict, channels_last=()) -> None:
         """Keep ``store`` (the record graph's dict) as the recorded values of ``step``, packed

@@ -1,0 +1,97 @@
+"""The compile pipeline: a captured U-Net graph through the passes to a Program.
+
+``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
+canonicalize, then analyze); ``build_program`` takes that analyzed canonical graph through the
+sparse passes (sparsify, fuse, fuse_tokens, lower_kernels where Triton runs) and derives the
+cache set and the record graph. SparseEngine and the "fisedit" backend both compile through
+here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..config import SparseConfig
+from ..errors import FiseditError
+from ..passes.analyze import analyze
+from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
+from ..passes.canonicalize import canonicalize
+from ..passes.fuse import fuse
+from ..passes.fuse_tokens import fuse_tokens
+from ..passes.lower_kernels import lower_kernels
+from ..passes.sparsify import sparsify
+from .capture import capture
+
+STAGES = ("captured", "canonical")
+
+
+def trace(unet, inputs: dict, frontend: str = "export", stage: str = "canonical") -> fx.GraphModule:
+    """Capture ``unet(**inputs)`` and run the front passes up to ``stage``.
+
+    ``captured`` is the ATen graph of the frontend; ``canonical`` is that graph in the ``ir``
+    dialect, annotated by ``passes.analyze`` (domains, levels, MACs, invariance).
+    """
+    if stage not in STAGES:
+        raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    gm = capture(unet, inputs, frontend)
+    return gm if stage == "captured" else canonical_graph(gm)
+
+
+def canonical_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A captured ATen graph in the ``ir`` dialect, annotated by ``passes.analyze`` (domains,
+    levels, MACs, invariance)."""
+    return analyze(canonicalize(gm))
+
+
+@dataclass
+class Program:
+    """Everything compiled for one input signature."""
+    signature: tuple
+    canonical: fx.GraphModule
+    record: fx.GraphModule
+    edit: fx.GraphModule
+    entries: list[CacheEntry]
+    levels: list[tuple[int, int]]
+    tiles: list[int]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.canonical.meta["fc_inputs"]
+
+    @property
+    def output_key(self) -> str:
+        """The cache key of the recorded U-Net output."""
+        return self.canonical.graph.output_node().args[0].name
+
+
+def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig) -> Program:
+    """The one compile path after capture, shared by SparseEngine and the "fisedit" backend.
+
+    ``shared`` is an analyzed canonical graph (``trace`` or the backend's lowering of
+    a Dynamo graph); it is left untouched and may serve several configs.
+    """
+    # A fresh graph (parameters shared) so this config's passes tag their own nodes.
+    canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
+    canonical.meta.update(shared.meta)
+    edit = fuse_tokens(fuse(sparsify(canonical, config)))
+    if config.use_triton(device_of(signature)):
+        edit = lower_kernels(edit)
+    entries = derive_cache_set(edit)
+    record = insert_cache_writes(canonical, entries, config)
+    levels = canonical.meta["fc_levels"]
+    return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
+
+
+def device_of(signature: tuple) -> torch.device:
+    """The device of the signature's tensors (the first one's; a U-Net call uses one device)."""
+    return torch.device(signature[0][3]) if signature else torch.device("cpu")
+
+
+def describe_signature(signature: tuple) -> str:
+    """A signature for messages: ``name [shape] dtype`` per input."""
+    return ", ".join(f"{name} {list(shape)} {str(dtype).replace('torch.', '')}"
+                     for name, shape, dtype, _ in signature)

@@ -1,0 +1,37 @@
+"""Timing helpers: medians of CUDA-event and host timings, for the cost model and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def cuda_time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds per call of ``fn`` by CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_time_ms(fn, reps: int = 20) -> float:
+    """Median host milliseconds of ``fn``, each call started with an idle GPU."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - started))
+    torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2]

@@ -1,0 +1,114 @@
+"""Offline files of diffusers pipelines, shared by ``zoo`` and ``shapes``.
+
+Nothing can be downloaded here, so tokenizers are built from a vocabulary (and merges) written
+to a temporary folder (``clip_tokenizer``; ``byte_vocab`` is CLIP's byte-level vocabulary, so
+any text tokenizes), and saved pipelines load from a folder with every check done first
+(``load_pipeline``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import FiseditError
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode character mapping."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_vocab() -> dict[str, int]:
+    """Every byte character, then each with "</w>", then the two specials (CLIP's order)."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def clip_tokenizer(vocab: dict[str, int], merges=(), max_length: int = 77):
+    """A CLIPTokenizer over ``vocab`` and BPE ``merges`` (``"a b"`` strings, lowest rank
+    first), built from files written to a temporary folder: ``max_length`` tokens, bos/eos,
+    padded with eos (which also stands for unknown tokens)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="fisedit-tokenizer-") as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False),
+                                           encoding="utf-8")
+        Path(tmp, "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(merge + "\n" for merge in merges), encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(
+            tmp, model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS,
+            pad_token=EOS, local_files_only=True)
+
+
+def read_model_index(path) -> dict:
+    """The parsed ``model_index.json`` of the pipeline saved at ``path``."""
+    index = Path(path) / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FiseditError(
+            f"{path} holds no saved pipeline (no model_index.json); pass a folder written by "
+            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise FiseditError(
+            f"{index} cannot be read as JSON ({e}); save the pipeline again with "
+            "pipe.save_pretrained(...) or point at another folder") from None
+
+
+def _missing_components(path, index: dict) -> list[str]:
+    missing = []
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
+            continue
+        if value[0] is None or value[1] is None:  # an optional component saved as None
+            continue
+        folder = Path(path) / key
+        if not folder.is_dir() or not any(folder.iterdir()):
+            missing.append(key)
+    return missing
+
+
+def load_pipeline(path, dtype: torch.dtype = torch.float32):
+    """Load a pipeline saved with ``save_pretrained`` from folder ``path``, offline."""
+    from diffusers import DiffusionPipeline
+
+    if not Path(path).is_dir():
+        raise FiseditError(
+            f"{path} is not a folder; pass the folder a pipeline was saved to with "
+            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there")
+    index = read_model_index(path)
+    missing = _missing_components(path, index)
+    if missing:
+        raise FiseditError(
+            f"the pipeline saved at {path} lists components whose folders are missing or empty: "
+            f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
+            "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype))
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``dtype=`` where diffusers has it (``torch_dtype=`` is deprecated there), else ``torch_dtype=``."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        new_style = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        new_style = False
+    return {"dtype": dtype} if new_style else {"torch_dtype": dtype}

@@ -135,6 +135,9 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
         caches[name] = engine.new_cache()
         engine.record(caches[name], step=0, **inputs)
     result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20
+    result["prepare"] = fast.prepare(caches["triton"], 0, **inputs)
+    log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
+        f"{result['prepare']['prepare_s']:.1f} s")
 
     for layout in layouts:
         for area in areas:
@@ -156,6 +159,9 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
                 edit = lambda: engine.edit(caches[name], 0, plan=engine_plan, **edited)  # noqa
                 row[f"{name}_error"] = relative_error(edit(), expected)
                 row[f"{name}_ms"] = cuda_time_ms(edit, reps=reps)
+            row.update(bucket_costs(fast, caches["triton"], inputs, mask, reps))
+            if "exact_plan_ms" in row:
+                row["padding_overhead"] = row["triton_ms"] / row["exact_plan_ms"]
             row["speedup_vs_eager"] = result["dense"]["eager_ms"] / row["triton_ms"]
             row["speedup_vs_compiled"] = best / row["triton_ms"]
             row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
@@ -177,6 +183,41 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
             del plan
             torch.cuda.empty_cache()
     return result
+
+
+@torch.no_grad()
+def bucket_costs(engine, cache, inputs: dict, mask, reps: int) -> dict:
+    """What capacity buckets cost and save for one mask, on the CUDA-graph path.
+
+    ``exact_plan_ms``: the step on a plan of the mask's own shapes (a graph captured for this
+    mask alone), so ``padding_overhead`` is the bucketed step (``triton_ms``, which replays its
+    bucket's graph after writing the plan's tables) over it. ``new_mask_ms``: a mask of the
+    same size at ``reps`` new places, each planned and edited once (planning, table upload,
+    replay; after ``engine.prepare`` no capture), the median.
+    """
+    if not (engine.config.cuda_graphs and inputs["sample"].is_cuda):
+        return {}
+    edited = edited_inputs(inputs, mask)
+    exact = engine.plan(mask, bucketed=False)
+    if exact.full or exact.empty:
+        return {}
+    row = {"exact_plan_ms": cuda_time_ms(
+        lambda: engine.edit(cache, 0, plan=exact, **edited), reps=reps)}
+    times, plan_times = [], []
+    for shift in range(1, reps + 1):
+        moved = mask.roll((3 * shift, 5 * shift), dims=(0, 1))
+        moved_inputs = edited_inputs(inputs, moved)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        plan = engine.plan(moved)
+        planned = time.perf_counter()
+        engine.edit(cache, 0, plan=plan, **moved_inputs)
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - started))
+        plan_times.append(1000 * (planned - started))
+    row["new_mask_ms"] = sorted(times)[len(times) // 2]
+    row["plan_ms"] = sorted(plan_times)[len(plan_times) // 2]
+    return row
 
 
 @torch.no_grad()
@@ -234,11 +275,15 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
 
 def _format_row(row: dict) -> str:
     ref = f"{row['reference_ms']:8.2f}" if "reference_ms" in row else "       -"
+    buckets = (f" exact {row['exact_plan_ms']:.2f} pad {row['padding_overhead']:.2f}x new "
+               f"{row['new_mask_ms']:.2f} (plan {row['plan_ms']:.2f})"
+               if "exact_plan_ms" in row else "")
     return (f"{row['layout']:9s} {row['area']:6.0%} {row['triton_ms']:8.2f} "
             f"{row['torch_graphs_ms']:8.2f} {ref} "
             f"{row['speedup_vs_eager']:6.2f}x {row['speedup_vs_compiled']:6.2f}x "
             f"{row['sparse_gmacs']:7.1f} {row['ideal_gmacs']:7.1f} "
-            f"{row['triton_error']:.1e} {'ok' if row['ok'] else 'FAIL'}  {row['levels']}")
+            f"{row['triton_error']:.1e} {'ok' if row['ok'] else 'FAIL'}  {row['levels']}"
+            f"{buckets}")
 
 
 def table(result: dict) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -136,15 +137,15 @@ class MaskPlan:
         device = torch.device(device or mask.device)
         # Planned on the host (small index work on a mask that may come from the device, e.g.
         # an automatic edit mask); ops copy the tables they read to ``device`` once.
-        mask = mask.cpu()
+        host = mask.cpu().numpy()
         self.raw = mask.to(device)
-        self.raw_fraction = float(mask.float().mean())
+        self.raw_fraction = float(host.mean())
         self.dilation = dilation
         thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
                       else [dense_threshold] * len(levels))
         self.dense_threshold = thresholds
         self.memo: dict = {}     # per-plan runtime state, see engine
-        level_masks = effective_masks(mask, levels, tiles, dilation)
+        level_masks = effective_masks(host, levels, tiles, dilation)
         tile_counts = [int(_tile_mask(active, tile).sum())
                        for active, tile in zip(level_masks, tiles)]
         self.bucket = None
@@ -157,7 +158,7 @@ class MaskPlan:
             capacities = [None] * len(levels)
             dense_levels, dense = [], buckets is not None and tile_counts[0] > 0
             for active, threshold in zip(level_masks, thresholds):
-                dense = dense or float(active.float().mean()) > threshold
+                dense = dense or float(active.mean()) > threshold
                 dense_levels.append(dense)
         self.levels = [_level_plan(index, size, tile, dense, active, capacity, device)
                        for index, (size, tile, dense, active, capacity)
@@ -338,36 +339,56 @@ def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
     return F.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
 
 
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    if radius <= 0:
-        return mask
-    grown = F.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)
-    return grown[0, 0] > 0
+# Planning runs on the host for every new mask, on arrays of a few thousand booleans: in
+# numpy each step costs microseconds where a torch op costs tens (issue 14: <= 1 ms a plan).
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Max filter of side 2 * radius + 1 (zero padding), separably."""
+    for axis in (0, 1):
+        grown = mask.copy()
+        for shift in range(1, radius + 1):
+            if axis == 0:
+                grown[shift:] |= mask[:-shift]
+                grown[:-shift] |= mask[shift:]
+            else:
+                grown[:, shift:] |= mask[:, :-shift]
+                grown[:, :-shift] |= mask[:, shift:]
+        mask = grown
+    return mask
 
 
-def _cover_for_upsample(upper: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _cover_for_upsample(upper: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The lower-level mask that nearest upsampling to ``upper``'s size reads from."""
     height, width = upper.shape
-    rows = (torch.arange(height) * size[0]) // height
-    cols = (torch.arange(width) * size[1]) // width
-    lower = torch.zeros(size, dtype=torch.bool)
-    ys, xs = torch.nonzero(upper, as_tuple=True)
+    rows = (np.arange(height) * size[0]) // height
+    cols = (np.arange(width) * size[1]) // width
+    lower = np.zeros(size, dtype=bool)
+    ys, xs = np.nonzero(upper)
     lower[rows[ys], cols[xs]] = True
     # Strided convolutions map the other way (lower pixel y reads upper rows near 2y), which
     # needs no coverage: their halos read recorded values.
     return lower
 
 
-def _quantize(mask: torch.Tensor, tile: int) -> torch.Tensor:
+def _tile_grid(mask: np.ndarray, tile: int) -> np.ndarray:
+    """Which tiles of ``mask`` hold any active pixel (edge tiles may be partial)."""
     height, width = mask.shape
-    grid = F.max_pool2d(mask[None, None].float(), tile, stride=tile, ceil_mode=True)[0, 0] > 0
-    return grid.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:height, :width]
+    grid_h, grid_w = -(-height // tile), -(-width // tile)
+    padded = np.zeros((grid_h * tile, grid_w * tile), dtype=bool)
+    padded[:height, :width] = mask
+    return padded.reshape(grid_h, tile, grid_w, tile).any(axis=(1, 3))
 
 
-def effective_masks(mask: torch.Tensor, levels, tiles, dilation) -> list[torch.Tensor]:
+def _quantize(mask: np.ndarray, tile: int) -> np.ndarray:
+    height, width = mask.shape
+    grid = _tile_grid(mask, tile)
+    return grid.repeat(tile, 0).repeat(tile, 1)[:height, :width]
+
+
+def effective_masks(mask, levels, tiles, dilation) -> list[np.ndarray]:
     """The effective mask of every level (host, bool): the dilated mask quantized to level 0's
     tiles, then for each lower level the positions its upsampling reads, quantized."""
-    current = _dilate(mask, dilation)
+    current = _dilate(np.asarray(mask, dtype=bool), dilation)
     masks = []
     for index, (size, tile) in enumerate(zip(levels, tiles)):
         if index > 0:
@@ -377,48 +398,51 @@ def effective_masks(mask: torch.Tensor, levels, tiles, dilation) -> list[torch.T
     return masks
 
 
-def _tile_mask(active: torch.Tensor, tile: int) -> torch.Tensor:
+def _tile_mask(active: np.ndarray, tile: int) -> np.ndarray:
     return active[::tile, ::tile]
 
 
 def _level_plan(index, size, tile, dense, active, capacity, device) -> LevelPlan:
     height, width = size
-    grid_h, grid_w = math.ceil(height / tile), math.ceil(width / tile)
+    grid_h, grid_w = -(-height // tile), -(-width // tile)
     if dense:
-        active = torch.ones(size, dtype=torch.bool)
-        pixels = torch.arange(height * width)
-        tiles = torch.stack(torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w),
-                                           indexing="ij"), -1).reshape(-1, 2)
-        slots = torch.zeros(0, dtype=torch.long)    # dense levels have no tiled ops
+        active = np.ones(size, dtype=bool)
+        pixels = np.arange(height * width)
+        tiles = np.stack(np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij"),
+                         -1).reshape(-1, 2)
+        slots = np.zeros(0, dtype=np.int64)     # dense levels have no tiled ops
     else:
-        tiles = torch.nonzero(_tile_mask(active, tile))
-        tile_pixels = tile_slots(tiles, tile, size)
-        slots = torch.nonzero(tile_pixels >= 0)[:, 0]
+        tiles = np.argwhere(_tile_mask(active, tile))
+        tile_pixels = _tile_slots(tiles, tile, size)
+        slots = np.flatnonzero(tile_pixels >= 0)
         pixels = tile_pixels[slots]
-    count, tile_count = pixels.numel(), tiles.shape[0]
-    position = torch.full((height * width,), -1, dtype=torch.long)
-    position[pixels] = torch.arange(count)
+    count, tile_count = len(pixels), len(tiles)
+    position = np.full(height * width, -1, dtype=np.int64)
+    position[pixels] = np.arange(count)
     padded = capacity is not None and not dense and count > 0
     if padded:
         # Pad with repeats of the first active tile and position (see LevelPlan).
-        tiles = torch.cat([tiles, tiles[:1].expand(capacity - tile_count, 2)])
         positions = min(capacity * tile * tile, height * width)
-        pixels = torch.cat([pixels, pixels[:1].expand(positions - count)])
-        slots = torch.cat([slots, slots[:1].expand(positions - count)])
-    counts = torch.tensor([count, tile_count], dtype=torch.int32)
-    return LevelPlan(index, size, tile, dense, padded, count, tile_count,
-                     {"active": active, "pixels": pixels, "position": position, "tiles": tiles,
-                      "slots": slots, "counts": counts}, device)
+        tiles = np.concatenate([tiles, np.repeat(tiles[:1], capacity - tile_count, 0)])
+        pixels = np.concatenate([pixels, np.repeat(pixels[:1], positions - count)])
+        slots = np.concatenate([slots, np.repeat(slots[:1], positions - count)])
+    host = {"active": torch.from_numpy(np.ascontiguousarray(active)),
+            "pixels": torch.from_numpy(pixels.astype(np.int64)),
+            "position": torch.from_numpy(position),
+            "tiles": torch.from_numpy(tiles.astype(np.int64).reshape(-1, 2)),
+            "slots": torch.from_numpy(slots.astype(np.int64)),
+            "counts": torch.from_numpy(np.array([count, tile_count], dtype=np.int32))}
+    return LevelPlan(index, size, tile, dense, padded, count, tile_count, host, device)
 
 
-def tile_slots(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.Tensor:
+def _tile_slots(tiles: np.ndarray, tile: int, size: tuple[int, int]) -> np.ndarray:
     """Flat pixel index of every slot of every tile ``[n * tile * tile]``, -1 outside the image."""
     height, width = size
-    offsets = torch.arange(tile, device=tiles.device)
+    offsets = np.arange(tile)
     rows = tiles[:, :1, None] * tile + offsets[None, :, None]     # [n, tile, 1]
     cols = tiles[:, 1:, None] * tile + offsets[None, None, :]     # [n, 1, tile]
     inside = (rows < height) & (cols < width)
-    return torch.where(inside, rows * width + cols, -1).reshape(-1)
+    return np.where(inside, rows * width + cols, -1).reshape(-1)
 
 
 def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:

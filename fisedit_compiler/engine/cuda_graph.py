@@ -29,6 +29,7 @@ graph: the engine, its plans and the cache stay usable.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
@@ -54,8 +55,7 @@ class CapturedSteps:
         graph = self.capture(plan)
         if graph is None:
             return self._run(plan)
-        if graph.plan is not plan:
-            graph.plan.refill(plan)
+        graph.load(plan)
         graph.replay()
         return graph.output.clone()
 
@@ -114,8 +114,19 @@ class CapturedSteps:
 
 
 class _Graph:
+    """A captured step, its template plan (whose tables it reads) and its output."""
+
     def __init__(self, graph: torch.cuda.CUDAGraph, plan: MaskPlan, output: torch.Tensor):
         self.graph, self.plan, self.output = graph, plan, output
+        self._loaded = None          # weak reference to the plan whose tables are loaded
+
+    def load(self, plan: MaskPlan) -> None:
+        """Put ``plan``'s tables into the template, unless they are there already: the steps
+        of one edit replay one plan, and only its first step pays the refill."""
+        if plan is self.plan or (self._loaded is not None and self._loaded() is plan):
+            return
+        self.plan.refill(plan)
+        self._loaded = weakref.ref(plan)
 
     def replay(self) -> None:
         self.graph.replay()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import time
 
@@ -38,6 +37,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.execution import plan
 
 PROMPT, NEW_PROMPT = "a dog on the sofa", "a dog on the sofa wearing a hat"
 
@@ -53,30 +53,16 @@ def synchronized_s(fn) -> float:
 def new_masks(size: tuple[int, int], areas: list[float], seed: int) -> list[torch.Tensor]:
     """One mask per area, alternating shapes (square, wide, tall, disc, scattered), each at a
     seeded new place."""
-    height, width = size
     gen = torch.Generator().manual_seed(seed)
-    rows, cols = torch.arange(height)[:, None], torch.arange(width)[None, :]
     masks = []
     for index, area in enumerate(areas):
         shape = index % 5
         if shape == 4:
-            masks.append(bench.scattered_mask(size, area, 4, seed=seed * 100 + index))
-            continue
-        pixels = area * height * width
-        if shape == 3:
-            radius = math.sqrt(pixels / math.pi)
-            cy = radius + float(torch.rand((), generator=gen)) * (height - 2 * radius)
-            cx = radius + float(torch.rand((), generator=gen)) * (width - 2 * radius)
-            masks.append((rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2)
-            continue
-        aspect = (1.0, 2.0, 0.5)[shape]
-        side_h = max(1, min(height, round(math.sqrt(pixels / aspect))))
-        side_w = max(1, min(width, round(math.sqrt(pixels * aspect))))
-        top = int(torch.randint(0, height - side_h + 1, (1,), generator=gen))
-        left = int(torch.randint(0, width - side_w + 1, (1,), generator=gen))
-        mask = torch.zeros(size, dtype=torch.bool)
-        mask[top:top + side_h, left:left + side_w] = True
-        masks.append(mask)
+            masks.append(plan.scattered_mask(size, area, 4, seed=seed * 100 + index))
+        elif shape == 3:
+            masks.append(plan.disc_mask(size, area, gen))
+        else:
+            masks.append(plan.rectangle_mask(size, area, (1.0, 2.0, 0.5)[shape], gen))
     return masks
 
 

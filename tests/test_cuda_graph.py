@@ -15,6 +15,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.execution.plan import rectangle_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -27,14 +28,8 @@ def random_masks(size, count, seed):
         area = 0.01 + 0.19 * float(torch.rand((), generator=gen))
         if index % 3 == 2:
             masks.append(bench.scattered_mask(size, area, 4, seed=seed + index))
-            continue
-        side_h = max(1, round((area * size[0] * size[1]) ** 0.5 * (1.5 if index % 2 else 1)))
-        side_w = max(1, round(area * size[0] * size[1] / side_h))
-        top = int(torch.randint(0, size[0] - min(side_h, size[0]) + 1, (1,), generator=gen))
-        left = int(torch.randint(0, size[1] - min(side_w, size[1]) + 1, (1,), generator=gen))
-        mask = torch.zeros(size, dtype=torch.bool)
-        mask[top:top + side_h, left:left + side_w] = True
-        masks.append(mask)
+        else:
+            masks.append(rectangle_mask(size, area, 1.5 if index % 2 else 1.0, gen))
     return masks
 
 
@@ -77,6 +72,7 @@ def test_successive_new_masks_replay_prepared_graphs_and_meet_the_oracle(name, d
 COLD_SCRIPT = textwrap.dedent("""
     import torch, fisedit_compiler as fc
     from fisedit_compiler import bench, zoo
+from fisedit_compiler.execution.plan import rectangle_mask
     unet = zoo.unet("sd15", dtype=torch.float16, device="cuda")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     compiled = torch.compile(unet, mode="reduce-overhead")

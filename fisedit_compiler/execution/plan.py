@@ -260,30 +260,43 @@ def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: 
 def mask_bank(size: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
     """Seeded masks of the shapes users paint: squares, wide and tall rectangles, discs, and
     2-6 scattered squares, at areas from 0.1% to 60% of the latent."""
-    height, width = size
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.arange(height)[:, None]
-    cols = torch.arange(width)[None, :]
     masks = []
-    areas = [0.001 * (600 ** (i / 19)) for i in range(20)]
-    for area in areas:
-        pixels = area * height * width
-        for aspect in (1.0, 2.0, 0.5, 4.0, 0.25):
-            side_h = max(1, min(height, round(math.sqrt(pixels / aspect))))
-            side_w = max(1, min(width, round(math.sqrt(pixels * aspect))))
-            top = int(torch.randint(0, height - side_h + 1, (1,), generator=gen))
-            left = int(torch.randint(0, width - side_w + 1, (1,), generator=gen))
-            mask = torch.zeros(size, dtype=torch.bool)
-            mask[top:top + side_h, left:left + side_w] = True
-            masks.append(mask)
-        radius = math.sqrt(pixels / math.pi)
-        cy = float(torch.rand((), generator=gen)) * height
-        cx = float(torch.rand((), generator=gen)) * width
-        masks.append((rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2)
-        for blobs in (2, 3, 6):
-            masks.append(scattered_mask(size, area, blobs, seed=int(torch.randint(
-                0, 2 ** 31, (1,), generator=gen))))
+    for area in [0.001 * (600 ** (i / 19)) for i in range(20)]:
+        masks += [rectangle_mask(size, area, aspect, gen) for aspect in (1.0, 2.0, 0.5, 4.0, 0.25)]
+        masks.append(disc_mask(size, area, gen))
+        masks += [scattered_mask(size, area, blobs, seed=int(torch.randint(0, 2 ** 31, (1,),
+                                                                             generator=gen)))
+                  for blobs in (2, 3, 6)]
     return masks
+
+
+def rectangle_mask(size: tuple[int, int], area: float, aspect: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A rectangle of ``area`` of the latent, width / height = ``aspect``, at a place drawn
+    from ``generator`` (inside the latent)."""
+    height, width = size
+    pixels = area * height * width
+    side_h = max(1, min(height, round(math.sqrt(pixels / aspect))))
+    side_w = max(1, min(width, round(math.sqrt(pixels * aspect))))
+    top = int(torch.randint(0, height - side_h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - side_w + 1, (1,), generator=generator))
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[top:top + side_h, left:left + side_w] = True
+    return mask
+
+
+def disc_mask(size: tuple[int, int], area: float, generator: torch.Generator) -> torch.Tensor:
+    """A disc of ``area`` of the latent whose centre is drawn from ``generator`` (the disc
+    inside the latent where it fits)."""
+    height, width = size
+    radius = math.sqrt(area * height * width / math.pi)
+    cy = min(radius, height / 2) + float(torch.rand((), generator=generator)) * max(
+        0.0, height - 2 * radius)
+    cx = min(radius, width / 2) + float(torch.rand((), generator=generator)) * max(
+        0.0, width - 2 * radius)
+    rows, cols = torch.arange(height)[:, None] + 0.5, torch.arange(width)[None, :] + 0.5
+    return (rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2
 
 
 def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:

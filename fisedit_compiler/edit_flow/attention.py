@@ -17,6 +17,7 @@ import difflib
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 
 def shared_tokens(tokenizer, old_prompt: str, new_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,28 +44,86 @@ class CrossAttentionControl:
         self.mode = "capture"
         self.probabilities: dict[str, torch.Tensor] = {}
 
-    def processor(self, name: str) -> "_ControlledAttnProcessor":
-        return _ControlledAttnProcessor(self, name)
-
     @contextmanager
     def installed(self, unet, mode: str):
         """Install the controlled processor on every cross-attention layer of ``unet`` in
         ``mode``; restore the previous processors on exit."""
-        previous = unet.attn_processors
         self.mode = mode
-        unet.set_attn_processor({name: self.processor(name) if name.endswith("attn2.processor")
-                                 else processor for name, processor in previous.items()})
-        try:
+        with _cross_attention_hook(unet, self):
             yield
-        finally:
-            unet.set_attn_processor(previous)
+
+    def __call__(self, name: str, probabilities: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if self.mode == "capture":
+            self.probabilities[name] = probabilities
+            return probabilities
+        recorded = self.probabilities[name]
+        # Rows are batch-major over heads; with CFG the conditional half is the second one.
+        start = probabilities.shape[0] // 2 if batch_size > 1 else 0
+        probabilities = probabilities.clone()
+        probabilities[start:, :, self.new_positions] = recorded[start:, :, self.old_positions]
+        return probabilities
 
 
-class _ControlledAttnProcessor:
-    """diffusers' plain ``AttnProcessor`` for cross-attention, with the probabilities exposed."""
+def changed_tokens(tokenizer, old_prompt: str, new_prompt: str) -> tuple[list[int], list[int]]:
+    """Positions of the tokens that only the new (first list) or only the old prompt (second)
+    has, padding left out: the words an edit adds, replaces or removes."""
+    new_shared, old_shared = shared_tokens(tokenizer, old_prompt, new_prompt)
 
-    def __init__(self, control: CrossAttentionControl, name: str):
-        self.control, self.name = control, name
+    def length(prompt):
+        return min(len(tokenizer(prompt).input_ids), tokenizer.model_max_length)
+
+    return ([i for i in range(length(new_prompt)) if i not in set(new_shared.tolist())],
+            [i for i in range(length(old_prompt)) if i not in set(old_shared.tolist())])
+
+
+class TokenAttentionMaps:
+    """Sums, over the cross-attention layers of one U-Net call, the attention that each batch
+    row's pixels pay to that row's chosen token positions (averaged over heads, resized to the
+    latent): ``maps`` ``[batch, H, W]``. Rows without tokens add nothing."""
+
+    def __init__(self, tokens_per_row: list[list[int]], latent_size: tuple[int, int]):
+        self.tokens_per_row, self.latent_size = tokens_per_row, latent_size
+        self.maps = torch.zeros(len(tokens_per_row), *latent_size)
+
+    @contextmanager
+    def installed(self, unet):
+        with _cross_attention_hook(unet, self):
+            yield
+
+    def __call__(self, name: str, probabilities: torch.Tensor, batch_size: int) -> torch.Tensor:
+        pixels = probabilities.shape[1]
+        height, width = self.latent_size
+        scale = round((height * width / pixels) ** 0.5)      # the layer's downsampling factor
+        per_row = probabilities.view(batch_size, -1, pixels, probabilities.shape[-1]).mean(1)
+        for row, tokens in enumerate(self.tokens_per_row):
+            if tokens:
+                attention = per_row[row][:, tokens].sum(-1).float()
+                attention = attention.view(1, 1, height // scale, width // scale)
+                self.maps[row] += F.interpolate(attention, size=self.latent_size,
+                                                mode="bilinear", align_corners=False)[0, 0].cpu()
+        return probabilities
+
+
+@contextmanager
+def _cross_attention_hook(unet, hook):
+    """Install on every cross-attention layer (``attn2``) of ``unet`` a processor that passes
+    its probabilities through ``hook(name, probabilities, batch_size)``; restore on exit."""
+    previous = unet.attn_processors
+    unet.set_attn_processor({name: _HookedAttnProcessor(hook, name)
+                             if name.endswith("attn2.processor") else processor
+                             for name, processor in previous.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(previous)
+
+
+class _HookedAttnProcessor:
+    """diffusers' plain ``AttnProcessor`` for cross-attention, with the probabilities passed
+    through ``hook(name, probabilities, batch_size)``."""
+
+    def __init__(self, hook, name: str):
+        self.hook, self.name = hook, name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs):
@@ -86,7 +145,7 @@ class _ControlledAttnProcessor:
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probabilities = attn.get_attention_scores(attn.head_to_batch_dim(query), key,
                                                   attention_mask)
-        probabilities = self._control(probabilities, batch_size)
+        probabilities = self.hook(self.name, probabilities, batch_size)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probabilities, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -95,16 +154,3 @@ class _ControlledAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
-
-    def _control(self, probabilities: torch.Tensor, batch_size: int) -> torch.Tensor:
-        control = self.control
-        if control.mode == "capture":
-            control.probabilities[self.name] = probabilities
-            return probabilities
-        recorded = control.probabilities[self.name]
-        # Rows are batch-major over heads; with CFG the conditional half is the second one.
-        start = probabilities.shape[0] // 2 if batch_size > 1 else 0
-        probabilities = probabilities.clone()
-        probabilities[start:, :, control.new_positions] = \
-            recorded[start:, :, control.old_positions]
-        return probabilities

@@ -1,36 +1,151 @@
-"""Target Area Capture (FISEdit): the edit mask from the latent difference of k probe steps.
+"""Edit-mask estimators: where will an edit towards a new prompt change the image?
 
-FISEdit's released code sums, over the k probe steps, each step's latent difference to the
-recorded trajectory (normalised to [0, 1] per step), Otsu-thresholds the sum and opens the
-result to remove specks. We do the same with a mean over channels (FISEdit sums; the scale
-cancels in the per-step normalisation), an opening and an optional dilation, in torch only.
+Each estimator turns evidence about the edit into a score map ``[H, W]`` at latent resolution;
+``binarize`` makes the mask from it (Otsu's cut, an opening and a dilation that scale with the
+latent size) and detects global changes (``GLOBAL_AREA``), which it plans dense. The
+estimators are named choices of ``EditSession.edit(mask_estimator=...)`` and of the CLI;
+``ESTIMATORS`` is their one registry:
 
-FISEdit's 3x3 opening was made for SD's 64x64 latents (512 px); the opening here scales with
-the latent size (``opening_size``: 3 at 64, 5 at 128, none at 32 or below). A fixed 3x3 square
-erased whole objects of the 16x16-latent shapes model, 2x2 latent pixels each: on 200
-benchmark edits it left 105 masks empty (``benchmarks/edit_quality.py``).
+* ``"probe"``: FISEdit's Target Area Capture, the baseline. The edit runs ``probe_steps``
+  dense steps with the new prompt; the mask comes from their latent difference to the recorded
+  trajectory (each step's difference normalised to [0, 1], summed). Cost: the probe steps,
+  which also run at dense speed before any sparse step.
+* ``"noise-contrast"`` (DiffEdit): at a few steps of the recorded trajectory, the new prompt's
+  noise prediction on the original's recorded latents against the original prompt's (recorded,
+  free). All steps go in one batched U-Net call of the conditional inputs only. Known before
+  step 0, so the edit runs sparse from its first step.
+* ``"x0"``: the new prompt's estimate of the final latents (the x0 prediction) at those
+  steps against the original's final latents.
+* ``"cross-attention"``: the cross-attention of the tokens that differ between the two prompts
+  (both prompts' conditional inputs in the same call, at the same steps).
+* ``"noise-contrast+cross-attention"``: the product of the two normalised maps; a combination
+  that keeps where both agree.
+
+FISEdit's 3x3 opening was made for SD's 64x64 latents (512 px); ``opening_size`` scales it
+with the latent size (3 at 64, 5 at 128, none at 32 or below): a fixed 3x3 square erased whole
+objects of the 16x16-latent shapes model, 2x2 latent pixels each (105 of 200 benchmark masks
+came out empty, ``benchmarks/edit_quality.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+# A mask covering more than this share of the latent is a global change (background, style,
+# lighting): the edit is planned dense, since a partial mask of a global change keeps only its
+# strongest part and breaks the image.
+GLOBAL_AREA = 0.5
 
-def latent_difference(edited: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference over channels of one step's ``[1, C, H, W]`` latents: ``[H, W]``."""
-    return (edited.float() - recorded.float()).abs().mean(dim=1)[0]
+
+@dataclass
+class Contrast:
+    """The evidence the one-call estimators read, at the chosen steps of the recorded trajectory.
+
+    ``samples`` are the recorded U-Net inputs ``x_t`` ``[S, C, H, W]``; ``old`` the recorded
+    conditional predictions for the original prompt, ``new`` the new prompt's on the same
+    inputs; ``alphas`` the schedulers' cumulative alphas ``[S]`` at those steps (to turn a
+    prediction into an x0 estimate); ``final`` the original's final latents ``[1, C, H, W]``;
+    ``attention`` the summed cross-attention of the changed tokens ``[H, W]`` (None unless an
+    estimator asked for it).
+    """
+    samples: torch.Tensor
+    old: torch.Tensor
+    new: torch.Tensor
+    alphas: torch.Tensor
+    prediction_type: str
+    final: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A named mask estimator: ``score(contrast) -> [H, W]`` (None for the probe, whose score
+    comes from the probe steps' latent differences), whether it reads attention maps, and the
+    dense steps an edit runs with it by default (``EditSession.edit(probe_steps=None)``)."""
+    name: str
+    score: Callable[[Contrast], torch.Tensor] | None
+    needs_attention: bool = False
+    dense_steps: int = 0
+
+    @property
+    def before_step_zero(self) -> bool:
+        return self.score is not None
+
+
+def normalised(score: torch.Tensor) -> torch.Tensor:
+    """``score`` divided by its maximum (an all-zero map stays zero)."""
+    peak = score.max()
+    return score / peak if peak > 0 else score
 
 
 def accumulate(differences: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the per-step differences, each divided by its maximum (all-zero steps add nothing)."""
-    total = torch.zeros_like(differences[0])
-    for difference in differences:
-        peak = difference.max()
-        if peak > 0:
-            total = total + difference / peak
-    return total
+    """Sum of per-step maps, each normalised first (all-zero steps add nothing)."""
+    return sum(normalised(difference.float()) for difference in differences)
 
+
+def latent_difference(edited: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference over channels of ``[N, C, H, W]`` latents: ``[H, W]`` for
+    ``N = 1``, else ``[N, H, W]``."""
+    difference = (edited.float() - recorded.float()).abs().mean(dim=1)
+    return difference[0] if difference.shape[0] == 1 else difference
+
+
+def x0_estimate(contrast: Contrast, prediction: torch.Tensor) -> torch.Tensor:
+    """The final latents the U-Net's ``prediction`` implies at each step (DDPM algebra)."""
+    alpha = contrast.alphas.view(-1, 1, 1, 1).to(prediction.device, torch.float32)
+    sample, prediction = contrast.samples.float(), prediction.float()
+    if contrast.prediction_type == "v_prediction":
+        return alpha.sqrt() * sample - (1 - alpha).sqrt() * prediction
+    if contrast.prediction_type == "sample":
+        return prediction
+    return (sample - (1 - alpha).sqrt() * prediction) / alpha.sqrt()   # epsilon
+
+
+def noise_contrast_score(contrast: Contrast) -> torch.Tensor:
+    return accumulate(list(latent_difference(contrast.new, contrast.old).reshape(
+        -1, *contrast.new.shape[-2:])))
+
+
+def x0_score(contrast: Contrast) -> torch.Tensor:
+    estimate = x0_estimate(contrast, contrast.new)
+    final = contrast.final.expand_as(estimate)
+    return accumulate(list(latent_difference(estimate, final).reshape(
+        -1, *estimate.shape[-2:])))
+
+
+def cross_attention_score(contrast: Contrast) -> torch.Tensor:
+    return contrast.attention
+
+
+def contrast_and_attention_score(contrast: Contrast) -> torch.Tensor:
+    return normalised(noise_contrast_score(contrast)) * normalised(contrast.attention)
+
+
+ESTIMATORS = {estimator.name: estimator for estimator in (
+    Estimator("probe", None, dense_steps=10),   # FISEdit's k = 10 (of 50 steps)
+    Estimator("noise-contrast", noise_contrast_score),
+    Estimator("x0", x0_score),
+    Estimator("cross-attention", cross_attention_score, needs_attention=True),
+    Estimator("noise-contrast+cross-attention", contrast_and_attention_score,
+              needs_attention=True),
+)}
+DEFAULT_ESTIMATOR = "noise-contrast"
+
+
+# Where in the recorded trajectory the one-call estimators look, as fractions of the run.
+CONTRAST_FRACTIONS = (0.3, 0.5)
+
+
+def contrast_steps(num_steps: int, fractions: tuple[float, ...] = CONTRAST_FRACTIONS) -> list[int]:
+    """The trajectory steps at ``fractions`` of the run (0 = the first, pure-noise step)."""
+    return sorted({min(num_steps - 1, round(f * num_steps)) for f in fractions})
+
+
+# ----------------------------------------------------------------------------- thresholding
 
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     """Otsu's threshold of ``values``: the cut that maximises the between-class variance.
@@ -80,11 +195,16 @@ def opening(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
     return dilate(erode(mask, size), size)
 
 
-def capture_mask(differences: list[torch.Tensor], dilation: int = 0) -> torch.Tensor:
-    """The bool ``[H, W]`` edit mask from the probe steps' latent differences."""
-    total = accumulate(differences)
-    mask = total > otsu_threshold(total)
+def binarize(score: torch.Tensor, dilation: int = 0) -> tuple[torch.Tensor, bool]:
+    """The bool ``[H, W]`` mask from a score map, and whether the change is global.
+
+    Otsu's cut, an opening scaled to the latent size, then ``dilation`` latent pixels. A mask
+    over ``GLOBAL_AREA`` of the latent is a global change: the whole latent is returned.
+    """
+    mask = score > otsu_threshold(score)
     mask = opening(mask, opening_size(mask.shape[0]))
     if dilation > 0:
         mask = dilate(mask, 2 * dilation + 1)
-    return mask
+    if mask.float().mean() > GLOBAL_AREA:
+        return torch.ones_like(mask), True
+    return mask, False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +31,8 @@ from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
 from ..execution.plan import MaskPlan, validate_mask
 from . import mask as tac
-from .attention import CrossAttentionControl, shared_tokens
+from .attention import (CrossAttentionControl, TokenAttentionMaps, changed_tokens,
+                        shared_tokens)
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
@@ -133,7 +134,10 @@ class EditSession:
 
         def unet_call(step, inputs):
             trajectory.unet_inputs.append(_detach(inputs))
-            return self.engine.record(cache, step, **inputs)
+            output = self.engine.record(cache, step, **inputs)
+            # Kept for the mask estimators, which contrast a new prompt's predictions with them.
+            trajectory.unet_outputs.append(output.detach().clone())
+            return output
 
         def on_step_end(step, latents_):
             trajectory.latents.append(latents_.clone())
@@ -155,7 +159,8 @@ class EditSession:
         self.prepare_report = self.engine.prepare(cache, 0, **trajectory.unet_inputs[0])
         return images
 
-    def edit(self, new_prompt: str, mask=None, probe_steps: int = 10, *,
+    def edit(self, new_prompt: str, mask=None, probe_steps: int | None = None, *,
+             mask_estimator: str = tac.DEFAULT_ESTIMATOR,
              mask_mode: str = "replace", mask_dilation: int = 0,
              cross_attention_control: bool = False,
              negative_prompt: str | None = None, guidance_scale: float | None = None,
@@ -164,16 +169,24 @@ class EditSession:
              composite_background: bool = True, **pipeline_kwargs) -> EditResult:
         """Edit the recorded generation towards ``new_prompt``.
 
-        Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise;
-        their latent difference to the recorded trajectory gives the automatic mask. A user
-        ``mask`` (bool ``[H, W]`` at latent resolution) replaces it (``mask_mode="replace"``,
-        where ``probe_steps=0`` skips the probe and runs sparse from the first step) or
-        intersects it (``"intersect"``). After step ``probe_steps - 1`` the latents and the
+        The mask comes from ``mask_estimator``, one of ``edit_flow.mask.ESTIMATORS`` (see
+        there): every estimator but ``"probe"`` reads one batched U-Net call on the recorded
+        trajectory with the new prompt before step 0; ``"probe"`` (FISEdit) runs the first
+        ``probe_steps`` steps densely and takes their latent difference to the recorded
+        trajectory. A mask over ``mask.GLOBAL_AREA`` of the latent is a global change
+        (background, style, lighting): the edit is planned dense and
+        ``report["global_change"]`` says so. A user ``mask`` (bool ``[H, W]`` at latent
+        resolution) replaces the estimate (``mask_mode="replace"``) or intersects it
+        (``"intersect"``); ``mask_dilation`` grows the estimate by that many latent pixels.
+
+        Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
+        (default: the estimator's ``dense_steps``: 10 for the probe, FISEdit's, else 0, which
+        runs sparse from the first step). After step ``probe_steps - 1`` the latents and the
         scheduler history are blended with the recorded ones outside ``plan.levels[0].active``;
         the remaining steps run sparsely. The recorded generation is never changed by an edit.
-        ``cross_attention_control`` reuses, during the probe steps, the recorded generation's
+        ``cross_attention_control`` reuses, during the dense steps, the recorded generation's
         cross-attention probabilities for the tokens both prompts share (see ``attention``;
-        it costs one extra dense U-Net call per probe step).
+        it costs one extra dense U-Net call per dense step).
 
         ``composite_background`` (default True) makes the background of the decoded images
         exact: outside ``plan.levels[0].active`` upsampled to pixels (each latent pixel covers a
@@ -201,6 +214,10 @@ class EditSession:
                 "recorded scheduler (or call generate again)")
         if mask_mode not in MASK_MODES:
             raise FiseditError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if mask_estimator not in tac.ESTIMATORS:
+            raise FiseditError(f"mask_estimator must be one of {tuple(tac.ESTIMATORS)}, got "
+                               f"{mask_estimator!r}")
+        estimator = tac.ESTIMATORS[mask_estimator]
         steps = original.num_steps if num_inference_steps is None else num_inference_steps
         height = original.height if height is None else height
         width = original.width if width is None else width
@@ -210,6 +227,8 @@ class EditSession:
                 f"{original.num_steps} steps but the edit asks for {height}x{width} with {steps} "
                 "steps; edits keep the recorded resolution and step count (call generate again "
                 "to change them)")
+        if probe_steps is None:
+            probe_steps = min(estimator.dense_steps, steps - 1)
         if not isinstance(probe_steps, int) or not 0 <= probe_steps < steps:
             raise FiseditError(f"probe_steps must be an int in [0, {steps - 1}], got "
                                f"{probe_steps!r}")
@@ -217,9 +236,11 @@ class EditSession:
         user_mask = None
         if mask is not None:
             user_mask = validate_mask(mask, latent_size).to(original.noise.device)
-        if probe_steps == 0 and (user_mask is None or mask_mode != "replace"):
-            raise FiseditError("probe_steps=0 needs a user mask with mask_mode='replace'; the "
-                               "automatic mask is computed from at least one probe step")
+        estimating = user_mask is None or mask_mode == "intersect"
+        if estimating and not estimator.before_step_zero and probe_steps == 0:
+            raise FiseditError("probe_steps=0 leaves the 'probe' estimator nothing to measure; "
+                               "give probe_steps >= 1, another mask_estimator, or a user mask "
+                               "with mask_mode='replace'")
         guidance = original.guidance_scale if guidance_scale is None else guidance_scale
         if (guidance > 1) != (original.guidance_scale > 1):
             raise FiseditError(
@@ -240,95 +261,38 @@ class EditSession:
 
         trajectory = Trajectory(new_prompt, negative_prompt, guidance, height, width, steps,
                                 original.noise, output_type=output_type)
-        state = {"plan": None, "mask": None, "differences": [], "blend_at": None}
-        timings = {"mask_s": 0.0}
-
-        def make_plan(auto_mask):
-            if user_mask is None:
-                chosen = auto_mask
-            elif mask_mode == "replace":
-                chosen = user_mask
-            else:
-                chosen = auto_mask & user_mask
-            state["mask"] = chosen
-            state["plan"] = self.engine.plan(chosen)
-
-        if probe_steps == 0:
-            make_plan(None)
         control = None
         if cross_attention_control:
             control = CrossAttentionControl(*shared_tokens(self.pipe.tokenizer, original.prompt,
                                                            new_prompt))
-
-        def unet_call(step, inputs):
-            trajectory.unet_inputs.append(_detach(inputs))
-            if step < probe_steps and control is not None:
-                with control.installed(self.pipe.unet, "capture"):
-                    self._dense(original.unet_inputs[step], module=True)
-                with control.installed(self.pipe.unet, "inject"):
-                    output = self._dense(inputs, module=True)
-                control.probabilities.clear()
-            elif step < probe_steps:
-                output = self._dense(inputs)
-            elif step == probe_steps:
-                # Timed apart: on CUDA it captures the plan's CUDA graph unless the plan is
-                # reused (the same mask as the last edit).
-                began = _synchronized_clock(inputs["sample"])
-                output = self.engine.edit(self.cache, step, state["plan"], **inputs)
-                timings["first_sparse_step_s"] = _synchronized_clock(output) - began
-            else:
-                output = self.engine.edit(self.cache, step, state["plan"], **inputs)
-            trajectory.unet_outputs.append(output.detach().clone())
-            return output
-
-        def on_step_end(step, latents_):
-            if step < probe_steps and (user_mask is None or mask_mode == "intersect"):
-                state["differences"].append(
-                    tac.latent_difference(latents_, original.latents[step]))
-            blend = step == probe_steps - 1 or (step >= probe_steps
-                                                and step in original.blend_steps)
-            if step == probe_steps - 1:
-                # From an idle device: the mask reads the probe's latents on the host, which
-                # waits for the queued probe steps, and that is probe time, not mask time.
-                mask_start = _synchronized_clock(latents_)
-                auto = (tac.capture_mask(state["differences"], mask_dilation)
-                        if state["differences"] else None)
-                make_plan(auto)
-                timings["mask_s"] = time.perf_counter() - mask_start
-                timings["probe_s"] = time.perf_counter() - start
-            if blend:
-                latents_ = self._blend(latents_, step, state["plan"])
-                trajectory.blend_steps.add(step)
-            trajectory.latents.append(latents_.clone())
-            trajectory.history.append(_history(self.pipe.scheduler))
-            return latents_
-
+        run = _EditRun(self, trajectory, estimator if estimating else None, user_mask,
+                       mask_mode, mask_dilation, probe_steps, control)
         start = time.perf_counter()
-        images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
+        images = self._run(trajectory, run.unet_call, run.on_step_end, output_type,
+                           pipeline_kwargs)
         run_s = time.perf_counter() - start
-        plan = state["plan"]
         composite_area = None
         if composite:
             images, composite_area = self._composite(images, original.images, output_type,
-                                                     plan.levels[0].active)
+                                                     run.plan.levels[0].active)
         total = time.perf_counter() - start
         # The edit's own images (composited), kept apart from the caller's: accept makes them
         # the next edits' original.
         trajectory.images = _copy_images(images)
+        timings = run.timings
         timings["probe_s"] = timings.get("probe_s", 0.0)
         timings["sparse_s"] = run_s - timings["probe_s"]
         timings["composite_s"] = total - run_s
         timings["edit_s"] = total     # probe_s + sparse_s + composite_s
         timings["generate_s"] = self.generate_time_s
         timings["prepare_s"] = self.prepare_report["prepare_s"]      # once, after generate
-        report = self._report(plan, probe_steps, steps, timings, state["mask"], user_mask,
-                              mask_mode)
+        report = self._report(run, steps, user_mask, mask_mode)
         report["background_composited"] = composite
         report["composite_area_fraction"] = composite_area
         report["cross_attention_control"] = control is not None
         if control is not None:
             report["shared_token_positions"] = int(control.new_positions.numel())
-        return EditResult(images, state["mask"], plan, trajectory.latents[-1], report,
+        return EditResult(images, run.mask, run.plan, trajectory.latents[-1], report,
                           trajectory, self._generation)
 
     def accept(self, result: EditResult) -> None:
@@ -357,7 +321,8 @@ class EditSession:
         accepted = Trajectory(trajectory.prompt, trajectory.negative_prompt,
                               trajectory.guidance_scale, trajectory.height, trajectory.width,
                               trajectory.num_steps, trajectory.noise,
-                              unet_inputs=trajectory.unet_inputs, latents=trajectory.latents,
+                              unet_inputs=trajectory.unet_inputs,
+                              unet_outputs=trajectory.unet_outputs, latents=trajectory.latents,
                               history=trajectory.history,
                               blend_steps=set(trajectory.blend_steps),
                               output_type=trajectory.output_type,
@@ -542,20 +507,28 @@ class EditSession:
         return torch.randn(shape, generator=generator, device=generator.device,
                            dtype=dtype).to(device)
 
-    def _report(self, plan, probe_steps, steps, timings, mask, user_mask, mask_mode) -> dict:
+    def _report(self, run: _EditRun, steps: int, user_mask, mask_mode) -> dict:
+        plan, dense_steps = run.plan, run.dense_steps
         stats = self.engine.stats(plan)
         dense, sparse = stats["dense_macs"], stats["sparse_macs"]
-        edit_macs = probe_steps * dense + (steps - probe_steps) * sparse
+        # The probe's evaluations are its dense steps, counted once; the one-call estimators'
+        # come on top of the steps.
+        extra = 0.0 if run.estimator is None or not run.estimator.before_step_zero \
+            else run.mask_unet_evaluations
+        edit_macs = (dense_steps + extra) * dense + (steps - dense_steps) * sparse
         source = "auto" if user_mask is None else ("user" if mask_mode == "replace"
                                                    else "auto&user")
         return {
             "num_inference_steps": steps,
-            "probe_steps": probe_steps,
-            "sparse_steps": steps - probe_steps,
+            "probe_steps": dense_steps,
+            "sparse_steps": steps - dense_steps,
             "mask_source": source,
-            "mask_area_fraction": float(mask.float().mean()),
+            "mask_estimator": None if run.estimator is None else run.estimator.name,
+            "mask_unet_evaluations": run.mask_unet_evaluations,
+            "global_change": run.global_change,
+            "mask_area_fraction": float(run.mask.float().mean()),
             "active_area_fraction": plan.levels[0].fraction,
-            "timings_s": timings,
+            "timings_s": run.timings,
             "macs": {
                 "unet_call": stats,
                 "edit_unet_macs": edit_macs,
@@ -564,6 +537,153 @@ class EditSession:
             },
         }
 
+
+class _EditRun:
+    """One edit while the pipeline runs: its per-step hooks (``unet_call``, ``on_step_end``),
+    the mask and plan they decide, and the timings.
+
+    The plan exists before the first sparse step: from the user mask (``replace``) at once,
+    from a one-call estimator inside step 0's U-Net call (it needs the pipeline's encoding of
+    the new prompt), from the probe after the last dense step.
+    """
+
+    def __init__(self, session: "EditSession", trajectory: Trajectory,
+                 estimator: tac.Estimator | None, user_mask: torch.Tensor | None,
+                 mask_mode: str, mask_dilation: int, dense_steps: int,
+                 control: CrossAttentionControl | None):
+        self.session, self.original, self.trajectory = session, session.original, trajectory
+        self.estimator, self.user_mask, self.mask_mode = estimator, user_mask, mask_mode
+        self.mask_dilation, self.dense_steps, self.control = mask_dilation, dense_steps, control
+        self.mask: torch.Tensor | None = None
+        self.plan: MaskPlan | None = None
+        self.global_change = False
+        self.mask_unet_evaluations = 0.0
+        self.differences: list[torch.Tensor] = []     # the probe's, per dense step
+        self.timings = {"mask_s": 0.0}
+        self.start = time.perf_counter()
+        if estimator is None:
+            self._set_mask(None)
+
+    # -- the pipeline's hooks ---------------------------------------------------------------
+    def unet_call(self, step: int, inputs: dict) -> torch.Tensor:
+        session = self.session
+        self.trajectory.unet_inputs.append(_detach(inputs))
+        if step == 0 and self.estimator is not None and self.estimator.before_step_zero:
+            began = time.perf_counter()
+            self._set_mask(self._estimate(inputs))
+            self.timings["mask_s"] = time.perf_counter() - began
+        if step < self.dense_steps and self.control is not None:
+            control = self.control
+            with control.installed(session.pipe.unet, "capture"):
+                session._dense(self.original.unet_inputs[step], module=True)
+            with control.installed(session.pipe.unet, "inject"):
+                output = session._dense(inputs, module=True)
+            control.probabilities.clear()
+        elif step < self.dense_steps:
+            output = session._dense(inputs)
+        elif step == self.dense_steps:
+            # Timed apart: on CUDA it captures the plan's CUDA graph unless the plan is reused
+            # (the same mask as the last edit).
+            began = _synchronized_clock(inputs["sample"])
+            output = session.engine.edit(session.cache, step, self.plan, **inputs)
+            self.timings["first_sparse_step_s"] = _synchronized_clock(output) - began
+        else:
+            output = session.engine.edit(session.cache, step, self.plan, **inputs)
+        self.trajectory.unet_outputs.append(output.detach().clone())
+        return output
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        original, trajectory = self.original, self.trajectory
+        probing = self.estimator is not None and not self.estimator.before_step_zero
+        if step < self.dense_steps and probing:
+            self.differences.append(tac.latent_difference(latents, original.latents[step]))
+        if step == self.dense_steps - 1:
+            if probing:
+                began = time.perf_counter()
+                self._set_mask(tac.accumulate(self.differences))
+                self.timings["mask_s"] = time.perf_counter() - began
+                self.mask_unet_evaluations = float(self.dense_steps)
+            self.timings["probe_s"] = time.perf_counter() - self.start
+        if step == self.dense_steps - 1 or (step >= self.dense_steps
+                                            and step in original.blend_steps):
+            latents = self.session._blend(latents, step, self.plan)
+            trajectory.blend_steps.add(step)
+        trajectory.latents.append(latents.clone())
+        trajectory.history.append(_history(self.session.pipe.scheduler))
+        return latents
+
+    # -- the mask ---------------------------------------------------------------------------
+    def _set_mask(self, score: torch.Tensor | None) -> None:
+        """The mask from the estimator's ``score`` and the user mask; then the plan."""
+        if self.user_mask is not None and self.mask_mode == "replace":
+            chosen = self.user_mask
+        else:
+            chosen, self.global_change = tac.binarize(score, self.mask_dilation)
+            chosen = chosen.to(self.original.noise.device)
+            if self.user_mask is not None:
+                chosen = chosen & self.user_mask
+        self.mask = chosen
+        self.plan = self.session.engine.plan(chosen)
+
+    def _estimate(self, inputs: dict) -> torch.Tensor:
+        """The one-call estimators' score: the U-Net on the recorded inputs of the contrast
+        steps, conditioned on the new prompt (and, for attention maps, on the original one)
+        in one batch of conditional rows; the original prompt's predictions are recorded."""
+        original, pipe = self.original, self.session.pipe
+        steps = tac.contrast_steps(original.num_steps)
+        # With classifier-free guidance every input is [unconditional, conditional] rows.
+        guided = inputs["sample"].shape[0] == 2 * original.noise.shape[0]
+
+        def conditional(tensor):
+            return tensor[tensor.shape[0] // 2:] if guided else tensor
+
+        def rows(conditioning: dict) -> dict:
+            repeat = len(steps)
+            added = conditioning.get("added_cond_kwargs")
+            return {
+                "sample": torch.cat([conditional(original.unet_inputs[s]["sample"])
+                                     for s in steps]),
+                "timestep": torch.stack([
+                    torch.as_tensor(original.unet_inputs[s]["timestep"]).reshape(())
+                    for s in steps]).to(inputs["sample"].device),
+                "encoder_hidden_states": conditional(
+                    conditioning["encoder_hidden_states"]).repeat(repeat, 1, 1),
+                "added_cond_kwargs": None if added is None else {
+                    key: conditional(value).repeat(repeat, *[1] * (value.dim() - 1))
+                    for key, value in added.items()},
+            }
+
+        batches = [rows(inputs)]
+        maps = None
+        if self.estimator.needs_attention:
+            batches.append(rows(original.unet_inputs[0]))
+            new_tokens, old_tokens = changed_tokens(pipe.tokenizer, original.prompt,
+                                                    self.trajectory.prompt)
+            maps = TokenAttentionMaps([new_tokens] * len(steps) + [old_tokens] * len(steps),
+                                      tuple(original.noise.shape[-2:]))
+        batch = {key: _concatenate([b[key] for b in batches]) for key in batches[0]}
+        with torch.no_grad(), (maps.installed(pipe.unet) if maps else nullcontext()):
+            prediction = pipe.unet(**batch, return_dict=False)[0]
+        self.mask_unet_evaluations = batch["sample"].shape[0] / (2 if guided else 1)
+        timesteps = batch["timestep"][:len(steps)].round().long().cpu()
+        contrast = tac.Contrast(
+            samples=batch["sample"][:len(steps)],
+            old=torch.cat([conditional(original.unet_outputs[s]) for s in steps]),
+            new=prediction[:len(steps)],
+            alphas=pipe.scheduler.alphas_cumprod[timesteps],
+            prediction_type=pipe.scheduler.config.prediction_type,
+            final=original.latents[-1],
+            attention=None if maps is None else maps.maps.sum(0))
+        return self.estimator.score(contrast)
+
+
+def _concatenate(values: list):
+    """Row-wise concatenation of the batches' tensors (or of dicts of tensors; None stays)."""
+    if values[0] is None:
+        return None
+    if isinstance(values[0], dict):
+        return {key: torch.cat([v[key] for v in values]) for key in values[0]}
+    return torch.cat(values)
 
 def _synchronized_clock(tensor: torch.Tensor) -> float:
     """perf_counter after the work queued on ``tensor``'s device has finished."""

@@ -1,8 +1,9 @@
 """Edit-mask estimators: where will an edit towards a new prompt change the image?
 
 Each estimator turns evidence about the edit into a score map ``[H, W]`` at latent resolution;
-``binarize`` makes the mask from it (Otsu's cut, an opening and a dilation that scale with the
-latent size) and detects global changes (``GLOBAL_AREA``), which it plans dense. The
+``binarize`` makes the mask from it (a cut relative to Otsu's, an opening that scales with the
+latent size, an optional dilation); ``is_global`` detects global changes, which are planned
+dense. The
 estimators are named choices of ``EditSession.edit(mask_estimator=...)`` and of the CLI;
 ``ESTIMATORS`` is their one registry:
 
@@ -18,8 +19,8 @@ estimators are named choices of ``EditSession.edit(mask_estimator=...)`` and of 
   steps against the original's final latents.
 * ``"cross-attention"``: the cross-attention of the tokens that differ between the two prompts
   (both prompts' conditional inputs in the same call, at the same steps).
-* ``"noise-contrast+cross-attention"``: the product of the two normalised maps; a combination
-  that keeps where both agree.
+* ``"noise-contrast+cross-attention"``: the noise contrast times the square root of the
+  attention map (both normalised): where both agree.
 
 FISEdit's 3x3 opening was made for SD's 64x64 latents (512 px); ``opening_size`` scales it
 with the latent size (3 at 64, 5 at 128, none at 32 or below): a fixed 3x3 square erased whole
@@ -35,10 +36,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# A mask covering more than this share of the latent is a global change (background, style,
-# lighting): the edit is planned dense, since a partial mask of a global change keeps only its
-# strongest part and breaks the image.
-GLOBAL_AREA = 0.5
+# A change is global (background, style, lighting) when more than GLOBAL_AREA of the latent
+# reaches GLOBAL_LEVEL of the change evidence's peak (the noise contrast; the probe's latent
+# difference for the probe): the edit is then planned dense, since a partial mask of a global
+# change keeps only its strongest part and breaks the image. On 100 held-out pairs of the
+# shapes model (pairs 500-599) this separates background changes from object edits in 99 of
+# 100 (background: 0.5-1.0 of the latent, object edits: at most 0.52).
+GLOBAL_LEVEL, GLOBAL_AREA = 0.1, 0.5
 
 
 @dataclass
@@ -65,11 +69,13 @@ class Contrast:
 class Estimator:
     """A named mask estimator: ``score(contrast) -> [H, W]`` (None for the probe, whose score
     comes from the probe steps' latent differences), whether it reads attention maps, and the
-    dense steps an edit runs with it by default (``EditSession.edit(probe_steps=None)``)."""
+    dense steps an edit runs with it by default (``EditSession.edit(probe_steps=None)``) and
+    the mask's cut as a share of Otsu's threshold of the score (``binarize``)."""
     name: str
     score: Callable[[Contrast], torch.Tensor] | None
     needs_attention: bool = False
     dense_steps: int = 0
+    cut: float = 1.0
 
     @property
     def before_step_zero(self) -> bool:
@@ -122,22 +128,30 @@ def cross_attention_score(contrast: Contrast) -> torch.Tensor:
 
 
 def contrast_and_attention_score(contrast: Contrast) -> torch.Tensor:
-    return normalised(noise_contrast_score(contrast)) * normalised(contrast.attention)
+    # The square root keeps the attention, diffuse in a small model, from erasing the contrast.
+    return normalised(noise_contrast_score(contrast)) * normalised(contrast.attention).sqrt()
 
 
+# The noise-contrast estimators cut at half of Otsu's threshold: the contrast is strongest at
+# an object's centre and the Otsu cut keeps only that (mask area ~5% for ~8% truly changed, IoU
+# 0.51 on the 100 held-out pairs; half the cut: 0.65). The others keep Otsu's cut (x0 and the
+# attention maps are diffuse: half the cut takes most of the latent).
 ESTIMATORS = {estimator.name: estimator for estimator in (
     Estimator("probe", None, dense_steps=10),   # FISEdit's k = 10 (of 50 steps)
-    Estimator("noise-contrast", noise_contrast_score),
+    Estimator("noise-contrast", noise_contrast_score, cut=0.5),
     Estimator("x0", x0_score),
     Estimator("cross-attention", cross_attention_score, needs_attention=True),
     Estimator("noise-contrast+cross-attention", contrast_and_attention_score,
-              needs_attention=True),
+              needs_attention=True, cut=0.5),
 )}
 DEFAULT_ESTIMATOR = "noise-contrast"
 
 
-# Where in the recorded trajectory the one-call estimators look, as fractions of the run.
-CONTRAST_FRACTIONS = (0.3, 0.5)
+# Where in the recorded trajectory the one-call estimators look, as fractions of the run: the
+# first step (pure noise: where the two prompts lay out different things) and one a fifth in.
+# Picked on 100 held-out pairs (500-599) from single steps and pairs between 0 and 0.9: later
+# steps lose added objects (IoU of adds 0.49 at step 0, 0.01 at 0.9).
+CONTRAST_FRACTIONS = (0.0, 0.2)
 
 
 def contrast_steps(num_steps: int, fractions: tuple[float, ...] = CONTRAST_FRACTIONS) -> list[int]:
@@ -195,16 +209,18 @@ def opening(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
     return dilate(erode(mask, size), size)
 
 
-def binarize(score: torch.Tensor, dilation: int = 0) -> tuple[torch.Tensor, bool]:
-    """The bool ``[H, W]`` mask from a score map, and whether the change is global.
+def is_global(evidence: torch.Tensor) -> bool:
+    """Whether a change spreads over the image (see ``GLOBAL_LEVEL``): then plan it dense."""
+    return bool((normalised(evidence.float()) > GLOBAL_LEVEL).float().mean() > GLOBAL_AREA)
 
-    Otsu's cut, an opening scaled to the latent size, then ``dilation`` latent pixels. A mask
-    over ``GLOBAL_AREA`` of the latent is a global change: the whole latent is returned.
-    """
-    mask = score > otsu_threshold(score)
+
+def binarize(score: torch.Tensor, cut: float = 1.0, dilation: int = 0) -> torch.Tensor:
+    """The bool ``[H, W]`` mask from a score map: above ``cut`` times Otsu's threshold, opened
+    by a square scaled to the latent size, then dilated by ``dilation`` latent pixels."""
+    score = score.float()
+    low = float(score.min())
+    mask = score > low + cut * (otsu_threshold(score) - low)
     mask = opening(mask, opening_size(mask.shape[0]))
     if dilation > 0:
         mask = dilate(mask, 2 * dilation + 1)
-    if mask.float().mean() > GLOBAL_AREA:
-        return torch.ones_like(mask), True
-    return mask, False
+    return mask

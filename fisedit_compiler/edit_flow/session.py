@@ -562,7 +562,7 @@ class _EditRun:
         self.timings = {"mask_s": 0.0}
         self.start = time.perf_counter()
         if estimator is None:
-            self._set_mask(None)
+            self._set_mask(None, None)
 
     # -- the pipeline's hooks ---------------------------------------------------------------
     def unet_call(self, step: int, inputs: dict) -> torch.Tensor:
@@ -570,7 +570,7 @@ class _EditRun:
         self.trajectory.unet_inputs.append(_detach(inputs))
         if step == 0 and self.estimator is not None and self.estimator.before_step_zero:
             began = time.perf_counter()
-            self._set_mask(self._estimate(inputs))
+            self._set_mask(*self._estimate(inputs))
             self.timings["mask_s"] = time.perf_counter() - began
         if step < self.dense_steps and self.control is not None:
             control = self.control
@@ -600,7 +600,8 @@ class _EditRun:
         if step == self.dense_steps - 1:
             if probing:
                 began = time.perf_counter()
-                self._set_mask(tac.accumulate(self.differences))
+                score = tac.accumulate(self.differences)
+                self._set_mask(score, score)
                 self.timings["mask_s"] = time.perf_counter() - began
                 self.mask_unet_evaluations = float(self.dense_steps)
             self.timings["probe_s"] = time.perf_counter() - self.start
@@ -613,20 +614,24 @@ class _EditRun:
         return latents
 
     # -- the mask ---------------------------------------------------------------------------
-    def _set_mask(self, score: torch.Tensor | None) -> None:
-        """The mask from the estimator's ``score`` and the user mask; then the plan."""
+    def _set_mask(self, score: torch.Tensor | None, evidence: torch.Tensor | None) -> None:
+        """The mask from the estimator's ``score``, the global-change ``evidence`` and the
+        user mask; then the plan."""
         if self.user_mask is not None and self.mask_mode == "replace":
             chosen = self.user_mask
         else:
-            chosen, self.global_change = tac.binarize(score, self.mask_dilation)
+            self.global_change = tac.is_global(evidence)
+            chosen = torch.ones_like(score, dtype=torch.bool) if self.global_change else \
+                tac.binarize(score, self.estimator.cut, self.mask_dilation)
             chosen = chosen.to(self.original.noise.device)
             if self.user_mask is not None:
                 chosen = chosen & self.user_mask
         self.mask = chosen
         self.plan = self.session.engine.plan(chosen)
 
-    def _estimate(self, inputs: dict) -> torch.Tensor:
-        """The one-call estimators' score: the U-Net on the recorded inputs of the contrast
+    def _estimate(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-call estimator's score and the global-change evidence (the noise contrast):
+        the U-Net on the recorded inputs of the contrast
         steps, conditioned on the new prompt (and, for attention maps, on the original one)
         in one batch of conditional rows; the original prompt's predictions are recorded."""
         original, pipe = self.original, self.session.pipe
@@ -674,7 +679,7 @@ class _EditRun:
             prediction_type=pipe.scheduler.config.prediction_type,
             final=original.latents[-1],
             attention=None if maps is None else maps.maps.sum(0))
-        return self.estimator.score(contrast)
+        return self.estimator.score(contrast), tac.noise_contrast_score(contrast)
 
 
 def _concatenate(values: list):

@@ -1,36 +1,39 @@
-"""Edit quality with ground truth, on the trained "shapes" pipeline.
+"""Edit quality with ground truth, per mask estimator, on the trained "shapes" pipeline.
 
 For a fixed, balanced set of prompt-edit pairs (``shapes.render.benchmark_pairs``: add, remove,
 colour, move, background, in turn), each pair's original scene is generated with an
-EditSession and edited automatically (probe steps, Otsu mask, blended latents, sparse steps):
+EditSession and edited automatically with every variant: a mask estimator of
+``edit_flow.mask.ESTIMATORS`` and the number of dense steps before the sparse ones
+(``estimator@dense_steps``; ``probe@5`` is FISEdit's probe with 5 of 20 steps, the ratio of its
+10 of 50). Per variant:
 
-* mask IoU: the automatic mask against the region the renderer says truly changes (at latent
-  resolution), without and with cross-attention control;
+* mask IoU: the mask against the region the renderer says truly changes (at latent
+  resolution); whether the change was detected as global (planned dense);
 * success: the checker (``shapes.checker``) on the edited image against the edited caption
   (every object's colour, position, shape and size, the background, no extra objects); also
   on the original generation and on a plain dense generation of the edited prompt from the
   same noise, which bound what an edit can reach;
+* fidelity: PSNR inside the truly changed region (pixels) against that dense generation;
 * background: outside the plan's active region the final latents must equal the original's
-  exactly (``latent_max_diff_outside``: 0 for every policy); decoded pixels are reported too
-  (``pixel_max_diff_outside``, uint8 units): the VAE decoder's convolutions reach a few pixels
-  past the region and its group norms are global, so decoded pixels can differ slightly even
-  though the latents are identical (``pixel_max_diff_outside_4px`` leaves out a 4-pixel band).
-  The edits here are decoded raw (``composite_background=False``) to measure that spread and
-  to keep the checker's view of the decoder's own output; ``EditSession.edit`` by default
-  copies the original's pixels outside the region, which makes both columns 0;
-* fidelity: PSNR inside the active region against a dense reference: the same edit (same
-  probe steps, mask and blend) whose remaining steps run the dense U-Net instead of the sparse
-  engine; for the exact policies and FISEdit's approximations (cached group-norm statistics,
-  SparseConfig(group_norm="cached"); sparse self-attention K/V, self_attention="sparse");
-* speed: edit wall time per policy against a plain dense generation, and the MACs ratio.
+  (``latent_max_diff_outside``: 0) and, with ``EditSession.edit``'s default compositing, so do
+  the decoded pixels (``pixel_max_diff_outside``: 0);
+* cost: the dense U-Net evaluations spent on the mask (one = one denoising step's batched
+  call), the edit's wall time against a plain dense generation, and the MACs ratio.
 
-    python benchmarks/edit_quality.py --pairs 200 --device cuda --out benchmarks/results/edit-quality
+    python benchmarks/edit_quality.py --pairs 500 --out benchmarks/results/edit-quality
 
-writes ``edit_quality.json`` (summary + one record per pair), ``examples.png`` (rows: rendered
-truth, generated original, edit, automatic mask, true region, mask with cross-attention
-control, dense generation of the edited prompt) and ``iou_by_kind.png`` (needs matplotlib;
-skipped with a note otherwise). ``--random-tiny`` uses a randomly initialised tiny shapes
-pipeline (numbers meaningless; for tests and for running before the weights exist).
+writes ``edit_quality.json`` (summary + one record per pair; saved every 10 pairs, so a run cut
+short leaves its results), ``examples.png`` (rows: rendered truth, generated original, the
+edits and masks of the first variants, the true region, the dense generation of the edited
+prompt) and ``iou_by_kind.png`` (needs matplotlib). Runs split with ``--start`` are combined
+with ``--merge a/edit_quality.json b/edit_quality.json --out DIR``. ``--random-tiny`` uses a
+randomly initialised tiny shapes pipeline (numbers meaningless; for tests).
+
+``--gpu-timing sd15`` measures instead, on the GPU, each variant's edit time on a zoo pipeline
+with random weights (``--size`` 512, ``--steps`` 50, fp16): random weights give no meaningful
+mask, so the edit runs with a centred square user mask of ``--area`` (default 5%) and the
+variant's dense steps, and the estimator's own cost (``report["timings_s"]["mask_s"]``, its
+U-Net call) is measured apart and added; writes ``gpu_timing.json``.
 """
 
 from __future__ import annotations
@@ -41,41 +44,60 @@ import math
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import fisedit_compiler as fc
+from fisedit_compiler.edit_flow import mask as tac
 from fisedit_compiler.shapes import checker, model, render
 
-POLICIES = {
-    "exact": fc.SparseConfig(),
-    "cached_gn": fc.SparseConfig(group_norm="cached"),
-    "sparse_kv": fc.SparseConfig(self_attention="sparse"),
-}
+VARIANTS = ("probe@5", "noise-contrast@0", "noise-contrast@2", "x0@0", "cross-attention@0",
+            "noise-contrast+cross-attention@0")
 PSNR_CAP = 100.0   # dB, reported when the two images are identical inside the region
+OBJECT_KINDS = ("add", "remove", "colour", "move")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", type=int, default=200, help="number of pairs (default 200)")
+    p.add_argument("--pairs", type=int, default=500, help="number of pairs (default 500)")
+    p.add_argument("--start", type=int, default=0, help="first pair index (default 0)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", default="edit-quality", help="output folder")
     p.add_argument("--pipeline", default=None,
                    help="a saved shapes pipeline folder (default: zoo.pipeline('shapes'))")
     p.add_argument("--random-tiny", action="store_true",
                    help="a randomly initialised tiny shapes pipeline (tests; numbers meaningless)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--probe-steps", type=int, default=5, help="dense probe steps (default 5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default 20; 50 with --gpu-timing)")
     p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--policies", default=",".join(POLICIES),
-                   help=f"comma-separated subset of {', '.join(POLICIES)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated estimator@dense_steps (estimators: "
+                        f"{', '.join(tac.ESTIMATORS)})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's)")
     p.add_argument("--examples", type=int, default=10, help="pairs in examples.png")
-    p.add_argument("--start", type=int, default=0, help="first pair index (default 0)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine these runs' edit_quality.json into --out; runs nothing")
+    p.add_argument("--gpu-timing", metavar="MODEL",
+                   help="time the variants on a zoo pipeline with random weights (e.g. sd15)")
+    p.add_argument("--size", type=int, default=512, help="--gpu-timing image size (512)")
+    p.add_argument("--area", type=float, default=0.05, help="--gpu-timing mask area (0.05)")
+    p.add_argument("--repeats", type=int, default=3, help="--gpu-timing timed repeats (3)")
     return p.parse_args(argv)
+
+
+def parse_variants(text: str) -> list[tuple[str, str, int]]:
+    """``[(label, estimator, dense_steps)]`` from ``"probe@5,noise-contrast@0"``."""
+    variants = []
+    for label in (v.strip() for v in text.split(",") if v.strip()):
+        estimator, _, dense = label.partition("@")
+        if estimator not in tac.ESTIMATORS or not dense.isdigit():
+            raise SystemExit(f"--variants: {label!r} is not estimator@dense_steps with an "
+                             f"estimator of {', '.join(tac.ESTIMATORS)}")
+        variants.append((label, estimator, int(dense)))
+    return variants
 
 
 def load(args):
@@ -124,104 +146,62 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
 
 
-@contextmanager
-def dense_sparse_steps(session):
-    """Make the session's sparse steps dense (the reference of the fidelity metric): every
-    ``engine.edit`` call runs the U-Net densely on the same (blended) inputs."""
-    def dense(cache, step, plan, **inputs):
-        with torch.no_grad():
-            return session.pipe.unet(**inputs)[0]
-
-    session.engine.edit = dense
-    try:
-        yield
-    finally:
-        del session.engine.edit
-
-
-def edit_record(session, result, original_image, original_latents, truth) -> dict:
+def edit_record(pair, result, original_image, original_latents, regenerated) -> dict:
     image = result.images[0]
     active = result.plan.levels[0].active
     outside = ~active.to(result.latents.device)
-    size = image.shape[0]
-    outside_px = ~upsample(active, size)
-    band = F.max_pool2d(torch.from_numpy(~outside_px)[None, None].float(), 9, 1, 4)[0, 0] > 0
+    truth = render.latent_region(pair)
+    changed = render.changed_region(pair, image.shape[0]).numpy()
     report = result.report
+    check = checker.check(image, pair.edited)
     return {
         "mask_iou": iou(result.mask, truth),
         "mask_area": float(result.mask.float().mean()),
         "active_area": float(active.float().mean()),
+        "global_change": report["global_change"],
+        "success": check["scene"],
+        "check": {k: check[k] for k in ("background", "no_extra")},
+        "psnr_vs_regenerated": psnr(image, regenerated, changed),
         "latent_max_diff_outside": float((result.latents - original_latents)[..., outside].abs()
                                          .max()) if outside.any() else 0.0,
-        "pixel_max_diff_outside": pixel_diff(image, original_image, outside_px),
-        "pixel_max_diff_outside_4px": pixel_diff(image, original_image, ~band.numpy()),
+        "pixel_max_diff_outside": pixel_diff(image, original_image,
+                                             ~upsample(active, image.shape[0])),
+        "mask_unet_evaluations": report["mask_unet_evaluations"],
         "edit_s": report["timings_s"]["edit_s"],
-        "probe_s": report["timings_s"]["probe_s"],
-        "sparse_s": report["timings_s"]["sparse_s"],
+        "mask_s": report["timings_s"]["mask_s"],
         "macs_ratio": report["macs"]["macs_ratio"],
     }
 
 
-def run_pair(pair, sessions, args) -> tuple[dict, dict]:
+def run_pair(pair, session, variants, args) -> tuple[dict, dict]:
     """All measurements of one pair; also returns the images for the example grid."""
-    exact = sessions["exact"]
-    pipe = exact.pipe
+    pipe = session.pipe
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   output_type="np")
-    truth = render.latent_region(pair)
     record = {"index": pair.seed, "kind": pair.kind, "prompt": pair.prompt,
-              "edit_prompt": pair.edit_prompt, "true_area": float(truth.float().mean())}
+              "edit_prompt": pair.edit_prompt,
+              "true_area": float(render.latent_region(pair).float().mean())}
 
-    original = exact.generate(pair.prompt, seed=pair.seed, **common)[0]
-    original_latents = exact.original.latents[-1]
+    original = session.generate(pair.prompt, seed=pair.seed, **common)[0]
+    original_latents = session.original.latents[-1]
     record["original_check"] = checker.check(original, pair.original)["scene"]
 
-    # Plain dense generation of the edited prompt from the same noise: the speed baseline and
-    # what the checker says of a regeneration.
+    # Plain dense generation of the edited prompt from the same noise: the speed baseline, the
+    # fidelity reference and what the checker says of a regeneration.
     start = time.perf_counter()
     with torch.no_grad():
-        regenerated = pipe(pair.edit_prompt, latents=exact.original.noise.clone(),
+        regenerated = pipe(pair.edit_prompt, latents=session.original.noise.clone(),
                            **common).images[0]
     record["dense_generation_s"] = time.perf_counter() - start
     record["regenerated_check"] = checker.check(regenerated, pair.edited)["scene"]
 
-    images = {"original": original, "regenerated": regenerated}
-    edits = {}
-    for name, cac in (("exact", False), ("exact_cac", True)):
-        result = exact.edit(pair.edit_prompt, probe_steps=args.probe_steps,
-                            cross_attention_control=cac, output_type="np",
-                            composite_background=False)
-        rec = edit_record(exact, result, original, original_latents, truth)
-        check = checker.check(result.images[0], pair.edited)
-        rec.update(success=check["scene"], check={k: check[k] for k in ("background",
-                                                                         "no_extra")},
-                   objects=[{a: o[a] for a in checker.ATTRIBUTES} for o in check["objects"]])
-        edits[name] = (result, rec)
-        images[name] = result.images[0]
-        images[f"{name}_mask"] = result.mask
-    images["truth_mask"] = truth
-
-    result, _ = edits["exact"]
-    with dense_sparse_steps(exact):
-        reference = exact.edit(pair.edit_prompt, mask=result.mask, probe_steps=args.probe_steps,
-                               output_type="np", composite_background=False).images[0]
-    region = upsample(result.plan.levels[0].active, reference.shape[0])
-    record["reference_check"] = checker.check(reference, pair.edited)["scene"]
-
-    for name, (res, rec) in edits.items():
-        rec["psnr_vs_dense"] = psnr(res.images[0], reference, region)
-        record[name] = rec
-    for name, session in sessions.items():
-        if name == "exact":
-            continue
-        session.generate(pair.prompt, seed=pair.seed, **common)
-        res = session.edit(pair.edit_prompt, probe_steps=args.probe_steps, output_type="np",
-                           composite_background=False)
-        rec = edit_record(session, res, original, session.original.latents[-1], truth)
-        rec["same_mask_as_exact"] = bool(torch.equal(res.mask, result.mask))
-        rec["psnr_vs_dense"] = psnr(res.images[0], reference, region)
-        rec["success"] = checker.check(res.images[0], pair.edited)["scene"]
-        record[name] = rec
+    images = {"original": original, "regenerated": regenerated,
+              "truth_mask": render.latent_region(pair)}
+    for label, estimator, dense_steps in variants:
+        result = session.edit(pair.edit_prompt, mask_estimator=estimator,
+                              probe_steps=dense_steps, output_type="np")
+        record[label] = edit_record(pair, result, original, original_latents, regenerated)
+        images[label], images[f"{label}_mask"] = result.images[0], result.mask
     return record, images
 
 
@@ -232,25 +212,31 @@ def mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
 def summarise(records: list[dict], variants: list[str]) -> dict:
+    objects = [r for r in records if r["kind"] in OBJECT_KINDS]
     out = {"pairs": len(records),
            "original_success": mean(r["original_check"] for r in records),
            "regenerated_success": mean(r["regenerated_check"] for r in records),
-           "dense_reference_success": mean(r["reference_check"] for r in records),
-           "dense_generation_s": mean(r["dense_generation_s"] for r in records)}
+           "dense_generation_s": median(r["dense_generation_s"] for r in records)}
     for name in variants:
         rows = [r[name] for r in records]
-        dense = out["dense_generation_s"]
-        edit_s = mean(x["edit_s"] for x in rows)
+        edit_s = median(x["edit_s"] for x in rows)
         out[name] = {
+            "object_mask_iou": mean(r[name]["mask_iou"] for r in objects),
             "mask_iou": mean(x["mask_iou"] for x in rows),
             "success": mean(x["success"] for x in rows),
+            "global_detected": mean(x["global_change"] for x in rows),
+            "psnr_vs_regenerated": mean(x["psnr_vs_regenerated"] for x in rows),
             "latent_max_diff_outside": max(x["latent_max_diff_outside"] for x in rows),
             "pixel_max_diff_outside": max(x["pixel_max_diff_outside"] for x in rows),
-            "pixel_max_diff_outside_4px": max(x["pixel_max_diff_outside_4px"] for x in rows),
-            "psnr_vs_dense": mean(x["psnr_vs_dense"] for x in rows),
+            "mask_unet_evaluations": mean(x["mask_unet_evaluations"] for x in rows),
             "edit_s": edit_s,
-            "speedup_vs_dense_generation": dense / edit_s if edit_s else None,
+            "speedup_vs_dense_generation": out["dense_generation_s"] / edit_s if edit_s else None,
             "macs_ratio": mean(x["macs_ratio"] for x in rows),
         }
     by_kind = defaultdict(list)
@@ -258,15 +244,16 @@ def summarise(records: list[dict], variants: list[str]) -> dict:
         by_kind[r["kind"]].append(r)
     out["by_kind"] = {
         kind: {"pairs": len(rows), "true_area": mean(r["true_area"] for r in rows),
+               "regenerated_success": mean(r["regenerated_check"] for r in rows),
                **{f"{v}_{m}": mean(r[v][m] for r in rows) for v in variants
-                  for m in ("mask_iou", "success")}}
+                  for m in ("mask_iou", "success", "global_change")}}
         for kind, rows in by_kind.items()}
     return out
 
 
-def write_examples(examples: list[tuple], path: Path) -> str:
-    """One row per pair: truth, original, exact edit, auto mask, true region, CAC mask,
-    dense generation of the edited prompt."""
+def write_examples(examples: list[tuple], variants: list[str], path: Path) -> str:
+    """One row per pair: truth, original, then per variant (up to 3) its edit and its mask on
+    the original, the true region, the dense generation of the edited prompt."""
     rows = []
     for pair, images in examples:
         truth = render.to_uint8(render.render([pair.original]))[0]
@@ -278,24 +265,22 @@ def write_examples(examples: list[tuple], path: Path) -> str:
             out[m] = (0.55 * out[m] + 0.45 * np.array([255, 0, 0])).astype(np.uint8)
             return out
 
-        rows.append(np.concatenate([
-            truth, to_uint8(images["original"]), to_uint8(images["exact"]),
-            overlay(images["original"], images["exact_mask"]),
-            overlay(images["original"], images["truth_mask"]),
-            overlay(images["original"], images["exact_cac_mask"]),
-            to_uint8(images["regenerated"])], axis=1))
+        columns = [truth, to_uint8(images["original"])]
+        for name in variants[:3]:
+            columns += [to_uint8(images[name]), overlay(images["original"],
+                                                        images[f"{name}_mask"])]
+        columns += [overlay(images["original"], images["truth_mask"]),
+                    to_uint8(images["regenerated"])]
+        rows.append(np.concatenate(columns, axis=1))
     grid = np.concatenate(rows, axis=0)
-    try:
-        from PIL import Image
-    except ImportError:
-        np.save(path.with_suffix(".npy"), grid)
-        return str(path.with_suffix(".npy"))
+    from PIL import Image
+
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2),
                                  Image.NEAREST).save(path)
     return str(path)
 
 
-def write_plot(summary: dict, path: Path) -> str | None:
+def write_plot(summary: dict, variants: list[str], path: Path) -> str | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -306,74 +291,141 @@ def write_plot(summary: dict, path: Path) -> str | None:
         return None
     kinds = list(summary["by_kind"])
     x = np.arange(len(kinds))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for offset, (variant, label) in zip((-0.2, 0.2), (("exact", "automatic mask"),
-                                                      ("exact_cac", "+ cross-attention control"))):
-        ax.bar(x + offset, [summary["by_kind"][k][f"{variant}_mask_iou"] or 0 for k in kinds],
-               0.4, label=label)
-    ax.set_xticks(x, kinds)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("IoU with the true changed region")
-    ax.set_title(f"Edit mask IoU by edit kind ({summary['pairs']} pairs)")
-    ax.legend()
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for metric, ax, label in (("mask_iou", axes[0], "IoU with the true changed region"),
+                              ("success", axes[1], "checker success")):
+        for i, variant in enumerate(variants):
+            ax.bar(x + (i - (len(variants) - 1) / 2) * width,
+                   [summary["by_kind"][k][f"{variant}_{metric}"] or 0 for k in kinds], width,
+                   label=variant)
+        ax.set_xticks(x, kinds)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(label)
+    axes[0].set_title(f"Mask IoU by edit kind ({summary['pairs']} pairs)")
+    axes[1].set_title("Edit success by edit kind")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
 
 
+# ---------------------------------------------------------------------------------- GPU timing
+
+def gpu_timing(args, variants) -> dict:
+    """Per variant: the edit time with a centred square mask of ``args.area`` and the variant's
+    dense steps, plus its estimator's own time (the U-Net call on the recorded trajectory, from
+    an edit that estimates), against a dense generation; random-weight zoo pipeline."""
+    device = torch.device(args.device or "cuda")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = fc.zoo.pipeline(args.gpu_timing).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    session = fc.EditSession(pipe)
+    common = dict(num_inference_steps=args.steps, height=args.size, width=args.size)
+    prompt, edit = "a red circle on a white table", "a blue circle on a white table"
+    session.generate(prompt, seed=0, output_type="latent", **common)
+    latent = session.original.noise.shape[-1]
+    side = max(1, round(latent * math.sqrt(args.area)))
+    box = torch.zeros(latent, latent, dtype=torch.bool)
+    box[(latent - side) // 2:(latent + side) // 2, (latent - side) // 2:(latent + side) // 2] = 1
+
+    def best(run) -> float:
+        run()                                       # warm: programs, plans, CUDA graphs
+        return min(run() for _ in range(args.repeats))
+
+    def dense() -> float:
+        start = time.perf_counter()
+        pipe(edit, generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
+             guidance_scale=7.5, **common)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    out = {"model": args.gpu_timing, "size": args.size, "steps": args.steps,
+           "mask_area": float(box.float().mean()), "device": str(device),
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+           "dense_generation_s": best(dense), "variants": {}}
+    for label, estimator, dense_steps in variants:
+        def boxed() -> float:
+            return session.edit(edit, mask=box, probe_steps=dense_steps,
+                                output_type="latent").report["timings_s"]["edit_s"]
+
+        def estimate() -> float:
+            # The probe's cost is its dense steps, already in the boxed edit.
+            if not tac.ESTIMATORS[estimator].before_step_zero:
+                return 0.0
+            return session.edit(edit, mask_estimator=estimator, probe_steps=dense_steps,
+                                output_type="latent").report["timings_s"]["mask_s"]
+
+        edit_s, mask_s = best(boxed), best(estimate)
+        out["variants"][label] = {"edit_s": edit_s + mask_s, "mask_s": mask_s,
+                                  "speedup_vs_dense": out["dense_generation_s"] / (edit_s + mask_s)}
+        print(label, out["variants"][label], flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def finish(records, variants, examples, setup, out: Path) -> dict:
+    summary = summarise(records, variants)
+    summary["setup"] = setup
+    files = {"examples": write_examples(examples, variants, out / "examples.png")
+             if examples else None,
+             "plot": write_plot(summary, variants, out / "iou_by_kind.png")}
+    (out / "edit_quality.json").write_text(json.dumps(
+        {"summary": summary, "files": files, "pairs": records}, indent=2), encoding="utf-8")
+    return summary
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = set(policies) - set(POLICIES)
-    if unknown or "exact" not in policies:
-        raise SystemExit(f"--policies must include exact and name only {', '.join(POLICIES)}")
-    pipe, device = load(args)
-    base = fc.EditSession(pipe, POLICIES["exact"])
-    sessions = {"exact": base}
-    for name in policies:
-        if name != "exact":
-            session = fc.EditSession(pipe, POLICIES[name])
-            session.engine = base.engine.with_config(POLICIES[name])   # share the traces
-            sessions[name] = session
-    pairs = render.benchmark_pairs(args.pairs, args.start)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
+        records = sorted((r for run in runs for r in run["pairs"]), key=lambda r: r["index"])
+        variants = [v for v in runs[0]["summary"] if isinstance(runs[0]["summary"][v], dict)
+                    and "mask_iou" in runs[0]["summary"][v]]
+        setup = dict(runs[0]["summary"]["setup"], merged=list(args.merge),
+                     seconds=sum(run["summary"]["setup"]["seconds"] for run in runs))
+        print(json.dumps(finish(records, variants, [], setup, out), indent=2))
+        return 0
+    variants = parse_variants(args.variants)
+    if args.gpu_timing:
+        args.steps = args.steps or 50
+        result = gpu_timing(args, variants)
+        (out / "gpu_timing.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return 0
+    args.steps = args.steps or 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, device = load(args)
+    session = fc.EditSession(pipe)
+    pairs = render.benchmark_pairs(args.pairs, args.start)
+    labels = [label for label, _, _ in variants]
     records, examples = [], []
-    variants = ["exact", "exact_cac"] + [p for p in policies if p != "exact"]
     start = time.perf_counter()
 
-    def save(files: dict) -> dict:
-        # Written every 10 pairs as well, so a run cut short still leaves its results.
-        summary = summarise(records, variants)
-        summary["setup"] = {"device": str(device), "steps": args.steps,
-                            "probe_steps": args.probe_steps,
-                            "guidance_scale": args.guidance_scale,
-                            "scheduler": type(pipe.scheduler).__name__,
-                            "pipeline": "random-tiny" if args.random_tiny else
-                            (args.pipeline or "zoo:shapes"), "torch": torch.__version__,
-                            "seconds": time.perf_counter() - start,
-                            "complete": len(records) == len(pairs)}
-        (out / "edit_quality.json").write_text(json.dumps(
-            {"summary": summary, "files": files, "pairs": records}, indent=2), encoding="utf-8")
-        return summary
+    def setup() -> dict:
+        return {"device": str(device), "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "scheduler": type(pipe.scheduler).__name__, "start": args.start,
+                "pipeline": "random-tiny" if args.random_tiny else (args.pipeline or "zoo:shapes"),
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "seconds": time.perf_counter() - start, "complete": len(records) == len(pairs)}
 
     for i, pair in enumerate(pairs):
-        record, images = run_pair(pair, sessions, args)
+        record, images = run_pair(pair, session, variants, args)
         records.append(record)
         if len(examples) < args.examples:
             examples.append((pair, images))
         if (i + 1) % 10 == 0 or i + 1 == len(pairs):
-            print(f"{i + 1}/{len(pairs)} pairs, {time.perf_counter() - start:.0f} s; mask IoU "
-                  f"{mean(r['exact']['mask_iou'] for r in records):.3f}, with CAC "
-                  f"{mean(r['exact_cac']['mask_iou'] for r in records):.3f}, success "
-                  f"{mean(r['exact']['success'] for r in records):.3f}", flush=True)
+            print(f"{i + 1}/{len(pairs)} pairs, {time.perf_counter() - start:.0f} s; " + ", ".join(
+                f"{v} IoU {mean(r[v]['mask_iou'] for r in records):.3f} success "
+                f"{mean(r[v]['success'] for r in records):.3f}" for v in labels), flush=True)
             if i + 1 < len(pairs):
-                save({})
-    summary = summarise(records, variants)
-    files = {"examples": write_examples(examples, out / "examples.png"),
-             "plot": write_plot(summary, out / "iou_by_kind.png")}
-    print(json.dumps(save(files), indent=2))
+                finish(records, labels, [], setup(), out)
+    print(json.dumps(finish(records, labels, examples, setup(), out), indent=2))
     return 0
 
 

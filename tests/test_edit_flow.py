@@ -89,15 +89,97 @@ def test_user_mask_without_probe(session):
     assert _outside_equal(result, session.original.latents[-1])
 
 
-def test_auto_mask_and_intersect(session):
-    auto = session.edit("a blue circle", probe_steps=3, output_type="np")
+@pytest.mark.parametrize("estimator", list(tac.ESTIMATORS))
+def test_auto_mask_and_intersect(session, estimator):
+    auto = session.edit("a blue circle", probe_steps=3, mask_estimator=estimator,
+                        output_type="np")
     assert auto.mask.dtype == torch.bool and auto.mask.shape == (16, 16)
     assert auto.report["mask_source"] == "auto"
+    assert auto.report["mask_estimator"] == estimator
     assert _outside_equal(auto, session.original.latents[-1])
     both = session.edit("a blue circle", mask=_corner_mask(), probe_steps=3,
-                        mask_mode="intersect", output_type="np")
+                        mask_estimator=estimator, mask_mode="intersect", output_type="np")
     assert torch.equal(both.mask, auto.mask & _corner_mask())
     assert _outside_equal(both, session.original.latents[-1])
+
+
+def test_one_call_estimators_run_sparse_from_the_first_step(session, monkeypatch):
+    calls = []
+    edit = session.engine.edit
+
+    def spy(cache, step, plan, **inputs):
+        calls.append(step)
+        return edit(cache, step, plan, **inputs)
+
+    monkeypatch.setattr(session.engine, "edit", spy)
+    result = session.edit("a blue circle", output_type="latent")   # the default estimator
+    report = result.report
+    assert report["mask_estimator"] == tac.DEFAULT_ESTIMATOR and report["probe_steps"] == 0
+    assert calls == list(range(STEPS))                   # no dense probe step
+    # One batched call of the conditional rows at two steps: one CFG step's U-Net batch.
+    assert report["mask_unet_evaluations"] == 1.0
+    assert _outside_equal(result, session.original.latents[-1])
+    # The probe's evaluations are its dense steps, a fifth of the steps by default.
+    probe = session.edit("a blue circle", mask_estimator="probe", output_type="latent")
+    assert probe.report["probe_steps"] == probe.report["mask_unet_evaluations"] == 1
+
+
+def test_a_global_change_is_planned_dense(session, monkeypatch):
+    monkeypatch.setattr(tac, "GLOBAL_AREA", -1.0)          # every change counts as global
+    result = session.edit("a blue circle", output_type="latent")
+    assert result.report["global_change"] and bool(result.mask.all())
+    assert result.plan.levels[0].fraction == 1.0
+
+
+def test_global_change_detection():
+    blob = torch.zeros(16, 16)
+    blob[4:8, 4:8] = 1.0
+    assert not tac.is_global(blob)
+    everywhere = torch.rand(16, 16, generator=torch.Generator().manual_seed(0)) + 0.5
+    assert tac.is_global(everywhere)
+    assert not tac.is_global(torch.zeros(16, 16))
+
+
+def test_half_the_otsu_cut_keeps_the_rim_of_a_change():
+    score = torch.zeros(16, 16)
+    score[4:10, 4:10] = 0.3                                # the rim of a change
+    score[5:9, 5:9] = 1.0                                  # its centre
+    assert int(tac.binarize(score).sum()) == 16            # Otsu keeps the centre
+    assert int(tac.binarize(score, cut=0.5).sum()) == 36
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_x0_estimate_inverts_the_forward_process(prediction_type):
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8,
+                                                                          generator=generator)
+    alphas = torch.tensor([0.3, 0.9])
+    a, s = alphas.sqrt().view(-1, 1, 1, 1), (1 - alphas).sqrt().view(-1, 1, 1, 1)
+    sample = a * x0 + s * noise
+    prediction = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}
+    contrast = tac.Contrast(samples=sample, old=prediction[prediction_type],
+                            new=prediction[prediction_type], alphas=alphas,
+                            prediction_type=prediction_type, final=x0[:1])
+    assert torch.allclose(tac.x0_estimate(contrast, contrast.new), x0, atol=1e-5)
+
+
+def test_contrast_steps():
+    assert tac.contrast_steps(20) == [0, 4] and tac.contrast_steps(50) == [0, 10]
+    assert tac.contrast_steps(2) == [0]                    # both fractions round to step 0
+
+
+def test_changed_tokens_and_their_attention_maps(pipe):
+    from fisedit_compiler.edit_flow.attention import TokenAttentionMaps, changed_tokens
+
+    new, old = changed_tokens(pipe.tokenizer, "a red circle", "a blue circle")
+    tokens = pipe.tokenizer("a blue circle").input_ids
+    assert new and old and all(0 < i < len(tokens) - 1 for i in new + old)
+    maps = TokenAttentionMaps([new, []], (16, 16))
+    # One layer, 2 rows x 2 heads, an 8x8 grid, 77 tokens; attention 1 on the chosen tokens.
+    probabilities = torch.zeros(4, 64, 77)
+    probabilities[:, :, new] = 1.0 / len(new)
+    maps("layer", probabilities, batch_size=2)
+    assert torch.allclose(maps.maps[0], torch.ones(16, 16)) and not maps.maps[1].any()
 
 
 def test_np_edit_composites_the_background(session):
@@ -242,10 +324,10 @@ def test_otsu_and_opening():
 
 def test_the_opening_scales_with_the_latent_size():
     assert [tac.opening_size(h) for h in (16, 32, 64, 96, 128)] == [1, 1, 3, 3, 5]
-    # A 2x2 object of a 16x16 latent (the shapes model) survives mask capture.
+    # A 2x2 object of a 16x16 latent (the shapes model) survives the probe's mask.
     difference = torch.zeros(16, 16)
     difference[6:8, 9:11] = 1.0
-    mask = tac.capture_mask([difference, 0.5 * difference])
+    mask = tac.binarize(tac.accumulate([difference, 0.5 * difference]))
     assert torch.equal(mask, difference > 0)
 
 
@@ -265,7 +347,8 @@ def test_edit_before_generate(pipe):
     (dict(height=64, width=64), "recorded at 128x128"),
     (dict(num_inference_steps=STEPS + 1), f"with {STEPS} steps"),
     (dict(probe_steps=STEPS), "probe_steps must be"),
-    (dict(probe_steps=0), "probe_steps=0 needs a user mask"),
+    (dict(probe_steps=0, mask_estimator="probe"), "leaves the 'probe' estimator nothing"),
+    (dict(mask_estimator="otsu"), "mask_estimator must be one of"),
     (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),
     (dict(latents=torch.zeros(1)), "sets latents itself"),
 ])

@@ -265,17 +265,27 @@ def test_edit_quality_on_a_random_tiny_pipeline(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "eq"
-    assert bench.main(["--random-tiny", "--pairs", "2", "--steps", "4", "--probe-steps", "2",
+    variants = "probe@2,noise-contrast@0,noise-contrast+cross-attention@1"
+    assert bench.main(["--random-tiny", "--pairs", "2", "--steps", "4", "--variants", variants,
                        "--device", "cpu", "--out", str(out), "--examples", "2"]) == 0
     report = json.loads((out / "edit_quality.json").read_text())
     summary = report["summary"]
     assert summary["pairs"] == 2 and [p["kind"] for p in report["pairs"]] == ["add", "remove"]
-    for variant in ("exact", "exact_cac", "cached_gn", "sparse_kv"):
+    for variant in variants.split(","):
         assert summary[variant]["latent_max_diff_outside"] == 0.0    # the exact background
+        assert summary[variant]["pixel_max_diff_outside"] == 0.0     # composited
         assert 0.0 <= summary[variant]["mask_iou"] <= 1.0
         assert summary[variant]["edit_s"] > 0
+    # The probe's evaluations are its dense steps; the noise contrast's one batched call holds
+    # the conditional rows of two steps (one CFG step's batch); with attention maps, twice that.
+    assert [summary[v]["mask_unet_evaluations"] for v in variants.split(",")] == [2, 1, 2]
     assert set(summary["by_kind"]) == {"add", "remove"}
     assert (out / "examples.png").is_file()
+
+    merged = tmp_path / "merged"
+    assert bench.main(["--merge", str(out / "edit_quality.json"), "--out", str(merged)]) == 0
+    again = json.loads((merged / "edit_quality.json").read_text())["summary"]
+    assert again["noise-contrast@0"] == summary["noise-contrast@0"]
 
 
 # ------------------------------------------------------------------------- the shipped weights

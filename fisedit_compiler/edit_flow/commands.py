@@ -15,15 +15,16 @@ import torch
 
 from ..errors import FiseditError
 from ..execution.plan import load_mask_png, mask_from_box
+from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
-# the settings of benchmarks/edit_quality.py (20 DDIM steps, 5 probe steps, guidance 5).
+# the settings of benchmarks/edit_quality.py (20 DDIM steps, guidance 5).
 DEMO_MODEL = "shapes"
-SHAPES_DEFAULTS = dict(steps=20, probe_steps=5, guidance_scale=5.0, size=None)
+SHAPES_DEFAULTS = dict(steps=20, guidance_scale=5.0, size=None)
 # Any other zoo pipeline (--model) has random weights: a generic prompt edit, fewer steps.
 RANDOM_PROMPT, RANDOM_EDIT = "a red circle on a white table", "a blue circle on a white table"
-RANDOM_DEFAULTS = dict(steps=8, probe_steps=3, guidance_scale=7.5, size=128)
+RANDOM_DEFAULTS = dict(steps=8, guidance_scale=7.5, size=128)
 # Random weights give latents without spatial structure, so the automatic mask comes out
 # empty; a random-weight demo edits this box instead, to show a real sparse edit.
 DEMO_BOX = "0.4,0.4,0.6,0.6"
@@ -33,8 +34,8 @@ def add_edit_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "edit", help="generate an image with a saved pipeline, then edit it sparsely",
         description="Generate --prompt densely with the pipeline saved in --pipeline, edit it "
-                    "towards --edit (automatic mask from --probe-steps dense probe steps, or "
-                    "--mask), and write original.png, edit.png, mask.png, overlay.png and "
+                    "towards --edit (automatic mask from --mask-estimator, or --mask), and "
+                    "write original.png, edit.png, mask.png, overlay.png and "
                     "report.json (dense regeneration time vs edit time, MACs, mask area).")
     parser.add_argument("--pipeline", metavar="DIR", required=True,
                         help="a folder holding a StableDiffusion(XL)Pipeline saved with "
@@ -42,7 +43,7 @@ def add_edit_command(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="the original prompt")
     parser.add_argument("--edit", required=True, help="the edited prompt")
     parser.add_argument("--out", metavar="DIR", required=True, help="output folder")
-    _add_common(parser, steps=50, probe_steps=10, size=None)
+    _add_common(parser, steps=50, size=None)
     parser.set_defaults(run=run_edit)
 
 
@@ -65,11 +66,11 @@ def add_demo_command(subparsers) -> None:
                         help="the original prompt (default: the model's demo scene)")
     parser.add_argument("--edit", default=None,
                         help="the edited prompt (default: the model's demo edit)")
-    _add_common(parser, steps=None, probe_steps=None, size=None, guidance_scale=None)
+    _add_common(parser, steps=None, size=None, guidance_scale=None)
     parser.set_defaults(run=run_demo)
 
 
-def _add_common(parser, steps: int | None, probe_steps: int | None, size: int | None,
+def _add_common(parser, steps: int | None, size: int | None,
                 guidance_scale: float | None = 7.5) -> None:
     """The options shared by edit and demo; a default of None means "the model's" (demo)."""
     def default(value):
@@ -83,9 +84,14 @@ def _add_common(parser, steps: int | None, probe_steps: int | None, size: int | 
                         help="a user mask replaces the automatic one or intersects it")
     parser.add_argument("--steps", type=int, default=steps,
                         help=f"denoising steps (default: {default(steps)})")
-    parser.add_argument("--probe-steps", type=int, default=probe_steps,
-                        help="dense probe steps before the sparse ones (default: "
-                             f"{default(probe_steps)})")
+    parser.add_argument("--mask-estimator", choices=tuple(ESTIMATORS),
+                        default=DEFAULT_ESTIMATOR,
+                        help="how the automatic mask is estimated (default: "
+                             f"{DEFAULT_ESTIMATOR}; see fisedit_compiler.edit_flow.mask)")
+    parser.add_argument("--probe-steps", type=int, default=None,
+                        help="dense steps before the sparse ones (default: the estimator's: "
+                             "a fifth of the steps for probe, which measures its mask on them, "
+                             "else 0)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--guidance-scale", type=float, default=guidance_scale,
                         help="classifier-free guidance scale (default: "
@@ -104,6 +110,7 @@ def run_edit(args) -> int:
     pipe = zoo.load_pipeline(args.pipeline)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
+    _say_if_global(report)
     return 0
 
 
@@ -136,6 +143,7 @@ def run_demo(args) -> int:
                   f"--mask or --mask-box to change it")
     report = _generate_and_edit(pipe, args, warm_repeat=True, model=args.model)
     print(json.dumps(_summary(report), indent=2))
+    _say_if_global(report)
     print(f"wrote original.png, edit.png, mask.png, overlay.png, report.json to {args.out}")
     return 0
 
@@ -182,13 +190,13 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
         mask = load_mask_png(args.mask, latent_size)
     elif args.mask_box:
         mask = mask_from_box(args.mask_box, latent_size)
-    result = session.edit(args.edit, mask=mask, probe_steps=args.probe_steps,
-                          mask_mode=args.mask_mode, output_type="pil")
+    edit_args = dict(mask=mask, probe_steps=args.probe_steps,
+                     mask_estimator=args.mask_estimator, mask_mode=args.mask_mode)
+    result = session.edit(args.edit, output_type="pil", **edit_args)
     edited = result.images[0]
     warm_s = None
     if warm_repeat:
-        again = session.edit(args.edit, mask=mask, probe_steps=args.probe_steps,
-                             mask_mode=args.mask_mode, output_type="latent")
+        again = session.edit(args.edit, output_type="latent", **edit_args)
         warm_s = again.report["timings_s"]["edit_s"]
 
     # The dense baseline: the edit prompt regenerated from scratch, without the session.
@@ -216,6 +224,13 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     _overlay(edited, mask_image).save(out / "overlay.png")
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def _say_if_global(report: dict) -> None:
+    if report["global_change"]:
+        print(f"the edit changes the whole image (a global change: background, style or "
+              f"lighting, detected by the {report['mask_estimator']} estimator), so it was "
+              "planned dense: no sparse speedup")
 
 
 def _mask_image(mask: torch.Tensor, size: tuple[int, int]):
@@ -258,6 +273,10 @@ def _summary(report: dict) -> dict:
         **({"warm_edit_s": round(timings["warm_edit_s"], 3)} if "warm_edit_s" in timings
            else {}),
         "speedup_vs_dense_regeneration": round(report["speedup_vs_dense_regeneration"], 3),
+        "mask_estimator": report["mask_estimator"],
+        "mask_unet_evaluations": report["mask_unet_evaluations"],
+        "global_change": report["global_change"],
+        "mask_s": round(timings["mask_s"], 3),
         "probe_s": round(timings["probe_s"], 3),
         "sparse_s": round(timings["sparse_s"], 3),
         "edit_unet_macs": macs["edit_unet_macs"],

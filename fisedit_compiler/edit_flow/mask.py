@@ -69,17 +69,22 @@ class Contrast:
 class Estimator:
     """A named mask estimator: ``score(contrast) -> [H, W]`` (None for the probe, whose score
     comes from the probe steps' latent differences), whether it reads attention maps, and the
-    dense steps an edit runs with it by default (``EditSession.edit(probe_steps=None)``) and
-    the mask's cut as a share of Otsu's threshold of the score (``binarize``)."""
+    share of the steps an edit runs dense with it by default (``EditSession.edit(
+    probe_steps=None)``) and the mask's cut as a share of Otsu's threshold (``binarize``)."""
     name: str
     score: Callable[[Contrast], torch.Tensor] | None
     needs_attention: bool = False
-    dense_steps: int = 0
+    dense_share: float = 0.0
     cut: float = 1.0
 
     @property
     def before_step_zero(self) -> bool:
         return self.score is not None
+
+    def dense_steps(self, num_steps: int) -> int:
+        """The default dense steps of an edit of ``num_steps`` (the probe needs one at least)."""
+        steps = round(self.dense_share * num_steps)
+        return min(num_steps - 1, steps if self.before_step_zero else max(1, steps))
 
 
 def normalised(score: torch.Tensor) -> torch.Tensor:
@@ -137,7 +142,7 @@ def contrast_and_attention_score(contrast: Contrast) -> torch.Tensor:
 # 0.51 on the 100 held-out pairs; half the cut: 0.65). The others keep Otsu's cut (x0 and the
 # attention maps are diffuse: half the cut takes most of the latent).
 ESTIMATORS = {estimator.name: estimator for estimator in (
-    Estimator("probe", None, dense_steps=10),   # FISEdit's k = 10 (of 50 steps)
+    Estimator("probe", None, dense_share=0.2),   # FISEdit's k = 10 of 50 steps
     Estimator("noise-contrast", noise_contrast_score, cut=0.5),
     Estimator("x0", x0_score),
     Estimator("cross-attention", cross_attention_score, needs_attention=True),

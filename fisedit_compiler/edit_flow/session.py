@@ -180,8 +180,8 @@ class EditSession:
         (``"intersect"``); ``mask_dilation`` grows the estimate by that many latent pixels.
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
-        (default: the estimator's ``dense_steps``: 10 for the probe, FISEdit's, else 0, which
-        runs sparse from the first step). After step ``probe_steps - 1`` the latents and the
+        (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
+        10 of 50, else 0, which runs sparse from the first step). After step ``probe_steps - 1`` the latents and the
         scheduler history are blended with the recorded ones outside ``plan.levels[0].active``;
         the remaining steps run sparsely. The recorded generation is never changed by an edit.
         ``cross_attention_control`` reuses, during the dense steps, the recorded generation's
@@ -228,7 +228,7 @@ class EditSession:
                 "steps; edits keep the recorded resolution and step count (call generate again "
                 "to change them)")
         if probe_steps is None:
-            probe_steps = min(estimator.dense_steps, steps - 1)
+            probe_steps = estimator.dense_steps(steps)
         if not isinstance(probe_steps, int) or not 0 <= probe_steps < steps:
             raise FiseditError(f"probe_steps must be an int in [0, {steps - 1}], got "
                                f"{probe_steps!r}")

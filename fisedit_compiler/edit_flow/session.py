@@ -630,10 +630,12 @@ class _EditRun:
         self.plan = self.session.engine.plan(chosen)
 
     def _estimate(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one-call estimator's score and the global-change evidence (the noise contrast):
-        the U-Net on the recorded inputs of the contrast
-        steps, conditioned on the new prompt (and, for attention maps, on the original one)
-        in one batch of conditional rows; the original prompt's predictions are recorded."""
+        """The one-call estimator's score and the global-change evidence (the noise contrast).
+
+        One U-Net call on the recorded inputs of the contrast steps: their conditional rows
+        with the new prompt's conditioning (taken from the pipeline's step-0 ``inputs``) and,
+        for attention maps, with the original's; the original prompt's predictions on those
+        inputs are the recorded outputs."""
         original, pipe = self.original, self.session.pipe
         steps = tac.contrast_steps(original.num_steps)
         # With classifier-free guidance every input is [unconditional, conditional] rows.
@@ -644,19 +646,19 @@ class _EditRun:
 
         def rows(conditioning: dict) -> dict:
             repeat = len(steps)
-            added = conditioning.get("added_cond_kwargs")
-            return {
+            batch = {
                 "sample": torch.cat([conditional(original.unet_inputs[s]["sample"])
                                      for s in steps]),
                 "timestep": torch.stack([
                     torch.as_tensor(original.unet_inputs[s]["timestep"]).reshape(())
                     for s in steps]).to(inputs["sample"].device),
                 "encoder_hidden_states": conditional(
-                    conditioning["encoder_hidden_states"]).repeat(repeat, 1, 1),
-                "added_cond_kwargs": None if added is None else {
+                    conditioning["encoder_hidden_states"]).repeat(repeat, 1, 1)}
+            if "added_cond_kwargs" in conditioning:      # SDXL's pooled text and size ids
+                batch["added_cond_kwargs"] = {
                     key: conditional(value).repeat(repeat, *[1] * (value.dim() - 1))
-                    for key, value in added.items()},
-            }
+                    for key, value in conditioning["added_cond_kwargs"].items()}
+            return batch
 
         batches = [rows(inputs)]
         maps = None
@@ -667,10 +669,12 @@ class _EditRun:
             maps = TokenAttentionMaps([new_tokens] * len(steps) + [old_tokens] * len(steps),
                                       tuple(original.noise.shape[-2:]))
         batch = {key: _concatenate([b[key] for b in batches]) for key in batches[0]}
-        with torch.no_grad(), (maps.installed(pipe.unet) if maps else nullcontext()):
-            prediction = pipe.unet(**batch, return_dict=False)[0]
+        batch["return_dict"] = False
+        # The engine's fastest dense path, unless the attention processors must run.
+        with maps.installed(pipe.unet) if maps else nullcontext():
+            prediction = self.session._dense(batch, module=maps is not None)
         self.mask_unet_evaluations = batch["sample"].shape[0] / (2 if guided else 1)
-        timesteps = batch["timestep"][:len(steps)].round().long().cpu()
+        timesteps = batch["timestep"][:len(steps)].float().round().long().cpu()
         contrast = tac.Contrast(
             samples=batch["sample"][:len(steps)],
             old=torch.cat([conditional(original.unet_outputs[s]) for s in steps]),
@@ -683,9 +687,7 @@ class _EditRun:
 
 
 def _concatenate(values: list):
-    """Row-wise concatenation of the batches' tensors (or of dicts of tensors; None stays)."""
-    if values[0] is None:
-        return None
+    """Row-wise concatenation of the batches' tensors (or of dicts of tensors)."""
     if isinstance(values[0], dict):
         return {key: torch.cat([v[key] for v in values]) for key in values[0]}
     return torch.cat(values)

@@ -289,7 +289,7 @@ def test_cross_attention_control(session, pipe):
                           output_type="latent")
     assert edited.report["cross_attention_control"]
     assert _outside_equal(edited, session.original.latents[-1])
-    assert not any(type(p).__name__ == "_ControlledAttnProcessor"
+    assert not any(type(p).__name__ == "_HookedAttnProcessor"
                    for p in pipe.unet.attn_processors.values())
 
 

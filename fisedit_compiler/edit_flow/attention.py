@@ -9,6 +9,9 @@ probabilities in place of its own (conditional half of the CFG batch only, as in
 positions come from aligning the two token sequences (``difflib``), so insertions and
 replacements of words keep the surrounding tokens aligned. The processors are installed with
 ``unet.set_attn_processor`` around these two calls only and always restored.
+
+``TokenAttentionMaps`` reads, through the same processor, where the tokens that differ between
+two prompts (``changed_tokens``) attend: the ``cross-attention`` mask estimators' evidence.
 """
 
 from __future__ import annotations

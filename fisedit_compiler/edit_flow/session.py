@@ -1,10 +1,12 @@
 """EditSession: FISEdit-style editing over a stock diffusers Stable Diffusion (XL) pipeline.
 
 ``generate`` runs the pipeline densely and records, through ``SparseEngine.record``, every
-step's U-Net call plus the per-step latents and scheduler history. ``edit`` runs k dense probe
-steps with the new prompt from the same noise, derives the edit mask from the latent difference
-(Target Area Capture), blends latents and scheduler history with the recorded ones outside the
-plan's active region, and runs the remaining steps sparsely through ``SparseEngine.edit``.
+step's U-Net call plus the per-step latents and scheduler history. ``edit`` estimates the edit
+mask (``mask.ESTIMATORS``: by default from one batched U-Net call contrasting the new prompt's
+noise predictions with the recorded ones, before step 0; FISEdit's probe steps as the
+baseline), blends latents and scheduler history with the recorded ones outside the plan's
+active region after its dense steps (none by default), and runs the remaining steps sparsely
+through ``SparseEngine.edit``.
 Because sparse U-Net calls return the recorded output outside the active region and every
 supported scheduler is elementwise, the final latents outside that region equal the original's
 bit for bit. The decoded images would not (the VAE decoder has global group norms and a
@@ -173,9 +175,8 @@ class EditSession:
         there): every estimator but ``"probe"`` reads one batched U-Net call on the recorded
         trajectory with the new prompt before step 0; ``"probe"`` (FISEdit) runs the first
         ``probe_steps`` steps densely and takes their latent difference to the recorded
-        trajectory. A mask over ``mask.GLOBAL_AREA`` of the latent is a global change
-        (background, style, lighting): the edit is planned dense and
-        ``report["global_change"]`` says so. A user ``mask`` (bool ``[H, W]`` at latent
+        trajectory. A change that spreads over the image (``mask.is_global``: background,
+        style, lighting) is planned dense and ``report["global_change"]`` says so. A user ``mask`` (bool ``[H, W]`` at latent
         resolution) replaces the estimate (``mask_mode="replace"``) or intersects it
         (``"intersect"``); ``mask_dilation`` grows the estimate by that many latent pixels.
 

@@ -6,10 +6,11 @@
 #   bash benchmarks/gpu_run.sh e2e        end-to-end edit vs dense regeneration (sd15)
 #   bash benchmarks/gpu_run.sh e2e-sdxl   the same for sdxl at 1024 px (cache partly on the host)
 #   bash benchmarks/gpu_run.sh shapes     train the shapes model (~8 min), weights under $OUT
+#   bash benchmarks/gpu_run.sh masks      edit time per mask estimator (sd15, 5% mask, issue 15)
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -20,6 +21,7 @@ case "$1" in
   sd15)   bench --model sd15 --profile-area 0.05 --compile-modes default,reduce-overhead --out "$OUT/sd15" ;;
   sdxl)   bench --model sdxl --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sdxl"
           bench --model sd21 --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sd21" ;;
+  masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;
   # 50 steps x 1.4 GiB: 56 GiB (39 steps) stay on the H100, the rest is prefetched from pinned host memory.
   e2e-sdxl) python3 benchmarks/edit_e2e.py --model sdxl --cache-budget-gib 56 --reps 2 \

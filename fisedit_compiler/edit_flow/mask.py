@@ -3,9 +3,8 @@
 Each estimator turns evidence about the edit into a score map ``[H, W]`` at latent resolution;
 ``binarize`` makes the mask from it (a cut relative to Otsu's, an opening that scales with the
 latent size, an optional dilation); ``is_global`` detects global changes, which are planned
-dense. The
-estimators are named choices of ``EditSession.edit(mask_estimator=...)`` and of the CLI;
-``ESTIMATORS`` is their one registry:
+dense. The estimators are named choices of ``EditSession.edit(mask_estimator=...)`` and of the
+CLI; ``ESTIMATORS`` is their one registry:
 
 * ``"probe"``: FISEdit's Target Area Capture, the baseline. The edit runs ``probe_steps``
   dense steps with the new prompt; the mask comes from their latent difference to the recorded
@@ -99,10 +98,8 @@ def accumulate(differences: list[torch.Tensor]) -> torch.Tensor:
 
 
 def latent_difference(edited: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference over channels of ``[N, C, H, W]`` latents: ``[H, W]`` for
-    ``N = 1``, else ``[N, H, W]``."""
-    difference = (edited.float() - recorded.float()).abs().mean(dim=1)
-    return difference[0] if difference.shape[0] == 1 else difference
+    """Mean absolute difference over channels of ``[N, C, H, W]`` latents: ``[N, H, W]``."""
+    return (edited.float() - recorded.float()).abs().mean(dim=1)
 
 
 def x0_estimate(contrast: Contrast, prediction: torch.Tensor) -> torch.Tensor:
@@ -117,15 +114,12 @@ def x0_estimate(contrast: Contrast, prediction: torch.Tensor) -> torch.Tensor:
 
 
 def noise_contrast_score(contrast: Contrast) -> torch.Tensor:
-    return accumulate(list(latent_difference(contrast.new, contrast.old).reshape(
-        -1, *contrast.new.shape[-2:])))
+    return accumulate(list(latent_difference(contrast.new, contrast.old)))
 
 
 def x0_score(contrast: Contrast) -> torch.Tensor:
     estimate = x0_estimate(contrast, contrast.new)
-    final = contrast.final.expand_as(estimate)
-    return accumulate(list(latent_difference(estimate, final).reshape(
-        -1, *estimate.shape[-2:])))
+    return accumulate(list(latent_difference(estimate, contrast.final.expand_as(estimate))))
 
 
 def cross_attention_score(contrast: Contrast) -> torch.Tensor:

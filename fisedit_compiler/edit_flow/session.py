@@ -176,15 +176,16 @@ class EditSession:
         trajectory with the new prompt before step 0; ``"probe"`` (FISEdit) runs the first
         ``probe_steps`` steps densely and takes their latent difference to the recorded
         trajectory. A change that spreads over the image (``mask.is_global``: background,
-        style, lighting) is planned dense and ``report["global_change"]`` says so. A user ``mask`` (bool ``[H, W]`` at latent
-        resolution) replaces the estimate (``mask_mode="replace"``) or intersects it
-        (``"intersect"``); ``mask_dilation`` grows the estimate by that many latent pixels.
+        style, lighting) is planned dense and ``report["global_change"]`` says so. A user
+        ``mask`` (bool ``[H, W]`` at latent resolution) replaces the estimate
+        (``mask_mode="replace"``) or intersects it (``"intersect"``); ``mask_dilation`` grows
+        the estimate by that many latent pixels.
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
         (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
-        10 of 50, else 0, which runs sparse from the first step). After step ``probe_steps - 1`` the latents and the
-        scheduler history are blended with the recorded ones outside ``plan.levels[0].active``;
-        the remaining steps run sparsely. The recorded generation is never changed by an edit.
+        10 of 50, else 0, which runs sparse from the first step). After step
+        ``probe_steps - 1`` the latents and the scheduler history are blended with the recorded
+        ones outside ``plan.levels[0].active``; the remaining steps run sparsely. The recorded generation is never changed by an edit.
         ``cross_attention_control`` reuses, during the dense steps, the recorded generation's
         cross-attention probabilities for the tokens both prompts share (see ``attention``;
         it costs one extra dense U-Net call per dense step).
@@ -597,7 +598,7 @@ class _EditRun:
         original, trajectory = self.original, self.trajectory
         probing = self.estimator is not None and not self.estimator.before_step_zero
         if step < self.dense_steps and probing:
-            self.differences.append(tac.latent_difference(latents, original.latents[step]))
+            self.differences.append(tac.latent_difference(latents, original.latents[step])[0])
         if step == self.dense_steps - 1:
             if probing:
                 began = time.perf_counter()

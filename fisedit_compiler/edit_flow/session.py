@@ -186,9 +186,10 @@ class EditSession:
         10 of 50, else 0, which runs sparse from the first step). After step
         ``probe_steps - 1`` the latents and the scheduler history are blended with the recorded
         ones outside ``plan.levels[0].active``; the remaining steps run sparsely. The recorded
-        generation is never changed by an edit. ``cross_attention_control`` reuses, during the dense steps, the recorded generation's
-        cross-attention probabilities for the tokens both prompts share (see ``attention``;
-        it costs one extra dense U-Net call per dense step).
+        generation is never changed by an edit. ``cross_attention_control`` reuses, during the
+        dense steps, the recorded generation's cross-attention probabilities for the tokens
+        both prompts share (see ``attention``; it costs one extra dense U-Net call per dense
+        step).
 
         ``composite_background`` (default True) makes the background of the decoded images
         exact: outside ``plan.levels[0].active`` upsampled to pixels (each latent pixel covers a

@@ -22,8 +22,8 @@ EditSession and edited automatically with every variant: a mask estimator of
 
     python benchmarks/edit_quality.py --pairs 500 --out benchmarks/results/edit-quality
 
-writes ``edit_quality.json`` (summary + one record per pair; saved every 10 pairs, so a run cut
-short leaves its results), ``examples.png`` (rows: rendered truth, generated original, the
+writes ``edit_quality.json`` (summary + one record per pair; saved with the figures every 10
+pairs, so a run cut short leaves its results), ``examples.png`` (rows: rendered truth, generated original, the
 edits and masks of the first variants, the true region, the dense generation of the edited
 prompt) and ``iou_by_kind.png`` (needs matplotlib). Runs split with ``--start`` are combined
 with ``--merge a/edit_quality.json b/edit_quality.json --out DIR``. ``--random-tiny`` uses a
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
                 f"{v} IoU {mean(r[v]['mask_iou'] for r in records):.3f} success "
                 f"{mean(r[v]['success'] for r in records):.3f}" for v in labels), flush=True)
             if i + 1 < len(pairs):
-                finish(records, labels, [], setup(), out)
+                finish(records, labels, examples, setup(), out)
     print(json.dumps(finish(records, labels, examples, setup(), out), indent=2))
     return 0
 

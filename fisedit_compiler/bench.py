@@ -1,5 +1,5 @@
 """Per-step U-Net latency against edit area: the sparse engine against dense eager and dense
-torch.compile, measured side by side in one run (DESIGN section 6), and ``fisedit-compiler
+torch.compile, measured side by side in one run (docs/design.md, "Measuring"), and ``fisedit-compiler
 bench``.
 
 For one zoo model at its native resolution (sd15 512 px, sd21 768 px, sdxl 1024 px), CFG batch

@@ -20,15 +20,14 @@ from ..compiler.pipeline import Program, build_program, describe_signature, devi
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
-from ..graph_keys import CACHE_INPUT, PLAN_INPUT
-from ..passes.lower_kernels import CHANNELS_LAST_KEYS
-from ..passes.sparsify import META_SPARSE
+from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PLAN_INPUT
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
 
 
 class SparseEngine:
-    """A U-Net compiled for incremental edits. See DESIGN section 8 for the call sequence."""
+    """A U-Net compiled for incremental edits. See docs/design.md, "Public API", for the
+    call sequence."""
 
     def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None, _dense=None):
         check_unet(unet)
@@ -331,7 +330,7 @@ def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[di
     for node in program.canonical.graph.nodes:
         dense = node.meta.get(ir.META_MACS, 0)
         domain = node.meta.get(ir.META_DOMAIN)
-        mode = node.meta.get(META_SPARSE, "")
+        mode = program.modes.get(node.name, "")
         sparse = ideal = dense
         if dense and domain is not None and domain.positional and mode == "sparse":
             level = plan[domain.level]

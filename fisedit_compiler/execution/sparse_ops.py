@@ -75,7 +75,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
 
     ``x`` is the compact input ``[B, C, P]`` and ``recorded`` the recorded dense input: the
     halo of each tile reads new values where active and recorded values elsewhere, and zero
-    padding applies outside the image (DESIGN section 3). Output tiles are computed whole
+    padding applies outside the image (docs/design.md, "Sparse ops"). Output tiles are computed whole
     (``tile x tile``) and the slots outside the image dropped.
 
     Fused prologue (applied to the new values only; the recorded input is already normalised):

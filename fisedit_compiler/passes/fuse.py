@@ -4,7 +4,7 @@ residual add and output division (after) into the conv node.
 Why: a ResNet block is ``norm -> SiLU -> conv -> + temb`` then ``norm -> SiLU -> conv -> +
 shortcut``: eight ops over the same compact tensors for two convolutions. On the GPU the fused
 conv applies the norm as a per-(batch, channel) scale and shift and the SiLU while it loads new
-values (the halo reads the recorded post-activation input as it is, DESIGN section 3), and adds
+values (the halo reads the recorded post-activation input as it is, docs/design.md "Sparse ops"), and adds
 bias, time embedding and residual before it stores, so the intermediate tensors never reach
 memory and each conv costs one statistics kernel plus one conv kernel. On the reference path
 ``sparse_ops.sparse_conv2d`` computes the same sequence with torch ops, so fused and unfused

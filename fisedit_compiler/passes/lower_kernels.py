@@ -19,8 +19,7 @@ import torch.fx as fx
 from .. import ir
 from ..execution import sparse_ops, triton_ops
 from ..execution.triton_ops import LOWERINGS
-
-CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"
+from ..graph_keys import CHANNELS_LAST_KEYS
 
 
 def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:

@@ -1,4 +1,4 @@
-"""Triton kernels for the sparse ops, each beside its torch reference (DESIGN section 5).
+"""Triton kernels for the sparse ops, each beside its torch reference (docs/design.md, "Kernels").
 
 Every kernel module exposes ``<op>_reference`` (plain torch, the specification) and ``<op>``
 (Triton). The runtime calls a Triton kernel only where ``triton_enabled(tensor)`` says so: on a

@@ -1,4 +1,6 @@
-"""Attention of the active queries over a (possibly mixed) key/value set (DESIGN sections 3, 5).
+"""Attention of the active queries over a (possibly mixed) key/value set.
+
+(docs/design.md, "Sparse ops" and "Kernels".)
 
 ``attention`` is a flash-style Triton kernel (online softmax, fp32 accumulation) beside its
 torch specification ``attention_reference``. With recorded K/V it implements the exact ``full``

@@ -1,7 +1,7 @@
 """Sparse convolution over the active output pixels: a torch reference and a Triton kernel.
 
 An edit recomputes a conv only at the active output pixels of its level. Each output pixel reads
-a window of the conv input, which is *mixed* (DESIGN section 3): new values at the active
+a window of the conv input, which is *mixed* (docs/design.md, "Sparse ops"): new values at the active
 positions of the source grid (the compact tensor ``x``), recorded values elsewhere, zeros in
 the padding. The kernel reads that mixed input straight from ``x`` and ``recorded``, so the
 dense mixed tensor is never built, and fuses what surrounds a conv in diffusers' ResnetBlock2D:

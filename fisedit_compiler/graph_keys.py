@@ -27,6 +27,9 @@ SPARSE_MODES = "fc_sparse_modes"        # sparsify, on the edit graph: {canonica
 CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"  # lower_kernels: cache keys stored
                                                     # channels-last for the conv kernel
 
+# -- attributes of the edit graph module -----------------------------------------------------
+PACKED_WEIGHTS = "fc_packed_weights"    # lower_kernels: the program's triton_ops.PackedWeights
+
 # -- node-level keys of the edit graph, set on the nodes a pass creates ---------------------
 META_FROM = "fc_from"                   # the canonical node an edit node was made from
 META_CACHE_KIND = "fc_cache_kind"       # on cache_read nodes: "value" or "group_norm_stats"

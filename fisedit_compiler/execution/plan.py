@@ -144,7 +144,10 @@ class MaskPlan:
         thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
                       else [dense_threshold] * len(levels))
         self.dense_threshold = thresholds
-        self.memo: dict = {}     # per-plan runtime state, see engine
+        # Runtime state that belongs to this plan and goes with it (docs/design.md, "State and
+        # lifetimes"): an exact (unbucketed) plan's captured CUDA graphs, by program
+        # (``engine.cuda_graph``). A bucketed plan's graphs belong to the engine instead.
+        self.memo: dict = {}
         level_masks = effective_masks(host, levels, tiles, dilation)
         tile_counts = [int(_tile_mask(active, tile).sum())
                        for active, tile in zip(level_masks, tiles)]

@@ -38,6 +38,7 @@ from ..execution import sparse_ops as ops
 from ..graph_keys import (CACHE_INPUT, META_CACHE_KIND, META_CACHE_SOURCE, META_FROM,
                           PLAN_INPUT, SPARSE_MODES)
 from .analyze import TIMESTEP_INPUT, Domain
+from .pattern import args_of
 
 OUTPUT_KEY = "output"
 
@@ -226,13 +227,19 @@ def _level_of(plan, level: int):
     return plan[level]
 
 
+def is_pointwise_conv(node: fx.Node) -> bool:
+    """Whether a canonical conv2d is per-position: 1x1, stride 1, unpadded."""
+    conv = args_of(node)
+    return (_shape(conv["weight"])[-2:] == (1, 1) and tuple(conv["stride"]) == (1, 1)
+            and tuple(conv["padding"]) == (0, 0, 0, 0))
+
+
 def _conv(self: _Rewriter, node: fx.Node):
     x, weight, bias, stride, padding, dilation, groups = node.args
     source, target = _domain(x), _domain(node)
     if source.kind != "spatial":
         return None
-    weight_shape = _shape(weight)
-    if weight_shape[-2:] == (1, 1) and stride == (1, 1) and padding == (0, 0, 0, 0):
+    if is_pointwise_conv(node):
         return self.emit(ops.pointwise_conv2d, self.env[x], self.env[weight],
                          self.env.get(bias), source=node)
     return self.emit(ops.sparse_conv2d, self.env[x], self.read(x), self.plan, source.level,

@@ -4,7 +4,7 @@ Each row times the Triton kernel against the torch path the runtime would otherw
 same compact inputs, and where it applies the dense torch op over the whole level, two ways:
 
 * GPU time: replays of a CUDA graph of the call (triton.testing.do_bench_cudagraph, median),
-  which is what a captured sparse step pays (DESIGN section 5);
+  which is what a captured sparse step pays (docs/design.md, "Kernels");
 * eager time: wall clock per uncaptured call, Python and kernel launches included.
 
 Errors are max |result - reference| against the module's ``*_reference`` (fp32 math):

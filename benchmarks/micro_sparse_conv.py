@@ -1,14 +1,14 @@
 """Microbenchmark of the Triton sparse conv against its reference and dense cuDNN.
 
 On CUDA, fp16, batch 2 (CFG), for SD1.5's conv shapes at 512 px: for each shape, output active
-fraction (one centred square) and variant (bias only, or fused: group-norm affine + SiLU on
-load, residual add and output scale on store), time (median, ms):
+fraction (one centred square) and variant (bias only, or fused: residual add and output scale
+on store), time (median, ms):
 * the Triton kernel (``sparse_conv2d``, weight packed once beforehand), replayed in a CUDA graph
   as the runtime runs a step (GPU time: ``triton``), and called eagerly (``eager``: includes the
   host's argument checks and launches, which bound small edits without graphs);
 * its torch reference, eagerly (``sparse_conv2d_reference``: mixes, convolves the whole grid in
   fp32; it synchronizes, so it cannot be graphed);
-* dense cuDNN ``F.conv2d`` over the whole fp16 input (the conv alone, no prologue/epilogue),
+* dense cuDNN ``F.conv2d`` over the whole fp16 input (the conv alone, no epilogue),
   in a CUDA graph;
 and the kernel's max abs error against the reference. Prints the autotune winners for a few
 shapes, then the table. Needs torch and triton only (no diffusers); run from the repo root:
@@ -20,6 +20,10 @@ shapes, then the table. Needs torch and triton only (no diffusers); run from the
 auto,1,8,32`` forces split-K factors; ``--fractions`` and ``--variants`` narrow the table.
 ``weight_floor_ms`` is the weight's bytes over 3 TB/s: the time a small edit cannot beat,
 since every output tile reads the whole weight.
+
+The kernel once also fused the group norm's affine and SiLU into its loads and a nearest
+upsample into its indexing; the runtime used neither (normalising in a separate pass measured
+faster, benchmarks/RESULTS.md), so both were removed, with their rows here.
 """
 
 from __future__ import annotations
@@ -35,15 +39,14 @@ from fisedit_compiler.execution.kernels import sparse_conv
 from fisedit_compiler.execution.kernels.sparse_conv import (
     pack_weight, sparse_conv2d, sparse_conv2d_reference)
 
-# name: (c_in, c_out, source grid, stride, padding, upsample)
+# name: (c_in, c_out, source grid, stride, padding)
 SHAPES = {
-    "320->320 64x64": (320, 320, 64, 1, (1, 1, 1, 1), 1),
-    "640->640 32x32": (640, 640, 32, 1, (1, 1, 1, 1), 1),
-    "1280->1280 16x16": (1280, 1280, 16, 1, (1, 1, 1, 1), 1),
-    "1280->1280 8x8": (1280, 1280, 8, 1, (1, 1, 1, 1), 1),
-    "2560->1280 16x16": (2560, 1280, 16, 1, (1, 1, 1, 1), 1),
-    "320 s2 64->32": (320, 320, 64, 2, (0, 1, 0, 1), 1),
-    "1280 up2 16->32": (1280, 1280, 16, 1, (1, 1, 1, 1), 2),
+    "320->320 64x64": (320, 320, 64, 1, (1, 1, 1, 1)),
+    "640->640 32x32": (640, 640, 32, 1, (1, 1, 1, 1)),
+    "1280->1280 16x16": (1280, 1280, 16, 1, (1, 1, 1, 1)),
+    "1280->1280 8x8": (1280, 1280, 8, 1, (1, 1, 1, 1)),
+    "2560->1280 16x16": (2560, 1280, 16, 1, (1, 1, 1, 1)),
+    "320 s2 64->32": (320, 320, 64, 2, (0, 1, 0, 1)),
 }
 FRACTIONS = (0.01, 0.05, 0.20, 1.0)
 VARIANTS = ("bias", "fused")
@@ -60,8 +63,8 @@ def centred_square(size: int, fraction: float) -> torch.Tensor:
 
 def make_case(shape, fraction, variant, device="cuda", dtype=torch.float16,
               layout="contiguous"):
-    c_in, c_out, source, stride, padding, upsample = shape
-    out = (source * upsample + padding[0] + padding[1] - 3) // stride + 1
+    c_in, c_out, source, stride, padding = shape
+    out = (source + padding[0] + padding[1] - 3) // stride + 1
     active = centred_square(source, fraction).to(device)
     in_position = torch.full((source * source,), -1, dtype=torch.int32, device=device)
     in_position[active] = torch.arange(active.numel(), dtype=torch.int32, device=device)
@@ -71,11 +74,9 @@ def make_case(shape, fraction, variant, device="cuda", dtype=torch.float16,
             torch.randn(BATCH, c_in, source, source, device=device, dtype=dtype),
             in_position, out_pixels, (out, out), weight,
             torch.randn(c_out, device=device, dtype=dtype))
-    kwargs = dict(stride=(stride, stride), padding=padding, upsample=upsample)
+    kwargs = dict(stride=(stride, stride), padding=padding)
     if variant == "fused":
-        kwargs.update(scale=torch.randn(BATCH, c_in, device=device),
-                      shift=torch.randn(BATCH, c_in, device=device), silu=True,
-                      residual=torch.randn(BATCH, c_out, out_pixels.numel(), device=device,
+        kwargs.update(residual=torch.randn(BATCH, c_out, out_pixels.numel(), device=device,
                                            dtype=dtype),
                       out_scale=1.0 / 1.5)
     if layout == "channel-fast":
@@ -88,10 +89,8 @@ def make_case(shape, fraction, variant, device="cuda", dtype=torch.float16,
 
 
 def dense_conv(args, kwargs):
-    """The dense baseline: cuDNN over the whole (upsampled) input, as the dense U-Net runs it."""
+    """The dense baseline: cuDNN over the whole input, as the dense U-Net runs it."""
     recorded, weight, bias = args[1], args[5], args[6]
-    if kwargs["upsample"] > 1:
-        recorded = F.interpolate(recorded, scale_factor=kwargs["upsample"], mode="nearest")
     top, bottom, left, right = kwargs["padding"]
     if top == bottom and left == right:
         return lambda: F.conv2d(recorded, weight, bias, kwargs["stride"], (top, left))

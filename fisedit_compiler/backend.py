@@ -52,6 +52,7 @@ from .config import SparseConfig
 from .engine.engine import EditCache, SparseEngine
 from .errors import FiseditError, UnsupportedGraphError
 from .execution.plan import MaskPlan, validate_mask
+from .graph_keys import INPUTS, LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +236,11 @@ class FiseditGraph:
             canonical = canonical_graph(lowered)
         except Exception as error:  # noqa: BLE001 - any failure here means "unsupported"
             return _unsupported("lowering this graph failed", error)
-        if canonical.meta["fc_inputs"] != self.input_names:
+        if canonical.meta[INPUTS] != self.input_names:
             return UnsupportedGraphError(
-                f"the lowered graph takes {canonical.meta['fc_inputs']} but the compiled call "
+                f"the lowered graph takes {canonical.meta[INPUTS]} but the compiled call "
                 f"passes {self.input_names}")
-        if not canonical.meta.get("fc_levels"):
+        if not canonical.meta.get(LEVELS):
             return UnsupportedGraphError("the graph has no spatial levels reached from its "
                                          "'sample' input, so there is nothing to edit sparsely")
         return canonical

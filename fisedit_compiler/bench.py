@@ -1,6 +1,6 @@
 """Per-step U-Net latency against edit area: the sparse engine against dense eager and dense
-torch.compile, measured side by side in one run (DESIGN section 6), and ``fisedit-compiler
-bench``.
+torch.compile, measured side by side in one run (docs/design.md, "Measuring"), and
+``fisedit-compiler bench``.
 
 For one zoo model at its native resolution (sd15 512 px, sd21 768 px, sdxl 1024 px), CFG batch
 2, it times per U-Net call:
@@ -77,12 +77,47 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
         reference: bool = True, dtype: torch.dtype = torch.float16, batch: int = 2,
         config: SparseConfig | None = None, tolerance: float = 2e-2, reps: int = 20,
         calibrate: bool = True, profile_area: float | None = None, log=print) -> dict:
-    """The benchmark; returns the JSON-ready result (see the module docstring)."""
-    import fisedit_compiler as fc
+    """The benchmark; returns the JSON-ready result (see the module docstring).
 
+    The steps: load the model (``_setup``), time the dense baselines (``measure_dense``),
+    compile, calibrate and record the engines (``build_engines``) and capture every capacity
+    bucket's step (``engine.prepare``), then per mask time every engine against the oracle and
+    what buckets cost (``measure_mask``, ``bucket_costs``), profiling one area on request
+    (``_profile_row``)."""
     if not torch.cuda.is_available():
         raise FiseditError("the benchmark measures GPU latency and needs a CUDA device; on CPU "
                            "use `fisedit-compiler dump --stage sparse` for MACs")
+    unet, inputs, result = _setup(model, dtype, batch)
+    result["dense"] = measure_dense(unet, inputs, compile_modes, reps, log)
+    engines, caches, calibration = build_engines(unet, inputs, config or SparseConfig(),
+                                                 calibrate, reference, log)
+    if calibration is not None:
+        result["calibration"] = calibration
+    result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20
+    result["prepare"] = engines["triton"].prepare(caches["triton"], 0, **inputs)
+    log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
+        f"{result['prepare']['prepare_s']:.1f} s")
+    size = tuple(inputs["sample"].shape[-2:])
+    for layout in layouts:
+        for area in areas:
+            if layout == "scattered" and area >= 1.0:
+                continue
+            mask = blob_mask(size, area) if layout == "blob" else scattered_mask(size, area)
+            row = measure_mask(engines, caches, inputs, mask, result["dense"], tolerance, reps)
+            row = {"layout": layout, "area": area, **row}
+            if profile_area is not None and abs(area - profile_area) < 1e-9 \
+                    and layout == "blob":
+                row["profile"] = _profile_row(engines["triton"], caches["triton"], inputs, mask,
+                                              row, reps, log)
+            result["rows"].append(row)
+            log(_format_row(row))
+            torch.cuda.empty_cache()
+    return result
+
+
+def _setup(model: str, dtype: torch.dtype, batch: int):
+    """The zoo U-Net on the GPU at its native resolution, its example inputs, and the result's
+    header (model, shapes, environment)."""
     latent = RESOLUTION.get(model.removesuffix("-tiny"), 512) // 8
     unet = zoo.unet(model, dtype=dtype, device="cuda")
     inputs = zoo.example_inputs(unet, batch=batch, seed=0, height=latent, width=latent)
@@ -90,41 +125,54 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
     result = {"model": model, "resolution_px": latent * 8, "latent": list(size), "batch": batch,
               "dtype": str(dtype).removeprefix("torch."), "environment": environment(),
               "dense": {}, "rows": []}
+    return unet, inputs, result
 
-    call = lambda: unet(**inputs)  # noqa: E731
-    result["dense"]["eager_ms"] = cuda_time_ms(call, reps=reps)
-    log(f"dense eager {result['dense']['eager_ms']:.2f} ms")
+
+def measure_dense(unet, inputs: dict, compile_modes, reps: int, log=print) -> dict:
+    """Dense eager and dense ``torch.compile`` in each mode; the best compiled mode is the
+    baseline (``best_compiled_ms``; eager where no mode is asked for).
+
+    Each mode compiles a fresh ``torch.compile`` wrapper. Dynamo keeps one cache per backend
+    (a mode is a backend of its own), so a mode never reuses another's code, and nothing here
+    resets Dynamo: the caller's other compiled code stays compiled."""
+    dense = {"eager_ms": cuda_time_ms(lambda: unet(**inputs), reps=reps)}
+    log(f"dense eager {dense['eager_ms']:.2f} ms")
     for mode in compile_modes:
-        torch._dynamo.reset()
         compiled = torch.compile(unet, mode=None if mode == "default" else mode)
         started = time.perf_counter()
         compiled(**inputs)
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - started
-        result["dense"][f"compile[{mode}]_ms"] = cuda_time_ms(lambda: compiled(**inputs),
-                                                              reps=reps)
-        result["dense"][f"compile[{mode}]_compile_s"] = compile_s
-        log(f"dense torch.compile {mode}: {result['dense'][f'compile[{mode}]_ms']:.2f} ms "
+        dense[f"compile[{mode}]_ms"] = cuda_time_ms(lambda: compiled(**inputs), reps=reps)
+        dense[f"compile[{mode}]_compile_s"] = compile_s
+        log(f"dense torch.compile {mode}: {dense[f'compile[{mode}]_ms']:.2f} ms "
             f"(compiled in {compile_s:.0f} s)")
-    torch._dynamo.reset()
-    compiled_times = {m: result["dense"][f"compile[{m}]_ms"] for m in compile_modes}
+    compiled_times = {m: dense[f"compile[{m}]_ms"] for m in compile_modes}
     best_mode = min(compiled_times, key=compiled_times.get) if compiled_times else None
-    best = compiled_times.get(best_mode, result["dense"]["eager_ms"])
-    result["dense"]["best_compiled_mode"] = best_mode
-    result["dense"]["best_compiled_ms"] = best
+    dense["best_compiled_mode"] = best_mode
+    dense["best_compiled_ms"] = compiled_times.get(best_mode, dense["eager_ms"])
+    return dense
 
-    config = config or SparseConfig()
+
+def build_engines(unet, inputs: dict, config: SparseConfig, calibrate: bool, reference: bool,
+                  log=print):
+    """``(engines, caches, calibration)``: the engines to time, each with a recorded cache.
+
+    ``triton`` is the product path (Triton kernels, CUDA graphs; its dense thresholds measured
+    by ``cost_model.calibrate`` unless ``calibrate`` is off), ``torch_graphs`` the same graph on
+    the torch ops under CUDA graphs (what the kernels must beat), and ``reference`` the plain
+    reference path (without CUDA graphs), when asked for."""
+    import fisedit_compiler as fc
+
     fast = fc.compile(unet, config)
+    calibration = None
     if calibrate:
         from .engine.cost_model import calibrate as measure_thresholds
 
-        result["calibration"] = measure_thresholds(fast, inputs, log=log)
-        config = dataclasses.replace(config,
-                                     dense_threshold=result["calibration"]["thresholds"])
+        calibration = measure_thresholds(fast, inputs, log=log)
+        config = dataclasses.replace(config, dense_threshold=calibration["thresholds"])
         fast = fast.with_config(config)
         log(f"calibrated dense thresholds per level: {config.dense_threshold}")
-    # The product path, the same graph on the torch ops under CUDA graphs (what the Triton
-    # kernels must beat), and the plain reference path.
     engines = {"triton": fast,
                "torch_graphs": fast.with_config(dataclasses.replace(config, kernels="torch"))}
     if reference:
@@ -134,55 +182,54 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
     for name, engine in engines.items():
         caches[name] = engine.new_cache()
         engine.record(caches[name], step=0, **inputs)
-    result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20
-    result["prepare"] = fast.prepare(caches["triton"], 0, **inputs)
-    log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
-        f"{result['prepare']['prepare_s']:.1f} s")
+    return engines, caches, calibration
 
-    for layout in layouts:
-        for area in areas:
-            mask = blob_mask(size, area) if layout == "blob" else scattered_mask(size, area)
-            if layout == "scattered" and area >= 1.0:
-                continue
-            edited = edited_inputs(inputs, mask)
-            plan = fast.plan(mask)
-            stats = fast.stats(plan)
-            row = {"layout": layout, "area": area, "mask_fraction": plan.raw_fraction,
-                   "levels": [("dense" if l["dense"] else round(l["fraction"], 4))
-                              for l in stats["levels"]],
-                   "dense_gmacs": stats["dense_macs"] / 1e9,
-                   "sparse_gmacs": stats["sparse_macs"] / 1e9,
-                   "ideal_gmacs": stats["ideal_macs"] / 1e9}
-            expected = oracle.masked_dense(fast, plan, inputs, edited)
-            for name, engine in engines.items():
-                engine_plan = plan if name == "triton" else engine.plan(mask)
-                edit = lambda: engine.edit(caches[name], 0, plan=engine_plan, **edited)  # noqa
-                row[f"{name}_error"] = relative_error(edit(), expected)
-                row[f"{name}_ms"] = cuda_time_ms(edit, reps=reps)
-            row.update(bucket_costs(fast, caches["triton"], inputs, mask, reps))
-            if "exact_plan_ms" in row:
-                row["padding_overhead"] = row["triton_ms"] / row["exact_plan_ms"]
-            row["speedup_vs_eager"] = result["dense"]["eager_ms"] / row["triton_ms"]
-            row["speedup_vs_compiled"] = best / row["triton_ms"]
-            row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
-            if profile_area is not None and abs(area - profile_area) < 1e-9 \
-                    and layout == "blob":
-                row["profile"] = profile_step(fast, inputs, plan, edited)
-                row["profile"].update(split_edit_time(fast, caches["triton"], plan, edited,
-                                                      reps=reps))
-                log(f"profile at {area:.0%}: {row['profile']['kernels_per_step']:.0f} kernels, "
-                    f"{row['profile']['gpu_kernel_ms_per_step']:.2f} ms of GPU kernel time per "
-                    f"step; edit call {row['triton_ms']:.2f} ms = graph replay "
-                    f"{row['profile']['replay_ms']:.2f} ms + host "
-                    f"{row['profile']['host_ms']:.2f} ms before it")
-                for entry in row["profile"]["top"]:
-                    log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x "
-                        f"{entry['kernel']}")
-            result["rows"].append(row)
-            log(_format_row(row))
-            del plan
-            torch.cuda.empty_cache()
-    return result
+
+def measure_mask(engines: dict, caches: dict, inputs: dict, mask: torch.Tensor, dense: dict,
+                 tolerance: float, reps: int) -> dict:
+    """One table row: the mask's MACs and level fractions, then each engine's edit time and
+    error against the oracle, and the product path's speedups over the dense baselines."""
+    fast = engines["triton"]
+    edited = edited_inputs(inputs, mask)
+    plan = fast.plan(mask)
+    stats = fast.stats(plan)
+    row = {"mask_fraction": plan.raw_fraction,
+           "levels": [("dense" if l["dense"] else round(l["fraction"], 4))
+                      for l in stats["levels"]],
+           "dense_gmacs": stats["dense_macs"] / 1e9,
+           "sparse_gmacs": stats["sparse_macs"] / 1e9,
+           "ideal_gmacs": stats["ideal_macs"] / 1e9}
+    expected = oracle.masked_dense(fast, plan, inputs, edited)
+    for name, engine in engines.items():
+        engine_plan = plan if name == "triton" else engine.plan(mask)
+        edit = lambda: engine.edit(caches[name], 0, plan=engine_plan, **edited)  # noqa: E731
+        row[f"{name}_error"] = relative_error(edit(), expected)
+        row[f"{name}_ms"] = cuda_time_ms(edit, reps=reps)
+    row.update(bucket_costs(fast, caches["triton"], inputs, mask, reps))
+    if "exact_plan_ms" in row:
+        row["padding_overhead"] = row["triton_ms"] / row["exact_plan_ms"]
+    row["speedup_vs_eager"] = dense["eager_ms"] / row["triton_ms"]
+    row["speedup_vs_compiled"] = dense["best_compiled_ms"] / row["triton_ms"]
+    row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
+    return row
+
+
+def _profile_row(fast, cache, inputs: dict, mask: torch.Tensor, row: dict, reps: int,
+                 log=print) -> dict:
+    """``profile_step`` and ``split_edit_time`` of the product path at one mask, logged."""
+    plan = fast.plan(mask)
+    edited = edited_inputs(inputs, mask)
+    profile = profile_step(fast, inputs, plan, edited)
+    profile.update(split_edit_time(fast, cache, plan, edited, reps=reps))
+    log(f"profile at {row['area']:.0%}: {profile['kernels_per_step']:.0f} kernels, "
+        f"{profile['gpu_kernel_ms_per_step']:.2f} ms of GPU kernel time per "
+        f"step; edit call {row['triton_ms']:.2f} ms = graph replay "
+        f"{profile['replay_ms']:.2f} ms + host "
+        f"{profile['host_ms']:.2f} ms before it")
+    for entry in profile["top"]:
+        log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x "
+            f"{entry['kernel']}")
+    return profile
 
 
 @torch.no_grad()

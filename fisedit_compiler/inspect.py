@@ -38,6 +38,7 @@ from .compiler.pipeline import STAGES as COMPILE_STAGES
 from .compiler.pipeline import trace
 from .errors import FiseditError
 from .execution.plan import load_mask_png, mask_from_box
+from .graph_keys import LEVELS
 from .passes.analyze import module_path
 
 FORMATS = ("text", "json", "dot", "svg")
@@ -215,7 +216,7 @@ def report(gm: fx.GraphModule, *, model: str, stage: str, frontend: str) -> dict
         "frontend": frontend,
         "inputs": {row["name"]: {"shape": row["shape"], "dtype": row["dtype"]}
                    for row in rows if row["kind"] == "placeholder"},
-        "summary": summarize(rows, gm.meta.get("fc_levels", ())),
+        "summary": summarize(rows, gm.meta.get(LEVELS, ())),
         "nodes": rows,
     }
 
@@ -461,7 +462,7 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
     plan = engine.plan(mask)
     result = report(program.canonical, model=model, stage="sparse", frontend=frontend)
     by_name = {row["name"]: row for row in node_macs(program, plan, config)}
-    writes = {node.name: node.meta.get("fc_cache_write", []) for node in program.canonical.graph.nodes}
+    writes = program.cache_writes
     for row in result["nodes"]:
         row["sparse"] = by_name[row["name"]]["mode"] or None
         row["sparse_macs"] = by_name[row["name"]]["sparse_macs"]

@@ -191,7 +191,7 @@ def test_record_edit_equal_engine_and_oracle(sd15, engine_for, policy):
         assert torch.equal(engine.record(cache, step, **kwargs), recorded[step])
         kwargs.update(sample=new["sample"], encoder_hidden_states=new["encoder_hidden_states"])
         assert torch.equal(engine.edit(cache, step, plan, **kwargs), edits[step])
-        # ... and the oracle of DESIGN section 3.
+        # ... and the oracle (docs/design.md, "Oracle").
         ref = fc.oracle.masked_dense(rec.engine, ed.plan, rec.inputs[step], ed.inputs[step])
         assert relative_error(edits[step], ref) <= TOLERANCE
         assert torch.equal(ed.outputs[step], edits[step])

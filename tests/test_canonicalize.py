@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from fisedit_compiler import ir
 from fisedit_compiler.compiler import capture
 from fisedit_compiler.passes.canonicalize import canonicalize
+from pass_checks import pure
 
 aten = torch.ops.aten
 
@@ -15,7 +16,7 @@ def export(module: nn.Module, *args):
     """The captured (ATen) graph of ``module(*args)`` and its canonical form."""
     program = torch.export.export(module.eval(), args, strict=False)
     captured = capture.program_to_graph_module(program)
-    return captured, canonicalize(captured)
+    return captured, pure(canonicalize, captured)
 
 
 def calls(gm):

@@ -77,7 +77,7 @@ def test_unknown_frontend_and_stage(traced):
 
 @pytest.mark.slow
 def test_sd15_full_graph():
-    """DESIGN section 2's census of the SD1.5 U-Net."""
+    """The census of the SD1.5 U-Net's ops (docs/design.md, "Stages")."""
     unet = zoo.unet("sd15")
     gm = pipeline.trace(unet, zoo.example_inputs(unet, batch=2))
     counts = op_counts(gm)

@@ -1,4 +1,4 @@
-"""The sparse engine against the oracle of DESIGN section 3, through the public API."""
+"""The sparse engine against the oracle (docs/design.md, "Oracle"), through the public API."""
 
 import warnings
 

@@ -3,8 +3,8 @@
 On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), at toy sizes
 with one 16x16x16 tile config. Tolerances, relative to the output's largest magnitude:
 * fp32: 1e-5 (fp32 accumulation in a different order; the kernel multiplies in IEEE fp32);
-* fp16 / bf16: 1e-2 (both round the prologue's result and the output to the half type, and a
-  different summation order can move the output by an ulp).
+* fp16 / bf16: 1e-2 (both round the output to the half type, and a different summation order
+  can move the output by an ulp).
 bf16 runs on the GPU only: the interpreter's ``tl.dot`` multiplies bf16 bit patterns as
 integers (triton-lang/triton#11584, not supported there).
 """
@@ -32,21 +32,17 @@ GEOMETRIES = {
     "3x3": dict(kernel=(3, 3), padding=(1, 1, 1, 1)),
     "3x3-stride2-downsample2d": dict(kernel=(3, 3), stride=(2, 2), padding=(0, 1, 0, 1)),
     "3x3-stride2": dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1)),
-    "3x3-upsample2": dict(kernel=(3, 3), padding=(1, 1, 1, 1), upsample=2),
     "3x3-dilation2": dict(kernel=(3, 3), padding=(2, 2, 2, 2), dilation=(2, 2)),
     "2x3-asymmetric": dict(kernel=(2, 3), padding=(0, 1, 1, 0)),
 }
-FUSIONS = ("bias", "affine", "silu", "temb", "residual", "out_scale")
+FUSIONS = ("bias", "temb", "residual", "out_scale")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def output_size(size, kernel=(1, 1), stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
-                upsample=1):
+def output_size(size, kernel=(1, 1), stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)):
     top, bottom, left, right = padding
-    return ((size[0] * upsample + top + bottom - dilation[0] * (kernel[0] - 1) - 1)
-            // stride[0] + 1,
-            (size[1] * upsample + left + right - dilation[1] * (kernel[1] - 1) - 1)
-            // stride[1] + 1)
+    return ((size[0] + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+            (size[1] + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1)
 
 
 def make_case(geometry, fusions=FUSIONS, dtype=torch.float32, *, batch=2, c_in=5, c_out=7,
@@ -70,10 +66,7 @@ def make_case(geometry, fusions=FUSIONS, dtype=torch.float32, *, batch=2, c_in=5
     count = out_size[0] * out_size[1]
     out_pixels = torch.randperm(count, generator=gen)[:max(1, round(requested * count))]
     new = randn(batch, c_in, *size)
-    kwargs = dict(geometry, stride=geometry.get("stride", (1, 1)), silu="silu" in fusions)
-    if "affine" in fusions:
-        kwargs["scale"], kwargs["shift"] = (randn(batch, c_in, dtype=torch.float32)
-                                            for _ in range(2))
+    kwargs = dict(geometry, stride=geometry.get("stride", (1, 1)))
     if "temb" in fusions:
         kwargs["temb"] = randn(batch, c_out)
     if "residual" in fusions:
@@ -102,15 +95,8 @@ def assert_matches(result, expected, dtype=torch.float32):
                                atol=TOLERANCE[dtype] * scale)
 
 
-def apply_prologue(value, kwargs):
-    if "scale" in kwargs:
-        value = value * kwargs["scale"][:, :, None, None] + kwargs["shift"][:, :, None, None]
-    return F.silu(value) if kwargs["silu"] else value
-
-
 def dense_conv(value, weight, bias, kwargs, groups=1):
     """Plain torch: the whole conv of a dense input, flattened to [B, Cout, Ho * Wo]."""
-    value = F.interpolate(value, scale_factor=kwargs.get("upsample", 1), mode="nearest")
     top, bottom, left, right = kwargs.get("padding", (0, 0, 0, 0))
     value = F.pad(value, (left, right, top, bottom))
     return F.conv2d(value, weight, bias, kwargs["stride"], 0, kwargs.get("dilation", (1, 1)),
@@ -128,18 +114,17 @@ def apply_epilogue(out, kwargs):
 # --- the reference against plain torch ------------------------------------------------------
 
 @pytest.mark.parametrize("name", GEOMETRIES)
-def test_reference_with_every_pixel_active_is_the_dense_conv_of_the_prologue(name):
+def test_reference_with_every_pixel_active_is_the_dense_conv_of_the_new_values(name):
     args, kwargs, new = make_case(GEOMETRIES[name], active=1.0, requested=1.0)
     x, recorded, in_position, out_pixels, out_size, weight, bias = args
     result = sparse_conv2d_reference(*args, **kwargs)
-    expected = dense_conv(apply_prologue(new, kwargs), weight, bias, kwargs)[:, :, out_pixels]
+    expected = dense_conv(new, weight, bias, kwargs)[:, :, out_pixels]
     assert_matches(result, apply_epilogue(expected, kwargs))
 
 
 @pytest.mark.parametrize("name", GEOMETRIES)
 def test_reference_with_no_pixel_active_is_the_conv_of_the_recorded_input(name):
-    """The prologue applies to new values only: recorded ones are already activated."""
-    args, kwargs, _ = make_case(GEOMETRIES[name], ("bias", "affine", "silu"), active=0.0)
+    args, kwargs, _ = make_case(GEOMETRIES[name], ("bias",), active=0.0)
     x, recorded, in_position, out_pixels, out_size, weight, bias = args
     assert x.shape[2] == 0 and bool((in_position < 0).all())
     expected = dense_conv(recorded, weight, bias, kwargs)[:, :, out_pixels]
@@ -184,8 +169,6 @@ def test_kernel_matches_reference_on_random_cases(name, fusions, dtype, index_dt
                                                   split_k, seed):
     geometry = GEOMETRIES[name]
     size = (height, width)
-    if geometry.get("upsample", 1) > 1:
-        size = ((height + 1) // 2, (width + 1) // 2)  # the upsampled grid stays within 8x8
     if min(output_size(size, **geometry)) < 1:
         return  # the kernel does not fit this grid
     args, kwargs, _ = make_case(geometry, fusions, dtype, batch=batch, c_in=c_in, c_out=c_out,
@@ -283,7 +266,7 @@ def test_kernel_reads_strided_inputs_in_place():
 
 @needs_triton
 def test_kernel_handles_empty_inputs_and_outputs():
-    args, kwargs, _ = make_case(GEOMETRIES["3x3"], ("bias", "affine", "silu"), active=0.0)
+    args, kwargs, _ = make_case(GEOMETRIES["3x3"], ("bias",), active=0.0)
     assert_matches(sparse_conv2d(*args, **kwargs), sparse_conv2d_reference(*args, **kwargs))
     args[3] = args[3][:0]
     assert sparse_conv2d(*args, **kwargs).shape == (2, 7, 0)
@@ -329,8 +312,6 @@ def _break(args, kwargs, what):
         args[1] = args[1].double()
     elif what == "residual":
         kwargs["residual"] = kwargs["residual"][:, :, :-1]
-    elif what == "scale_alone":
-        del kwargs["shift"]
     elif what == "temb":
         kwargs["temb"] = kwargs["temb"][:1]
     elif what == "padding":
@@ -340,8 +321,7 @@ def _break(args, kwargs, what):
 @pytest.mark.parametrize("what, message", [
     ("channels", "differ in batch or channels"), ("in_position", "in_position has"),
     ("out_size", "is not the conv's output size"), ("dtype", "share one dtype"),
-    ("residual", "residual must have shape"), ("scale_alone", "scale and shift come together"),
-    ("temb", "temb must have shape"), ("padding", "padding 4")])
+    ("residual", "residual must have shape"), ("temb", "temb must have shape"), ("padding", "padding 4")])
 @pytest.mark.parametrize("fn", [sparse_conv2d_reference, sparse_conv2d],
                          ids=["reference", "triton"])
 def test_mismatched_arguments_raise_clear_errors(fn, what, message):
@@ -362,16 +342,14 @@ def test_kernel_refuses_a_wrongly_packed_weight():
 
 SD15_CASES = {
     "resnet-conv1-320-64x64": (dict(kernel=(3, 3), padding=(1, 1, 1, 1)), 320, 320, (64, 64),
-                               ("bias", "affine", "silu", "temb")),
+                               ("bias", "temb")),
     "resnet-conv2-1280-16x16": (dict(kernel=(3, 3), padding=(1, 1, 1, 1)), 1280, 1280, (16, 16),
-                                ("bias", "affine", "silu", "residual", "out_scale")),
+                                ("bias", "residual", "out_scale")),
     "conv1-2560-to-1280-16x16": (dict(kernel=(3, 3), padding=(1, 1, 1, 1)), 2560, 1280, (16, 16),
-                                 ("bias", "affine", "silu", "temb")),
+                                 ("bias", "temb")),
     "shortcut-1x1-640-to-320": (dict(kernel=(1, 1)), 640, 320, (64, 64), ("bias",)),
     "downsample-320-64-to-32": (dict(kernel=(3, 3), stride=(2, 2), padding=(0, 1, 0, 1)), 320,
                                 320, (64, 64), ("bias",)),
-    "upsample-1280-8-to-16": (dict(kernel=(3, 3), padding=(1, 1, 1, 1), upsample=2), 1280, 1280,
-                              (8, 8), ("bias",)),
 }
 
 

@@ -13,6 +13,7 @@ from fisedit_compiler.execution import sparse_ops as ops
 from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 from fisedit_compiler.passes.fuse import fuse
 from fisedit_compiler.passes.sparsify import sparsify
+from pass_checks import linted, pure
 
 
 @pytest.fixture(scope="module", params=["sd15-tiny", "sdxl-tiny"])
@@ -49,9 +50,8 @@ def test_resnet_chains_are_folded_into_convs(setup):
 
 def test_fused_and_unfused_edits_agree(setup):
     engine, inputs, program = setup
-    unfused = sparsify(fx.GraphModule(program.canonical, copy.deepcopy(program.canonical.graph)),
-                       engine.config)
-    refused = fuse(copy.deepcopy(unfused))
+    unfused = pure(sparsify, program.canonical, engine.config)
+    refused = linted(fuse, copy.deepcopy(unfused))
     assert len(refused.graph.nodes) < len(unfused.graph.nodes)
     cache = engine.new_cache()
     engine.record(cache, step=0, **inputs)
@@ -73,6 +73,6 @@ def test_fuse_leaves_chains_with_other_users_alone():
     conv = graph.call_function(ops.sparse_conv2d, (act, recorded, plan, 0, 0, weight, None,
                                                    (1, 1), (1, 1, 1, 1), (1, 1), 1))
     graph.output((conv, act))                  # the activation has a second user
-    gm = fuse(fx.GraphModule(torch.nn.Module(), graph))
+    gm = linted(fuse, fx.GraphModule(torch.nn.Module(), graph))
     (conv,) = convs(gm)
     assert conv.args[0].target is ir.silu and "silu" not in conv.kwargs

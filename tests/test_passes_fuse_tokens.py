@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.fx as fx
 
 import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
@@ -14,6 +13,7 @@ from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 from fisedit_compiler.passes.fuse import fuse
 from fisedit_compiler.passes.fuse_tokens import fuse_tokens
 from fisedit_compiler.passes.sparsify import sparsify
+from pass_checks import linted, pure
 
 
 @pytest.fixture(scope="module", params=["sd15-tiny", "sd21-tiny"])
@@ -22,9 +22,7 @@ def setup(request):
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     engine = fc.compile(unet, fc.SparseConfig())
     program = engine.program(inputs)
-    unfused = fuse(sparsify(fx.GraphModule(program.canonical,
-                                           copy.deepcopy(program.canonical.graph)),
-                            engine.config))
+    unfused = linted(fuse, pure(sparsify, program.canonical, engine.config))
     return engine, inputs, program, unfused
 
 
@@ -45,7 +43,7 @@ def test_every_transformer_block_is_fused(setup):
 
 def test_fused_and_unfused_edits_agree(setup):
     engine, inputs, program, unfused = setup
-    fused = fuse_tokens(copy.deepcopy(unfused))
+    fused = linted(fuse_tokens, copy.deepcopy(unfused))
     cache = engine.new_cache()
     engine.record(cache, step=0, **inputs)
     size = program.levels[0]

@@ -6,8 +6,14 @@ import torch
 import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
 from fisedit_compiler.execution import sparse_ops as ops
-from fisedit_compiler.passes.cache import derive_cache_set
-from fisedit_compiler.passes.sparsify import META_SPARSE
+from fisedit_compiler.execution import triton_ops
+from fisedit_compiler.graph_keys import SPARSE_MODES
+from fisedit_compiler.passes.cache import derive_cache_set, insert_cache_writes
+from fisedit_compiler.passes.fuse import fuse
+from fisedit_compiler.passes.fuse_tokens import fuse_tokens
+from fisedit_compiler.passes.lower_kernels import lower_kernels
+from fisedit_compiler.passes.sparsify import sparsify
+from pass_checks import linted, pure
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +40,26 @@ def test_every_heavy_op_becomes_its_sparse_form(program):
     assert edit_targets.count(ops.upsample_gather) == count("upsample_nearest")
     for name in ("conv2d", "group_norm", "attention", "upsample_nearest"):
         assert ir.OPS[name] not in edit_targets
-    modes = {node.meta.get(META_SPARSE) for node in canonical.graph.nodes
+    modes = {program.modes.get(node.name) for node in canonical.graph.nodes
              if node.op == "call_function"}
     assert modes == {"sparse", "global"}
+
+
+def test_every_pass_returns_a_valid_graph_and_leaves_its_input_alone(traced):
+    """Each sparse pass lints, and sparsify and the record pass never touch the canonical graph,
+    so one analyzed graph serves every config (build_program keeps no copy)."""
+    canonical = traced("sd15-tiny").gm
+    canonical.graph.lint()
+    for config in (fc.SparseConfig(), fc.SparseConfig(group_norm="cached",
+                                                      self_attention="sparse")):
+        edit = pure(sparsify, canonical, config)
+        assert set(edit.meta[SPARSE_MODES]) >= {n.name for n in canonical.graph.nodes
+                                                     if n.op == "call_function"}
+        edit = linted(fuse, edit)
+        edit = linted(fuse_tokens, edit)
+        edit = linted(lower_kernels, edit)
+        assert any(n.target in triton_ops.LOWERINGS.values() for n in edit.graph.nodes)
+        pure(insert_cache_writes, canonical, derive_cache_set(edit), config)
 
 
 def test_cache_set_is_derived_from_what_sparse_ops_read(program):

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import FiseditError
+from ..graph_keys import INPUT_POSITIONS, INPUTS
 
 FRONTENDS = ("export", "dynamo")
 
@@ -164,7 +165,7 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
                 positions.append(position)
     result = program_to_graph_module(program, extra_constants=constants, rename=dict(
         zip([n.name for n, p in zip(placeholders, is_param) if not p], user_names)))
-    result.meta["fc_input_positions"] = positions
+    result.meta[INPUT_POSITIONS] = positions
     return result
 
 
@@ -238,7 +239,7 @@ def program_to_graph_module(program, extra_constants=None, rename=None) -> fx.Gr
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     result = fx.GraphModule(root, graph)
-    result.meta["fc_inputs"] = user_inputs
+    result.meta[INPUTS] = user_inputs
     return result
 
 

@@ -1,4 +1,4 @@
-"""The reference semantics of an edit (DESIGN section 3), computed densely.
+"""The reference semantics of an edit (docs/design.md, "Oracle"), computed densely.
 
 ``masked_dense`` runs the canonical graph densely twice: on the original inputs, keeping every
 node's value, then on the edited inputs, replacing after every positional (spatial or tokens)
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import ir
 from ..execution.plan import MaskPlan
+from ..graph_keys import INPUTS
 from .capture import flatten_inputs
 
 
@@ -27,7 +28,7 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
     """The oracle's edit output for ``edited_inputs`` against the generation ``original_inputs``."""
     program = engine.program(original_inputs)
     gm = program.canonical
-    names = gm.meta["fc_inputs"]
+    names = gm.meta[INPUTS]
     original = _Recorder(gm).run_all(flatten_inputs(original_inputs), names)
     return _Masked(gm, plan, original, engine.config).run_all(
         flatten_inputs(edited_inputs), names)

@@ -9,7 +9,6 @@ here.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,9 @@ import torch.fx as fx
 
 from ..config import SparseConfig
 from ..errors import FiseditError
+from ..graph_keys import INPUTS, LEVELS, SPARSE_MODES
 from ..passes.analyze import analyze
-from ..passes.cache import CacheEntry, derive_cache_set, insert_cache_writes
+from ..passes.cache import CacheEntry, cache_writes, derive_cache_set, insert_cache_writes
 from ..passes.canonicalize import canonicalize
 from ..passes.fuse import fuse
 from ..passes.fuse_tokens import fuse_tokens
@@ -60,7 +60,17 @@ class Program:
 
     @property
     def input_names(self) -> list[str]:
-        return self.canonical.meta["fc_inputs"]
+        return self.canonical.meta[INPUTS]
+
+    @property
+    def modes(self) -> dict[str, str]:
+        """How each canonical node runs in edits: "sparse", "dense", "global" or "input"."""
+        return self.edit.meta[SPARSE_MODES]
+
+    @property
+    def cache_writes(self) -> dict[str, list[str]]:
+        """Per canonical node name, the cache keys recorded from it."""
+        return cache_writes(self.entries)
 
     @property
     def output_key(self) -> str:
@@ -72,17 +82,16 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     """The one compile path after capture, shared by SparseEngine and the "fisedit" backend.
 
     ``shared`` is an analyzed canonical graph (``trace`` or the backend's lowering of
-    a Dynamo graph); it is left untouched and may serve several configs.
+    a Dynamo graph); no pass changes it (each returns a new graph), so it may serve several
+    configs as it is.
     """
-    # A fresh graph (parameters shared) so this config's passes tag their own nodes.
-    canonical = fx.GraphModule(shared, copy.deepcopy(shared.graph))
-    canonical.meta.update(shared.meta)
+    canonical = shared
     edit = fuse_tokens(fuse(sparsify(canonical, config)))
     if config.use_triton(device_of(signature)):
         edit = lower_kernels(edit)
     entries = derive_cache_set(edit)
     record = insert_cache_writes(canonical, entries, config)
-    levels = canonical.meta["fc_levels"]
+    levels = canonical.meta[LEVELS]
     return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
 
 

@@ -1,4 +1,4 @@
-"""FISEdit-style editing sessions over stock diffusers pipelines (DESIGN section 4)."""
+"""FISEdit-style editing sessions over stock diffusers pipelines (docs/design.md, "Editing flow")."""
 
 from .session import EditResult, EditSession
 

@@ -1,4 +1,6 @@
-"""Cross-attention control for the probe steps (Prompt-to-Prompt style, DESIGN section 4).
+"""Cross-attention control for the probe steps (Prompt-to-Prompt style).
+
+(docs/design.md, "Editing flow".)
 
 FISEdit's paper says the mask is "stabilized by reusing parts of the cross-attention map
 corresponding to the unchanged text", but its released code has no such part, so this is our

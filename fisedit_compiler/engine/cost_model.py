@@ -1,8 +1,8 @@
 """The cost model: per-level dense thresholds measured on the device, not guessed.
 
-A level runs sparse or dense (and every level below a dense one is dense, DESIGN section 3),
-so for one mask the choices are "the first dense level is d" for d = 0 (the whole U-Net dense,
-which the engine runs as compiled dense) to L (all levels sparse). ``calibrate`` times every
+A level runs sparse or dense (and every level below a dense one is dense: docs/design.md,
+"Mask plans"), so for one mask the choices are "the first dense level is d" for d = 0 (the
+whole U-Net dense, which the engine runs as compiled dense) to L (all levels sparse). ``calibrate`` times every
 choice, on the device, for masks of increasing area in two layouts, one square and scattered
 squares, and sets each level's threshold between the largest active fraction at which keeping
 it sparse was fastest and the smallest at which making it dense was. Where the layouts

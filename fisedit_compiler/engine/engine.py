@@ -20,15 +20,15 @@ from ..compiler.pipeline import Program, build_program, describe_signature, devi
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
-from ..graph_keys import CACHE_INPUT, PLAN_INPUT
-from ..passes.lower_kernels import CHANNELS_LAST_KEYS
-from ..passes.sparsify import META_SPARSE
+from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PACKED_WEIGHTS, PLAN_INPUT
+from ..passes.sparsify import is_pointwise_conv
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
 
 
 class SparseEngine:
-    """A U-Net compiled for incremental edits. See DESIGN section 8 for the call sequence."""
+    """A U-Net compiled for incremental edits. See docs/design.md, "Public API", for the
+    call sequence."""
 
     def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None, _dense=None):
         check_unet(unet)
@@ -246,6 +246,16 @@ class SparseEngine:
         """Whether a program for ``signature`` has been compiled or added."""
         return signature in self._programs
 
+    def refresh_weights(self) -> None:
+        """After changing the U-Net's weights in place (a LoRA swap): pack the conv kernel's
+        weights of every program again, in place, so that captured CUDA graphs use the new
+        ones too (eager edits notice by themselves). Recordings made with the old weights
+        stay as they were: record again for edits of a new generation."""
+        for program in self._programs.values():
+            packed = getattr(program.edit, PACKED_WEIGHTS, None)
+            if packed is not None:
+                packed.refresh()
+
     @torch.no_grad()
     def dense(self, **inputs) -> torch.Tensor:
         """The U-Net's output on ``inputs``, computed densely on the fastest path: on CUDA (with
@@ -331,7 +341,7 @@ def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[di
     for node in program.canonical.graph.nodes:
         dense = node.meta.get(ir.META_MACS, 0)
         domain = node.meta.get(ir.META_DOMAIN)
-        mode = node.meta.get(META_SPARSE, "")
+        mode = program.modes.get(node.name, "")
         sparse = ideal = dense
         if dense and domain is not None and domain.positional and mode == "sparse":
             level = plan[domain.level]
@@ -340,7 +350,7 @@ def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[di
             ideal = dense * plan.raw_fraction
             if level.dense:
                 sparse = dense
-            elif ir.is_op(node, "conv2d") and not _is_pointwise_conv(node):
+            elif ir.is_op(node, "conv2d") and not is_pointwise_conv(node):
                 sparse = dense * level.tiles.shape[0] * level.tile * level.tile / positions
             elif (ir.is_op(node, "attention") and node.meta.get(ir.META_ATTN_KIND) == "self"
                   and config.self_attention == "sparse"):
@@ -351,9 +361,3 @@ def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[di
                      "dense_macs": int(dense), "sparse_macs": int(math.ceil(sparse)),
                      "ideal_macs": int(math.ceil(ideal))})
     return rows
-
-
-def _is_pointwise_conv(node: fx.Node) -> bool:
-    weight = node.args[1].meta["val"]
-    return tuple(weight.shape[-2:]) == (1, 1) and node.args[3] == (1, 1) and \
-        node.args[4] == (0, 0, 0, 0)

@@ -13,7 +13,7 @@ A plan is built once per edit mask and read by every sparse op of every step. Fo
 A dense level (active fraction above ``dense_threshold``, or below such a level) keeps every
 pixel in plain row-major order, so its compact tensors are ordinary dense tensors.
 
-How the masks are made (DESIGN section 3): the latent mask is dilated, then quantized to the
+How the masks are made (docs/design.md, "Mask plans"): the latent mask is dilated, then quantized to the
 level-0 tile grid; each lower level takes the positions that nearest-neighbour upsampling reads
 from it (so an upsample into an active tile reads only active positions, and pooling by two for
 the usual U-Net), and is quantized to its own grid.
@@ -144,7 +144,10 @@ class MaskPlan:
         thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
                       else [dense_threshold] * len(levels))
         self.dense_threshold = thresholds
-        self.memo: dict = {}     # per-plan runtime state, see engine
+        # Runtime state that belongs to this plan and goes with it (docs/design.md, "State and
+        # lifetimes"): an exact (unbucketed) plan's captured CUDA graphs, by program
+        # (``engine.cuda_graph``). A bucketed plan's graphs belong to the engine instead.
+        self.memo: dict = {}
         level_masks = effective_masks(host, levels, tiles, dilation)
         tile_counts = [int(_tile_mask(active, tile).sum())
                        for active, tile in zip(level_masks, tiles)]

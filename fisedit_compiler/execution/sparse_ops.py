@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from .. import ir
 from .kernels import group_norm as group_norm_kernels
+from .kernels import mix_rows
+from .kernels import tokens as token_kernels
 from .plan import LevelPlan, MaskPlan
 
 
@@ -49,8 +51,7 @@ def scatter_full(compact: torch.Tensor, recorded: torch.Tensor, level: LevelPlan
     """The mixed dense tensor: ``recorded`` with its active positions replaced by ``compact``."""
     if level.dense:
         return compact.reshape(recorded.shape)
-    flat = recorded.flatten(dims[0], dims[-1]).clone()
-    flat.index_copy_(dims[0], level.pixels, compact.to(flat.dtype))
+    flat = mix_rows(compact, recorded.flatten(dims[0], dims[-1]), level.pixels, dims[0])
     return flat.reshape(recorded.shape)
 
 
@@ -75,7 +76,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
 
     ``x`` is the compact input ``[B, C, P]`` and ``recorded`` the recorded dense input: the
     halo of each tile reads new values where active and recorded values elsewhere, and zero
-    padding applies outside the image (DESIGN section 3). Output tiles are computed whole
+    padding applies outside the image (docs/design.md, "Sparse ops"). Output tiles are computed whole
     (``tile x tile``) and the slots outside the image dropped.
 
     Fused prologue (applied to the new values only; the recorded input is already normalised):
@@ -226,15 +227,16 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
 # --- token ops (passes.fuse_tokens) ---------------------------------------------------------
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
-    """``(x + residual, layer_norm(x + residual))`` over the last dim."""
-    total = x + residual
-    return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)
+    """``(x + residual, layer_norm(x + residual))`` over the last dim; the specification is
+    ``kernels.tokens.add_layer_norm_reference`` (the add is done here, so that a broadcasting
+    add, which the kernel does not take, is the same function)."""
+    return token_kernels.add_layer_norm_reference(x + residual, None, weight, bias, eps)
 
 
 def geglu(x, dim: int):
-    """GEGLU: the first half of ``x`` along ``dim`` times the exact GELU of the second."""
-    hidden, gate = x.chunk(2, dim)
-    return hidden * F.gelu(gate)
+    """GEGLU: the first half of ``x`` along ``dim`` times the exact GELU of the second; the
+    specification is ``kernels.tokens.geglu_reference`` (along the last dim)."""
+    return token_kernels.geglu_reference(x.movedim(dim, -1)).movedim(-1, dim)
 
 
 # --- attention ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from ..graph_keys import LEVELS
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
         if ir.is_op(node, "attention"):
             node.meta[ir.META_ATTN_KIND] = (
                 "self" if node.args[1].meta[ir.META_DOMAIN].positional else "cross")
-    gm.meta["fc_levels"] = levels
+    gm.meta[LEVELS] = levels
     return gm
 
 

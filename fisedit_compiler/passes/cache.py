@@ -18,10 +18,7 @@ import torch.fx as fx
 from .. import ir
 from ..config import SparseConfig
 from ..execution import sparse_ops as ops
-from ..graph_keys import CACHE_INPUT
-from .sparsify import META_CACHE_KIND, META_CACHE_SOURCE
-
-META_CACHE_WRITE = "fc_cache_write"   # on canonical nodes: the keys recorded from them
+from ..graph_keys import CACHE_INPUT, LEVELS, META_CACHE_KIND, META_CACHE_SOURCE
 
 
 @dataclass(frozen=True)
@@ -38,9 +35,19 @@ def derive_cache_set(edit: fx.GraphModule) -> list[CacheEntry]:
             if node.op == "call_function" and node.target is ops.cache_read]
 
 
+def cache_writes(entries: list[CacheEntry]) -> dict[str, list[str]]:
+    """Per canonical node name, the cache keys the record graph writes from it, in order."""
+    writes: dict[str, list[str]] = {}
+    for entry in entries:
+        writes.setdefault(entry.source, []).append(entry.key)
+    return writes
+
+
 def insert_cache_writes(gm: fx.GraphModule, entries: list[CacheEntry],
                         config: SparseConfig) -> fx.GraphModule:
-    """The record graph: ``gm`` (canonical, analyzed) plus a ``cache_write`` per entry.
+    """The record graph: ``gm`` (canonical, analyzed; left unchanged) plus a ``cache_write``
+    per entry. Which keys each canonical node records is ``entries`` grouped by ``source``
+    (``cache_writes``).
 
     The record graph takes the user inputs plus ``fc_cache``, the dict that receives the step's
     recorded values, and returns the same output as ``gm``.
@@ -48,7 +55,7 @@ def insert_cache_writes(gm: fx.GraphModule, entries: list[CacheEntry],
     by_source: dict[str, list[CacheEntry]] = {}
     for entry in entries:
         by_source.setdefault(entry.source, []).append(entry)
-    tiles = config.tiles_for(gm.meta["fc_levels"])
+    tiles = config.tiles_for(gm.meta[LEVELS])
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     nodes = list(gm.graph.nodes)
@@ -67,7 +74,6 @@ def insert_cache_writes(gm: fx.GraphModule, entries: list[CacheEntry],
                 value = graph.call_function(
                     ops.group_norm_stats, (x, groups, tiles[domain.level], domain.size))
             graph.call_function(ops.cache_write, (cache, entry.key, value))
-            node.meta.setdefault(META_CACHE_WRITE, []).append(entry.key)
 
     for node in placeholders:
         write_entries(node)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from ..graph_keys import UNKNOWN_OPS
 
 aten = torch.ops.aten
 
@@ -48,7 +49,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     result_gm = fx.GraphModule(gm, graph)
     result_gm.meta.update(gm.meta)
-    result_gm.meta["fc_unknown_ops"] = unknown
+    result_gm.meta[UNKNOWN_OPS] = unknown
     return result_gm
 
 

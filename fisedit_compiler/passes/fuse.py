@@ -2,13 +2,16 @@
 residual add and output division (after) into the conv node.
 
 Why: a ResNet block is ``norm -> SiLU -> conv -> + temb`` then ``norm -> SiLU -> conv -> +
-shortcut``: eight ops over the same compact tensors for two convolutions. On the GPU the fused
-conv applies the norm as a per-(batch, channel) scale and shift and the SiLU while it loads new
-values (the halo reads the recorded post-activation input as it is, DESIGN section 3), and adds
-bias, time embedding and residual before it stores, so the intermediate tensors never reach
-memory and each conv costs one statistics kernel plus one conv kernel. On the reference path
-``sparse_ops.sparse_conv2d`` computes the same sequence with torch ops, so fused and unfused
-graphs agree, and the CPU oracle tests check the fusion itself.
+shortcut``: eight ops over the same compact tensors for two convolutions. On the GPU
+(``execution.triton_ops.sparse_conv2d``) the fused node runs as two launches: one group-norm
+kernel computes the statistics, normalises the compact input and applies the SiLU in one pass
+(only new values: the halo reads the recorded post-activation input as it is, docs/design.md
+"Sparse ops"), then the conv kernel adds bias, time embedding and residual and divides before
+it stores, so the epilogue's intermediate tensors never reach memory. (Applying the norm inside
+the conv's loads was measured slower: the conv reads each input value once per tap,
+benchmarks/RESULTS.md.) On the reference path ``sparse_ops.sparse_conv2d`` computes the same
+sequence with torch ops, so fused and unfused graphs agree, and the CPU oracle tests check the
+fusion itself.
 
 The rewrite is local and conservative: an op is absorbed only when its single user is the next
 op of the chain, the norm is at the conv's input level, the time embedding is a global value
@@ -22,6 +25,7 @@ import torch.fx as fx
 from .. import ir
 from ..execution import sparse_ops as ops
 from ..graph_keys import PLAN_INPUT
+from .pattern import args_of, call, only_user, set_args
 
 
 def fuse(edit: fx.GraphModule) -> fx.GraphModule:
@@ -39,27 +43,25 @@ def fuse(edit: fx.GraphModule) -> fx.GraphModule:
     return edit
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _fuse_prologue(graph: fx.Graph, conv: fx.Node) -> None:
-    x, level_in = conv.args[0], conv.args[3]
+    conv_args = args_of(conv)
+    x = conv_args["x"]
     absorbed = []
     silu = False
-    if ir.is_call(x, ir.silu) and _only_user(x) is conv:
+    if call(x, ir.silu) and only_user(x) is conv:
         absorbed.append(x)
-        silu, x = True, x.args[0]
+        silu, x = True, args_of(x)["x"]
     norm = None
-    if (ir.is_call(x, ops.sparse_group_norm) and _only_user(x) is (absorbed[-1] if absorbed else conv)
-            and x.args[3] == level_in):
-        _, stats, _, _, groups, weight, bias, eps, policy = x.args
-        absorbed.append(x)
-        norm, x = (stats, groups, weight, bias, eps, policy), x.args[0]
+    if call(x, ops.sparse_group_norm) and only_user(x) is (absorbed[-1] if absorbed else conv):
+        norm_args = args_of(x)
+        if norm_args["level"] == conv_args["level_in"]:
+            absorbed.append(x)
+            norm = tuple(norm_args[name] for name in
+                         ("stats", "groups", "weight", "bias", "eps", "policy"))
+            x = norm_args["x"]
     if not absorbed:
         return
-    conv.args = (x,) + conv.args[1:]
-    conv.kwargs = {**conv.kwargs, "norm": norm, "silu": silu}
+    set_args(conv, x=x, norm=norm, silu=silu)
     for node in absorbed:          # consumer first, so each has no users left when erased
         graph.erase_node(node)
 
@@ -68,7 +70,7 @@ def _fuse_epilogue(graph: fx.Graph, conv: fx.Node, positional: set) -> None:
     fused: dict = {}
     chain: list[fx.Node] = []
     last = conv
-    while (user := _only_user(last)) is not None and user.op == "call_function":
+    while (user := only_user(last)) is not None and user.op == "call_function":
         other = _other_operand(user, last)
         if (user.target is ir.add and isinstance(other, fx.Node) and "temb" not in fused
                 and "residual" not in fused and other not in positional):
@@ -87,7 +89,7 @@ def _fuse_epilogue(graph: fx.Graph, conv: fx.Node, positional: set) -> None:
         return
     # The fused conv takes the place of the chain's last node, after its extra operands.
     last.append(conv)
-    conv.kwargs = {**conv.kwargs, **fused}
+    set_args(conv, **fused)
     last.replace_all_uses_with(conv)
     for node in reversed(chain):
         graph.erase_node(node)

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops as ops
+from .pattern import args_of, call
 
 _getitem = ir.OPS["getitem"]
 
@@ -37,16 +38,18 @@ def fuse_tokens(edit: fx.GraphModule) -> fx.GraphModule:
 
 
 def _fuse_add_layer_norm(graph: fx.Graph, norm: fx.Node, order: dict) -> None:
-    total, shape, weight, bias, eps = norm.args
-    if not ir.is_call(total, ir.add) or len(shape) != 1:
+    norm_args = args_of(norm)
+    total, weight, bias = norm_args["x"], norm_args["weight"], norm_args["bias"]
+    if not call(total, ir.add) or len(norm_args["normalized_shape"]) != 1:
         return
-    x, residual = total.args
+    x, residual = total.args          # operator.add: two positional operands
     params = [p for p in (weight, bias) if isinstance(p, fx.Node)]
     if not (isinstance(x, fx.Node) and isinstance(residual, fx.Node)) or any(
             order[p] > order[total] for p in params):
         return
     with graph.inserting_after(total):
-        fused = graph.call_function(ops.add_layer_norm, (x, residual, weight, bias, eps))
+        fused = graph.call_function(ops.add_layer_norm,
+                                    (x, residual, weight, bias, norm_args["eps"]))
     with graph.inserting_after(fused):
         summed = graph.call_function(_getitem, (fused, 0))
     with graph.inserting_after(summed):
@@ -58,20 +61,23 @@ def _fuse_add_layer_norm(graph: fx.Graph, norm: fx.Node, order: dict) -> None:
 
 
 def _fuse_geglu(graph: fx.Graph, mul: fx.Node) -> None:
-    hidden, gelu = mul.args
-    if not (ir.is_call(gelu, ir.gelu) and gelu.args[1] == "none" and len(gelu.users) == 1
-            and ir.is_call(hidden, _getitem) and hidden.args[1] == 0 and len(hidden.users) == 1):
+    hidden, gelu = mul.args           # operator.mul: two positional operands
+    # getitem(split(x, [n, n], dim), 0) * gelu(getitem(<the same split>, 1), "none"), where the
+    # fused op replaces every user of every node of the pattern.
+    if not (call(gelu, ir.gelu, users=1) and args_of(gelu)["approximate"] == "none"
+            and call(hidden, _getitem, users=1) and hidden.args[1] == 0):
         return
-    gate = gelu.args[0]
+    gate = args_of(gelu)["x"]
     split = hidden.args[0]
-    if not (ir.is_call(gate, _getitem) and gate.args == (split, 1) and len(gate.users) == 1
-            and ir.is_call(split, ir.split) and len(split.users) == 2):
+    if not (call(gate, _getitem, users=1) and gate.args == (split, 1)
+            and call(split, ir.split, users=2)):
         return
-    x, sizes, dim = split.args
+    split_args = args_of(split)
+    sizes = split_args["sizes"]
     if len(sizes) != 2 or sizes[0] != sizes[1]:
         return
     with graph.inserting_before(mul):
-        fused = graph.call_function(ops.geglu, (x, dim))
+        fused = graph.call_function(ops.geglu, (split_args["x"], split_args["dim"]))
     mul.replace_all_uses_with(fused)
     for node in (mul, gelu, gate, hidden, split):
         graph.erase_node(node)

@@ -6,6 +6,11 @@ ops (CUDA) is made once, here, rather than tested on every call. The Triton-back
 same arguments and compute the same function (``execution.triton_ops``), so this pass changes
 only node targets.
 
+The conv kernel multiplies by its weight packed as one matrix; the packed copies belong to
+the program: an ``execution.triton_ops.PackedWeights`` attached to the edit graph (attribute
+``PACKED_WEIGHTS``) and passed to every sparse conv (``packed=``), so they live and go with
+it (docs/design.md, "State and lifetimes").
+
 It also names, in ``edit.meta[CHANNELS_LAST_KEYS]``, the cache keys that sparse convs read as
 their recorded input. The conv kernel gathers each pixel's channels as one vector, which is
 contiguous only in a channels-last tensor, so the cache stores those values channels-last
@@ -16,11 +21,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .. import ir
 from ..execution import sparse_ops, triton_ops
 from ..execution.triton_ops import LOWERINGS
-
-CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"
+from ..graph_keys import CHANNELS_LAST_KEYS, PACKED_WEIGHTS
+from .pattern import args_of, call, set_args
 
 
 def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
@@ -28,9 +32,15 @@ def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
     for node in edit.graph.nodes:
         if node.op == "call_function" and node.target in LOWERINGS:
             node.target = LOWERINGS[node.target]
+    convs = [node for node in edit.graph.nodes if call(node, triton_ops.sparse_conv2d)]
+    if convs:
+        edit.add_submodule(PACKED_WEIGHTS, triton_ops.PackedWeights())
+        with edit.graph.inserting_before(convs[0]):
+            packed = edit.graph.get_attr(PACKED_WEIGHTS)
+        for node in convs:
+            set_args(node, packed=packed)
+    recorded = [args_of(node)["recorded"] for node in convs]
     edit.meta[CHANNELS_LAST_KEYS] = frozenset(
-        node.args[1].args[1] for node in edit.graph.nodes
-        if ir.is_call(node, triton_ops.sparse_conv2d)
-        and ir.is_call(node.args[1], sparse_ops.cache_read))
+        args_of(read)["key"] for read in recorded if call(read, sparse_ops.cache_read))
     edit.recompile()
     return edit

@@ -35,12 +35,11 @@ import torch.fx as fx
 from .. import ir
 from ..config import SparseConfig
 from ..execution import sparse_ops as ops
-from ..graph_keys import CACHE_INPUT, PLAN_INPUT
+from ..graph_keys import (CACHE_INPUT, META_CACHE_KIND, META_CACHE_SOURCE, META_FROM,
+                          PLAN_INPUT, SPARSE_MODES)
 from .analyze import TIMESTEP_INPUT, Domain
+from .pattern import args_of
 
-META_CACHE_KIND = "fc_cache_kind"      # on cache_read nodes: "value" or "group_norm_stats"
-META_CACHE_SOURCE = "fc_cache_source"  # on cache_read nodes: the canonical node recorded
-META_SPARSE = "fc_sparse"              # how a canonical node runs in edits, see sparse_mode()
 OUTPUT_KEY = "output"
 
 
@@ -53,7 +52,11 @@ def stats_key(node: fx.Node) -> str:
 
 
 def sparsify(gm: fx.GraphModule, config: SparseConfig) -> fx.GraphModule:
-    """The edit graph of an analyzed canonical ``gm`` (left unchanged except META_SPARSE tags)."""
+    """The edit graph of an analyzed canonical ``gm``, which is left unchanged.
+
+    How each canonical node runs in edits ("sparse", "dense", "global" or "input") is returned
+    as ``edit.meta[SPARSE_MODES]``, keyed by canonical node name.
+    """
     rewriter = _Rewriter(gm, config)
     edit = rewriter.run()
     if rewriter.dense_nodes:
@@ -91,12 +94,13 @@ class _Rewriter:
         self.reads: dict[str, fx.Node] = {}
         self.levels: dict[int, fx.Node] = {}
         self.dense_nodes: list[str] = []
+        self.modes: dict[str, str] = {}   # canonical node name -> how it runs in edits
 
     # -- helpers --------------------------------------------------------------------------
     def emit(self, target, *args, source: fx.Node | None = None) -> fx.Node:
         new = self.graph.call_function(target, tuple(args))
         if source is not None:
-            new.meta["fc_from"] = source.name
+            new.meta[META_FROM] = source.name
         return new
 
     def read(self, source: fx.Node, kind: str = "value") -> fx.Node:
@@ -137,7 +141,7 @@ class _Rewriter:
                 if domain.positional:
                     self.env[node] = self.emit(ops.gather_positions, self.env[node],
                                                self.level(domain), domain.dims, source=node)
-                node.meta[META_SPARSE] = "input"
+                self.modes[node.name] = "input"
             elif node.op == "get_attr":
                 self.env[node] = self.graph.get_attr(node.target)
             elif node.op == "output":
@@ -147,6 +151,7 @@ class _Rewriter:
         self.graph.eliminate_dead_code()    # global chains whose values are now read
         edit = fx.GraphModule(self.gm, self.graph)
         edit.meta.update(self.gm.meta)
+        edit.meta[SPARSE_MODES] = self.modes
         return edit
 
     def output(self, value: fx.Node) -> fx.Node:
@@ -159,7 +164,7 @@ class _Rewriter:
     def rewrite(self, node: fx.Node) -> fx.Node:
         domain = _domain(node)
         if domain.kind == "global":
-            node.meta[META_SPARSE] = "global"
+            self.modes[node.name] = "global"
             if _timestep_only(node) and any(_domain(user).kind != "global"
                                             for user in node.users):
                 # An edit step runs at the recorded timestep (the engine checks it), so this
@@ -171,9 +176,9 @@ class _Rewriter:
             rule = _RULES.get(ir.op_name(node))
             result = rule(self, node) if rule else None
             if result is not None:
-                node.meta.setdefault(META_SPARSE, "sparse")
+                self.modes.setdefault(node.name, "sparse")
                 return result
-        node.meta[META_SPARSE] = "dense"
+        self.modes[node.name] = "dense"
         self.dense_nodes.append(node.name)
         return self.dense(node)
 
@@ -182,7 +187,7 @@ class _Rewriter:
         args = fx.map_arg(node.args, self.full)
         kwargs = fx.map_arg(node.kwargs, self.full)
         new = self.graph.call_function(node.target, args, kwargs)
-        new.meta["fc_from"] = node.name
+        new.meta[META_FROM] = node.name
         domain = _domain(node)
         if domain.positional:
             return self.emit(ops.gather_positions, new, self.level(domain), domain.dims)
@@ -222,13 +227,19 @@ def _level_of(plan, level: int):
     return plan[level]
 
 
+def is_pointwise_conv(node: fx.Node) -> bool:
+    """Whether a canonical conv2d is per-position: 1x1, stride 1, unpadded."""
+    conv = args_of(node)
+    return (_shape(conv["weight"])[-2:] == (1, 1) and tuple(conv["stride"]) == (1, 1)
+            and tuple(conv["padding"]) == (0, 0, 0, 0))
+
+
 def _conv(self: _Rewriter, node: fx.Node):
     x, weight, bias, stride, padding, dilation, groups = node.args
     source, target = _domain(x), _domain(node)
     if source.kind != "spatial":
         return None
-    weight_shape = _shape(weight)
-    if weight_shape[-2:] == (1, 1) and stride == (1, 1) and padding == (0, 0, 0, 0):
+    if is_pointwise_conv(node):
         return self.emit(ops.pointwise_conv2d, self.env[x], self.env[weight],
                          self.env.get(bias), source=node)
     return self.emit(ops.sparse_conv2d, self.env[x], self.read(x), self.plan, source.level,

@@ -1,4 +1,4 @@
-"""Triton kernels for the sparse ops, each beside its torch reference (DESIGN section 5).
+"""Triton kernels for the sparse ops, each beside its torch reference (docs/design.md, "Kernels").
 
 Every kernel module exposes ``<op>_reference`` (plain torch, the specification) and ``<op>``
 (Triton). The runtime calls a Triton kernel only where ``triton_enabled(tensor)`` says so: on a
@@ -34,3 +34,28 @@ def autotune_options() -> dict:
 def triton_enabled(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on ``tensor``'s device."""
     return HAS_TRITON and (tensor.is_cuda or INTERPRET)
+
+
+# --- mixed tensors --------------------------------------------------------------------------
+# The one place new and recorded values are mixed (docs/design.md, "Sparse ops"): the reference
+# sparse ops (``sparse_ops.scatter_full``) and the kernels' references (conv input, attention
+# K/V) all build a mixed tensor through ``mix_rows``. (The oracle mixes by mask on its own, on
+# purpose: it shares no code with what it checks.)
+
+def mix_rows(new: torch.Tensor, recorded: torch.Tensor, rows: torch.Tensor,
+             dim: int) -> torch.Tensor:
+    """``recorded`` with its row ``rows[i]`` along ``dim`` replaced by row ``i`` of ``new``
+    (cast to ``recorded``'s dtype); a new tensor. No host synchronisation, so it runs inside a
+    captured CUDA graph. Repeated rows (a padded plan) must carry equal values."""
+    mixed = recorded.clone()
+    mixed.index_copy_(dim, rows, new.to(mixed.dtype))
+    return mixed
+
+
+def mix_positions(new: torch.Tensor, recorded: torch.Tensor, position: torch.Tensor,
+                  dim: int) -> torch.Tensor:
+    """``mix_rows`` from the inverse map: row ``j`` of ``recorded`` along ``dim`` becomes row
+    ``position[j]`` of ``new`` where ``position[j] >= 0``. Finding the active rows synchronises
+    with the device, so this serves the kernels' torch references, not the runtime."""
+    active = torch.nonzero(position >= 0)[:, 0]
+    return mix_rows(new.index_select(dim, position[active].long()), recorded, active, dim)

@@ -1,4 +1,6 @@
-"""Attention of the active queries over a (possibly mixed) key/value set (DESIGN sections 3, 5).
+"""Attention of the active queries over a (possibly mixed) key/value set.
+
+(docs/design.md, "Sparse ops" and "Kernels".)
 
 ``attention`` is a flash-style Triton kernel (online softmax, fp32 accumulation) beside its
 torch specification ``attention_reference``. With recorded K/V it implements the exact ``full``
@@ -17,7 +19,7 @@ import math
 import torch
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, autotune_options
+from . import HAS_TRITON, INTERPRET, autotune_options, mix_positions
 
 if HAS_TRITON:
     import triton
@@ -201,21 +203,13 @@ def _check_inputs(q, k, v, k_recorded, v_recorded, key_position) -> bool:
     return mixed
 
 
-def _mixed_rows(new, recorded, key_position):
-    """``recorded`` with row ``j`` replaced by ``new[:, :, key_position[j]]`` where it is >= 0."""
-    active = key_position >= 0
-    mixed = recorded.clone()
-    mixed[:, :, active] = new[:, :, key_position[active]]
-    return mixed
-
-
 def attention_reference(q, k, v, scale=None, k_recorded=None, v_recorded=None,
                         key_position=None):
     """softmax(q k^T * scale) v in fp32 over k's rows, or over the mixed K/V when recorded K/V
     are given; ``scale`` None means 1 / sqrt(D), as in F.scaled_dot_product_attention."""
     if _check_inputs(q, k, v, k_recorded, v_recorded, key_position):
-        k = _mixed_rows(k, k_recorded, key_position)
-        v = _mixed_rows(v, v_recorded, key_position)
+        k = mix_positions(k, k_recorded, key_position, 2)
+        v = mix_positions(v, v_recorded, key_position, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = q.float() @ k.float().transpose(-1, -2) * scale
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)

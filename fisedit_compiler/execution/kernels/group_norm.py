@@ -1,4 +1,4 @@
-"""Group norm of a compact tensor in one Triton launch (DESIGN sections 3, 5).
+"""Group norm of a compact tensor in one Triton launch (docs/design.md, "Sparse ops", "Kernels").
 
 The group norm of the mixed tensor, restricted to the active positions, is
 ``x * scale[b, c] + shift[b, c]`` where ``x`` is the compact new input ``[B, C, P]``. The

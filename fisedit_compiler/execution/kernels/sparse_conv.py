@@ -1,16 +1,17 @@
 """Sparse convolution over the active output pixels: a torch reference and a Triton kernel.
 
 An edit recomputes a conv only at the active output pixels of its level. Each output pixel reads
-a window of the conv input, which is *mixed* (DESIGN section 3): new values at the active
+a window of the conv input, which is *mixed* (docs/design.md, "Sparse ops"): new values at the active
 positions of the source grid (the compact tensor ``x``), recorded values elsewhere, zeros in
 the padding. The kernel reads that mixed input straight from ``x`` and ``recorded``, so the
-dense mixed tensor is never built, and fuses what surrounds a conv in diffusers' ResnetBlock2D:
+dense mixed tensor is never built, and fuses what follows a conv in diffusers' ResnetBlock2D
+into its store: bias, time-embedding add, residual add, multiply by ``out_scale``.
 
-* prologue, on the new values only: a group norm's affine folded into a per-(batch, channel)
-  ``scale`` and ``shift``, then SiLU (recorded values are the recorded conv input, already
-  normalised and activated, and zero padding applies after the activation);
-* a nearest upsample by an integer factor, folded into the indexing (``Upsample2D`` + conv);
-* epilogue: bias, time-embedding add, residual add, multiply by ``out_scale``.
+What precedes the conv (group norm, SiLU) is not fused into its loads: the runtime normalises
+the compact input in one separate launch (``execution.triton_ops``), because redoing the affine
+and SiLU per tap cost more than that pass (up to 1.9x on the 1280-channel convs,
+benchmarks/RESULTS.md). A nearest upsample before a conv is a gather of the compact tensor
+(``sparse_ops.upsample_gather``), so the conv's source grid is always its input grid.
 
 ``sparse_conv2d_reference`` is plain torch and the specification; ``sparse_conv2d`` is the
 Triton implicit GEMM: M = batch x output pixels, N = output channels, K = taps x input channels.
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, autotune_options, triton_enabled
+from . import HAS_TRITON, INTERPRET, autotune_options, mix_positions, triton_enabled
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
@@ -37,41 +38,28 @@ _INT32_MAX = 2**31 - 1
 # --- the specification ----------------------------------------------------------------------
 
 def sparse_conv2d_reference(x, recorded, in_position, out_pixels, out_size, weight, bias=None, *,
-                            stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), upsample=1,
-                            scale=None, shift=None, silu=False, temb=None, residual=None,
-                            out_scale=None):
+                            stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), temb=None,
+                            residual=None, out_scale=None):
     """The conv of the mixed input at the output pixels ``out_pixels``: ``[B, Cout, P_out]``.
 
     * ``x`` ``[B, Cin, P_in]``: new values at the active source pixels, in compact order;
       ``recorded`` ``[B, Cin, Hs, Ws]``: the recorded conv input (the source grid), same dtype;
       ``in_position`` ``[Hs * Ws]``: compact index of each source pixel, -1 where inactive.
-    * ``upsample``: the conv input is the source grid upsampled (nearest) by this factor.
     * ``out_pixels`` ``[P_out]``: flat index ``oy * Wo + ox`` of each output pixel to compute;
       ``out_size`` ``(Ho, Wo)`` must be the conv's output size.
     * ``padding`` is ``(top, bottom, left, right)``, zeros.
-    * ``scale``, ``shift`` ``[B, Cin]`` (together) and ``silu``: applied to the new values.
     * ``temb`` ``[B, Cout]``, ``residual`` ``[B, Cout, P_out]``, ``out_scale`` (float): added,
       added, multiplied after the bias, in that order.
 
-    Computed in fp32 (the prologue's result is rounded to ``x.dtype`` first, as the kernel feeds
-    its matrix product in that dtype) and returned in ``x.dtype``. Grouped convs (inferred from
+    Computed in fp32 and returned in ``x.dtype``. Grouped convs (inferred from
     ``weight``'s shape) are supported here and not by the kernel. On CUDA an fp32 conv follows
     ``torch.backends.cudnn.allow_tf32`` (TF32 by default): turn it off to compare fp32 exactly.
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
-                    dilation, upsample, scale, shift, temb, residual)
+                    dilation, temb, residual)
     batch, channels, height, width = recorded.shape
-    new = x.float()
-    if scale is not None:
-        new = new * scale.float()[:, :, None] + shift.float()[:, :, None]
-    if silu:
-        new = F.silu(new)
-    flat = recorded.reshape(batch, channels, height * width).clone()
-    active = torch.nonzero(in_position >= 0)[:, 0]
-    flat[:, :, active] = new.to(x.dtype)[:, :, in_position[active].long()]
+    flat = mix_positions(x, recorded.reshape(batch, channels, height * width), in_position, 2)
     full = flat.reshape(batch, channels, height, width)
-    if upsample > 1:
-        full = full.repeat_interleave(upsample, 2).repeat_interleave(upsample, 3)
     top, bottom, left, right = padding
     full = F.pad(full.float(), (left, right, top, bottom))
     out = F.conv2d(full, weight.float(), None, stride, 0, dilation, groups)
@@ -88,7 +76,7 @@ def sparse_conv2d_reference(x, recorded, in_position, out_pixels, out_size, weig
 
 
 def _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
-           dilation, upsample, scale, shift, temb, residual) -> int:
+           dilation, temb, residual) -> int:
     """Validate the arguments shared by the reference and the kernel; return the conv's groups.
 
     Data-dependent properties (positions within ``x``, pixels within the output) are not
@@ -117,8 +105,6 @@ def _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride,
     if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
         fail(f"stride and dilation take 2 values, padding 4 (top, bottom, left, right); got "
              f"{stride}, {dilation}, {padding}")
-    if not isinstance(upsample, int) or upsample < 1:
-        fail(f"upsample must be a positive int, got {upsample!r}")
     if weight.dim() != 4 or channels % weight.shape[1] or weight.shape[0] % (
             channels // weight.shape[1]):
         fail(f"weight {tuple(weight.shape)} does not fit {channels} input channels")
@@ -126,17 +112,13 @@ def _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride,
     c_out, _, kernel_h, kernel_w = weight.shape
     top, bottom, left, right = padding
     expected = tuple(
-        (size * upsample + before + after - dil * (kernel - 1) - 1) // step + 1
+        (size + before + after - dil * (kernel - 1) - 1) // step + 1
         for size, before, after, dil, kernel, step in
         ((height, top, bottom, dilation[0], kernel_h, stride[0]),
          (width, left, right, dilation[1], kernel_w, stride[1])))
     if tuple(out_size) != expected:
         fail(f"out_size {tuple(out_size)} is not the conv's output size {expected}")
-    if (scale is None) != (shift is None):
-        fail("scale and shift come together (a group norm's affine folded per batch and "
-             "channel); pass both or neither")
-    tables = {"scale": (scale, (batch, channels)), "shift": (shift, (batch, channels)),
-              "bias": (bias, (c_out,)), "temb": (temb, (batch, c_out)),
+    tables = {"bias": (bias, (c_out,)), "temb": (temb, (batch, c_out)),
               "residual": (residual, (batch, c_out, out_pixels.numel()))}
     for name, (value, shape) in tables.items():
         if value is not None and tuple(value.shape) != shape:
@@ -265,13 +247,11 @@ if HAS_TRITON:
                      **autotune_options())
     @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket"])
     def _sparse_conv2d_kernel(
-            x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
-            temb_ptr, res_ptr, out_ptr, partial_ptr, counter_ptr,
+            x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, partial_ptr, counter_ptr,
             m_total, p_out, c_in, c_out, src_w, in_h, in_w, out_w, pad_top, pad_left, m_bucket,
             sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w, sres_b, sres_c, sres_p, out_scale,
             KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-            DIL_H: tl.constexpr, DIL_W: tl.constexpr, UPSAMPLE: tl.constexpr,
-            HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+            DIL_H: tl.constexpr, DIL_W: tl.constexpr, HAS_BIAS: tl.constexpr,
             HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -298,8 +278,8 @@ if HAS_TRITON:
             iy = oy * STRIDE_H - pad_top + (tap // KW) * DIL_H
             ix = ox * STRIDE_W - pad_left + (tap % KW) * DIL_W
             inside = row_ok & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
-            sy = tl.where(inside, iy, 0) // UPSAMPLE
-            sx = tl.where(inside, ix, 0) // UPSAMPLE
+            sy = tl.where(inside, iy, 0)
+            sx = tl.where(inside, ix, 0)
             position = tl.load(position_ptr + sy * src_w + sx, mask=inside, other=-1)
             position = position.to(tl.int32)
             new = position >= 0
@@ -314,14 +294,6 @@ if HAS_TRITON:
                 new_mask = new[:, None] & c_ok[None, :]
                 value = tl.load(x_tap[:, None] + channel[None, :] * sx_c, mask=new_mask,
                                 other=0.0)
-                if HAS_AFFINE:
-                    table = batch[:, None] * c_in + channel[None, :]
-                    value = (value.to(tl.float32)
-                             * tl.load(scale_ptr + table, mask=new_mask, other=0.0)
-                             + tl.load(shift_ptr + table, mask=new_mask, other=0.0))
-                if SILU:
-                    value = value.to(tl.float32)
-                    value = value * tl.sigmoid(value)
                 recorded = tl.load(rec_tap[:, None] + channel[None, :] * sr_c,
                                    mask=old[:, None] & c_ok[None, :], other=0.0)
                 a = tl.where(new_mask, value.to(recorded.dtype), recorded)
@@ -395,9 +367,8 @@ def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) 
 
 
 def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=None, *,
-                  stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), upsample=1,
-                  scale=None, shift=None, silu=False, temb=None, residual=None, out_scale=None,
-                  packed_weight=None, split_k=None):
+                  stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), temb=None, residual=None,
+                  out_scale=None, packed_weight=None, split_k=None):
     """``sparse_conv2d_reference`` as a Triton kernel (see the module docstring).
 
     ``packed_weight`` is ``pack_weight(weight)``, packed once per conv by the runtime (packed
@@ -417,7 +388,7 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     allocates the split-K counters).
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
-                    dilation, upsample, scale, shift, temb, residual)
+                    dilation, temb, residual)
     if groups != 1:
         raise FiseditError(
             f"sparse_conv2d: the Triton kernel supports groups == 1 only, this conv has groups="
@@ -435,8 +406,8 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
             f"sparse_conv2d: packed_weight must be pack_weight(weight), a contiguous "
             f"{weight.dtype} [{kernel_h * kernel_w * c_in}, {c_out}] tensor; got {packed.dtype} "
             f"{tuple(packed.shape)}")
-    tensors = [t for t in (x, recorded, in_position, out_pixels, packed, bias, scale, shift, temb,
-                           residual) if t is not None]
+    tensors = [t for t in (x, recorded, in_position, out_pixels, packed, bias, temb, residual)
+               if t is not None]
     if any(t.device != x.device for t in tensors):
         raise FiseditError(f"sparse_conv2d: every tensor must be on {x.device}, got "
                            f"{sorted({str(t.device) for t in tensors})}")
@@ -465,9 +436,6 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
                     * triton.cdiv(c_out, config.kwargs["BLOCK_N"])
                     for config in _sparse_conv2d_kernel.configs)
         counters = _tile_counters(x.device, tiles)
-    # The per-(batch, channel) tables are tiny; the kernel indexes them as contiguous fp32.
-    if scale is not None:
-        scale, shift = scale.float().contiguous(), shift.float().contiguous()
     temb = temb.contiguous() if temb is not None else None
     res_strides = residual.stride() if residual is not None else (0, 0, 0)
     top, _, left, _ = padding
@@ -476,14 +444,11 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
                          triton.cdiv(c_out, meta["BLOCK_N"]), splits)
     try:
         _sparse_conv2d_kernel[grid](
-            x, recorded, in_position, out_pixels, packed, bias, scale, shift, temb, residual, out,
-            partial, counters, m_total, p_out, c_in, c_out, src_w, src_h * upsample,
-            src_w * upsample, out_size[1], top, left, triton.next_power_of_2(m_total),
+            x, recorded, in_position, out_pixels, packed, bias, temb, residual, out,
+            partial, counters, m_total, p_out, c_in, c_out, src_w, src_h, src_w, out_size[1], top, left, triton.next_power_of_2(m_total),
             *x.stride(), *recorded.stride(), *res_strides, out_scale,
             KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1],
-            DIL_H=dilation[0], DIL_W=dilation[1], UPSAMPLE=upsample,
-            HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None, SILU=bool(silu),
-            HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1)
+            DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1)
     except BaseException:
         # The interpreter can fail partway through a launch, leaving some counters raised.
         if INTERPRET and counters is not None:

@@ -1,4 +1,4 @@
-"""Fused token ops of the transformer blocks (DESIGN section 5).
+"""Fused token ops of the transformer blocks (docs/design.md, "Kernels").
 
 Token tensors of a level already hold only the active positions, so these ops need no gather;
 what pays is fusing the memory-bound steps: the residual add with the layer_norm that follows

@@ -1,0 +1,36 @@
+"""Helpers for the pass tests: every pass's result is a valid graph, and its input is untouched.
+
+``linted(pass_fn, gm, *args)`` runs a pass, checks its result with ``graph.lint()`` (each node
+defined before use, targets resolvable, one output) and returns it. ``pure(pass_fn, gm, *args)``
+also checks that the input graph is unchanged: same nodes, same arguments, same metadata keys
+and values (the passes return what they find; they do not tag their input, docs/design.md,
+"Stages").
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+
+def linted(pass_fn, gm: fx.GraphModule, *args, **kwargs):
+    result = pass_fn(gm, *args, **kwargs)
+    graph = result.graph if isinstance(result, fx.GraphModule) else result
+    if isinstance(graph, fx.Graph):
+        graph.lint()
+    return result
+
+
+def snapshot(gm: fx.GraphModule) -> tuple:
+    """What a pass must not change in its input: the code, graph-level meta keys and, per node,
+    its arguments and metadata (by identity of the values, so in-place edits show too)."""
+    nodes = tuple((node.name, node.op, str(node.target), str(node.args), str(node.kwargs),
+                   tuple(sorted((key, id(value)) for key, value in node.meta.items())))
+                  for node in gm.graph.nodes)
+    return str(gm.graph), tuple(sorted(gm.meta)), nodes
+
+
+def pure(pass_fn, gm: fx.GraphModule, *args, **kwargs):
+    before = snapshot(gm)
+    result = linted(pass_fn, gm, *args, **kwargs)
+    assert snapshot(gm) == before, f"{pass_fn.__name__} changed its input graph"
+    return result

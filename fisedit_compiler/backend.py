@@ -46,10 +46,12 @@ import weakref
 
 import torch
 
-from .compiler.capture import check_unet, dynamo_input_name, lower_dynamo_graph
+from .checks import check_int, check_optional_int
+from .compiler.capture import (check_unet, dynamo_input_name, lower_dynamo_graph,
+                               warn_if_training)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
 from .config import SparseConfig
-from .engine.engine import EditCache, SparseEngine
+from .engine.engine import SparseEngine
 from .errors import FiseditError, UnsupportedGraphError
 from .execution.plan import MaskPlan, validate_mask
 from .graph_keys import INPUTS, LEVELS
@@ -83,6 +85,8 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     if mode not in (None, "default"):
         warnings.warn(f"the fisedit backend ignores mode={mode!r}", stacklevel=2)
     module, arg_names = _frame_module()
+    if module is not None:
+        warn_if_training(module)
     graph = FiseditGraph(gm, example_inputs, module=module, arg_names=arg_names,
                          strict=bool(opts["strict"]))
     if graph.problem is not None:
@@ -110,6 +114,10 @@ def _frame_module():
         tx = InstructionTranslator.current_tx()
         root = getattr(getattr(tx, "output", None), "root_tx", None) or tx
         module = root.f_locals.get("self")
+        if not isinstance(module, torch.nn.Module):
+            # torch.compile(module) on some modules (torch.nn's own, e.g. a Conv2d) starts
+            # Dynamo in a wrapper frame that holds the module as ``fn``.
+            module = root.f_locals.get("fn")
     except Exception:  # noqa: BLE001 - private API; names then fall back to the defaults
         return None, None
     if not isinstance(module, torch.nn.Module):
@@ -185,12 +193,21 @@ class FiseditGraph:
     # -- call ---------------------------------------------------------------------------------
     def __call__(self, *args):
         states = _ACTIVE.get()
-        if not states:
+        if not states and not _LIVE:
             return self.forward(*args)        # the fast path: the plain dense graph
         probe = args[self.param_positions[0]] if self.param_positions else self._probe
         for state in states:
             if id(probe) in state.param_ids:
                 return state.call(self, args)
+        for state in list(_LIVE):
+            if id(probe) in state.param_ids:
+                # Contexts live in a context variable, which a new thread does not inherit:
+                # this call would run dense and be missing from the recording (or the edit).
+                raise FiseditError(
+                    f"this U-Net is being {state.verb} in another thread, and a call from "
+                    "this thread would not be part of it; call the pipeline in the thread "
+                    "that entered the context, or run the thread in a copy of its context "
+                    "(contextvars.copy_context().run(...))")
         return self.forward(*args)            # another module's graph
 
     def flat_inputs(self, args) -> dict[str, torch.Tensor]:
@@ -329,6 +346,9 @@ _register()
 # ------------------------------------------------------------------------ recording, editing
 
 _ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("fisedit_active", default=())
+# Every open context in any thread (appends and removes are atomic under the GIL): a compiled
+# U-Net called from a thread that does not see a context of its own is refused, not run dense.
+_LIVE: list = []
 
 
 def _resolve_unet(unet):
@@ -361,7 +381,7 @@ class Recording:
         self.config = config
         self.engine = SparseEngine(unet, config)
         self.growable = num_steps is None
-        self.cache = EditCache(num_steps if num_steps is not None else 1, config)
+        self.cache = self.engine.new_cache(num_steps if num_steps is not None else 1)
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.outputs: list[torch.Tensor] = []
         self.fallbacks: list[str] = []
@@ -430,6 +450,7 @@ class Editing:
         self.steps: list[int] = []
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.outputs: list[torch.Tensor] = []
+        self.fallbacks: list[str] = []      # why calls ran dense instead (warned when they did)
 
     def __repr__(self) -> str:
         return f"Editing({len(self.steps)} calls from step {self.start_step}, {self.plan!r})"
@@ -495,7 +516,8 @@ class _EditState(_State):
     def call(self, graph: FiseditGraph, args):
         ed, rec = self.editing, self.editing.recording
         if graph.problem is not None:
-            return self.fallback(graph, UnsupportedGraphError(graph.problem), args, [])
+            return self.fallback(graph, UnsupportedGraphError(graph.problem), args,
+                                 ed.fallbacks)
         step = ed.start_step + len(ed.steps)
         if step >= rec.num_steps:
             raise FiseditError(
@@ -525,9 +547,11 @@ def _activate(state):
                 f"this U-Net is already {other.activity}; recording and editing contexts "
                 "of one U-Net cannot be nested")
     token = _ACTIVE.set(active + (state,))
+    _LIVE.append(state)
     try:
         yield
     finally:
+        _LIVE.remove(state)
         _ACTIVE.reset(token)
 
 
@@ -541,8 +565,7 @@ def recording(unet, config: SparseConfig | None = None, num_steps: int | None = 
     Yields the Recording.
     """
     module = _resolve_unet(unet)
-    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
-        raise FiseditError(f"num_steps must be a positive int or None, got {num_steps!r}")
+    num_steps = check_optional_int("num_steps", num_steps, minimum=1)
     if config is not None and not isinstance(config, SparseConfig):
         raise FiseditError(f"config must be a SparseConfig, got {type(config).__name__}")
     rec = Recording(module, config or SparseConfig(), num_steps)
@@ -566,9 +589,14 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
         raise FiseditError(f"editing needs the Recording yielded by fc.recording(...), got "
                            f"{type(recording).__name__}")
     plan = recording.plan(mask)
-    if not isinstance(start_step, int) or not 0 <= start_step < recording.num_steps:
-        raise FiseditError(f"start_step must be in 0..{recording.num_steps - 1} for a "
-                           f"recording of {recording.num_steps} steps, got {start_step!r}")
+    start_step = check_int("start_step", start_step, minimum=0,
+                           maximum=recording.num_steps - 1)
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session
+    if not session.steps and not session.fallbacks:
+        warnings.warn(
+            "fisedit: no U-Net call was edited inside fc.editing; does the pipeline hold the "
+            "compiled U-Net that was recorded (pipe.unet = torch.compile(unet, "
+            "backend=\"fisedit\"), the same one as in fc.recording)?", UnsupportedGraphWarning,
+            stacklevel=3)

@@ -388,7 +388,9 @@ def plot(results: list[dict], path: str | Path) -> bool:
 def add_bench_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="time sparse edit steps against dense eager and torch.compile (GPU)",
-        description=__doc__.split("\n\n")[0].replace("\n", " "))
+        description="Per-step U-Net latency against edit area: the sparse engine against "
+                    "dense eager and dense torch.compile, measured side by side in one run, "
+                    "with MACs and each result's error against the oracle. Needs a GPU.")
     parser.add_argument("--model", action="append", choices=sorted(RESOLUTION) + [
         f"{m}-tiny" for m in sorted(RESOLUTION)], help="zoo model (repeatable; default sd15)")
     parser.add_argument("--areas", default=",".join(str(a) for a in AREAS),
@@ -405,7 +407,8 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
-                        help="writes results.json, results.md and speedup.png (with matplotlib)")
+                        help="writes results.json, results.md and speedup.png (the plot "
+                             "needs matplotlib: pip install 'fisedit-compiler[plot]')")
     parser.set_defaults(run=run_bench_command)
 
 
@@ -426,6 +429,6 @@ def run_bench_command(args) -> int:
     (out / "results.md").write_text(markdown + "\n")
     print(markdown)
     if not plot(results, out / "speedup.png"):
-        print("matplotlib not installed: no plot (fisedit_compiler.bench.plot on results.json "
-              "makes it later)", file=sys.stderr)
+        print("matplotlib not installed: no plot (pip install 'fisedit-compiler[plot]', then "
+              "fisedit_compiler.bench.plot on results.json makes it)", file=sys.stderr)
     return 0 if all(row["ok"] for result in results for row in result["rows"]) else 1

@@ -60,6 +60,7 @@ def run_dump(args) -> int:
         Path(args.out).write_text(text, encoding="utf-8")
     except OSError as error:
         raise FiseditError(f"cannot write {args.out}: {error.strerror}") from None
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_choice, check_float, check_int
 from .errors import FiseditError
 
 # Whether Triton can be imported, and whether its CPU interpreter is on (TRITON_INTERPRET=1,
@@ -16,6 +17,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 GROUP_NORM_POLICIES = ("incremental", "cached")
+FRONTENDS = ("export", "dynamo")        # capture's frontends (compiler/capture.py)
 ATTENTION_POLICIES = ("full", "sparse")
 KERNELS = ("auto", "triton", "torch")
 
@@ -63,29 +65,37 @@ class SparseConfig:
     bucket_ratio: float = 1.25
 
     def __post_init__(self):
-        if self.group_norm not in GROUP_NORM_POLICIES:
-            raise FiseditError(f"SparseConfig.group_norm must be one of {GROUP_NORM_POLICIES}, "
-                               f"got {self.group_norm!r}")
-        if self.self_attention not in ATTENTION_POLICIES:
-            raise FiseditError(f"SparseConfig.self_attention must be one of "
-                               f"{ATTENTION_POLICIES}, got {self.self_attention!r}")
-        tiles = self.tile if isinstance(self.tile, tuple) else (self.tile,)
-        if not tiles or any(not isinstance(t, int) or t < 1 for t in tiles):
-            raise FiseditError(f"SparseConfig.tile must be a positive int or a tuple of them, "
-                               f"got {self.tile!r}")
-        if self.dilation < 0:
-            raise FiseditError(f"SparseConfig.dilation must be >= 0, got {self.dilation}")
-        thresholds = (self.dense_threshold if isinstance(self.dense_threshold, tuple)
-                      else (self.dense_threshold,))
-        if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
-            raise FiseditError(f"SparseConfig.dense_threshold must be in [0, 1] (or a tuple of "
-                               f"such values, one per level), got {self.dense_threshold!r}")
-        if not (isinstance(self.bucket_ratio, (int, float)) and self.bucket_ratio > 1):
+        check_choice("SparseConfig.group_norm", self.group_norm, GROUP_NORM_POLICIES)
+        check_choice("SparseConfig.self_attention", self.self_attention, ATTENTION_POLICIES)
+        check_choice("SparseConfig.frontend", self.frontend, FRONTENDS)
+        check_choice("SparseConfig.kernels", self.kernels, KERNELS)
+        # Lists are taken as tuples (the config is hashed: engines key their programs by it).
+        self._normalize("tile", lambda value, name: check_int(name, value, minimum=1))
+        self._normalize("dense_threshold",
+                        lambda value, name: check_float(name, value, minimum=0.0, maximum=1.0))
+        object.__setattr__(self, "dilation",
+                           check_int("SparseConfig.dilation", self.dilation, minimum=0))
+        bucket_ratio = check_float("SparseConfig.bucket_ratio", self.bucket_ratio)
+        if bucket_ratio <= 1:
             raise FiseditError(f"SparseConfig.bucket_ratio must be a number > 1, got "
                                f"{self.bucket_ratio!r}")
-        if self.kernels not in KERNELS:
-            raise FiseditError(f"SparseConfig.kernels must be one of {KERNELS}, got "
-                               f"{self.kernels!r}")
+        for flag in ("check_inputs", "cuda_graphs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise FiseditError(f"SparseConfig.{flag} must be True or False, got "
+                                   f"{getattr(self, flag)!r}")
+
+    def _normalize(self, field_name: str, check) -> None:
+        """A per-level field: one value, or a non-empty tuple (or list) of values."""
+        value = getattr(self, field_name)
+        name = f"SparseConfig.{field_name}"
+        if isinstance(value, (tuple, list)):
+            if not value:
+                raise FiseditError(f"{name} must be one value or a non-empty tuple of them "
+                                   "(one per level, finest first)")
+            value = tuple(check(item, f"{name}[{i}]") for i, item in enumerate(value))
+        else:
+            value = check(value, name)
+        object.__setattr__(self, field_name, value)
 
     def tiles_for(self, levels: list[tuple[int, int]]) -> list[int]:
         """The tile side of each level, clipped to the level's size."""

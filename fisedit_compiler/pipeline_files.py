@@ -94,13 +94,55 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
             f"{path} is not a folder; pass the folder a pipeline was saved to with "
             "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there")
     index = read_model_index(path)
+    _check_model_index(path, index)
     missing = _missing_components(path, index)
     if missing:
         raise FiseditError(
             f"the pipeline saved at {path} lists components whose folders are missing or empty: "
             f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
             "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype))
+    try:
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True,
+                                                 **_dtype_kwarg(dtype))
+    except (OSError, ValueError, ImportError, AttributeError, TypeError, KeyError) as error:
+        # A saved folder diffusers cannot load (damaged weights, a config of another version):
+        # bad input, reported with diffusers' reason rather than as a traceback.
+        raise FiseditError(f"diffusers cannot load the pipeline saved at {path} "
+                           f"({type(error).__name__}: {error})") from error
+
+
+def _check_model_index(path, index: dict) -> None:
+    """The pipeline class and every component class must be ones diffusers and transformers
+    ship: a folder naming custom code would need ``trust_remote_code``, which we never pass."""
+    import importlib
+
+    import diffusers
+
+    cls_name = index.get("_class_name")
+    if not isinstance(cls_name, str):
+        raise FiseditError(
+            f"{path}/model_index.json has no _class_name (the pipeline class); save the "
+            "pipeline again with pipe.save_pretrained(...)")
+    if not hasattr(diffusers, cls_name):
+        raise FiseditError(
+            f"{path} holds a {cls_name}, which is not a diffusers pipeline (custom pipeline "
+            "code is not loaded); save a StableDiffusionPipeline or StableDiffusionXLPipeline")
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2 \
+                or value[0] is None or value[1] is None:
+            continue
+        library, component = value
+        try:
+            module = importlib.import_module(library if library in ("diffusers", "transformers")
+                                             else f"diffusers.pipelines.{library}")
+            known = hasattr(module, component)
+        except ImportError:
+            known = False
+        if not known:
+            raise FiseditError(
+                f"{path}: component {key} is {library}.{component}, which neither diffusers "
+                "nor transformers provides (custom code is not loaded); save the pipeline "
+                "with stock components")
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

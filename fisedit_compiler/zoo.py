@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_int
 from .compiler.capture import example_inputs, latent_size  # noqa: F401 - part of the zoo API
 from .errors import FiseditError
 from .pipeline_files import byte_vocab, clip_tokenizer, load_pipeline, read_model_index
@@ -83,7 +84,7 @@ def config(name: str) -> dict:
 
 
 def _check_name(name: str) -> None:
-    if name not in CONFIGS:
+    if not isinstance(name, str) or name not in CONFIGS:
         raise FiseditError(
             f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
@@ -93,6 +94,7 @@ def unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device
     import diffusers
 
     _check_name(name)
+    _check_seed_and_dtype(seed, dtype)
     cls_name, cfg = CONFIGS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -100,6 +102,13 @@ def unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device
     if dtype != torch.float32:  # diffusers' ModelMixin.to warns whenever a dtype is passed
         model = model.to(dtype=dtype)
     return model.to(device=device).eval()
+
+
+def _check_seed_and_dtype(seed, dtype) -> None:
+    check_int("seed", seed, minimum=0)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FiseditError(f"dtype must be a floating torch.dtype such as torch.float16, got "
+                           f"{dtype!r}")
 
 
 def from_config(cfg: dict, *, seed: int = 0):
@@ -292,11 +301,13 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     """
     from pathlib import Path
 
+    _check_seed_and_dtype(seed, dtype)
     if name == "shapes":
         from .shapes import load_pipeline as load_shapes
 
         return load_shapes(path, dtype)
-    if name is not None and name not in PIPELINE_CONFIGS and name not in ("ddpm", "ddpm-tiny"):
+    if name is not None and (not isinstance(name, str) or name not in PIPELINE_CONFIGS
+                             and name not in ("ddpm", "ddpm-tiny")):
         raise FiseditError(f"unknown pipeline name {name!r}; choose one of "
                            f"{', '.join(PIPELINE_NAMES + ('shapes',))}")
     if name is not None:

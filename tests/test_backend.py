@@ -417,3 +417,55 @@ def test_registers_on_import_without_entry_point(monkeypatch):
     backend._register()
     assert registry._COMPILER_FNS["fisedit"] is fisedit_backend
     backend._register()                       # again (a reload): no duplicate-name error
+
+
+# Issue 18: nothing the backend cannot honour passes silently.
+
+@pytest.mark.parametrize("model, x", [(torch.nn.Conv2d(3, 3, 3, padding=1), torch.randn(1, 3, 8, 8)),
+                                      (torch.nn.Linear(4, 4), torch.randn(2, 4))])
+def test_a_module_that_is_not_a_unet_warns(model, x):
+    with pytest.warns(UnsupportedGraphWarning, match=f"comes from a {type(model).__name__}, "
+                                                     "not a diffusers U-Net"):
+        assert torch.equal(torch.compile(model, backend="fisedit")(x), model(x))
+
+
+@torch.no_grad()
+def test_an_editing_context_that_edits_nothing_warns(sd15):
+    """The pipeline holds the plain U-Net: its calls never reach the backend."""
+    unet, compiled, inputs = sd15
+    t = torch.tensor(500)
+    with fc.recording(compiled) as rec:
+        call(compiled, inputs, t)
+    with pytest.warns(UnsupportedGraphWarning, match="no U-Net call was edited"):
+        with fc.editing(rec, box((16, 16), 0, 0, 4, 4)):
+            call(unet, inputs, t)
+
+
+@torch.no_grad()
+def test_calls_from_another_thread_are_refused_or_run_in_a_copied_context(sd15):
+    import contextvars
+    import threading
+
+    unet, compiled, inputs = sd15
+    t = torch.tensor(500)
+    outcome = {}
+
+    def in_thread():
+        try:
+            with torch.no_grad():
+                call(compiled, inputs, t)
+            outcome["result"] = "ran"
+        except fc.FiseditError as error:
+            outcome["result"] = str(error)
+
+    with fc.recording(compiled) as rec:
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+        assert "being recorded in another thread" in outcome["result"]
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(in_thread,))
+        thread.start()
+        thread.join()
+    assert outcome["result"] == "ran" and rec.num_steps == 1       # recorded, from the thread
+    in_thread()                                                    # no context open: dense
+    assert outcome["result"] == "ran"

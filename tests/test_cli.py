@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from fisedit_compiler import zoo
 from fisedit_compiler.cli import main
@@ -101,3 +103,100 @@ def test_dump_sdxl_json(tmp_path):
     assert [level["size"] for level in summary["levels"].values()] == [
         [128, 128], [64, 64], [32, 32]]
     assert summary["unknown_ops"] == {}
+
+
+# Issue 18: every argument of edit and demo is checked before a pipeline is loaded (minutes
+# at SD size), and unloadable pipeline folders are exit code 2, not a traceback.
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command loads or builds a pipeline."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before the arguments were checked")
+
+    monkeypatch.setattr(zoo, "load_pipeline", loaded)
+    monkeypatch.setattr(zoo, "pipeline", loaded)
+
+
+def _red_square_png(path, size=128):
+    from PIL import Image
+
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[8:24, 8:24] = (255, 0, 0)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask", "missing.png"], "cannot read the mask missing.png"),
+    (["--mask", "{empty}"], "marks no pixel"),
+    (["--mask", "{red}", "--mask-box", "0,0,1,1"], "either --mask or --mask-box"),
+    (["--mask-box", "0,0,2,1"], "--mask-box needs"),
+    (["--mask-box", "nan,0,1,1"], "--mask-box needs"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--steps", "0"], "--steps 0 is out of range"),
+    (["--steps", "4", "--probe-steps", "4"], "--probe-steps 4 is out of range"),
+    (["--seed", "-3"], "--seed -3 is out of range"),
+    (["--size", "0"], "--size 0 is out of range"),
+    (["--device", "nonsense"], "--device 'nonsense' cannot be used"),
+])
+@pytest.mark.parametrize("command", ["edit", "demo"])
+def test_edit_and_demo_check_arguments_before_loading(command, extra, message, tmp_path,
+                                                      capsys, no_loading):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "empty.png")
+    red = str(_red_square_png(tmp_path / "red.png"))
+    extra = [arg.format(empty=tmp_path / "empty.png", red=red) for arg in extra]
+    base = (["edit", "--pipeline", str(tmp_path), "--prompt", "a", "--edit", "b"]
+            if command == "edit" else ["demo"])
+    assert main(base + ["--out", str(tmp_path / "out")] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_loading(tmp_path, capsys, no_loading):
+    assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "--device 'cuda' cannot be used here" in capsys.readouterr().err
+
+
+def test_an_rgb_mask_png_marks_its_coloured_pixels(tmp_path):
+    from fisedit_compiler.execution.plan import load_mask_png
+
+    mask = load_mask_png(str(_red_square_png(tmp_path / "red.png")), (16, 16))
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[1:3, 1:3] = True
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda index: index.pop("_class_name"), "has no _class_name"),
+    (lambda index: index.update(_class_name="MyCustomPipeline"),
+     "MyCustomPipeline, which is not a diffusers pipeline"),
+    (lambda index: index.update(scheduler=["my_scheduler", "MyScheduler"]),
+     "component scheduler is my_scheduler.MyScheduler"),
+])
+def test_unloadable_pipeline_folders_are_exit_2(saved_pipeline, tmp_path, capsys, change,
+                                                message):
+    folder = tmp_path / "custom"
+    shutil.copytree(saved_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    change(index)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["dump", "--pipeline", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_dump_out_says_what_it_wrote(tmp_path, capsys):
+    out = tmp_path / "dump.txt"
+    assert main(["dump", "--model", "sd15-tiny", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out and out.stat().st_size > 0
+
+
+def test_help_texts_cite_nothing_missing_and_show_no_markup(capsys):
+    for command in ("dump", "edit", "demo", "bench"):
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "``" not in text and "DESIGN" not in text, command

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -347,3 +348,92 @@ def test_an_identical_mask_gets_the_same_plan_back():
     assert other is not plan and not torch.equal(other.raw, plan.raw)
     assert engine.plan(mask) is not plan                 # only the last plan is kept
     assert torch.equal(engine.plan(mask).raw, plan.raw)
+
+
+# Issue 18: every bad argument is refused before any capture, and nothing is dropped silently.
+
+def test_step_indices_of_any_integer_type_are_taken(sd15_tiny):
+    engine, cache, inputs, _ = sd15_tiny
+    plan = engine.plan(box((16, 16), 1, 1, 3, 3))
+    expected = engine.edit(cache, 0, plan=plan, **inputs)
+    for step in (np.int64(0), torch.tensor(0)):
+        assert torch.equal(engine.edit(cache, step, plan=plan, **inputs), expected)
+    with pytest.raises(fc.FiseditError, match="step must be an int, got float"):
+        engine.edit(cache, 0.0, plan=plan, **inputs)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"foo": 1}, "unknown U-Net input"),
+    ({"cross_attention_kwargs": {"scale": 0.5}}, "cross_attention_kwargs"),
+    ({"return_dict": True}, "return_dict"),
+    ({"class_labels": "cat"}, "class_labels must be a tensor"),
+])
+def test_stray_keywords_are_refused_not_ignored(sd15_tiny, extra, message):
+    engine, cache, inputs, _ = sd15_tiny
+    plan = engine.plan(box((16, 16), 1, 1, 3, 3))
+    with pytest.raises(fc.FiseditError, match=message):
+        engine.edit(cache, 0, plan=plan, **dict(inputs, **extra))
+    with pytest.raises(fc.FiseditError, match=message):
+        engine.record(engine.new_cache(1), 0, **dict(inputs, **extra))
+
+
+def test_missing_and_misplaced_inputs_are_refused_before_capture(sd15_tiny):
+    engine = sd15_tiny[0]
+    traces = dict(engine._traces)
+    with pytest.raises(fc.FiseditError, match="missing U-Net input.*encoder_hidden_states"):
+        engine.record(engine.new_cache(1), 0, sample=torch.zeros(2, 4, 16, 16), timestep=1)
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
+            for k, v in zoo.example_inputs(engine.unet).items()}
+    with pytest.raises(fc.FiseditError, match="is on meta but the U-Net is on cpu"):
+        engine.record(engine.new_cache(1), 0, **meta)
+    assert engine._traces == traces                      # nothing was captured
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_dtypes_against_the_cache_are_refused_before_compiling(sd15_tiny, dtype):
+    engine, cache, inputs, _ = sd15_tiny
+    plan = engine.plan(box((16, 16), 1, 1, 3, 3))
+    cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+    programs = dict(engine._programs)
+    with pytest.raises(fc.FiseditError, match=f"recorded .*float32.*got .*{str(dtype)[6:]}"):
+        engine.edit(cache, 0, plan=plan, **cast)
+    with pytest.raises(fc.FiseditError, match="use engine.new_cache"):
+        engine.record(cache, 1, **cast)
+    assert engine._programs == programs                  # no program built for the new dtype
+
+
+def test_a_cache_of_another_engine_is_refused(sd15_tiny):
+    """Same config, other weights: the values in the cache are another U-Net's."""
+    engine, cache, inputs, _ = sd15_tiny
+    other = fc.compile(zoo.unet("sd15-tiny", seed=1), engine.config)
+    with pytest.raises(fc.FiseditError, match="made by another engine"):
+        other.edit(cache, 0, plan=engine.plan(box((16, 16), 1, 1, 3, 3)), **inputs)
+    with pytest.raises(fc.FiseditError, match="made by another engine"):
+        other.record(cache, 1, **inputs)
+
+
+def test_a_plan_with_other_tiles_names_them(sd15_tiny):
+    engine, cache, inputs, _ = sd15_tiny
+    other = engine.with_config(fc.SparseConfig(tile=2, check_inputs=True))
+    with pytest.raises(fc.FiseditError, match=r"with tiles \[2, 2\].*with tiles \[4, 2\]"):
+        engine.edit(cache, 0, plan=other.plan(box((16, 16), 1, 1, 3, 3)), **inputs)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.new_cache(2, "1000"), "device_budget_bytes must be an int"),
+    (lambda e: e.new_cache(2.0), "num_steps must be an int"),
+    (lambda e: e.new_cache(0), "num_steps 0 is out of range"),
+    (lambda e: e.plan(torch.zeros(16, 16, dtype=torch.bool, device="meta")), "meta device"),
+    (lambda e: fc.compile(e.unet, {"dilation": 1}), r"SparseConfig\(\*\*config\)"),
+])
+def test_bad_engine_arguments_are_refused(sd15_tiny, call, message):
+    with pytest.raises(fc.FiseditError, match=message):
+        call(sd15_tiny[0])
+
+
+def test_a_unet_in_training_mode_with_dropout_warns():
+    unet = zoo.from_config(dict(zoo.CONFIGS["sd15-tiny"][1], dropout=0.1)).train()
+    engine = fc.compile(unet)
+    with pytest.warns(UserWarning, match="training mode with .* dropout"):
+        engine.program(zoo.example_inputs(unet))

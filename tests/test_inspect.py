@@ -299,6 +299,17 @@ def test_sparse_stage_marks_how_an_edit_runs_each_node():
     assert "sparse MACs" in inspect.render(report, "text")
 
 
+def test_sparse_stage_labels_the_rows_of_a_dense_plan_dense():
+    """A mask large enough for every level to run dense: the rows say so, as the levels do."""
+    unet = zoo.unet("sd15-tiny")
+    mask = mask_from_box("0.0,0.0,0.7,0.7", (16, 16))
+    report = inspect.sparse_report(unet, zoo.example_inputs(unet), mask, model="sd15-tiny",
+                                   frontend="export")
+    assert all(level["dense"] for level in report["summary"]["sparse"]["levels"])
+    modes = {row["sparse"] for row in report["nodes"] if row["kind"] == "call_function"}
+    assert modes == {"dense", "global"}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"stage": "sparse"}, "needs exactly one of --mask"),
     ({"mask_box": "0,0,0.5,0.5"}, "needs exactly one of --mask"),

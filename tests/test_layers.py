@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # belongs to the last, user-facing layer (edit_flow, backend, inspect, bench, cli, zoo, shapes,
 # pipeline_files and the package's __init__).
 LAYERS = (
-    ("core", ("errors", "config", "ir", "graph_keys")),
+    ("core", ("errors", "checks", "config", "ir", "graph_keys")),
     ("execution", ("execution",)),      # mask plan, reference sparse ops, kernels, launchers
     ("passes", ("passes",)),
     ("compiler", ("compiler",)),        # capture and the pass pipeline, producing a Program

@@ -238,3 +238,28 @@ def test_full_size_pipeline(run_slow, name, cls, te_hidden, vae_size, scaling, p
         assert pipe.text_encoder_2.config.projection_dim == 1280
     img = _images(pipe, size=64, steps=1)
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+# Issue 18: the loaders check their arguments before building anything.
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: zoo.unet("sd15-tiny", seed="0"), "seed must be an int"),
+    (lambda: zoo.unet("sd15-tiny", dtype="float16"), "dtype must be a floating torch.dtype"),
+    (lambda: zoo.unet(["sd15-tiny"]), "unknown model name"),
+    (lambda: zoo.pipeline("sd15-tiny", seed=-1), "seed -1 is out of range"),
+    (lambda: zoo.pipeline(("sd15-tiny",)), "unknown pipeline name"),
+    (lambda: zoo.pipeline("sd15-tiny", dtype=torch.int8), "floating torch.dtype"),
+])
+def test_loaders_refuse_bad_arguments(call, message):
+    with pytest.raises(FiseditError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch=0), "batch 0 is out of range"), (dict(height=2.5), "height must be an int"),
+    (dict(timestep=float("nan")), "timestep must be a finite number"),
+])
+def test_example_inputs_refuse_bad_arguments(kwargs, message):
+    unet = zoo.unet("sd15-tiny")
+    with pytest.raises(FiseditError, match=message):
+        zoo.example_inputs(unet, **kwargs)

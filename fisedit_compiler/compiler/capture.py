@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..checks import check_float, check_int
+from ..config import FRONTENDS
 from ..errors import FiseditError
 from ..graph_keys import INPUT_POSITIONS, INPUTS
 
-FRONTENDS = ("export", "dynamo")
 
 
 def check_unet(module) -> None:
@@ -34,6 +35,21 @@ def check_unet(module) -> None:
         raise FiseditError(
             f"{type(module).__name__} is not a diffusers U-Net: fisedit-compiler compiles "
             "UNet2DConditionModel and UNet2DModel (for a pipeline, pass pipe.unet)")
+
+
+def warn_if_training(module) -> None:
+    """Warn when ``module`` is in training mode with active dropout: its graph would then
+    drop activations at random, so records and edits would not match (nor the oracle)."""
+    dropouts = [name for name, sub in module.named_modules()
+                if sub.training and isinstance(sub, torch.nn.Dropout) and sub.p > 0]
+    if dropouts:
+        import warnings
+
+        warnings.warn(
+            f"{type(module).__name__} is in training mode with {len(dropouts)} active dropout "
+            f"layer(s) (e.g. {dropouts[0]}): the captured graph drops activations at random, so "
+            "edits will not match the recorded generation; call .eval() before compiling",
+            stacklevel=3)
 
 
 def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
@@ -69,11 +85,16 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
         raise FiseditError(
             f"{type(model).__name__} is not a diffusers U-Net; pass a UNet2DConditionModel "
             "or UNet2DModel (for a pipeline, pass pipe.unet)")
+    batch = check_int("batch", batch, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    text_length = check_int("text_length", text_length, minimum=1)
+    timestep = check_float("timestep", timestep)
     cfg = model.config
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     h0, w0 = latent_size(model)
-    h, w = height or h0, width or w0
+    h = h0 if height is None else check_int("height", height, minimum=1)
+    w = w0 if width is None else check_int("width", width, minimum=1)
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):

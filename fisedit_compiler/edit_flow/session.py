@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..checks import check_choice, check_float, check_int, check_optional_int, check_prompt
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
@@ -82,16 +83,20 @@ class EditResult:
     """An edit: ``images`` (the pipeline's output for the requested ``output_type``, with the
     original's pixels outside the edited region unless ``composite_background=False``),
     ``mask`` (bool, latent resolution: the mask the plan was built from), ``plan``, ``latents``
-    (final; equal to the original's outside ``plan.levels[0].active``) and ``report`` (timings,
-    MACs, areas, whether the background was composited).
+    (final; equal to the original's outside ``plan.levels[0].active``), ``report`` (timings,
+    MACs, areas, whether the background was composited) and ``region`` (bool, latent
+    resolution: ``mask`` grown by the config's dilation, what the edit may change; the images
+    are composited outside it).
     """
     images: object
     mask: torch.Tensor
     plan: MaskPlan
     latents: torch.Tensor
     report: dict
+    region: torch.Tensor
     _trajectory: Trajectory = field(repr=False)
     _generation: int = field(repr=False)
+    _session: "EditSession" = field(repr=False)   # only the session that made it accepts it
 
 
 class EditSession:
@@ -104,12 +109,16 @@ class EditSession:
         self.engine = SparseEngine(pipe.unet, config)
         # Recorded steps beyond this many bytes on the device go to pinned host memory and are
         # prefetched one step ahead during edits (EditCache); None keeps every step on it.
-        self.cache_budget_bytes = cache_budget_bytes
+        self.cache_budget_bytes = check_optional_int("cache_budget_bytes", cache_budget_bytes,
+                                                     minimum=0)
         self.cache: EditCache | None = None
         self.original: Trajectory | None = None
         self.generate_time_s: float | None = None
         self.prepare_report: dict | None = None   # engine.prepare's, after generate
-        self._scheduler_type: type | None = None   # the scheduler class of the generation
+        # The scheduler class and config of the generation: an edit under another one (say
+        # another prediction_type) would leave the recorded background behind.
+        self._scheduler: tuple | None = None
+        self.seed: int | None = None    # the seed of the generation's noise (None: given)
         self._generation = 0   # bumped by generate and accept; results of older ones are stale
         self._forward_params = inspect.signature(type(pipe.unet).forward).parameters
 
@@ -122,13 +131,23 @@ class EditSession:
         """Run the pipeline densely, recording every step; returns the pipeline's images.
 
         The initial noise comes from ``latents`` if given, else ``generator``, else ``seed``;
-        it is kept so that edits start from the same noise. The previous generation (and its
-        cache) is replaced only when this call succeeds.
+        it is kept so that edits start from the same noise. ``seed=None`` draws a fresh random
+        seed, kept in ``session.seed``. The previous generation (and its cache) is replaced
+        only when this call succeeds.
         """
-        _check_kwargs(pipeline_kwargs)
+        check_prompt("prompt", prompt)
+        check_prompt("negative_prompt", negative_prompt, optional=True)
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
+        guidance_scale = check_float("guidance_scale", guidance_scale)
+        self._check_kwargs(pipeline_kwargs)
         _check_output_type(output_type)
         self._check_scheduler()
         height, width = self._size(height, width)
+        if latents is None and generator is None:
+            seed = torch.Generator().seed() if seed is None else check_int("seed", seed,
+                                                                          minimum=0)
+        else:
+            seed = None     # the noise comes from latents= or generator=
         noise = self._noise(seed, generator, latents, height, width)
         trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
                                 num_inference_steps, noise, output_type=output_type)
@@ -153,7 +172,8 @@ class EditSession:
         # arrays in place.
         trajectory.images = _copy_images(images)
         self.cache, self.original = cache, trajectory
-        self._scheduler_type = type(self.pipe.scheduler)
+        self._scheduler = _scheduler_identity(self.pipe.scheduler)
+        self.seed = seed
         self._generation += 1
         # Compile now what edits would otherwise compile on their way (the dense graph of the
         # probe steps, one captured sparse step per capacity bucket), so that the first edit
@@ -209,14 +229,16 @@ class EditSession:
         step).
 
         ``composite_background`` (default True) makes the background of the decoded images
-        exact: outside ``plan.levels[0].active`` upsampled to pixels (each latent pixel covers a
-        ``vae_scale_factor``-square block) the images take the original's pixels, inside the
-        edit's. Why: the latents there already equal the original's bit for bit, but the VAE
-        decoder is not local (global group norms, a mid-block attention), so the raw decode
-        shifts background pixels too. Cost: nothing on the GPU side (no extra decode), a few ms
-        on the host for "pil". Seam risk: pixels just outside the region come from the
-        original, so a change that bleeds beyond the planned region (already dilated and
-        tile-quantised) is cut at the region's edge. It needs the original's images in the same
+        exact: outside ``result.region`` (the mask grown by ``SparseConfig.dilation``: what
+        the edit may change, whatever region the plan computed) upsampled to pixels (each
+        latent pixel covers a ``vae_scale_factor``-square block) the images take the original's
+        pixels, inside the edit's. Why: outside the plan's active region the latents already
+        equal the original's bit for bit, but the VAE decoder is not local (global group norms,
+        a mid-block attention), so the raw decode shifts background pixels too; and a plan
+        computes whole tiles, or everything when it goes dense. Cost: nothing on the GPU side
+        (no extra decode), a few ms on the host for "pil". Seam risk: pixels just outside the
+        region come from the original, so a change that bleeds beyond the dilated mask is cut
+        at its edge. It needs the original's images in the same
         form: the edit's ``output_type`` must be the one of the generation (or accepted edit)
         it edits, else FiseditError before any step runs; ``"latent"`` output needs nothing
         (it is the latents, exact already). ``composite_background=False`` returns the raw
@@ -224,19 +246,19 @@ class EditSession:
         ``report["composite_area_fraction"]`` the fraction of pixels taken from the edit.
         """
         original = self._require_generation()
-        _check_kwargs(pipeline_kwargs)
+        check_prompt("new_prompt", new_prompt)
+        check_prompt("negative_prompt", negative_prompt, optional=True)
+        mask_dilation = check_int("mask_dilation", mask_dilation, minimum=0)
+        self._check_kwargs(pipeline_kwargs)
         _check_output_type(output_type)
         self._check_scheduler()
-        if type(self.pipe.scheduler) is not self._scheduler_type:
-            raise FiseditError(
-                f"the generation was recorded with {self._scheduler_type.__name__} but the "
-                f"pipeline now has {type(self.pipe.scheduler).__name__}; edits must use the "
-                "recorded scheduler (or call generate again)")
-        if mask_mode not in MASK_MODES:
-            raise FiseditError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        if mask_estimator not in tac.ESTIMATORS:
-            raise FiseditError(f"mask_estimator must be one of {tuple(tac.ESTIMATORS)}, got "
-                               f"{mask_estimator!r}")
+        self._check_same_scheduler()
+        check_choice("mask_mode", mask_mode, MASK_MODES)
+        for flag, value in (("cross_attention_control", cross_attention_control),
+                            ("composite_background", composite_background)):
+            if not isinstance(value, bool):
+                raise FiseditError(f"{flag} must be True or False, got {value!r}")
+        check_choice("mask_estimator", mask_estimator, tuple(tac.ESTIMATORS))
         estimator = tac.ESTIMATORS[mask_estimator]
         steps = original.num_steps if num_inference_steps is None else num_inference_steps
         height = original.height if height is None else height
@@ -249,9 +271,7 @@ class EditSession:
                 "to change them)")
         if probe_steps is None:
             probe_steps = estimator.dense_steps(steps)
-        if not isinstance(probe_steps, int) or not 0 <= probe_steps < steps:
-            raise FiseditError(f"probe_steps must be an int in [0, {steps - 1}], got "
-                               f"{probe_steps!r}")
+        probe_steps = check_int("probe_steps", probe_steps, minimum=0, maximum=steps - 1)
         latent_size = tuple(original.noise.shape[-2:])
         user_mask = None
         if mask is not None:
@@ -261,7 +281,8 @@ class EditSession:
             raise FiseditError("probe_steps=0 leaves the 'probe' estimator nothing to measure; "
                                "give probe_steps >= 1, another mask_estimator, or a user mask "
                                "with mask_mode='replace'")
-        guidance = original.guidance_scale if guidance_scale is None else guidance_scale
+        guidance = (original.guidance_scale if guidance_scale is None
+                    else check_float("guidance_scale", guidance_scale))
         if (guidance > 1) != (original.guidance_scale > 1):
             raise FiseditError(
                 f"the generation used guidance_scale={original.guidance_scale} and the edit "
@@ -291,10 +312,14 @@ class EditSession:
         images = self._run(trajectory, run.unet_call, run.on_step_end, output_type,
                            pipeline_kwargs)
         run_s = time.perf_counter() - start
+        # What the edit may change is its mask grown by the engine's dilation, whatever region
+        # the plan computed (tile-quantised, or all of it when the plan went dense).
+        dilation = self.engine.config.dilation
+        region = tac.dilate(run.mask, 2 * dilation + 1) if dilation else run.mask
         composite_area = None
         if composite:
             images, composite_area = self._composite(images, original.images, output_type,
-                                                     run.plan.levels[0].active)
+                                                     region)
         total = time.perf_counter() - start
         # The edit's own images (composited), kept apart from the caller's: accept makes them
         # the next edits' original.
@@ -312,8 +337,8 @@ class EditSession:
         report["cross_attention_control"] = control is not None
         if control is not None:
             report["shared_token_positions"] = int(control.new_positions.numel())
-        return EditResult(images, run.mask, run.plan, trajectory.latents[-1], report,
-                          trajectory, self._generation)
+        return EditResult(images, run.mask, run.plan, trajectory.latents[-1], report, region,
+                          trajectory, self._generation, self)
 
     def accept(self, result: EditResult) -> None:
         """Make ``result`` the new original generation, so that later edits build on it.
@@ -329,7 +354,13 @@ class EditSession:
         changes only if every step records.
         """
         self._require_generation()
-        if not isinstance(result, EditResult) or result._generation != self._generation:
+        if not isinstance(result, EditResult):
+            raise FiseditError(f"accept takes an EditResult from session.edit, got "
+                               f"{type(result).__name__}")
+        if result._session is not self:
+            raise FiseditError("this EditResult was made by another EditSession; accept it in "
+                               "the session that made it, or edit again in this one")
+        if result._generation != self._generation:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")
         trajectory = result._trajectory
@@ -487,6 +518,43 @@ class EditSession:
             raise FiseditError("nothing to edit yet: call session.generate(prompt, seed) first")
         return self.original
 
+    def _check_kwargs(self, pipeline_kwargs: dict) -> None:
+        """Pipeline keywords must be ones the pipeline takes and the session does not set.
+        Diffusers pipelines take ``**kwargs`` and drop names they do not know, so a typo would
+        otherwise be ignored without a word."""
+        managed = sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS))
+        if managed:
+            raise FiseditError(
+                f"EditSession sets {', '.join(managed)} itself (noise, batch and per-step "
+                "blending depend on them); pass seed=/generator=/latents= to generate instead")
+        params = inspect.signature(type(self.pipe).__call__).parameters
+        accepted = {name for name, param in params.items()
+                    if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
+        unknown = sorted(set(pipeline_kwargs) - accepted)
+        if unknown:
+            raise FiseditError(
+                f"unknown keyword(s) {', '.join(unknown)}: neither EditSession nor "
+                f"{type(self.pipe).__name__} takes them; check the spelling")
+        if pipeline_kwargs.get("cross_attention_kwargs") is not None:
+            raise FiseditError(
+                "cross_attention_kwargs (attention processor options such as a LoRA scale) "
+                "are not supported: the compiled graphs run the U-Net's own attention; fuse "
+                "LoRA weights into the U-Net (pipe.fuse_lora()) instead")
+
+    def _check_same_scheduler(self) -> None:
+        recorded, current = self._scheduler, _scheduler_identity(self.pipe.scheduler)
+        if recorded[0] != current[0]:
+            raise FiseditError(
+                f"the generation was recorded with {recorded[0]} but the pipeline now has "
+                f"{current[0]}; edits must use the recorded scheduler (or call generate again)")
+        changed = sorted(key for key in set(recorded[1]) | set(current[1])
+                         if recorded[1].get(key) != current[1].get(key))
+        if changed:
+            raise FiseditError(
+                f"the scheduler's config changed since the generation ({', '.join(changed)}); "
+                "edits must use the recorded scheduler config, since the recorded background "
+                "follows it (restore it, or call generate again)")
+
     def _check_scheduler(self) -> None:
         scheduler = self.pipe.scheduler
         name = type(scheduler).__name__
@@ -505,7 +573,8 @@ class EditSession:
     def _size(self, height, width) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor
         default = self.pipe.unet.config.sample_size * scale
-        height, width = height or default, width or default
+        height = default if height is None else check_int("height", height, minimum=scale)
+        width = default if width is None else check_int("width", width, minimum=scale)
         if height % scale or width % scale:
             raise FiseditError(f"height and width must be multiples of {scale}, got "
                                f"{height}x{width}")
@@ -523,7 +592,7 @@ class EditSession:
                                    f"{tuple(latents.shape)}")
             return latents.to(device=device, dtype=dtype).clone()
         if generator is None:
-            generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
+            generator = torch.Generator("cpu").manual_seed(seed)
         return torch.randn(shape, generator=generator, device=generator.device,
                            dtype=dtype).to(device)
 
@@ -753,12 +822,9 @@ def _copy_images(images):
     return images
 
 
-def _check_kwargs(pipeline_kwargs: dict) -> None:
-    managed = sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS))
-    if managed:
-        raise FiseditError(
-            f"EditSession sets {', '.join(managed)} itself (noise, batch and per-step blending "
-            "depend on them); pass seed=/generator=/latents= to generate instead")
+def _scheduler_identity(scheduler) -> tuple[str, dict]:
+    """The scheduler's class name and config (its constructor arguments)."""
+    return type(scheduler).__name__, dict(scheduler.config)
 
 
 def _history(scheduler) -> list:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int, check_optional_int
 from ..config import SparseConfig
 from ..errors import FiseditError
 
@@ -173,14 +174,14 @@ class EditCache:
     """
 
     def __init__(self, num_steps: int, config: SparseConfig,
-                 device_budget_bytes: int | None = None):
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise FiseditError(f"num_steps must be a positive int, got {num_steps!r}")
-        if device_budget_bytes is not None and device_budget_bytes < 0:
-            raise FiseditError(f"device_budget_bytes must be >= 0 or None, got "
-                               f"{device_budget_bytes}")
+                 device_budget_bytes: int | None = None, *, owner=None):
+        num_steps = check_int("num_steps", num_steps, minimum=1)
+        device_budget_bytes = check_optional_int("device_budget_bytes", device_budget_bytes,
+                                                 minimum=0)
         self.num_steps = num_steps
         self.config = config
+        # The engine that made it (engine.new_cache): only that engine records or edits it.
+        self.owner = owner
         self.device_budget_bytes = device_budget_bytes
         self.signature: tuple | None = None
         self.layout: StoreLayout | None = None     # fixed by the first recorded step

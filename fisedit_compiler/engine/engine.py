@@ -9,13 +9,15 @@ edit is checked against it, and a failed call never changes it.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.fx as fx
 
 from .. import ir
-from ..compiler.capture import check_unet, example_inputs, flatten_inputs
+from ..checks import check_int
+from ..compiler.capture import check_unet, example_inputs, flatten_inputs, warn_if_training
 from ..compiler.pipeline import Program, build_program, describe_signature, device_of, trace
 from ..config import SparseConfig
 from ..errors import FiseditError
@@ -32,6 +34,11 @@ class SparseEngine:
 
     def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None, _dense=None):
         check_unet(unet)
+        if config is not None and not isinstance(config, SparseConfig):
+            hint = (" (from a dict: fc.SparseConfig(**config))" if isinstance(config, dict)
+                    else "")
+            raise FiseditError(f"config must be a SparseConfig{hint}, got "
+                               f"{type(config).__name__}")
         self.unet = unet
         self.config = config or SparseConfig()
         self._programs: dict[tuple, Program] = {}
@@ -42,6 +49,10 @@ class SparseEngine:
         self._last_plan: tuple | None = None        # (mask key, MaskPlan), see plan()
         self._buckets: dict[tuple, list[Bucket]] = {}          # per level layout
         self._captured: dict[tuple, CapturedSteps] = {}        # per signature
+        # The U-Net's keyword inputs, read once: every record and edit checks against them.
+        self._forward_params = {name: param for name, param in
+                                inspect.signature(type(unet).forward).parameters.items()
+                                if name != "self"}
 
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs."""
@@ -60,6 +71,7 @@ class SparseEngine:
         if signature not in self._programs:
             key = (signature, self.config.frontend)
             if key not in self._traces:
+                warn_if_training(self.unet)
                 self._traces[key] = trace(self.unet, inputs, self.config.frontend)
             self._programs[signature] = build_program(signature, self._traces[key], self.config)
         return self._programs[signature]
@@ -83,19 +95,21 @@ class SparseEngine:
     def new_cache(self, num_steps: int = 1, device_budget_bytes: int | None = None) -> EditCache:
         """An empty cache for a generation of ``num_steps`` U-Net calls; steps beyond
         ``device_budget_bytes`` on the device are kept in pinned host memory."""
-        return EditCache(num_steps, self.config, device_budget_bytes)
+        return EditCache(num_steps, self.config, device_budget_bytes, owner=self)
 
     @torch.no_grad()
     def record(self, cache: EditCache, step: int = 0, **inputs) -> torch.Tensor:
         """Run the U-Net densely on ``inputs`` and record what edits of ``step`` will read."""
-        self._check_cache(cache, step)
-        program = self.program(inputs)
-        if cache.signature is not None and cache.signature != program.signature:
+        step = self._check_cache(cache, step)
+        self._check_inputs(inputs)
+        signature = self.signature(inputs)    # checked before compiling anything for it
+        if cache.signature is not None and cache.signature != signature:
             raise FiseditError(
                 "this cache belongs to a generation with inputs "
                 f"({describe_signature(cache.signature)}) but record got "
-                f"({describe_signature(program.signature)}); "
+                f"({describe_signature(signature)}); "
                 "use engine.new_cache() for a new generation")
+        program = self.program(inputs)
         flat = flatten_inputs(inputs)
         store: dict = {}
         output = program.record(**flat, **{CACHE_INPUT: store})
@@ -119,6 +133,7 @@ class SparseEngine:
             raise FiseditError(
                 f"the edit mask must be 2-D [H, W] at latent resolution, got shape "
                 f"{tuple(mask.shape)}; drop batch and channel dimensions")
+        validate_mask(mask, tuple(mask.shape))    # dtype and device, before compiling for it
         program = self.program_for_size(tuple(mask.shape))
         if not program.levels:
             raise FiseditError("this U-Net graph has no spatial levels, so there is nothing "
@@ -156,7 +171,8 @@ class SparseEngine:
         time spent, in seconds, and the number of graphs captured."""
         import time
 
-        self._check_cache(cache, step)
+        step = self._check_cache(cache, step)
+        self._check_inputs(inputs)
         program = self.program(inputs)
         device = device_of(program.signature)
         started = time.perf_counter()
@@ -195,25 +211,30 @@ class SparseEngine:
     def edit(self, cache: EditCache, step: int = 0, plan: MaskPlan | None = None,
              **inputs) -> torch.Tensor:
         """Recompute only the planned region of step ``step`` for the edited ``inputs``."""
-        if plan is None:
-            raise FiseditError("edit needs plan=engine.plan(mask)")
-        self._check_cache(cache, step)
+        if not isinstance(plan, MaskPlan):
+            raise FiseditError(f"edit needs plan=engine.plan(mask), got {type(plan).__name__}")
+        step = self._check_cache(cache, step)
         if step not in cache.steps:
             recorded = sorted(cache.steps) or "none"
             raise FiseditError(
                 f"step {step} has not been recorded (recorded steps: {recorded}); call "
                 "engine.record(cache, step, **inputs) on the original generation first")
-        program = self.program(inputs)
-        if cache.signature != program.signature:
+        self._check_inputs(inputs)
+        signature = self.signature(inputs)    # checked before compiling anything for it
+        if cache.signature != signature:
             raise FiseditError(
                 "the edit inputs do not match the recorded generation: recorded "
                 f"({describe_signature(cache.signature)}), got "
-                f"({describe_signature(program.signature)}); "
+                f"({describe_signature(signature)}); "
                 "edits must keep the resolution, batch and dtypes of the original")
-        if plan.level_sizes != program.levels or [l.tile for l in plan.levels] != program.tiles:
+        program = self.program(inputs)
+        plan_tiles = [level.tile for level in plan.levels]
+        if plan.level_sizes != program.levels or plan_tiles != program.tiles:
             raise FiseditError(
-                f"the plan was made for levels {plan.level_sizes} but this generation has "
-                f"levels {program.levels}; make the plan with engine.plan(mask) for a mask at "
+                f"the plan was made for levels {plan.level_sizes} with tiles {plan_tiles}, but "
+                f"this engine's generation has levels {program.levels} with tiles "
+                f"{program.tiles} (SparseConfig.tile={self.config.tile!r}); make the plan with "
+                f"this engine: engine.plan(mask) for a mask at "
                 f"{program.levels[0][0]}x{program.levels[0][1]}")
         flat = flatten_inputs(inputs)
         self._check_timestep(cache, step, flat)
@@ -262,6 +283,7 @@ class SparseEngine:
         ``config.cuda_graphs``) the canonical graph under ``torch.compile`` with CUDA graphs,
         compiled once per signature and shared by ``with_config`` engines; elsewhere the
         module itself. Full-mask edits and the editing flow's dense probe steps use it."""
+        self._check_inputs(inputs)
         if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
             return self.unet(**inputs)[0]
         return self._compiled_dense(self.program(inputs), flatten_inputs(inputs))
@@ -289,16 +311,65 @@ class SparseEngine:
         }
 
     # -- validation -----------------------------------------------------------------------
-    def _check_cache(self, cache, step) -> None:
+    def _check_cache(self, cache, step) -> int:
+        """Check that ``cache`` is this engine's and return ``step`` as an index into it."""
         if not isinstance(cache, EditCache):
             raise FiseditError(f"expected an EditCache from engine.new_cache(), got "
                                f"{type(cache).__name__}")
         if cache.config != self.config:
             raise FiseditError("this cache was made by an engine with a different SparseConfig; "
                                "use the engine that created it or record a new cache")
-        if not isinstance(step, int) or not 0 <= step < cache.num_steps:
-            raise FiseditError(f"step {step!r} is out of range for a cache of "
-                               f"{cache.num_steps} steps (0..{cache.num_steps - 1})")
+        if cache.owner is not self:
+            # Another engine's cache holds another U-Net's (or another compile's) values: an
+            # edit against it would mix weights without any error.
+            raise FiseditError("this cache was made by another engine (engine.new_cache() of "
+                               "another fc.compile call or U-Net); edit with the engine that "
+                               "recorded it, or record a new cache with this engine")
+        return check_int("step", step, minimum=0, maximum=cache.num_steps - 1)
+
+    def _check_inputs(self, inputs: dict) -> None:
+        """The U-Net keyword inputs: names of its forward, tensors (or dicts of tensors), the
+        required ones present, on the U-Net's device. Checked before any capture, so a typo
+        or a stray keyword is an error here, not an export traceback or a silently dropped
+        argument."""
+        params = self._forward_params
+        # Dict inputs may come flattened, as the captured graph names them
+        # (added_cond_kwargs_text_embeds); the backend passes them so.
+        unknown = sorted(name for name in inputs if name not in params
+                         if not any(name.startswith(p + "_") for p in params))
+        if unknown:
+            raise FiseditError(
+                f"unknown U-Net input(s) {', '.join(unknown)}; {type(self.unet).__name__} takes "
+                f"{', '.join(params)}")
+        missing = [name for name, param in params.items()
+                   if param.default is inspect.Parameter.empty and inputs.get(name) is None]
+        if missing:
+            raise FiseditError(f"missing U-Net input(s) {', '.join(missing)}; pass them as "
+                               "keywords, as for unet(**inputs)")
+        if inputs.get("return_dict", False):
+            raise FiseditError("the engine returns the output sample tensor; drop "
+                               "return_dict=True (or pass return_dict=False)")
+        device = next(self.unet.parameters()).device
+        for name, value in inputs.items():
+            if name == "return_dict" or value is None:
+                continue
+            if name == "cross_attention_kwargs":
+                raise FiseditError(
+                    "cross_attention_kwargs (attention processor options such as a LoRA scale) "
+                    "are not supported: the compiled graphs run the U-Net's own attention; "
+                    "fuse LoRA weights into the U-Net (pipe.fuse_lora()) instead")
+            if name == "timestep" and isinstance(value, (int, float)) and \
+                    not isinstance(value, bool):
+                continue
+            tensors = (value.values() if isinstance(value, dict)
+                       else value if isinstance(value, (list, tuple)) else [value])
+            for tensor in tensors:
+                if not isinstance(tensor, torch.Tensor):
+                    raise FiseditError(f"U-Net input {name} must be a tensor (or a dict of "
+                                       f"tensors), got {type(tensor).__name__}")
+                if tensor.device != device:
+                    raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
+                                       f"U-Net is on {device}; move it with .to({str(device)!r})")
 
     @staticmethod
     def _check_timestep(cache, step, flat) -> None:
@@ -343,7 +414,10 @@ def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[di
         domain = node.meta.get(ir.META_DOMAIN)
         mode = program.modes.get(node.name, "")
         sparse = ideal = dense
-        if dense and domain is not None and domain.positional and mode == "sparse":
+        positional = domain is not None and domain.positional and mode == "sparse"
+        if positional and plan[domain.level].dense:
+            mode = "dense"      # rewritten sparsely, but this plan runs its level dense
+        if dense and positional:
             level = plan[domain.level]
             positions = level.size[0] * level.size[1]
             fraction = level.count / positions

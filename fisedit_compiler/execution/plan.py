@@ -311,6 +311,10 @@ def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
             raise FiseditError(
                 f"the edit mask must be a bool tensor or array of shape {size}, got "
                 f"{type(mask).__name__}") from error
+    if mask.device.type == "meta":
+        raise FiseditError(
+            "the edit mask is on the meta device, which holds shapes but no values; make it "
+            "on the cpu (or the U-Net's device)")
     if mask.dtype != torch.bool:
         raise FiseditError(
             f"the edit mask must have dtype bool, got {mask.dtype}; convert it with "
@@ -334,22 +338,41 @@ def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
 
 
 def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """A bool edit mask at latent ``size`` from a PNG (white = edit) at latent resolution or an
-    integer multiple of it (the image size); any edited pixel marks its latent pixel (max
+    """A bool edit mask at latent ``size`` from a PNG (``read_mask_png``) at latent resolution
+    or an integer multiple of it (the image size); any edited pixel marks its latent pixel (max
     pooling, as FISEdit does)."""
+    return mask_to_latent(read_mask_png(path), size, f"the mask {path}")
+
+
+def read_mask_png(path: str) -> torch.Tensor:
+    """The bool pixel mask of a PNG (white = edit; in colour images any channel above 127, on
+    opaque pixels). Needs no model, so the command line reads it before loading one."""
     import numpy as np
     from PIL import Image
 
     try:
-        image = np.asarray(Image.open(path).convert("L"))
+        image = Image.open(path)
+        # Any bright channel marks an edit: a red square on black (RGB) would be dark in
+        # grayscale (red is 76/255 there) and read as an empty mask. Transparent pixels (an
+        # alpha channel, e.g. a mask painted on a transparent layer) are not edits.
+        rgba = np.asarray(image.convert("RGBA"))
     except OSError as error:
         raise FiseditError(f"cannot read the mask {path}: {error}") from None
-    mask = torch.from_numpy(image > 127)
+    mask = torch.from_numpy((rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 127))
+    if not mask.any():
+        raise FiseditError(
+            f"the mask {path} marks no pixel (white, or any channel above 127, is an edit); "
+            "paint the region to edit, or leave the mask out for the automatic one")
+    return mask
+
+
+def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str) -> torch.Tensor:
+    """A pixel mask max-pooled to latent ``size`` (it must be that size or a whole multiple)."""
     height, width = size
     if mask.shape[0] % height or mask.shape[1] % width or \
             mask.shape[0] // height != mask.shape[1] // width:
         raise FiseditError(
-            f"the mask {path} is {mask.shape[1]}x{mask.shape[0]} pixels; it must be the image "
+            f"{source} is {mask.shape[1]}x{mask.shape[0]} pixels; it must be the image "
             f"size or the latent size {width}x{height} (or an integer multiple of it)")
     factor = mask.shape[0] // height
     return F.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
@@ -461,14 +484,21 @@ def _tile_slots(tiles: np.ndarray, tile: int, size: tuple[int, int]) -> np.ndarr
     return np.where(inside, rows * width + cols, -1).reshape(-1)
 
 
-def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
-    """A bool mask from ``"x0,y0,x1,y1"`` in fractions of the width and height."""
+def parse_box(box: str) -> tuple[float, float, float, float]:
+    """``"x0,y0,x1,y1"`` in fractions of the width and height, checked."""
     try:
         x0, y0, x1, y1 = (float(v) for v in box.split(","))
     except ValueError:
         raise FiseditError(f"--mask-box must be x0,y0,x1,y1 as fractions in [0, 1], got {box!r}") from None
+    # Written so that NaN fails too.
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
         raise FiseditError(f"--mask-box needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}")
+    return x0, y0, x1, y1
+
+
+def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask from ``"x0,y0,x1,y1"`` in fractions of the width and height."""
+    x0, y0, x1, y1 = parse_box(box)
     height, width = size
     mask = torch.zeros(size, dtype=torch.bool)
     mask[int(y0 * height):max(int(y0 * height) + 1, round(y1 * height)),

@@ -182,7 +182,9 @@ class Trainer:
         if not path.is_file():
             raise SystemExit(f"--resume: no checkpoint at {path}; run without --resume first "
                              "(or pass the --work folder of the earlier run)")
-        blob = torch.load(path, map_location=self.device, weights_only=False)
+        # Weights-only: the checkpoint holds tensors, numbers and strings; nothing in it needs
+        # (or may run) arbitrary unpickling.
+        blob = torch.load(path, map_location=self.device, weights_only=True)
         if blob["config"] != {"tiny": self.args.tiny, "size": self.args.size}:
             raise SystemExit(f"--resume: the checkpoint was made with {blob['config']}, not "
                              f"tiny={self.args.tiny} size={self.args.size}")

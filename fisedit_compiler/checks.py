@@ -1,0 +1,86 @@
+"""Argument checks shared by every public entry point (engine, EditSession, backend, CLI).
+
+One helper per kind of argument, so that the engine, the session, the backend contexts and the
+command line refuse the same bad value with the same message, before any expensive work. Each
+raises FiseditError naming the argument, what it got, and what it takes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from .errors import FiseditError
+
+
+def check_int(name: str, value, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """``value`` as a Python int in ``[minimum, maximum]``.
+
+    Integral numpy scalars and 0-d integer tensors are accepted (through ``__index__``, so a
+    step index taken from ``np.arange`` or ``torch.arange`` works); bools, floats and strings
+    are refused, since ``True`` or ``2.5`` as a count or an index is a mistake, not a request.
+    """
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise FiseditError(f"{name} must be an int, got the bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise FiseditError(f"{name} must be an int, got {_describe(value)}") from None
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        low = "" if minimum is None else f"{minimum} <= "
+        high = "" if maximum is None else f" <= {maximum}"
+        raise FiseditError(f"{name} {number} is out of range: it must satisfy "
+                           f"{low}{name}{high}")
+    return number
+
+
+def check_optional_int(name: str, value, *, minimum: int | None = None) -> int | None:
+    """``check_int`` for arguments where None means "not set" (e.g. no memory budget)."""
+    return None if value is None else check_int(name, value, minimum=minimum)
+
+
+def check_float(name: str, value, *, minimum: float | None = None,
+                maximum: float | None = None) -> float:
+    """``value`` as a finite Python float in ``[minimum, maximum]``; ints are fine, NaN, inf,
+    bools and strings are not (a NaN guidance scale, for one, silently turns guidance off)."""
+    if isinstance(value, bool) or isinstance(value, str):
+        raise FiseditError(f"{name} must be a number, got {_describe(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FiseditError(f"{name} must be a number, got {_describe(value)}") from None
+    if not math.isfinite(number):
+        raise FiseditError(f"{name} must be a finite number, got {number}")
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        low = "" if minimum is None else f"{minimum} <= "
+        high = "" if maximum is None else f" <= {maximum}"
+        raise FiseditError(f"{name} {number} is out of range: it must satisfy "
+                           f"{low}{name}{high}")
+    return number
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise FiseditError(f"{name} must be one of {', '.join(map(repr, choices))}, "
+                           f"got {value!r}")
+
+
+def check_prompt(name: str, value, *, optional: bool = False) -> None:
+    """One text prompt: a str (None too where ``optional``). Lists are refused: a session edits
+    one image, so a batch of prompts is several sessions."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        hint = ("; a session generates and edits one image: run one EditSession per prompt"
+                if isinstance(value, (list, tuple)) else "")
+        raise FiseditError(f"{name} must be one str, got {_describe(value)}{hint}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"

@@ -33,11 +33,12 @@ import torch
 import torch.fx as fx
 
 from . import ir, zoo
+from .checks import check_int
 from .compiler import capture
 from .compiler.pipeline import STAGES as COMPILE_STAGES
 from .compiler.pipeline import trace
 from .errors import FiseditError
-from .execution.plan import load_mask_png, mask_from_box
+from .execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from .graph_keys import LEVELS
 from .passes.analyze import module_path
 
@@ -482,19 +483,25 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
     _check_format(fmt)  # fail before the capture, which takes seconds to minutes
     if fmt == "svg":
         _dot_program()
-    if batch < 1:
-        raise FiseditError(f"batch must be at least 1, got {batch}")
+    batch = check_int("batch", batch, minimum=1)
     if stage not in STAGES:
         raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
     if (stage == "sparse") != (mask is not None or mask_box is not None):
         raise FiseditError("--stage sparse needs exactly one of --mask PNG or --mask-box "
                            "x0,y0,x1,y1, and the masks need --stage sparse")
+    if mask is not None and mask_box is not None:
+        raise FiseditError("give either --mask or --mask-box, not both")
+    # The mask, read before the U-Net is built and captured (seconds to minutes).
+    pixels = read_mask_png(mask) if mask is not None else None
+    if mask_box is not None:
+        parse_box(mask_box)
     unet = zoo.unet(model) if model is not None else pipeline_unet(pipeline)
     inputs = zoo.example_inputs(unet, batch=batch)
     label = model if model is not None else str(pipeline)
     if stage == "sparse":
         size = tuple(inputs["sample"].shape[-2:])
-        edit_mask = load_mask_png(mask, size) if mask is not None else mask_from_box(mask_box, size)
+        edit_mask = (mask_to_latent(pixels, size, f"the mask {mask}") if pixels is not None
+                     else mask_from_box(mask_box, size))
         return render(sparse_report(unet, inputs, edit_mask, model=label, frontend=frontend), fmt)
     gm = trace(unet, inputs, frontend, stage)
     return render(report(gm, model=label, stage=stage, frontend=frontend), fmt)

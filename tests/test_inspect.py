@@ -275,7 +275,7 @@ def test_networkx(canonical):
     ({}, "exactly one"),
     ({"model": "sd15-tiny", "pipeline": "x"}, "exactly one"),
     ({"model": "sd15-tiny", "fmt": "yaml"}, "unknown format"),
-    ({"model": "sd15-tiny", "batch": 0}, "batch must be at least 1"),
+    ({"model": "sd15-tiny", "batch": 0}, "batch 0 is out of range"),
 ])
 def test_dump_rejects_bad_arguments(kwargs, message):
     with pytest.raises(FiseditError, match=message):
@@ -314,6 +314,8 @@ def test_sparse_stage_labels_the_rows_of_a_dense_plan_dense():
     ({"stage": "sparse"}, "needs exactly one of --mask"),
     ({"mask_box": "0,0,0.5,0.5"}, "needs exactly one of --mask"),
     ({"stage": "sparse", "mask_box": "0.5,0,0.2,1"}, "x0 < x1"),
+    ({"stage": "sparse", "mask": "missing.png"}, "cannot read the mask missing.png"),
+    ({"stage": "sparse", "mask": "m.png", "mask_box": "0,0,1,1"}, "either --mask or --mask-box"),
 ])
 def test_sparse_stage_argument_errors(kwargs, message):
     with pytest.raises(FiseditError, match=message):

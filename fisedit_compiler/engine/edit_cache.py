@@ -195,9 +195,7 @@ class EditCache:
     def resize(self, num_steps: int) -> None:
         """Make this the cache of a generation of ``num_steps`` U-Net calls (a recording whose
         length was not known in advance grows, then shrinks to the steps it recorded)."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise FiseditError(f"num_steps must be a positive int, got {num_steps!r}")
-        self.num_steps = num_steps
+        self.num_steps = check_int("num_steps", num_steps, minimum=1)
 
     # -- storing ----------------------------------------------------------------------------
     def put(self, step: int, store: dict, channels_last=()) -> None:

@@ -62,6 +62,12 @@ def check_float(name: str, value, *, minimum: float | None = None,
     return number
 
 
+def check_bool(name: str, value) -> None:
+    """A flag: True or False only (a string such as "no" is truthy, so it is no flag)."""
+    if not isinstance(value, bool):
+        raise FiseditError(f"{name} must be True or False, got {_describe(value)}")
+
+
 def check_choice(name: str, value, choices: tuple) -> None:
     if not isinstance(value, str) or value not in choices:
         raise FiseditError(f"{name} must be one of {', '.join(map(repr, choices))}, "
@@ -77,6 +83,16 @@ def check_prompt(name: str, value, *, optional: bool = False) -> None:
         hint = ("; a session generates and edits one image: run one EditSession per prompt"
                 if isinstance(value, (list, tuple)) else "")
         raise FiseditError(f"{name} must be one str, got {_describe(value)}{hint}")
+
+
+def check_no_cross_attention_kwargs(value) -> None:
+    """``cross_attention_kwargs`` (attention processor options) would be dropped by the
+    compiled graphs, which run the U-Net's own attention: refused wherever it can be passed."""
+    if value is not None:
+        raise FiseditError(
+            "cross_attention_kwargs (attention processor options such as a LoRA scale) are not "
+            "supported: the compiled graphs run the U-Net's own attention; fuse LoRA weights "
+            "into the U-Net (pipe.fuse_lora()) instead")
 
 
 def _describe(value) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_choice, check_float, check_int
+from .checks import check_bool, check_choice, check_float, check_int
 from .errors import FiseditError
 
 # Whether Triton can be imported, and whether its CPU interpreter is on (TRITON_INTERPRET=1,
@@ -80,9 +80,7 @@ class SparseConfig:
             raise FiseditError(f"SparseConfig.bucket_ratio must be a number > 1, got "
                                f"{self.bucket_ratio!r}")
         for flag in ("check_inputs", "cuda_graphs"):
-            if not isinstance(getattr(self, flag), bool):
-                raise FiseditError(f"SparseConfig.{flag} must be True or False, got "
-                                   f"{getattr(self, flag)!r}")
+            check_bool(f"SparseConfig.{flag}", getattr(self, flag))
 
     def _normalize(self, field_name: str, check) -> None:
         """A per-level field: one value, or a non-empty tuple (or list) of values."""

@@ -28,7 +28,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checks import check_choice, check_float, check_int, check_optional_int, check_prompt
+from ..checks import (check_bool, check_choice, check_float, check_int,
+                      check_no_cross_attention_kwargs, check_optional_int, check_prompt)
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
@@ -254,10 +255,8 @@ class EditSession:
         self._check_scheduler()
         self._check_same_scheduler()
         check_choice("mask_mode", mask_mode, MASK_MODES)
-        for flag, value in (("cross_attention_control", cross_attention_control),
-                            ("composite_background", composite_background)):
-            if not isinstance(value, bool):
-                raise FiseditError(f"{flag} must be True or False, got {value!r}")
+        check_bool("cross_attention_control", cross_attention_control)
+        check_bool("composite_background", composite_background)
         check_choice("mask_estimator", mask_estimator, tuple(tac.ESTIMATORS))
         estimator = tac.ESTIMATORS[mask_estimator]
         steps = original.num_steps if num_inference_steps is None else num_inference_steps
@@ -535,11 +534,7 @@ class EditSession:
             raise FiseditError(
                 f"unknown keyword(s) {', '.join(unknown)}: neither EditSession nor "
                 f"{type(self.pipe).__name__} takes them; check the spelling")
-        if pipeline_kwargs.get("cross_attention_kwargs") is not None:
-            raise FiseditError(
-                "cross_attention_kwargs (attention processor options such as a LoRA scale) "
-                "are not supported: the compiled graphs run the U-Net's own attention; fuse "
-                "LoRA weights into the U-Net (pipe.fuse_lora()) instead")
+        check_no_cross_attention_kwargs(pipeline_kwargs.get("cross_attention_kwargs"))
 
     def _check_same_scheduler(self) -> None:
         recorded, current = self._scheduler, _scheduler_identity(self.pipe.scheduler)

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from ..checks import check_int
+from ..checks import check_int, check_no_cross_attention_kwargs
 from ..compiler.capture import check_unet, example_inputs, flatten_inputs, warn_if_training
 from ..compiler.pipeline import Program, build_program, describe_signature, device_of, trace
 from ..config import SparseConfig
@@ -354,10 +354,7 @@ class SparseEngine:
             if name == "return_dict" or value is None:
                 continue
             if name == "cross_attention_kwargs":
-                raise FiseditError(
-                    "cross_attention_kwargs (attention processor options such as a LoRA scale) "
-                    "are not supported: the compiled graphs run the U-Net's own attention; "
-                    "fuse LoRA weights into the U-Net (pipe.fuse_lora()) instead")
+                check_no_cross_attention_kwargs(value)
             if name == "timestep" and isinstance(value, (int, float)) and \
                     not isinstance(value, bool):
                 continue

@@ -364,7 +364,8 @@ class SparseEngine:
                 if not isinstance(tensor, torch.Tensor):
                     raise FiseditError(f"U-Net input {name} must be a tensor (or a dict of "
                                        f"tensors), got {type(tensor).__name__}")
-                if tensor.device != device:
+                # (A 0-d tensor, such as a timestep, is a scalar the U-Net moves itself.)
+                if tensor.device != device and tensor.dim() > 0:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
                                        f"U-Net is on {device}; move it with .to({str(device)!r})")
 

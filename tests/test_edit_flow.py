@@ -345,7 +345,7 @@ def test_edit_before_generate(pipe):
     (dict(mask=torch.zeros(128, 128, dtype=torch.bool)), "latent is 16x16"),
     (dict(height=64, width=64), "recorded at 128x128"),
     (dict(num_inference_steps=STEPS + 1), f"with {STEPS} steps"),
-    (dict(probe_steps=STEPS), "probe_steps must be"),
+    (dict(probe_steps=STEPS), f"probe_steps {STEPS} is out of range"),
     (dict(probe_steps=0, mask_estimator="probe"), "leaves the 'probe' estimator nothing"),
     (dict(mask_estimator="otsu"), "mask_estimator must be one of"),
     (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),

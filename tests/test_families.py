@@ -141,8 +141,8 @@ def sd15_ip_adapter():
         processors = {}
         for name in unet.attn_processors:
             block, index = name.split(".")[:2]
-            width = {"mid_block": channels[-1], "up_blocks": channels[::-1][int(index)],
-                     "down_blocks": channels[int(index)]}[block]
+            width = (channels[-1] if block == "mid_block" else
+                     channels[::-1][int(index)] if block == "up_blocks" else channels[int(index)])
             processors[name] = AttnProcessor2_0() if "attn1" in name else \
                 IPAdapterAttnProcessor2_0(hidden_size=width, cross_attention_dim=dim,
                                           num_tokens=(4,))
@@ -185,7 +185,7 @@ def new_sample(inputs, mask):
 
 def eager(unet, inputs):
     with torch.no_grad():
-        return unet(**copied(inputs), return_dict=False)[0]
+        return unet(**dict(copied(inputs), return_dict=False))[0]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -242,3 +242,26 @@ def test_full_mask_equals_dense(family):
     edited = new_conditions(new_sample(inputs, mask))
     result = engine.edit(cache, 0, engine.plan(mask), **edited)
     torch.testing.assert_close(result, eager(unet, edited), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sd15_controlnet", "sd15_t2i_adapter"])
+def test_backend_records_and_edits(name):
+    """The torch.compile backend over the add-ons' list-valued inputs, as a pipeline calls
+    the U-Net: a fresh list each step (the T2I-Adapter's is popped empty by the call)."""
+    unet, inputs = FAMILIES[name]()
+    compiled = torch.compile(unet, backend="fisedit")
+    with fc.recording(compiled) as recording:
+        (recorded,) = compiled(**copied(inputs))
+    torch.testing.assert_close(recorded, eager(unet, inputs), rtol=0, atol=1e-5)
+    mask = box(inputs["sample"].shape[-2:])
+    with fc.editing(recording, mask):
+        (same,) = compiled(**copied(inputs))
+    torch.testing.assert_close(same, recorded, rtol=0, atol=1e-5)
+    edited = new_conditions(new_sample(inputs, mask))
+    with fc.editing(recording, mask) as editing:
+        (result,) = compiled(**copied(edited))
+    outside = ~editing.plan[0].active
+    assert torch.equal(result[..., outside], recorded[..., outside])
+    reference = oracle.masked_dense(recording.engine, editing.plan, recording.inputs[0],
+                                    editing.inputs[0])
+    torch.testing.assert_close(result, reference, rtol=0, atol=1e-4)

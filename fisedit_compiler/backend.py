@@ -46,7 +46,8 @@ import weakref
 
 import torch
 
-from .compiler.capture import check_unet, dynamo_input_name, lower_dynamo_graph
+from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
+                               lower_dynamo_graph)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
 from .config import SparseConfig
 from .engine.engine import EditCache, SparseEngine
@@ -160,7 +161,7 @@ class FiseditGraph:
                                 if isinstance(x, torch.nn.Parameter)]
         self.input_positions = [i for i, x in enumerate(example_inputs)
                                 if isinstance(x, torch.Tensor)
-                                and not isinstance(x, torch.nn.Parameter)]
+                                and not is_module_state(placeholders[i].name, x)]
         self.input_names = [dynamo_input_name(placeholders[i].name, arg_names)
                             for i in self.input_positions]
         self.arg_names = arg_names

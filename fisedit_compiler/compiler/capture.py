@@ -148,11 +148,11 @@ def dynamo_graph(unet, inputs: dict):
 
 def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
                        arg_names=None) -> fx.GraphModule:
-    """Lower a Dynamo backend graph to ATen; its parameter placeholders become constants.
+    """Lower a Dynamo backend graph to ATen; its module-state placeholders become constants.
 
-    Dynamo passes parameters as placeholders whose example inputs are the ``nn.Parameter``
-    objects themselves; they become ``get_attr`` nodes holding those same tensors, so in-place
-    weight updates stay visible. The remaining placeholders are the user inputs, in Dynamo's
+    Dynamo passes parameters and buffers as placeholders whose example inputs are the module's
+    tensors themselves (``is_module_state``); they become ``get_attr`` nodes holding those same
+    tensors, so in-place weight updates stay visible. The remaining placeholders are the user inputs, in Dynamo's
     order: ``gm.meta["fc_input_positions"]`` gives each tensor input's position in the
     backend's call.
 
@@ -172,7 +172,7 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
     with torch.no_grad():
         program = torch.export.export(graph_module, tuple(example_inputs), strict=False)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
+    is_param = [is_module_state(node.name, x) for node, x in zip(placeholders, example_inputs)]
     constants = {}
     user_names, positions = [], []
     for position, (node, param) in enumerate(zip(placeholders, is_param)):
@@ -189,6 +189,14 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
 
 
 _POSITIONAL_DEFAULTS = ("sample", "timestep")
+
+
+def is_module_state(placeholder: str, example) -> bool:
+    """Whether a Dynamo graph placeholder is the module's own state rather than a call input:
+    a parameter, or a buffer (the latent upscaler's and score-SDE's resampling kernels), which
+    Dynamo names after ``self``, never a keyword a U-Net is called with."""
+    return (isinstance(example, torch.nn.Parameter)
+            or dynamo_input_name(placeholder).startswith("self_"))
 
 
 def dynamo_input_name(name: str, arg_names=None) -> str:

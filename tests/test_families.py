@@ -2,7 +2,7 @@
 
 Tiny versions of diffusers' own test configurations, called with the keyword arguments their
 pipelines pass: score-SDE (``UNet2DModel``, FIR resampling), the SD latent upscaler (K blocks:
-reflect pad, Fourier time), DeepFloyd IF stages I and II and Kandinsky 2.2 (avg-pool
+reflect pad, Fourier time), DeepFloyd IF stages I and II and Kandinsky 2.1 and 2.2 (avg-pool
 ``ResnetDownsampleBlock2D``), Kandinsky 2.2 with a ControlNet hint, and SD 1.5 with ControlNet
 residuals, T2I-Adapter residuals (added in place) and IP-Adapter image embeddings (a list).
 
@@ -91,6 +91,16 @@ def deepfloyd_if_2():
                       class_labels=torch.full((BATCH,), 250.0))
 
 
+def kandinsky21():
+    unet = _build("UNet2DConditionModel", addition_embed_type="text_image",
+                  **dict(_KANDINSKY22, encoder_hid_dim_type="text_image_proj"))
+    randn = _randn(0)
+    return unet, dict(sample=randn(BATCH, 4, 16, 16), timestep=torch.full((BATCH,), 500.0),
+                      encoder_hidden_states=randn(BATCH, 7, 32),
+                      added_cond_kwargs={"text_embeds": randn(BATCH, 32),
+                                         "image_embeds": randn(BATCH, 32)})
+
+
 def kandinsky22():
     unet = _build("UNet2DConditionModel", **_KANDINSKY22, addition_embed_type="image")
     randn = _randn(0)
@@ -153,7 +163,7 @@ def sd15_ip_adapter():
 
 
 FAMILIES = {f.__name__: f for f in (
-    score_sde, latent_upscaler, deepfloyd_if_1, deepfloyd_if_2, kandinsky22,
+    score_sde, latent_upscaler, deepfloyd_if_1, deepfloyd_if_2, kandinsky21, kandinsky22,
     kandinsky22_controlnet, sd15_controlnet, sd15_t2i_adapter, sd15_ip_adapter)}
 
 

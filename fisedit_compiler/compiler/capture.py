@@ -152,9 +152,9 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
 
     Dynamo passes parameters and buffers as placeholders whose example inputs are the module's
     tensors themselves (``is_module_state``); they become ``get_attr`` nodes holding those same
-    tensors, so in-place weight updates stay visible. The remaining placeholders are the user inputs, in Dynamo's
-    order: ``gm.meta["fc_input_positions"]`` gives each tensor input's position in the
-    backend's call.
+    tensors, so in-place weight updates stay visible. The remaining placeholders are the user
+    inputs, in Dynamo's order: ``gm.meta["fc_input_positions"]`` gives each tensor input's
+    position in the backend's call.
 
     A graph compiled with dynamic shapes also takes symbolic sizes (``SymInt`` placeholders):
     the lowered graph is specialized to the example's concrete sizes, and those inputs are not

@@ -106,7 +106,7 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _spatial_shapes(gm: fx.GraphModule) -> set[tuple[int, int, int]]:
     """(batch, H, W) of the spatial values a U-Net can hold: the sample's batch, and the sizes
-    of its resolution pyramid (halving, rounded either way, down to 1x1)."""
+    of its resolution pyramid (each side halved, rounded either way, down to 1)."""
     sample = next((n for n in gm.graph.nodes if n.op == "placeholder"
                    and n.name == SAMPLE_INPUT and len(_shape(n)) == 4), None)
     if sample is None:
@@ -115,17 +115,14 @@ def _spatial_shapes(gm: fx.GraphModule) -> set[tuple[int, int, int]]:
     found, sizes = set(), {(height, width)}
     while sizes:
         found |= sizes
-        sizes = {(halve(h), halve(w)) for h, w in sizes for halve in (_floor_half, _ceil_half)
-                 if h > 1 or w > 1} - found
+        sizes = {(half_h, half_w) for h, w in sizes
+                 for half_h in _halves(h) for half_w in _halves(w)} - found
     return {(batch, h, w) for h, w in found}
 
 
-def _floor_half(n: int) -> int:
-    return max(n // 2, 1)
-
-
-def _ceil_half(n: int) -> int:
-    return -(-n // 2)
+def _halves(n: int) -> set[int]:
+    """``n`` halved, rounded down and up (a padded or unpadded stride-2 op), never below 1."""
+    return {max(n // 2, 1), -(-n // 2)}
 
 
 _MODULE_KEY = re.compile(r"\.?__dict__\['_modules'\]\['([^']+)'\]")

@@ -18,6 +18,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import oracle, zoo
+from fisedit_compiler.engine.engine import node_macs
 
 BATCH = 2
 
@@ -277,3 +278,14 @@ def test_backend_records_and_edits(name):
     reference = oracle.masked_dense(recording.engine, editing.plan, recording.inputs[0],
                                     editing.inputs[0])
     torch.testing.assert_close(result, reference, rtol=0, atol=1e-4)
+
+
+def test_what_runs_dense_is_a_small_part(family):
+    """Ops the analysis cannot follow run dense: resampling, pads and the added-KV attention's
+    K/V concatenation, a small part of the work; the attention itself stays sparse."""
+    _, inputs, engine, _, _ = family
+    plan = engine.plan(box(inputs["sample"].shape[-2:]))
+    rows = node_macs(engine.program(inputs), plan, engine.config)
+    dense = sum(row["dense_macs"] for row in rows if row["mode"] == "dense")
+    assert dense <= 0.1 * sum(row["dense_macs"] for row in rows)
+    assert not any(row["op"] == "attention" and row["mode"] == "dense" for row in rows)

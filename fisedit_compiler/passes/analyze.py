@@ -187,7 +187,7 @@ def _domain(node: fx.Node) -> Domain:
     sources = [_domain_of(n) for n in _inputs(node)]
     if not any(d.kind != "global" for d in sources):
         return GLOBAL
-    if any(d.kind == "opaque" for d in sources):
+    if any(d.kind == "opaque" for d in sources) and not ir.is_op(node, "attention"):
         return OPAQUE
     name = ir.op_name(node)
     rule = _RULES.get(ir.KIND.get(name), None) if name else None
@@ -243,10 +243,13 @@ def _cat(node: fx.Node) -> Domain:
 
 
 def _attention(node: fx.Node) -> Domain:
+    """Each query attends on its own: positional queries keep their positions, whether K/V
+    are the level's tokens (self), global (text) or opaque: computed densely, like the
+    text-and-image K/V that IF's and Kandinsky's added-KV attention concatenates."""
     query, key = _domain_of(node.args[0]), _domain_of(node.args[1])
     if not query.positional or query.dims != (len(_shape(node.args[0])) - 2,):
         return OPAQUE
-    if key.kind != "global" and key.size != query.size:
+    if key.positional and key.size != query.size:
         return OPAQUE
     if node.args[3] is not None and _domain_of(node.args[3]).kind != "global":
         return OPAQUE

@@ -47,8 +47,8 @@ import weakref
 import torch
 
 from .checks import check_int, check_optional_int
-from .compiler.capture import (check_unet, dynamo_input_name, lower_dynamo_graph,
-                               warn_if_training)
+from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
+                               lower_dynamo_graph, warn_if_training)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
 from .config import SparseConfig
 from .engine.engine import SparseEngine
@@ -168,7 +168,7 @@ class FiseditGraph:
                                 if isinstance(x, torch.nn.Parameter)]
         self.input_positions = [i for i, x in enumerate(example_inputs)
                                 if isinstance(x, torch.Tensor)
-                                and not isinstance(x, torch.nn.Parameter)]
+                                and not is_module_state(placeholders[i].name, x)]
         self.input_names = [dynamo_input_name(placeholders[i].name, arg_names)
                             for i in self.input_positions]
         self.arg_names = arg_names

@@ -4,9 +4,14 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fisedit_compiler import ir
+from fisedit_compiler.compiler import capture
+from fisedit_compiler.passes.analyze import META_BY_SHAPE, Domain, analyze
+from fisedit_compiler.passes.canonicalize import canonicalize
 
 
 def nodes(gm, *names):
@@ -114,3 +119,35 @@ def test_macs_match_formulas(traced, name):
         assert node.meta[ir.META_MACS] == 2 * batch * heads * queries * keys * depth
     others = [n for n in t.gm.graph.nodes if not ir.is_op(n, "conv2d", "linear", "attention")]
     assert all(n.meta[ir.META_MACS] == 0 for n in others)
+
+
+class PooledAndPadded(nn.Module):
+    """Ops outside the canonical set between convolutions: average pooling (IF's and
+    Kandinsky's downsamplers), a reflect pad (the latent upscaler's) and a channel cumsum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample):
+        pooled = self.conv(F.avg_pool2d(self.conv(sample), 2))
+        padded = F.conv2d(F.pad(pooled, (1, 1, 1, 1), mode="reflect"), self.conv.weight)
+        return torch.cumsum(padded, dim=1)
+
+
+def test_unfollowed_spatial_values_are_placed_by_shape():
+    module, sample = PooledAndPadded().eval(), torch.randn(2, 4, 8, 8)
+    program = torch.export.export(module, (sample,), strict=False)
+    gm = analyze(canonicalize(capture.program_to_graph_module(program)))
+    by_shape = {ir.op_name(n) or str(n.target): domain(n) for n in gm.graph.nodes
+                if n.meta.get(META_BY_SHAPE)}
+    # avg_pool2d, the conv reading the (opaque, larger) reflect-padded value, and cumsum.
+    assert by_shape == {"aten.avg_pool2d.default": Domain("spatial", (2, 3), (4, 4), 1),
+                        "conv2d": Domain("spatial", (2, 3), (4, 4), 1),
+                        "aten.cumsum.default": Domain("spatial", (2, 3), (4, 4), 1)}
+    pad = next(n for n in gm.graph.nodes if str(n.target) == "aten.pad.default")
+    assert domain(pad).kind == "opaque"          # [2, 4, 6, 6]: no size of the pyramid
+    conv_after_pool = next(n for n in nodes(gm, "conv2d")
+                           if n.args[0].meta.get(META_BY_SHAPE))
+    assert not conv_after_pool.meta.get(META_BY_SHAPE)   # followed again after the pool
+    assert gm.meta["fc_levels"] == [(8, 8), (4, 4)]

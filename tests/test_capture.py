@@ -85,3 +85,46 @@ def test_sd15_full_graph():
     kinds = Counter(n.meta[ir.META_ATTN_KIND] for n in gm.graph.nodes if ir.is_op(n, "attention"))
     assert kinds == {"self": 16, "cross": 16}
     assert gm.meta["fc_unknown_ops"] == {}
+
+
+class InPlaceResidual(torch.nn.Module):
+    """A skip connection that sees a later in-place residual add, as diffusers' T2I-Adapter
+    path does (``sample += residual`` on a tensor already kept for the skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample, residual):
+        hidden = self.conv(sample)
+        skip = hidden
+        hidden += residual
+        return self.conv(hidden) + skip
+
+
+def test_in_place_ops_are_functionalised():
+    module, inputs = InPlaceResidual().eval(), (torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8))
+    gm = capture.program_to_graph_module(torch.export.export(module, inputs, strict=False))
+    assert not any(capture._mutates(n) for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), module(*inputs), rtol=0, atol=0)
+
+
+class WritesIntoItsInput(torch.nn.Module):
+    def forward(self, sample):
+        sample.mul_(2)
+        return sample + 1
+
+
+def test_writing_into_an_input_is_refused():
+    program = torch.export.export(WritesIntoItsInput(), (torch.randn(1, 4, 8, 8),), strict=False)
+    with pytest.raises(FiseditError, match=r"writes in place into its input.*\['sample'\]"):
+        capture.program_to_graph_module(program)
+
+
+def test_nested_inputs_flattened_as_export_names_them():
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    flat = capture.flatten_inputs({"sample": a, "down_block_additional_residuals": [b, c],
+                                   "added_cond_kwargs": {"image_embeds": [c]}, "scale": 1.0})
+    assert list(flat) == ["sample", "down_block_additional_residuals_0",
+                          "down_block_additional_residuals_1", "added_cond_kwargs_image_embeds_0"]

@@ -381,6 +381,28 @@ def test_unsupported_pipeline(pipe):
         EditSession(img2img)
 
 
+def test_controlnet_pipeline_keeps_the_background(pipe):
+    """The ControlNet runs densely on every step's latents; its residuals count inside the
+    region only, so the background stays the recording's with the same or a new control."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        controlnet = ControlNetModel.from_unet(
+            pipe.unet, conditioning_embedding_out_channels=(4, 4, 8, 8)).eval()
+    control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    control.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    session = EditSession(control)
+    session.generate("a red circle", seed=0, num_inference_steps=4, output_type="np",
+                     image=image)
+    for new_image in (image, image.flip(-1)):
+        result = session.edit("a blue circle", mask=_corner_mask(), probe_steps=1,
+                              output_type="np", image=new_image)
+        assert _outside_equal(result, session.original.latents[-1])
+        assert not torch.equal(result.latents, session.original.latents[-1])
+
+
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
 def test_other_schedulers_background(session, pipe, scheduler):
     import diffusers

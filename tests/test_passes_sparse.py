@@ -5,10 +5,14 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
+from fisedit_compiler.compiler import capture
+from fisedit_compiler.errors import FiseditError
 from fisedit_compiler.execution import sparse_ops as ops
 from fisedit_compiler.execution import triton_ops
 from fisedit_compiler.graph_keys import SPARSE_MODES
+from fisedit_compiler.passes.analyze import analyze
 from fisedit_compiler.passes.cache import derive_cache_set, insert_cache_writes
+from fisedit_compiler.passes.canonicalize import canonicalize
 from fisedit_compiler.passes.fuse import fuse
 from fisedit_compiler.passes.fuse_tokens import fuse_tokens
 from fisedit_compiler.passes.lower_kernels import lower_kernels
@@ -131,3 +135,16 @@ def test_an_unsupported_op_runs_dense_with_a_warning_and_stays_exact():
     assert ((result - expected).norm() / expected.norm()) <= 1e-5
     empty = engine.plan(torch.zeros(16, 16, dtype=torch.bool))
     torch.testing.assert_close(engine.edit(cache, 0, plan=empty, **inputs), recorded)
+
+
+class PooledOutput(torch.nn.Module):
+    def forward(self, sample):
+        return sample.mean(dim=(2, 3))
+
+
+def test_an_output_without_positions_is_refused():
+    """Restricting the output to the region is what keeps the background on every model."""
+    program = torch.export.export(PooledOutput(), (torch.randn(2, 4, 8, 8),), strict=False)
+    gm = analyze(canonicalize(capture.program_to_graph_module(program)))
+    with pytest.raises(FiseditError, match=r"output \[2, 4\] does not show its positions"):
+        sparsify(gm, fc.SparseConfig())

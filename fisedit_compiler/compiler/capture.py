@@ -12,8 +12,10 @@ Two frontends, one output form:
 
 The result is a GraphModule whose parameters and buffers are ``get_attr`` nodes on its own root
 module and whose placeholders are the tensor user inputs, named after the U-Net's keyword
-arguments (``added_cond_kwargs`` flattened to ``added_cond_kwargs_text_embeds`` and so on).
-``gm.meta["fc_inputs"]`` lists those names in placeholder order.
+arguments, nested ones flattened (``added_cond_kwargs_text_embeds``,
+``down_block_additional_residuals_0``; see ``flatten_inputs``). ``gm.meta["fc_inputs"]``
+lists those names in placeholder order. The graph is functional: in-place ops are rewritten
+out of place (``_functional``), so no value the engine records is written to afterwards.
 """
 
 from __future__ import annotations
@@ -53,12 +55,19 @@ def warn_if_training(module) -> None:
 
 
 def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
-    """The tensor inputs of a U-Net call under the names the captured graph uses."""
+    """The tensor inputs of a U-Net call under the names the captured graph uses.
+
+    Nested inputs are flattened as export and Dynamo name them: a dict entry joins its key
+    (``added_cond_kwargs_text_embeds``), a list or tuple item its index
+    (``down_block_additional_residuals_0``, ``added_cond_kwargs_image_embeds_1``).
+    """
     flat = {}
     for name, value in inputs.items():
         if isinstance(value, dict):
-            for key, inner in value.items():
-                flat[f"{name}_{key}"] = inner
+            flat.update(flatten_inputs({f"{name}_{key}": inner for key, inner in value.items()}))
+        elif isinstance(value, (list, tuple)):
+            flat.update(flatten_inputs({f"{name}_{index}": inner
+                                        for index, inner in enumerate(value)}))
         elif isinstance(value, torch.Tensor):
             flat[name] = value
         elif isinstance(value, (int, float)) and name == "timestep":
@@ -128,8 +137,18 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
         with torch.no_grad():
             program = torch.export.export(unet, (), inputs, strict=False)
         return program_to_graph_module(program)
-    graph_module, example_inputs = dynamo_graph(unet, inputs)
+    # diffusers pops T2I-Adapter residuals off their list: the caller's list must survive.
+    graph_module, example_inputs = dynamo_graph(unet, _copy_containers(inputs))
     return lower_dynamo_graph(graph_module, example_inputs)
+
+
+def _copy_containers(value):
+    """``value`` with its dicts, lists and tuples copied (tensors shared)."""
+    if isinstance(value, dict):
+        return {key: _copy_containers(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_containers(inner) for inner in value)
+    return value
 
 
 def dynamo_graph(unet, inputs: dict):
@@ -150,13 +169,13 @@ def dynamo_graph(unet, inputs: dict):
 
 def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
                        arg_names=None) -> fx.GraphModule:
-    """Lower a Dynamo backend graph to ATen; its parameter placeholders become constants.
+    """Lower a Dynamo backend graph to ATen; its module-state placeholders become constants.
 
-    Dynamo passes parameters as placeholders whose example inputs are the ``nn.Parameter``
-    objects themselves; they become ``get_attr`` nodes holding those same tensors, so in-place
-    weight updates stay visible. The remaining placeholders are the user inputs, in Dynamo's
-    order: ``gm.meta["fc_input_positions"]`` gives each tensor input's position in the
-    backend's call.
+    Dynamo passes parameters and buffers as placeholders whose example inputs are the module's
+    tensors themselves (``is_module_state``); they become ``get_attr`` nodes holding those same
+    tensors, so in-place weight updates stay visible. The remaining placeholders are the user
+    inputs, in Dynamo's order: ``gm.meta["fc_input_positions"]`` gives each tensor input's
+    position in the backend's call.
 
     A graph compiled with dynamic shapes also takes symbolic sizes (``SymInt`` placeholders):
     the lowered graph is specialized to the example's concrete sizes, and those inputs are not
@@ -174,7 +193,7 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
     with torch.no_grad():
         program = torch.export.export(graph_module, tuple(example_inputs), strict=False)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    is_param = [isinstance(x, torch.nn.Parameter) for x in example_inputs]
+    is_param = [is_module_state(node.name, x) for node, x in zip(placeholders, example_inputs)]
     constants = {}
     user_names, positions = [], []
     for position, (node, param) in enumerate(zip(placeholders, is_param)):
@@ -191,6 +210,14 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
 
 
 _POSITIONAL_DEFAULTS = ("sample", "timestep")
+
+
+def is_module_state(placeholder: str, example) -> bool:
+    """Whether a Dynamo graph placeholder is the module's own state rather than a call input:
+    a parameter, or a buffer (the latent upscaler's and score-SDE's resampling kernels), which
+    Dynamo names after ``self``, never a keyword a U-Net is called with."""
+    return (isinstance(example, torch.nn.Parameter)
+            or dynamo_input_name(placeholder).startswith("self_"))
 
 
 def dynamo_input_name(name: str, arg_names=None) -> str:
@@ -225,6 +252,7 @@ def program_to_graph_module(program, extra_constants=None, rename=None) -> fx.Gr
     """
     from torch.export.graph_signature import InputKind
 
+    program = _functional(program)
     extra_constants = extra_constants or {}
     rename = rename or {}
     root = torch.nn.Module()
@@ -262,6 +290,34 @@ def program_to_graph_module(program, extra_constants=None, rename=None) -> fx.Gr
     result = fx.GraphModule(root, graph)
     result.meta[INPUTS] = user_inputs
     return result
+
+
+def _functional(program):
+    """``program`` without in-place ops.
+
+    Export's graph keeps in-place ops (diffusers adds T2I-Adapter residuals with ``sample +=``),
+    and one that writes into a value the record graph stores would change the recording after
+    the fact, and into a value the edit graph reads from the cache, the cache itself. Export's
+    own functionalisation (``run_decompositions`` with an empty table: no op is decomposed)
+    rewrites them out of place, every later use reading the new value. It runs only for graphs
+    that have such ops, so every other graph is captured exactly as before. A U-Net that writes
+    into one of its inputs is refused: an edit could not replay that write.
+    """
+    if not any(_mutates(node) for node in program.graph.nodes):
+        return program
+    program = program.run_decompositions({})
+    mutated = program.graph_signature.user_inputs_to_mutate
+    if mutated:
+        raise FiseditError(
+            f"the U-Net writes in place into its input(s) {sorted(set(mutated.values()))}; "
+            "fisedit cannot replay writes into the caller's tensors: pass copies the U-Net "
+            "may own, or make the write out of place")
+    return program
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _register(root: torch.nn.Module, name: str, value) -> None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .. import ir
 from ..execution.plan import MaskPlan
 from ..graph_keys import INPUTS
+from ..passes.analyze import META_BY_SHAPE
 from .capture import flatten_inputs
 
 
@@ -58,9 +59,11 @@ class _Masked(fx.Interpreter):
         domain = node.meta.get(ir.META_DOMAIN)
         sparse_level = (domain is not None and domain.positional
                         and not self.plan[domain.level].dense)
-        if sparse_level and ir.is_op(node, "group_norm") and self.config.group_norm == "cached":
+        # A node placed by its shape alone runs exactly (densely) in the edit, then restricted.
+        approximated = sparse_level and not node.meta.get(META_BY_SHAPE)
+        if approximated and ir.is_op(node, "group_norm") and self.config.group_norm == "cached":
             value = self._cached_group_norm(node)
-        elif (sparse_level and ir.is_op(node, "attention")
+        elif (approximated and ir.is_op(node, "attention")
               and node.meta.get(ir.META_ATTN_KIND) == "self"
               and self.config.self_attention == "sparse"):
             value = self._active_keys_attention(node, domain)

@@ -38,7 +38,10 @@ from . import mask as tac
 from .attention import (CrossAttentionControl, TokenAttentionMaps, changed_tokens,
                         shared_tokens)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# With a ControlNet, pass the control image (``image=``) to generate and to every edit: the
+# ControlNet runs densely on each step's latents, and its residuals count inside the region only.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusionControlNetPipeline")
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
 MASK_MODES = ("replace", "intersect")
 # Pipeline arguments the session sets itself (they decide noise, batch and per-step locality).
@@ -46,7 +49,8 @@ _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
                    "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
                    "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds")
 # U-Net arguments the engine's recorded graphs take; others must be None.
-_UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs")
+_UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs",
+                "down_block_additional_residuals", "mid_block_additional_residual")
 # The pipelines' output types (diffusers' VaeImageProcessor.postprocess); others are refused
 # because diffusers silently maps them to "np", which the background compositing must know.
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -450,7 +454,7 @@ class EditSession:
             elif name != "return_dict" and value is not None:
                 raise FiseditError(
                     f"the pipeline passed {name} to the U-Net; EditSession supports only "
-                    f"{', '.join(_UNET_INPUTS)} (no ControlNet, LoRA scales or guidance "
+                    f"{', '.join(_UNET_INPUTS)} (no T2I-Adapter, LoRA scales or guidance "
                     "embeddings)")
         inputs["return_dict"] = False
         return inputs, bool(bound.arguments.get("return_dict", True))

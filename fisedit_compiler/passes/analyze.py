@@ -16,6 +16,15 @@ Domains (``Domain.kind``):
   positions, an op outside the canonical set, a reshape that mixes positions with channels).
   The engine computes such nodes densely from the mixed input.
 
+The safety rule: a value the rules cannot follow whose shape shows it is spatial (``[B, C, H,
+W]`` with the sample's batch and an (H, W) of the sample's resolution pyramid: the output of an
+average pooling, a reflect pad's conv, the FIR resampling of score-SDE) is not left opaque but
+taken as spatial at that size, and tagged ``META_BY_SHAPE``. The edit then computes it densely
+from mixed inputs *and restricts it to the region* like any positional value, so what follows it
+is sparse again, and the background stays the recording's on every model. Opaque values that
+never take a spatial shape again can only reach the output through one that does, and the U-Net
+output always does (``passes.sparsify`` refuses a graph whose output shows no positions).
+
 Levels are numbered from the finest resolution (level 0, the latent) downwards.
 """
 
@@ -53,6 +62,10 @@ class Domain:
 GLOBAL = Domain("global")
 OPAQUE = Domain("opaque")
 
+# On a node the rules could not follow whose domain was read off its shape (see the docstring):
+# the edit computes it densely, and the oracle exactly, before restricting it to the region.
+META_BY_SHAPE = "fc_by_shape"
+
 SAMPLE_INPUT = "sample"
 TIMESTEP_INPUT = "timestep"
 
@@ -62,11 +75,17 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
     META_DEPENDS, META_ATTN_KIND on attention) and record ``gm.meta["fc_levels"]``, the (H, W)
     of each level. Returns ``gm``."""
     sizes = set()
+    spatial_shapes = _spatial_shapes(gm)
     for node in gm.graph.nodes:
         node.meta[ir.META_MODULE] = module_path(node)
         node.meta[ir.META_DEPENDS] = _depends(node)
         node.meta[ir.META_INVARIANT] = _invariant(node.meta[ir.META_DEPENDS])
         domain = _domain(node)
+        shape = _shape(node)
+        if domain.kind == "opaque" and len(shape) == 4 and (
+                shape[0], shape[2], shape[3]) in spatial_shapes:
+            domain = Domain("spatial", (2, 3), shape[2:])
+            node.meta[META_BY_SHAPE] = True
         node.meta[ir.META_DOMAIN] = domain
         if domain.positional:
             sizes.add(domain.size)
@@ -83,6 +102,27 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
                 "self" if node.args[1].meta[ir.META_DOMAIN].positional else "cross")
     gm.meta[LEVELS] = levels
     return gm
+
+
+def _spatial_shapes(gm: fx.GraphModule) -> set[tuple[int, int, int]]:
+    """(batch, H, W) of the spatial values a U-Net can hold: the sample's batch, and the sizes
+    of its resolution pyramid (each side halved, rounded either way, down to 1)."""
+    sample = next((n for n in gm.graph.nodes if n.op == "placeholder"
+                   and n.name == SAMPLE_INPUT and len(_shape(n)) == 4), None)
+    if sample is None:
+        return set()
+    batch, _, height, width = _shape(sample)
+    found, sizes = set(), {(height, width)}
+    while sizes:
+        found |= sizes
+        sizes = {(half_h, half_w) for h, w in sizes
+                 for half_h in _halves(h) for half_w in _halves(w)} - found
+    return {(batch, h, w) for h, w in found}
+
+
+def _halves(n: int) -> set[int]:
+    """``n`` halved, rounded down and up (a padded or unpadded stride-2 op), never below 1."""
+    return {max(n // 2, 1), -(-n // 2)}
 
 
 _MODULE_KEY = re.compile(r"\.?__dict__\['_modules'\]\['([^']+)'\]")
@@ -147,7 +187,7 @@ def _domain(node: fx.Node) -> Domain:
     sources = [_domain_of(n) for n in _inputs(node)]
     if not any(d.kind != "global" for d in sources):
         return GLOBAL
-    if any(d.kind == "opaque" for d in sources):
+    if any(d.kind == "opaque" for d in sources) and not ir.is_op(node, "attention"):
         return OPAQUE
     name = ir.op_name(node)
     rule = _RULES.get(ir.KIND.get(name), None) if name else None
@@ -203,10 +243,13 @@ def _cat(node: fx.Node) -> Domain:
 
 
 def _attention(node: fx.Node) -> Domain:
+    """Each query attends on its own: positional queries keep their positions, whether K/V
+    are the level's tokens (self), global (text) or opaque: computed densely, like the
+    text-and-image K/V that IF's and Kandinsky's added-KV attention concatenates."""
     query, key = _domain_of(node.args[0]), _domain_of(node.args[1])
     if not query.positional or query.dims != (len(_shape(node.args[0])) - 2,):
         return OPAQUE
-    if key.kind != "global" and key.size != query.size:
+    if key.positional and key.size != query.size:
         return OPAQUE
     if node.args[3] is not None and _domain_of(node.args[3]).kind != "global":
         return OPAQUE

@@ -17,9 +17,11 @@ replaced by the sparse form that computes exactly those positions:
   use them, since an edit step runs at the recorded timestep.
 
 Anything else positional (an unknown op, a reshape that mixes positions with channels, a
-masked attention) runs *dense*: its inputs are rebuilt as mixed dense tensors from the
-recorded values, the op runs as captured, and the result is gathered back if positional. That
-is exact against the oracle, only slower; a warning names such nodes.
+masked attention, a value the analysis placed by its shape alone, ``analyze.META_BY_SHAPE``)
+runs *dense*: its inputs are rebuilt as mixed dense tensors from the recorded values, the op
+runs as captured, and the result is gathered back if positional, which restricts it to the
+region. That is exact against the oracle, only slower; a warning names such nodes. The output
+is always restricted: a graph whose output shows no positions is refused.
 
 Recorded data enters through ``cache_read(cache, key)`` nodes; ``passes.cache`` derives the
 record graph's writes from exactly those nodes. The edit graph takes the user inputs plus the
@@ -34,10 +36,11 @@ import torch.fx as fx
 
 from .. import ir
 from ..config import SparseConfig
+from ..errors import FiseditError
 from ..execution import sparse_ops as ops
 from ..graph_keys import (CACHE_INPUT, META_CACHE_KIND, META_CACHE_SOURCE, META_FROM,
                           PLAN_INPUT, SPARSE_MODES)
-from .analyze import TIMESTEP_INPUT, Domain
+from .analyze import META_BY_SHAPE, TIMESTEP_INPUT, Domain
 from .pattern import args_of
 
 OUTPUT_KEY = "output"
@@ -157,7 +160,12 @@ class _Rewriter:
     def output(self, value: fx.Node) -> fx.Node:
         domain = _domain(value)
         if not domain.positional:
-            return self.env[value]
+            # Restricting the output to the region is what keeps the background the
+            # recording's whatever the analysis could not follow; without positions, refuse.
+            raise FiseditError(
+                f"the U-Net output {list(_shape(value))} does not show its positions (expected "
+                "[batch, channels, H, W] at a size of the sample's), so an edit could not keep "
+                "the background; run this model densely")
         return self.emit(ops.scatter_full, self.env[value], self.read(value), self.level(domain),
                          domain.dims)
 
@@ -172,7 +180,7 @@ class _Rewriter:
                 # embedding chain in every sparse step (~50 kernels per SD1.5 step).
                 return self.read(node)
             return self.graph.node_copy(node, lambda n: self.env[n])
-        if domain.positional:
+        if domain.positional and not node.meta.get(META_BY_SHAPE):
             rule = _RULES.get(ir.op_name(node))
             result = rule(self, node) if rule else None
             if result is not None:

@@ -65,14 +65,17 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
             edit = gr.Button("Edit", variant="primary", elem_id="edit")
             accept = gr.Button("Accept", elem_id="accept")
         with gr.Row():
-            painting = gr.ImageEditor(
-                label="Original (paint here to choose the region)", type="numpy",
-                sources=(), transforms=(), layers=False, format="png", elem_id="original",
-                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), interactive=True,
-                canvas_size=(SHOWN_SIZE, SHOWN_SIZE))
+            original = gr.Image(label="Original", format="png", interactive=False,
+                                elem_id="original")
             edited = gr.Image(label="Edit", format="png", interactive=False, elem_id="edited")
             overlay = gr.Image(label="Recomputed region (red)", format="png",
                                interactive=False, elem_id="overlay")
+        with gr.Accordion("Paint the region to edit (optional)", open=False):
+            painting = gr.ImageEditor(
+                label="Original: paint over the region", type="numpy", sources=(),
+                transforms=(), layers=False, format="png", elem_id="painting",
+                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), interactive=True,
+                canvas_size=(SHOWN_SIZE, SHOWN_SIZE))
         timings = gr.Markdown(elem_id="timings")
         history = gr.Gallery(label="History (click to go back)", format="png", columns=6,
                              height="auto", allow_preview=False, elem_id="history")
@@ -81,7 +84,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
             generation = Generation(prompt_, int(seed_ or 0), int(steps_), float(guidance_),
                                     defaults.size)
             image = pool.generate(request.session_hash, generation)
-            return (_shown(image), None, None, "",
+            return (_shown(image), _shown(image), None, None, "",
                     _gallery(pool.history(request.session_hash)))
 
         def on_edit(edit_prompt_, probe_steps_, mask_mode_, painting_, request: gr.Request):
@@ -92,21 +95,25 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
 
         def on_accept(request: gr.Request):
             entry = pool.accept(request.session_hash)
-            return (_shown(entry.image), None, None, f"Accepted: {entry.label}",
+            return (_shown(entry.image), _shown(entry.image), None, None,
+                    f"Accepted: {entry.label}",
                     _gallery(pool.history(request.session_hash)))
 
         def on_history(event: gr.SelectData, request: gr.Request):
             entry = pool.restore(request.session_hash, event.index)
-            return _shown(entry.image), None, None, f"Back to: {entry.label}"
+            return (_shown(entry.image), _shown(entry.image), None, None,
+                    f"Back to: {entry.label}")
 
         generate.click(_refusals_shown(on_generate), [prompt, seed, steps, guidance],
-                       [painting, edited, overlay, timings, history], api_name="generate")
+                       [original, painting, edited, overlay, timings, history],
+                       api_name="generate")
         edit.click(_refusals_shown(on_edit), [edit_prompt, probe_steps, mask_mode, painting],
                    [edited, overlay, timings], api_name="edit")
         accept.click(_refusals_shown(on_accept), None,
-                     [painting, edited, overlay, timings, history], api_name="accept")
+                     [original, painting, edited, overlay, timings, history],
+                     api_name="accept")
         history.select(_refusals_shown(on_history), None,
-                       [painting, edited, overlay, timings], api_name="restore")
+                       [original, painting, edited, overlay, timings], api_name="restore")
 
         def on_close(request: gr.Request):
             pool.close(request.session_hash)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..edit_flow.commands import (DEMO_MODEL, RANDOM_DEFAULTS, RANDOM_EDIT, RANDOM_PROMPT,
-                                  SHAPES_DEFAULTS, _device)
+                                  SHAPES_DEFAULTS, torch_device)
 from ..errors import FiseditError
 
 DEFAULT_PORT = 7860
@@ -53,7 +53,7 @@ def run_app(args) -> int:
 
     if args.memory_budget_mib <= 0:
         raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
-    device = _device(args.device)
+    device = torch_device(args.device)
     if args.pipeline is not None:
         pipe, defaults = zoo.load_pipeline(args.pipeline), _page_defaults(args.pipeline, None)
     else:

@@ -154,7 +154,8 @@ def _check_mask_args(args) -> None:
         raise FiseditError("give either --mask or --mask-box, not both")
 
 
-def _device(name: str | None) -> torch.device:
+def torch_device(name: str | None) -> torch.device:
+    """The device of a ``--device`` option: the named one, or cuda when available, else cpu."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -178,7 +179,7 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FiseditError(f"cannot create {out}: {error.strerror}") from None
-    pipe.to(_device(args.device))
+    pipe.to(torch_device(args.device))
     pipe.set_progress_bar_config(disable=True)
     session = EditSession(pipe)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,

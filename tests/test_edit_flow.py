@@ -516,3 +516,13 @@ def test_demo_command_random_weight_model_edits_its_default_box(tmp_path, capsys
     both = build_parser().parse_args(["demo", "--mask", "m.png", "--mask-box", DEMO_BOX])
     with pytest.raises(FiseditError, match="either --mask or --mask-box"):
         both.run(both)
+
+
+def test_sessions_share_an_engine_of_the_same_unet(session, pipe):
+    shared = EditSession(pipe, engine=session.engine)
+    assert shared.engine is session.engine
+    with pytest.raises(FiseditError, match="either config= or engine="):
+        EditSession(pipe, fc.SparseConfig(), engine=session.engine)
+    other_unet = fc.SparseEngine(zoo.unet("sd15-tiny"))
+    with pytest.raises(FiseditError, match="another U-Net"):
+        EditSession(pipe, engine=other_unet)

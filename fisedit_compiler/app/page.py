@@ -77,8 +77,9 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
                 brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), interactive=True,
                 canvas_size=(SHOWN_SIZE, SHOWN_SIZE))
         timings = gr.Markdown(elem_id="timings")
-        history = gr.Gallery(label="History (click to go back)", format="png", columns=6,
-                             height="auto", allow_preview=False, elem_id="history")
+        history = gr.Gallery(label="History (click to go back)", format="png", columns=8,
+                             fit_columns=False, height=220, object_fit="contain",
+                             allow_preview=False, elem_id="history")
 
         def on_generate(prompt_, seed_, steps_, guidance_, request: gr.Request):
             generation = Generation(prompt_, int(seed_ or 0), int(steps_), float(guidance_),
@@ -129,7 +130,7 @@ def _refusals_shown(handler):
         try:
             return handler(*args, **kwargs)
         except FiseditError as error:
-            raise gr.Error(str(error), duration=None, print_exception=False) from None
+            raise gr.Error(str(error), duration=20, print_exception=False) from None
     return shown
 
 

@@ -167,8 +167,7 @@ def _timings(view: EditView) -> str:
         f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense probe steps "
         f"{timing['probe_s']:.2f} s, {report['sparse_steps']} sparse steps "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
-        f"image (mask: {report['mask_source']}, {report['mask_area_fraction']:.0%}). The "
-        "first edit with a new mask also builds its plan, so it is slower.")
+        f"image (mask: {report['mask_source']}, {report['mask_area_fraction']:.0%}).")
 
 
 def _gallery(history: list[HistoryEntry]) -> list[tuple[PIL.Image.Image, str]]:

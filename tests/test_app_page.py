@@ -60,8 +60,9 @@ def generate(tab, prompt=DEFAULTS.prompt):
                        api_name="/generate")
 
 
-def edit(tab, prompt=DEFAULTS.edit_prompt, probe_steps=1, mask_mode="replace", painting=None):
-    return tab.predict(prompt, probe_steps, mask_mode, painting, api_name="/edit")
+def edit(tab, prompt=DEFAULTS.edit_prompt, probe_steps=1, estimator="probe", mask_mode="replace",
+         painting=None):
+    return tab.predict(prompt, probe_steps, estimator, mask_mode, painting, api_name="/edit")
 
 
 def read(path) -> np.ndarray:
@@ -78,12 +79,26 @@ def only_inside(original: np.ndarray, edited: np.ndarray, active) -> None:
     assert not np.array_equal(edited[inside], original[inside])
 
 
-def test_generate_edit_accept_through_the_client(served):
+def corner_painted(original, folder):
+    """An editor value: the shown original with a small top-left square painted (an eighth
+    of the side: a larger region crosses the engine's dense-fallback threshold)."""
+    shown = PIL.Image.open(original)
+    layer = np.zeros((shown.height, shown.width, 4), dtype=np.uint8)
+    layer[: shown.height // 8, : shown.width // 8] = (255, 0, 255, 255)
+    PIL.Image.fromarray(layer).save(folder / "layer.png")
+    return {"background": gradio_client.handle_file(original),
+            "layers": [gradio_client.handle_file(str(folder / "layer.png"))],
+            "composite": None}
+
+
+def test_generate_edit_accept_through_the_client(served, tmp_path):
     pool, url = served
     tab = client(url)
     original, _, edited, overlay, _, history = generate(tab)
     assert edited is None and overlay is None and len(history) == 1
-    edited, overlay, timings = edit(tab)
+    # A painted region: at 4 steps the estimators call the demo edit a global change.
+    edited, overlay, timings = edit(tab, probe_steps=0,
+                                    painting=corner_painted(original, tmp_path))
     assert "dense regeneration" in timings and "Recomputed" in timings
     only_inside(read(original), read(edited), pool.tabs[tab.session_hash].last_edit[1]
                 .plan.levels[0].active)
@@ -91,7 +106,17 @@ def test_generate_edit_accept_through_the_client(served):
     new_original, _, _, _, status, history = tab.predict(api_name="/accept")
     assert status.startswith("Accepted") and len(history) == 2
     assert np.array_equal(read(new_original), read(edited))   # the edit is the new original
-    edit(tab, OTHER_EDIT)                                       # keeps editing from there
+    edit(tab, OTHER_EDIT, probe_steps=0,                        # keeps editing from there
+         painting=corner_painted(new_original, tmp_path))
+
+
+def test_the_mask_estimator_is_a_choice_of_the_page(served):
+    pool, url = served
+    tab = client(url)
+    generate(tab)
+    _, _, timings = edit(tab, probe_steps=None, estimator="noise-contrast")
+    assert "by noise-contrast" in timings
+    assert pool.tabs[tab.session_hash].last_edit[1].report["mask_estimator"] == "noise-contrast"
 
 
 def test_refused_inputs_show_the_library_message(served):
@@ -110,19 +135,12 @@ def test_painted_mask_through_the_client(served, tmp_path):
     pool, url = served
     tab = client(url)
     original = generate(tab)[0]
-    shown = PIL.Image.open(original)
-    layer = np.zeros((shown.height, shown.width, 4), dtype=np.uint8)
-    layer[: shown.height // 2, : shown.width // 2] = (255, 0, 255, 255)   # top-left quarter
-    PIL.Image.fromarray(layer).save(tmp_path / "layer.png")
-    painting = {"background": gradio_client.handle_file(original),
-                "layers": [gradio_client.handle_file(str(tmp_path / "layer.png"))],
-                "composite": None}
-    edit(tab, probe_steps=0, painting=painting)
+    edit(tab, probe_steps=0, painting=corner_painted(original, tmp_path))
     recipe, result = pool.tabs[tab.session_hash].last_edit
     latent = result.mask.shape[0]
     assert result.report["mask_source"] == "user"
-    assert result.mask[: latent // 2, : latent // 2].all()
-    assert result.mask.sum() == (latent // 2) ** 2
+    assert result.mask[: latent // 8, : latent // 8].all()
+    assert result.mask.sum() == (latent // 8) ** 2
 
 
 def test_two_tabs_at_once_each_get_what_they_get_alone(served):

@@ -11,7 +11,7 @@ from ..errors import FiseditError
 DEFAULT_PORT = 7860
 DEFAULT_BUDGET_MIB = 4096
 # A saved pipeline is a real model: the usual Stable Diffusion settings.
-SAVED_DEFAULTS = dict(steps=50, probe_steps=10, guidance_scale=7.5, size=None)
+SAVED_DEFAULTS = dict(steps=50, guidance_scale=7.5, size=None)
 
 
 def add_app_command(subparsers) -> None:

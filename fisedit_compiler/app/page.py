@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import gradio as gr
 
+from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..edit_flow.session import MASK_MODES
 from ..errors import FiseditError
 from .pool import EditRecipe, EditView, Generation, HistoryEntry, SessionPool
@@ -29,8 +30,8 @@ class PageDefaults:
     prompt: str
     edit_prompt: str
     steps: int
-    probe_steps: int
     guidance_scale: float
+    probe_steps: int | None = None   # None: the mask estimator's default
     size: int | None = None          # image side in pixels; None: the pipeline's default
     model: str = "shapes"
 
@@ -55,10 +56,13 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
         with gr.Row():
             edit_prompt = gr.Textbox(defaults.edit_prompt, label="Edit prompt",
                                      elem_id="edit-prompt", scale=4)
-            probe_steps = gr.Slider(0, 99, defaults.probe_steps, step=1,
-                                    label="Probe steps (dense steps that find the mask)",
-                                    elem_id="probe-steps")
+            probe_steps = gr.Number(defaults.probe_steps, precision=0, elem_id="probe-steps",
+                                    label="Dense steps before the sparse ones (empty: the "
+                                          "estimator's default)")
         with gr.Row():
+            estimator = gr.Radio(list(ESTIMATORS), value=DEFAULT_ESTIMATOR,
+                                 elem_id="mask-estimator",
+                                 label="Mask estimator (edit_flow.mask.ESTIMATORS)")
             mask_mode = gr.Radio(list(MASK_MODES), value="replace", elem_id="mask-mode",
                                  label="A painted mask replaces the automatic mask, or "
                                        "intersects it (nothing painted: the automatic mask)")
@@ -88,9 +92,10 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
             return (_shown(image), _shown(image), None, None, "",
                     _gallery(pool.history(request.session_hash)))
 
-        def on_edit(edit_prompt_, probe_steps_, mask_mode_, painting_, request: gr.Request):
-            recipe = EditRecipe(edit_prompt_, int(probe_steps_), _painted(painting_),
-                                mask_mode_)
+        def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
+                    request: gr.Request):
+            recipe = EditRecipe(edit_prompt_, None if probe_steps_ is None else int(probe_steps_),
+                                _painted(painting_), mask_mode_, estimator_)
             view = pool.edit(request.session_hash, recipe)
             return _shown(view.image), _shown(_overlay(view)), _timings(view)
 
@@ -108,7 +113,8 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
         generate.click(_refusals_shown(on_generate), [prompt, seed, steps, guidance],
                        [original, painting, edited, overlay, timings, history],
                        api_name="generate")
-        edit.click(_refusals_shown(on_edit), [edit_prompt, probe_steps, mask_mode, painting],
+        edit.click(_refusals_shown(on_edit),
+                   [edit_prompt, probe_steps, estimator, mask_mode, painting],
                    [edited, overlay, timings], api_name="edit")
         accept.click(_refusals_shown(on_accept), None,
                      [original, painting, edited, overlay, timings, history],
@@ -164,10 +170,13 @@ def _timings(view: EditView) -> str:
     edit_s, dense_s = timing["edit_s"], view.dense_regeneration_s
     return (
         f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
-        f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense probe steps "
+        f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense steps "
         f"{timing['probe_s']:.2f} s, {report['sparse_steps']} sparse steps "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
-        f"image (mask: {report['mask_source']}, {report['mask_area_fraction']:.0%}).")
+        f"image (mask: {report['mask_source']} by {report['mask_estimator']}, "
+        f"{report['mask_area_fraction']:.0%})."
+        + (" **A global change** (background, style or lighting): planned dense."
+           if report["global_change"] else ""))
 
 
 def _gallery(history: list[HistoryEntry]) -> list[tuple[PIL.Image.Image, str]]:

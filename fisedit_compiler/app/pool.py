@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..edit_flow.mask import DEFAULT_ESTIMATOR
 from ..edit_flow.session import EditResult, EditSession
 from ..errors import FiseditError
 
@@ -47,9 +48,10 @@ class EditRecipe:
     mask, else at latent resolution or a whole multiple of it (``SessionPool.edit`` pools it
     down to the latent)."""
     prompt: str
-    probe_steps: int
+    probe_steps: int | None = None      # None: the estimator's default
     mask: torch.Tensor | np.ndarray | None = None
     mask_mode: str = "replace"
+    mask_estimator: str = DEFAULT_ESTIMATOR
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class SessionPool:
 
     def _edit(self, tab: Tab, recipe: EditRecipe) -> EditResult:
         return tab.session.edit(recipe.prompt, mask=recipe.mask, probe_steps=recipe.probe_steps,
+                                mask_estimator=recipe.mask_estimator,
                                 mask_mode=recipe.mask_mode, output_type="pil")
 
     def _require_recording(self, tab: Tab) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import inspect, zoo
+from .app.command import add_app_command
 from .bench import add_bench_command
 from .compiler import capture
 from .edit_flow.commands import add_demo_command, add_edit_command
@@ -64,7 +65,8 @@ def run_dump(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_dump, add_edit_command, add_demo_command, add_bench_command)
+SUBCOMMANDS = (add_dump, add_edit_command, add_demo_command, add_bench_command,
+               add_app_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -620,3 +620,13 @@ def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):
     assert outside.any()
     assert np.array_equal(result.images[:, outside], session.original.images[:, outside])
     assert result.report["composite_area_fraction"] == pytest.approx(100 / 256)
+
+
+def test_sessions_share_an_engine_of_the_same_unet(session, pipe):
+    shared = EditSession(pipe, engine=session.engine)
+    assert shared.engine is session.engine
+    with pytest.raises(FiseditError, match="either config= or engine="):
+        EditSession(pipe, fc.SparseConfig(), engine=session.engine)
+    other_unet = fc.SparseEngine(zoo.unet("sd15-tiny"))
+    with pytest.raises(FiseditError, match="another U-Net"):
+        EditSession(pipe, engine=other_unet)

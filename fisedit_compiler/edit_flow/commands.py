@@ -171,7 +171,7 @@ def _check_args(args) -> None:
     check_int("--seed", args.seed, minimum=0)
     if args.size is not None:
         check_int("--size", args.size, minimum=8)
-    args.device = _device(args.device)
+    args.device = torch_device(args.device)
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -179,7 +179,8 @@ def _check_args(args) -> None:
                            f"{error.strerror}") from None
 
 
-def _device(name: str | None) -> torch.device:
+def torch_device(name: str | None) -> torch.device:
+    """The device of a ``--device`` option: the named one, or cuda when available, else cpu."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

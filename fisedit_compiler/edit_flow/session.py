@@ -108,10 +108,16 @@ class EditSession:
     """Generate once densely, then edit repeatedly and sparsely; see the module docstring."""
 
     def __init__(self, pipe, config: SparseConfig | None = None, *,
-                 cache_budget_bytes: int | None = None):
+                 cache_budget_bytes: int | None = None, engine: SparseEngine | None = None):
+        """``engine``: a SparseEngine of ``pipe.unet`` to share with other sessions of the same
+        pipeline (one capture and compile for all; their calls must not overlap), instead of a
+        new one built from ``config``."""
         _check_pipeline(pipe)
+        if engine is not None and (engine.unet is not pipe.unet or config is not None):
+            raise FiseditError("pass either config= or engine= (an engine of this pipeline's "
+                               "U-Net, whose config it keeps), not both or another U-Net's")
         self.pipe = pipe
-        self.engine = SparseEngine(pipe.unet, config)
+        self.engine = SparseEngine(pipe.unet, config) if engine is None else engine
         # Recorded steps beyond this many bytes on the device go to pinned host memory and are
         # prefetched one step ahead during edits (EditCache); None keeps every step on it.
         self.cache_budget_bytes = check_optional_int("cache_budget_bytes", cache_budget_bytes,

@@ -1,0 +1,82 @@
+"""The ``app`` subcommand: serve the editor page on 127.0.0.1 (registered by cli.py)."""
+
+from __future__ import annotations
+
+import os
+
+from ..edit_flow.commands import (DEMO_MODEL, RANDOM_DEFAULTS, RANDOM_EDIT, RANDOM_PROMPT,
+                                  SHAPES_DEFAULTS, torch_device)
+from ..errors import FiseditError
+
+DEFAULT_PORT = 7860
+DEFAULT_BUDGET_MIB = 4096
+# A saved pipeline is a real model: the usual Stable Diffusion settings.
+SAVED_DEFAULTS = dict(steps=50, guidance_scale=7.5, size=None)
+
+
+def add_app_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "app", help="serve an interactive editor in the browser (needs the [app] extra)",
+        description="Serve a local Gradio page on http://127.0.0.1:PORT: generate an image, "
+                    "edit its prompt or paint a mask, see the edit beside the original with "
+                    "its time against a dense regeneration, accept it and keep editing. Each "
+                    "browser tab has its own session. Offline; the shipped 'shapes' model runs "
+                    "on a CPU.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=DEMO_MODEL,
+                        help="'shapes' (default: the trained model shipped with the package) or "
+                             "a zoo pipeline name (random weights, e.g. sd15-tiny)")
+    source.add_argument("--pipeline", metavar="DIR",
+                        help="a folder holding a StableDiffusion(XL)Pipeline saved with "
+                             "save_pretrained")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port on 127.0.0.1 (default: {DEFAULT_PORT})")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--memory-budget-mib", type=int, default=DEFAULT_BUDGET_MIB,
+                        help="memory for the recordings of all open tabs; beyond it the least "
+                             f"recently used tab's is dropped (default: {DEFAULT_BUDGET_MIB})")
+    parser.set_defaults(run=run_app)
+
+
+def run_app(args) -> int:
+    # Before gradio is imported: no analytics or version checks, which would wait on the
+    # network offline.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401  (only to report a missing extra clearly)
+    except ImportError:
+        raise FiseditError('the app needs gradio: pip install -e ".[app]"') from None
+    from .. import zoo
+    from .page import build_page
+    from .pool import SessionPool
+
+    if args.memory_budget_mib <= 0:
+        raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
+    device = torch_device(args.device)
+    if args.pipeline is not None:
+        pipe, defaults = zoo.load_pipeline(args.pipeline), _page_defaults(args.pipeline, None)
+    else:
+        pipe, defaults = zoo.pipeline(args.model), _page_defaults(args.model, args.model)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pool = SessionPool(pipe, budget_bytes=args.memory_budget_mib * 2**20)
+    page = build_page(pool, defaults)
+    print(f"serving the {defaults.model} editor on http://127.0.0.1:{args.port} ({device}); "
+          "Ctrl-C stops it")
+    page.queue(default_concurrency_limit=None)   # the pool's device lock serialises the work
+    page.launch(server_name="127.0.0.1", server_port=args.port, ssr_mode=False,
+                footer_links=[], quiet=True)
+    return 0
+
+
+def _page_defaults(source: str, model: str | None):
+    from .page import PageDefaults
+
+    if model == DEMO_MODEL:
+        from .. import shapes
+
+        return PageDefaults(shapes.DEMO_PROMPT, shapes.DEMO_EDIT, model=model,
+                            **SHAPES_DEFAULTS)
+    settings = RANDOM_DEFAULTS if model is not None else SAVED_DEFAULTS
+    return PageDefaults(RANDOM_PROMPT, RANDOM_EDIT, model=source, **settings)

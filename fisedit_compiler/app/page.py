@@ -1,0 +1,183 @@
+"""The browser page: gradio components wired to a ``SessionPool``.
+
+Every handler is a few lines: read the components, call the pool with the tab's session hash,
+show the result. A FiseditError (a refused input) becomes ``gr.Error``, which gradio shows in
+the page (and gradio_client raises) with the library's message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import gradio as gr
+
+from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
+from ..edit_flow.session import MASK_MODES
+from ..errors import FiseditError
+from .pool import EditRecipe, EditView, Generation, HistoryEntry, SessionPool
+
+# Small images (the shapes model makes 64 px) are shown enlarged, by whole pixels, so that they
+# can be judged and painted on; larger ones are shown as they are.
+SHOWN_SIZE = 256
+
+
+@dataclass(frozen=True)
+class PageDefaults:
+    """The values the page starts with (the command picks them for its model)."""
+    prompt: str
+    edit_prompt: str
+    steps: int
+    guidance_scale: float
+    probe_steps: int | None = None   # None: the mask estimator's default
+    size: int | None = None          # image side in pixels; None: the pipeline's default
+    model: str = "shapes"
+
+
+def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
+    """The gradio Blocks of the editor; each browser tab gets its own state in ``pool``."""
+    with gr.Blocks(title="fisedit-compiler editor", analytics_enabled=False) as page:
+        gr.Markdown(
+            f"## fisedit-compiler: edit a generation sparsely\nModel: `{defaults.model}`. "
+            "Generate an image, then change the prompt (and optionally paint the region to "
+            "edit) and press Edit: only the region the edit touches is recomputed, the rest "
+            "stays the original's pixel for pixel. Accept keeps the edit as the new original; "
+            "click a history entry to go back to it.")
+        with gr.Row():
+            prompt = gr.Textbox(defaults.prompt, label="Prompt", elem_id="prompt", scale=4)
+            seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+        with gr.Row():
+            steps = gr.Slider(2, 100, defaults.steps, step=1, label="Steps", elem_id="steps")
+            guidance = gr.Slider(1.0, 15.0, defaults.guidance_scale, step=0.5,
+                                 label="Guidance scale", elem_id="guidance")
+            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            edit_prompt = gr.Textbox(defaults.edit_prompt, label="Edit prompt",
+                                     elem_id="edit-prompt", scale=4)
+            probe_steps = gr.Number(defaults.probe_steps, precision=0, elem_id="probe-steps",
+                                    label="Dense steps before the sparse ones (empty: the "
+                                          "estimator's default)")
+        with gr.Row():
+            estimator = gr.Radio(list(ESTIMATORS), value=DEFAULT_ESTIMATOR,
+                                 elem_id="mask-estimator",
+                                 label="Mask estimator (edit_flow.mask.ESTIMATORS)")
+            mask_mode = gr.Radio(list(MASK_MODES), value="replace", elem_id="mask-mode",
+                                 label="A painted mask replaces the automatic mask, or "
+                                       "intersects it (nothing painted: the automatic mask)")
+            edit = gr.Button("Edit", variant="primary", elem_id="edit")
+            accept = gr.Button("Accept", elem_id="accept")
+        with gr.Row():
+            original = gr.Image(label="Original", format="png", interactive=False,
+                                elem_id="original")
+            edited = gr.Image(label="Edit", format="png", interactive=False, elem_id="edited")
+            overlay = gr.Image(label="Recomputed region (red)", format="png",
+                               interactive=False, elem_id="overlay")
+        with gr.Accordion("Paint the region to edit (optional)", open=False):
+            painting = gr.ImageEditor(
+                label="Original: paint over the region", type="numpy", sources=(),
+                transforms=(), layers=False, format="png", elem_id="painting",
+                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), interactive=True,
+                canvas_size=(SHOWN_SIZE, SHOWN_SIZE))
+        timings = gr.Markdown(elem_id="timings")
+        history = gr.Gallery(label="History (click to go back)", format="png", columns=8,
+                             fit_columns=False, height=220, object_fit="contain",
+                             allow_preview=False, elem_id="history")
+
+        def on_generate(prompt_, seed_, steps_, guidance_, request: gr.Request):
+            generation = Generation(prompt_, int(seed_ or 0), int(steps_), float(guidance_),
+                                    defaults.size)
+            image = pool.generate(request.session_hash, generation)
+            return (_shown(image), _shown(image), None, None, "",
+                    _gallery(pool.history(request.session_hash)))
+
+        def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
+                    request: gr.Request):
+            recipe = EditRecipe(edit_prompt_, None if probe_steps_ is None else int(probe_steps_),
+                                _painted(painting_), mask_mode_, estimator_)
+            view = pool.edit(request.session_hash, recipe)
+            return _shown(view.image), _shown(_overlay(view)), _timings(view)
+
+        def on_accept(request: gr.Request):
+            entry = pool.accept(request.session_hash)
+            return (_shown(entry.image), _shown(entry.image), None, None,
+                    f"Accepted: {entry.label}",
+                    _gallery(pool.history(request.session_hash)))
+
+        def on_history(event: gr.SelectData, request: gr.Request):
+            entry = pool.restore(request.session_hash, event.index)
+            return (_shown(entry.image), _shown(entry.image), None, None,
+                    f"Back to: {entry.label}")
+
+        generate.click(_refusals_shown(on_generate), [prompt, seed, steps, guidance],
+                       [original, painting, edited, overlay, timings, history],
+                       api_name="generate")
+        edit.click(_refusals_shown(on_edit),
+                   [edit_prompt, probe_steps, estimator, mask_mode, painting],
+                   [edited, overlay, timings], api_name="edit")
+        accept.click(_refusals_shown(on_accept), None,
+                     [original, painting, edited, overlay, timings, history],
+                     api_name="accept")
+        history.select(_refusals_shown(on_history), None,
+                       [original, painting, edited, overlay, timings], api_name="restore")
+
+        def on_close(request: gr.Request):
+            pool.close(request.session_hash)
+
+        page.unload(on_close)
+    return page
+
+
+def _refusals_shown(handler):
+    """Show a refused input (FiseditError) in the page as its message."""
+    @functools.wraps(handler)
+    def shown(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except FiseditError as error:
+            raise gr.Error(str(error), duration=20, print_exception=False) from None
+    return shown
+
+
+def _shown(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` enlarged by a whole factor (nearest) towards SHOWN_SIZE pixels."""
+    factor = max(1, SHOWN_SIZE // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST)
+
+
+def _painted(painting: dict | None) -> np.ndarray | None:
+    """The painted pixels (bool, at the shown size) of the editor's layers; None if none."""
+    layers = [] if painting is None else painting.get("layers") or []
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
+    if not painted or not np.any(painted):
+        return None
+    return np.logical_or.reduce(painted)
+
+
+def _overlay(view: EditView) -> PIL.Image.Image:
+    """The edit with the recomputed region tinted red."""
+    image = view.image.convert("RGB")
+    scale = image.height // view.active.shape[0]
+    inside = np.kron(view.active.numpy(), np.ones((scale, scale), dtype=bool))
+    pixels = np.asarray(image).astype(np.float32)
+    pixels[inside] = 0.55 * pixels[inside] + 0.45 * np.array([255, 0, 0])
+    return PIL.Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def _timings(view: EditView) -> str:
+    report, timing = view.report, view.report["timings_s"]
+    edit_s, dense_s = timing["edit_s"], view.dense_regeneration_s
+    return (
+        f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
+        f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense steps "
+        f"{timing['probe_s']:.2f} s, {report['sparse_steps']} sparse steps "
+        f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
+        f"image (mask: {report['mask_source']} by {report['mask_estimator']}, "
+        f"{report['mask_area_fraction']:.0%})."
+        + (" **A global change** (background, style or lighting): planned dense."
+           if report["global_change"] else ""))
+
+
+def _gallery(history: list[HistoryEntry]) -> list[tuple[PIL.Image.Image, str]]:
+    return [(entry.image, entry.label) for entry in history]

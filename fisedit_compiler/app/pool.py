@@ -1,0 +1,249 @@
+"""The app's editing state: one EditSession per browser tab, one device shared by all tabs.
+
+The page (``page.py``) is a thin layer over this module, and this module a thin layer over
+``EditSession``: each tab (a gradio session, keyed by its session hash) owns a ``Tab`` holding
+its session, its last edit and the history of the states it has reached. A history entry keeps
+its *recipe* (the generation's settings and the accepted edits since), not a recording: going
+back to an entry replays the recipe through the session, which rebuilds the same recording, so
+a tab holds at most one recording in memory.
+
+All tabs share the pipeline and one ``SparseEngine`` (one capture and compile for all). Every
+call into the pipeline runs under ``device_lock``: a session routes U-Net calls by replacing
+``pipe.unet.forward`` for the length of a generation or edit, and the engine keeps one plan
+(with its captured CUDA graphs) at a time, so two tabs' steps must never interleave.
+
+Memory: the recordings of all tabs share ``budget_bytes``. After a call that records, the
+recordings of the least recently used other tabs are dropped until the total fits; such a tab
+is told at its next action, and can generate again or rebuild any history entry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..edit_flow.mask import DEFAULT_ESTIMATOR
+from ..edit_flow.session import EditResult, EditSession
+from ..errors import FiseditError
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The settings of a dense generation (with the pipeline's default size unless given)."""
+    prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class EditRecipe:
+    """The arguments of one ``EditSession.edit``. ``mask`` (bool) is None for the automatic
+    mask, else at latent resolution or a whole multiple of it (``SessionPool.edit`` pools it
+    down to the latent)."""
+    prompt: str
+    probe_steps: int | None = None      # None: the estimator's default
+    mask: torch.Tensor | np.ndarray | None = None
+    mask_mode: str = "replace"
+    mask_estimator: str = DEFAULT_ESTIMATOR
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A state a tab reached: its image and how to rebuild its recording."""
+    label: str
+    image: PIL.Image.Image
+    generation: Generation
+    accepted_edits: tuple[EditRecipe, ...] = ()
+
+
+@dataclass
+class EditView:
+    """What the page shows of an edit: the images, the masks and the timings."""
+    image: PIL.Image.Image
+    mask: torch.Tensor             # bool, latent resolution: the mask the plan was built from
+    active: torch.Tensor           # bool, latent resolution: the region the edit recomputed
+    report: dict                   # EditSession's report
+    dense_regeneration_s: float    # a plain dense run of the pipeline, same settings
+
+
+@dataclass
+class Tab:
+    session: EditSession
+    last_used: float = field(default_factory=time.monotonic)
+    current: HistoryEntry | None = None      # the state the session's recording holds
+    last_edit: tuple[EditRecipe, EditResult] | None = None
+    history: list[HistoryEntry] = field(default_factory=list)
+    evicted: bool = False
+
+
+class SessionPool:
+    """Per-tab EditSessions over one pipeline, a shared memory budget and one device lock."""
+
+    def __init__(self, pipe, budget_bytes: int | None = None, config=None):
+        self.pipe = pipe
+        self.budget_bytes = budget_bytes
+        # Built once here so that each tab's session shares its captured programs.
+        self.engine = EditSession(pipe, config).engine
+        self.device_lock = threading.Lock()
+        self.tabs: dict[str, Tab] = {}
+        self._dense_seconds: dict[tuple, float] = {}   # by (steps, guidance, size)
+
+    # -- the page's actions -----------------------------------------------------------------
+    def generate(self, tab_id: str, generation: Generation) -> PIL.Image.Image:
+        """Generate densely and record; the generation becomes the tab's first history entry
+        of a new line (earlier entries stay)."""
+        with self.device_lock:
+            tab = self._tab(tab_id)
+            image = self._generate(tab, generation)
+            entry = HistoryEntry(f"generated: {generation.prompt} (seed {generation.seed})",
+                                 image, generation)
+            tab.current, tab.evicted = entry, False
+            tab.history.append(entry)
+            self._enforce_budget(keep=tab_id)
+            return image
+
+    def edit(self, tab_id: str, recipe: EditRecipe) -> EditView:
+        """Edit the tab's recording; the recording itself is unchanged until ``accept``."""
+        with self.device_lock:
+            tab = self._tab(tab_id)
+            self._require_recording(tab)
+            if recipe.mask is not None:
+                latent_size = tuple(tab.session.original.noise.shape[-2:])
+                recipe = replace(recipe, mask=_latent_mask(recipe.mask, latent_size))
+            result = self._edit(tab, recipe)
+            tab.last_edit = (recipe, result)
+            return EditView(result.images[0], result.mask.cpu(),
+                            result.plan.levels[0].active.cpu(), result.report,
+                            self._dense_regeneration_s(tab.current.generation, recipe.prompt))
+
+    def accept(self, tab_id: str) -> HistoryEntry:
+        """Make the tab's last edit its new original (continuous editing); returns the new
+        history entry."""
+        with self.device_lock:
+            tab = self._tab(tab_id)
+            self._require_recording(tab)
+            if tab.last_edit is None:
+                raise FiseditError("there is no edit to accept yet: edit the image first")
+            recipe, result = tab.last_edit
+            tab.session.accept(result)
+            entry = HistoryEntry(f"edit: {recipe.prompt}", result.images[0],
+                                 tab.current.generation,
+                                 tab.current.accepted_edits + (recipe,))
+            tab.current, tab.last_edit = entry, None
+            tab.history.append(entry)
+            self._enforce_budget(keep=tab_id)
+            return entry
+
+    def restore(self, tab_id: str, index: int) -> HistoryEntry:
+        """Go back to history entry ``index``: its recipe is replayed (generate, then each
+        accepted edit and accept), which rebuilds its recording."""
+        with self.device_lock:
+            tab = self._tab(tab_id)
+            if not 0 <= index < len(tab.history):
+                raise FiseditError(f"there is no history entry {index}; the history has "
+                                   f"{len(tab.history)} entries")
+            entry = tab.history[index]
+            # Until the replay has finished the recording is no entry's (the replay may fail).
+            tab.current = None
+            self._generate(tab, entry.generation)
+            for recipe in entry.accepted_edits:
+                tab.session.accept(self._edit(tab, recipe))
+            tab.current, tab.evicted = entry, False
+            self._enforce_budget(keep=tab_id)
+            return entry
+
+    def history(self, tab_id: str) -> list[HistoryEntry]:
+        with self.device_lock:
+            return list(self._tab(tab_id).history)
+
+    def close(self, tab_id: str) -> None:
+        """Forget a tab (its browser tab was closed) and free its recording."""
+        with self.device_lock:
+            self.tabs.pop(tab_id, None)
+
+    def recorded_bytes(self) -> int:
+        """The bytes held by all tabs' recordings (what the budget bounds)."""
+        return sum(tab.session.cache_nbytes() for tab in self.tabs.values())
+
+    # -- helpers (called with device_lock held) --------------------------------------------
+    def _tab(self, tab_id: str) -> Tab:
+        if tab_id not in self.tabs:
+            self.tabs[tab_id] = Tab(EditSession(self.pipe, engine=self.engine))
+        tab = self.tabs[tab_id]
+        tab.last_used = time.monotonic()
+        return tab
+
+    def _generate(self, tab: Tab, generation: Generation) -> PIL.Image.Image:
+        tab.last_edit = None
+        return tab.session.generate(
+            generation.prompt, seed=generation.seed, num_inference_steps=generation.steps,
+            guidance_scale=generation.guidance_scale, height=generation.size,
+            width=generation.size, output_type="pil")[0]
+
+    def _edit(self, tab: Tab, recipe: EditRecipe) -> EditResult:
+        return tab.session.edit(recipe.prompt, mask=recipe.mask, probe_steps=recipe.probe_steps,
+                                mask_estimator=recipe.mask_estimator,
+                                mask_mode=recipe.mask_mode, output_type="pil")
+
+    def _require_recording(self, tab: Tab) -> None:
+        if tab.evicted:
+            raise FiseditError(
+                "your recording was dropped to keep the app within its memory budget "
+                f"({_megabytes(self.budget_bytes)} for all open tabs) while other tabs were "
+                "busy; generate again, or click an entry of the history to rebuild it")
+        if tab.current is None:
+            raise FiseditError("nothing to edit yet: generate an image first")
+
+    def _dense_regeneration_s(self, generation: Generation, prompt: str) -> float:
+        """Seconds of a plain dense run of the pipeline (no session) with the generation's
+        settings, measured once per settings on this machine. It decodes to PIL like the edit
+        does, so the two times cover the same work."""
+        settings = (generation.steps, generation.guidance_scale, generation.size)
+        if settings not in self._dense_seconds:
+            start = time.perf_counter()
+            self.pipe(prompt, num_inference_steps=generation.steps,
+                      guidance_scale=generation.guidance_scale, height=generation.size,
+                      width=generation.size, output_type="pil",
+                      generator=torch.Generator("cpu").manual_seed(generation.seed))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._dense_seconds[settings] = time.perf_counter() - start
+        return self._dense_seconds[settings]
+
+    def _enforce_budget(self, keep: str) -> None:
+        """Drop the least recently used other tabs' recordings until all fit the budget."""
+        if self.budget_bytes is None:
+            return
+        others = sorted((tab.last_used, tab_id) for tab_id, tab in self.tabs.items()
+                        if tab_id != keep and tab.current is not None)
+        for _, tab_id in others:
+            if self.recorded_bytes() <= self.budget_bytes:
+                return
+            tab = self.tabs[tab_id]
+            # A fresh session drops the old one's recording (its cache) with it.
+            tab.session = EditSession(self.pipe, engine=self.engine)
+            tab.current, tab.last_edit, tab.evicted = None, None, True
+
+
+def _latent_mask(mask, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask at ``latent_size`` from one at that size or an integer multiple (the image,
+    or the image as shown): any marked pixel marks its latent pixel, as ``load_mask_png``
+    does."""
+    mask = torch.as_tensor(np.asarray(mask, dtype=bool))
+    height, width = latent_size
+    factor = mask.shape[0] // height if mask.dim() == 2 else 0
+    if factor < 1 or tuple(mask.shape) != (height * factor, width * factor):
+        raise FiseditError(f"the mask has shape {tuple(mask.shape)}; it must be the latent "
+                           f"size {height}x{width} or a whole multiple of it (the image)")
+    return torch.nn.functional.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
+
+
+def _megabytes(nbytes: int | None) -> str:
+    return "no limit" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"

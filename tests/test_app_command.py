@@ -1,0 +1,55 @@
+"""``fisedit-compiler app``: the command serves the page on 127.0.0.1, offline, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from fisedit_compiler import cli
+
+pytest.importorskip("gradio")
+
+
+def test_a_bad_budget_is_refused_before_loading(capsys):
+    assert cli.main(["app", "--memory-budget-mib", "0"]) == 2
+    assert "--memory-budget-mib must be positive" in capsys.readouterr().err
+
+
+def test_the_command_serves_the_page_on_localhost():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # As a user runs it: no analytics setting of ours; the command turns analytics off.
+    env = {key: value for key, value in os.environ.items()
+           if key != "GRADIO_ANALYTICS_ENABLED"}
+    server = subprocess.Popen([sys.executable, "-m", "fisedit_compiler.cli", "app", "--port",
+                               str(port), "--device", "cpu"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        config = None
+        while config is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config",
+                                            timeout=5) as response:
+                    config = json.load(response)
+            except OSError:
+                time.sleep(1)
+        assert config is not None, f"the app did not come up:\n{_output(server)}"
+        assert config["analytics_enabled"] is False
+        assert "fisedit-compiler" in json.dumps(config["components"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _output(server) -> str:
+    server.terminate()
+    return server.communicate(timeout=30)[0]

@@ -1,0 +1,226 @@
+"""The editor page, served on 127.0.0.1: its functions through gradio_client (each Client is a
+browser tab of its own), two tabs at once, and one real browser (headless Debian chromium,
+driven by selenium through Debian's chromedriver).
+
+The page runs the shipped shapes model at 4 steps and 1 probe step. The browser test skips
+without chromium and chromedriver unless FISEDIT_REQUIRE_BROWSER=1 (set by .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+from io import BytesIO
+
+import numpy as np
+import PIL.Image
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from fisedit_compiler import shapes, zoo  # noqa: E402
+from fisedit_compiler.app.page import PageDefaults, build_page  # noqa: E402
+from fisedit_compiler.app.pool import SessionPool  # noqa: E402
+
+DEFAULTS = PageDefaults(shapes.DEMO_PROMPT, shapes.DEMO_EDIT, steps=4, probe_steps=1,
+                        guidance_scale=5.0)
+OTHER_PROMPT = "a small green triangle at the bottom right on a white background"
+OTHER_EDIT = "a small purple triangle at the bottom right on a white background"
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(pool, url) of the page served on a free port of 127.0.0.1."""
+    pipe = zoo.pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    pool = SessionPool(pipe)
+    page = build_page(pool, DEFAULTS)
+    page.queue(default_concurrency_limit=None)    # as the command: the pool's lock serialises
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _, url, _ = page.launch(server_name="127.0.0.1", server_port=port, ssr_mode=False,
+                            prevent_thread_lock=True, quiet=True)
+    yield pool, url
+    page.close()
+
+
+def client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def generate(tab, prompt=DEFAULTS.prompt):
+    return tab.predict(prompt, 0, DEFAULTS.steps, DEFAULTS.guidance_scale,
+                       api_name="/generate")
+
+
+def edit(tab, prompt=DEFAULTS.edit_prompt, probe_steps=1, estimator="probe", mask_mode="replace",
+         painting=None):
+    return tab.predict(prompt, probe_steps, estimator, mask_mode, painting, api_name="/edit")
+
+
+def read(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def only_inside(original: np.ndarray, edited: np.ndarray, active) -> None:
+    """``edited`` equals ``original`` outside the latent region ``active`` (scaled to the
+    shown size) and differs from it somewhere inside."""
+    scale = original.shape[0] // active.shape[0]
+    inside = np.kron(active.numpy(), np.ones((scale, scale), dtype=bool))
+    assert inside.any() and not inside.all()
+    assert np.array_equal(edited[~inside], original[~inside])
+    assert not np.array_equal(edited[inside], original[inside])
+
+
+def corner_painted(original, folder):
+    """An editor value: the shown original with a small top-left square painted (an eighth
+    of the side: a larger region crosses the engine's dense-fallback threshold)."""
+    shown = PIL.Image.open(original)
+    layer = np.zeros((shown.height, shown.width, 4), dtype=np.uint8)
+    layer[: shown.height // 8, : shown.width // 8] = (255, 0, 255, 255)
+    PIL.Image.fromarray(layer).save(folder / "layer.png")
+    return {"background": gradio_client.handle_file(original),
+            "layers": [gradio_client.handle_file(str(folder / "layer.png"))],
+            "composite": None}
+
+
+def test_generate_edit_accept_through_the_client(served, tmp_path):
+    pool, url = served
+    tab = client(url)
+    original, _, edited, overlay, _, history = generate(tab)
+    assert edited is None and overlay is None and len(history) == 1
+    # A painted region: at 4 steps the estimators call the demo edit a global change.
+    edited, overlay, timings = edit(tab, probe_steps=0,
+                                    painting=corner_painted(original, tmp_path))
+    assert "dense regeneration" in timings and "Recomputed" in timings
+    only_inside(read(original), read(edited), pool.tabs[tab.session_hash].last_edit[1]
+                .plan.levels[0].active)
+    assert not np.array_equal(read(overlay), read(edited))     # the region is tinted
+    new_original, _, _, _, status, history = tab.predict(api_name="/accept")
+    assert status.startswith("Accepted") and len(history) == 2
+    assert np.array_equal(read(new_original), read(edited))   # the edit is the new original
+    edit(tab, OTHER_EDIT, probe_steps=0,                        # keeps editing from there
+         painting=corner_painted(new_original, tmp_path))
+
+
+def test_the_mask_estimator_is_a_choice_of_the_page(served):
+    pool, url = served
+    tab = client(url)
+    generate(tab)
+    _, _, timings = edit(tab, probe_steps=None, estimator="noise-contrast")
+    assert "by noise-contrast" in timings
+    assert pool.tabs[tab.session_hash].last_edit[1].report["mask_estimator"] == "noise-contrast"
+
+
+def test_refused_inputs_show_the_library_message(served):
+    _, url = served
+    tab = client(url)
+    with pytest.raises(gradio_client.exceptions.AppError, match="nothing to edit yet"):
+        edit(tab)
+    generate(tab)
+    with pytest.raises(gradio_client.exceptions.AppError, match="no edit to accept"):
+        tab.predict(api_name="/accept")
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"probe_steps .* \[0, 3\]"):
+        edit(tab, probe_steps=4)
+
+
+def test_painted_mask_through_the_client(served, tmp_path):
+    pool, url = served
+    tab = client(url)
+    original = generate(tab)[0]
+    edit(tab, probe_steps=0, painting=corner_painted(original, tmp_path))
+    recipe, result = pool.tabs[tab.session_hash].last_edit
+    latent = result.mask.shape[0]
+    assert result.report["mask_source"] == "user"
+    assert result.mask[: latent // 8, : latent // 8].all()
+    assert result.mask.sum() == (latent // 8) ** 2
+
+
+def test_two_tabs_at_once_each_get_what_they_get_alone(served):
+    _, url = served
+    work = {"a": (DEFAULTS.prompt, DEFAULTS.edit_prompt), "b": (OTHER_PROMPT, OTHER_EDIT)}
+    alone = {}
+    for name, (prompt, new_prompt) in work.items():
+        tab = client(url)
+        alone[name] = (read(generate(tab, prompt)[0]), read(edit(tab, new_prompt)[0]))
+    together, spans, errors = {}, {}, []
+    start = threading.Barrier(len(work))
+
+    def run(name):
+        try:
+            tab = client(url)
+            prompt, new_prompt = work[name]
+            start.wait()
+            began = time.monotonic()
+            original = read(generate(tab, prompt)[0])
+            together[name] = (original, read(edit(tab, new_prompt)[0]))
+            spans[name] = (began, time.monotonic())
+        except Exception as error:    # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    (a_start, a_end), (b_start, b_end) = spans["a"], spans["b"]
+    assert a_start < b_end and b_start < a_end          # the two tabs' work overlapped
+    for name in work:
+        assert np.array_equal(together[name][0], alone[name][0])
+        assert np.array_equal(together[name][1], alone[name][1])
+
+
+def _browser_tools() -> tuple[str, str] | None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+@pytest.mark.skipif(_browser_tools() is None and os.environ.get("FISEDIT_REQUIRE_BROWSER") != "1",
+                    reason="needs chromium and chromedriver (apt-get install chromium "
+                           "chromium-driver); FISEDIT_REQUIRE_BROWSER=1 makes this a failure")
+def test_the_page_in_a_real_browser(served):
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pool, url = served
+    assert _browser_tools() is not None, "chromium and chromedriver are not installed"
+    chromium, driver_path = _browser_tools()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1400,1600"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        wait = WebDriverWait(browser, 240)
+        browser.get(url)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#generate"))
+
+        def shown(elem_id):
+            images = browser.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
+            return images[0].get_attribute("src") if images else None
+
+        browser.find_element(By.CSS_SELECTOR, "#generate").click()
+        original_src = wait.until(lambda b: shown("original"))
+        browser.find_element(By.CSS_SELECTOR, "#edit").click()
+        edited_src = wait.until(lambda b: shown("edited"))
+        browser_tab = max(pool.tabs.values(), key=lambda tab: tab.last_used)
+        active = browser_tab.last_edit[1].plan.levels[0].active
+        original, edited = (np.asarray(PIL.Image.open(BytesIO(urllib.request.urlopen(src)
+                                                              .read())).convert("RGB"))
+                            .astype(np.int16) for src in (original_src, edited_src))
+        only_inside(original, edited, active)
+    finally:
+        browser.quit()

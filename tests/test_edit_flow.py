@@ -506,7 +506,8 @@ def test_demo_command_edits_the_trained_shapes_model(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "shapes" and report["mask_source"] == "auto"
     assert report["prompt"] == shapes.DEMO_PROMPT and report["edit"] == shapes.DEMO_EDIT
-    assert report["num_inference_steps"] == 20 and report["probe_steps"] == 5
+    assert report["num_inference_steps"] == 20 and report["probe_steps"] == 0   # no probe phase
+    assert report["mask_estimator"] == "noise-contrast" and report["global_change"] is False
     assert 0 < report["mask_area_fraction"] < 0.2
     assert report["active_area_fraction"] < 0.5             # a real sparse edit, not dense
     assert report["timings_s"]["warm_edit_s"] > 0

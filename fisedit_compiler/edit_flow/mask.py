@@ -39,9 +39,13 @@ import torch.nn.functional as F
 # reaches GLOBAL_LEVEL of the change evidence's peak (the noise contrast; the probe's latent
 # difference for the probe): the edit is then planned dense, since a partial mask of a global
 # change keeps only its strongest part and breaks the image. On 100 held-out pairs of the
-# shapes model (pairs 500-599) this separates background changes from object edits in 99 of
-# 100 (background: 0.5-1.0 of the latent, object edits: at most 0.52).
-GLOBAL_LEVEL, GLOBAL_AREA = 0.1, 0.5
+# shapes model (pairs 500-599) a level of 0.1 separated background changes from object edits
+# in 99 of 100 (background: 0.5-1.0 of the latent, object edits: at most 0.52), but it called
+# the shipped demo's edit (a large circle changing colour: 0.79 of the latent over 0.1 of the
+# peak, 0.13 over 0.2) global, so the demo ran dense; at 0.2 the demo is local and a
+# background change still covers 0.95. The benchmark's numbers were measured at 0.1 and need
+# a rerun at 0.2 (RESULTS.md).
+GLOBAL_LEVEL, GLOBAL_AREA = 0.2, 0.5
 
 
 @dataclass

@@ -341,8 +341,10 @@ class SparseEngine:
             raise FiseditError(
                 f"unknown U-Net input(s) {', '.join(unknown)}; {type(self.unet).__name__} takes "
                 f"{', '.join(params)}")
+        # A required input passed as None is the caller's choice (Kandinsky 2.2's pipeline
+        # passes encoder_hidden_states=None): only an absent one is missing.
         missing = [name for name, param in params.items()
-                   if param.default is inspect.Parameter.empty and inputs.get(name) is None]
+                   if param.default is inspect.Parameter.empty and name not in inputs]
         if missing:
             raise FiseditError(f"missing U-Net input(s) {', '.join(missing)}; pass them as "
                                "keywords, as for unet(**inputs)")
@@ -358,12 +360,10 @@ class SparseEngine:
             if name == "timestep" and isinstance(value, (int, float)) and \
                     not isinstance(value, bool):
                 continue
-            tensors = (value.values() if isinstance(value, dict)
-                       else value if isinstance(value, (list, tuple)) else [value])
-            for tensor in tensors:
+            for tensor in _leaves(value):
                 if not isinstance(tensor, torch.Tensor):
-                    raise FiseditError(f"U-Net input {name} must be a tensor (or a dict of "
-                                       f"tensors), got {type(tensor).__name__}")
+                    raise FiseditError(f"U-Net input {name} must be a tensor (or a dict or list "
+                                       f"of tensors), got {type(tensor).__name__}")
                 # (A 0-d tensor, such as a timestep, is a scalar the U-Net moves itself.)
                 if tensor.device != device and tensor.dim() > 0:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
@@ -396,6 +396,15 @@ class SparseEngine:
                     f"the edited {name} differs from the recorded one outside the edit mask; "
                     "blend the latents with the recorded ones outside the mask, or enlarge "
                     "the mask")
+
+
+def _leaves(value) -> list:
+    """The values inside nested dicts and lists (ControlNet residuals, IP-Adapter embeds)."""
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
 
 
 def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[dict]:

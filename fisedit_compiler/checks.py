@@ -29,12 +29,16 @@ def check_int(name: str, value, *, minimum: int | None = None,
         number = operator.index(value)
     except TypeError:
         raise FiseditError(f"{name} must be an int, got {_describe(value)}") from None
+    _check_range(name, number, minimum, maximum)
+    return number
+
+
+def _check_range(name: str, number, minimum, maximum) -> None:
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         low = "" if minimum is None else f"{minimum} <= "
         high = "" if maximum is None else f" <= {maximum}"
         raise FiseditError(f"{name} {number} is out of range: it must satisfy "
                            f"{low}{name}{high}")
-    return number
 
 
 def check_optional_int(name: str, value, *, minimum: int | None = None) -> int | None:
@@ -54,11 +58,7 @@ def check_float(name: str, value, *, minimum: float | None = None,
         raise FiseditError(f"{name} must be a number, got {_describe(value)}") from None
     if not math.isfinite(number):
         raise FiseditError(f"{name} must be a finite number, got {number}")
-    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        low = "" if minimum is None else f"{minimum} <= "
-        high = "" if maximum is None else f" <= {maximum}"
-        raise FiseditError(f"{name} {number} is out of range: it must satisfy "
-                           f"{low}{name}{high}")
+    _check_range(name, number, minimum, maximum)
     return number
 
 

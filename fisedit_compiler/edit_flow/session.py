@@ -200,9 +200,8 @@ class EditSession:
         if not (self.engine.config.cuda_graphs and trajectory.noise.is_cuda):
             return
         started = time.perf_counter()
-        guided = trajectory.unet_inputs[0]["sample"].shape[0] == 2 * trajectory.noise.shape[0]
         batch = contrast_batch(trajectory, trajectory.unet_inputs[0],
-                               tac.contrast_steps(trajectory.num_steps), guided)
+                               tac.contrast_steps(trajectory.num_steps), _guided(trajectory))
         batch["return_dict"] = False            # as _EditRun._estimate calls it
         for _ in range(3):      # torch.compile's CUDA graphs record on a later call
             self.engine.dense(**batch)
@@ -733,7 +732,7 @@ class _EditRun:
         original, pipe = self.original, self.session.pipe
         steps = tac.contrast_steps(original.num_steps)
         # With classifier-free guidance every input is [unconditional, conditional] rows.
-        guided = inputs["sample"].shape[0] == 2 * original.noise.shape[0]
+        guided = _guided(original)
 
         def rows(conditioning: dict) -> dict:
             return contrast_batch(original, conditioning, steps, guided)
@@ -765,6 +764,11 @@ class _EditRun:
             final=original.latents[-1],
             attention=None if maps is None else maps.maps.sum(0))
         return self.estimator.score(contrast), tac.noise_contrast_score(contrast)
+
+
+def _guided(trajectory: Trajectory) -> bool:
+    """Whether the generation's U-Net calls hold [unconditional, conditional] rows (CFG)."""
+    return trajectory.unet_inputs[0]["sample"].shape[0] == 2 * trajectory.noise.shape[0]
 
 
 def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 
 import torch
 import torch.fx as fx
@@ -169,8 +170,6 @@ class SparseEngine:
         run as CUDA graphs, one captured edit step per capacity bucket (kernels tuned on the
         way; tuning results persist on disk). ``inputs`` are the recorded step's. Returns the
         time spent, in seconds, and the number of graphs captured."""
-        import time
-
         step = self._check_cache(cache, step)
         self._check_inputs(inputs)
         program = self.program(inputs)

@@ -39,6 +39,24 @@ RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 AREAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LAYOUTS = ("blob", "scattered")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# A compile mode prefixed with this runs on the U-Net as a diffusers user tuning for speed
+# would (``tuned_unet``), e.g. "tuned:reduce-overhead".
+TUNED = "tuned:"
+# The baseline's default modes: CUDA graphs, plain and tuned ("default" mode never wins, and
+# max-autotune compiles SD1.5 for more than 5 minutes on an H200).
+DEFAULT_COMPILE_MODES = ("reduce-overhead", TUNED + "reduce-overhead")
+# Kernel name fragments -> category, first match wins (``profile_step``).
+KERNEL_CATEGORIES = (
+    ("sparse conv", ("_sparse_conv2d",)),
+    ("attention", ("_attention", "sdpa", "fmha", "flash")),
+    ("group norm", ("_group_norm", "group_norm")),
+    ("add + layer norm, GEGLU", ("_add_layer_norm", "_geglu", "layer_norm")),
+    ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
+    ("cuDNN conv", ("conv", "cudnn")),
+    ("copy, gather, scatter", ("copy", "memcpy", "memset", "index", "scatter", "gather", "cat",
+                               "where")),
+    ("other elementwise", ("elementwise", "reduce", "triton_")),
+)
 
 
 def edited_inputs(inputs: dict, mask: torch.Tensor, seed: int = 1) -> dict:
@@ -73,15 +91,17 @@ def environment() -> dict:
 
 
 @torch.no_grad()
-def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE_MODES[:2],
+def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=DEFAULT_COMPILE_MODES,
         reference: bool = True, dtype: torch.dtype = torch.float16, batch: int = 2,
         config: SparseConfig | None = None, tolerance: float = 2e-2, reps: int = 20,
-        calibrate: bool = True, profile_area: float | None = None, log=print) -> dict:
+        calibrate: bool = True, profile_area: float | None = None, prepare: bool = True,
+        log=print) -> dict:
     """The benchmark; returns the JSON-ready result (see the module docstring).
 
     The steps: load the model (``_setup``), time the dense baselines (``measure_dense``),
     compile, calibrate and record the engines (``build_engines``) and capture every capacity
-    bucket's step (``engine.prepare``), then per mask time every engine against the oracle and
+    bucket's step (``engine.prepare``; without ``prepare`` each bucket is captured at its first
+    edit, outside the timings), then per mask time every engine against the oracle and
     what buckets cost (``measure_mask``, ``bucket_costs``), profiling one area on request
     (``_profile_row``)."""
     if not torch.cuda.is_available():
@@ -94,9 +114,10 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=COMPILE
     if calibration is not None:
         result["calibration"] = calibration
     result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20
-    result["prepare"] = engines["triton"].prepare(caches["triton"], 0, **inputs)
-    log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
-        f"{result['prepare']['prepare_s']:.1f} s")
+    if prepare:
+        result["prepare"] = engines["triton"].prepare(caches["triton"], 0, **inputs)
+        log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
+            f"{result['prepare']['prepare_s']:.1f} s")
     size = tuple(inputs["sample"].shape[-2:])
     for layout in layouts:
         for area in areas:
@@ -128,6 +149,28 @@ def _setup(model: str, dtype: torch.dtype, batch: int):
     return unet, inputs, result
 
 
+def tuned_unet(unet):
+    """A copy of ``unet`` as a diffusers user tuning for speed runs it: channels_last, fused
+    QKV projections, and Inductor's 1x1 convs as matmuls (a global Inductor setting, left on:
+    it only affects code compiled after it)."""
+    import copy
+
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    fast = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    fast.fuse_qkv_projections()
+    return fast
+
+
+def compiled_dense(unet, mode: str):
+    """``torch.compile`` of ``unet`` in ``mode`` ("default", "reduce-overhead", ...), of its
+    tuned copy (``tuned_unet``) for a mode named ``tuned:<mode>``."""
+    if mode.startswith(TUNED):
+        unet, mode = tuned_unet(unet), mode.removeprefix(TUNED)
+    return torch.compile(unet, mode=None if mode == "default" else mode)
+
+
 def measure_dense(unet, inputs: dict, compile_modes, reps: int, log=print) -> dict:
     """Dense eager and dense ``torch.compile`` in each mode; the best compiled mode is the
     baseline (``best_compiled_ms``; eager where no mode is asked for).
@@ -138,7 +181,7 @@ def measure_dense(unet, inputs: dict, compile_modes, reps: int, log=print) -> di
     dense = {"eager_ms": cuda_time_ms(lambda: unet(**inputs), reps=reps)}
     log(f"dense eager {dense['eager_ms']:.2f} ms")
     for mode in compile_modes:
-        compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+        compiled = compiled_dense(unet, mode)
         started = time.perf_counter()
         compiled(**inputs)
         torch.cuda.synchronize()
@@ -226,6 +269,8 @@ def _profile_row(fast, cache, inputs: dict, mask: torch.Tensor, row: dict, reps:
         f"step; edit call {row['triton_ms']:.2f} ms = graph replay "
         f"{profile['replay_ms']:.2f} ms + host "
         f"{profile['host_ms']:.2f} ms before it")
+    for name, entry in profile["categories"].items():
+        log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x [{name}]")
     for entry in profile["top"]:
         log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x "
             f"{entry['kernel']}")
@@ -299,9 +344,24 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
     launches = sum(count for count, _ in kernels.values()) / calls
     gpu_ms = sum(ms for _, ms in kernels.values()) / calls
     ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+    categories: dict[str, list] = {}
+    for name, (count, ms) in kernels.items():
+        entry = categories.setdefault(kernel_category(name), [0, 0.0])
+        entry[0] += count / calls
+        entry[1] += ms / calls
     return {"kernels_per_step": launches, "gpu_kernel_ms_per_step": gpu_ms,
+            "categories": {name: {"calls_per_step": count, "ms_per_step": ms}
+                           for name, (count, ms) in sorted(categories.items(),
+                                                           key=lambda item: -item[1][1])},
             "top": [{"kernel": name[:90], "calls_per_step": count / calls,
                      "ms_per_step": ms / calls} for name, (count, ms) in ranked]}
+
+
+def kernel_category(name: str) -> str:
+    """The ``KERNEL_CATEGORIES`` entry a GPU kernel's name falls in ("other" if none)."""
+    lowered = name.lower()
+    return next((category for category, fragments in KERNEL_CATEGORIES
+                 if any(fragment.lower() in lowered for fragment in fragments)), "other")
 
 
 @torch.no_grad()
@@ -396,14 +456,20 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--areas", default=",".join(str(a) for a in AREAS),
                         help="comma-separated edit areas as fractions of the latent")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="blob,scattered")
-    parser.add_argument("--compile-modes", default=",".join(COMPILE_MODES[:2]),
-                        help=f"torch.compile modes for the dense baseline ({', '.join(COMPILE_MODES)})")
+    parser.add_argument("--compile-modes", default=",".join(DEFAULT_COMPILE_MODES),
+                        help="torch.compile modes for the dense baseline ("
+                             f"{', '.join(COMPILE_MODES)}; '{TUNED}MODE' compiles the U-Net "
+                             "in channels_last with fused QKV projections and 1x1 convs as "
+                             "matmuls); the fastest is the baseline")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the engine's torch reference path")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--profile-area", type=float, metavar="AREA",
                         help="profile the blob edit of this area: kernels per step, GPU "
                              "kernel time, top kernels")
+    parser.add_argument("--no-prepare", action="store_true",
+                        help="capture each bucket's step at its first edit instead of all "
+                             "of them ahead (engine.prepare): quicker for a few areas")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
@@ -422,6 +488,7 @@ def run_bench_command(args) -> int:
                      compile_modes=[m for m in args.compile_modes.split(",") if m],
                      reference=not args.no_reference, reps=args.reps,
                      calibrate=not args.no_calibrate, profile_area=args.profile_area,
+                     prepare=not args.no_prepare,
                      log=lambda text: print(text, flush=True))
         results.append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))

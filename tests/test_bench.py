@@ -1,0 +1,36 @@
+"""The benchmark's CPU-side parts: the kernel categories of the profile and the tuned baseline."""
+
+import pytest
+
+from fisedit_compiler import bench, zoo
+
+
+@pytest.mark.parametrize("name, category", [
+    ("_sparse_conv2d_kernel", "sparse conv"),
+    ("_attention_kernel", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+    ("_group_norm_kernel", "group norm"),
+    ("_add_layer_norm_kernel", "add + layer norm, GEGLU"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half>",
+     "add + layer norm, GEGLU"),
+    ("nvjet_sm90_hsh_16x64_64x16_4x2_h_bz_bias_TNN", "GEMM (cuBLAS)"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::Half>>",
+     "other elementwise"),
+    ("void at::native::index_elementwise_kernel<128, 4>", "copy, gather, scatter"),
+    ("Memcpy DtoD (Device -> Device)", "copy, gather, scatter"),
+    ("some_new_kernel", "other"),
+])
+def test_every_kernel_falls_in_one_category(name, category):
+    assert bench.kernel_category(name) == category
+
+
+def test_the_tuned_baseline_is_a_channels_last_copy_with_fused_projections():
+    unet = zoo.unet("sd15-tiny")
+    tuned = bench.tuned_unet(unet)
+    assert tuned is not unet
+    conv = tuned.conv_in.weight
+    assert conv.is_contiguous(memory_format=bench.torch.channels_last)
+    attention = tuned.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert getattr(attention, "fused_projections", False)
+    assert not getattr(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1,
+                       "fused_projections", False)

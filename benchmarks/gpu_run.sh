@@ -18,9 +18,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 bench() { python3 -m fisedit_compiler.cli bench --reps 10 "$@" 2>&1 | grep -v -i "warn" | tee -a "$OUT/bench.log"; }
 case "$1" in
   tests)  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests.log" ;;
-  sd15)   bench --model sd15 --profile-area 0.05 --compile-modes default,reduce-overhead --out "$OUT/sd15" ;;
-  sdxl)   bench --model sdxl --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sdxl"
-          bench --model sd21 --areas 0.01,0.05,0.2,1.0 --layouts blob --no-reference --compile-modes reduce-overhead --out "$OUT/sd21" ;;
+  sd15)   bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --profile-area 0.05 --out "$OUT/sd15" ;;
+  sdxl)   bench --model sdxl --areas 0.01,0.05,0.2 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes tuned:reduce-overhead --profile-area 0.05 --out "$OUT/sdxl"
+          bench --model sd21 --areas 0.01,0.05,0.2 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes tuned:reduce-overhead --out "$OUT/sd21" ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;
   # 50 steps x 1.4 GiB: 56 GiB (39 steps) stay on the H100, the rest is prefetched from pinned host memory.

@@ -26,7 +26,9 @@ writes ``edit_quality.json`` (summary + one record per pair; saved with the figu
 pairs, so a run cut short leaves its results), ``examples.png`` (rows: rendered truth, generated original, the
 edits and masks of the first variants, the true region, the dense generation of the edited
 prompt) and ``iou_by_kind.png`` (needs matplotlib). Runs split with ``--start`` are combined
-with ``--merge a/edit_quality.json b/edit_quality.json --out DIR``. ``--random-tiny`` uses a
+with ``--merge a/edit_quality.json b/edit_quality.json --out DIR``; ``--workers N`` does both
+on one many-core machine (N one-thread processes, then the merge), and ``--time-limit``
+stops a run cleanly (for a command limit). ``--random-tiny`` uses a
 randomly initialised tiny shapes pipeline (numbers meaningless; for tests).
 
 ``--gpu-timing sd15`` measures instead, on the GPU, each variant's edit time on a zoo pipeline
@@ -78,6 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's)")
     p.add_argument("--examples", type=int, default=10, help="pairs in examples.png")
+    p.add_argument("--workers", type=int, default=1,
+                   help="split the pairs into this many processes of one thread each, then "
+                        "merge their results into --out (many-core machines)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no new pair after this many seconds (one pair always runs); "
+                        "the results so far are saved (marked incomplete)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine these runs' edit_quality.json into --out; runs nothing")
     p.add_argument("--gpu-timing", metavar="MODEL",
@@ -378,20 +386,71 @@ def finish(records, variants, examples, setup, out: Path) -> dict:
     return summary
 
 
+def merge(paths, out: Path) -> int:
+    """Combine the ``edit_quality.json`` of runs over different pairs into ``out``."""
+    runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in paths]
+    records = sorted((r for run in runs for r in run["pairs"]), key=lambda r: r["index"])
+    variants = [v for v in runs[0]["summary"] if isinstance(runs[0]["summary"][v], dict)
+                and "mask_iou" in runs[0]["summary"][v]]
+    setup = dict(runs[0]["summary"]["setup"], merged=[str(path) for path in paths],
+                 seconds=sum(run["summary"]["setup"]["seconds"] for run in runs),
+                 complete=all(run["summary"]["setup"]["complete"] for run in runs))
+    print(json.dumps(finish(records, variants, [], setup, out), indent=2))
+    return 0
+
+
+def run_workers(args, argv: list[str], out: Path) -> int:
+    """``--workers N``: N processes over contiguous shares of the pairs (one thread each, their
+    results under ``out/part-K``), then their merge into ``out``; the first share draws the
+    examples. A worker that saved nothing (killed before its first save) is left out, and the
+    merged setup says the run is incomplete."""
+    import subprocess
+
+    kept = _without_options(argv)
+    shares = [len(range(k, args.pairs, args.workers)) for k in range(args.workers)]
+    processes, parts, first = [], [], args.start
+    for k, count in enumerate(shares):
+        part = out / f"part-{k}"
+        parts.append(part / "edit_quality.json")
+        command = [sys.executable, __file__, *kept, "--start", str(first), "--pairs", str(count),
+                   "--threads", "1", "--out", str(part),
+                   "--examples", str(args.examples if k == 0 else 0)]
+        processes.append(subprocess.Popen(command))
+        first += count
+    failed = sum(process.wait() != 0 for process in processes)
+    saved = [path for path in parts if path.exists()]
+    if not saved:
+        print("no worker saved results", file=sys.stderr)
+        return 1
+    merge(saved, out)
+    if (parts[0].parent / "examples.png").exists():
+        (out / "examples.png").write_bytes((parts[0].parent / "examples.png").read_bytes())
+    return 1 if failed or len(saved) < len(parts) else 0
+
+
+def _without_options(argv: list[str]) -> list[str]:
+    """``argv`` without the options ``run_workers`` sets per worker (and their values)."""
+    replaced = {"--workers", "--start", "--pairs", "--out", "--threads", "--examples"}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in replaced:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
-        records = sorted((r for run in runs for r in run["pairs"]), key=lambda r: r["index"])
-        variants = [v for v in runs[0]["summary"] if isinstance(runs[0]["summary"][v], dict)
-                    and "mask_iou" in runs[0]["summary"][v]]
-        setup = dict(runs[0]["summary"]["setup"], merged=list(args.merge),
-                     seconds=sum(run["summary"]["setup"]["seconds"] for run in runs))
-        print(json.dumps(finish(records, variants, [], setup, out), indent=2))
-        return 0
+        return merge(args.merge, out)
     variants = parse_variants(args.variants)
+    if args.workers > 1 and not args.gpu_timing:
+        return run_workers(args, argv if argv is not None else sys.argv[1:], out)
     if args.gpu_timing:
         args.steps = args.steps or 50
         result = gpu_timing(args, variants)
@@ -415,6 +474,10 @@ def main(argv=None) -> int:
                 "seconds": time.perf_counter() - start, "complete": len(records) == len(pairs)}
 
     for i, pair in enumerate(pairs):
+        if records and args.time_limit is not None \
+                and time.perf_counter() - start > args.time_limit:
+            print(f"time limit: stopped after {i} of {len(pairs)} pairs", flush=True)
+            break
         record, images = run_pair(pair, session, variants, args)
         records.append(record)
         if len(examples) < args.examples:

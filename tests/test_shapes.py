@@ -288,6 +288,25 @@ def test_edit_quality_on_a_random_tiny_pipeline(tmp_path):
     assert again["noise-contrast@0"] == summary["noise-contrast@0"]
 
 
+def test_edit_quality_workers_share_the_pairs_and_merge(tmp_path):
+    spec = importlib.util.spec_from_file_location("edit_quality",
+                                                  ROOT / "benchmarks" / "edit_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._without_options(["--workers", "2", "--pairs=3", "--steps", "2", "--out",
+                                   "x", "--random-tiny"]) == ["--steps", "2", "--random-tiny"]
+    out = tmp_path / "eq"
+    assert bench.main(["--random-tiny", "--pairs", "3", "--start", "1", "--steps", "2",
+                       "--variants", "noise-contrast@0", "--device", "cpu", "--workers", "2",
+                       "--examples", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "edit_quality.json").read_text())
+    assert [p["index"] for p in report["pairs"]] == [1, 2, 3]
+    assert report["summary"]["setup"]["complete"] is True
+    starts = [json.loads((out / f"part-{k}" / "edit_quality.json").read_text())["summary"]
+              ["setup"]["start"] for k in (0, 1)]
+    assert starts == [1, 3] and (out / "examples.png").is_file()
+
+
 # ------------------------------------------------------------------------- the shipped weights
 
 def test_package_data_covers_every_weight_file():

@@ -1,0 +1,106 @@
+"""Issue 17's plot: the sparse step against edit area, per model, beside the issue's targets.
+
+    python benchmarks/step_targets.py results/bench_sd15_h200_session6.json \
+        results/bench_sdxl_h200_session6.json --out results/step_targets_session6.png
+
+Reads ``fisedit-compiler bench`` result files (``results.json``) and draws, per model and
+layout, the step time (Triton + CUDA graphs) against the edit area, the run's best dense step
+(the tuned ``torch.compile`` baseline) as a line, and the issue's targets as crosses; prints the
+same as a markdown table (reached ms, target ms, speedup reached and targeted). Needs
+matplotlib for the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Issue 17's targets: (model, layout, area) -> step ms, or a speedup over the best dense step.
+TARGET_MS = {("sd15", "blob", 0.01): 0.9, ("sd15", "blob", 0.05): 1.45,
+             ("sd15", "blob", 0.2): 3.6, ("sd15", "scattered", 0.05): 2.0}
+TARGET_SPEEDUP = {("sdxl", "blob", 0.05): 6.0}
+
+
+def target_ms(model: str, layout: str, area: float, dense_ms: float) -> float | None:
+    key = (model, layout, round(area, 4))
+    if key in TARGET_MS:
+        return TARGET_MS[key]
+    if key in TARGET_SPEEDUP:
+        return dense_ms / TARGET_SPEEDUP[key]
+    return None
+
+
+def rows(results: list[dict]) -> list[dict]:
+    table = []
+    for result in results:
+        dense_ms = result["dense"]["best_compiled_ms"]
+        for row in result["rows"]:
+            target = target_ms(result["model"], row["layout"], row["area"], dense_ms)
+            table.append({"model": result["model"], "layout": row["layout"], "area": row["area"],
+                          "step_ms": row["triton_ms"], "dense_ms": dense_ms, "target_ms": target})
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| model | layout | area | step ms | target ms | speedup | target speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        target = "-" if r["target_ms"] is None else f"{r['target_ms']:.2f}"
+        wanted = "-" if r["target_ms"] is None else f"{r['dense_ms'] / r['target_ms']:.1f}x"
+        lines.append(f"| {r['model']} | {r['layout']} | {r['area']:.0%} | {r['step_ms']:.2f} | "
+                     f"{target} | {r['dense_ms'] / r['step_ms']:.2f}x | {wanted} |")
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in table})
+    figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        mine = [r for r in table if r["model"] == model]
+        for layout, marker in (("blob", "o"), ("scattered", "s")):
+            points = [r for r in mine if r["layout"] == layout]
+            if points:
+                axis.plot([100 * r["area"] for r in points], [r["step_ms"] for r in points],
+                          marker=marker, label=f"sparse step, {layout}")
+            targets = [r for r in points if r["target_ms"] is not None]
+            if targets:
+                axis.scatter([100 * r["area"] for r in targets], [r["target_ms"] for r in targets],
+                             marker="x", s=60, color="red", zorder=3,
+                             label="issue 17 target" if layout == "blob" else None)
+        axis.axhline(mine[0]["dense_ms"], color="gray", linestyle="--",
+                     label="best dense (tuned torch.compile)")
+        axis.set_xscale("log")
+        axis.set_ylim(bottom=0)
+        axis.set_xlabel("edit area (% of latent)")
+        axis.set_ylabel("ms per U-Net call (batch 2, fp16)")
+        axis.set_title(model)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="bench results.json files")
+    parser.add_argument("--out", default="step_targets.png", help="the plot (PNG)")
+    args = parser.parse_args(argv)
+    results = [result for path in args.results
+               for result in json.loads(Path(path).read_text(encoding="utf-8"))]
+    table = rows(results)
+    print(markdown(table))
+    if not plot(table, Path(args.out)):
+        print("matplotlib not installed: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

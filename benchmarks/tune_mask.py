@@ -73,22 +73,30 @@ def collect(start: int, pairs: int, cache: Path, steps: int = 20, guidance: floa
     # on the same recorded inputs as the noise-contrast estimator's, nothing after it.
     tac.ESTIMATORS["tune-capture"] = dataclasses.replace(
         tac.ESTIMATORS["noise-contrast"], name="tune-capture", score=_capture)
+    def contrast(prompt, edit, seed):
+        session.generate(prompt, seed=seed, num_inference_steps=steps,
+                         guidance_scale=guidance, output_type="np")
+        try:
+            session.edit(edit, mask_estimator="tune-capture", output_type="np")
+        except _Captured as captured:
+            return captured.contrast
+        raise RuntimeError("the capturing estimator did not run")
+
+    # The shipped demo's edit (seed 0, as `fisedit demo` runs it): it must stay local.
+    path = cache / "demo.pt"
+    if not path.exists():
+        from fisedit_compiler import shapes
+        found = contrast(shapes.DEMO_PROMPT, shapes.DEMO_EDIT, 0)
+        torch.save({"index": "demo", "kind": "demo", "new": found.new.float().cpu(),
+                    "old": found.old.float().cpu(), "truth": None}, path)
     for pair in render.benchmark_pairs(pairs, start):
         path = cache / f"pair-{pair.seed:04d}.pt"
         if path.exists():
             continue
-        session.generate(pair.prompt, seed=pair.seed, num_inference_steps=steps,
-                         guidance_scale=guidance, output_type="np")
-        try:
-            session.edit(pair.edit_prompt, mask_estimator="tune-capture", output_type="np")
-            raise RuntimeError("the capturing estimator did not run")
-        except _Captured as captured:
-            contrast = captured.contrast
-        truth = render.latent_region(pair)
+        found = contrast(pair.prompt, pair.edit_prompt, pair.seed)
         torch.save({"index": pair.seed, "kind": pair.kind, "prompt": pair.prompt,
-                    "edit_prompt": pair.edit_prompt, "truth": truth.cpu(),
-                    "new": contrast.new.float().cpu(), "old": contrast.old.float().cpu()},
-                   path)
+                    "edit_prompt": pair.edit_prompt, "truth": render.latent_region(pair).cpu(),
+                    "new": found.new.float().cpu(), "old": found.old.float().cpu()}, path)
         print(f"pair {pair.seed} ({pair.kind}) cached", flush=True)
 
 
@@ -121,18 +129,16 @@ def variant(name: str):
 def shipped(record: dict) -> tuple[torch.Tensor, bool]:
     """The estimator as ``edit_flow.mask`` ships it (what ``EditSession.edit`` computes)."""
     from fisedit_compiler.edit_flow import mask as tac
-    contrast = tac.Contrast(samples=None, old=record["old"], new=record["new"], alphas=None,
-                            prediction_type="epsilon", final=None)
-    evidence = tac.noise_contrast_score(contrast)
-    if tac.is_global(evidence):
-        return torch.ones_like(record["truth"]), True
+    if global_rule(record):
+        return torch.ones_like(record["new"][0, 0], dtype=torch.bool), True
     estimator = tac.ESTIMATORS["noise-contrast"]
-    return tac.binarize(estimator.score(contrast), estimator.cut), False
+    score = estimator.score(_contrast(record))
+    return tac.binarize(score, estimator.cut, smooth=estimator.smooth), False
 
 
-# Building blocks of the variants: a score map from the contrast, then a cut. The global rule
-# is the shipped one (``is_global`` on the summed contrast) in every variant, so variants
-# differ only in the mask of local edits.
+# Building blocks of the variants: a score map from the contrast, then a cut. Every variant
+# uses the same global rule (``--global-rule``), so variants differ only in the mask of
+# local edits.
 
 def step_maps(record: dict, reduce: str = "mean") -> torch.Tensor:
     """Per contrast step, the new-vs-old difference reduced over channels: ``[S, H, W]``,
@@ -163,12 +169,16 @@ def combine(maps: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(how)
 
 
-def smooth(score: torch.Tensor, size: int) -> torch.Tensor:
-    if size <= 1:
+def smooth(score: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """A 3x3 smoothing of the score: ``"box"`` (mean) or ``"gauss"`` ([1 2 1] squared / 16),
+    edges replicated."""
+    if kind is None:
         return score
     import torch.nn.functional as F
-    return F.avg_pool2d(score[None, None], size, stride=1, padding=size // 2,
-                        count_include_pad=False)[0, 0]
+    row = torch.tensor([1.0, 1.0, 1.0]) if kind == "box" else torch.tensor([1.0, 2.0, 1.0])
+    kernel = (row[:, None] * row[None, :]) / (row.sum() ** 2)
+    padded = F.pad(score[None, None], (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(padded, kernel[None, None])[0, 0]
 
 
 def grow(seeds: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -182,22 +192,36 @@ def grow(seeds: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         region = grown
 
 
-def global_rule(record: dict) -> bool:
+GLOBAL_RULE = "shipped"   # or "peak": the peak rule alone (``is_global``), as before session 6
+
+
+def _contrast(record: dict):
     from fisedit_compiler.edit_flow import mask as tac
-    return tac.is_global(combine(step_maps(record), "sum"))
+    return tac.Contrast(samples=None, old=record["old"], new=record["new"], alphas=None,
+                        prediction_type="epsilon", final=None)
 
 
-def make_variant(reduce="mean", how="sum", cut=0.5, low=None, relative="otsu", blur=1,
+def global_rule(record: dict) -> bool:
+    """The shipped global-change rule (``contrast_is_global``), or with ``GLOBAL_RULE = "peak"``
+    the peak rule alone."""
+    from fisedit_compiler.edit_flow import mask as tac
+    contrast = _contrast(record)
+    if GLOBAL_RULE == "peak":
+        return tac.is_global(tac.noise_contrast_score(contrast))
+    return tac.contrast_is_global(contrast)
+
+
+def make_variant(reduce="mean", how="sum", cut=0.5, low=None, relative="otsu", blur=None,
                  opening=True):
     """A variant: channels reduced by ``reduce``, steps combined by ``how``, smoothed by a
-    ``blur`` box, cut at ``cut`` times Otsu's threshold (``relative="otsu"``) or at ``cut``
+    ``blur`` 3x3 filter, cut at ``cut`` times Otsu's threshold (``relative="otsu"``) or at ``cut``
     of the peak (``"peak"``); with ``low``, hysteresis: the cut's pixels are the seeds, grown
     into the connected pixels above ``low`` (same scale)."""
     from fisedit_compiler.edit_flow import mask as tac
 
     def function(record):
         if global_rule(record):
-            return torch.ones_like(record["truth"]), True
+            return torch.ones_like(record["new"][0, 0], dtype=torch.bool), True
         score = smooth(combine(step_maps(record, reduce), how), blur)
         floor = float(score.min())
         if relative == "otsu":
@@ -226,16 +250,20 @@ def _register_grid():
                           (1.2, 0.5), (1.0, 0.3), (0.7, 0.4)):
             VARIANTS[f"mean/{how}/hyst otsu*{high}->{low}"] = make_variant(
                 "mean", how, high, low=low)
-        for blur in (2, 3):
-            for cut in (0.5, 0.7, 0.9):
-                VARIANTS[f"mean/{how}/blur{blur}/otsu*{cut}"] = make_variant(
-                    "mean", how, cut, blur=blur)
+        for reduce in ("mean", "l2"):
+            for blur in ("box", "gauss"):
+                for cut in (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3):
+                    VARIANTS[f"{reduce}/{how}/{blur}/otsu*{cut}"] = make_variant(
+                        reduce, how, cut, blur=blur)
+                for high, low in ((1.2, 0.8), (1.2, 0.9), (1.3, 0.9), (1.5, 0.9), (1.5, 1.0)):
+                    VARIANTS[f"{reduce}/{how}/{blur}/hyst otsu*{high}->{low}"] = make_variant(
+                        reduce, how, high, low=low, blur=blur)
 
 
 _register_grid()
 
 
-def evaluate(records: list[dict], function) -> dict:
+def evaluate(records: list[dict], function, demo: dict | None = None) -> dict:
     by_kind = defaultdict(list)
     for record in records:
         mask, is_global = function(record)
@@ -248,7 +276,10 @@ def evaluate(records: list[dict], function) -> dict:
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows) if rows else None
 
+    demo_mask, demo_global = function(demo) if demo is not None else (None, None)
     return {"pairs": len(records),
+            "demo_global": demo_global,
+            "demo_mask_area": None if demo_mask is None else float(demo_mask.float().mean()),
             "object_iou": mean(objects, "iou"),
             "iou_by_kind": {kind: mean(by_kind.get(kind, []), "iou") for kind in OBJECT_KINDS},
             "background_global": mean(by_kind.get("background", []), "global"),
@@ -257,15 +288,21 @@ def evaluate(records: list[dict], function) -> dict:
             "object_true_area": mean(objects, "true_area")}
 
 
+def demo(result: dict) -> str:
+    if result["demo_global"] is None:
+        return "-"
+    return f"{'global' if result['demo_global'] else 'local'}, {result['demo_mask_area']:.3f}"
+
+
 def table(results: dict[str, dict]) -> str:
     lines = ["| variant | object IoU | add | remove | colour | move | background global | "
-             "objects global | mask area / true area (objects) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "objects global | mask area / true area (objects) | demo: global, mask area |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         kinds = " | ".join(f"{r['iou_by_kind'][k]:.3f}" for k in OBJECT_KINDS)
         lines.append(f"| {name} | {r['object_iou']:.3f} | {kinds} | {r['background_global']:.2f} "
                      f"| {r['objects_global']:.3f} | {r['object_mask_area']:.3f} / "
-                     f"{r['object_true_area']:.3f} |")
+                     f"{r['object_true_area']:.3f} | {demo(r)} |")
     return "\n".join(lines)
 
 
@@ -280,6 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--variants", default=None, help="comma-separated names (default: all)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--global-rule", choices=("shipped", "peak"), default="shipped",
+                   help="the global-change rule of every variant (peak: before session 6)")
     args = p.parse_args(argv)
     if args.start < 500 and not args.evaluate:
         print("warning: pairs below 500 are the benchmark's; do not tune on them",
@@ -287,13 +326,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = Path(args.cache)
+    global GLOBAL_RULE
+    GLOBAL_RULE = args.global_rule
     if args.collect:
         collect(args.start, args.pairs, cache, pipeline=args.pipeline)
     if args.evaluate:
         records = load(args.start, args.pairs, cache)
         names = args.variants.split(",") if args.variants else list(VARIANTS)
-        results = {"shipped": evaluate(records, shipped)}
-        results.update({name: evaluate(records, VARIANTS[name]) for name in names})
+        demo_path = cache / "demo.pt"
+        demo_record = torch.load(demo_path) if demo_path.exists() else None
+        results = {"shipped": evaluate(records, shipped, demo_record)}
+        results.update({name: evaluate(records, VARIANTS[name], demo_record) for name in names})
         print(f"{len(records)} pairs from {args.start}")
         print(table(results))
         if args.out:

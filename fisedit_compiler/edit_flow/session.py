@@ -222,7 +222,7 @@ class EditSession:
         there): every estimator but ``"probe"`` reads one batched U-Net call on the recorded
         trajectory with the new prompt before step 0; ``"probe"`` (FISEdit) runs the first
         ``probe_steps`` steps densely and takes their latent difference to the recorded
-        trajectory. A change that spreads over the image (``mask.is_global``: background,
+        trajectory. A change that spreads over the image (``mask.contrast_is_global``: background,
         style, lighting) is planned dense and ``report["global_change"]`` says so. A user
         ``mask`` (bool ``[H, W]`` at latent resolution) replaces the estimate
         (``mask_mode="replace"``) or intersects it (``"intersect"``); ``mask_dilation`` grows
@@ -694,7 +694,7 @@ class _EditRun:
             if probing:
                 began = time.perf_counter()
                 score = tac.accumulate(self.differences)
-                self._set_mask(score, score)
+                self._set_mask(score, tac.is_global(score))
                 self.timings["mask_s"] = time.perf_counter() - began
                 self.mask_unet_evaluations = float(self.dense_steps)
             self.timings["probe_s"] = time.perf_counter() - self.start
@@ -707,23 +707,24 @@ class _EditRun:
         return latents
 
     # -- the mask ---------------------------------------------------------------------------
-    def _set_mask(self, score: torch.Tensor | None, evidence: torch.Tensor | None) -> None:
-        """The mask from the estimator's ``score``, the global-change ``evidence`` and the
-        user mask; then the plan."""
+    def _set_mask(self, score: torch.Tensor | None, global_change: bool | None) -> None:
+        """The mask from the estimator's ``score``, whether the change is global and the user
+        mask; then the plan."""
         if self.user_mask is not None and self.mask_mode == "replace":
             chosen = self.user_mask
         else:
-            self.global_change = tac.is_global(evidence)
+            self.global_change = bool(global_change)
             chosen = torch.ones_like(score, dtype=torch.bool) if self.global_change else \
-                tac.binarize(score, self.estimator.cut, self.mask_dilation)
+                tac.binarize(score, self.estimator.cut, self.mask_dilation,
+                             smooth=self.estimator.smooth)
             chosen = chosen.to(self.original.noise.device)
             if self.user_mask is not None:
                 chosen = chosen & self.user_mask
         self.mask = chosen
         self.plan = self.session.engine.plan(chosen)
 
-    def _estimate(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one-call estimator's score and the global-change evidence (the noise contrast).
+    def _estimate(self, inputs: dict) -> tuple[torch.Tensor, bool]:
+        """The one-call estimator's score and whether the noise contrast shows a global change.
 
         One U-Net call on the recorded inputs of the contrast steps: their conditional rows
         with the new prompt's conditioning (taken from the pipeline's step-0 ``inputs``) and,
@@ -763,7 +764,7 @@ class _EditRun:
             prediction_type=pipe.scheduler.config.prediction_type,
             final=original.latents[-1],
             attention=None if maps is None else maps.maps.sum(0))
-        return self.estimator.score(contrast), tac.noise_contrast_score(contrast)
+        return self.estimator.score(contrast), tac.contrast_is_global(contrast)
 
 
 def _guided(trajectory: Trajectory) -> bool:

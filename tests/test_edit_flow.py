@@ -310,6 +310,57 @@ def test_a_cache_budget_offloads_steps_and_changes_no_result(session, pipe):
     assert budgeted.cache.offloaded == set(range(STEPS))
 
 
+def test_smoothing_before_the_cut_removes_speckle_and_fills_dropouts():
+    # A changed block with two low pixels inside and three single-pixel spikes outside: the
+    # speckle of a noise contrast at a pure-noise step.
+    score = torch.full((16, 16), 0.1)
+    score[4:10, 4:10] = 1.0
+    score[6, 6] = score[7, 8] = 0.2
+    score[13, 2] = score[2, 13] = score[12, 12] = 0.9
+    block = torch.zeros(16, 16, dtype=torch.bool)
+    block[4:10, 4:10] = True
+    raw = tac.binarize(score)                              # Otsu's cut on the raw score
+    assert int((raw & ~block).sum()) == 3 and int((block & ~raw).sum()) == 2
+    assert torch.equal(tac.binarize(score, smooth=True), block)
+    # The shipped noise-contrast estimator smooths and cuts at Otsu's own threshold.
+    estimator = tac.ESTIMATORS[tac.DEFAULT_ESTIMATOR]
+    assert estimator.smooth and estimator.cut == 1.0
+
+
+def test_box_smoothing_keeps_levels_and_scales_with_the_latent_size():
+    assert [tac.smoothing_size(h) for h in (16, 32, 64, 96, 128)] == [3, 3, 5, 5, 7]
+    flat = torch.full((8, 8), 0.7)
+    assert torch.allclose(tac.box_smooth(flat, 3), flat)   # edges replicated, no dark rim
+    spike = torch.zeros(8, 8)
+    spike[3, 3] = 9.0
+    smoothed = tac.box_smooth(spike, 3)
+    assert float(smoothed.max()) == pytest.approx(1.0)      # the spike spread over its box
+    assert float(smoothed.sum()) == pytest.approx(9.0)
+    assert torch.equal(tac.box_smooth(spike, 1), spike)
+
+
+def _contrast(difference: torch.Tensor) -> tac.Contrast:
+    old = torch.zeros(2, 4, *difference.shape)
+    return tac.Contrast(samples=old, old=old, new=old + difference, alphas=torch.ones(2),
+                        prediction_type="epsilon", final=old[:1])
+
+
+def test_a_background_change_with_a_sharp_peak_is_global():
+    # Everything changes a little (0.3 in prediction units) and one redrawn object a lot: the
+    # peak rule sees only the object, the median pixel's contrast sees the background.
+    background = torch.full((16, 16), 0.3)
+    background[6:8, 6:8] = 4.0
+    assert not tac.is_global(tac.noise_contrast_score(_contrast(background)))
+    assert tac.median_contrast(_contrast(background)) == pytest.approx(0.3)
+    assert tac.contrast_is_global(_contrast(background))
+    # An object edit: a strong local change over a near-still background stays local.
+    local = torch.full((16, 16), 0.05)
+    local[2:9, 2:9] = 1.0
+    assert not tac.contrast_is_global(_contrast(local))
+    # A change over most of the latent near its peak is global by the peak rule alone.
+    assert tac.contrast_is_global(_contrast(torch.full((16, 16), 0.1)))
+
+
 def test_otsu_and_opening():
     values = torch.cat([torch.full((90,), 0.1), torch.full((10,), 0.9)])
     threshold = tac.otsu_threshold(values)

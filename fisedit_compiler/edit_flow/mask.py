@@ -3,7 +3,8 @@
 Each estimator turns evidence about the edit into a score map ``[H, W]`` at latent resolution;
 ``binarize`` makes the mask from it (an optional box smoothing and a cut relative to Otsu's,
 an opening, both scaled to the latent size, an optional dilation); ``is_global`` and
-``contrast_is_global`` detect global changes, which are planned dense. The estimators are named choices of ``EditSession.edit(mask_estimator=...)`` and of the
+``contrast_is_global`` detect global changes, which are planned dense. The estimators are named
+choices of ``EditSession.edit(mask_estimator=...)`` and of the
 CLI; ``ESTIMATORS`` is their one registry:
 
 * ``"probe"``: FISEdit's Target Area Capture, the baseline. The edit runs ``probe_steps``
@@ -261,7 +262,8 @@ def contrast_is_global(contrast: Contrast) -> bool:
     """Whether the one-call estimators' contrast shows a global change: more than half the
     latent near the contrast's peak (``is_global``) or a median pixel that changes by more
     than ``GLOBAL_CONTRAST``."""
-    return is_global(noise_contrast_score(contrast)) or median_contrast(contrast) > GLOBAL_CONTRAST
+    return (is_global(noise_contrast_score(contrast))
+            or median_contrast(contrast) > GLOBAL_CONTRAST)
 
 
 def binarize(score: torch.Tensor, cut: float = 1.0, dilation: int = 0,

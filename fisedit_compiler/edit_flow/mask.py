@@ -4,8 +4,8 @@ Each estimator turns evidence about the edit into a score map ``[H, W]`` at late
 ``binarize`` makes the mask from it (an optional box smoothing and a cut relative to Otsu's,
 an opening, both scaled to the latent size, an optional dilation); ``is_global`` and
 ``contrast_is_global`` detect global changes, which are planned dense. The estimators are named
-choices of ``EditSession.edit(mask_estimator=...)`` and of the
-CLI; ``ESTIMATORS`` is their one registry:
+choices of ``EditSession.edit(mask_estimator=...)`` and of the CLI; ``ESTIMATORS`` is their one
+registry:
 
 * ``"probe"``: FISEdit's Target Area Capture, the baseline. The edit runs ``probe_steps``
   dense steps with the new prompt; the mask comes from their latent difference to the recorded
@@ -14,7 +14,9 @@ CLI; ``ESTIMATORS`` is their one registry:
 * ``"noise-contrast"`` (DiffEdit): at a few steps of the recorded trajectory, the new prompt's
   noise prediction on the original's recorded latents against the original prompt's (recorded,
   free). All steps go in one batched U-Net call of the conditional inputs only. Known before
-  step 0, so the edit runs sparse from its first step.
+  step 0, so the edit runs sparse from its first step. The contrast is box-smoothed before
+  Otsu's cut (it is speckled at the pure-noise step), and a median pixel whose prediction
+  changes by more than ``GLOBAL_CONTRAST`` marks a global change.
 * ``"x0"``: the new prompt's estimate of the final latents (the x0 prediction) at those
   steps against the original's final latents.
 * ``"cross-attention"``: the cross-attention of the tokens that differ between the two prompts

@@ -298,11 +298,15 @@ def table(results: dict[str, dict]) -> str:
     lines = ["| variant | object IoU | add | remove | colour | move | background global | "
              "objects global | mask area / true area (objects) | demo: global, mask area |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     for name, r in results.items():
-        kinds = " | ".join(f"{r['iou_by_kind'][k]:.3f}" for k in OBJECT_KINDS)
-        lines.append(f"| {name} | {r['object_iou']:.3f} | {kinds} | {r['background_global']:.2f} "
-                     f"| {r['objects_global']:.3f} | {r['object_mask_area']:.3f} / "
-                     f"{r['object_true_area']:.3f} | {demo(r)} |")
+        kinds = " | ".join(number(r["iou_by_kind"][k]) for k in OBJECT_KINDS)
+        lines.append(f"| {name} | {number(r['object_iou'])} | {kinds} | "
+                     f"{number(r['background_global'], 2)} | {number(r['objects_global'])} | "
+                     f"{number(r['object_mask_area'])} / {number(r['object_true_area'])} | "
+                     f"{demo(r)} |")
     return "\n".join(lines)
 
 

@@ -259,6 +259,33 @@ def test_training_smoke_checkpoint_and_resume(tmp_path):
 
 # ---------------------------------------------------------------------------------- benchmark
 
+def test_tune_mask_scores_cached_contrasts(tmp_path):
+    """benchmarks/tune_mask.py --evaluate on a hand-made cache: a clean object change is found
+    exactly, a background change is called global, and "shipped" is the chosen variant."""
+    spec = importlib.util.spec_from_file_location("tune_mask",
+                                                  ROOT / "benchmarks" / "tune_mask.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    old = torch.zeros(2, 4, 16, 16)
+    truth = torch.zeros(16, 16, dtype=torch.bool)
+    truth[4:10, 4:10] = True
+    change = torch.full((16, 16), 0.01)
+    change[4:10, 4:10] = 1.0
+    records = {600: ("colour", old + change, truth),
+               601: ("background", old + 0.5, torch.ones(16, 16, dtype=torch.bool))}
+    for index, (kind, new, region) in records.items():
+        torch.save({"index": index, "kind": kind, "truth": region, "new": new, "old": old},
+                   tmp_path / f"pair-{index:04d}.pt")
+    out = tmp_path / "tune.json"
+    assert tune.main(["--evaluate", "--start", "600", "--pairs", "2", "--cache", str(tmp_path),
+                      "--variants", "mean/sum/box/otsu*1.0", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["shipped"] == results["mean/sum/box/otsu*1.0"]
+    assert results["shipped"]["object_iou"] == 1.0
+    assert results["shipped"]["background_global"] == 1.0
+    assert results["shipped"]["objects_global"] == 0.0
+
+
 def test_edit_quality_on_a_random_tiny_pipeline(tmp_path):
     spec = importlib.util.spec_from_file_location("edit_quality",
                                                   ROOT / "benchmarks" / "edit_quality.py")

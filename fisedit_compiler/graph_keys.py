@@ -32,5 +32,5 @@ PACKED_WEIGHTS = "fc_packed_weights"    # lower_kernels: the program's triton_op
 
 # -- node-level keys of the edit graph, set on the nodes a pass creates ---------------------
 META_FROM = "fc_from"                   # the canonical node an edit node was made from
-META_CACHE_KIND = "fc_cache_kind"       # on cache_read nodes: "value" or "group_norm_stats"
+META_CACHE_KIND = "fc_cache_kind"       # on cache_read nodes: "value" or an OpSpec.records kind
 META_CACHE_SOURCE = "fc_cache_source"   # on cache_read nodes: the canonical node recorded

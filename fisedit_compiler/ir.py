@@ -1,16 +1,18 @@
-"""The canonical op set: the one graph dialect every pass after capture works on.
+"""The canonical dialect: the one graph form every pass after capture works on.
 
 Both frontends (torch.export and the Dynamo backend graph) are lowered to ATen by non-strict
-export and then mapped here by ``passes.canonicalize``. Every canonical node is a
-``call_function`` whose target is one of the functions below, called with positional arguments
-in the documented order, so a pass matches ``node.target is ir.conv2d`` and reads ``node.args``
-without normalising keyword forms. Parameters are ``get_attr`` nodes; user inputs are
-placeholders named after the U-Net's (flattened) keyword arguments.
+export and then mapped onto the canonical ops by ``passes.canonicalize``. Every canonical node
+is a ``call_function`` whose target is its op's canonical function, called with positional
+arguments in the documented order, so a pass matches ``node.target is ir.conv2d`` and reads
+``node.args`` without normalising keyword forms. Parameters are ``get_attr`` nodes; user inputs
+are placeholders named after the U-Net's (flattened) keyword arguments.
 
-An ATen op with no canonical form is kept as it is and flagged (``META_UNKNOWN``); passes treat
-such nodes conservatively (dense) and ``inspect`` reports them.
-
-The op set, by kind (``KIND[op]``):
+The op set is the registry (``passes.registry``: one ``OpSpec`` per op, with its kind and
+every pass's rule for it; docs/design.md, "Op registry"). This module holds what every layer
+shares: the node metadata keys and the U-Net ops' canonical functions, kept in the lowest layer
+because code below the passes calls some of them too (the reference sparse ops run ``conv2d``
+on dense levels) and the fusions match them. A new op whose function only its own entry uses
+defines it beside the entry. Signatures:
 
 ===========  ==============================================================================
 kind         ops
@@ -30,6 +32,9 @@ view         ``reshape(x, shape)``, ``permute(x, dims)``, ``expand(x, shape)``,
              ``slice(x, dim, start, end, step)``, ``split(x, sizes, dim)`` (+ getitem)
 factory      ``arange(start, end, step, dtype, device)``, ``full(shape, value, dtype, device)``
 ===========  ==============================================================================
+
+An ATen op with no canonical form is kept as it is and flagged (``META_UNKNOWN``); passes treat
+such nodes conservatively (dense) and ``inspect`` reports them.
 """
 
 from __future__ import annotations
@@ -128,25 +133,6 @@ def full(shape, value, dtype, device):
 neg, exp, sin, cos = torch.neg, torch.exp, torch.sin, torch.cos
 sigmoid, tanh, sqrt, rsqrt = torch.sigmoid, torch.tanh, torch.sqrt, torch.rsqrt
 add, sub, mul, div, pow = operator.add, operator.sub, operator.mul, operator.truediv, operator.pow
-
-UNARY = {"neg": neg, "exp": exp, "sin": sin, "cos": cos, "sigmoid": sigmoid, "tanh": tanh,
-         "sqrt": sqrt, "rsqrt": rsqrt}
-BINARY = {"add": add, "sub": sub, "mul": mul, "div": div, "pow": pow}
-
-OPS = {
-    "conv2d": conv2d, "group_norm": group_norm, "layer_norm": layer_norm,
-    "attention": attention, "linear": linear, "upsample_nearest": upsample_nearest,
-    "silu": silu, "gelu": gelu, "cast": cast, **UNARY, **BINARY,
-    "cat": cat, "reshape": reshape, "permute": permute, "expand": expand, "slice": slice_dim,
-    "split": split, "getitem": operator.getitem, "arange": arange, "full": full,
-}
-KIND = {
-    "conv2d": "conv", "group_norm": "norm", "layer_norm": "norm", "attention": "attention",
-    "linear": "linear", "upsample_nearest": "upsample", "cat": "cat",
-    **{name: "pointwise" for name in ("silu", "gelu", "cast", *UNARY, *BINARY)},
-    **{name: "view" for name in ("reshape", "permute", "expand", "slice", "split", "getitem")},
-    "arange": "factory", "full": "factory",
-}
 
 
 def op_name(node) -> str | None:

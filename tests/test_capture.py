@@ -7,6 +7,7 @@ import torch
 
 from fisedit_compiler import ir, zoo
 from fisedit_compiler.compiler import capture, pipeline
+from fisedit_compiler.passes import registry
 from fisedit_compiler.errors import FiseditError
 
 TINY = [name for name in zoo.MODEL_NAMES if name.endswith("-tiny")]
@@ -34,7 +35,7 @@ def test_canonical_equals_eager(traced, name, frontend):
     assert (actual - expected).abs().max().item() <= 1e-5
     assert t.gm.meta["fc_unknown_ops"] == {}
     assert not any(n.meta.get(ir.META_UNKNOWN) for n in t.gm.graph.nodes)
-    assert all(ir.op_name(n) in ir.OPS for n in t.gm.graph.nodes if n.op == "call_function")
+    assert all(ir.op_name(n) in registry.REGISTRY for n in t.gm.graph.nodes if n.op == "call_function")
 
 
 @pytest.mark.parametrize("name", TINY)

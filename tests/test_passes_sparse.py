@@ -8,8 +8,8 @@ from fisedit_compiler import ir, zoo
 from fisedit_compiler.compiler import capture
 from fisedit_compiler.errors import FiseditError
 from fisedit_compiler.execution import sparse_ops as ops
-from fisedit_compiler.execution import triton_ops
 from fisedit_compiler.graph_keys import SPARSE_MODES
+from fisedit_compiler.passes import registry
 from fisedit_compiler.passes.analyze import analyze
 from fisedit_compiler.passes.cache import derive_cache_set, insert_cache_writes
 from fisedit_compiler.passes.canonicalize import canonicalize
@@ -43,7 +43,7 @@ def test_every_heavy_op_becomes_its_sparse_form(program):
     assert edit_targets.count(ops.sparse_attention) == count("attention")
     assert edit_targets.count(ops.upsample_gather) == count("upsample_nearest")
     for name in ("conv2d", "group_norm", "attention", "upsample_nearest"):
-        assert ir.OPS[name] not in edit_targets
+        assert registry.REGISTRY[name].fn not in edit_targets
     modes = {program.modes.get(node.name) for node in canonical.graph.nodes
              if node.op == "call_function"}
     assert modes == {"sparse", "global"}
@@ -62,7 +62,7 @@ def test_every_pass_returns_a_valid_graph_and_leaves_its_input_alone(traced):
         edit = linted(fuse, edit)
         edit = linted(fuse_tokens, edit)
         edit = linted(lower_kernels, edit)
-        assert any(n.target in triton_ops.LOWERINGS.values() for n in edit.graph.nodes)
+        assert any(n.target in registry.lowerings().values() for n in edit.graph.nodes)
         pure(insert_cache_writes, canonical, derive_cache_set(edit), config)
 
 

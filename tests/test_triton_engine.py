@@ -12,6 +12,7 @@ from fisedit_compiler import bench, zoo
 from fisedit_compiler.execution import sparse_ops, triton_ops
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
 from fisedit_compiler.graph_keys import PACKED_WEIGHTS
+from fisedit_compiler.passes import registry
 from fisedit_compiler.passes.lower_kernels import CHANNELS_LAST_KEYS
 
 
@@ -25,7 +26,7 @@ def edit_and_check(unet, config, mask, tolerance):
     actual = engine.edit(cache, step=0, plan=plan, **edited)
     expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
     targets = {node.target for node in engine.program(inputs).edit.graph.nodes}
-    assert set(triton_ops.LOWERINGS.values()) <= targets        # lowered to the Triton ops
+    assert set(registry.lowerings().values()) <= targets        # lowered to the Triton ops
     packed = getattr(engine.program(inputs).edit, PACKED_WEIGHTS)  # owned by the program
     assert isinstance(packed, triton_ops.PackedWeights) and packed._entries
     assert bench.relative_error(actual, expected) <= tolerance

@@ -24,7 +24,7 @@ from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
 from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PACKED_WEIGHTS, PLAN_INPUT
-from ..passes.sparsify import is_pointwise_conv
+from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
 
@@ -409,10 +409,10 @@ def _leaves(value) -> list:
 def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[dict]:
     """Per canonical node: dense, sparse and ideal MACs under ``plan``, and how it runs.
 
-    Sparse MACs count what the sparse ops really compute: whole output tiles for windowed
-    convolutions, active positions for per-position ops, active queries (times active keys
-    under the ``sparse`` self-attention policy) for attention. Ideal MACs scale positional work
-    by the raw mask fraction.
+    Sparse MACs count what the sparse ops really compute (each op's ``OpSpec.edit_macs``): whole
+    output tiles for windowed convolutions, active positions for per-position ops, active
+    queries (times active keys under the ``sparse`` self-attention policy) for attention. Ideal
+    MACs scale positional work by the raw mask fraction.
     """
     rows = []
     for node in program.canonical.graph.nodes:
@@ -425,18 +425,8 @@ def node_macs(program: Program, plan: MaskPlan, config: SparseConfig) -> list[di
             mode = "dense"      # rewritten sparsely, but this plan runs its level dense
         if dense and positional:
             level = plan[domain.level]
-            positions = level.size[0] * level.size[1]
-            fraction = level.count / positions
             ideal = dense * plan.raw_fraction
-            if level.dense:
-                sparse = dense
-            elif ir.is_op(node, "conv2d") and not is_pointwise_conv(node):
-                sparse = dense * level.tiles.shape[0] * level.tile * level.tile / positions
-            elif (ir.is_op(node, "attention") and node.meta.get(ir.META_ATTN_KIND) == "self"
-                  and config.self_attention == "sparse"):
-                sparse = dense * fraction * fraction
-            else:
-                sparse = dense * fraction
+            sparse = dense if level.dense else registry.edit_macs(node, level, config, dense)
         rows.append({"name": node.name, "op": ir.op_name(node) or node.op, "mode": mode,
                      "dense_macs": int(dense), "sparse_macs": int(math.ceil(sparse)),
                      "ideal_macs": int(math.ceil(ideal))})

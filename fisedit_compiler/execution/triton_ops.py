@@ -1,7 +1,8 @@
 """The sparse ops of the edit graph on Triton kernels: same signatures as ``sparse_ops``.
 
 ``passes.lower_kernels`` swaps these in for their ``sparse_ops`` namesakes when a program runs
-on CUDA (``SparseConfig.kernels``). Each one turns the mask plan into the kernel's index tables
+on CUDA (``SparseConfig.kernels``); which op replaces which is declared by each op's registry
+entry (``OpSpec.lowerings`` in ``passes.registry``). Each one turns the mask plan into the kernel's index tables
 (built once per plan and kept on it) and calls the kernel from ``fisedit_compiler.kernels``;
 where a kernel does not apply it calls the reference op, so the result is always the same
 function of the inputs:
@@ -23,7 +24,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import ir
 from . import sparse_ops
 from .kernels import attention as attention_kernels
 from .kernels import group_norm as group_norm_kernels
@@ -191,13 +191,3 @@ def pointwise_conv2d(x, weight, bias):
     matrix = weight.reshape(weight.shape[0], weight.shape[1])
     return F.linear(x.transpose(1, 2), matrix, bias).transpose(1, 2)
 
-
-LOWERINGS = {
-    ir.cat: cat,
-    sparse_ops.sparse_conv2d: sparse_conv2d,
-    sparse_ops.sparse_group_norm: sparse_group_norm,
-    sparse_ops.sparse_attention: sparse_attention,
-    sparse_ops.add_layer_norm: add_layer_norm,
-    sparse_ops.geglu: geglu,
-    sparse_ops.pointwise_conv2d: pointwise_conv2d,
-}

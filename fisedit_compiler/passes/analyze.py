@@ -30,37 +30,15 @@ Levels are numbered from the finest resolution (level 0, the latent) downwards.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from .. import ir
 from ..graph_keys import LEVELS
+from . import registry
+from .registry.spec import GLOBAL, OPAQUE, Domain, domain_of, shape_of
 
-
-@dataclass(frozen=True)
-class Domain:
-    kind: str                          # "spatial", "tokens", "global" or "opaque"
-    dims: tuple[int, ...] = ()         # tensor dimensions that hold the positions
-    size: tuple[int, int] | None = None  # (H, W) of the level
-    level: int | None = None
-
-    @property
-    def positional(self) -> bool:
-        """True when the value's positions are known (spatial or tokens)."""
-        return self.kind in ("spatial", "tokens")
-
-    def describe(self) -> str:
-        if self.positional:
-            return f"{self.kind}@L{self.level}"
-        return self.kind
-
-
-GLOBAL = Domain("global")
-OPAQUE = Domain("opaque")
 
 # On a node the rules could not follow whose domain was read off its shape (see the docstring):
 # the edit computes it densely, and the oracle exactly, before restricting it to the region.
@@ -81,7 +59,7 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
         node.meta[ir.META_DEPENDS] = _depends(node)
         node.meta[ir.META_INVARIANT] = _invariant(node.meta[ir.META_DEPENDS])
         domain = _domain(node)
-        shape = _shape(node)
+        shape = shape_of(node)
         if domain.kind == "opaque" and len(shape) == 4 and (
                 shape[0], shape[2], shape[3]) in spatial_shapes:
             domain = Domain("spatial", (2, 3), shape[2:])
@@ -97,9 +75,9 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
         if domain.positional:
             node.meta[ir.META_DOMAIN] = Domain(domain.kind, domain.dims, domain.size,
                                                index[domain.size])
-        if ir.is_op(node, "attention"):
-            node.meta[ir.META_ATTN_KIND] = (
-                "self" if node.args[1].meta[ir.META_DOMAIN].positional else "cross")
+        spec = registry.spec_of(node)
+        if spec is not None and spec.meta is not None:
+            node.meta.update(spec.meta(node))
     gm.meta[LEVELS] = levels
     return gm
 
@@ -108,10 +86,10 @@ def _spatial_shapes(gm: fx.GraphModule) -> set[tuple[int, int, int]]:
     """(batch, H, W) of the spatial values a U-Net can hold: the sample's batch, and the sizes
     of its resolution pyramid (each side halved, rounded either way, down to 1)."""
     sample = next((n for n in gm.graph.nodes if n.op == "placeholder"
-                   and n.name == SAMPLE_INPUT and len(_shape(n)) == 4), None)
+                   and n.name == SAMPLE_INPUT and len(shape_of(n)) == 4), None)
     if sample is None:
         return set()
-    batch, _, height, width = _shape(sample)
+    batch, _, height, width = shape_of(sample)
     found, sizes = set(), {(height, width)}
     while sizes:
         found |= sizes
@@ -165,176 +143,27 @@ def _invariant(deps: frozenset) -> str | None:
     return "prompt"
 
 
-def _shape(node) -> tuple[int, ...]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
-
-
-def _domain_of(value) -> Domain:
-    if isinstance(value, fx.Node):
-        return value.meta.get(ir.META_DOMAIN, GLOBAL)
-    return GLOBAL
-
-
 def _domain(node: fx.Node) -> Domain:
     if node.op == "placeholder":
-        shape = _shape(node)
+        shape = shape_of(node)
         if node.name == SAMPLE_INPUT and len(shape) == 4:
             return Domain("spatial", (2, 3), (shape[2], shape[3]))
         return GLOBAL
     if node.op != "call_function":
         return GLOBAL
-    sources = [_domain_of(n) for n in _inputs(node)]
+    sources = [domain_of(n) for n in _inputs(node)]
     if not any(d.kind != "global" for d in sources):
         return GLOBAL
-    if any(d.kind == "opaque" for d in sources) and not ir.is_op(node, "attention"):
+    spec = registry.spec_of(node)
+    if spec is None or spec.domain is None:
         return OPAQUE
-    name = ir.op_name(node)
-    rule = _RULES.get(ir.KIND.get(name), None) if name else None
-    rule = _RULES.get(name, rule)
-    return rule(node) if rule else OPAQUE
-
-
-def _same_as_first(node: fx.Node) -> Domain:
-    return _domain_of(node.args[0])
-
-
-def _image_output(node: fx.Node) -> Domain:
-    shape = _shape(node)
-    return Domain("spatial", (2, 3), (shape[2], shape[3])) if len(shape) == 4 else OPAQUE
-
-
-def _channel_op(node: fx.Node) -> Domain:
-    """group_norm: positions must lie after the channel dimension."""
-    domain = _domain_of(node.args[0])
-    return domain if domain.positional and min(domain.dims) >= 2 else OPAQUE
-
-
-def _last_dim_op(node: fx.Node) -> Domain:
-    """linear and layer_norm act on trailing dimensions: positions must lie before them."""
-    domain = _domain_of(node.args[0])
-    rank = len(_shape(node.args[0]))
-    trailing = 1 if ir.is_op(node, "linear") else len(node.args[1])
-    if domain.positional and max(domain.dims) < rank - trailing:
-        return domain
-    return OPAQUE
-
-
-def _pointwise(node: fx.Node) -> Domain:
-    out_shape = _shape(node)
-    found = None
-    for value in node.all_input_nodes:
-        domain = _domain_of(value)
-        if not domain.positional:
-            continue
-        offset = len(out_shape) - len(_shape(value))
-        aligned = Domain(domain.kind, tuple(d + offset for d in domain.dims), domain.size)
-        if found is not None and found != aligned:
-            return OPAQUE
-        found = aligned
-    if found is None:
+    if any(d.kind == "opaque" for d in sources) and not spec.opaque_inputs:
         return OPAQUE
-    return found
-
-
-def _cat(node: fx.Node) -> Domain:
-    domain = _pointwise(node)
-    return OPAQUE if domain.positional and node.args[1] in domain.dims else domain
-
-
-def _attention(node: fx.Node) -> Domain:
-    """Each query attends on its own: positional queries keep their positions, whether K/V
-    are the level's tokens (self), global (text) or opaque: computed densely, like the
-    text-and-image K/V that IF's and Kandinsky's added-KV attention concatenates."""
-    query, key = _domain_of(node.args[0]), _domain_of(node.args[1])
-    if not query.positional or query.dims != (len(_shape(node.args[0])) - 2,):
-        return OPAQUE
-    if key.positional and key.size != query.size:
-        return OPAQUE
-    if node.args[3] is not None and _domain_of(node.args[3]).kind != "global":
-        return OPAQUE
-    return query
-
-
-def _permute(node: fx.Node) -> Domain:
-    domain = _domain_of(node.args[0])
-    order = list(node.args[1])
-    dims = tuple(order.index(d) for d in domain.dims)
-    if list(dims) != list(range(dims[0], dims[0] + len(dims))):
-        return OPAQUE  # positions reordered (W before H) or split apart
-    return Domain(domain.kind, dims, domain.size)
-
-
-def _reshape(node: fx.Node) -> Domain:
-    domain = _domain_of(node.args[0])
-    in_shape, out_shape = _shape(node.args[0]), _shape(node)
-    first, last = domain.dims[0], domain.dims[-1]
-    prefix = math.prod(in_shape[:first])
-    block = math.prod(in_shape[first:last + 1])
-    start = 0
-    while math.prod(out_shape[:start]) < prefix or (
-            start < len(out_shape) and out_shape[start] == 1 and block != 1):
-        start += 1
-    if math.prod(out_shape[:start]) != prefix:
-        return OPAQUE
-    end = start
-    while end < len(out_shape) and math.prod(out_shape[start:end + 1]) < block:
-        end += 1
-    if end >= len(out_shape) or math.prod(out_shape[start:end + 1]) != block:
-        return OPAQUE
-    height, width = domain.size
-    dims = tuple(range(start, end + 1))
-    if len(dims) == 1:
-        return Domain("tokens", dims, domain.size)
-    if tuple(out_shape[start:end + 1]) == (height, width):
-        return Domain("spatial", dims, domain.size)
-    return OPAQUE
-
-
-def _expand(node: fx.Node) -> Domain:
-    domain = _domain_of(node.args[0])
-    in_shape, out_shape = _shape(node.args[0]), _shape(node)
-    offset = len(out_shape) - len(in_shape)
-    dims = tuple(d + offset for d in domain.dims)
-    if all(out_shape[d] == in_shape[d - offset] for d in dims):
-        return Domain(domain.kind, dims, domain.size)
-    return OPAQUE
-
-
-def _along_other_dim(node: fx.Node) -> Domain:
-    """slice and split: fine as long as they cut along a non-position dimension."""
-    domain = _domain_of(node.args[0])
-    dim = node.args[1] if ir.is_op(node, "slice") else node.args[2]
-    return OPAQUE if dim in domain.dims else domain
-
-
-_RULES = {
-    "conv": _image_output,
-    "upsample": _image_output,
-    "pointwise": _pointwise,
-    "cat": _cat,
-    "attention": _attention,
-    "linear": _last_dim_op,
-    "layer_norm": _last_dim_op,
-    "group_norm": _channel_op,
-    "reshape": _reshape,
-    "permute": _permute,
-    "expand": _expand,
-    "slice": _along_other_dim,
-    "split": _along_other_dim,
-    "getitem": _same_as_first,
-}
+    return spec.domain(node)
 
 
 def macs(node: fx.Node) -> int:
-    """Dense multiply-accumulates of a canonical node (convolutions, linears, attention)."""
-    name = ir.op_name(node)
-    if name == "conv2d":
-        weight = _shape(node.args[1])
-        return math.prod(_shape(node)) * math.prod(weight[1:])
-    if name == "linear":
-        return math.prod(_shape(node)) * _shape(node.args[1])[1]
-    if name == "attention":
-        query, key, value = (_shape(a) for a in node.args[:3])
-        return math.prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
-    return 0
+    """Dense multiply-accumulates of a canonical node (its op's ``OpSpec.macs``; 0 for ops that
+    compute none worth counting)."""
+    spec = registry.spec_of(node)
+    return spec.macs(node) if spec is not None and spec.macs is not None else 0

@@ -5,8 +5,9 @@ convolution halos (the conv input), self-attention K/V under the ``full`` policy
 statistics, the inputs of nodes that run dense, and the U-Net output. Pointwise intermediates
 are never read. Rather than name layers, this pass reads the edit graph produced by
 ``sparsify``: its ``cache_read`` nodes *are* the set. The record graph is the canonical graph
-with a ``cache_write`` after each recorded node (or, for group-norm statistics, after their
-computation from the norm's input), so one dense run stores exactly what edits will read.
+with a ``cache_write`` after each recorded node (or, for what an op records besides its value,
+such as group-norm statistics, after the computation its registry entry declares in
+``OpSpec.records``), so one dense run stores exactly what edits will read.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from .. import ir
 from ..config import SparseConfig
 from ..execution import sparse_ops as ops
 from ..graph_keys import CACHE_INPUT, LEVELS, META_CACHE_KIND, META_CACHE_SOURCE
+from . import registry
 
 
 @dataclass(frozen=True)
 class CacheEntry:
     key: str
-    kind: str      # "value" or "group_norm_stats"
+    kind: str      # "value", or a kind the source's op records (``OpSpec.records``)
     source: str    # the canonical node whose value (or whose input's statistics) is recorded
 
 
@@ -69,10 +70,7 @@ def insert_cache_writes(gm: fx.GraphModule, entries: list[CacheEntry],
             if entry.kind == "value":
                 value = env[node]
             else:
-                x, groups = env[node.args[0]], node.args[1]
-                domain = node.args[0].meta[ir.META_DOMAIN]
-                value = graph.call_function(
-                    ops.group_norm_stats, (x, groups, tiles[domain.level], domain.size))
+                value = registry.spec_of(node).records[entry.kind](graph, node, env, tiles)
             graph.call_function(ops.cache_write, (cache, entry.key, value))
 
     for node in placeholders:

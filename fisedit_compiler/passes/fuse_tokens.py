@@ -14,13 +14,15 @@ b are the two halves of one split and nothing else reads them.
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops as ops
 from .pattern import args_of, call
 
-_getitem = ir.OPS["getitem"]
+_getitem = operator.getitem
 
 
 def fuse_tokens(edit: fx.GraphModule) -> fx.GraphModule:

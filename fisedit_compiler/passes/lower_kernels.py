@@ -22,16 +22,18 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..execution import sparse_ops, triton_ops
-from ..execution.triton_ops import LOWERINGS
 from ..graph_keys import CHANNELS_LAST_KEYS, PACKED_WEIGHTS
+from . import registry
 from .pattern import args_of, call, set_args
 
 
 def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
-    """Retarget, in place, every op that has a Triton lowering; returns ``edit``."""
+    """Retarget, in place, every op that has a Triton lowering (``OpSpec.lowerings``); returns
+    ``edit``."""
+    lowerings = registry.lowerings()
     for node in edit.graph.nodes:
-        if node.op == "call_function" and node.target in LOWERINGS:
-            node.target = LOWERINGS[node.target]
+        if node.op == "call_function" and node.target in lowerings:
+            node.target = lowerings[node.target]
     convs = [node for node in edit.graph.nodes if call(node, triton_ops.sparse_conv2d)]
     if convs:
         edit.add_submodule(PACKED_WEIGHTS, triton_ops.PackedWeights())

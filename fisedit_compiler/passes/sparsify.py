@@ -2,22 +2,14 @@
 
 Why: an edit changes a small region, so every positional value (spatial or tokens) is carried
 *compact*, holding only its level's active positions (see ``execution.plan``), and each op is
-replaced by the sparse form that computes exactly those positions:
+replaced by the sparse form that computes exactly those positions: its registry entry's
+``sparse`` rewrite (``passes.registry``; docs/design.md, "Sparse ops"). Global nodes stay
+unchanged (text K/V), except that values depending on the timestep alone (the time embedding
+each block adds) are read from the recording where positional nodes use them, since an edit
+step runs at the recorded timestep.
 
-* conv2d -> ``sparse_conv2d`` over active output tiles, halos read from the recorded input
-  (1x1 stride-1 convs -> ``pointwise_conv2d``); stride 2 maps tiles of the lower level to input
-  windows of the upper one;
-* upsample_nearest -> ``upsample_gather`` (the plan guarantees the sources are active);
-* group_norm -> ``sparse_group_norm`` with the config's policy, from recorded statistics;
-* attention -> ``sparse_attention``: active queries; self-attention K/V by policy;
-* pointwise, linear, layer_norm, cat and views -> the same op on compact tensors, with
-  position dimensions remapped and global operands collapsed or gathered;
-* global nodes -> unchanged (text K/V), except that values depending on the timestep alone
-  (the time embedding each block adds) are read from the recording where positional nodes
-  use them, since an edit step runs at the recorded timestep.
-
-Anything else positional (an unknown op, a reshape that mixes positions with channels, a
-masked attention, a value the analysis placed by its shape alone, ``analyze.META_BY_SHAPE``)
+Anything else positional (an unknown op, an op without a sparse rewrite, a reshape that mixes
+positions with channels, a masked attention, a value the analysis placed by its shape alone, ``analyze.META_BY_SHAPE``)
 runs *dense*: its inputs are rebuilt as mixed dense tensors from the recorded values, the op
 runs as captured, and the result is gathered back if positional, which restricts it to the
 region. That is exact against the oracle, only slower; a warning names such nodes. The output
@@ -40,18 +32,13 @@ from ..errors import FiseditError
 from ..execution import sparse_ops as ops
 from ..graph_keys import (CACHE_INPUT, META_CACHE_KIND, META_CACHE_SOURCE, META_FROM,
                           PLAN_INPUT, SPARSE_MODES)
-from .analyze import META_BY_SHAPE, TIMESTEP_INPUT, Domain
-from .pattern import args_of
+from . import registry
+from .analyze import META_BY_SHAPE, TIMESTEP_INPUT
+from .registry.spec import Domain
 
-OUTPUT_KEY = "output"
-
-
-def value_key(node: fx.Node) -> str:
-    return node.name
-
-
-def stats_key(node: fx.Node) -> str:
-    return f"{node.name}:stats"
+def cache_key(node: fx.Node, kind: str = "value") -> str:
+    """The cache key of a node's recorded value, or of what its op records as ``kind``."""
+    return node.name if kind == "value" else f"{node.name}:{kind}"
 
 
 def sparsify(gm: fx.GraphModule, config: SparseConfig) -> fx.GraphModule:
@@ -71,16 +58,6 @@ def sparsify(gm: fx.GraphModule, config: SparseConfig) -> fx.GraphModule:
     return edit
 
 
-def _compact_axis(domain: Domain, axis: int) -> int:
-    """Where dense ``axis`` of a positional tensor lands once its positions are one dimension."""
-    first, last = domain.dims[0], domain.dims[-1]
-    if axis < first:
-        return axis
-    if axis <= last:
-        return first
-    return axis - (last - first)
-
-
 def _domain(node) -> Domain:
     return node.meta[ir.META_DOMAIN]
 
@@ -90,6 +67,9 @@ def _shape(node) -> tuple[int, ...]:
 
 
 class _Rewriter:
+    """Builds the edit graph; the ops' sparse rewrites receive it as ``edit`` and use its
+    ``emit``, ``read``, ``operand``, ``env``, ``plan`` and ``config``."""
+
     def __init__(self, gm: fx.GraphModule, config: SparseConfig):
         self.gm, self.config = gm, config
         self.graph = fx.Graph()
@@ -107,7 +87,7 @@ class _Rewriter:
         return new
 
     def read(self, source: fx.Node, kind: str = "value") -> fx.Node:
-        key = value_key(source) if kind == "value" else stats_key(source)
+        key = cache_key(source, kind)
         if key not in self.reads:
             node = self.emit(ops.cache_read, self.cache, key)
             node.meta[META_CACHE_KIND] = kind
@@ -181,8 +161,8 @@ class _Rewriter:
                 return self.read(node)
             return self.graph.node_copy(node, lambda n: self.env[n])
         if domain.positional and not node.meta.get(META_BY_SHAPE):
-            rule = _RULES.get(ir.op_name(node))
-            result = rule(self, node) if rule else None
+            spec = registry.spec_of(node)
+            result = spec.sparse(self, node) if spec and spec.sparse else None
             if result is not None:
                 self.modes.setdefault(node.name, "sparse")
                 return result
@@ -233,138 +213,3 @@ def _timestep_only(node: fx.Node) -> bool:
 
 def _level_of(plan, level: int):
     return plan[level]
-
-
-def is_pointwise_conv(node: fx.Node) -> bool:
-    """Whether a canonical conv2d is per-position: 1x1, stride 1, unpadded."""
-    conv = args_of(node)
-    return (_shape(conv["weight"])[-2:] == (1, 1) and tuple(conv["stride"]) == (1, 1)
-            and tuple(conv["padding"]) == (0, 0, 0, 0))
-
-
-def _conv(self: _Rewriter, node: fx.Node):
-    x, weight, bias, stride, padding, dilation, groups = node.args
-    source, target = _domain(x), _domain(node)
-    if source.kind != "spatial":
-        return None
-    if is_pointwise_conv(node):
-        return self.emit(ops.pointwise_conv2d, self.env[x], self.env[weight],
-                         self.env.get(bias), source=node)
-    return self.emit(ops.sparse_conv2d, self.env[x], self.read(x), self.plan, source.level,
-                     target.level, self.env[weight], self.env.get(bias), stride, padding,
-                     dilation, groups, source=node)
-
-
-def _upsample(self: _Rewriter, node: fx.Node):
-    x = node.args[0]
-    if _domain(x).kind != "spatial":
-        return None
-    return self.emit(ops.upsample_gather, self.env[x], self.plan, _domain(x).level,
-                     _domain(node).level, source=node)
-
-
-def _group_norm(self: _Rewriter, node: fx.Node):
-    x, groups, weight, bias, eps = node.args
-    domain = _domain(x)
-    if len(_shape(x)) - len(domain.dims) + 1 != 3:
-        return None   # the compact input must be [B, C, P]
-    return self.emit(ops.sparse_group_norm, self.env[x], self.read(node, "group_norm_stats"),
-                     self.plan, domain.level, groups, self.env.get(weight), self.env.get(bias),
-                     eps, self.config.group_norm, source=node)
-
-
-def _attention(self: _Rewriter, node: fx.Node):
-    q, k, v, mask, scale = node.args
-    if mask is not None:
-        return None
-    is_self = node.meta.get(ir.META_ATTN_KIND) == "self"
-    if is_self and not (_domain(k).positional and _domain(v).positional):
-        return None
-    if not is_self and (_domain(k).positional or _domain(v).positional):
-        return None
-    recorded_k = recorded_v = None
-    if is_self and self.config.self_attention == "full":
-        recorded_k, recorded_v = self.read(k), self.read(v)
-    policy = self.config.self_attention if is_self else "cross"
-    return self.emit(ops.sparse_attention, self.env[q], self.env[k], self.env[v], recorded_k,
-                     recorded_v, self.plan, _domain(node).level, scale, policy, source=node)
-
-
-def _same_op(self: _Rewriter, node: fx.Node):
-    """Pointwise ops: the same op on compact operands (global operands collapsed or gathered)."""
-    args = []
-    for value in node.args:
-        compact = self.operand(value, node)
-        if compact is None:
-            return None
-        args.append(compact)
-    return self.emit(node.target, *args, source=node)
-
-
-def _per_position(self: _Rewriter, node: fx.Node):
-    """linear and layer_norm act on each position's channels: same op, compact input."""
-    x, *rest = node.args
-    return self.emit(node.target, self.env[x], *fx.map_arg(tuple(rest), lambda n: self.env[n]),
-                     source=node)
-
-
-def _cat(self: _Rewriter, node: fx.Node):
-    tensors, dim = node.args
-    compact = [self.operand(value, node) for value in tensors]
-    if any(value is None for value in compact):
-        return None
-    return self.emit(ir.cat, compact, _compact_axis(_domain(node), dim), source=node)
-
-
-def _template(node: fx.Node) -> tuple:
-    domain, shape = _domain(node), _shape(node)
-    return shape[:domain.dims[0]] + (None,) + shape[domain.dims[-1] + 1:]
-
-
-def _reshape(self: _Rewriter, node: fx.Node):
-    x = node.args[0]
-    return self.emit(ops.compact_reshape, self.env[x], _template(node), _domain(x).dims[0],
-                     source=node)
-
-
-def _expand(self: _Rewriter, node: fx.Node):
-    x = node.args[0]
-    return self.emit(ops.compact_expand, self.env[x], _template(node), _domain(x).dims[0],
-                     source=node)
-
-
-def _permute(self: _Rewriter, node: fx.Node):
-    x, order = node.args
-    source, target = _domain(x), _domain(node)
-    compact_order = tuple(_compact_axis(source, order[axis]) for axis in range(len(order))
-                          if not target.dims[0] < axis <= target.dims[-1])
-    return self.emit(ir.permute, self.env[x], compact_order, source=node)
-
-
-def _slice(self: _Rewriter, node: fx.Node):
-    x, dim, start, end, step = node.args
-    return self.emit(ir.slice_dim, self.env[x], _compact_axis(_domain(x), dim), start, end,
-                     step, source=node)
-
-
-def _split(self: _Rewriter, node: fx.Node):
-    x, sizes, dim = node.args
-    return self.emit(ir.split, self.env[x], sizes, _compact_axis(_domain(x), dim), source=node)
-
-
-def _getitem(self: _Rewriter, node: fx.Node):
-    container, index = node.args
-    return self.emit(ir.OPS["getitem"], self.env[container], index, source=node)
-
-
-_RULES = {
-    "conv2d": _conv,
-    "upsample_nearest": _upsample,
-    "group_norm": _group_norm,
-    "attention": _attention,
-    "linear": _per_position, "layer_norm": _per_position,
-    **{name: _same_op for name, kind in ir.KIND.items() if kind == "pointwise"},
-    "cat": _cat,
-    "reshape": _reshape, "expand": _expand, "permute": _permute,
-    "slice": _slice, "split": _split, "getitem": _getitem,
-}

@@ -24,7 +24,7 @@ The objects a rule receives are built by its pass and are documented there; in s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,8 +35,10 @@ from ... import ir
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One canonical op. Every facet is given by each entry; the "none" of a facet is an
-    explicit value with the meaning below, so an entry cannot forget one silently.
+    """One canonical op. Every facet from ``name`` to ``oracle`` is given by each entry (none
+    has a default); the "none" of a facet is an explicit value with the meaning below, so an
+    entry cannot forget one silently. ``meta`` and ``opaque_inputs`` refine analyze for the
+    one op that needs them (attention) and default to nothing.
 
     name:       the op's name (``node.meta[ir.META_OP]``).
     fn:         the canonical function a node calls, with positional arguments in a documented
@@ -88,7 +90,7 @@ class OpSpec:
     lowerings: dict
     oracle: Callable | None
     meta: Callable | None = None
-    opaque_inputs: bool = field(default=False)
+    opaque_inputs: bool = False
 
 
 # -- domains ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def _pad(b, a: dict):
     return b.graph.node_copy(b.source, lambda n: b.env[n]) if _foldable_pad(b.source) else None
 
 
-def is_pointwise_conv(node: fx.Node) -> bool:
+def _is_pointwise_conv(node: fx.Node) -> bool:
     """Whether a canonical conv2d is per-position: 1x1, stride 1, unpadded."""
     conv = args_of(node)
     return (shape_of(conv["weight"])[-2:] == (1, 1) and tuple(conv["stride"]) == (1, 1)
@@ -73,7 +73,7 @@ def _macs(node: fx.Node) -> int:
 def _edit_macs(node: fx.Node, level, config, dense: float) -> float:
     """Windowed convs compute whole output tiles; 1x1 convs the active positions."""
     positions = level.size[0] * level.size[1]
-    if is_pointwise_conv(node):
+    if _is_pointwise_conv(node):
         return dense * (level.count / positions)
     return dense * level.tiles.shape[0] * level.tile * level.tile / positions
 
@@ -83,7 +83,7 @@ def _sparse(edit, node: fx.Node):
     source, target = domain_of(x), domain_of(node)
     if source.kind != "spatial":
         return None
-    if is_pointwise_conv(node):
+    if _is_pointwise_conv(node):
         return edit.emit(sparse_ops.pointwise_conv2d, edit.env[x], edit.env[weight],
                          edit.env.get(bias), source=node)
     return edit.emit(sparse_ops.sparse_conv2d, edit.env[x], edit.read(x), edit.plan,

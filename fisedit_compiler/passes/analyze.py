@@ -25,7 +25,9 @@ is sparse again, and the background stays the recording's on every model. Opaque
 never take a spatial shape again can only reach the output through one that does, and the U-Net
 output always does (``passes.sparsify`` refuses a graph whose output shows no positions).
 
-Levels are numbered from the finest resolution (level 0, the latent) downwards.
+Levels are numbered from the finest resolution (level 0, the latent) downwards. The domain
+rules and MAC counts are the ops' own (``OpSpec.domain``, ``OpSpec.macs`` in
+``passes.registry``); this pass drives them.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ TIMESTEP_INPUT = "timestep"
 
 def analyze(gm: fx.GraphModule) -> fx.GraphModule:
     """Annotate ``gm`` in place (META_DOMAIN, META_MODULE, META_MACS, META_INVARIANT,
-    META_DEPENDS, META_ATTN_KIND on attention) and record ``gm.meta["fc_levels"]``, the (H, W)
+    META_DEPENDS, and what an op's entry adds, ``OpSpec.meta``: META_ATTN_KIND on attention)
+    and record ``gm.meta["fc_levels"]``, the (H, W)
     of each level. Returns ``gm``."""
     sizes = set()
     spatial_shapes = _spatial_shapes(gm)

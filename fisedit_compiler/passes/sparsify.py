@@ -9,11 +9,11 @@ each block adds) are read from the recording where positional nodes use them, si
 step runs at the recorded timestep.
 
 Anything else positional (an unknown op, an op without a sparse rewrite, a reshape that mixes
-positions with channels, a masked attention, a value the analysis placed by its shape alone, ``analyze.META_BY_SHAPE``)
-runs *dense*: its inputs are rebuilt as mixed dense tensors from the recorded values, the op
-runs as captured, and the result is gathered back if positional, which restricts it to the
-region. That is exact against the oracle, only slower; a warning names such nodes. The output
-is always restricted: a graph whose output shows no positions is refused.
+positions with channels, a masked attention, a value the analysis placed by its shape alone,
+``analyze.META_BY_SHAPE``) runs *dense*: its inputs are rebuilt as mixed dense tensors from the
+recorded values, the op runs as captured, and the result is gathered back if positional, which
+restricts it to the region. That is exact against the oracle, only slower; a warning names such
+nodes. The output is always restricted: a graph whose output shows no positions is refused.
 
 Recorded data enters through ``cache_read(cache, key)`` nodes; ``passes.cache`` derives the
 record graph's writes from exactly those nodes. The edit graph takes the user inputs plus the

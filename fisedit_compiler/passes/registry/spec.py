@@ -1,13 +1,13 @@
 """OpSpec: what one canonical op declares, and the vocabulary its rules are written in.
 
-Why: every pass handles each op differently (how ATen spells it, where its positions go, how
-it runs on compact tensors, what it records, what kernel runs it), and an op whose facts are
-spread over eight modules is easy to add half of. An ``OpSpec`` holds all of one op's facts in
-one entry, the passes look the entry up (``passes.registry``), and nothing else is keyed by op name
+Why: every pass handles each op differently (how ATen spells it, where its positions go, how it
+runs on compact tensors, what it records, what kernel runs it), and an op whose facts are spread
+over eight modules is easy to add half of. An ``OpSpec`` holds all of one op's facts in one entry,
+the passes look the entry up (``passes.registry``), and nothing else is keyed by op name
 (docs/design.md, "Op registry"). torchao's config -> registered handler is the model.
 
-This module sits below the registry's entries and the passes that read them, so that entries
-can use the shared rules here (``Domain``, ``elementwise``, ``same_op``, ...) without an import cycle.
+This module sits below the registry's entries and the passes that read them, so that entries can
+use the shared rules here (``Domain``, ``elementwise``, ``same_op``, ...) without an import cycle.
 
 The objects a rule receives are built by its pass and are documented there; in short:
 

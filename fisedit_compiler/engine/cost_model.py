@@ -53,8 +53,7 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
             thresholds = [1.0] * first_dense + [0.0] * (len(levels) - first_dense)
             plan = MaskPlan(mask, levels, tiles, engine.config.dilation, thresholds,
                             device=device)
-            times.append(timer(lambda: engine.edit(cache, 0, plan=plan, **inputs)))
-            del plan
+            times.append(timer(lambda: engine.edit(cache, 0, plan=plan, **inputs)))  # noqa: B023
         best = min(range(len(times)), key=times.__getitem__)
         measurements.append({"area": area, "layout": layout, "fractions": fractions,
                              "ms_by_first_dense_level": times, "best_first_dense_level": best})

@@ -28,7 +28,8 @@ CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"  # lower_kernels: cache keys 
                                                     # channels-last for the conv kernel
 
 # -- attributes of the edit graph module -----------------------------------------------------
-PACKED_WEIGHTS = "fc_packed_weights"    # lower_kernels: the program's triton_ops.PackedWeights
+DERIVED_WEIGHTS = "fc_derived_weights"  # the program's execution.derived_weights.DerivedWeights
+                                        # (passes.pattern.derived_weights)
 
 # -- node-level keys of the edit graph, set on the nodes a pass creates ---------------------
 META_FROM = "fc_from"                   # the canonical node an edit node was made from

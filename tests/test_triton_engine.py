@@ -10,8 +10,9 @@ import torch
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.execution import sparse_ops, triton_ops
+from fisedit_compiler.execution.derived_weights import DerivedWeights
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
-from fisedit_compiler.graph_keys import PACKED_WEIGHTS
+from fisedit_compiler.graph_keys import DERIVED_WEIGHTS
 from fisedit_compiler.passes import registry
 from fisedit_compiler.passes.lower_kernels import CHANNELS_LAST_KEYS
 
@@ -27,8 +28,9 @@ def edit_and_check(unet, config, mask, tolerance):
     expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
     targets = {node.target for node in engine.program(inputs).edit.graph.nodes}
     assert set(registry.lowerings().values()) <= targets        # lowered to the Triton ops
-    packed = getattr(engine.program(inputs).edit, PACKED_WEIGHTS)  # owned by the program
-    assert isinstance(packed, triton_ops.PackedWeights) and packed._entries
+    derived = getattr(engine.program(inputs).edit, DERIVED_WEIGHTS)  # owned by the program
+    assert isinstance(derived, DerivedWeights)
+    assert any(entry[3] is pack_weight for entry in derived._entries.values())
     assert bench.relative_error(actual, expected) <= tolerance
     return engine, cache, plan, edited, actual
 
@@ -93,20 +95,3 @@ def test_a_mask_on_the_device_is_planned():
     assert [l.fraction for l in on_device.levels] == [l.fraction for l in engine.plan(mask).levels]
 
 
-def test_packed_weights_belong_to_their_owner_and_follow_in_place_changes():
-    """The conv kernel's packed weights live in a PackedWeights that the lowered edit graph
-    owns (no module-level cache): packed once, packed again in place when the weight changes in
-    place (a LoRA swap), and dropped with the weight."""
-    packed = triton_ops.PackedWeights()
-    weight = torch.randn(4, 3, 3, 3)
-    first = packed.get(weight)
-    assert torch.equal(first, pack_weight(weight)) and packed.get(weight) is first
-    weight.mul_(2)                      # an in-place change moves the version counter
-    again = packed.get(weight)
-    assert again is first and torch.equal(again, pack_weight(weight))
-    with torch.no_grad():
-        weight.copy_(torch.randn(4, 3, 3, 3))
-    packed.refresh()                    # what a captured CUDA graph needs before replay
-    assert torch.equal(first, pack_weight(weight))
-    del weight
-    assert not packed._entries

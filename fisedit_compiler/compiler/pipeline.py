@@ -2,7 +2,7 @@
 
 ``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
 canonicalize, then analyze); ``build_program`` takes that analyzed canonical graph through the
-sparse passes (sparsify, fuse, fuse_tokens, lower_kernels where Triton runs) and derives the
+sparse passes (sparsify, fuse, fuse_tokens, group_linears, lower_kernels where Triton runs) and derives the
 cache set and the record graph. SparseEngine and the "fisedit" backend both compile through
 here.
 """
@@ -22,6 +22,7 @@ from ..passes.cache import CacheEntry, cache_writes, derive_cache_set, insert_ca
 from ..passes.canonicalize import canonicalize
 from ..passes.fuse import fuse
 from ..passes.fuse_tokens import fuse_tokens
+from ..passes.group_linears import group_linears
 from ..passes.lower_kernels import lower_kernels
 from ..passes.sparsify import sparsify
 from .capture import capture
@@ -87,6 +88,8 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     """
     canonical = shared
     edit = fuse_tokens(fuse(sparsify(canonical, config)))
+    if config.group_projections:
+        edit = group_linears(edit)
     if config.use_triton(device_of(signature)):
         edit = lower_kernels(edit)
     entries = derive_cache_set(edit)

@@ -23,7 +23,7 @@ from ..compiler.pipeline import Program, build_program, describe_signature, devi
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
-from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PACKED_WEIGHTS, PLAN_INPUT
+from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, DERIVED_WEIGHTS, PLAN_INPUT
 from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
@@ -267,14 +267,15 @@ class SparseEngine:
         return signature in self._programs
 
     def refresh_weights(self) -> None:
-        """After changing the U-Net's weights in place (a LoRA swap): pack the conv kernel's
-        weights of every program again, in place, so that captured CUDA graphs use the new
-        ones too (eager edits notice by themselves). Recordings made with the old weights
-        stay as they were: record again for edits of a new generation."""
+        """After changing the U-Net's weights in place (a LoRA swap): make every program's
+        derived weight copies (the conv kernel's packed weights, grouped projections) again,
+        in place, so that captured CUDA graphs use the new ones too (eager edits notice by
+        themselves). Recordings made with the old weights stay as they were: record again for
+        edits of a new generation."""
         for program in self._programs.values():
-            packed = getattr(program.edit, PACKED_WEIGHTS, None)
-            if packed is not None:
-                packed.refresh()
+            derived = getattr(program.edit, DERIVED_WEIGHTS, None)
+            if derived is not None:
+                derived.refresh()
 
     @torch.no_grad()
     def dense(self, **inputs) -> torch.Tensor:

@@ -19,12 +19,11 @@ function of the inputs:
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
 from . import sparse_ops
+from .derived_weights import DerivedWeights
 from .kernels import attention as attention_kernels
 from .kernels import group_norm as group_norm_kernels
 from .kernels import sparse_conv as conv_kernels
@@ -38,60 +37,6 @@ def _position(level: LevelPlan) -> torch.Tensor:
 
 def _pixels(level: LevelPlan) -> torch.Tensor:
     return level.table("pixels_int32", lambda: level.pixels.to(torch.int32))
-
-
-class PackedWeights(torch.nn.Module):
-    """The conv kernel's packed weights (``kernels.sparse_conv.pack_weight``) of one edit graph.
-
-    Owner and lifetime (docs/design.md, "State and lifetimes"): ``passes.lower_kernels``
-    attaches one to each lowered edit graph, which hands it to every sparse conv node, so the
-    packed copies belong to that program and go with it. A weight is packed on first use (the
-    warm-up before a CUDA-graph capture) and packed again, into the same memory, when it has
-    changed in place since (its version counter moved: a LoRA swap, fine-tuning), so eager
-    edits always see the current weights. A captured CUDA graph does not run this code on
-    replay: after changing weights in place, call ``refresh()`` (``SparseEngine.refresh_weights``)
-    before the next edit. An ``nn.Module`` only so that the graph can hold it as an attribute.
-    """
-
-    def __init__(self):
-        super().__init__()
-        # id(weight) -> (weak reference to the weight, its version when packed, packed copy);
-        # the weak reference tells a live entry from one whose id was reused.
-        self._entries: dict[int, list] = {}
-
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        """``pack_weight(weight)``, packed once and kept current."""
-        entry = self._entries.get(id(weight))
-        if entry is None or entry[0]() is not weight:
-            # The weak reference's callback drops the entry with its weight; it refers to the
-            # entries, not the other way round, so it keeps neither this object nor the packed
-            # copies alive once the program is gone.
-            drop = lambda _, key=id(weight), entries=self._entries: entries.pop(key, None)  # noqa
-            entry = [weakref.ref(weight, drop), _version(weight),
-                     conv_kernels.pack_weight(weight)]
-            self._entries[id(weight)] = entry
-        elif entry[1] != _version(weight):
-            self._repack(entry)
-        return entry[2]
-
-    def refresh(self) -> None:
-        """Pack every live weight again, in place (addresses a CUDA graph baked in stay)."""
-        for entry in list(self._entries.values()):
-            if entry[0]() is not None:
-                self._repack(entry)
-
-    @staticmethod
-    def _repack(entry: list) -> None:
-        weight = entry[0]()
-        entry[2].copy_(conv_kernels.pack_weight(weight))
-        entry[1] = _version(weight)
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return tensor._version
-    except RuntimeError:     # an inference tensor has no version counter
-        return None
 
 
 def _group_norm(x, norm, level: LevelPlan, silu=False):
@@ -108,9 +53,9 @@ def _group_norm(x, norm, level: LevelPlan, silu=False):
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None, packed: PackedWeights | None = None):
-    """``sparse_ops.sparse_conv2d`` on the conv kernel; ``packed`` (added by
-    ``passes.lower_kernels``) holds the packed weights, packed here on each call without it."""
+                  residual=None, out_divisor=None, derived: DerivedWeights | None = None):
+    """``sparse_ops.sparse_conv2d`` on the conv kernel; ``derived`` (added by
+    ``passes.lower_kernels``) keeps the packed weights, packed here on each call without it."""
     source, target = plan[level_in], plan[level_out]
     batch, c_out = x.shape[0], weight.shape[0]
     per_channel_temb = temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
@@ -134,8 +79,8 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         x, recorded, _position(source), _pixels(target), target.size, weight, bias,
         stride=stride, padding=padding, dilation=dilation, temb=temb, residual=residual,
         out_scale=None if out_divisor is None else 1.0 / out_divisor,
-        packed_weight=(conv_kernels.pack_weight(weight) if packed is None
-                       else packed.get(weight)))
+        packed_weight=(conv_kernels.pack_weight(weight) if derived is None
+                       else derived.get((weight,), conv_kernels.pack_weight)))
 
 
 def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,

@@ -7,9 +7,9 @@ same arguments and compute the same function (``execution.triton_ops``), so this
 only node targets.
 
 The conv kernel multiplies by its weight packed as one matrix; the packed copies belong to
-the program: an ``execution.triton_ops.PackedWeights`` attached to the edit graph (attribute
-``PACKED_WEIGHTS``) and passed to every sparse conv (``packed=``), so they live and go with
-it (docs/design.md, "State and lifetimes").
+the program: the edit graph's ``execution.derived_weights.DerivedWeights``
+(``pattern.derived_weights``), passed to every sparse conv (``derived=``), so they live and go
+with it (docs/design.md, "State and lifetimes").
 
 It also names, in ``edit.meta[CHANNELS_LAST_KEYS]``, the cache keys that sparse convs read as
 their recorded input. The conv kernel gathers each pixel's channels as one vector, which is
@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..execution import sparse_ops, triton_ops
-from ..graph_keys import CHANNELS_LAST_KEYS, PACKED_WEIGHTS
+from ..graph_keys import CHANNELS_LAST_KEYS
 from . import registry
-from .pattern import args_of, call, set_args
+from .pattern import args_of, call, derived_weights, set_args
 
 
 def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
@@ -36,11 +36,9 @@ def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
             node.target = lowerings[node.target]
     convs = [node for node in edit.graph.nodes if call(node, triton_ops.sparse_conv2d)]
     if convs:
-        edit.add_submodule(PACKED_WEIGHTS, triton_ops.PackedWeights())
-        with edit.graph.inserting_before(convs[0]):
-            packed = edit.graph.get_attr(PACKED_WEIGHTS)
+        derived = derived_weights(edit)
         for node in convs:
-            set_args(node, packed=packed)
+            set_args(node, derived=derived)
     recorded = [args_of(node)["recorded"] for node in convs]
     edit.meta[CHANNELS_LAST_KEYS] = frozenset(
         args_of(read)["key"] for read in recorded if call(read, sparse_ops.cache_read))

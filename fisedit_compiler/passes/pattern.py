@@ -16,6 +16,9 @@ import inspect
 
 import torch.fx as fx
 
+from ..execution.derived_weights import DerivedWeights
+from ..graph_keys import DERIVED_WEIGHTS
+
 
 @functools.lru_cache(maxsize=None)
 def _signature(target) -> inspect.Signature:
@@ -57,3 +60,18 @@ def set_args(node: fx.Node, **changes) -> None:
 def only_user(node: fx.Node) -> fx.Node | None:
     """The node's single user, or None when it has none or several."""
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def derived_weights(gm: fx.GraphModule) -> fx.Node:
+    """A ``get_attr`` node, at the top of the graph, of the graph's ``DerivedWeights`` (made and
+    attached on first use): the derived weight copies of the program (packed conv weights,
+    grouped projections) live there and go with it."""
+    if not hasattr(gm, DERIVED_WEIGHTS):
+        gm.add_submodule(DERIVED_WEIGHTS, DerivedWeights())
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == DERIVED_WEIGHTS:
+            return node
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]) if placeholders else \
+            gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+        return gm.graph.get_attr(DERIVED_WEIGHTS)

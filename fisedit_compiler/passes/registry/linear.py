@@ -1,4 +1,7 @@
-"""linear: a per-position op on the last dim (the transformer blocks' projections)."""
+"""linear: a per-position op on the last dim (the transformer blocks' projections).
+
+Its sparse rewrite is the same linear on the compact tokens; ``passes.group_linears`` then runs
+the linears that read one tensor as one ``sparse_ops.grouped_linear``."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from ... import ir
+from ...execution import sparse_ops
 from .spec import Domain, OpSpec, before_trailing, per_position, shape_of
 
 aten = torch.ops.aten
@@ -28,5 +32,5 @@ def _macs(node: fx.Node) -> int:
 SPECS = [
     OpSpec(name="linear", fn=ir.linear, kind="linear", aten={aten.linear.default: _rule},
            domain=_domain, macs=_macs, edit_macs=None, sparse=per_position, records={},
-           reference=(), lowerings={}, oracle=None),
+           reference=(sparse_ops.grouped_linear,), lowerings={}, oracle=None),
 ]

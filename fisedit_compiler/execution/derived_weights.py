@@ -1,0 +1,81 @@
+"""DerivedWeights: copies of a program's weights in the form its ops read them, kept current.
+
+Two ops of the edit graph read weights in another form than the module holds them: the conv
+kernel reads each conv weight packed as one matrix (``kernels.sparse_conv.pack_weight``), and a
+grouped projection (``sparse_ops.grouped_linear``) reads the weights of the linears it groups
+concatenated. Both are made once, not per step.
+
+Owner and lifetime (docs/design.md, "State and lifetimes"): the passes that emit such ops
+attach one ``DerivedWeights`` to the edit graph (``passes.pattern.derived_weights``) and hand it
+to each op, so the copies belong to that program and go with it. A copy is made on first use
+(the warm-up before a CUDA-graph capture) and made again, into the same memory, when one of its
+source weights has changed in place since (its version counter moved: a LoRA swap,
+fine-tuning), so eager edits always see the current weights. A captured CUDA graph does not run
+this code on replay: after changing weights in place, call ``refresh()``
+(``SparseEngine.refresh_weights``) before the next edit. An ``nn.Module`` only so that the
+graph can hold it as an attribute.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+
+
+class DerivedWeights(torch.nn.Module):
+    """``build(*sources)`` per (build, sources), made once and kept current (module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        # (build, id of each source) -> [weak references to the sources, their versions when
+        # built, the derived tensor]; the weak references tell a live entry from one whose ids
+        # were reused.
+        self._entries: dict[tuple, list] = {}
+
+    def get(self, sources: tuple[torch.Tensor, ...], build: Callable) -> torch.Tensor:
+        """``build(*sources)``, built once and rebuilt in place when a source changes."""
+        key = (build, *map(id, sources))
+        entry = self._entries.get(key)
+        if entry is None or any(ref() is not source for ref, source in zip(entry[0], sources)):
+            # A weak reference's callback drops the entry with any of its sources; it refers to
+            # the entries, not the other way round, so it keeps neither this object nor the
+            # copies alive once the program is gone.
+            drop = lambda _, key=key, entries=self._entries: entries.pop(key, None)  # noqa: E731
+            entry = [[weakref.ref(source, drop) for source in sources], _versions(sources),
+                     build(*sources), build]
+            self._entries[key] = entry
+        elif entry[1] != _versions(sources):
+            self._rebuild(entry)
+        return entry[2]
+
+    def refresh(self) -> None:
+        """Build every live entry again, in place (addresses a CUDA graph baked in stay)."""
+        for entry in list(self._entries.values()):
+            if all(ref() is not None for ref in entry[0]):
+                self._rebuild(entry)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        """Bytes held by the derived copies."""
+        return sum(entry[2].numel() * entry[2].element_size() for entry in self._entries.values())
+
+    @staticmethod
+    def _rebuild(entry: list) -> None:
+        sources = [ref() for ref in entry[0]]
+        entry[2].copy_(entry[3](*sources))
+        entry[1] = _versions(sources)
+
+
+def _versions(tensors) -> tuple:
+    return tuple(_version(tensor) for tensor in tensors)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:     # an inference tensor has no version counter
+        return None

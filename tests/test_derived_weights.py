@@ -1,0 +1,44 @@
+"""DerivedWeights: a program's weight copies (packed conv weights, grouped projections) are
+built once, follow in-place changes of their sources and go with them."""
+
+import torch
+
+from fisedit_compiler.execution.derived_weights import DerivedWeights
+from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
+
+
+def join(*tensors):
+    return torch.cat(tensors)
+
+
+def test_a_copy_is_built_once_and_follows_in_place_changes():
+    derived = DerivedWeights()
+    weight = torch.randn(4, 3, 3, 3)
+    first = derived.get((weight,), pack_weight)
+    assert torch.equal(first, pack_weight(weight)) and derived.get((weight,), pack_weight) is first
+    weight.mul_(2)                      # an in-place change moves the version counter
+    again = derived.get((weight,), pack_weight)
+    assert again is first and torch.equal(again, pack_weight(weight))
+    with torch.no_grad():
+        weight.copy_(torch.randn(4, 3, 3, 3))
+    derived.refresh()                   # what a captured CUDA graph needs before replay
+    assert torch.equal(first, pack_weight(weight))
+    del weight
+    assert len(derived) == 0            # dropped with its source
+
+
+def test_a_copy_of_several_sources_follows_each_and_builds_are_told_apart():
+    derived = DerivedWeights()
+    q, k = torch.randn(3, 5), torch.randn(2, 5)
+    joined = derived.get((q, k), join)
+    assert torch.equal(joined, torch.cat([q, k])) and joined.shape == (5, 5)
+    assert derived.get((q,), pack_weight_2d) is not joined     # another build, another entry
+    k.add_(1.0)
+    assert derived.get((q, k), join) is joined and torch.equal(joined, torch.cat([q, k]))
+    assert derived.nbytes() == (25 + 15) * 4
+    del k
+    assert len(derived) == 1            # the (q, k) entry went with k; q's own entry stays
+
+
+def pack_weight_2d(weight):
+    return weight.t().contiguous()

@@ -280,19 +280,19 @@ def test_backend_records_and_edits(name):
     torch.testing.assert_close(result, reference, rtol=0, atol=1e-4)
 
 
-def test_what_runs_dense_is_a_small_part(family, request):
+def test_what_runs_dense_is_a_small_part(family):
     """Ops the analysis cannot follow run dense: resampling, pads and the added-KV attention's
-    K/V concatenation, a small part of the work; the attention itself stays sparse."""
-    if "latent_upscaler" in request.node.name:
-        # Found at the session-5 merge, not yet explained: on its own branch (issue 16) 7.4% of
-        # the upscaler's MACs run dense; merged with the bad-input checks (issue 18), 11.2%,
-        # 23 nodes (12 linears, 7 convs, 4 attentions). Its edits still meet the oracle and the
-        # recording (the tests above); only the share that runs dense grew.
-        request.applymarker(pytest.mark.xfail(reason="dense share 11.2% after the merge, see "
-                                              "the comment", strict=True))
+    K/V concatenation, a small part of the work; the attention itself stays sparse.
+
+    Counted from how the program runs each node (``Program.modes``), not from one plan: a plan
+    may also run a whole level dense because its active fraction passes the dense threshold
+    (the latent upscaler's 2x2 level under this box, 3.8% of its MACs), which is the cost
+    model's choice, not a node the analysis could not follow."""
     _, inputs, engine, _, _ = family
+    program = engine.program(inputs)
     plan = engine.plan(box(inputs["sample"].shape[-2:]))
-    rows = node_macs(engine.program(inputs), plan, engine.config)
-    dense = sum(row["dense_macs"] for row in rows if row["mode"] == "dense")
+    rows = node_macs(program, plan, engine.config)
+    dense = sum(row["dense_macs"] for row in rows if program.modes.get(row["name"]) == "dense")
     assert dense <= 0.1 * sum(row["dense_macs"] for row in rows)
-    assert not any(row["op"] == "attention" and row["mode"] == "dense" for row in rows)
+    assert not any(row["op"] == "attention" and program.modes.get(row["name"]) == "dense"
+                   for row in rows)

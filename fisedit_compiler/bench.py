@@ -107,9 +107,11 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=DEFAULT
     if not torch.cuda.is_available():
         raise FiseditError("the benchmark measures GPU latency and needs a CUDA device; on CPU "
                            "use `fisedit-compiler dump --stage sparse` for MACs")
+    config = config or SparseConfig()
     unet, inputs, result = _setup(model, dtype, batch)
+    result["config"] = dataclasses.asdict(config)
     result["dense"] = measure_dense(unet, inputs, compile_modes, reps, log)
-    engines, caches, calibration = build_engines(unet, inputs, config or SparseConfig(),
+    engines, caches, calibration = build_engines(unet, inputs, config,
                                                  calibrate, reference, log)
     if calibration is not None:
         result["calibration"] = calibration
@@ -476,6 +478,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-prepare", action="store_true",
                         help="capture each bucket's step at its first edit instead of all "
                              "of them ahead (engine.prepare): quicker for a few areas")
+    parser.add_argument("--no-group-projections", action="store_true",
+                        help="run the attention projections as separate GEMMs "
+                             "(SparseConfig.group_projections=False), to measure that lever")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
@@ -495,6 +500,7 @@ def run_bench_command(args) -> int:
                      reference=not args.no_reference, reps=args.reps,
                      calibrate=not args.no_calibrate, profile_area=args.profile_area,
                      prepare=not args.no_prepare,
+                     config=SparseConfig(group_projections=not args.no_group_projections),
                      log=lambda text: print(text, flush=True))
         results.append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -108,10 +108,11 @@ def test_edits_from_a_cold_tuning_cache_after_a_dense_compile(tmp_path):
     assert worst <= 2e-2
 
 
-def test_refresh_weights_carries_in_place_changes_into_captured_graphs():
+def test_in_place_weight_changes_reach_captured_graphs():
     """A LoRA-style in-place change of a conv weight (packed copy) and of an attention
-    projection (grouped copy): captured graphs keep reading the old copies until
-    ``refresh_weights``, then edit as an engine compiled afresh does."""
+    projection (grouped copy) after graphs were captured: recorded again, the next edit finds
+    the weights' versions moved, makes the copies again (``refresh_weights``) before its
+    replay, and edits as an engine compiled afresh does."""
     unet = zoo.unet("sd15-tiny", dtype=torch.float16, device="cuda")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     mask = bench.blob_mask((16, 16), 0.1).cuda()
@@ -127,7 +128,6 @@ def test_refresh_weights_carries_in_place_changes_into_captured_graphs():
     with torch.no_grad():
         unet.down_blocks[0].resnets[0].conv1.weight.mul_(1.5)
         unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_v.weight.mul_(1.5)
-    engine.refresh_weights()
     after = edit(engine)
     fresh = edit(fc.compile(unet))
     assert bench.relative_error(after, before) > 1e-3

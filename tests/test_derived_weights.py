@@ -42,3 +42,16 @@ def test_a_copy_of_several_sources_follows_each_and_builds_are_told_apart():
 
 def pack_weight_2d(weight):
     return weight.t().contiguous()
+
+
+def test_versions_move_with_in_place_changes_and_inference_tensors_have_none():
+    from fisedit_compiler.execution.derived_weights import tensor_versions
+
+    a, b = torch.zeros(2), torch.zeros(3)
+    before = tensor_versions([a, b])
+    b.add_(1)
+    after = tensor_versions([a, b])
+    assert after[0] == before[0] and after[1] != before[1]
+    with torch.inference_mode():
+        frozen = torch.zeros(2)
+    assert tensor_versions([a, frozen]) == (after[0], None)

@@ -413,6 +413,36 @@ def test_a_cache_of_another_engine_is_refused(sd15_tiny):
         other.record(cache, 1, **inputs)
 
 
+def test_a_recording_made_with_other_weights_is_refused():
+    """Weights changed in place after recording (a LoRA loaded or fused): the recorded values
+    no longer match what an edit would compute, so the edit and a further step's record are
+    refused, the cache left as it was; recorded again, edits run on the current weights."""
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet)
+    cache = engine.new_cache(2)
+    engine.record(cache, 0, **inputs)
+    mask = box((16, 16), 1, 1, 3, 3)
+    plan = engine.plan(mask)
+    engine.edit(cache, 0, plan=plan, **edited(inputs, mask))
+    before = snapshot(cache)
+    with torch.no_grad():
+        unet.mid_block.resnets[0].conv1.weight.mul_(1.1)
+    with pytest.raises(fc.FiseditError, match="weights changed in place after this generation"):
+        engine.edit(cache, 0, plan=plan, **edited(inputs, mask))
+    with pytest.raises(fc.FiseditError, match="weights changed in place since this generation"):
+        engine.record(cache, 1, **inputs)
+    assert same_cache(cache, before) and 1 not in cache.steps
+    again = engine.new_cache(1)
+    engine.record(again, 0, **inputs)
+    result = engine.edit(again, 0, plan=plan, **edited(inputs, mask))
+    fresh = fc.compile(unet)
+    fresh_cache = fresh.new_cache(1)
+    fresh.record(fresh_cache, 0, **inputs)
+    torch.testing.assert_close(result, fresh.edit(fresh_cache, 0, plan=fresh.plan(mask),
+                                                  **edited(inputs, mask)), rtol=0, atol=0)
+
+
 def test_a_plan_with_other_tiles_names_them(sd15_tiny):
     engine, cache, inputs, _ = sd15_tiny
     other = engine.with_config(fc.SparseConfig(tile=2, check_inputs=True))

@@ -184,6 +184,9 @@ class EditCache:
         self.owner = owner
         self.device_budget_bytes = device_budget_bytes
         self.signature: tuple | None = None
+        # The U-Net's weight versions when recorded (SparseEngine.weight_versions): every step
+        # of one generation uses one set of weights, and edits check it.
+        self.weight_versions: tuple | None = None
         self.layout: StoreLayout | None = None     # fixed by the first recorded step
         self.steps: dict[int, StepStore] = {}
         self.offloaded: set[int] = set()

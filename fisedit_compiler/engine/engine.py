@@ -10,6 +10,7 @@ edit is checked against it, and a failed call never changes it.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import time
 
@@ -22,6 +23,7 @@ from ..compiler.capture import check_unet, example_inputs, flatten_inputs, warn_
 from ..compiler.pipeline import Program, build_program, describe_signature, device_of, trace
 from ..config import SparseConfig
 from ..errors import FiseditError
+from ..execution.derived_weights import tensor_versions
 from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
 from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, DERIVED_WEIGHTS, PLAN_INPUT
 from ..passes import registry
@@ -54,6 +56,16 @@ class SparseEngine:
         self._forward_params = {name: param for name, param in
                                 inspect.signature(type(unet).forward).parameters.items()
                                 if name != "self"}
+        # The U-Net's weights (the tensors its captured graphs read), listed once: their
+        # version counters tell a recording made with other weights (``weight_versions``), and
+        # when the programs' derived copies (packed, grouped) must be made again.
+        self._weights = list(itertools.chain(unet.parameters(), unet.buffers()))
+        self._derived_versions = self.weight_versions()
+
+    def weight_versions(self) -> tuple:
+        """The version counters of the U-Net's parameters and buffers: they move with every
+        in-place change (loading or fusing a LoRA, fine-tuning)."""
+        return tensor_versions(self._weights)
 
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs."""
@@ -110,11 +122,18 @@ class SparseEngine:
                 f"({describe_signature(cache.signature)}) but record got "
                 f"({describe_signature(signature)}); "
                 "use engine.new_cache() for a new generation")
-        program = self.program(inputs)
+        program = self.program(inputs)      # compiled already if the cache holds a step
+        versions = self.weight_versions()
+        if cache.weight_versions is not None and cache.weight_versions != versions:
+            raise FiseditError(
+                "the U-Net's weights changed in place since this generation's first recorded "
+                "step (a LoRA loaded or fused, fine-tuning): one recording must use one set of "
+                "weights; record the whole generation again in engine.new_cache()")
         flat = flatten_inputs(inputs)
         store: dict = {}
         output = program.record(**flat, **{CACHE_INPUT: store})
         cache.signature = program.signature
+        cache.weight_versions = versions
         cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
         cache.timesteps[step] = flat["timestep"].clone() if "timestep" in flat else None
         if self.config.check_inputs:
@@ -237,6 +256,7 @@ class SparseEngine:
                 f"{program.levels[0][0]}x{program.levels[0][1]}")
         flat = flatten_inputs(inputs)
         self._check_timestep(cache, step, flat)
+        self._check_weights(cache)
         if self.config.check_inputs:
             self._check_outside_mask(cache, step, plan, flat)
         device = device_of(program.signature)
@@ -267,11 +287,11 @@ class SparseEngine:
         return signature in self._programs
 
     def refresh_weights(self) -> None:
-        """After changing the U-Net's weights in place (a LoRA swap): make every program's
-        derived weight copies (the conv kernel's packed weights, grouped projections) again,
-        in place, so that captured CUDA graphs use the new ones too (eager edits notice by
-        themselves). Recordings made with the old weights stay as they were: record again for
-        edits of a new generation."""
+        """Make every program's derived weight copies (the conv kernel's packed weights,
+        grouped projections) again, in place, so that captured CUDA graphs use the U-Net's
+        current weights. ``edit`` calls it when the weights changed in place since the copies
+        were made (eager edits notice by themselves too); recordings made with the old weights
+        are refused by ``edit``: record again."""
         for program in self._programs.values():
             derived = getattr(program.edit, DERIVED_WEIGHTS, None)
             if derived is not None:
@@ -368,6 +388,22 @@ class SparseEngine:
                 if tensor.device != device and tensor.dim() > 0:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
                                        f"U-Net is on {device}; move it with .to({str(device)!r})")
+
+    def _check_weights(self, cache) -> None:
+        """Refuse a recording made with other weights, and make the derived weight copies
+        (``refresh_weights``) again when the weights changed in place since they were made,
+        so that captured CUDA graphs read current copies."""
+        versions = self.weight_versions()
+        if cache.weight_versions != versions:
+            raise FiseditError(
+                "the U-Net's weights changed in place after this generation was recorded (a "
+                "LoRA loaded or fused, fine-tuning): its recorded values no longer match the "
+                "weights an edit would use, and the edit would mix the two; record the "
+                "generation again with the current weights (engine.record into "
+                "engine.new_cache(), or EditSession.generate)")
+        if versions != self._derived_versions:
+            self.refresh_weights()
+            self._derived_versions = versions
 
     @staticmethod
     def _check_timestep(cache, step, flat) -> None:

@@ -14,8 +14,8 @@ output features costs about what one projection did: ``benchmarks/micro_token_ge
 measured the whole model's projections at a 5% edit at 0.33 -> 0.15 ms a step on SD1.5 and
 1.91 -> 0.94 ms on SDXL (RESULTS.md, session 6 run 5). The price is a copy of the grouped
 weights, made once per program and kept current by the graph's ``DerivedWeights``
-(``pattern.derived_weights``; ``SparseEngine.refresh_weights`` after in-place weight changes
-under CUDA graphs). ``SparseConfig.group_projections`` turns the pass off.
+(``pattern.derived_weights``; ``SparseEngine.edit`` makes it again after in-place weight
+changes). ``SparseConfig.group_projections`` turns the pass off.
 
 The pass rewrites the edit graph it is given in place and returns it (its pipeline's private
 intermediate, like the fusions); the canonical and record graphs are not touched, so recorded

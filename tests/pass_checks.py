@@ -1,7 +1,8 @@
 """Helpers for the pass tests: every pass's result is a valid graph, and its input is untouched.
 
 ``linted(pass_fn, gm, *args)`` runs a pass, checks its result with ``graph.lint()`` (each node
-defined before use, targets resolvable, one output) and returns it. ``pure(pass_fn, gm, *args)``
+defined before use, targets resolvable, one output) and returns it. ``edit_outputs`` runs edit
+graphs (a pass's input and its result) on one recorded step, to compare what they compute. ``pure(pass_fn, gm, *args)``
 also checks that the input graph is unchanged: same nodes, same arguments, same metadata keys
 and values (the passes return what they find; they do not tag their input, docs/design.md,
 "Stages").
@@ -10,6 +11,9 @@ and values (the passes return what they find; they do not tag their input, docs/
 from __future__ import annotations
 
 import torch.fx as fx
+
+from fisedit_compiler.compiler.capture import flatten_inputs
+from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 
 
 def linted(pass_fn, gm: fx.GraphModule, *args, **kwargs):
@@ -34,3 +38,13 @@ def pure(pass_fn, gm: fx.GraphModule, *args, **kwargs):
     result = linted(pass_fn, gm, *args, **kwargs)
     assert snapshot(gm) == before, f"{pass_fn.__name__} changed its input graph"
     return result
+
+
+def edit_outputs(engine, inputs: dict, mask, edited: dict, *graphs: fx.GraphModule) -> list:
+    """Each edit graph's output for ``edited`` under ``engine.plan(mask)``, on step 0 of a
+    recording of ``inputs`` by ``engine``."""
+    cache = engine.new_cache()
+    engine.record(cache, step=0, **inputs)
+    plan = engine.plan(mask)
+    return [gm(**flatten_inputs(edited), **{PLAN_INPUT: plan, CACHE_INPUT: cache.steps[0]})
+            for gm in graphs]

@@ -10,14 +10,13 @@ import torch.fx as fx
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, ir, zoo
-from fisedit_compiler.compiler.capture import flatten_inputs
 from fisedit_compiler.execution import sparse_ops as ops
-from fisedit_compiler.graph_keys import CACHE_INPUT, DERIVED_WEIGHTS, PLAN_INPUT
+from fisedit_compiler.graph_keys import DERIVED_WEIGHTS
 from fisedit_compiler.passes.fuse import fuse
 from fisedit_compiler.passes.fuse_tokens import fuse_tokens
 from fisedit_compiler.passes.group_linears import group_linears
 from fisedit_compiler.passes.sparsify import sparsify
-from pass_checks import linted, pure
+from pass_checks import edit_outputs, linted, pure
 
 
 def count(gm, target):
@@ -55,16 +54,13 @@ def test_each_attention_runs_one_qkv_gemm_and_the_text_one_kv_gemm(setup):
 def test_grouped_and_ungrouped_edits_agree(setup):
     _, engine, inputs, program, ungrouped = setup
     grouped = linted(group_linears, copy.deepcopy(ungrouped))
-    cache = engine.new_cache()
-    engine.record(cache, step=0, **inputs)
     size = program.levels[0]
     mask = torch.zeros(size, dtype=torch.bool)
     mask[1:size[0] // 2, 2:size[1] // 2] = True
-    plan = engine.plan(mask)
     edited = bench.edited_inputs(inputs, mask)
-    run = lambda gm: gm(**flatten_inputs(edited), **{PLAN_INPUT: plan,  # noqa: E731
-                                                     CACHE_INPUT: cache.steps[0]})
-    torch.testing.assert_close(run(grouped), run(ungrouped), rtol=1e-5, atol=1e-5)
+    grouped_output, ungrouped_output = edit_outputs(engine, inputs, mask, edited, grouped,
+                                                    ungrouped)
+    torch.testing.assert_close(grouped_output, ungrouped_output, rtol=1e-5, atol=1e-5)
 
 
 def test_the_engine_follows_in_place_weight_changes_through_the_grouped_copy():

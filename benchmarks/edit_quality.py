@@ -407,9 +407,10 @@ def run_workers(args, argv: list[str], out: Path) -> int:
     import subprocess
 
     kept = _without_options(argv)
-    shares = [len(range(k, args.pairs, args.workers)) for k in range(args.workers)]
+    base, extra = divmod(args.pairs, args.workers)
     processes, parts, first = [], [], args.start
-    for k, count in enumerate(shares):
+    for k in range(args.workers):
+        count = base + (k < extra)
         part = out / f"part-{k}"
         parts.append(part / "edit_quality.json")
         command = [sys.executable, __file__, *kept, "--start", str(first), "--pairs", str(count),

@@ -70,9 +70,7 @@ def _parameter(edit: fx.GraphModule, node) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node names, or None for anything else."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    value = edit
-    for name in node.target.split("."):
-        value = getattr(value, name, None)
+    value = operator.attrgetter(node.target)(edit)
     return value if isinstance(value, torch.Tensor) else None
 
 

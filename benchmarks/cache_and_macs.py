@@ -4,9 +4,13 @@ For one zoo U-Net (default sd15 at its native 64x64 latent = 512 px), batch 2 (C
 * the bytes one recorded step holds (the derived minimal set) against caching every node;
 * dense, sparse and ideal MACs of a centred square edit covering 1%, 5% and 20% of the latent;
 * on CUDA, per-call latency of dense eager, dense torch.compile and the engine's torch
-  reference path (no Triton kernels yet), and each edit's error against the oracle.
+  reference path (no Triton kernels yet), and each edit's error against the oracle;
+* the bytes of the weight copies the grouped projections hold (``passes.group_linears``).
 
     python benchmarks/cache_and_macs.py --model sd15 --dtype float16 --out results.json
+
+``--program-only`` stops after compiling (no recording, no edits): the program's facts only,
+quick on a CPU even for SDXL.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import subprocess
 import time
 
@@ -21,6 +26,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
+from fisedit_compiler.execution import sparse_ops
 from fisedit_compiler.engine.timing import cuda_time_ms
 
 AREAS = (0.01, 0.05, 0.20)
@@ -44,12 +50,26 @@ def every_node_bytes(program) -> int:
     return total
 
 
+def grouped_weight_bytes(program) -> int:
+    """Bytes of the concatenated weights and biases of the edit graph's grouped projections."""
+    total = 0
+    for node in program.edit.graph.nodes:
+        if node.op == "call_function" and node.target is sparse_ops.grouped_linear:
+            weights, biases = node.args[1], node.args[2] or ()
+            for attr in (*weights, *biases):
+                tensor = operator.attrgetter(attr.target)(program.edit)
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time dense torch.compile")
+    parser.add_argument("--program-only", action="store_true",
+                        help="compile only: report the program's facts, record nothing")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,16 +77,22 @@ def main():
     unet = zoo.unet(args.model, dtype=dtype, device=device)
     inputs = zoo.example_inputs(unet, batch=args.batch, seed=0)
     engine = fc.compile(unet)
-    cache = engine.new_cache(1)
     started = time.perf_counter()
-    engine.record(cache, 0, **inputs)
     program = engine.program(inputs)
+    facts = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "device": device,
+             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                      capture_output=True, text=True).stdout.strip(),
+             "unet_weight_bytes": sum(t.numel() * t.element_size() for t in unet.parameters()),
+             "grouped_weight_bytes": grouped_weight_bytes(program)}
+    if args.program_only:
+        print(json.dumps(facts, indent=1))
+        return
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **inputs)
     result = {
-        "model": args.model, "dtype": args.dtype, "batch": args.batch, "device": device,
+        **facts,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
         "latent": list(inputs["sample"].shape[-2:]),
         "compile_and_record_s": time.perf_counter() - started,
         "cache_bytes_per_step": cache.nbytes(),

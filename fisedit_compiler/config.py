@@ -54,7 +54,7 @@ class SparseConfig:
     group_projections: run the linears that read one tensor (each attention's Q, K and V; the
         cross-attentions' K and V of the text) as one GEMM over their concatenated weights
         (``passes.group_linears``): fewer small GEMMs per step, for a copy of those weights
-        (SD1.5 ~110 MB, SDXL ~1.3 GB at fp16).
+        (fp16: SD1.5 113 MB, 6.6% of its weights; SDXL 1.30 GB, 25%; RESULTS.md).
     """
 
     group_norm: str = "incremental"

@@ -74,7 +74,7 @@ class DerivedWeights(torch.nn.Module):
 def tensor_versions(tensors) -> tuple:
     """The tensors' version counters, which move with every in-place change (None for an
     inference tensor, which has none). Read on every edit step for every weight of a U-Net
-    (~700 for SD1.5): the common case runs in C (``attrgetter``)."""
+    (hundreds of tensors): the common case runs in C (``attrgetter``)."""
     try:
         return tuple(map(_VERSION, tensors))
     except RuntimeError:     # an inference tensor among them

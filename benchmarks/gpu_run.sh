@@ -9,10 +9,12 @@
 #   bash benchmarks/gpu_run.sh masks      edit time per mask estimator (sd15, 5% mask, issue 15)
 #   bash benchmarks/gpu_run.sh sd15-ab    sd15 steps with and without grouped projections, and
 #                                         the token-path microbenchmark (issue 17's levers)
+#   bash benchmarks/gpu_run.sh conv-ab    the conv methods (implicit GEMM, gather + cuBLAS) in
+#                                         isolation and in sd15 steps, and grouped projections off
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -26,6 +28,13 @@ case "$1" in
   sd15-ab) python3 benchmarks/micro_token_gemms.py --area 0.0625 --json "$OUT/micro_token_gemms.json"
           bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --no-prepare --out "$OUT/grouped"
           bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --no-prepare --compile-modes "" --no-group-projections --out "$OUT/separate" ;;
+  conv-ab) python3 benchmarks/micro_sparse_conv.py --layouts channel-fast --methods implicit,gather \
+            --fractions 0.01,0.05,0.2 --variants fused --json "$OUT/micro_conv_methods.json" 2>&1 \
+            | tee "$OUT/micro_conv.log" | tail -42
+          ab="--model sd15 --areas 0.01,0.05,0.2 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
+          bench $ab --profile-area 0.05 --out "$OUT/implicit"
+          bench $ab --profile-area 0.05 --conv-method gather --out "$OUT/gather"
+          bench $ab --no-group-projections --out "$OUT/separate" ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;
   # 50 steps x 1.4 GiB: 56 GiB (39 steps) stay on the H100, the rest is prefetched from pinned host memory.

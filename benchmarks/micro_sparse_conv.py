@@ -18,6 +18,8 @@ shapes, then the table. Needs torch and triton only (no diffusers); run from the
 ``--layouts contiguous,channel-fast`` also times the inputs as the runtime now passes them
 (compact ``x`` and ``residual`` channel-fast, ``recorded`` channels-last), and ``--split-k
 auto,1,8,32`` forces split-K factors; ``--fractions`` and ``--variants`` narrow the table.
+``--methods implicit,gather`` times both of ``sparse_conv2d``'s methods: the implicit GEMM
+(one Triton launch) and the gather (the mixed taps as a dense matrix, cuBLAS, the epilogue).
 ``weight_floor_ms`` is the weight's bytes over 3 TB/s: the time a small edit cannot beat,
 since every output tile reads the whole weight.
 
@@ -98,7 +100,8 @@ def dense_conv(args, kwargs):
     return lambda: F.conv2d(padded, weight, bias, kwargs["stride"])
 
 
-def measure(name, shape, fraction, variant, layout="contiguous", split_k=None) -> dict:
+def measure(name, shape, fraction, variant, layout="contiguous", split_k=None,
+            method="implicit") -> dict:
     """One table row: the timings, the kernel's error and its autotune winner."""
     from triton.testing import do_bench, do_bench_cudagraph
 
@@ -106,18 +109,19 @@ def measure(name, shape, fraction, variant, layout="contiguous", split_k=None) -
     packed = pack_weight(args[5])
 
     def kernel():
-        return sparse_conv2d(*args, **kwargs, packed_weight=packed, split_k=split_k)
+        return sparse_conv2d(*args, **kwargs, packed_weight=packed, split_k=split_k,
+                             method=method)
 
     def reference():
         return sparse_conv2d_reference(*args, **kwargs)
 
     # The first call autotunes, which must happen before a graph capture.
     error = (kernel().float() - reference().float()).abs().max().item()
-    config = sparse_conv._sparse_conv2d_kernel.best_config
+    config = sparse_conv._sparse_conv2d_kernel.best_config if method == "implicit" else None
     triton_ms = do_bench_cudagraph(kernel, return_mode="median")
     c_in, c_out = shape[0], shape[1]
     p_out = args[3].numel()
-    return dict(shape=name, variant=variant, fraction=fraction, layout=layout,
+    return dict(shape=name, variant=variant, fraction=fraction, layout=layout, method=method,
                 split_k=split_k or "auto", p_out=p_out, triton_ms=triton_ms,
                 weight_floor_ms=packed.numel() * packed.element_size() / 3e12 * 1e3,
                 eager_ms=do_bench(kernel, return_mode="median"),
@@ -125,8 +129,8 @@ def measure(name, shape, fraction, variant, layout="contiguous", split_k=None) -
                 dense_ms=do_bench_cudagraph(dense_conv(args, kwargs), return_mode="median"),
                 tflops=2 * BATCH * p_out * c_out * c_in * 9 / triton_ms / 1e9,
                 max_abs_error=error,
-                config=dict(config.kwargs, num_warps=config.num_warps,
-                            num_stages=config.num_stages))
+                config=config and dict(config.kwargs, num_warps=config.num_warps,
+                                       num_stages=config.num_stages))
 
 
 def main():
@@ -136,6 +140,7 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--layouts", default="contiguous")
     parser.add_argument("--split-k", default="auto")
+    parser.add_argument("--methods", default="implicit")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("micro_sparse_conv needs a CUDA device")
@@ -147,17 +152,19 @@ def main():
         for variant in args.variants.split(","):
             for fraction in [float(f) for f in args.fractions.split(",")]:
                 for layout in args.layouts.split(","):
-                    for split_k in splits:
-                        row = measure(name, shape, fraction, variant, layout, split_k)
+                    for split_k, method in [(k, m) for k in splits
+                                            for m in args.methods.split(",")]:
+                        row = measure(name, shape, fraction, variant, layout, split_k, method)
                         rows.append(row)
-                        print(f"{name} {variant} {fraction:.0%} {layout} split {row['split_k']}: "
+                        print(f"{name} {variant} {fraction:.0%} {layout} {method} split "
+                              f"{row['split_k']}: "
                               f"triton {row['triton_ms']:.4f}, eager {row['eager_ms']:.4f}, "
                               f"dense {row['dense_ms']:.4f}, weight floor "
                               f"{row['weight_floor_ms']:.4f} ms", flush=True)
 
     print("\nautotune winners (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):")
     for row in rows:
-        if row["variant"] == "bias" and row["fraction"] in (0.05, 1.0):
+        if row["variant"] == "bias" and row["fraction"] in (0.05, 1.0) and row["config"]:
             c = row["config"]
             print(f"  {row['shape']:18s} {row['fraction']:>5.0%}: {c['BLOCK_M']}x{c['BLOCK_N']}"
                   f"x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}")
@@ -165,13 +172,15 @@ def main():
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, fp16, batch {BATCH}; median ms; triton and dense "
           "replayed in CUDA graphs")
-    header = (f"{'shape':18s} {'variant':7s} {'active':>6s} {'P_out':>5s} {'triton':>8s} "
+    header = (f"{'shape':18s} {'variant':7s} {'method':8s} {'active':>6s} {'P_out':>5s} "
+              f"{'triton':>8s} "
               f"{'eager':>8s} {'ref':>8s} {'dense':>8s} {'dense/tri':>9s} {'TFLOP/s':>8s} "
               f"{'max err':>8s}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['shape']:18s} {row['variant']:7s} {row['fraction']:>6.0%} "
+        print(f"{row['shape']:18s} {row['variant']:7s} {row['method']:8s} "
+              f"{row['fraction']:>6.0%} "
               f"{row['p_out']:>5d} "
               f"{row['triton_ms']:>8.4f} {row['eager_ms']:>8.4f} {row['reference_ms']:>8.3f} "
               f"{row['dense_ms']:>8.4f} "

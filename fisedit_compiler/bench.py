@@ -30,7 +30,7 @@ import torch
 
 from . import zoo
 from .compiler import oracle
-from .config import SparseConfig
+from .config import CONV_METHODS, SparseConfig
 from .engine.timing import cuda_time_ms, host_time_ms
 from .errors import FiseditError
 from .execution.plan import blob_mask, scattered_mask
@@ -481,6 +481,8 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-group-projections", action="store_true",
                         help="run the attention projections as separate GEMMs "
                              "(SparseConfig.group_projections=False), to measure that lever")
+    parser.add_argument("--conv-method", choices=CONV_METHODS, default="implicit",
+                        help="how sparse convs run on the GPU (SparseConfig.conv_method)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
@@ -500,7 +502,8 @@ def run_bench_command(args) -> int:
                      reference=not args.no_reference, reps=args.reps,
                      calibrate=not args.no_calibrate, profile_area=args.profile_area,
                      prepare=not args.no_prepare,
-                     config=SparseConfig(group_projections=not args.no_group_projections),
+                     config=SparseConfig(group_projections=not args.no_group_projections,
+                                         conv_method=args.conv_method),
                      log=lambda text: print(text, flush=True))
         results.append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -20,6 +20,7 @@ GROUP_NORM_POLICIES = ("incremental", "cached")
 FRONTENDS = ("export", "dynamo")        # capture's frontends (compiler/capture.py)
 ATTENTION_POLICIES = ("full", "sparse")
 KERNELS = ("auto", "triton", "torch")
+CONV_METHODS = ("implicit", "gather")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class SparseConfig:
         cross-attentions' K and V of the text) as one GEMM over their concatenated weights
         (``passes.group_linears``): fewer small GEMMs per step, for a copy of those weights
         (fp16: SD1.5 113 MB, 6.6% of its weights; SDXL 1.30 GB, 25%; RESULTS.md).
+    conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
+        ``implicit`` (one implicit-GEMM launch) or ``gather`` (the mixed input's taps as a
+        dense matrix, then cuBLAS and the epilogue).
     """
 
     group_norm: str = "incremental"
@@ -68,12 +72,14 @@ class SparseConfig:
     cuda_graphs: bool = True
     bucket_ratio: float = 1.25
     group_projections: bool = True
+    conv_method: str = "implicit"
 
     def __post_init__(self):
         check_choice("SparseConfig.group_norm", self.group_norm, GROUP_NORM_POLICIES)
         check_choice("SparseConfig.self_attention", self.self_attention, ATTENTION_POLICIES)
         check_choice("SparseConfig.frontend", self.frontend, FRONTENDS)
         check_choice("SparseConfig.kernels", self.kernels, KERNELS)
+        check_choice("SparseConfig.conv_method", self.conv_method, CONV_METHODS)
         # Lists are taken as tuples (the config is hashed: engines key their programs by it).
         self._normalize("tile", lambda value, name: check_int(name, value, minimum=1))
         self._normalize("dense_threshold",

@@ -109,6 +109,7 @@ def test_sparse_config_dense_threshold_must_be_fractions(value):
 @pytest.mark.parametrize("field, value", [
     ("group_norm", "exact"), ("self_attention", None), ("frontend", "fx"),
     ("kernels", "cuda"), ("check_inputs", "yes"), ("cuda_graphs", 1), ("group_projections", "on"),
+    ("conv_method", "cudnn"),
 ])
 def test_sparse_config_refuses_unknown_choices_and_non_bool_flags(field, value):
     with pytest.raises(FiseditError, match=f"SparseConfig.{field}"):

@@ -56,9 +56,23 @@ def compact(batch, channels, positions, dtype=torch.float32, layout="contiguous"
 # from the recorded mean (to exercise the shift), so the variance is a difference of large
 # sums and the statistics agree to ~1e-5 relative: near-zero half outputs differ by up to
 # ~2e-5 on an H100 (SD1.5's 2560-channel level), beyond torch's default atol of 1e-5.
+# That error is relative to the terms summed, not to each output: an output that the bias
+# cancels to near zero carries the error of its (large) terms. So fp32 outputs get an absolute
+# tolerance of 1e-5 times the largest output (at least 1e-5): with every tile active and a
+# weight and bias of up to ~3, outputs reach ~10 and the two fp32 sums differ by up to ~3e-5
+# (both are that far from an fp64 reference, so neither is the wrong one).
 KERNEL_TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5),
                     torch.float16: dict(atol=1e-4, rtol=1e-3),      # rtol: torch's default
                     torch.bfloat16: dict(atol=1e-4, rtol=1.6e-2)}
+
+
+def kernel_tolerance(expected):
+    """``KERNEL_TOLERANCE`` of the output's dtype, fp32's atol scaled by the largest output."""
+    tolerance = dict(KERNEL_TOLERANCE[expected.dtype])
+    if expected.dtype == torch.float32:
+        largest = expected.abs().max().item() if expected.numel() else 0.0
+        tolerance["atol"] *= max(1.0, largest)
+    return tolerance
 
 
 def assert_matches_reference(args, silu):
@@ -67,7 +81,7 @@ def assert_matches_reference(args, silu):
     result = group_norm(*args, silu=silu)
     expected = group_norm_reference(*args, silu=silu)
     assert result.dtype == x.dtype and result.stride() == torch.empty_like(x).stride()
-    torch.testing.assert_close(result, expected, **KERNEL_TOLERANCE[x.dtype])
+    torch.testing.assert_close(result, expected, **kernel_tolerance(expected))
 
 
 # --- the references --------------------------------------------------------------------------
@@ -144,6 +158,8 @@ def test_kernel_strided_input(dtype, layout, silu):
        silu=st.booleans())
 def test_kernel_random_shapes(batch, groups, per_group, active_fraction, dtype, layout, policy,
                               with_weight, with_bias, silu):
+    # Seeded per example, so a failing example replays with the same data.
+    torch.manual_seed(hash((batch, groups, per_group, active_fraction)) % 2**31)
     channels = groups * per_group
     # A 6 x 7 level in 3 x 3 tiles: a 2 x 3 tile grid whose last column is 1 pixel wide.
     n_active = round(active_fraction * 6)
@@ -179,7 +195,7 @@ def test_padded_input_sums_only_the_counted_positions(extra_positions, extra_til
     torch.testing.assert_close(reference[..., :18], exact, atol=1e-5, rtol=1e-5)
     assert torch.equal(reference[..., 18:], reference[..., :1].expand_as(reference[..., 18:]))
     kernel = group_norm(*args, silu=silu, active_counts=counts)
-    torch.testing.assert_close(kernel, reference, **KERNEL_TOLERANCE[dtype])
+    torch.testing.assert_close(kernel, reference, **kernel_tolerance(reference))
 
 
 def test_kernel_cached_policy_reads_only_mean_and_variance():

@@ -36,6 +36,7 @@ GEOMETRIES = {
     "2x3-asymmetric": dict(kernel=(2, 3), padding=(0, 1, 1, 0)),
 }
 FUSIONS = ("bias", "temb", "residual", "out_scale")
+METHODS = ("implicit", "gather")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -142,18 +143,22 @@ def test_reference_supports_grouped_convs():
 # --- the kernel against the reference -------------------------------------------------------
 
 @needs_triton
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", GEOMETRIES)
-def test_kernel_matches_reference_for_each_geometry(name, dtype):
+def test_kernel_matches_reference_for_each_geometry(name, dtype, method):
     args, kwargs, _ = make_case(GEOMETRIES[name], dtype=dtype, seed=1)
-    assert_matches(sparse_conv2d(*args, **kwargs), sparse_conv2d_reference(*args, **kwargs), dtype)
+    assert_matches(sparse_conv2d(*args, **kwargs, method=method),
+                   sparse_conv2d_reference(*args, **kwargs), dtype)
 
 
 @needs_triton
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("fusion", ("none",) + FUSIONS)
-def test_kernel_matches_reference_for_each_fusion(fusion):
+def test_kernel_matches_reference_for_each_fusion(fusion, method):
     args, kwargs, _ = make_case(GEOMETRIES["3x3"], () if fusion == "none" else (fusion,), seed=2)
-    assert_matches(sparse_conv2d(*args, **kwargs), sparse_conv2d_reference(*args, **kwargs))
+    assert_matches(sparse_conv2d(*args, **kwargs, method=method),
+                   sparse_conv2d_reference(*args, **kwargs))
 
 
 @needs_triton
@@ -163,10 +168,11 @@ def test_kernel_matches_reference_for_each_fusion(fusion):
        index_dtype=st.sampled_from([torch.int32, torch.int64]), batch=st.integers(1, 2),
        c_in=st.integers(1, 16), c_out=st.integers(1, 16), height=st.integers(2, 8),
        width=st.integers(2, 8), active=st.floats(0.0, 1.0), requested=st.floats(0.0, 1.0),
-       split_k=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 2**31 - 1))
+       split_k=st.sampled_from([None, 1, 2, 5]), method=st.sampled_from(METHODS),
+       seed=st.integers(0, 2**31 - 1))
 def test_kernel_matches_reference_on_random_cases(name, fusions, dtype, index_dtype, batch, c_in,
                                                   c_out, height, width, active, requested,
-                                                  split_k, seed):
+                                                  split_k, method, seed):
     geometry = GEOMETRIES[name]
     size = (height, width)
     if min(output_size(size, **geometry)) < 1:
@@ -174,7 +180,7 @@ def test_kernel_matches_reference_on_random_cases(name, fusions, dtype, index_dt
     args, kwargs, _ = make_case(geometry, fusions, dtype, batch=batch, c_in=c_in, c_out=c_out,
                                 size=size, active=active, requested=requested,
                                 index_dtype=index_dtype, seed=seed)
-    assert_matches(sparse_conv2d(*args, **kwargs, split_k=split_k),
+    assert_matches(sparse_conv2d(*args, **kwargs, split_k=split_k, method=method),
                    sparse_conv2d_reference(*args, **kwargs), dtype)
 
 
@@ -250,7 +256,8 @@ def test_split_k_counters_cannot_grow_during_cuda_graph_capture(monkeypatch):
 
 
 @needs_triton
-def test_kernel_reads_strided_inputs_in_place():
+@pytest.mark.parametrize("method", METHODS)
+def test_kernel_reads_strided_inputs_in_place(method):
     args, kwargs, _ = make_case(GEOMETRIES["3x3-stride2"], seed=3)
     expected = sparse_conv2d_reference(*args, **kwargs)
     x, recorded = args[0], args[1]
@@ -261,15 +268,18 @@ def test_kernel_reads_strided_inputs_in_place():
     spread[:, :, ::2] = residual
     kwargs["residual"] = spread[:, :, ::2]
     assert not args[0].is_contiguous() and not kwargs["residual"].is_contiguous()
-    assert_matches(sparse_conv2d(*args, **kwargs, packed_weight=pack_weight(args[5])), expected)
+    assert_matches(sparse_conv2d(*args, **kwargs, packed_weight=pack_weight(args[5]),
+                                 method=method), expected)
 
 
 @needs_triton
-def test_kernel_handles_empty_inputs_and_outputs():
+@pytest.mark.parametrize("method", METHODS)
+def test_kernel_handles_empty_inputs_and_outputs(method):
     args, kwargs, _ = make_case(GEOMETRIES["3x3"], ("bias",), active=0.0)
-    assert_matches(sparse_conv2d(*args, **kwargs), sparse_conv2d_reference(*args, **kwargs))
+    assert_matches(sparse_conv2d(*args, **kwargs, method=method),
+                   sparse_conv2d_reference(*args, **kwargs))
     args[3] = args[3][:0]
-    assert sparse_conv2d(*args, **kwargs).shape == (2, 7, 0)
+    assert sparse_conv2d(*args, **kwargs, method=method).shape == (2, 7, 0)
 
 
 @needs_triton

@@ -35,11 +35,16 @@ def edit_and_check(unet, config, mask, tolerance):
     return engine, cache, plan, edited, actual
 
 
-def test_interpreted_kernels_meet_the_oracle():
+@pytest.mark.parametrize("conv_method", fc.config.CONV_METHODS)
+def test_interpreted_kernels_meet_the_oracle(conv_method):
     unet = zoo.unet("sd15-tiny")
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[5:7, 6:8] = True              # small: the interpreter runs every program in Python
-    engine, cache, *_ = edit_and_check(unet, fc.SparseConfig(kernels="triton"), mask, 1e-5)
+    config = fc.SparseConfig(kernels="triton", conv_method=conv_method)
+    engine, cache, *_ = edit_and_check(unet, config, mask, 1e-5)
+    convs = [node for node in engine.program(zoo.example_inputs(unet, batch=2)).edit.graph.nodes
+             if node.target is triton_ops.sparse_conv2d]
+    assert convs and all(node.kwargs["method"] == conv_method for node in convs)
     # The sparse convs' recorded inputs are kept channels-last, the layout their kernel reads
     # fastest; the edit above read them that way.
     keys = engine.program(zoo.example_inputs(unet, batch=2)).edit.meta[CHANNELS_LAST_KEYS]
@@ -76,11 +81,14 @@ def test_bench_masks_cover_the_requested_area():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policies", [("incremental", "full"), ("cached", "sparse")])
-def test_cuda_graph_edits_meet_the_oracle_at_sd15_size(policies):
+@pytest.mark.parametrize("policies, conv_method", [(("incremental", "full"), "implicit"),
+                                                   (("cached", "sparse"), "implicit"),
+                                                   (("incremental", "full"), "gather")])
+def test_cuda_graph_edits_meet_the_oracle_at_sd15_size(policies, conv_method):
     unet = zoo.unet("sd15", dtype=torch.float16, device="cuda")
     mask = bench.blob_mask((64, 64), 0.05)
-    config = fc.SparseConfig(group_norm=policies[0], self_attention=policies[1])
+    config = fc.SparseConfig(group_norm=policies[0], self_attention=policies[1],
+                             conv_method=conv_method)
     engine, cache, plan, edited, first = edit_and_check(unet, config, mask, 2e-2)
     again = engine.edit(cache, step=0, plan=plan, **edited)      # a replay of the capture
     assert torch.equal(first, again)

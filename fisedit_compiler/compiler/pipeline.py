@@ -91,7 +91,7 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     if config.group_projections:
         edit = group_linears(edit)
     if config.use_triton(device_of(signature)):
-        edit = lower_kernels(edit)
+        edit = lower_kernels(edit, config.conv_method)
     entries = derive_cache_set(edit)
     record = insert_cache_writes(canonical, entries, config)
     levels = canonical.meta[LEVELS]

@@ -27,9 +27,9 @@ from . import registry
 from .pattern import args_of, call, derived_weights, set_args
 
 
-def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
-    """Retarget, in place, every op that has a Triton lowering (``OpSpec.lowerings``); returns
-    ``edit``."""
+def lower_kernels(edit: fx.GraphModule, conv_method: str = "implicit") -> fx.GraphModule:
+    """Retarget, in place, every op that has a Triton lowering (``OpSpec.lowerings``), and give
+    every sparse conv ``conv_method`` (``SparseConfig.conv_method``); returns ``edit``."""
     lowerings = registry.lowerings()
     for node in edit.graph.nodes:
         if node.op == "call_function" and node.target in lowerings:
@@ -38,7 +38,7 @@ def lower_kernels(edit: fx.GraphModule) -> fx.GraphModule:
     if convs:
         derived = derived_weights(edit)
         for node in convs:
-            set_args(node, derived=derived)
+            set_args(node, derived=derived, method=conv_method)
     recorded = [args_of(node)["recorded"] for node in convs]
     edit.meta[CHANNELS_LAST_KEYS] = frozenset(
         args_of(read)["key"] for read in recorded if call(read, sparse_ops.cache_read))

@@ -312,6 +312,55 @@ if HAS_TRITON:
                       HAS_RESIDUAL)
 
 
+    # The gather method (see ``sparse_conv2d``): the mixed input's taps as a dense A matrix
+    # ``[M, KH * KW * Cin]`` for cuBLAS, then the epilogue in one more launch. Grid: (row
+    # blocks, taps, channel blocks); the indexing is the implicit kernel's, per tap.
+    @triton.jit(do_not_specialize=["m_total", "p_out"])
+    def _gather_taps_kernel(
+            x_ptr, rec_ptr, position_ptr, pixels_ptr, a_ptr, m_total, p_out, c_in, src_w, in_h,
+            in_w, out_w, pad_top, pad_left, sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w,
+            KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+            DIL_H: tl.constexpr, DIL_W: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tap = tl.program_id(1)
+        channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = rows < m_total
+        c_ok = channel < c_in
+        batch64 = (rows // p_out).to(tl.int64)
+        pixel = tl.load(pixels_ptr + rows % p_out, mask=row_ok, other=0).to(tl.int32)
+        iy = (pixel // out_w) * STRIDE_H - pad_top + (tap // KW) * DIL_H
+        ix = (pixel % out_w) * STRIDE_W - pad_left + (tap % KW) * DIL_W
+        inside = row_ok & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
+        sy = tl.where(inside, iy, 0)
+        sx = tl.where(inside, ix, 0)
+        position = tl.load(position_ptr + sy * src_w + sx, mask=inside, other=-1).to(tl.int32)
+        new_mask = (position >= 0)[:, None] & c_ok[None, :]
+        old_mask = (inside & (position < 0))[:, None] & c_ok[None, :]
+        value = tl.load(x_ptr + batch64[:, None] * sx_b + position[:, None] * sx_p
+                        + channel[None, :] * sx_c, mask=new_mask, other=0.0)
+        recorded = tl.load(rec_ptr + batch64[:, None] * sr_b + (sy * sr_h + sx * sr_w)[:, None]
+                           + channel[None, :] * sr_c, mask=old_mask, other=0.0)
+        a = tl.where(new_mask, value.to(recorded.dtype), recorded)
+        k_total = tl.num_programs(1) * c_in
+        tl.store(a_ptr + rows[:, None].to(tl.int64) * k_total + tap * c_in + channel[None, :],
+                 a, mask=row_ok[:, None] & c_ok[None, :])
+
+    @triton.jit(do_not_specialize=["m_total", "p_out"])
+    def _epilogue_kernel(y_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, m_total, p_out, c_out,
+                         sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr,
+                         HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``_epilogue`` over the GEMM's result ``y`` ``[M, Cout]`` (in place when y is out)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
+        acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * c_out + cols[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
+                  sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -368,7 +417,7 @@ def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) 
 
 def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=None, *,
                   stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), temb=None, residual=None,
-                  out_scale=None, packed_weight=None, split_k=None):
+                  out_scale=None, packed_weight=None, split_k=None, method="implicit"):
     """``sparse_conv2d_reference`` as a Triton kernel (see the module docstring).
 
     ``packed_weight`` is ``pack_weight(weight)``, packed once per conv by the runtime (packed
@@ -386,6 +435,11 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     No host synchronization, except that on CUDA the first call of each (channels, kernel
     size, dtypes, size bucket) autotunes: warm up before capturing a CUDA graph (which also
     allocates the split-K counters).
+
+    ``method`` ``"implicit"`` runs the implicit GEMM above; ``"gather"`` writes the mixed
+    input's taps as a dense ``[M, KH * KW * Cin]`` matrix (one launch), multiplies it by the
+    packed weight with cuBLAS and runs the epilogue in a third launch (none when there is
+    nothing but a bias, which cuBLAS adds); ``split_k`` applies to the implicit method only.
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
                     dilation, temb, residual)
@@ -424,6 +478,12 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     m_total = batch * p_out
     if m_total == 0:
         return out
+    if method not in ("implicit", "gather"):
+        raise FiseditError(f"sparse_conv2d: method must be 'implicit' or 'gather', got {method!r}")
+    if method == "gather":
+        _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, stride, padding,
+                     dilation, temb, residual, out_scale, out, (kernel_h, kernel_w))
+        return out
     splits = (_auto_split_k(m_total, c_out, packed.shape[0], x.device) if split_k is None
               else split_k)
     if not isinstance(splits, int) or splits < 1:
@@ -455,3 +515,37 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
             counters.zero_()
         raise
     return out
+
+
+def _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, stride, padding,
+                 dilation, temb, residual, out_scale, out, kernel_size):
+    """The ``"gather"`` method of ``sparse_conv2d``, into ``out`` (channel-fast, so its memory
+    is the ``[M, Cout]`` GEMM result)."""
+    batch, c_in, src_h, src_w = recorded.shape
+    p_out, c_out = out_pixels.numel(), packed.shape[1]
+    m_total = batch * p_out
+    temb = temb.contiguous() if temb is not None else None
+    taps = torch.empty((m_total, packed.shape[0]), dtype=x.dtype, device=x.device)
+    block_m, block_c = (16, 16) if INTERPRET else (32, 64)
+    grid = (triton.cdiv(m_total, block_m), kernel_size[0] * kernel_size[1],
+            triton.cdiv(c_in, block_c))
+    _gather_taps_kernel[grid](
+        x, recorded, in_position, out_pixels, taps, m_total, p_out, c_in, src_w, src_h, src_w,
+        out_size[1], padding[0], padding[2], *x.stride(), *recorded.stride(),
+        KW=kernel_size[1], STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0],
+        DIL_W=dilation[1], BLOCK_M=block_m, BLOCK_C=block_c)
+    result = out.transpose(1, 2).view(m_total, c_out)
+    if temb is None and residual is None and out_scale is None and bias is not None:
+        torch.addmm(bias, taps, packed, out=result)
+        return
+    torch.mm(taps, packed, out=result)
+    if temb is None and residual is None and out_scale is None and bias is None:
+        return
+    res_strides = residual.stride() if residual is not None else (0, 0, 0)
+    block_m, block_n = (16, 16) if INTERPRET else (32, 128)
+    grid = (triton.cdiv(m_total, block_m), triton.cdiv(c_out, block_n))
+    _epilogue_kernel[grid](
+        result, bias, temb, residual, result, m_total, p_out, c_out, *res_strides,
+        1.0 if out_scale is None else out_scale, HAS_BIAS=bias is not None,
+        HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n)

@@ -481,7 +481,7 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-group-projections", action="store_true",
                         help="run the attention projections as separate GEMMs "
                              "(SparseConfig.group_projections=False), to measure that lever")
-    parser.add_argument("--conv-method", choices=CONV_METHODS, default="implicit",
+    parser.add_argument("--conv-method", choices=CONV_METHODS, default=SparseConfig.conv_method,
                         help="how sparse convs run on the GPU (SparseConfig.conv_method)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")

@@ -27,7 +27,7 @@ from . import registry
 from .pattern import args_of, call, derived_weights, set_args
 
 
-def lower_kernels(edit: fx.GraphModule, conv_method: str = "implicit") -> fx.GraphModule:
+def lower_kernels(edit: fx.GraphModule, conv_method: str) -> fx.GraphModule:
     """Retarget, in place, every op that has a Triton lowering (``OpSpec.lowerings``), and give
     every sparse conv ``conv_method`` (``SparseConfig.conv_method``); returns ``edit``."""
     lowerings = registry.lowerings()

@@ -13,12 +13,22 @@ and SiLU per tap cost more than that pass (up to 1.9x on the 1280-channel convs,
 benchmarks/RESULTS.md). A nearest upsample before a conv is a gather of the compact tensor
 (``sparse_ops.upsample_gather``), so the conv's source grid is always its input grid.
 
-``sparse_conv2d_reference`` is plain torch and the specification; ``sparse_conv2d`` is the
-Triton implicit GEMM: M = batch x output pixels, N = output channels, K = taps x input channels.
-Both take the same arguments (the kernel adds ``packed_weight``) and check them the same way.
-Small edits split K over several programs per output tile (split-K), still in one launch: each
-split stores an fp32 partial tile, and the last split to arrive at a tile (counted by an atomic
-per tile) adds all the partials in split order, so deterministically, and runs the epilogue.
+``sparse_conv2d_reference`` is plain torch and the specification; ``sparse_conv2d`` is a GEMM
+with M = batch x output pixels, N = output channels, K = taps x input channels, in one of two
+methods. Both take the reference's arguments (the kernel adds ``packed_weight``) and check them
+the same way.
+
+* ``gather`` (the runtime's default): one Triton launch writes the mixed input's taps as a dense
+  ``[M, K]`` matrix, cuBLAS multiplies it by the packed weight, and one more launch runs the
+  epilogue. For few rows cuBLAS picks split-K kernels that stay near the weight-read time; on
+  an H200 this measured 1.3-2.6x faster than the implicit method per conv at SD1.5's shapes at
+  1-20% active (benchmarks/RESULTS.md, session 7).
+* ``implicit``: one Triton implicit GEMM that gathers its A tiles itself. Small edits split K
+  over several programs per output tile (split-K), still in one launch: each split stores an
+  fp32 partial tile, and the last split to arrive at a tile (counted by an atomic per tile)
+  adds all the partials in split order, so deterministically, and runs the epilogue. Its K
+  loop is a chain of dependent loads (pixel, position, values) per step, which bounds it at
+  12-80 us per conv however small the weight.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ an edit can run slower than dense.
 
 import pytest
 
+import fisedit_compiler as fc
+from fisedit_compiler import zoo
+from fisedit_compiler.engine import cost_model
 from fisedit_compiler.engine.cost_model import CALIBRATION_MASKS, thresholds_from
 from fisedit_compiler.execution.plan import MaskPlan
 
@@ -39,3 +42,27 @@ def test_calibration_masks_cover_their_areas_in_both_layouts():
         small = MaskPlan(make_mask((64, 64), 0.02), levels, tiles, 0, 1.0).fractions()
         large = MaskPlan(make_mask((64, 64), 0.5), levels, tiles, 0, 1.0).fractions()
         assert all(0 < a < b for a, b in zip(small, large))
+
+
+class FailedCaptures:
+    """Stands in for an engine's CapturedSteps whose every capture failed."""
+
+    def failed(self, plan):
+        return True
+
+
+def test_calibration_with_failed_captures_keeps_the_engines_thresholds(monkeypatch):
+    """Candidates timed without their graphs (session 7: 27-56 ms instead of 3-8 ms) would make
+    every level dense: the measured thresholds are dropped, with a warning."""
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet, fc.SparseConfig(dense_threshold=0.4))
+    timings = iter(range(1000, 0, -1))           # every sparse candidate "faster"
+    measured = cost_model.calibrate(engine, inputs, areas=(0.05,), timer=lambda fn: next(timings))
+    assert measured["capture_failures"] == 0 and measured["thresholds"] != 0.4
+    monkeypatch.setattr(cost_model, "captured_steps_of", lambda engine, inputs: FailedCaptures())
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        failed = cost_model.calibrate(engine, inputs, areas=(0.05,),
+                                      timer=lambda fn: next(timings))
+    candidates = sum(len(m["ms_by_first_dense_level"]) for m in failed["measurements"])
+    assert failed["capture_failures"] == candidates > 0 and failed["thresholds"] == 0.4

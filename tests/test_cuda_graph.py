@@ -132,3 +132,67 @@ def test_in_place_weight_changes_reach_captured_graphs():
     fresh = edit(fc.compile(unet))
     assert bench.relative_error(after, before) > 1e-3
     assert bench.relative_error(after, fresh) <= 1e-3
+
+
+def test_exact_plan_graphs_go_with_their_plan_and_captures_pause_the_collector(monkeypatch):
+    """Session 7: an exact plan's graph referred back to its plan, so plans lived until a
+    cyclic collection, which could come during a later capture and destroy a graph there,
+    invalidating that capture (and, through the allocator, every capture after it)."""
+    import gc
+    import weakref
+
+    unet = zoo.unet("sd15-tiny", device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    steps = engine.captured_steps(**inputs)
+    size = tuple(inputs["sample"].shape[-2:])
+    plan = engine.plan(bench.blob_mask(size, 0.1), bucketed=False)
+    engine.edit(cache, 0, plan=plan, **inputs)
+    graphs = plan.memo["graphs"]
+    assert len(graphs) == 1 and not steps.failed(plan)
+    graph = weakref.ref(next(iter(graphs.values())))
+    del plan, graphs
+    assert graph() is None, "freed with its plan, without a collection"
+
+    collector_on_in_capture = []
+    run = steps.edit
+
+    def watched(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            collector_on_in_capture.append(gc.isenabled())
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "edit", watched)
+    plan = engine.plan(bench.blob_mask(size, 0.2), bucketed=False)
+    engine.edit(cache, 0, plan=plan, **inputs)
+    assert collector_on_in_capture == [False] and gc.isenabled()
+
+
+def test_a_failed_capture_runs_without_a_graph_and_later_captures_still_work(monkeypatch):
+    unet = zoo.unet("sd15-tiny", device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    steps = engine.captured_steps(**inputs)
+    size = tuple(inputs["sample"].shape[-2:])
+    run = steps.edit
+
+    def failing(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("simulated capture failure")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "edit", failing)
+    first = engine.plan(bench.blob_mask(size, 0.1), bucketed=False)
+    stream = steps.stream
+    with pytest.warns(RuntimeWarning, match="simulated capture failure"):
+        expected_first = engine.edit(cache, 0, plan=first, **inputs)
+    assert steps.failed(first) and steps.stream is not stream
+    monkeypatch.setattr(steps, "edit", run)
+    second = engine.plan(bench.blob_mask(size, 0.2), bucketed=False)
+    engine.edit(cache, 0, plan=second, **inputs)
+    assert steps.captured(second) and not steps.failed(second)
+    assert torch.equal(engine.edit(cache, 0, plan=first, **inputs), expected_first)

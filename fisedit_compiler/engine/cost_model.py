@@ -18,6 +18,7 @@ the dense compiled step (the d = 0 candidate) by more than noise.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 
@@ -33,8 +34,10 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
     """Measure per-level dense thresholds for ``engine``'s U-Net at ``inputs``' signature.
 
     ``timer(fn) -> ms`` times one callable (default: ``timing.cuda_time_ms`` with 5 calls).
-    Returns ``{"thresholds": tuple, "measurements": [...]}``; pass the thresholds as
-    ``SparseConfig(dense_threshold=...)``.
+    Returns ``{"thresholds": tuple, "measurements": [...], "capture_failures": int}``; pass
+    the thresholds as ``SparseConfig(dense_threshold=...)``. A sparse candidate whose CUDA
+    graph could not be captured runs without it, several times slower, so the thresholds would
+    send everything dense: then they are the engine's own, with a warning.
     """
     if timer is None:
         timer = lambda fn: cuda_time_ms(fn, warmup=2, reps=5)  # noqa: E731
@@ -43,6 +46,8 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
     cache = engine.new_cache()
     engine.record(cache, step=0, **inputs)
     device = inputs["sample"].device
+    steps = captured_steps_of(engine, inputs)
+    failures = 0
     measurements = []
     for area, (layout, make_mask) in itertools.product(areas, CALIBRATION_MASKS.items()):
         mask = make_mask(tuple(levels[0]), area)
@@ -54,14 +59,31 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
             plan = MaskPlan(mask, levels, tiles, engine.config.dilation, thresholds,
                             device=device)
             times.append(timer(lambda: engine.edit(cache, 0, plan=plan, **inputs)))  # noqa: B023
+            failures += steps is not None and steps.failed(plan)
         best = min(range(len(times)), key=times.__getitem__)
         measurements.append({"area": area, "layout": layout, "fractions": fractions,
                              "ms_by_first_dense_level": times, "best_first_dense_level": best})
         if log:
             log(f"calibrate {layout} {area:.0%}: fractions {[round(f, 3) for f in fractions]} "
                 f"ms by first dense level {[round(t, 2) for t in times]} -> {best}")
-    return {"thresholds": thresholds_from(measurements, len(levels)),
-            "measurements": measurements}
+    thresholds = thresholds_from(measurements, len(levels))
+    if failures:
+        warnings.warn(
+            f"calibration: {failures} sparse candidates could not be captured as CUDA graphs "
+            f"(see the warnings above) and were timed without them, so the measured thresholds "
+            f"{thresholds} are not used; keeping SparseConfig.dense_threshold="
+            f"{engine.config.dense_threshold!r}", RuntimeWarning, stacklevel=2)
+        thresholds = engine.config.dense_threshold
+    return {"thresholds": thresholds, "measurements": measurements,
+            "capture_failures": failures}
+
+
+def captured_steps_of(engine, inputs: dict):
+    """The engine's ``CapturedSteps`` for ``inputs`` where its edits run as CUDA graphs, else
+    None."""
+    if engine.config.cuda_graphs and inputs["sample"].is_cuda:
+        return engine.captured_steps(**inputs)
+    return None
 
 
 def thresholds_from(measurements: list[dict], levels: int) -> tuple:

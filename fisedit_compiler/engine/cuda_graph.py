@@ -22,12 +22,19 @@ Nothing that tunes, compiles, synchronises or allocates outside the pool may run
 capture: each graph is warmed up first, on the capture stream itself (kernel tuning and
 loading, packed weights, the plan's tables, cuBLAS workspaces of that stream), and captured in
 ``thread_local`` mode, so CUDA calls of other threads (a compiler's workers) cannot invalidate
-it. A capture that fails anyway is dropped with a warning, and that bucket runs without a
-graph: the engine, its plans and the cache stay usable.
+it. Python's cyclic garbage collector is paused during a capture: a collection there may free
+another captured graph, and destroying a CUDA graph during a capture invalidates the capture
+(session 7 found calibration's exact-plan graphs freed so; an exact plan's graph no longer
+refers back to its plan, so it goes with the plan without a collection). A capture that fails
+anyway is dropped with a warning, and that bucket runs without a graph: the engine, its plans
+and the cache stay usable, and later captures use a new stream and memory pool, because a
+failed capture can leave the allocator still routing the old stream's allocations to the old
+pool ("beginAllocateToPool: already recording to mempool_id" on every later capture).
 """
 
 from __future__ import annotations
 
+import gc
 import warnings
 import weakref
 
@@ -62,6 +69,11 @@ class CapturedSteps:
     def captured(self, plan: MaskPlan) -> bool:
         """Whether replaying ``plan`` needs no capture."""
         return self._key(plan) in self._graphs_of(plan)
+
+    def failed(self, plan: MaskPlan) -> bool:
+        """Whether capturing ``plan``'s graph was tried and failed (it runs without a graph)."""
+        graphs, key = self._graphs_of(plan), self._key(plan)
+        return key in graphs and graphs[key] is None
 
     def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None):
         """The graph that replays ``plan`` (captured now if needed; None where capture failed).
@@ -99,6 +111,8 @@ class CapturedSteps:
             self._run(template)            # warm-up: tuning, tables, packed weights
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):
@@ -109,21 +123,30 @@ class CapturedSteps:
                 f"{error}); this capacity bucket runs without a graph (correct, slower)",
                 RuntimeWarning, stacklevel=3)
             torch.cuda.synchronize()
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
             return None
-        return _Graph(graph, template, output)
+        finally:
+            if collecting:
+                gc.enable()
+        # A bucket's graph keeps its private template; an exact plan's graph is kept on the
+        # plan itself (``_graphs_of``), so it must not refer back to it.
+        return _Graph(graph, template if template.bucket is not None else None, output)
 
 
 class _Graph:
-    """A captured step, its template plan (whose tables it reads) and its output."""
+    """A captured step, its template plan (whose tables it reads; None for an exact plan's
+    graph, which reads its own plan's tables and replays only that plan) and its output."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, plan: MaskPlan, output: torch.Tensor):
+    def __init__(self, graph: torch.cuda.CUDAGraph, plan: MaskPlan | None,
+                 output: torch.Tensor):
         self.graph, self.plan, self.output = graph, plan, output
         self._loaded = None          # weak reference to the plan whose tables are loaded
 
     def load(self, plan: MaskPlan) -> None:
         """Put ``plan``'s tables into the template, unless they are there already: the steps
         of one edit replay one plan, and only its first step pays the refill."""
-        if plan is self.plan or (self._loaded is not None and self._loaded() is plan):
+        if self.plan is None or plan is self.plan or (
+                self._loaded is not None and self._loaded() is plan):
             return
         self.plan.refill(plan)
         self._loaded = weakref.ref(plan)

@@ -3,7 +3,9 @@
     python benchmarks/step_targets.py results/bench_sd15_h200_session6.json \
         results/bench_sdxl_h200_session6.json --out results/step_targets_session6.png
 
-Reads ``fisedit-compiler bench`` result files (``results.json``) and draws, per model and
+Reads ``fisedit-compiler bench`` result files (``results.json``, or the log the bench printed:
+its summary line and markdown table, for runs whose JSON did not come back) and draws, per
+model and
 layout, the step time (Triton + CUDA graphs) against the edit area, the run's best dense step
 (the tuned ``torch.compile`` baseline) as a line, and the issue's targets as crosses; prints the
 same as a markdown table (reached ms, target ms, speedup reached and targeted). Needs
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 # Issue 17's targets: (model, layout, area) -> step ms, or a speedup over the best dense step.
@@ -88,13 +91,34 @@ def plot(table: list[dict], path: Path) -> bool:
     return True
 
 
+def results_from_log(text: str) -> list[dict]:
+    """The parts of ``results.json`` this script reads, from a bench log: per model its
+    summary line (model, best compiled dense ms) and the markdown table rows that follow."""
+    results = []
+    for line in text.splitlines():
+        summary = re.match(r"(\S+) \d+ px, batch .* best torch\.compile \(.*\) ([\d.]+) ms", line)
+        if summary:
+            results.append({"model": summary[1], "rows": [],
+                            "dense": {"best_compiled_ms": float(summary[2])}})
+            continue
+        row = re.match(r"\| (blob|scattered) \| ([\d.]+)% \| ([\d.]+) \|", line)
+        if row and results:
+            results[-1]["rows"].append({"layout": row[1], "area": float(row[2]) / 100,
+                                        "triton_ms": float(row[3])})
+    return results
+
+
+def load(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if path.suffix == ".json" else results_from_log(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="bench results.json files")
+    parser.add_argument("results", nargs="+", help="bench results.json files or bench logs")
     parser.add_argument("--out", default="step_targets.png", help="the plot (PNG)")
     args = parser.parse_args(argv)
-    results = [result for path in args.results
-               for result in json.loads(Path(path).read_text(encoding="utf-8"))]
+    results = [result for path in args.results for result in load(Path(path))]
     table = rows(results)
     print(markdown(table))
     if not plot(table, Path(args.out)):

@@ -134,6 +134,16 @@ def test_in_place_weight_changes_reach_captured_graphs():
     assert bench.relative_error(after, fresh) <= 1e-3
 
 
+def recorded_tiny_engine():
+    """An sd15-tiny engine on the GPU with step 0 recorded, and its captured steps."""
+    unet = zoo.unet("sd15-tiny", device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    return engine, cache, inputs, engine.captured_steps(**inputs)
+
+
 def test_exact_plan_graphs_go_with_their_plan_and_captures_pause_the_collector(monkeypatch):
     """Session 7: an exact plan's graph referred back to its plan, so plans lived until a
     cyclic collection, which could come during a later capture and destroy a graph there,
@@ -141,12 +151,7 @@ def test_exact_plan_graphs_go_with_their_plan_and_captures_pause_the_collector(m
     import gc
     import weakref
 
-    unet = zoo.unet("sd15-tiny", device="cuda")
-    inputs = zoo.example_inputs(unet, batch=2, seed=0)
-    engine = fc.compile(unet)
-    cache = engine.new_cache()
-    engine.record(cache, 0, **inputs)
-    steps = engine.captured_steps(**inputs)
+    engine, cache, inputs, steps = recorded_tiny_engine()
     size = tuple(inputs["sample"].shape[-2:])
     plan = engine.plan(bench.blob_mask(size, 0.1), bucketed=False)
     engine.edit(cache, 0, plan=plan, **inputs)
@@ -171,12 +176,7 @@ def test_exact_plan_graphs_go_with_their_plan_and_captures_pause_the_collector(m
 
 
 def test_a_failed_capture_runs_without_a_graph_and_later_captures_still_work(monkeypatch):
-    unet = zoo.unet("sd15-tiny", device="cuda")
-    inputs = zoo.example_inputs(unet, batch=2, seed=0)
-    engine = fc.compile(unet)
-    cache = engine.new_cache()
-    engine.record(cache, 0, **inputs)
-    steps = engine.captured_steps(**inputs)
+    engine, cache, inputs, steps = recorded_tiny_engine()
     size = tuple(inputs["sample"].shape[-2:])
     run = steps.edit
 

@@ -167,6 +167,32 @@ if HAS_TRITON:
                               num_stages=stages) for m, n, k, warps, stages in shapes]
 
     @triton.jit
+    def _tap_source(oy, ox, row_ok, tap, position_ptr, src_w, in_h, in_w, pad_top, pad_left,
+                    KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+                    DIL_H: tl.constexpr, DIL_W: tl.constexpr):
+        """Where tap ``tap`` of each output pixel (oy, ox) reads: the source pixel (sy, sx)
+        (0 in the padding), its compact position (-1 where inactive), and whether it lies
+        inside the source grid (outside, the padding reads zeros)."""
+        iy = oy * STRIDE_H - pad_top + (tap // KW) * DIL_H
+        ix = ox * STRIDE_W - pad_left + (tap % KW) * DIL_W
+        inside = row_ok & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
+        sy = tl.where(inside, iy, 0)
+        sx = tl.where(inside, ix, 0)
+        position = tl.load(position_ptr + sy * src_w + sx, mask=inside, other=-1).to(tl.int32)
+        return sy, sx, position, inside
+
+    @triton.jit
+    def _mixed_values(x_tap, rec_tap, position, inside, channel, c_ok, sx_c, sr_c):
+        """A ``[rows, channels]`` tile of the mixed input: the new value (``x_tap`` + channel)
+        where the source pixel is active, the recorded one (``rec_tap`` + channel) where it is
+        not, zeros in the padding."""
+        new_mask = (position >= 0)[:, None] & c_ok[None, :]
+        value = tl.load(x_tap[:, None] + channel[None, :] * sx_c, mask=new_mask, other=0.0)
+        recorded = tl.load(rec_tap[:, None] + channel[None, :] * sr_c,
+                           mask=(inside & (position < 0))[:, None] & c_ok[None, :], other=0.0)
+        return tl.where(new_mask, value.to(recorded.dtype), recorded)
+
+    @triton.jit
     def _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
                   sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr,
                   HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -285,15 +311,9 @@ if HAS_TRITON:
         k_end = tl.minimum(k_begin + per_split, KH * KW * c_blocks)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for tap in range(k_begin // c_blocks, tl.cdiv(k_end, c_blocks)):
-            iy = oy * STRIDE_H - pad_top + (tap // KW) * DIL_H
-            ix = ox * STRIDE_W - pad_left + (tap % KW) * DIL_W
-            inside = row_ok & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
-            sy = tl.where(inside, iy, 0)
-            sx = tl.where(inside, ix, 0)
-            position = tl.load(position_ptr + sy * src_w + sx, mask=inside, other=-1)
-            position = position.to(tl.int32)
-            new = position >= 0
-            old = inside & (position < 0)
+            sy, sx, position, inside = _tap_source(oy, ox, row_ok, tap, position_ptr, src_w,
+                                                   in_h, in_w, pad_top, pad_left, KW, STRIDE_H,
+                                                   STRIDE_W, DIL_H, DIL_W)
             x_tap = x_rows + position * sx_p
             rec_tap = rec_rows + sy * sr_h + sx * sr_w
             first = tl.maximum(k_begin - tap * c_blocks, 0)
@@ -301,12 +321,7 @@ if HAS_TRITON:
             for block in range(first, last):
                 channel = block * BLOCK_K + ks
                 c_ok = channel < c_in
-                new_mask = new[:, None] & c_ok[None, :]
-                value = tl.load(x_tap[:, None] + channel[None, :] * sx_c, mask=new_mask,
-                                other=0.0)
-                recorded = tl.load(rec_tap[:, None] + channel[None, :] * sr_c,
-                                   mask=old[:, None] & c_ok[None, :], other=0.0)
-                a = tl.where(new_mask, value.to(recorded.dtype), recorded)
+                a = _mixed_values(x_tap, rec_tap, position, inside, channel, c_ok, sx_c, sr_c)
                 w_rows = tap * c_in + channel
                 b = tl.load(w_ptr + w_rows[:, None] * c_out + cols[None, :],
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
@@ -339,19 +354,12 @@ if HAS_TRITON:
         c_ok = channel < c_in
         batch64 = (rows // p_out).to(tl.int64)
         pixel = tl.load(pixels_ptr + rows % p_out, mask=row_ok, other=0).to(tl.int32)
-        iy = (pixel // out_w) * STRIDE_H - pad_top + (tap // KW) * DIL_H
-        ix = (pixel % out_w) * STRIDE_W - pad_left + (tap % KW) * DIL_W
-        inside = row_ok & (iy >= 0) & (iy < in_h) & (ix >= 0) & (ix < in_w)
-        sy = tl.where(inside, iy, 0)
-        sx = tl.where(inside, ix, 0)
-        position = tl.load(position_ptr + sy * src_w + sx, mask=inside, other=-1).to(tl.int32)
-        new_mask = (position >= 0)[:, None] & c_ok[None, :]
-        old_mask = (inside & (position < 0))[:, None] & c_ok[None, :]
-        value = tl.load(x_ptr + batch64[:, None] * sx_b + position[:, None] * sx_p
-                        + channel[None, :] * sx_c, mask=new_mask, other=0.0)
-        recorded = tl.load(rec_ptr + batch64[:, None] * sr_b + (sy * sr_h + sx * sr_w)[:, None]
-                           + channel[None, :] * sr_c, mask=old_mask, other=0.0)
-        a = tl.where(new_mask, value.to(recorded.dtype), recorded)
+        sy, sx, position, inside = _tap_source(pixel // out_w, pixel % out_w, row_ok, tap,
+                                               position_ptr, src_w, in_h, in_w, pad_top,
+                                               pad_left, KW, STRIDE_H, STRIDE_W, DIL_H, DIL_W)
+        a = _mixed_values(x_ptr + batch64 * sx_b + position * sx_p,
+                          rec_ptr + batch64 * sr_b + sy * sr_h + sx * sr_w, position, inside,
+                          channel, c_ok, sx_c, sr_c)
         k_total = tl.num_programs(1) * c_in
         tl.store(a_ptr + rows[:, None].to(tl.int64) * k_total + tap * c_in + channel[None, :],
                  a, mask=row_ok[:, None] & c_ok[None, :])

@@ -61,7 +61,7 @@ def test_every_pass_returns_a_valid_graph_and_leaves_its_input_alone(traced):
                                                      if n.op == "call_function"}
         edit = linted(fuse, edit)
         edit = linted(fuse_tokens, edit)
-        edit = linted(lower_kernels, edit)
+        edit = linted(lower_kernels, edit, config.conv_method)
         assert any(n.target in registry.lowerings().values() for n in edit.graph.nodes)
         pure(insert_cache_writes, canonical, derive_cache_set(edit), config)
 

@@ -348,6 +348,13 @@ def test_kernel_refuses_a_wrongly_packed_weight():
         sparse_conv2d(*args, **kwargs, packed_weight=args[5].flatten(1))
 
 
+@needs_triton
+def test_kernel_refuses_an_unknown_method():
+    args, kwargs, _ = make_case(GEOMETRIES["3x3"])
+    with pytest.raises(FiseditError, match="method must be 'implicit' or 'gather'"):
+        sparse_conv2d(*args, **kwargs, method="cudnn")
+
+
 # --- real SD1.5 sizes on the GPU ------------------------------------------------------------
 
 SD15_CASES = {

@@ -461,6 +461,8 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
                     dilation, temb, residual)
+    if method not in ("implicit", "gather"):
+        raise FiseditError(f"sparse_conv2d: method must be 'implicit' or 'gather', got {method!r}")
     if groups != 1:
         raise FiseditError(
             f"sparse_conv2d: the Triton kernel supports groups == 1 only, this conv has groups="
@@ -496,8 +498,6 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     m_total = batch * p_out
     if m_total == 0:
         return out
-    if method not in ("implicit", "gather"):
-        raise FiseditError(f"sparse_conv2d: method must be 'implicit' or 'gather', got {method!r}")
     if method == "gather":
         _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, stride, padding,
                      dilation, temb, residual, out_scale, out, (kernel_h, kernel_w))

@@ -152,8 +152,11 @@ def main():
         for variant in args.variants.split(","):
             for fraction in [float(f) for f in args.fractions.split(",")]:
                 for layout in args.layouts.split(","):
-                    for split_k, method in [(k, m) for k in splits
-                                            for m in args.methods.split(",")]:
+                    # split-K is the implicit kernel's; cuBLAS splits the gather's GEMM itself.
+                    for split_k, method in sorted({(k if m == "implicit" else None, m)
+                                                   for k in splits
+                                                   for m in args.methods.split(",")},
+                                                  key=str):
                         row = measure(name, shape, fraction, variant, layout, split_k, method)
                         rows.append(row)
                         print(f"{name} {variant} {fraction:.0%} {layout} {method} split "

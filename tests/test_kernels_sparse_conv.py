@@ -180,6 +180,7 @@ def test_kernel_matches_reference_on_random_cases(name, fusions, dtype, index_dt
     args, kwargs, _ = make_case(geometry, fusions, dtype, batch=batch, c_in=c_in, c_out=c_out,
                                 size=size, active=active, requested=requested,
                                 index_dtype=index_dtype, seed=seed)
+    split_k = split_k if method == "implicit" else None      # cuBLAS splits the gather's GEMM
     assert_matches(sparse_conv2d(*args, **kwargs, split_k=split_k, method=method),
                    sparse_conv2d_reference(*args, **kwargs), dtype)
 
@@ -349,10 +350,23 @@ def test_kernel_refuses_a_wrongly_packed_weight():
 
 
 @needs_triton
+@pytest.mark.parametrize("method", METHODS)
+def test_kernel_takes_a_bias_in_another_dtype(method):
+    """The bias is added in fp32 whatever its dtype (an fp32 bias on fp16 activations here;
+    cuBLAS, which adds a bias of the activations' dtype only, must not get it)."""
+    args, kwargs, _ = make_case(GEOMETRIES["3x3"], ("bias",), torch.float16, seed=6)
+    assert args[6].dtype == torch.float32
+    assert_matches(sparse_conv2d(*args, **kwargs, method=method),
+                   sparse_conv2d_reference(*args, **kwargs), torch.float16)
+
+
+@needs_triton
 def test_kernel_refuses_an_unknown_method():
     args, kwargs, _ = make_case(GEOMETRIES["3x3"])
     with pytest.raises(FiseditError, match="method must be 'implicit' or 'gather'"):
         sparse_conv2d(*args, **kwargs, method="cudnn")
+    with pytest.raises(FiseditError, match="split_k applies to method='implicit' only"):
+        sparse_conv2d(*args, **kwargs, method="gather", split_k=2)
 
 
 # --- real SD1.5 sizes on the GPU ------------------------------------------------------------

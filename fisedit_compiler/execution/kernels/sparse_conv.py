@@ -463,6 +463,9 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
                     dilation, temb, residual)
     if method not in ("implicit", "gather"):
         raise FiseditError(f"sparse_conv2d: method must be 'implicit' or 'gather', got {method!r}")
+    if method == "gather" and split_k is not None:
+        raise FiseditError("sparse_conv2d: split_k applies to method='implicit' only (cuBLAS "
+                           "splits the gather method's GEMM itself); pass split_k=None")
     if groups != 1:
         raise FiseditError(
             f"sparse_conv2d: the Triton kernel supports groups == 1 only, this conv has groups="
@@ -553,11 +556,12 @@ def _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, s
         KW=kernel_size[1], STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0],
         DIL_W=dilation[1], BLOCK_M=block_m, BLOCK_C=block_c)
     result = out.transpose(1, 2).view(m_total, c_out)
-    if temb is None and residual is None and out_scale is None and bias is not None:
+    only_bias = temb is None and residual is None and out_scale is None
+    if only_bias and bias is not None and bias.dtype == taps.dtype:
         torch.addmm(bias, taps, packed, out=result)
         return
     torch.mm(taps, packed, out=result)
-    if temb is None and residual is None and out_scale is None and bias is None:
+    if only_bias and bias is None:
         return
     res_strides = residual.stride() if residual is not None else (0, 0, 0)
     block_m, block_n = (16, 16) if INTERPRET else (32, 128)

@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fisedit_compiler.config import CONV_METHODS
 from fisedit_compiler.execution.kernels import sparse_conv
 from fisedit_compiler.execution.kernels.sparse_conv import (
     pack_weight, sparse_conv2d, sparse_conv2d_reference)
@@ -148,15 +149,17 @@ def main():
 
     rows = []
     splits = [None if k == "auto" else int(k) for k in args.split_k.split(",")]
+    methods = args.methods.split(",")
+    if not set(methods) <= set(CONV_METHODS):
+        parser.error(f"--methods takes {', '.join(CONV_METHODS)}, got {args.methods}")
+    # (split_k, method): split-K is the implicit kernel's; cuBLAS splits the gather's GEMM.
+    launches = ([(split_k, "implicit") for split_k in splits] if "implicit" in methods else []) \
+        + ([(None, "gather")] if "gather" in methods else [])
     for name, shape in SHAPES.items():
         for variant in args.variants.split(","):
             for fraction in [float(f) for f in args.fractions.split(",")]:
                 for layout in args.layouts.split(","):
-                    # split-K is the implicit kernel's; cuBLAS splits the gather's GEMM itself.
-                    for split_k, method in sorted({(k if m == "implicit" else None, m)
-                                                   for k in splits
-                                                   for m in args.methods.split(",")},
-                                                  key=str):
+                    for split_k, method in launches:
                         row = measure(name, shape, fraction, variant, layout, split_k, method)
                         rows.append(row)
                         print(f"{name} {variant} {fraction:.0%} {layout} {method} split "

@@ -47,7 +47,8 @@ TUNED = "tuned:"
 DEFAULT_COMPILE_MODES = ("reduce-overhead", TUNED + "reduce-overhead")
 # Kernel name fragments -> category, first match wins (``profile_step``).
 KERNEL_CATEGORIES = (
-    ("sparse conv", ("_sparse_conv2d",)),
+    # The implicit kernel, or the gather method's gather and epilogue (its GEMM is cuBLAS's).
+    ("sparse conv", ("_sparse_conv2d", "_gather_taps", "_epilogue_kernel")),
     ("attention", ("_attention", "sdpa", "fmha", "flash")),
     ("group norm", ("_group_norm", "group_norm")),
     ("add + layer norm, GEGLU", ("_add_layer_norm", "_geglu", "layer_norm")),

@@ -7,6 +7,8 @@ from fisedit_compiler import bench, zoo
 
 @pytest.mark.parametrize("name, category", [
     ("_sparse_conv2d_kernel", "sparse conv"),
+    ("_gather_taps_kernel", "sparse conv"),
+    ("_epilogue_kernel", "sparse conv"),
     ("_attention_kernel", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
     ("_group_norm_kernel", "group norm"),

@@ -363,7 +363,7 @@ def test_kernel_takes_a_bias_in_another_dtype(method):
 @needs_triton
 def test_kernel_refuses_an_unknown_method():
     args, kwargs, _ = make_case(GEOMETRIES["3x3"])
-    with pytest.raises(FiseditError, match="method must be 'implicit' or 'gather'"):
+    with pytest.raises(FiseditError, match="method must be one of 'implicit', 'gather', got 'cudnn'"):
         sparse_conv2d(*args, **kwargs, method="cudnn")
     with pytest.raises(FiseditError, match="split_k applies to method='implicit' only"):
         sparse_conv2d(*args, **kwargs, method="gather", split_k=2)

@@ -81,9 +81,8 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
 def captured_steps_of(engine, inputs: dict):
     """The engine's ``CapturedSteps`` for ``inputs`` where its edits run as CUDA graphs, else
     None."""
-    if engine.config.cuda_graphs and inputs["sample"].is_cuda:
-        return engine.captured_steps(**inputs)
-    return None
+    return (engine.captured_steps(**inputs) if engine._uses_graphs(inputs["sample"].device)
+            else None)
 
 
 def thresholds_from(measurements: list[dict], levels: int) -> tuple:

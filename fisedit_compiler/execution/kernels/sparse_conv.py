@@ -38,6 +38,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ...checks import check_choice
+from ...config import CONV_METHODS
 from ...errors import FiseditError
 from . import HAS_TRITON, INTERPRET, autotune_options, mix_positions, triton_enabled
 
@@ -464,8 +466,7 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
                     dilation, temb, residual)
-    if method not in ("implicit", "gather"):
-        raise FiseditError(f"sparse_conv2d: method must be 'implicit' or 'gather', got {method!r}")
+    check_choice("sparse_conv2d: method", method, CONV_METHODS)
     if method == "gather" and split_k is not None:
         raise FiseditError("sparse_conv2d: split_k applies to method='implicit' only (cuBLAS "
                            "splits the gather method's GEMM itself); pass split_k=None")

@@ -2,7 +2,9 @@
 
 ``linted(pass_fn, gm, *args)`` runs a pass, checks its result with ``graph.lint()`` (each node
 defined before use, targets resolvable, one output) and returns it. ``edit_outputs`` runs edit
-graphs (a pass's input and its result) on one recorded step, to compare what they compute. ``pure(pass_fn, gm, *args)``
+graphs (a pass's input and its result) on one recorded step, to compare what they compute;
+``box_edit`` records a U-Net through the engine and edits a box, for the tests of ops the
+engine supports or runs dense. ``pure(pass_fn, gm, *args)``
 also checks that the input graph is unchanged: same nodes, same arguments, same metadata keys
 and values (the passes return what they find; they do not tag their input, docs/design.md,
 "Stages").
@@ -10,8 +12,14 @@ and values (the passes return what they find; they do not tag their input, docs/
 
 from __future__ import annotations
 
+import types
+import warnings
+
+import torch
 import torch.fx as fx
 
+import fisedit_compiler as fc
+from fisedit_compiler import zoo
 from fisedit_compiler.compiler.capture import flatten_inputs
 from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 
@@ -48,3 +56,27 @@ def edit_outputs(engine, inputs: dict, mask, edited: dict, *graphs: fx.GraphModu
     plan = engine.plan(mask)
     return [gm(**flatten_inputs(edited), **{PLAN_INPUT: plan, CACHE_INPUT: cache.steps[0]})
             for gm in graphs]
+
+
+def box_edit(unet, rows: slice, cols: slice):
+    """Compile ``unet`` (16x16 latent), record step 0, checking that the recording is the
+    U-Net's output, then edit the box ``rows`` x ``cols``. Returns a namespace: ``engine``,
+    ``cache``, ``inputs``, ``recorded``, the warnings the recording raised (``caught``) and the
+    edit's relative ``error`` against the oracle."""
+    inputs = zoo.example_inputs(unet)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorded = engine.record(cache, 0, **inputs)
+    with torch.no_grad():
+        assert (recorded - unet(**inputs)[0]).abs().max() <= 1e-5
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[rows, cols] = True
+    plan = engine.plan(mask)
+    new = dict(inputs, sample=inputs["sample"] + mask * torch.randn_like(inputs["sample"]))
+    result = engine.edit(cache, 0, plan=plan, **new)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
+    return types.SimpleNamespace(engine=engine, cache=cache, inputs=inputs, recorded=recorded,
+                                 caught=caught,
+                                 error=((result - expected).norm() / expected.norm()).item())

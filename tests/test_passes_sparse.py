@@ -1,5 +1,7 @@
 """The sparsify and cache passes: what they rewrite, what they record, and the dense fallback."""
 
+import re
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from fisedit_compiler.passes.fuse import fuse
 from fisedit_compiler.passes.fuse_tokens import fuse_tokens
 from fisedit_compiler.passes.lower_kernels import lower_kernels
 from fisedit_compiler.passes.sparsify import sparsify
-from pass_checks import linted, pure
+from pass_checks import box_edit, linted, pure
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +120,14 @@ def test_an_unsupported_op_runs_dense_with_a_warning_and_stays_exact():
     unet = zoo.unet("sd15-tiny")
     # torch.roll mixes positions: no canonical form, so the engine must fall back to dense.
     unet.conv_in.register_forward_hook(lambda module, args, out: out + 0.1 * torch.roll(out, 1, -1))
-    inputs = zoo.example_inputs(unet)
-    engine = fc.compile(unet)
-    cache = engine.new_cache(1)
-    with pytest.warns(UserWarning, match="run dense"):
-        recorded = engine.record(cache, 0, **inputs)
-    with torch.no_grad():
-        assert (recorded - unet(**inputs)[0]).abs().max() <= 1e-5
-    assert engine.program(inputs).canonical.meta["fc_unknown_ops"]
-    mask = torch.zeros(16, 16, dtype=torch.bool)
-    mask[2:4, 10:12] = True
-    plan = engine.plan(mask)
-    new = dict(inputs, sample=inputs["sample"] + mask * torch.randn_like(inputs["sample"]))
-    result = engine.edit(cache, 0, plan=plan, **new)
-    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
-    assert ((result - expected).norm() / expected.norm()) <= 1e-5
-    empty = engine.plan(torch.zeros(16, 16, dtype=torch.bool))
-    torch.testing.assert_close(engine.edit(cache, 0, plan=empty, **inputs), recorded)
+    run = box_edit(unet, slice(2, 4), slice(10, 12))
+    assert any(issubclass(w.category, UserWarning) and re.search("run dense", str(w.message))
+               for w in run.caught)
+    assert run.engine.program(run.inputs).canonical.meta["fc_unknown_ops"]
+    assert run.error <= 1e-5
+    empty = run.engine.plan(torch.zeros(16, 16, dtype=torch.bool))
+    torch.testing.assert_close(run.engine.edit(run.cache, 0, plan=empty, **run.inputs),
+                               run.recorded)
 
 
 class PooledOutput(torch.nn.Module):

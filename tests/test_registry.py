@@ -9,16 +9,15 @@ meets the oracle, with nothing else edited.
 import dataclasses
 import inspect
 import operator
-import warnings
 
 import pytest
 import torch
 
-import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
 from fisedit_compiler.execution import sparse_ops, triton_ops
 from fisedit_compiler.passes import registry
 from fisedit_compiler.passes.registry.spec import OpSpec, elementwise, same_op
+from pass_checks import box_edit
 
 aten = torch.ops.aten
 
@@ -108,22 +107,8 @@ ABS = OpSpec(name="abs", fn=torch.abs, kind="pointwise",
 
 def edit_through_the_engine(unet):
     """Record, edit a box and compare with the oracle; returns (program, error, warnings)."""
-    inputs = zoo.example_inputs(unet)
-    engine = fc.compile(unet)
-    cache = engine.new_cache(1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        recorded = engine.record(cache, 0, **inputs)
-    with torch.no_grad():
-        assert (recorded - unet(**inputs)[0]).abs().max() <= 1e-5
-    mask = torch.zeros(16, 16, dtype=torch.bool)
-    mask[2:6, 9:13] = True
-    plan = engine.plan(mask)
-    new = dict(inputs, sample=inputs["sample"] + mask * torch.randn_like(inputs["sample"]))
-    result = engine.edit(cache, 0, plan=plan, **new)
-    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
-    error = ((result - expected).norm() / expected.norm()).item()
-    return engine.program(inputs), error, [str(w.message) for w in caught]
+    run = box_edit(unet, slice(2, 6), slice(9, 13))
+    return run.engine.program(run.inputs), run.error, [str(w.message) for w in run.caught]
 
 
 def test_a_new_op_is_one_entry():

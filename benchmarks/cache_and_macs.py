@@ -26,7 +26,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
-from fisedit_compiler.execution import sparse_ops
+from fisedit_compiler.execution.derived_weights import concatenated
 from fisedit_compiler.engine.timing import cuda_time_ms
 
 AREAS = (0.01, 0.05, 0.20)
@@ -54,9 +54,8 @@ def grouped_weight_bytes(program) -> int:
     """Bytes of the concatenated weights and biases of the edit graph's grouped projections."""
     total = 0
     for node in program.edit.graph.nodes:
-        if node.op == "call_function" and node.target is sparse_ops.grouped_linear:
-            weights, biases = node.args[1], node.args[2] or ()
-            for attr in (*weights, *biases):
+        if node.op == "call_function" and node.target is concatenated:
+            for attr in node.args[1:]:
                 tensor = operator.attrgetter(attr.target)(program.edit)
                 total += tensor.numel() * tensor.element_size()
     return total

@@ -10,12 +10,13 @@ for speed runs the module instead in channels_last, with fused QKV projections a
 fast as the second. Rows, each a fresh ``torch.compile`` in reduce-overhead mode, timed in one
 process:
 
-- ``engine.dense``: what the engine runs now;
+- ``engine.dense``: what the engine runs (since session 8 the tuned dense graph,
+  ``passes.tune_dense``);
 - ``canonical``: the canonical graph compiled with no options (the engine's dense path up to
   session 7);
-- ``canonical + 1x1 as mm``: with Inductor's ``conv_1x1_as_mm``;
-- ``canonical + 1x1 as mm + channels_last sample``: the sample handed over in channels_last,
-  so that Inductor's layout choice starts there;
+- with ``--ablations``, two more rows of the canonical graph: ``+ 1x1 as mm`` (Inductor's
+  ``conv_1x1_as_mm``) and ``+ 1x1 as mm + channels_last sample`` (the sample handed over in
+  channels_last, so that Inductor's layout choice starts there; session 8 run 1: no gain);
 - ``module tuned, QKV unfused``: the tuned module without ``fuse_qkv_projections``;
 - ``module tuned``: the strongest dense setting (``bench.tuned_unet``).
 
@@ -46,6 +47,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time the canonical graph with 1x1 convs as matmuls, and with "
+                             "a channels_last sample")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("dense_paths.py times GPU steps; it needs a CUDA device")
@@ -76,6 +80,8 @@ def main(argv=None) -> None:
         ("module tuned", lambda: _module(bench.compiled_dense(unet, bench.TUNED + REDUCE_OVERHEAD),
                                          inputs)),
     ]
+    if not args.ablations:
+        rows = [row for row in rows if not row[0].startswith("canonical +")]
     results = []
     for name, build in rows:
         started = time.perf_counter()

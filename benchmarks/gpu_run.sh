@@ -11,13 +11,15 @@
 #                                         the token-path microbenchmark (issue 17's levers)
 #   bash benchmarks/gpu_run.sh conv-ab    the conv methods (implicit GEMM, gather + cuBLAS) in
 #                                         isolation and in sd15 steps, and grouped projections off
-#   bash benchmarks/gpu_run.sh calibrated GPU tests of the CUDA graphs, the engine and the conv,
-#                                         then sd15 with calibrated thresholds (never slower
-#                                         than dense?) against the tuned dense step
+#   bash benchmarks/gpu_run.sh dense      the engine's dense path against the tuned dense module
+#                                         (benchmarks/dense_paths.py), then the GPU tests of the
+#                                         CUDA graphs, the engine and the conv kernel
+#   bash benchmarks/gpu_run.sh calibrated sd15 with calibrated thresholds (never slower than
+#                                         dense?) against the tuned dense step
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|calibrated) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|calibrated" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -38,9 +40,11 @@ case "$1" in
           bench $ab --profile-area 0.05 --out "$OUT/implicit"
           bench $ab --profile-area 0.05 --conv-method gather --out "$OUT/gather"
           bench $ab --no-group-projections --out "$OUT/separate" ;;
-  calibrated) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py \
-            tests/test_triton_engine.py tests/test_kernels_sparse_conv.py 2>&1 | tee "$OUT/tests.log" | tail -30
-          bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-prepare \
+  dense)  python3 benchmarks/dense_paths.py --model sd15 --json "$OUT/dense_paths.json" 2>&1 \
+            | grep -v -i warn | tee "$OUT/dense_paths.log" | tail -9
+          python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py \
+            tests/test_triton_engine.py tests/test_kernels_sparse_conv.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+  calibrated) bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-prepare \
             --compile-modes tuned:reduce-overhead --out "$OUT/calibrated" ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;

@@ -42,9 +42,9 @@ def test_each_attention_runs_one_qkv_gemm_and_the_text_one_kv_gemm(setup):
     calls = [n for n in grouped.graph.nodes if n.op == "call_function"
              and n.target is ops.grouped_linear]
     # Q, K, V of every self-attention; K, V of every cross-attention read the one text input.
-    sizes = sorted(len(n.args[1]) for n in calls)
+    sizes = sorted(len(n.args[3]) for n in calls)
     text = [n for n in calls if n.args[0].op == "placeholder"]
-    assert len(text) == 1 and len(text[0].args[1]) == 2 * self_attentions
+    assert len(text) == 1 and len(text[0].args[3]) == 2 * self_attentions
     assert sizes.count(3) == self_attentions
     assert count(grouped, ir.linear) == count(ungrouped, ir.linear) - sum(sizes)
     # Each grouped linear is replaced by a view of the one GEMM's output.
@@ -113,7 +113,7 @@ def test_only_linears_that_can_share_a_gemm_are_grouped_and_results_stay():
     calls = [n for n in grouped.graph.nodes if n.op == "call_function"
              and n.target is ops.grouped_linear]
     # With biases (a, b), without (c, d); e, alone in its dtype, stays a linear.
-    assert sorted(len(n.args[1]) for n in calls) == [2, 2] and count(grouped, ir.linear) == 1
+    assert sorted(len(n.args[3]) for n in calls) == [2, 2] and count(grouped, ir.linear) == 1
 
     floats = uses[:4]
     grouped = linted(group_linears, linear_graph(weights, biases, floats))

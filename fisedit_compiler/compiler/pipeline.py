@@ -2,9 +2,10 @@
 
 ``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
 canonicalize, then analyze); ``build_program`` takes that analyzed canonical graph through the
-sparse passes (sparsify, fuse, fuse_tokens, group_linears, lower_kernels where Triton runs) and derives the
-cache set and the record graph. SparseEngine and the "fisedit" backend both compile through
-here.
+sparse passes (sparsify, fuse, fuse_tokens, group_linears, lower_kernels where Triton runs) and
+derives the cache set and the record graph; ``Program.dense_graph`` is the canonical graph
+tuned for dense runs (``tune_dense``). SparseEngine and the "fisedit" backend both compile
+through here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.fx as fx
 
 from ..config import SparseConfig
 from ..errors import FiseditError
-from ..graph_keys import INPUTS, LEVELS, SPARSE_MODES
+from ..execution.derived_weights import DerivedWeights
+from ..graph_keys import DERIVED_WEIGHTS, INPUTS, LEVELS, SPARSE_MODES
 from ..passes.analyze import analyze
 from ..passes.cache import CacheEntry, cache_writes, derive_cache_set, insert_cache_writes
 from ..passes.canonicalize import canonicalize
@@ -25,6 +27,7 @@ from ..passes.fuse_tokens import fuse_tokens
 from ..passes.group_linears import group_linears
 from ..passes.lower_kernels import lower_kernels
 from ..passes.sparsify import sparsify
+from ..passes.tune_dense import tune_dense
 from .capture import capture
 
 STAGES = ("captured", "canonical")
@@ -78,6 +81,17 @@ class Program:
         """The cache key of the recorded U-Net output."""
         return self.canonical.graph.output_node().args[0].name
 
+    @property
+    def derived(self) -> DerivedWeights:
+        """The program's derived weight copies (packed conv weights, grouped projections),
+        shared by its edit graph and its dense graph."""
+        return getattr(self.edit, DERIVED_WEIGHTS)
+
+    def dense_graph(self) -> fx.GraphModule:
+        """The canonical graph tuned for dense runs (``passes.tune_dense``), reading the
+        program's derived copies; a new graph on each call (the engine compiles it once)."""
+        return tune_dense(self.canonical, self.derived)
+
 
 def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig) -> Program:
     """The one compile path after capture, shared by SparseEngine and the "fisedit" backend.
@@ -92,6 +106,8 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
         edit = group_linears(edit)
     if config.use_triton(device_of(signature)):
         edit = lower_kernels(edit, config.conv_method)
+    if not hasattr(edit, DERIVED_WEIGHTS):      # no pass needed copies: the dense graph may
+        edit.add_submodule(DERIVED_WEIGHTS, DerivedWeights())
     entries = derive_cache_set(edit)
     record = insert_cache_writes(canonical, entries, config)
     levels = canonical.meta[LEVELS]

@@ -25,10 +25,15 @@ from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.derived_weights import tensor_versions
 from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
-from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, DERIVED_WEIGHTS, PLAN_INPUT
+from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PLAN_INPUT
 from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
+
+
+# Inductor's options for the dense graph: CUDA graphs (mode "reduce-overhead") and 1x1 convs as
+# matmuls, as in the strongest dense setting (``bench.tuned_unet``).
+DENSE_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
 
 
 class SparseEngine:
@@ -288,21 +293,29 @@ class SparseEngine:
 
     def refresh_weights(self) -> None:
         """Make every program's derived weight copies (the conv kernel's packed weights,
-        grouped projections) again, in place, so that captured CUDA graphs use the U-Net's
-        current weights. ``edit`` calls it when the weights changed in place since the copies
-        were made (eager edits notice by themselves too); recordings made with the old weights
-        are refused by ``edit``: record again."""
-        for program in self._programs.values():
-            derived = getattr(program.edit, DERIVED_WEIGHTS, None)
-            if derived is not None:
-                derived.refresh()
+        grouped projections; the dense graphs read them too) again, in place, so that captured
+        CUDA graphs use the U-Net's current weights. ``edit`` and ``dense`` call it when the
+        weights changed in place since the copies were made (eager edits notice by themselves
+        too); recordings made with the old weights are refused by ``edit``: record again."""
+        copies = [program.derived for program in self._programs.values()]
+        copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe
+        for derived in {id(derived): derived for derived in copies}.values():
+            derived.refresh()
+        self._derived_versions = self.weight_versions()
+
+    def _refresh_if_weights_moved(self, versions: tuple | None = None) -> None:
+        if (self.weight_versions() if versions is None else versions) != self._derived_versions:
+            self.refresh_weights()
 
     @torch.no_grad()
     def dense(self, **inputs) -> torch.Tensor:
         """The U-Net's output on ``inputs``, computed densely on the fastest path: on CUDA (with
-        ``config.cuda_graphs``) the canonical graph under ``torch.compile`` with CUDA graphs,
-        compiled once per signature and shared by ``with_config`` engines; elsewhere the
-        module itself. Full-mask edits and the editing flow's dense probe steps use it."""
+        ``config.cuda_graphs``) the canonical graph tuned as a diffusers user tunes for speed
+        (``Program.dense_graph``: channels-last conv weights, grouped projections) under
+        ``torch.compile`` with CUDA graphs and 1x1 convs as matmuls, compiled once per
+        signature and shared by ``with_config`` engines; elsewhere the module itself. Full-mask
+        edits, edits whose plan runs every level dense, and the editing flow's dense probe
+        steps use it."""
         self._check_inputs(inputs)
         if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
             return self.unet(**inputs)[0]
@@ -310,10 +323,14 @@ class SparseEngine:
 
     def _compiled_dense(self, program: Program, flat: dict) -> torch.Tensor:
         if program.signature not in self._dense:
-            self._dense[program.signature] = torch.compile(program.canonical,
-                                                           mode="reduce-overhead")
+            # The dense graph reads this program's derived copies, kept with it for refreshes.
+            self._dense[program.signature] = (
+                torch.compile(program.dense_graph(), options=DENSE_COMPILE_OPTIONS),
+                program.derived)
+        self._refresh_if_weights_moved()
+        compiled, _ = self._dense[program.signature]
         # Cloned: the next replay of the compiled CUDA graph overwrites its output.
-        return self._dense[program.signature](**flat).clone()
+        return compiled(**flat).clone()
 
     def stats(self, plan: MaskPlan) -> dict:
         """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal
@@ -401,9 +418,7 @@ class SparseEngine:
                 "weights an edit would use, and the edit would mix the two; record the "
                 "generation again with the current weights (engine.record into "
                 "engine.new_cache(), or EditSession.generate)")
-        if versions != self._derived_versions:
-            self.refresh_weights()
-            self._derived_versions = versions
+        self._refresh_if_weights_moved(versions)
 
     @staticmethod
     def _check_timestep(cache, step, flat) -> None:

@@ -1,9 +1,13 @@
 """DerivedWeights: copies of a program's weights in the form its ops read them, kept current.
 
-Two ops of the edit graph read weights in another form than the module holds them: the conv
-kernel reads each conv weight packed as one matrix (``kernels.sparse_conv.pack_weight``), and a
-grouped projection (``sparse_ops.grouped_linear``) reads the weights of the linears it groups
-concatenated. Both are made once, not per step.
+Two ops read weights in another form than the module holds them: the conv kernel reads each
+conv weight packed as one matrix (``kernels.sparse_conv.pack_weight``), and a grouped
+projection (``sparse_ops.grouped_linear``) reads the weights of the linears it groups
+concatenated (``concatenate``). Both are made once, not per step. In a graph each copy is a
+node of its own before the op that reads it (``packed_conv_weight``, ``concatenated``; the
+``COPIES``): the edit graph looks it up on each eager step, and the engine's dense graph (``passes.tune_dense``)
+reads the same copies, looked up once when that graph is made (its packed conv weights, viewed
+channels-last, are its conv weights), so the two paths hold one copy between them.
 
 Owner and lifetime (docs/design.md, "State and lifetimes"): the passes that emit such ops
 attach one ``DerivedWeights`` to the edit graph (``passes.pattern.derived_weights``) and hand it
@@ -23,6 +27,8 @@ import weakref
 from typing import Callable
 
 import torch
+
+from .kernels.sparse_conv import pack_weight
 
 
 class DerivedWeights(torch.nn.Module):
@@ -69,6 +75,25 @@ class DerivedWeights(torch.nn.Module):
         sources = [ref() for ref in entry[0]]
         entry[2].copy_(entry[3](*sources))
         entry[1] = tensor_versions(sources)
+
+
+def packed_conv_weight(derived: DerivedWeights, weight: torch.Tensor) -> torch.Tensor:
+    """The conv kernel's packed copy of ``weight`` (``kernels.sparse_conv.pack_weight``)."""
+    return derived.get((weight,), pack_weight)
+
+
+def concatenated(derived: DerivedWeights, *tensors: torch.Tensor) -> torch.Tensor:
+    """The copy of ``tensors`` joined along their first dim (``concatenate``)."""
+    return derived.get(tensors, concatenate)
+
+
+def concatenate(*tensors: torch.Tensor) -> torch.Tensor:
+    """The tensors joined along their first dim (a grouped projection's weights or biases)."""
+    return torch.cat(tensors)
+
+
+# The graph nodes that look up a derived copy (module docstring).
+COPIES = (packed_conv_weight, concatenated)
 
 
 def tensor_versions(tensors) -> tuple:

@@ -239,23 +239,12 @@ def geglu(x, dim: int):
     return token_kernels.geglu_reference(x.movedim(dim, -1)).movedim(-1, dim)
 
 
-def grouped_linear(x, weights: tuple, biases: tuple | None, derived=None) -> tuple:
-    """``tuple(F.linear(x, w, b) for w, b in zip(weights, biases))`` as one GEMM over the
-    weights concatenated along their output features (``passes.group_linears``); the results
-    are views of its output, split along the last dim. ``biases`` is None when no linear has
-    one. ``derived`` (a ``DerivedWeights``) keeps the concatenated weights; without it they are
-    concatenated on each call."""
-    def joined(tensors):
-        return _concatenate(*tensors) if derived is None else derived.get(tuple(tensors),
-                                                                          _concatenate)
-
-    out = F.linear(x, joined(weights), None if biases is None else joined(biases))
-    return tuple(out.split([weight.shape[0] for weight in weights], -1))
-
-
-def _concatenate(*tensors: torch.Tensor) -> torch.Tensor:
-    """The tensors joined along their first dim (a grouped projection's weights or biases)."""
-    return torch.cat(tensors)
+def grouped_linear(x, weight, bias, sizes: tuple) -> tuple:
+    """Linears that read ``x`` as one GEMM (``passes.group_linears``): ``weight`` and ``bias``
+    are theirs concatenated along the output features (``derived_weights.concatenate``; ``bias``
+    is None when none has one), ``sizes`` their output widths. The results are views of the
+    GEMM's output, split along the last dim."""
+    return tuple(F.linear(x, weight, bias).split(list(sizes), -1))
 
 
 # --- attention ------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from . import sparse_ops
-from .derived_weights import DerivedWeights
 from .kernels import attention as attention_kernels
 from .kernels import group_norm as group_norm_kernels
 from .kernels import sparse_conv as conv_kernels
@@ -53,11 +52,11 @@ def _group_norm(x, norm, level: LevelPlan, silu=False):
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None, derived: DerivedWeights | None = None,
-                  method: str = "implicit"):
-    """``sparse_ops.sparse_conv2d`` on the conv kernel; ``derived`` and ``method`` are added by
-    ``passes.lower_kernels``: ``derived`` keeps the packed weights (packed here on each call
-    without it), ``method`` is ``SparseConfig.conv_method``."""
+                  residual=None, out_divisor=None, packed_weight=None, method: str = "implicit"):
+    """``sparse_ops.sparse_conv2d`` on the conv kernel; ``packed_weight`` and ``method`` are
+    added by ``passes.lower_kernels``: ``packed_weight`` is the program's packed copy of
+    ``weight`` (``kernels.sparse_conv.pack_weight``; packed here on each call without it),
+    ``method`` is ``SparseConfig.conv_method``."""
     source, target = plan[level_in], plan[level_out]
     batch, c_out = x.shape[0], weight.shape[0]
     per_channel_temb = temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
@@ -81,9 +80,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         x, recorded, _position(source), _pixels(target), target.size, weight, bias,
         stride=stride, padding=padding, dilation=dilation, temb=temb, residual=residual,
         out_scale=None if out_divisor is None else 1.0 / out_divisor,
-        packed_weight=(conv_kernels.pack_weight(weight) if derived is None
-                       else derived.get((weight,), conv_kernels.pack_weight)),
-        method=method)
+        packed_weight=packed_weight, method=method)
 
 
 def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,

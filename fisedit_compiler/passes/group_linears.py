@@ -3,8 +3,9 @@
 What it rewrites: in the edit graph, two or more ``ir.linear`` calls with the same input node
 whose weights (and biases) are parameters (``get_attr``) of one dtype and input width, and
 which all have a bias or none, become one ``sparse_ops.grouped_linear`` call over their weights
-concatenated along the output features; each linear is replaced by its slice of the result
-(``getitem``: a view, no copy). In a U-Net that groups each self-attention's Q, K and V
+concatenated along the output features (a ``derived_weights.concatenated`` node each, for the
+weights and the biases); each linear is replaced by its slice of the result (``getitem``: a
+view, no copy). In a U-Net that groups each self-attention's Q, K and V
 projections (they read the same normalized tokens) and every cross-attention's K and V
 projections of the whole model (they all read the text embeddings).
 
@@ -17,21 +18,22 @@ weights, made once per program and kept current by the graph's ``DerivedWeights`
 (``pattern.derived_weights``; ``SparseEngine.edit`` makes it again after in-place weight
 changes). ``SparseConfig.group_projections`` turns the pass off.
 
-The pass rewrites the edit graph it is given in place and returns it (its pipeline's private
-intermediate, like the fusions); the canonical and record graphs are not touched, so recorded
-values are the module's own projections.
+The pass rewrites the graph it is given in place and returns it: the edit graph (its
+pipeline's private intermediate, like the fusions) and the engine's dense graph
+(``passes.tune_dense``, which reads the edit graph's copies); the canonical and record graphs
+are not touched, so recorded values are the module's own projections.
 """
 
 from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops
-from .pattern import args_of, call, derived_weights
+from ..execution.derived_weights import concatenated
+from .pattern import args_of, call, derived_weights, parameter
 
 
 def group_linears(edit: fx.GraphModule) -> fx.GraphModule:
@@ -56,22 +58,14 @@ def _groups(edit: fx.GraphModule, x: fx.Node) -> list[list[fx.Node]]:
         if not call(user, ir.linear):
             continue
         args = args_of(user)
-        weight, bias = _parameter(edit, args["weight"]), args["bias"]
+        weight, bias = parameter(edit, args["weight"]), args["bias"]
         if args["x"] is not x or weight is None or weight.dim() != 2:
             continue
-        if bias is not None and _parameter(edit, bias) is None:
+        if bias is not None and parameter(edit, bias) is None:
             continue
         kind = (weight.dtype, weight.device, weight.shape[1], bias is None)
         by_kind.setdefault(kind, []).append(user)
     return [linears for linears in by_kind.values() if len(linears) > 1]
-
-
-def _parameter(edit: fx.GraphModule, node) -> torch.Tensor | None:
-    """The tensor a ``get_attr`` node names, or None for anything else."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    value = operator.attrgetter(node.target)(edit)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _rewrite(edit: fx.GraphModule, linears: list[fx.Node], derived: fx.Node,
@@ -83,10 +77,14 @@ def _rewrite(edit: fx.GraphModule, linears: list[fx.Node], derived: fx.Node,
     with graph.inserting_before(first):
         # Fresh get_attr nodes: a later linear's own may come after the first linear.
         weights = tuple(graph.get_attr(a["weight"].target) for a in args)
-        biases = (None if args[0]["bias"] is None
-                  else tuple(graph.get_attr(a["bias"].target) for a in args))
+        weight = graph.call_function(concatenated, (derived, *weights))
+        bias = None
+        if args[0]["bias"] is not None:
+            biases = tuple(graph.get_attr(a["bias"].target) for a in args)
+            bias = graph.call_function(concatenated, (derived, *biases))
+        sizes = tuple(parameter(edit, a["weight"]).shape[0] for a in args)
         grouped = graph.call_function(sparse_ops.grouped_linear,
-                                      (args[0]["x"], weights, biases, derived))
+                                      (args[0]["x"], weight, bias, sizes))
     # The first linear's facts (its canonical source), not its value's: the call returns a tuple.
     grouped.meta.update({key: value for key, value in first.meta.items()
                          if key not in ("val", "tensor_meta")})
@@ -99,6 +97,6 @@ def _rewrite(edit: fx.GraphModule, linears: list[fx.Node], derived: fx.Node,
         replaced += [linear_args["weight"], linear_args["bias"]]
     for linear in linears:
         graph.erase_node(linear)
-    for parameter in dict.fromkeys(replaced):
-        if isinstance(parameter, fx.Node) and not parameter.users:
-            graph.erase_node(parameter)
+    for attribute in dict.fromkeys(replaced):
+        if isinstance(attribute, fx.Node) and not attribute.users:
+            graph.erase_node(attribute)

@@ -7,9 +7,9 @@ same arguments and compute the same function (``execution.triton_ops``), so this
 only node targets.
 
 The conv kernel multiplies by its weight packed as one matrix; the packed copies belong to
-the program: the edit graph's ``execution.derived_weights.DerivedWeights``
-(``pattern.derived_weights``), passed to every sparse conv (``derived=``), so they live and go
-with it (docs/design.md, "State and lifetimes").
+the program: each is a ``derived_weights.packed_conv_weight`` node of the edit graph's
+``DerivedWeights`` (``pattern.derived_weights``), passed to its sparse conv as
+``packed_weight``, so they live and go with it (docs/design.md, "State and lifetimes").
 
 It also names, in ``edit.meta[CHANNELS_LAST_KEYS]``, the cache keys that sparse convs read as
 their recorded input. The conv kernel gathers each pixel's channels as one vector, which is
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..execution import sparse_ops, triton_ops
+from ..execution.derived_weights import packed_conv_weight
 from ..graph_keys import CHANNELS_LAST_KEYS
 from . import registry
 from .pattern import args_of, call, derived_weights, set_args
@@ -38,7 +39,10 @@ def lower_kernels(edit: fx.GraphModule, conv_method: str) -> fx.GraphModule:
     if convs:
         derived = derived_weights(edit)
         for node in convs:
-            set_args(node, derived=derived, method=conv_method)
+            with edit.graph.inserting_before(node):
+                packed = edit.graph.call_function(
+                    packed_conv_weight, (derived, args_of(node)["weight"]))
+            set_args(node, packed_weight=packed, method=conv_method)
     recorded = [args_of(node)["recorded"] for node in convs]
     edit.meta[CHANNELS_LAST_KEYS] = frozenset(
         args_of(read)["key"] for read in recorded if call(read, sparse_ops.cache_read))

@@ -144,11 +144,31 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight ``[Cout, Cin, kh, kw]`` as the kernel's B matrix ``[kh * kw * Cin, Cout]``.
 
     Row ``(ky * kw + kx) * Cin + c`` holds tap (ky, kx) of input channel c, so one tap's channel
-    block is a contiguous run of rows and each row is contiguous over output channels. The
-    runtime packs each conv's weight once and passes it as ``packed_weight``.
+    block is a run of rows. In memory the matrix is the weight in channels-last order (strides
+    ``(1, kh * kw * Cin)``: each output channel's taps are contiguous), so that the engine's
+    dense graph uses the same copy as its conv weight (``unpack_weight``). The runtime packs
+    each conv's weight once and passes it as ``packed_weight``.
     """
     c_out, c_in, kernel_h, kernel_w = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(kernel_h * kernel_w * c_in, c_out).contiguous()
+    taps = kernel_h * kernel_w * c_in
+    return weight.permute(0, 2, 3, 1).reshape(c_out, taps).contiguous().t()
+
+
+def unpack_weight(packed: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """``pack_weight``'s matrix as the conv weight ``[Cout, Cin, kh, kw]`` it was packed from,
+    in channels-last memory: a view, no copy."""
+    taps, c_out = packed.shape
+    kernel_h, kernel_w = kernel_size
+    return packed.t().view(c_out, kernel_h, kernel_w, taps // (kernel_h * kernel_w)).permute(
+        0, 3, 1, 2)
+
+
+def _is_packed(packed: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``packed`` has ``pack_weight(weight)``'s shape, dtype and layout."""
+    c_out, c_in, kernel_h, kernel_w = weight.shape
+    taps = kernel_h * kernel_w * c_in
+    return (tuple(packed.shape) == (taps, c_out) and packed.dtype == weight.dtype
+            and (c_out == 1 or packed.stride(1) == taps) and (taps == 1 or packed.stride(0) == 1))
 
 
 if HAS_TRITON:
@@ -325,7 +345,7 @@ if HAS_TRITON:
                 c_ok = channel < c_in
                 a = _mixed_values(x_tap, rec_tap, position, inside, channel, c_ok, sx_c, sr_c)
                 w_rows = tap * c_in + channel
-                b = tl.load(w_ptr + w_rows[:, None] * c_out + cols[None, :],
+                b = tl.load(w_ptr + w_rows[:, None] + cols[None, :] * (KH * KW * c_in),
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
                 # ieee: fp32 operands multiply in full fp32, not TF32 (fp16/bf16 are unaffected).
                 acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -481,12 +501,12 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     batch, c_in, src_h, src_w = recorded.shape
     c_out, _, kernel_h, kernel_w = weight.shape
     packed = pack_weight(weight) if packed_weight is None else packed_weight
-    if tuple(packed.shape) != (kernel_h * kernel_w * c_in, c_out) or not packed.is_contiguous() \
-            or packed.dtype != weight.dtype:
+    if not _is_packed(packed, weight):
         raise FiseditError(
-            f"sparse_conv2d: packed_weight must be pack_weight(weight), a contiguous "
-            f"{weight.dtype} [{kernel_h * kernel_w * c_in}, {c_out}] tensor; got {packed.dtype} "
-            f"{tuple(packed.shape)}")
+            f"sparse_conv2d: packed_weight must be pack_weight(weight), a {weight.dtype} "
+            f"[{kernel_h * kernel_w * c_in}, {c_out}] tensor with strides "
+            f"(1, {kernel_h * kernel_w * c_in}); got {packed.dtype} {tuple(packed.shape)} with "
+            f"strides {packed.stride()}")
     tensors = [t for t in (x, recorded, in_position, out_pixels, packed, bias, temb, residual)
                if t is not None]
     if any(t.device != x.device for t in tensors):

@@ -1,24 +1,27 @@
 """The engine's dense path against the tuned dense module, and what each tuning adds (GPU only).
 
-    python benchmarks/dense_paths.py [--model sd15] [--reps 20] [--json FILE]
+    python benchmarks/dense_paths.py [--model sd15] [--reps 20] [--json FILE] [--ablations]
 
 An edit whose plan runs every level dense (a full mask, or calibrated thresholds sending a
 large scattered edit dense), and the editing flow's probe steps, run ``SparseEngine.dense``:
-the captured canonical graph under ``torch.compile`` with CUDA graphs. A diffusers user tuning
-for speed runs the module instead in channels_last, with fused QKV projections and Inductor's
-1x1 convs as matmuls (``bench.tuned_unet``). "Never slower than dense" needs the first to be as
-fast as the second. Rows, each a fresh ``torch.compile`` in reduce-overhead mode, timed in one
-process:
+the canonical graph, tuned (``passes.tune_dense``), under ``torch.compile`` with CUDA graphs. A
+diffusers user tuning for speed runs the module in channels_last, with fused QKV projections
+and Inductor's 1x1 convs as matmuls (``bench.tuned_unet``). "Never slower than dense" needs the
+first to be as fast as the second. Rows (the engine's share one compile; every other row is a
+fresh ``torch.compile`` with CUDA graphs), timed in one process:
 
 - ``engine.dense``: what the engine runs (since session 8 the tuned dense graph,
   ``passes.tune_dense``);
-- ``canonical``: the canonical graph compiled with no options (the engine's dense path up to
-  session 7);
-- with ``--ablations``, two more rows of the canonical graph: ``+ 1x1 as mm`` (Inductor's
+- ``engine.edit, full mask``: an edit whose plan runs every level dense, as a user calls it
+  (the edit call's checks, then ``engine.dense``);
+- ``engine.edit, full mask, no timestep check``: the same with ``SparseEngine._check_timestep``
+  patched out, to time the host synchronisation its comparison costs;
+- ``module tuned``: the strongest dense setting (``bench.tuned_unet``);
+- with ``--ablations`` (each one more compile), the canonical graph compiled as captured (the
+  engine's dense path up to session 7), then with ``+ 1x1 as mm`` (Inductor's
   ``conv_1x1_as_mm``) and ``+ 1x1 as mm + channels_last sample`` (the sample handed over in
-  channels_last, so that Inductor's layout choice starts there; session 8 run 1: no gain);
-- ``module tuned, QKV unfused``: the tuned module without ``fuse_qkv_projections``;
-- ``module tuned``: the strongest dense setting (``bench.tuned_unet``).
+  channels_last, so that Inductor's layout choice starts there; session 8 run 1: no gain), and
+  ``module tuned, QKV unfused`` (the tuned module without ``fuse_qkv_projections``).
 
 Medians of CUDA-event timings; every row's output is compared with the eager module's.
 """
@@ -48,8 +51,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", default=None)
     parser.add_argument("--ablations", action="store_true",
-                        help="also time the canonical graph with 1x1 convs as matmuls, and with "
-                             "a channels_last sample")
+                        help="also time the canonical graph as captured, with 1x1 convs as "
+                             "matmuls and with a channels_last sample, and the tuned module "
+                             "without fused QKV projections")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("dense_paths.py times GPU steps; it needs a CUDA device")
@@ -59,6 +63,16 @@ def main(argv=None) -> None:
     expected = unet(**inputs)[0]
     engine = fc.compile(unet)
     canonical = engine.program(inputs).canonical
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    full = engine.plan(torch.ones((latent, latent), dtype=torch.bool))
+    assert full.full
+
+    def full_edit(check_timestep: bool):
+        if not check_timestep:     # from here on: this row comes after the checked one
+            engine._check_timestep = lambda *args: None
+        return lambda: engine.edit(cache, 0, plan=full, **inputs)
+
     flat = flatten_inputs(inputs)
     channels_last = {**flat, "sample": flat["sample"].contiguous(memory_format=torch.channels_last)}
 
@@ -70,6 +84,8 @@ def main(argv=None) -> None:
     mm = {"conv_1x1_as_mm": True, "triton.cudagraphs": True}
     rows = [
         ("engine.dense", lambda: (lambda: engine.dense(**inputs))),
+        ("engine.edit, full mask", lambda: full_edit(True)),
+        ("engine.edit, full mask, no timestep check", lambda: full_edit(False)),
         ("canonical", lambda: _call(torch.compile(_fresh(canonical), mode=REDUCE_OVERHEAD),
                                     flat)),
         ("canonical + 1x1 as mm", lambda: _call(torch.compile(_fresh(canonical),
@@ -81,7 +97,8 @@ def main(argv=None) -> None:
                                          inputs)),
     ]
     if not args.ablations:
-        rows = [row for row in rows if not row[0].startswith("canonical +")]
+        rows = [row for row in rows if not row[0].startswith("canonical")
+                and row[0] != "module tuned, QKV unfused"]
     results = []
     for name, build in rows:
         started = time.perf_counter()

@@ -44,7 +44,7 @@ case "$1" in
             | grep -v -i warn | tee "$OUT/dense_paths.log" | tail -9
           python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py \
             tests/test_triton_engine.py tests/test_kernels_sparse_conv.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
-  calibrated) bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-prepare \
+  calibrated) bench --model sd15 --areas 0.01,0.05,0.2,0.5 --no-reference --no-prepare \
             --compile-modes tuned:reduce-overhead --out "$OUT/calibrated" ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --json "$OUT/e2e_sd15.json" 2>&1 | tee "$OUT/e2e.log" ;;

@@ -31,6 +31,27 @@ def test_layouts_that_disagree_make_the_level_dense_where_any_lost():
     assert 0.36 < thresholds[0] < 0.37          # 0.37 > threshold: dense
 
 
+def test_only_the_first_dense_level_counts_as_a_dense_win():
+    """Session 8, run 3: a 50% square was best all dense (its finest level at 0.56 decided
+    that); a scattered 20% mask was best all sparse with its coarsest level at 0.59. The
+    square's coarsest level was dense by rule, not by its fraction: it must not pull level 3's
+    threshold under 0.59."""
+    scattered, square = [0.371, 0.371, 0.371, 0.594], [0.5625] * 4
+    thresholds = thresholds_from([measured(scattered, 4), measured(square, 0)], levels=4)
+    assert 0.371 < thresholds[0] < 0.5625
+    assert all(threshold > 0.594 for threshold in thresholds[1:])
+    config = fc.SparseConfig()      # SD1.5's levels under the default tiles and dilation
+    levels = [(64, 64), (32, 32), (16, 16), (8, 8)]
+    for layout, area, fractions in [("scattered", 0.2, scattered), ("blob", 0.5, square)]:
+        mask = CALIBRATION_MASKS[layout]((64, 64), area)
+        sparse = MaskPlan(mask, levels, config.tiles_for(levels), config.dilation, 1.0)
+        assert sparse.fractions() == pytest.approx(fractions, abs=1e-3)     # run 3's masks
+        plan = MaskPlan(mask, levels, config.tiles_for(levels), config.dilation,
+                        list(thresholds))
+        assert plan.full == (layout == "blob")      # each as its measurement found fastest
+        assert not any(level.dense for level in plan.levels) or plan.full
+
+
 def test_a_level_that_never_won_dense_goes_halfway_to_full():
     assert thresholds_from([measured([0.2], 1), measured([0.8], 1)], levels=1) == \
         pytest.approx((0.9,))

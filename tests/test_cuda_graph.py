@@ -210,3 +210,19 @@ def test_a_failed_capture_runs_without_a_graph_and_later_captures_still_work(mon
     engine.edit(cache, 0, plan=second, **inputs)
     assert steps.captured(second) and not steps.failed(second)
     assert torch.equal(engine.edit(cache, 0, plan=first, **inputs), expected_first)
+
+
+def test_a_dense_routed_edit_is_the_dense_step_and_a_sparse_one_checks_the_timestep():
+    """A plan that runs every level dense reads nothing recorded: its edit is ``engine.dense``
+    of the inputs, without the host synchronisation of the timestep check; a sparse plan still
+    refuses a timestep other than the recorded one."""
+    engine, cache, inputs, _ = recorded_tiny_engine()
+    size = tuple(inputs["sample"].shape[-2:])
+    later = dict(inputs, timestep=inputs["timestep"] - 1)
+    full = engine.plan(torch.ones(size, dtype=torch.bool))
+    assert full.full
+    assert torch.equal(engine.edit(cache, 0, plan=full, **later), engine.dense(**later))
+    sparse = engine.plan(bench.blob_mask(size, 0.02))
+    assert not sparse.full
+    with pytest.raises(fc.FiseditError, match="timestep"):
+        engine.edit(cache, 0, plan=sparse, **later)

@@ -5,7 +5,11 @@ A level runs sparse or dense (and every level below a dense one is dense: docs/d
 whole U-Net dense, which the engine runs as compiled dense) to L (all levels sparse). ``calibrate`` times every
 choice, on the device, for masks of increasing area in two layouts, one square and scattered
 squares, and sets each level's threshold between the largest active fraction at which keeping
-it sparse was fastest and the smallest at which making it dense was. Where the layouts
+it sparse was fastest and the smallest at which making it the first dense level was. Only the
+first dense level counts as a dense win: the levels coarser than it are dense by the plan's
+rule, whatever their fractions, so their fractions say nothing (session 8, run 3: counting
+them set level 3's threshold at a 50% square's 0.56, which sent a scattered 20% edit, level 3
+at 0.59, dense at 7.3-7.5 ms where all-sparse measured 6.1 ms). Where the layouts
 disagree (sparse won at a larger fraction in one layout than the one where it lost in the
 other), the threshold is set for the loser: dense from that fraction on. Scattered masks cost
 more at the same fraction (more tile edges, and plans whose coarsest level alone turns dense),
@@ -90,17 +94,19 @@ def thresholds_from(measurements: list[dict], levels: int) -> tuple:
     ``fractions`` and the ``best_first_dense_level``).
 
     A level is dense where its fraction exceeds its threshold: halfway between the largest
-    fraction at which it was best sparse and the smallest at which it was best dense, or,
+    fraction at which it was best sparse and the smallest at which it was best as the first
+    dense level (the coarser levels after it are dense by rule: no evidence about them), or,
     where those conflict (masks of different layouts disagree), just below that smallest
     dense win, so the slower choice is never kept.
     """
     sparse_best = [0.0] * levels      # largest fraction at which sparse won, per level
-    dense_best = [1.0] * levels       # smallest fraction at which dense won
+    dense_best = [1.0] * levels       # smallest fraction at which it won as first dense level
     for measurement in measurements:
+        first_dense = measurement["best_first_dense_level"]
         for level, fraction in enumerate(measurement["fractions"]):
-            if level < measurement["best_first_dense_level"]:
+            if level < first_dense:
                 sparse_best[level] = max(sparse_best[level], fraction)
-            else:
+            elif level == first_dense:
                 dense_best[level] = min(dense_best[level], fraction)
     return tuple((low + high) / 2 if low < high else high - 1e-9
                  for low, high in zip(sparse_best, dense_best))

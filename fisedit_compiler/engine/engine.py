@@ -233,7 +233,13 @@ class SparseEngine:
     @torch.no_grad()
     def edit(self, cache: EditCache, step: int = 0, plan: MaskPlan | None = None,
              **inputs) -> torch.Tensor:
-        """Recompute only the planned region of step ``step`` for the edited ``inputs``."""
+        """Recompute only the planned region of step ``step`` for the edited ``inputs``.
+
+        Refused before any work: another engine's cache, an unrecorded step, inputs of another
+        signature, a plan of another engine; and, for a plan that reads recorded values, a
+        timestep other than the recorded one and weights changed since the recording. A plan
+        that runs every level dense, on the CUDA-graph path, is the dense step itself
+        (``dense``): it reads nothing recorded, so those last checks do not apply to it."""
         if not isinstance(plan, MaskPlan):
             raise FiseditError(f"edit needs plan=engine.plan(mask), got {type(plan).__name__}")
         step = self._check_cache(cache, step)
@@ -260,15 +266,18 @@ class SparseEngine:
                 f"this engine: engine.plan(mask) for a mask at "
                 f"{program.levels[0][0]}x{program.levels[0][1]}")
         flat = flatten_inputs(inputs)
-        self._check_timestep(cache, step, flat)
-        self._check_weights(cache)
-        if self.config.check_inputs:
-            self._check_outside_mask(cache, step, plan, flat)
         device = device_of(program.signature)
         graphs = self._uses_graphs(device)
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
+            # It reads nothing recorded, so the checks against the recording below (which
+            # guard against mixing recorded values with new ones) have nothing to guard, and
+            # the timestep's would synchronise the host for nothing (session 8, run 3).
             return self._compiled_dense(program, flat)
+        self._check_timestep(cache, step, flat)
+        self._check_weights(cache)
+        if self.config.check_inputs:
+            self._check_outside_mask(cache, step, plan, flat)
         output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs)
         if step + 1 < cache.num_steps:
             cache.prefetch(step + 1, device)    # overlaps this step's compute

@@ -18,6 +18,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import oracle, zoo
+from fisedit_compiler.compiler.capture import flatten_inputs
 from fisedit_compiler.engine.engine import node_macs
 
 BATCH = 2
@@ -253,6 +254,16 @@ def test_full_mask_equals_dense(family):
     mask = torch.ones(inputs["sample"].shape[-2:], dtype=torch.bool)
     edited = new_conditions(new_sample(inputs, mask))
     result = engine.edit(cache, 0, engine.plan(mask), **edited)
+    torch.testing.assert_close(result, call(unet, edited), rtol=0, atol=1e-4)
+
+
+def test_dense_graph_equals_the_module(family):
+    """The graph ``engine.dense`` compiles on CUDA (``passes.tune_dense``: channels-last conv
+    weights and grouped linears from the program's copies), run here eagerly on the CPU."""
+    unet, inputs, engine, _, _ = family
+    dense = engine.program(inputs).dense_graph()
+    edited = new_conditions(inputs)
+    result = dense(**flatten_inputs(copied(edited)))
     torch.testing.assert_close(result, call(unet, edited), rtol=0, atol=1e-4)
 
 

@@ -1,0 +1,102 @@
+"""How well the capacity buckets fit masks they were not sized from (CPU, no model needed).
+
+    python benchmarks/bucket_fit.py [--thresholds 0.5] [--thresholds 0.47,0.73,0.73,0.8]
+
+Edits on the CUDA-graph path run bucketed plans (``plan.capacity_buckets``): a mask takes the
+first bucket whose per-level capacities hold its active tiles, is padded to them, and runs
+every level dense where no bucket holds it. The buckets' lower-level capacities come from a
+bank of seeded masks (``plan.mask_bank``), so a mask unlike the bank's can miss them. For
+SD1.5's level layout at 512 px (64x64 latent, default tiles and dilation) and each threshold
+setting, over 300 test masks drawn from another seed (rectangles, discs, 2-8 scattered
+squares; 0.5-45% of the latent), this prints:
+
+- how many masks plan *all dense* bucketed while their exact plan (the one the calibration
+  times) keeps some level sparse: each such edit costs the dense step where the calibration
+  found a sparse plan faster;
+- the cost of the bucketed plan over the exact one, in tiles (padded capacities, or the whole
+  level where dense), median and 90th percentile. A tile of every SD1.5 level costs about the
+  same MACs (4x4 positions at 320 channels, 2x2 at 640, one at 1280), so tiles are added up
+  unweighted; small edits are bound by kernel launches rather than MACs, so this is an upper
+  bound on the time padding costs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler.execution import plan as plans
+
+LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
+
+
+def test_masks(count: int = 300, seed: int = 12345) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    masks = []
+    for index in range(count):
+        area = 0.005 + 0.45 * float(torch.rand((), generator=gen))
+        if index % 4 == 0:
+            aspect = 0.5 + 2 * float(torch.rand((), generator=gen))
+            masks.append(plans.rectangle_mask(LEVELS[0], area, aspect, gen))
+        elif index % 4 == 1:
+            masks.append(plans.disc_mask(LEVELS[0], area, gen))
+        else:
+            blobs = int(torch.randint(2, 9, (1,), generator=gen))
+            masks.append(plans.scattered_mask(LEVELS[0], area, blobs, seed=seed + index))
+    return masks
+
+
+def tile_cost(plan: plans.MaskPlan, counts: list[int], grids: list[int]) -> int:
+    """Tiles the plan computes: the whole level where dense, else its capacity (or count)."""
+    capacities = plan.bucket.tiles if plan.bucket is not None else counts
+    return sum(grid if level.dense else capacity
+               for level, capacity, grid in zip(plan.levels, capacities, grids))
+
+
+def fit(thresholds, masks) -> dict:
+    config = fc.SparseConfig()
+    tiles = config.tiles_for(LEVELS)
+    grids = [(h // t) * (w // t) for (h, w), t in zip(LEVELS, tiles)]
+    buckets = plans.capacity_buckets(LEVELS, tiles, config.dilation, thresholds,
+                                     config.bucket_ratio)
+    missed, ratios = 0, []
+    for mask in masks:
+        exact = plans.MaskPlan(mask, LEVELS, tiles, config.dilation, thresholds)
+        if exact.full:
+            continue
+        bucketed = plans.MaskPlan(mask, LEVELS, tiles, config.dilation, thresholds,
+                                  buckets=buckets)
+        missed += bucketed.full
+        counts = [int(plans._tile_mask(active, tile).sum()) for active, tile in
+                  zip(plans.effective_masks(mask, LEVELS, tiles, config.dilation), tiles)]
+        ratios.append(tile_cost(bucketed, counts, grids) / tile_cost(exact, counts, grids))
+    ratios.sort()
+    return {"buckets": len(buckets), "sparse_exact": len(ratios), "all_dense_bucketed": missed,
+            "cost_median": statistics.median(ratios),
+            "cost_p90": ratios[int(0.9 * (len(ratios) - 1))]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--thresholds", action="append", default=None,
+                        help="per-level dense thresholds, comma-separated (repeatable); "
+                             "default: 0.5, and session 8 run 4's calibrated ones")
+    args = parser.parse_args(argv)
+    settings = args.thresholds or ["0.5", "0.4746,0.7344,0.7344,0.7969"]
+    masks = test_masks()
+    print("| thresholds | buckets | masks sparse exact | of them all dense bucketed | "
+          "tile cost bucketed / exact: median | p90 |")
+    print("|---|---|---|---|---|---|")
+    for setting in settings:
+        values = [float(value) for value in setting.split(",")]
+        thresholds = values[0] if len(values) == 1 else values
+        row = fit(thresholds, masks)
+        print(f"| {setting} | {row['buckets']} | {row['sparse_exact']} | "
+              f"{row['all_dense_bucketed']} | {row['cost_median']:.3f} | {row['cost_p90']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,3 +36,23 @@ def test_the_tuned_baseline_is_a_channels_last_copy_with_fused_projections():
     assert getattr(attention, "fused_projections", False)
     assert not getattr(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1,
                        "fused_projections", False)
+
+
+def test_the_table_shows_the_ratio_to_the_dense_step_timed_beside_each_row():
+    row = {"layout": "scattered", "area": 0.2, "triton_ms": 7.36, "torch_graphs_ms": 7.2,
+           "speedup_vs_eager": 3.86, "speedup_vs_compiled": 0.96, "sparse_gmacs": 803.3,
+           "ideal_gmacs": 166.3, "triton_error": 2e-3, "ok": True, "levels": ["dense"] * 4}
+    result = {"model": "sd15", "resolution_px": 512, "batch": 2, "dtype": "float16",
+              "environment": {"device": "GPU", "torch": "2", "triton": "3", "commit": "abc"},
+              "dense": {"eager_ms": 28.4, "best_compiled_mode": "tuned:reduce-overhead",
+                        "best_compiled_ms": 7.05},
+              "cache_mib_per_step": 247.4,
+              "rows": [row, {**row, "dense_beside_ms": 7.5, "speedup_vs_compiled_beside": 1.02}]}
+    lines = bench.table(result).splitlines()
+    header = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    without, beside = ([cell.strip() for cell in line.strip("|").split("|")]
+                       for line in lines[4:6])
+    column = header.index("vs compiled beside")
+    assert len(header) == len(without) == len(beside)
+    assert without[column] == "-" and beside[column] == "1.02x (7.50 ms)"
+    assert "dense beside 7.50 (1.02x)" in bench._format_row(result["rows"][1])

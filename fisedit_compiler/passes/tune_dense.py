@@ -58,7 +58,7 @@ def tune_dense(canonical: fx.GraphModule, derived: DerivedWeights) -> fx.GraphMo
             packed = graph.call_function(packed_conv_weight, (derived_node, weight))
             weight = graph.call_function(unpack_weight, (packed, tuple(value.shape[2:])))
         set_args(node, weight=weight)
-    _bake(dense)
+    bake_derived_copies(dense)
     graph.eliminate_dead_code()
     delattr(dense, DERIVED_WEIGHTS)
     graph.lint()
@@ -66,8 +66,11 @@ def tune_dense(canonical: fx.GraphModule, derived: DerivedWeights) -> fx.GraphMo
     return dense
 
 
-def _bake(dense: fx.GraphModule) -> None:
-    """Replace each derived copy (and each view of one) by a buffer holding its value now."""
+def bake_derived_copies(dense: fx.GraphModule) -> None:
+    """Replace, in place, each derived copy node of ``dense`` (and each view of one) by a
+    buffer holding its value now, for a graph that ``torch.compile`` traces: Dynamo cannot
+    trace the ``DerivedWeights`` lookup (``benchmarks/inductor_probe.py`` bakes an edit graph
+    so too)."""
     graph = dense.graph
     for index, node in enumerate(list(graph.nodes)):
         if not (node.op == "call_function" and node.target in (*COPIES, unpack_weight)):

@@ -1,6 +1,6 @@
 """Can Inductor compile the compact edit graph, and how much does it fuse? (CPU, sd15-tiny)
 
-    python benchmarks/inductor_probe.py [--model sd15-tiny] [--area 0.1]
+    python benchmarks/inductor_probe.py [--model sd15-tiny] [--latent 32] [--dynamic]
 
 Issue 17's first lever is Inductor over the compact edit graph. This probe answers the
 questions that come before any GPU timing, on the torch reference path (the ops'
@@ -16,7 +16,9 @@ see as custom ops):
   from its output code, and the loop kernels it generated (the C++ backend packs several
   into one function, where Triton on the GPU launches each group it fuses: the GPU count
   would lie between the two);
-- what a mask of another capacity costs: a recompile (shapes are static per plan).
+- what a mask of another capacity costs (two blobs, 5% and 12% of a 32x32 latent: 9 and 16
+  active tiles of 64, both sparse): a recompile where shapes are static per plan; with
+  ``--dynamic`` (``torch.compile(dynamic=True)``), whether symbolic sizes avoid it.
 
 Prints a short table; compile times are CPU times and say nothing of the GPU's.
 """
@@ -55,13 +57,17 @@ class CountOps(TorchDispatchMode):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd15-tiny")
-    parser.add_argument("--area", type=float, default=0.1)
+    parser.add_argument("--latent", type=int, default=32, help="latent side (default 32)")
+    parser.add_argument("--areas", default="0.05,0.12",
+                        help="two blob areas whose plans are sparse at different capacities")
+    parser.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     args = parser.parse_args(argv)
     from torch._inductor import metrics
     from torch._inductor.utils import run_and_get_code
 
     unet = zoo.unet(args.model)
-    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=args.latent, width=args.latent)
+    areas = [float(area) for area in args.areas.split(",")]
     engine = fc.compile(unet, fc.SparseConfig(kernels="torch", cuda_graphs=False))
     cache = engine.new_cache()
     engine.record(cache, 0, **inputs)
@@ -74,7 +80,11 @@ def main(argv=None) -> None:
         return {**flatten_inputs(bench.edited_inputs(inputs, mask)),
                 PLAN_INPUT: engine.plan(mask), CACHE_INPUT: store}
 
-    first = step_inputs(args.area)
+    first, second = step_inputs(areas[0]), step_inputs(areas[1])
+    first_plan, second_plan = first[PLAN_INPUT], second[PLAN_INPUT]
+    if first_plan.full or second_plan.full or first_plan.fractions() == second_plan.fractions():
+        raise SystemExit(f"pick two areas whose plans are sparse at different capacities; got "
+                         f"{first_plan} and {second_plan}")
     eager = program.edit(**first)
     counter = CountOps()
     with counter:
@@ -87,7 +97,7 @@ def main(argv=None) -> None:
     breaks_baked = torch._dynamo.explain(edit)(**first).graph_break_count
     torch._dynamo.reset()
     metrics.reset()
-    compiled = torch.compile(edit)
+    compiled = torch.compile(edit, dynamic=args.dynamic or None)
     started = time.perf_counter()
     result, sources = run_and_get_code(compiled, **first)
     compile_s = time.perf_counter() - started
@@ -97,7 +107,6 @@ def main(argv=None) -> None:
     library = len(re.findall(r"^\s+\w+ = extern_kernels\.\w+\(|^\s+extern_kernels\.\w+\(", code,
                              flags=re.M))
     fallback = len(re.findall(r"torch\.ops\.aten\.\w+\.\w+\(", code))
-    second = step_inputs(min(0.5, 2 * args.area))
     started = time.perf_counter()
     second_result = compiled(**second)
     second_s = time.perf_counter() - started
@@ -111,10 +120,12 @@ def main(argv=None) -> None:
         ("Inductor: loop kernels generated (several per C++ function)", loop_kernels),
         ("compiled vs eager, max abs difference", f"{(result - eager).abs().max().item():.1e}"),
         ("first compile (CPU)", f"{compile_s:.0f} s"),
-        ("a mask of another capacity: recompile (CPU), max abs difference",
+        (f"a mask of another capacity ({second_plan.fractions()[0]:.1%} of level 0's tiles "
+         f"after {first_plan.fractions()[0]:.1%}): call time (CPU), max abs difference",
          f"{second_s:.0f} s, {second_error:.1e}"),
     ]
-    print(f"| {args.model}, {args.area:.0%} blob, torch reference ops, CPU | |")
+    print(f"| {args.model}, {args.latent}x{args.latent} latent, {areas[0]:.0%} blob, "
+          f"torch reference ops, CPU{', dynamic=True' if args.dynamic else ''} | |")
     print("|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

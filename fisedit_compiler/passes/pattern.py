@@ -59,15 +59,12 @@ def set_args(node: fx.Node, **changes) -> None:
     node.args, node.kwargs = tuple(args), kwargs
 
 
-def parameter(gm: fx.GraphModule, node, tensor: bool = True):
-    """The value a ``get_attr`` node names (a tensor, or None for anything else; any attribute
-    with ``tensor=False``, where anything but a ``get_attr`` node is an error)."""
+def parameter(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node names, or None for anything else."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        if not tensor:
-            raise TypeError(f"expected a get_attr node, got {node}")
         return None
     value = operator.attrgetter(node.target)(gm)
-    return value if not tensor or isinstance(value, torch.Tensor) else None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def only_user(node: fx.Node) -> fx.Node | None:

@@ -26,6 +26,7 @@ no memory beyond what the edit program already holds.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch.fx as fx
 
@@ -75,7 +76,8 @@ def bake_derived_copies(dense: fx.GraphModule) -> None:
     for index, node in enumerate(list(graph.nodes)):
         if not (node.op == "call_function" and node.target in (*COPIES, unpack_weight)):
             continue
-        args = fx.node.map_arg(node.args, lambda arg: parameter(dense, arg, tensor=False))
+        # Their inputs are get_attr nodes: the DerivedWeights, weights, copies baked before.
+        args = fx.node.map_arg(node.args, lambda arg: operator.attrgetter(arg.target)(dense))
         dense.register_buffer(f"{BAKED}{index}", node.target(*args), persistent=False)
         with graph.inserting_before(node):
             node.replace_all_uses_with(graph.get_attr(f"{BAKED}{index}"))

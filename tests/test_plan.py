@@ -115,6 +115,21 @@ def test_capacity_buckets_grow_geometrically_and_stop_at_the_dense_threshold():
                 assert min(capacity * tile * tile, height * width) <= 0.5 * height * width
 
 
+def test_capacity_buckets_size_lower_levels_from_the_bank_given():
+    # One bank mask: a 4x4-tile square at level 0 (64x64 pixels at tile 4 is 16x16 tiles).
+    square = torch.zeros(64, 64, dtype=torch.bool)
+    square[8:24, 8:24] = True
+    buckets = capacity_buckets(SD_LEVELS, SD_TILES, 1, 0.5, 1.25, bank=[square])
+    counts = [level.tile_count for level in MaskPlan(square, SD_LEVELS, SD_TILES, 1, 0.5).levels]
+    holding = [b for b in buckets if b.tiles[0] >= counts[0]]
+    assert holding, "the square's level-0 tiles fit a bucket below the threshold"
+    for bucket in holding:
+        assert list(bucket.tiles[1:]) == counts[1:], "lower levels: exactly the bank's need"
+    for bucket in buckets:
+        if bucket.tiles[0] < counts[0]:
+            assert bucket.tiles[1:] == (1, 1, 1), "no bank mask this small: one tile"
+
+
 @settings(max_examples=40, deadline=None)
 @given(mask=masks())
 def test_a_bucketed_plan_pads_the_exact_plan(mask):

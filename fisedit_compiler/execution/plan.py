@@ -222,31 +222,32 @@ class MaskPlan:
 
 
 def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: int,
-                     dense_threshold: float | list[float], ratio: float) -> list[Bucket]:
+                     dense_threshold: float | list[float], ratio: float,
+                     bank: list[torch.Tensor] | None = None) -> list[Bucket]:
     """The capacity buckets of a program: few, geometric, and sized per level from real masks.
 
     Level 0's capacities grow by ``ratio`` (1, 2, ... tiles, then geometric) up to its dense
     threshold. A lower level's capacity in a bucket is the most active tiles that any mask of
     a bank of masks (squares, rectangles, discs and scattered blobs of 0.1-60% of the latent,
-    at seeded places, ``mask_bank``) with at most the bucket's level-0 tiles has at that
-    level: a mask that needs more moves to the next bucket, so this costs only padding, never
-    correctness. A level is dense in a bucket (and so are the levels below it) where its
+    at seeded places, ``mask_bank``; or the masks given as ``bank``) with at most the bucket's
+    level-0 tiles has at that level: a mask that needs more moves to the next bucket, so this
+    costs only padding, never correctness. A level is dense in a bucket (and so are the levels below it) where its
     capacity covers more than its dense threshold; the padding a bucket adds is at most about
     ``ratio`` on level 0 (``benchmarks`` report it measured).
     """
     thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
                   else [dense_threshold] * len(levels))
     grids = [math.ceil(h / t) * math.ceil(w / t) for (h, w), t in zip(levels, tiles)]
-    bank = [[int(_tile_mask(active, tile).sum()) for active, tile
-             in zip(effective_masks(mask, levels, tiles, dilation), tiles)]
-            for mask in mask_bank(levels[0])]
+    bank_counts = [[int(_tile_mask(active, tile).sum()) for active, tile
+                    in zip(effective_masks(mask, levels, tiles, dilation), tiles)]
+                   for mask in (mask_bank(levels[0]) if bank is None else bank)]
     buckets, capacity = [], 1
     while True:
         capacities, dense = [], False
         for level, ((height, width), tile, grid, threshold) in enumerate(
                 zip(levels, tiles, grids, thresholds)):
             need = capacity if level == 0 else max(
-                [counts[level] for counts in bank if counts[0] <= capacity] + [1])
+                [counts[level] for counts in bank_counts if counts[0] <= capacity] + [1])
             need = min(need, grid)
             dense = dense or min(need * tile * tile, height * width) > threshold * height * width
             capacities.append(None if dense else need)

@@ -17,12 +17,13 @@ in one process:
    convs as matmuls, ``torch.compile`` with CUDA graphs: the best of ``reduce-overhead`` and
    ``max-autotune``), and dense eager beside it.
 
-Every edit runs ``--probe-steps`` dense probe steps, then the remaining steps sparse under the
-user mask (a random-weight model's automatic mask is empty); latents out on both sides (no
-VAE decode). Each edit is timed from an idle GPU to its synchronised end, with its phases from
+Every edit passes a user mask (a random-weight model's automatic mask is empty) and runs as
+``EditSession.edit`` does by default with one: every step sparse, from the first (the default
+mask estimator needs no dense steps). ``--probe-steps N`` runs the first N steps dense instead,
+as FISEdit's probe does (10 of 50). Latents out on both sides (no VAE decode). Each edit is timed from an idle GPU to its synchronised end, with its phases from
 ``report["timings_s"]``. Prints a table and writes JSON.
 
-    python benchmarks/edit_e2e.py --model sd15 --steps 50 --probe-steps 10 --area 0.05
+    python benchmarks/edit_e2e.py --model sd15 --steps 50 --area 0.05 [--probe-steps 10]
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd15", choices=sorted(bench.RESOLUTION))
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--probe-steps", type=int, default=10)
+    parser.add_argument("--probe-steps", type=int, default=None,
+                        help="dense steps before the sparse ones (default: the session's, "
+                             "none with a user mask)")
     parser.add_argument("--area", type=float, default=0.05)
     parser.add_argument("--edits", type=int, default=6, help="new-mask edits per group")
     parser.add_argument("--reps", type=int, default=3)
@@ -169,7 +172,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     summary = result["summary"]
-    print(f"\n{args.model} {size} px, {args.steps} steps, {args.probe_steps} probe steps; "
+    probes = "default (none)" if args.probe_steps is None else args.probe_steps
+    print(f"\n{args.model} {size} px, {args.steps} steps, probe steps {probes}; "
           f"generate {generate_s:.2f} s, prepare {prepare['prepare_s']:.2f} s "
           f"({prepare['graphs_captured']} graphs)")
     print("dense regeneration: " + ", ".join(f"{m} {s:.3f} s" for m, s in dense.items()))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open issues, one stage per device call (each fits 10 minutes):
 #   bash benchmarks/gpu_run.sh tests      GPU tests of the kernels, the engine and the cache
-#   bash benchmarks/gpu_run.sh sd15       bench sd15: calibrated thresholds, a 5% profile
+#   bash benchmarks/gpu_run.sh sd15       bench sd15: default thresholds, a 5% profile
 #   bash benchmarks/gpu_run.sh sdxl       bench sdxl at 1024 px (and sd21 at 768 px)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end edits with new masks, as users call them,
 #                                         vs dense regeneration (sd15; reduce-overhead only:

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fisedit_compiler as fc
 from fisedit_compiler import FiseditError
 from fisedit_compiler.execution.plan import Bucket, MaskPlan, capacity_buckets
 
@@ -187,3 +188,16 @@ def test_refill_gives_a_template_another_plans_tables_in_place():
     other_bucket = MaskPlan(second, LEVELS, [4, 4, 2], 0, 1.0, buckets=[Bucket(0, (7, 7, 7))])
     with pytest.raises(FiseditError, match="same capacity bucket"):
         template.refill(other_bucket)
+
+
+def test_a_threshold_list_of_the_wrong_length_is_refused():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[:8, :8] = True
+    with pytest.raises(FiseditError, match="4 levels need 4 dense thresholds, got 2"):
+        MaskPlan(mask, SD_LEVELS, SD_TILES, 1, (0.5, 0.75))
+    with pytest.raises(FiseditError, match="thresholds_for"):
+        capacity_buckets(SD_LEVELS, SD_TILES, 1, [0.5, 0.75], 1.25)
+    config = fc.SparseConfig()
+    assert config.thresholds_for(SD_LEVELS) == [0.5, 0.75, 0.75, 0.75], "the default"
+    plan = MaskPlan(mask, SD_LEVELS, SD_TILES, 1, config.thresholds_for(SD_LEVELS))
+    assert plan.dense_threshold == [0.5, 0.75, 0.75, 0.75]

@@ -141,8 +141,7 @@ class MaskPlan:
         self.raw = mask.to(device)
         self.raw_fraction = float(host.mean())
         self.dilation = dilation
-        thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
-                      else [dense_threshold] * len(levels))
+        thresholds = level_thresholds(dense_threshold, len(levels))
         self.dense_threshold = thresholds
         # Runtime state that belongs to this plan and goes with it (docs/design.md, "State and
         # lifetimes"): an exact (unbucketed) plan's captured CUDA graphs, by program
@@ -221,6 +220,19 @@ class MaskPlan:
         return f"MaskPlan(raw {self.raw_fraction:.1%}; {parts}{bucket})"
 
 
+def level_thresholds(dense_threshold: float | list[float], levels: int) -> list[float]:
+    """One dense threshold per level: a number for all of them, or one per level (a config's
+    shorter tuple is expanded by ``SparseConfig.thresholds_for`` before it gets here)."""
+    if not isinstance(dense_threshold, (list, tuple)):
+        return [dense_threshold] * levels
+    if len(dense_threshold) != levels:
+        raise FiseditError(
+            f"{levels} levels need {levels} dense thresholds, got {len(dense_threshold)} "
+            f"({list(dense_threshold)}); pass one number, or expand a shorter tuple with "
+            "SparseConfig.thresholds_for(levels)")
+    return list(dense_threshold)
+
+
 def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: int,
                      dense_threshold: float | list[float], ratio: float,
                      bank: list[torch.Tensor] | None = None) -> list[Bucket]:
@@ -235,8 +247,7 @@ def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: 
     capacity covers more than its dense threshold; the padding a bucket adds is at most about
     ``ratio`` on level 0 (``benchmarks`` report it measured).
     """
-    thresholds = (list(dense_threshold) if isinstance(dense_threshold, (list, tuple))
-                  else [dense_threshold] * len(levels))
+    thresholds = level_thresholds(dense_threshold, len(levels))
     grids = [math.ceil(h / t) * math.ceil(w / t) for (h, w), t in zip(levels, tiles)]
     bank_counts = [[int(_tile_mask(active, tile).sum()) for active, tile
                     in zip(effective_masks(mask, levels, tiles, dilation), tiles)]

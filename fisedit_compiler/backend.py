@@ -298,6 +298,10 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
             return (f"the graph takes {foreign}, which are not arguments of "
                     f"{type(module).__name__}.forward: it is a piece of a U-Net call split by "
                     "a graph break (torch.compile(..., fullgraph=True) shows where)")
+        if "timestep" in params and "timestep" not in graph.input_names:
+            return ("the graph has no 'timestep' input: torch.compile made a Python-number "
+                    "timestep a constant of the graph (one graph per value); pass the "
+                    "timestep as a tensor, torch.tensor(t), as diffusers pipelines do")
     if "sample" not in graph.input_names:
         return f"the graph has no 'sample' input (its inputs are {graph.input_names})"
     sample = example_inputs[graph.input_positions[graph.input_names.index("sample")]]

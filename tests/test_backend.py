@@ -334,6 +334,19 @@ def test_graph_break_falls_back_to_dense():
             pass
 
 
+@torch.no_grad()
+def test_an_int_timestep_baked_in_by_dynamo_is_named_with_its_fix():
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs = zoo.example_inputs(unet)
+    with pytest.warns(UnsupportedGraphWarning, match=r"no 'timestep' input.*torch.tensor\(t\)"):
+        assert torch.equal(call(compiled, inputs, 500), call(unet, inputs, 500))
+    with pytest.warns(UnsupportedGraphWarning, match="holds no U-Net call"):
+        with fc.recording(compiled) as rec:
+            call(compiled, inputs, 500)
+    assert any("timestep" in reason for reason in rec.fallbacks)
+
+
 class TwoOutputs(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -362,6 +362,28 @@ def test_step_indices_of_any_integer_type_are_taken(sd15_tiny):
         engine.edit(cache, 0.0, plan=plan, **inputs)
 
 
+@pytest.mark.parametrize("frontend", ["export", "dynamo"])
+@pytest.mark.parametrize("timestep", [500, 500.0])
+def test_a_python_number_timestep_is_a_graph_input(timestep, frontend):
+    # diffusers takes a number; the graph must take it as an input, not bake it in.
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet, fc.SparseConfig(frontend=frontend))
+    inputs = dict(zoo.example_inputs(unet), timestep=timestep)
+    cache = engine.new_cache(2)
+    later = dict(inputs, timestep=type(timestep)(20))
+    with torch.no_grad():
+        assert relative_error(engine.record(cache, 0, **inputs), unet(**inputs)[0]) < 1e-5
+        recorded = engine.record(cache, 1, **later)
+        assert relative_error(recorded, unet(**later)[0]) < 1e-5
+    mask = box((16, 16), 4, 4, 8, 8)
+    plan = engine.plan(mask)
+    changed = edited(later, mask)
+    output = engine.edit(cache, 1, plan=plan, **changed)
+    assert relative_error(output, fc.oracle.masked_dense(engine, plan, later, changed)) < 1e-5
+    outside = ~plan[0].active
+    assert torch.equal(output[..., outside], recorded[..., outside])
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"foo": 1}, "unknown U-Net input"),
     ({"cross_attention_kwargs": {"scale": 0.5}}, "cross_attention_kwargs"),

@@ -62,7 +62,7 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
     (``down_block_additional_residuals_0``, ``added_cond_kwargs_image_embeds_1``).
     """
     flat = {}
-    for name, value in inputs.items():
+    for name, value in tensor_timestep(inputs).items():
         if isinstance(value, dict):
             flat.update(flatten_inputs({f"{name}_{key}": inner for key, inner in value.items()}))
         elif isinstance(value, (list, tuple)):
@@ -70,9 +70,17 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
                                         for index, inner in enumerate(value)}))
         elif isinstance(value, torch.Tensor):
             flat[name] = value
-        elif isinstance(value, (int, float)) and name == "timestep":
-            flat[name] = torch.tensor(value)
     return flat
+
+
+def tensor_timestep(inputs: dict) -> dict:
+    """``inputs`` with a Python-number timestep as a 0-d tensor (the U-Net moves it to its
+    device, as it does a number). Why: export would bake a number into the graph as a
+    constant, and the graph must take each step's timestep as an input."""
+    value = inputs.get("timestep")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return dict(inputs, timestep=torch.tensor(value))
+    return inputs
 
 
 def latent_size(model) -> tuple[int, int]:
@@ -132,7 +140,7 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
     check_unet(unet)
     if frontend not in FRONTENDS:
         raise FiseditError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
-    inputs = dict(inputs, return_dict=False)
+    inputs = dict(tensor_timestep(inputs), return_dict=False)
     if frontend == "export":
         with torch.no_grad():
             program = torch.export.export(unet, (), inputs, strict=False)

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from . import zoo
+from .checks import check_choice, check_int
 from .compiler import oracle
 from .config import CONV_METHODS, SparseConfig
+from .edit_flow.commands import check_output_folder
 from .engine.timing import cuda_time_ms, host_time_ms
 from .errors import FiseditError
 from .execution.plan import blob_mask, scattered_mask
@@ -42,6 +44,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # A compile mode prefixed with this runs on the U-Net as a diffusers user tuning for speed
 # would (``tuned_unet``), e.g. "tuned:reduce-overhead".
 TUNED = "tuned:"
+KNOWN_COMPILE_MODES = COMPILE_MODES + tuple(TUNED + mode for mode in COMPILE_MODES)
 # The baseline's default modes: CUDA graphs, plain and tuned ("default" mode never wins, and
 # max-autotune compiles SD1.5 for more than 5 minutes on an H200).
 DEFAULT_COMPILE_MODES = ("reduce-overhead", TUNED + "reduce-overhead")
@@ -508,21 +511,58 @@ def add_bench_command(subparsers) -> None:
     parser.set_defaults(run=run_bench_command)
 
 
+def _command_settings(args) -> dict:
+    """``run``'s keyword arguments from the options, each checked before any model work (or
+    the CUDA check): a typo in a layout or a mode is refused, not run as something else."""
+    areas = _parse_areas(args.areas)
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        check_choice("--layouts", layout, LAYOUTS)
+    compile_modes = [mode for mode in args.compile_modes.split(",") if mode]  # "": eager only
+    for mode in compile_modes:
+        check_choice("--compile-modes", mode, KNOWN_COMPILE_MODES)
+    check_int("--reps", args.reps, minimum=1)
+    profile = args.profile_area
+    if profile is not None and ("blob" not in layouts
+                                or not any(abs(area - profile) < 1e-9 for area in areas)):
+        raise FiseditError(f"--profile-area {profile} profiles the blob edit of that area, "
+                           f"and this run has none (--areas {args.areas}, --layouts "
+                           f"{args.layouts}); add it to --areas and blob to --layouts, or leave "
+                           "--profile-area out")
+    return dict(areas=areas, layouts=layouts, compile_modes=compile_modes,
+                reference=not args.no_reference, reps=args.reps,
+                calibrate=not args.no_calibrate, profile_area=profile,
+                prepare=not args.no_prepare,
+                config=SparseConfig(group_projections=not args.no_group_projections,
+                                    conv_method=args.conv_method))
+
+
+def _parse_areas(text: str) -> list[float]:
+    """``--areas``: comma-separated fractions of the latent, each in (0, 1]."""
+    areas = []
+    for item in text.split(","):
+        try:
+            area = float(item)
+        except ValueError:
+            raise FiseditError(f"--areas takes comma-separated fractions of the latent such as "
+                               f"0.01,0.1,1.0; {item!r} is not a number") from None
+        if not 0 < area <= 1:      # NaN fails this too
+            raise FiseditError(f"--areas {item} is out of range: an edit area is a fraction of "
+                               "the latent in (0, 1], e.g. 0.05 for 5%")
+        areas.append(area)
+    return areas
+
+
 def run_bench_command(args) -> int:
+    settings = _command_settings(args)
+    check_output_folder("--out", args.out)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = []
     for model in args.model or ["sd15"]:
-        result = run(model, areas=[float(a) for a in args.areas.split(",")],
-                     layouts=args.layouts.split(","),
-                     compile_modes=[m for m in args.compile_modes.split(",") if m],
-                     reference=not args.no_reference, reps=args.reps,
-                     calibrate=not args.no_calibrate, profile_area=args.profile_area,
-                     prepare=not args.no_prepare,
-                     config=SparseConfig(group_projections=not args.no_group_projections,
-                                         conv_method=args.conv_method),
-                     log=lambda text: print(text, flush=True))
+        result = run(model, **settings, log=lambda text: print(text, flush=True))
         results.append(result)
+        # Made once there is a result to write: a run failing before leaves no folder.
+        out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     markdown = "\n\n".join(table(result) for result in results)
     (out / "results.md").write_text(markdown + "\n")

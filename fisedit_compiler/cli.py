@@ -10,6 +10,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def add_dump(subparsers) -> None:
 
 
 def run_dump(args) -> int:
+    if args.out is not None:
+        _check_out_file(args.out)     # before the capture, which takes seconds to minutes
     text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,
                         frontend=args.frontend, batch=args.batch, mask=args.mask,
                         mask_box=args.mask_box)
@@ -63,6 +66,23 @@ def run_dump(args) -> int:
         raise FiseditError(f"cannot write {args.out}: {error.strerror}") from None
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_out_file(path: str) -> None:
+    """``dump --out FILE`` can be written: not a folder, in an existing, writable folder."""
+    file = Path(path)
+    if file.is_dir():
+        raise FiseditError(f"--out {path} is a folder; pass a file path such as "
+                           f"{file / 'graph.txt'}")
+    parent = file.absolute().parent
+    if not parent.is_dir():
+        raise FiseditError(f"--out {path}: {parent} is not an existing folder (dump creates no "
+                           "folders); create it first or pass a file in an existing folder")
+    writable = os.access(file, os.W_OK) if file.exists() else os.access(parent,
+                                                                         os.W_OK | os.X_OK)
+    if not writable:
+        raise FiseditError(f"--out {path} cannot be written (no write permission); pass a "
+                           "file in a folder you can write to")
 
 
 SUBCOMMANDS = (add_dump, add_edit_command, add_demo_command, add_bench_command,

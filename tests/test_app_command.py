@@ -53,3 +53,16 @@ def test_the_command_serves_the_page_on_localhost():
 def _output(server) -> str:
     server.terminate()
     return server.communicate(timeout=30)[0]
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_a_bad_port_is_refused_before_loading(port, capsys, monkeypatch):
+    from fisedit_compiler import zoo
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before --port was checked")
+
+    monkeypatch.setattr(zoo, "pipeline", loaded)
+    assert cli.main(["app", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port} is out of range: it must satisfy 1 <= --port <= 65535" in err

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fisedit_compiler import bench, zoo
+from fisedit_compiler import bench, cli, zoo
 
 
 @pytest.mark.parametrize("name, category", [
@@ -56,3 +56,58 @@ def test_the_table_shows_the_ratio_to_the_dense_step_timed_beside_each_row():
     assert len(header) == len(without) == len(beside)
     assert without[column] == "-" and beside[column] == "1.02x (7.50 ms)"
     assert "dense beside 7.50 (1.02x)" in bench._format_row(result["rows"][1])
+
+
+# Bad options are refused with exit code 2 before any model work or the CUDA check, and a
+# failed run leaves no output folder.
+
+@pytest.fixture
+def no_benchmark(monkeypatch):
+    def ran(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its options were checked")
+
+    monkeypatch.setattr(bench, "_setup", ran)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--areas", "0.1,abc"], "--areas takes comma-separated fractions of the latent such as "
+                             "0.01,0.1,1.0; 'abc' is not a number"),
+    (["--areas", "0.1,,0.2"], "'' is not a number"),
+    (["--areas", "0"], "--areas 0 is out of range: an edit area is a fraction of the latent "
+                       "in (0, 1]"),
+    (["--areas", "1.5"], "--areas 1.5 is out of range"),
+    (["--areas", "nan"], "--areas nan is out of range"),
+    (["--layouts", "blob,scatered"], "--layouts must be one of 'blob', 'scattered', got "
+                                     "'scatered'"),
+    (["--compile-modes", "reduce-overhead,max-autotune"], "--compile-modes must be one of "
+                                                          "'default'"),
+    (["--compile-modes", "tuned:fast"], "got 'tuned:fast'"),
+    (["--reps", "0"], "--reps 0 is out of range"),
+    (["--areas", "0.1,0.2", "--profile-area", "0.05"], "--profile-area 0.05 profiles the blob "
+                                                       "edit of that area, and this run has none"),
+    (["--layouts", "scattered", "--profile-area", "0.1"], "add it to --areas and blob to "
+                                                          "--layouts"),
+])
+def test_bad_options_are_refused_before_any_work(extra, message, tmp_path, capsys,
+                                                 no_benchmark):
+    out = tmp_path / "bench-out"
+    assert cli.main(["bench", "--model", "sd15-tiny", "--out", str(out)] + extra) == 2
+    err = capsys.readouterr().err
+    assert "fisedit-compiler bench: error: --" in err and message in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys, no_benchmark):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["bench", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bench.torch.cuda.is_available(), reason="checks the run without CUDA")
+def test_a_run_failing_without_cuda_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "bench-out"
+    assert cli.main(["bench", "--model", "sd15-tiny", "--areas", "0.1", "--layouts", "blob",
+                     "--compile-modes", "", "--out", str(out)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()

@@ -68,6 +68,21 @@ def test_non_unet_rejected():
         capture.capture(torch.nn.Conv2d(4, 4, 3), {"input": torch.randn(1, 4, 8, 8)})
 
 
+def test_a_torch_compiled_unet_is_refused_with_its_fix():
+    """``pipe.unet = torch.compile(pipe.unet, backend="fisedit")`` as in the README: the
+    message names the wrapper and how to pass the U-Net itself, not "pass pipe.unet"."""
+    import fisedit_compiler as fc
+
+    compiled = torch.compile(zoo.unet("sd15-tiny"), backend="fisedit")
+    for call in (capture.check_unet, fc.compile):
+        with pytest.raises(FiseditError, match=r"UNet2DConditionModel wrapped by torch.compile.*"
+                                               r"pipe\.unet = pipe\.unet\._orig_mod"):
+            call(compiled)
+    capture.check_unet(compiled._orig_mod)
+    with pytest.raises(FiseditError, match="not a diffusers U-Net.*pipe.unet"):
+        capture.check_unet(torch.compile(torch.nn.Linear(2, 2), backend="fisedit"))
+
+
 def test_unknown_frontend_and_stage(traced):
     t = traced("sd15-tiny")
     with pytest.raises(FiseditError, match="unknown frontend 'fx'.*export.*dynamo"):

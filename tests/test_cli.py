@@ -139,6 +139,22 @@ def _red_square_png(path, size=128):
     (["--seed", "-3"], "--seed -3 is out of range"),
     (["--size", "0"], "--size 0 is out of range"),
     (["--device", "nonsense"], "--device 'nonsense' cannot be used"),
+    # Bad input refused before loading, not after (a raw traceback, or the whole generation).
+    (["--seed", "18446744073709551616"],
+     "--seed 18446744073709551616 is out of range: it must satisfy 0 <= --seed <= "
+     "18446744073709551615"),
+    (["--device", "meta"], "--device 'meta' holds tensor shapes but no data"),
+    (["--mask-box", "0,0,0.5,0.5", "--mask-mode", "intersect", "--mask-estimator", "probe",
+      "--probe-steps", "0"], "--mask-estimator probe measures its mask on the dense probe steps"),
+    (["--mask-estimator", "probe", "--steps", "1"], "this edit has none (probe steps 0 of "
+                                                    "--steps 1); give --probe-steps 1 or more"),
+    (["--mask-mode", "intersect"], "--mask-mode intersect says how a user mask combines"),
+    (["--mask-box", "0,0,0.5,0.5", "--mask-estimator", "probe"],
+     "--mask-estimator probe has nothing to do: the user mask (--mask-box 0,0,0.5,0.5) with "
+     "--mask-mode replace"),
+    (["--mask-mode", "replace"], "no user mask is given; add --mask PNG or --mask-box"),
+    (["--size", "102"], "--size 102 is not a multiple of"),
+    (["--out", "{red}"], "is a file, not a folder"),
 ])
 @pytest.mark.parametrize("command", ["edit", "demo"])
 def test_edit_and_demo_check_arguments_before_loading(command, extra, message, tmp_path,
@@ -148,11 +164,84 @@ def test_edit_and_demo_check_arguments_before_loading(command, extra, message, t
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "empty.png")
     red = str(_red_square_png(tmp_path / "red.png"))
     extra = [arg.format(empty=tmp_path / "empty.png", red=red) for arg in extra]
+    _save_vae_config(tmp_path, levels=4)      # what --size is checked against for edit
     base = (["edit", "--pipeline", str(tmp_path), "--prompt", "a", "--edit", "b"]
             if command == "edit" else ["demo"])
     assert main(base + ["--out", str(tmp_path / "out")] + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def _save_vae_config(folder, levels: int) -> None:
+    """A saved pipeline's vae/config.json as far as --size needs it: its VAE factor is
+    2 ** (levels - 1)."""
+    (folder / "vae").mkdir(exist_ok=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(
+        {"_class_name": "AutoencoderKL", "block_out_channels": [16] * levels}))
+
+
+@pytest.mark.parametrize("argv, size, factor", [
+    (["demo", "--model", "sd15-tiny"], 100, 8),    # zoo pipelines: 8x VAE, as in SD
+    (["demo"], 66, 4),                             # the shapes model's VAE downsamples 4x
+    (["edit", "--pipeline", "{folder}", "--prompt", "a", "--edit", "b"], 100, 8),
+])
+def test_size_must_be_a_multiple_of_the_vae_factor_before_loading(argv, size, factor, tmp_path,
+                                                                  capsys, no_loading):
+    _save_vae_config(tmp_path, levels={8: 4, 4: 3}[factor])
+    argv = [arg.format(folder=tmp_path) for arg in argv]
+    assert main(argv + ["--size", str(size), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lower = size - size % factor
+    assert (f"--size {size} is not a multiple of {factor}, the pipeline's VAE factor" in err
+            and f"e.g. --size {lower} or --size {lower + factor}" in err)
+
+
+def test_mask_mode_with_the_random_weight_demo_box_is_accepted(tmp_path, monkeypatch):
+    """The random-weight demo edits its default box, a user mask: --mask-mode applies."""
+    class Loaded(Exception):
+        pass
+
+    def loaded(name):
+        raise Loaded    # the arguments passed their checks
+
+    monkeypatch.setattr(zoo, "pipeline", loaded)
+    with pytest.raises(Loaded):
+        main(["demo", "--model", "sd15-tiny", "--mask-mode", "intersect", "--out",
+              str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--model", "nosuch"], "unknown pipeline name 'nosuch'"),
+    (["edit", "--pipeline", "{missing}", "--prompt", "a", "--edit", "b"], "is not a folder"),
+])
+def test_a_command_failing_on_its_pipeline_creates_no_output_folder(argv, message, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "out" / "nested"
+    argv = [arg.format(missing=tmp_path / "missing") for arg in argv]
+    assert main(argv + ["--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}/missing/x.json", "is not an existing folder (dump creates no folders)"),
+    ("{tmp}", "is a folder; pass a file path such as"),
+])
+def test_dump_checks_its_out_file_before_the_capture(out, message, tmp_path, capsys,
+                                                     monkeypatch):
+    from fisedit_compiler import inspect
+
+    def captured(*args, **kwargs):
+        raise AssertionError("captured before --out was checked")
+
+    monkeypatch.setattr(inspect, "dump", captured)
+    out = out.format(tmp=tmp_path)
+    assert main(["dump", "--model", "sd15-tiny", "--out", out, "--format", "json"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {out}" in err and message in err
+    assert not (tmp_path / "missing").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")

@@ -627,6 +627,7 @@ def test_demo_command_random_weight_model_edits_its_default_box(tmp_path, capsys
      "composite_background"),
     (lambda s: EditSession(s.pipe, {"dilation": 2}), r"SparseConfig\(\*\*config\)"),
     (lambda s: EditSession(s.pipe, cache_budget_bytes="1GB"), "cache_budget_bytes must be"),
+    (lambda s: EditSession(s.pipe, engine="x"), "engine must be a SparseEngine.*got str"),
 ])
 def test_bad_session_arguments_are_refused_before_any_step(session, call, match):
     before = (session.cache, session.cache_nbytes(), session.original)
@@ -685,3 +686,137 @@ def test_sessions_share_an_engine_of_the_same_unet(session, pipe):
     other_unet = fc.SparseEngine(zoo.unet("sd15-tiny"))
     with pytest.raises(FiseditError, match="another U-Net"):
         EditSession(pipe, engine=other_unet)
+
+
+# Bad input to generate and edit: refused before the pipeline runs (no U-Net call), the session
+# unchanged; arguments that would be ignored are refused too.
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the pipeline ran before the bad input was refused")
+
+
+_NOISE = (1, 4, 16, 16)      # the tiny pipeline's latent noise at 128x128
+
+
+@pytest.mark.parametrize("call, match", [
+    # generate: the step count, custom schedules, the pipeline's output form.
+    (lambda s: s.generate("a red circle", num_inference_steps=1001),
+     r"num_inference_steps=1001 is more than the scheduler's num_train_timesteps=1000.*"
+     r"at most 1000 steps"),
+    (lambda s: s.generate("a red circle", return_dict=False), "sets return_dict itself"),
+    (lambda s: s.generate("a red circle", timesteps=[999, 500]),
+     r"scheduler's own schedule.*drop timesteps"),
+    # generate: where the noise comes from.
+    (lambda s: s.generate("a red circle", latents=np.zeros(_NOISE, np.float32)),
+     r"latents must be a torch.Tensor.*torch.from_numpy.*got ndarray"),
+    (lambda s: s.generate("a red circle", latents=[[0.0]]),
+     "latents must be a torch.Tensor of shape.*got list"),
+    (lambda s: s.generate("a red circle", latents=torch.zeros(_NOISE, device="meta")),
+     "meta device, which holds no values"),
+    (lambda s: s.generate("a red circle", latents=torch.zeros(_NOISE, dtype=torch.long)),
+     "latents must be a floating-point tensor"),
+    (lambda s: s.generate("a red circle", generator="cpu"),
+     r"generator must be one torch.Generator.*got str; for a seed, pass seed="),
+    (lambda s: s.generate("a red circle", generator=0), "generator must be one torch.Generator"),
+    (lambda s: s.generate("a red circle", seed=2**64),
+     "seed 18446744073709551616 is out of range"),
+    (lambda s: s.generate("a red circle", seed=7, generator=torch.Generator().manual_seed(1)),
+     "seed=7 and generator= both choose the initial noise"),
+    (lambda s: s.generate("a red circle", seed=None, latents=torch.zeros(_NOISE)),
+     "seed=None and latents= both"),
+    (lambda s: s.generate("a red circle", latents=torch.zeros(_NOISE),
+                          generator=torch.Generator()), "latents= and generator= both"),
+    # edit: pipeline keywords the session sets or a custom schedule.
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), return_dict=False),
+     "sets return_dict itself"),
+    (lambda s: s.edit("a blue circle", timesteps=[999, 800, 600, 400, 200, 100]),
+     "scheduler's own schedule.*drop timesteps"),
+    (lambda s: s.edit("a blue circle", sigmas=[1.0, 0.5]), "drop sigmas and pass"),
+    # edit: the recorded step count and size, checked as ints first.
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), num_inference_steps=str(STEPS)),
+     "num_inference_steps must be an int, got str"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), num_inference_steps=True),
+     "num_inference_steps must be an int, got the bool"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), num_inference_steps=float(STEPS)),
+     "num_inference_steps must be an int, got float"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), height=128.0),
+     "height must be an int"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), width="128"), "width must be an int"),
+    # edit: arguments that would be ignored.
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), mask_dilation=1),
+     r"mask_dilation=1 grows the estimated mask.*dilate\(mask, 3\)"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), mask_estimator="x0"),
+     "mask_estimator='x0' has nothing to do.*mask_mode='intersect'"),
+    (lambda s: s.edit("a blue circle", mask_mode="intersect"), "no mask was given; pass mask="),
+    (lambda s: s.edit("a blue circle", cross_attention_control=True),
+     r"runs none: probe_steps=0 \(the estimator's default\); pass probe_steps >= 1"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), probe_steps=0,
+                      cross_attention_control=True), "runs none: probe_steps=0;"),
+])
+def test_bad_input_is_refused_before_the_pipeline_runs(session, monkeypatch, call, match):
+    before = (session.cache, session.cache_nbytes(), session.original, session.seed)
+    monkeypatch.setattr(session, "_run", _must_not_run)
+    with pytest.raises(FiseditError, match=match):
+        call(session)
+    assert (session.cache, session.cache_nbytes(), session.original, session.seed) == before
+
+
+def test_valid_noise_arguments_after_refusals(session, pipe):
+    """The largest seed is taken (and kept); latents and a generator give the noise alone."""
+    fresh = EditSession(pipe, engine=session.engine)
+    args = dict(num_inference_steps=2, output_type="latent")
+    with pytest.raises(FiseditError, match="generator must be one torch.Generator"):
+        fresh.generate("a red circle", generator="cpu", **args)
+    assert fresh.original is None and fresh.seed is None
+    fresh.generate("a red circle", seed=2**64 - 1, **args)
+    assert fresh.seed == 2**64 - 1
+    noise = torch.randn(_NOISE, generator=torch.Generator().manual_seed(3))
+    fresh.generate("a red circle", latents=noise.clone(), **args)
+    assert fresh.seed is None and torch.equal(fresh.original.noise, noise)
+    fresh.generate("a red circle", generator=torch.Generator().manual_seed(3), **args)
+    assert fresh.seed is None and torch.equal(fresh.original.noise, noise)
+
+
+def test_edits_take_the_generations_negative_prompt(session, pipe):
+    fresh = EditSession(pipe, engine=session.engine)
+    fresh.generate("a red circle", num_inference_steps=2, output_type="latent",
+                   negative_prompt="blurry")
+    args = dict(mask=_corner_mask(), output_type="latent")
+    inherited = fresh.edit("a red circle", **args)
+    assert inherited._trajectory.negative_prompt == "blurry"
+    explicit = fresh.edit("a red circle", negative_prompt="blurry", **args)
+    assert torch.equal(inherited.latents, explicit.latents)
+    # "" edits without a negative prompt: the unconditional branch changes inside the mask.
+    empty = fresh.edit("a red circle", negative_prompt="", **args)
+    assert empty._trajectory.negative_prompt == ""
+    assert not torch.equal(empty.latents, inherited.latents)
+    assert _outside_equal(empty, fresh.original.latents[-1])
+
+
+def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypatch):
+    """An in-place weight change (as fuse_lora makes) after the generation: the edit is
+    refused with the engine's message before the estimator's or the probe's U-Net calls, and
+    accepting an earlier edit before anything is recorded again."""
+    pipe = zoo.pipeline(None, path=pipe_folder)     # its own: the weights change in place
+    pipe.set_progress_bar_config(disable=True)
+    s = EditSession(pipe)
+    s.generate("a red circle", num_inference_steps=2, output_type="latent")
+    before = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(1.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_run", _must_not_run)
+        for estimator in ("probe", tac.DEFAULT_ESTIMATOR):
+            with pytest.raises(FiseditError, match=r"weights changed in place.*"
+                                                   r"EditSession.generate"):
+                s.edit("a blue circle", mask_estimator=estimator, output_type="latent")
+    # Accepting an edit made with the old weights would record it with the new ones.
+    kept = (s.cache, s.original)
+    with monkeypatch.context() as patch:
+        patch.setattr(s.engine, "record", _must_not_run)
+        with pytest.raises(FiseditError, match="weights changed in place"):
+            s.accept(before)
+    assert (s.cache, s.original) == kept
+    s.generate("a red circle", num_inference_steps=2, output_type="latent")   # recorded again
+    result = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    assert _outside_equal(result, s.original.latents[-1])

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
+from fisedit_compiler.compiler.capture import flatten_inputs
 
 TINY = ["sd15-tiny", "sd21-tiny", "sdxl-tiny", "ddpm-tiny"]
 POLICIES = [("incremental", "full"), ("incremental", "sparse"), ("cached", "full"),
@@ -489,3 +490,149 @@ def test_a_unet_in_training_mode_with_dropout_warns():
     engine = fc.compile(unet)
     with pytest.warns(UserWarning, match="training mode with .* dropout"):
         engine.program(zoo.example_inputs(unet))
+
+
+@pytest.mark.parametrize("mask, bucketed, message", [
+    (None, None, "bool tensor or array of shape .*got NoneType"),
+    ("mask.png", None, "load_mask_png"),
+    ("image", None, r"got Image; convert an image with torch.from_numpy"),
+    (box((16, 16), 1, 1, 3, 3), "no", "bucketed must be True or False, got str 'no'"),
+    (box((16, 16), 1, 1, 3, 3), 1, "bucketed must be True or False, got int"),
+])
+def test_plan_refuses_what_is_no_mask_and_a_bucketed_that_is_no_flag(sd15_tiny, mask, bucketed,
+                                                                    message):
+    from PIL import Image
+
+    engine = sd15_tiny[0]
+    if isinstance(mask, str) and mask == "image":
+        mask = Image.fromarray(box((16, 16), 1, 1, 3, 3).numpy())
+    programs = dict(engine._programs)
+    with pytest.raises(fc.FiseditError, match=message):
+        engine.plan(mask, bucketed=bucketed)
+    assert engine._programs == programs
+
+
+def test_plan_before_any_record_refuses_an_image_resolution_mask():
+    """Nothing compiled yet: a mask at a whole multiple of the configured latent (128x128 for
+    sd15-tiny's 16x16) is the image's, refused before the U-Net is compiled at that size."""
+    engine = fc.compile(zoo.unet("sd15-tiny"))
+    for side in (128, 32):
+        with pytest.raises(fc.FiseditError, match=f"image-resolution mask.*downsample it to "
+                                                  f"16x16.*{side}x{side} latent, record it first"):
+            engine.plan(torch.zeros(side, side, dtype=torch.bool))
+    assert engine._programs == {} and engine._traces == {}
+
+
+def test_wrong_input_shapes_are_refused_before_capture(sd15_tiny):
+    engine, cache, inputs, output = sd15_tiny
+    before, traces = snapshot(cache), dict(engine._traces)
+    wide = dict(inputs, encoder_hidden_states=torch.randn(2, 77, 64))
+    with pytest.raises(fc.FiseditError, match=r"encoder_hidden_states has shape \(2, 77, 64\) "
+                                              r"but .* last dimension of 32 \(config.cross_"):
+        engine.record(cache, 1, **wide)
+    with pytest.raises(fc.FiseditError, match="last dimension of 32"):
+        engine.dense(**wide)
+    with pytest.raises(fc.FiseditError, match=r"sample has shape \(2, 3, 16, 16\) but this "
+                                              r"U-Net takes \[batch, 4, height, width\]"):
+        engine.record(cache, 1, **dict(inputs, sample=inputs["sample"][:, :3]))
+    with pytest.raises(fc.FiseditError, match=r"sample has shape \(4, 16, 16\)"):
+        engine.dense(**dict(inputs, sample=inputs["sample"][0]))
+    assert engine._traces == traces and same_cache(cache, before) and 1 not in cache.steps
+    assert torch.equal(engine.record(engine.new_cache(1), 0, **inputs), output)
+
+
+@pytest.mark.parametrize("changes, width, other", [
+    # encoder_hid_proj (DeepFloyd IF's text_proj) reads the states at encoder_hid_dim.
+    (dict(encoder_hid_dim=24), 24, 32),
+    # One cross_attention_dim per block, all the same: that one.
+    (dict(cross_attention_dim=(32, 32)), 32, 24),
+    # image_proj (Kandinsky 2.2) replaces the states with the image embeddings: any width.
+    (dict(encoder_hid_dim=24, encoder_hid_dim_type="image_proj",
+          addition_embed_type="image"), None, None),
+])
+def test_the_text_width_is_the_one_the_config_reads(changes, width, other):
+    unet = zoo.from_config(dict(zoo.CONFIGS["sd15-tiny"][1], **changes))
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(zoo.unet("sd15-tiny"), seed=0, text_length=7)
+    if "image_proj" in changes.values():
+        inputs["added_cond_kwargs"] = {"image_embeds": torch.randn(2, 24)}
+        for any_width in (5, 32):
+            states = torch.randn(2, 7, any_width)
+            with torch.no_grad():
+                expected = unet(**dict(inputs, encoder_hidden_states=states))[0]
+            assert torch.equal(engine.dense(**dict(inputs, encoder_hidden_states=states)),
+                               expected)
+        return
+    with pytest.raises(fc.FiseditError, match=f"last dimension of {width}"):
+        engine.dense(**dict(inputs, encoder_hidden_states=torch.randn(2, 7, other)))
+    right = dict(inputs, encoder_hidden_states=torch.randn(2, 7, width))
+    with torch.no_grad():
+        assert torch.equal(engine.dense(**right), unet(**right)[0])
+
+
+def test_added_cond_kwargs_keys_the_unet_does_not_read_are_refused():
+    unet = zoo.unet("sdxl-tiny")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet)
+    conditions = inputs["added_cond_kwargs"]
+    cache = engine.new_cache(1)
+    typo = dict(inputs, added_cond_kwargs=dict(conditions, time_id=conditions["time_ids"]))
+    with pytest.raises(fc.FiseditError, match=r"key\(s\) 'time_id' that this U-Net does not "
+                                              r"read \(with addition_embed_type='text_time' "
+                                              r"it reads text_embeds, time_ids\)"):
+        engine.record(cache, 0, **typo)
+    # Flattened, as the backend passes them.
+    flat = dict(flatten_inputs(inputs), added_cond_kwargs_time_id=conditions["time_ids"])
+    with pytest.raises(fc.FiseditError, match="'time_id'"):
+        engine.record(cache, 0, **flat)
+    assert not cache.steps and engine._programs == {}
+    sd15 = fc.compile(zoo.unet("sd15-tiny"))
+    with pytest.raises(fc.FiseditError, match="with addition_embed_type=None it reads none"):
+        sd15.dense(**dict(zoo.example_inputs(sd15.unet), added_cond_kwargs=conditions))
+    with pytest.raises(fc.FiseditError, match="added_cond_kwargs must be a dict"):
+        engine.dense(**dict(inputs, added_cond_kwargs=[conditions["time_ids"]]))
+
+
+def test_prepare_checks_its_inputs_against_the_cache(sd15_tiny):
+    engine, cache, inputs, _ = sd15_tiny
+    before, programs = snapshot(cache), dict(engine._programs)
+    batch1 = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with pytest.raises(fc.FiseditError, match=r"do not match the recorded generation: recorded "
+                                              r"\(sample \[2, 4, 16, 16\].*got \(sample \[1,"):
+        engine.prepare(cache, 0, **batch1)
+    with pytest.raises(fc.FiseditError, match=r"step 1 has not been recorded \(recorded steps: "
+                                              r"\[0\]\)"):
+        engine.prepare(cache, 1, **inputs)
+    assert engine._programs == programs and same_cache(cache, before)
+    assert engine.prepare(cache, 0, **inputs)["graphs_captured"] == 0      # cpu: nothing
+    assert same_cache(cache, before)
+
+
+def test_the_oracle_checks_its_arguments_before_computing(sd15_tiny, monkeypatch):
+    engine, _, inputs, _ = sd15_tiny
+    mask = box((16, 16), 1, 1, 3, 3)
+    plan = engine.plan(mask)
+    new = edited(inputs, mask)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, new)
+
+    def computing(*args):
+        raise AssertionError("the oracle computed before refusing its arguments")
+
+    monkeypatch.setattr(fc.oracle._Recorder, "run_all", computing)
+    cases = [
+        ((mask, inputs, new), "needs plan=engine.plan\\(mask\\), a MaskPlan, got Tensor"),
+        ((plan, inputs, {k: v for k, v in new.items() if k != "timestep"}),
+         "missing U-Net input.*timestep"),
+        ((plan, inputs, {k: v[:1] if isinstance(v, torch.Tensor) else v
+                         for k, v in new.items()}),
+         r"edited inputs \(sample \[1, 4, 16, 16\].*do not match the original inputs "
+         r"\(sample \[2, 4, 16, 16\]"),
+        ((engine.with_config(fc.SparseConfig(tile=2)).plan(mask), inputs, new),
+         r"with tiles \[2, 2\].*with tiles \[4, 2\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(fc.FiseditError, match=message):
+            fc.oracle.masked_dense(engine, *args)
+    monkeypatch.undo()
+    reordered = {name: new[name] for name in reversed(list(new))}    # inputs go by name
+    assert torch.equal(fc.oracle.masked_dense(engine, plan, inputs, reordered), expected)

@@ -1,7 +1,9 @@
 """Mask plans: level masks, tiling, coverage, dense fallback, index tables."""
 
 import math
+import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,8 @@ from hypothesis import strategies as st
 
 import fisedit_compiler as fc
 from fisedit_compiler import FiseditError
-from fisedit_compiler.execution.plan import Bucket, MaskPlan, capacity_buckets
+from fisedit_compiler.execution.plan import (Bucket, MaskPlan, capacity_buckets,
+                                              effective_masks, validate_mask)
 
 LEVELS = [(16, 16), (8, 8), (4, 4)]
 
@@ -91,6 +94,42 @@ def test_dilation_grows_the_mask():
 def test_bad_masks(mask, message):
     with pytest.raises(FiseditError, match=message):
         plan_for(mask)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (None, r"bool tensor or array of shape \[H, W\].*got NoneType"),
+    ("mask.png", "load_mask_png"),
+    (torch.zeros(16, 16), "dtype bool"),
+    (torch.zeros(1, 16, 16, dtype=torch.bool), "2-D"),
+])
+def test_a_mask_checked_without_a_size_is_checked_for_all_else(mask, message):
+    # SparseEngine.plan checks a mask so before compiling for its size.
+    with pytest.raises(FiseditError, match=message):
+        validate_mask(mask, None)
+    assert validate_mask([[True, False]], None).shape == (1, 2)
+
+
+def test_a_huge_dilation_plans_quickly_and_as_the_mask_size():
+    """A dilation past the latent's side covers what the side does: planning stops there
+    instead of looping once per pixel of radius (10**9 would never finish)."""
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2, 3] = True
+    started = time.perf_counter()
+    huge = plan_for(mask, tiles=(1, 1, 1), dilation=10 ** 9, threshold=1.0)
+    buckets = capacity_buckets(LEVELS, [1, 1, 1], 10 ** 9, 1.0, 1.25)
+    assert time.perf_counter() - started < 10
+    side = plan_for(mask, tiles=(1, 1, 1), dilation=16, threshold=1.0)
+    for level, expected in zip(huge.levels, side.levels):
+        assert all(torch.equal(level.host[key], expected.host[key]) for key in expected.host)
+    assert huge[0].count == 16 * 16
+    assert buckets == capacity_buckets(LEVELS, [1, 1, 1], 16, 1.0, 1.25)
+    # Each axis stops at its own side: a wide mask dilates as it would without the bound.
+    wide = np.zeros((3, 40), dtype=bool)
+    wide[1, 5] = True
+    for radius in (2, 10, 39, 40, 10 ** 9):
+        expected = np.zeros_like(wide)
+        expected[max(0, 1 - radius):1 + radius + 1, max(0, 5 - radius):5 + radius + 1] = True
+        assert np.array_equal(effective_masks(wide, [(3, 40)], [1], radius)[0], expected)
 
 
 # --- capacity buckets ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..checks import check_int
 from ..edit_flow.commands import (DEMO_MODEL, RANDOM_DEFAULTS, RANDOM_EDIT, RANDOM_PROMPT,
                                   SHAPES_DEFAULTS, torch_device)
 from ..errors import FiseditError
@@ -40,6 +41,11 @@ def add_app_command(subparsers) -> None:
 
 
 def run_app(args) -> int:
+    # The numbers first: importing gradio and loading the model take seconds. Port 0 (any
+    # free port) is refused: the page's address, printed below, would then be unknown.
+    check_int("--port", args.port, minimum=1, maximum=65535)
+    if args.memory_budget_mib <= 0:
+        raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
     # Before gradio is imported: no analytics or version checks, which would wait on the
     # network offline.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -51,8 +57,6 @@ def run_app(args) -> int:
     from .page import build_page
     from .pool import SessionPool
 
-    if args.memory_budget_mib <= 0:
-        raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
     device = torch_device(args.device)
     if args.pipeline is not None:
         pipe, defaults = zoo.load_pipeline(args.pipeline), _page_defaults(args.pipeline, None)

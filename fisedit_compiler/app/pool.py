@@ -188,9 +188,15 @@ class SessionPool:
             width=generation.size, output_type="pil")[0]
 
     def _edit(self, tab: Tab, recipe: EditRecipe) -> EditResult:
+        # The page always sends its estimator and mode; the session refuses choices it would
+        # ignore, so pass only what applies: a painted mask in "replace" mode needs no
+        # estimator, and with nothing painted the automatic mask is the whole story.
+        painted = recipe.mask is not None
+        replaces = painted and recipe.mask_mode == "replace"
         return tab.session.edit(recipe.prompt, mask=recipe.mask, probe_steps=recipe.probe_steps,
-                                mask_estimator=recipe.mask_estimator,
-                                mask_mode=recipe.mask_mode, output_type="pil")
+                                mask_estimator=None if replaces else recipe.mask_estimator,
+                                mask_mode=recipe.mask_mode if painted else "replace",
+                                output_type="pil")
 
     def _require_recording(self, tab: Tab) -> None:
         if tab.evicted:

@@ -33,7 +33,19 @@ from ..graph_keys import INPUT_POSITIONS, INPUTS
 def check_unet(module) -> None:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    if not isinstance(module, (UNet2DConditionModel, UNet2DModel)):
+    unets = (UNet2DConditionModel, UNet2DModel)
+    # ``pipe.unet = torch.compile(pipe.unet, backend="fisedit")`` (the README's backend
+    # section) wraps the U-Net in an OptimizedModule, which keeps it as ``_orig_mod``: "pass
+    # pipe.unet" would not help a user who did pass it.
+    inner = getattr(module, "_orig_mod", None)
+    if not isinstance(module, unets) and isinstance(inner, unets):
+        raise FiseditError(
+            f"this {type(module).__name__} is a {type(inner).__name__} wrapped by "
+            "torch.compile; fisedit-compiler compiles the U-Net itself: pass the uncompiled "
+            "U-Net, unet._orig_mod (for a pipeline, set pipe.unet = pipe.unet._orig_mod "
+            "first); or, compiled with backend=\"fisedit\", keep it and record and edit "
+            "through fc.recording / fc.editing")
+    if not isinstance(module, unets):
         raise FiseditError(
             f"{type(module).__name__} is not a diffusers U-Net: fisedit-compiler compiles "
             "UNet2DConditionModel and UNet2DModel (for a pipeline, pass pipe.unet)")

@@ -18,17 +18,38 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from ..errors import FiseditError
 from ..execution.plan import MaskPlan
 from ..graph_keys import INPUTS
 from ..passes import registry
 from ..passes.analyze import META_BY_SHAPE
 from .capture import flatten_inputs
+from .pipeline import describe_signature
 
 
 @torch.no_grad()
 def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: dict):
-    """The oracle's edit output for ``edited_inputs`` against the generation ``original_inputs``."""
+    """The oracle's edit output for ``edited_inputs`` against the generation ``original_inputs``.
+
+    The arguments are checked as ``engine.edit`` checks its own, before either dense pass (each
+    costs a U-Net call or more): a plan of the engine's levels, valid U-Net inputs, and edited
+    inputs of the original's signature (names, shapes, dtypes), since the edited run replaces
+    values of the original run position by position.
+    """
+    if not isinstance(plan, MaskPlan):
+        raise FiseditError(f"masked_dense needs plan=engine.plan(mask), a MaskPlan, got "
+                           f"{type(plan).__name__}; make the plan of the mask with the engine")
+    engine._check_inputs(original_inputs)
+    engine._check_inputs(edited_inputs)
+    before, after = engine.signature(original_inputs), engine.signature(edited_inputs)
+    if ({entry[0]: entry for entry in after} !=        # in any order: inputs go by name
+            {entry[0]: entry for entry in before}):
+        raise FiseditError(
+            f"the edited inputs ({describe_signature(after)}) do not match the original "
+            f"inputs ({describe_signature(before)}); an edit keeps the original's inputs, "
+            "their shapes and dtypes, and changes only their values")
     program = engine.program(original_inputs)
+    engine.check_plan(plan, program)
     gm = program.canonical
     names = gm.meta[INPUTS]
     original = _Recorder(gm).run_all(flatten_inputs(original_inputs), names)

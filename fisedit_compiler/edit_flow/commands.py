@@ -7,6 +7,7 @@ Each ``add_*_command(subparsers)`` adds a parser and sets ``run`` to a handler
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -81,12 +82,16 @@ def _add_common(parser, steps: int | None, size: int | None,
                         help="a user mask (white = edit), at image or latent resolution")
     parser.add_argument("--mask-box", metavar="x0,y0,x1,y1",
                         help="a user mask as a box in fractions of the width and height")
-    parser.add_argument("--mask-mode", choices=("replace", "intersect"), default="replace",
-                        help="a user mask replaces the automatic one or intersects it")
+    # None: not given, i.e. "replace"; given without a user mask it would be ignored, so
+    # _check_args refuses it then.
+    parser.add_argument("--mask-mode", choices=("replace", "intersect"), default=None,
+                        help="a user mask (--mask or --mask-box) replaces the automatic one "
+                             "or intersects it (default: replace)")
     parser.add_argument("--steps", type=int, default=steps,
                         help=f"denoising steps (default: {default(steps)})")
-    parser.add_argument("--mask-estimator", choices=tuple(ESTIMATORS),
-                        default=DEFAULT_ESTIMATOR,
+    # None: not given, i.e. the default estimator; given where nothing is estimated (a user
+    # mask with --mask-mode replace) it would be ignored, so _check_args refuses it then.
+    parser.add_argument("--mask-estimator", choices=tuple(ESTIMATORS), default=None,
                         help="how the automatic mask is estimated (default: "
                              f"{DEFAULT_ESTIMATOR}; see fisedit_compiler.edit_flow.mask)")
     parser.add_argument("--probe-steps", type=int, default=None,
@@ -107,7 +112,7 @@ def _add_common(parser, steps: int | None, size: int | None,
 def run_edit(args) -> int:
     from .. import zoo
 
-    _check_args(args)
+    _check_args(args, _saved_vae_config(args.pipeline))
     pipe = zoo.load_pipeline(args.pipeline)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
@@ -124,8 +129,12 @@ def run_demo(args) -> int:
         from .. import shapes
 
         prompt, edit, defaults = shapes.DEMO_PROMPT, shapes.DEMO_EDIT, SHAPES_DEFAULTS
+        vae_config = _saved_vae_config(shapes.WEIGHTS)
     else:
         prompt, edit, defaults = RANDOM_PROMPT, RANDOM_EDIT, RANDOM_DEFAULTS
+        # An unknown name has none; zoo.pipeline then refuses it, naming the known ones.
+        vae_config = (zoo.PIPELINE_CONFIGS[args.model][1]
+                      if args.model in zoo.PIPELINE_CONFIGS else None)
     args.prompt = prompt if args.prompt is None else args.prompt
     args.edit = edit if args.edit is None else args.edit
     for key, value in defaults.items():
@@ -134,7 +143,7 @@ def run_demo(args) -> int:
     box_instead = not trained and args.mask is None and args.mask_box is None
     if box_instead:
         args.mask_box = DEMO_BOX
-    _check_args(args)
+    _check_args(args, vae_config)
     pipe = zoo.pipeline(args.model)
     if trained:
         print(f"demo with the trained {DEMO_MODEL!r} pipeline: {args.prompt!r} -> {args.edit!r}")
@@ -155,28 +164,100 @@ def run_demo(args) -> int:
 OUTPUT_FILES = ("original.png", "edit.png", "mask.png", "overlay.png", "report.json")
 
 
-def _check_args(args) -> None:
+def _check_args(args, vae_config: dict | None) -> None:
     """Every argument, before any pipeline is loaded (minutes at SD size): a typo in the mask,
-    a NaN guidance scale or a missing CUDA device is reported at once. Sets
-    ``args.mask_pixels`` (the --mask PNG read) and ``args.device`` (a torch.device)."""
+    a NaN guidance scale or a missing CUDA device is reported at once. ``vae_config`` is the
+    pipeline's VAE config, read without loading it (None where unknown: loading then reports
+    why), for the rule on --size. Sets ``args.mask_pixels`` (the --mask PNG read),
+    ``args.mask_mode`` ("replace" when not given) and ``args.device`` (a torch.device).
+    Creates nothing: the output folder is made when the outputs are written."""
     if args.mask and args.mask_box:
         raise FiseditError("give either --mask or --mask-box, not both")
     args.mask_pixels = read_mask_png(args.mask) if args.mask else None
     if args.mask_box:
         parse_box(args.mask_box)
+    user_mask = args.mask is not None or args.mask_box is not None
+    if args.mask_mode is not None and not user_mask:
+        raise FiseditError(f"--mask-mode {args.mask_mode} says how a user mask combines with "
+                           "the automatic one, and no user mask is given; add --mask PNG or "
+                           "--mask-box x0,y0,x1,y1, or leave --mask-mode out")
+    args.mask_mode = "replace" if args.mask_mode is None else args.mask_mode
     check_int("--steps", args.steps, minimum=1)
     if args.probe_steps is not None:      # None: the estimator's own number
         check_int("--probe-steps", args.probe_steps, minimum=0, maximum=args.steps - 1)
+    _check_estimator(args, user_mask)
     check_float("--guidance-scale", args.guidance_scale)
-    check_int("--seed", args.seed, minimum=0)
+    # torch.Generator.manual_seed takes 64 bits.
+    check_int("--seed", args.seed, minimum=0, maximum=2**64 - 1)
     if args.size is not None:
-        check_int("--size", args.size, minimum=8)
+        check_int("--size", args.size, minimum=1)
+        scale = _vae_scale_factor(vae_config)
+        if scale is not None and args.size % scale:
+            lower = max(scale, args.size - args.size % scale)
+            raise FiseditError(f"--size {args.size} is not a multiple of {scale}, the "
+                               f"pipeline's VAE factor (one latent pixel per {scale}x{scale} "
+                               f"pixels); pass a multiple of {scale}, e.g. --size {lower} or "
+                               f"--size {lower + scale}")
     args.device = torch_device(args.device)
+    check_output_folder("--out", args.out)
+
+
+def _check_estimator(args, user_mask: bool) -> None:
+    """EditSession.edit's rules on the estimator, before the generation runs: a mask is
+    estimated unless a user mask replaces it, and then --mask-estimator would be ignored; an
+    estimator that measures its mask on the dense probe steps needs one at least."""
+    estimating = not user_mask or args.mask_mode == "intersect"
+    if not estimating and args.mask_estimator is not None:
+        mask = f"--mask {args.mask}" if args.mask else f"--mask-box {args.mask_box}"
+        raise FiseditError(
+            f"--mask-estimator {args.mask_estimator} has nothing to do: the user mask "
+            f"({mask}) with --mask-mode replace (the default) is used as given, without an "
+            "estimate; leave --mask-estimator out, or pass --mask-mode intersect to intersect "
+            "the estimate with the mask")
+    name = DEFAULT_ESTIMATOR if args.mask_estimator is None else args.mask_estimator
+    estimator = ESTIMATORS[name]
+    probe_steps = (estimator.dense_steps(args.steps) if args.probe_steps is None
+                   else args.probe_steps)
+    if estimating and not estimator.before_step_zero and probe_steps == 0:
+        raise FiseditError(
+            f"--mask-estimator {name} measures its mask on the dense probe steps, and this "
+            f"edit has none (probe steps {probe_steps} of --steps {args.steps}); give "
+            "--probe-steps 1 or more (with --steps 2 or more), another --mask-estimator, or a "
+            "user mask (--mask or --mask-box) with --mask-mode replace")
+
+
+def _saved_vae_config(folder) -> dict | None:
+    """The VAE config of the pipeline saved in ``folder``, read without loading it; None when
+    it has none readable (loading the pipeline then reports what is wrong)."""
     try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FiseditError(f"cannot create the output folder {args.out}: "
-                           f"{error.strerror}") from None
+        config = json.loads((Path(folder) / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _vae_scale_factor(vae_config: dict | None) -> int | None:
+    """Pixels per latent pixel, as diffusers computes ``pipe.vae_scale_factor`` from the
+    VAE's config (EditSession takes sizes that are multiples of it); None where unknown."""
+    channels = None if vae_config is None else vae_config.get("block_out_channels")
+    return 2 ** (len(channels) - 1) if isinstance(channels, (list, tuple)) and channels else None
+
+
+def check_output_folder(option: str, path) -> None:
+    """``path`` can be the output folder: an existing folder, or one that can be created
+    there. Checked before any work; the commands create the folder only when they write their
+    outputs, so that a failed command leaves no folder behind."""
+    folder = Path(path).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise FiseditError(f"{option} {path} is a file, not a folder; pass a folder (new or "
+                           "existing) for the outputs")
+    existing = next(place for place in (folder, *folder.parents) if place.exists())
+    if not existing.is_dir():
+        raise FiseditError(f"{option} {path} cannot be created: {existing} is a file, not a "
+                           "folder; pass a folder path under an existing folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FiseditError(f"{option} {path} cannot be created or written: {existing} is not "
+                           "writable; pass a folder you can write to")
 
 
 def torch_device(name: str | None) -> torch.device:
@@ -189,6 +270,10 @@ def torch_device(name: str | None) -> torch.device:
     except (RuntimeError, AssertionError) as error:
         raise FiseditError(f"--device {name!r} cannot be used here ({error}); leave --device "
                            "out to use cuda when available, else cpu") from None
+    if device.type == "meta":
+        raise FiseditError(f"--device {name!r} holds tensor shapes but no data, so no image "
+                           "can be generated on it; pass cpu or cuda, or leave --device out to "
+                           "use cuda when available, else cpu")
     return device
 
 
@@ -252,6 +337,13 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     report["prompt"], report["edit"] = args.prompt, args.edit
     if model is not None:
         report["model"] = model
+    # Made only now, so that a command failing earlier leaves no folder (checked writable by
+    # _check_args before anything ran).
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FiseditError(f"cannot create the output folder {args.out}: "
+                           f"{error.strerror}") from None
     original.save(out / "original.png")
     edited.save(out / "edit.png")
     mask_image = _mask_image(result.mask, original.size)

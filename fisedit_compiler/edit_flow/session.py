@@ -44,10 +44,17 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                        "StableDiffusionControlNetPipeline")
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
 MASK_MODES = ("replace", "intersect")
-# Pipeline arguments the session sets itself (they decide noise, batch and per-step locality).
+# Pipeline arguments the session sets itself (they decide noise, batch and per-step locality;
+# return_dict the pipeline output the session reads its images from).
 _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
                    "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
-                   "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds")
+                   "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds",
+                   "return_dict")
+# Pipeline arguments that replace the scheduler's schedule by a custom one: the session sizes
+# its recording by num_inference_steps and edits must follow the recorded timesteps.
+_SCHEDULE_KWARGS = ("timesteps", "sigmas")
+# The seeds torch.Generator.manual_seed takes (and torch.Generator().seed() draws): 64 bits.
+_MAX_SEED = 2 ** 64 - 1
 # U-Net arguments the engine's recorded graphs take; others must be None.
 _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs",
                 "down_block_additional_residuals", "mid_block_additional_residual")
@@ -113,6 +120,11 @@ class EditSession:
         pipeline (one capture and compile for all; their calls must not overlap), instead of a
         new one built from ``config``."""
         _check_pipeline(pipe)
+        if engine is not None and not isinstance(engine, SparseEngine):
+            raise FiseditError(
+                "engine must be a SparseEngine of this pipeline's U-Net (another session's "
+                f"session.engine, or fc.compile(pipe.unet)), got {type(engine).__name__}; "
+                "or leave it out for a new engine")
         if engine is not None and (engine.unet is not pipe.unet or config is not None):
             raise FiseditError("pass either config= or engine= (an engine of this pipeline's "
                                "U-Net, whose config it keeps), not both or another U-Net's")
@@ -141,10 +153,14 @@ class EditSession:
                  output_type: str = "pil", **pipeline_kwargs):
         """Run the pipeline densely, recording every step; returns the pipeline's images.
 
-        The initial noise comes from ``latents`` if given, else ``generator``, else ``seed``;
-        it is kept so that edits start from the same noise. ``seed=None`` draws a fresh random
-        seed, kept in ``session.seed``. The previous generation (and its cache) is replaced
-        only when this call succeeds.
+        The initial noise comes from one of ``latents`` (a tensor of the latent shape),
+        ``generator`` (one ``torch.Generator``) or ``seed`` (``0 <= seed < 2**64``); it is kept
+        so that edits start from the same noise. ``seed=None`` draws a fresh random seed, kept
+        in ``session.seed``. A ``seed`` other than the default 0 together with ``latents`` or
+        ``generator``, or both of those, is refused: only one of them can choose the noise.
+        ``num_inference_steps`` is at most the scheduler's ``num_train_timesteps`` (each step
+        takes one of its timesteps). The previous generation (and its cache) is replaced only
+        when this call succeeds.
         """
         check_prompt("prompt", prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
@@ -153,12 +169,16 @@ class EditSession:
         self._check_kwargs(pipeline_kwargs)
         _check_output_type(output_type)
         self._check_scheduler()
+        # Past the scheduler's training timesteps diffusers runs (and we record) every step and
+        # only then fails with an IndexError, or refuses in set_timesteps (DDIM).
+        limit = self.pipe.scheduler.config.num_train_timesteps
+        if num_inference_steps > limit:
+            raise FiseditError(
+                f"num_inference_steps={num_inference_steps} is more than the scheduler's "
+                f"num_train_timesteps={limit} ({type(self.pipe.scheduler).__name__}): each step "
+                f"takes one of its timesteps; use at most {limit} steps")
         height, width = self._size(height, width)
-        if latents is None and generator is None:
-            seed = torch.Generator().seed() if seed is None else check_int("seed", seed,
-                                                                          minimum=0)
-        else:
-            seed = None     # the noise comes from latents= or generator=
+        seed = self._seed(seed, generator, latents)
         noise = self._noise(seed, generator, latents, height, width)
         trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
                                 num_inference_steps, noise, output_type=output_type)
@@ -209,7 +229,7 @@ class EditSession:
         self.prepare_report["prepare_s"] += time.perf_counter() - started
 
     def edit(self, new_prompt: str, mask=None, probe_steps: int | None = None, *,
-             mask_estimator: str = tac.DEFAULT_ESTIMATOR,
+             mask_estimator: str | None = None,
              mask_mode: str = "replace", mask_dilation: int = 0,
              cross_attention_control: bool = False,
              negative_prompt: str | None = None, guidance_scale: float | None = None,
@@ -219,14 +239,17 @@ class EditSession:
         """Edit the recorded generation towards ``new_prompt``.
 
         The mask comes from ``mask_estimator``, one of ``edit_flow.mask.ESTIMATORS`` (see
-        there): every estimator but ``"probe"`` reads one batched U-Net call on the recorded
-        trajectory with the new prompt before step 0; ``"probe"`` (FISEdit) runs the first
-        ``probe_steps`` steps densely and takes their latent difference to the recorded
-        trajectory. A change that spreads over the image (``mask.contrast_is_global``: background,
-        style, lighting) is planned dense and ``report["global_change"]`` says so. A user
-        ``mask`` (bool ``[H, W]`` at latent resolution) replaces the estimate
-        (``mask_mode="replace"``) or intersects it (``"intersect"``); ``mask_dilation`` grows
-        the estimate by that many latent pixels.
+        there; None: ``mask.DEFAULT_ESTIMATOR``): every estimator but ``"probe"`` reads one
+        batched U-Net call on the recorded trajectory with the new prompt before step 0;
+        ``"probe"`` (FISEdit) runs the first ``probe_steps`` steps densely and takes their
+        latent difference to the recorded trajectory. A change that spreads over the image
+        (``mask.contrast_is_global``: background, style, lighting) is planned dense and
+        ``report["global_change"]`` says so. A user ``mask`` (bool ``[H, W]`` at latent
+        resolution) replaces the estimate (``mask_mode="replace"``) or intersects it
+        (``"intersect"``, which needs a mask); ``mask_dilation`` grows the estimate by that many
+        latent pixels. Nothing is estimated when a user mask replaces the estimate, so there a
+        ``mask_estimator`` or a ``mask_dilation`` is refused rather than ignored (grow the mask
+        yourself: ``mask.dilate(mask, 2 * n + 1)``).
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
         (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
@@ -236,7 +259,18 @@ class EditSession:
         generation is never changed by an edit. ``cross_attention_control`` reuses, during the
         dense steps, the recorded generation's cross-attention probabilities for the tokens
         both prompts share (see ``attention``; it costs one extra dense U-Net call per dense
-        step).
+        step); it is refused when no step runs dense (``probe_steps`` 0, the default of every
+        estimator but the probe).
+
+        ``negative_prompt``, ``guidance_scale``, ``num_inference_steps``, ``height`` and
+        ``width`` default (None) to the generation's: an edit that left the negative prompt out
+        would change the unconditional branch, hence the image, inside the region. Pass another
+        string to change it, or ``negative_prompt=""`` for none (for SD 1.x/2.x the same as no
+        negative prompt; SDXL pipelines with ``force_zeros_for_empty_prompt`` zero the
+        unconditional text only when there is no negative prompt at all, which an edit of a
+        generation with one cannot ask for). The step count and size must stay the recorded
+        ones. The U-Net's weights must be the generation's too: after an in-place change (a
+        LoRA fused) the edit is refused before any U-Net call; generate again.
 
         ``composite_background`` (default True) makes the background of the decoded images
         exact: outside ``result.region`` (the mask grown by ``SparseConfig.dilation``: what
@@ -263,20 +297,28 @@ class EditSession:
         _check_output_type(output_type)
         self._check_scheduler()
         self._check_same_scheduler()
+        # The recorded outputs (and the background they made) came from the generation's
+        # weights: after an in-place change the engine would refuse only at its first sparse
+        # step, after the estimator's or the probe steps' dense U-Net calls. Its own check.
+        self.engine._check_weights(self.cache)
         check_choice("mask_mode", mask_mode, MASK_MODES)
         check_bool("cross_attention_control", cross_attention_control)
         check_bool("composite_background", composite_background)
-        check_choice("mask_estimator", mask_estimator, tuple(tac.ESTIMATORS))
-        estimator = tac.ESTIMATORS[mask_estimator]
-        steps = original.num_steps if num_inference_steps is None else num_inference_steps
-        height = original.height if height is None else height
-        width = original.width if width is None else width
+        if mask_estimator is not None:
+            check_choice("mask_estimator", mask_estimator, tuple(tac.ESTIMATORS))
+        estimator = tac.ESTIMATORS[tac.DEFAULT_ESTIMATOR if mask_estimator is None
+                                   else mask_estimator]
+        steps = original.num_steps if num_inference_steps is None else \
+            check_int("num_inference_steps", num_inference_steps, minimum=1)
+        height = original.height if height is None else check_int("height", height, minimum=1)
+        width = original.width if width is None else check_int("width", width, minimum=1)
         if (height, width) != (original.height, original.width) or steps != original.num_steps:
             raise FiseditError(
                 f"the generation was recorded at {original.height}x{original.width} with "
                 f"{original.num_steps} steps but the edit asks for {height}x{width} with {steps} "
                 "steps; edits keep the recorded resolution and step count (call generate again "
                 "to change them)")
+        default_probe = probe_steps is None
         if probe_steps is None:
             probe_steps = estimator.dense_steps(steps)
         probe_steps = check_int("probe_steps", probe_steps, minimum=0, maximum=steps - 1)
@@ -284,13 +326,36 @@ class EditSession:
         user_mask = None
         if mask is not None:
             user_mask = validate_mask(mask, latent_size).to(original.noise.device)
+        if mask_mode == "intersect" and user_mask is None:
+            raise FiseditError("mask_mode='intersect' intersects the estimated mask with a user "
+                               "mask, but no mask was given; pass mask=, or leave mask_mode "
+                               "out for the estimated mask alone")
         estimating = user_mask is None or mask_mode == "intersect"
+        if not estimating and mask_estimator is not None:
+            raise FiseditError(
+                f"mask_estimator={mask_estimator!r} has nothing to do: a user mask with "
+                "mask_mode='replace' is used as given, without an estimate; leave "
+                "mask_estimator out, or pass mask_mode='intersect' to intersect the estimate "
+                "with the mask")
+        if not estimating and mask_dilation:
+            raise FiseditError(
+                f"mask_dilation={mask_dilation} grows the estimated mask, but a user mask with "
+                "mask_mode='replace' is used as given; grow it yourself "
+                f"(edit_flow.mask.dilate(mask, {2 * mask_dilation + 1})) and leave "
+                "mask_dilation out, or pass mask_mode='intersect'")
         if estimating and not estimator.before_step_zero and probe_steps == 0:
             raise FiseditError("probe_steps=0 leaves the 'probe' estimator nothing to measure; "
                                "give probe_steps >= 1, another mask_estimator, or a user mask "
-                               "with mask_mode='replace'")
+                               "with mask_mode='replace' (and no mask_estimator)")
+        if cross_attention_control and probe_steps == 0:
+            why = " (the estimator's default)" if default_probe else ""
+            raise FiseditError(
+                "cross_attention_control acts during the dense steps, but this edit runs none: "
+                f"probe_steps=0{why}; pass probe_steps >= 1, or leave cross_attention_control "
+                "out")
         guidance = (original.guidance_scale if guidance_scale is None
                     else check_float("guidance_scale", guidance_scale))
+        negative = original.negative_prompt if negative_prompt is None else negative_prompt
         if (guidance > 1) != (original.guidance_scale > 1):
             raise FiseditError(
                 f"the generation used guidance_scale={original.guidance_scale} and the edit "
@@ -308,7 +373,7 @@ class EditSession:
                 f"output_type={output_type!r}, or pass composite_background=False to get the "
                 "raw decode (its background is close to, not equal to, the original's)")
 
-        trajectory = Trajectory(new_prompt, negative_prompt, guidance, height, width, steps,
+        trajectory = Trajectory(new_prompt, negative, guidance, height, width, steps,
                                 original.noise, output_type=output_type)
         control = None
         if cross_attention_control:
@@ -359,7 +424,9 @@ class EditSession:
         latents; the accepted latents and scheduler history become the recorded ones, and its
         images (composited unless it was made with ``composite_background=False``) the
         original images later edits composite against, in its ``output_type``. The session
-        changes only if every step records.
+        changes only if every step records. Refused, before any step records, when the U-Net's
+        weights changed in place since the generation: the edit's outputs came from the old
+        weights and would be mixed with a recording of the new ones.
         """
         self._require_generation()
         if not isinstance(result, EditResult):
@@ -371,6 +438,7 @@ class EditSession:
         if result._generation != self._generation:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")
+        self.engine._check_weights(self.cache)      # as edit: the engine's own check
         trajectory = result._trajectory
         cache = self.engine.new_cache(trajectory.num_steps, self.cache_budget_bytes)
         for step, inputs in enumerate(trajectory.unet_inputs):
@@ -529,12 +597,22 @@ class EditSession:
     def _check_kwargs(self, pipeline_kwargs: dict) -> None:
         """Pipeline keywords must be ones the pipeline takes and the session does not set.
         Diffusers pipelines take ``**kwargs`` and drop names they do not know, so a typo would
-        otherwise be ignored without a word."""
+        otherwise be ignored without a word. A custom schedule (``timesteps``, ``sigmas``) is
+        refused too: the recording has one step per timestep of the scheduler's own schedule
+        for ``num_inference_steps``, and edits must follow those timesteps."""
         managed = sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS))
         if managed:
             raise FiseditError(
-                f"EditSession sets {', '.join(managed)} itself (noise, batch and per-step "
-                "blending depend on them); pass seed=/generator=/latents= to generate instead")
+                f"EditSession sets {', '.join(managed)} itself (the noise, the batch, per-step "
+                "blending and the pipeline output it reads depend on them); drop them (for the "
+                "noise, pass seed=, generator= or latents= to generate)")
+        schedule = sorted(set(pipeline_kwargs) & set(_SCHEDULE_KWARGS))
+        if schedule:
+            raise FiseditError(
+                f"EditSession records and edits on the scheduler's own schedule for "
+                f"num_inference_steps, not a custom one; drop {', '.join(schedule)} and pass "
+                "num_inference_steps= to generate (the spacing of the timesteps is the "
+                "scheduler's config, e.g. timestep_spacing)")
         params = inspect.signature(type(self.pipe).__call__).parameters
         accepted = {name for name, param in params.items()
                     if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
@@ -584,13 +662,51 @@ class EditSession:
                                f"{height}x{width}")
         return height, width
 
+    @staticmethod
+    def _seed(seed, generator, latents) -> int | None:
+        """The generation's seed: None when ``latents`` or ``generator`` give the noise, else
+        ``seed`` checked (a fresh random one for None). Only one of them may choose the noise:
+        another would be ignored without a word. (``seed`` cannot tell an explicit 0 from its
+        default, so 0 passes with the others.)"""
+        if latents is not None and generator is not None:
+            raise FiseditError("latents= and generator= both choose the initial noise (the "
+                               "generator would be ignored); pass one of them")
+        if latents is not None or generator is not None:
+            if not (isinstance(seed, int) and seed == 0):
+                given = "latents=" if latents is not None else "generator="
+                raise FiseditError(
+                    f"seed={seed!r} and {given} both choose the initial noise (the seed would "
+                    f"be ignored); pass one of them: leave seed out when passing {given}")
+            return None
+        if seed is None:
+            return torch.Generator().seed()
+        return check_int("seed", seed, minimum=0, maximum=_MAX_SEED)
+
     def _noise(self, seed, generator, latents, height, width) -> torch.Tensor:
-        """The unscaled initial noise the pipeline receives as ``latents=``."""
+        """The unscaled initial noise the pipeline receives as ``latents=``: ``latents``
+        checked and copied, else drawn from ``generator`` or ``seed``."""
         unet = self.pipe.unet
         shape = (1, unet.config.in_channels, height // self.pipe.vae_scale_factor,
                  width // self.pipe.vae_scale_factor)
         device, dtype = unet.device, unet.dtype
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise FiseditError(
+                "generator must be one torch.Generator, e.g. "
+                f"torch.Generator('cpu').manual_seed(0), got {type(generator).__name__}; for a "
+                "seed, pass seed= instead")
         if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                hint = (" (from numpy: torch.from_numpy(latents))"
+                        if isinstance(latents, np.ndarray) else "")
+                raise FiseditError(f"latents must be a torch.Tensor of shape {shape}{hint}, got "
+                                   f"{type(latents).__name__}")
+            if latents.device.type == "meta":
+                raise FiseditError("latents is on the meta device, which holds no values; pass "
+                                   "the noise itself (on any device: it is moved to the "
+                                   f"U-Net's, {device})")
+            if not latents.is_floating_point():
+                raise FiseditError(f"latents must be a floating-point tensor (the initial "
+                                   f"noise), got {latents.dtype}; convert it with .float()")
             if tuple(latents.shape) != shape:
                 raise FiseditError(f"latents must have shape {shape} for {height}x{width}, got "
                                    f"{tuple(latents.shape)}")

@@ -18,13 +18,15 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from ..checks import check_int, check_no_cross_attention_kwargs
-from ..compiler.capture import check_unet, example_inputs, flatten_inputs, warn_if_training
+from ..checks import check_bool, check_int, check_no_cross_attention_kwargs
+from ..compiler.capture import (check_unet, example_inputs, flatten_inputs, latent_size,
+                                warn_if_training)
 from ..compiler.pipeline import Program, build_program, describe_signature, device_of, trace
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.derived_weights import tensor_versions
-from ..execution.plan import Bucket, MaskPlan, capacity_buckets, validate_mask
+from ..execution.plan import (Bucket, MaskPlan, capacity_buckets, image_resolution_hint,
+                              validate_mask)
 from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PLAN_INPUT
 from ..passes import registry
 from .cuda_graph import CapturedSteps
@@ -61,6 +63,12 @@ class SparseEngine:
         self._forward_params = {name: param for name, param in
                                 inspect.signature(type(unet).forward).parameters.items()
                                 if name != "self"}
+        # What the input checks read of the module itself (once: it does not change with the
+        # config): whether diffusers' own forward reads the inputs, and whether any attention
+        # reads encoder_hidden_states (``_check_input_shapes``).
+        self._stock_forward = _stock_forward(unet)
+        self._cross_attention = any(getattr(module, "is_cross_attention", False)
+                                    for module in unet.modules())
         # The U-Net's weights (the tensors its captured graphs read), listed once: their
         # version counters tell a recording made with other weights (``weight_versions``), and
         # when the programs' derived copies (packed, grouped) must be made again.
@@ -98,7 +106,10 @@ class SparseEngine:
         """A program at latent ``size``: a compiled one if any, else one for example inputs.
 
         Once a generation has been compiled, a mask at another size is refused: it is almost
-        always an image-resolution or stale mask rather than a wish to recompile.
+        always an image-resolution or stale mask rather than a wish to recompile. Before that,
+        a size that is a whole multiple of the U-Net's configured latent size is refused too:
+        it is almost always the image's mask, and compiling the U-Net at that size (8x the
+        latent's sides for a Stable Diffusion VAE) would only fail later, at the edit.
         """
         sizes = []
         for program in self._programs.values():
@@ -107,6 +118,15 @@ class SparseEngine:
             sizes.append(tuple(program.levels[0]) if program.levels else None)
         if sizes:
             validate_mask(torch.zeros(size, dtype=torch.bool), sizes[0])
+        elif self.unet.config.get("sample_size") is not None:
+            configured = latent_size(self.unet)
+            hint = image_resolution_hint(tuple(size), configured)
+            if hint:
+                raise FiseditError(
+                    f"the edit mask is {size[0]}x{size[1]} but this U-Net's latent is "
+                    f"{configured[0]}x{configured[1]} (config.sample_size), and nothing has "
+                    f"been compiled at {size[0]}x{size[1]}; {hint} (to edit a generation at a "
+                    f"{size[0]}x{size[1]} latent, record it first)")
         return self.program(example_inputs(self.unet, batch=2, height=size[0], width=size[1]))
 
     # -- public API -----------------------------------------------------------------------
@@ -152,13 +172,10 @@ class SparseEngine:
         program's capacity buckets (``buckets``), so that its edits replay a graph captured
         for any mask of its bucket; otherwise the plan's shapes are the mask's own.
         """
-        if not isinstance(mask, torch.Tensor):
-            mask = torch.as_tensor(mask)
-        if mask.dim() != 2:
-            raise FiseditError(
-                f"the edit mask must be 2-D [H, W] at latent resolution, got shape "
-                f"{tuple(mask.shape)}; drop batch and channel dimensions")
-        validate_mask(mask, tuple(mask.shape))    # dtype and device, before compiling for it
+        # Both checked before compiling a program for the mask's size (the size is the mask's).
+        if bucketed is not None:
+            check_bool("bucketed", bucketed)
+        mask = validate_mask(mask, None)
         program = self.program_for_size(tuple(mask.shape))
         if not program.levels:
             raise FiseditError("this U-Net graph has no spatial levels, so there is nothing "
@@ -193,9 +210,11 @@ class SparseEngine:
         the dense graph (the editing flow's probe steps and full-mask edits) and, where edits
         run as CUDA graphs, one captured edit step per capacity bucket (kernels tuned on the
         way; tuning results persist on disk). ``inputs`` are the recorded step's. Returns the
-        time spent, in seconds, and the number of graphs captured."""
+        time spent, in seconds, and the number of graphs captured. Refused before any work as
+        edit refuses them: an unrecorded step, inputs of another signature than the cache's
+        (they would compile a program no edit of this generation uses)."""
         step = self._check_cache(cache, step)
-        self._check_inputs(inputs)
+        self._check_recorded_step(cache, step, inputs)
         program = self.program(inputs)
         device = device_of(program.signature)
         started = time.perf_counter()
@@ -243,28 +262,9 @@ class SparseEngine:
         if not isinstance(plan, MaskPlan):
             raise FiseditError(f"edit needs plan=engine.plan(mask), got {type(plan).__name__}")
         step = self._check_cache(cache, step)
-        if step not in cache.steps:
-            recorded = sorted(cache.steps) or "none"
-            raise FiseditError(
-                f"step {step} has not been recorded (recorded steps: {recorded}); call "
-                "engine.record(cache, step, **inputs) on the original generation first")
-        self._check_inputs(inputs)
-        signature = self.signature(inputs)    # checked before compiling anything for it
-        if cache.signature != signature:
-            raise FiseditError(
-                "the edit inputs do not match the recorded generation: recorded "
-                f"({describe_signature(cache.signature)}), got "
-                f"({describe_signature(signature)}); "
-                "edits must keep the resolution, batch and dtypes of the original")
+        self._check_recorded_step(cache, step, inputs)
         program = self.program(inputs)
-        plan_tiles = [level.tile for level in plan.levels]
-        if plan.level_sizes != program.levels or plan_tiles != program.tiles:
-            raise FiseditError(
-                f"the plan was made for levels {plan.level_sizes} with tiles {plan_tiles}, but "
-                f"this engine's generation has levels {program.levels} with tiles "
-                f"{program.tiles} (SparseConfig.tile={self.config.tile!r}); make the plan with "
-                f"this engine: engine.plan(mask) for a mask at "
-                f"{program.levels[0][0]}x{program.levels[0][1]}")
+        self.check_plan(plan, program)
         flat = flatten_inputs(inputs)
         device = device_of(program.signature)
         graphs = self._uses_graphs(device)
@@ -373,10 +373,43 @@ class SparseEngine:
                                "recorded it, or record a new cache with this engine")
         return check_int("step", step, minimum=0, maximum=cache.num_steps - 1)
 
+    def _check_recorded_step(self, cache, step: int, inputs: dict) -> None:
+        """``inputs`` for reading recorded ``step`` of ``cache`` (edit, prepare): the step
+        recorded, the inputs valid (``_check_inputs``) and of the cache's signature. Checked
+        before compiling anything for them."""
+        if step not in cache.steps:
+            recorded = sorted(cache.steps) or "none"
+            raise FiseditError(
+                f"step {step} has not been recorded (recorded steps: {recorded}); call "
+                "engine.record(cache, step, **inputs) on the original generation first")
+        self._check_inputs(inputs)
+        signature = self.signature(inputs)
+        if cache.signature != signature:
+            raise FiseditError(
+                "the inputs do not match the recorded generation: recorded "
+                f"({describe_signature(cache.signature)}), got "
+                f"({describe_signature(signature)}); "
+                "edits must keep the resolution, batch and dtypes of the original")
+
+    def check_plan(self, plan: MaskPlan, program: Program) -> None:
+        """Refuse a plan made for other levels or tiles than ``program``'s (another engine's,
+        another config's, another resolution's): its tables would index the wrong tensors.
+        ``edit`` and the oracle (``oracle.masked_dense``) check their plans here."""
+        plan_tiles = [level.tile for level in plan.levels]
+        if plan.level_sizes != program.levels or plan_tiles != program.tiles:
+            raise FiseditError(
+                f"the plan was made for levels {plan.level_sizes} with tiles {plan_tiles}, but "
+                f"this engine's generation has levels {program.levels} with tiles "
+                f"{program.tiles} (SparseConfig.tile={self.config.tile!r}); make the plan with "
+                f"this engine: engine.plan(mask) for a mask at "
+                f"{program.levels[0][0]}x{program.levels[0][1]}")
+
     def _check_inputs(self, inputs: dict) -> None:
         """The U-Net keyword inputs: names of its forward, tensors (or dicts of tensors), the
-        required ones present, on the U-Net's device. Checked before any capture, so a typo
-        or a stray keyword is an error here, not an export traceback or a silently dropped
+        required ones present, on the U-Net's device; for diffusers' own forward, the
+        added_cond_kwargs keys its config reads and the sample's channels and text states'
+        width its config takes. Checked before any capture, so a typo, a stray keyword or a
+        wrong shape is an error here, not an export traceback or a silently dropped
         argument."""
         params = self._forward_params
         # Dict inputs may come flattened, as the captured graph names them
@@ -397,6 +430,8 @@ class SparseEngine:
         if inputs.get("return_dict", False):
             raise FiseditError("the engine returns the output sample tensor; drop "
                                "return_dict=True (or pass return_dict=False)")
+        if self._stock_forward:
+            _check_added_cond_keys(self.unet, inputs)
         device = next(self.unet.parameters()).device
         for name, value in inputs.items():
             if name == "return_dict" or value is None:
@@ -414,6 +449,8 @@ class SparseEngine:
                 if tensor.device != device and tensor.dim() > 0:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
                                        f"U-Net is on {device}; move it with .to({str(device)!r})")
+        if self._stock_forward:
+            _check_input_shapes(self.unet, inputs, self._cross_attention)
 
     def _check_weights(self, cache) -> None:
         """Refuse a recording made with other weights, and make the derived weight copies
@@ -456,6 +493,116 @@ class SparseEngine:
                     f"the edited {name} differs from the recorded one outside the edit mask; "
                     "blend the latents with the recorded ones outside the mask, or enlarge "
                     "the mask")
+
+
+def _stock_forward(unet) -> bool:
+    """Whether ``unet`` reads its inputs as diffusers' UNet2DConditionModel or UNet2DModel
+    does (a subclass may override how): the config-based input checks know only those."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if isinstance(unet, UNet2DConditionModel):
+        base, methods = UNet2DConditionModel, ("forward", "get_aug_embed",
+                                               "process_encoder_hidden_states")
+    else:
+        base, methods = UNet2DModel, ("forward",)
+    return all(getattr(type(unet), name, None) is getattr(base, name, None) for name in methods)
+
+
+# The added_cond_kwargs keys diffusers' UNet2DConditionModel reads: by addition_embed_type
+# (get_aug_embed), and, where an encoder_hid_proj is set, by encoder_hid_dim_type
+# (process_encoder_hidden_states). It reads no other key, anywhere in forward.
+_AUG_EMBED_KEYS = {None: (), "text": (), "text_image": ("text_embeds", "image_embeds"),
+                   "text_time": ("text_embeds", "time_ids"), "image": ("image_embeds",),
+                   "image_hint": ("image_embeds", "hint")}
+_HID_PROJ_KEYS = {"text_proj": (), "text_image_proj": ("image_embeds",),
+                  "image_proj": ("image_embeds",), "ip_image_proj": ("image_embeds",)}
+
+
+def _check_added_cond_keys(unet, inputs: dict) -> None:
+    """Refuse added_cond_kwargs keys the U-Net's config does not read (a typo such as
+    ``time_id``): diffusers ignores them, and the graph would take them as inputs of a new
+    program. Configs whose keys are not known exactly refuse none."""
+    cfg = unet.config
+    addition = cfg.get("addition_embed_type")
+    if addition not in _AUG_EMBED_KEYS:
+        return
+    read, source = set(_AUG_EMBED_KEYS[addition]), f"addition_embed_type={addition!r}"
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        projection = cfg.get("encoder_hid_dim_type")
+        if projection not in _HID_PROJ_KEYS:
+            return
+        read |= set(_HID_PROJ_KEYS[projection])
+        source += f", encoder_hid_dim_type={projection!r}"
+    value = inputs.get("added_cond_kwargs")
+    if value is not None and not isinstance(value, dict):
+        raise FiseditError(f"added_cond_kwargs must be a dict of tensors, got "
+                           f"{type(value).__name__}")
+    keys = list(value or {})
+    # Flattened, as the backend passes them: added_cond_kwargs_<key>[_<list index>].
+    prefix = "added_cond_kwargs_"
+    keys += [name[len(prefix):] for name in inputs if name.startswith(prefix)]
+    stray = sorted(key for key in keys if not any(
+        key == known or key.startswith(known + "_") for known in read))
+    if stray:
+        raise FiseditError(
+            f"added_cond_kwargs has key(s) {', '.join(map(repr, stray))} that this U-Net does "
+            f"not read (with {source} it reads {', '.join(sorted(read)) or 'none'}), so they "
+            "would be ignored; correct the key's name, or drop it")
+
+
+def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
+    """The sample's channels and the text states' width, against the config: a wrong one
+    is otherwise a fake-tensor error from inside export, after capture has started."""
+    cfg = unet.config
+    sample = inputs.get("sample")
+    # An image_hint U-Net (Kandinsky 2.2 ControlNet) concatenates the hint's embedding to the
+    # sample, so its conv_in takes more channels than the sample has.
+    if isinstance(sample, torch.Tensor) and cfg.get("addition_embed_type") != "image_hint":
+        channels = cfg.in_channels
+        if sample.dim() != 4 or sample.shape[1] != channels:
+            raise FiseditError(
+                f"U-Net input sample has shape {tuple(sample.shape)} but this U-Net takes "
+                f"[batch, {channels}, height, width] (config.in_channels={channels}); pass "
+                "latents with the U-Net's channels (an inpainting or image-conditioned U-Net "
+                "takes its conditioning concatenated to the latents, as its pipeline does)")
+    states = inputs.get("encoder_hidden_states")
+    expected = _text_width(unet, cross_attention)
+    if isinstance(states, torch.Tensor) and expected is not None:
+        width, source = expected
+        if states.dim() == 0 or states.shape[-1] != width:
+            raise FiseditError(
+                f"U-Net input encoder_hidden_states has shape {tuple(states.shape)} but this "
+                f"U-Net takes a last dimension of {width} ({source}); pass the hidden states "
+                "of the text encoder the U-Net belongs with (another model's encoder gives "
+                "another width)")
+
+
+def _text_width(unet, cross_attention: bool) -> tuple[int, str] | None:
+    """The width ``encoder_hidden_states`` must have and the config field that sets it, as
+    diffusers' forward reads the states; None where nothing reads them or the config does
+    not tell the width exactly (then nothing is refused)."""
+    cfg = unet.config
+    projection = cfg.get("encoder_hid_dim_type")
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        # process_encoder_hidden_states: a text projection reads the states at encoder_hid_dim
+        # (an IP-Adapter keeps one as text_encoder_hid_proj); image_proj replaces them with the
+        # projected image embeddings, unread; ip_image_proj passes them on as they are.
+        text_projection = projection in ("text_proj", "text_image_proj") or (
+            projection == "ip_image_proj"
+            and getattr(unet, "text_encoder_hid_proj", None) is not None)
+        if text_projection:
+            width = cfg.get("encoder_hid_dim")
+            return (width, "config.encoder_hid_dim") if isinstance(width, int) else None
+        if projection != "ip_image_proj":
+            return None
+    # The states reach the cross-attentions (and an addition embedding of type "text") as
+    # they are: at cross_attention_dim, one number or one per block, which must then agree.
+    if not cross_attention and cfg.get("addition_embed_type") != "text":
+        return None
+    dims = cfg.get("cross_attention_dim")
+    dims = set(dims) if isinstance(dims, (list, tuple)) else {dims}
+    width = dims.pop() if len(dims) == 1 else None
+    return (width, "config.cross_attention_dim") if isinstance(width, int) else None
 
 
 def _leaves(value) -> list:

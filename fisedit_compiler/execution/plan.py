@@ -314,15 +314,20 @@ def disc_mask(size: tuple[int, int], area: float, generator: torch.Generator) ->
     return (rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2
 
 
-def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
-    """Check an edit mask: a bool tensor (or array) of shape ``size`` at latent resolution."""
+def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
+    """Check an edit mask: a bool tensor (or array) of shape ``size`` at latent resolution.
+
+    ``size`` None checks everything but the size (any 2-D mask): ``SparseEngine.plan`` takes
+    the latent size from the mask, and must check the mask before it compiles for that size.
+    """
+    wanted = "[H, W]" if size is None else f"{tuple(size)}"
     if not isinstance(mask, torch.Tensor):
         try:
             mask = torch.as_tensor(mask)
         except Exception as error:
             raise FiseditError(
-                f"the edit mask must be a bool tensor or array of shape {size}, got "
-                f"{type(mask).__name__}") from error
+                f"the edit mask must be a bool tensor or array of shape {wanted} (True = edit), "
+                f"got {type(mask).__name__}{_not_a_mask_hint(mask, size)}") from error
     if mask.device.type == "meta":
         raise FiseditError(
             "the edit mask is on the meta device, which holds shapes but no values; make it "
@@ -331,22 +336,44 @@ def validate_mask(mask, size: tuple[int, int]) -> torch.Tensor:
         raise FiseditError(
             f"the edit mask must have dtype bool, got {mask.dtype}; convert it with "
             "mask > 0.5 (or mask.bool() for 0/1 values)")
+    at = "" if size is None else f" {tuple(size)}"
     if mask.dim() != 2:
         raise FiseditError(
-            f"the edit mask must be 2-D [H, W] at latent resolution {size}, got shape "
+            f"the edit mask must be 2-D [H, W] at latent resolution{at}, got shape "
             f"{tuple(mask.shape)}; drop batch and channel dimensions")
-    if tuple(mask.shape) != tuple(size):
+    if size is not None and tuple(mask.shape) != tuple(size):
         height, width = size
-        factor = mask.shape[0] / height if height else 0.0
-        whole_factor = factor > 1 and factor.is_integer() and factor == mask.shape[1] / width
-        hint = (f"; it looks like an image-resolution mask ({factor:g}x the latent): "
-                f"downsample it to {height}x{width}, e.g. "
-                f"F.max_pool2d(mask[None].float(), {factor:g})[0] > 0"
-                ) if whole_factor else ""
+        hint = image_resolution_hint(tuple(mask.shape), size)
         raise FiseditError(
             f"the edit mask has shape {tuple(mask.shape)} but the latent is {height}x{width}"
-            f"{hint}")
+            f"{'; ' + hint if hint else ''}")
     return mask
+
+
+def _not_a_mask_hint(value, size) -> str:
+    """How to make a mask of what was passed instead of one: a path, or a PIL image."""
+    at = "(H, W)" if size is None else f"{tuple(size)}"
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        return (f"; to use a PNG file, read it with "
+                f"fisedit_compiler.execution.plan.load_mask_png(path, {at})")
+    if hasattr(value, "convert") and hasattr(value, "getbands"):     # a PIL image
+        return ("; convert an image with torch.from_numpy(np.asarray(image.convert('L')) > 127)"
+                " (white = edit), at latent resolution")
+    return ""
+
+
+def image_resolution_hint(shape: tuple[int, int], size: tuple[int, int]) -> str:
+    """The fix for a mask of ``shape`` that is a whole multiple (> 1) of the latent ``size``,
+    the usual mistake (a mask painted on the image: the VAE downsamples 8x); "" for any other
+    shape."""
+    height, width = size
+    if not (height and width) or shape[0] % height or shape[1] % width:
+        return ""
+    factor = shape[0] // height
+    if factor < 2 or shape[1] // width != factor:
+        return ""
+    return (f"it looks like an image-resolution mask ({factor}x the latent): downsample it to "
+            f"{height}x{width}, e.g. F.max_pool2d(mask[None].float(), {factor})[0] > 0")
 
 
 def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
@@ -394,10 +421,14 @@ def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str) -> to
 # numpy each step costs microseconds where a torch op costs tens (issue 14: <= 1 ms a plan).
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Max filter of side 2 * radius + 1 (zero padding), separably."""
+    """Max filter of side 2 * radius + 1 (zero padding), separably.
+
+    A shift past the mask's side moves nothing in, so each axis stops at its side: the result
+    is the same, and the loop is bounded whatever the config's dilation (a huge one means
+    "everything reachable", not minutes of planning)."""
     for axis in (0, 1):
         grown = mask.copy()
-        for shift in range(1, radius + 1):
+        for shift in range(1, min(radius, mask.shape[axis] - 1) + 1):
             if axis == 0:
                 grown[shift:] |= mask[:-shift]
                 grown[:-shift] |= mask[shift:]

@@ -363,6 +363,20 @@ def test_step_indices_of_any_integer_type_are_taken(sd15_tiny):
         engine.edit(cache, 0.0, plan=plan, **inputs)
 
 
+def test_inputs_in_another_order_are_the_same_generation(sd15_tiny):
+    engine, cache, inputs, output = sd15_tiny
+    reordered = dict(reversed(list(inputs.items())))
+    assert list(reordered) != list(inputs)
+    assert engine.signature(reordered) == engine.signature(inputs)
+    programs = len(engine._programs)
+    plan = engine.plan(box((16, 16), 2, 2, 6, 6))
+    changed = edited(inputs, plan.raw.cpu())
+    expected = engine.edit(cache, 0, plan=plan, **changed)
+    assert torch.equal(engine.edit(cache, 0, plan=plan, **dict(reversed(list(changed.items())))),
+                       expected)
+    assert len(engine._programs) == programs, "no second program for the same inputs"
+
+
 @pytest.mark.parametrize("frontend", ["export", "dynamo"])
 @pytest.mark.parametrize("timestep", [500, 500.0])
 def test_a_python_number_timestep_is_a_graph_input(timestep, frontend):

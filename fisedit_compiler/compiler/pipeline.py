@@ -115,8 +115,11 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
 
 
 def device_of(signature: tuple) -> torch.device:
-    """The device of the signature's tensors (the first one's; a U-Net call uses one device)."""
-    return torch.device(signature[0][3]) if signature else torch.device("cpu")
+    """The device a U-Net call runs on: its sample's (a 0-d timestep may stay on the host,
+    which the U-Net moves itself), else the first input's."""
+    devices = {name: device for name, _, _, device in signature}
+    first = next(iter(devices.values()), "cpu")
+    return torch.device(devices.get("sample", first))
 
 
 def describe_signature(signature: tuple) -> str:

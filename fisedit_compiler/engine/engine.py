@@ -87,9 +87,13 @@ class SparseEngine:
     # -- compilation ----------------------------------------------------------------------
     @staticmethod
     def signature(inputs: dict) -> tuple:
+        """What a program is compiled for: each tensor input's name, shape, dtype and device,
+        in one order whatever the caller's (graphs are called by keyword, so another order
+        must not make another program): the sample first, as messages show it, then by name."""
         flat = flatten_inputs(inputs)
         return tuple((name, tuple(value.shape), value.dtype, str(value.device))
-                     for name, value in flat.items())
+                     for name, value in sorted(flat.items(),
+                                               key=lambda item: (item[0] != "sample", item[0])))
 
     def program(self, inputs: dict) -> Program:
         """The compiled program for ``inputs``' signature (compiled on first use)."""

@@ -141,3 +141,32 @@ def test_an_output_without_positions_is_refused():
     gm = analyze(canonicalize(capture.program_to_graph_module(program)))
     with pytest.raises(FiseditError, match=r"output \[2, 4\] does not show its positions"):
         sparsify(gm, fc.SparseConfig())
+
+
+def test_a_text_attention_mask_keeps_cross_attention_sparse_and_exact():
+    # diffusers turns encoder_attention_mask into one bias row over the text tokens, shared
+    # by every query: the active queries take it as it is.
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, text_length=7)
+    text_mask = torch.ones(2, 7)
+    text_mask[:, 5:] = 0
+    inputs["encoder_attention_mask"] = text_mask
+    engine = fc.compile(unet)
+    program = engine.program(inputs)
+    attentions = [node.name for node in program.canonical.graph.nodes if ir.is_op(node, "attention")]
+    assert attentions and all(program.modes[name] == "sparse" for name in attentions)
+    cache = engine.new_cache(1)
+    recorded = engine.record(cache, 0, **inputs)
+    with torch.no_grad():
+        assert torch.allclose(recorded, unet(**inputs)[0], atol=1e-5)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:8, 4:9] = True
+    plan = engine.plan(mask)
+    changed = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"] + 0.5)
+    changed["encoder_attention_mask"] = text_mask.clone()
+    changed["encoder_attention_mask"][:, 1] = 0
+    output = engine.edit(cache, 0, plan=plan, **changed)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, changed)
+    assert ((output - expected).norm() / expected.norm()).item() < 1e-5
+    outside = ~plan[0].active
+    assert torch.equal(output[..., outside], recorded[..., outside])

@@ -250,10 +250,12 @@ def grouped_linear(x, weight, bias, sizes: tuple) -> tuple:
 # --- attention ------------------------------------------------------------------------------
 
 def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,
-                     policy: str):
+                     policy: str, attn_mask=None):
     """Attention for the active queries of a level.
 
-    ``policy`` is ``cross`` for cross-attention, which attends to the text as usual.
+    ``policy`` is ``cross`` for cross-attention, which attends to the text as usual, under
+    ``attn_mask`` if there is one (an ``encoder_attention_mask`` over the text tokens: the
+    same for every query, so it applies to the active ones unchanged).
     Self-attention with the ``full`` policy (exact) attends to the recorded K/V with the
     active rows replaced; the ``sparse`` policy (FISEdit's fast mode) attends to the active
     tokens only.
@@ -267,4 +269,4 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
         # active token must not count twice.
         keys = torch.arange(k.shape[-2], device=k.device) < target.counts[0]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keys[None, :], scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)

@@ -89,13 +89,13 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
 
 
 def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,
-                     policy: str):
+                     policy: str, attn_mask=None):
     target = plan[level]
-    if recorded_k is not None and policy == "full" and not target.dense:
+    if recorded_k is not None and policy == "full" and not target.dense and attn_mask is None:
         return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
                                            _position(target))
     return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,
-                                       policy)
+                                       policy, attn_mask)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):

@@ -3,7 +3,8 @@
 Each query attends on its own, so the sparse form computes the active queries. Self-attention
 K/V under ``full`` (exact) are the recorded K/V with the active rows replaced (the rewrite reads
 them); under ``sparse`` (FISEdit's fast mode, an approximation the oracle applies too) the
-active tokens only. Cross-attention K/V come from the text (docs/design.md, "Sparse ops").
+active tokens only. Cross-attention K/V come from the text (docs/design.md, "Sparse ops"), under the text's
+attention mask if the U-Net is given one.
 """
 
 from __future__ import annotations
@@ -64,9 +65,12 @@ def _edit_macs(node: fx.Node, level, config, dense: float) -> float:
 
 def _sparse(edit, node: fx.Node):
     q, k, v, mask, scale = node.args
-    if mask is not None:
-        return None
     is_self = node.meta.get(ir.META_ATTN_KIND) == "self"
+    # A mask over the keys alone (an encoder_attention_mask, one row for every query) holds
+    # for the active queries as it is; one with a row per query, or on self-attention, would
+    # need its rows gathered: those run dense.
+    if mask is not None and (is_self or len(shape_of(mask)) < 2 or shape_of(mask)[-2] != 1):
+        return None
     if is_self and not (domain_of(k).positional and domain_of(v).positional):
         return None
     if not is_self and (domain_of(k).positional or domain_of(v).positional):
@@ -77,7 +81,7 @@ def _sparse(edit, node: fx.Node):
     policy = edit.config.self_attention if is_self else "cross"
     return edit.emit(sparse_ops.sparse_attention, edit.env[q], edit.env[k], edit.env[v],
                      recorded_k, recorded_v, edit.plan, domain_of(node).level, scale, policy,
-                     source=node)
+                     None if mask is None else edit.env[mask], source=node)
 
 
 def _oracle(node, args, original, active, config):

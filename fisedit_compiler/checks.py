@@ -41,6 +41,11 @@ def _check_range(name: str, number, minimum, maximum) -> None:
                            f"{low}{name}{high}")
 
 
+def check_seed(name: str, value) -> int:
+    """A random seed: what ``torch.Generator.manual_seed`` takes, an int of 64 bits."""
+    return check_int(name, value, minimum=0, maximum=2 ** 64 - 1)
+
+
 def check_optional_int(name: str, value, *, minimum: int | None = None) -> int | None:
     """``check_int`` for arguments where None means "not set" (e.g. no memory budget)."""
     return None if value is None else check_int(name, value, minimum=minimum)

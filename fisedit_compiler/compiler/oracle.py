@@ -42,8 +42,7 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
     engine._check_inputs(original_inputs)
     engine._check_inputs(edited_inputs)
     before, after = engine.signature(original_inputs), engine.signature(edited_inputs)
-    if ({entry[0]: entry for entry in after} !=        # in any order: inputs go by name
-            {entry[0]: entry for entry in before}):
+    if after != before:         # signatures list inputs in one order, whatever the caller's
         raise FiseditError(
             f"the edited inputs ({describe_signature(after)}) do not match the original "
             f"inputs ({describe_signature(before)}); an edit keeps the original's inputs, "

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_seed
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
@@ -187,8 +187,7 @@ def _check_args(args, vae_config: dict | None) -> None:
         check_int("--probe-steps", args.probe_steps, minimum=0, maximum=args.steps - 1)
     _check_estimator(args, user_mask)
     check_float("--guidance-scale", args.guidance_scale)
-    # torch.Generator.manual_seed takes 64 bits.
-    check_int("--seed", args.seed, minimum=0, maximum=2**64 - 1)
+    check_seed("--seed", args.seed)
     if args.size is not None:
         check_int("--size", args.size, minimum=1)
         scale = _vae_scale_factor(vae_config)

@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checks import (check_bool, check_choice, check_float, check_int,
+from ..checks import (check_bool, check_choice, check_float, check_int, check_seed,
                       check_no_cross_attention_kwargs, check_optional_int, check_prompt)
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
@@ -53,8 +53,6 @@ _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
 # Pipeline arguments that replace the scheduler's schedule by a custom one: the session sizes
 # its recording by num_inference_steps and edits must follow the recorded timesteps.
 _SCHEDULE_KWARGS = ("timesteps", "sigmas")
-# The seeds torch.Generator.manual_seed takes (and torch.Generator().seed() draws): 64 bits.
-_MAX_SEED = 2 ** 64 - 1
 # U-Net arguments the engine's recorded graphs take; others must be None.
 _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs",
                 "down_block_additional_residuals", "mid_block_additional_residual")
@@ -680,7 +678,7 @@ class EditSession:
             return None
         if seed is None:
             return torch.Generator().seed()
-        return check_int("seed", seed, minimum=0, maximum=_MAX_SEED)
+        return check_seed("seed", seed)
 
     def _noise(self, seed, generator, latents, height, width) -> torch.Tensor:
         """The unscaled initial noise the pipeline receives as ``latents=``: ``latents``

@@ -243,9 +243,9 @@ def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: 
     a bank of masks (squares, rectangles, discs and scattered blobs of 0.1-60% of the latent,
     at seeded places, ``mask_bank``; or the masks given as ``bank``) with at most the bucket's
     level-0 tiles has at that level: a mask that needs more moves to the next bucket, so this
-    costs only padding, never correctness. A level is dense in a bucket (and so are the levels below it) where its
-    capacity covers more than its dense threshold; the padding a bucket adds is at most about
-    ``ratio`` on level 0 (``benchmarks`` report it measured).
+    costs only padding, never correctness. A level is dense in a bucket (and so are the levels
+    below it) where its capacity covers more than its dense threshold; the padding a bucket
+    adds is at most about ``ratio`` on level 0 (``benchmarks`` report it measured).
     """
     thresholds = level_thresholds(dense_threshold, len(levels))
     grids = [math.ceil(h / t) * math.ceil(w / t) for (h, w), t in zip(levels, tiles)]

@@ -18,10 +18,12 @@
 #                                         CUDA graphs, the engine and the conv kernel
 #   bash benchmarks/gpu_run.sh calibrated sd15 with calibrated thresholds (never slower than
 #                                         dense?) against the tuned dense step
+#   bash benchmarks/gpu_run.sh launch     sd15 steps with programmatic dependent launch off and
+#                                         on (benchmarks/launch_overlap.py), then the kernels GPU tests
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated|launch) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated|launch" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -48,6 +50,10 @@ case "$1" in
             tests/test_triton_engine.py tests/test_kernels_sparse_conv.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
   calibrated) bench --model sd15 --areas 0.01,0.05,0.2,0.5 --no-reference --no-prepare \
             --compile-modes tuned:reduce-overhead --out "$OUT/calibrated" ;;
+  launch) python3 benchmarks/launch_overlap.py --model sd15 --json "$OUT/launch_overlap.json" 2>&1 \
+            | grep -v -i warn | tee "$OUT/launch_overlap.log"
+          python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
+          timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_*.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;

@@ -36,6 +36,64 @@ def triton_enabled(tensor: torch.Tensor) -> bool:
     return HAS_TRITON and (tensor.is_cuda or INTERPRET)
 
 
+# --- programmatic dependent launch ----------------------------------------------------------
+# An edit step is hundreds of kernels of a few microseconds each (benchmarks/RESULTS.md), so the
+# time between one kernel's end and the next one's start counts. On Hopper and later, a kernel
+# launched as a programmatic dependent may start while the kernel before it still runs: its
+# programs are placed on the GPU early and wait, inside the kernel, for the previous kernel to
+# finish (``wait_for_previous_kernel``). Every kernel here calls that wait before its first
+# memory access, so what it reads and writes is ordered exactly as without the overlap.
+
+HAS_GRID_DEPENDENCY_CONTROL = False
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        HAS_GRID_DEPENDENCY_CONTROL = True
+    except ImportError:  # Triton before 3.3: kernels launch without the overlap
+        pass
+
+    @triton.jit
+    def wait_for_previous_kernel(PDL: tl.constexpr):
+        """With ``PDL``: wait until the previous kernel in the stream has finished and its writes
+        are visible, then let the next kernel's programs be placed. The first statement of every
+        kernel here; a no-op without ``PDL``."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+
+_programmatic_launch = {"enabled": True}
+
+
+def set_programmatic_launch(enabled: bool) -> bool:
+    """Turn programmatic dependent launch on or off for kernels launched from now on (CUDA
+    graphs keep how they were captured); returns the previous setting. On by default where the
+    GPU supports it; benchmarks turn it off to measure what it saves."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_programmatic_launch takes True or False, got {enabled!r}")
+    previous = _programmatic_launch["enabled"]
+    _programmatic_launch["enabled"] = enabled
+    return previous
+
+
+@functools.cache
+def _supports_programmatic_launch(device: torch.device) -> bool:
+    return HAS_GRID_DEPENDENCY_CONTROL and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch_options(tensor: torch.Tensor) -> dict:
+    """The keyword arguments that launch a kernel here on ``tensor``'s device: ``PDL`` (the
+    kernel's constexpr for ``wait_for_previous_kernel``) and Triton's ``launch_pdl``, both
+    true on a GPU that supports programmatic dependent launch (compute capability 9.0 or
+    later) while it is enabled (``set_programmatic_launch``); false under the interpreter."""
+    pdl = (_programmatic_launch["enabled"] and tensor.is_cuda and not INTERPRET
+           and _supports_programmatic_launch(tensor.device))
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 # --- mixed tensors --------------------------------------------------------------------------
 # The one place new and recorded values are mixed (docs/design.md, "Sparse ops"): the reference
 # sparse ops (``sparse_ops.scatter_full``) and the kernels' references (conv input, attention

@@ -19,11 +19,13 @@ import math
 import torch
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, autotune_options, mix_positions
+from . import HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from . import wait_for_previous_kernel
 
     # Shared memory one launch may use, with a margin for what the estimate below leaves out.
     _SHARED_BUDGET = 192 * 1024
@@ -81,7 +83,7 @@ if HAS_TRITON:
                           svr_b, svr_h, svr_l, svr_d, so_b, so_h, so_l, so_d,
                           MIXED: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """Program (query block, batch * heads, split): BLOCK_M queries of one (batch, head)
         against keys [split * keys_per_split, +keys_per_split). Without SPLIT (one split) it
         writes the output; with SPLIT the unnormalised result and its softmax statistics,
@@ -89,6 +91,7 @@ if HAS_TRITON:
 
         HEAD_DIM is a compile-time constant so the head-dim mask is known to the compiler and
         rows load in wide vectors (a runtime 40 would force element-wise loads)."""
+        wait_for_previous_kernel(PDL)
         batch_head = tl.program_id(1)
         split = tl.program_id(2)
         b = batch_head // heads
@@ -141,9 +144,11 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["q_len"])
     def _combine_kernel(partial, stats, out, q_len, heads, splits, so_b, so_h, so_l, so_d,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        PDL: tl.constexpr):
         """Program (query block, batch * heads): merge the splits' partial softmaxes (each
         rescaled to the common running maximum) and normalise."""
+        wait_for_previous_kernel(PDL)
         batch_head = tl.program_id(1)
         b = batch_head // heads
         h = batch_head % heads
@@ -282,9 +287,9 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
         *q.stride(), *k.stride(), *v.stride(), *k_recorded.stride(), *v_recorded.stride(),
         *out.stride(),
         MIXED=mixed, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_DIM=head_dim, BLOCK_D=block_d)
+        HEAD_DIM=head_dim, BLOCK_D=block_d, **launch_options(q))
     if splits > 1:
         _combine_kernel[(triton.cdiv(q_len, 16), batch * heads)](
             partial, stats, out, q_len, heads, splits, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16, **launch_options(q))
     return out

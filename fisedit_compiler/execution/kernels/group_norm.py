@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET
+from . import HAS_TRITON, INTERPRET, launch_options
 
 POLICIES = ("incremental", "cached")
 
@@ -42,6 +42,8 @@ _NUM_WARPS = 8
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from . import wait_for_previous_kernel
 
     @triton.jit
     def _sum_pair(first, second, index, length, GATHER: tl.constexpr, BLOCK: tl.constexpr):
@@ -67,7 +69,7 @@ if HAS_TRITON:
                            so_p, INCREMENTAL: tl.constexpr, COUNTED: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+                           BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         """Program b * G + g: the group's mean and variance, then
         ``out = x * scale[b, c] + shift[b, c]`` (then SiLU) over the group's channels and
         positions, in fp32.
@@ -77,6 +79,7 @@ if HAS_TRITON:
         (all tiles minus the active ones, as the reference does). With COUNTED the sums
         cover only the first ``active_counts[0]`` positions and ``active_counts[1]`` tiles (a
         padded plan's); the output covers every position."""
+        wait_for_previous_kernel(PDL)
         batch_group = tl.program_id(0)
         summed_positions = positions
         if COUNTED:
@@ -260,5 +263,5 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
         *x.stride(), *out.stride(),
         INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         SILU=silu, BLOCK_C=block_c, BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
-        num_warps=_NUM_WARPS)
+        num_warps=_NUM_WARPS, **launch_options(x))
     return out

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from ...checks import check_choice
 from ...config import CONV_METHODS
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, autotune_options, mix_positions, triton_enabled
+from . import (HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions,
+               triton_enabled)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
@@ -174,6 +175,8 @@ def _is_packed(packed: torch.Tensor, weight: torch.Tensor) -> bool:
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from . import wait_for_previous_kernel
 
     def _configs():
         """One small tile in the interpreter (fast CPU tests); a handful to tune on the GPU.
@@ -311,7 +314,9 @@ if HAS_TRITON:
             KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
             DIL_H: tl.constexpr, DIL_W: tl.constexpr, HAS_BIAS: tl.constexpr,
             HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            PDL: tl.constexpr):
+        wait_for_previous_kernel(PDL)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < m_total
@@ -368,7 +373,8 @@ if HAS_TRITON:
             in_w, out_w, pad_top, pad_left, sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w,
             KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
             DIL_H: tl.constexpr, DIL_W: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_C: tl.constexpr):
+            BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        wait_for_previous_kernel(PDL)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         tap = tl.program_id(1)
         channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -390,8 +396,9 @@ if HAS_TRITON:
     def _epilogue_kernel(y_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, m_total, p_out, c_out,
                          sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr,
                          HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """``_epilogue`` over the GEMM's result ``y`` ``[M, Cout]`` (in place when y is out)."""
+        wait_for_previous_kernel(PDL)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
@@ -553,7 +560,8 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
             partial, counters, m_total, p_out, c_in, c_out, src_w, src_h, src_w, out_size[1], top, left, triton.next_power_of_2(m_total),
             *x.stride(), *recorded.stride(), *res_strides, out_scale,
             KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1],
-            DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1)
+            DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1,
+            **launch_options(x))
     except BaseException:
         # The interpreter can fail partway through a launch, leaving some counters raised.
         if INTERPRET and counters is not None:
@@ -578,7 +586,7 @@ def _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, s
         x, recorded, in_position, out_pixels, taps, m_total, p_out, c_in, src_w, src_h, src_w,
         out_size[1], padding[0], padding[2], *x.stride(), *recorded.stride(),
         KW=kernel_size[1], STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0],
-        DIL_W=dilation[1], BLOCK_M=block_m, BLOCK_C=block_c)
+        DIL_W=dilation[1], BLOCK_M=block_m, BLOCK_C=block_c, **launch_options(x))
     result = out.transpose(1, 2).view(m_total, c_out)
     only_bias = temb is None and residual is None and out_scale is None
     if only_bias and bias is not None and bias.dtype == taps.dtype:
@@ -594,4 +602,4 @@ def _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, s
         result, bias, temb, residual, result, m_total, p_out, c_out, *res_strides,
         1.0 if out_scale is None else out_scale, HAS_BIAS=bias is not None,
         HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n)
+        BLOCK_N=block_n, **launch_options(x))

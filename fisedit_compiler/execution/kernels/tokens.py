@@ -12,18 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import FiseditError
-from . import HAS_TRITON
+from . import HAS_TRITON, launch_options
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from . import wait_for_previous_kernel
+
     @triton.jit
     def _add_layer_norm_kernel(x, residual, weight, bias, total, normed, width, eps,
                                s_x, s_r, s_t, s_n, HAS_RESIDUAL: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program r: total = x + residual of row r, then its layer norm."""
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
@@ -44,8 +47,9 @@ if HAS_TRITON:
         tl.store(normed + row * s_n + cols, y.to(normed.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _geglu_kernel(x, out, width, s_x, s_o, BLOCK: tl.constexpr):
+    def _geglu_kernel(x, out, width, s_x, s_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program (r, block): out = hidden * gelu(gate) with exact (erf) GELU, in fp32."""
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
@@ -96,7 +100,8 @@ def add_layer_norm(x, residual, weight, bias, eps):
         normed if bias is None else bias, total_rows, normed_rows, width, eps,
         rows.stride(0), residual_rows.stride(0), total_rows.stride(0), normed_rows.stride(0),
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        **launch_options(x))
     return total, normed
 
 
@@ -121,5 +126,5 @@ def geglu(x):
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(width), 1024)
     _geglu_kernel[(rows.shape[0], triton.cdiv(width, block))](
-        rows, out, width, rows.stride(0), width, BLOCK=block)
+        rows, out, width, rows.stride(0), width, BLOCK=block, **launch_options(x))
     return out

@@ -93,7 +93,8 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
     target = plan[level]
     if recorded_k is not None and policy == "full" and not target.dense and attn_mask is None:
         return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
-                                           _position(target))
+                                           _position(target),
+                                           target.counts if target.padded else None)
     return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,
                                        policy, attn_mask)
 

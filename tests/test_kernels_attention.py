@@ -125,52 +125,6 @@ def test_kernel_splits_the_keys_of_few_queries(n_keys):
     check_kernel(rand(1, 2, 5, 40), e["new_k"], e["new_v"])
 
 
-def test_kernel_skips_the_padded_rows_of_a_counted_plan():
-    """A padded plan's compact K/V carry repeats after the active rows: with their count
-    (``LevelPlan.counts``) the kernel attends to the active rows once, as the reference does
-    through the positions. Without the count, a padded plan would weigh its repeats twice."""
-    e = edit(2, 2, 3 * _SPLIT_KEYS, 7, 40)
-    repeats = e["k"][:, :, :1].expand(-1, -1, 5, -1)
-    k = torch.cat([e["k"], repeats], dim=2)
-    v = torch.cat([e["v"], e["v"][:, :, :1].expand(-1, -1, 5, -1)], dim=2)
-    q = rand(2, 2, 7, 40)
-    expected = attention_reference(q, e["k"], e["v"], None, e["k_recorded"], e["v_recorded"],
-                                   e["key_position"])
-    count = torch.tensor([7, 1], dtype=torch.int32, device=DEVICE)
-    assert_close(attention(q, k, v, None, e["k_recorded"], e["v_recorded"], e["key_position"],
-                           count), expected)
-    uncounted = attention(q, k, v, None, e["k_recorded"], e["v_recorded"], e["key_position"])
-    assert not torch.allclose(uncounted, expected, atol=1e-3)
-
-
-def test_kernel_splits_whose_recorded_keys_are_all_active():
-    """Every recorded key of the first splits is active (masked out there, its new row comes
-    later): those splits hold no weight at all, and the merge must not turn that into NaN."""
-    n_keys = 4 * _SPLIT_KEYS
-    e = edit(1, 2, n_keys, 0, 40)
-    active = torch.arange(2 * _SPLIT_KEYS, device=DEVICE)
-    e["key_position"][active] = torch.arange(active.numel(), device=DEVICE)
-    k, v = e["new_k"][:, :, active], e["new_v"][:, :, active]
-    q = rand(1, 2, 3, 40)
-    assert _key_split(3, 2, n_keys + active.numel(), DEVICE)[0] > 2
-    check_kernel(q, k, v, None, e["k_recorded"], e["v_recorded"], e["key_position"])
-
-
-@pytest.mark.parametrize("count", [
-    torch.tensor([3], dtype=torch.int64),        # not int32
-    torch.zeros(0, dtype=torch.int32),           # no entry
-])
-def test_kernel_refuses_a_bad_new_key_count(count):
-    e = edit(1, 2, 10, 3, 8)
-    q = rand(1, 2, 3, 8)
-    with pytest.raises(FiseditError, match="new_key_count"):
-        attention(q, e["k"], e["v"], None, e["k_recorded"], e["v_recorded"], e["key_position"],
-                  count.to(DEVICE))
-    with pytest.raises(FiseditError, match="new_key_count"):      # without recorded K/V
-        attention(q, e["k"], e["v"], None, None, None, None,
-                  torch.tensor([3], dtype=torch.int32, device=DEVICE))
-
-
 @settings(max_examples=8, deadline=None)
 @given(batch=st.integers(1, 2), heads=st.integers(1, 2), q_len=st.integers(1, 40),
        n_keys=st.integers(1, 90), head_dim=st.sampled_from([8, 40, 80]), mixed=st.booleans(),

@@ -93,8 +93,7 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
     target = plan[level]
     if recorded_k is not None and policy == "full" and not target.dense and attn_mask is None:
         return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
-                                           _position(target),
-                                           target.counts if target.padded else None)
+                                           _position(target))
     return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,
                                        policy, attn_mask)
 

@@ -8,8 +8,7 @@ self-attention policy: key ``j`` is the new row ``k[:, :, key_position[j]]`` whe
 ``key_position[j] >= 0`` (the level's ``LevelPlan.position``) and the recorded row
 ``k_recorded[:, :, j]`` elsewhere. The kernel reads both tensors in place, so the mixed K/V
 (``scatter_full`` in the reference runtime: a clone of the recorded tensors per layer and step)
-is never materialised: it attends to the recorded rows with the active ones masked out, then to
-the new rows.
+is never materialised.
 """
 
 from __future__ import annotations
@@ -56,29 +55,21 @@ if HAS_TRITON:
         return [config for config in configs if fits(config)] or configs[:1]
 
     @triton.jit
-    def _key_rows(base, offs_n, valid, offs_d, d_mask, s_l, s_d):
-        """A [BLOCK_N, BLOCK_D] block of keys (or values): rows ``offs_n`` of ``base``, zeros
-        where not ``valid``."""
-        return tl.load(base + offs_n[:, None] * s_l + offs_d[None, :] * s_d,
-                       mask=valid[:, None] & d_mask[None, :], other=0.0)
-
-    @triton.jit
-    def _attend(queries, keys, values, valid, row_max, row_sum, acc, qk_scale,
-                PRECISION: tl.constexpr):
-        """One block of keys into the online softmax; keys not ``valid`` get no weight."""
-        # Scores in the log2 domain (qk_scale includes log2(e)) so the softmax uses exp2.
-        scores = tl.dot(queries, tl.trans(keys), input_precision=PRECISION) * qk_scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        # Until a valid key comes the maximum stays -inf: subtract 0 then, so that exp2 gives
-        # weights of 0 rather than NaN.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        correction = tl.exp2(row_max - safe_max)
-        weights = tl.exp2(scores - safe_max[:, None])
-        row_sum = row_sum * correction + tl.sum(weights, 1)
-        acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values,
-                                                 input_precision=PRECISION)
-        return new_max, row_sum, acc
+    def _key_rows(new, recorded, position, offs_n, n_mask, offs_d, d_mask,
+                  s_new_l, s_new_d, s_rec_l, s_rec_d, MIXED: tl.constexpr, ALIGN: tl.constexpr):
+        """A [BLOCK_N, BLOCK_D] block of keys (or values): rows of ``new``, or with MIXED the
+        new row where ``position >= 0`` and the recorded row elsewhere."""
+        cols = offs_d[None, :]
+        if MIXED:
+            # Choose each row's source by pointer, so one load serves both tensors.
+            new_rows = tl.multiple_of(position * s_new_l, ALIGN)
+            recorded_rows = tl.multiple_of(offs_n * s_rec_l, ALIGN)
+            pointers = tl.where((position >= 0)[:, None],
+                                new + new_rows[:, None] + cols * s_new_d,
+                                recorded + recorded_rows[:, None] + cols * s_rec_d)
+        else:
+            pointers = new + tl.multiple_of(offs_n * s_new_l, ALIGN)[:, None] + cols * s_new_d
+        return tl.load(pointers, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
 
     @triton.autotune(configs=_configs(),
                      key=["q_bucket", "keys_per_split", "HEAD_DIM", "MIXED", "SPLIT"],
@@ -87,30 +78,25 @@ if HAS_TRITON:
     # The query count follows the mask: not specialized on (Triton would compile a variant per
     # divisibility class), so a new mask does not recompile; tuning is per power-of-two bucket.
     @triton.jit(do_not_specialize=["q_len", "q_bucket"])
-    def _attention_kernel(q, k, v, k_rec, v_rec, key_position, new_key_count, out, partial,
-                          stats, q_len, n_keys, n_new, keys_per_split, heads, qk_scale, q_bucket,
+    def _attention_kernel(q, k, v, k_rec, v_rec, key_position, out, partial, stats,
+                          q_len, n_keys, keys_per_split, heads, qk_scale, q_bucket,
                           sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
                           sv_b, sv_h, sv_l, sv_d, skr_b, skr_h, skr_l, skr_d,
                           svr_b, svr_h, svr_l, svr_d, so_b, so_h, so_l, so_d,
-                          MIXED: tl.constexpr, COUNTED: tl.constexpr, SPLIT: tl.constexpr,
-                          PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PDL: tl.constexpr):
+                          MIXED: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
         """Program (query block, batch * heads, split): BLOCK_M queries of one (batch, head)
-        against keys [split * keys_per_split, +keys_per_split) of the key sequence. Without
-        SPLIT (one split) it writes the output; with SPLIT the unnormalised result and its
-        softmax statistics, which ``_combine_kernel`` merges.
-
-        Without MIXED the key sequence is ``k``'s ``n_keys`` rows. With MIXED it is the
-        ``n_keys`` recorded rows, each active one (``key_position >= 0``) masked out, then the
-        ``n_new`` rows of ``k`` (the first ``new_key_count[0]`` of them with COUNTED): the
-        active keys' new rows, once each. Both runs are plain strided loads, independent of
-        the positions, so the loads of the next block need not wait for the positions of this
-        one (choosing each row's source from its position made every step wait for that load:
-        3-5x slower, RESULTS.md session 10).
+        against keys [split * keys_per_split, +keys_per_split). Without SPLIT (one split) it
+        writes the output; with SPLIT the unnormalised result and its softmax statistics,
+        which ``_combine_kernel`` merges.
 
         HEAD_DIM is a compile-time constant so the head-dim mask is known to the compiler and
-        rows load in wide vectors (a runtime 40 would force element-wise loads)."""
+        rows load in wide vectors (a runtime 40 would force element-wise loads). ALIGN, a power
+        of two dividing every stride but the last, says the same of where rows and heads
+        start: Triton only knows a runtime stride divides by 16, so SD1.5's heads of 40
+        channels (a head stride of 40) read element by element without it, 4x slower than
+        SDPA at the finest level (RESULTS.md, session 10)."""
         wait_for_previous_kernel(PDL)
         batch_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -120,40 +106,39 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         m_mask = offs_m < q_len
-        queries = tl.load(q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
+        q_rows = tl.multiple_of(b * sq_b + h * sq_h + offs_m * sq_l, ALIGN)
+        queries = tl.load(q + q_rows[:, None] + offs_d[None, :] * sq_d,
                           mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        k += b * sk_b + h * sk_h
-        v += b * sv_b + h * sv_h
+        k += tl.multiple_of(b * sk_b + h * sk_h, ALIGN)
+        v += tl.multiple_of(b * sv_b + h * sv_h, ALIGN)
+        k_rec += tl.multiple_of(b * skr_b + h * skr_h, ALIGN)
+        v_rec += tl.multiple_of(b * svr_b + h * svr_h, ALIGN)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         key_start = split * keys_per_split
-        key_end = tl.minimum(key_start + keys_per_split, n_keys + n_new)
-        new_start = 0
-        if MIXED:
-            k_rec += b * skr_b + h * skr_h
-            v_rec += b * svr_b + h * svr_h
-            recorded_end = tl.minimum(key_end, n_keys)
-            for start in range(key_start, recorded_end, BLOCK_N):
-                offs_n = start + tl.arange(0, BLOCK_N)
-                in_range = offs_n < recorded_end
-                position = tl.load(key_position + offs_n, mask=in_range, other=0)
-                keys = _key_rows(k_rec, offs_n, in_range, offs_d, d_mask, skr_l, skr_d)
-                values = _key_rows(v_rec, offs_n, in_range, offs_d, d_mask, svr_l, svr_d)
-                row_max, row_sum, acc = _attend(queries, keys, values, in_range & (position < 0),
-                                                row_max, row_sum, acc, qk_scale, PRECISION)
-            new_start = n_keys
-        new_count = n_new
-        if COUNTED:
-            new_count = tl.load(new_key_count)
-        new_end = key_end - new_start
-        for start in range(tl.maximum(key_start, new_start) - new_start, new_end, BLOCK_N):
+        key_end = tl.minimum(key_start + keys_per_split, n_keys)
+        for start in range(key_start, key_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            valid = (offs_n < new_end) & (offs_n < new_count)
-            keys = _key_rows(k, offs_n, valid, offs_d, d_mask, sk_l, sk_d)
-            values = _key_rows(v, offs_n, valid, offs_d, d_mask, sv_l, sv_d)
-            row_max, row_sum, acc = _attend(queries, keys, values, valid, row_max, row_sum, acc,
-                                            qk_scale, PRECISION)
+            n_mask = offs_n < key_end
+            if MIXED:
+                position = tl.load(key_position + offs_n, mask=n_mask, other=-1)
+            else:
+                position = offs_n
+            keys = _key_rows(k, k_rec, position, offs_n, n_mask, offs_d, d_mask,
+                             sk_l, sk_d, skr_l, skr_d, MIXED, ALIGN)
+            values = _key_rows(v, v_rec, position, offs_n, n_mask, offs_d, d_mask,
+                               sv_l, sv_d, svr_l, svr_d, MIXED, ALIGN)
+            # Scores in the log2 domain (qk_scale includes log2(e)) so the softmax uses exp2.
+            scores = tl.dot(queries, tl.trans(keys), input_precision=PRECISION) * qk_scale
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            correction = tl.exp2(row_max - new_max)
+            weights = tl.exp2(scores - new_max[:, None])
+            row_sum = row_sum * correction + tl.sum(weights, 1)
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values,
+                                                     input_precision=PRECISION)
+            row_max = new_max
         mask = m_mask[:, None] & d_mask[None, :]
         if SPLIT:
             row = (split * tl.num_programs(1) + batch_head) * q_len + offs_m
@@ -161,13 +146,14 @@ if HAS_TRITON:
             tl.store(stats + 2 * row, row_max, mask=m_mask)
             tl.store(stats + 2 * row + 1, row_sum, mask=m_mask)
         else:
-            tl.store(out + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
+            out_rows = tl.multiple_of(b * so_b + h * so_h + offs_m * so_l, ALIGN)
+            tl.store(out + out_rows[:, None] + offs_d[None, :] * so_d,
                      (acc / row_sum[:, None]).to(out.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["q_len"])
     def _combine_kernel(partial, stats, out, q_len, heads, splits, so_b, so_h, so_l, so_d,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        PDL: tl.constexpr):
+                        ALIGN: tl.constexpr, PDL: tl.constexpr):
         """Program (query block, batch * heads): merge the splits' partial softmaxes (each
         rescaled to the common running maximum) and normalise."""
         wait_for_previous_kernel(PDL)
@@ -189,14 +175,13 @@ if HAS_TRITON:
             split_acc = tl.load(partial + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
                                 other=0.0)
             new_max = tl.maximum(row_max, split_max)
-            # A split whose keys were all masked out has a maximum of -inf and a sum of 0.
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            old_weight = tl.exp2(row_max - safe_max)
-            split_weight = tl.exp2(split_max - safe_max)
+            old_weight = tl.exp2(row_max - new_max)
+            split_weight = tl.exp2(split_max - new_max)
             row_sum = row_sum * old_weight + split_sum * split_weight
             acc = acc * old_weight[:, None] + split_acc * split_weight[:, None]
             row_max = new_max
-        tl.store(out + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
+        out_rows = tl.multiple_of(b * so_b + h * so_h + offs_m * so_l, ALIGN)
+        tl.store(out + out_rows[:, None] + offs_d[None, :] * so_d,
                  (acc / row_sum[:, None]).to(out.dtype.element_ty), mask=mask)
 
 
@@ -270,15 +255,19 @@ def _key_split(q_len: int, batch_heads: int, n_keys: int, device) -> tuple[int, 
     return triton.cdiv(n_keys, keys_per_split), keys_per_split
 
 
-def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_position=None,
-              new_key_count=None):
-    """Triton version of ``attention_reference``; q/k/v may be strided views (e.g. permutes).
+def _stride_alignment(*tensors) -> int:
+    """The largest power of two, up to 16, dividing every stride but the last of ``tensors``:
+    in elements, how the kernel may assume its rows and heads start aligned."""
+    align = 16
+    for tensor in tensors:
+        for stride in tensor.stride()[:-1]:
+            while stride % align:
+                align //= 2
+    return align
 
-    With recorded K/V the kernel reads the active keys' new rows straight from ``k`` and
-    ``v``, not through ``key_position``: it needs ``key_position`` to name each of ``k``'s
-    first rows once (a plan's compact order does) and takes ``new_key_count``, an int32
-    tensor on the device whose first entry is how many of ``k``'s rows those are (the rest are
-    a padded plan's repeats: ``LevelPlan.counts``), or None when all of them are.
+
+def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_position=None):
+    """Triton version of ``attention_reference``; q/k/v may be strided views (e.g. permutes).
 
     fp32 inputs use exact fp32 dot products (not TF32) so they match the reference closely.
     The output is [B, H, Lq, D] in q's dtype, stored as the permuted view of a contiguous
@@ -288,13 +277,6 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
     results.
     """
     mixed = _check_inputs(q, k, v, k_recorded, v_recorded, key_position)
-    if new_key_count is not None and (
-            not mixed or new_key_count.dtype != torch.int32 or new_key_count.numel() < 1
-            or new_key_count.device != q.device):
-        raise FiseditError("attention: new_key_count goes with recorded K/V and must be an int32 "
-                           f"tensor on q's device with at least one entry, got "
-                           f"{new_key_count.dtype} {tuple(new_key_count.shape)} on "
-                           f"{new_key_count.device}")
     batch, heads, q_len, head_dim = q.shape
     out = torch.empty((batch, q_len, heads, head_dim), dtype=q.dtype,
                       device=q.device).permute(0, 2, 1, 3)
@@ -303,10 +285,11 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
     if not mixed:
         # The kernel ignores these without MIXED; any tensors do as placeholders.
         k_recorded, v_recorded, key_position = k, v, k
-    n_keys, n_new = (k_recorded.shape[2], k.shape[2]) if mixed else (0, k.shape[2])
+    n_keys = k_recorded.shape[2] if mixed else k.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
-    splits, keys_per_split = _key_split(q_len, batch * heads, n_keys + n_new, q.device)
+    splits, keys_per_split = _key_split(q_len, batch * heads, n_keys, q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    align = _stride_alignment(q, k, v, k_recorded, v_recorded, out)
     if splits > 1:
         partial = torch.empty(splits, batch * heads, q_len, head_dim, dtype=torch.float32,
                               device=q.device)
@@ -319,16 +302,15 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
         return triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads, splits
 
     _attention_kernel[grid](
-        q, k, v, k_recorded, v_recorded, key_position,
-        key_position if new_key_count is None else new_key_count, out, partial, stats,
-        q_len, n_keys, n_new, keys_per_split, heads, scale * math.log2(math.e),
+        q, k, v, k_recorded, v_recorded, key_position, out, partial, stats,
+        q_len, n_keys, keys_per_split, heads, scale * math.log2(math.e),
         triton.next_power_of_2(q_len),
         *q.stride(), *k.stride(), *v.stride(), *k_recorded.stride(), *v_recorded.stride(),
         *out.stride(),
-        MIXED=mixed, COUNTED=new_key_count is not None, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_DIM=head_dim, BLOCK_D=block_d, **launch_options(q))
+        MIXED=mixed, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, **launch_options(q))
     if splits > 1:
         _combine_kernel[(triton.cdiv(q_len, 16), batch * heads)](
             partial, stats, out, q_len, heads, splits, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16, **launch_options(q))
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16, ALIGN=align, **launch_options(q))
     return out

@@ -144,3 +144,33 @@ def test_nested_inputs_flattened_as_export_names_them():
                                    "added_cond_kwargs": {"image_embeds": [c]}, "scale": 1.0})
     assert list(flat) == ["sample", "down_block_additional_residuals_0",
                           "down_block_additional_residuals_1", "added_cond_kwargs_image_embeds_0"]
+
+
+def test_inputs_the_unet_fails_on_raise_its_own_error():
+    unet = zoo.unet("sd15-tiny")
+    inputs = dict(zoo.example_inputs(unet),
+                  mid_block_additional_residual=torch.zeros(2, 3, 5, 5),
+                  down_block_additional_residuals=[torch.zeros(2, 32, 16, 16)] * 6)
+    with pytest.raises(FiseditError, match=r"the U-Net itself fails on these inputs: "
+                                           r"RuntimeError: The size of tensor a \(8\) must "
+                                           r"match") as error:
+        capture.capture(unet, inputs)
+    assert isinstance(error.value.__cause__, RuntimeError)
+    assert len(inputs["down_block_additional_residuals"]) == 6     # the caller's list kept
+
+
+def test_a_capture_failure_on_inputs_the_unet_takes_is_raised_as_it_is(monkeypatch):
+    """The U-Net runs on the inputs, the frontend fails: that is an unsupported graph, and its
+    own error says why."""
+    unet = zoo.unet("sd15-tiny")
+    calls = []
+
+    def failing_export(*args, **kwargs):
+        raise NotImplementedError("an op the frontend cannot take")
+
+    original_forward = unet.forward
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    monkeypatch.setattr(unet, "forward", lambda **kw: calls.append(1) or original_forward(**kw))
+    with pytest.raises(NotImplementedError, match="an op the frontend cannot take"):
+        capture.capture(unet, zoo.example_inputs(unet))
+    assert calls == [1]         # the U-Net was run once, to tell the two failures apart

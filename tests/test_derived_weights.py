@@ -45,13 +45,35 @@ def pack_weight_2d(weight):
 
 
 def test_versions_move_with_in_place_changes_and_inference_tensors_have_none():
-    from fisedit_compiler.execution.derived_weights import tensor_versions
+    from fisedit_compiler.execution.derived_weights import tensor_versions, version_counters
 
     a, b = torch.zeros(2), torch.zeros(3)
-    before = tensor_versions([a, b])
+    before = version_counters([a, b])
     b.add_(1)
-    after = tensor_versions([a, b])
+    after = version_counters([a, b])
     assert after[0] == before[0] and after[1] != before[1]
+    assert tensor_versions([a, b])[0] == after
     with torch.inference_mode():
         frozen = torch.zeros(2)
-    assert tensor_versions([a, frozen]) == (after[0], None)
+    assert version_counters([a, frozen]) == (after[0], None)
+
+
+def test_a_data_assignment_moves_the_storage_not_the_counter():
+    """``param.data = ...`` (PEFT's merge, ``.half().float()``) leaves the version counter as
+    it was: the storage address is what tells the change."""
+    from fisedit_compiler.execution.derived_weights import tensor_versions
+
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    counters, storages = tensor_versions([weight])
+    weight.data = weight.data * 2
+    now = tensor_versions([weight])
+    assert now[0] == counters and now[1] != storages
+
+
+def test_a_copy_follows_a_data_assignment_of_its_source():
+    derived = DerivedWeights()
+    weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    first = derived.get((weight,), pack_weight)
+    weight.data = weight.data * 3           # no version bump: the storage moved
+    again = derived.get((weight,), pack_weight)
+    assert again is first and torch.equal(again, pack_weight(weight))

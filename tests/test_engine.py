@@ -433,9 +433,12 @@ def test_other_dtypes_against_the_cache_are_refused_before_compiling(sd15_tiny, 
     cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in inputs.items()}
     programs = dict(engine._programs)
-    with pytest.raises(fc.FiseditError, match=f"recorded .*float32.*got .*{str(dtype)[6:]}"):
+    # Inputs of another dtype than the U-Net's weights: refused as such, whatever the cache.
+    message = (rf"sample is {str(dtype)[6:]} but the U-Net's weights are float32; convert it "
+               r"with .to\(torch.float32\)")
+    with pytest.raises(fc.FiseditError, match=message):
         engine.edit(cache, 0, plan=plan, **cast)
-    with pytest.raises(fc.FiseditError, match="use engine.new_cache"):
+    with pytest.raises(fc.FiseditError, match=message):
         engine.record(cache, 1, **cast)
     assert engine._programs == programs                  # no program built for the new dtype
 
@@ -650,3 +653,103 @@ def test_the_oracle_checks_its_arguments_before_computing(sd15_tiny, monkeypatch
     monkeypatch.undo()
     reordered = {name: new[name] for name in reversed(list(new))}    # inputs go by name
     assert torch.equal(fc.oracle.masked_dense(engine, plan, inputs, reordered), expected)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("half", r"sample is float16 but the U-Net's weights are float32; convert it with "
+             r"\.to\(torch\.float32\)"),
+    ("long_sample", r"sample is int64 but the U-Net's weights are float32"),
+    ("double_states", r"encoder_hidden_states is float64 but the U-Net's weights are float32; "
+                      r"convert it with \.to\(torch\.float32\)"),
+    ("states_batch_1", r"encoder_hidden_states has a batch of 1 but the sample has 2; pass one "
+                       r"row of text states per latent"),
+    ("states_batch_3", r"encoder_hidden_states has a batch of 3 but the sample has 2"),
+    ("three_timesteps", r"timestep has shape \(3,\) but the sample's batch is 2; pass one "
+                        r"timestep .* or one per latent \(shape \[2\]\)"),
+    ("timestep_2d", r"timestep has shape \(2, 2\)"),
+    ("empty_batch", r"sample has an empty batch .*; pass at least one latent"),
+])
+def test_inputs_of_the_wrong_dtype_or_batch_are_refused_before_capture(sd15_tiny, case,
+                                                                       message):
+    engine, cache, inputs, output = sd15_tiny
+    states = inputs["encoder_hidden_states"]
+    bad = {"half": {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in inputs.items()},
+           "long_sample": dict(inputs, sample=inputs["sample"].long()),
+           "double_states": dict(inputs, encoder_hidden_states=states.double()),
+           "states_batch_1": dict(inputs, encoder_hidden_states=states[:1]),
+           "states_batch_3": dict(inputs, encoder_hidden_states=states[[0, 1, 1]]),
+           "three_timesteps": dict(inputs, timestep=torch.tensor([1.0, 2.0, 3.0])),
+           "timestep_2d": dict(inputs, timestep=torch.ones(2, 2)),
+           "empty_batch": dict(inputs, sample=inputs["sample"][:0], encoder_hidden_states=
+                               states[:0], timestep=inputs["timestep"][:0])}[case]
+    before, traces = snapshot(cache), dict(engine._traces)
+    fresh = fc.compile(engine.unet)
+    for call in (lambda: engine.record(cache, 1, **bad), lambda: engine.dense(**bad),
+                 lambda: fresh.record(fresh.new_cache(1), 0, **bad)):
+        with pytest.raises(fc.FiseditError, match=message):
+            call()
+    assert engine._traces == traces and fresh._traces == {}
+    assert same_cache(cache, before) and 1 not in cache.steps
+
+
+def test_inputs_of_a_lower_precision_than_a_double_unet_are_refused():
+    unet = zoo.unet("sd15-tiny", dtype=torch.float64)
+    engine = fc.compile(unet)
+    inputs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in zoo.example_inputs(unet).items()}
+    with pytest.raises(fc.FiseditError, match=r"sample is float32 but the U-Net's weights are "
+                                              r"float64; convert it with \.to\(torch\.float64\)"):
+        engine.record(engine.new_cache(1), 0, **inputs)
+    assert engine._traces == {}
+
+
+def test_inputs_the_unet_itself_fails_on_are_told_as_such(sd15_tiny):
+    """Inputs no check knows (ControlNet residuals of the wrong size) fail capture: the error
+    says the U-Net itself fails, with its own error as the cause, not export's."""
+    engine, cache, inputs, _ = sd15_tiny
+    bad = dict(inputs, mid_block_additional_residual=torch.zeros(2, 3, 5, 5),
+               down_block_additional_residuals=[torch.zeros(2, 32, 16, 16)] * 6)
+    before, programs = snapshot(cache), dict(engine._programs)
+    fresh = fc.compile(engine.unet)
+    with pytest.raises(fc.FiseditError, match=r"the U-Net itself fails on these inputs: "
+                                              r"RuntimeError: The size of tensor a") as error:
+        fresh.record(fresh.new_cache(1), 0, **bad)
+    assert isinstance(error.value.__cause__, RuntimeError)
+    assert fresh._traces == {} and fresh._programs == {}
+    assert same_cache(cache, before) and engine._programs == programs
+
+
+def test_stats_refuses_a_plan_of_another_engine(sd15_tiny):
+    engine = sd15_tiny[0]
+    other = engine.with_config(fc.SparseConfig(tile=1, dilation=0, check_inputs=True))
+    mask = box((16, 16), 2, 2, 4, 4)
+    with pytest.raises(fc.FiseditError, match=r"the plan was made for levels .* with tiles "
+                                              r"\[1, 1\].*engine.plan\(mask\)"):
+        engine.stats(other.plan(mask))
+    with pytest.raises(fc.FiseditError, match="stats needs plan=engine.plan"):
+        engine.stats(mask)
+    assert engine.stats(engine.plan(mask))["sparse_macs"] > 0
+
+
+@pytest.mark.parametrize("has_triton, interpret, why", [
+    (True, False, r"Triton runs on CUDA devices, and on the CPU only under TRITON_INTERPRET=1"),
+    (False, True, r"triton is not installed"),
+])
+def test_triton_kernels_where_triton_cannot_run_are_refused(monkeypatch, has_triton, interpret,
+                                                           why):
+    """An explicit kernels="triton" is not quietly replaced by the torch reference."""
+    from fisedit_compiler import config as config_module
+    from fisedit_compiler.compiler import pipeline
+
+    monkeypatch.setattr(config_module, "HAS_TRITON", has_triton)
+    monkeypatch.setattr(config_module, "INTERPRET", interpret)
+    unet = zoo.unet("sd15-tiny")
+    message = (rf"kernels='triton'.* cannot run on cpu: {why}.*use kernels='auto' .* or "
+               r"kernels='torch'")
+    with pytest.raises(fc.FiseditError, match=message):
+        fc.compile(unet, fc.SparseConfig(kernels="triton"))
+    with pytest.raises(fc.FiseditError, match=message):      # the backend's path
+        pipeline.check_kernels(fc.SparseConfig(kernels="triton"), "cpu")
+    assert not pipeline.check_kernels(fc.SparseConfig(kernels="auto"), "cpu")
+    fc.compile(unet, fc.SparseConfig(kernels="auto"))

@@ -153,13 +153,32 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
     if frontend not in FRONTENDS:
         raise FiseditError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
     inputs = dict(tensor_timestep(inputs), return_dict=False)
-    if frontend == "export":
+    try:
+        if frontend == "export":
+            with torch.no_grad():
+                program = torch.export.export(unet, (), inputs, strict=False)
+            return program_to_graph_module(program)
+        # diffusers pops T2I-Adapter residuals off their list: the caller's list must survive.
+        graph_module, example_inputs = dynamo_graph(unet, _copy_containers(inputs))
+        return lower_dynamo_graph(graph_module, example_inputs)
+    except FiseditError:
+        raise
+    except Exception:
+        _raise_if_eager_fails(unet, inputs)
+        raise       # the U-Net runs, the capture does not: a graph the frontend cannot take
+
+
+def _raise_if_eager_fails(unet, inputs: dict) -> None:
+    """After a failed capture: if the U-Net fails on ``inputs`` when simply called, the inputs
+    are the problem, not the capture, and the U-Net's own error (not the frontend's, from
+    fake tensors, with their logs) says which; raise it as a FiseditError. Runs the U-Net once,
+    on this failure path only."""
+    try:
         with torch.no_grad():
-            program = torch.export.export(unet, (), inputs, strict=False)
-        return program_to_graph_module(program)
-    # diffusers pops T2I-Adapter residuals off their list: the caller's list must survive.
-    graph_module, example_inputs = dynamo_graph(unet, _copy_containers(inputs))
-    return lower_dynamo_graph(graph_module, example_inputs)
+            unet(**_copy_containers(inputs))
+    except Exception as error:  # noqa: BLE001 - whatever it is, it is the U-Net's own failure
+        raise FiseditError(f"the U-Net itself fails on these inputs: {type(error).__name__}: "
+                           f"{error} (correct the inputs so that unet(**inputs) runs)") from error
 
 
 def _copy_containers(value):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .. import config as config_module
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.derived_weights import DerivedWeights
@@ -104,7 +105,7 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     edit = fuse_tokens(fuse(sparsify(canonical, config)))
     if config.group_projections:
         edit = group_linears(edit)
-    if config.use_triton(device_of(signature)):
+    if check_kernels(config, device_of(signature)):
         edit = lower_kernels(edit, config.conv_method)
     if not hasattr(edit, DERIVED_WEIGHTS):      # no pass needed copies: the dense graph may
         edit.add_submodule(DERIVED_WEIGHTS, DerivedWeights())
@@ -112,6 +113,21 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     record = insert_cache_writes(canonical, entries, config)
     levels = canonical.meta[LEVELS]
     return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
+
+
+def check_kernels(config: SparseConfig, device) -> bool:
+    """Whether edit graphs on ``device`` run the Triton kernels (``SparseConfig.use_triton``);
+    refuses ``kernels="triton"`` where Triton cannot run, which ``use_triton`` answers with the
+    torch reference: an explicit request must not be dropped without a word."""
+    if config.kernels != "triton" or config.use_triton(device):
+        return config.use_triton(device)
+    why = ("triton is not installed" if not config_module.HAS_TRITON else
+           "Triton runs on CUDA devices, and on the CPU only under TRITON_INTERPRET=1 (set "
+           "before triton is first imported; slow, for tests)")
+    raise FiseditError(
+        f"SparseConfig(kernels='triton') asks for the Triton kernels, but they cannot run on "
+        f"{torch.device(device)}: {why}; use kernels='auto' (Triton where it runs, the torch "
+        "reference elsewhere) or kernels='torch'")
 
 
 def device_of(signature: tuple) -> torch.device:

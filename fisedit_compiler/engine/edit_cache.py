@@ -184,9 +184,14 @@ class EditCache:
         self.owner = owner
         self.device_budget_bytes = device_budget_bytes
         self.signature: tuple | None = None
-        # The U-Net's weight versions when recorded (SparseEngine.weight_versions): every step
-        # of one generation uses one set of weights, and edits check it.
+        # The U-Net's weight versions (version counters, storage addresses) when recorded
+        # (SparseEngine.weight_versions): every step of one generation uses one set of
+        # weights, and edits check it.
         self.weight_versions: tuple | None = None
+        # (weak reference to the plan, step) of the last edit that succeeded: the next step
+        # with that plan continues its edit pass (SparseEngine.edit checks the U-Net in full
+        # at a pass's first step only).
+        self.last_edit: tuple | None = None
         self.layout: StoreLayout | None = None     # fixed by the first recorded step
         self.steps: dict[int, StepStore] = {}
         self.offloaded: set[int] = set()

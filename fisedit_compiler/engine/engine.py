@@ -5,14 +5,24 @@ once per input signature (resolution, batch, dtypes, devices): capture, canonica
 sparsify, derive the cache set, build the record graph. A cache (``new_cache``) belongs to one
 original generation: its signature, its timesteps and the config it was recorded with; every
 edit is checked against it, and a failed call never changes it.
+
+The captured graphs are the U-Net as it was when compiled: the engine fingerprints its module
+state then (``module_state.ModuleState``) and refuses any call that finds it changed (FreeU,
+attention processors, adapters, replaced parameters, swapped weight storages): compile again.
+Weights changed in place keep the graphs valid but not a recording made before: each cache
+keeps the weights' versions it was recorded with (``weight_versions``), and edits compare.
+The full comparison costs ~0.4 ms of host time on SD1.5, so ``edit`` runs it at the first step
+of each edit pass and, on the pass's later steps, compares only the weights' identities and
+version counters (~0.07 ms, of which the counters' 0.04 ms were read before; measured on a
+CPU host with ``fc.zoo.unet("sd15")``; ``_check_unchanged``).
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import math
 import time
+import weakref
 
 import torch
 import torch.fx as fx
@@ -21,16 +31,18 @@ from .. import ir
 from ..checks import check_bool, check_int, check_no_cross_attention_kwargs
 from ..compiler.capture import (check_unet, example_inputs, flatten_inputs, latent_size,
                                 warn_if_training)
-from ..compiler.pipeline import Program, build_program, describe_signature, device_of, trace
+from ..compiler.pipeline import (Program, build_program, check_kernels, describe_signature,
+                                 device_of, trace)
 from ..config import SparseConfig
 from ..errors import FiseditError
-from ..execution.derived_weights import tensor_versions
+from ..execution.derived_weights import tensor_versions, version_counters
 from ..execution.plan import (Bucket, MaskPlan, capacity_buckets, image_resolution_hint,
                               validate_mask)
 from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PLAN_INPUT
 from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
+from .module_state import ModuleState
 
 
 # Inductor's options for the dense graph: CUDA graphs (mode "reduce-overhead") and 1x1 convs as
@@ -42,7 +54,8 @@ class SparseEngine:
     """A U-Net compiled for incremental edits. See docs/design.md, "Public API", for the
     call sequence."""
 
-    def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None, _dense=None):
+    def __init__(self, unet, config: SparseConfig | None = None, *, _traces=None, _dense=None,
+                 _state=None):
         check_unet(unet)
         if config is not None and not isinstance(config, SparseConfig):
             hint = (" (from a dict: fc.SparseConfig(**config))" if isinstance(config, dict)
@@ -51,6 +64,8 @@ class SparseEngine:
                                f"{type(config).__name__}")
         self.unet = unet
         self.config = config or SparseConfig()
+        # Refused now rather than at the first program: the U-Net's device is where it runs.
+        check_kernels(self.config, next(unet.parameters()).device)
         self._programs: dict[tuple, Program] = {}
         # Canonical graphs (and their compiled dense form) do not depend on the config, so
         # engines made by with_config share them: one capture and one compile per signature.
@@ -69,20 +84,27 @@ class SparseEngine:
         self._stock_forward = _stock_forward(unet)
         self._cross_attention = any(getattr(module, "is_cross_attention", False)
                                     for module in unet.modules())
+        # The U-Net's module state when compiled: the captured graphs (shared with engines made
+        # by with_config, so the state they were captured in is too) are of this state, and
+        # every call that runs them checks it is still the U-Net's (``_check_unchanged``).
+        self._state = ModuleState(unet) if _state is None else _state
         # The U-Net's weights (the tensors its captured graphs read), listed once: their
-        # version counters tell a recording made with other weights (``weight_versions``), and
-        # when the programs' derived copies (packed, grouped) must be made again.
-        self._weights = list(itertools.chain(unet.parameters(), unet.buffers()))
-        self._derived_versions = self.weight_versions()
+        # versions tell a recording made with other weights (``weight_versions``), and when the
+        # programs' derived copies (packed, grouped) must be made again.
+        self._weights = self._state.weights
+        self._derived_versions = version_counters(self._weights)
 
     def weight_versions(self) -> tuple:
-        """The version counters of the U-Net's parameters and buffers: they move with every
-        in-place change (loading or fusing a LoRA, fine-tuning)."""
+        """What tells the U-Net's parameters and buffers changed (``tensor_versions``): their
+        version counters, which move with every in-place change (fine-tuning, a LoRA fused
+        into the weights), and their storages' addresses (a ``.data`` assignment)."""
         return tensor_versions(self._weights)
 
     def with_config(self, config: SparseConfig) -> "SparseEngine":
-        """An engine for the same U-Net under another config, sharing the captured graphs."""
-        return SparseEngine(self.unet, config, _traces=self._traces, _dense=self._dense)
+        """An engine for the same U-Net under another config, sharing the captured graphs (and
+        so the module state they were captured in)."""
+        return SparseEngine(self.unet, config, _traces=self._traces, _dense=self._dense,
+                            _state=self._state)
 
     # -- compilation ----------------------------------------------------------------------
     @staticmethod
@@ -143,6 +165,7 @@ class SparseEngine:
     def record(self, cache: EditCache, step: int = 0, **inputs) -> torch.Tensor:
         """Run the U-Net densely on ``inputs`` and record what edits of ``step`` will read."""
         step = self._check_cache(cache, step)
+        versions = self._check_unchanged()
         self._check_inputs(inputs)
         signature = self.signature(inputs)    # checked before compiling anything for it
         if cache.signature is not None and cache.signature != signature:
@@ -152,7 +175,6 @@ class SparseEngine:
                 f"({describe_signature(signature)}); "
                 "use engine.new_cache() for a new generation")
         program = self.program(inputs)      # compiled already if the cache holds a step
-        versions = self.weight_versions()
         if cache.weight_versions is not None and cache.weight_versions != versions:
             raise FiseditError(
                 "the U-Net's weights changed in place since this generation's first recorded "
@@ -219,6 +241,7 @@ class SparseEngine:
         (they would compile a program no edit of this generation uses)."""
         step = self._check_cache(cache, step)
         self._check_recorded_step(cache, step, inputs)
+        self._check_weights(cache)
         program = self.program(inputs)
         device = device_of(program.signature)
         started = time.perf_counter()
@@ -259,10 +282,14 @@ class SparseEngine:
         """Recompute only the planned region of step ``step`` for the edited ``inputs``.
 
         Refused before any work: another engine's cache, an unrecorded step, inputs of another
-        signature, a plan of another engine; and, for a plan that reads recorded values, a
-        timestep other than the recorded one and weights changed since the recording. A plan
-        that runs every level dense, on the CUDA-graph path, is the dense step itself
-        (``dense``): it reads nothing recorded, so those last checks do not apply to it."""
+        signature, a plan of another engine, a U-Net changed since it was compiled; and, for a
+        plan that reads recorded values, a timestep other than the recorded one and weights
+        changed since the recording. A plan that runs every level dense, on the CUDA-graph
+        path, is the dense step itself (``dense``): it reads nothing recorded, so those last
+        checks do not apply to it. The U-Net is compared in full at the first step of an edit
+        pass (any call that is not the next step of the cache's last edit with the same plan),
+        and by its weights' identities and versions on the pass's other steps (module
+        docstring)."""
         if not isinstance(plan, MaskPlan):
             raise FiseditError(f"edit needs plan=engine.plan(mask), got {type(plan).__name__}")
         step = self._check_cache(cache, step)
@@ -272,19 +299,24 @@ class SparseEngine:
         flat = flatten_inputs(inputs)
         device = device_of(program.signature)
         graphs = self._uses_graphs(device)
+        full = not _continues_pass(cache, plan, step)
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
             # It reads nothing recorded, so the checks against the recording below (which
             # guard against mixing recorded values with new ones) have nothing to guard, and
-            # the timestep's would synchronise the host for nothing (session 8, run 3).
-            return self._compiled_dense(program, flat)
-        self._check_timestep(cache, step, flat)
-        self._check_weights(cache)
-        if self.config.check_inputs:
-            self._check_outside_mask(cache, step, plan, flat)
-        output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs)
-        if step + 1 < cache.num_steps:
-            cache.prefetch(step + 1, device)    # overlaps this step's compute
+            # the timestep's would synchronise the host for nothing (session 8, run 3). Its
+            # graph is the compiled U-Net's, so the U-Net must still be that one.
+            self._check_unchanged(full=full)
+            output = self._compiled_dense(program, flat)
+        else:
+            self._check_timestep(cache, step, flat)
+            self._check_unchanged(cache, full=full)
+            if self.config.check_inputs:
+                self._check_outside_mask(cache, step, plan, flat)
+            output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs)
+            if step + 1 < cache.num_steps:
+                cache.prefetch(step + 1, device)    # overlaps this step's compute
+        cache.last_edit = (weakref.ref(plan), step)     # after success: the pass goes on
         return output
 
     def _edit_step(self, program: Program, plan: MaskPlan, flat: dict, store: dict,
@@ -314,10 +346,15 @@ class SparseEngine:
         copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe
         for derived in {id(derived): derived for derived in copies}.values():
             derived.refresh()
-        self._derived_versions = self.weight_versions()
+        self._derived_versions = version_counters(self._weights)
 
-    def _refresh_if_weights_moved(self, versions: tuple | None = None) -> None:
-        if (self.weight_versions() if versions is None else versions) != self._derived_versions:
+    def _refresh_if_weights_moved(self, counters: tuple | None = None) -> None:
+        """``refresh_weights`` if the weights' version counters moved since it last ran
+        (``counters``: the current ones, if the caller has read them). Their storages cannot
+        have moved: that is a changed U-Net, refused before (``_check_unchanged``)."""
+        if counters is None:
+            counters = version_counters(self._weights)
+        if counters != self._derived_versions:
             self.refresh_weights()
 
     @torch.no_grad()
@@ -331,7 +368,8 @@ class SparseEngine:
         steps use it."""
         self._check_inputs(inputs)
         if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
-            return self.unet(**inputs)[0]
+            return self.unet(**inputs)[0]      # the module as it is now: nothing to check
+        self._check_unchanged()                # the compiled graph is the compiled U-Net's
         return self._compiled_dense(self.program(inputs), flatten_inputs(inputs))
 
     def _compiled_dense(self, program: Program, flat: dict) -> torch.Tensor:
@@ -347,8 +385,12 @@ class SparseEngine:
 
     def stats(self, plan: MaskPlan) -> dict:
         """Dense, sparse (what the sparse ops compute, halos and tiles included) and ideal
-        (dense x the edit's active fraction) MACs, and the per-level fractions."""
+        (dense x the edit's active fraction) MACs, and the per-level fractions. ``plan`` is
+        checked as ``edit`` checks it: another engine's plan would count its tiles."""
+        if not isinstance(plan, MaskPlan):
+            raise FiseditError(f"stats needs plan=engine.plan(mask), got {type(plan).__name__}")
         program = self.program_for_size(plan.level_sizes[0])
+        self.check_plan(plan, program)
         rows = node_macs(program, plan, self.config)
         return {
             "dense_macs": sum(r["dense_macs"] for r in rows),
@@ -457,18 +499,51 @@ class SparseEngine:
             _check_input_shapes(self.unet, inputs, self._cross_attention)
 
     def _check_weights(self, cache) -> None:
-        """Refuse a recording made with other weights, and make the derived weight copies
-        (``refresh_weights``) again when the weights changed in place since they were made,
-        so that captured CUDA graphs read current copies."""
+        """Refuse, in full, a U-Net changed since it was compiled and a recording made with
+        other weights, and make the derived weight copies (``refresh_weights``) again when
+        the weights changed in place since they were made, so that captured CUDA graphs read
+        current copies. EditSession runs it before an edit's first U-Net call."""
+        self._check_unchanged(cache)
+
+    def _check_unchanged(self, cache: EditCache | None = None, *,
+                         full: bool = True) -> tuple | None:
+        """Refuse a call on a U-Net whose module state changed since it was compiled (its
+        graphs are of the old one; ``ModuleState``) and, with ``cache``, a recording made with
+        other weights; then refresh the derived copies if the weights changed in place.
+
+        ``full`` compares everything (~0.4 ms on SD1.5); otherwise only the weights' identities
+        and version counters (~0.07 ms), which is what ``edit`` runs on the later steps of an
+        edit pass, the first step having compared everything: a change of another kind in the
+        middle of a pass (FreeU enabled by a step-end callback) is refused at the next pass's
+        first step, not at once. Anything found moved there is
+        then compared in full, for the message. Returns the weights' versions when compared
+        in full (``weight_versions``), else None.
+        """
+        if not full:
+            counters = version_counters(self._weights)
+            if self._state.same_tensors() and (cache is None or
+                                               counters == cache.weight_versions[0]):
+                self._refresh_if_weights_moved(counters)
+                return None
         versions = self.weight_versions()
-        if cache.weight_versions != versions:
+        changes = self._state.changes(versions[1])
+        if changes:
+            raise FiseditError(
+                f"the U-Net changed since it was compiled: {self._state.describe(changes)}. "
+                "The engine's graphs were captured from the U-Net as it was, and would compute "
+                "the old one (or mix the two) without a word; compile it again after the "
+                "change (fc.compile(unet); a new EditSession; for the backend, a new "
+                "fc.recording) and record the generation again, or undo the change")
+        if cache is not None and cache.weight_versions is not None and \
+                cache.weight_versions != versions:
             raise FiseditError(
                 "the U-Net's weights changed in place after this generation was recorded (a "
                 "LoRA loaded or fused, fine-tuning): its recorded values no longer match the "
                 "weights an edit would use, and the edit would mix the two; record the "
                 "generation again with the current weights (engine.record into "
                 "engine.new_cache(), or EditSession.generate)")
-        self._refresh_if_weights_moved(versions)
+        self._refresh_if_weights_moved(versions[0])
+        return versions
 
     @staticmethod
     def _check_timestep(cache, step, flat) -> None:
@@ -497,6 +572,16 @@ class SparseEngine:
                     f"the edited {name} differs from the recorded one outside the edit mask; "
                     "blend the latents with the recorded ones outside the mask, or enlarge "
                     "the mask")
+
+
+def _continues_pass(cache: EditCache, plan: MaskPlan, step: int) -> bool:
+    """Whether an edit of ``step`` with ``plan`` is the next step of the edit pass the cache's
+    last edit belongs to (same plan object, the following step): the U-Net was compared in full
+    at that pass's first step, and each later step compares its weights (``edit``)."""
+    if cache.last_edit is None:
+        return False
+    last_plan, last_step = cache.last_edit
+    return last_plan() is plan and step == last_step + 1
 
 
 def _stock_forward(unet) -> bool:
@@ -555,8 +640,9 @@ def _check_added_cond_keys(unet, inputs: dict) -> None:
 
 
 def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
-    """The sample's channels and the text states' width, against the config: a wrong one
-    is otherwise a fake-tensor error from inside export, after capture has started."""
+    """The sample's channels, batch and dtype, the text states' width, batch and dtype, and the
+    timestep's shape, against the config and the weights: a wrong one is otherwise an error
+    from inside export (a fake-tensor one, with a screenful of logs), after capture started."""
     cfg = unet.config
     sample = inputs.get("sample")
     # An image_hint U-Net (Kandinsky 2.2 ControlNet) concatenates the hint's embedding to the
@@ -569,6 +655,14 @@ def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
                 f"[batch, {channels}, height, width] (config.in_channels={channels}); pass "
                 "latents with the U-Net's channels (an inpainting or image-conditioned U-Net "
                 "takes its conditioning concatenated to the latents, as its pipeline does)")
+    # The dtype conv_in reads the sample in (the attentions read the text states in the same).
+    dtype = unet.conv_in.weight.dtype
+    if isinstance(sample, torch.Tensor):
+        _check_input_dtype("sample", sample, dtype)
+    batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else None
+    if batch == 0:
+        raise FiseditError(f"U-Net input sample has an empty batch (shape "
+                           f"{tuple(sample.shape)}); pass at least one latent")
     states = inputs.get("encoder_hidden_states")
     expected = _text_width(unet, cross_attention)
     if isinstance(states, torch.Tensor) and expected is not None:
@@ -579,6 +673,42 @@ def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
                 f"U-Net takes a last dimension of {width} ({source}); pass the hidden states "
                 "of the text encoder the U-Net belongs with (another model's encoder gives "
                 "another width)")
+    if isinstance(states, torch.Tensor) and _reads_text_states(unet, cross_attention):
+        _check_input_dtype("encoder_hidden_states", states, dtype)
+        if batch is not None and states.dim() and states.shape[0] != batch:
+            raise FiseditError(
+                f"U-Net input encoder_hidden_states has a batch of {states.shape[0]} but the "
+                f"sample has {batch}; pass one row of text states per latent (with classifier-"
+                "free guidance both are [unconditional, conditional], the latents repeated)")
+    timestep = inputs.get("timestep")
+    if isinstance(timestep, torch.Tensor) and batch is not None and (
+            timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, batch))):
+        raise FiseditError(
+            f"U-Net input timestep has shape {tuple(timestep.shape)} but the sample's batch is "
+            f"{batch}; pass one timestep (a number or 0-d tensor) or one per latent "
+            f"(shape [{batch}])")
+
+
+def _check_input_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """An input the U-Net multiplies by its weights must have their dtype: diffusers does not
+    convert it, and torch refuses the mix."""
+    if tensor.dtype != dtype:
+        raise FiseditError(
+            f"U-Net input {name} is {str(tensor.dtype).removeprefix('torch.')} but the U-Net's "
+            f"weights are {str(dtype).removeprefix('torch.')}; convert it with "
+            f".to({dtype}) (or the U-Net, before compiling it)")
+
+
+def _reads_text_states(unet, cross_attention: bool) -> bool:
+    """Whether diffusers' forward reads ``encoder_hidden_states`` (in the cross-attentions, an
+    addition embedding of type "text" or a text projection): an ``image_proj`` projection
+    replaces them unread, and a U-Net without any of these ignores them."""
+    projection = getattr(unet, "encoder_hid_proj", None) is not None
+    kind = unet.config.get("encoder_hid_dim_type")
+    if projection and kind == "image_proj":
+        return False
+    return (cross_attention or projection
+            or unet.config.get("addition_embed_type") == "text")
 
 
 def _text_width(unet, cross_attention: bool) -> tuple[int, str] | None:

@@ -13,8 +13,9 @@ Owner and lifetime (docs/design.md, "State and lifetimes"): the passes that emit
 attach one ``DerivedWeights`` to the edit graph (``passes.pattern.derived_weights``) and hand it
 to each op, so the copies belong to that program and go with it. A copy is made on first use
 (the warm-up before a CUDA-graph capture) and made again, into the same memory, when one of its
-source weights has changed in place since (its version counter moved: a LoRA swap,
-fine-tuning), so eager edits always see the current weights. A captured CUDA graph does not run
+source weights has changed since (``tensor_versions``: its version counter moved, as in a LoRA
+swap or fine-tuning, or its storage was swapped by a ``.data`` assignment), so eager edits
+always see the current weights. A captured CUDA graph does not run
 this code on replay: ``refresh()`` makes every copy again in place, and ``SparseEngine.edit``
 calls it (``refresh_weights``) when the U-Net's weight versions moved since. An ``nn.Module``
 only so that the graph can hold it as an attribute.
@@ -96,17 +97,32 @@ def concatenate(*tensors: torch.Tensor) -> torch.Tensor:
 COPIES = (packed_conv_weight, concatenated)
 
 
-def tensor_versions(tensors) -> tuple:
-    """The tensors' version counters, which move with every in-place change (None for an
-    inference tensor, which has none). Read on every edit step for every weight of a U-Net
-    (hundreds of tensors): the common case runs in C (``attrgetter``)."""
+def tensor_versions(tensors) -> tuple[tuple, tuple]:
+    """What tells that tensors changed, the one definition of it: their version counters
+    (``version_counters``: every in-place write moves one) and their storages' addresses
+    (``storage_addresses``: a ``.data`` assignment, which PEFT's merge, ``module.half()`` and
+    ``module.to()`` make, swaps a tensor's storage and leaves its counter as it was)."""
+    return version_counters(tensors), storage_addresses(tensors)
+
+
+def version_counters(tensors) -> tuple:
+    """The tensors' version counters (None for an inference tensor, which has none). Read on
+    every edit step for every weight of a U-Net (hundreds of tensors): the common case runs in
+    C (``attrgetter``)."""
     try:
         return tuple(map(_VERSION, tensors))
     except RuntimeError:     # an inference tensor among them
         return tuple(_version(tensor) for tensor in tensors)
 
 
+def storage_addresses(tensors) -> tuple:
+    """The address of each tensor's data (``Tensor.data_ptr``). Dearer to read than a version
+    counter (~0.1 us a tensor), so the engine reads it once per edit pass, not per step."""
+    return tuple(map(_DATA_PTR, tensors))
+
+
 _VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _version(tensor: torch.Tensor) -> int | None:

@@ -67,6 +67,29 @@ def check_float(name: str, value, *, minimum: float | None = None,
     return number
 
 
+def guides(guidance_scale: float) -> bool:
+    """Whether diffusers' pipelines run classifier-free guidance at ``guidance_scale``: only
+    above 1 (``do_classifier_free_guidance``); every scale <= 1 runs the conditional
+    prediction alone, and then the unconditional (negative) branch does not exist."""
+    return guidance_scale > 1
+
+
+def check_guidance_scale(name: str, value) -> float:
+    """A classifier-free guidance scale: a finite number >= 0 (``check_float``).
+
+    Diffusers guides only above 1 (``guides``) and runs every scale <= 1 without guidance,
+    so 0 to 1 mean "none" (0 is the usual way to say it, e.g. for SDXL-Turbo). A negative
+    scale, guidance away from the prompt by the formula, would silently mean "none" too, so
+    it is refused."""
+    number = check_float(name, value)
+    if number < 0:
+        raise FiseditError(
+            f"{name} {number} is negative: diffusers applies classifier-free guidance only "
+            f"above 1 and runs every scale <= 1 without it, so it would not guide away from "
+            f"the prompt; pass a scale above 1 to guide (e.g. 7.5), or 0 to 1 for no guidance")
+    return number
+
+
 def check_bool(name: str, value) -> None:
     """A flag: True or False only (a string such as "no" is truthy, so it is no flag)."""
     if not isinstance(value, bool):

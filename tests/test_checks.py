@@ -4,6 +4,7 @@ comes back as the plain Python value (hypothesis draws the forms)."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fisedit_compiler.checks import check_choice, check_float, check_int, check_prompt
+from fisedit_compiler.checks import (check_choice, check_float, check_guidance_scale, check_int,
+                                     check_prompt, guides)
 from fisedit_compiler.config import SparseConfig
 from fisedit_compiler.errors import FiseditError
 
@@ -114,3 +116,21 @@ def test_sparse_config_dense_threshold_must_be_fractions(value):
 def test_sparse_config_refuses_unknown_choices_and_non_bool_flags(field, value):
     with pytest.raises(FiseditError, match=f"SparseConfig.{field}"):
         SparseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 0.5, 1, 7.5, np.float32(3.0)])
+def test_check_guidance_scale_takes_scales_from_zero(value):
+    assert check_guidance_scale("guidance_scale", value) == float(value)
+    assert guides(float(value)) == (float(value) > 1)
+
+
+@pytest.mark.parametrize("value, message", [
+    (-0.5, "guidance_scale -0.5 is negative: diffusers applies classifier-free guidance only "
+           "above 1 and runs every scale <= 1 without it"),
+    (float("nan"), "guidance_scale must be a finite number"),
+    ("7.5", "guidance_scale must be a number, got str"),
+    (True, "guidance_scale must be a number"),
+])
+def test_check_guidance_scale_refuses_negative_and_non_numbers(value, message):
+    with pytest.raises(FiseditError, match=re.escape(message)):
+        check_guidance_scale("guidance_scale", value)

@@ -134,6 +134,7 @@ def _red_square_png(path, size=128):
     (["--mask-box", "0,0,2,1"], "--mask-box needs"),
     (["--mask-box", "nan,0,1,1"], "--mask-box needs"),
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--guidance-scale", "-1"], "--guidance-scale -1.0 is negative"),
     (["--steps", "0"], "--steps 0 is out of range"),
     (["--steps", "4", "--probe-steps", "4"], "--probe-steps 4 is out of range"),
     (["--seed", "-3"], "--seed -3 is out of range"),
@@ -146,9 +147,13 @@ def _red_square_png(path, size=128):
     (["--device", "meta"], "--device 'meta' holds tensor shapes but no data"),
     (["--mask-box", "0,0,0.5,0.5", "--mask-mode", "intersect", "--mask-estimator", "probe",
       "--probe-steps", "0"], "--mask-estimator probe measures its mask on the dense probe steps"),
-    (["--mask-estimator", "probe", "--steps", "1"], "this edit has none (probe steps 0 of "
-                                                    "--steps 1); give --probe-steps 1 or more"),
-    (["--mask-mode", "intersect"], "--mask-mode intersect says how a user mask combines"),
+    (["--mask-estimator", "probe", "--steps", "1"],
+     "this edit has none (--probe-steps 0 of --steps 1); give --probe-steps 1 or more (with "
+     "--steps 2 or more), another --mask-estimator, or a user mask (--mask PNG or --mask-box "
+     "x0,y0,x1,y1) with --mask-mode replace"),
+    (["--mask-mode", "intersect"], "--mask-mode intersect says how a user mask combines with "
+                                   "the estimated one, and no user mask is given; add --mask "
+                                   "PNG or --mask-box x0,y0,x1,y1, or leave --mask-mode out"),
     (["--mask-box", "0,0,0.5,0.5", "--mask-estimator", "probe"],
      "--mask-estimator probe has nothing to do: the user mask (--mask-box 0,0,0.5,0.5) with "
      "--mask-mode replace"),
@@ -289,3 +294,67 @@ def test_help_texts_cite_nothing_missing_and_show_no_markup(capsys):
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
         assert "``" not in text and "DESIGN" not in text, command
+
+
+# The user mask is made at latent size, and its size checked, before a pipeline is loaded: the
+# sizes come from the saved configs (or the zoo's), and the message names the image size.
+
+def _save_unet_config(folder, sample_size: int) -> None:
+    (folder / "unet").mkdir(exist_ok=True)
+    (folder / "unet" / "config.json").write_text(json.dumps(
+        {"_class_name": "UNet2DConditionModel", "sample_size": sample_size}))
+
+
+def _mask_png(path, size: int, box: slice):
+    from PIL import Image
+
+    pixels = np.zeros((size, size), dtype=np.uint8)
+    pixels[box, box] = 255
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+_EDIT = ["edit", "--pipeline", "{folder}", "--prompt", "a", "--edit", "b"]
+
+
+@pytest.mark.parametrize("argv, images", [
+    (["demo"], "64x64 pixels here (the pipeline's default size), so draw the mask at 64x64"),
+    (["demo", "--model", "sd15-tiny"], "128x128 pixels here (--size 128)"),
+    (_EDIT, "128x128 pixels here (the pipeline's default size)"),
+    (_EDIT + ["--size", "64"], "64x64 pixels here (--size 64), so draw the mask at 64x64"),
+])
+def test_a_mask_of_the_wrong_size_is_refused_before_loading(argv, images, tmp_path, capsys,
+                                                            no_loading):
+    _save_vae_config(tmp_path, levels=4)
+    _save_unet_config(tmp_path, sample_size=16)
+    mask = _mask_png(tmp_path / "m10.png", 10, slice(2, 5))
+    argv = [arg.format(folder=tmp_path) for arg in argv]
+    assert main(argv + ["--mask", mask, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"the mask {mask} is 10x10 pixels; it must be the image size" in err
+    assert f"the images are {images}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_user_mask_is_made_before_loading(tmp_path, no_loading):
+    from fisedit_compiler.cli import build_parser
+    from fisedit_compiler.edit_flow import commands
+
+    _save_vae_config(tmp_path, levels=4)
+    _save_unet_config(tmp_path, sample_size=16)
+    argv = ["edit", "--pipeline", str(tmp_path), "--prompt", "a", "--edit", "b", "--out",
+            str(tmp_path / "out"), "--mask", _mask_png(tmp_path / "m.png", 128, slice(16, 32))]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[2:4, 2:4] = True                             # 8 pixels per latent pixel
+    args = build_parser().parse_args(argv)
+    vae, unet = (commands._saved_config(tmp_path, name) for name in ("vae", "unet"))
+    commands._check_args(args, vae, unet)
+    assert torch.equal(args.user_mask, expected)
+    # A box too, at the latent size of --size.
+    args = build_parser().parse_args(argv[:-2] + ["--mask-box", "0,0,0.5,0.5", "--size", "64"])
+    commands._check_args(args, vae, unet)
+    assert args.user_mask.shape == (8, 8) and int(args.user_mask.sum()) == 16
+    # Where the saved configs do not tell the size, the mask is made after loading.
+    args = build_parser().parse_args(argv)
+    commands._check_args(args, vae, None)
+    assert args.user_mask is None and args.mask_pixels.shape == (128, 128)

@@ -397,7 +397,9 @@ def test_edit_before_generate(pipe):
     (dict(height=64, width=64), "recorded at 128x128"),
     (dict(num_inference_steps=STEPS + 1), f"with {STEPS} steps"),
     (dict(probe_steps=STEPS), f"probe_steps {STEPS} is out of range"),
-    (dict(probe_steps=0, mask_estimator="probe"), "leaves the 'probe' estimator nothing"),
+    (dict(probe_steps=0, mask_estimator="probe"),
+     r"mask_estimator='probe' measures its mask on the dense probe steps, and this edit has "
+     rf"none \(probe_steps=0 of num_inference_steps={STEPS}\); give probe_steps >= 1"),
     (dict(mask_estimator="otsu"), "mask_estimator must be one of"),
     (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),
     (dict(latents=torch.zeros(1)), "sets latents itself"),
@@ -698,6 +700,13 @@ def _must_not_run(*args, **kwargs):
 _NOISE = (1, 4, 16, 16)      # the tiny pipeline's latent noise at 128x128
 
 
+def _noise_with(value: float, count: int) -> torch.Tensor:
+    """Valid noise but for its first ``count`` values, set to ``value``."""
+    noise = torch.randn(_NOISE, generator=torch.Generator().manual_seed(0))
+    noise.view(-1)[:count] = value
+    return noise
+
+
 @pytest.mark.parametrize("call, match", [
     # generate: the step count, custom schedules, the pipeline's output form.
     (lambda s: s.generate("a red circle", num_inference_steps=1001),
@@ -715,6 +724,29 @@ _NOISE = (1, 4, 16, 16)      # the tiny pipeline's latent noise at 128x128
      "meta device, which holds no values"),
     (lambda s: s.generate("a red circle", latents=torch.zeros(_NOISE, dtype=torch.long)),
      "latents must be a floating-point tensor"),
+    (lambda s: s.generate("a red circle", latents=_noise_with(float("nan"), 3)),
+     r"latents holds 3 NaN or infinite value\(s\) of 1024.*pass finite noise, e.g. "
+     r"torch.randn\(\(1, 4, 16, 16\)\)"),
+    (lambda s: s.generate("a red circle", latents=_noise_with(float("-inf"), 1024)),
+     "latents holds 1024 NaN or infinite value"),
+    # generate and edit: guidance.
+    (lambda s: s.generate("a red circle", guidance_scale=-3.0),
+     "guidance_scale -3.0 is negative: diffusers applies classifier-free guidance only above "
+     "1.*or 0 to 1 for no guidance"),
+    (lambda s: s.generate("a red circle", guidance_scale=1.0, negative_prompt="blurry"),
+     "negative_prompt acts only through classifier-free guidance, which diffusers runs only "
+     "for guidance_scale > 1, and guidance_scale is 1.0: it would be ignored; pass "
+     "guidance_scale > 1"),
+    (lambda s: s.generate("a red circle", guidance_scale=0.5, negative_prompt=""),
+     "negative_prompt acts only through classifier-free guidance"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), guidance_scale=-1),
+     "guidance_scale -1.0 is negative"),
+    # Outside the region the pipeline combines the recorded U-Net outputs with the scale.
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), guidance_scale=5.0),
+     r"the generation used guidance_scale=7.5 and the edit asks for 5.0; edits keep the "
+     r"recorded guidance scale.*leave guidance_scale out, or call generate again"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), guidance_scale=1.0),
+     "edits keep the recorded guidance scale"),
     (lambda s: s.generate("a red circle", generator="cpu"),
      r"generator must be one torch.Generator.*got str; for a seed, pass seed="),
     (lambda s: s.generate("a red circle", generator=0), "generator must be one torch.Generator"),
@@ -747,7 +779,9 @@ _NOISE = (1, 4, 16, 16)      # the tiny pipeline's latent noise at 128x128
      r"mask_dilation=1 grows the estimated mask.*dilate\(mask, 3\)"),
     (lambda s: s.edit("a blue circle", mask=_corner_mask(), mask_estimator="x0"),
      "mask_estimator='x0' has nothing to do.*mask_mode='intersect'"),
-    (lambda s: s.edit("a blue circle", mask_mode="intersect"), "no mask was given; pass mask="),
+    (lambda s: s.edit("a blue circle", mask_mode="intersect"),
+     "mask_mode='intersect' says how a user mask combines with the estimated one, and no user "
+     "mask is given; add mask="),
     (lambda s: s.edit("a blue circle", cross_attention_control=True),
      r"runs none: probe_steps=0 \(the estimator's default\); pass probe_steps >= 1"),
     (lambda s: s.edit("a blue circle", mask=_corner_mask(), probe_steps=0,
@@ -820,3 +854,232 @@ def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypat
     s.generate("a red circle", num_inference_steps=2, output_type="latent")   # recorded again
     result = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
     assert _outside_equal(result, s.original.latents[-1])
+
+
+# The U-Net the session runs: pipe.unet must stay the session's, with its class's forward.
+
+def _state(s):
+    """What a refused call must leave as it was."""
+    return (s.cache, s.cache_nbytes(), s.original, s.seed, s._generation, s.prepare_report)
+
+
+def _refused_everywhere(s, result, match, monkeypatch):
+    """generate, edit and accept of ``s`` are refused with ``match`` before any work, and
+    leave the session as it was."""
+    before = _state(s)
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_run", _must_not_run)
+        patch.setattr(s.engine, "record", _must_not_run)
+        patch.setattr(s.engine, "dense", _must_not_run)
+        for call in (lambda: s.generate("a red circle", num_inference_steps=2),
+                     lambda: s.edit("a blue circle", mask=_corner_mask(), output_type="latent"),
+                     lambda: s.accept(result)):
+            with pytest.raises(FiseditError, match=match):
+                call()
+    assert _state(s) == before
+
+
+def _install_forward(kind: str, pipe):
+    """An instance-level forward on ``pipe.unet`` (a wrapper of the caller's, or an accelerate
+    hook as enable_model_cpu_offload installs); returns its remover."""
+    unet = pipe.unet
+    if kind == "accelerate":
+        from accelerate.hooks import ModelHook, add_hook_to_module
+
+        add_hook_to_module(unet, ModelHook())
+
+        def remove():       # the fix the message names
+            pipe.remove_all_hooks()
+            assert "forward" in unet.__dict__        # the class's, left bound by accelerate
+            del unet.forward
+
+        return remove
+    own = type(unet).forward.__get__(unet)
+    unet.forward = lambda *args, **kwargs: own(*args, **kwargs)
+    return lambda: unet.__dict__.pop("forward")
+
+
+@pytest.mark.parametrize("kind", ["wrapper", "accelerate"])
+def test_an_instance_forward_is_refused_and_left_in_place(session, pipe, kind, monkeypatch):
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", num_inference_steps=2, output_type="latent")
+    reference = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    remove = _install_forward(kind, pipe)
+    try:
+        forward = pipe.unet.forward
+        match = (r"pipe.unet has an instance-level forward.*enable_model_cpu_offload.*"
+                 r"del pipe.unet.forward \(for accelerate's hooks first "
+                 r"pipe.remove_all_hooks\(\)")
+        with pytest.raises(FiseditError, match=match):
+            EditSession(pipe)
+        _refused_everywhere(s, reference, "instance-level forward", monkeypatch)
+        assert pipe.unet.forward is forward           # the caller's, still there
+    finally:
+        remove()
+    # Without it, the session gives what it gave before the refusals.
+    again = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    assert torch.equal(again.latents, reference.latents)
+    s.accept(again)
+
+
+def test_routing_restores_whatever_forward_was_there(session, pipe):
+    unet = pipe.unet
+    with session._routed_unet(lambda inputs: None):
+        assert "forward" in unet.__dict__                    # the router
+    assert "forward" not in unet.__dict__
+    own = unet.forward = lambda *args, **kwargs: None
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with session._routed_unet(lambda inputs: None):
+                assert unet.forward is not own
+                raise RuntimeError("inside")
+        assert unet.forward is own
+    finally:
+        del unet.forward
+
+
+def test_a_replaced_unet_is_refused_before_any_work(session, pipe, monkeypatch):
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", num_inference_steps=2, output_type="latent")
+    reference = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    kept = pipe.unet
+    pipe.unet = zoo.unet("sd15-tiny", seed=1)        # e.g. a fine-tuned U-Net swapped in
+    try:
+        _refused_everywhere(s, reference, r"pipe.unet was replaced since this session was "
+                                          r"made.*restore it \(pipe.unet = session.engine.unet\) "
+                                          r"or make a new EditSession\(pipe\)", monkeypatch)
+    finally:
+        pipe.unet = kept
+    again = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    assert torch.equal(again.latents, reference.latents)
+
+
+# Guidance: every scale <= 1 is none, and then nothing negative can act.
+
+def test_without_guidance_negative_arguments_are_refused(session, pipe, monkeypatch):
+    from fisedit_compiler.edit_flow.session import _check_negative_arguments
+
+    s = EditSession(pipe, engine=session.engine)
+    args = dict(num_inference_steps=2, output_type="latent")
+    s.generate("a red circle", guidance_scale=0.0, **args)
+    zero = s.original.latents[-1]
+    s.generate("a red circle", guidance_scale=1.0, **args)
+    assert torch.equal(s.original.latents[-1], zero)     # 0 and 1 are both "no guidance"
+    edit = dict(mask=_corner_mask(), output_type="latent")
+    reference = s.edit("a blue circle", **edit)
+    before = _state(s)
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_run", _must_not_run)
+        for negative in ("blurry", ""):
+            with pytest.raises(FiseditError, match="negative_prompt acts only through "
+                                                   "classifier-free guidance.*is 1.0"):
+                s.edit("a blue circle", negative_prompt=negative, **edit)
+            with pytest.raises(FiseditError, match="is 0.5: it would be ignored"):
+                s.edit("a blue circle", negative_prompt=negative, guidance_scale=0.5, **edit)
+    assert _state(s) == before
+    assert torch.equal(s.edit("a blue circle", **edit).latents, reference.latents)
+    # Every negative_* pipeline argument (SDXL's negative_prompt_2, negative_original_size...).
+    with pytest.raises(FiseditError, match="negative_original_size, negative_prompt_2 acts"):
+        _check_negative_arguments(1.0, None, {"negative_prompt_2": "x", "prompt_2": "y",
+                                              "negative_original_size": (64, 64)})
+    _check_negative_arguments(1.0, None, {"negative_prompt_2": None})
+    _check_negative_arguments(7.5, "blurry", {"negative_prompt_2": "x"})
+
+
+# Edits the estimators cannot measure: nothing changed, or only what their contrast cannot see.
+
+@pytest.mark.parametrize("estimator", list(tac.ESTIMATORS))
+def test_an_edit_that_encodes_like_the_original_changes_nothing(session, pipe, estimator,
+                                                                monkeypatch):
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", num_inference_steps=STEPS, output_type="np")
+    calls = []
+    dense = s._dense
+    monkeypatch.setattr(s, "_dense", lambda *a, **k: (calls.append(1), dense(*a, **k))[1])
+    result = s.edit("a red circle", mask_estimator=estimator, output_type="np")
+    assert not result.mask.any() and result.plan.levels[0].fraction == 0
+    assert torch.equal(result.latents, s.original.latents[-1])
+    assert np.array_equal(result.images, s.original.images)
+    report = result.report
+    assert report["mask_area_fraction"] == 0 and not report["global_change"]
+    assert report["mask_unet_evaluations"] == 0
+    assert len(calls) == report["probe_steps"]          # the probe's steps, no estimate
+
+
+def test_prompts_that_differ_past_the_tokenizer_limit_change_nothing(session, pipe):
+    s = EditSession(pipe, engine=session.engine)
+    shared = "a red circle" + " on a white table" * 15
+    assert len(pipe.tokenizer(shared).input_ids) > pipe.tokenizer.model_max_length
+    s.generate(shared + " and a cat", num_inference_steps=2, output_type="latent")
+    result = s.edit(shared + " and a dog", output_type="latent")
+    assert not result.mask.any() and result.report["mask_unet_evaluations"] == 0
+    assert torch.equal(result.latents, s.original.latents[-1])
+
+
+def test_a_change_the_contrast_cannot_see_is_planned_dense(session, pipe):
+    """The same prompt with another negative prompt: the one-call estimators' contrast
+    (conditional predictions) would be rounding noise, but the change acts on the whole
+    image."""
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", num_inference_steps=2, output_type="latent",
+               negative_prompt="ugly")
+    result = s.edit("a red circle", output_type="latent", negative_prompt="blurry")
+    report = result.report
+    assert report["global_change"] and result.mask.all()
+    assert result.plan.levels[0].fraction == 1.0 and report["mask_unet_evaluations"] == 0
+    assert not torch.equal(result.latents, s.original.latents[-1])
+    # A user mask still confines it, with the exact background.
+    both = s.edit("a red circle", mask=_corner_mask(), mask_mode="intersect",
+                  output_type="latent", negative_prompt="blurry")
+    assert torch.equal(both.mask, _corner_mask())
+    assert _outside_equal(both, s.original.latents[-1])
+    assert not torch.equal(both.latents, s.original.latents[-1])
+
+
+# The rules on the mask: one home (session.check_mask_choice) for the session and the CLI.
+
+def test_the_cli_and_the_session_agree_on_the_mask_rules(session, pipe, tmp_path, monkeypatch):
+    from fisedit_compiler.cli import build_parser
+    from fisedit_compiler.edit_flow import commands
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", num_inference_steps=2, output_type="latent")
+    monkeypatch.setattr(s, "_run", reached)
+    configs = (zoo.PIPELINE_CONFIGS["sd15-tiny"][1], zoo.CONFIGS["sd15-tiny"][1])
+    checked = 0
+    for estimator in (None, "probe", "x0"):
+        for probe_steps in (None, 0, 1):
+            for masked in (False, True):
+                for mode in (None, "replace", "intersect"):
+                    argv = ["edit", "--pipeline", "p", "--prompt", "a", "--edit", "b",
+                            "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "o")]
+                    argv += ["--mask-estimator", estimator] if estimator else []
+                    argv += ["--probe-steps", str(probe_steps)] if probe_steps is not None else []
+                    argv += ["--mask-box", "0,0,0.5,0.5"] if masked else []
+                    # The session's "replace" is its default: only the CLI can tell a given one
+                    # from none, and refuses it without a user mask (test_cli); here it is none.
+                    if mode and (masked or mode != "replace"):
+                        argv += ["--mask-mode", mode]
+                    try:
+                        commands._check_args(build_parser().parse_args(argv), *configs)
+                        cli = None
+                    except FiseditError as error:
+                        cli = str(error)
+                    try:
+                        s.edit("a blue circle", mask=_corner_mask() if masked else None,
+                               probe_steps=probe_steps, mask_estimator=estimator,
+                               mask_mode=mode or "replace", output_type="latent")
+                    except Reached:
+                        python = None
+                    except FiseditError as error:
+                        python = str(error)
+                    case = (estimator, probe_steps, masked, mode, cli, python)
+                    assert (cli is None) == (python is None), case
+                    checked += cli is not None
+    assert checked >= 10          # the grid holds refusals of every rule

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import check_float, check_int, check_seed
+from ..checks import check_guidance_scale, check_int, check_seed
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
+from .session import check_mask_choice
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -112,7 +113,7 @@ def _add_common(parser, steps: int | None, size: int | None,
 def run_edit(args) -> int:
     from .. import zoo
 
-    _check_args(args, _saved_vae_config(args.pipeline))
+    _check_args(args, _saved_config(args.pipeline, "vae"), _saved_config(args.pipeline, "unet"))
     pipe = zoo.load_pipeline(args.pipeline)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
@@ -129,12 +130,14 @@ def run_demo(args) -> int:
         from .. import shapes
 
         prompt, edit, defaults = shapes.DEMO_PROMPT, shapes.DEMO_EDIT, SHAPES_DEFAULTS
-        vae_config = _saved_vae_config(shapes.WEIGHTS)
+        vae_config = _saved_config(shapes.WEIGHTS, "vae")
+        unet_config = _saved_config(shapes.WEIGHTS, "unet")
     else:
         prompt, edit, defaults = RANDOM_PROMPT, RANDOM_EDIT, RANDOM_DEFAULTS
         # An unknown name has none; zoo.pipeline then refuses it, naming the known ones.
-        vae_config = (zoo.PIPELINE_CONFIGS[args.model][1]
-                      if args.model in zoo.PIPELINE_CONFIGS else None)
+        known = args.model in zoo.PIPELINE_CONFIGS
+        vae_config = zoo.PIPELINE_CONFIGS[args.model][1] if known else None
+        unet_config = zoo.CONFIGS[args.model][1] if known else None
     args.prompt = prompt if args.prompt is None else args.prompt
     args.edit = edit if args.edit is None else args.edit
     for key, value in defaults.items():
@@ -143,7 +146,7 @@ def run_demo(args) -> int:
     box_instead = not trained and args.mask is None and args.mask_box is None
     if box_instead:
         args.mask_box = DEMO_BOX
-    _check_args(args, vae_config)
+    _check_args(args, vae_config, unet_config)
     pipe = zoo.pipeline(args.model)
     if trained:
         print(f"demo with the trained {DEMO_MODEL!r} pipeline: {args.prompt!r} -> {args.edit!r}")
@@ -164,72 +167,81 @@ def run_demo(args) -> int:
 OUTPUT_FILES = ("original.png", "edit.png", "mask.png", "overlay.png", "report.json")
 
 
-def _check_args(args, vae_config: dict | None) -> None:
+def _check_args(args, vae_config: dict | None, unet_config: dict | None) -> None:
     """Every argument, before any pipeline is loaded (minutes at SD size): a typo in the mask,
-    a NaN guidance scale or a missing CUDA device is reported at once. ``vae_config`` is the
-    pipeline's VAE config, read without loading it (None where unknown: loading then reports
-    why), for the rule on --size. Sets ``args.mask_pixels`` (the --mask PNG read),
-    ``args.mask_mode`` ("replace" when not given) and ``args.device`` (a torch.device).
-    Creates nothing: the output folder is made when the outputs are written."""
+    a mask of the wrong size, a NaN guidance scale or a missing CUDA device is reported at
+    once. ``vae_config`` and ``unet_config`` are the pipeline's, read without loading it (None
+    where unknown: loading then reports why), for the rule on --size and the size of the user
+    mask. Sets ``args.mask_pixels`` (the --mask PNG read), ``args.user_mask`` (the user mask at
+    latent size; None without one, or where the configs do not tell the size: then it is made
+    after loading), ``args.mask_mode`` ("replace" when not given) and ``args.device`` (a
+    torch.device). Creates nothing: the output folder is made when the outputs are written."""
     if args.mask and args.mask_box:
         raise FiseditError("give either --mask or --mask-box, not both")
     args.mask_pixels = read_mask_png(args.mask) if args.mask else None
     if args.mask_box:
         parse_box(args.mask_box)
-    user_mask = args.mask is not None or args.mask_box is not None
-    if args.mask_mode is not None and not user_mask:
-        raise FiseditError(f"--mask-mode {args.mask_mode} says how a user mask combines with "
-                           "the automatic one, and no user mask is given; add --mask PNG or "
-                           "--mask-box x0,y0,x1,y1, or leave --mask-mode out")
-    args.mask_mode = "replace" if args.mask_mode is None else args.mask_mode
     check_int("--steps", args.steps, minimum=1)
-    if args.probe_steps is not None:      # None: the estimator's own number
-        check_int("--probe-steps", args.probe_steps, minimum=0, maximum=args.steps - 1)
-    _check_estimator(args, user_mask)
-    check_float("--guidance-scale", args.guidance_scale)
+    user_mask = (f"--mask {args.mask}" if args.mask is not None else
+                 f"--mask-box {args.mask_box}" if args.mask_box is not None else None)
+    # EditSession.edit's own rules, in the command line's words (the session checks them again).
+    check_mask_choice(mask_estimator=args.mask_estimator, probe_steps=args.probe_steps,
+                      num_steps=args.steps, user_mask=user_mask, mask_mode=args.mask_mode,
+                      cli=True)
+    args.mask_mode = "replace" if args.mask_mode is None else args.mask_mode
+    check_guidance_scale("--guidance-scale", args.guidance_scale)
     check_seed("--seed", args.seed)
+    scale = _vae_scale_factor(vae_config)
     if args.size is not None:
         check_int("--size", args.size, minimum=1)
-        scale = _vae_scale_factor(vae_config)
         if scale is not None and args.size % scale:
             lower = max(scale, args.size - args.size % scale)
             raise FiseditError(f"--size {args.size} is not a multiple of {scale}, the "
                                f"pipeline's VAE factor (one latent pixel per {scale}x{scale} "
                                f"pixels); pass a multiple of {scale}, e.g. --size {lower} or "
                                f"--size {lower + scale}")
+    size = _image_size(args.size, scale, unet_config)
+    args.user_mask = None if size is None else _user_mask(args, size, scale)
     args.device = torch_device(args.device)
     check_output_folder("--out", args.out)
 
 
-def _check_estimator(args, user_mask: bool) -> None:
-    """EditSession.edit's rules on the estimator, before the generation runs: a mask is
-    estimated unless a user mask replaces it, and then --mask-estimator would be ignored; an
-    estimator that measures its mask on the dense probe steps needs one at least."""
-    estimating = not user_mask or args.mask_mode == "intersect"
-    if not estimating and args.mask_estimator is not None:
-        mask = f"--mask {args.mask}" if args.mask else f"--mask-box {args.mask_box}"
-        raise FiseditError(
-            f"--mask-estimator {args.mask_estimator} has nothing to do: the user mask "
-            f"({mask}) with --mask-mode replace (the default) is used as given, without an "
-            "estimate; leave --mask-estimator out, or pass --mask-mode intersect to intersect "
-            "the estimate with the mask")
-    name = DEFAULT_ESTIMATOR if args.mask_estimator is None else args.mask_estimator
-    estimator = ESTIMATORS[name]
-    probe_steps = (estimator.dense_steps(args.steps) if args.probe_steps is None
-                   else args.probe_steps)
-    if estimating and not estimator.before_step_zero and probe_steps == 0:
-        raise FiseditError(
-            f"--mask-estimator {name} measures its mask on the dense probe steps, and this "
-            f"edit has none (probe steps {probe_steps} of --steps {args.steps}); give "
-            "--probe-steps 1 or more (with --steps 2 or more), another --mask-estimator, or a "
-            "user mask (--mask or --mask-box) with --mask-mode replace")
+def _image_size(size: int | None, scale: int | None, unet_config: dict | None) -> int | None:
+    """The image height and width: --size, else the pipeline's default (the U-Net's
+    sample_size times the VAE factor, as diffusers and EditSession take it); None where the
+    configs do not tell it or the VAE factor (the latent size needs both)."""
+    if scale is None:
+        return None
+    if size is not None:
+        return size
+    sample_size = None if unet_config is None else unet_config.get("sample_size")
+    valid = isinstance(sample_size, int) and not isinstance(sample_size, bool)
+    return sample_size * scale if valid else None
 
 
-def _saved_vae_config(folder) -> dict | None:
-    """The VAE config of the pipeline saved in ``folder``, read without loading it; None when
-    it has none readable (loading the pipeline then reports what is wrong)."""
+def _user_mask(args, size: int, scale: int) -> torch.Tensor | None:
+    """The user mask (--mask or --mask-box) at the latent size of ``size`` x ``size`` images;
+    None without one."""
+    latent_size = (size // scale, size // scale)
+    if args.mask_box:
+        return mask_from_box(args.mask_box, latent_size)
+    if args.mask_pixels is None:
+        return None
     try:
-        config = json.loads((Path(folder) / "vae" / "config.json").read_text(encoding="utf-8"))
+        return mask_to_latent(args.mask_pixels, latent_size, f"the mask {args.mask}")
+    except FiseditError as error:
+        given = f"--size {size}" if args.size is not None else "the pipeline's default size"
+        raise FiseditError(f"{error}; the images are {size}x{size} pixels here ({given}), "
+                           f"so draw the mask at {size}x{size}") from None
+
+
+def _saved_config(folder, component: str) -> dict | None:
+    """The config of a component ("vae", "unet") of the pipeline saved in ``folder``, read
+    without loading it; None when it has none readable (loading the pipeline then reports what
+    is wrong)."""
+    try:
+        config = json.loads((Path(folder) / component / "config.json").read_text(
+            encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
@@ -289,15 +301,12 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     out = Path(args.out)
     pipe.to(args.device)
     session = EditSession(pipe)
-    # The user mask at latent size, before the generation (minutes at SD size) runs.
-    scale = pipe.vae_scale_factor
-    size = args.size or pipe.unet.config.sample_size * scale
-    latent_size = (size // scale, size // scale)
-    mask = None
-    if args.mask_pixels is not None:
-        mask = mask_to_latent(args.mask_pixels, latent_size, f"the mask {args.mask}")
-    elif args.mask_box:
-        mask = mask_from_box(args.mask_box, latent_size)
+    # The user mask at latent size, made by _check_args unless the saved configs did not tell
+    # the size; then now, before the generation (minutes at SD size) runs.
+    mask = args.user_mask
+    if mask is None:
+        scale = pipe.vae_scale_factor
+        mask = _user_mask(args, args.size or pipe.unet.config.sample_size * scale, scale)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   height=args.size, width=args.size)
     pipe.set_progress_bar_config(desc="generate")

@@ -28,8 +28,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checks import (check_bool, check_choice, check_float, check_int, check_seed,
-                      check_no_cross_attention_kwargs, check_optional_int, check_prompt)
+from ..checks import (check_bool, check_choice, check_guidance_scale, check_int, check_seed,
+                      check_no_cross_attention_kwargs, check_optional_int, check_prompt,
+                      guides)
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
@@ -59,6 +60,7 @@ _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwarg
 # The pipelines' output types (diffusers' VaeImageProcessor.postprocess); others are refused
 # because diffusers silently maps them to "np", which the background compositing must know.
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_ABSENT = object()     # no instance attribute (``_routed_unet``)
 
 
 @dataclass
@@ -110,7 +112,11 @@ class EditResult:
 
 
 class EditSession:
-    """Generate once densely, then edit repeatedly and sparsely; see the module docstring."""
+    """Generate once densely, then edit repeatedly and sparsely; see the module docstring.
+
+    ``pipe.unet`` must stay the U-Net the session was made with, running its class's own
+    forward: generate, edit and accept refuse, before any work, a replaced ``pipe.unet`` and an
+    instance-level forward (accelerate's offloading hooks, a wrapper)."""
 
     def __init__(self, pipe, config: SparseConfig | None = None, *,
                  cache_budget_bytes: int | None = None, engine: SparseEngine | None = None):
@@ -157,14 +163,19 @@ class EditSession:
         in ``session.seed``. A ``seed`` other than the default 0 together with ``latents`` or
         ``generator``, or both of those, is refused: only one of them can choose the noise.
         ``num_inference_steps`` is at most the scheduler's ``num_train_timesteps`` (each step
-        takes one of its timesteps). The previous generation (and its cache) is replaced only
-        when this call succeeds.
+        takes one of its timesteps). ``guidance_scale`` is at least 0: diffusers guides only
+        above 1, every scale from 0 to 1 means no classifier-free guidance, and then a
+        ``negative_prompt`` (or another ``negative_*`` pipeline argument) would be ignored, so
+        it is refused. The previous generation (and its cache) is replaced only when this call
+        succeeds.
         """
+        self._check_unet()
         check_prompt("prompt", prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
         num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
-        guidance_scale = check_float("guidance_scale", guidance_scale)
+        guidance_scale = check_guidance_scale("guidance_scale", guidance_scale)
         self._check_kwargs(pipeline_kwargs)
+        _check_negative_arguments(guidance_scale, negative_prompt, pipeline_kwargs)
         _check_output_type(output_type)
         self._check_scheduler()
         # Past the scheduler's training timesteps diffusers runs (and we record) every step and
@@ -247,7 +258,16 @@ class EditSession:
         (``"intersect"``, which needs a mask); ``mask_dilation`` grows the estimate by that many
         latent pixels. Nothing is estimated when a user mask replaces the estimate, so there a
         ``mask_estimator`` or a ``mask_dilation`` is refused rather than ignored (grow the mask
-        yourself: ``mask.dilate(mask, 2 * n + 1)``).
+        yourself: ``mask.dilate(mask, 2 * n + 1)``); these rules are ``check_mask_choice``'s,
+        which the command line shares. An edit that changes nothing (its step-0 U-Net call is
+        the recorded one bit for bit: a prompt that encodes like the original's, the same or
+        one that differs only past the tokenizer's limit, and the same negative prompt) gets
+        the empty estimate without the estimator's U-Net call, so its latents are the
+        original's. With a prompt that encodes like the original's but
+        another negative prompt or ControlNet control, which a one-call estimator's contrast
+        of conditional predictions cannot see, the estimate is all of the latent
+        (``report["global_change"]``), without its U-Net call; pass a ``mask`` to confine
+        such an edit.
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
         (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
@@ -266,9 +286,13 @@ class EditSession:
         string to change it, or ``negative_prompt=""`` for none (for SD 1.x/2.x the same as no
         negative prompt; SDXL pipelines with ``force_zeros_for_empty_prompt`` zero the
         unconditional text only when there is no negative prompt at all, which an edit of a
-        generation with one cannot ask for). The step count and size must stay the recorded
-        ones. The U-Net's weights must be the generation's too: after an in-place change (a
-        LoRA fused) the edit is refused before any U-Net call; generate again.
+        generation with one cannot ask for). Without classifier-free guidance (a guidance
+        scale <= 1) there is no unconditional branch, so a ``negative_prompt`` (or another
+        ``negative_*`` argument) is refused there. The guidance scale, step count and size
+        must stay the recorded ones (the pipeline combines the background's recorded U-Net
+        outputs with the scale; any two scales <= 1 are the same: no guidance). The U-Net's
+        weights must be the generation's too: after an in-place change (a LoRA fused) the
+        edit is refused before any U-Net call; generate again.
 
         ``composite_background`` (default True) makes the background of the decoded images
         exact: outside ``result.region`` (the mask grown by ``SparseConfig.dilation``: what
@@ -288,6 +312,7 @@ class EditSession:
         ``report["composite_area_fraction"]`` the fraction of pixels taken from the edit.
         """
         original = self._require_generation()
+        self._check_unet()
         check_prompt("new_prompt", new_prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
         mask_dilation = check_int("mask_dilation", mask_dilation, minimum=0)
@@ -299,13 +324,8 @@ class EditSession:
         # weights: after an in-place change the engine would refuse only at its first sparse
         # step, after the estimator's or the probe steps' dense U-Net calls. Its own check.
         self.engine._check_weights(self.cache)
-        check_choice("mask_mode", mask_mode, MASK_MODES)
         check_bool("cross_attention_control", cross_attention_control)
         check_bool("composite_background", composite_background)
-        if mask_estimator is not None:
-            check_choice("mask_estimator", mask_estimator, tuple(tac.ESTIMATORS))
-        estimator = tac.ESTIMATORS[tac.DEFAULT_ESTIMATOR if mask_estimator is None
-                                   else mask_estimator]
         steps = original.num_steps if num_inference_steps is None else \
             check_int("num_inference_steps", num_inference_steps, minimum=1)
         height = original.height if height is None else check_int("height", height, minimum=1)
@@ -316,49 +336,38 @@ class EditSession:
                 f"{original.num_steps} steps but the edit asks for {height}x{width} with {steps} "
                 "steps; edits keep the recorded resolution and step count (call generate again "
                 "to change them)")
-        default_probe = probe_steps is None
-        if probe_steps is None:
-            probe_steps = estimator.dense_steps(steps)
-        probe_steps = check_int("probe_steps", probe_steps, minimum=0, maximum=steps - 1)
         latent_size = tuple(original.noise.shape[-2:])
         user_mask = None
         if mask is not None:
             user_mask = validate_mask(mask, latent_size).to(original.noise.device)
-        if mask_mode == "intersect" and user_mask is None:
-            raise FiseditError("mask_mode='intersect' intersects the estimated mask with a user "
-                               "mask, but no mask was given; pass mask=, or leave mask_mode "
-                               "out for the estimated mask alone")
-        estimating = user_mask is None or mask_mode == "intersect"
-        if not estimating and mask_estimator is not None:
-            raise FiseditError(
-                f"mask_estimator={mask_estimator!r} has nothing to do: a user mask with "
-                "mask_mode='replace' is used as given, without an estimate; leave "
-                "mask_estimator out, or pass mask_mode='intersect' to intersect the estimate "
-                "with the mask")
-        if not estimating and mask_dilation:
-            raise FiseditError(
-                f"mask_dilation={mask_dilation} grows the estimated mask, but a user mask with "
-                "mask_mode='replace' is used as given; grow it yourself "
-                f"(edit_flow.mask.dilate(mask, {2 * mask_dilation + 1})) and leave "
-                "mask_dilation out, or pass mask_mode='intersect'")
-        if estimating and not estimator.before_step_zero and probe_steps == 0:
-            raise FiseditError("probe_steps=0 leaves the 'probe' estimator nothing to measure; "
-                               "give probe_steps >= 1, another mask_estimator, or a user mask "
-                               "with mask_mode='replace' (and no mask_estimator)")
-        if cross_attention_control and probe_steps == 0:
-            why = " (the estimator's default)" if default_probe else ""
+        # The default mask_mode ("replace") cannot be told from a given one, so only a given
+        # "intersect" is refused without a user mask (the command line refuses either).
+        estimator, dense_steps = check_mask_choice(
+            mask_estimator=mask_estimator, probe_steps=probe_steps, num_steps=steps,
+            user_mask=None if user_mask is None else "mask=",
+            mask_mode=None if mask_mode == "replace" else mask_mode,
+            mask_dilation=mask_dilation)
+        if cross_attention_control and dense_steps == 0:
+            why = " (the estimator's default)" if probe_steps is None else ""
             raise FiseditError(
                 "cross_attention_control acts during the dense steps, but this edit runs none: "
                 f"probe_steps=0{why}; pass probe_steps >= 1, or leave cross_attention_control "
                 "out")
         guidance = (original.guidance_scale if guidance_scale is None
-                    else check_float("guidance_scale", guidance_scale))
+                    else check_guidance_scale("guidance_scale", guidance_scale))
         negative = original.negative_prompt if negative_prompt is None else negative_prompt
-        if (guidance > 1) != (original.guidance_scale > 1):
+        # The pipeline combines the U-Net's outputs with the scale on every step, and outside
+        # the region those are the recorded ones: another scale would move the background
+        # (and guidance turned on or off changes the U-Net batch). Every scale <= 1 is none.
+        if guidance != original.guidance_scale and (guides(guidance)
+                                                    or guides(original.guidance_scale)):
             raise FiseditError(
                 f"the generation used guidance_scale={original.guidance_scale} and the edit "
-                f"{guidance}: classifier-free guidance must stay on (or off) for both, since it "
-                "sets the U-Net batch")
+                f"asks for {guidance}; edits keep the recorded guidance scale, since the "
+                "pipeline combines the recorded background's U-Net outputs with it (another "
+                "scale would change every pixel); leave guidance_scale out, or call generate "
+                "again to change it")
+        _check_negative_arguments(guidance, negative, pipeline_kwargs)
         # Last of the argument checks, still before any pipeline step: compositing selects
         # pixels of the original's images, so they must exist in the requested form ("latent"
         # output is the latents themselves, exact outside the region already).
@@ -377,8 +386,8 @@ class EditSession:
         if cross_attention_control:
             control = CrossAttentionControl(*shared_tokens(self.pipe.tokenizer, original.prompt,
                                                            new_prompt))
-        run = _EditRun(self, trajectory, estimator if estimating else None, user_mask,
-                       mask_mode, mask_dilation, probe_steps, control)
+        run = _EditRun(self, trajectory, estimator, user_mask, mask_dilation, dense_steps,
+                       control)
         start = time.perf_counter()
         images = self._run(trajectory, run.unet_call, run.on_step_end, output_type,
                            pipeline_kwargs)
@@ -427,6 +436,7 @@ class EditSession:
         weights and would be mixed with a recording of the new ones.
         """
         self._require_generation()
+        self._check_unet()
         if not isinstance(result, EditResult):
             raise FiseditError(f"accept takes an EditResult from session.edit, got "
                                f"{type(result).__name__}")
@@ -491,9 +501,12 @@ class EditSession:
     @contextmanager
     def _routed_unet(self, handler):
         """Replace ``pipe.unet.forward`` by a router to ``handler(inputs) -> sample`` and always
-        restore it. The instance attribute is removed while the handler runs, so the engine's
-        graph capture and dense calls see the U-Net's own forward."""
+        restore what was there. The instance attribute is removed while the handler runs, so
+        the engine's graph capture and dense calls see the U-Net's own forward. (An instance
+        forward of the caller's is refused before any run, by ``_check_unet``; restoring it
+        all the same means no path can destroy one.)"""
         unet = self.pipe.unet
+        kept = unet.__dict__.get("forward", _ABSENT)
 
         def routed(*args, **kwargs):
             inputs, return_dict = self._unet_inputs(args, kwargs)
@@ -511,7 +524,10 @@ class EditSession:
         try:
             yield
         finally:
-            unet.__dict__.pop("forward", None)
+            if kept is _ABSENT:
+                unet.__dict__.pop("forward", None)
+            else:
+                unet.forward = kept
 
     def _unet_inputs(self, args, kwargs) -> tuple[dict, bool]:
         """The engine's keyword inputs from a pipeline's U-Net call; refuses extra conditioning
@@ -587,6 +603,16 @@ class EditSession:
         return torch.where(where, images, original_images.to(images.device)), fraction
 
     # -- checks and helpers ---------------------------------------------------------------
+    def _check_unet(self) -> None:
+        """First check of generate, edit and accept: ``pipe.unet`` must still be the U-Net the
+        session's engine compiled and recorded, with its class's own forward."""
+        if self.pipe.unet is not self.engine.unet:
+            raise FiseditError(
+                "pipe.unet was replaced since this session was made: the session's engine and "
+                "recording are of the old U-Net, and its sparse steps would run that one; "
+                "restore it (pipe.unet = session.engine.unet) or make a new EditSession(pipe)")
+        _check_unet_forward(self.pipe.unet)
+
     def _require_generation(self) -> Trajectory:
         if self.original is None or self.cache is None:
             raise FiseditError("nothing to edit yet: call session.generate(prompt, seed) first")
@@ -708,6 +734,12 @@ class EditSession:
             if tuple(latents.shape) != shape:
                 raise FiseditError(f"latents must have shape {shape} for {height}x{width}, got "
                                    f"{tuple(latents.shape)}")
+            finite = torch.isfinite(latents)
+            if not bool(finite.all()):
+                raise FiseditError(
+                    f"latents holds {int((~finite).sum())} NaN or infinite value(s) of "
+                    f"{latents.numel()}: every step and the decoded image would come out NaN; "
+                    f"pass finite noise, e.g. torch.randn({shape})")
             return latents.to(device=device, dtype=dtype).clone()
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -751,33 +783,44 @@ class _EditRun:
 
     The plan exists before the first sparse step: from the user mask (``replace``) at once,
     from a one-call estimator inside step 0's U-Net call (it needs the pipeline's encoding of
-    the new prompt), from the probe after the last dense step.
+    the new prompt), from the probe after the last dense step. Where the estimators' evidence
+    can only be rounding noise (``_unseen_change``), the estimate is decided at step 0 without
+    them: empty when step 0's U-Net call is the recorded one, all of the latent when only what
+    a one-call estimator cannot see changed.
     """
 
     def __init__(self, session: "EditSession", trajectory: Trajectory,
                  estimator: tac.Estimator | None, user_mask: torch.Tensor | None,
-                 mask_mode: str, mask_dilation: int, dense_steps: int,
-                 control: CrossAttentionControl | None):
+                 mask_dilation: int, dense_steps: int, control: CrossAttentionControl | None):
+        """``estimator`` None: the user mask replaces the estimate; else a user mask
+        intersects it."""
         self.session, self.original, self.trajectory = session, session.original, trajectory
-        self.estimator, self.user_mask, self.mask_mode = estimator, user_mask, mask_mode
+        self.estimator, self.user_mask = estimator, user_mask
         self.mask_dilation, self.dense_steps, self.control = mask_dilation, dense_steps, control
         self.mask: torch.Tensor | None = None
         self.plan: MaskPlan | None = None
         self.global_change = False
         self.mask_unet_evaluations = 0.0
+        self.unchanged = False     # step 0's U-Net call is the recorded one: nothing to edit
         self.differences: list[torch.Tensor] = []     # the probe's, per dense step
         self.timings = {"mask_s": 0.0}
         self.start = time.perf_counter()
         if estimator is None:
-            self._set_mask(None, None)
+            self._set_mask(None)
 
     # -- the pipeline's hooks ---------------------------------------------------------------
     def unet_call(self, step: int, inputs: dict) -> torch.Tensor:
         session = self.session
         self.trajectory.unet_inputs.append(_detach(inputs))
-        if step == 0 and self.estimator is not None and self.estimator.before_step_zero:
+        if step == 0 and self.estimator is not None:
             began = time.perf_counter()
-            self._set_mask(*self._estimate(inputs))
+            unseen = self._unseen_change(inputs)
+            self.unchanged = unseen == "nothing"
+            if self.unchanged:
+                self._set_mask(self._empty())
+            elif self.estimator.before_step_zero:
+                self._set_mask(self._estimated(None, True) if unseen == "all"
+                               else self._estimate(inputs))
             self.timings["mask_s"] = time.perf_counter() - began
         if step < self.dense_steps and self.control is not None:
             control = self.control
@@ -801,14 +844,15 @@ class _EditRun:
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         original, trajectory = self.original, self.trajectory
-        probing = self.estimator is not None and not self.estimator.before_step_zero
+        probing = (self.estimator is not None and not self.estimator.before_step_zero
+                   and not self.unchanged)
         if step < self.dense_steps and probing:
             self.differences.append(tac.latent_difference(latents, original.latents[step])[0])
         if step == self.dense_steps - 1:
             if probing:
                 began = time.perf_counter()
                 score = tac.accumulate(self.differences)
-                self._set_mask(score, tac.is_global(score))
+                self._set_mask(self._estimated(score, tac.is_global(score)))
                 self.timings["mask_s"] = time.perf_counter() - began
                 self.mask_unet_evaluations = float(self.dense_steps)
             self.timings["probe_s"] = time.perf_counter() - self.start
@@ -821,24 +865,57 @@ class _EditRun:
         return latents
 
     # -- the mask ---------------------------------------------------------------------------
-    def _set_mask(self, score: torch.Tensor | None, global_change: bool | None) -> None:
-        """The mask from the estimator's ``score``, whether the change is global and the user
-        mask; then the plan."""
-        if self.user_mask is not None and self.mask_mode == "replace":
+    def _empty(self) -> torch.Tensor:
+        """The estimate of an edit that changes nothing."""
+        return torch.zeros(self.original.noise.shape[-2:], dtype=torch.bool,
+                           device=self.original.noise.device)
+
+    def _estimated(self, score: torch.Tensor | None, global_change: bool) -> torch.Tensor:
+        """The estimated mask from the estimator's ``score``: all of it for a global change
+        (``score`` may then be None)."""
+        self.global_change = bool(global_change)
+        if self.global_change:
+            return ~self._empty()
+        return tac.binarize(score, self.estimator.cut, self.mask_dilation,
+                            smooth=self.estimator.smooth).to(self.original.noise.device)
+
+    def _set_mask(self, estimated: torch.Tensor | None) -> None:
+        """The mask: the estimate (None: a user mask replaces it) intersected with the user
+        mask if there is one; then the plan."""
+        if estimated is None:
             chosen = self.user_mask
         else:
-            self.global_change = bool(global_change)
-            chosen = torch.ones_like(score, dtype=torch.bool) if self.global_change else \
-                tac.binarize(score, self.estimator.cut, self.mask_dilation,
-                             smooth=self.estimator.smooth)
-            chosen = chosen.to(self.original.noise.device)
-            if self.user_mask is not None:
-                chosen = chosen & self.user_mask
+            chosen = estimated if self.user_mask is None else estimated & self.user_mask
         self.mask = chosen
         self.plan = self.session.engine.plan(chosen)
 
-    def _estimate(self, inputs: dict) -> tuple[torch.Tensor, bool]:
-        """The one-call estimator's score and whether the noise contrast shows a global change.
+    def _unseen_change(self, inputs: dict) -> str | None:
+        """What of the edit the estimators cannot measure, from its step-0 U-Net ``inputs``.
+
+        "nothing": the call is the recorded one bit for bit (the same noise, text states,
+        added conditions and ControlNet residuals: a prompt that encodes like the original's,
+        e.g. the same one or one that differs only past the tokenizer's limit, with the same
+        negative prompt), so the edit changes nothing (edit keeps the recorded guidance).
+        "all": the one-call estimators' own inputs (``contrast_batch``: the conditional text)
+        are the recorded ones, but the negative prompt or the ControlNet's control changed,
+        which their contrast of conditional predictions cannot see (the negative prompt acts
+        on the whole image). None: the conditional text changed, which they measure.
+        In the first two cases an estimator's contrast would be rounding noise (its batched
+        call differs from the recorded one by ~1e-6) and Otsu's cut through it a random
+        mask."""
+        original = self.original
+        recorded = original.unet_inputs[0]
+        if _identical(inputs, recorded):
+            return "nothing"
+        steps, guided = tac.contrast_steps(original.num_steps), _guided(original)
+        if _identical(contrast_batch(original, inputs, steps, guided),
+                      contrast_batch(original, recorded, steps, guided)):
+            return "all"
+        return None
+
+    def _estimate(self, inputs: dict) -> torch.Tensor:
+        """The one-call estimator's mask: from its score, all of it when the noise contrast
+        shows a global change.
 
         One U-Net call on the recorded inputs of the contrast steps: their conditional rows
         with the new prompt's conditioning (taken from the pipeline's step-0 ``inputs``) and,
@@ -878,7 +955,7 @@ class _EditRun:
             prediction_type=pipe.scheduler.config.prediction_type,
             final=original.latents[-1],
             attention=None if maps is None else maps.maps.sum(0))
-        return self.estimator.score(contrast), tac.contrast_is_global(contrast)
+        return self._estimated(self.estimator.score(contrast), tac.contrast_is_global(contrast))
 
 
 def _guided(trajectory: Trajectory) -> bool:
@@ -908,6 +985,22 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
     return batch
 
 
+def _identical(a, b) -> bool:
+    """Whether two U-Net inputs (tensors, or dicts, lists and tuples of them, or plain values)
+    are equal bit for bit, in dtype and device too."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+                and torch.equal(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_identical(a[key], b[key]) for key in a))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+                and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b)))
+    return type(a) is type(b) and a == b
+
+
 def _concatenate(values: list):
     """Row-wise concatenation of the batches' tensors (or of dicts of tensors)."""
     if isinstance(values[0], dict):
@@ -927,6 +1020,121 @@ def _check_pipeline(pipe) -> None:
         raise FiseditError(
             f"EditSession supports {', '.join(SUPPORTED_PIPELINES)} (text-to-image), got "
             f"{type(pipe).__name__}; load the text-to-image pipeline of your model")
+    _check_unet_forward(pipe.unet)
+
+
+def _check_unet_forward(unet) -> None:
+    """The U-Net must run its class's own forward. An instance-level ``forward`` (accelerate's
+    hooks: enable_model_cpu_offload, enable_sequential_cpu_offload, a device_map; or a
+    wrapper of the caller's) would be bypassed: the session routes the pipeline's U-Net calls
+    through its own instance forward and the engine runs compiled graphs of the module. Even
+    the class's forward bound to the instance, which accelerate's remove_hook_from_module
+    leaves behind, is refused: the engine refuses attributes added since its compile."""
+    if "forward" in unet.__dict__:
+        hooked = " (an accelerate hook)" if hasattr(unet, "_hf_hook") else ""
+        raise FiseditError(
+            f"pipe.unet has an instance-level forward{hooked}, as enable_model_cpu_offload, "
+            "enable_sequential_cpu_offload, a device_map or a wrapper install; EditSession "
+            "runs the U-Net's own forward and compiled graphs of it, so the wrapper would be "
+            "bypassed; remove it with del pipe.unet.forward (for accelerate's hooks first "
+            "pipe.remove_all_hooks(), which leaves a forward on the U-Net too) and keep the "
+            "pipeline on one device (pipe.to(device))")
+
+
+def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None,
+                              pipeline_kwargs: dict) -> None:
+    """Without classifier-free guidance (``guides``) diffusers has no unconditional branch and
+    drops the negative prompt and every other ``negative_*`` argument (SDXL's
+    negative_prompt_2, negative_original_size, ...) without a word: refused."""
+    if guides(guidance_scale):
+        return
+    given = (["negative_prompt"] if negative_prompt is not None else []) + sorted(
+        name for name, value in pipeline_kwargs.items()
+        if name.startswith("negative_") and value is not None)
+    if given:
+        raise FiseditError(
+            f"{', '.join(given)} acts only through classifier-free guidance, which diffusers "
+            f"runs only for guidance_scale > 1, and guidance_scale is {guidance_scale}: it "
+            f"would be ignored; pass guidance_scale > 1 (e.g. 7.5), or leave "
+            f"{', '.join(given)} out")
+
+
+class _Spelling:
+    """How a caller names the edit's arguments in messages: EditSession.edit's keywords, or the
+    command line's options (``cli``), so that one rule speaks each caller's words."""
+    _CLI_NAMES = {"num_inference_steps": "--steps",
+                  "mask": "--mask PNG or --mask-box x0,y0,x1,y1"}
+
+    def __init__(self, cli: bool):
+        self.cli = cli
+
+    def name(self, argument: str) -> str:
+        if self.cli:
+            return self._CLI_NAMES.get(argument, "--" + argument.replace("_", "-"))
+        return "mask=" if argument == "mask" else argument
+
+    def given(self, argument: str, value) -> str:
+        return f"{self.name(argument)} {value}" if self.cli else f"{argument}={value!r}"
+
+    def at_least(self, argument: str, minimum: int) -> str:
+        return (f"{self.name(argument)} {minimum} or more" if self.cli
+                else f"{argument} >= {minimum}")
+
+
+def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int,
+                      user_mask: str | None, mask_mode: str | None, mask_dilation: int = 0,
+                      cli: bool = False) -> tuple[tac.Estimator | None, int]:
+    """The one home of the rules on how an edit's mask is made, for ``EditSession.edit`` and
+    the command line (``cli``: messages name its options), so that they cannot drift apart.
+
+    ``user_mask`` says how a user mask was given (e.g. ``"mask="``), None for none;
+    ``mask_mode`` None is the default, "replace". The mask is estimated unless a user mask
+    replaces it; arguments that would then be ignored are refused: a mask mode without a user
+    mask, a ``mask_estimator`` or ``mask_dilation`` beside a replacing user mask, and the
+    probe estimator without dense steps to measure on. Returns the estimator (None when a user
+    mask replaces the estimate) and the number of dense steps (``probe_steps``, by default the
+    estimator's), checked against ``num_steps``."""
+    say = _Spelling(cli)
+    if mask_mode is not None:
+        check_choice(say.name("mask_mode"), mask_mode, MASK_MODES)
+    if mask_estimator is not None:
+        check_choice(say.name("mask_estimator"), mask_estimator, tuple(tac.ESTIMATORS))
+    if mask_mode is not None and user_mask is None:
+        raise FiseditError(
+            f"{say.given('mask_mode', mask_mode)} says how a user mask combines with the "
+            f"estimated one, and no user mask is given; add {say.name('mask')}, or leave "
+            f"{say.name('mask_mode')} out for the estimated mask alone")
+    estimator = tac.ESTIMATORS[tac.DEFAULT_ESTIMATOR if mask_estimator is None
+                               else mask_estimator]
+    if probe_steps is None:
+        probe_steps = estimator.dense_steps(num_steps)
+    probe_steps = check_int(say.name("probe_steps"), probe_steps, minimum=0,
+                            maximum=num_steps - 1)
+    if user_mask is not None and mask_mode != "intersect":
+        replace = say.given("mask_mode", "replace")
+        if mask_estimator is not None:
+            raise FiseditError(
+                f"{say.given('mask_estimator', mask_estimator)} has nothing to do: the user "
+                f"mask ({user_mask}) with {replace} (the default) is used as given, without an "
+                f"estimate; leave {say.name('mask_estimator')} out, or pass "
+                f"{say.given('mask_mode', 'intersect')} to intersect the estimate with the mask")
+        if mask_dilation:
+            raise FiseditError(
+                f"{say.given('mask_dilation', mask_dilation)} grows the estimated mask, but "
+                f"the user mask ({user_mask}) with {replace} is used as given; grow it yourself "
+                f"(edit_flow.mask.dilate(mask, {2 * mask_dilation + 1})) and leave "
+                f"{say.name('mask_dilation')} out, or pass "
+                f"{say.given('mask_mode', 'intersect')}")
+        return None, probe_steps
+    if not estimator.before_step_zero and probe_steps == 0:
+        more = (f" (with {say.at_least('num_inference_steps', 2)})" if num_steps < 2 else "")
+        raise FiseditError(
+            f"{say.given('mask_estimator', estimator.name)} measures its mask on the dense "
+            f"probe steps, and this edit has none ({say.given('probe_steps', 0)} of "
+            f"{say.given('num_inference_steps', num_steps)}); give "
+            f"{say.at_least('probe_steps', 1)}{more}, another {say.name('mask_estimator')}, "
+            f"or a user mask ({say.name('mask')}) with {say.given('mask_mode', 'replace')}")
+    return estimator, probe_steps
 
 
 def _check_output_type(output_type) -> None:

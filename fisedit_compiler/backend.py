@@ -28,25 +28,38 @@ Guards and recompiles: a new resolution makes Dynamo recompile, by default into 
 dynamic sizes. Dense calls run it as is; the sparse programs are specialized per concrete
 resolution at record time, and a recording refuses edit calls at another resolution.
 
+Python-level settings of the U-Net (FreeU, an IP-Adapter or LoRA scale, a cross_attention_kwargs
+value, an attention processor) are not graph inputs: Dynamo bakes them into the graph and
+recompiles when they change, into a graph of the same input signature. A recording therefore
+remembers which graphs computed its program (``graph_fingerprint``; a graph that differs only
+in form, such as a dynamic-size recompile, is compared by its canonical graph), and refuses a
+call that runs another one, during the recording or in an edit, rather than silently running
+the recorded setting.
+
 Graphs the passes cannot handle (a graph break splitting the U-Net, a module that is not a
 diffusers U-Net, a pass failure) fall back to ``gm.forward`` with an ``UnsupportedGraphWarning``
-and are not recorded. With ``options={"strict": True}`` the backend instead raises
-``UnsupportedGraphError``, at compile time (it then also builds the sparse program eagerly, so
-pass failures surface there; Dynamo wraps the error in ``BackendCompilerFailed``).
+and are not recorded; a recording whose calls mix such graphs with recordable ones, and an edit
+call through one, are refused (the recorded steps would not be the pipeline's). With
+``options={"strict": True}`` the backend instead raises ``UnsupportedGraphError``, at compile
+time (it then also builds the sparse program eagerly, so pass failures surface there; Dynamo
+wraps the error in ``BackendCompilerFailed``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import inspect
+import itertools
 import logging
+import re
 import warnings
 import weakref
 
 import torch
 
-from .checks import check_int, check_optional_int
+from .checks import check_bool, check_int, check_optional_int
 from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, warn_if_training)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
@@ -76,19 +89,14 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     ``UnsupportedGraphError`` at compile time for a graph the passes cannot handle, instead
     of falling back to the dense graph with a warning.
     """
-    opts = dict(OPTIONS)
-    unknown = sorted(set(options or {}) - set(OPTIONS))
-    if unknown:
-        raise FiseditError(f"unknown fisedit backend option(s) {unknown}; the options are "
-                           f"{sorted(OPTIONS)}")
-    opts.update(options or {})
+    opts = _check_options(options)
     if mode not in (None, "default"):
         warnings.warn(f"the fisedit backend ignores mode={mode!r}", stacklevel=2)
     module, arg_names = _frame_module()
     if module is not None:
         warn_if_training(module)
     graph = FiseditGraph(gm, example_inputs, module=module, arg_names=arg_names,
-                         strict=bool(opts["strict"]))
+                         strict=opts["strict"])
     if graph.problem is not None:
         if graph.strict:
             raise UnsupportedGraphError(graph.problem)
@@ -103,6 +111,26 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
                  "program per resolution (torch.compile(..., dynamic=False) recompiles instead)")
     _GRAPHS.add(graph)
     return graph
+
+
+def _check_options(options) -> dict:
+    """The backend's options, with the defaults filled in: a dict of known names (a string or
+    another mapping-like value would otherwise be read letter by letter), each of its type
+    (``strict="no"`` is truthy, so it would silently mean strict)."""
+    if options is None:
+        return dict(OPTIONS)
+    if not isinstance(options, dict):
+        raise FiseditError(
+            f"the fisedit backend's options must be a dict, got {type(options).__name__} "
+            f"{options!r}; pass e.g. torch.compile(unet, backend=\"fisedit\", "
+            "options={\"strict\": True})")
+    unknown = sorted(map(repr, set(options) - set(OPTIONS)))
+    if unknown:
+        raise FiseditError(f"unknown fisedit backend option(s) {', '.join(unknown)}; the "
+                           f"options are {sorted(OPTIONS)}")
+    opts = dict(OPTIONS, **options)
+    check_bool("the fisedit backend option strict", opts["strict"])
+    return opts
 
 
 def _frame_module():
@@ -179,6 +207,7 @@ class FiseditGraph:
         # Per U-Net module, held weakly (the programs hold its parameters, not the module).
         self._built: "weakref.WeakKeyDictionary[torch.nn.Module, _Built]" = \
             weakref.WeakKeyDictionary()
+        self._fingerprint: str | None = None      # see ``fingerprint``, computed on first use
 
     @property
     def module(self):
@@ -220,32 +249,54 @@ class FiseditGraph:
                    if not isinstance(value, Exception))
 
     # -- compile ------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """What this Dynamo graph computes (``graph_fingerprint``), with each tensor input
+        named as the U-Net names it: two graphs with one fingerprint run the same program."""
+        if self._fingerprint is None:
+            placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+            names = {placeholders[i]: name
+                     for i, name in zip(self.input_positions, self.input_names)}
+            self._fingerprint = graph_fingerprint(self.gm, lambda node: names.get(node,
+                                                                              node.target))
+        return self._fingerprint
+
     def program(self, args, config: SparseConfig, module):
         """The sparse Program for this call's signature under ``config`` (built on first use).
 
         Raises UnsupportedGraphError, with the reason, for a graph the passes cannot handle.
         """
-        if self.problem is not None:
-            raise UnsupportedGraphError(self.problem)
+        canonical = self.canonical(args, module)
         signature = SparseEngine.signature(self.flat_inputs(args))
-        built = self._built.setdefault(module, _Built()) if module is not None else _Built()
+        built = self._built_for(module)
         key = (signature, config)
         if key not in built.programs:
-            if signature not in built.canonical:
-                built.canonical[signature] = self._canonical(args)
-            canonical = built.canonical[signature]
-            if isinstance(canonical, Exception):
-                built.programs[key] = canonical
-            else:
-                try:
-                    built.programs[key] = build_program(signature, canonical, config)
-                except Exception as error:  # noqa: BLE001 - a pass failure means "unsupported"
-                    built.programs[key] = _unsupported("the fisedit passes failed on this "
-                                                       "graph", error)
+            try:
+                built.programs[key] = build_program(signature, canonical, config)
+            except Exception as error:  # noqa: BLE001 - a pass failure means "unsupported"
+                built.programs[key] = _unsupported("the fisedit passes failed on this graph",
+                                                   error)
         result = built.programs[key]
         if isinstance(result, Exception):
             raise result
         return result
+
+    def canonical(self, args, module):
+        """The analyzed canonical graph of this call's signature (lowered on first use), which
+        every config's program is built from. Raises UnsupportedGraphError as ``program``."""
+        if self.problem is not None:
+            raise UnsupportedGraphError(self.problem)
+        signature = SparseEngine.signature(self.flat_inputs(args))
+        built = self._built_for(module)
+        if signature not in built.canonical:
+            built.canonical[signature] = self._canonical(args)
+        result = built.canonical[signature]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _built_for(self, module) -> "_Built":
+        return self._built.setdefault(module, _Built()) if module is not None else _Built()
 
     def _canonical(self, args):
         try:
@@ -261,6 +312,71 @@ class FiseditGraph:
             return UnsupportedGraphError("the graph has no spatial levels reached from its "
                                          "'sample' input, so there is nothing to edit sparsely")
         return canonical
+
+
+def graph_fingerprint(gm: torch.fx.GraphModule, placeholder_name=None, state_ids=()) -> str:
+    """A digest of what ``gm`` computes: each node's op, target and arguments (other nodes by
+    position, constants by value) and the tensors it holds, ``state_ids`` (a U-Net's
+    parameters and buffers, whose values change in place and are checked by their version
+    counters) by identity, any other by value. Node names and source locations are left out:
+    they do not change the result. ``placeholder_name(node)`` names inputs (default: the
+    placeholder's own name).
+
+    A Python-level setting of a U-Net (FreeU, an IP-Adapter or LoRA scale, an attention
+    processor) is no input of its Dynamo graph: Dynamo bakes it in and recompiles when it
+    changes, into a graph of the same input signature. The backend tells those graphs apart
+    by this digest."""
+    digest = hashlib.sha256()
+    position: dict = {}
+    for index, node in enumerate(gm.graph.nodes):
+        position[node] = index
+        if node.op == "placeholder":
+            item = (node.op, placeholder_name(node) if placeholder_name else node.target)
+        elif node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            item = (node.op, _value_key(value, state_ids))
+        else:
+            arguments = torch.fx.node.map_arg((node.args, node.kwargs),
+                                              lambda arg: _NodeRef(position[arg]))
+            item = (node.op, _target_key(node.target), arguments)
+        digest.update(repr(item).encode())
+    return digest.hexdigest()
+
+
+class _NodeRef:
+    """A node in a fingerprint: its position in the graph (names may differ)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def _target_key(target) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None)
+    # (Falls back to the repr: an address then tells apart objects that may differ.)
+    return f"{module}.{name}" if module and name else repr(target)
+
+
+def _value_key(value, state_ids) -> tuple:
+    if not isinstance(value, torch.Tensor):
+        return ("object", repr(value))
+    if id(value) in state_ids or isinstance(value, torch.nn.Parameter):
+        return ("state", id(value))
+    try:
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    except Exception:  # noqa: BLE001 - a tensor without plain bytes: only itself is equal
+        return ("tensor", id(value))
+    return ("tensor", str(value.dtype), tuple(value.shape),
+            hashlib.sha256(data.tobytes()).hexdigest())
 
 
 class _Built:
@@ -302,6 +418,15 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
             return ("the graph has no 'timestep' input: torch.compile made a Python-number "
                     "timestep a constant of the graph (one graph per value); pass the "
                     "timestep as a tensor, torch.tensor(t), as diffusers pipelines do")
+    numbers = _number_inputs(gm, example_inputs, module, graph.arg_names)
+    if numbers:
+        return (f"the graph takes the Python number(s) {numbers} as input(s): Dynamo makes a "
+                "number a graph input once its value changes between calls (a U-Net or "
+                "attention-processor attribute, a cross_attention_kwargs value: an IP-Adapter "
+                "or LoRA scale), and a recording needs it as a constant of the graph (a "
+                "program would keep the value it was built with); keep such settings fixed, "
+                "or set torch._dynamo.config.specialize_float = True (one graph per value) "
+                "and compile again (torch._dynamo.reset())")
     if "sample" not in graph.input_names:
         return f"the graph has no 'sample' input (its inputs are {graph.input_names})"
     sample = example_inputs[graph.input_positions[graph.input_names.index("sample")]]
@@ -315,6 +440,31 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
                 f"its {list(sample.shape)} sample: a graph break split the U-Net call "
                 "(torch.compile(..., fullgraph=True) shows where)")
     return None
+
+
+def _number_inputs(gm, example_inputs, module, arg_names) -> list[str]:
+    """The placeholders that are Python numbers, which Dynamo passes as fresh 0-d tensors on
+    each call. Those it names after ``self`` (a module attribute) would otherwise pass for
+    module state, which ``lower_dynamo_graph`` bakes into the program: right for weights,
+    wrong for a number that may change on the next call. Dynamo marks them in the
+    placeholder's ``grapharg`` (a private field); should that move, a 0-d module-state
+    placeholder that is none of the module's own tensors is taken for one."""
+    state = (None if module is None else
+             {id(t) for t in itertools.chain(module.parameters(), module.buffers())})
+    numbers = []
+    for node, example in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
+                             example_inputs):
+        if not isinstance(example, torch.Tensor):
+            continue
+        number = getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", None)
+        if number is None:
+            number = (state is not None and example.dim() == 0
+                      and is_module_state(node.name, example) and id(example) not in state)
+        if number:
+            # (Dynamo spells attribute paths with the modules' dicts: self_dict_modules_a_...)
+            name = re.sub(r"_(dict_)?modules_", "_", dynamo_input_name(node.name, arg_names))
+            numbers.append(name.removeprefix("self_"))
+    return numbers
 
 
 # ---------------------------------------------------------------------------- registration
@@ -389,6 +539,40 @@ class Recording:
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.outputs: list[torch.Tensor] = []
         self.fallbacks: list[str] = []
+        # Per signature with a program in ``engine``: the fingerprints of the Dynamo graphs
+        # known to compute that program (``_runs_recorded_program``), and its canonical graph's.
+        self._graphs: dict[tuple, set[str]] = {}
+        self._canonical_fingerprints: dict[tuple, str] = {}
+        self._state_ids = frozenset(id(t) for t in
+                                    itertools.chain(unet.parameters(), unet.buffers()))
+
+    def _runs_recorded_program(self, graph: "FiseditGraph", args, signature: tuple) -> bool:
+        """Whether ``graph``, called on ``args`` (of ``signature``, which has a program in
+        ``engine``), computes what that program computes.
+
+        Dynamo compiles a new graph when a Python-level setting of the U-Net changes (FreeU,
+        an IP-Adapter or LoRA scale, an attention processor), with the same inputs: the program
+        in ``engine`` would then silently compute the old setting. Dynamo also recompiles
+        without any change to what the U-Net computes (a graph with dynamic sizes after a
+        resolution change, another compiled wrapper of the same U-Net): such a graph lowers to
+        the same canonical graph, which is compared when the cheap digest of the Dynamo graph
+        differs (once per graph; a match is remembered)."""
+        known = self._graphs[signature]
+        if graph.fingerprint in known:
+            return True
+        try:
+            canonical = graph.canonical(args, self.unet)
+        except UnsupportedGraphError:
+            return False
+        if signature not in self._canonical_fingerprints:
+            recorded = self.engine.program(graph.flat_inputs(args)).canonical
+            self._canonical_fingerprints[signature] = graph_fingerprint(
+                recorded, state_ids=self._state_ids)
+        if graph_fingerprint(canonical, state_ids=self._state_ids) != \
+                self._canonical_fingerprints[signature]:
+            return False
+        known.add(graph.fingerprint)
+        return True
 
     @property
     def num_steps(self) -> int:
@@ -454,7 +638,6 @@ class Editing:
         self.steps: list[int] = []
         self.inputs: list[dict[str, torch.Tensor]] = []
         self.outputs: list[torch.Tensor] = []
-        self.fallbacks: list[str] = []      # why calls ran dense instead (warned when they did)
 
     def __repr__(self) -> str:
         return f"Editing({len(self.steps)} calls from step {self.start_step}, {self.plan!r})"
@@ -464,6 +647,14 @@ class _State:
     def __init__(self, unet):
         self.unet = unet
         self.param_ids = frozenset(id(p) for p in unet.parameters())
+
+
+class _RecordState(_State):
+    verb, activity = "recorded", "recording"
+
+    def __init__(self, recording: Recording):
+        super().__init__(recording.unet)
+        self.recording = recording
         self.warned: set = set()
 
     def fallback(self, graph, error, args, sink: list):
@@ -478,36 +669,103 @@ class _State:
                           f"{self.verb}", UnsupportedGraphWarning, stacklevel=3)
         return graph.forward(*args)
 
-
-class _RecordState(_State):
-    verb, activity = "recorded", "recording"
-
-    def __init__(self, recording: Recording):
-        super().__init__(recording.unet)
-        self.recording = recording
-
     def call(self, graph: FiseditGraph, args):
         rec = self.recording
-        try:
-            program = graph.program(args, rec.config, rec.unet)
-        except UnsupportedGraphError as error:
-            return self.fallback(graph, error, args, rec.fallbacks)
         step = len(rec.inputs)
-        if rec.growable:
-            rec.cache.resize(max(rec.cache.num_steps, step + 1))
-        elif step >= rec.cache.num_steps:
+        if graph.problem is not None:
+            if step:
+                raise FiseditError(_changed_during_recording(
+                    step, f"it cannot be recorded ({graph.problem}), but the earlier calls "
+                    "could"))
+            return self.fallback(graph, UnsupportedGraphError(graph.problem), args,
+                                 rec.fallbacks)
+        # Everything that refuses the call is checked before any program is built for it.
+        flat = graph.flat_inputs(args)
+        signature = SparseEngine.signature(flat)
+        if rec.cache.signature is not None and signature != rec.cache.signature:
+            raise FiseditError(
+                f"U-Net call {step + 1} of this recording has inputs "
+                f"({describe_signature(signature)}) but the recorded calls have "
+                f"({describe_signature(rec.cache.signature)})"
+                f"{_input_names_changed(signature, rec.cache.signature)}; one recording is one "
+                "generation: keep the resolution, batch, dtypes and the U-Net's arguments and "
+                "settings fixed while recording")
+        if not rec.growable and step >= rec.cache.num_steps:
             raise FiseditError(
                 f"the recording was opened with num_steps={rec.cache.num_steps} but the U-Net "
                 f"is being called a {step + 1}th time; pass the pipeline's number of U-Net "
                 "calls, or leave num_steps=None to record however many there are")
-        flat = graph.flat_inputs(args)
-        # Every step of a recording runs the program it started with (the cache keys are its
-        # node names), even if Dynamo recompiled in between.
-        rec.engine.add_program(program)
-        output = rec.engine.record(rec.cache, step, **flat)
+        if signature in rec._graphs:
+            # Every step of a recording runs one program (the cache keys are its node names),
+            # so a later call must run the graph that made it.
+            if not rec._runs_recorded_program(graph, args, signature):
+                raise FiseditError(_changed_during_recording(
+                    step, "Dynamo compiled another U-Net graph for it"))
+        else:
+            try:
+                program = graph.program(args, rec.config, rec.unet)
+            except UnsupportedGraphError as error:
+                if step:
+                    raise FiseditError(_changed_during_recording(
+                        step, f"it cannot be recorded ({error}), but the earlier calls "
+                        "could")) from error
+                return self.fallback(graph, error, args, rec.fallbacks)
+            if rec.fallbacks:
+                raise FiseditError(
+                    "this U-Net call of the recording can be recorded but the earlier calls "
+                    f"could not ({'; '.join(rec.fallbacks)}), so the recorded steps would not "
+                    "be the pipeline's: a Python-level setting of the U-Net changed during "
+                    f"the recording ({_SETTINGS}); keep the U-Net's settings fixed for the "
+                    "whole generation and record it again")
+            # The engine is the recording's own and starts empty: the program stored for the
+            # signature is this one, and the graph that made it is known from here on.
+            rec.engine.add_program(program)
+            rec._graphs[signature] = {graph.fingerprint}
+        size = rec.cache.num_steps
+        if rec.growable:
+            rec.cache.resize(max(size, step + 1))
+        try:
+            output = rec.engine.record(rec.cache, step, **flat)
+        except BaseException:
+            if rec.growable:
+                rec.cache.resize(size)           # a failed call leaves the recording as it was
+            raise
         rec.inputs.append({name: value.detach().clone() for name, value in flat.items()})
         rec.outputs.append(output.detach().clone())
         return (output,)
+
+
+# What changes a U-Net's Dynamo graph without changing its inputs, for messages.
+_SETTINGS = ("FreeU, an IP-Adapter scale, a LoRA scale or its adapters, a cross_attention_kwargs "
+             "value, an attention processor")
+
+
+def _changed_during_recording(step: int, why: str) -> str:
+    return (f"U-Net call {step + 1} of this recording does not run the U-Net of the earlier "
+            f"calls: {why}. A Python-level setting of the U-Net changed during the recording "
+            f"({_SETTINGS}; e.g. a step-end callback such as diffusers' "
+            "IPAdapterScaleCutoffCallback), and one recording must run one U-Net for all its "
+            "steps; keep those settings fixed for the whole generation and record it again")
+
+
+def _changed_since_recording(why: str) -> str:
+    return (f"this edit call does not run the U-Net that was recorded: {why}. A Python-level "
+            f"setting of the U-Net changed between record and edit ({_SETTINGS}), and the "
+            "recorded values belong to the old one; set it back as it was while recording, or "
+            "record the generation again with the new settings")
+
+
+def _input_names_changed(signature: tuple, recorded: tuple) -> str:
+    """Why two signatures name other inputs: Dynamo makes a Python number that changed
+    between calls (a float in cross_attention_kwargs) an input of its next graph."""
+    names, before = {entry[0] for entry in signature}, {entry[0] for entry in recorded}
+    if names == before:
+        return ""
+    parts = [f"{verb} {', '.join(sorted(which))}" for verb, which in
+             (("adds", names - before), ("drops", before - names)) if which]
+    return (f" (the call {' and '.join(parts)}: Dynamo makes a Python number of the call, such "
+            "as a cross_attention_kwargs scale, a graph input once its value changes, so "
+            "the settings differ from the recorded ones)")
 
 
 class _EditState(_State):
@@ -520,8 +778,9 @@ class _EditState(_State):
     def call(self, graph: FiseditGraph, args):
         ed, rec = self.editing, self.editing.recording
         if graph.problem is not None:
-            return self.fallback(graph, UnsupportedGraphError(graph.problem), args,
-                                 ed.fallbacks)
+            # The recorded graph had none (it was recorded), so this is another graph: running
+            # it dense would regenerate the whole image, not edit the recorded one.
+            raise FiseditError(_changed_since_recording(f"it cannot be edited ({graph.problem})"))
         step = ed.start_step + len(ed.steps)
         if step >= rec.num_steps:
             raise FiseditError(
@@ -533,8 +792,13 @@ class _EditState(_State):
         if not rec.engine.has_program(signature):
             raise FiseditError(
                 f"this U-Net call has inputs ({describe_signature(signature)}) but the recording "
-                f"was made with ({describe_signature(rec.cache.signature)}); edits must keep the "
-                "resolution, batch and dtypes of the recorded generation")
+                f"was made with ({describe_signature(rec.cache.signature)})"
+                f"{_input_names_changed(signature, rec.cache.signature)}; edits must keep the "
+                "resolution, batch and dtypes, and the U-Net's arguments and settings, of the "
+                "recorded generation")
+        if not rec._runs_recorded_program(graph, args, signature):
+            raise FiseditError(_changed_since_recording("Dynamo compiled another U-Net graph "
+                                                        "for it"))
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         ed.steps.append(step)
         ed.inputs.append({name: value.detach().clone() for name, value in flat.items()})
@@ -598,7 +862,7 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session
-    if not session.steps and not session.fallbacks:
+    if not session.steps:
         warnings.warn(
             "fisedit: no U-Net call was edited inside fc.editing; does the pipeline hold the "
             "compiled U-Net that was recorded (pipe.unet = torch.compile(unet, "

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from . import ir, zoo
-from .checks import check_int
+from .checks import check_choice, check_int
 from .compiler import capture
 from .compiler.pipeline import STAGES as COMPILE_STAGES
 from .compiler.pipeline import trace
@@ -486,6 +486,7 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
     batch = check_int("batch", batch, minimum=1)
     if stage not in STAGES:
         raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    check_choice("frontend", frontend, capture.FRONTENDS)
     if (stage == "sparse") != (mask is not None or mask_box is not None):
         raise FiseditError("--stage sparse needs exactly one of --mask PNG or --mask-box "
                            "x0,y0,x1,y1, and the masks need --stage sparse")

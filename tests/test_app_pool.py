@@ -5,6 +5,8 @@ The shipped shapes model at 4 steps (1 probe step) keeps each call well under a 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,113 @@ def test_budget_drops_the_least_recently_used_recording_and_tells_its_owner(pipe
     pool.restore("a", 0)                            # a rebuilds its recording; now b goes
     assert pool.tabs["b"].evicted and not pool.tabs["a"].evicted
     pool.edit("a", EDIT)
+
+
+# ------------------------------------------------------------- refused input changes nothing
+
+def snapshot(pool):
+    """What a refused call must leave as it was: the tabs, each one's state and history."""
+    return {tab_id: (tab.session, tab.current, tab.last_edit, list(tab.history), tab.evicted)
+            for tab_id, tab in pool.tabs.items()}
+
+
+def assert_unchanged(pool, before):
+    after = snapshot(pool)
+    assert after.keys() == before.keys()
+    for tab_id, state in before.items():
+        assert all(a is b for a, b in zip(after[tab_id][:3], state[:3])), tab_id
+        assert after[tab_id][3:] == state[3:], tab_id
+
+
+@pytest.fixture(scope="module")
+def edited_pool(pipe):
+    """A pool whose tab "a" has a generation and an edit not yet accepted."""
+    pool = SessionPool(pipe)
+    pool.generate("a", GENERATION)
+    pool.edit("a", EDIT)
+    return pool
+
+
+@pytest.mark.parametrize("index, message", [
+    (True, "history index must be an int, got the bool True"),
+    (0.5, "history index must be an int, got float 0.5"),
+    ("0", "history index must be an int, got str '0'"),
+    (-1, "history index -1 is out of range"),
+    (1, "no history entry 1; the history has 1 entries"),
+])
+def test_restore_refuses_a_bad_index_and_changes_nothing(edited_pool, index, message):
+    before = snapshot(edited_pool)
+    with pytest.raises(FiseditError, match=message):
+        edited_pool.restore("a", index)
+    assert_unchanged(edited_pool, before)
+
+
+def test_calls_of_an_unknown_tab_create_no_tab(edited_pool):
+    pool = edited_pool
+    before = snapshot(pool)
+    assert pool.history("new") == []
+    with pytest.raises(FiseditError, match="no history entry 0; the history has 0 entries"):
+        pool.restore("new", 0)
+    with pytest.raises(FiseditError, match="nothing to edit yet"):
+        pool.edit("new", EDIT)
+    with pytest.raises(FiseditError, match="nothing to edit yet"):
+        pool.accept("new")
+    with pytest.raises(FiseditError, match="seed -1 is out of range"):
+        pool.generate("new", Generation("a red circle", seed=-1, steps=4, guidance_scale=5.0))
+    # ... and a refused generate in a tab that has one keeps its state (its last edit too).
+    with pytest.raises(FiseditError, match="seed -1 is out of range"):
+        pool.generate("a", Generation("a red circle", seed=-1, steps=4, guidance_scale=5.0))
+    assert_unchanged(pool, before)
+    assert "new" not in pool.tabs
+
+
+def soft(value):
+    mask = np.zeros((16, 16), dtype=np.float32)
+    mask[2:6, 2:6] = value
+    return mask
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask=soft(0.3)), r"values other than 0 and 1 .*\[0.3"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask=soft(np.nan)), "the mask holds NaN"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask=np.where(soft(1) > 0, 255, soft(1)).astype(np.uint8)
+                + np.eye(16, dtype=np.uint8)), r"such as \[0, 1, 255\]"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask=np.full((16, 16), "x")), "array of <U1"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask_mode="bogus"), "mask_mode must be one of"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask=soft(1) > 0, mask_estimator="bogus"),
+     "mask_estimator must be one of"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask_mode=None), "mask_mode must be one of"),
+], ids=["soft", "nan", "mixed-scales", "strings", "mode-without-mask", "estimator-replaced",
+        "no-mode"])
+def test_a_bad_mask_or_choice_is_refused_even_where_it_would_not_apply(edited_pool, recipe,
+                                                                        message):
+    before = snapshot(edited_pool)
+    with pytest.raises(FiseditError, match=message):
+        edited_pool.edit("a", recipe)
+    assert_unchanged(edited_pool, before)
+
+
+@pytest.mark.parametrize("mask", [
+    np.where(soft(1) > 0, 255, 0).astype(np.uint8),          # a painting's alpha
+    soft(1.0),                                               # 0/1 floats
+    soft(255.0),                                             # 0/255 floats
+    torch.from_numpy(soft(1.0) > 0),                         # a bool tensor
+    np.kron(soft(1) > 0, np.ones((4, 4))).astype(np.uint8),  # 0/1 at the image's size
+], ids=["uint8-255", "float-01", "float-255", "bool-tensor", "image-size"])
+def test_a_painting_of_0_1_or_0_255_values_is_the_bool_mask(mask):
+    from fisedit_compiler.app.pool import _latent_mask
+
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[2:6, 2:6] = True
+    assert torch.equal(_latent_mask(mask, (16, 16)), expected)
+
+
+def test_an_edit_with_a_uint8_painting_equals_the_bool_one(pipe):
+    pool = SessionPool(pipe)
+    pool.generate("a", GENERATION)
+    painted = soft(1) > 0
+    recipe = EditRecipe(shapes.DEMO_EDIT, probe_steps=0, mask=painted)
+    as_bools = pool.edit("a", recipe)
+    as_uint8 = pool.edit("a", replace(recipe, mask=painted.astype(np.uint8) * 255))
+    assert torch.equal(as_uint8.mask, as_bools.mask)
+    assert np.array_equal(pixels(as_uint8.image), pixels(as_bools.image))

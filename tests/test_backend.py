@@ -5,6 +5,7 @@ module fixture starts first, so it overlaps the in-process tests; the last test 
 """
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -482,3 +483,232 @@ def test_calls_from_another_thread_are_refused_or_run_in_a_copied_context(sd15):
     assert outcome["result"] == "ran" and rec.num_steps == 1       # recorded, from the thread
     in_thread()                                                    # no context open: dense
     assert outcome["result"] == "ran"
+
+
+# A Python-level setting of the U-Net changed during a recording or between record and edit:
+# Dynamo recompiles into a graph of the same inputs; the recording must not run its old program.
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches reset: these tests recompile one U-Net class several times, and a test
+    must not reach Dynamo's recompile limit (past it, calls run eagerly, never reaching us)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class ScaledProcessor(AttnProcessor2_0):
+    """Diffusers' attention scaled by ``scale`` (an attribute, as IP-Adapter and PEFT LoRA
+    scales are: Dynamo bakes its value in) and by ``gain`` from cross_attention_kwargs."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, gain=1.0):
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return out * (self.scale * gain)
+
+
+def scaled_unet():
+    unet = zoo.unet("sd15-tiny")
+    processor = ScaledProcessor(0.5)
+    unet.set_attn_processor(processor)
+    return unet, processor, zoo.example_inputs(unet, batch=2, seed=0)
+
+
+def freeu_on(unet, processor):
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+
+
+def scale_zero(unet, processor):        # what diffusers' IPAdapterScaleCutoffCallback does
+    processor.scale = 0.0
+
+
+def scale_back(unet, processor):
+    processor.scale = 0.5
+
+
+def graph_break(unet, processor):
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.set_processor(GraphBreakProcessor())
+
+
+def state_of(rec):
+    return (rec.num_steps, rec.cache.num_steps, len(rec.inputs), len(rec.outputs),
+            [output.clone() for output in rec.outputs])
+
+
+def assert_same_state(before, rec):
+    after = state_of(rec)
+    assert after[:4] == before[:4]
+    assert all(torch.equal(a, b) for a, b in zip(after[4], before[4]))
+
+
+# specialize_float=True: Dynamo compiles one graph per value of a Python float; by default it
+# makes the float an input of its next graph once the value changed, which a recording refuses.
+def specialize_floats(request, value: bool) -> None:
+    patch = torch._dynamo.config.patch(specialize_float=value)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
+
+
+ANOTHER_GRAPH = "Dynamo compiled another U-Net graph"
+A_NUMBER = r"cannot be (recorded|edited) \(the graph takes the Python number\(s\) \['down_blocks"
+
+
+@pytest.mark.parametrize("change, specialize, match", [
+    (freeu_on, False, ANOTHER_GRAPH),
+    (scale_zero, True, ANOTHER_GRAPH),
+    (scale_zero, False, A_NUMBER),
+    (graph_break, False, "cannot be recorded.*graph break")],
+    ids=["freeu", "ip-adapter-scale", "ip-adapter-scale-as-input", "graph-break"])
+@torch.no_grad()
+def test_a_setting_changed_during_a_recording_is_refused(fresh_dynamo, request, change,
+                                                         specialize, match):
+    specialize_floats(request, specialize)
+    unet, processor, inputs = scaled_unet()
+    compiled = torch.compile(unet, backend="fisedit")
+    t = torch.tensor(500)
+    with pytest.raises(fc.FiseditError, match="during the recording") as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsupportedGraphWarning)
+            with fc.recording(compiled) as rec:
+                first = call(compiled, inputs, t)
+                before = state_of(rec)
+                change(unet, processor)
+                call(compiled, inputs, torch.tensor(400))    # the pipeline's second step
+    assert re.search(match, str(info.value)) and "record it again" in str(info.value)
+    assert_same_state(before, rec)                     # the refused call added nothing
+    assert torch.equal(rec.outputs[0], first)
+
+
+# (disable_freeu leaves its attributes set, to None: the engine refuses that U-Net as changed.)
+@pytest.mark.parametrize("change, undo, specialize, match", [
+    (freeu_on, None, False, ANOTHER_GRAPH),
+    (scale_zero, scale_back, True, ANOTHER_GRAPH),
+    (scale_zero, scale_back, False, A_NUMBER)],
+    ids=["freeu", "ip-adapter-scale", "ip-adapter-scale-as-input"])
+@torch.no_grad()
+def test_a_setting_changed_between_record_and_edit_is_refused(fresh_dynamo, request, change,
+                                                             undo, specialize, match):
+    specialize_floats(request, specialize)
+    unet, processor, inputs = scaled_unet()
+    compiled = torch.compile(unet, backend="fisedit")
+    t = torch.tensor(500)
+    with fc.recording(compiled) as rec:
+        recorded = call(compiled, inputs, t)
+    before = state_of(rec)
+    mask = torch.ones(16, 16, dtype=torch.bool)        # a full mask: the edit is the dense U-Net
+    change(unet, processor)
+    with pytest.raises(fc.FiseditError, match="changed between record and edit.*record the "
+                                              "generation again") as info:
+        with fc.editing(rec, mask) as ed:
+            call(compiled, inputs, t)
+    assert re.search(match, str(info.value))
+    assert ed.steps == [] and ed.outputs == []
+    assert_same_state(before, rec)
+    if undo is None:
+        return
+    undo(unet, processor)                               # the recorded setting again
+    if not specialize:      # Dynamo's graph takes the scale as an input now, whatever its value
+        with pytest.raises(fc.FiseditError, match=A_NUMBER):
+            with fc.editing(rec, mask):
+                call(compiled, inputs, t)
+        assert_same_state(before, rec)
+        return
+    new = edited(inputs, mask)
+    with fc.editing(rec, mask) as ed:
+        out = call(compiled, new, t)
+    assert ed.steps == [0]
+    assert relative_error(out, call(unet, new, t)) <= TOLERANCE
+    with fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
+        assert torch.equal(call(compiled, inputs, t), recorded)
+
+
+@torch.no_grad()
+def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh_dynamo):
+    """A number in cross_attention_kwargs (a LoRA scale) is baked into the graph; once it
+    changes, Dynamo makes it an input of a new graph. Neither may run the recorded value."""
+    unet, processor, inputs = scaled_unet()
+    compiled = torch.compile(unet, backend="fisedit")
+    t = torch.tensor(500)
+
+    def at(gain):
+        return compiled(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                        cross_attention_kwargs={"gain": gain}, return_dict=False)[0]
+
+    with fc.recording(compiled) as rec:
+        recorded = at(0.5)
+    before = state_of(rec)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    for gain in (1.0, 0.5):     # after 1.0, Dynamo's graph takes the gain as an input
+        with pytest.raises(fc.FiseditError, match=r"Python number\(s\) "
+                                                  r"\['cross_attention_kwargs_gain'\]"):
+            with fc.editing(rec, mask) as ed:
+                at(gain)
+        assert ed.steps == []
+        assert_same_state(before, rec)
+    # ... and such a graph is not recorded either: a warning, dense and exact.
+    with pytest.warns(UnsupportedGraphWarning, match="Python number"):
+        with fc.recording(compiled) as again:
+            out = at(1.0)
+    assert again.num_steps == 0
+    assert torch.equal(out, unet(inputs["sample"], t,
+                                 encoder_hidden_states=inputs["encoder_hidden_states"],
+                                 cross_attention_kwargs={"gain": 1.0})[0])
+    assert torch.equal(rec.outputs[0], recorded)
+
+
+@torch.no_grad()
+def test_another_graph_of_the_same_unet_edits_the_recording(fresh_dynamo):
+    """Dynamo recompiles without a change to the U-Net too (another compiled wrapper, a graph
+    with dynamic sizes after a resolution change): those graphs edit the recording as its own."""
+    unet = zoo.unet("sd15-tiny")
+    inputs, t = zoo.example_inputs(unet, batch=2, seed=0), torch.tensor(500)
+    big = zoo.example_inputs(unet, batch=2, seed=2, height=24, width=24)
+    dynamic = torch.compile(unet, backend="fisedit")
+    call(dynamic, big, t)                            # 24x24 first: 16x16 then runs dynamic
+    with fc.recording(dynamic) as rec:
+        call(dynamic, inputs, t)
+    (graph,) = [g for g in fc.backend.compiled_graphs(unet) if g.dynamic]
+    assert graph.programs_built == 1
+    mask = box((16, 16), 3, 5, 9, 10)
+    new = edited(inputs, mask)
+    with fc.editing(rec, mask) as ed:
+        expected = call(dynamic, new, t)
+    known = set(fc.backend.compiled_graphs(unet))
+    static = torch.compile(unet, backend="fisedit", dynamic=False)
+    with fc.editing(rec, mask) as ed:
+        assert torch.equal(call(static, new, t), expected)
+    (other,) = set(fc.backend.compiled_graphs(unet)) - known
+    assert not other.dynamic
+    assert other.programs_built == 0                 # compared, never built into a program
+    ref = fc.oracle.masked_dense(rec.engine, ed.plan, rec.inputs[0], ed.inputs[0])
+    assert relative_error(expected, ref) <= TOLERANCE
+
+
+@torch.no_grad()
+def test_a_failed_recorded_call_leaves_the_recording_as_it_was(sd15):
+    unet, compiled, inputs = sd15
+    t = torch.tensor(500)
+    weight = unet.conv_in.bias
+    with pytest.raises(fc.FiseditError, match="weights"):
+        with fc.recording(compiled) as rec:
+            call(compiled, inputs, t)
+            before = state_of(rec)
+            weight.add_(0)                               # an in-place change (a LoRA fused)
+            call(compiled, inputs, torch.tensor(400))
+    assert_same_state(before, rec)
+
+
+@pytest.mark.parametrize("options, match", [({"strict": "no"}, "strict must be True or False"),
+                                            ({"strict": 1}, "strict must be True or False"),
+                                            ("strict", "options must be a dict"),
+                                            ({"strcit": True}, "unknown .*'strcit'")])
+def test_backend_options_are_checked(options, match):
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(BackendCompilerFailed) as info:
+        torch.compile(TwoOutputs(), backend="fisedit", options=options)(x)
+    assert isinstance(info.value.inner_exception, fc.FiseditError)
+    assert re.search(match, str(info.value.inner_exception))

@@ -283,6 +283,22 @@ def test_dump_rejects_bad_arguments(kwargs, message):
         inspect.dump(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"frontend": "bogus"}, "frontend must be one of 'export', 'dynamo', got 'bogus'"),
+    ({"frontend": None}, "frontend must be one of"),
+    ({"stage": "bogus"}, "unknown stage 'bogus'"),
+    ({"fmt": "yaml"}, "unknown format"),
+    ({"batch": True}, "batch must be an int"),
+])
+def test_dump_refuses_a_bad_choice_before_building_the_unet(monkeypatch, kwargs, message):
+    def build(*args, **kwargs):
+        raise AssertionError("the U-Net was built before the arguments were checked")
+
+    monkeypatch.setattr(inspect.zoo, "unet", build)
+    with pytest.raises(FiseditError, match=message):
+        inspect.dump("sd15-tiny", **kwargs)
+
+
 def test_sparse_stage_marks_how_an_edit_runs_each_node():
     unet = zoo.unet("sd15-tiny")
     mask = mask_from_box("0.0,0.0,0.25,0.25", (16, 16))

@@ -27,8 +27,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..edit_flow.mask import DEFAULT_ESTIMATOR
-from ..edit_flow.session import EditResult, EditSession
+from ..checks import check_choice, check_int
+from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
+from ..edit_flow.session import MASK_MODES, EditResult, EditSession
 from ..errors import FiseditError
 
 
@@ -44,9 +45,9 @@ class Generation:
 
 @dataclass(frozen=True)
 class EditRecipe:
-    """The arguments of one ``EditSession.edit``. ``mask`` (bool) is None for the automatic
-    mask, else at latent resolution or a whole multiple of it (``SessionPool.edit`` pools it
-    down to the latent)."""
+    """The arguments of one ``EditSession.edit``. ``mask`` is None for the automatic mask, else
+    bools (or a painting's 0/1 or 0/255 values) at latent resolution or a whole multiple of it
+    (``SessionPool.edit`` pools it down to the latent)."""
     prompt: str
     probe_steps: int | None = None      # None: the estimator's default
     mask: torch.Tensor | np.ndarray | None = None
@@ -84,7 +85,11 @@ class Tab:
 
 
 class SessionPool:
-    """Per-tab EditSessions over one pipeline, a shared memory budget and one device lock."""
+    """Per-tab EditSessions over one pipeline, a shared memory budget and one device lock.
+
+    A tab exists from its first successful ``generate`` on: the read-only calls and refused
+    calls of an unknown tab create nothing (a browser, or an API client, may send any tab id).
+    """
 
     def __init__(self, pipe, budget_bytes: int | None = None, config=None):
         self.pipe = pipe
@@ -100,25 +105,31 @@ class SessionPool:
         """Generate densely and record; the generation becomes the tab's first history entry
         of a new line (earlier entries stay)."""
         with self.device_lock:
-            tab = self._tab(tab_id)
+            tab = self.tabs.get(tab_id) or Tab(EditSession(self.pipe, engine=self.engine))
             image = self._generate(tab, generation)
             entry = HistoryEntry(f"generated: {generation.prompt} (seed {generation.seed})",
                                  image, generation)
-            tab.current, tab.evicted = entry, False
+            tab.current, tab.last_edit, tab.evicted = entry, None, False
             tab.history.append(entry)
+            self._used(tab_id, tab)
             self._enforce_budget(keep=tab_id)
             return image
 
     def edit(self, tab_id: str, recipe: EditRecipe) -> EditView:
         """Edit the tab's recording; the recording itself is unchanged until ``accept``."""
         with self.device_lock:
-            tab = self._tab(tab_id)
+            tab = self.tabs.get(tab_id)
             self._require_recording(tab)
+            # Checked here, not only by the session: _edit leaves out a choice that does not
+            # apply, and a wrong one must not pass because it was left out.
+            check_choice("mask_mode", recipe.mask_mode, MASK_MODES)
+            check_choice("mask_estimator", recipe.mask_estimator, tuple(ESTIMATORS))
             if recipe.mask is not None:
                 latent_size = tuple(tab.session.original.noise.shape[-2:])
                 recipe = replace(recipe, mask=_latent_mask(recipe.mask, latent_size))
             result = self._edit(tab, recipe)
             tab.last_edit = (recipe, result)
+            self._used(tab_id, tab)
             return EditView(result.images[0], result.mask.cpu(),
                             result.plan.levels[0].active.cpu(), result.report,
                             self._dense_regeneration_s(tab.current.generation, recipe.prompt))
@@ -127,7 +138,7 @@ class SessionPool:
         """Make the tab's last edit its new original (continuous editing); returns the new
         history entry."""
         with self.device_lock:
-            tab = self._tab(tab_id)
+            tab = self.tabs.get(tab_id)
             self._require_recording(tab)
             if tab.last_edit is None:
                 raise FiseditError("there is no edit to accept yet: edit the image first")
@@ -138,30 +149,39 @@ class SessionPool:
                                  tab.current.accepted_edits + (recipe,))
             tab.current, tab.last_edit = entry, None
             tab.history.append(entry)
+            self._used(tab_id, tab)
             self._enforce_budget(keep=tab_id)
             return entry
 
     def restore(self, tab_id: str, index: int) -> HistoryEntry:
         """Go back to history entry ``index``: its recipe is replayed (generate, then each
         accepted edit and accept), which rebuilds its recording."""
+        # (A bool is refused: True would silently mean entry 1.)
+        index = check_int("the history index", index, minimum=0)
         with self.device_lock:
-            tab = self._tab(tab_id)
-            if not 0 <= index < len(tab.history):
+            tab = self.tabs.get(tab_id)
+            entries = [] if tab is None else tab.history
+            if index >= len(entries):
                 raise FiseditError(f"there is no history entry {index}; the history has "
-                                   f"{len(tab.history)} entries")
-            entry = tab.history[index]
-            # Until the replay has finished the recording is no entry's (the replay may fail).
-            tab.current = None
+                                   f"{len(entries)} entries")
+            entry = entries[index]
+            # Until the replay has finished the recording is no entry's (the replay may fail),
+            # and the last edit, of the recording being replaced, can no longer be accepted.
+            tab.current, tab.last_edit = None, None
             self._generate(tab, entry.generation)
             for recipe in entry.accepted_edits:
                 tab.session.accept(self._edit(tab, recipe))
             tab.current, tab.evicted = entry, False
+            self._used(tab_id, tab)
             self._enforce_budget(keep=tab_id)
             return entry
 
     def history(self, tab_id: str) -> list[HistoryEntry]:
+        """The tab's history entries, oldest first (none for a tab that has generated
+        nothing)."""
         with self.device_lock:
-            return list(self._tab(tab_id).history)
+            tab = self.tabs.get(tab_id)
+            return [] if tab is None else list(tab.history)
 
     def close(self, tab_id: str) -> None:
         """Forget a tab (its browser tab was closed) and free its recording."""
@@ -173,15 +193,12 @@ class SessionPool:
         return sum(tab.session.cache_nbytes() for tab in self.tabs.values())
 
     # -- helpers (called with device_lock held) --------------------------------------------
-    def _tab(self, tab_id: str) -> Tab:
-        if tab_id not in self.tabs:
-            self.tabs[tab_id] = Tab(EditSession(self.pipe, engine=self.engine))
-        tab = self.tabs[tab_id]
+    def _used(self, tab_id: str, tab: Tab) -> None:
+        """Keep ``tab`` (after a call in it succeeded) as the most recently used."""
+        self.tabs[tab_id] = tab
         tab.last_used = time.monotonic()
-        return tab
 
     def _generate(self, tab: Tab, generation: Generation) -> PIL.Image.Image:
-        tab.last_edit = None
         return tab.session.generate(
             generation.prompt, seed=generation.seed, num_inference_steps=generation.steps,
             guidance_scale=generation.guidance_scale, height=generation.size,
@@ -198,13 +215,13 @@ class SessionPool:
                                 mask_mode=recipe.mask_mode if painted else "replace",
                                 output_type="pil")
 
-    def _require_recording(self, tab: Tab) -> None:
-        if tab.evicted:
+    def _require_recording(self, tab: Tab | None) -> None:
+        if tab is not None and tab.evicted:
             raise FiseditError(
                 "your recording was dropped to keep the app within its memory budget "
                 f"({_megabytes(self.budget_bytes)} for all open tabs) while other tabs were "
                 "busy; generate again, or click an entry of the history to rebuild it")
-        if tab.current is None:
+        if tab is None or tab.current is None:
             raise FiseditError("nothing to edit yet: generate an image first")
 
     def _dense_regeneration_s(self, generation: Generation, prompt: str) -> float:
@@ -241,14 +258,39 @@ class SessionPool:
 def _latent_mask(mask, latent_size: tuple[int, int]) -> torch.Tensor:
     """A bool mask at ``latent_size`` from one at that size or an integer multiple (the image,
     or the image as shown): any marked pixel marks its latent pixel, as ``load_mask_png``
-    does."""
-    mask = torch.as_tensor(np.asarray(mask, dtype=bool))
+    does. ``mask`` holds bools (the page sends those), or a painting's 0/1 or 0/255 values
+    (uint8 or float arrays, as image editors give them); any other value (a soft mask's 0.3,
+    NaN) is refused, not rounded: which pixels it marks would be a guess."""
+    mask = torch.as_tensor(_mask_bools(mask))
     height, width = latent_size
     factor = mask.shape[0] // height if mask.dim() == 2 else 0
     if factor < 1 or tuple(mask.shape) != (height * factor, width * factor):
         raise FiseditError(f"the mask has shape {tuple(mask.shape)}; it must be the latent "
                            f"size {height}x{width} or a whole multiple of it (the image)")
     return torch.nn.functional.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
+
+
+def _mask_bools(mask) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu()
+        mask = (mask.float() if mask.dtype == torch.bfloat16 else mask).numpy()
+    values = np.asarray(mask)
+    if values.dtype == bool:
+        return values
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
+        raise FiseditError(f"the mask must be an array of bools (True where to edit), or of "
+                           f"0/1 or 0/255 values; got an array of {values.dtype}")
+    if np.issubdtype(values.dtype, np.floating) and np.isnan(values).any():
+        raise FiseditError("the mask holds NaN values; pass bools (True where to edit), or a "
+                           "painting's 0/1 or 0/255 values")
+    present = set(np.unique(values).tolist())
+    if not (present <= {0, 1} or present <= {0, 255}):
+        others = sorted(present - {0, 1, 255})[:3] or sorted(present)
+        raise FiseditError(
+            f"the mask holds values other than 0 and 1 (or 0 and 255), such as {others}: a "
+            "mask marks each pixel edited or not; pass bools, or a painting's 0/1 or 0/255 "
+            "values (threshold a soft mask yourself, e.g. mask > 0.5)")
+    return values != 0
 
 
 def _megabytes(nbytes: int | None) -> str:

@@ -138,6 +138,41 @@ def test_in_place_weight_changes_reach_captured_graphs():
     assert bench.relative_error(after, fresh) <= 1e-3
 
 
+def test_module_changes_are_refused_on_the_captured_paths_and_undone_edits_replay():
+    """After graphs were captured (a bucket's step, the compiled dense graph, prepare), a
+    module change the graphs cannot see (a Parameter replaced, forward chunking switched on)
+    is refused by the edit's captured path, the dense path and prepare, before any replay; put
+    back, the next edit replays the same graph to the same bits."""
+    unet = zoo.unet("sd15-tiny", dtype=torch.float16, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    mask = bench.blob_mask((16, 16), 0.1).cuda()
+    edited = bench.edited_inputs(inputs, mask)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    plan = engine.plan(mask)
+    before = engine.edit(cache, 0, plan=plan, **edited).clone()
+    engine.dense(**inputs)
+    conv = unet.down_blocks[0].resnets[0].conv1
+    original = conv.weight
+    conv.weight = torch.nn.Parameter(original.detach().clone())
+    for call in (lambda: engine.edit(cache, 0, plan=engine.plan(mask), **edited),
+                 lambda: engine.dense(**inputs),
+                 lambda: engine.prepare(cache, 0, **inputs)):
+        with pytest.raises(fc.FiseditError, match="changed since it was compiled"):
+            call()
+    conv.weight = original
+    blocks = [module for module in unet.modules() if hasattr(module, "set_chunk_feed_forward")]
+    for block in blocks:            # feed-forward chunking, as enable_forward_chunking sets it
+        block.set_chunk_feed_forward(1, dim=1)
+    with pytest.raises(fc.FiseditError, match="changed since it was compiled"):
+        engine.edit(cache, 0, plan=engine.plan(mask), **edited)
+    for block in blocks:
+        block.set_chunk_feed_forward(None, dim=0)
+    after = engine.edit(cache, 0, plan=engine.plan(mask), **edited)
+    assert torch.equal(after, before)
+
+
 def recorded_tiny_engine():
     """An sd15-tiny engine on the GPU with step 0 recorded, and its captured steps."""
     unet = zoo.unet("sd15-tiny", device="cuda")

@@ -192,7 +192,9 @@ def test_padded_input_sums_only_the_counted_positions(extra_positions, extra_til
                                  silu=silu)
     args = (padded, stats, padded_tiles, count, 4, weight, bias, 1e-5, policy)
     reference = group_norm_reference(*args, silu=silu, active_counts=counts)
-    torch.testing.assert_close(reference[..., :18], exact, atol=1e-5, rtol=1e-5)
+    # The padded tensor's sums run in another order, so the fp32 statistics may differ in their
+    # last bits and a 16-bit output by one rounding step (CI saw 6e-5 in fp16).
+    torch.testing.assert_close(reference[..., :18], exact, **kernel_tolerance(exact))
     assert torch.equal(reference[..., 18:], reference[..., :1].expand_as(reference[..., 18:]))
     kernel = group_norm(*args, silu=silu, active_counts=counts)
     torch.testing.assert_close(kernel, reference, **kernel_tolerance(reference))

@@ -222,11 +222,11 @@ def _image_size(size: int | None, scale: int | None, unet_config: dict | None) -
 def _user_mask(args, size: int, scale: int) -> torch.Tensor | None:
     """The user mask (--mask or --mask-box) at the latent size of ``size`` x ``size`` images;
     None without one."""
+    if not args.mask_box and args.mask_pixels is None:
+        return None
     latent_size = (size // scale, size // scale)
     if args.mask_box:
         return mask_from_box(args.mask_box, latent_size)
-    if args.mask_pixels is None:
-        return None
     try:
         return mask_to_latent(args.mask_pixels, latent_size, f"the mask {args.mask}")
     except FiseditError as error:
@@ -306,7 +306,7 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     mask = args.user_mask
     if mask is None:
         scale = pipe.vae_scale_factor
-        mask = _user_mask(args, args.size or pipe.unet.config.sample_size * scale, scale)
+        mask = _user_mask(args, _image_size(args.size, scale, pipe.unet.config), scale)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   height=args.size, width=args.size)
     pipe.set_progress_bar_config(desc="generate")

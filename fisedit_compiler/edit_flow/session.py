@@ -323,7 +323,7 @@ class EditSession:
         # The recorded outputs (and the background they made) came from the generation's
         # weights: after an in-place change the engine would refuse only at its first sparse
         # step, after the estimator's or the probe steps' dense U-Net calls. Its own check.
-        self.engine._check_weights(self.cache)
+        self.engine._check_unchanged(self.cache)
         check_bool("cross_attention_control", cross_attention_control)
         check_bool("composite_background", composite_background)
         steps = original.num_steps if num_inference_steps is None else \
@@ -446,7 +446,7 @@ class EditSession:
         if result._generation != self._generation:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")
-        self.engine._check_weights(self.cache)      # as edit: the engine's own check
+        self.engine._check_unchanged(self.cache)      # as edit: the engine's own check
         trajectory = result._trajectory
         cache = self.engine.new_cache(trajectory.num_steps, self.cache_budget_bytes)
         for step, inputs in enumerate(trajectory.unet_inputs):

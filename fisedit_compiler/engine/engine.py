@@ -241,7 +241,7 @@ class SparseEngine:
         (they would compile a program no edit of this generation uses)."""
         step = self._check_cache(cache, step)
         self._check_recorded_step(cache, step, inputs)
-        self._check_weights(cache)
+        self._check_unchanged(cache)
         program = self.program(inputs)
         device = device_of(program.signature)
         started = time.perf_counter()
@@ -498,18 +498,13 @@ class SparseEngine:
         if self._stock_forward:
             _check_input_shapes(self.unet, inputs, self._cross_attention)
 
-    def _check_weights(self, cache) -> None:
-        """Refuse, in full, a U-Net changed since it was compiled and a recording made with
-        other weights, and make the derived weight copies (``refresh_weights``) again when
-        the weights changed in place since they were made, so that captured CUDA graphs read
-        current copies. EditSession runs it before an edit's first U-Net call."""
-        self._check_unchanged(cache)
-
     def _check_unchanged(self, cache: EditCache | None = None, *,
                          full: bool = True) -> tuple | None:
         """Refuse a call on a U-Net whose module state changed since it was compiled (its
         graphs are of the old one; ``ModuleState``) and, with ``cache``, a recording made with
-        other weights; then refresh the derived copies if the weights changed in place.
+        other weights; then refresh the derived copies if the weights changed in place, so that
+        captured CUDA graphs read current copies. EditSession runs it (in full) before an edit's
+        first U-Net call.
 
         ``full`` compares everything (~0.4 ms on SD1.5); otherwise only the weights' identities
         and version counters (~0.07 ms), which is what ``edit`` runs on the later steps of an

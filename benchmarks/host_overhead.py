@@ -40,12 +40,13 @@ def main(argv=None) -> None:
     unet = zoo.unet(args.model, dtype=torch.float16, device="cuda")
     inputs = zoo.example_inputs(unet, batch=2, seed=0, height=latent, width=latent)
     engine = fc.compile(unet)
-    cache = engine.new_cache()
-    engine.record(cache, 0, **inputs)
+    cache = engine.new_cache(bench.recorded_steps(20))
+    for step in range(cache.num_steps):
+        engine.record(cache, step, **inputs)
     mask = bench.blob_mask((latent, latent), args.area)
     plan = engine.plan(mask)
     edited = bench.edited_inputs(inputs, mask)
-    edit = lambda: engine.edit(cache, 0, plan=plan, **edited)  # noqa: E731
+    edit = bench.edit_pass(engine, cache, plan, edited)    # successive steps of one pass
     edit()
     captured = engine.captured_steps(**edited)
     flat = flatten_inputs(edited)

@@ -75,8 +75,9 @@ def step_ab(model: str, reps: int, log=print) -> list[dict]:
     engines = {}
     for overlap in (False, True):
         engine = fc.compile(unet, config)
-        cache = engine.new_cache()
-        engine.record(cache, step=0, **inputs)
+        cache = engine.new_cache(bench.recorded_steps(reps))
+        for step in range(cache.num_steps):
+            engine.record(cache, step=step, **inputs)
         engines[overlap] = (engine, cache)
     size = tuple(inputs["sample"].shape[-2:])
     rows = []
@@ -88,7 +89,7 @@ def step_ab(model: str, reps: int, log=print) -> list[dict]:
             plan = engine.plan(mask)
             kernels.set_programmatic_launch(overlap)       # read while the step is captured
             outputs[overlap] = engine.edit(cache, 0, plan=plan, **edited)
-            calls[overlap] = lambda e=engine, c=cache, p=plan: e.edit(c, 0, plan=p, **edited)
+            calls[overlap] = bench.edit_pass(engine, cache, plan, edited)
             replays[overlap] = engine.captured_steps(**edited).capture(plan).replay
         kernels.set_programmatic_launch(True)
         expected = oracle.masked_dense(engines[True][0], engines[True][0].plan(mask), inputs,

@@ -12,13 +12,19 @@ For one zoo model at its native resolution (sd15 512 px, sd21 768 px, sdxl 1024 
 for edit masks covering 1 ... 100% of the latent, as one square blob and as scattered blobs,
 plus dense, sparse and ideal MACs, the per-level active fractions, and each sparse result's
 error against the oracle (``oracle.masked_dense``), so a fast wrong answer cannot pass
-unnoticed. Times are medians of CUDA-event timings after warm-up; every edit call includes its
-input and cache copies and the output clone.
+unnoticed. Times are medians of CUDA-event timings after warm-up, each call from an idle GPU;
+every edit call includes its checks, input and cache copies and the output clone. An edit is
+timed as a pass runs it: each generation is recorded for as many steps as one timing calls
+(``recorded_steps``), and successive calls edit successive steps (``edit_pass``), so, as in
+a real edit, only a pass's first step compares the whole U-Net state. The ``loop`` times call
+the sparse step and the dense baseline back to back, as a pipeline's loop does: there, a
+call's host work overlaps the GPU work of the call before wherever nothing synchronises.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
 import subprocess
@@ -33,7 +39,7 @@ from .checks import check_choice, check_int
 from .compiler import oracle
 from .config import CONV_METHODS, SparseConfig
 from .edit_flow.commands import check_output_folder
-from .engine.timing import cuda_time_ms, host_time_ms
+from .engine.timing import cuda_time_ms, host_time_ms, loop_time_ms
 from .errors import FiseditError
 from .execution.plan import blob_mask, scattered_mask
 
@@ -115,11 +121,11 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=DEFAULT
     unet, inputs, result = _setup(model, dtype, batch)
     result["config"] = dataclasses.asdict(config)
     result["dense"], best_dense = measure_dense(unet, inputs, compile_modes, reps, log)
-    engines, caches, calibration = build_engines(unet, inputs, config,
-                                                 calibrate, reference, log)
+    engines, caches, calibration = build_engines(unet, inputs, config, calibrate, reference,
+                                                 log, steps=recorded_steps(reps))
     if calibration is not None:
         result["calibration"] = calibration
-    result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20
+    result["cache_mib_per_step"] = caches["triton"].nbytes() / caches["triton"].num_steps / 2**20
     if prepare:
         result["prepare"] = engines["triton"].prepare(caches["triton"], 0, **inputs)
         log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
@@ -207,9 +213,24 @@ def measure_dense(unet, inputs: dict, compile_modes, reps: int, log=print):
     return dense, calls[best_mode or "eager"]
 
 
+def recorded_steps(reps: int) -> int:
+    """Steps to record so that one timing (``cuda_time_ms``: warm-up and ``reps`` calls, or
+    ``loop_time_ms``) plus one more call stays inside one edit pass (``edit_pass``)."""
+    return reps + 4
+
+
+def edit_pass(engine, cache, plan, edited: dict):
+    """A callable that edits the cache's next recorded step with ``plan`` at each call, as
+    a pipeline's loop does (step 0 again after the last: a new pass). Every recorded step of
+    the benchmark holds the same values, so each call computes the same edit."""
+    calls = itertools.count()
+    return lambda: engine.edit(cache, next(calls) % cache.num_steps, plan=plan, **edited)
+
+
 def build_engines(unet, inputs: dict, config: SparseConfig, calibrate: bool, reference: bool,
-                  log=print):
-    """``(engines, caches, calibration)``: the engines to time, each with a recorded cache.
+                  log=print, steps: int = 1):
+    """``(engines, caches, calibration)``: the engines to time, each with a cache of
+    ``steps`` recorded steps (the same inputs at each).
 
     ``triton`` is the product path (Triton kernels, CUDA graphs; its dense thresholds measured
     by ``cost_model.calibrate`` unless ``calibrate`` is off), ``torch_graphs`` the same graph on
@@ -233,8 +254,9 @@ def build_engines(unet, inputs: dict, config: SparseConfig, calibrate: bool, ref
             dataclasses.replace(config, kernels="torch", cuda_graphs=False))
     caches = {}
     for name, engine in engines.items():
-        caches[name] = engine.new_cache()
-        engine.record(caches[name], step=0, **inputs)
+        caches[name] = engine.new_cache(steps)
+        for step in range(steps):
+            engine.record(caches[name], step=step, **inputs)
     return engines, caches, calibration
 
 
@@ -248,7 +270,8 @@ def measure_mask(engines: dict, caches: dict, inputs: dict, mask: torch.Tensor, 
     ``best_dense`` (the baseline's callable) is timed again right after the row's edits:
     ``speedup_vs_compiled_beside`` divides by that time rather than by the baseline timed at
     the start of the run, which a GPU's drift over a run (~5% on an H200, session 8 run 4)
-    would otherwise put into ratios near 1."""
+    would otherwise put into ratios near 1. The product path and the baseline are also timed
+    in a loop (``loop_time_ms``): ``speedup_loop_beside``."""
     fast = engines["triton"]
     edited = edited_inputs(inputs, mask)
     plan = fast.plan(mask)
@@ -261,10 +284,12 @@ def measure_mask(engines: dict, caches: dict, inputs: dict, mask: torch.Tensor, 
            "ideal_gmacs": stats["ideal_macs"] / 1e9}
     expected = oracle.masked_dense(fast, plan, inputs, edited)
     for name, engine in engines.items():
-        engine_plan = plan if name == "triton" else engine.plan(mask)
-        edit = lambda: engine.edit(caches[name], 0, plan=engine_plan, **edited)  # noqa: E731
+        edit = edit_pass(engine, caches[name], plan if name == "triton" else engine.plan(mask),
+                         edited)
         row[f"{name}_error"] = relative_error(edit(), expected)
         row[f"{name}_ms"] = cuda_time_ms(edit, reps=reps)
+        if name == "triton" and best_dense is not None:
+            row["triton_loop_ms"] = loop_time_ms(edit, calls=reps)
     row.update(bucket_costs(fast, caches["triton"], inputs, mask, reps, new_masks))
     if "exact_plan_ms" in row:
         row["padding_overhead"] = row["triton_ms"] / row["exact_plan_ms"]
@@ -273,6 +298,8 @@ def measure_mask(engines: dict, caches: dict, inputs: dict, mask: torch.Tensor, 
     if best_dense is not None:
         row["dense_beside_ms"] = cuda_time_ms(best_dense, reps=reps)
         row["speedup_vs_compiled_beside"] = row["dense_beside_ms"] / row["triton_ms"]
+        row["dense_beside_loop_ms"] = loop_time_ms(best_dense, calls=reps)
+        row["speedup_loop_beside"] = row["dense_beside_loop_ms"] / row["triton_loop_ms"]
     row["ok"] = all(row[f"{name}_error"] <= tolerance for name in engines)
     return row
 
@@ -313,8 +340,7 @@ def bucket_costs(engine, cache, inputs: dict, mask, reps: int, new_masks: bool =
     exact = engine.plan(mask, bucketed=False)
     if exact.full or exact.empty:
         return {}
-    row = {"exact_plan_ms": cuda_time_ms(
-        lambda: engine.edit(cache, 0, plan=exact, **edited), reps=reps)}
+    row = {"exact_plan_ms": cuda_time_ms(edit_pass(engine, cache, exact, edited), reps=reps)}
     if not new_masks:
         return row
     times, plan_times = [], []
@@ -393,13 +419,13 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
     ``replay_ms`` times only the captured graph of ``plan`` (GPU work of the step);
     ``host_ms`` is the wall time the edit call spends on the host from an idle GPU until it
     returns (validation, cache copies, the replay launch, the output clone's launch), the
-    median over ``reps`` calls. Their sum near the edit's latency means host work is serial
+    median over ``reps`` calls, successive steps of a pass (``edit_pass``). Their sum near the edit's latency means host work is serial
     with the GPU's; the profile's kernel time against ``replay_ms`` shows launch gaps inside
     the graph.
     """
     captured = engine.captured_steps(**edited).capture(plan)
     return {"replay_ms": cuda_time_ms(captured.replay, reps=reps),
-            "host_ms": host_time_ms(lambda: engine.edit(cache, 0, plan=plan, **edited), reps)}
+            "host_ms": host_time_ms(edit_pass(engine, cache, plan, edited), reps)}
 
 
 def _format_row(row: dict) -> str:
@@ -410,7 +436,9 @@ def _format_row(row: dict) -> str:
         buckets += f" new {row['new_mask_ms']:.2f} (plan {row['plan_ms']:.2f})"
     if "dense_beside_ms" in row:
         buckets += (f" dense beside {row['dense_beside_ms']:.2f} "
-                    f"({row['speedup_vs_compiled_beside']:.2f}x)")
+                    f"({row['speedup_vs_compiled_beside']:.2f}x); loop "
+                    f"{row['triton_loop_ms']:.2f} vs {row['dense_beside_loop_ms']:.2f} "
+                    f"({row['speedup_loop_beside']:.2f}x)")
     return (f"{row['layout']:9s} {row['area']:6.0%} {row['triton_ms']:8.2f} "
             f"{row['torch_graphs_ms']:8.2f} {ref} "
             f"{row['speedup_vs_eager']:6.2f}x {row['speedup_vs_compiled']:6.2f}x "
@@ -430,17 +458,20 @@ def table(result: dict) -> str:
              f" cache {result['cache_mib_per_step']:.1f} MiB/step",
              "",
              "| layout | area | engine ms (Triton + CUDA graph) | torch ops + CUDA graph ms | "
-             "reference ms | vs eager | vs compiled | vs compiled beside | GMACs sparse | "
-             "GMACs ideal | oracle err | levels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "reference ms | vs eager | vs compiled | vs compiled beside | in a loop: engine "
+             "vs compiled beside | GMACs sparse | GMACs ideal | oracle err | levels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ref = f"{row['reference_ms']:.2f}" if "reference_ms" in row else "-"
         beside = (f"{row['speedup_vs_compiled_beside']:.2f}x ({row['dense_beside_ms']:.2f} ms)"
                   if "dense_beside_ms" in row else "-")
+        loop = (f"{row['triton_loop_ms']:.2f} vs {row['dense_beside_loop_ms']:.2f} ms "
+                f"({row['speedup_loop_beside']:.2f}x)" if "triton_loop_ms" in row else "-")
         lines.append(
             f"| {row['layout']} | {row['area']:.0%} | {row['triton_ms']:.2f} | "
             f"{row['torch_graphs_ms']:.2f} | {ref} | "
             f"{row['speedup_vs_eager']:.2f}x | {row['speedup_vs_compiled']:.2f}x | {beside} | "
+            f"{loop} | "
             f"{row['sparse_gmacs']:.1f} | {row['ideal_gmacs']:.1f} | "
             f"{row['triton_error']:.1e} | {row['levels']} |")
     return "\n".join(lines)

@@ -47,15 +47,43 @@ def test_the_table_shows_the_ratio_to_the_dense_step_timed_beside_each_row():
               "dense": {"eager_ms": 28.4, "best_compiled_mode": "tuned:reduce-overhead",
                         "best_compiled_ms": 7.05},
               "cache_mib_per_step": 247.4,
-              "rows": [row, {**row, "dense_beside_ms": 7.5, "speedup_vs_compiled_beside": 1.02}]}
+              "rows": [row, {**row, "dense_beside_ms": 7.5, "speedup_vs_compiled_beside": 1.02,
+                             "triton_loop_ms": 7.0, "dense_beside_loop_ms": 7.7,
+                             "speedup_loop_beside": 1.1}]}
     lines = bench.table(result).splitlines()
     header = [cell.strip() for cell in lines[2].strip("|").split("|")]
     without, beside = ([cell.strip() for cell in line.strip("|").split("|")]
                        for line in lines[4:6])
     column = header.index("vs compiled beside")
+    loop = header.index("in a loop: engine vs compiled beside")
     assert len(header) == len(without) == len(beside)
-    assert without[column] == "-" and beside[column] == "1.02x (7.50 ms)"
-    assert "dense beside 7.50 (1.02x)" in bench._format_row(result["rows"][1])
+    assert without[column] == without[loop] == "-"
+    assert beside[column] == "1.02x (7.50 ms)" and beside[loop] == "7.00 vs 7.70 ms (1.10x)"
+    assert "dense beside 7.50 (1.02x); loop 7.00 vs 7.70 (1.10x)" in bench._format_row(
+        result["rows"][1])
+
+
+def test_an_edit_is_timed_as_the_successive_steps_of_a_pass():
+    """Each timed call edits the next recorded step (so only a pass's first step pays the
+    full U-Net state check, as in a real edit), and one timing stays inside one pass."""
+    class Engine:
+        def __init__(self):
+            self.steps = []
+
+        def edit(self, cache, step, plan, **inputs):
+            self.steps.append(step)
+
+    class Cache:
+        num_steps = bench.recorded_steps(reps=5)
+
+    engine = Engine()
+    edit = bench.edit_pass(engine, Cache(), plan=object(), edited={})
+    for _ in range(1 + 3 + 5):           # the error check, cuda_time_ms' warm-up and reps
+        edit()
+    assert engine.steps == list(range(9)) and Cache.num_steps >= 9
+    for _ in range(Cache.num_steps - 9 + 1):
+        edit()
+    assert engine.steps[-1] == 0, "after the last recorded step, a new pass"
 
 
 # Bad options are refused with exit code 2 before any model work or the CUDA check, and a

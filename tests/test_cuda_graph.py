@@ -261,3 +261,39 @@ def test_a_dense_routed_edit_is_the_dense_step_and_a_sparse_one_checks_the_times
     assert not sparse.full
     with pytest.raises(fc.FiseditError, match="timestep"):
         engine.edit(cache, 0, plan=sparse, **later)
+
+
+def test_an_edit_pass_synchronises_only_at_its_first_step():
+    """As a pipeline runs it (the timesteps views of one device tensor, one plan), an edit
+    pass synchronises the host at its first step at most: the later steps' checks (timestep,
+    U-Net state) and replays run without one, so a step's host work overlaps the GPU work of
+    the step before. A wrong timestep in the middle of a pass is still refused."""
+    unet = zoo.unet("sd15-tiny", dtype=torch.float16, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    timesteps = torch.tensor([900, 600, 300, 100], device="cuda")
+    engine = fc.compile(unet)
+    cache = engine.new_cache(len(timesteps))
+    for step, t in enumerate(timesteps):
+        engine.record(cache, step, **dict(inputs, timestep=t))
+    mask = bench.blob_mask((16, 16), 0.1)
+    plan = engine.plan(mask)
+    edited = bench.edited_inputs(inputs, mask)
+    engine.edit(cache, 0, plan=plan, **dict(edited, timestep=timesteps[0]))   # captures
+    edit_timesteps = timesteps.clone()             # the edit's own schedule tensor
+    outputs = [engine.edit(cache, 0, plan=plan, **dict(edited, timestep=edit_timesteps[0]))]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2):
+            outputs.append(engine.edit(cache, step, plan=plan,
+                                       **dict(edited, timestep=edit_timesteps[step])))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    output_key = engine.program(inputs).output_key
+    for step, output in enumerate(outputs):
+        expected = fc.oracle.masked_dense(engine, plan, dict(inputs, timestep=timesteps[step]),
+                                          dict(edited, timestep=timesteps[step]))
+        assert bench.relative_error(output, expected) <= 2e-2
+        outside = ~plan.levels[0].active.to(output.device)
+        assert torch.equal(output[..., outside], cache.steps[step][output_key][..., outside])
+    with pytest.raises(fc.FiseditError, match="timestep"):
+        engine.edit(cache, 3, plan=plan, **dict(edited, timestep=edit_timesteps[2]))

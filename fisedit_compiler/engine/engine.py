@@ -42,6 +42,7 @@ from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PLAN_INPUT
 from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
+from .host_values import HostValues
 from .module_state import ModuleState
 
 
@@ -74,6 +75,8 @@ class SparseEngine:
         self._last_plan: tuple | None = None        # (mask key, MaskPlan), see plan()
         self._buckets: dict[tuple, list[Bucket]] = {}          # per level layout
         self._captured: dict[tuple, CapturedSteps] = {}        # per signature
+        # Timesteps read on the host without a synchronisation per step (_check_timestep).
+        self._host_values = HostValues()
         # The U-Net's keyword inputs, read once: every record and edit checks against them.
         self._forward_params = {name: param for name, param in
                                 inspect.signature(type(unet).forward).parameters.items()
@@ -186,7 +189,8 @@ class SparseEngine:
         cache.signature = program.signature
         cache.weight_versions = versions
         cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
-        cache.timesteps[step] = flat["timestep"].clone() if "timestep" in flat else None
+        cache.timesteps[step] = (self._host_values.read(flat["timestep"]).clone()
+                                 if "timestep" in flat else None)
         if self.config.check_inputs:
             cache.inputs[step] = {name: value.clone() for name, value in flat.items()}
         return output
@@ -303,8 +307,7 @@ class SparseEngine:
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
             # It reads nothing recorded, so the checks against the recording below (which
-            # guard against mixing recorded values with new ones) have nothing to guard, and
-            # the timestep's would synchronise the host for nothing (session 8, run 3). Its
+            # guard against mixing recorded values with new ones) have nothing to guard. Its
             # graph is the compiled U-Net's, so the U-Net must still be that one.
             self._check_unchanged(full=full)
             output = self._compiled_dense(program, flat)
@@ -540,12 +543,16 @@ class SparseEngine:
         self._refresh_if_weights_moved(versions[0])
         return versions
 
-    @staticmethod
-    def _check_timestep(cache, step, flat) -> None:
+    def _check_timestep(self, cache, step, flat) -> None:
+        """Refuse a timestep other than the one ``step`` was recorded at. Both are compared on
+        the host; a pipeline's timesteps are views of one device tensor, which ``HostValues``
+        copies once per pass, so the later steps do not synchronise with the GPU."""
         recorded = cache.timesteps.get(step)
         new = flat.get("timestep")
-        if recorded is not None and new is not None and not torch.equal(
-                recorded.to(new.device), new):
+        if recorded is None or new is None:
+            return
+        new = self._host_values.read(new)
+        if not torch.equal(recorded, new):
             raise FiseditError(
                 f"step {step} was recorded at timestep {recorded.flatten()[:1].tolist()} but the "
                 f"edit passes {new.flatten()[:1].tolist()}; edits must follow the recorded "

@@ -35,3 +35,19 @@ def host_time_ms(fn, reps: int = 20) -> float:
     torch.cuda.synchronize()
     times.sort()
     return times[len(times) // 2]
+
+
+def loop_time_ms(fn, calls: int = 20, warmup: int = 3) -> float:
+    """Milliseconds per call of ``fn`` called ``calls`` times back to back, as a pipeline's
+    loop calls the U-Net: one synchronisation at the end, so where nothing in ``fn``
+    synchronises, each call's host work overlaps the GPU work of the call before."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls

@@ -26,6 +26,13 @@ bucket's capacity, every lower level at the most its threshold allows, then the 
 last 1, 2, ... levels dense), and the bank's buckets merged with a second chain sized from
 scattered masks of 2-8 blobs alone (``capacity_buckets(bank=...)``). Merged sets are ordered
 by tile cost, so a mask takes the cheapest bucket that holds it.
+
+``--placements`` instead compares a centred square (``blob_mask``, the bench's square until
+session 11) and the bench's square (``bench.placed_blob``) with squares of the same area at 50
+seeded places, under the engine's default config: the tiles each computes
+(level 0's active tiles, and the bucketed plan's tile cost over all levels). A square placed
+off the tile grid covers more tiles than one on it, so a step timed on the bench's blob may
+understate what the same area costs where users paint it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import statistics
 import torch
 
 import fisedit_compiler as fc
+from fisedit_compiler import bench
 from fisedit_compiler.execution import plan as plans
 
 LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
@@ -119,6 +127,37 @@ def fit(thresholds, masks, buckets: list[plans.Bucket]) -> dict:
             "cost_p90": ratios[int(0.9 * (len(ratios) - 1))]}
 
 
+def placements(areas=(0.01, 0.05, 0.2), count: int = 50, seed: int = 3) -> None:
+    """The bench's blob against squares of its area at ``count`` seeded places (docstring)."""
+    config = fc.SparseConfig()
+    tiles = config.tiles_for(LEVELS)
+    grids = [(h // t) * (w // t) for (h, w), t in zip(LEVELS, tiles)]
+    thresholds = config.thresholds_for(LEVELS)
+    buckets = plans.capacity_buckets(LEVELS, tiles, config.dilation, thresholds,
+                                     config.bucket_ratio)
+
+    def tiles_of(mask) -> tuple[int, int]:
+        counts = [int(plans._tile_mask(active, tile).sum()) for active, tile in
+                  zip(plans.effective_masks(mask, LEVELS, tiles, config.dilation), tiles)]
+        bucketed = plans.MaskPlan(mask, LEVELS, tiles, config.dilation, thresholds,
+                                  buckets=buckets)
+        return counts[0], tile_cost(bucketed, counts, grids)
+
+    gen = torch.Generator().manual_seed(seed)
+    print("| area | centred square: level-0 tiles, bucketed tile cost | the bench's square "
+          f"(`placed_blob`) | squares at {count} places: level-0 tiles median / max | "
+          "bucketed tile cost median / max |")
+    print("|---|---|---|---|---|")
+    for area in areas:
+        blob = tiles_of(plans.blob_mask(LEVELS[0], area))
+        placed_blob = tiles_of(bench.placed_blob(LEVELS[0], area))
+        placed = [tiles_of(plans.rectangle_mask(LEVELS[0], area, 1.0, gen)) for _ in range(count)]
+        level0, cost = sorted(p[0] for p in placed), sorted(p[1] for p in placed)
+        print(f"| {area:.0%} | {blob[0]}, {blob[1]} | {placed_blob[0]}, {placed_blob[1]} | "
+              f"{statistics.median(level0):.0f} / "
+              f"{level0[-1]} | {statistics.median(cost):.0f} / {cost[-1]} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--thresholds", action="append", default=None,
@@ -126,7 +165,12 @@ def main(argv=None) -> None:
                              "default: 0.5, and session 8 run 4's calibrated ones")
     parser.add_argument("--variants", action="store_true",
                         help="also the catch-all buckets and a second chain (docstring)")
+    parser.add_argument("--placements", action="store_true",
+                        help="the bench's blob against squares of its area at seeded places")
     args = parser.parse_args(argv)
+    if args.placements:
+        placements()
+        return
     settings = args.thresholds or ["0.5", "0.4746,0.7344,0.7344,0.7969"]
     masks = test_masks()
     print("| thresholds | bucket set | buckets | masks sparse exact | of them all dense bucketed | "

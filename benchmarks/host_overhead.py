@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     cache = engine.new_cache(bench.recorded_steps(20))
     for step in range(cache.num_steps):
         engine.record(cache, step, **inputs)
-    mask = bench.blob_mask((latent, latent), args.area)
+    mask = bench.placed_blob((latent, latent), args.area)
     plan = engine.plan(mask)
     edited = bench.edited_inputs(inputs, mask)
     edit = bench.edit_pass(engine, cache, plan, edited)    # successive steps of one pass

@@ -31,7 +31,7 @@ from fisedit_compiler.compiler import oracle
 from fisedit_compiler.engine.timing import cuda_time_ms
 from fisedit_compiler.execution import kernels
 from fisedit_compiler.execution.kernels import tokens
-from fisedit_compiler.execution.plan import blob_mask, scattered_mask
+from fisedit_compiler.execution.plan import scattered_mask
 
 MASKS = (("blob", 0.01), ("blob", 0.05), ("blob", 0.2), ("scattered", 0.05))
 
@@ -82,7 +82,7 @@ def step_ab(model: str, reps: int, log=print) -> list[dict]:
     size = tuple(inputs["sample"].shape[-2:])
     rows = []
     for layout, area in MASKS:
-        mask = blob_mask(size, area) if layout == "blob" else scattered_mask(size, area)
+        mask = bench.placed_blob(size, area) if layout == "blob" else scattered_mask(size, area)
         edited = bench.edited_inputs(inputs, mask)
         outputs, calls, replays = {}, {}, {}
         for overlap, (engine, cache) in engines.items():

@@ -9,7 +9,8 @@ For one zoo model at its native resolution (sd15 512 px, sd21 768 px, sdxl 1024 
 * the engine's torch reference path (no Triton, no CUDA graph);
 * the engine with Triton kernels and CUDA graphs (the product path);
 
-for edit masks covering 1 ... 100% of the latent, as one square blob and as scattered blobs,
+for edit masks covering 1 ... 100% of the latent, as one square off the tile grid
+(``placed_blob``, as users' squares mostly fall) and as scattered blobs,
 plus dense, sparse and ideal MACs, the per-level active fractions, and each sparse result's
 error against the oracle (``oracle.masked_dense``), so a fast wrong answer cannot pass
 unnoticed. Times are medians of CUDA-event timings after warm-up, each call from an idle GPU;
@@ -44,6 +45,11 @@ from .errors import FiseditError
 from .execution.plan import blob_mask, scattered_mask
 
 RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+# Where the bench's square edit sits: off the tile grid, as almost every placement of a square
+# is (`benchmarks/bucket_fit.py --placements`: SD1.5's centred 5% square covers 16 level-0
+# tiles, the same square at any of 50 seeded places 25). Until session 11 the bench timed the
+# centred square, the best case at 1% and 5%.
+BLOB_OFFSET = (3, 5)
 AREAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LAYOUTS = ("blob", "scattered")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -67,6 +73,12 @@ KERNEL_CATEGORIES = (
                                "where")),
     ("other elementwise", ("elementwise", "reduce", "triton_")),
 )
+
+
+def placed_blob(size: tuple[int, int], area: float) -> torch.Tensor:
+    """The bench's square edit of ``area``: ``blob_mask`` moved off the tile grid by
+    ``BLOB_OFFSET``."""
+    return blob_mask(size, area).roll(BLOB_OFFSET, dims=(0, 1))
 
 
 def edited_inputs(inputs: dict, mask: torch.Tensor, seed: int = 1) -> dict:
@@ -135,7 +147,7 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=DEFAULT
         for area in areas:
             if layout == "scattered" and area >= 1.0:
                 continue
-            mask = blob_mask(size, area) if layout == "blob" else scattered_mask(size, area)
+            mask = placed_blob(size, area) if layout == "blob" else scattered_mask(size, area)
             row = measure_mask(engines, caches, inputs, mask, result["dense"], tolerance, reps,
                                new_masks=prepare, best_dense=best_dense)
             row = {"layout": layout, "area": area, **row}

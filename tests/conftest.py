@@ -7,11 +7,17 @@
   because one capture takes seconds (the Dynamo frontend up to ~10 s).
 * Without CUDA, Triton kernels run in interpreter mode: ``TRITON_INTERPRET=1`` is set here,
   before anything imports triton (it is read at import).
+* Every test starts from seeded random generators (torch, Python's ``random``), and hypothesis
+  draws the same examples on every run (profile ``deterministic``), so a run's outcome does
+  not depend on the draw: a tolerance that one draw in a thousand breaks is found by
+  exploring on purpose (``FISEDIT_HYPOTHESIS_PROFILE=explore``: fresh examples each run), not
+  by a gate that fails at random.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 import torch
 
@@ -21,9 +27,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch.fx as fx
+from hypothesis import settings
 
 from fisedit_compiler import zoo
 from fisedit_compiler.compiler import pipeline
+
+
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("FISEDIT_HYPOTHESIS_PROFILE", "deterministic"))
+
+
+@pytest.fixture(autouse=True)
+def seeded_generators():
+    """Each test's unseeded draws (``torch.randn`` of test data, ``random``) start from seed 0."""
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 def pytest_addoption(parser):

@@ -139,3 +139,25 @@ def test_a_run_failing_without_cuda_leaves_no_output_folder(tmp_path, capsys):
                      "--compile-modes", "", "--out", str(out)]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("area, tiles", [(0.01, 9), (0.05, 25)])
+def test_the_bench_square_sits_off_the_tile_grid_as_most_placements_do(area, tiles):
+    """With the engine's tiles and dilation, a centred square of 1% or 5% of SD1.5's 64x64
+    latent lies on level 0's tile grid (4 and 16 tiles), the best case; the bench's square
+    covers what the same square at most places does (benchmarks/bucket_fit.py --placements)."""
+    from fisedit_compiler.config import SparseConfig
+    from fisedit_compiler.execution import plan as plans
+
+    config = SparseConfig()
+    levels = [(64, 64), (32, 32), (16, 16), (8, 8)]
+    tile = config.tiles_for(levels)[0]
+
+    def level0_tiles(mask):
+        active = plans.effective_masks(mask, levels, config.tiles_for(levels),
+                                       config.dilation)[0]
+        return int(plans._tile_mask(active, tile).sum())
+
+    placed = bench.placed_blob((64, 64), area)
+    assert placed.sum() == plans.blob_mask((64, 64), area).sum()
+    assert level0_tiles(placed) == tiles > level0_tiles(plans.blob_mask((64, 64), area))

@@ -278,6 +278,29 @@ def same_cache(cache, before):
     return set(cache.steps) == set(before)
 
 
+def test_an_edit_pass_follows_a_schedule_tensor_under_inference_mode(sd15_tiny):
+    """The timesteps are views of one schedule tensor, as a pipeline's loop yields them, made
+    under torch.inference_mode (no version counters): each step meets the oracle at its own
+    recorded timestep, and another step's timestep is refused."""
+    engine = sd15_tiny[0]
+    inputs = zoo.example_inputs(engine.unet, batch=2, seed=0)
+    mask = box((16, 16), 2, 2, 9, 7)
+    plan = engine.plan(mask)
+    new = edited(inputs, mask)
+    with torch.inference_mode():
+        schedule = torch.tensor([900, 600, 300])
+        cache = engine.new_cache(len(schedule))
+        for step, t in enumerate(schedule):
+            engine.record(cache, step, **dict(inputs, timestep=t))
+        for step, t in enumerate(schedule):
+            actual = engine.edit(cache, step, plan=plan, **dict(new, timestep=t))
+            expected = fc.oracle.masked_dense(engine, plan, dict(inputs, timestep=t),
+                                              dict(new, timestep=t))
+            assert relative_error(actual, expected) <= 1e-5
+        with pytest.raises(fc.FiseditError, match="recorded at timestep"):
+            engine.edit(cache, 2, plan=plan, **dict(new, timestep=schedule[1]))
+
+
 @pytest.mark.parametrize("case, message", [
     ("wrong_shape", "latent is 16x16"),
     ("image_resolution", "image-resolution mask"),

@@ -38,3 +38,15 @@ def test_other_dtypes_shapes_and_large_storages():
     large = torch.zeros(MAX_MIRRORED_BYTES // 4 + 1)
     assert torch.equal(reader.read(large[5:7]), large[5:7])
     assert reader.copies == 1, "a large storage is read on its own, not kept"
+
+
+def test_an_inference_tensor_is_read_on_its_own():
+    """Made under torch.inference_mode, a tensor has no version counter to tell a write."""
+    with torch.inference_mode():
+        timesteps = torch.arange(10, dtype=torch.int64)
+    reader = HostValues()
+    assert int(reader.read(timesteps[3])) == 3
+    with torch.inference_mode():
+        timesteps.mul_(2)
+    assert int(reader.read(timesteps[3])) == 6
+    assert reader.copies == 0

@@ -12,7 +12,8 @@ reused for a view of the same storage (held here, so its address is not reused w
 is kept) whose version counter has not moved since (an in-place write through any view of it
 bumps the counter; torch counts per tensor family, so a write through an unrelated tensor
 aliasing the storage, made with ``Tensor.set_``, would not be seen). Anything else (a fresh
-tensor per step, a large storage) is copied on its own, synchronising as before.
+tensor per step, a large storage, an inference tensor, which has no version counter) is copied
+on its own, synchronising as before.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class HostValues:
         On a GPU, the first read of a storage synchronises with the device; the later reads of
         its views, while unchanged, do not."""
         storage = tensor.untyped_storage()
-        if storage.nbytes() > MAX_MIRRORED_BYTES or storage.nbytes() % tensor.element_size():
+        # An inference tensor (made under torch.inference_mode) has no version counter, so a
+        # kept copy could not tell an in-place write: it is read on its own.
+        if (tensor.is_inference() or storage.nbytes() > MAX_MIRRORED_BYTES
+                or storage.nbytes() % tensor.element_size()):
             return tensor.cpu()
         if not self._holds(storage, tensor._version):
             whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)

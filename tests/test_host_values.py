@@ -15,6 +15,9 @@ def test_views_of_one_storage_are_read_from_one_copy():
     for step, t in enumerate(timesteps):          # views, as a pipeline's loop yields them
         assert torch.equal(reader.read(t), timesteps[step])
     assert torch.equal(reader.read(timesteps[10:20:3]), timesteps[10:20:3])
+    # Pipelines that pass one timestep per latent broadcast it: a view with stride 0.
+    assert torch.equal(reader.read(timesteps[7].expand(2)), timesteps[7].expand(2))
+    assert torch.equal(reader.read(timesteps[7][None]), timesteps[7:8])
     assert reader.copies == 1
 
 

@@ -28,9 +28,10 @@ class HostValues:
     """Reads small device tensors on the host, reusing one copy of the last storage read."""
 
     def __init__(self):
-        self._storage = None        # the device storage copied last (kept alive)
-        self._version = None        # its tensor family's version counter when copied
-        self._host = None           # its bytes on the host
+        # (device storage, its version counter then, its bytes on the host) of the storage
+        # copied last, kept alive so that its address cannot be reused; one tuple, replaced
+        # whole, so a reader never pairs one storage with another's bytes.
+        self._kept: tuple | None = None
         self.copies = 0             # storages copied so far (each a synchronisation on a GPU)
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -43,13 +44,17 @@ class HostValues:
         if (tensor.is_inference() or storage.nbytes() > MAX_MIRRORED_BYTES
                 or storage.nbytes() % tensor.element_size()):
             return tensor.cpu()
-        if not self._holds(storage, tensor._version):
+        kept = self._kept
+        if kept is None or not _same(kept, storage, tensor._version):
             whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-            self._storage, self._version, self._host = storage, tensor._version, whole.cpu()
+            kept = self._kept = (storage, tensor._version, whole.cpu())
             self.copies += 1
-        typed = self._host.view(tensor.dtype)
+        typed = kept[2].view(tensor.dtype)
         return typed.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
-    def _holds(self, storage, version: int) -> bool:
-        return (self._storage is not None and storage.data_ptr() == self._storage.data_ptr()
-                and storage.nbytes() == self._storage.nbytes() and version == self._version)
+
+def _same(kept: tuple, storage, version: int) -> bool:
+    """Whether ``kept`` is a copy of ``storage`` at ``version``."""
+    held, held_version, _ = kept
+    return (storage.data_ptr() == held.data_ptr() and storage.nbytes() == held.nbytes()
+            and version == held_version)

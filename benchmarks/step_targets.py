@@ -7,9 +7,10 @@ Reads ``fisedit-compiler bench`` result files (``results.json``, or the log the 
 its summary line and markdown table, for runs whose JSON did not come back) and draws, per
 model and
 layout, the step time (Triton + CUDA graphs) against the edit area, the run's best dense step
-(the tuned ``torch.compile`` baseline) as a line, and the issue's targets as crosses; prints the
-same as a markdown table (reached ms, target ms, speedup reached and targeted). Needs
-matplotlib for the plot.
+(the tuned ``torch.compile`` baseline) as a line, and the issue's targets as crosses; where the
+run timed them (session 11 on), also the steps and the dense step called back to back as a
+pipeline's loop calls them (dashed). Prints the same as a markdown table (reached ms, target
+ms, speedup reached and targeted; the loop's step and ratio). Needs matplotlib for the plot.
 """
 
 from __future__ import annotations
@@ -41,18 +42,23 @@ def rows(results: list[dict]) -> list[dict]:
         for row in result["rows"]:
             target = target_ms(result["model"], row["layout"], row["area"], dense_ms)
             table.append({"model": result["model"], "layout": row["layout"], "area": row["area"],
-                          "step_ms": row["triton_ms"], "dense_ms": dense_ms, "target_ms": target})
+                          "step_ms": row["triton_ms"], "dense_ms": dense_ms, "target_ms": target,
+                          "loop_ms": row.get("triton_loop_ms"),
+                          "dense_loop_ms": row.get("dense_beside_loop_ms")})
     return table
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| model | layout | area | step ms | target ms | speedup | target speedup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | layout | area | step ms | target ms | speedup | target speedup | "
+             "in a loop: step ms (vs dense loop) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
         target = "-" if r["target_ms"] is None else f"{r['target_ms']:.2f}"
         wanted = "-" if r["target_ms"] is None else f"{r['dense_ms'] / r['target_ms']:.1f}x"
+        loop = ("-" if r["loop_ms"] is None else
+                f"{r['loop_ms']:.2f} ({r['dense_loop_ms'] / r['loop_ms']:.2f}x)")
         lines.append(f"| {r['model']} | {r['layout']} | {r['area']:.0%} | {r['step_ms']:.2f} | "
-                     f"{target} | {r['dense_ms'] / r['step_ms']:.2f}x | {wanted} |")
+                     f"{target} | {r['dense_ms'] / r['step_ms']:.2f}x | {wanted} | {loop} |")
     return "\n".join(lines)
 
 
@@ -71,8 +77,14 @@ def plot(table: list[dict], path: Path) -> bool:
         for layout, marker in (("blob", "o"), ("scattered", "s")):
             points = [r for r in mine if r["layout"] == layout]
             if points:
-                axis.plot([100 * r["area"] for r in points], [r["step_ms"] for r in points],
-                          marker=marker, label=f"sparse step, {layout}")
+                line, = axis.plot([100 * r["area"] for r in points],
+                                  [r["step_ms"] for r in points], marker=marker,
+                                  label=f"sparse step, {layout}")
+            looped = [r for r in points if r["loop_ms"] is not None]
+            if looped:
+                axis.plot([100 * r["area"] for r in looped], [r["loop_ms"] for r in looped],
+                          marker=marker, linestyle="--", color=line.get_color(),
+                          label=f"sparse step in a loop, {layout}")
             targets = [r for r in points if r["target_ms"] is not None]
             if targets:
                 axis.scatter([100 * r["area"] for r in targets], [r["target_ms"] for r in targets],
@@ -80,6 +92,10 @@ def plot(table: list[dict], path: Path) -> bool:
                              label="issue 17 target" if layout == "blob" else None)
         axis.axhline(mine[0]["dense_ms"], color="gray", linestyle="--",
                      label="best dense (tuned torch.compile)")
+        dense_loop = [r["dense_loop_ms"] for r in mine if r["dense_loop_ms"] is not None]
+        if dense_loop:
+            axis.axhline(sorted(dense_loop)[len(dense_loop) // 2], color="gray", linestyle=":",
+                         label="best dense in a loop (median beside the rows)")
         axis.set_xscale("log")
         axis.set_ylim(bottom=0)
         axis.set_xlabel("edit area (% of latent)")

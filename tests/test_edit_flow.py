@@ -434,9 +434,8 @@ def test_unsupported_pipeline(pipe):
         EditSession(img2img)
 
 
-def test_controlnet_pipeline_keeps_the_background(pipe):
-    """The ControlNet runs densely on every step's latents; its residuals count inside the
-    region only, so the background stays the recording's with the same or a new control."""
+def _controlnet_pipeline(pipe):
+    """``pipe`` with a tiny ControlNet made from its U-Net, and a control image."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     with torch.random.fork_rng(devices=[]):
@@ -445,7 +444,13 @@ def test_controlnet_pipeline_keeps_the_background(pipe):
             pipe.unet, conditioning_embedding_out_channels=(4, 4, 8, 8)).eval()
     control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     control.set_progress_bar_config(disable=True)
-    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    return control, torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+
+
+def test_controlnet_pipeline_keeps_the_background(pipe):
+    """The ControlNet runs densely on every step's latents; its residuals count inside the
+    region only, so the background stays the recording's with the same or a new control."""
+    control, image = _controlnet_pipeline(pipe)
     session = EditSession(control)
     session.generate("a red circle", seed=0, num_inference_steps=4, output_type="np",
                      image=image)
@@ -454,6 +459,25 @@ def test_controlnet_pipeline_keeps_the_background(pipe):
                               output_type="np", image=new_image)
         assert _outside_equal(result, session.original.latents[-1])
         assert not torch.equal(result.latents, session.original.latents[-1])
+
+
+def test_a_controlnet_schedule_change_is_not_taken_for_no_change(pipe):
+    """control_guidance_end acts only on later steps, so step 0's U-Net call is the recorded
+    one although the edit changes the image: it is planned (all of it, since the estimators
+    cannot see such a change), not skipped as an edit that changes nothing. The generation's
+    arguments, one of them now given at its default, still change nothing."""
+    control, image = _controlnet_pipeline(pipe)
+    session = EditSession(control)
+    session.generate("a red circle", seed=0, num_inference_steps=4, output_type="latent",
+                     image=image)
+    original = session.original.latents[-1]
+    same = session.edit("a red circle", output_type="latent", image=image,
+                        control_guidance_end=1.0)
+    assert not same.mask.any() and torch.equal(same.latents, original)
+    changed = session.edit("a red circle", output_type="latent", image=image,
+                           control_guidance_end=0.5)
+    assert changed.mask.all() and changed.report["global_change"]
+    assert not torch.equal(changed.latents, original)
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])

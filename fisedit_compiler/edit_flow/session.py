@@ -72,7 +72,8 @@ class Trajectory:
     ``blend_steps`` are the steps after which the latents were blended, i.e. where they are not
     the scheduler's continuation of the previous step. ``images`` are the run's output images
     as returned for ``output_type`` (a private copy, composited for an edit): edits composite
-    their background against the original's.
+    their background against the original's. ``pipeline_kwargs`` are the pipeline's own further
+    arguments the run was made with (a ControlNet's ``image`` and ``control_guidance_end``, ...).
     """
     prompt: str
     negative_prompt: str | None
@@ -88,6 +89,7 @@ class Trajectory:
     blend_steps: set[int] = field(default_factory=set)
     output_type: str | None = None
     images: object = None
+    pipeline_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -190,7 +192,8 @@ class EditSession:
         seed = self._seed(seed, generator, latents)
         noise = self._noise(seed, generator, latents, height, width)
         trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
-                                num_inference_steps, noise, output_type=output_type)
+                                num_inference_steps, noise, output_type=output_type,
+                                pipeline_kwargs=dict(pipeline_kwargs))
         cache = self.engine.new_cache(num_inference_steps, self.cache_budget_bytes)
 
         def unet_call(step, inputs):
@@ -381,7 +384,8 @@ class EditSession:
                 "raw decode (its background is close to, not equal to, the original's)")
 
         trajectory = Trajectory(new_prompt, negative, guidance, height, width, steps,
-                                original.noise, output_type=output_type)
+                                original.noise, output_type=output_type,
+                                pipeline_kwargs=dict(pipeline_kwargs))
         control = None
         if cross_attention_control:
             control = CrossAttentionControl(*shared_tokens(self.pipe.tokenizer, original.prompt,
@@ -461,7 +465,8 @@ class EditSession:
                               history=trajectory.history,
                               blend_steps=set(trajectory.blend_steps),
                               output_type=trajectory.output_type,
-                              images=trajectory.images)
+                              images=trajectory.images,
+                              pipeline_kwargs=trajectory.pipeline_kwargs)
         self.cache, self.original = cache, accepted
         self._generation += 1
 
@@ -899,13 +904,18 @@ class _EditRun:
         "all": the one-call estimators' own inputs (``contrast_batch``: the conditional text)
         are the recorded ones, but the negative prompt or the ControlNet's control changed,
         which their contrast of conditional predictions cannot see (the negative prompt acts
-        on the whole image). None: the conditional text changed, which they measure.
+        on the whole image); or the step-0 call is the recorded one but other pipeline
+        arguments than the generation's are passed, which act on later steps that step 0
+        does not show (a ControlNet's ``control_guidance_end``). None: the conditional text
+        changed, which they measure.
         In the first two cases an estimator's contrast would be rounding noise (its batched
         call differs from the recorded one by ~1e-6) and Otsu's cut through it a random
         mask."""
         original = self.original
         recorded = original.unet_inputs[0]
-        if _identical(inputs, recorded):
+        same_arguments = _same_arguments(self.trajectory.pipeline_kwargs,
+                                         original.pipeline_kwargs, self.session.pipe)
+        if same_arguments and _identical(inputs, recorded):
             return "nothing"
         steps, guided = tac.contrast_steps(original.num_steps), _guided(original)
         if _identical(contrast_batch(original, inputs, steps, guided),
@@ -999,6 +1009,25 @@ def _identical(a, b) -> bool:
         return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
                 and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b)))
     return type(a) is type(b) and a == b
+
+
+def _same_arguments(new: dict, old: dict, pipe) -> bool:
+    """Whether two runs' further pipeline arguments are the same (``_identical``, or the same
+    object), an argument left out being the pipeline's default. A value that cannot say
+    (``==`` of arrays) counts as changed, so the edit is planned, not skipped."""
+    params = inspect.signature(type(pipe).__call__).parameters
+
+    def value(arguments: dict, name: str):
+        return arguments[name] if name in arguments else params[name].default
+
+    def same(a, b) -> bool:
+        if a is b:
+            return True
+        try:
+            return bool(_identical(a, b))
+        except Exception:  # noqa: BLE001 - an == that is no bool: not shown to be the same
+            return False
+    return all(same(value(new, name), value(old, name)) for name in new.keys() | old.keys())
 
 
 def _concatenate(values: list):

@@ -174,3 +174,18 @@ def test_a_capture_failure_on_inputs_the_unet_takes_is_raised_as_it_is(monkeypat
     with pytest.raises(NotImplementedError, match="an op the frontend cannot take"):
         capture.capture(unet, zoo.example_inputs(unet))
     assert calls == [1]         # the U-Net was run once, to tell the two failures apart
+
+
+def test_example_inputs_take_a_per_block_text_width():
+    """``cross_attention_dim`` given per block: one text tensor of the common width, or a clear
+    error where the blocks' widths differ."""
+    cls_name, cfg = zoo.CONFIGS["sd15-tiny"]
+    blocks = len(cfg["down_block_types"])
+    width = cfg["cross_attention_dim"]
+    unet = zoo.from_config(dict(cfg, cross_attention_dim=(width,) * blocks))
+    inputs = zoo.example_inputs(unet, batch=2)
+    assert inputs["encoder_hidden_states"].shape[-1] == width
+    mixed = zoo.from_config(dict(cfg, cross_attention_dim=(width, width * 2)[:1] * (blocks - 1)
+                                 + (width * 2,)))
+    with pytest.raises(FiseditError, match=r"cross_attention_dim=.*different text widths"):
+        zoo.example_inputs(mixed)

@@ -301,6 +301,23 @@ def test_an_edit_pass_follows_a_schedule_tensor_under_inference_mode(sd15_tiny):
             engine.edit(cache, 2, plan=plan, **dict(new, timestep=schedule[1]))
 
 
+def test_inputs_the_unet_itself_fails_on_are_refused_at_record():
+    """An out-of-range class label: the capture's fake tensors carry no values, so the error
+    shows only when the recorded graph runs; it is the U-Net's own, as a FiseditError, and the
+    cache stays empty."""
+    cls_name, cfg = zoo.CONFIGS["sd15-tiny"]
+    unet = zoo.from_config(dict(cfg, num_class_embeds=5))
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet, batch=2)
+    cache = engine.new_cache(1)
+    with pytest.raises(fc.FiseditError, match="the U-Net itself fails on these inputs: "
+                                              "IndexError"):
+        engine.record(cache, 0, **dict(inputs, class_labels=torch.tensor([1, 9])))
+    assert not cache.steps and cache.signature is None
+    engine.record(cache, 0, **dict(inputs, class_labels=torch.tensor([1, 4])))
+    assert list(cache.steps) == [0]
+
+
 @pytest.mark.parametrize("case, message", [
     ("wrong_shape", "latent is 16x16"),
     ("image_resolution", "image-resolution mask"),

@@ -135,7 +135,16 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
         "return_dict": False,
     }
     if isinstance(model, UNet2DConditionModel):
-        inputs["encoder_hidden_states"] = randn(batch, text_length, cfg.cross_attention_dim)
+        width = cfg.cross_attention_dim
+        if isinstance(width, (list, tuple)):
+            # Given per block; one text tensor feeds every block, so the widths must agree.
+            if len(set(width)) != 1:
+                raise FiseditError(
+                    f"cross_attention_dim={tuple(width)} gives the blocks different text "
+                    "widths, which one encoder_hidden_states cannot feed; build the example "
+                    "inputs by hand")
+            width = width[0]
+        inputs["encoder_hidden_states"] = randn(batch, text_length, width)
         if cfg.addition_embed_type == "text_time":
             text_dim = (cfg.projection_class_embeddings_input_dim
                         - 6 * cfg.addition_time_embed_dim)
@@ -164,15 +173,17 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
     except FiseditError:
         raise
     except Exception:
-        _raise_if_eager_fails(unet, inputs)
+        raise_if_eager_fails(unet, inputs)
         raise       # the U-Net runs, the capture does not: a graph the frontend cannot take
 
 
-def _raise_if_eager_fails(unet, inputs: dict) -> None:
-    """After a failed capture: if the U-Net fails on ``inputs`` when simply called, the inputs
-    are the problem, not the capture, and the U-Net's own error (not the frontend's, from
-    fake tensors, with their logs) says which; raise it as a FiseditError. Runs the U-Net once,
-    on this failure path only."""
+def raise_if_eager_fails(unet, inputs: dict) -> None:
+    """After a failed capture or recorded run: if the U-Net fails on ``inputs`` when simply
+    called, the inputs are the problem, not the capture, and the U-Net's own error (not the
+    frontend's, from fake tensors, with their logs; nor a frame of a generated graph) says
+    which; raise it as a FiseditError. Runs the U-Net once, on this failure path only. (Fake
+    tensors carry no values, so an error that depends on them, an out-of-range class label,
+    shows only when the recorded graph runs.)"""
     try:
         with torch.no_grad():
             unet(**_copy_containers(inputs))

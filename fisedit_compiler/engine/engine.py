@@ -30,7 +30,7 @@ import torch.fx as fx
 from .. import ir
 from ..checks import check_bool, check_int, check_no_cross_attention_kwargs
 from ..compiler.capture import (check_unet, example_inputs, flatten_inputs, latent_size,
-                                warn_if_training)
+                                raise_if_eager_fails, warn_if_training)
 from ..compiler.pipeline import (Program, build_program, check_kernels, describe_signature,
                                  device_of, trace)
 from ..config import SparseConfig
@@ -185,7 +185,11 @@ class SparseEngine:
                 "weights; record the whole generation again in engine.new_cache()")
         flat = flatten_inputs(inputs)
         store: dict = {}
-        output = program.record(**flat, **{CACHE_INPUT: store})
+        try:
+            output = program.record(**flat, **{CACHE_INPUT: store})
+        except Exception:
+            raise_if_eager_fails(self.unet, inputs)
+            raise
         cache.signature = program.signature
         cache.weight_versions = versions
         cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))

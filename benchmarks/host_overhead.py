@@ -40,9 +40,7 @@ def main(argv=None) -> None:
     unet = zoo.unet(args.model, dtype=torch.float16, device="cuda")
     inputs = zoo.example_inputs(unet, batch=2, seed=0, height=latent, width=latent)
     engine = fc.compile(unet)
-    cache = engine.new_cache(bench.recorded_steps(20))
-    for step in range(cache.num_steps):
-        engine.record(cache, step, **inputs)
+    cache = bench.pass_cache(engine, inputs, bench.recorded_steps(20))
     mask = bench.placed_blob((latent, latent), args.area)
     plan = engine.plan(mask)
     edited = bench.edited_inputs(inputs, mask)

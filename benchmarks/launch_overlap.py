@@ -75,9 +75,7 @@ def step_ab(model: str, reps: int, log=print) -> list[dict]:
     engines = {}
     for overlap in (False, True):
         engine = fc.compile(unet, config)
-        cache = engine.new_cache(bench.recorded_steps(reps))
-        for step in range(cache.num_steps):
-            engine.record(cache, step=step, **inputs)
+        cache = bench.pass_cache(engine, inputs, bench.recorded_steps(reps))
         engines[overlap] = (engine, cache)
     size = tuple(inputs["sample"].shape[-2:])
     rows = []

@@ -15,9 +15,10 @@ plus dense, sparse and ideal MACs, the per-level active fractions, and each spar
 error against the oracle (``oracle.masked_dense``), so a fast wrong answer cannot pass
 unnoticed. Times are medians of CUDA-event timings after warm-up, each call from an idle GPU;
 every edit call includes its checks, input and cache copies and the output clone. An edit is
-timed as a pass runs it: each generation is recorded for as many steps as one timing calls
-(``recorded_steps``), and successive calls edit successive steps (``edit_pass``), so, as in
-a real edit, only a pass's first step compares the whole U-Net state. The ``loop`` times call
+timed as a pass runs it: each generation has as many steps as one timing calls
+(``recorded_steps``; one recorded step shared by all, ``pass_cache``), and successive calls
+edit successive steps (``edit_pass``), so, as in a real edit, only a pass's first step
+compares the whole U-Net state. The ``loop`` times call
 the sparse step and the dense baseline back to back, as a pipeline's loop does: there, a
 call's host work overlaps the GPU work of the call before wherever nothing synchronises.
 """
@@ -137,7 +138,7 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=DEFAULT
                                                  log, steps=recorded_steps(reps))
     if calibration is not None:
         result["calibration"] = calibration
-    result["cache_mib_per_step"] = caches["triton"].nbytes() / caches["triton"].num_steps / 2**20
+    result["cache_mib_per_step"] = caches["triton"].nbytes() / 2**20     # one shared step
     if prepare:
         result["prepare"] = engines["triton"].prepare(caches["triton"], 0, **inputs)
         log(f"prepared edits: {result['prepare']['graphs_captured']} graphs in "
@@ -231,6 +232,16 @@ def recorded_steps(reps: int) -> int:
     return reps + 4
 
 
+def pass_cache(engine, inputs: dict, steps: int):
+    """A cache of ``steps`` steps of ``inputs`` for ``edit_pass``: step 0 recorded, the others
+    sharing its buffer (``EditCache.share_step``), at the memory of one step."""
+    cache = engine.new_cache(steps)
+    engine.record(cache, 0, **inputs)
+    for step in range(1, steps):
+        cache.share_step(step, 0)
+    return cache
+
+
 def edit_pass(engine, cache, plan, edited: dict):
     """A callable that edits the cache's next recorded step with ``plan`` at each call, as
     a pipeline's loop does (step 0 again after the last: a new pass). Every recorded step of
@@ -242,7 +253,7 @@ def edit_pass(engine, cache, plan, edited: dict):
 def build_engines(unet, inputs: dict, config: SparseConfig, calibrate: bool, reference: bool,
                   log=print, steps: int = 1):
     """``(engines, caches, calibration)``: the engines to time, each with a cache of
-    ``steps`` recorded steps (the same inputs at each).
+    ``steps`` steps of ``inputs`` (``pass_cache``).
 
     ``triton`` is the product path (Triton kernels, CUDA graphs; its dense thresholds measured
     by ``cost_model.calibrate`` unless ``calibrate`` is off), ``torch_graphs`` the same graph on
@@ -264,11 +275,7 @@ def build_engines(unet, inputs: dict, config: SparseConfig, calibrate: bool, ref
     if reference:
         engines["reference"] = fast.with_config(
             dataclasses.replace(config, kernels="torch", cuda_graphs=False))
-    caches = {}
-    for name, engine in engines.items():
-        caches[name] = engine.new_cache(steps)
-        for step in range(steps):
-            engine.record(caches[name], step=step, **inputs)
+    caches = {name: pass_cache(engine, inputs, steps) for name, engine in engines.items()}
     return engines, caches, calibration
 
 

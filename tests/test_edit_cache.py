@@ -56,6 +56,24 @@ def test_replace_keeps_a_step_where_it_is(setup):
     assert not torch.equal(cache.steps[0][key], value)
 
 
+def test_a_shared_step_is_its_source_step_in_one_buffer(setup):
+    """``share_step``: the step edits as its source does (values and timestep), the buffer is
+    held once, and an edit pass over shared steps is the benchmark's (``bench.pass_cache``)."""
+    engine, steps, reference = setup
+    cache = bench.pass_cache(engine, steps[1], 3)
+    assert cache.steps[2] is cache.steps[0] and cache.nbytes() == reference.nbytes() // 3
+    plan = engine.plan(bench.blob_mask((16, 16), 0.1))
+    edited = bench.edited_inputs(steps[1], plan.raw)
+    expected = engine.edit(reference, 1, plan=plan, **edited)
+    edit = bench.edit_pass(engine, cache, plan, edited)
+    assert all(torch.equal(edit(), expected) for _ in range(3))
+    assert cache.last_edit[1] == 2, "the three calls were one pass"
+    with pytest.raises(fc.FiseditError, match="timestep"):
+        engine.edit(cache, 0, plan=plan, **dict(edited, timestep=steps[0]["timestep"]))
+    with pytest.raises(fc.FiseditError, match="step 5 has not been recorded"):
+        engine.new_cache(6).share_step(1, 5)
+
+
 def test_a_negative_budget_is_refused(setup):
     engine, _, _ = setup
     with pytest.raises(fc.FiseditError, match="device_budget_bytes"):

@@ -238,6 +238,26 @@ class EditCache:
         if self._prefetched is not None and self._prefetched[0] == step:
             self._prefetched = None         # the prefetched copy is stale
 
+    def share_step(self, step: int, source: int) -> None:
+        """Make ``step`` hold recorded ``source``'s values and timestep, sharing its buffer (no
+        copy). For a generation recorded on the same inputs at every step: ``bench`` times an
+        edit as successive steps of one pass without holding a copy per step (SDXL: 1.4 GiB
+        a step). The two steps are then one buffer: a ``replace`` of either changes both."""
+        step = check_int("step", step, minimum=0, maximum=self.num_steps - 1)
+        if source not in self.steps:
+            raise FiseditError(f"step {source} has not been recorded; record it before sharing "
+                               "it")
+        self.steps[step] = self.steps[source]
+        if source in self.offloaded:
+            self.offloaded.add(step)
+        else:
+            self.offloaded.discard(step)
+        self.timesteps[step] = self.timesteps.get(source)
+        if source in self.inputs:
+            self.inputs[step] = self.inputs[source]
+        if self._prefetched is not None and self._prefetched[0] == step:
+            self._prefetched = None
+
     # -- reading ----------------------------------------------------------------------------
     def store_on(self, step: int, device: torch.device) -> StepStore:
         """The recorded values of ``step`` on ``device``: as stored, prefetched, or copied now
@@ -273,25 +293,31 @@ class EditCache:
 
     # -- accounting -------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held by all recorded steps, wherever they are."""
+        """Bytes held by all recorded steps, wherever they are (a shared step counts once)."""
         return sum(self.breakdown().values())
 
     def device_nbytes(self) -> int:
         """Bytes of the steps kept on their device."""
-        return sum(_nbytes(store) for step, store in self.steps.items()
-                   if step not in self.offloaded)
+        return sum(_nbytes(store) for store in self._distinct(
+            store for step, store in self.steps.items() if step not in self.offloaded))
 
     def host_nbytes(self) -> int:
         """Bytes of the steps offloaded to host memory."""
-        return sum(_nbytes(self.steps[step]) for step in self.offloaded)
+        return sum(_nbytes(store) for store in self._distinct(
+            self.steps[step] for step in self.offloaded))
 
     def breakdown(self) -> dict[str, int]:
-        """Bytes per cache key, summed over the recorded steps."""
+        """Bytes per cache key, summed over the recorded steps' buffers."""
         sizes: dict[str, int] = {}
-        for store in self.steps.values():
+        for store in self._distinct(self.steps.values()):
             for key, value in store.items():
                 sizes[key] = sizes.get(key, 0) + _nbytes(value)
         return sizes
+
+    @staticmethod
+    def _distinct(stores) -> list:
+        """``stores`` with each buffer once (``share_step`` puts one under several steps)."""
+        return list({id(store): store for store in stores}.values())
 
     def __repr__(self) -> str:
         offloaded = (f", {len(self.offloaded)} offloaded ({self.host_nbytes() / 2**20:.1f} MiB "

@@ -444,6 +444,7 @@ def test_a_python_number_timestep_is_a_graph_input(timestep, frontend):
     ({"cross_attention_kwargs": {"scale": 0.5}}, "cross_attention_kwargs"),
     ({"return_dict": True}, "return_dict"),
     ({"class_labels": "cat"}, "class_labels must be a tensor"),
+    ({"class_labels": torch.tensor([1, 2])}, "no class embedding .* would be ignored"),
 ])
 def test_stray_keywords_are_refused_not_ignored(sd15_tiny, extra, message):
     engine, cache, inputs, _ = sd15_tiny

@@ -503,6 +503,7 @@ class SparseEngine:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
                                        f"U-Net is on {device}; move it with .to({str(device)!r})")
         if self._stock_forward:
+            _check_class_labels(self.unet, inputs)
             _check_input_shapes(self.unet, inputs, self._cross_attention)
 
     def _check_unchanged(self, cache: EditCache | None = None, *,
@@ -643,6 +644,16 @@ def _check_added_cond_keys(unet, inputs: dict) -> None:
             f"added_cond_kwargs has key(s) {', '.join(map(repr, stray))} that this U-Net does "
             f"not read (with {source} it reads {', '.join(sorted(read)) or 'none'}), so they "
             "would be ignored; correct the key's name, or drop it")
+
+
+def _check_class_labels(unet, inputs: dict) -> None:
+    """Refuse class labels for a U-Net without a class embedding (``class_embed_type`` and
+    ``num_class_embeds`` unset): diffusers ignores them without a word."""
+    if inputs.get("class_labels") is not None and getattr(unet, "class_embedding", 0) is None:
+        raise FiseditError(
+            "class_labels were given, but this U-Net has no class embedding (its config sets "
+            "neither class_embed_type nor num_class_embeds), so they would be ignored; drop "
+            "class_labels")
 
 
 def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:

@@ -118,8 +118,7 @@ def fit(thresholds, masks, buckets: list[plans.Bucket]) -> dict:
         bucketed = plans.MaskPlan(mask, LEVELS, tiles, config.dilation, thresholds,
                                   buckets=buckets)
         missed += bucketed.full
-        counts = [int(plans._tile_mask(active, tile).sum()) for active, tile in
-                  zip(plans.effective_masks(mask, LEVELS, tiles, config.dilation), tiles)]
+        counts = plans.tile_counts(mask, LEVELS, tiles, config.dilation)
         ratios.append(tile_cost(bucketed, counts, grids) / tile_cost(exact, counts, grids))
     ratios.sort()
     return {"sparse_exact": len(ratios), "all_dense_bucketed": missed,
@@ -137,8 +136,7 @@ def placements(areas=(0.01, 0.05, 0.2), count: int = 50, seed: int = 3) -> None:
                                      config.bucket_ratio)
 
     def tiles_of(mask) -> tuple[int, int]:
-        counts = [int(plans._tile_mask(active, tile).sum()) for active, tile in
-                  zip(plans.effective_masks(mask, LEVELS, tiles, config.dilation), tiles)]
+        counts = plans.tile_counts(mask, LEVELS, tiles, config.dilation)
         bucketed = plans.MaskPlan(mask, LEVELS, tiles, config.dilation, thresholds,
                                   buckets=buckets)
         return counts[0], tile_cost(bucketed, counts, grids)

@@ -438,9 +438,9 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
     ``replay_ms`` times only the captured graph of ``plan`` (GPU work of the step);
     ``host_ms`` is the wall time the edit call spends on the host from an idle GPU until it
     returns (validation, cache copies, the replay launch, the output clone's launch), the
-    median over ``reps`` calls, successive steps of a pass (``edit_pass``). Their sum near the edit's latency means host work is serial
-    with the GPU's; the profile's kernel time against ``replay_ms`` shows launch gaps inside
-    the graph.
+    median over ``reps`` calls, successive steps of a pass (``edit_pass``). Their sum near
+    the edit's latency means host work is serial with the GPU's; the profile's kernel time
+    against ``replay_ms`` shows launch gaps inside the graph.
     """
     captured = engine.captured_steps(**edited).capture(plan)
     return {"replay_ms": cuda_time_ms(captured.replay, reps=reps),

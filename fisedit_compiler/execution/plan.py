@@ -148,8 +148,7 @@ class MaskPlan:
         # (``engine.cuda_graph``). A bucketed plan's graphs belong to the engine instead.
         self.memo: dict = {}
         level_masks = effective_masks(host, levels, tiles, dilation)
-        tile_counts = [int(_tile_mask(active, tile).sum())
-                       for active, tile in zip(level_masks, tiles)]
+        tile_counts = _tile_counts(level_masks, tiles)
         self.bucket = None
         if buckets is not None and tile_counts[0] > 0:
             self.bucket = next((b for b in buckets if b.fits(tile_counts)), None)
@@ -249,8 +248,7 @@ def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: 
     """
     thresholds = level_thresholds(dense_threshold, len(levels))
     grids = [math.ceil(h / t) * math.ceil(w / t) for (h, w), t in zip(levels, tiles)]
-    bank_counts = [[int(_tile_mask(active, tile).sum()) for active, tile
-                    in zip(effective_masks(mask, levels, tiles, dilation), tiles)]
+    bank_counts = [tile_counts(mask, levels, tiles, dilation)
                    for mask in (mask_bank(levels[0]) if bank is None else bank)]
     buckets, capacity = [], 1
     while True:
@@ -482,6 +480,17 @@ def effective_masks(mask, levels, tiles, dilation) -> list[np.ndarray]:
 
 def _tile_mask(active: np.ndarray, tile: int) -> np.ndarray:
     return active[::tile, ::tile]
+
+
+def tile_counts(mask, levels: list[tuple[int, int]], tiles: list[int],
+                dilation: int) -> list[int]:
+    """The active tiles of ``mask`` at each level (of its effective masks): what a plan
+    computes at an exact level, and what a capacity bucket must hold."""
+    return _tile_counts(effective_masks(mask, levels, tiles, dilation), tiles)
+
+
+def _tile_counts(level_masks, tiles: list[int]) -> list[int]:
+    return [int(_tile_mask(active, tile).sum()) for active, tile in zip(level_masks, tiles)]
 
 
 def _level_plan(index, size, tile, dense, active, capacity, device) -> LevelPlan:

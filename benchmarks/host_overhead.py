@@ -5,8 +5,9 @@
 ``fisedit-compiler bench --profile-area`` splits an edit call into the replayed graph and the
 host time of the call; this script splits the host time further, piece by piece, in the order
 ``SparseEngine.edit`` runs them: the program lookup, the timestep check, the step's cache
-lookup, the copies of the inputs and the cache into the graph's static buffers (host launch
-time and GPU time), the replay launch and the output clone. Medians of perf_counter timings
+lookup, the check that the pass constants' values are those of the step's inputs, the copies
+of the inputs and the cache into the graph's static buffers (host launch time and GPU time),
+the replay launch and the output clone. Medians of perf_counter timings
 from an idle GPU; GPU times by CUDA events. Prints a table and the CUDA kernels launched
 outside the graph, from a profile of one edit call.
 
@@ -53,9 +54,11 @@ def main(argv=None) -> None:
     dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype, *_ in slots})
     mib = store.buffer.numel() / 2**20
 
-    def copy_inputs():
-        for name, value in flat.items():
-            captured.inputs[name].copy_(value)
+    program = engine.program(edited)
+
+    def copy_inputs():                  # those the step reads (not those of pass constants)
+        for name in captured.read & flat.keys():
+            captured.inputs[name].copy_(flat[name])
 
     copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
     graph = captured.capture(plan)
@@ -70,6 +73,7 @@ def main(argv=None) -> None:
         ("U-Net state check, first step of an edit",
          host(lambda: engine._check_unchanged(cache, full=True)), None),
         ("cache store_on", host(lambda: cache.store_on(0, torch.device("cuda"))), None),
+        ("pass constants, kept", host(lambda: engine._values_for(program, flat)), None),
         ("copy inputs", host(copy_inputs), gpu(copy_inputs)),
         ("copy cache", host(copy_cache), gpu(copy_cache)),
         ("plan a new mask", host(lambda: engine.plan(mask.roll(3, dims=1))), None),

@@ -59,6 +59,10 @@ class SparseConfig:
         cross-attentions' K and V of the text) as one GEMM over their concatenated weights
         (``passes.group_linears``): fewer small GEMMs per step, for a copy of those weights
         (fp16: SD1.5 113 MB, 6.6% of its weights; SDXL 1.30 GB, 25%; RESULTS.md).
+    hoist_pass_constants: compute what depends only on the inputs an edit pass holds fixed (the
+        cross-attentions' K/V of the text, added conditions, an image hint's encoder) once per
+        pass instead of at every step (``passes.hoist_pass_constants``); the values are
+        computed again whenever those inputs or the weights change, so this only moves work.
     conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
         ``gather`` (the mixed input's taps as a dense matrix, then cuBLAS and the epilogue:
         three launches, 1.3-2.6x faster than one implicit-GEMM launch at SD1.5's shapes) or
@@ -78,6 +82,7 @@ class SparseConfig:
     cuda_graphs: bool = True
     bucket_ratio: float = 1.25
     group_projections: bool = True
+    hoist_pass_constants: bool = True
     conv_method: str = "gather"
 
     def __post_init__(self):
@@ -96,7 +101,7 @@ class SparseConfig:
         if bucket_ratio <= 1:
             raise FiseditError(f"SparseConfig.bucket_ratio must be a number > 1, got "
                                f"{self.bucket_ratio!r}")
-        for flag in ("check_inputs", "cuda_graphs", "group_projections"):
+        for flag in ("check_inputs", "cuda_graphs", "group_projections", "hoist_pass_constants"):
             check_bool(f"SparseConfig.{flag}", getattr(self, flag))
 
     def _normalize(self, field_name: str, check) -> None:

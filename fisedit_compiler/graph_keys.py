@@ -5,7 +5,7 @@ lowest layer, rather than in any one pass (docs/design.md, "Stages"). Node-level
 canonical graph (op, domain, MACs, ...) are in ``ir``; this module holds the rest.
 
 An edit graph takes the U-Net's inputs plus two extra placeholders: the mask plan and one
-step's recorded values. ``passes.sparsify`` creates those placeholders, later passes read
+step's recorded values (and a third, the values computed once per edit pass, when it has any). ``passes.sparsify`` creates those placeholders, later passes read
 them, and the engine passes them in by name (``engine.engine``, ``engine.cuda_graph``).
 
 Passes never tag their *input* graph: what a pass finds is part of the graph it returns (its
@@ -16,6 +16,8 @@ several configs without a copy.
 # -- placeholders of the edit and record graphs ---------------------------------------------
 PLAN_INPUT = "fc_plan"     # the edit graph's MaskPlan placeholder
 CACHE_INPUT = "fc_cache"   # the edit/record graph's placeholder for one step's recorded values
+PASS_VALUES_INPUT = "fc_pass_values"  # the edit graph's placeholder for its pass constants'
+                                      # values (passes.hoist_pass_constants), when it has any
 
 # -- graph-level keys (``gm.meta``) ---------------------------------------------------------
 INPUTS = "fc_inputs"                    # capture: the user input names, in placeholder order
@@ -30,6 +32,8 @@ CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"  # lower_kernels: cache keys 
 # -- attributes of the edit graph module -----------------------------------------------------
 DERIVED_WEIGHTS = "fc_derived_weights"  # the program's execution.derived_weights.DerivedWeights
                                         # (passes.pattern.derived_weights)
+PASS_CONSTANTS = "fc_pass_constants"    # the graph computing the edit graph's pass constants
+                                        # (passes.hoist_pass_constants), when it has any
 
 # -- node-level keys of the edit graph, set on the nodes a pass creates ---------------------
 META_FROM = "fc_from"                   # the canonical node an edit node was made from

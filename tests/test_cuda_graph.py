@@ -138,6 +138,47 @@ def test_in_place_weight_changes_reach_captured_graphs():
     assert bench.relative_error(after, fresh) <= 1e-3
 
 
+def test_pass_constants_load_once_per_pass_and_follow_prompts_and_weights():
+    """The text K/V (pass constants) through the captured graphs: computed and loaded into the
+    static buffers at a pass's first step, kept by its later steps, reloaded for a new prompt
+    and after an in-place change of a text K projection; every step meets the oracle."""
+    unet = zoo.unet("sd15-tiny", device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    mask = bench.blob_mask((16, 16), 0.1)
+    program = engine.program(inputs)
+    text_k = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
+
+    def edited(shift):
+        return dict(bench.edited_inputs(inputs, mask),
+                    encoder_hidden_states=inputs["encoder_hidden_states"] + shift)
+
+    def edit_passes(passes):
+        cache = engine.new_cache(3)
+        for step in range(3):
+            engine.record(cache, step, **inputs)
+        plan = engine.plan(mask)
+        for edited_inputs in passes:
+            expected = fc.oracle.masked_dense(engine, plan, inputs, edited_inputs)
+            for step in range(3):
+                actual = engine.edit(cache, step, plan=plan, **edited_inputs)
+                assert bench.relative_error(actual, expected) <= 2e-3
+
+    second = edited(-0.5)
+    edit_passes([edited(0.5), second])
+    steps = engine.captured_steps(**inputs)
+    assert steps.values is not None and "encoder_hidden_states" not in steps.read
+    assert engine._pass_values[program.signature].computed == 2
+    with torch.no_grad():
+        text_k.mul_(1.5)
+    try:
+        edit_passes([second])       # the same text tensor, recorded again with new weights
+    finally:
+        with torch.no_grad():
+            text_k.div_(1.5)
+    assert engine._pass_values[program.signature].computed == 3
+
+
 def test_module_changes_are_refused_on_the_captured_paths_and_undone_edits_replay():
     """After graphs were captured (a bucket's step, the compiled dense graph, prepare), a
     module change the graphs cannot see (a Parameter replaced, forward chunking switched on)

@@ -27,7 +27,8 @@ def count(gm, target):
 def setup(request):
     unet = zoo.unet(request.param)
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
-    engine = fc.compile(unet, fc.SparseConfig(group_projections=False))
+    engine = fc.compile(unet, fc.SparseConfig(group_projections=False,
+                                              hoist_pass_constants=False))
     program = engine.program(inputs)
     ungrouped = fuse_tokens(fuse(pure(sparsify, program.canonical, engine.config)))
     return unet, engine, inputs, program, ungrouped

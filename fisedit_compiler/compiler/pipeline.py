@@ -2,10 +2,10 @@
 
 ``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
 canonicalize, then analyze); ``build_program`` takes that analyzed canonical graph through the
-sparse passes (sparsify, fuse, fuse_tokens, group_linears, lower_kernels where Triton runs) and
-derives the cache set and the record graph; ``Program.dense_graph`` is the canonical graph
-tuned for dense runs (``tune_dense``). SparseEngine and the "fisedit" backend both compile
-through here.
+sparse passes (sparsify, fuse, fuse_tokens, group_linears, lower_kernels where Triton runs,
+hoist_pass_constants) and derives the cache set and the record graph; ``Program.dense_graph``
+is the canonical graph tuned for dense runs (``tune_dense``). SparseEngine and the "fisedit"
+backend both compile through here.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from .. import config as config_module
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.derived_weights import DerivedWeights
-from ..graph_keys import DERIVED_WEIGHTS, INPUTS, LEVELS, SPARSE_MODES
+from ..graph_keys import DERIVED_WEIGHTS, INPUTS, LEVELS, PASS_CONSTANTS, SPARSE_MODES
 from ..passes.analyze import analyze
 from ..passes.cache import CacheEntry, cache_writes, derive_cache_set, insert_cache_writes
 from ..passes.canonicalize import canonicalize
 from ..passes.fuse import fuse
 from ..passes.fuse_tokens import fuse_tokens
 from ..passes.group_linears import group_linears
+from ..passes.hoist_pass_constants import hoist_pass_constants
 from ..passes.lower_kernels import lower_kernels
 from ..passes.sparsify import sparsify
 from ..passes.tune_dense import tune_dense
@@ -88,6 +89,12 @@ class Program:
         shared by its edit graph and its dense graph."""
         return getattr(self.edit, DERIVED_WEIGHTS)
 
+    @property
+    def pass_constants(self) -> fx.GraphModule | None:
+        """The graph of the values an edit pass computes once, called with the fixed inputs it
+        names as placeholders (``passes.hoist_pass_constants``); None when there are none."""
+        return getattr(self.edit, PASS_CONSTANTS, None)
+
     def dense_graph(self) -> fx.GraphModule:
         """The canonical graph tuned for dense runs (``passes.tune_dense``), reading the
         program's derived copies; a new graph on each call (the engine compiles it once)."""
@@ -107,6 +114,8 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
         edit = group_linears(edit)
     if check_kernels(config, device_of(signature)):
         edit = lower_kernels(edit, config.conv_method)
+    if config.hoist_pass_constants:
+        edit = hoist_pass_constants(edit)
     if not hasattr(edit, DERIVED_WEIGHTS):      # no pass needed copies: the dense graph may
         edit.add_submodule(DERIVED_WEIGHTS, DerivedWeights())
     entries = derive_cache_set(edit)

@@ -12,11 +12,12 @@ writing its tables into the template's (``MaskPlan.refill``: a few small copies,
 synchronisation). A plan made without buckets (an exact plan) gets a graph of its own,
 kept on the plan.
 
-All graphs of a program share one set of static buffers: the user inputs and one step's
-recorded values are copied into them before each replay (every step's cache lives in one
-buffer of one layout, ``edit_cache.StepStore``, so that is one device-to-device copy), and one
-memory pool, since replays run one after another on one stream. The output is cloned, because
-the next replay overwrites it.
+All graphs of a program share one set of static buffers: the user inputs the step reads and
+one step's recorded values are copied into them before each replay (every step's cache lives
+in one buffer of one layout, ``edit_cache.StepStore``, so that is one device-to-device copy),
+the pass constants' values (``engine.pass_values``) only when they are not the ones loaded
+last, that is once per edit pass; and one memory pool, since replays run one after another on
+one stream. The output is cloned, because the next replay overwrites it.
 
 Nothing that tunes, compiles, synchronises or allocates outside the pool may run inside a
 capture: each graph is warmed up first, on the capture stream itself (kernel tuning and
@@ -42,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..execution.plan import MaskPlan
-from ..graph_keys import CACHE_INPUT, PLAN_INPUT
+from ..graph_keys import CACHE_INPUT, PASS_VALUES_INPUT, PLAN_INPUT
 from .edit_cache import StepStore
 
 
@@ -51,14 +52,22 @@ class CapturedSteps:
 
     def __init__(self, edit: fx.GraphModule):
         self.edit = edit
-        self.inputs: dict | None = None      # static copies of the user inputs
+        # The user inputs the step reads (those read only by the pass constants are not).
+        self.read = frozenset(node.name for node in edit.graph.nodes
+                              if node.op == "placeholder" and node.users)
+        self.inputs: dict | None = None      # static copies of the user inputs it reads
         self.store: StepStore | None = None  # static copy of one step's recorded values
+        self.values: tuple | None = None     # static copies of the pass constants' values
+        self._loaded_values: tuple | None = None   # the values copied in last
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()
         self.graphs: dict = {}               # bucket -> _Graph, or None where capture failed
 
-    def __call__(self, plan: MaskPlan, inputs: dict, store: StepStore) -> torch.Tensor:
-        self._load(inputs, store)
+    def __call__(self, plan: MaskPlan, inputs: dict, store: StepStore,
+                 values: tuple | None = None) -> torch.Tensor:
+        """The edit step of ``plan`` on ``inputs``, ``store`` (a step's recorded values) and
+        ``values`` (the pass constants' values; None for a graph without them)."""
+        self._load(inputs, store, values)
         graph = self.capture(plan)
         if graph is None:
             return self._run(plan)
@@ -75,11 +84,12 @@ class CapturedSteps:
         graphs, key = self._graphs_of(plan), self._key(plan)
         return key in graphs and graphs[key] is None
 
-    def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None):
+    def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None,
+                values: tuple | None = None):
         """The graph that replays ``plan`` (captured now if needed; None where capture failed).
-        ``inputs`` and ``store`` fill the static buffers when none are loaded yet."""
+        ``inputs``, ``store`` and ``values`` fill the static buffers when none are loaded yet."""
         if inputs is not None and self.inputs is None:
-            self._load(inputs, store)
+            self._load(inputs, store, values)
         graphs, key = self._graphs_of(plan), self._key(plan)
         if key not in graphs:
             template = plan if plan.bucket is None else plan.template()
@@ -93,17 +103,29 @@ class CapturedSteps:
     def _key(self, plan: MaskPlan):
         return plan.bucket if plan.bucket is not None else id(self)
 
-    def _load(self, inputs: dict, store: StepStore) -> None:
+    def _load(self, inputs: dict, store: StepStore, values: tuple | None) -> None:
         if self.inputs is None:
-            self.inputs = {name: value.clone() for name, value in inputs.items()}
+            # An input the step does not read is passed as None: no buffer, no copy.
+            self.inputs = {name: value.clone() if name in self.read else None
+                           for name, value in inputs.items()}
             self.store = store.clone()
+            if values is not None:
+                self.values = tuple(_static_copy(value) for value in values)
+                self._loaded_values = values
             return
         for name, value in inputs.items():
-            self.inputs[name].copy_(value)
+            if name in self.read:
+                self.inputs[name].copy_(value)
         self.store.buffer.copy_(store.buffer)   # same layout: one cache, one signature
+        if values is not None and values is not self._loaded_values:
+            for static, value in zip(self.values, values):
+                if isinstance(static, torch.Tensor):
+                    static.copy_(value)
+            self._loaded_values = values        # held: its identity is not reused meanwhile
 
     def _run(self, plan: MaskPlan):
-        return self.edit(**self.inputs, **{PLAN_INPUT: plan, CACHE_INPUT: self.store})
+        extra = {} if self.values is None else {PASS_VALUES_INPUT: self.values}
+        return self.edit(**self.inputs, **{PLAN_INPUT: plan, CACHE_INPUT: self.store}, **extra)
 
     def _capture(self, template: MaskPlan) -> "_Graph | None":
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -131,6 +153,12 @@ class CapturedSteps:
         # A bucket's graph keeps its private template; an exact plan's graph is kept on the
         # plan itself (``_graphs_of``), so it must not refer back to it.
         return _Graph(graph, template if template.bucket is not None else None, output)
+
+
+def _static_copy(value):
+    """A static buffer for one pass constant (a value that is not a tensor is a constant of the
+    graph, as it would have been inside the step)."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 class _Graph:

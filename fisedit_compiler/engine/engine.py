@@ -38,12 +38,13 @@ from ..errors import FiseditError
 from ..execution.derived_weights import tensor_versions, version_counters
 from ..execution.plan import (Bucket, MaskPlan, capacity_buckets, image_resolution_hint,
                               validate_mask)
-from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PLAN_INPUT
+from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PASS_VALUES_INPUT, PLAN_INPUT
 from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
 from .host_values import HostValues
 from .module_state import ModuleState
+from .pass_values import PassValues
 
 
 # Inductor's options for the dense graph: CUDA graphs (mode "reduce-overhead") and 1x1 convs as
@@ -75,6 +76,7 @@ class SparseEngine:
         self._last_plan: tuple | None = None        # (mask key, MaskPlan), see plan()
         self._buckets: dict[tuple, list[Bucket]] = {}          # per level layout
         self._captured: dict[tuple, CapturedSteps] = {}        # per signature
+        self._pass_values: dict[tuple, PassValues] = {}        # per signature
         # Timesteps read on the host without a synchronisation per step (_check_timestep).
         self._host_values = HostValues()
         # The U-Net's keyword inputs, read once: every record and edit checks against them.
@@ -267,7 +269,7 @@ class SparseEngine:
                                 self.config.thresholds_for(program.levels), device=device,
                                 buckets=[bucket])
                 if not steps.captured(plan):
-                    steps.capture(plan, flat, store)
+                    steps.capture(plan, flat, store, self._values_for(program, flat))
                     captured += 1
             torch.cuda.synchronize(device)
         return {"prepare_s": time.perf_counter() - started, "graphs_captured": captured}
@@ -330,9 +332,22 @@ class SparseEngine:
                    graphs: bool):
         if plan.empty and program.output_key in store:
             return store[program.output_key].clone()   # nothing active: the recorded output
+        values = self._values_for(program, flat)
         if graphs:
-            return self._captured_steps(program)(plan, flat, store)
-        return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store})
+            return self._captured_steps(program)(plan, flat, store, values)
+        extra = {} if values is None else {PASS_VALUES_INPUT: values}
+        return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store}, **extra)
+
+    def _values_for(self, program: Program, flat: dict) -> tuple | None:
+        """The values of ``program``'s pass constants for ``flat`` (computed once per pass:
+        ``PassValues``), or None when its edit graph has none. The weights' token is their
+        version counters as the derived copies were last made from (``refresh_weights``
+        replaces it), which the step's U-Net check has brought up to date."""
+        if program.pass_constants is None:
+            return None
+        if program.signature not in self._pass_values:
+            self._pass_values[program.signature] = PassValues(program.pass_constants)
+        return self._pass_values[program.signature](flat, self._derived_versions)
 
     def add_program(self, program: Program) -> Program:
         """Use ``program`` (compiled elsewhere, e.g. by the "fisedit" backend) for its signature,

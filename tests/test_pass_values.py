@@ -1,0 +1,112 @@
+"""engine.pass_values: the pass constants are computed once per edit pass, and again whenever
+what they are computed from changes (new or rewritten text states, weights changed in place).
+
+Every edit here is compared with an engine that computes them at every step
+(``hoist_pass_constants=False``), bit for bit. The CUDA-graph side (static buffers loaded once
+per pass) is tested in test_cuda_graph.py."""
+
+import pytest
+import torch
+
+import fisedit_compiler as fc
+from fisedit_compiler import bench, zoo
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return zoo.unet("sd15-tiny")
+
+
+class Editing:
+    """An engine with a recording of ``STEPS`` identical steps, and an engine without pass
+    constants recording the same, to edit side by side."""
+
+    def __init__(self, unet):
+        self.inputs = zoo.example_inputs(unet, batch=2, seed=0)
+        self.engine = fc.compile(unet)
+        self.reference = self.engine.with_config(fc.SparseConfig(hoist_pass_constants=False))
+        self.mask = bench.blob_mask((16, 16), 0.1)
+        self.record()
+
+    def record(self):
+        self.caches = []
+        for engine in (self.engine, self.reference):
+            cache = engine.new_cache(STEPS)
+            for step in range(STEPS):
+                engine.record(cache, step, **self.inputs)
+            self.caches.append(cache)
+
+    def edit_pass(self, edited: dict) -> list:
+        """A pass over every step, checked against the reference engine's."""
+        outputs = []
+        for engine, cache in zip((self.engine, self.reference), self.caches):
+            plan = engine.plan(self.mask)
+            outputs.append([engine.edit(cache, step, plan, **edited) for step in range(STEPS)])
+        for hoisted, computed in zip(*outputs):
+            assert torch.equal(hoisted, computed)
+        return outputs[0]
+
+    @property
+    def computed(self) -> int:
+        return self.engine._pass_values[self.engine.program(self.inputs).signature].computed
+
+    def edited(self, shift: float) -> dict:
+        edited = bench.edited_inputs(self.inputs, self.mask)
+        return dict(edited, encoder_hidden_states=self.inputs["encoder_hidden_states"] + shift)
+
+
+def test_a_pass_computes_its_constants_once(unet):
+    editing = Editing(unet)
+    edited = editing.edited(0.5)
+    editing.edit_pass(edited)
+    assert editing.computed == 1
+    editing.edit_pass(edited)                   # the same tensors in the next pass: kept
+    assert editing.computed == 1
+    editing.edit_pass(editing.edited(-0.5))     # a new prompt
+    assert editing.computed == 2
+
+
+def test_text_states_rewritten_in_place_are_seen(unet):
+    editing = Editing(unet)
+    edited = editing.edited(0.5)
+    first = editing.edit_pass(edited)
+    edited["encoder_hidden_states"].mul_(-1)    # the same tensor, new values
+    second = editing.edit_pass(edited)
+    assert editing.computed == 2 and not torch.equal(first[0], second[0])
+    # A .data assignment moves the storage and leaves the version counter as it was.
+    edited["encoder_hidden_states"].data = edited["encoder_hidden_states"].data * 3
+    editing.edit_pass(edited)
+    assert editing.computed == 3
+
+
+def test_weights_changed_in_place_are_seen(unet):
+    """A LoRA fused into the text K projections (in place), then the generation recorded again:
+    the same text tensor now projects to other K/V."""
+    editing = Editing(unet)
+    edited = editing.edited(0.5)
+    before = editing.edit_pass(edited)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "attn2.to_k" in name:
+                parameter.add_(0.05)
+    try:
+        editing.record()
+        after = editing.edit_pass(edited)
+        assert editing.computed == 2 and not torch.equal(before[0], after[0])
+    finally:
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                if "attn2.to_k" in name:
+                    parameter.sub_(0.05)
+
+
+def test_inference_tensors_are_computed_at_every_step(unet):
+    """An inference tensor has no version counter: an in-place write could not be told."""
+    editing = Editing(unet)
+    with torch.inference_mode():
+        edited = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                  for name, value in editing.edited(0.5).items()}
+        editing.edit_pass(edited)
+    assert editing.computed == STEPS

@@ -189,17 +189,19 @@ def _save_vae_config(folder, levels: int) -> None:
 @pytest.mark.parametrize("argv, size, factor", [
     (["demo", "--model", "sd15-tiny"], 100, 8),    # zoo pipelines: 8x VAE, as in SD
     (["demo"], 66, 4),                             # the shapes model's VAE downsamples 4x
+    (["demo"], 68, 4),     # whole latent pixels there, but the pipelines take multiples of 8
     (["edit", "--pipeline", "{folder}", "--prompt", "a", "--edit", "b"], 100, 8),
 ])
-def test_size_must_be_a_multiple_of_the_vae_factor_before_loading(argv, size, factor, tmp_path,
-                                                                  capsys, no_loading):
+def test_size_must_be_a_multiple_of_the_vae_factor_and_8_before_loading(argv, size, factor,
+                                                                        tmp_path, capsys,
+                                                                        no_loading):
     _save_vae_config(tmp_path, levels={8: 4, 4: 3}[factor])
     argv = [arg.format(folder=tmp_path) for arg in argv]
     assert main(argv + ["--size", str(size), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    lower = size - size % factor
-    assert (f"--size {size} is not a multiple of {factor}, the pipeline's VAE factor" in err
-            and f"e.g. --size {lower} or --size {lower + factor}" in err)
+    lower = size - size % 8
+    assert (f"--size {size} is not a multiple of 8 (whole latent pixels of {factor}x{factor} "
+            "pixels" in err and f"e.g. --size {lower} or --size {lower + 8}" in err)
 
 
 def test_mask_mode_with_the_random_weight_demo_box_is_accepted(tmp_path, monkeypatch):

@@ -510,6 +510,27 @@ def test_sdxl_background():
     assert np.isfinite(result.latents.numpy()).all()
 
 
+@pytest.mark.parametrize("arguments, match", [
+    (dict(prompt_2=["a", "b"]), "prompt_2 must be one str, got list"),
+    (dict(negative_prompt_2=5), "negative_prompt_2 must be one str, got int"),
+    (dict(original_size=[64, 64]), r"original_size must be a tuple of two numbers.*\[64, 64\]"),
+    (dict(crops_coords_top_left=(0, 0, 0)), "crops_coords_top_left must be a tuple of two"),
+    (dict(target_size=(float("nan"), 64)), "target_size must be a finite number, got nan"),
+    (dict(negative_original_size=(0, 64)), "negative_original_size 0.0 is out of range"),
+    (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left -1.0 is out of range"),
+    (dict(clip_skip=2), "clip_skip 2 is out of range"),
+    (dict(denoising_end=0.5), "not a custom or shortened one.*drop denoising_end"),
+])
+def test_sdxl_conditions_are_checked_before_the_pipeline_runs(arguments, match, monkeypatch):
+    pipe = zoo.pipeline("sdxl-tiny")
+    s = EditSession(pipe)
+    monkeypatch.setattr(s, "_run", _must_not_run)
+    with pytest.raises(FiseditError, match=match):
+        s.generate("a red circle", seed=0, num_inference_steps=2, guidance_scale=5.0,
+                   **arguments)
+    assert s.original is None and s.cache is None
+
+
 def test_continuous_edits(session):
     """Runs last: it regenerates and accepts on the shared session."""
     s = session
@@ -738,7 +759,7 @@ def _noise_with(value: float, count: int) -> torch.Tensor:
      r"at most 1000 steps"),
     (lambda s: s.generate("a red circle", return_dict=False), "sets return_dict itself"),
     (lambda s: s.generate("a red circle", timesteps=[999, 500]),
-     r"scheduler's own schedule.*drop timesteps"),
+     r"scheduler's own whole schedule.*drop timesteps"),
     # generate: where the noise comes from.
     (lambda s: s.generate("a red circle", latents=np.zeros(_NOISE, np.float32)),
      r"latents must be a torch.Tensor.*torch.from_numpy.*got ndarray"),
@@ -786,8 +807,18 @@ def _noise_with(value: float, count: int) -> torch.Tensor:
     (lambda s: s.edit("a blue circle", mask=_corner_mask(), return_dict=False),
      "sets return_dict itself"),
     (lambda s: s.edit("a blue circle", timesteps=[999, 800, 600, 400, 200, 100]),
-     "scheduler's own schedule.*drop timesteps"),
+     "scheduler's own whole schedule.*drop timesteps"),
     (lambda s: s.edit("a blue circle", sigmas=[1.0, 0.5]), "drop sigmas and pass"),
+    # SDXL's ensemble-of-experts cut: the edit would run part of the recorded steps.
+    (lambda s: s.generate("a red circle", denoising_end=0.5),
+     "not a custom or shortened one.*drop denoising_end"),
+    (lambda s: s.edit("a blue circle", denoising_end=0.5), "drop denoising_end"),
+    # Pipeline keywords diffusers takes unchecked.
+    (lambda s: s.generate("a red circle", clip_skip=100),
+     "clip_skip 100 is out of range: it must satisfy 0 <= clip_skip <= 1"),
+    (lambda s: s.edit("a blue circle", clip_skip="2"), "clip_skip must be an int, got str"),
+    (lambda s: s.generate("a red circle", ip_adapter_image=torch.zeros(3, 8, 8)),
+     r"ip_adapter_image needs an IP-Adapter, and none is loaded; load one"),
     # edit: the recorded step count and size, checked as ints first.
     (lambda s: s.edit("a blue circle", mask=_corner_mask(), num_inference_steps=str(STEPS)),
      "num_inference_steps must be an int, got str"),

@@ -18,7 +18,7 @@ from ..checks import check_guidance_scale, check_int, check_seed
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from .session import check_mask_choice
+from .session import check_mask_choice, size_multiple
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -194,12 +194,13 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None) -> None
     scale = _vae_scale_factor(vae_config)
     if args.size is not None:
         check_int("--size", args.size, minimum=1)
-        if scale is not None and args.size % scale:
-            lower = max(scale, args.size - args.size % scale)
-            raise FiseditError(f"--size {args.size} is not a multiple of {scale}, the "
-                               f"pipeline's VAE factor (one latent pixel per {scale}x{scale} "
-                               f"pixels); pass a multiple of {scale}, e.g. --size {lower} or "
-                               f"--size {lower + scale}")
+        multiple = None if scale is None else size_multiple(scale)
+        if multiple is not None and args.size % multiple:
+            lower = max(multiple, args.size - args.size % multiple)
+            raise FiseditError(f"--size {args.size} is not a multiple of {multiple} (whole "
+                               f"latent pixels of {scale}x{scale} pixels, and the pipeline "
+                               f"takes multiples of 8); pass e.g. --size {lower} or "
+                               f"--size {lower + multiple}")
     size = _image_size(args.size, scale, unet_config)
     args.user_mask = None if size is None else _user_mask(args, size, scale)
     args.device = torch_device(args.device)

@@ -20,6 +20,7 @@ The pipeline is not forked: U-Net calls are routed by temporarily replacing the 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checks import (check_bool, check_choice, check_guidance_scale, check_int, check_seed,
+from ..checks import (check_bool, check_choice, check_float, check_guidance_scale, check_int,
                       check_no_cross_attention_kwargs, check_optional_int, check_prompt,
-                      guides)
+                      check_seed, guides)
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
@@ -51,9 +52,10 @@ _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
                    "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
                    "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds",
                    "return_dict")
-# Pipeline arguments that replace the scheduler's schedule by a custom one: the session sizes
-# its recording by num_inference_steps and edits must follow the recorded timesteps.
-_SCHEDULE_KWARGS = ("timesteps", "sigmas")
+# Pipeline arguments that replace the scheduler's schedule by a custom one, or cut it short
+# (SDXL's denoising_end, for an ensemble of expert denoisers): the session sizes its recording
+# by num_inference_steps and edits must follow the recorded timesteps, all of them.
+_SCHEDULE_KWARGS = ("timesteps", "sigmas", "denoising_end")
 # U-Net arguments the engine's recorded graphs take; others must be None.
 _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs",
                 "down_block_additional_residuals", "mid_block_additional_residual")
@@ -626,9 +628,10 @@ class EditSession:
     def _check_kwargs(self, pipeline_kwargs: dict) -> None:
         """Pipeline keywords must be ones the pipeline takes and the session does not set.
         Diffusers pipelines take ``**kwargs`` and drop names they do not know, so a typo would
-        otherwise be ignored without a word. A custom schedule (``timesteps``, ``sigmas``) is
-        refused too: the recording has one step per timestep of the scheduler's own schedule
-        for ``num_inference_steps``, and edits must follow those timesteps."""
+        otherwise be ignored without a word. A custom schedule (``timesteps``, ``sigmas``) or
+        one cut short (``denoising_end``) is refused too: the recording has one step per
+        timestep of the scheduler's own schedule for ``num_inference_steps``, and edits must
+        follow those timesteps, all of them."""
         managed = sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS))
         if managed:
             raise FiseditError(
@@ -638,8 +641,9 @@ class EditSession:
         schedule = sorted(set(pipeline_kwargs) & set(_SCHEDULE_KWARGS))
         if schedule:
             raise FiseditError(
-                f"EditSession records and edits on the scheduler's own schedule for "
-                f"num_inference_steps, not a custom one; drop {', '.join(schedule)} and pass "
+                f"EditSession records and edits on the scheduler's own whole schedule for "
+                f"num_inference_steps, not a custom or shortened one (an edit of a shortened "
+                f"generation would not keep its background); drop {', '.join(schedule)} and pass "
                 "num_inference_steps= to generate (the spacing of the timesteps is the "
                 "scheduler's config, e.g. timestep_spacing)")
         params = inspect.signature(type(self.pipe).__call__).parameters
@@ -651,6 +655,7 @@ class EditSession:
                 f"unknown keyword(s) {', '.join(unknown)}: neither EditSession nor "
                 f"{type(self.pipe).__name__} takes them; check the spelling")
         check_no_cross_attention_kwargs(pipeline_kwargs.get("cross_attention_kwargs"))
+        _check_pipeline_values(self.pipe, pipeline_kwargs)
 
     def _check_same_scheduler(self) -> None:
         recorded, current = self._scheduler, _scheduler_identity(self.pipe.scheduler)
@@ -683,11 +688,12 @@ class EditSession:
 
     def _size(self, height, width) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor
+        multiple = size_multiple(scale)
         default = self.pipe.unet.config.sample_size * scale
-        height = default if height is None else check_int("height", height, minimum=scale)
-        width = default if width is None else check_int("width", width, minimum=scale)
-        if height % scale or width % scale:
-            raise FiseditError(f"height and width must be multiples of {scale}, got "
+        height = default if height is None else check_int("height", height, minimum=multiple)
+        width = default if width is None else check_int("width", width, minimum=multiple)
+        if height % multiple or width % multiple:
+            raise FiseditError(f"height and width must be multiples of {multiple}, got "
                                f"{height}x{width}")
         return height, width
 
@@ -1068,6 +1074,60 @@ def _check_unet_forward(unet) -> None:
             "bypassed; remove it with del pipe.unet.forward (for accelerate's hooks first "
             "pipe.remove_all_hooks(), which leaves a forward on the U-Net too) and keep the "
             "pipeline on one device (pipe.to(device))")
+
+
+# SDXL's micro-conditioning: (height, width) pairs and (top, left) crop offsets, which the
+# pipeline joins as tuples into the added time ids.
+_SDXL_SIZES = ("original_size", "target_size", "negative_original_size",
+               "negative_target_size")
+_SDXL_CROPS = ("crops_coords_top_left", "negative_crops_coords_top_left")
+
+
+def _check_pipeline_values(pipe, pipeline_kwargs: dict) -> None:
+    """The values of pipeline keywords that diffusers takes unchecked, failing deep inside the
+    pipeline (a raw IndexError for too large a clip_skip) or not at all (a NaN target_size
+    gives an all-NaN image): checked before any work."""
+    for name in ("prompt_2", "negative_prompt_2"):
+        if name in pipeline_kwargs:
+            check_prompt(name, pipeline_kwargs[name], optional=True)
+    for name in _SDXL_SIZES + _SDXL_CROPS:
+        value = pipeline_kwargs.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise FiseditError(f"{name} must be a tuple of two numbers (the pipeline joins it "
+                               f"to the other size conditions as a tuple), got {value!r}")
+        for number in value:
+            if name in _SDXL_SIZES:
+                check_float(name, number, minimum=1)
+            else:
+                check_float(name, number, minimum=0)
+    clip_skip = pipeline_kwargs.get("clip_skip")
+    if clip_skip is not None:
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        layers = min(encoder.config.num_hidden_layers for encoder in encoders
+                     if encoder is not None)
+        check_int("clip_skip", clip_skip, minimum=0, maximum=layers - 1)
+        if (type(pipe).__name__ != "StableDiffusionXLPipeline"
+                and not hasattr(pipe.text_encoder, "text_model")):
+            raise FiseditError(
+                "clip_skip cannot run with this diffusers and transformers: the pipeline reads "
+                f"text_encoder.text_model, which this {type(pipe.text_encoder).__name__} does "
+                "not have (transformers 5 flattened it); leave clip_skip out")
+    adapter_inputs = sorted(name for name in ("ip_adapter_image", "ip_adapter_image_embeds")
+                            if pipeline_kwargs.get(name) is not None)
+    if adapter_inputs and getattr(pipe.unet, "encoder_hid_proj", None) is None:
+        raise FiseditError(
+            f"{', '.join(adapter_inputs)} needs an IP-Adapter, and none is loaded; load one "
+            "(pipe.load_ip_adapter(...)) before the session is made, or drop "
+            f"{', '.join(adapter_inputs)}")
+
+
+def size_multiple(vae_scale_factor: int) -> int:
+    """What image heights and widths must be multiples of: whole latent pixels (the VAE's
+    factor) and, as the Stable Diffusion pipelines' ``check_inputs`` require, of 8 (a VAE of
+    factor 4, as the shipped shapes model's, still takes only multiples of 8)."""
+    return math.lcm(vae_scale_factor, 8)
 
 
 def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None,

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import inspect
 import itertools
@@ -545,6 +546,9 @@ class Recording:
         self._canonical_fingerprints: dict[tuple, str] = {}
         self._state_ids = frozenset(id(t) for t in
                                     itertools.chain(unet.parameters(), unet.buffers()))
+        # The exception that ended the recording context, if one did: the pipeline may have
+        # stopped before its last step, so the recording may hold part of a generation.
+        self.interrupted_by: str | None = None
 
     def _runs_recorded_program(self, graph: "FiseditGraph", args, signature: tuple) -> bool:
         """Whether ``graph``, called on ``args`` (of ``signature``, which has a program in
@@ -597,12 +601,8 @@ class Recording:
         """The mask plan of a bool ``[H, W]`` mask at this recording's latent resolution."""
         levels = self.program.levels
         if isinstance(mask, MaskPlan):
-            if [tuple(s) for s in mask.level_sizes] != [tuple(s) for s in levels] or \
-                    [level.tile for level in mask.levels] != self.program.tiles:
-                raise FiseditError(
-                    f"the plan was made for levels {mask.level_sizes} but this recording has "
-                    f"levels {levels}; pass the mask itself, or make the plan with "
-                    "recording.plan(mask)")
+            self.engine.check_plan(mask, self.program, remedy="pass the mask itself, or make "
+                                   "the plan with recording.plan(mask)")
             return mask
         return self.engine.plan(validate_mask(mask, tuple(levels[0])))
 
@@ -611,12 +611,28 @@ class Recording:
             " Was the U-Net compiled with backend=\"fisedit\" and called inside the context?")
         return "the recording holds no U-Net call." + why
 
-    def _finish(self, warn: bool = True) -> None:
+    def _finish(self, interrupted_by: BaseException | None = None) -> None:
         if self.growable:
             self.cache.resize(max(1, len(self.cache.steps)))
-        if warn and not self.cache.steps:
+        if interrupted_by is not None:
+            self.interrupted_by = type(interrupted_by).__name__
+        elif not self.cache.steps:
             warnings.warn("fisedit: " + self._nothing_recorded(), UnsupportedGraphWarning,
                           stacklevel=3)
+        elif self.num_steps < self.cache.num_steps:
+            warnings.warn(
+                f"fisedit: the recording holds {self.num_steps} U-Net calls but was made with "
+                f"num_steps={self.cache.num_steps}; edits run {self.num_steps} steps (leave "
+                "num_steps out to size the recording by the calls made)", UserWarning,
+                stacklevel=3)
+
+    def _interruption(self) -> str:
+        """For messages: how the recording ended early, if it did."""
+        if self.interrupted_by is None:
+            return ""
+        return (f" (the recording context ended with a {self.interrupted_by} after "
+                f"{self.num_steps} U-Net calls, so it may hold only part of the generation; "
+                "record it again)")
 
     def __repr__(self) -> str:
         return (f"Recording({type(self.unet).__name__}, {self.num_steps} steps, "
@@ -785,7 +801,8 @@ class _EditState(_State):
         if step >= rec.num_steps:
             raise FiseditError(
                 f"this is U-Net call {len(ed.steps) + 1} of the edit, for step {step}, but "
-                f"the recording holds {rec.num_steps} steps (0..{rec.num_steps - 1}); run the "
+                f"the recording holds {rec.num_steps} steps (0..{rec.num_steps - 1})"
+                f"{rec._interruption()}; run the "
                 "edit with the scheduler and number of inference steps of the recording")
         flat = graph.flat_inputs(args)
         signature = SparseEngine.signature(flat)
@@ -823,7 +840,36 @@ def _activate(state):
         _ACTIVE.reset(token)
 
 
-@contextlib.contextmanager
+class _SingleUse:
+    """A generator-based context that says so when a ``with`` enters it a second time
+    (contextlib's own error names only its internals)."""
+
+    def __init__(self, name: str, context):
+        self._name, self._context, self._entered = name, context, False
+
+    def __enter__(self):
+        if self._entered:
+            raise FiseditError(
+                f"this fc.{self._name}(...) context was entered already; each with-statement "
+                f"needs its own: with fc.{self._name}(...) as ...")
+        self._entered = True
+        return self._context.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._context.__exit__(*exc_info)
+
+
+def _single_use(function):
+    """``contextlib.contextmanager``, with contexts that refuse a second entry clearly."""
+    manager = contextlib.contextmanager(function)
+
+    @functools.wraps(function)
+    def make(*args, **kwargs):
+        return _SingleUse(function.__name__, manager(*args, **kwargs))
+    return make
+
+
+@_single_use
 def recording(unet, config: SparseConfig | None = None, num_steps: int | None = None):
     """Record every call of a fisedit-compiled U-Net made inside the context, one step each.
 
@@ -840,13 +886,13 @@ def recording(unet, config: SparseConfig | None = None, num_steps: int | None = 
     with _activate(_RecordState(rec)):
         try:
             yield rec
-        except BaseException:
-            rec._finish(warn=False)
+        except BaseException as error:
+            rec._finish(interrupted_by=error)
             raise
         rec._finish()
 
 
-@contextlib.contextmanager
+@_single_use
 def editing(recording: Recording, mask, *, start_step: int = 0):
     """Edit a Recording: U-Net call ``k`` inside the context recomputes only the masked region
     of recorded step ``start_step + k`` (``mask``: bool ``[H, W]`` at the latent resolution,
@@ -859,6 +905,9 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     plan = recording.plan(mask)
     start_step = check_int("start_step", start_step, minimum=0,
                            maximum=recording.num_steps - 1)
+    if recording.interrupted_by is not None:
+        warnings.warn("fisedit: editing a recording whose context ended with an exception"
+                      + recording._interruption(), UserWarning, stacklevel=3)
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session

@@ -254,6 +254,45 @@ def test_context_errors(sd15):
     assert torch.equal(call(compiled, inputs, t), call(unet, inputs, t))   # dense again
 
 
+def test_contexts_are_single_use_and_say_how_a_recording_ended(sd15):
+    unet, compiled, inputs = sd15
+    t = torch.tensor(500)
+    context = fc.recording(compiled)
+    with context as rec:
+        call(compiled, inputs, t)
+    with pytest.raises(fc.FiseditError, match=r"fc.recording\(...\) context was entered "
+                                              "already; each with-statement needs its own"):
+        with context:
+            pass
+    mask = box((16, 16), 0, 0, 4, 4)
+    editing = fc.editing(rec, mask)
+    with editing:
+        call(compiled, inputs, t)
+    with pytest.raises(fc.FiseditError, match=r"fc.editing\(...\) context was entered"):
+        with editing:
+            pass
+    # A plan for other tiles: the message names the tiles and the recording's way to a plan.
+    other = fc.compile(unet, fc.SparseConfig(tile=2)).plan(mask)
+    with pytest.raises(fc.FiseditError, match=r"with tiles \[2, 2\].*with tiles \[4, 2\].*"
+                                              r"recording.plan\(mask\)"):
+        rec.plan(other)
+    # More steps asked for than the pipeline made: edits run the steps made.
+    with pytest.warns(UserWarning, match="holds 1 U-Net calls but was made with num_steps=3"):
+        with fc.recording(compiled, num_steps=3):
+            call(compiled, inputs, t)
+    # An exception ends the context: the recording may hold part of a generation.
+    with pytest.raises(KeyError):
+        with fc.recording(compiled) as interrupted:
+            call(compiled, inputs, t)
+            raise KeyError("the pipeline failed at its second step")
+    assert interrupted.interrupted_by == "KeyError" and interrupted.num_steps == 1
+    with pytest.warns(UserWarning, match="ended with a KeyError after 1 U-Net calls"):
+        with fc.editing(interrupted, mask):
+            call(compiled, inputs, t)
+            with pytest.raises(fc.FiseditError, match="holds 1 steps.*ended with a KeyError"):
+                call(compiled, inputs, torch.tensor(400))
+
+
 @pytest.fixture(scope="module")
 def pipe():
     pipe = zoo.pipeline("sd15-tiny")

@@ -934,6 +934,19 @@ def _refused_everywhere(s, result, match, monkeypatch):
     assert _state(s) == before
 
 
+def test_a_torch_compiled_unet_is_refused_with_the_way_to_the_plain_one(pipe):
+    """torch.compile's wrapper has a forward of its own: the message is about the wrapper,
+    not about an instance-level forward whose removal would not help."""
+    original = pipe.unet
+    pipe.unet = torch.compile(original, backend="fisedit")
+    try:
+        with pytest.raises(FiseditError, match=r"wrapped by torch.compile.*pipe.unet = "
+                                               r"pipe.unet._orig_mod.*fc.recording / fc.editing"):
+            EditSession(pipe)
+    finally:
+        pipe.unet = original
+
+
 def _install_forward(kind: str, pipe):
     """An instance-level forward on ``pipe.unet`` (a wrapper of the caller's, or an accelerate
     hook as enable_model_cpu_offload installs); returns its remover."""

@@ -691,6 +691,13 @@ def test_the_oracle_checks_its_arguments_before_computing(sd15_tiny, monkeypatch
     for args, message in cases:
         with pytest.raises(fc.FiseditError, match=message):
             fc.oracle.masked_dense(engine, *args)
+    with pytest.raises(fc.FiseditError, match="needs the engine the plan was made with .*got "
+                                              "UNet2DConditionModel"):
+        fc.oracle.masked_dense(engine.unet, plan, inputs, new)
+    with pytest.raises(fc.FiseditError, match="original_inputs must be a dict .* got NoneType"):
+        fc.oracle.masked_dense(engine, plan, None, new)
+    with pytest.raises(fc.FiseditError, match="edited_inputs must be a dict .* got list"):
+        fc.oracle.masked_dense(engine, plan, inputs, [new])
     monkeypatch.undo()
     reordered = {name: new[name] for name in reversed(list(new))}    # inputs go by name
     assert torch.equal(fc.oracle.masked_dense(engine, plan, inputs, reordered), expected)

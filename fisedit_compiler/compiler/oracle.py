@@ -36,9 +36,19 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
     inputs of the original's signature (names, shapes, dtypes), since the edited run replaces
     values of the original run position by position.
     """
+    # The engine layer sits above this one: an engine is known by what the oracle calls.
+    if not all(callable(getattr(engine, name, None))
+               for name in ("_check_inputs", "signature", "program", "check_plan")):
+        raise FiseditError(f"masked_dense needs the engine the plan was made with "
+                           f"(fc.compile(unet), or a recording's rec.engine), got "
+                           f"{type(engine).__name__}")
     if not isinstance(plan, MaskPlan):
         raise FiseditError(f"masked_dense needs plan=engine.plan(mask), a MaskPlan, got "
                            f"{type(plan).__name__}; make the plan of the mask with the engine")
+    for name, inputs in (("original_inputs", original_inputs), ("edited_inputs", edited_inputs)):
+        if not isinstance(inputs, dict):
+            raise FiseditError(f"masked_dense's {name} must be a dict of the U-Net's keyword "
+                               f"inputs, as for unet(**inputs), got {type(inputs).__name__}")
     engine._check_inputs(original_inputs)
     engine._check_inputs(edited_inputs)
     before, after = engine.signature(original_inputs), engine.signature(edited_inputs)

@@ -32,6 +32,7 @@ import torch
 from ..checks import (check_bool, check_choice, check_float, check_guidance_scale, check_int,
                       check_no_cross_attention_kwargs, check_optional_int, check_prompt,
                       check_seed, guides)
+from ..compiler.capture import check_unet
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
@@ -1055,6 +1056,7 @@ def _check_pipeline(pipe) -> None:
         raise FiseditError(
             f"EditSession supports {', '.join(SUPPORTED_PIPELINES)} (text-to-image), got "
             f"{type(pipe).__name__}; load the text-to-image pipeline of your model")
+    check_unet(pipe.unet)           # first: a torch.compile wrapper has a forward of its own
     _check_unet_forward(pipe.unet)
 
 

@@ -292,7 +292,8 @@ class SparseEngine:
         """Recompute only the planned region of step ``step`` for the edited ``inputs``.
 
         Refused before any work: another engine's cache, an unrecorded step, inputs of another
-        signature, a plan of another engine, a U-Net changed since it was compiled; and, for a
+        signature, a plan for other levels or tiles (``check_plan``), a U-Net changed since it
+        was compiled; and, for a
         plan that reads recorded values, a timestep other than the recorded one and weights
         changed since the recording. A plan that runs every level dense, on the CUDA-graph
         path, is the dense step itself (``dense``): it reads nothing recorded, so those last
@@ -459,18 +460,21 @@ class SparseEngine:
                 f"({describe_signature(signature)}); "
                 "edits must keep the resolution, batch and dtypes of the original")
 
-    def check_plan(self, plan: MaskPlan, program: Program) -> None:
+    def check_plan(self, plan: MaskPlan, program: Program, *, remedy: str = "") -> None:
         """Refuse a plan made for other levels or tiles than ``program``'s (another engine's,
         another config's, another resolution's): its tables would index the wrong tensors.
-        ``edit`` and the oracle (``oracle.masked_dense``) check their plans here."""
+        ``edit``, the oracle (``oracle.masked_dense``) and the backend's recordings check their
+        plans here (``remedy``: how the caller makes a plan, for the message). A plan's
+        dilation and dense thresholds are its own (calibration edits with candidate
+        thresholds): any plan of the program's levels and tiles edits exactly its region."""
         plan_tiles = [level.tile for level in plan.levels]
         if plan.level_sizes != program.levels or plan_tiles != program.tiles:
+            remedy = remedy or (f"make the plan with this engine: engine.plan(mask) for a mask "
+                                f"at {program.levels[0][0]}x{program.levels[0][1]}")
             raise FiseditError(
                 f"the plan was made for levels {plan.level_sizes} with tiles {plan_tiles}, but "
                 f"this engine's generation has levels {program.levels} with tiles "
-                f"{program.tiles} (SparseConfig.tile={self.config.tile!r}); make the plan with "
-                f"this engine: engine.plan(mask) for a mask at "
-                f"{program.levels[0][0]}x{program.levels[0][1]}")
+                f"{program.tiles} (SparseConfig.tile={self.config.tile!r}); {remedy}")
 
     def _check_inputs(self, inputs: dict) -> None:
         """The U-Net keyword inputs: names of its forward, tensors (or dicts of tensors), the

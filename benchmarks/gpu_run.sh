@@ -23,7 +23,7 @@
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated|launch) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|dense|calibrated|launch" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -44,6 +44,11 @@ case "$1" in
           bench $ab --profile-area 0.05 --out "$OUT/implicit"
           bench $ab --profile-area 0.05 --conv-method gather --out "$OUT/gather"
           bench $ab --no-group-projections --out "$OUT/separate" ;;
+  hoist-ab) for model in sd15 sdxl; do
+            ab="--model $model --areas 0.05 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
+            bench $ab --out "$OUT/hoisted_$model"
+            bench $ab --no-hoist-pass-constants --out "$OUT/per_step_$model"
+          done ;;
   dense)  python3 benchmarks/dense_paths.py --model sd15 --json "$OUT/dense_paths.json" 2>&1 \
             | grep -v -i warn | tee "$OUT/dense_paths.log" | tail -9
           python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py \

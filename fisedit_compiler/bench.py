@@ -553,6 +553,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-group-projections", action="store_true",
                         help="run the attention projections as separate GEMMs "
                              "(SparseConfig.group_projections=False), to measure that lever")
+    parser.add_argument("--no-hoist-pass-constants", action="store_true",
+                        help="compute the text K/V and other pass constants at every step "
+                             "(SparseConfig.hoist_pass_constants=False), to measure that lever")
     parser.add_argument("--conv-method", choices=CONV_METHODS, default=SparseConfig.conv_method,
                         help="how sparse convs run on the GPU (SparseConfig.conv_method)")
     parser.add_argument("--no-calibrate", action="store_true",
@@ -586,6 +589,7 @@ def _command_settings(args) -> dict:
                 calibrate=not args.no_calibrate, profile_area=profile,
                 prepare=not args.no_prepare,
                 config=SparseConfig(group_projections=not args.no_group_projections,
+                                    hoist_pass_constants=not args.no_hoist_pass_constants,
                                     conv_method=args.conv_method))
 
 

@@ -126,6 +126,24 @@ def test_bad_options_are_refused_before_any_work(extra, message, tmp_path, capsy
     assert not out.exists()
 
 
+def test_the_lever_options_reach_the_engine_config(tmp_path, monkeypatch):
+    """Each A/B option of the bench turns its SparseConfig lever off, and only that one."""
+    seen = []
+
+    def run(model, **settings):
+        seen.append(settings["config"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "run", run)
+    for extra in ([], ["--no-hoist-pass-constants"], ["--no-group-projections"]):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--model", "sd15-tiny", "--out", str(tmp_path / "out")] + extra)
+    default, per_step, separate = seen
+    assert default == bench.SparseConfig()
+    assert per_step == bench.SparseConfig(hoist_pass_constants=False)
+    assert separate == bench.SparseConfig(group_projections=False)
+
+
 def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys, no_benchmark):
     (tmp_path / "file").write_text("")
     assert cli.main(["bench", "--out", str(tmp_path / "file" / "out")]) == 2

@@ -170,6 +170,34 @@ def test_compiled_again_after_the_change_the_engine_computes_the_changed_unet():
         engine.edit(cache, 0, engine.plan(box(2, 2, 6, 6)), **inputs)
 
 
+def test_freeu_disabled_again_is_the_compiled_unet_and_enabled_again_is_not():
+    """disable_freeu leaves FreeU's factors as None, which diffusers reads as no FreeU: the
+    U-Net compiled without FreeU edits again, as it did; enabling FreeU once more is refused."""
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **inputs)
+    plan = engine.plan(box(2, 2, 6, 6))
+    before = engine.edit(cache, 0, plan, **inputs)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with pytest.raises(fc.FiseditError, match=r"b1, b2, s1, s2 added to up_blocks.0"):
+        engine.edit(cache, 0, plan, **inputs)
+    unet.disable_freeu()
+    assert torch.equal(engine.edit(cache, 0, plan, **inputs), before)
+    engine.record(cache, 0, **inputs)                 # the full comparison passes again
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with pytest.raises(fc.FiseditError, match="s1 changed from None to 0.9"):
+        engine.edit(cache, 0, plan, **inputs)
+    unet.disable_freeu()
+    # Another attribute added as None is no change either; one added with a value is.
+    unet.up_blocks[0].resolution_idx_hint = None
+    assert torch.equal(engine.edit(cache, 0, plan, **inputs), before)
+    unet.up_blocks[0].resolution_idx_hint = 3
+    with pytest.raises(fc.FiseditError, match="resolution_idx_hint changed from None to 3"):
+        engine.edit(cache, 0, plan, **inputs)
+
+
 def test_a_parameter_replaced_mid_pass_is_refused_at_the_next_step(compiled):
     """Later steps of an edit pass compare only the weights' identities and versions: a
     replaced parameter is refused at once; a change the full comparison sees (FreeU) is

@@ -23,7 +23,10 @@ parameter, buffer and submodule; the number of forward hooks and pre-hooks; and 
 address of each weight. nn.Module's own bookkeeping (the parameter, buffer and submodule dicts,
 read entry by entry above, and the other hook tables, which inference does not run) is not
 compared as an attribute. Private attributes are compared like public ones: PEFT keeps its
-flags there (``_disable_adapters``, ``_active_adapter``), and diffusers its chunking.
+flags there (``_disable_adapters``, ``_active_adapter``), and diffusers its chunking. An
+attribute added with the value None is no change (diffusers reads optional settings as
+``getattr(module, name, None)``; ``disable_freeu`` leaves FreeU's factors as None): it is
+tracked from then on, so that giving it a value is one.
 
 Cost (full-size SD1.5, ~740 objects, ~4,800 plain attributes, ~690 weights): reading everything
 takes ~0.35 ms of host time (``changes``), so the engine does it on each record and at the
@@ -173,12 +176,28 @@ class ModuleState:
             return []
         changes = self._describe(storages)
         if not changes:
-            # Only torch.compile's marks came or went (``_COMPILE_MARKS``): take the
-            # attribute counts as they are now, so that the fast comparison passes again.
+            # Only torch.compile's marks came or went (``_COMPILE_MARKS``), or attributes
+            # were added as None (``_added_as_none``): track those from now on, as plain
+            # values (so that setting one later is a change), and take the attribute counts
+            # as they are now, so that the fast comparison passes again.
+            for container, key, path in self._added_as_none():
+                self.plain.add(container, key, path, "attribute")
+                self.plain_values += (None,)
             self.sized = [(container, path, kind, frozenset(container))
                           for container, path, kind, _ in self.sized]
             self.sizes = tuple(map(len, self.sized_containers))
         return changes
+
+    def _added_as_none(self) -> list[tuple]:
+        """``(attributes, name, path)`` of each attribute added since the fingerprint with the
+        value None. Not a change: diffusers reads its optional settings as ``getattr(module,
+        name, None)``, so None is what an absent one reads as; ``disable_freeu`` sets FreeU's
+        factors to None rather than deleting them, and a U-Net compiled before
+        ``enable_freeu`` must take that as undone."""
+        return [(container, name, path)
+                for container, path, kind, keys in self.sized if kind == "attribute"
+                for name in set(container) - keys - _COMPILE_MARKS
+                if container[name] is None]
 
     def _unchanged(self, storages: tuple) -> bool:
         """The fast comparison: every read in C, the plain values as one tuple."""
@@ -219,7 +238,9 @@ class ModuleState:
                     where = "" if kind.startswith("global") else f" on {path or 'the U-Net'}"
                     changes.append(f"{kind}s{where}: {len(keys)} -> {len(container)}")
                 continue
-            for verb, names in (("added to", set(container) - keys - _COMPILE_MARKS),
+            added = {name for name in set(container) - keys - _COMPILE_MARKS
+                     if kind != "attribute" or container[name] is not None}
+            for verb, names in (("added to", added),
                                 ("removed from", keys - set(container) - _COMPILE_MARKS)):
                 if names:
                     changes.append(f"{kind}(s) {', '.join(sorted(map(str, names)))} {verb} "

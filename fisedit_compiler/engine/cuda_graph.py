@@ -110,7 +110,7 @@ class CapturedSteps:
                            for name, value in inputs.items()}
             self.store = store.clone()
             if values is not None:
-                self.values = tuple(_static_copy(value) for value in values)
+                self.values = _static_copy(values)
                 self._loaded_values = values
             return
         for name, value in inputs.items():
@@ -118,9 +118,7 @@ class CapturedSteps:
                 self.inputs[name].copy_(value)
         self.store.buffer.copy_(store.buffer)   # same layout: one cache, one signature
         if values is not None and values is not self._loaded_values:
-            for static, value in zip(self.values, values):
-                if isinstance(static, torch.Tensor):
-                    static.copy_(value)
+            _copy_into(self.values, values)
             self._loaded_values = values        # held: its identity is not reused meanwhile
 
     def _run(self, plan: MaskPlan):
@@ -156,9 +154,22 @@ class CapturedSteps:
 
 
 def _static_copy(value):
-    """A static buffer for one pass constant (a value that is not a tensor is a constant of the
-    graph, as it would have been inside the step)."""
-    return value.clone() if isinstance(value, torch.Tensor) else value
+    """Static buffers for pass constants: each tensor cloned, tuples and lists of them
+    followed (anything else is a constant of the graph, as it was inside the step)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(map(_static_copy, value))
+    return value
+
+
+def _copy_into(static, value) -> None:
+    """Copy ``value`` into the buffers ``_static_copy`` made for one of its shape."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(value)
+    elif isinstance(static, (tuple, list)):
+        for inner_static, inner in zip(static, value):
+            _copy_into(inner_static, inner)
 
 
 class _Graph:

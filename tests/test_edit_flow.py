@@ -103,6 +103,28 @@ def test_auto_mask_and_intersect(session, estimator):
     assert _outside_equal(both, session.original.latents[-1])
 
 
+def test_layer_sizes_of_odd_latents():
+    from fisedit_compiler.edit_flow.attention import layer_size
+
+    assert layer_size((9, 9), 25) == (5, 5)          # a stride-2 conv rounds up
+    assert layer_size((17, 11), 54) == (9, 6)
+    assert layer_size((9, 9), 16) == (4, 4)          # a 2x2 pooling rounds down
+    assert layer_size((64, 64), 256) == (16, 16)
+    with pytest.raises(ValueError, match="no downsampling of the 9x9 latent has 7 positions"):
+        layer_size((9, 9), 7)
+
+
+@pytest.mark.parametrize("estimator", ["cross-attention", "noise-contrast+cross-attention"])
+def test_attention_estimators_at_an_odd_latent_size(pipe, estimator):
+    """72 px: a 9x9 latent whose next level is 5x5 (the conv rounds up)."""
+    s = EditSession(pipe)
+    s.generate("a red circle", seed=0, num_inference_steps=2, height=72, width=72,
+               output_type="latent")
+    result = s.edit("a blue circle", mask_estimator=estimator, output_type="latent")
+    assert result.mask.shape == (9, 9)
+    assert _outside_equal(result, s.original.latents[-1])
+
+
 def test_one_call_estimators_run_sparse_from_the_first_step(session, monkeypatch):
     calls = []
     edit = session.engine.edit
@@ -424,6 +446,29 @@ def test_unsupported_scheduler(session, pipe):
         pipe.scheduler = original
     _unchanged(session, before)
     assert "forward" not in pipe.unet.__dict__
+
+
+def test_dynamic_thresholding_is_refused_and_a_per_pixel_clamp_kept(session, pipe):
+    """Thresholding clamps by a quantile of the whole image unless sample_max_value <= 1."""
+    from diffusers import DDIMScheduler
+
+    before = (session.cache, session.cache_nbytes())
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDIMScheduler.from_config(original.config, thresholding=True,
+                                                   sample_max_value=5.0)
+        with pytest.raises(FiseditError, match="thresholding=True and sample_max_value=5.0 "
+                                               "clamps each image by a quantile"):
+            EditSession(pipe, engine=session.engine).generate("a red circle")
+        _unchanged(session, before)
+        pipe.scheduler = DDIMScheduler.from_config(original.config, thresholding=True,
+                                                   sample_max_value=1.0)
+        s = EditSession(pipe, engine=session.engine)
+        s.generate("a red circle", num_inference_steps=2, output_type="latent")
+        result = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+        assert _outside_equal(result, s.original.latents[-1])
+    finally:
+        pipe.scheduler = original
 
 
 def test_unsupported_pipeline(pipe):

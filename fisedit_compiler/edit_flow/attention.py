@@ -97,16 +97,30 @@ class TokenAttentionMaps:
 
     def __call__(self, name: str, probabilities: torch.Tensor, batch_size: int) -> torch.Tensor:
         pixels = probabilities.shape[1]
-        height, width = self.latent_size
-        scale = round((height * width / pixels) ** 0.5)      # the layer's downsampling factor
+        height, width = layer_size(self.latent_size, pixels)
         per_row = probabilities.view(batch_size, -1, pixels, probabilities.shape[-1]).mean(1)
         for row, tokens in enumerate(self.tokens_per_row):
             if tokens:
                 attention = per_row[row][:, tokens].sum(-1).float()
-                attention = attention.view(1, 1, height // scale, width // scale)
+                attention = attention.view(1, 1, height, width)
                 self.maps[row] += F.interpolate(attention, size=self.latent_size,
                                                 mode="bilinear", align_corners=False)[0, 0].cpu()
         return probabilities
+
+
+def layer_size(latent_size: tuple[int, int], pixels: int) -> tuple[int, int]:
+    """The height and width of a U-Net layer with ``pixels`` positions: the latent's, halved
+    as its downsamplers halve them until that many are left. A stride-2 conv rounds an odd
+    side up (9 becomes 5), a 2x2 pooling down (9 becomes 4). The attention sees the layer as a
+    flat token sequence, so its shape must be found again."""
+    for halve in (lambda side: -(-side // 2), lambda side: side // 2):
+        height, width = latent_size
+        while height * width > pixels:
+            height, width = halve(height), halve(width)
+        if height * width == pixels:
+            return height, width
+    raise ValueError(f"no downsampling of the {latent_size[0]}x{latent_size[1]} latent has "
+                     f"{pixels} positions")
 
 
 @contextmanager

@@ -8,7 +8,7 @@ baseline), blends latents and scheduler history with the recorded ones outside t
 active region after its dense steps (none by default), and runs the remaining steps sparsely
 through ``SparseEngine.edit``.
 Because sparse U-Net calls return the recorded output outside the active region and every
-supported scheduler is elementwise, the final latents outside that region equal the original's
+supported scheduler is elementwise (dynamic thresholding, which is not, is refused), the final latents outside that region equal the original's
 bit for bit. The decoded images would not (the VAE decoder has global group norms and a
 mid-block attention, so an edit shifts every pixel a little), so ``edit`` composites: outside
 that region, upsampled to pixels, its images take the original's decoded pixels.
@@ -686,6 +686,19 @@ class EditSession:
             raise FiseditError(
                 f"DPMSolverMultistepScheduler with algorithm_type={algorithm!r} adds noise at "
                 "every step, which breaks the exact background; use 'dpmsolver++'")
+        # Dynamic thresholding clamps each image by a quantile of all its pixels, so a change
+        # inside the region moves the background; at sample_max_value <= 1 the bound is
+        # always 1 and the clamp is per pixel.
+        config = scheduler.config
+        if getattr(config, "thresholding", False) and \
+                getattr(config, "sample_max_value", 1.0) > 1.0:
+            raise FiseditError(
+                f"{name} with thresholding=True and sample_max_value="
+                f"{config.sample_max_value} clamps each image by a quantile over all its "
+                "pixels, so an edit inside the region would move the background; set "
+                "thresholding=False, or sample_max_value=1.0 (a per-pixel clamp), e.g. "
+                f"pipe.scheduler = {name}.from_config(pipe.scheduler.config, "
+                "thresholding=False)")
 
     def _size(self, height, width) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor

@@ -195,6 +195,10 @@ class SparseEngine:
         cache.signature = program.signature
         cache.weight_versions = versions
         cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
+        # A recording starts from the weights as they are: pass constants kept from before
+        # it could come from weights written without a version count (an EMA model's
+        # param.data.copy_), so the next edit pass computes them afresh.
+        self._pass_values.clear()
         cache.timesteps[step] = (self._host_values.read(flat["timestep"]).clone()
                                  if "timestep" in flat else None)
         if self.config.check_inputs:

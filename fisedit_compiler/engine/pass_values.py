@@ -10,6 +10,15 @@ assignment moves an address), and the engine's token for its weights (a new toke
 weights changed in place); any difference computes them again. An inference tensor, which has
 no version counter, cannot be told unchanged: its values are computed at every step, as they
 were before the pass moved them.
+
+Writes that move no counter and no address are not seen: through ``tensor.data`` (``.data.mul_``,
+an EMA model's ``param.data.copy_``), a NumPy view, another tensor ``set_`` to the same storage.
+The engine's other checks share that limit (``engine.engine``'s module docstring), and a pass's
+steps re-read their inputs' values only where a pipeline rewrites its text states mid-pass,
+which it does with tracked in-place ops or new tensors. For weights written so, every
+``record`` drops the kept values (the engine clears them), so a generation recorded after an
+EMA copy edits with constants of its own weights; ``refresh_weights`` replaces the weights
+token too.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Every edit here is compared with an engine that computes them at every step
 (``hoist_pass_constants=False``), bit for bit. The CUDA-graph side (static buffers loaded once
 per pass) is tested in test_cuda_graph.py."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -131,3 +133,48 @@ def test_weights_written_without_a_version_count_then_recorded_again_are_seen(un
     finally:
         for weight, value in zip(weights, saved):
             weight.data.copy_(value)
+
+
+def test_graph_static_buffers_take_each_pass_constants_once(unet, monkeypatch):
+    """The CUDA-graph path's bookkeeping, on the CPU: ``CapturedSteps`` with a stand-in for
+    the captured graph whose replay runs the step again on the static buffers (what a real
+    replay computes). A new prompt's pass must reload the constants' buffers, a pass with the
+    same tensors must not copy them again, and an input only the constants read has no
+    buffer. The real graphs are tested on the GPU in test_cuda_graph.py."""
+    from fisedit_compiler.engine import cuda_graph
+
+    copies = []
+
+    def fake_capture(steps, template):
+        output = steps._run(template)
+        graph = SimpleNamespace(replay=lambda: output.copy_(steps._run(template)))
+        return cuda_graph._Graph(graph, template if template.bucket is not None else None,
+                                 output)
+
+    def counting_copy_into(static, value):
+        copies.append(static)           # the whole tuple, then (recursively) each value
+        original_copy_into(static, value)
+
+    original_copy_into = cuda_graph._copy_into
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(cuda_graph.CapturedSteps, "_capture", fake_capture)
+    monkeypatch.setattr(cuda_graph, "_copy_into", counting_copy_into)
+    editing = Editing(unet)
+    graphs = editing.engine
+    monkeypatch.setattr(graphs, "_uses_graphs", lambda device: True)
+    eager = graphs.with_config(fc.SparseConfig(cuda_graphs=False))
+    cache, eager_cache = editing.caches[0], eager.new_cache(STEPS)
+    for step in range(STEPS):
+        eager.record(eager_cache, step, **editing.inputs)
+    first, second = editing.edited(0.5), editing.edited(-0.5)
+    steps = graphs.captured_steps(**editing.inputs)
+    for edited, reloads in ((first, 0), (second, 1), (second, 1), (first, 2)):
+        plan = graphs.plan(editing.mask, bucketed=True)
+        eager_plan = eager.plan(editing.mask, bucketed=True)
+        for step in range(STEPS):
+            replayed = graphs.edit(cache, step, plan, **edited)
+            assert torch.equal(replayed, eager.edit(eager_cache, step, eager_plan, **edited))
+        # The first pass's values were cloned into the buffers; each new prompt's copied once.
+        assert sum(static is steps.values for static in copies) == reloads
+    assert steps.inputs["encoder_hidden_states"] is None and "sample" in steps.read

@@ -5,7 +5,9 @@ For one zoo U-Net (default sd15 at its native 64x64 latent = 512 px), batch 2 (C
 * dense, sparse and ideal MACs of a centred square edit covering 1%, 5% and 20% of the latent;
 * on CUDA, per-call latency of dense eager, dense torch.compile and the engine's torch
   reference path (no Triton kernels yet), and each edit's error against the oracle;
-* the bytes of the weight copies the grouped projections hold (``passes.group_linears``).
+* the bytes of the weight copies the grouped projections hold (``passes.group_linears``);
+* the pass constants (``passes.hoist_pass_constants``): the calls moved out of the step and
+  the bytes of the weights they read, which a step no longer reads.
 
     python benchmarks/cache_and_macs.py --model sd15 --dtype float16 --out results.json
 
@@ -51,14 +53,34 @@ def every_node_bytes(program) -> int:
 
 
 def grouped_weight_bytes(program) -> int:
-    """Bytes of the concatenated weights and biases of the edit graph's grouped projections."""
+    """Bytes of the concatenated weights and biases of the grouped projections, in the edit
+    graph and its pass constants graph (where the text K/V moved)."""
     total = 0
-    for node in program.edit.graph.nodes:
-        if node.op == "call_function" and node.target is concatenated:
-            for attr in node.args[1:]:
-                tensor = operator.attrgetter(attr.target)(program.edit)
-                total += tensor.numel() * tensor.element_size()
+    graphs = [program.edit] + ([program.pass_constants] if program.pass_constants else [])
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is concatenated:
+                for attr in node.args[1:]:
+                    tensor = operator.attrgetter(attr.target)(gm)
+                    total += tensor.numel() * tensor.element_size()
     return total
+
+
+def pass_constant_facts(program) -> dict:
+    """Calls in the program's pass constants graph and the bytes of the weights they read
+    (each tensor once): what an edit step no longer computes or reads."""
+    constants = program.pass_constants
+    if constants is None:
+        return {"pass_constant_calls": 0, "pass_constant_weight_bytes": 0}
+    weights = {}
+    for node in constants.graph.nodes:
+        if node.op == "get_attr":
+            value = operator.attrgetter(node.target)(constants)
+            if isinstance(value, torch.Tensor):
+                weights[id(value)] = value.numel() * value.element_size()
+    return {"pass_constant_calls": sum(node.op == "call_function"
+                                       for node in constants.graph.nodes),
+            "pass_constant_weight_bytes": sum(weights.values())}
 
 
 def main():
@@ -82,7 +104,8 @@ def main():
              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                       capture_output=True, text=True).stdout.strip(),
              "unet_weight_bytes": sum(t.numel() * t.element_size() for t in unet.parameters()),
-             "grouped_weight_bytes": grouped_weight_bytes(program)}
+             "grouped_weight_bytes": grouped_weight_bytes(program),
+             **pass_constant_facts(program)}
     if args.program_only:
         print(json.dumps(facts, indent=1))
         return

@@ -165,6 +165,31 @@ def test_calls_of_an_unknown_tab_create_no_tab(edited_pool):
     assert "new" not in pool.tabs
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda pool: pool.generate(7, GENERATION), "the tab id must be a str, got int"),
+    (lambda pool: pool.generate("a", {"prompt": "x"}),
+     "the generation must be a fisedit_compiler.app.pool.Generation, got dict"),
+    (lambda pool: pool.edit(None, EDIT), "the tab id must be a str, got NoneType"),
+    (lambda pool: pool.edit("a", shapes.DEMO_EDIT),
+     "the recipe must be a fisedit_compiler.app.pool.EditRecipe, got str"),
+    (lambda pool: pool.edit("a", EditRecipe(shapes.DEMO_EDIT, 1, mask=torch.ones(
+        16, 16, dtype=torch.bool, device="meta"))), "on the meta device"),
+], ids=["generate-tab", "generate-dict", "edit-tab", "edit-str", "meta-mask"])
+def test_a_call_of_the_wrong_kind_is_refused_and_changes_nothing(edited_pool, call, message):
+    before = snapshot(edited_pool)
+    with pytest.raises(FiseditError, match=message):
+        call(edited_pool)
+    assert_unchanged(edited_pool, before)
+
+
+@pytest.mark.parametrize("budget, message", [
+    (-1, "budget_bytes -1 is out of range"), (1.5, "budget_bytes must be an int"),
+    ("1GB", "budget_bytes must be an int")])
+def test_a_bad_budget_is_refused_when_the_pool_is_made(pipe, budget, message):
+    with pytest.raises(FiseditError, match=message):
+        SessionPool(pipe, budget_bytes=budget)
+
+
 def soft(value):
     mask = np.zeros((16, 16), dtype=np.float32)
     mask[2:6, 2:6] = value

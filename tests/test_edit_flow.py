@@ -576,6 +576,19 @@ def test_sdxl_conditions_are_checked_before_the_pipeline_runs(arguments, match, 
     assert s.original is None and s.cache is None
 
 
+def test_a_result_changed_by_its_caller_does_not_change_the_session(session, pipe):
+    """The result's latents and images are the caller's own, before and after accept."""
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent")
+    result = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    kept = result.latents.clone()
+    result.latents.mul_(2)                       # before accept: the trajectory is not it
+    s.accept(result)
+    assert torch.equal(s.original.latents[-1], kept)
+    result.latents.mul_(2)                       # after accept: nor is the new original
+    assert torch.equal(s.original.latents[-1], kept)
+
+
 def test_continuous_edits(session):
     """Runs last: it regenerates and accepts on the shared session."""
     s = session

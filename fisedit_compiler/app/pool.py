@@ -27,7 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checks import check_choice, check_int
+from ..checks import check_choice, check_int, check_optional_int
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..edit_flow.session import MASK_MODES, EditResult, EditSession
 from ..errors import FiseditError
@@ -93,7 +93,8 @@ class SessionPool:
 
     def __init__(self, pipe, budget_bytes: int | None = None, config=None):
         self.pipe = pipe
-        self.budget_bytes = budget_bytes
+        # Checked first: it is read only after a tab's generation has run (_enforce_budget).
+        self.budget_bytes = check_optional_int("budget_bytes", budget_bytes, minimum=0)
         # Built once here so that each tab's session shares its captured programs.
         self.engine = EditSession(pipe, config).engine
         self.device_lock = threading.Lock()
@@ -104,6 +105,7 @@ class SessionPool:
     def generate(self, tab_id: str, generation: Generation) -> PIL.Image.Image:
         """Generate densely and record; the generation becomes the tab's first history entry
         of a new line (earlier entries stay)."""
+        _check_call(tab_id, "generation", generation, Generation)
         with self.device_lock:
             tab = self.tabs.get(tab_id) or Tab(EditSession(self.pipe, engine=self.engine))
             image = self._generate(tab, generation)
@@ -117,6 +119,7 @@ class SessionPool:
 
     def edit(self, tab_id: str, recipe: EditRecipe) -> EditView:
         """Edit the tab's recording; the recording itself is unchanged until ``accept``."""
+        _check_call(tab_id, "recipe", recipe, EditRecipe)
         with self.device_lock:
             tab = self.tabs.get(tab_id)
             self._require_recording(tab)
@@ -255,6 +258,16 @@ class SessionPool:
             tab.current, tab.last_edit, tab.evicted = None, None, True
 
 
+def _check_call(tab_id, name: str, value, kind: type) -> None:
+    """A page action's arguments: a str tab id (the browser's session hash) and the action's
+    dataclass, checked before the device lock is taken."""
+    if not isinstance(tab_id, str):
+        raise FiseditError(f"the tab id must be a str, got {type(tab_id).__name__}")
+    if not isinstance(value, kind):
+        raise FiseditError(f"the {name} must be a fisedit_compiler.app.pool.{kind.__name__}, "
+                           f"got {type(value).__name__}")
+
+
 def _latent_mask(mask, latent_size: tuple[int, int]) -> torch.Tensor:
     """A bool mask at ``latent_size`` from one at that size or an integer multiple (the image,
     or the image as shown): any marked pixel marks its latent pixel, as ``load_mask_png``
@@ -272,6 +285,9 @@ def _latent_mask(mask, latent_size: tuple[int, int]) -> torch.Tensor:
 
 def _mask_bools(mask) -> np.ndarray:
     if isinstance(mask, torch.Tensor):
+        if mask.is_meta:
+            raise FiseditError("the mask is a tensor on the meta device, which holds no "
+                               "values; pass one with values (on the CPU or a GPU)")
         mask = mask.detach().cpu()
         mask = (mask.float() if mask.dtype == torch.bfloat16 else mask).numpy()
     values = np.asarray(mask)

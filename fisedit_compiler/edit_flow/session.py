@@ -424,8 +424,10 @@ class EditSession:
         report["cross_attention_control"] = control is not None
         if control is not None:
             report["shared_token_positions"] = int(control.new_positions.numel())
-        return EditResult(images, run.mask, run.plan, trajectory.latents[-1], report, region,
-                          trajectory, self._generation, self)
+        # The final latents cloned, as the images are copied: a caller's in-place change of
+        # result.latents must not reach the trajectory that accept makes the original.
+        return EditResult(images, run.mask, run.plan, trajectory.latents[-1].clone(), report,
+                          region, trajectory, self._generation, self)
 
     def accept(self, result: EditResult) -> None:
         """Make ``result`` the new original generation, so that later edits build on it.

@@ -25,13 +25,27 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
-from fisedit_compiler.app.page import PageDefaults, build_page  # noqa: E402
+from fisedit_compiler.app.page import PageDefaults, _painted, build_page  # noqa: E402
+from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
 
 DEFAULTS = PageDefaults(shapes.DEMO_PROMPT, shapes.DEMO_EDIT, steps=4, probe_steps=1,
                         guidance_scale=5.0)
 OTHER_PROMPT = "a small green triangle at the bottom right on a white background"
 OTHER_EDIT = "a small purple triangle at the bottom right on a white background"
+
+
+def test_painted_layers_are_read_by_their_alpha_and_a_layer_without_one_is_refused():
+    stroke = np.zeros((8, 8, 4), dtype=np.uint8)
+    stroke[2:4, 2:4] = (255, 0, 255, 255)
+    other = np.zeros((8, 8, 4), dtype=np.uint8)
+    other[6, 6, 3] = 1
+    painted = _painted({"layers": [stroke, other]})
+    assert painted.sum() == 5 and painted[2:4, 2:4].all() and painted[6, 6]
+    assert _painted({"layers": [np.zeros((8, 8, 4), dtype=np.uint8)]}) is None
+    assert _painted(None) is None and _painted({"layers": []}) is None
+    with pytest.raises(FiseditError, match=r"RGBA image \[H, W, 4\].*got \(8, 8, 3\)"):
+        _painted({"layers": [stroke, stroke[..., :3]]})
 
 
 @pytest.fixture(scope="module")

@@ -576,6 +576,17 @@ def test_sdxl_conditions_are_checked_before_the_pipeline_runs(arguments, match, 
     assert s.original is None and s.cache is None
 
 
+@pytest.mark.parametrize("mask_mode", ["replace", "intersect"])
+def test_an_empty_user_mask_warns_and_returns_the_recording(session, pipe, mask_mode):
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent")
+    with pytest.warns(UserWarning, match="the edit mask marks no latent pixel"):
+        result = s.edit("a blue circle", mask=torch.zeros(16, 16, dtype=torch.bool),
+                        mask_mode=mask_mode, output_type="latent")
+    assert not result.plan.levels[0].active.any()
+    assert torch.equal(result.latents, s.original.latents[-1])
+
+
 def test_a_result_changed_by_its_caller_does_not_change_the_session(session, pipe):
     """The result's latents and images are the caller's own, before and after accept."""
     s = EditSession(pipe, engine=session.engine)

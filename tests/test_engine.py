@@ -543,6 +543,12 @@ def test_bad_engine_arguments_are_refused(sd15_tiny, call, message):
         call(sd15_tiny[0])
 
 
+def test_captured_steps_of_cpu_inputs_are_refused(sd15_tiny):
+    engine, _, inputs, _ = sd15_tiny
+    with pytest.raises(fc.FiseditError, match="the CUDA-graph path, but the inputs are on cpu"):
+        engine.captured_steps(**inputs)
+
+
 def test_a_unet_in_training_mode_with_dropout_warns():
     unet = zoo.from_config(dict(zoo.CONFIGS["sd15-tiny"][1], dropout=0.1)).train()
     engine = fc.compile(unet)

@@ -149,7 +149,15 @@ def _shown(image: PIL.Image.Image) -> PIL.Image.Image:
 def _painted(painting: dict | None) -> np.ndarray | None:
     """The painted pixels (bool, at the shown size) of the editor's layers; None if none."""
     layers = [] if painting is None else painting.get("layers") or []
-    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
+    for layer in layers:
+        # The editor's layers are RGBA and alpha marks the strokes; a layer without alpha
+        # (from a client that sent RGB) would otherwise drop its strokes without a word.
+        if not (isinstance(layer, np.ndarray) and layer.ndim == 3 and layer.shape[2] == 4):
+            shape = getattr(layer, "shape", type(layer).__name__)
+            raise FiseditError(
+                f"a painted layer must be an RGBA image [H, W, 4] whose alpha marks the "
+                f"strokes, got {shape}; send the editor's layers as RGBA (image_mode='RGBA')")
+    painted = [layer[..., 3] > 0 for layer in layers]
     if not painted or not np.any(painted):
         return None
     return np.logical_or.reduce(painted)

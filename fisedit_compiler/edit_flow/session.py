@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -346,6 +347,13 @@ class EditSession:
         user_mask = None
         if mask is not None:
             user_mask = validate_mask(mask, latent_size).to(original.noise.device)
+            if not user_mask.any():
+                # Honoured (the result is the recording), but an unpainted mask is more often
+                # a mistake than a request for nothing.
+                warnings.warn(
+                    "the edit mask marks no latent pixel, so the edit changes nothing and its "
+                    "result is the recorded generation; mark the region to edit (True), or "
+                    "leave mask out to estimate it from the prompts", stacklevel=2)
         # The default mask_mode ("replace") cannot be told from a given one, so only a given
         # "intersect" is refused without a user mask (the command line refuses either).
         estimator, dense_steps = check_mask_choice(

@@ -283,7 +283,15 @@ class SparseEngine:
 
     def captured_steps(self, **inputs) -> CapturedSteps:
         """The CUDA-graph steps of ``inputs``' program (for benchmarks and inspection)."""
-        return self._captured_steps(self.program(inputs))
+        program = self.program(inputs)
+        device = device_of(program.signature)
+        if not self._uses_graphs(device):
+            why = ("config.cuda_graphs is off" if torch.device(device).type == "cuda"
+                   else f"the inputs are on {device}")
+            raise FiseditError(
+                f"captured_steps needs the CUDA-graph path, but {why}; pass inputs on a CUDA "
+                "device to an engine with SparseConfig(cuda_graphs=True)")
+        return self._captured_steps(program)
 
     def _captured_steps(self, program: Program) -> CapturedSteps:
         if program.signature not in self._captured:

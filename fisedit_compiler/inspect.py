@@ -23,6 +23,7 @@ the text table or the DOT drawing, where they would double the node count and sa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections import Counter
@@ -36,9 +37,10 @@ from . import ir, zoo
 from .checks import check_choice, check_int
 from .compiler import capture
 from .compiler.pipeline import STAGES as COMPILE_STAGES
-from .compiler.pipeline import trace
+from .compiler.pipeline import Program, trace
 from .errors import FiseditError
-from .execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
+from .execution.plan import (mask_from_box, mask_to_latent, parse_box, read_mask_png,
+                             validate_mask)
 from .graph_keys import LEVELS
 from .passes.analyze import module_path
 
@@ -140,7 +142,38 @@ JSON_SCHEMA = {
 
 def node_rows(gm: fx.GraphModule) -> list[dict]:
     """One dict per node of ``gm`` (keys ``NODE_KEYS``), in graph order."""
+    _check_graph(gm)
     return [_row(node) for node in gm.graph.nodes]
+
+
+# How to get a graph from what is easily passed instead; a U-Net module is the usual mistake.
+_TRACE_HINT = ("capture it first: fisedit_compiler.compiler.pipeline.trace(unet, "
+               "fisedit_compiler.zoo.example_inputs(unet)) gives the canonical graph "
+               "(stage=\"captured\" the ATen graph), or use inspect.dump for a zoo model or a "
+               "saved pipeline")
+
+
+def _check_graph(gm) -> None:
+    """``gm`` is an fx.GraphModule: anything else fails deep inside (no ``.graph`` or no
+    ``.meta``) with an AttributeError that names neither the argument nor the fix."""
+    if isinstance(gm, fx.GraphModule):
+        return
+    if isinstance(gm, Program):
+        hint = "pass program.canonical, the program's canonical graph"
+    elif isinstance(gm, torch.nn.Module):
+        hint = f"a module is not a graph; {_TRACE_HINT}"
+    else:
+        hint = f"to inspect a U-Net, {_TRACE_HINT}"
+    raise FiseditError(f"expected a captured or canonical U-Net graph (a torch.fx.GraphModule), "
+                       f"got {type(gm).__name__}; {hint}")
+
+
+def _check_label(model) -> None:
+    """The ``model`` label is a str, as ``JSON_SCHEMA`` says (a U-Net passed here by mistake
+    would otherwise end up in the report as its repr)."""
+    if not isinstance(model, str):
+        raise FiseditError(f"model must be a str naming the model (a zoo name or a pipeline "
+                           f"folder), got {type(model).__name__}")
 
 
 def _row(node: fx.Node) -> dict:
@@ -182,6 +215,7 @@ def summarize(rows: list[dict], level_sizes=()) -> dict:
     ``level_sizes`` is the (H, W) of each level (``gm.meta["fc_levels"]``). Level and domain
     tallies count operations only, and are empty for an unanalyzed (captured) graph.
     """
+    _check_rows(rows, level_sizes)
     calls = [row for row in rows if row["kind"] == "call_function"]
     analyzed = any(row["domain"] is not None for row in rows)
     levels = {str(level): {"size": list(size), "nodes": 0, "macs": 0}
@@ -207,9 +241,30 @@ def summarize(rows: list[dict], level_sizes=()) -> dict:
     }
 
 
+def _check_rows(rows, level_sizes) -> None:
+    """``rows`` are ``node_rows``' dicts and ``level_sizes`` has a size for each of their levels
+    (a missing size would otherwise surface as a KeyError on the level's index)."""
+    if not isinstance(rows, list) or not all(
+            isinstance(row, dict) and set(NODE_KEYS) <= set(row) for row in rows):
+        raise FiseditError(f"summarize takes the list of row dicts that node_rows(gm) returns, "
+                           f"got {type(rows).__name__}")
+    if not isinstance(level_sizes, (list, tuple)) or not all(
+            isinstance(size, (list, tuple)) and len(size) == 2 for size in level_sizes):
+        raise FiseditError(f"level_sizes must be a list of (H, W) pairs, one per level, as "
+                           f"gm.meta[{LEVELS!r}] holds; got {level_sizes!r}")
+    levels = [row["level"] for row in rows if row["level"] is not None]
+    if levels and max(levels) >= len(level_sizes):
+        raise FiseditError(f"the rows have spatial levels up to {max(levels)} but level_sizes "
+                           f"gives {len(level_sizes)} sizes; pass the graph's "
+                           f"gm.meta[{LEVELS!r}]")
+
+
 def report(gm: fx.GraphModule, *, model: str, stage: str, frontend: str) -> dict:
     """The dump of ``gm`` as one JSON-ready dict (``JSON_SCHEMA``); ``model``, ``stage`` and
-    ``frontend`` only label it."""
+    ``frontend`` only label it, and must be what the schema allows."""
+    _check_label(model)
+    check_choice("stage", stage, STAGES)
+    check_choice("frontend", frontend, capture.FRONTENDS)
     rows = node_rows(gm)
     return {
         "model": model,
@@ -238,7 +293,23 @@ def render(report: dict, fmt: str) -> str:
     """``report`` (from ``report()``) as ``fmt``: one of ``FORMATS``."""
     renderers = {"text": _text, "json": _json, "dot": _dot, "svg": _svg}
     _check_format(fmt)
+    _check_report(report)
     return renderers[fmt](report)
+
+
+def _check_report(report) -> None:
+    """``report`` is ``report()``'s dict (or one read back from its JSON): the renderers index
+    its keys, so anything else would fail with a bare KeyError or TypeError."""
+    if isinstance(report, fx.GraphModule):
+        raise FiseditError("render takes a report, not a graph: call "
+                           "inspect.report(gm, model=..., stage=..., frontend=...) first")
+    if not isinstance(report, dict):
+        raise FiseditError(f"render takes the dict that inspect.report() returns, got "
+                           f"{type(report).__name__}")
+    missing = [key for key in JSON_SCHEMA["required"] if key not in report]
+    if missing:
+        raise FiseditError(f"the report lacks {', '.join(map(repr, missing))}; render takes the "
+                           f"dict that inspect.report() (or sparse_report()) returns, unchanged")
 
 
 def _check_format(fmt: str) -> None:
@@ -435,6 +506,7 @@ def pipeline_unet(path):
     ``zoo.load_pipeline`` reports a missing folder, a missing ``model_index.json`` and missing
     component folders; a pipeline saved without a U-Net is reported here, before loading.
     """
+    _check_pipeline_folder(path)
     index = Path(path) / "model_index.json"
     if index.is_file():
         try:
@@ -457,8 +529,17 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
     from .config import SparseConfig
     from .engine.engine import SparseEngine, node_macs
 
-    config = config or SparseConfig(frontend=frontend)
-    engine = SparseEngine(unet, config)
+    # Everything checked before engine.program, which captures and compiles (seconds to minutes).
+    _check_label(model)
+    check_choice("frontend", frontend, capture.FRONTENDS)
+    engine = SparseEngine(unet, config or SparseConfig(frontend=frontend))  # checks both
+    config = engine.config
+    if config.frontend != frontend:
+        # The engine captures with config.frontend: a different frontend= would only mislabel.
+        raise FiseditError(f"frontend {frontend!r} differs from config.frontend "
+                           f"{config.frontend!r}, which the engine captures with; pass the same "
+                           f"frontend, or leave config out")
+    validate_mask(mask, None)
     program = engine.program(inputs)
     plan = engine.plan(mask)
     result = report(program.canonical, model=model, stage="sparse", frontend=frontend)
@@ -472,6 +553,19 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
     return result
 
 
+def _check_path(name: str, value, what: str, hint: str) -> None:
+    """``value`` is a file-system path (str or os.PathLike), or a FiseditError saying it takes
+    ``what``: pathlib's own TypeError names neither the argument nor the fix."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise FiseditError(f"{name} must be {what}, as a str or Path, got "
+                           f"{type(value).__name__}; {hint}")
+
+
+def _check_pipeline_folder(path) -> None:
+    _check_path("pipeline", path, "the folder a diffusers pipeline was saved to "
+                "(save_pretrained)", f"for a loaded pipeline, inspect pipe.unet: {_TRACE_HINT}")
+
+
 def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
          stage: str = "canonical", frontend: str = "export", batch: int = 2,
          mask: str | None = None, mask_box: str | None = None) -> str:
@@ -480,6 +574,19 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
     ``batch`` samples, traced by ``frontend`` up to ``stage`` and rendered as ``fmt``."""
     if (model is None) == (pipeline is None):
         raise FiseditError("dump needs exactly one of a zoo model name or a pipeline folder")
+    if model is not None and not isinstance(model, str):
+        raise FiseditError(f"model must be a zoo model name ({', '.join(zoo.MODEL_NAMES)}), got "
+                           f"{type(model).__name__}; to inspect a U-Net object, {_TRACE_HINT}")
+    if pipeline is not None:
+        _check_pipeline_folder(pipeline)
+    if mask is not None:
+        _check_path("mask", mask, "the path of a PNG (white = edit)",
+                    "for a mask tensor, call inspect.sparse_report(unet, inputs, mask, ...)")
+    if mask_box is not None and not isinstance(mask_box, str):
+        # parse_box reads the command line's text; a tuple would fail in str.split.
+        raise FiseditError(f"mask_box must be a str \"x0,y0,x1,y1\" in fractions of the width "
+                           f"and height (e.g. \"0,0,0.5,0.5\"), got {type(mask_box).__name__} "
+                           f"{mask_box!r}; for a tuple, pass \",\".join(map(str, box))")
     _check_format(fmt)  # fail before the capture, which takes seconds to minutes
     if fmt == "svg":
         _dot_program()

@@ -9,6 +9,7 @@ any text tokenizes), and saved pipelines load from a folder with every check don
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -56,11 +57,36 @@ def clip_tokenizer(vocab: dict[str, int], merges=(), max_length: int = 77):
             pad_token=EOS, local_files_only=True)
 
 
+# The dtypes a pipeline runs in. The float8 types are floating dtypes too, but torch has no
+# convolution or activation kernels for them: a float8 U-Net builds, then fails on its first call.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES:
+        raise FiseditError(
+            f"dtype must be a floating torch.dtype such as torch.float16, one of "
+            f"{', '.join(map(str, DTYPES))} (the ones a U-Net runs in), got {dtype!r}")
+
+
+def check_folder_path(path) -> None:
+    """``path`` names a folder: a str or os.PathLike of a str, not empty."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise FiseditError(f"path must be a folder path, a str or pathlib.Path, got "
+                           f"{type(path).__name__} {path!r}")
+    if not text:
+        # Path("") is the current folder: it would be loaded from, or refused as not empty.
+        raise FiseditError("path is an empty string; pass the folder to save the pipeline in "
+                           "or load from, e.g. path='pipelines/sd15-tiny'")
+
+
 def read_model_index(path) -> dict:
-    """The parsed ``model_index.json`` of the pipeline saved at ``path``."""
-    index = Path(path) / "model_index.json"
+    """The parsed ``model_index.json`` of the pipeline saved at ``path``: the JSON object
+    (component name -> [library, class]) that ``save_pretrained`` writes."""
+    index_file = Path(path) / "model_index.json"
     try:
-        return json.loads(index.read_text(encoding="utf-8"))
+        index = json.loads(index_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FiseditError(
             f"{path} holds no saved pipeline (no model_index.json); pass a folder written by "
@@ -68,8 +94,14 @@ def read_model_index(path) -> dict:
         ) from None
     except (OSError, ValueError) as e:
         raise FiseditError(
-            f"{index} cannot be read as JSON ({e}); save the pipeline again with "
+            f"{index_file} cannot be read as JSON ({e}); save the pipeline again with "
             "pipe.save_pretrained(...) or point at another folder") from None
+    if not isinstance(index, dict):
+        raise FiseditError(
+            f"{index_file} holds a JSON {type(index).__name__}, not the object (component "
+            "name -> [library, class]) that save_pretrained writes; save the pipeline again "
+            "with pipe.save_pretrained(...) or point at another folder")
+    return index
 
 
 def _missing_components(path, index: dict) -> list[str]:
@@ -86,9 +118,13 @@ def _missing_components(path, index: dict) -> list[str]:
 
 
 def load_pipeline(path, dtype: torch.dtype = torch.float32):
-    """Load a pipeline saved with ``save_pretrained`` from folder ``path``, offline."""
+    """Load a pipeline saved with ``save_pretrained`` from folder ``path``, offline, as
+    ``dtype``; the path, the dtype and the folder's files are checked before diffusers reads
+    any weights."""
     from diffusers import DiffusionPipeline
 
+    check_folder_path(path)
+    check_dtype(dtype)
     if not Path(path).is_dir():
         raise FiseditError(
             f"{path} is not a folder; pass the folder a pipeline was saved to with "

@@ -9,12 +9,15 @@ shrinks only widths and depths, so CPU tests exercise the same graph shapes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from .checks import check_int
+from .checks import check_seed
 from .compiler.capture import example_inputs, latent_size  # noqa: F401 - part of the zoo API
 from .errors import FiseditError
-from .pipeline_files import byte_vocab, clip_tokenizer, load_pipeline, read_model_index
+from .pipeline_files import (byte_vocab, check_dtype, check_folder_path, clip_tokenizer,
+                             load_pipeline, read_model_index)
 
 # Published configs (diffusers' UNet2DConditionModel / UNet2DModel keyword arguments).
 _SD15 = dict(
@@ -90,11 +93,13 @@ def _check_name(name: str) -> None:
 
 
 def unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Build U-Net ``name`` from its config with random weights drawn from ``seed``, in eval mode."""
+    """Build U-Net ``name`` from its config with random weights drawn from ``seed``, in eval mode,
+    as ``dtype`` on ``device`` (a str such as "cuda:0" or a torch.device)."""
     import diffusers
 
     _check_name(name)
     _check_seed_and_dtype(seed, dtype)
+    device = _check_device(device)
     cls_name, cfg = CONFIGS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -105,19 +110,56 @@ def unet(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device
 
 
 def _check_seed_and_dtype(seed, dtype) -> None:
-    check_int("seed", seed, minimum=0)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise FiseditError(f"dtype must be a floating torch.dtype such as torch.float16, got "
-                           f"{dtype!r}")
+    check_seed("seed", seed)
+    check_dtype(dtype)
+
+
+def _component_seed(seed: int, offset: int) -> int:
+    """The seed of a pipeline's ``offset``-th component after the U-Net: ``seed + offset``,
+    wrapped into the 64 bits a torch seed holds, so every valid ``seed`` gives valid ones."""
+    return (seed + offset) % 2 ** 64
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device that exists here, checked before any model is built."""
+    if not isinstance(device, (str, torch.device)):
+        raise FiseditError(f"device must be a str such as 'cpu' or 'cuda:0', or a torch.device, "
+                           f"got {type(device).__name__} {device!r}")
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)  # raises when the device is absent (no CUDA, no such GPU)
+    except (RuntimeError, AssertionError) as error:
+        raise FiseditError(f"device {device!r} cannot be used here ({error}); pass 'cpu', or "
+                           "'cuda' (or 'cuda:N') where a GPU is present") from None
+    return parsed
 
 
 def from_config(cfg: dict, *, seed: int = 0):
-    """A UNet2DConditionModel (or UNet2DModel when ``cfg`` has no cross-attention) from a config."""
+    """A UNet2DConditionModel built from keyword arguments ``cfg`` with random weights drawn from
+    ``seed``, in eval mode.
+
+    Always that class, whatever ``cfg`` holds: it is for variations of the conditional zoo
+    configs (e.g. ``dict(config("sd15-tiny"), num_class_embeds=5)``). A UNet2DModel config such
+    as ``config("ddpm")`` does not build here; build those with ``unet(name)``.
+    """
     import diffusers
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return diffusers.UNet2DConditionModel(**cfg).eval()
+    if not isinstance(cfg, dict):
+        raise FiseditError(f"cfg must be a dict of UNet2DConditionModel keyword arguments, got "
+                           f"{type(cfg).__name__}; start from zoo.config('sd15-tiny')")
+    check_seed("seed", seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return diffusers.UNet2DConditionModel(**cfg).eval()
+    except (TypeError, ValueError) as error:
+        # An unknown keyword, inconsistent block lists, or a UNet2DModel config: diffusers'
+        # reason, as bad input rather than a traceback from deep inside its constructor.
+        raise FiseditError(
+            f"diffusers cannot build a UNet2DConditionModel from cfg ({type(error).__name__}: "
+            f"{error}); pass UNet2DConditionModel keyword arguments, e.g. zoo.config('sd15-tiny') "
+            "with fields changed, or use zoo.unet(name) for a UNet2DModel such as 'ddpm'"
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,12 +275,12 @@ def _build_pipeline(name: str, seed: int, dtype: torch.dtype):
     cls_name, vae_cfg, text_cfgs, sched_cfg = PIPELINE_CONFIGS[name]
     unet_model = unet(name, seed=seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+        torch.manual_seed(_component_seed(seed, 1))
         vae = diffusers.AutoencoderKL(**vae_cfg).eval()
     tok = tokenizer()
     sdxl = cls_name == "StableDiffusionXLPipeline"
     encoders = [
-        _text_encoder(cfg, tok, with_projection=sdxl and i == 1, seed=seed + 2 + i)
+        _text_encoder(cfg, tok, with_projection=sdxl and i == 1, seed=_component_seed(seed, 2 + i))
         for i, cfg in enumerate(text_cfgs)
     ]
     _check_dims(name, unet_model, encoders)
@@ -260,7 +302,6 @@ def _build_pipeline(name: str, seed: int, dtype: torch.dtype):
 def _check_saved_matches(name: str, path, index: dict) -> None:
     """A saved pipeline loaded under a zoo name must be that model (class and U-Net config)."""
     import json
-    from pathlib import Path
 
     cls_name = PIPELINE_CONFIGS[name][0]
     problem = None
@@ -271,6 +312,11 @@ def _check_saved_matches(name: str, path, index: dict) -> None:
             saved = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = None  # load_pipeline reports unreadable components
+        if saved is not None and not isinstance(saved, dict):
+            raise FiseditError(
+                f"{path}/unet/config.json holds a JSON {type(saved).__name__}, not a U-Net "
+                "config; save the pipeline again with pipe.save_pretrained(...) or point at "
+                "another folder")
         if saved is not None:
             def norm(v):
                 return list(v) if isinstance(v, (list, tuple)) else v
@@ -291,37 +337,53 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
 
     ``name`` is one of PIPELINE_NAMES: StableDiffusionPipeline for sd15/sd21 (and -tiny),
     StableDiffusionXLPipeline for sdxl (and -tiny); its U-Net is ``unet(name, seed=seed)``.
-    With ``path``: a folder that holds a saved pipeline (model_index.json) is loaded from there
-    (``name`` may then be None); an absent or empty folder gets the built pipeline saved to it.
+    With ``path`` (a str or PathLike): a folder that holds a saved pipeline (model_index.json)
+    is loaded from there with its saved weights (``name`` may then be None, and ``seed`` must
+    be left at 0, since it cannot apply); an absent or empty folder gets the pipeline built
+    from ``seed`` saved to it.
 
     ``name="shapes"`` is the exception: the small StableDiffusionPipeline *trained* on rendered
     scenes (``fisedit_compiler.shapes``), loaded from the package's weights folder (``path``:
-    from there instead, or an empty folder to copy the weights into); ``seed`` does not apply.
-    A FiseditError names the training command if the weights are missing.
+    from there instead, or an empty folder to copy the weights into); its weights are trained,
+    so ``seed`` must be left at 0. A FiseditError names the training command if the weights
+    are missing.
     """
-    from pathlib import Path
-
     _check_seed_and_dtype(seed, dtype)
+    if path is not None:
+        check_folder_path(path)
+    if name == "shapes":
+        if seed != 0:
+            raise FiseditError(
+                f"seed={seed} cannot apply to 'shapes': its weights are trained, not drawn from "
+                "a seed; leave seed out (pick images with the generator passed to the pipeline)")
+    elif name is not None:
+        if not isinstance(name, str) or (name not in PIPELINE_CONFIGS
+                                         and name not in ("ddpm", "ddpm-tiny")):
+            raise FiseditError(f"unknown pipeline name {name!r}; choose one of "
+                               f"{', '.join(PIPELINE_NAMES + ('shapes',))}")
+        _check_pipeline_name(name)
+    elif path is None:
+        raise FiseditError(
+            "zoo.pipeline needs a name to build or a path to load; pass one of "
+            f"{', '.join(PIPELINE_NAMES)}, or path= a folder written by save_pretrained")
+    folder = None if path is None else Path(path)
+    # A damaged model_index.json is refused here, before anything is loaded from the folder.
+    index = read_model_index(folder) if folder is not None and (
+        folder / "model_index.json").is_file() else None
     if name == "shapes":
         from .shapes import load_pipeline as load_shapes
 
         return load_shapes(path, dtype)
-    if name is not None and (not isinstance(name, str) or name not in PIPELINE_CONFIGS
-                             and name not in ("ddpm", "ddpm-tiny")):
-        raise FiseditError(f"unknown pipeline name {name!r}; choose one of "
-                           f"{', '.join(PIPELINE_NAMES + ('shapes',))}")
-    if name is not None:
-        _check_pipeline_name(name)
-    if path is None:
-        if name is None:
-            raise FiseditError(
-                "zoo.pipeline needs a name to build or a path to load; pass one of "
-                f"{', '.join(PIPELINE_NAMES)}, or path= a folder written by save_pretrained")
+    if folder is None:
         return _build_pipeline(name, seed, dtype)
-    folder = Path(path)
-    if (folder / "model_index.json").is_file():
+    if index is not None:
+        if seed != 0:
+            raise FiseditError(
+                f"seed={seed} cannot apply: {path} already holds a saved pipeline, which loads "
+                "with its saved weights; leave seed out to load it, or pass an empty or new "
+                f"folder to build with seed={seed} and save there")
         if name is not None:
-            _check_saved_matches(name, folder, read_model_index(folder))
+            _check_saved_matches(name, folder, index)
         return load_pipeline(folder, dtype)
     if folder.exists() and not folder.is_dir():
         raise FiseditError(
@@ -339,3 +401,4 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder)
     return pipe
+

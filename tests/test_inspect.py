@@ -337,3 +337,113 @@ def test_sparse_stage_labels_the_rows_of_a_dense_plan_dense():
 def test_sparse_stage_argument_errors(kwargs, message):
     with pytest.raises(FiseditError, match=message):
         inspect.dump("sd15-tiny", **kwargs)
+
+
+# ------------------------------------------------------------------ argument checks
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mask_box": (0, 0, 0.5, 0.5)}, r"mask_box must be a str \"x0,y0,x1,y1\".*got tuple"),
+    ({"mask_box": [0, 0, 8, 8]}, "mask_box must be a str"),
+    ({"mask_box": "0,0,0.5"}, "must be x0,y0,x1,y1 as fractions"),
+    ({"mask_box": "0,0,0.5,0.5,1"}, "must be x0,y0,x1,y1 as fractions"),
+    ({"mask_box": "a,0,0.5,0.5"}, "must be x0,y0,x1,y1 as fractions"),
+    ({"mask_box": "0,0,8,8"}, "0 <= x0 < x1 <= 1"),
+    ({"mask_box": "nan,0,0.5,0.5"}, "0 <= x0 < x1 <= 1"),
+    ({"mask": torch.ones(16, 16, dtype=torch.bool)},
+     "mask must be the path of a PNG.*got Tensor.*sparse_report"),
+])
+def test_dump_refuses_a_bad_mask_before_building_the_unet(monkeypatch, kwargs, message):
+    def build(*args, **kwargs):
+        raise AssertionError("the U-Net was built before the mask was checked")
+
+    monkeypatch.setattr(inspect.zoo, "unet", build)
+    with pytest.raises(FiseditError, match=message):
+        inspect.dump("sd15-tiny", stage="sparse", **kwargs)
+
+
+def test_dump_refuses_objects_for_model_and_pipeline():
+    with pytest.raises(FiseditError, match="model must be a zoo model name.*got WithUnknownOp.*"
+                                           "capture it first"):
+        inspect.dump(WithUnknownOp())
+    with pytest.raises(FiseditError, match="pipeline must be the folder.*got dict.*pipe.unet"):
+        inspect.dump(pipeline={"unet": None})
+    with pytest.raises(FiseditError, match="pipeline must be the folder.*got int"):
+        inspect.pipeline_unet(3)
+
+
+@pytest.mark.parametrize("function", [inspect.to_networkx, inspect.node_rows])
+def test_graph_functions_refuse_a_module(function):
+    """A U-Net module, not its graph: the message says how to capture one."""
+    with pytest.raises(FiseditError, match=r"torch.fx.GraphModule\), got WithUnknownOp; a module "
+                                           r"is not a graph; capture it first: .*trace\(unet"):
+        function(WithUnknownOp())
+    with pytest.raises(FiseditError, match="got str; to inspect a U-Net, capture it first"):
+        function("sd15-tiny")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stage": "bogus"}, "stage must be one of 'captured', 'canonical', 'sparse', got 'bogus'"),
+    ({"frontend": "bogus"}, "frontend must be one of 'export', 'dynamo', got 'bogus'"),
+    ({"model": None}, "model must be a str naming the model.*got NoneType"),
+])
+def test_report_refuses_bad_labels(canonical, kwargs, message):
+    labels = {"model": "sd15-tiny", "stage": "canonical", "frontend": "export"} | kwargs
+    with pytest.raises(FiseditError, match=message):
+        inspect.report(canonical, **labels)
+    with pytest.raises(FiseditError, match="capture it first"):
+        inspect.report(WithUnknownOp(), model="m", stage="canonical", frontend="export")
+
+
+@pytest.mark.parametrize("value, message", [
+    ({}, "the report lacks 'model', 'stage', 'frontend', 'inputs', 'summary', 'nodes'"),
+    ([], "render takes the dict that inspect.report\\(\\) returns, got list"),
+    (None, "got NoneType"),
+])
+def test_render_refuses_what_is_not_a_report(value, message):
+    with pytest.raises(FiseditError, match=message):
+        inspect.render(value, "text")
+
+
+def test_render_refuses_a_graph(canonical):
+    with pytest.raises(FiseditError, match=r"not a graph: call inspect.report\(gm"):
+        inspect.render(canonical, "json")
+
+
+def test_summarize_checks_its_rows_and_level_sizes(canonical, canonical_report):
+    rows = canonical_report["nodes"]
+    with pytest.raises(FiseditError, match="levels up to 1 but level_sizes gives 0 sizes; pass "
+                                           "the graph's gm.meta\\['fc_levels'\\]"):
+        inspect.summarize(rows)     # the sizes left out: was a KeyError '0'
+    with pytest.raises(FiseditError, match="level_sizes must be a list of \\(H, W\\) pairs"):
+        inspect.summarize(rows, [16, 8])
+    with pytest.raises(FiseditError, match="summarize takes the list of row dicts.*got dict"):
+        inspect.summarize(canonical_report)
+    assert inspect.summarize(rows, canonical.meta["fc_levels"]) == canonical_report["summary"]
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """SparseEngine.program (the capture and compile) made to fail: checks must come first."""
+    from fisedit_compiler.engine.engine import SparseEngine
+
+    def program(self, inputs):
+        raise AssertionError("compiled before the arguments were checked")
+
+    monkeypatch.setattr(SparseEngine, "program", program)
+
+
+def test_sparse_report_refuses_bad_arguments_before_compiling(no_compile):
+    from fisedit_compiler.config import SparseConfig
+
+    unet = zoo.unet("sd15-tiny")
+    inputs, mask = zoo.example_inputs(unet), mask_from_box("0,0,0.5,0.5", (16, 16))
+    with pytest.raises(FiseditError, match="frontend 'export' differs from config.frontend "
+                                           "'dynamo'"):   # was silently ignored but for the label
+        inspect.sparse_report(unet, inputs, mask, model="m", frontend="export",
+                              config=SparseConfig(frontend="dynamo"))
+    with pytest.raises(FiseditError, match="frontend must be one of"):
+        inspect.sparse_report(unet, inputs, mask, model="m", frontend="bogus")
+    with pytest.raises(FiseditError, match="model must be a str"):
+        inspect.sparse_report(unet, inputs, mask, model=unet, frontend="export")
+    with pytest.raises(FiseditError, match="the edit mask must have dtype bool"):
+        inspect.sparse_report(unet, inputs, mask.float(), model="m", frontend="export")

@@ -263,3 +263,72 @@ def test_example_inputs_refuse_bad_arguments(kwargs, message):
     unet = zoo.unet("sd15-tiny")
     with pytest.raises(FiseditError, match=message):
         zoo.example_inputs(unet, **kwargs)
+
+
+# Review: seeds, dtypes, devices, paths and saved folders are checked before any work.
+
+def test_seed_at_the_top_of_the_range_builds_a_pipeline():
+    """The components' seeds (seed + 1, seed + 2, ...) wrap into 64 bits instead of overflowing
+    torch.manual_seed for a valid seed near 2**64 - 1."""
+    top = 2 ** 64 - 1
+    pipe = zoo.pipeline("sd15-tiny", seed=top)
+    alone = zoo.unet("sd15-tiny", seed=top)
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_from_config_builds_a_conditional_unet():
+    unet = zoo.from_config(zoo.config("sd15-tiny"), seed=2 ** 64 - 1)
+    assert type(unet).__name__ == "UNet2DConditionModel" and not unet.training
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: zoo.unet("sd15-tiny", seed=2 ** 64), r"seed 18446744073709551616 is out of range"),
+    (lambda: zoo.pipeline("sd15-tiny", seed=2 ** 64), r"seed .* is out of range"),
+    (lambda: zoo.from_config(zoo.config("sd15-tiny"), seed=-1), r"seed -1 is out of range"),
+    (lambda: zoo.from_config(zoo.config("sd15-tiny"), seed="1"), r"seed must be an int"),
+    (lambda: zoo.from_config([("layers_per_block", 1)]), r"cfg must be a dict.*zoo.config"),
+    (lambda: zoo.from_config(zoo.config("ddpm-tiny")),
+     r"cannot build a UNet2DConditionModel from cfg.*zoo.unet\(name\)"),
+    (lambda: zoo.from_config(dict(zoo.config("sd15-tiny"), bogus=1)),
+     r"unexpected keyword argument 'bogus'.*UNet2DConditionModel keyword arguments"),
+    (lambda: zoo.unet("sd15-tiny", dtype=torch.float8_e4m3fn),
+     r"floating torch.dtype .*torch.bfloat16.*got torch.float8_e4m3fn"),
+    (lambda: zoo.pipeline("sd15-tiny", dtype=torch.float8_e5m2), r"got torch.float8_e5m2"),
+    (lambda: zoo.load_pipeline("anywhere", dtype=torch.float8_e4m3fn), r"floating torch.dtype"),
+    (lambda: zoo.unet("sd15-tiny", device="bogus"), r"device 'bogus' cannot be used here"),
+    (lambda: zoo.unet("sd15-tiny", device="cuda:99"), r"device 'cuda:99' cannot be used here"),
+    (lambda: zoo.unet("sd15-tiny", device=0), r"device must be a str .*'cuda:0'.*got int 0"),
+    (lambda: zoo.pipeline("sd15-tiny", path=3), r"path must be a folder path.*got int 3"),
+    (lambda: zoo.pipeline("sd15-tiny", path=b"out"), r"path must be a folder path.*bytes"),
+    (lambda: zoo.pipeline("sd15-tiny", path=""), r"path is an empty string"),
+    (lambda: zoo.pipeline("shapes", path=["weights"]), r"path must be a folder path.*list"),
+    (lambda: zoo.pipeline("shapes", seed=5), r"seed=5 cannot apply to 'shapes'.*leave seed out"),
+    (lambda: zoo.load_pipeline(None), r"path must be a folder path.*got NoneType None"),
+    (lambda: zoo.load_pipeline(5), r"path must be a folder path.*got int 5"),
+])
+def test_loaders_refuse_bad_arguments_before_building(call, message):
+    with pytest.raises(FiseditError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda path: zoo.pipeline("sd15-tiny", path=path),
+    lambda path: zoo.pipeline(None, path=path),
+    lambda path: zoo.load_pipeline(path),
+    lambda path: zoo.pipeline("shapes", path=path),
+])
+def test_model_index_that_is_not_an_object(tmp_path, call):
+    (tmp_path / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(FiseditError, match=r"model_index.json holds a JSON list.*save_pretrained"):
+        call(tmp_path)
+
+
+def test_saved_pipeline_refuses_a_seed_and_a_damaged_unet_config(tmp_path):
+    zoo.pipeline("sd15-tiny", path=tmp_path, seed=5)             # built from seed 5 and saved
+    for name in ("sd15-tiny", None):                             # the saved weights would load
+        with pytest.raises(FiseditError, match=r"seed=5 cannot apply: .* already holds a saved "
+                                               r"pipeline.*leave seed out"):
+            zoo.pipeline(name, path=tmp_path, seed=5)
+    (tmp_path / "unet" / "config.json").write_text("[1]")
+    with pytest.raises(FiseditError, match=r"unet/config.json holds a JSON list, not a U-Net"):
+        zoo.pipeline("sd15-tiny", path=tmp_path)

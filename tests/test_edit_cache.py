@@ -131,3 +131,79 @@ def test_replace_refuses_a_value_of_another_shape(setup):
     with pytest.raises(fc.FiseditError, match="cannot replace"):
         cache.replace(0, key, torch.zeros(3))
     assert torch.equal(cache.steps[0][key], before)
+
+
+def test_unknown_steps_and_keys_are_refused_naming_the_recorded_ones(setup):
+    engine, steps, _ = setup
+    cache = engine.new_cache(3)
+    engine.record(cache, 0, **steps[0])
+    key = engine.program(steps[0]).output_key
+    value = cache.steps[0][key].clone()
+    with pytest.raises(fc.FiseditError, match=r"step 2 has not been recorded \(recorded steps: "
+                                              r"\[0\]\); record it with engine.record"):
+        cache.store_on(2, value.device)
+    with pytest.raises(fc.FiseditError, match=r"step 2 has not been recorded"):
+        cache.replace(2, key, value)
+    with pytest.raises(fc.FiseditError, match="step must be an int"):
+        cache.store_on("0", value.device)
+    with pytest.raises(fc.FiseditError, match=r"step 0 has no recorded value 'nope'; its keys "
+                                              r"are .*in all: list\(cache.steps\[0\]\)"):
+        cache.replace(0, "nope", value)
+    assert torch.equal(cache.steps[0][key], value)
+
+
+def test_replace_refuses_a_value_that_does_not_match_and_changes_nothing(setup):
+    engine, steps, _ = setup
+    cache = engine.new_cache(1, device_budget_bytes=0)     # offloaded: stored on the host
+    engine.record(cache, 0, **steps[0])
+    key = engine.program(steps[0]).output_key
+    recorded = cache.steps[0][key]
+    before = recorded.clone()
+    for value, message in [(before.double(), "cannot replace.*recorded .* float32, got .* "
+                                              "float64"),
+                           (before.tolist(), "cannot replace.*got list"),
+                           (torch.empty_like(before, device="meta"),
+                            "recorded on cpu, got a value on meta; move it with")]:
+        with pytest.raises(fc.FiseditError, match=message):
+            cache.replace(0, key, value)
+        assert torch.equal(cache.steps[0][key], before)
+    value = torch.randn_like(before, requires_grad=True)
+    cache.replace(0, key, value)
+    assert torch.equal(cache.steps[0][key], value) and not cache.steps[0][key].requires_grad
+
+
+def test_resize_refuses_to_drop_recorded_steps(setup):
+    engine, steps, _ = setup
+    cache = engine.new_cache(1)
+    cache.resize(3)
+    for step in range(2):
+        engine.record(cache, step, **steps[step])
+    with pytest.raises(fc.FiseditError, match=r"cannot resize this cache to 1 steps: it holds "
+                                              r"recorded steps \[0, 1\].*at least 2"):
+        cache.resize(1)
+    assert cache.num_steps == 3
+    cache.resize(2)                  # to the steps recorded, as a recording finishes
+    assert cache.num_steps == 2 and sorted(cache.steps) == [0, 1]
+
+
+def test_a_failed_put_leaves_the_cache_as_it_was(setup, monkeypatch):
+    from fisedit_compiler.engine.edit_cache import StoreLayout
+
+    engine, steps, _ = setup
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **steps[0])
+    kept = cache.steps[0]
+
+    def out_of_memory(store):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cache.layout, "pack", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.put(0, dict(kept))
+    assert cache.steps[0] is kept and not cache.offloaded
+    fresh = engine.new_cache(1)
+    monkeypatch.setattr(StoreLayout, "pack",
+                        lambda self, store: out_of_memory(store))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fresh.put(0, dict(kept))
+    assert fresh.layout is None and fresh.device is None and not fresh.steps

@@ -240,3 +240,40 @@ def test_a_threshold_list_of_the_wrong_length_is_refused():
     assert config.thresholds_for(SD_LEVELS) == [0.5, 0.75, 0.75, 0.75], "the default"
     plan = MaskPlan(mask, SD_LEVELS, SD_TILES, 1, config.thresholds_for(SD_LEVELS))
     assert plan.dense_threshold == [0.5, 0.75, 0.75, 0.75]
+
+
+@pytest.mark.parametrize("levels, tiles, dilation, threshold, message", [
+    ([], [], 0, 0.5, "levels must be a non-empty list"),
+    ([(16, 16), (8,), (4, 4)], [4, 4, 2], 0, 0.5, r"levels\[1\] must be an \(H, W\) pair"),
+    ([(16, 16), (8, 0), (4, 4)], [4, 4, 2], 0, 0.5, r"levels\[1\] width 0 is out of range"),
+    (LEVELS, [4, 4], 0, 0.5, "3 levels need 3 tile sizes.*tiles_for"),
+    (LEVELS, [4, 4, 2, 1], 0, 0.5, "3 levels need 3 tile sizes"),
+    (LEVELS, [4, 0, 2], 0, 0.5, r"tiles\[1\] 0 is out of range"),
+    (LEVELS, [4, 2.5, 2], 0, 0.5, r"tiles\[1\] must be an int"),
+    (LEVELS, [4, 4, 2], -1, 0.5, "dilation -1 is out of range"),
+    (LEVELS, [4, 4, 2], 1.5, 0.5, "dilation must be an int"),
+    (LEVELS, [4, 4, 2], 0, float("nan"), "dense_threshold must be a finite number"),
+    (LEVELS, [4, 4, 2], 0, 1.5, "dense_threshold 1.5 is out of range"),
+    (LEVELS, [4, 4, 2], 0, [0.5, float("inf"), 0.5], r"dense_threshold\[1\] must be a finite"),
+])
+def test_bad_per_level_arguments_are_refused_before_planning(levels, tiles, dilation,
+                                                             threshold, message):
+    # zip would cut every per-level list to the shortest, silently dropping levels.
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    with pytest.raises(FiseditError, match=message):
+        MaskPlan(mask, levels, tiles, dilation, threshold)
+    with pytest.raises(FiseditError, match=message):
+        capacity_buckets(levels, tiles, dilation, threshold, 1.25)
+
+
+def test_a_bucket_of_another_level_count_is_refused_and_a_config_fits_its_tuples():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(FiseditError, match="bucket 0 has 2 capacities .* 3 levels"):
+        MaskPlan(mask, LEVELS, [4, 4, 2], 0, 1.0, buckets=[Bucket(0, (3, 3))])
+    # A config's longer tuples are cut to the levels by design (SparseConfig.tiles_for and
+    # thresholds_for) before a plan is made, so they plan as the levels' own.
+    config = fc.SparseConfig(tile=(4, 4, 2, 1, 1), dense_threshold=(0.5, 0.6, 0.7, 0.8, 0.9))
+    plan = MaskPlan(mask, LEVELS, config.tiles_for(LEVELS), 0, config.thresholds_for(LEVELS))
+    assert [level.tile for level in plan.levels] == [4, 4, 2]
+    assert plan.dense_threshold == [0.5, 0.6, 0.7]

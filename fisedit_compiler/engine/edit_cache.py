@@ -193,6 +193,9 @@ class EditCache:
         # at a pass's first step only).
         self.last_edit: tuple | None = None
         self.layout: StoreLayout | None = None     # fixed by the first recorded step
+        # The device the values are recorded on, also fixed by the first recorded step (an
+        # offloaded step is stored on the host but is still a step of this device).
+        self.device: torch.device | None = None
         self.steps: dict[int, StepStore] = {}
         self.offloaded: set[int] = set()
         self.timesteps: dict[int, torch.Tensor] = {}
@@ -202,39 +205,81 @@ class EditCache:
 
     def resize(self, num_steps: int) -> None:
         """Make this the cache of a generation of ``num_steps`` U-Net calls (a recording whose
-        length was not known in advance grows, then shrinks to the steps it recorded)."""
-        self.num_steps = check_int("num_steps", num_steps, minimum=1)
+        length was not known in advance grows, then shrinks to the steps it recorded).
+
+        Fewer steps than the last recorded one is refused: the steps past the end would stay
+        held but could no longer be edited, and no caller shrinks a cache below its recorded
+        steps (the recording shrinks it to exactly them)."""
+        num_steps = check_int("num_steps", num_steps, minimum=1)
+        if self.steps and max(self.steps) >= num_steps:
+            raise FiseditError(
+                f"cannot resize this cache to {num_steps} steps: it holds recorded steps "
+                f"{sorted(self.steps)}, and steps from {num_steps} on would be lost; resize to "
+                f"at least {max(self.steps) + 1} steps, or record the generation again in "
+                f"engine.new_cache({num_steps})")
+        self.num_steps = num_steps
 
     # -- storing ----------------------------------------------------------------------------
     def put(self, step: int, store: dict, channels_last=()) -> None:
         """Keep ``store`` (the record graph's dict) as the recorded values of ``step``, packed
         into one buffer: on its device while the budget allows, else in pinned host memory.
         The first step fixes the layout; 4-D values under the keys in ``channels_last`` are
-        stored channels-last."""
-        if self.layout is None:
-            self.layout = StoreLayout(store, channels_last)
-        elif not self.layout.matches(store):
+        stored channels-last.
+
+        The buffer is packed (and offloaded) before the cache changes, so a failed copy (out
+        of memory) leaves the cache as it was; re-recording a step holds its old buffer until
+        the new one is made."""
+        layout = self.layout
+        if layout is None:
+            layout = StoreLayout(store, channels_last)
+        elif not layout.matches(store):
             raise FiseditError("this step records other values than the cache's earlier steps; "
                                "a cache holds one generation: use engine.new_cache()")
-        self.steps.pop(step, None)
-        self.offloaded.discard(step)
+        packed = layout.pack(store)
+        budget = self.device_budget_bytes
+        # The step's earlier values are replaced, so they do not count against the budget.
+        offload = budget is not None and \
+            self._device_nbytes(without=step) + _nbytes(packed) > budget
+        if offload:
+            packed = StepStore(_to_host(packed.buffer), layout)
+        if self.layout is None:
+            self.layout = layout
+            self.device = next((tensor.device for _, tensor in _leaves(store, ())),
+                               torch.device("cpu"))
+        self.steps[step] = packed
+        if offload:
+            self.offloaded.add(step)
+        else:
+            self.offloaded.discard(step)
         if self._prefetched is not None and self._prefetched[0] == step:
             self._prefetched = None
-        packed = self.layout.pack(store)
-        budget = self.device_budget_bytes
-        if budget is not None and self.device_nbytes() + _nbytes(packed) > budget:
-            packed = StepStore(_to_host(packed.buffer), self.layout)
-            self.offloaded.add(step)
-        self.steps[step] = packed
 
     def replace(self, step: int, key: str, value: torch.Tensor) -> None:
-        """Overwrite one recorded value of ``step`` in place, wherever the step is stored."""
-        old = self.steps[step][key]
-        if not isinstance(old, torch.Tensor) or old.shape != value.shape or \
-                old.dtype != value.dtype:
+        """Overwrite one recorded value of ``step`` in place, wherever the step is stored.
+
+        ``value`` must be a tensor of the recorded one's shape and dtype, on the device the
+        cache was recorded on (an offloaded step is copied to the host). Everything is checked
+        before the copy, so a refused value leaves the cache as it was."""
+        step = self._recorded(step)
+        store = self.steps[step]
+        if key not in store:
+            keys = list(store)
+            shown = ", ".join(map(repr, keys[:5])) + (", ..." if len(keys) > 5 else "")
+            raise FiseditError(
+                f"step {step} has no recorded value {key!r}; its keys are {shown} "
+                f"({len(keys)} in all: list(cache.steps[{step}])), e.g. the output's "
+                "engine.program(inputs).output_key")
+        old = store[key]
+        if not isinstance(old, torch.Tensor) or not isinstance(value, torch.Tensor) or \
+                old.shape != value.shape or old.dtype != value.dtype:
             raise FiseditError(f"cannot replace {key!r} of step {step}: recorded "
                                f"{_describe(old)}, got {_describe(value)}")
-        old.copy_(value)
+        if value.device != self.device:
+            raise FiseditError(f"cannot replace {key!r} of step {step}: it was recorded on "
+                               f"{self.device}, got a value on {value.device}; move it with "
+                               f"value.to({str(self.device)!r})")
+        with torch.no_grad():       # recorded values are data: keep a value's autograd graph out
+            old.copy_(value)
         if self._prefetched is not None and self._prefetched[0] == step:
             self._prefetched = None         # the prefetched copy is stale
 
@@ -244,9 +289,7 @@ class EditCache:
         edit as successive steps of one pass without holding a copy per step (SDXL: 1.4 GiB
         a step). The two steps are then one buffer: a ``replace`` of either changes both."""
         step = check_int("step", step, minimum=0, maximum=self.num_steps - 1)
-        if source not in self.steps:
-            raise FiseditError(f"step {source} has not been recorded; record it before sharing "
-                               "it")
+        source = self._recorded(source)
         self.steps[step] = self.steps[source]
         if source in self.offloaded:
             self.offloaded.add(step)
@@ -262,6 +305,7 @@ class EditCache:
     def store_on(self, step: int, device: torch.device) -> StepStore:
         """The recorded values of ``step`` on ``device``: as stored, prefetched, or copied now
         (asynchronously from pinned memory, ordered before the work that reads them)."""
+        step = self._recorded(step)
         if step not in self.offloaded:
             return self.steps[step]
         if self._prefetched is not None and self._prefetched[0] == step:
@@ -276,7 +320,8 @@ class EditCache:
 
     def prefetch(self, step: int, device: torch.device) -> None:
         """Start copying offloaded ``step`` to a CUDA ``device`` on a side stream (one step is
-        kept in flight; a no-op for steps on the device, or without CUDA)."""
+        kept in flight). A hint, so a no-op for steps on the device, steps not recorded (an
+        edit prefetches the next step, which a partial recording may lack), or without CUDA."""
         device = torch.device(device)
         if (step not in self.offloaded or device.type != "cuda"
                 or (self._prefetched is not None and self._prefetched[0] == step)):
@@ -291,6 +336,16 @@ class EditCache:
             ready.record(self._copy_stream)
         self._prefetched = (step, store, ready)
 
+    def _recorded(self, step: int) -> int:
+        """``step`` as an int, refused unless it has been recorded."""
+        step = check_int("step", step, minimum=0)
+        if step not in self.steps:
+            recorded = sorted(self.steps) or "none"
+            raise FiseditError(
+                f"step {step} has not been recorded (recorded steps: {recorded}); record it "
+                f"with engine.record(cache, {step}, **inputs) first")
+        return step
+
     # -- accounting -------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by all recorded steps, wherever they are (a shared step counts once)."""
@@ -298,8 +353,14 @@ class EditCache:
 
     def device_nbytes(self) -> int:
         """Bytes of the steps kept on their device."""
+        return self._device_nbytes(without=None)
+
+    def _device_nbytes(self, without: int | None) -> int:
+        """``device_nbytes`` of every step but ``without`` (its buffer still counts where
+        another step shares it)."""
         return sum(_nbytes(store) for store in self._distinct(
-            store for step, store in self.steps.items() if step not in self.offloaded))
+            store for step, store in self.steps.items()
+            if step != without and step not in self.offloaded))
 
     def host_nbytes(self) -> int:
         """Bytes of the steps offloaded to host memory."""

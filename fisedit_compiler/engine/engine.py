@@ -192,17 +192,22 @@ class SparseEngine:
         except Exception:
             raise_if_eager_fails(self.unet, inputs)
             raise
+        # Everything that can fail (an out-of-memory copy) is made before the cache changes,
+        # so a failed record leaves the cache as it was.
+        timestep = (self._host_values.read(flat["timestep"]).clone()
+                    if "timestep" in flat else None)
+        checked_inputs = ({name: value.clone() for name, value in flat.items()}
+                          if self.config.check_inputs else None)
+        cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
         cache.signature = program.signature
         cache.weight_versions = versions
-        cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
         # A recording starts from the weights as they are: pass constants kept from before
         # it could come from weights written without a version count (an EMA model's
         # param.data.copy_), so the next edit pass computes them afresh.
         self._pass_values.clear()
-        cache.timesteps[step] = (self._host_values.read(flat["timestep"]).clone()
-                                 if "timestep" in flat else None)
-        if self.config.check_inputs:
-            cache.inputs[step] = {name: value.clone() for name, value in flat.items()}
+        cache.timesteps[step] = timestep
+        if checked_inputs is not None:
+            cache.inputs[step] = checked_inputs
         return output
 
     def plan(self, mask, bucketed: bool | None = None) -> MaskPlan:

@@ -196,7 +196,7 @@ class ModuleState:
         ``enable_freeu`` must take that as undone."""
         return [(container, name, path)
                 for container, path, kind, keys in self.sized if kind == "attribute"
-                for name in set(container) - keys - _COMPILE_MARKS
+                for name in sorted(set(container) - keys - _COMPILE_MARKS)
                 if container[name] is None]
 
     def _unchanged(self, storages: tuple) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_float, check_int
 from ..errors import FiseditError
 
 
@@ -133,6 +134,16 @@ class MaskPlan:
     def __init__(self, mask: torch.Tensor, levels: list[tuple[int, int]], tiles: list[int],
                  dilation: int, dense_threshold: float | list[float], device=None,
                  buckets: list[Bucket] | None = None):
+        check_levels(levels, tiles, dilation)
+        if buckets is not None:
+            for bucket in buckets:
+                # Checked here, not in Bucket, which does not know the levels: a bucket of
+                # fewer capacities would zip the plan down to fewer levels.
+                if len(bucket.tiles) != len(levels):
+                    raise FiseditError(
+                        f"bucket {bucket.index} has {len(bucket.tiles)} capacities "
+                        f"{bucket.tiles} but the plan has {len(levels)} levels; make the "
+                        "buckets for these levels and tiles with capacity_buckets")
         mask = validate_mask(mask, levels[0])
         device = torch.device(device or mask.device)
         # Planned on the host (small index work on a mask that may come from the device, e.g.
@@ -219,17 +230,45 @@ class MaskPlan:
         return f"MaskPlan(raw {self.raw_fraction:.1%}; {parts}{bucket})"
 
 
+def check_levels(levels: list[tuple[int, int]], tiles: list[int], dilation: int) -> None:
+    """Refuse per-level arguments a plan cannot be made of, before any planning.
+
+    Planning zips the per-level lists, so one of another length would silently drop levels
+    (a config's tuple of another length is fitted to the levels by ``SparseConfig.tiles_for``
+    before it gets here); a tile below 1 or a negative dilation has no meaning. A few int
+    checks a level: this runs for every new edit mask.
+    """
+    if not isinstance(levels, (list, tuple)) or not levels:
+        raise FiseditError(
+            f"levels must be a non-empty list of (H, W) level sizes, finest first (a "
+            f"program's levels: engine.program(inputs).levels), got {levels!r}")
+    for index, size in enumerate(levels):
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise FiseditError(f"levels[{index}] must be an (H, W) pair of ints, got {size!r}")
+        check_int(f"levels[{index}] height", size[0], minimum=1)
+        check_int(f"levels[{index}] width", size[1], minimum=1)
+    if not isinstance(tiles, (list, tuple)) or len(tiles) != len(levels):
+        raise FiseditError(
+            f"{len(levels)} levels need {len(levels)} tile sizes, got {tiles!r}; pass one per "
+            "level, e.g. SparseConfig.tiles_for(levels)")
+    for index, tile in enumerate(tiles):
+        check_int(f"tiles[{index}]", tile, minimum=1)
+    check_int("dilation", dilation, minimum=0)
+
+
 def level_thresholds(dense_threshold: float | list[float], levels: int) -> list[float]:
-    """One dense threshold per level: a number for all of them, or one per level (a config's
-    shorter tuple is expanded by ``SparseConfig.thresholds_for`` before it gets here)."""
+    """One dense threshold per level, each a finite number in [0, 1]: a number for all of them,
+    or one per level (a config's shorter tuple is expanded by ``SparseConfig.thresholds_for``
+    before it gets here)."""
     if not isinstance(dense_threshold, (list, tuple)):
-        return [dense_threshold] * levels
+        return [check_float("dense_threshold", dense_threshold, minimum=0.0, maximum=1.0)] * levels
     if len(dense_threshold) != levels:
         raise FiseditError(
             f"{levels} levels need {levels} dense thresholds, got {len(dense_threshold)} "
             f"({list(dense_threshold)}); pass one number, or expand a shorter tuple with "
             "SparseConfig.thresholds_for(levels)")
-    return list(dense_threshold)
+    return [check_float(f"dense_threshold[{index}]", threshold, minimum=0.0, maximum=1.0)
+            for index, threshold in enumerate(dense_threshold)]
 
 
 def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: int,
@@ -246,6 +285,7 @@ def capacity_buckets(levels: list[tuple[int, int]], tiles: list[int], dilation: 
     below it) where its capacity covers more than its dense threshold; the padding a bucket
     adds is at most about ``ratio`` on level 0 (``benchmarks`` report it measured).
     """
+    check_levels(levels, tiles, dilation)
     thresholds = level_thresholds(dense_threshold, len(levels))
     grids = [math.ceil(h / t) * math.ceil(w / t) for (h, w), t in zip(levels, tiles)]
     bank_counts = [tile_counts(mask, levels, tiles, dilation)

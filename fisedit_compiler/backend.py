@@ -67,7 +67,7 @@ from .compiler.pipeline import build_program, canonical_graph, describe_signatur
 from .config import SparseConfig
 from .engine.engine import SparseEngine
 from .errors import FiseditError, UnsupportedGraphError
-from .execution.plan import MaskPlan, validate_mask
+from .execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from .graph_keys import INPUTS, LEVELS
 
 log = logging.getLogger(__name__)
@@ -905,6 +905,8 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     plan = recording.plan(mask)
     start_step = check_int("start_step", start_step, minimum=0,
                            maximum=recording.num_steps - 1)
+    warn_if_marks_nothing(plan.levels[0].count, stacklevel=3,
+                          remedy="mark the region to edit (True)")
     if recording.interrupted_by is not None:
         warnings.warn("fisedit: editing a recording whose context ended with an exception"
                       + recording._interruption(), UserWarning, stacklevel=3)

@@ -199,7 +199,8 @@ def test_record_edit_equal_engine_and_oracle(sd15, engine_for, policy):
         assert relative_error(recorded[step], call(unet, inputs, t)) <= TOLERANCE
 
     # Empty mask: the recorded output; full mask: the dense U-Net on the edited inputs.
-    with fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
+    with pytest.warns(UserWarning, match="marks no latent pixel"), \
+            fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
         assert torch.equal(call(compiled, new, timesteps[0]), recorded[0])
     with fc.editing(rec, torch.ones(16, 16, dtype=torch.bool), start_step=1):
         full = call(compiled, new, timesteps[1])
@@ -322,7 +323,8 @@ def test_stock_pipeline_end_to_end(pipe):
     assert all(x["sample"].shape == (2, 4, 16, 16) for x in rec.inputs)   # CFG batch
 
     # Same prompt, empty mask: every step returns its recorded output, so the same image.
-    with fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
+    with pytest.warns(UserWarning, match="marks no latent pixel"), \
+            fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
         assert (generate(pipe, prompt) == image).all()
     # New prompt, full mask: dense regeneration with the new prompt.
     with fc.editing(rec, torch.ones(16, 16, dtype=torch.bool)):
@@ -433,7 +435,7 @@ def test_resolution_change(sd15):
     assert relative_error(out, ref) <= TOLERANCE
     # ... and a recording refuses another resolution, with the reason.
     with pytest.raises(fc.FiseditError, match=r"recording was made with \(sample \[2, 4, 16, 16\]"):
-        with fc.editing(rec16, torch.zeros(16, 16, dtype=torch.bool)):
+        with fc.editing(rec16, torch.ones(16, 16, dtype=torch.bool)):
             call(compiled, big, t)
     with pytest.raises(fc.FiseditError, match="latent is 16x16"):
         with fc.editing(rec16, mask):
@@ -661,7 +663,8 @@ def test_a_setting_changed_between_record_and_edit_is_refused(fresh_dynamo, requ
         out = call(compiled, new, t)
     assert ed.steps == [0]
     assert relative_error(out, call(unet, new, t)) <= TOLERANCE
-    with fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
+    with pytest.warns(UserWarning, match="marks no latent pixel"), \
+            fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
         assert torch.equal(call(compiled, inputs, t), recorded)
 
 

@@ -471,6 +471,26 @@ def test_dynamic_thresholding_is_refused_and_a_per_pixel_clamp_kept(session, pip
         pipe.scheduler = original
 
 
+def test_a_scheduler_config_holding_an_array_is_compared_by_value(session, pipe):
+    """A numpy trained_betas: the same array edits, one changed in place is refused."""
+    from diffusers import DDIMScheduler
+
+    original = pipe.scheduler
+    try:
+        betas = np.linspace(1e-4, 2e-2, 1000)
+        pipe.scheduler = DDIMScheduler.from_config(original.config, trained_betas=betas)
+        s = EditSession(pipe, engine=session.engine)
+        s.generate("a red circle", num_inference_steps=2, output_type="latent")
+        result = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+        assert _outside_equal(result, s.original.latents[-1])
+        pipe.scheduler.config.trained_betas[0] = 0.5
+        with pytest.raises(FiseditError, match=r"scheduler's config changed since the "
+                                               r"generation \(trained_betas\)"):
+            s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    finally:
+        pipe.scheduler = original
+
+
 def test_unsupported_pipeline(pipe):
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -545,14 +565,38 @@ def test_other_schedulers_background(session, pipe, scheduler):
         pipe.scheduler = original
 
 
-def test_sdxl_background():
+@pytest.fixture(scope="module")
+def sdxl_pipe():
     pipe = zoo.pipeline("sdxl-tiny")
     pipe.set_progress_bar_config(disable=True)
-    s = EditSession(pipe)
+    return pipe
+
+
+def test_sdxl_background(sdxl_pipe):
+    s = EditSession(sdxl_pipe)
     s.generate("a red circle", seed=0, num_inference_steps=3, output_type="latent")
     result = s.edit("a blue circle", mask=_corner_mask(), probe_steps=1, output_type="latent")
     assert _outside_equal(result, s.original.latents[-1])
     assert np.isfinite(result.latents.numpy()).all()
+
+
+def test_an_edit_keeps_the_generations_further_arguments_unless_given(sdxl_pipe):
+    """prompt_2 and the size conditions left out of an edit are the generation's: the same
+    prompt changes nothing, and a changed one is an edit of the generation's conditioning."""
+    s = EditSession(sdxl_pipe)
+    further = dict(prompt_2="a square", original_size=(256, 256), target_size=(128, 128))
+    s.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent", **further)
+    same = s.edit("a red circle", output_type="latent")
+    assert not same.report["global_change"]
+    assert torch.equal(same.latents, s.original.latents[-1])
+    # Inside a user mask the region is recomputed: the same up to the sparse ops' rounding.
+    masked = s.edit("a red circle", mask=_corner_mask(), output_type="latent")
+    assert _outside_equal(masked, s.original.latents[-1])
+    assert (masked.latents - s.original.latents[-1]).abs().max() < 1e-3
+    # Given, it replaces the generation's (None: the pipeline's default, prompt_2 = prompt).
+    changed = s.edit("a red circle", mask=_corner_mask(), prompt_2=None, output_type="latent")
+    assert _outside_equal(changed, s.original.latents[-1])
+    assert (changed.latents - s.original.latents[-1]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("arguments, match", [
@@ -585,6 +629,18 @@ def test_an_empty_user_mask_warns_and_returns_the_recording(session, pipe, mask_
                         mask_mode=mask_mode, output_type="latent")
     assert not result.plan.levels[0].active.any()
     assert torch.equal(result.latents, s.original.latents[-1])
+
+
+def test_pipeline_arguments_at_their_defaults_are_taken(session, pipe):
+    """timesteps=None, eta=0 and guidance_rescale=0 are the pipeline's defaults: allowed, and
+    the same generation as without them."""
+    s = EditSession(pipe, engine=session.engine)
+    plain = s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent")
+    spelled = s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent",
+                         timesteps=None, sigmas=None, eta=0.0, guidance_rescale=0)
+    assert torch.equal(plain, spelled)
+    result = s.edit("a blue circle", mask=_corner_mask(), eta=0, output_type="latent")
+    assert _outside_equal(result, s.original.latents[-1])
 
 
 def test_a_result_changed_by_its_caller_does_not_change_the_session(session, pipe):
@@ -878,6 +934,12 @@ def _noise_with(value: float, count: int) -> torch.Tensor:
     (lambda s: s.edit("a blue circle", timesteps=[999, 800, 600, 400, 200, 100]),
      "scheduler's own whole schedule.*drop timesteps"),
     (lambda s: s.edit("a blue circle", sigmas=[1.0, 0.5]), "drop sigmas and pass"),
+    # Arguments whose non-default values act on the whole image at every step.
+    (lambda s: s.generate("a red circle", guidance_rescale=0.7),
+     r"guidance_rescale=0.7 rescales each guided prediction by the standard deviation of the "
+     r"whole image.*leave guidance_rescale out \(or 0\)"),
+    (lambda s: s.edit("a blue circle", eta=0.5), "eta=0.5 adds fresh noise to the whole image"),
+    (lambda s: s.edit("a blue circle", eta="0"), "eta must be a number, got str"),
     # SDXL's ensemble-of-experts cut: the edit would run part of the recorded steps.
     (lambda s: s.generate("a red circle", denoising_end=0.5),
      "not a custom or shortened one.*drop denoising_end"),

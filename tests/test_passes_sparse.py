@@ -143,6 +143,28 @@ def test_an_output_without_positions_is_refused():
         sparsify(gm, fc.SparseConfig())
 
 
+@pytest.mark.filterwarnings("ignore:.*run dense")
+def test_a_self_attention_mask_runs_dense_and_the_oracle_agrees_under_the_sparse_policy():
+    # A U-Net attention_mask reaches the self-attentions; they run dense and exact, so the
+    # sparse policy's oracle (active keys only) must not apply to them either.
+    unet = zoo.from_config(dict(zoo.config("sd15-tiny"), mid_block_type=None))
+    inputs = zoo.example_inputs(unet, text_length=7)
+    inputs["attention_mask"] = (torch.rand(2, 256, generator=torch.Generator().manual_seed(5))
+                                > 0.2).long()
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:8, 5:10] = True
+    changed = dict(inputs, sample=inputs["sample"] + mask * 0.5)
+    engine = fc.compile(unet, fc.SparseConfig(self_attention="sparse"))
+    cache = engine.new_cache(1)
+    recorded = engine.record(cache, 0, **inputs)
+    plan = engine.plan(mask)
+    output = engine.edit(cache, 0, plan=plan, **changed)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, changed)
+    assert ((output - expected).norm() / expected.norm()).item() < 1e-5
+    outside = ~plan[0].active
+    assert torch.equal(output[..., outside], recorded[..., outside])
+
+
 def test_a_text_attention_mask_keeps_cross_attention_sparse_and_exact():
     # diffusers turns encoder_attention_mask into one bias row over the text tokens, shared
     # by every query: the active queries take it as it is.

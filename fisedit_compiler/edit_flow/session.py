@@ -19,10 +19,10 @@ The pipeline is not forked: U-Net calls are routed by temporarily replacing the 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -37,7 +37,7 @@ from ..compiler.capture import check_unet
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
-from ..execution.plan import MaskPlan, validate_mask
+from ..execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from . import mask as tac
 from .attention import (CrossAttentionControl, TokenAttentionMaps, changed_tokens,
                         shared_tokens)
@@ -52,8 +52,14 @@ MASK_MODES = ("replace", "intersect")
 # return_dict the pipeline output the session reads its images from).
 _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
                    "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
-                   "guidance_rescale", "eta", "prompt_embeds", "negative_prompt_embeds",
-                   "return_dict")
+                   "prompt_embeds", "negative_prompt_embeds", "return_dict")
+# Pipeline arguments whose non-default values act on the whole image at every step, so that a
+# change inside the region would move the background: their default (0.0), and why not others.
+_WHOLE_IMAGE_KWARGS = {
+    "guidance_rescale": "rescales each guided prediction by the standard deviation of the "
+                        "whole image",
+    "eta": "adds fresh noise to the whole image at every DDIM step",
+}
 # Pipeline arguments that replace the scheduler's schedule by a custom one, or cut it short
 # (SDXL's denoising_end, for an ensemble of expert denoisers): the session sizes its recording
 # by num_inference_steps and edits must follow the recorded timesteps, all of them.
@@ -266,7 +272,8 @@ class EditSession:
         latent pixels. Nothing is estimated when a user mask replaces the estimate, so there a
         ``mask_estimator`` or a ``mask_dilation`` is refused rather than ignored (grow the mask
         yourself: ``mask.dilate(mask, 2 * n + 1)``); these rules are ``check_mask_choice``'s,
-        which the command line shares. An edit that changes nothing (its step-0 U-Net call is
+        which the command line shares. A user mask that marks nothing is honoured (the result
+        is the recording) with a warning. An edit that changes nothing (its step-0 U-Net call is
         the recorded one bit for bit: a prompt that encodes like the original's, the same or
         one that differs only past the tokenizer's limit, and the same negative prompt) gets
         the empty estimate without the estimator's U-Net call, so its latents are the
@@ -289,7 +296,10 @@ class EditSession:
 
         ``negative_prompt``, ``guidance_scale``, ``num_inference_steps``, ``height`` and
         ``width`` default (None) to the generation's: an edit that left the negative prompt out
-        would change the unconditional branch, hence the image, inside the region. Pass another
+        would change the unconditional branch, hence the image, inside the region. So do the
+        further pipeline arguments the generation was given (SDXL's ``prompt_2`` and size
+        conditions, ``clip_skip``, a ControlNet's ``image``): pass one to change it (None for
+        the pipeline's default). Pass another
         string to change it, or ``negative_prompt=""`` for none (for SD 1.x/2.x the same as no
         negative prompt; SDXL pipelines with ``force_zeros_for_empty_prompt`` zero the
         unconditional text only when there is no negative prompt at all, which an edit of a
@@ -324,6 +334,10 @@ class EditSession:
         check_prompt("negative_prompt", negative_prompt, optional=True)
         mask_dilation = check_int("mask_dilation", mask_dilation, minimum=0)
         self._check_kwargs(pipeline_kwargs)
+        # The further pipeline arguments default to the generation's, as the negative prompt
+        # does: SDXL's prompt_2 and size conditions, clip_skip or a ControlNet's image left out
+        # would otherwise change the conditioning, hence the image, inside the region.
+        pipeline_kwargs = {**original.pipeline_kwargs, **pipeline_kwargs}
         _check_output_type(output_type)
         self._check_scheduler()
         self._check_same_scheduler()
@@ -347,13 +361,9 @@ class EditSession:
         user_mask = None
         if mask is not None:
             user_mask = validate_mask(mask, latent_size).to(original.noise.device)
-            if not user_mask.any():
-                # Honoured (the result is the recording), but an unpainted mask is more often
-                # a mistake than a request for nothing.
-                warnings.warn(
-                    "the edit mask marks no latent pixel, so the edit changes nothing and its "
-                    "result is the recorded generation; mark the region to edit (True), or "
-                    "leave mask out to estimate it from the prompts", stacklevel=2)
+            warn_if_marks_nothing(int(user_mask.count_nonzero()), stacklevel=2,
+                                  remedy="mark the region to edit (True), or leave mask out to "
+                                         "estimate it from the prompts")
         # The default mask_mode ("replace") cannot be told from a given one, so only a given
         # "intersect" is refused without a user mask (the command line refuses either).
         estimator, dense_steps = check_mask_choice(
@@ -649,7 +659,15 @@ class EditSession:
                 f"EditSession sets {', '.join(managed)} itself (the noise, the batch, per-step "
                 "blending and the pipeline output it reads depend on them); drop them (for the "
                 "noise, pass seed=, generator= or latents= to generate)")
-        schedule = sorted(set(pipeline_kwargs) & set(_SCHEDULE_KWARGS))
+        for name, why in _WHOLE_IMAGE_KWARGS.items():
+            value = pipeline_kwargs.get(name)
+            if value is not None and check_float(name, value) != 0.0:
+                raise FiseditError(
+                    f"{name}={value} {why}, so a change inside the edit region would move the "
+                    f"background; leave {name} out (or 0) for edits with an exact background")
+        # None is each schedule argument's default (the scheduler's own schedule).
+        schedule = sorted(name for name in set(pipeline_kwargs) & set(_SCHEDULE_KWARGS)
+                          if pipeline_kwargs[name] is not None)
         if schedule:
             raise FiseditError(
                 f"EditSession records and edits on the scheduler's own whole schedule for "
@@ -675,7 +693,7 @@ class EditSession:
                 f"the generation was recorded with {recorded[0]} but the pipeline now has "
                 f"{current[0]}; edits must use the recorded scheduler (or call generate again)")
         changed = sorted(key for key in set(recorded[1]) | set(current[1])
-                         if recorded[1].get(key) != current[1].get(key))
+                         if not _identical(recorded[1].get(key), current[1].get(key)))
         if changed:
             raise FiseditError(
                 f"the scheduler's config changed since the generation ({', '.join(changed)}); "
@@ -1026,12 +1044,15 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
 
 
 def _identical(a, b) -> bool:
-    """Whether two U-Net inputs (tensors, or dicts, lists and tuples of them, or plain values)
-    are equal bit for bit, in dtype and device too."""
+    """Whether two U-Net inputs or pipeline arguments (tensors, numpy arrays, or dicts, lists
+    and tuples of them, or plain values) are equal bit for bit, in dtype and device too."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                 and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
                 and torch.equal(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and (a.shape, a.dtype) == (b.shape, b.dtype) and np.array_equal(a, b))
     if isinstance(a, dict) or isinstance(b, dict):
         return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
                 and all(_identical(a[key], b[key]) for key in a))
@@ -1269,8 +1290,9 @@ def _copy_images(images):
 
 
 def _scheduler_identity(scheduler) -> tuple[str, dict]:
-    """The scheduler's class name and config (its constructor arguments)."""
-    return type(scheduler).__name__, dict(scheduler.config)
+    """The scheduler's class name and a copy of its config (its constructor arguments; copied
+    in depth, so that a value changed in place, such as a numpy ``trained_betas``, shows)."""
+    return type(scheduler).__name__, copy.deepcopy(dict(scheduler.config))
 
 
 def _history(scheduler) -> list:

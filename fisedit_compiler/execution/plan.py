@@ -22,6 +22,7 @@ the usual U-Net), and is quantized to its own grid.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,6 +387,15 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
             f"the edit mask has shape {tuple(mask.shape)} but the latent is {height}x{width}"
             f"{'; ' + hint if hint else ''}")
     return mask
+
+
+def warn_if_marks_nothing(marked: int, *, remedy: str, stacklevel: int) -> None:
+    """Warn when a user's edit mask marks no pixel (``marked`` of them). Honoured (the edit is
+    the recording), but an unpainted mask is more often a mistake than a request for nothing."""
+    if marked == 0:
+        warnings.warn(
+            "the edit mask marks no latent pixel, so the edit changes nothing and its result is "
+            f"the recorded generation; {remedy}", UserWarning, stacklevel=stacklevel + 1)
 
 
 def _not_a_mask_hint(value, size) -> str:

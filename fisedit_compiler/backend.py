@@ -421,13 +421,16 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
                     "timestep as a tensor, torch.tensor(t), as diffusers pipelines do")
     numbers = _number_inputs(gm, example_inputs, module, graph.arg_names)
     if numbers:
-        return (f"the graph takes the Python number(s) {numbers} as input(s): Dynamo makes a "
-                "number a graph input once its value changes between calls (a U-Net or "
+        return (f"the graph takes the Python number(s) {_names(numbers)} as input(s): Dynamo "
+                "makes a number a graph input once its value changes between calls (a U-Net or "
                 "attention-processor attribute, a cross_attention_kwargs value: an IP-Adapter "
-                "or LoRA scale), and a recording needs it as a constant of the graph (a "
-                "program would keep the value it was built with); keep such settings fixed, "
-                "or set torch._dynamo.config.specialize_float = True (one graph per value) "
-                "and compile again (torch._dynamo.reset())")
+                "or LoRA scale), and under torch.compile(..., dynamic=True) every float of the "
+                "modules (norm eps, dropout p) from the first call; a recording needs them as "
+                "constants of the graph (a program would keep the values it was built with); "
+                "compile without dynamic=True (a new resolution then recompiles, which the "
+                "backend handles) and keep such settings fixed, or set "
+                "torch._dynamo.config.specialize_float = True (one graph per value) and "
+                "compile again (torch._dynamo.reset())")
     if "sample" not in graph.input_names:
         return f"the graph has no 'sample' input (its inputs are {graph.input_names})"
     sample = example_inputs[graph.input_positions[graph.input_names.index("sample")]]
@@ -441,6 +444,11 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
                 f"its {list(sample.shape)} sample: a graph break split the U-Net call "
                 "(torch.compile(..., fullgraph=True) shows where)")
     return None
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _number_inputs(gm, example_inputs, module, arg_names) -> list[str]:
@@ -508,6 +516,13 @@ _LIVE: list = []
 
 def _resolve_unet(unet):
     """The plain diffusers U-Net behind a compiled one (or a pipeline holding one)."""
+    if isinstance(unet, (Recording, Editing)):
+        # It holds a .unet too, which would be taken for a pipeline's and then reported as
+        # "not compiled".
+        raise FiseditError(
+            f"fc.recording takes the compiled U-Net or the pipeline holding it, got a "
+            f"{type(unet).__name__}; to edit a recording use fc.editing(recording, mask), or "
+            "record again with fc.recording(pipe)")
     if not isinstance(unet, torch.nn.Module) and hasattr(unet, "unet"):
         unet = unet.unet                                  # a pipeline
     original = getattr(unet, "_orig_mod", None)           # torch.compile(unet)

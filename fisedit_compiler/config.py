@@ -101,6 +101,7 @@ class SparseConfig:
         if bucket_ratio <= 1:
             raise FiseditError(f"SparseConfig.bucket_ratio must be a number > 1, got "
                                f"{self.bucket_ratio!r}")
+        object.__setattr__(self, "bucket_ratio", bucket_ratio)     # a float, as it is hashed
         for flag in ("check_inputs", "cuda_graphs", "group_projections", "hoist_pass_constants"):
             check_bool(f"SparseConfig.{flag}", getattr(self, flag))
 

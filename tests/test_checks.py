@@ -100,6 +100,16 @@ def test_sparse_config_takes_a_tile_list_as_a_tuple(tiles):
     hash(config)      # engines key their programs by the config
 
 
+def test_equal_configs_hash_alike_whatever_number_type_they_were_given():
+    import numpy as np
+
+    configs = [SparseConfig(bucket_ratio=ratio, dense_threshold=threshold, tile=tile)
+               for ratio, threshold, tile in ((1.5, 0.5, 4), (torch.tensor(1.5), np.float32(0.5),
+                                              np.int64(4)), (np.float64(1.5), 0.5, [4][0]))]
+    assert len(set(configs)) == 1
+    assert all(type(config.bucket_ratio) is float for config in configs)
+
+
 @given(st.one_of(st.floats().filter(lambda v: not 0 <= v <= 1), st.text(max_size=3),
                  st.none(), st.just(()),
                  st.lists(st.floats(1.01, 5), min_size=1, max_size=3)))

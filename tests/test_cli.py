@@ -133,6 +133,9 @@ def _red_square_png(path, size=128):
     (["--mask", "{red}", "--mask-box", "0,0,1,1"], "either --mask or --mask-box"),
     (["--mask-box", "0,0,2,1"], "--mask-box needs"),
     (["--mask-box", "nan,0,1,1"], "--mask-box needs"),
+    (["--mask-box", ""], "--mask-box is empty; give --mask-box a value, or leave --mask-box "
+                         "out for the automatic mask"),
+    (["--mask", " ", "--mask-mode", "intersect"], "--mask is empty"),
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["--guidance-scale", "-1"], "--guidance-scale -1.0 is negative"),
     (["--steps", "0"], "--steps 0 is out of range"),
@@ -160,6 +163,9 @@ def _red_square_png(path, size=128):
     (["--mask-mode", "replace"], "no user mask is given; add --mask PNG or --mask-box"),
     (["--size", "102"], "--size 102 is not a multiple of"),
     (["--out", "{red}"], "is a file, not a folder"),
+    (["--out", ""], "--out is empty; pass the folder for the outputs"),
+    # Not writable even for root (os.access would say yes there).
+    (["--out", "/proc/fisedit-out"], "--out /proc/fisedit-out cannot be created or written"),
 ])
 @pytest.mark.parametrize("command", ["edit", "demo"])
 def test_edit_and_demo_check_arguments_before_loading(command, extra, message, tmp_path,

@@ -368,6 +368,14 @@ def test_an_edit_inside_the_mask_passes_the_input_check(sd15_tiny):
     assert result.shape == output.shape
 
 
+def test_compile_refuses_a_unet_whose_weights_are_on_the_meta_device():
+    with torch.device("meta"):
+        unet = zoo.from_config(zoo.config("sd15-tiny"))
+    with pytest.raises(fc.FiseditError, match=r"weights are on the meta device \(e.g. "
+                                              r"conv_in.weight\).*load them first"):
+        fc.compile(unet)
+
+
 def test_compile_refuses_a_module_that_is_not_a_unet():
     with pytest.raises(fc.FiseditError, match="not a diffusers U-Net"):
         fc.compile(torch.nn.Linear(2, 2))

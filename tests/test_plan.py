@@ -277,3 +277,30 @@ def test_a_bucket_of_another_level_count_is_refused_and_a_config_fits_its_tuples
     plan = MaskPlan(mask, LEVELS, config.tiles_for(LEVELS), 0, config.thresholds_for(LEVELS))
     assert [level.tile for level in plan.levels] == [4, 4, 2]
     assert plan.dense_threshold == [0.5, 0.6, 0.7]
+
+
+def test_a_16_bit_mask_png_is_read_by_its_upper_half(tmp_path):
+    """Pillow clips 16-bit grey when converting it; a dark background must stay unmarked."""
+    from PIL import Image
+
+    from fisedit_compiler.execution.plan import read_mask_png
+
+    values = np.full((32, 32), 2000, dtype=np.uint16)        # ~3% grey
+    values[4:8, 8:16] = 65535
+    path = tmp_path / "mask16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    mask = read_mask_png(str(path))
+    assert mask.sum() == 32 and mask[4:8, 8:16].all()
+
+
+def test_a_mask_image_too_large_to_read_is_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fisedit_compiler.execution.plan import read_mask_png
+
+    path = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 4096 > 2x the limit: a bomb
+    with pytest.raises(FiseditError, match="is too large to read"):
+        read_mask_png(str(path))

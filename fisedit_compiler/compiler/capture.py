@@ -20,6 +20,8 @@ out of place (``_functional``), so no value the engine records is written to aft
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx as fx
 
@@ -49,6 +51,16 @@ def check_unet(module) -> None:
         raise FiseditError(
             f"{type(module).__name__} is not a diffusers U-Net: fisedit-compiler compiles "
             "UNet2DConditionModel and UNet2DModel (for a pipeline, pass pipe.unet)")
+    meta = next((name for name, tensor in itertools.chain(module.named_parameters(),
+                                                          module.named_buffers())
+                 if tensor.is_meta), None)
+    if meta is not None:
+        # Capture works on shapes alone, so without this the first record would fail only
+        # after the whole compile, copying out of a tensor that has no data.
+        raise FiseditError(
+            f"the U-Net's weights are on the meta device (e.g. {meta}), which holds shapes but "
+            "no values; load them first (from_pretrained, or unet.to_empty(device=...) and "
+            "load_state_dict)")
 
 
 def warn_if_training(module) -> None:

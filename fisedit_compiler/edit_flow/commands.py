@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,7 +177,12 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None) -> None
     latent size; None without one, or where the configs do not tell the size: then it is made
     after loading), ``args.mask_mode`` ("replace" when not given) and ``args.device`` (a
     torch.device). Creates nothing: the output folder is made when the outputs are written."""
-    if args.mask and args.mask_box:
+    for flag, value in (("--mask", args.mask), ("--mask-box", args.mask_box)):
+        if value is not None and not value.strip():
+            # An empty value is false below and would run the automatic mask without a word.
+            raise FiseditError(f"{flag} is empty; give {flag} a value, or leave {flag} out "
+                               "for the automatic mask")
+    if args.mask is not None and args.mask_box is not None:
         raise FiseditError("give either --mask or --mask-box, not both")
     args.mask_pixels = read_mask_png(args.mask) if args.mask else None
     if args.mask_box:
@@ -259,6 +265,10 @@ def check_output_folder(option: str, path) -> None:
     """``path`` can be the output folder: an existing folder, or one that can be created
     there. Checked before any work; the commands create the folder only when they write their
     outputs, so that a failed command leaves no folder behind."""
+    if not str(path).strip():
+        # Path("") is the current folder: the outputs would land there without a word.
+        raise FiseditError(f"{option} is empty; pass the folder for the outputs (e.g. {option} "
+                           "out), new or existing")
     folder = Path(path).absolute()
     if folder.exists() and not folder.is_dir():
         raise FiseditError(f"{option} {path} is a file, not a folder; pass a folder (new or "
@@ -267,9 +277,15 @@ def check_output_folder(option: str, path) -> None:
     if not existing.is_dir():
         raise FiseditError(f"{option} {path} cannot be created: {existing} is a file, not a "
                            "folder; pass a folder path under an existing folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    # Tried, not asked (os.access): as root it says yes to read-only places such as /proc,
+    # and the command would then fail only when it writes, after all its work.
+    try:
+        probe, probe_path = tempfile.mkstemp(dir=existing, prefix=".fisedit-write-check-")
+        os.close(probe)
+        os.remove(probe_path)
+    except OSError as error:
         raise FiseditError(f"{option} {path} cannot be created or written: {existing} is not "
-                           "writable; pass a folder you can write to")
+                           f"writable ({error.strerror}); pass a folder you can write to") from None
 
 
 def torch_device(name: str | None) -> torch.device:

@@ -433,19 +433,32 @@ def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 def read_mask_png(path: str) -> torch.Tensor:
     """The bool pixel mask of a PNG (white = edit; in colour images any channel above 127, on
-    opaque pixels). Needs no model, so the command line reads it before loading one."""
+    opaque pixels; in 16-bit grayscale any value above 32767). Needs no model, so the command
+    line reads it before loading one."""
     import numpy as np
     from PIL import Image
 
     try:
         image = Image.open(path)
-        # Any bright channel marks an edit: a red square on black (RGB) would be dark in
-        # grayscale (red is 76/255 there) and read as an empty mask. Transparent pixels (an
-        # alpha channel, e.g. a mask painted on a transparent layer) are not edits.
-        rgba = np.asarray(image.convert("RGBA"))
+        if image.mode.startswith("I"):
+            # 16-bit grayscale (PNG's "I;16" or "I"): Pillow's convert clips rather than
+            # scales it, so even a dark grey would read as white; the edit is the upper half.
+            marked = np.asarray(image).astype(np.int64) > 32767
+        elif image.mode == "F":
+            raise FiseditError(f"the mask {path} holds floating-point pixels (mode F), whose "
+                               "white is not defined; save it as an 8-bit PNG (white = edit)")
+        else:
+            # Any bright channel marks an edit: a red square on black (RGB) would be dark in
+            # grayscale (red is 76/255 there) and read as an empty mask. Transparent pixels
+            # (an alpha channel, e.g. a mask painted on a transparent layer) are not edits.
+            rgba = np.asarray(image.convert("RGBA"))
+            marked = (rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 127)
+    except Image.DecompressionBombError as error:
+        raise FiseditError(f"the mask {path} is too large to read ({error}); a mask is the size "
+                           "of the image or of its latent") from None
     except OSError as error:
         raise FiseditError(f"cannot read the mask {path}: {error}") from None
-    mask = torch.from_numpy((rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 127))
+    mask = torch.from_numpy(marked)
     if not mask.any():
         raise FiseditError(
             f"the mask {path} marks no pixel (white, or any channel above 127, is an edit); "

@@ -123,13 +123,8 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     any weights."""
     from diffusers import DiffusionPipeline
 
-    check_folder_path(path)
     check_dtype(dtype)
-    if not Path(path).is_dir():
-        raise FiseditError(
-            f"{path} is not a folder; pass the folder a pipeline was saved to with "
-            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there")
-    index = read_model_index(path)
+    index = read_saved_folder(path)
     _check_model_index(path, index)
     missing = _missing_components(path, index)
     if missing:
@@ -145,6 +140,18 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
         # bad input, reported with diffusers' reason rather than as a traceback.
         raise FiseditError(f"diffusers cannot load the pipeline saved at {path} "
                            f"({type(error).__name__}: {error})") from error
+
+
+def read_saved_folder(path) -> dict:
+    """The model index of the pipeline saved in folder ``path``, refused (a FiseditError)
+    unless ``path`` names a folder that holds one; reads no weights, so commands check their
+    ``--pipeline`` with it before loading anything."""
+    check_folder_path(path)
+    if not Path(path).is_dir():
+        raise FiseditError(
+            f"{path} is not a folder; pass the folder a pipeline was saved to with "
+            "pipe.save_pretrained(...), or zoo.pipeline(name, path=...) to build one there")
+    return read_model_index(path)
 
 
 def _check_model_index(path, index: dict) -> None:

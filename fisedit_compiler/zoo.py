@@ -221,7 +221,15 @@ PIPELINE_CONFIGS: dict[str, tuple[str, dict, list[dict], dict]] = {
                   [_tiny_clip(16, "quick_gelu", 16), _tiny_clip(16, "gelu", 32)], _SCHEDULER),
 }
 
-def _check_pipeline_name(name) -> None:
+def check_pipeline_name(name) -> None:
+    """``name`` is one of ``pipeline``'s names (PIPELINE_NAMES, or "shapes"); checked by the
+    commands before they load anything."""
+    if name == "shapes":
+        return
+    if not isinstance(name, str) or (name not in PIPELINE_CONFIGS
+                                     and name not in ("ddpm", "ddpm-tiny")):
+        raise FiseditError(f"unknown pipeline name {name!r}; choose one of "
+                           f"{', '.join(PIPELINE_NAMES + ('shapes',))}")
     if name in ("ddpm", "ddpm-tiny"):
         raise FiseditError(
             f"{name!r} is an unconditional DDPM U-Net and has no text-to-image pipeline; "
@@ -271,7 +279,6 @@ def _check_dims(name: str, unet_model, encoders) -> None:
 def _build_pipeline(name: str, seed: int, dtype: torch.dtype):
     import diffusers
 
-    _check_pipeline_name(name)
     cls_name, vae_cfg, text_cfgs, sched_cfg = PIPELINE_CONFIGS[name]
     unet_model = unet(name, seed=seed)
     with torch.random.fork_rng(devices=[]):
@@ -357,11 +364,7 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
                 f"seed={seed} cannot apply to 'shapes': its weights are trained, not drawn from "
                 "a seed; leave seed out (pick images with the generator passed to the pipeline)")
     elif name is not None:
-        if not isinstance(name, str) or (name not in PIPELINE_CONFIGS
-                                         and name not in ("ddpm", "ddpm-tiny")):
-            raise FiseditError(f"unknown pipeline name {name!r}; choose one of "
-                               f"{', '.join(PIPELINE_NAMES + ('shapes',))}")
-        _check_pipeline_name(name)
+        check_pipeline_name(name)
     elif path is None:
         raise FiseditError(
             "zoo.pipeline needs a name to build or a path to load; pass one of "

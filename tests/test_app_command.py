@@ -66,3 +66,17 @@ def test_a_bad_port_is_refused_before_loading(port, capsys, monkeypatch):
     assert cli.main(["app", "--port", port]) == 2
     err = capsys.readouterr().err
     assert f"--port {port} is out of range: it must satisfy 1 <= --port <= 65535" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nosuch"], "unknown pipeline name 'nosuch'; choose one of"),
+    (["--pipeline", "{missing}"], "is not a folder; pass the folder a pipeline was saved to"),
+    (["--device", "nonsense"], "--device 'nonsense' cannot be used here"),
+])
+def test_the_model_and_device_are_checked_before_gradio_is_imported(argv, message, capsys,
+                                                                    monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gradio", None)     # importing it would now fail
+    argv = [arg.format(missing=tmp_path / "missing") for arg in argv]
+    assert cli.main(["app"] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "gradio" not in err

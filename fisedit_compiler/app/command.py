@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from .. import zoo
 from ..checks import check_int
 from ..edit_flow.commands import (DEMO_MODEL, RANDOM_DEFAULTS, RANDOM_EDIT, RANDOM_PROMPT,
                                   SHAPES_DEFAULTS, torch_device)
 from ..errors import FiseditError
+from ..pipeline_files import read_saved_folder
 
 DEFAULT_PORT = 7860
 DEFAULT_BUDGET_MIB = 4096
@@ -46,6 +48,11 @@ def run_app(args) -> int:
     check_int("--port", args.port, minimum=1, maximum=65535)
     if args.memory_budget_mib <= 0:
         raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
+    device = torch_device(args.device)
+    if args.pipeline is not None:
+        read_saved_folder(args.pipeline)
+    else:
+        zoo.check_pipeline_name(args.model)
     # Before gradio is imported: no analytics or version checks, which would wait on the
     # network offline.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -53,11 +60,9 @@ def run_app(args) -> int:
         import gradio  # noqa: F401  (only to report a missing extra clearly)
     except ImportError:
         raise FiseditError('the app needs gradio: pip install -e ".[app]"') from None
-    from .. import zoo
     from .page import build_page
     from .pool import SessionPool
 
-    device = torch_device(args.device)
     if args.pipeline is not None:
         pipe, defaults = zoo.load_pipeline(args.pipeline), _page_defaults(args.pipeline, None)
     else:

@@ -139,6 +139,7 @@ def _red_square_png(path, size=128):
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["--guidance-scale", "-1"], "--guidance-scale -1.0 is negative"),
     (["--steps", "0"], "--steps 0 is out of range"),
+    (["--steps", "2000"], "--steps=2000 is more than the scheduler's num_train_timesteps=1000"),
     (["--steps", "4", "--probe-steps", "4"], "--probe-steps 4 is out of range"),
     (["--seed", "-3"], "--seed -3 is out of range"),
     (["--size", "0"], "--size 0 is out of range"),
@@ -176,6 +177,9 @@ def test_edit_and_demo_check_arguments_before_loading(command, extra, message, t
     red = str(_red_square_png(tmp_path / "red.png"))
     extra = [arg.format(empty=tmp_path / "empty.png", red=red) for arg in extra]
     _save_vae_config(tmp_path, levels=4)      # what --size is checked against for edit
+    (tmp_path / "scheduler").mkdir()          # ... and --steps
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}))
     base = (["edit", "--pipeline", str(tmp_path), "--prompt", "a", "--edit", "b"]
             if command == "edit" else ["demo"])
     assert main(base + ["--out", str(tmp_path / "out")] + extra) == 2
@@ -356,13 +360,13 @@ def test_the_user_mask_is_made_before_loading(tmp_path, no_loading):
     expected[2:4, 2:4] = True                             # 8 pixels per latent pixel
     args = build_parser().parse_args(argv)
     vae, unet = (commands._saved_config(tmp_path, name) for name in ("vae", "unet"))
-    commands._check_args(args, vae, unet)
+    commands._check_args(args, vae, unet, None)
     assert torch.equal(args.user_mask, expected)
     # A box too, at the latent size of --size.
     args = build_parser().parse_args(argv[:-2] + ["--mask-box", "0,0,0.5,0.5", "--size", "64"])
-    commands._check_args(args, vae, unet)
+    commands._check_args(args, vae, unet, None)
     assert args.user_mask.shape == (8, 8) and int(args.user_mask.sum()) == 16
     # Where the saved configs do not tell the size, the mask is made after loading.
     args = build_parser().parse_args(argv)
-    commands._check_args(args, vae, None)
+    commands._check_args(args, vae, None, None)
     assert args.user_mask is None and args.mask_pixels.shape == (128, 128)

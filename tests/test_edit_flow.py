@@ -1250,7 +1250,8 @@ def test_the_cli_and_the_session_agree_on_the_mask_rules(session, pipe, tmp_path
     s = EditSession(pipe, engine=session.engine)
     s.generate("a red circle", num_inference_steps=2, output_type="latent")
     monkeypatch.setattr(s, "_run", reached)
-    configs = (zoo.PIPELINE_CONFIGS["sd15-tiny"][1], zoo.CONFIGS["sd15-tiny"][1])
+    configs = (zoo.PIPELINE_CONFIGS["sd15-tiny"][1], zoo.CONFIGS["sd15-tiny"][1],
+               zoo.PIPELINE_CONFIGS["sd15-tiny"][3])
     checked = 0
     for estimator in (None, "probe", "x0"):
         for probe_steps in (None, 0, 1):

@@ -19,7 +19,7 @@ from ..checks import check_guidance_scale, check_int, check_seed
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from .session import check_mask_choice, size_multiple
+from .session import check_mask_choice, check_step_count, size_multiple
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -114,7 +114,8 @@ def _add_common(parser, steps: int | None, size: int | None,
 def run_edit(args) -> int:
     from .. import zoo
 
-    _check_args(args, _saved_config(args.pipeline, "vae"), _saved_config(args.pipeline, "unet"))
+    _check_args(args, _saved_config(args.pipeline, "vae"), _saved_config(args.pipeline, "unet"),
+                _saved_config(args.pipeline, "scheduler", "scheduler_config.json"))
     pipe = zoo.load_pipeline(args.pipeline)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
@@ -133,12 +134,14 @@ def run_demo(args) -> int:
         prompt, edit, defaults = shapes.DEMO_PROMPT, shapes.DEMO_EDIT, SHAPES_DEFAULTS
         vae_config = _saved_config(shapes.WEIGHTS, "vae")
         unet_config = _saved_config(shapes.WEIGHTS, "unet")
+        scheduler_config = _saved_config(shapes.WEIGHTS, "scheduler", "scheduler_config.json")
     else:
         prompt, edit, defaults = RANDOM_PROMPT, RANDOM_EDIT, RANDOM_DEFAULTS
         # An unknown name has none; zoo.pipeline then refuses it, naming the known ones.
         known = args.model in zoo.PIPELINE_CONFIGS
         vae_config = zoo.PIPELINE_CONFIGS[args.model][1] if known else None
         unet_config = zoo.CONFIGS[args.model][1] if known else None
+        scheduler_config = zoo.PIPELINE_CONFIGS[args.model][3] if known else None
     args.prompt = prompt if args.prompt is None else args.prompt
     args.edit = edit if args.edit is None else args.edit
     for key, value in defaults.items():
@@ -147,7 +150,7 @@ def run_demo(args) -> int:
     box_instead = not trained and args.mask is None and args.mask_box is None
     if box_instead:
         args.mask_box = DEMO_BOX
-    _check_args(args, vae_config, unet_config)
+    _check_args(args, vae_config, unet_config, scheduler_config)
     pipe = zoo.pipeline(args.model)
     if trained:
         print(f"demo with the trained {DEMO_MODEL!r} pipeline: {args.prompt!r} -> {args.edit!r}")
@@ -168,12 +171,13 @@ def run_demo(args) -> int:
 OUTPUT_FILES = ("original.png", "edit.png", "mask.png", "overlay.png", "report.json")
 
 
-def _check_args(args, vae_config: dict | None, unet_config: dict | None) -> None:
+def _check_args(args, vae_config: dict | None, unet_config: dict | None,
+                scheduler_config: dict | None) -> None:
     """Every argument, before any pipeline is loaded (minutes at SD size): a typo in the mask,
     a mask of the wrong size, a NaN guidance scale or a missing CUDA device is reported at
-    once. ``vae_config`` and ``unet_config`` are the pipeline's, read without loading it (None
-    where unknown: loading then reports why), for the rule on --size and the size of the user
-    mask. Sets ``args.mask_pixels`` (the --mask PNG read), ``args.user_mask`` (the user mask at
+    once. ``vae_config``, ``unet_config`` and ``scheduler_config`` are the pipeline's, read
+    without loading it (None where unknown: loading then reports why), for the rule on --size,
+    the size of the user mask and the most --steps. Sets ``args.mask_pixels`` (the --mask PNG read), ``args.user_mask`` (the user mask at
     latent size; None without one, or where the configs do not tell the size: then it is made
     after loading), ``args.mask_mode`` ("replace" when not given) and ``args.device`` (a
     torch.device). Creates nothing: the output folder is made when the outputs are written."""
@@ -188,6 +192,11 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None) -> None
     if args.mask_box:
         parse_box(args.mask_box)
     check_int("--steps", args.steps, minimum=1)
+    if scheduler_config is not None:
+        # diffusers' default where a config leaves it out.
+        check_step_count("--steps", args.steps,
+                         scheduler_config.get("num_train_timesteps", 1000),
+                         scheduler_config.get("_class_name", "the pipeline's scheduler"))
     user_mask = (f"--mask {args.mask}" if args.mask is not None else
                  f"--mask-box {args.mask_box}" if args.mask_box is not None else None)
     # EditSession.edit's own rules, in the command line's words (the session checks them again).
@@ -242,13 +251,12 @@ def _user_mask(args, size: int, scale: int) -> torch.Tensor | None:
                            f"so draw the mask at {size}x{size}") from None
 
 
-def _saved_config(folder, component: str) -> dict | None:
-    """The config of a component ("vae", "unet") of the pipeline saved in ``folder``, read
-    without loading it; None when it has none readable (loading the pipeline then reports what
-    is wrong)."""
+def _saved_config(folder, component: str, file: str = "config.json") -> dict | None:
+    """The config of a component ("vae", "unet"; "scheduler" in scheduler_config.json) of the
+    pipeline saved in ``folder``, read without loading it; None when it has none readable
+    (loading the pipeline then reports what is wrong)."""
     try:
-        config = json.loads((Path(folder) / component / "config.json").read_text(
-            encoding="utf-8"))
+        config = json.loads((Path(folder) / component / file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None

@@ -192,12 +192,9 @@ class EditSession:
         self._check_scheduler()
         # Past the scheduler's training timesteps diffusers runs (and we record) every step and
         # only then fails with an IndexError, or refuses in set_timesteps (DDIM).
-        limit = self.pipe.scheduler.config.num_train_timesteps
-        if num_inference_steps > limit:
-            raise FiseditError(
-                f"num_inference_steps={num_inference_steps} is more than the scheduler's "
-                f"num_train_timesteps={limit} ({type(self.pipe.scheduler).__name__}): each step "
-                f"takes one of its timesteps; use at most {limit} steps")
+        check_step_count("num_inference_steps", num_inference_steps,
+                         self.pipe.scheduler.config.num_train_timesteps,
+                         type(self.pipe.scheduler).__name__)
         height, width = self._size(height, width)
         seed = self._seed(seed, generator, latents)
         noise = self._noise(seed, generator, latents, height, width)
@@ -1060,6 +1057,14 @@ def _identical(a, b) -> bool:
         return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
                 and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b)))
     return type(a) is type(b) and a == b
+
+
+def check_step_count(name: str, steps: int, limit: int, scheduler: str) -> None:
+    """At most the scheduler's ``num_train_timesteps`` steps: each takes one of its timesteps."""
+    if steps > limit:
+        raise FiseditError(
+            f"{name}={steps} is more than the scheduler's num_train_timesteps={limit} "
+            f"({scheduler}): each step takes one of its timesteps; use at most {limit} steps")
 
 
 def _same_arguments(new: dict, old: dict, pipe) -> bool:

@@ -543,6 +543,9 @@ def test_a_controlnet_schedule_change_is_not_taken_for_no_change(pipe):
                            control_guidance_end=0.5)
     assert changed.mask.all() and changed.report["global_change"]
     assert not torch.equal(changed.latents, original)
+    # The control image left out is the generation's (as its negative prompt would be).
+    kept = session.edit("a red circle", output_type="latent")
+    assert not kept.mask.any() and torch.equal(kept.latents, original)
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])

@@ -399,9 +399,8 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
     if module is not None:
         try:
             check_unet(module)
-        except FiseditError:
-            return (f"the graph comes from a {type(module).__name__}, not a diffusers U-Net "
-                    "(fisedit compiles UNet2DConditionModel and UNet2DModel)")
+        except FiseditError as error:
+            return str(error)
     outputs = gm.graph.output_node().args[0]
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     if len(outputs) != 1:
@@ -758,8 +757,10 @@ class _RecordState(_State):
         try:
             output = rec.engine.record(rec.cache, step, **flat)
         except BaseException:
-            if rec.growable:
-                rec.cache.resize(size)           # a failed call leaves the recording as it was
+            # A failed call leaves the recording as it was (record stores the step last, so a
+            # stored step means only an interrupt after it: that step is then kept).
+            if rec.growable and step not in rec.cache.steps:
+                rec.cache.resize(size)
             raise
         rec.inputs.append({name: value.detach().clone() for name, value in flat.items()})
         rec.outputs.append(output.detach().clone())
@@ -920,11 +921,12 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     plan = recording.plan(mask)
     start_step = check_int("start_step", start_step, minimum=0,
                            maximum=recording.num_steps - 1)
-    warn_if_marks_nothing(plan.levels[0].count, stacklevel=3,
+    # 4: through this generator, contextlib and _SingleUse.__enter__ to the user's with.
+    warn_if_marks_nothing(plan.levels[0].count, stacklevel=4,
                           remedy="mark the region to edit (True)")
     if recording.interrupted_by is not None:
         warnings.warn("fisedit: editing a recording whose context ended with an exception"
-                      + recording._interruption(), UserWarning, stacklevel=3)
+                      + recording._interruption(), UserWarning, stacklevel=4)
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session
@@ -933,4 +935,4 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
             "fisedit: no U-Net call was edited inside fc.editing; does the pipeline hold the "
             "compiled U-Net that was recorded (pipe.unet = torch.compile(unet, "
             "backend=\"fisedit\"), the same one as in fc.recording)?", UnsupportedGraphWarning,
-            stacklevel=3)
+            stacklevel=4)

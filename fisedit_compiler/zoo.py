@@ -9,6 +9,7 @@ shrinks only widths and depths, so CPU tests exercise the same graph shapes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -308,8 +309,6 @@ def _build_pipeline(name: str, seed: int, dtype: torch.dtype):
 
 def _check_saved_matches(name: str, path, index: dict) -> None:
     """A saved pipeline loaded under a zoo name must be that model (class and U-Net config)."""
-    import json
-
     cls_name = PIPELINE_CONFIGS[name][0]
     problem = None
     if index.get("_class_name") != cls_name:
@@ -346,8 +345,9 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     StableDiffusionXLPipeline for sdxl (and -tiny); its U-Net is ``unet(name, seed=seed)``.
     With ``path`` (a str or PathLike): a folder that holds a saved pipeline (model_index.json)
     is loaded from there with its saved weights (``name`` may then be None, and ``seed`` must
-    be left at 0, since it cannot apply); an absent or empty folder gets the pipeline built
-    from ``seed`` saved to it.
+    be left at 0 or be the one this function built it with, recorded in ``BUILD_RECORD``: any
+    other cannot apply); an absent or empty folder gets the pipeline built from ``seed`` saved
+    to it, so the same call builds once and then loads.
 
     ``name="shapes"`` is the exception: the small StableDiffusionPipeline *trained* on rendered
     scenes (``fisedit_compiler.shapes``), loaded from the package's weights folder (``path``:
@@ -380,11 +380,14 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     if folder is None:
         return _build_pipeline(name, seed, dtype)
     if index is not None:
-        if seed != 0:
+        built = _build_record(folder)
+        if seed != 0 and seed != built.get("seed"):
+            made = (f"was built with seed={built['seed']}" if "seed" in built
+                    else "holds a saved pipeline")
             raise FiseditError(
-                f"seed={seed} cannot apply: {path} already holds a saved pipeline, which loads "
-                "with its saved weights; leave seed out to load it, or pass an empty or new "
-                f"folder to build with seed={seed} and save there")
+                f"seed={seed} cannot apply: {path} {made}, which loads with its saved weights; "
+                "leave seed out to load it, or pass an empty or new folder to build with "
+                f"seed={seed} and save there")
         if name is not None:
             _check_saved_matches(name, folder, index)
         return load_pipeline(folder, dtype)
@@ -403,5 +406,22 @@ def pipeline(name: str | None, path=None, *, seed: int = 0, dtype: torch.dtype =
     pipe = _build_pipeline(name, seed, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder)
+    # What built it, so that the same call loads it again (build once, then load).
+    (folder / BUILD_RECORD).write_text(json.dumps({"name": name, "seed": seed}),
+                                       encoding="utf-8")
     return pipe
+
+
+# Beside model_index.json in a folder zoo.pipeline built: the name and seed it was built from.
+BUILD_RECORD = "fisedit_zoo_build.json"
+
+
+def _build_record(folder: Path) -> dict:
+    """The name and seed ``folder``'s pipeline was built from by ``pipeline``; {} if none (a
+    pipeline saved otherwise) or unreadable."""
+    try:
+        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 

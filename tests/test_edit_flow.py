@@ -602,6 +602,22 @@ def test_an_edit_keeps_the_generations_further_arguments_unless_given(sdxl_pipe)
     assert (changed.latents - s.original.latents[-1]).abs().max() > 0.1
 
 
+def test_a_prompt_2_equal_to_the_prompt_follows_the_edits_prompt(sdxl_pipe, monkeypatch):
+    s = EditSession(sdxl_pipe)
+    s.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent",
+               prompt_2="a red circle", negative_prompt="blurry", negative_prompt_2="blurry")
+    seen = {}
+    run = s._run
+
+    def spy(trajectory, *args):
+        seen.update(args[-1])
+        return run(trajectory, *args)
+
+    monkeypatch.setattr(s, "_run", spy)
+    s.edit("a blue circle", mask=_corner_mask(), negative_prompt="dark", output_type="latent")
+    assert seen["prompt_2"] == "a blue circle" and seen["negative_prompt_2"] == "dark"
+
+
 @pytest.mark.parametrize("arguments, match", [
     (dict(prompt_2=["a", "b"]), "prompt_2 must be one str, got list"),
     (dict(negative_prompt_2=5), "negative_prompt_2 must be one str, got int"),
@@ -636,14 +652,27 @@ def test_an_empty_user_mask_warns_and_returns_the_recording(session, pipe, mask_
 
 def test_pipeline_arguments_at_their_defaults_are_taken(session, pipe):
     """timesteps=None, eta=0 and guidance_rescale=0 are the pipeline's defaults: allowed, and
-    the same generation as without them."""
-    s = EditSession(pipe, engine=session.engine)
-    plain = s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent")
-    spelled = s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent",
-                         timesteps=None, sigmas=None, eta=0.0, guidance_rescale=0)
-    assert torch.equal(plain, spelled)
-    result = s.edit("a blue circle", mask=_corner_mask(), eta=0, output_type="latent")
-    assert _outside_equal(result, s.original.latents[-1])
+    the same generation as without them (under DDIM, the scheduler that reads eta)."""
+    from diffusers import DDIMScheduler
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+        s = EditSession(pipe, engine=session.engine)
+        plain = s.generate("a red circle", seed=3, num_inference_steps=2, output_type="latent")
+        spelled = s.generate("a red circle", seed=3, num_inference_steps=2,
+                             output_type="latent", timesteps=None, sigmas=None, eta=0.0,
+                             guidance_rescale=0)
+        assert torch.equal(plain, spelled)
+        result = s.edit("a blue circle", mask=_corner_mask(), eta=0, output_type="latent")
+        assert _outside_equal(result, s.original.latents[-1])
+        # None is no number: diffusers compares these with 0.0 and would fail after a step.
+        for name in ("eta", "guidance_rescale"):
+            with pytest.raises(FiseditError, match=f"{name} must be a number, got None"):
+                s.edit("a blue circle", mask=_corner_mask(), output_type="latent",
+                       **{name: None})
+    finally:
+        pipe.scheduler = original
 
 
 def test_a_result_changed_by_its_caller_does_not_change_the_session(session, pipe):

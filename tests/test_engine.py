@@ -374,6 +374,10 @@ def test_compile_refuses_a_unet_whose_weights_are_on_the_meta_device():
     with pytest.raises(fc.FiseditError, match=r"weights are on the meta device \(e.g. "
                                               r"conv_in.weight\).*load them first"):
         fc.compile(unet)
+    unet._hf_hook = object()        # as enable_sequential_cpu_offload leaves it
+    with pytest.raises(fc.FiseditError, match=r"behind an offloading hook.*"
+                                              r"pipe.remove_all_hooks\(\)"):
+        fc.compile(unet)
 
 
 def test_compile_refuses_a_module_that_is_not_a_unet():

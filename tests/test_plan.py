@@ -292,6 +292,10 @@ def test_a_16_bit_mask_png_is_read_by_its_upper_half(tmp_path):
     assert Image.open(path).mode.startswith("I")
     mask = read_mask_png(str(path))
     assert mask.sum() == 32 and mask[4:8, 8:16].all()
+    Image.fromarray(np.where(values == 65535, 255, 0).astype(np.uint16)).save(path)
+    with pytest.raises(FiseditError, match="16-bit image whose values reach only 255 of 65535"
+                                           ".*save it as an 8-bit PNG"):
+        read_mask_png(str(path))
 
 
 def test_a_mask_image_too_large_to_read_is_refused(tmp_path, monkeypatch):

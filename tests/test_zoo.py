@@ -323,12 +323,17 @@ def test_model_index_that_is_not_an_object(tmp_path, call):
         call(tmp_path)
 
 
-def test_saved_pipeline_refuses_a_seed_and_a_damaged_unet_config(tmp_path):
-    zoo.pipeline("sd15-tiny", path=tmp_path, seed=5)             # built from seed 5 and saved
+def test_saved_pipeline_refuses_another_seed_and_a_damaged_unet_config(tmp_path):
+    built = zoo.pipeline("sd15-tiny", path=tmp_path, seed=5)     # built from seed 5 and saved
+    again = zoo.pipeline("sd15-tiny", path=tmp_path, seed=5)     # the same call loads it
+    assert torch.equal(again.unet.conv_in.weight, built.unet.conv_in.weight)
     for name in ("sd15-tiny", None):                             # the saved weights would load
-        with pytest.raises(FiseditError, match=r"seed=5 cannot apply: .* already holds a saved "
-                                               r"pipeline.*leave seed out"):
-            zoo.pipeline(name, path=tmp_path, seed=5)
+        with pytest.raises(FiseditError, match=r"seed=6 cannot apply: .* was built with "
+                                               r"seed=5.*leave seed out"):
+            zoo.pipeline(name, path=tmp_path, seed=6)
+    (tmp_path / zoo.BUILD_RECORD).unlink()                       # saved by other means
+    with pytest.raises(FiseditError, match=r"seed=5 cannot apply: .* holds a saved pipeline"):
+        zoo.pipeline("sd15-tiny", path=tmp_path, seed=5)
     (tmp_path / "unet" / "config.json").write_text("[1]")
     with pytest.raises(FiseditError, match=r"unet/config.json holds a JSON list, not a U-Net"):
         zoo.pipeline("sd15-tiny", path=tmp_path)

@@ -54,6 +54,12 @@ def check_unet(module) -> None:
     meta = next((name for name, tensor in itertools.chain(module.named_parameters(),
                                                           module.named_buffers())
                  if tensor.is_meta), None)
+    if meta is not None and (hasattr(module, "_hf_hook") or "forward" in module.__dict__):
+        raise FiseditError(
+            f"the U-Net's weights are on the meta device (e.g. {meta}) behind an offloading "
+            "hook (enable_sequential_cpu_offload or a device_map), which loads them only "
+            "inside its own forward; fisedit-compiler runs the U-Net on one device: call "
+            "pipe.remove_all_hooks(), del pipe.unet.forward, and pipe.to(device)")
     if meta is not None:
         # Capture works on shapes alone, so without this the first record would fail only
         # after the whole compile, copying out of a tensor that has no data.

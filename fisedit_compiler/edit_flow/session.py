@@ -295,8 +295,9 @@ class EditSession:
         ``width`` default (None) to the generation's: an edit that left the negative prompt out
         would change the unconditional branch, hence the image, inside the region. So do the
         further pipeline arguments the generation was given (SDXL's ``prompt_2`` and size
-        conditions, ``clip_skip``, a ControlNet's ``image``): pass one to change it (None for
-        the pipeline's default). Pass another
+        conditions, ``clip_skip``, a ControlNet's ``image``): pass one to change it. A
+        ``prompt_2`` (``negative_prompt_2``) the generation gave equal to its prompt (negative
+        prompt) follows the edit's, as one left out does. Pass another
         string to change it, or ``negative_prompt=""`` for none (for SD 1.x/2.x the same as no
         negative prompt; SDXL pipelines with ``force_zeros_for_empty_prompt`` zero the
         unconditional text only when there is no negative prompt at all, which an edit of a
@@ -334,7 +335,8 @@ class EditSession:
         # The further pipeline arguments default to the generation's, as the negative prompt
         # does: SDXL's prompt_2 and size conditions, clip_skip or a ControlNet's image left out
         # would otherwise change the conditioning, hence the image, inside the region.
-        pipeline_kwargs = {**original.pipeline_kwargs, **pipeline_kwargs}
+        pipeline_kwargs = {**_carried_arguments(original, new_prompt, negative_prompt),
+                           **pipeline_kwargs}
         _check_output_type(output_type)
         self._check_scheduler()
         self._check_same_scheduler()
@@ -357,8 +359,10 @@ class EditSession:
         latent_size = tuple(original.noise.shape[-2:])
         user_mask = None
         if mask is not None:
-            user_mask = validate_mask(mask, latent_size).to(original.noise.device)
-            warn_if_marks_nothing(int(user_mask.count_nonzero()), stacklevel=2,
+            user_mask = validate_mask(mask, latent_size)
+            marked = int(user_mask.count_nonzero())     # before the move: no device sync
+            user_mask = user_mask.to(original.noise.device)
+            warn_if_marks_nothing(marked, stacklevel=2,
                                   remedy="mark the region to edit (True), or leave mask out to "
                                          "estimate it from the prompts")
         # The default mask_mode ("replace") cannot be told from a given one, so only a given
@@ -657,8 +661,9 @@ class EditSession:
                 "blending and the pipeline output it reads depend on them); drop them (for the "
                 "noise, pass seed=, generator= or latents= to generate)")
         for name, why in _WHOLE_IMAGE_KWARGS.items():
-            value = pipeline_kwargs.get(name)
-            if value is not None and check_float(name, value) != 0.0:
+            # A number, None included: diffusers compares it with 0.0 (None crashes there).
+            value = pipeline_kwargs[name] if name in pipeline_kwargs else 0.0
+            if check_float(name, value) != 0.0:
                 raise FiseditError(
                     f"{name}={value} {why}, so a change inside the edit region would move the "
                     f"background; leave {name} out (or 0) for edits with an exact background")
@@ -1057,6 +1062,20 @@ def _identical(a, b) -> bool:
         return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
                 and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b)))
     return type(a) is type(b) and a == b
+
+
+def _carried_arguments(original: Trajectory, new_prompt: str,
+                       negative_prompt: str | None) -> dict:
+    """The generation's further pipeline arguments, as an edit takes them when it leaves them
+    out. A second prompt the generation gave equal to its prompt (SDXL's ``prompt_2=prompt``,
+    the same text for both encoders) follows the edit's prompt, as one left out would; so does
+    ``negative_prompt_2`` equal to the negative prompt."""
+    carried = dict(original.pipeline_kwargs)
+    for name, before, now in (("prompt_2", original.prompt, new_prompt),
+                              ("negative_prompt_2", original.negative_prompt, negative_prompt)):
+        if now is not None and carried.get(name) is not None and carried[name] == before:
+            carried[name] = now
+    return carried
 
 
 def check_step_count(name: str, steps: int, limit: int, scheduler: str) -> None:

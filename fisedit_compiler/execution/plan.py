@@ -443,7 +443,14 @@ def read_mask_png(path: str) -> torch.Tensor:
         if image.mode.startswith("I"):
             # 16-bit grayscale (PNG's "I;16" or "I"): Pillow's convert clips rather than
             # scales it, so even a dark grey would read as white; the edit is the upper half.
-            marked = np.asarray(image).astype(np.int64) > 32767
+            values = np.asarray(image)
+            marked = values > 32767
+            if not marked.any() and values.max() > 127:
+                raise FiseditError(
+                    f"the mask {path} is a 16-bit image whose values reach only "
+                    f"{int(values.max())} of 65535, so it marks no pixel (white, above 32767, "
+                    "is an edit); it seems to hold 8-bit values: save it as an 8-bit PNG, or "
+                    "scale it to 65535")
         elif image.mode == "F":
             raise FiseditError(f"the mask {path} holds floating-point pixels (mode F), whose "
                                "white is not defined; save it as an 8-bit PNG (white = edit)")

@@ -55,8 +55,8 @@ def _macs(node: fx.Node) -> int:
 
 def _is_sparse_self(node: fx.Node, config) -> bool:
     """Self-attention that the ``sparse`` policy restricts to the active keys. A self-attention
-    with a mask of its own is not one: it runs dense and exact (``_sparse``), so the oracle
-    and the MAC count must take it as exact too."""
+    with a mask of its own is not one: it runs dense and exact (``_sparse`` declines it), so
+    the oracle must take it as exact too."""
     return (node.meta.get(ir.META_ATTN_KIND) == "self" and config.self_attention == "sparse"
             and node.args[3] is None)
 

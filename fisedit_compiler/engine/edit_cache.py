@@ -260,7 +260,7 @@ class EditCache:
         ``value`` must be a tensor of the recorded one's shape and dtype, on the device the
         cache was recorded on (an offloaded step is copied to the host). Everything is checked
         before the copy, so a refused value leaves the cache as it was."""
-        step = self._recorded(step)
+        step = self.check_recorded(step)
         store = self.steps[step]
         if key not in store:
             keys = list(store)
@@ -289,7 +289,7 @@ class EditCache:
         edit as successive steps of one pass without holding a copy per step (SDXL: 1.4 GiB
         a step). The two steps are then one buffer: a ``replace`` of either changes both."""
         step = check_int("step", step, minimum=0, maximum=self.num_steps - 1)
-        source = self._recorded(source)
+        source = self.check_recorded(source)
         self.steps[step] = self.steps[source]
         if source in self.offloaded:
             self.offloaded.add(step)
@@ -305,7 +305,7 @@ class EditCache:
     def store_on(self, step: int, device: torch.device) -> StepStore:
         """The recorded values of ``step`` on ``device``: as stored, prefetched, or copied now
         (asynchronously from pinned memory, ordered before the work that reads them)."""
-        step = self._recorded(step)
+        step = self.check_recorded(step)
         if step not in self.offloaded:
             return self.steps[step]
         if self._prefetched is not None and self._prefetched[0] == step:
@@ -336,8 +336,9 @@ class EditCache:
             ready.record(self._copy_stream)
         self._prefetched = (step, store, ready)
 
-    def _recorded(self, step: int) -> int:
-        """``step`` as an int, refused unless it has been recorded."""
+    def check_recorded(self, step: int) -> int:
+        """``step`` as an int, refused unless it has been recorded (the engine's edit and
+        prepare check their step here too)."""
         step = check_int("step", step, minimum=0)
         if step not in self.steps:
             recorded = sorted(self.steps) or "none"

@@ -463,11 +463,7 @@ class SparseEngine:
         """``inputs`` for reading recorded ``step`` of ``cache`` (edit, prepare): the step
         recorded, the inputs valid (``_check_inputs``) and of the cache's signature. Checked
         before compiling anything for them."""
-        if step not in cache.steps:
-            recorded = sorted(cache.steps) or "none"
-            raise FiseditError(
-                f"step {step} has not been recorded (recorded steps: {recorded}); call "
-                "engine.record(cache, step, **inputs) on the original generation first")
+        cache.check_recorded(step)
         self._check_inputs(inputs)
         signature = self.signature(inputs)
         if cache.signature != signature:

@@ -483,8 +483,8 @@ def test_registers_on_import_without_entry_point(monkeypatch):
 @pytest.mark.parametrize("model, x", [(torch.nn.Conv2d(3, 3, 3, padding=1), torch.randn(1, 3, 8, 8)),
                                       (torch.nn.Linear(4, 4), torch.randn(2, 4))])
 def test_a_module_that_is_not_a_unet_warns(model, x):
-    with pytest.warns(UnsupportedGraphWarning, match=f"comes from a {type(model).__name__}, "
-                                                     "not a diffusers U-Net"):
+    with pytest.warns(UnsupportedGraphWarning, match=f"fisedit: {type(model).__name__} is not "
+                                                     "a diffusers U-Net"):
         assert torch.equal(torch.compile(model, backend="fisedit")(x), model(x))
 
 

@@ -43,6 +43,7 @@ from .execution.plan import (mask_from_box, mask_to_latent, parse_box, read_mask
                              validate_mask)
 from .graph_keys import LEVELS
 from .passes.analyze import module_path
+from .pipeline_files import read_saved_folder
 
 FORMATS = ("text", "json", "dot", "svg")
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
@@ -503,20 +504,16 @@ def _svg(report: dict) -> str:
 def pipeline_unet(path):
     """The U-Net of the diffusers pipeline saved (``save_pretrained``) in folder ``path``.
 
-    ``zoo.load_pipeline`` reports a missing folder, a missing ``model_index.json`` and missing
-    component folders; a pipeline saved without a U-Net is reported here, before loading.
+    The folder and its ``model_index.json`` are read as ``zoo.load_pipeline`` reads them
+    (``pipeline_files.read_saved_folder``, which reports a missing folder or index), so that a
+    pipeline saved without a U-Net is reported here, before loading; ``zoo.load_pipeline``
+    reports missing component folders.
     """
     _check_pipeline_folder(path)
-    index = Path(path) / "model_index.json"
-    if index.is_file():
-        try:
-            components = json.loads(index.read_text(encoding="utf-8"))
-        except ValueError:
-            components = None  # load_pipeline reports the unreadable index
-        if isinstance(components, dict) and components.get("unet") in (None, [None, None]):
-            raise FiseditError(
-                f"the pipeline saved at {path} has no unet ({index} lists none); fisedit-compiler "
-                "compiles U-Net pipelines (Stable Diffusion 1.x/2.x, SDXL)")
+    if read_saved_folder(path).get("unet") in (None, [None, None]):
+        raise FiseditError(
+            f"the pipeline saved at {path} has no unet ({Path(path) / 'model_index.json'} lists "
+            "none); fisedit-compiler compiles U-Net pipelines (Stable Diffusion 1.x/2.x, SDXL)")
     return zoo.load_pipeline(path).unet
 
 

@@ -142,6 +142,17 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
                            f"({type(error).__name__}: {error})") from error
 
 
+def read_json_object(path) -> dict | None:
+    """The JSON object in file ``path`` (a component's config, a build record), read without
+    loading anything; None where the file is missing, unreadable or holds no object (loading
+    the pipeline then reports what is wrong)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_saved_folder(path) -> dict:
     """The model index of the pipeline saved in folder ``path``, refused (a FiseditError)
     unless ``path`` names a folder that holds one; reads no weights, so commands check their

@@ -18,7 +18,7 @@ from .checks import check_seed
 from .compiler.capture import example_inputs, latent_size  # noqa: F401 - part of the zoo API
 from .errors import FiseditError
 from .pipeline_files import (byte_vocab, check_dtype, check_folder_path, clip_tokenizer,
-                             load_pipeline, read_model_index)
+                             load_pipeline, read_json_object, read_model_index)
 
 # Published configs (diffusers' UNet2DConditionModel / UNet2DModel keyword arguments).
 _SD15 = dict(
@@ -419,9 +419,5 @@ BUILD_RECORD = "fisedit_zoo_build.json"
 def _build_record(folder: Path) -> dict:
     """The name and seed ``folder``'s pipeline was built from by ``pipeline``; {} if none (a
     pipeline saved otherwise) or unreadable."""
-    try:
-        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_object(folder / BUILD_RECORD) or {}
 

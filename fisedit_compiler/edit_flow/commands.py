@@ -18,6 +18,7 @@ import torch
 from ..checks import check_guidance_scale, check_int, check_seed
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
+from ..pipeline_files import read_json_object
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from .session import check_mask_choice, check_step_count, size_multiple
 
@@ -255,11 +256,7 @@ def _saved_config(folder, component: str, file: str = "config.json") -> dict | N
     """The config of a component ("vae", "unet"; "scheduler" in scheduler_config.json) of the
     pipeline saved in ``folder``, read without loading it; None when it has none readable
     (loading the pipeline then reports what is wrong)."""
-    try:
-        config = json.loads((Path(folder) / component / file).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
+    return read_json_object(Path(folder) / component / file)
 
 
 def _vae_scale_factor(vae_config: dict | None) -> int | None:

@@ -44,11 +44,17 @@ def test_edits_of_offloaded_steps_equal_edits_of_kept_ones(setup):
         assert torch.equal(engine.edit(cache, step, plan=plan, **edited), kept)
 
 
+def _step_0_recorded(setup, num_steps: int, **budget):
+    """A cache of ``num_steps`` steps with step 0 recorded, and the key of its output."""
+    engine, steps, _ = setup
+    cache = engine.new_cache(num_steps, **budget)
+    engine.record(cache, 0, **steps[0])
+    return cache, engine.program(steps[0]).output_key
+
+
 def test_replace_keeps_a_step_where_it_is(setup):
     engine, steps, _ = setup
-    cache = engine.new_cache(3, device_budget_bytes=0)
-    engine.record(cache, 0, **steps[0])
-    key = engine.program(steps[0]).output_key
+    cache, key = _step_0_recorded(setup, 3, device_budget_bytes=0)
     value = torch.randn_like(cache.steps[0][key])
     cache.replace(0, key, value)
     assert torch.equal(cache.steps[0][key], value) and 0 in cache.offloaded
@@ -124,9 +130,7 @@ def test_a_step_is_packed_into_one_buffer_keeping_values_and_strides():
 
 def test_replace_refuses_a_value_of_another_shape(setup):
     engine, steps, _ = setup
-    cache = engine.new_cache(1)
-    engine.record(cache, 0, **steps[0])
-    key = engine.program(steps[0]).output_key
+    cache, key = _step_0_recorded(setup, 1)
     before = cache.steps[0][key].clone()
     with pytest.raises(fc.FiseditError, match="cannot replace"):
         cache.replace(0, key, torch.zeros(3))
@@ -135,9 +139,7 @@ def test_replace_refuses_a_value_of_another_shape(setup):
 
 def test_unknown_steps_and_keys_are_refused_naming_the_recorded_ones(setup):
     engine, steps, _ = setup
-    cache = engine.new_cache(3)
-    engine.record(cache, 0, **steps[0])
-    key = engine.program(steps[0]).output_key
+    cache, key = _step_0_recorded(setup, 3)
     value = cache.steps[0][key].clone()
     with pytest.raises(fc.FiseditError, match=r"step 2 has not been recorded \(recorded steps: "
                                               r"\[0\]\); record it with engine.record"):
@@ -154,9 +156,7 @@ def test_unknown_steps_and_keys_are_refused_naming_the_recorded_ones(setup):
 
 def test_replace_refuses_a_value_that_does_not_match_and_changes_nothing(setup):
     engine, steps, _ = setup
-    cache = engine.new_cache(1, device_budget_bytes=0)     # offloaded: stored on the host
-    engine.record(cache, 0, **steps[0])
-    key = engine.program(steps[0]).output_key
+    cache, key = _step_0_recorded(setup, 1, device_budget_bytes=0)   # offloaded: on the host
     recorded = cache.steps[0][key]
     before = recorded.clone()
     for value, message in [(before.double(), "cannot replace.*recorded .* float32, got .* "

@@ -60,7 +60,7 @@ import weakref
 
 import torch
 
-from .checks import check_bool, check_int, check_optional_int
+from .checks import check_bool, check_int, check_optional_int, some_names
 from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, warn_if_training)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
@@ -420,11 +420,12 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
                     "timestep as a tensor, torch.tensor(t), as diffusers pipelines do")
     numbers = _number_inputs(gm, example_inputs, module, graph.arg_names)
     if numbers:
-        return (f"the graph takes the Python number(s) {_names(numbers)} as input(s): Dynamo "
-                "makes a number a graph input once its value changes between calls (a U-Net or "
-                "attention-processor attribute, a cross_attention_kwargs value: an IP-Adapter "
-                "or LoRA scale), and under torch.compile(..., dynamic=True) every float of the "
-                "modules (norm eps, dropout p) from the first call; a recording needs them as "
+        return (f"the graph takes the Python number(s) {some_names(numbers, 4)} as input(s): "
+                "Dynamo makes a number a graph input once its value changes between calls (a "
+                "U-Net or attention-processor attribute, a cross_attention_kwargs value: an "
+                "IP-Adapter or LoRA scale), and under torch.compile(..., dynamic=True) every "
+                "float of the modules (norm eps, dropout p) from the first call; a recording "
+                "needs them as "
                 "constants of the graph (a program would keep the values it was built with); "
                 "compile without dynamic=True (a new resolution then recompiles, which the "
                 "backend handles) and keep such settings fixed, or set "
@@ -443,11 +444,6 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
                 f"its {list(sample.shape)} sample: a graph break split the U-Net call "
                 "(torch.compile(..., fullgraph=True) shows where)")
     return None
-
-
-def _names(names: list[str], shown: int = 4) -> str:
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _number_inputs(gm, example_inputs, module, arg_names) -> list[str]:

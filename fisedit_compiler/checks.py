@@ -123,6 +123,13 @@ def check_no_cross_attention_kwargs(value) -> None:
             "into the U-Net (pipe.fuse_lora()) instead")
 
 
+def some_names(names: list[str], shown: int) -> str:
+    """The first ``shown`` of ``names`` and how many more, for a message that would otherwise
+    list dozens (a U-Net's changed weights, its float attributes)."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"

@@ -43,6 +43,7 @@ from itertools import chain
 
 import torch
 
+from ..checks import some_names
 from ..execution.derived_weights import storage_addresses
 
 # nn.Module's own bookkeeping in every module's __dict__: the parameter, buffer and submodule
@@ -219,14 +220,14 @@ class ModuleState:
         moved = [name for name, old, new in zip(self.weight_names, self.storages, storages)
                  if old != new]
         if moved:
-            changes.append(f"the storage of weight(s) {_names(moved)} was replaced (a .data "
-                           "assignment: PEFT's merge or fuse_lora, .half(), .to())")
+            changes.append(f"the storage of weight(s) {some_names(moved, _SHOWN)} was replaced "
+                           "(a .data assignment: PEFT's merge or fuse_lora, .half(), .to())")
         replaced = [_join(path, key) for container, key, (path, _), old in zip(
             self.tensors.containers, self.tensors.keys, self.tensors.labels, self.tensor_values)
             if key in container and container[key] is not old]
         if replaced:
-            changes.append(f"parameter(s) or buffer(s) {_names(replaced)} replaced by other "
-                           "tensors (module.weight = nn.Parameter(...), "
+            changes.append(f"parameter(s) or buffer(s) {some_names(replaced, _SHOWN)} replaced "
+                           "by other tensors (module.weight = nn.Parameter(...), "
                            "load_state_dict(assign=True))")
         for path, obj, old in zip(self.paths, self.objects, self.types):
             if type(obj) is not old:
@@ -279,11 +280,6 @@ class ModuleState:
 
 def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
-
-
-def _names(names: list[str]) -> str:
-    more = len(names) - _SHOWN
-    return ", ".join(names[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def _type_name(kind: type, other: type) -> str:

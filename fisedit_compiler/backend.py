@@ -134,6 +134,16 @@ def _check_options(options) -> dict:
     return opts
 
 
+def _required_arguments(module) -> list[str]:
+    """The names of ``module.forward``'s arguments without a default ([] if unknown)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 def _frame_module():
     """The module whose call Dynamo is compiling (``self`` of the frame) and its forward's
     positional parameter names; (None, None) if torch does not tell."""
@@ -201,6 +211,14 @@ class FiseditGraph:
         self.input_names = [dynamo_input_name(placeholders[i].name, arg_names)
                             for i in self.input_positions]
         self.arg_names = arg_names
+        # Dynamo drops an input the graph does not read, such as the encoder_hidden_states=None
+        # of Kandinsky 2.2's pipeline. The call bound every required argument of the forward,
+        # so one the graph does not take was None (or unread): it is passed on as None, which
+        # is what the engine takes for it.
+        self.unread_required = [
+            name for name in _required_arguments(module)
+            if not any(taken == name or taken.startswith(name + "_")
+                       for taken in self.input_names)]
         self.module_type = type(module).__name__ if module is not None else None
         self._module = weakref.ref(module) if module is not None else lambda: None
         self._probe = None if self.param_positions else next(iter(gm.parameters()), None)
@@ -240,8 +258,10 @@ class FiseditGraph:
                     "(contextvars.copy_context().run(...))")
         return self.forward(*args)            # another module's graph
 
-    def flat_inputs(self, args) -> dict[str, torch.Tensor]:
-        return {name: args[i] for name, i in zip(self.input_names, self.input_positions)}
+    def flat_inputs(self, args) -> dict[str, torch.Tensor | None]:
+        """The call's U-Net inputs by the names the engine takes (``unread_required`` None)."""
+        return dict.fromkeys(self.unread_required) | {
+            name: args[i] for name, i in zip(self.input_names, self.input_positions)}
 
     @property
     def programs_built(self) -> int:
@@ -758,9 +778,16 @@ class _RecordState(_State):
             if rec.growable and step not in rec.cache.steps:
                 rec.cache.resize(size)
             raise
-        rec.inputs.append({name: value.detach().clone() for name, value in flat.items()})
+        rec.inputs.append(_kept(flat))
         rec.outputs.append(output.detach().clone())
         return (output,)
+
+
+def _kept(flat: dict) -> dict:
+    """A call's inputs as a recording or edit keeps them: copies, the caller's own tensors
+    free to change."""
+    return {name: None if value is None else value.detach().clone()
+            for name, value in flat.items()}
 
 
 # What changes a U-Net's Dynamo graph without changing its inputs, for messages.
@@ -784,16 +811,15 @@ def _changed_since_recording(why: str) -> str:
 
 
 def _input_names_changed(signature: tuple, recorded: tuple) -> str:
-    """Why two signatures name other inputs: Dynamo makes a Python number that changed
-    between calls (a float in cross_attention_kwargs) an input of its next graph."""
+    """Which inputs a call adds or drops against the recorded ones, for the message. (A
+    Python number Dynamo made an input is refused before, as the graph's problem.)"""
     names, before = {entry[0] for entry in signature}, {entry[0] for entry in recorded}
     if names == before:
         return ""
     parts = [f"{verb} {', '.join(sorted(which))}" for verb, which in
              (("adds", names - before), ("drops", before - names)) if which]
-    return (f" (the call {' and '.join(parts)}: Dynamo makes a Python number of the call, such "
-            "as a cross_attention_kwargs scale, a graph input once its value changes, so "
-            "the settings differ from the recorded ones)")
+    return (f" (the call {' and '.join(parts)}: an argument, such as ControlNet residuals or "
+            "an added condition, is given at one call and not at the other)")
 
 
 class _EditState(_State):
@@ -830,7 +856,7 @@ class _EditState(_State):
                                                         "for it"))
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         ed.steps.append(step)
-        ed.inputs.append({name: value.detach().clone() for name, value in flat.items()})
+        ed.inputs.append(_kept(flat))
         ed.outputs.append(output.detach().clone())
         return (output,)
 

@@ -115,12 +115,17 @@ def check_prompt(name: str, value, *, optional: bool = False) -> None:
 
 def check_no_cross_attention_kwargs(value) -> None:
     """``cross_attention_kwargs`` (attention processor options) would be dropped by the
-    compiled graphs, which run the U-Net's own attention: refused wherever it can be passed."""
-    if value is not None:
-        raise FiseditError(
-            "cross_attention_kwargs (attention processor options such as a LoRA scale) are not "
-            "supported: the compiled graphs run the U-Net's own attention; fuse LoRA weights "
-            "into the U-Net (pipe.fuse_lora()) instead")
+    compiled graphs, which run the U-Net's own attention: refused wherever it can be passed
+    (an empty dict, which asks for nothing, is taken as None)."""
+    if value is None or (isinstance(value, dict) and not value):
+        return
+    keys = f" {sorted(map(str, value))}" if isinstance(value, dict) else ""
+    raise FiseditError(
+        f"cross_attention_kwargs{keys} (attention processor options such as a LoRA scale or "
+        "GLIGEN's grounding inputs) are not supported here: the compiled graphs run the "
+        "U-Net's own attention without them; fuse LoRA weights into the U-Net "
+        "(pipe.fuse_lora()), or record and edit through the torch.compile backend "
+        "(fc.recording / fc.editing), which compiles the U-Net call with them")
 
 
 def some_names(names: list[str], shown: int) -> str:

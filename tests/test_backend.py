@@ -748,6 +748,24 @@ def test_a_failed_recorded_call_leaves_the_recording_as_it_was(sd15):
     assert_same_state(before, rec)
 
 
+@torch.no_grad()
+def test_an_edit_without_the_recorded_controlnet_residuals_is_refused_naming_them(sd15):
+    unet, compiled, inputs = sd15
+    t = torch.tensor(500)
+    residuals = [torch.randn(2, c, s, s) for c, s in ((32, 16), (32, 16), (32, 8), (64, 8),
+                                                      (64, 8))]
+    with fc.recording(compiled) as rec:
+        compiled(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                 down_block_additional_residuals=residuals,
+                 mid_block_additional_residual=torch.randn(2, 64, 8, 8), return_dict=False)
+    before = state_of(rec)
+    with pytest.raises(fc.FiseditError, match=r"the call drops down_block_additional_residuals_0"
+                                              r".*: an argument, such as ControlNet residuals"):
+        with fc.editing(rec, box((16, 16), 4, 4, 8, 8)):
+            call(compiled, inputs, t)
+    assert_same_state(before, rec)
+
+
 @pytest.mark.parametrize("options, match", [({"strict": "no"}, "strict must be True or False"),
                                             ({"strict": 1}, "strict must be True or False"),
                                             ("strict", "options must be a dict"),

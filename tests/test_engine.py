@@ -297,8 +297,15 @@ def test_an_edit_pass_follows_a_schedule_tensor_under_inference_mode(sd15_tiny):
             expected = fc.oracle.masked_dense(engine, plan, dict(inputs, timestep=t),
                                               dict(new, timestep=t))
             assert relative_error(actual, expected) <= 1e-5
-        with pytest.raises(fc.FiseditError, match="recorded at timestep"):
+        with pytest.raises(fc.FiseditError, match=r"recorded at timestep \[300\] but the edit "
+                                                  r"passes \[600\]"):
             engine.edit(cache, 2, plan=plan, **dict(new, timestep=schedule[1]))
+        # Per-sample timesteps: each sample's is shown where they differ.
+        per_sample = engine.new_cache(1)
+        engine.record(per_sample, 0, **dict(inputs, timestep=torch.tensor([900, 300])))
+        with pytest.raises(fc.FiseditError, match=r"recorded at timestep \[900, 300\] but the "
+                                                  r"edit passes \[300, 900\]"):
+            engine.edit(per_sample, 0, plan=plan, **dict(new, timestep=torch.tensor([300, 900])))
 
 
 def test_inputs_the_unet_itself_fails_on_are_refused_at_record():
@@ -453,7 +460,8 @@ def test_a_python_number_timestep_is_a_graph_input(timestep, frontend):
 
 @pytest.mark.parametrize("extra, message", [
     ({"foo": 1}, "unknown U-Net input"),
-    ({"cross_attention_kwargs": {"scale": 0.5}}, "cross_attention_kwargs"),
+    ({"cross_attention_kwargs": {"scale": 0.5}}, r"cross_attention_kwargs \['scale'\].*"
+                                                 r"fuse_lora.*torch.compile backend"),
     ({"return_dict": True}, "return_dict"),
     ({"class_labels": "cat"}, "class_labels must be a tensor"),
     ({"class_labels": torch.tensor([1, 2])}, "no class embedding .* would be ignored"),
@@ -465,6 +473,15 @@ def test_stray_keywords_are_refused_not_ignored(sd15_tiny, extra, message):
         engine.edit(cache, 0, plan=plan, **dict(inputs, **extra))
     with pytest.raises(fc.FiseditError, match=message):
         engine.record(engine.new_cache(1), 0, **dict(inputs, **extra))
+
+
+def test_empty_cross_attention_kwargs_ask_for_nothing(sd15_tiny):
+    engine, cache, inputs, recorded = sd15_tiny
+    mask = box((16, 16), 1, 1, 3, 3)
+    plan = engine.plan(mask)
+    changed = edited(inputs, mask)
+    assert torch.equal(engine.edit(cache, 0, plan=plan, cross_attention_kwargs={}, **changed),
+                       engine.edit(cache, 0, plan=plan, **changed))
 
 
 def test_missing_and_misplaced_inputs_are_refused_before_capture(sd15_tiny):

@@ -591,8 +591,8 @@ class SparseEngine:
         new = self._host_values.read(new)
         if not torch.equal(recorded, new):
             raise FiseditError(
-                f"step {step} was recorded at timestep {recorded.flatten()[:1].tolist()} but the "
-                f"edit passes {new.flatten()[:1].tolist()}; edits must follow the recorded "
+                f"step {step} was recorded at timestep {_timestep_text(recorded)} but the "
+                f"edit passes {_timestep_text(new)}; edits must follow the recorded "
                 "scheduler timesteps (same scheduler and step count)")
 
     @staticmethod
@@ -786,6 +786,14 @@ def _text_width(unet, cross_attention: bool) -> tuple[int, str] | None:
     dims = set(dims) if isinstance(dims, (list, tuple)) else {dims}
     width = dims.pop() if len(dims) == 1 else None
     return (width, "config.cross_attention_dim") if isinstance(width, int) else None
+
+
+def _timestep_text(timestep: torch.Tensor) -> str:
+    """A timestep for a message: its one value, or each sample's where they differ."""
+    values = timestep.flatten().tolist()
+    if len(set(values)) <= 1:
+        return str(values[:1])
+    return str(values[:8])[:-1] + (", ...]" if len(values) > 8 else "]")
 
 
 def _leaves(value) -> list:

@@ -61,8 +61,10 @@ class SparseConfig:
         (fp16: SD1.5 113 MB, 6.6% of its weights; SDXL 1.30 GB, 25%; RESULTS.md).
     hoist_pass_constants: compute what depends only on the inputs an edit pass holds fixed (the
         cross-attentions' K/V of the text, added conditions, an image hint's encoder) once per
-        pass instead of at every step (``passes.hoist_pass_constants``); the values are
-        computed again whenever those inputs or the weights change, so this only moves work.
+        pass instead of at every step (``passes.hoist_pass_constants``): at each pass's first
+        step, and again on a later step whose inputs or weights changed by a write torch
+        counts (in-place ops, new tensors; not ``.data`` or NumPy views: ``engine.pass_values``).
+        Off, they are computed at every step.
     conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
         ``gather`` (the mixed input's taps as a dense matrix, then cuBLAS and the epilogue:
         three launches, 1.3-2.6x faster than one implicit-GEMM launch at SD1.5's shapes) or

@@ -77,3 +77,17 @@ def test_a_copy_follows_a_data_assignment_of_its_source():
     weight.data = weight.data * 3           # no version bump: the storage moved
     again = derived.get((weight,), pack_weight)
     assert again is first and torch.equal(again, pack_weight(weight))
+
+
+def test_a_copy_made_under_inference_mode_is_refreshed_outside_it():
+    """An edit under torch.inference_mode makes the copies inference tensors; the weights
+    changed in place afterwards (a LoRA fused), a refresh outside it still writes them."""
+    derived = DerivedWeights()
+    weight = torch.randn(4, 3, 3, 3)
+    with torch.inference_mode():
+        first = derived.get((weight,), pack_weight)
+    with torch.no_grad():
+        weight.mul_(2)
+    derived.refresh()
+    assert torch.equal(first, pack_weight(weight))
+    assert derived.get((weight,), pack_weight) is first

@@ -553,6 +553,36 @@ def test_a_recording_made_with_other_weights_is_refused():
                                                   **edited(inputs, mask)), rtol=0, atol=0)
 
 
+def test_a_new_generation_after_weights_written_without_a_version_count_uses_them():
+    """An EMA model's copy_to writes param.data, which moves no version counter: nothing can
+    tell mid-generation, but a new generation's recording makes the derived copies (grouped
+    projections, packed conv weights) again, so its edits are those of the U-Net as it is."""
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet)
+    mask = box((16, 16), 1, 1, 5, 5)
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **inputs)
+    engine.edit(cache, 0, plan=engine.plan(mask), **edited(inputs, mask))  # copies made
+    weights = [unet.mid_block.resnets[0].conv1.weight,
+               unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight]
+    saved = [weight.detach().clone() for weight in weights]
+    for weight in weights:
+        weight.data.mul_(1.5)
+    try:
+        cache = engine.new_cache(1)
+        engine.record(cache, 0, **inputs)
+        result = engine.edit(cache, 0, plan=engine.plan(mask), **edited(inputs, mask))
+        fresh = fc.compile(unet)
+        fresh_cache = fresh.new_cache(1)
+        fresh.record(fresh_cache, 0, **inputs)
+        assert torch.equal(result, fresh.edit(fresh_cache, 0, plan=fresh.plan(mask),
+                                              **edited(inputs, mask)))
+    finally:
+        for weight, value in zip(weights, saved):
+            weight.data.copy_(value)
+
+
 def test_a_plan_with_other_tiles_names_them(sd15_tiny):
     engine, cache, inputs, _ = sd15_tiny
     other = engine.with_config(fc.SparseConfig(tile=2, check_inputs=True))

@@ -1,5 +1,6 @@
-"""engine.pass_values: the pass constants are computed once per edit pass, and again whenever
-what they are computed from changes (new or rewritten text states, weights changed in place).
+"""engine.pass_values: the pass constants are computed at every edit pass's first step, and
+again on its later steps whenever what they are computed from changes (new or rewritten text
+states, weights changed in place).
 
 Every edit here is compared with an engine that computes them at every step
 (``hoist_pass_constants=False``), bit for bit. The CUDA-graph side (static buffers loaded once
@@ -41,12 +42,20 @@ class Editing:
                 engine.record(cache, step, **self.inputs)
             self.caches.append(cache)
 
-    def edit_pass(self, edited: dict) -> list:
-        """A pass over every step, checked against the reference engine's."""
+    def edit_pass(self, edited: dict, between=None) -> list:
+        """A pass over every step, checked against the reference engine's. ``between(inputs)``
+        runs after each step but the last, on that engine's own copy of ``edited``."""
         outputs = []
         for engine, cache in zip((self.engine, self.reference), self.caches):
             plan = engine.plan(self.mask)
-            outputs.append([engine.edit(cache, step, plan, **edited) for step in range(STEPS)])
+            inputs = edited if between is None else {
+                name: value.clone() if isinstance(value, torch.Tensor) else value
+                for name, value in edited.items()}
+            outputs.append([])
+            for step in range(STEPS):
+                outputs[-1].append(engine.edit(cache, step, plan, **inputs))
+                if between is not None and step + 1 < STEPS:
+                    between(inputs)
         for hoisted, computed in zip(*outputs):
             assert torch.equal(hoisted, computed)
         return outputs[0]
@@ -65,23 +74,40 @@ def test_a_pass_computes_its_constants_once(unet):
     edited = editing.edited(0.5)
     editing.edit_pass(edited)
     assert editing.computed == 1
-    editing.edit_pass(edited)                   # the same tensors in the next pass: kept
-    assert editing.computed == 1
-    editing.edit_pass(editing.edited(-0.5))     # a new prompt
+    editing.edit_pass(edited)                   # every pass's first step computes them
     assert editing.computed == 2
+    editing.edit_pass(editing.edited(-0.5))     # a new prompt
+    assert editing.computed == 3
 
 
-def test_text_states_rewritten_in_place_are_seen(unet):
+def test_text_states_rewritten_in_place_mid_pass_are_seen(unet):
+    """A step-end callback that rewrites the prompt embeddings between two steps of a pass."""
+    editing = Editing(unet)
+    edited = editing.edited(0.5)
+
+    def rewrite(inputs):
+        inputs["encoder_hidden_states"].mul_(-1)            # the same tensor, new values
+
+    outputs = editing.edit_pass(edited, between=rewrite)
+    assert editing.computed == STEPS and not torch.equal(outputs[0], outputs[1])
+
+    def reassign(inputs):
+        # A .data assignment moves the storage and leaves the version counter as it was.
+        inputs["encoder_hidden_states"].data = inputs["encoder_hidden_states"].data * 3
+
+    editing.edit_pass(edited, between=reassign)
+    assert editing.computed == 2 * STEPS
+
+
+def test_writes_that_move_no_version_counter_are_seen_by_the_next_pass(unet):
+    """``.data`` writes between passes (a CUDA graph replayed into the text states' buffer
+    writes so): the next pass's first step computes the constants from the new values."""
     editing = Editing(unet)
     edited = editing.edited(0.5)
     first = editing.edit_pass(edited)
-    edited["encoder_hidden_states"].mul_(-1)    # the same tensor, new values
-    second = editing.edit_pass(edited)
-    assert editing.computed == 2 and not torch.equal(first[0], second[0])
-    # A .data assignment moves the storage and leaves the version counter as it was.
-    edited["encoder_hidden_states"].data = edited["encoder_hidden_states"].data * 3
-    editing.edit_pass(edited)
-    assert editing.computed == 3
+    edited["encoder_hidden_states"].data.mul_(-1)
+    second = editing.edit_pass(edited)      # checked against the engine without constants
+    assert not torch.equal(first[0], second[0])
 
 
 def test_weights_changed_in_place_are_seen(unet):
@@ -138,9 +164,8 @@ def test_weights_written_without_a_version_count_then_recorded_again_are_seen(un
 def test_graph_static_buffers_take_each_pass_constants_once(unet, monkeypatch):
     """The CUDA-graph path's bookkeeping, on the CPU: ``CapturedSteps`` with a stand-in for
     the captured graph whose replay runs the step again on the static buffers (what a real
-    replay computes). A new prompt's pass must reload the constants' buffers, a pass with the
-    same tensors must not copy them again, and an input only the constants read has no
-    buffer. The real graphs are tested on the GPU in test_cuda_graph.py."""
+    replay computes). Each pass loads the constants' buffers once, at its first step (the
+    later steps keep them), and an input only the constants read has no buffer. The real graphs are tested on the GPU in test_cuda_graph.py."""
     from fisedit_compiler.engine import cuda_graph
 
     copies = []
@@ -169,12 +194,12 @@ def test_graph_static_buffers_take_each_pass_constants_once(unet, monkeypatch):
         eager.record(eager_cache, step, **editing.inputs)
     first, second = editing.edited(0.5), editing.edited(-0.5)
     steps = graphs.captured_steps(**editing.inputs)
-    for edited, reloads in ((first, 0), (second, 1), (second, 1), (first, 2)):
+    for edited, reloads in ((first, 0), (second, 1), (second, 2), (first, 3)):
         plan = graphs.plan(editing.mask, bucketed=True)
         eager_plan = eager.plan(editing.mask, bucketed=True)
         for step in range(STEPS):
             replayed = graphs.edit(cache, step, plan, **edited)
             assert torch.equal(replayed, eager.edit(eager_cache, step, eager_plan, **edited))
-        # The first pass's values were cloned into the buffers; each new prompt's copied once.
+        # The first pass's values were cloned into the buffers; each later pass's copied once.
         assert sum(static is steps.values for static in copies) == reloads
     assert steps.inputs["encoder_hidden_states"] is None and "sample" in steps.read

@@ -185,6 +185,11 @@ class SparseEngine:
                 "the U-Net's weights changed in place since this generation's first recorded "
                 "step (a LoRA loaded or fused, fine-tuning): one recording must use one set of "
                 "weights; record the whole generation again in engine.new_cache()")
+        if cache.weight_versions is None:
+            # A new generation starts from the weights as they are: the derived copies are
+            # made again, in case the weights were written without a version count since
+            # (an EMA model's copy_to writes param.data), which nothing else could tell.
+            self.refresh_weights()
         flat = flatten_inputs(inputs)
         store: dict = {}
         try:
@@ -278,7 +283,8 @@ class SparseEngine:
                                 self.config.thresholds_for(program.levels), device=device,
                                 buckets=[bucket])
                 if not steps.captured(plan):
-                    steps.capture(plan, flat, store, self._values_for(program, flat))
+                    steps.capture(plan, flat, store,
+                                  self._values_for(program, flat, new_pass=True))
                     captured += 1
             torch.cuda.synchronize(device)
         return {"prepare_s": time.perf_counter() - started, "graphs_captured": captured}
@@ -340,23 +346,24 @@ class SparseEngine:
             self._check_unchanged(cache, full=full)
             if self.config.check_inputs:
                 self._check_outside_mask(cache, step, plan, flat)
-            output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs)
+            output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs,
+                                     new_pass=full)
             if step + 1 < cache.num_steps:
                 cache.prefetch(step + 1, device)    # overlaps this step's compute
         cache.last_edit = (weakref.ref(plan), step)     # after success: the pass goes on
         return output
 
     def _edit_step(self, program: Program, plan: MaskPlan, flat: dict, store: dict,
-                   graphs: bool):
+                   graphs: bool, new_pass: bool):
         if plan.empty and program.output_key in store:
             return store[program.output_key].clone()   # nothing active: the recorded output
-        values = self._values_for(program, flat)
+        values = self._values_for(program, flat, new_pass)
         if graphs:
             return self._captured_steps(program)(plan, flat, store, values)
         extra = {} if values is None else {PASS_VALUES_INPUT: values}
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store}, **extra)
 
-    def _values_for(self, program: Program, flat: dict) -> tuple | None:
+    def _values_for(self, program: Program, flat: dict, new_pass: bool) -> tuple | None:
         """The values of ``program``'s pass constants for ``flat`` (computed once per pass:
         ``PassValues``), or None when its edit graph has none. The weights' token is their
         version counters as the derived copies were last made from (``refresh_weights``
@@ -365,7 +372,7 @@ class SparseEngine:
             return None
         if program.signature not in self._pass_values:
             self._pass_values[program.signature] = PassValues(program.pass_constants)
-        return self._pass_values[program.signature](flat, self._derived_versions)
+        return self._pass_values[program.signature](flat, self._derived_versions, new_pass)
 
     def add_program(self, program: Program) -> Program:
         """Use ``program`` (compiled elsewhere, e.g. by the "fisedit" backend) for its signature,

@@ -2,23 +2,23 @@
 
 Why: ``passes.hoist_pass_constants`` moves what an edit step computes from the inputs a pass
 holds fixed (the text's K/V projections, ...) into a graph of its own; something must run that
-graph when, and only when, its values would change. A pipeline's loop passes the same tensors
-(its prompt embeddings, added conditions) at every step of a pass, so the values are kept with
-those tensors (held here, so that no other tensor can take their place at their addresses),
-their version counters and data addresses (an in-place write moves a counter; a ``.data``
-assignment moves an address), and the engine's token for its weights (a new token whenever the
-weights changed in place); any difference computes them again. An inference tensor, which has
-no version counter, cannot be told unchanged: its values are computed at every step, as they
-were before the pass moved them.
+graph when, and only when, its values would change. Every pass's first step computes them (a
+new pass is where a new prompt or new weights come in, by whatever means they were written).
+A pipeline's loop passes the same tensors (its prompt embeddings, added conditions) at every
+step of a pass, so for the pass's later steps the values are kept with those tensors (held
+here, so that no other tensor can take their place at their addresses), their version
+counters and data addresses (an in-place write moves a counter; a ``.data`` assignment moves
+an address), and the engine's token for its weights (a new token whenever the weights changed
+in place); any difference computes them again, as for a pipeline whose step-end callback
+switches the prompt mid-pass. An inference tensor, which has no version counter, cannot be
+told unchanged: its values are computed at every step, as they were before the pass moved
+them.
 
-Writes that move no counter and no address are not seen: through ``tensor.data`` (``.data.mul_``,
-an EMA model's ``param.data.copy_``), a NumPy view, another tensor ``set_`` to the same storage.
-The engine's other checks share that limit (``engine.engine``'s module docstring), and a pass's
-steps re-read their inputs' values only where a pipeline rewrites its text states mid-pass,
-which it does with tracked in-place ops or new tensors. For weights written so, every
-``record`` drops the kept values (the engine clears them), so a generation recorded after an
-EMA copy edits with constants of its own weights; ``refresh_weights`` replaces the weights
-token too.
+Within a pass, writes that move no counter and no address are not seen: through
+``tensor.data`` (``.data.mul_``), a NumPy or DLPack view, another tensor ``set_`` to the same
+storage, a CUDA graph replayed into the text states' buffer. A step computed in place would see
+them; a pipeline that changes its text states mid-pass does so with new tensors or tracked
+in-place ops, and ``hoist_pass_constants=False`` computes the constants at every step.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ class PassValues:
         self._kept: tuple | None = None
         self.computed = 0          # how many times the values were computed
 
-    def __call__(self, flat: dict, weights_token) -> tuple:
+    def __call__(self, flat: dict, weights_token, new_pass: bool) -> tuple:
         """The values for the fixed inputs in ``flat`` (by name) under the weights that
-        ``weights_token`` stands for: the kept tuple itself while nothing changed, so that
-        a caller can tell by identity that they are the ones it loaded before."""
+        ``weights_token`` stands for, computed afresh at a ``new_pass``'s first step; on its
+        later steps the kept tuple itself while nothing changed, so that a caller can tell by
+        identity that they are the ones it loaded before."""
         inputs = tuple(flat[name] for name in self.names)
         kept = self._kept
-        if kept is not None and _unchanged(kept, inputs, weights_token):
+        if not new_pass and kept is not None and _unchanged(kept, inputs, weights_token):
             return kept[-1]
         values = tuple(self.constants(**dict(zip(self.names, inputs))))
         self.computed += 1

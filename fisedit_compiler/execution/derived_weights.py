@@ -72,6 +72,7 @@ class DerivedWeights(torch.nn.Module):
         return sum(entry[2].numel() * entry[2].element_size() for entry in self._entries.values())
 
     @staticmethod
+    @torch.inference_mode()     # a copy first made under inference mode is writable only there
     def _rebuild(entry: list) -> None:
         sources = [ref() for ref in entry[0]]
         entry[2].copy_(entry[3](*sources))

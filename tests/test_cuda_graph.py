@@ -176,7 +176,8 @@ def test_pass_constants_load_once_per_pass_and_follow_prompts_and_weights():
     finally:
         with torch.no_grad():
             text_k.div_(1.5)
-    assert engine._pass_values[program.signature].computed == 3
+    # The recording dropped the kept values (a new PassValues); its one pass computed them.
+    assert engine._pass_values[program.signature].computed == 1
 
 
 def test_module_changes_are_refused_on_the_captured_paths_and_undone_edits_replay():

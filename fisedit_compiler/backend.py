@@ -770,15 +770,16 @@ class _RecordState(_State):
         size = rec.cache.num_steps
         if rec.growable:
             rec.cache.resize(max(size, step + 1))
+        kept = _kept(flat)      # before the step is stored: a failed copy stores nothing
         try:
             output = rec.engine.record(rec.cache, step, **flat)
         except BaseException:
-            # A failed call leaves the recording as it was (record stores the step last, so a
-            # stored step means only an interrupt after it: that step is then kept).
+            # A failed call leaves the recording as it was (record stores the step at its
+            # end, so a stored step means only an interrupt after it: that step is then kept).
             if rec.growable and step not in rec.cache.steps:
                 rec.cache.resize(size)
             raise
-        rec.inputs.append(_kept(flat))
+        rec.inputs.append(kept)
         rec.outputs.append(output.detach().clone())
         return (output,)
 
@@ -855,9 +856,11 @@ class _EditState(_State):
             raise FiseditError(_changed_since_recording("Dynamo compiled another U-Net graph "
                                                         "for it"))
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
+        # Copied before the edit notes the step: a failed copy leaves it as it was.
+        kept, edited = _kept(flat), output.detach().clone()
         ed.steps.append(step)
-        ed.inputs.append(_kept(flat))
-        ed.outputs.append(output.detach().clone())
+        ed.inputs.append(kept)
+        ed.outputs.append(edited)
         return (output,)
 
 

@@ -146,6 +146,32 @@ def test_restore_refuses_a_bad_index_and_changes_nothing(edited_pool, index, mes
     assert_unchanged(edited_pool, before)
 
 
+def _fails(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+@pytest.mark.parametrize("where, call", [
+    ("engine.prepare", lambda pool: pool.generate("a", replace(GENERATION, seed=5))),
+    ("pool._dense_regeneration_s", lambda pool: pool.edit("a", EDIT)),
+    ("session.generate", lambda pool: pool.restore("a", 0)),
+], ids=["generate-prepare", "edit-timing", "restore-replay"])
+def test_a_call_that_fails_on_the_way_changes_nothing(edited_pool, monkeypatch, where, call):
+    """Out of memory late in a call (the CUDA-graph captures after a generation, the dense
+    timing run after an edit, the replay of a restore): the tab keeps its recording, its
+    current entry and the edit it can accept."""
+    pool = edited_pool
+    session = pool.tabs["a"].session
+    owner, name = where.split(".")
+    target = {"engine": pool.engine, "pool": pool, "session": session}[owner]
+    before, original = snapshot(pool), session.original
+    with monkeypatch.context() as patch:
+        patch.setattr(target, name, _fails)
+        with pytest.raises(torch.OutOfMemoryError):
+            call(pool)
+    assert_unchanged(pool, before)
+    assert session.original is original
+
+
 def test_calls_of_an_unknown_tab_create_no_tab(edited_pool):
     pool = edited_pool
     before = snapshot(pool)

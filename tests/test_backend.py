@@ -749,6 +749,34 @@ def test_a_failed_recorded_call_leaves_the_recording_as_it_was(sd15):
 
 
 @torch.no_grad()
+def test_an_edit_call_that_fails_copying_its_result_is_not_counted(sd15, monkeypatch):
+    """Out of memory while the editing context copies a call's inputs and output: the call
+    raises, the context has not counted it, and the pipeline's retry edits the same step."""
+    from fisedit_compiler import backend
+
+    unet, compiled, inputs = sd15
+    timesteps = [torch.tensor(900), torch.tensor(800)]
+    with fc.recording(compiled) as rec:
+        for t in timesteps:
+            call(compiled, inputs, t)
+    mask = box((16, 16), 4, 4, 8, 8)
+    new = edited(inputs, mask)
+    with fc.editing(rec, mask) as ed:
+        first = call(compiled, new, timesteps[0])
+        with monkeypatch.context() as patch:
+            def out_of_memory(flat):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            patch.setattr(backend, "_kept", out_of_memory)
+            with pytest.raises(torch.OutOfMemoryError):
+                call(compiled, new, timesteps[1])
+        assert ed.steps == [0] and len(ed.inputs) == len(ed.outputs) == 1
+        second = call(compiled, new, timesteps[1])
+    assert ed.steps == [0, 1] and torch.equal(ed.outputs[0], first)
+    assert torch.equal(ed.outputs[1], second)
+
+
+@torch.no_grad()
 def test_an_edit_without_the_recorded_controlnet_residuals_is_refused_naming_them(sd15):
     unet, compiled, inputs = sd15
     t = torch.tensor(500)

@@ -1074,6 +1074,27 @@ def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypat
     assert _outside_equal(result, s.original.latents[-1])
 
 
+def test_a_generate_that_fails_while_preparing_leaves_the_session_as_it_was(other_session,
+                                                                            monkeypatch):
+    """engine.prepare (CUDA-graph captures, compiles) runs after the pipeline: out of memory
+    there must not leave a half-installed generation."""
+    s = other_session
+    s.generate("a red circle", num_inference_steps=2, output_type="latent")
+    before = _state(s)
+    reference = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(s.engine, "prepare", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            s.generate("a green square", seed=3, num_inference_steps=2, output_type="latent")
+    assert _state(s) == before
+    again = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    assert torch.equal(again.latents, reference.latents)
+
+
 # The U-Net the session runs: pipe.unet must stay the session's, with its class's forward.
 
 def _state(s):

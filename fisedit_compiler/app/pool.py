@@ -131,11 +131,12 @@ class SessionPool:
                 latent_size = tuple(tab.session.original.noise.shape[-2:])
                 recipe = replace(recipe, mask=_latent_mask(recipe.mask, latent_size))
             result = self._edit(tab, recipe)
+            dense_s = self._dense_regeneration_s(tab.current.generation, recipe.prompt)
+            # Only an edit the page is shown can be accepted.
             tab.last_edit = (recipe, result)
             self._used(tab_id, tab)
             return EditView(result.images[0], result.mask.cpu(),
-                            result.plan.levels[0].active.cpu(), result.report,
-                            self._dense_regeneration_s(tab.current.generation, recipe.prompt))
+                            result.plan.levels[0].active.cpu(), result.report, dense_s)
 
     def accept(self, tab_id: str) -> HistoryEntry:
         """Make the tab's last edit its new original (continuous editing); returns the new
@@ -168,10 +169,12 @@ class SessionPool:
                 raise FiseditError(f"there is no history entry {index}; the history has "
                                    f"{len(entries)} entries")
             entry = entries[index]
-            # Until the replay has finished the recording is no entry's (the replay may fail),
-            # and the last edit, of the recording being replaced, can no longer be accepted.
-            tab.current, tab.last_edit = None, None
+            # A failed generate leaves the session (and so the tab) as it was. Once it has
+            # run, until the replay has finished the recording is no entry's (an accepted
+            # edit's replay may fail), and the last edit, of the replaced recording, can no
+            # longer be accepted.
             self._generate(tab, entry.generation)
+            tab.current, tab.last_edit = None, None
             for recipe in entry.accepted_edits:
                 tab.session.accept(self._edit(tab, recipe))
             tab.current, tab.evicted = entry, False

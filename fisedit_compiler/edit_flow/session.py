@@ -217,7 +217,14 @@ class EditSession:
 
         start = time.perf_counter()
         images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
-        self.generate_time_s = time.perf_counter() - start
+        generate_time_s = time.perf_counter() - start
+        # Compile now what edits would otherwise compile on their way (the dense graph of the
+        # probe steps, one captured sparse step per capacity bucket), so that the first edit
+        # runs at the speed of later ones; a one-time cost, reported apart. Before the new
+        # generation replaces the old one: a failure here (out of memory while capturing)
+        # leaves the session as it was.
+        report = self.engine.prepare(cache, 0, **trajectory.unet_inputs[0])
+        report["prepare_s"] += self._prepare_contrast_call(trajectory)
         # A private copy: edits composite against it, and the caller may change the returned
         # arrays in place.
         trajectory.images = _copy_images(images)
@@ -225,19 +232,15 @@ class EditSession:
         self._scheduler = _scheduler_identity(self.pipe.scheduler)
         self.seed = seed
         self._generation += 1
-        # Compile now what edits would otherwise compile on their way (the dense graph of the
-        # probe steps, one captured sparse step per capacity bucket), so that the first edit
-        # runs at the speed of later ones; a one-time cost, reported apart.
-        self.prepare_report = self.engine.prepare(cache, 0, **trajectory.unet_inputs[0])
-        self._prepare_contrast_call(trajectory)
+        self.generate_time_s, self.prepare_report = generate_time_s, report
         return images
 
-    def _prepare_contrast_call(self, trajectory: Trajectory) -> None:
+    def _prepare_contrast_call(self, trajectory: Trajectory) -> float:
         """Compile the default estimator's U-Net call (its own input signature: one row per
         contrast step, each at its timestep) with the original's text, so that the first
-        edit does not compile it; its time joins ``prepare_report``."""
+        edit does not compile it; returns the seconds it took (0 where nothing compiles)."""
         if not (self.engine.config.cuda_graphs and trajectory.noise.is_cuda):
-            return
+            return 0.0
         started = time.perf_counter()
         batch = contrast_batch(trajectory, trajectory.unet_inputs[0],
                                tac.contrast_steps(trajectory.num_steps), _guided(trajectory))
@@ -245,7 +248,7 @@ class EditSession:
         for _ in range(3):      # torch.compile's CUDA graphs record on a later call
             self.engine.dense(**batch)
         torch.cuda.synchronize(trajectory.noise.device)
-        self.prepare_report["prepare_s"] += time.perf_counter() - started
+        return time.perf_counter() - started
 
     def edit(self, new_prompt: str, mask=None, probe_steps: int | None = None, *,
              mask_estimator: str | None = None,

@@ -203,13 +203,16 @@ class SparseEngine:
                     if "timestep" in flat else None)
         checked_inputs = ({name: value.clone() for name, value in flat.items()}
                           if self.config.check_inputs else None)
+        # A recording starts from the weights as they are: pass constants kept from before
+        # it could come from weights written without a version count (an EMA model's
+        # param.data.copy_), so the next edit computes them afresh (dropping them changes
+        # no result, so it may come before a put that fails).
+        self._pass_values.clear()
+        # The step is stored, then its bookkeeping set by plain assignments, nothing between
+        # them that can fail.
         cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
         cache.signature = program.signature
         cache.weight_versions = versions
-        # A recording starts from the weights as they are: pass constants kept from before
-        # it could come from weights written without a version count (an EMA model's
-        # param.data.copy_), so the next edit pass computes them afresh.
-        self._pass_values.clear()
         cache.timesteps[step] = timestep
         if checked_inputs is not None:
             cache.inputs[step] = checked_inputs

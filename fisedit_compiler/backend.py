@@ -62,7 +62,7 @@ import torch
 
 from .checks import check_bool, check_int, check_optional_int, some_names
 from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
-                               lower_dynamo_graph, warn_if_training)
+                               lower_dynamo_graph)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
 from .config import SparseConfig
 from .engine.engine import SparseEngine
@@ -94,8 +94,6 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     if mode not in (None, "default"):
         warnings.warn(f"the fisedit backend ignores mode={mode!r}", stacklevel=2)
     module, arg_names = _frame_module()
-    if module is not None:
-        warn_if_training(module)
     graph = FiseditGraph(gm, example_inputs, module=module, arg_names=arg_names,
                          strict=opts["strict"])
     if graph.problem is not None:
@@ -639,6 +637,11 @@ class Recording:
     def _nothing_recorded(self) -> str:
         why = (" Fallbacks: " + "; ".join(self.fallbacks)) if self.fallbacks else (
             " Was the U-Net compiled with backend=\"fisedit\" and called inside the context?")
+        if any("is not a diffusers U-Net" in reason for reason in self.fallbacks):
+            why += (". Graphs of the U-Net's submodules mean that a graph break split the "
+                    "U-Net call, so Dynamo compiled its pieces (Python control flow on a "
+                    "tensor's value, an unsupported call): torch.compile(..., fullgraph=True) "
+                    "shows where")
         return "the recording holds no U-Net call." + why
 
     def _finish(self, interrupted_by: BaseException | None = None) -> None:

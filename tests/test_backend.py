@@ -380,6 +380,52 @@ def test_graph_break_falls_back_to_dense():
             pass
 
 
+class _Branching(torch.nn.Module):
+    """A block wrapped with Python control flow on a tensor's value: Dynamo breaks the graph
+    there and compiles the blocks around it as graphs of their own."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        return out * 2 if out.mean() > 0 else out
+
+
+class _Noisy(_Branching):
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        return out + 0.1 * torch.randn_like(out)
+
+
+@torch.no_grad()
+def test_a_graph_break_in_a_block_is_named_when_nothing_was_recorded(fresh_dynamo):
+    unet = zoo.unet("sd15-tiny")
+    unet.mid_block.resnets[0] = _Branching(unet.mid_block.resnets[0])
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs, t = zoo.example_inputs(unet), torch.tensor(500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedGraphWarning)
+        with fc.recording(compiled) as rec:
+            assert torch.equal(call(compiled, inputs, t), call(unet, inputs, t))
+    with pytest.raises(fc.FiseditError, match="holds no U-Net call.*a graph break split the "
+                                              "U-Net call.*fullgraph=True"):
+        rec.program
+
+
+@torch.no_grad()
+def test_a_unet_that_draws_random_numbers_runs_dense_and_is_not_recorded(fresh_dynamo):
+    unet = zoo.unet("sd15-tiny")
+    unet.mid_block.resnets[0] = _Noisy(unet.mid_block.resnets[0])
+    compiled = torch.compile(unet, backend="fisedit", fullgraph=True)
+    inputs, t = zoo.example_inputs(unet), torch.tensor(500)
+    with pytest.warns(UnsupportedGraphWarning, match=r"draws random numbers \(aten.randn_like"):
+        with fc.recording(compiled) as rec:
+            call(compiled, inputs, t)
+    assert rec.num_steps == 0
+
+
 @torch.no_grad()
 def test_an_int_timestep_baked_in_by_dynamo_is_named_with_its_fix():
     unet = zoo.unet("sd15-tiny")

@@ -8,7 +8,7 @@ import torch
 from fisedit_compiler import ir, zoo
 from fisedit_compiler.compiler import capture, pipeline
 from fisedit_compiler.passes import registry
-from fisedit_compiler.errors import FiseditError
+from fisedit_compiler.errors import FiseditError, UnsupportedGraphError
 
 TINY = [name for name in zoo.MODEL_NAMES if name.endswith("-tiny")]
 
@@ -159,9 +159,9 @@ def test_inputs_the_unet_fails_on_raise_its_own_error():
     assert len(inputs["down_block_additional_residuals"]) == 6     # the caller's list kept
 
 
-def test_a_capture_failure_on_inputs_the_unet_takes_is_raised_as_it_is(monkeypatch):
-    """The U-Net runs on the inputs, the frontend fails: that is an unsupported graph, and its
-    own error says why."""
+def test_a_capture_failure_on_inputs_the_unet_takes_is_an_unsupported_graph(monkeypatch):
+    """The U-Net runs on the inputs, the frontend fails: that is an unsupported graph, named
+    with its usual causes; the frontend's own error, chained, says where."""
     unet = zoo.unet("sd15-tiny")
     calls = []
 
@@ -171,9 +171,27 @@ def test_a_capture_failure_on_inputs_the_unet_takes_is_raised_as_it_is(monkeypat
     original_forward = unet.forward
     monkeypatch.setattr(torch.export, "export", failing_export)
     monkeypatch.setattr(unet, "forward", lambda **kw: calls.append(1) or original_forward(**kw))
-    with pytest.raises(NotImplementedError, match="an op the frontend cannot take"):
+    with pytest.raises(UnsupportedGraphError, match=r"export cannot capture "
+                                                    r"UNet2DConditionModel's forward as one graph "
+                                                    r"\(NotImplementedError: an op the frontend "
+                                                    r"cannot take\).*torch.where") as error:
         capture.capture(unet, zoo.example_inputs(unet))
+    assert isinstance(error.value.__cause__, NotImplementedError)
     assert calls == [1]         # the U-Net was run once, to tell the two failures apart
+
+
+def test_python_control_flow_on_a_tensor_value_is_named_as_the_cause():
+    unet = zoo.unet("sd15-tiny")
+    block = unet.mid_block.resnets[0]
+    original = block.forward
+
+    def branching(hidden_states, temb, *args, **kwargs):
+        out = original(hidden_states, temb, *args, **kwargs)
+        return out * 2 if out.mean() > 0 else out          # a branch on a tensor's value
+
+    block.forward = branching
+    with pytest.raises(UnsupportedGraphError, match="cannot capture .* Python control flow"):
+        capture.capture(unet, zoo.example_inputs(unet))
 
 
 def test_example_inputs_take_a_per_block_text_width():

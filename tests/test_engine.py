@@ -608,11 +608,46 @@ def test_captured_steps_of_cpu_inputs_are_refused(sd15_tiny):
         engine.captured_steps(**inputs)
 
 
-def test_a_unet_in_training_mode_with_dropout_warns():
+def test_a_unet_in_training_mode_with_dropout_is_refused_with_eval_as_the_fix():
     unet = zoo.from_config(dict(zoo.CONFIGS["sd15-tiny"][1], dropout=0.1)).train()
     engine = fc.compile(unet)
-    with pytest.warns(UserWarning, match="training mode with .* dropout"):
+    with pytest.raises(fc.FiseditError, match=r"draws random numbers \(aten.dropout.* call "
+                                              r"\.eval\(\) before compiling"):
         engine.program(zoo.example_inputs(unet))
+    # Dropout with p = 0 (diffusers' default) draws nothing: training mode compiles.
+    plain = zoo.unet("sd15-tiny").train()
+    inputs = zoo.example_inputs(plain)
+    engine = fc.compile(plain)
+    with torch.no_grad():
+        recorded = engine.record(engine.new_cache(1), 0, **inputs)
+        assert relative_error(recorded, plain(**inputs)[0]) < 1e-5
+
+
+class _Noisy(torch.nn.Module):
+    """A block that adds noise drawn inside the U-Net (a user's augmentation)."""
+
+    def __init__(self, block, generator: bool):
+        super().__init__()
+        self.block, self.generator = block, generator
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        if self.generator:
+            noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        else:
+            noise = torch.randn_like(out)
+        return out + 0.1 * noise
+
+
+@pytest.mark.parametrize("generator", [False, True], ids=["randn_like", "seeded-generator"])
+def test_a_unet_that_draws_random_numbers_is_refused_naming_the_module(generator):
+    """An edit cannot draw the recording's numbers again: refused, not computed wrong."""
+    unet = zoo.unet("sd15-tiny")
+    unet.mid_block.resnets[0] = _Noisy(unet.mid_block.resnets[0], generator)
+    engine = fc.compile(unet)
+    with pytest.raises(fc.FiseditError, match=r"draws random numbers \(aten.randn.* in module "
+                                              r"'mid_block.resnets.0'.*outside the U-Net"):
+        engine.record(engine.new_cache(1), 0, **zoo.example_inputs(unet))
 
 
 @pytest.mark.parametrize("mask, bucketed, message", [

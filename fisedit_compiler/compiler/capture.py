@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from ..checks import check_float, check_int
 from ..config import FRONTENDS
-from ..errors import FiseditError
+from ..errors import FiseditError, UnsupportedGraphError
 from ..graph_keys import INPUT_POSITIONS, INPUTS
 
 
@@ -67,21 +67,6 @@ def check_unet(module) -> None:
             f"the U-Net's weights are on the meta device (e.g. {meta}), which holds shapes but "
             "no values; load them first (from_pretrained, or unet.to_empty(device=...) and "
             "load_state_dict)")
-
-
-def warn_if_training(module) -> None:
-    """Warn when ``module`` is in training mode with active dropout: its graph would then
-    drop activations at random, so records and edits would not match (nor the oracle)."""
-    dropouts = [name for name, sub in module.named_modules()
-                if sub.training and isinstance(sub, torch.nn.Dropout) and sub.p > 0]
-    if dropouts:
-        import warnings
-
-        warnings.warn(
-            f"{type(module).__name__} is in training mode with {len(dropouts)} active dropout "
-            f"layer(s) (e.g. {dropouts[0]}): the captured graph drops activations at random, so "
-            "edits will not match the recorded generation; call .eval() before compiling",
-            stacklevel=3)
 
 
 def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
@@ -190,9 +175,17 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
         return lower_dynamo_graph(graph_module, example_inputs)
     except FiseditError:
         raise
-    except Exception:
+    except Exception as error:
         raise_if_eager_fails(unet, inputs)
-        raise       # the U-Net runs, the capture does not: a graph the frontend cannot take
+        # The U-Net runs, the capture does not: a forward the frontend cannot take whole.
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise UnsupportedGraphError(
+            f"{frontend} cannot capture {type(unet).__name__}'s forward as one graph "
+            f"({type(error).__name__}: {first_line}); the usual cause is Python control flow "
+            "on a tensor's value (if x.mean() > 0) or a call the frontend cannot trace in a "
+            "custom block or attention processor: express it with tensor ops (torch.where) "
+            "so that the whole forward is one graph (the error chained above shows where)"
+        ) from error
 
 
 def raise_if_eager_fails(unet, inputs: dict) -> None:

@@ -30,7 +30,7 @@ import torch.fx as fx
 from .. import ir
 from ..checks import check_bool, check_int, check_no_cross_attention_kwargs
 from ..compiler.capture import (check_unet, example_inputs, flatten_inputs, latent_size,
-                                raise_if_eager_fails, warn_if_training)
+                                raise_if_eager_fails)
 from ..compiler.pipeline import (Program, build_program, check_kernels, describe_signature,
                                  device_of, trace)
 from ..config import SparseConfig
@@ -128,7 +128,6 @@ class SparseEngine:
         if signature not in self._programs:
             key = (signature, self.config.frontend)
             if key not in self._traces:
-                warn_if_training(self.unet)
                 self._traces[key] = trace(self.unet, inputs, self.config.frontend)
             self._programs[signature] = build_program(signature, self._traces[key], self.config)
         return self._programs[signature]

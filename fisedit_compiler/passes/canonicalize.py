@@ -10,7 +10,10 @@ in eval, casts to the same dtype, ``contiguous``, ``clone``, metadata asserts) a
 are the ops' own, in their registry entries (``OpSpec.aten``); this pass only drives them.
 
 An op with no canonical form is copied unchanged, tagged ``META_UNKNOWN`` and listed in
-``gm.meta["fc_unknown_ops"]``: never dropped, so the canonical graph still equals eager.
+``gm.meta["fc_unknown_ops"]``: never dropped, so the canonical graph still equals eager. A
+random op (ATen's ``nondeterministic_seeded`` tag: ``randn_like``, a dropout in training mode,
+a generator's ``randperm``) is refused instead: an edit cannot draw the recording's numbers
+again, so no edit, not even one that changes nothing, could equal the recording.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from ..errors import UnsupportedGraphError
 from ..graph_keys import UNKNOWN_OPS
 from . import registry
 from .registry.spec import aten_arguments
@@ -41,6 +45,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         rule = registry.aten_rule(node.target) or _FOLDS.get(node.target)
         result = rule(_Builder(graph, env, node), aten_arguments(node)) if rule else None
         if result is None:
+            _refuse_if_random(node)
             new = graph.node_copy(node, lambda n: env[n])
             new.meta[ir.META_UNKNOWN] = True
             unknown[str(node.target)] = unknown.get(str(node.target), 0) + 1
@@ -52,6 +57,23 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     result_gm.meta.update(gm.meta)
     result_gm.meta[UNKNOWN_OPS] = unknown
     return result_gm
+
+
+def _refuse_if_random(node: fx.Node) -> None:
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return
+    modules = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(modules.values()), ("",))[0] if modules else ""
+    where = f" in module {path!r}" if path else ""
+    frames = (node.meta.get("stack_trace") or "").strip().splitlines()
+    line = f" ({frames[-2].strip()})" if len(frames) >= 2 else ""
+    fix = ("call .eval() before compiling (a dropout in training mode draws at every call)"
+           if "dropout" in str(node.target) or "bernoulli" in str(node.target) else
+           "draw the numbers outside the U-Net and pass them in, or remove the random op")
+    raise UnsupportedGraphError(
+        f"the U-Net draws random numbers ({node.target}{where}{line}): an edit cannot draw the "
+        f"recording's numbers again, so it could not equal the recorded generation; {fix}")
 
 
 class _Builder:

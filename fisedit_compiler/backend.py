@@ -556,7 +556,9 @@ class Recording:
     ``engine`` is a SparseEngine over the U-Net holding the programs the recording used, so
     ``engine.stats(plan)`` and ``fc.oracle.masked_dense(rec.engine, plan, rec.inputs[i],
     edited_inputs)`` work on it. ``inputs[i]`` are the tensor inputs of step ``i`` (the
-    U-Net's argument names, ``added_cond_kwargs`` flattened) and ``outputs[i]`` its output.
+    U-Net's argument names, ``added_cond_kwargs`` flattened; None for a required argument the
+    graph does not read, as Kandinsky 2.2's encoder_hidden_states) and ``outputs[i]`` its
+    output.
     """
 
     def __init__(self, unet, config: SparseConfig, num_steps: int | None):
@@ -565,7 +567,7 @@ class Recording:
         self.engine = SparseEngine(unet, config)
         self.growable = num_steps is None
         self.cache = self.engine.new_cache(num_steps if num_steps is not None else 1)
-        self.inputs: list[dict[str, torch.Tensor]] = []
+        self.inputs: list[dict[str, torch.Tensor | None]] = []
         self.outputs: list[torch.Tensor] = []
         self.fallbacks: list[str] = []
         # Per signature with a program in ``engine``: the fingerprints of the Dynamo graphs
@@ -685,7 +687,7 @@ class Editing:
         self.plan = plan
         self.start_step = start_step
         self.steps: list[int] = []
-        self.inputs: list[dict[str, torch.Tensor]] = []
+        self.inputs: list[dict[str, torch.Tensor | None]] = []
         self.outputs: list[torch.Tensor] = []
 
     def __repr__(self) -> str:
@@ -770,10 +772,10 @@ class _RecordState(_State):
             # signature is this one, and the graph that made it is known from here on.
             rec.engine.add_program(program)
             rec._graphs[signature] = {graph.fingerprint}
+        kept = _kept(flat)      # before the cache changes: a failed copy changes nothing
         size = rec.cache.num_steps
         if rec.growable:
             rec.cache.resize(max(size, step + 1))
-        kept = _kept(flat)      # before the step is stored: a failed copy stores nothing
         try:
             output = rec.engine.record(rec.cache, step, **flat)
         except BaseException:
@@ -782,8 +784,11 @@ class _RecordState(_State):
             if rec.growable and step not in rec.cache.steps:
                 rec.cache.resize(size)
             raise
+        # (Only a failure of this one copy, after the step is stored, leaves the step without
+        # its inputs and output here; the pipeline's retry records the same step again.)
+        recorded = output.detach().clone()
         rec.inputs.append(kept)
-        rec.outputs.append(output.detach().clone())
+        rec.outputs.append(recorded)
         return (output,)
 
 
@@ -823,7 +828,8 @@ def _input_names_changed(signature: tuple, recorded: tuple) -> str:
     parts = [f"{verb} {', '.join(sorted(which))}" for verb, which in
              (("adds", names - before), ("drops", before - names)) if which]
     return (f" (the call {' and '.join(parts)}: an argument, such as ControlNet residuals or "
-            "an added condition, is given at one call and not at the other)")
+            "an added condition, is given, or read by the U-Net's graph, at one call and not "
+            "at the other)")
 
 
 class _EditState(_State):

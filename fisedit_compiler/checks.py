@@ -121,11 +121,11 @@ def check_no_cross_attention_kwargs(value) -> None:
         return
     keys = f" {sorted(map(str, value))}" if isinstance(value, dict) else ""
     raise FiseditError(
-        f"cross_attention_kwargs{keys} (attention processor options such as a LoRA scale or "
-        "GLIGEN's grounding inputs) are not supported here: the compiled graphs run the "
-        "U-Net's own attention without them; fuse LoRA weights into the U-Net "
-        "(pipe.fuse_lora()), or record and edit through the torch.compile backend "
-        "(fc.recording / fc.editing), which compiles the U-Net call with them")
+        f"cross_attention_kwargs{keys} (attention processor options such as a LoRA scale) "
+        "are not supported here: the compiled graphs run the U-Net's own attention without "
+        "them; fuse LoRA weights into the U-Net (pipe.fuse_lora()), or record and edit "
+        "through the torch.compile backend (fc.recording / fc.editing), which compiles the "
+        "U-Net call with the options as long as they stay the same for the whole generation")
 
 
 def some_names(names: list[str], shown: int) -> str:

@@ -823,6 +823,27 @@ def test_an_edit_call_that_fails_copying_its_result_is_not_counted(sd15, monkeyp
 
 
 @torch.no_grad()
+def test_a_recorded_call_that_fails_copying_its_inputs_changes_nothing(sd15, monkeypatch):
+    from fisedit_compiler import backend
+
+    unet, compiled, inputs = sd15
+    with fc.recording(compiled) as rec:
+        call(compiled, inputs, torch.tensor(900))
+        before = state_of(rec)
+        with monkeypatch.context() as patch:
+            def out_of_memory(flat):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            patch.setattr(backend, "_kept", out_of_memory)
+            with pytest.raises(torch.OutOfMemoryError):
+                call(compiled, inputs, torch.tensor(800))
+        assert_same_state(before, rec)
+        assert sorted(rec.cache.steps) == [0]
+        call(compiled, inputs, torch.tensor(800))      # the pipeline's retry
+    assert rec.num_steps == 2 and len(rec.inputs) == len(rec.outputs) == 2
+
+
+@torch.no_grad()
 def test_an_edit_without_the_recorded_controlnet_residuals_is_refused_naming_them(sd15):
     unet, compiled, inputs = sd15
     t = torch.tensor(500)

@@ -1,11 +1,13 @@
 """canonicalize on small modules exported with torch.export: folds, rewrites, unknown ops."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fisedit_compiler import ir
 from fisedit_compiler.compiler import capture
+from fisedit_compiler.errors import UnsupportedGraphError
 from fisedit_compiler.passes.canonicalize import canonicalize
 from pass_checks import pure
 
@@ -154,3 +156,41 @@ def test_unknown_op_kept_flagged_and_counted():
     assert_same_output(module, gm, x)
     assert not any(ir.META_UNKNOWN in n.meta for n in captured.graph.nodes)  # input untouched
 
+
+
+class Draws(nn.Module):
+    """An op that may draw random numbers, depending on its arguments."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        tokens = x.reshape(1, 1, 6, 1).expand(1, 1, 6, 4)
+        if self.kind == "causal attention":
+            return F.scaled_dot_product_attention(tokens, tokens, tokens,
+                                                  is_causal=True).sum(-1).reshape(2, 3)
+        if self.kind == "attention dropout":
+            return F.scaled_dot_product_attention(tokens, tokens, tokens,
+                                                  dropout_p=0.1).sum(-1).reshape(2, 3)
+        if self.kind == "alpha dropout outside training":
+            return F.alpha_dropout(x, 0.5, training=False) * 2
+        if self.kind == "dropout2d in training":
+            return F.dropout2d(x.reshape(1, 2, 3, 1), 0.5, training=True).reshape(2, 3)
+        return torch.randn_like(x) + x
+
+
+@pytest.mark.parametrize("kind, refused", [
+    ("causal attention", False), ("attention dropout", True),
+    ("alpha dropout outside training", False), ("dropout2d in training", True),
+    ("randn_like", True)])
+def test_random_ops_are_refused_by_their_arguments(kind, refused):
+    """A tagged op that cannot draw with these arguments stays (folded or dense); one that
+    draws is refused: no edit could draw the recording's numbers again."""
+    program = torch.export.export(Draws(kind), (torch.randn(2, 3),), strict=False)
+    captured = capture.program_to_graph_module(program)
+    if refused:
+        with pytest.raises(UnsupportedGraphError, match=r"draws random numbers"):
+            canonicalize(captured)
+    else:
+        assert_same_output(Draws(kind), canonicalize(captured), torch.randn(2, 3))

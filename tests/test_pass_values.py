@@ -165,7 +165,8 @@ def test_graph_static_buffers_take_each_pass_constants_once(unet, monkeypatch):
     """The CUDA-graph path's bookkeeping, on the CPU: ``CapturedSteps`` with a stand-in for
     the captured graph whose replay runs the step again on the static buffers (what a real
     replay computes). Each pass loads the constants' buffers once, at its first step (the
-    later steps keep them), and an input only the constants read has no buffer. The real graphs are tested on the GPU in test_cuda_graph.py."""
+    later steps keep them), and an input only the constants read has no buffer. The real
+    graphs are tested on the GPU in test_cuda_graph.py."""
     from fisedit_compiler.engine import cuda_graph
 
     copies = []

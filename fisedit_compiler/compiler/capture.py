@@ -165,14 +165,16 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
     if frontend not in FRONTENDS:
         raise FiseditError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
     inputs = dict(tensor_timestep(inputs), return_dict=False)
+    # Only the frontend's own call is explained as a forward it cannot take: a failure in our
+    # conversion after it is ours and propagates as it is.
     try:
         if frontend == "export":
             with torch.no_grad():
-                program = torch.export.export(unet, (), inputs, strict=False)
-            return program_to_graph_module(program)
-        # diffusers pops T2I-Adapter residuals off their list: the caller's list must survive.
-        graph_module, example_inputs = dynamo_graph(unet, _copy_containers(inputs))
-        return lower_dynamo_graph(graph_module, example_inputs)
+                captured = torch.export.export(unet, (), inputs, strict=False)
+        else:
+            # diffusers pops T2I-Adapter residuals off their list: the caller's list must
+            # survive.
+            captured = dynamo_graph(unet, _copy_containers(inputs))
     except FiseditError:
         raise
     except Exception as error:
@@ -184,8 +186,11 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
             f"({type(error).__name__}: {first_line}); the usual cause is Python control flow "
             "on a tensor's value (if x.mean() > 0) or a call the frontend cannot trace in a "
             "custom block or attention processor: express it with tensor ops (torch.where) "
-            "so that the whole forward is one graph (the error chained above shows where)"
-        ) from error
+            "so that the whole forward is one graph (the frontend's error, chained to this "
+            "one, shows where)") from error
+    if frontend == "export":
+        return program_to_graph_module(captured)
+    return lower_dynamo_graph(*captured)
 
 
 def raise_if_eager_fails(unet, inputs: dict) -> None:

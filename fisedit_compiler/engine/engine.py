@@ -280,13 +280,13 @@ class SparseEngine:
             store = cache.store_on(step, device)
             seed = torch.zeros(program.levels[0], dtype=torch.bool)
             seed[0, 0] = True
+            values = self._values_for(program, flat, new_pass=True)
             for bucket in self.buckets(program):
                 plan = MaskPlan(seed, program.levels, program.tiles, self.config.dilation,
                                 self.config.thresholds_for(program.levels), device=device,
                                 buckets=[bucket])
                 if not steps.captured(plan):
-                    steps.capture(plan, flat, store,
-                                  self._values_for(program, flat, new_pass=True))
+                    steps.capture(plan, flat, store, values)
                     captured += 1
             torch.cuda.synchronize(device)
         return {"prepare_s": time.perf_counter() - started, "graphs_captured": captured}
@@ -390,7 +390,9 @@ class SparseEngine:
         grouped projections; the dense graphs read them too) again, in place, so that captured
         CUDA graphs use the U-Net's current weights. ``edit`` and ``dense`` call it when the
         weights changed in place since the copies were made (eager edits notice by themselves
-        too); recordings made with the old weights are refused by ``edit``: record again."""
+        too), and ``record`` at a new generation's first step, whatever the counters say
+        (``param.data`` writes move none); recordings made with the old weights are refused
+        by ``edit``: record again."""
         copies = [program.derived for program in self._programs.values()]
         copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe
         for derived in {id(derived): derived for derived in copies}.values():

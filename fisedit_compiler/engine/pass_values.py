@@ -16,9 +16,10 @@ them.
 
 Within a pass, writes that move no counter and no address are not seen: through
 ``tensor.data`` (``.data.mul_``), a NumPy or DLPack view, another tensor ``set_`` to the same
-storage, a CUDA graph replayed into the text states' buffer. A step computed in place would see
-them; a pipeline that changes its text states mid-pass does so with new tensors or tracked
-in-place ops, and ``hoist_pass_constants=False`` computes the constants at every step.
+storage, a CUDA graph replayed into the text states' buffer. A pipeline that changes its text
+states mid-pass does so with new tensors or tracked in-place ops; with
+``hoist_pass_constants=False`` the constants are computed inside every step, which sees any
+write.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ source weights has changed since (``tensor_versions``: its version counter moved
 swap or fine-tuning, or its storage was swapped by a ``.data`` assignment), so eager edits
 always see the current weights. A captured CUDA graph does not run
 this code on replay: ``refresh()`` makes every copy again in place, and ``SparseEngine.edit``
-calls it (``refresh_weights``) when the U-Net's weight versions moved since. An ``nn.Module``
+calls it (``refresh_weights``) when the U-Net's weight versions moved since, and
+``SparseEngine.record`` at a new generation's first step. An ``nn.Module``
 only so that the graph can hold it as an attribute.
 """
 

@@ -60,20 +60,36 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _refuse_if_random(node: fx.Node) -> None:
-    tags = getattr(node.target, "tags", ())
-    if torch.Tag.nondeterministic_seeded not in tags:
+    if not _draws(node):
         return
     modules = node.meta.get("nn_module_stack") or {}
     path = next(reversed(modules.values()), ("",))[0] if modules else ""
     where = f" in module {path!r}" if path else ""
     frames = (node.meta.get("stack_trace") or "").strip().splitlines()
     line = f" ({frames[-2].strip()})" if len(frames) >= 2 else ""
-    fix = ("call .eval() before compiling (a dropout in training mode draws at every call)"
-           if "dropout" in str(node.target) or "bernoulli" in str(node.target) else
+    fix = ("call .eval() before compiling (a dropout in training mode draws at every call; "
+           "in a forward of your own, pass training=self.training to F.dropout and "
+           "dropout_p=0 to scaled_dot_product_attention outside training)"
+           if "dropout" in str(node.target) or "attention" in str(node.target) else
            "draw the numbers outside the U-Net and pass them in, or remove the random op")
     raise UnsupportedGraphError(
         f"the U-Net draws random numbers ({node.target}{where}{line}): an edit cannot draw the "
         f"recording's numbers again, so it could not equal the recorded generation; {fix}")
+
+
+def _draws(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers: an op of ATen's ``nondeterministic_seeded`` tag,
+    unless its arguments make it deterministic (a dropout with p = 0 or outside training,
+    an attention with dropout_p = 0). (Capture does not decompose, so no deterministic op
+    reaches here as its tagged building blocks.)"""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    a = aten_arguments(node)
+    if "dropout_p" in a:                                 # scaled_dot_product_attention
+        return a["dropout_p"] != 0
+    if "p" in a and "train" in a:                        # the dropout family
+        return a["train"] is not False and a["p"] != 0
+    return True
 
 
 class _Builder:
@@ -113,6 +129,9 @@ def _dropout(b: _Builder, a: dict):
 # its registry entry.
 _FOLDS = {
     aten.dropout.default: _dropout,
+    aten.alpha_dropout.default: _dropout,
+    aten.feature_dropout.default: _dropout,
+    aten.feature_alpha_dropout.default: _dropout,
     aten.contiguous.default: lambda b, a: b.forward(a["self"]),
     aten.clone.default: lambda b, a: b.forward(a["self"]),
     aten.alias.default: lambda b, a: b.forward(a["self"]),

@@ -15,9 +15,9 @@ weight-only value (a derived weight copy, a constant) take a copy of it along; i
 Why: a pipeline's loop calls the U-Net with the same text states at every step, so every step
 recomputed the same text K/V: for SDXL a GEMM over 681 MB of weights (13% of the U-Net's),
 ~0.5 ms of a ~9 ms sparse step on an H200 (``benchmarks/micro_token_gemms.py``); for SD1.5
-~0.07 ms. The engine (``engine.pass_values``) runs the constants graph when a step's fixed
-inputs are not the tensors, unchanged, that the values were computed from (or the weights
-moved), so a pass computes them once; a CUDA-graph step reads them from static buffers
+~0.07 ms. The engine (``engine.pass_values``) runs the constants graph at every pass's first
+step and when a later step's fixed inputs are not the tensors, unchanged, that the values
+were computed from (or the weights moved), so a pass computes them once; a CUDA-graph step reads them from static buffers
 loaded then (``engine.cuda_graph``). Correctness does not rest on the inputs staying fixed: an
 input that changes at every step (a ControlNet residual is "fixed" by name; nothing computed
 from it alone is worth moving, since it is added to the sample's activations) only makes the

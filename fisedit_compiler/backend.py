@@ -437,6 +437,10 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
                     "timestep a constant of the graph (one graph per value); pass the "
                     "timestep as a tensor, torch.tensor(t), as diffusers pipelines do")
     numbers = _number_inputs(gm, example_inputs, module, graph.arg_names)
+    if "timestep" in numbers:
+        return ("the graph takes the timestep as a Python number (Dynamo makes a number that "
+                "changed between calls a graph input); pass the timestep as a tensor, "
+                "torch.tensor(t), as diffusers pipelines do")
     if numbers:
         return (f"the graph takes the Python number(s) {some_names(numbers, 4)} as input(s): "
                 "Dynamo makes a number a graph input once its value changes between calls (a "

@@ -439,6 +439,20 @@ def test_an_int_timestep_baked_in_by_dynamo_is_named_with_its_fix():
     assert any("timestep" in reason for reason in rec.fallbacks)
 
 
+@torch.no_grad()
+def test_float_timesteps_of_a_loop_are_named_with_the_same_fix(fresh_dynamo):
+    """A float that changed between calls is an input of Dynamo's next graph: named as the
+    timestep, with its fix, not as a processor setting."""
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs = zoo.example_inputs(unet)
+    with pytest.warns(UnsupportedGraphWarning, match="no 'timestep' input"):
+        call(compiled, inputs, 500.0)
+    with pytest.warns(UnsupportedGraphWarning, match=r"takes the timestep as a Python number.*"
+                                                     r"torch.tensor\(t\)"):
+        assert torch.equal(call(compiled, inputs, 400.0), call(unet, inputs, 400.0))
+
+
 class TwoOutputs(torch.nn.Module):
     def __init__(self):
         super().__init__()

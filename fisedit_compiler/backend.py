@@ -62,7 +62,7 @@ import torch
 
 from .checks import check_bool, check_int, check_optional_int, some_names
 from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
-                               lower_dynamo_graph)
+                               lower_dynamo_graph, required_arguments)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
 from .config import SparseConfig
 from .engine.engine import SparseEngine
@@ -135,11 +135,9 @@ def _check_options(options) -> dict:
 def _required_arguments(module) -> list[str]:
     """The names of ``module.forward``'s arguments without a default ([] if unknown)."""
     try:
-        params = inspect.signature(module.forward).parameters.values()
+        return required_arguments(inspect.signature(module.forward).parameters.values())
     except (AttributeError, TypeError, ValueError):
         return []
-    return [p.name for p in params if p.default is p.empty
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _frame_module():

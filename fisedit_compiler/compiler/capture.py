@@ -69,6 +69,13 @@ def check_unet(module) -> None:
             "load_state_dict)")
 
 
+def required_arguments(parameters) -> list[str]:
+    """The names among a forward's ``inspect.Parameter``s that a call must bind: those without
+    a default (``*args`` and ``**kwargs`` aside)."""
+    return [p.name for p in parameters if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
     """The tensor inputs of a U-Net call under the names the captured graph uses.
 

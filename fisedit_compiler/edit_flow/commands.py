@@ -178,10 +178,11 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
     a mask of the wrong size, a NaN guidance scale or a missing CUDA device is reported at
     once. ``vae_config``, ``unet_config`` and ``scheduler_config`` are the pipeline's, read
     without loading it (None where unknown: loading then reports why), for the rule on --size,
-    the size of the user mask and the most --steps. Sets ``args.mask_pixels`` (the --mask PNG read), ``args.user_mask`` (the user mask at
-    latent size; None without one, or where the configs do not tell the size: then it is made
-    after loading), ``args.mask_mode`` ("replace" when not given) and ``args.device`` (a
-    torch.device). Creates nothing: the output folder is made when the outputs are written."""
+    the size of the user mask and the most --steps. Sets ``args.mask_pixels`` (the --mask PNG
+    read), ``args.user_mask`` (the user mask at latent size; None without one, or where the
+    configs do not tell the size: then it is made after loading), ``args.mask_mode``
+    ("replace" when not given) and ``args.device`` (a torch.device). Creates nothing: the
+    output folder is made when the outputs are written."""
     for flag, value in (("--mask", args.mask), ("--mask-box", args.mask_box)):
         if value is not None and not value.strip():
             # An empty value is false below and would run the automatic mask without a word.

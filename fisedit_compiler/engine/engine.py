@@ -30,7 +30,7 @@ import torch.fx as fx
 from .. import ir
 from ..checks import check_bool, check_int, check_no_cross_attention_kwargs
 from ..compiler.capture import (check_unet, example_inputs, flatten_inputs, latent_size,
-                                raise_if_eager_fails)
+                                raise_if_eager_fails, required_arguments)
 from ..compiler.pipeline import (Program, build_program, check_kernels, describe_signature,
                                  device_of, trace)
 from ..config import SparseConfig
@@ -518,8 +518,7 @@ class SparseEngine:
                 f"{', '.join(params)}")
         # A required input passed as None is the caller's choice (Kandinsky 2.2's pipeline
         # passes encoder_hidden_states=None): only an absent one is missing.
-        missing = [name for name, param in params.items()
-                   if param.default is inspect.Parameter.empty and name not in inputs]
+        missing = [name for name in required_arguments(params.values()) if name not in inputs]
         if missing:
             raise FiseditError(f"missing U-Net input(s) {', '.join(missing)}; pass them as "
                                "keywords, as for unet(**inputs)")

@@ -17,12 +17,12 @@ recomputed the same text K/V: for SDXL a GEMM over 681 MB of weights (13% of the
 ~0.5 ms of a ~9 ms sparse step on an H200 (``benchmarks/micro_token_gemms.py``); for SD1.5
 ~0.07 ms. The engine (``engine.pass_values``) runs the constants graph at every pass's first
 step and when a later step's fixed inputs are not the tensors, unchanged, that the values
-were computed from (or the weights moved), so a pass computes them once; a CUDA-graph step reads them from static buffers
-loaded then (``engine.cuda_graph``). Correctness does not rest on the inputs staying fixed: an
-input that changes at every step (a ControlNet residual is "fixed" by name; nothing computed
-from it alone is worth moving, since it is added to the sample's activations) only makes the
-values computed at every step, as before. ``SparseConfig.hoist_pass_constants`` turns the pass
-off.
+were computed from (or the weights moved), so a pass computes them once; a CUDA-graph step
+reads them from static buffers loaded then (``engine.cuda_graph``). Correctness does not rest
+on the inputs staying fixed: an input that changes at every step (a ControlNet residual is
+"fixed" by name; nothing computed from it alone is worth moving, since it is added to the
+sample's activations) only makes the values computed at every step, as before.
+``SparseConfig.hoist_pass_constants`` turns the pass off.
 
 The pass rewrites the edit graph it is given in place (its pipeline's private intermediate,
 like the fusions) and returns it; without anything to move it leaves the graph as it was.

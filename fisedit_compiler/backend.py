@@ -92,7 +92,11 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     """
     opts = _check_options(options)
     if mode not in (None, "default"):
-        warnings.warn(f"the fisedit backend ignores mode={mode!r}", stacklevel=2)
+        # Inductor's modes tune its own kernels; this backend runs the captured graph (dense)
+        # or the engine's programs, so a mode would be dropped without effect.
+        raise FiseditError(
+            f"the fisedit backend has no compile modes, got mode={mode!r}; leave mode out "
+            "(its options are backend options: options={\"strict\": True})")
     module, arg_names = _frame_module()
     graph = FiseditGraph(gm, example_inputs, module=module, arg_names=arg_names,
                          strict=opts["strict"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from . import inspect, zoo
 from .app.command import add_app_command
 from .bench import add_bench_command
+from .checks import check_int
 from .compiler import capture
 from .edit_flow.commands import add_demo_command, add_edit_command
 from .errors import FiseditError
@@ -52,6 +53,7 @@ def add_dump(subparsers) -> None:
 
 
 def run_dump(args) -> int:
+    check_int("--batch", args.batch, minimum=1)
     if args.out is not None:
         _check_out_file(args.out)     # before the capture, which takes seconds to minutes
     text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,

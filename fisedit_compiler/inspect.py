@@ -536,7 +536,10 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
         raise FiseditError(f"frontend {frontend!r} differs from config.frontend "
                            f"{config.frontend!r}, which the engine captures with; pass the same "
                            f"frontend, or leave config out")
-    validate_mask(mask, None)
+    sample = inputs.get("sample") if isinstance(inputs, dict) else None
+    latent = (tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) and sample.dim() == 4
+              else None)        # the inputs themselves are checked by engine.program
+    validate_mask(mask, latent)
     program = engine.program(inputs)
     plan = engine.plan(mask)
     result = report(program.canonical, model=model, stage="sparse", frontend=frontend)

@@ -885,3 +885,13 @@ def test_backend_options_are_checked(options, match):
         torch.compile(TwoOutputs(), backend="fisedit", options=options)(x)
     assert isinstance(info.value.inner_exception, fc.FiseditError)
     assert re.search(match, str(info.value.inner_exception))
+
+
+@pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead"])
+def test_backend_refuses_compile_modes(mode):
+    # An Inductor mode has no meaning for this backend: refused, not dropped with a warning.
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(BackendCompilerFailed) as info:
+        torch.compile(TwoOutputs(), backend="fisedit", mode=mode)(x)
+    assert isinstance(info.value.inner_exception, fc.FiseditError)
+    assert re.search("no compile modes.*leave mode out", str(info.value.inner_exception))

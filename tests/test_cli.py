@@ -261,6 +261,14 @@ def test_dump_checks_its_out_file_before_the_capture(out, message, tmp_path, cap
     assert not (tmp_path / "missing").exists()
 
 
+def test_dump_names_its_batch_option(capsys, monkeypatch):
+    from fisedit_compiler import inspect
+
+    monkeypatch.setattr(inspect, "dump", lambda *args, **kwargs: pytest.fail("captured"))
+    assert main(["dump", "--model", "sd15-tiny", "--batch", "0"]) == 2
+    assert "--batch 0 is out of range" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_device_cuda_without_cuda_is_refused_before_loading(tmp_path, capsys, no_loading):
     assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2

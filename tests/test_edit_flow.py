@@ -42,7 +42,9 @@ def session(pipe):
 
 
 def _outside_equal(result, reference_latents):
-    outside = ~result.plan.levels[0].active
+    """The final latents equal the reference outside the edit's region (its dilated mask),
+    which a plan's whole tiles reach past."""
+    outside = ~result.region
     return torch.equal(result.latents[..., outside], reference_latents[..., outside])
 
 
@@ -424,6 +426,7 @@ def test_edit_before_generate(pipe):
      rf"none \(probe_steps=0 of num_inference_steps={STEPS}\); give probe_steps >= 1"),
     (dict(mask_estimator="otsu"), "mask_estimator must be one of"),
     (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),
+    (dict(mask=_corner_mask(), mask_mode=None), "mask_mode must be one of 'replace', 'intersect', got None"),
     (dict(latents=torch.zeros(1)), "sets latents itself"),
 ])
 def test_bad_edit_arguments(session, kwargs, match):
@@ -868,6 +871,28 @@ def test_seed_none_draws_a_seed_and_results_belong_to_their_session(session, pip
         fresh.accept(result)
 
 
+def test_final_latents_keep_the_original_outside_the_region_and_accept_stays_consistent(pipe):
+    """A mask off the tile grid: the plan computes whole tiles, which reach past the region
+    (the mask grown by the dilation). The final latents keep the original's there, as the
+    images do, so an accepted edit's latents and images agree outside the region, and the next
+    edit with an empty mask gives the accepted latents back bit for bit."""
+    session = EditSession(pipe)
+    session.generate("a red circle", seed=0, num_inference_steps=STEPS, output_type="latent")
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[6:8, 6:8] = True           # grown by the dilation: rows 5..8, four tiles of 4
+    result = session.edit("a blue circle", mask=mask, output_type="latent")
+    ring = result.plan.levels[0].active & ~result.region
+    assert ring.any()                           # the tiles reach past the region
+    original = session.original.latents[-1]
+    assert torch.equal(result.latents[..., ~result.region], original[..., ~result.region])
+    assert not torch.equal(result.latents[..., result.region], original[..., result.region])
+    session.accept(result)
+    with pytest.warns(UserWarning, match="marks no latent pixel"):
+        again = session.edit("a green circle", mask=torch.zeros(16, 16, dtype=torch.bool),
+                             output_type="latent")
+    assert torch.equal(again.latents, result.latents)
+
+
 def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):
     """A mask large enough for the plan to go dense: the edit computes every pixel, but what
     may change is the user's mask grown by the dilation, and the images keep the rest."""
@@ -956,6 +981,8 @@ def _noise_with(value: float, count: int) -> torch.Tensor:
      "seed 18446744073709551616 is out of range"),
     (lambda s: s.generate("a red circle", seed=7, generator=torch.Generator().manual_seed(1)),
      "seed=7 and generator= both choose the initial noise"),
+    (lambda s: s.generate("a red circle", seed=False, generator=torch.Generator()),
+     "seed=False and generator= both choose the initial noise"),
     (lambda s: s.generate("a red circle", seed=None, latents=torch.zeros(_NOISE)),
      "seed=None and latents= both"),
     (lambda s: s.generate("a red circle", latents=torch.zeros(_NOISE),

@@ -447,3 +447,6 @@ def test_sparse_report_refuses_bad_arguments_before_compiling(no_compile):
         inspect.sparse_report(unet, inputs, mask, model=unet, frontend="export")
     with pytest.raises(FiseditError, match="the edit mask must have dtype bool"):
         inspect.sparse_report(unet, inputs, mask.float(), model="m", frontend="export")
+    with pytest.raises(FiseditError, match=r"shape \(12, 12\) but the latent is 16x16"):
+        inspect.sparse_report(unet, inputs, torch.zeros(12, 12, dtype=torch.bool), model="m",
+                              frontend="export")

@@ -101,12 +101,25 @@ def test_bad_masks(mask, message):
     ("mask.png", "load_mask_png"),
     (torch.zeros(16, 16), "dtype bool"),
     (torch.zeros(1, 16, 16, dtype=torch.bool), "2-D"),
+    (torch.zeros(0, 16, dtype=torch.bool), r"shape \(0, 16\), with no pixels"),
 ])
 def test_a_mask_checked_without_a_size_is_checked_for_all_else(mask, message):
     # SparseEngine.plan checks a mask so before compiling for its size.
     with pytest.raises(FiseditError, match=message):
         validate_mask(mask, None)
     assert validate_mask([[True, False]], None).shape == (1, 2)
+
+
+def test_a_checked_mask_is_a_copy_and_numpy_views_are_taken():
+    # A plan or an edit's result keeps its mask when the caller paints on theirs afterwards.
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    checked = validate_mask(mask, (4, 4))
+    mask.fill_(True)
+    assert not checked.any()
+    painted = np.zeros((4, 4), dtype=bool)
+    painted[0, 1] = True
+    flipped = validate_mask(np.flip(painted, 1), (4, 4))     # negative strides
+    assert flipped[0, 2] and int(flipped.sum()) == 1
 
 
 def test_a_huge_dilation_plans_quickly_and_as_the_mask_size():

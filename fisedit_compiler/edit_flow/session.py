@@ -107,10 +107,10 @@ class EditResult:
     """An edit: ``images`` (the pipeline's output for the requested ``output_type``, with the
     original's pixels outside the edited region unless ``composite_background=False``),
     ``mask`` (bool, latent resolution: the mask the plan was built from), ``plan``, ``latents``
-    (final; equal to the original's outside ``plan.levels[0].active``), ``report`` (timings,
-    MACs, areas, whether the background was composited) and ``region`` (bool, latent
-    resolution: ``mask`` grown by the config's dilation, what the edit may change; the images
-    are composited outside it).
+    (final; equal to the original's outside ``region``), ``report`` (timings, MACs, areas,
+    whether the background was composited) and ``region`` (bool, latent resolution: ``mask``
+    grown by the config's dilation, what the edit may change; the final latents are the
+    original's outside it, and the images are composited outside it).
     """
     images: object
     mask: torch.Tensor
@@ -287,7 +287,9 @@ class EditSession:
         (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
         10 of 50, else 0, which runs sparse from the first step). After step
         ``probe_steps - 1`` the latents and the scheduler history are blended with the recorded
-        ones outside ``plan.levels[0].active``; the remaining steps run sparsely. The recorded
+        ones outside ``plan.levels[0].active``; the remaining steps run sparsely, and the final
+        latents are the original's outside the region (the mask grown by the config's
+        dilation), where the images are composited: the plan computes whole tiles. The recorded
         generation is never changed by an edit. ``cross_attention_control`` reuses, during the
         dense steps, the recorded generation's cross-attention probabilities for the tokens
         both prompts share (see ``attention``; it costs one extra dense U-Net call per dense
@@ -316,10 +318,9 @@ class EditSession:
         exact: outside ``result.region`` (the mask grown by ``SparseConfig.dilation``: what
         the edit may change, whatever region the plan computed) upsampled to pixels (each
         latent pixel covers a ``vae_scale_factor``-square block) the images take the original's
-        pixels, inside the edit's. Why: outside the plan's active region the latents already
-        equal the original's bit for bit, but the VAE decoder is not local (global group norms,
-        a mid-block attention), so the raw decode shifts background pixels too; and a plan
-        computes whole tiles, or everything when it goes dense. Cost: nothing on the GPU side
+        pixels, inside the edit's. Why: outside the region the final latents already equal the
+        original's bit for bit, but the VAE decoder is not local (global group norms,
+        a mid-block attention), so the raw decode shifts background pixels too. Cost: nothing on the GPU side
         (no extra decode), a few ms on the host for "pil". Seam risk: pixels just outside the
         region come from the original, so a change that bleeds beyond the dilated mask is cut
         at its edge. It needs the original's images in the same
@@ -369,7 +370,9 @@ class EditSession:
                                   remedy="mark the region to edit (True), or leave mask out to "
                                          "estimate it from the prompts")
         # The default mask_mode ("replace") cannot be told from a given one, so only a given
-        # "intersect" is refused without a user mask (the command line refuses either).
+        # "intersect" is refused without a user mask (the command line refuses either); None is
+        # no mode here (check_mask_choice's None is the command line's "not given").
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         estimator, dense_steps = check_mask_choice(
             mask_estimator=mask_estimator, probe_steps=probe_steps, num_steps=steps,
             user_mask=None if user_mask is None else "mask=",
@@ -421,10 +424,7 @@ class EditSession:
         images = self._run(trajectory, run.unet_call, run.on_step_end, output_type,
                            pipeline_kwargs)
         run_s = time.perf_counter() - start
-        # What the edit may change is its mask grown by the engine's dilation, whatever region
-        # the plan computed (tile-quantised, or all of it when the plan went dense).
-        dilation = self.engine.config.dilation
-        region = tac.dilate(run.mask, 2 * dilation + 1) if dilation else run.mask
+        region = run.region
         composite_area = None
         if composite:
             images, composite_area = self._composite(images, original.images, output_type,
@@ -754,7 +754,7 @@ class EditSession:
             raise FiseditError("latents= and generator= both choose the initial noise (the "
                                "generator would be ignored); pass one of them")
         if latents is not None or generator is not None:
-            if not (isinstance(seed, int) and seed == 0):
+            if not (type(seed) is int and seed == 0):     # a bool is no seed: False == 0
                 given = "latents=" if latents is not None else "generator="
                 raise FiseditError(
                     f"seed={seed!r} and {given} both choose the initial noise (the seed would "
@@ -856,6 +856,7 @@ class _EditRun:
         self.estimator, self.user_mask = estimator, user_mask
         self.mask_dilation, self.dense_steps, self.control = mask_dilation, dense_steps, control
         self.mask: torch.Tensor | None = None
+        self.region: torch.Tensor | None = None
         self.plan: MaskPlan | None = None
         self.global_change = False
         self.mask_unet_evaluations = 0.0
@@ -918,6 +919,14 @@ class _EditRun:
                                             and step in original.blend_steps):
             latents = self.session._blend(latents, step, self.plan)
             trajectory.blend_steps.add(step)
+        if step == trajectory.num_steps - 1:
+            # The final latents keep the original's outside the region, where the images are
+            # composited: the plan's whole tiles reach past it, and what they changed there
+            # would be in the latents (which accept makes the next original's) but not in the
+            # images. (In every edit, even where the region is all of the latent: checking that
+            # would synchronise with the device.)
+            latents = torch.where(self.region, latents, original.latents[step])
+            trajectory.blend_steps.add(step)
         trajectory.latents.append(latents.clone())
         trajectory.history.append(_history(self.session.pipe.scheduler))
         return latents
@@ -945,6 +954,10 @@ class _EditRun:
         else:
             chosen = estimated if self.user_mask is None else estimated & self.user_mask
         self.mask = chosen
+        # What the edit may change is its mask grown by the engine's dilation, whatever region
+        # the plan computes (whole tiles, or all of it when the plan goes dense).
+        dilation = self.session.engine.config.dilation
+        self.region = tac.dilate(chosen, 2 * dilation + 1) if dilation else chosen
         self.plan = self.session.engine.plan(chosen)
 
     def _unseen_change(self, inputs: dict) -> str | None:

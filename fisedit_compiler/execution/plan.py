@@ -358,8 +358,12 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
 
     ``size`` None checks everything but the size (any 2-D mask): ``SparseEngine.plan`` takes
     the latent size from the mask, and must check the mask before it compiles for that size.
+    Returns a copy, so that a plan or an edit's result keeps the mask it was made with when
+    the caller changes theirs afterwards.
     """
     wanted = "[H, W]" if size is None else f"{tuple(size)}"
+    if isinstance(mask, np.ndarray):
+        mask = np.ascontiguousarray(mask)       # torch wraps no negative strides (np.flip)
     if not isinstance(mask, torch.Tensor):
         try:
             mask = torch.as_tensor(mask)
@@ -380,13 +384,17 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
         raise FiseditError(
             f"the edit mask must be 2-D [H, W] at latent resolution{at}, got shape "
             f"{tuple(mask.shape)}; drop batch and channel dimensions")
+    if size is None and 0 in mask.shape:
+        raise FiseditError(
+            f"the edit mask has shape {tuple(mask.shape)}, with no pixels; make it [H, W] at "
+            "the latent resolution of the edit (True = edit)")
     if size is not None and tuple(mask.shape) != tuple(size):
         height, width = size
         hint = image_resolution_hint(tuple(mask.shape), size)
         raise FiseditError(
             f"the edit mask has shape {tuple(mask.shape)} but the latent is {height}x{width}"
             f"{'; ' + hint if hint else ''}")
-    return mask
+    return mask.clone()
 
 
 def warn_if_marks_nothing(marked: int, *, remedy: str, stacklevel: int) -> None:

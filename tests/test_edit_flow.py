@@ -1,5 +1,7 @@
 """EditSession: exact background, oracle-exact sparse calls, masks, continuous edits, errors."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -843,6 +845,14 @@ def test_bad_session_arguments_are_refused_before_any_step(session, call, match)
     assert (session.cache, session.cache_nbytes(), session.original) == before
 
 
+def test_empty_cross_attention_kwargs_ask_for_nothing(session):
+    # Taken as None by the checks, and by the U-Net call router too (it refused them mid-run).
+    edit = dict(mask=_corner_mask(), output_type="latent")
+    plain = session.edit("a blue circle", **edit)
+    given = session.edit("a blue circle", cross_attention_kwargs={}, **edit)
+    assert torch.equal(given.latents, plain.latents)
+
+
 def test_a_changed_scheduler_config_is_refused(session, pipe):
     original = pipe.scheduler
     pipe.scheduler = type(original).from_config(original.config, prediction_type="v_prediction")
@@ -1258,11 +1268,20 @@ def test_without_guidance_negative_arguments_are_refused(session, pipe, monkeypa
     assert _state(s) == before
     assert torch.equal(s.edit("a blue circle", **edit).latents, reference.latents)
     # Every negative_* pipeline argument (SDXL's negative_prompt_2, negative_original_size...).
+    sd, sdxl = (SimpleNamespace(config=SimpleNamespace(**config))
+                for config in ({}, {"force_zeros_for_empty_prompt": True}))
     with pytest.raises(FiseditError, match="negative_original_size, negative_prompt_2 acts"):
         _check_negative_arguments(1.0, None, {"negative_prompt_2": "x", "prompt_2": "y",
-                                              "negative_original_size": (64, 64)})
-    _check_negative_arguments(1.0, None, {"negative_prompt_2": None})
-    _check_negative_arguments(7.5, "blurry", {"negative_prompt_2": "x"})
+                                              "negative_original_size": (64, 64)}, sd)
+    _check_negative_arguments(1.0, None, {"negative_prompt_2": None}, sd)
+    _check_negative_arguments(7.5, "blurry", {"negative_prompt_2": "x"}, sdxl)
+    _check_negative_arguments(7.5, None, {"negative_prompt_2": "x"}, sd)
+    # SDXL zeroes the unconditional text when there is no negative prompt, dropping these.
+    for name in ("negative_prompt_2", "negative_pooled_prompt_embeds"):
+        with pytest.raises(FiseditError, match=f"{name} without a negative_prompt would be "
+                                               "ignored.*pass a negative_prompt with it"):
+            _check_negative_arguments(7.5, None, {name: "x"}, sdxl)
+    _check_negative_arguments(7.5, None, {"negative_original_size": (64, 64)}, sdxl)
 
 
 # Edits the estimators cannot measure: nothing changed, or only what their contrast cannot see.

@@ -187,7 +187,7 @@ class EditSession:
         num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
         guidance_scale = check_guidance_scale("guidance_scale", guidance_scale)
         self._check_kwargs(pipeline_kwargs)
-        _check_negative_arguments(guidance_scale, negative_prompt, pipeline_kwargs)
+        _check_negative_arguments(guidance_scale, negative_prompt, pipeline_kwargs, self.pipe)
         _check_output_type(output_type)
         self._check_scheduler()
         # Past the scheduler's training timesteps diffusers runs (and we record) every step and
@@ -398,7 +398,7 @@ class EditSession:
                 "pipeline combines the recorded background's U-Net outputs with it (another "
                 "scale would change every pixel); leave guidance_scale out, or call generate "
                 "again to change it")
-        _check_negative_arguments(guidance, negative, pipeline_kwargs)
+        _check_negative_arguments(guidance, negative, pipeline_kwargs, self.pipe)
         # Last of the argument checks, still before any pipeline step: compositing selects
         # pixels of the original's images, so they must exist in the requested form ("latent"
         # output is the latents themselves, exact outside the region already).
@@ -570,6 +570,8 @@ class EditSession:
             if name in _UNET_INPUTS:
                 if value is not None:
                     inputs[name] = value
+            elif name == "cross_attention_kwargs":
+                check_no_cross_attention_kwargs(value)     # the rule of the session's checks
             elif name != "return_dict" and value is not None:
                 raise FiseditError(
                     f"the pipeline passed {name} to the U-Net; EditSession supports only "
@@ -1217,11 +1219,24 @@ def size_multiple(vae_scale_factor: int) -> int:
 
 
 def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None,
-                              pipeline_kwargs: dict) -> None:
+                              pipeline_kwargs: dict, pipe) -> None:
     """Without classifier-free guidance (``guides``) diffusers has no unconditional branch and
     drops the negative prompt and every other ``negative_*`` argument (SDXL's
-    negative_prompt_2, negative_original_size, ...) without a word: refused."""
+    negative_prompt_2, negative_original_size, ...) without a word: refused. With it, an SDXL
+    pipeline with ``force_zeros_for_empty_prompt`` and no negative prompt makes the
+    unconditional text zeros, dropping ``negative_prompt_2`` and
+    ``negative_pooled_prompt_embeds`` just as silently: refused too."""
     if guides(guidance_scale):
+        zeroed = (negative_prompt is None
+                  and getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+        dropped = [name for name in ("negative_prompt_2", "negative_pooled_prompt_embeds")
+                   if zeroed and pipeline_kwargs.get(name) is not None]
+        if dropped:
+            raise FiseditError(
+                f"{', '.join(dropped)} without a negative_prompt would be ignored: this "
+                "pipeline's force_zeros_for_empty_prompt makes the unconditional text zeros "
+                "when there is no negative prompt; pass a negative_prompt with it (\"\" for "
+                f"none), or leave {', '.join(dropped)} out")
         return
     given = (["negative_prompt"] if negative_prompt is not None else []) + sorted(
         name for name, value in pipeline_kwargs.items()

@@ -189,6 +189,29 @@ def test_x0_estimate_inverts_the_forward_process(prediction_type):
     assert torch.allclose(tac.x0_estimate(contrast, contrast.new), x0, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [dict(), dict(timestep_type="continuous",
+                                                prediction_type="v_prediction")])
+def test_cumulative_alphas_follow_the_schedulers_noise_level(config):
+    # Euler's U-Net input is x0 + sigma * noise scaled to unit variance; its continuous
+    # timesteps (0.25 log sigma) index no table, which the rounded lookup read from its end.
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from fisedit_compiler.edit_flow.session import cumulative_alphas
+
+    euler = EulerDiscreteScheduler(**config)
+    euler.set_timesteps(10)
+    alphas = cumulative_alphas(euler, [0, 4], euler.timesteps[[0, 4]])
+    sigmas = euler.sigmas[[0, 4]]
+    assert torch.allclose(alphas, 1 / (1 + sigmas ** 2))
+    if not config:                 # discrete timesteps: close to the table at the rounded ones
+        rounded = euler.timesteps[[0, 4]].round().long()
+        assert torch.allclose(alphas, euler.alphas_cumprod[rounded], rtol=0.05)
+    ddim = DDIMScheduler()
+    ddim.set_timesteps(10)
+    assert torch.equal(cumulative_alphas(ddim, [0, 4], ddim.timesteps[[0, 4]]),
+                       ddim.alphas_cumprod[ddim.timesteps[[0, 4]]])
+
+
 def test_contrast_steps():
     assert tac.contrast_steps(20) == [0, 4] and tac.contrast_steps(50) == [0, 10]
     assert tac.contrast_steps(2) == [0]                    # both fractions round to step 0

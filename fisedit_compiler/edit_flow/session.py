@@ -1024,16 +1024,28 @@ class _EditRun:
         with maps.installed(pipe.unet) if maps else nullcontext():
             prediction = self.session._dense(batch, module=maps is not None)
         self.mask_unet_evaluations = batch["sample"].shape[0] / (2 if guided else 1)
-        timesteps = batch["timestep"][:len(steps)].float().round().long().cpu()
         contrast = tac.Contrast(
             samples=batch["sample"][:len(steps)],
             old=torch.cat([conditional(original.unet_outputs[s]) for s in steps]),
             new=prediction[:len(steps)],
-            alphas=pipe.scheduler.alphas_cumprod[timesteps],
+            alphas=cumulative_alphas(pipe.scheduler, steps, batch["timestep"][:len(steps)]),
             prediction_type=pipe.scheduler.config.prediction_type,
             final=original.latents[-1],
             attention=None if maps is None else maps.maps.sum(0))
         return self._estimated(self.estimator.score(contrast), tac.contrast_is_global(contrast))
+
+
+def cumulative_alphas(scheduler, steps: list[int], timesteps: torch.Tensor) -> torch.Tensor:
+    """The cumulative alphas (the signal's share of the variance) of the U-Net inputs at the
+    recorded ``steps``, whose U-Net ``timesteps`` are given. A scheduler that keeps its sigmas
+    (Euler, DPM-Solver) feeds the U-Net ``x0 + sigma * noise`` at unit variance, so alpha is
+    ``1 / (1 + sigma**2)`` exactly, also for timesteps that index no table (Euler's
+    ``timestep_type="continuous"``: 0.25 log sigma); else (DDIM) the table at the timestep."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        sigma = sigmas.cpu().float()[list(steps)]
+        return 1 / (1 + sigma ** 2)
+    return scheduler.alphas_cumprod[timesteps.float().round().long().cpu()]
 
 
 def _guided(trajectory: Trajectory) -> bool:

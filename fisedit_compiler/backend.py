@@ -60,7 +60,7 @@ import weakref
 
 import torch
 
-from .checks import check_bool, check_int, check_optional_int, some_names
+from .checks import check_bool, check_int, check_optional_int
 from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, required_arguments)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature
@@ -205,8 +205,10 @@ class FiseditGraph:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.param_positions = [i for i, x in enumerate(example_inputs)
                                 if isinstance(x, torch.nn.Parameter)]
+        # Python numbers Dynamo made inputs (``numbers``): constants of the sparse programs.
+        self.number_names = _number_inputs(gm, example_inputs, module, arg_names)
         self.input_positions = [i for i, x in enumerate(example_inputs)
-                                if isinstance(x, torch.Tensor)
+                                if isinstance(x, torch.Tensor) and i not in self.number_names
                                 and not is_module_state(placeholders[i].name, x)]
         self.input_names = [dynamo_input_name(placeholders[i].name, arg_names)
                             for i in self.input_positions]
@@ -258,6 +260,17 @@ class FiseditGraph:
                     "(contextvars.copy_context().run(...))")
         return self.forward(*args)            # another module's graph
 
+    def numbers(self, args) -> dict[str, object]:
+        """The values of the Python numbers Dynamo made inputs of this graph (a U-Net or
+        attention-processor attribute, a ``cross_attention_kwargs`` value, every float under
+        ``dynamic=True``), by name. A sparse program is built for one set of values, as
+        constants: a recording and its edits must keep them."""
+        return {name: args[position].item() for position, name in self.number_names.items()}
+
+    def number_key(self, args) -> tuple:
+        """``numbers(args)`` as a key: sorted (name, value) pairs."""
+        return tuple(sorted(self.numbers(args).items()))
+
     def flat_inputs(self, args) -> dict[str, torch.Tensor | None]:
         """The call's U-Net inputs by the names the engine takes (``unread_required`` None)."""
         return dict.fromkeys(self.unread_required) | {
@@ -283,17 +296,18 @@ class FiseditGraph:
         return self._fingerprint
 
     def program(self, args, config: SparseConfig, module):
-        """The sparse Program for this call's signature under ``config`` (built on first use).
+        """The sparse Program for this call's signature and numbers under ``config`` (built
+        on first use).
 
         Raises UnsupportedGraphError, with the reason, for a graph the passes cannot handle.
         """
         canonical = self.canonical(args, module)
-        signature = SparseEngine.signature(self.flat_inputs(args))
         built = self._built_for(module)
-        key = (signature, config)
+        signature_and_numbers = self._key(args)
+        key = (signature_and_numbers, config)
         if key not in built.programs:
             try:
-                built.programs[key] = build_program(signature, canonical, config)
+                built.programs[key] = build_program(signature_and_numbers[0], canonical, config)
             except Exception as error:  # noqa: BLE001 - a pass failure means "unsupported"
                 built.programs[key] = _unsupported("the fisedit passes failed on this graph",
                                                    error)
@@ -307,21 +321,27 @@ class FiseditGraph:
         every config's program is built from. Raises UnsupportedGraphError as ``program``."""
         if self.problem is not None:
             raise UnsupportedGraphError(self.problem)
-        signature = SparseEngine.signature(self.flat_inputs(args))
+        key = self._key(args)
         built = self._built_for(module)
-        if signature not in built.canonical:
-            built.canonical[signature] = self._canonical(args)
-        result = built.canonical[signature]
+        if key not in built.canonical:
+            built.canonical[key] = self._canonical(args)
+        result = built.canonical[key]
         if isinstance(result, Exception):
             raise result
         return result
+
+    def _key(self, args) -> tuple:
+        """What a canonical graph is lowered for: the inputs' signature and the numbers."""
+        return (SparseEngine.signature(self.flat_inputs(args)),
+                self.number_key(args))
 
     def _built_for(self, module) -> "_Built":
         return self._built.setdefault(module, _Built()) if module is not None else _Built()
 
     def _canonical(self, args):
         try:
-            lowered = lower_dynamo_graph(self.gm, list(args), self.arg_names)
+            lowered = lower_dynamo_graph(self.gm, list(args), self.arg_names,
+                                         constant_positions=list(self.number_names))
             canonical = canonical_graph(lowered)
         except Exception as error:  # noqa: BLE001 - any failure here means "unsupported"
             return _unsupported("lowering this graph failed", error)
@@ -404,8 +424,8 @@ class _Built:
     """A graph's compiled state for one U-Net module."""
 
     def __init__(self):
-        self.canonical: dict = {}   # signature -> analyzed canonical graph, or the error
-        self.programs: dict = {}    # (signature, config) -> Program, or the error
+        self.canonical: dict = {}   # (signature, numbers) -> analyzed canonical graph, or error
+        self.programs: dict = {}    # ((signature, numbers), config) -> Program, or the error
 
 
 def _unsupported(what: str, error: Exception) -> UnsupportedGraphError:
@@ -426,6 +446,10 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
     if len(outputs) != 1:
         return (f"the graph returns {len(outputs)} values, not one sample: a graph break "
                 "split the U-Net call (torch.compile(..., fullgraph=True) shows where)")
+    if "timestep" in graph.number_names.values():
+        return ("the graph takes the timestep as a Python number (Dynamo makes a number that "
+                "changed between calls a graph input); pass the timestep as a tensor, "
+                "torch.tensor(t), as diffusers pipelines do")
     if module is not None:
         params = inspect.signature(module.forward).parameters
         foreign = [name for name in graph.input_names
@@ -438,23 +462,6 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
             return ("the graph has no 'timestep' input: torch.compile made a Python-number "
                     "timestep a constant of the graph (one graph per value); pass the "
                     "timestep as a tensor, torch.tensor(t), as diffusers pipelines do")
-    numbers = _number_inputs(gm, example_inputs, module, graph.arg_names)
-    if "timestep" in numbers:
-        return ("the graph takes the timestep as a Python number (Dynamo makes a number that "
-                "changed between calls a graph input); pass the timestep as a tensor, "
-                "torch.tensor(t), as diffusers pipelines do")
-    if numbers:
-        return (f"the graph takes the Python number(s) {some_names(numbers, 4)} as input(s): "
-                "Dynamo makes a number a graph input once its value changes between calls (a "
-                "U-Net or attention-processor attribute, a cross_attention_kwargs value: an "
-                "IP-Adapter or LoRA scale), and under torch.compile(..., dynamic=True) every "
-                "float of the modules (norm eps, dropout p) from the first call; a recording "
-                "needs them as "
-                "constants of the graph (a program would keep the values it was built with); "
-                "compile without dynamic=True (a new resolution then recompiles, which the "
-                "backend handles) and keep such settings fixed, or set "
-                "torch._dynamo.config.specialize_float = True (one graph per value) and "
-                "compile again (torch._dynamo.reset())")
     if "sample" not in graph.input_names:
         return f"the graph has no 'sample' input (its inputs are {graph.input_names})"
     sample = example_inputs[graph.input_positions[graph.input_names.index("sample")]]
@@ -470,18 +477,21 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
     return None
 
 
-def _number_inputs(gm, example_inputs, module, arg_names) -> list[str]:
+def _number_inputs(gm, example_inputs, module, arg_names) -> dict[int, str]:
     """The placeholders that are Python numbers, which Dynamo passes as fresh 0-d tensors on
-    each call. Those it names after ``self`` (a module attribute) would otherwise pass for
-    module state, which ``lower_dynamo_graph`` bakes into the program: right for weights,
-    wrong for a number that may change on the next call. Dynamo marks them in the
-    placeholder's ``grapharg`` (a private field); should that move, a 0-d module-state
+    each call, by position: their names. Dynamo makes a number an input once its value
+    changed between calls (an IP-Adapter or LoRA scale), a NumPy scalar from the first call
+    (the skip blocks' ``output_scale_factor``), and under ``dynamic=True`` every float of the
+    modules. Those it names after ``self`` (a module attribute) would otherwise pass for
+    module state, whose tensors ``lower_dynamo_graph`` bakes in by reference: right for
+    weights, wrong for a number, whose next call's value is a new tensor. Dynamo marks them
+    in the placeholder's ``grapharg`` (a private field); should that move, a 0-d module-state
     placeholder that is none of the module's own tensors is taken for one."""
     state = (None if module is None else
              {id(t) for t in itertools.chain(module.parameters(), module.buffers())})
-    numbers = []
-    for node, example in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
-                             example_inputs):
+    numbers = {}
+    for position, (node, example) in enumerate(zip(
+            [n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)):
         if not isinstance(example, torch.Tensor):
             continue
         number = getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", None)
@@ -491,7 +501,7 @@ def _number_inputs(gm, example_inputs, module, arg_names) -> list[str]:
         if number:
             # (Dynamo spells attribute paths with the modules' dicts: self_dict_modules_a_...)
             name = re.sub(r"_(dict_)?modules_", "_", dynamo_input_name(node.name, arg_names))
-            numbers.append(name.removeprefix("self_"))
+            numbers[position] = name.removeprefix("self_")
     return numbers
 
 
@@ -576,9 +586,10 @@ class Recording:
         self.inputs: list[dict[str, torch.Tensor | None]] = []
         self.outputs: list[torch.Tensor] = []
         self.fallbacks: list[str] = []
-        # Per signature with a program in ``engine``: the fingerprints of the Dynamo graphs
-        # known to compute that program (``_runs_recorded_program``), and its canonical graph's.
-        self._graphs: dict[tuple, set[str]] = {}
+        # Per signature with a program in ``engine``: the Dynamo graphs (fingerprint and the
+        # values of the Python numbers they take) known to compute that program
+        # (``_runs_recorded_program``), and its canonical graph's fingerprint.
+        self._graphs: dict[tuple, set[tuple]] = {}
         self._canonical_fingerprints: dict[tuple, str] = {}
         self._state_ids = frozenset(id(t) for t in
                                     itertools.chain(unet.parameters(), unet.buffers()))
@@ -592,13 +603,16 @@ class Recording:
 
         Dynamo compiles a new graph when a Python-level setting of the U-Net changes (FreeU,
         an IP-Adapter or LoRA scale, an attention processor), with the same inputs: the program
-        in ``engine`` would then silently compute the old setting. Dynamo also recompiles
-        without any change to what the U-Net computes (a graph with dynamic sizes after a
-        resolution change, another compiled wrapper of the same U-Net): such a graph lowers to
-        the same canonical graph, which is compared when the cheap digest of the Dynamo graph
-        differs (once per graph; a match is remembered)."""
+        in ``engine`` would then silently compute the old setting; or it makes the setting a
+        number input of the graph, whose value the program holds as a constant. Dynamo also
+        recompiles without any change to what the U-Net computes (a graph with dynamic sizes
+        after a resolution change, another compiled wrapper of the same U-Net): such a graph
+        lowers to the same canonical graph, which is compared when the cheap digest of the
+        Dynamo graph and its numbers is not known (once per graph and numbers; a match is
+        remembered)."""
         known = self._graphs[signature]
-        if graph.fingerprint in known:
+        graph_and_numbers = (graph.fingerprint, graph.number_key(args))
+        if graph_and_numbers in known:
             return True
         try:
             canonical = graph.canonical(args, self.unet)
@@ -611,8 +625,22 @@ class Recording:
         if graph_fingerprint(canonical, state_ids=self._state_ids) != \
                 self._canonical_fingerprints[signature]:
             return False
-        known.add(graph.fingerprint)
+        known.add(graph_and_numbers)
         return True
+
+    def _unlike_recorded(self, graph: "FiseditGraph", args, signature: tuple) -> str | None:
+        """Why this call does not run the recorded program of ``signature``, for a message
+        (None when it does)."""
+        if self._runs_recorded_program(graph, args, signature):
+            return None
+        numbers = graph.numbers(args)
+        for fingerprint, recorded in self._graphs[signature]:
+            if fingerprint == graph.fingerprint:     # the same graph: a number changed
+                recorded = dict(recorded)
+                return "a Python number its graph takes changed (" + "; ".join(
+                    f"{name} was {recorded[name]!r} and is {numbers[name]!r}"
+                    for name in sorted(numbers) if numbers[name] != recorded[name]) + ")"
+        return "Dynamo compiled another U-Net graph for it"
 
     @property
     def num_steps(self) -> int:
@@ -755,9 +783,9 @@ class _RecordState(_State):
         if signature in rec._graphs:
             # Every step of a recording runs one program (the cache keys are its node names),
             # so a later call must run the graph that made it.
-            if not rec._runs_recorded_program(graph, args, signature):
-                raise FiseditError(_changed_during_recording(
-                    step, "Dynamo compiled another U-Net graph for it"))
+            why = rec._unlike_recorded(graph, args, signature)
+            if why:
+                raise FiseditError(_changed_during_recording(step, why))
         else:
             try:
                 program = graph.program(args, rec.config, rec.unet)
@@ -777,7 +805,7 @@ class _RecordState(_State):
             # The engine is the recording's own and starts empty: the program stored for the
             # signature is this one, and the graph that made it is known from here on.
             rec.engine.add_program(program)
-            rec._graphs[signature] = {graph.fingerprint}
+            rec._graphs[signature] = {(graph.fingerprint, graph.number_key(args))}
         kept = _kept(flat)      # before the cache changes: a failed copy changes nothing
         size = rec.cache.num_steps
         if rec.growable:
@@ -867,9 +895,9 @@ class _EditState(_State):
                 f"{_input_names_changed(signature, rec.cache.signature)}; edits must keep the "
                 "resolution, batch and dtypes, and the U-Net's arguments and settings, of the "
                 "recorded generation")
-        if not rec._runs_recorded_program(graph, args, signature):
-            raise FiseditError(_changed_since_recording("Dynamo compiled another U-Net graph "
-                                                        "for it"))
+        why = rec._unlike_recorded(graph, args, signature)
+        if why:
+            raise FiseditError(_changed_since_recording(why))
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         # Copied before the edit notes the step: a failed copy leaves it as it was.
         kept, edited = _kept(flat), output.detach().clone()

@@ -659,13 +659,12 @@ def specialize_floats(request, value: bool) -> None:
 
 
 ANOTHER_GRAPH = "Dynamo compiled another U-Net graph"
-A_NUMBER = r"cannot be (recorded|edited) \(the graph takes the Python number\(s\) down_blocks"
 
 
 @pytest.mark.parametrize("change, specialize, match", [
     (freeu_on, False, ANOTHER_GRAPH),
     (scale_zero, True, ANOTHER_GRAPH),
-    (scale_zero, False, A_NUMBER),
+    (scale_zero, False, ANOTHER_GRAPH),
     (graph_break, False, "cannot be recorded.*graph break")],
     ids=["freeu", "ip-adapter-scale", "ip-adapter-scale-as-input", "graph-break"])
 @torch.no_grad()
@@ -692,7 +691,7 @@ def test_a_setting_changed_during_a_recording_is_refused(fresh_dynamo, request, 
 @pytest.mark.parametrize("change, undo, specialize, match", [
     (freeu_on, None, False, ANOTHER_GRAPH),
     (scale_zero, scale_back, True, ANOTHER_GRAPH),
-    (scale_zero, scale_back, False, A_NUMBER)],
+    (scale_zero, scale_back, False, ANOTHER_GRAPH)],
     ids=["freeu", "ip-adapter-scale", "ip-adapter-scale-as-input"])
 @torch.no_grad()
 def test_a_setting_changed_between_record_and_edit_is_refused(fresh_dynamo, request, change,
@@ -716,12 +715,8 @@ def test_a_setting_changed_between_record_and_edit_is_refused(fresh_dynamo, requ
     if undo is None:
         return
     undo(unet, processor)                               # the recorded setting again
-    if not specialize:      # Dynamo's graph takes the scale as an input now, whatever its value
-        with pytest.raises(fc.FiseditError, match=A_NUMBER):
-            with fc.editing(rec, mask):
-                call(compiled, inputs, t)
-        assert_same_state(before, rec)
-        return
+    # (Without specialize_float Dynamo's graph takes the scale as an input now: at the recorded
+    # value it lowers to the recorded program, which it then edits.)
     new = edited(inputs, mask)
     with fc.editing(rec, mask) as ed:
         out = call(compiled, new, t)
@@ -735,7 +730,9 @@ def test_a_setting_changed_between_record_and_edit_is_refused(fresh_dynamo, requ
 @torch.no_grad()
 def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh_dynamo):
     """A number in cross_attention_kwargs (a LoRA scale) is baked into the graph; once it
-    changes, Dynamo makes it an input of a new graph. Neither may run the recorded value."""
+    changes, Dynamo makes it an input of a new graph. Neither may run the recorded value. A
+    recording made with that graph keeps the number's value as a constant of its program,
+    and its edits must pass the same value."""
     unet, processor, inputs = scaled_unet()
     compiled = torch.compile(unet, backend="fisedit")
     t = torch.tensor(500)
@@ -748,22 +745,51 @@ def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh
         recorded = at(0.5)
     before = state_of(rec)
     mask = torch.ones(16, 16, dtype=torch.bool)
-    for gain in (1.0, 0.5):     # after 1.0, Dynamo's graph takes the gain as an input
-        with pytest.raises(fc.FiseditError, match=r"Python number\(s\) "
-                                                  r"cross_attention_kwargs_gain as input"):
-            with fc.editing(rec, mask) as ed:
-                at(gain)
-        assert ed.steps == []
-        assert_same_state(before, rec)
-    # ... and such a graph is not recorded either: a warning, dense and exact.
-    with pytest.warns(UnsupportedGraphWarning, match="Python number"):
-        with fc.recording(compiled) as again:
-            out = at(1.0)
-    assert again.num_steps == 0
-    assert torch.equal(out, unet(inputs["sample"], t,
-                                 encoder_hidden_states=inputs["encoder_hidden_states"],
-                                 cross_attention_kwargs={"gain": 1.0})[0])
-    assert torch.equal(rec.outputs[0], recorded)
+    with pytest.raises(fc.FiseditError, match=ANOTHER_GRAPH):
+        with fc.editing(rec, mask) as ed:
+            at(1.0)             # from here on Dynamo's graph takes the gain as an input
+    assert ed.steps == []
+    assert_same_state(before, rec)
+    with fc.editing(rec, mask) as ed:       # at the recorded gain, the recorded program
+        assert relative_error(at(0.5), recorded) <= TOLERANCE
+    assert ed.steps == [0]
+    # A recording with the graph that takes the gain: the value is its program's constant.
+    with fc.recording(compiled) as again:
+        out = at(1.0)
+    assert relative_error(out, unet(inputs["sample"], t,
+                                    encoder_hidden_states=inputs["encoder_hidden_states"],
+                                    cross_attention_kwargs={"gain": 1.0})[0]) <= TOLERANCE
+    with fc.editing(again, mask):
+        assert relative_error(at(1.0), out) <= TOLERANCE
+    kept = state_of(again)
+    with pytest.raises(fc.FiseditError, match=r"a Python number its graph takes changed "
+                                              r"\(cross_attention_kwargs_gain was 1.0 and is "
+                                              r"0.7\)"):
+        with fc.editing(again, mask) as ed:
+            at(0.7)
+    assert ed.steps == []
+    assert_same_state(kept, again)
+
+
+@torch.no_grad()
+def test_dynamic_true_records_and_edits_with_its_floats_as_constants(fresh_dynamo):
+    """Under dynamic=True Dynamo makes every float of the modules (norm eps, scales) a graph
+    input from the first call: each program holds the recorded values as constants."""
+    unet = zoo.unet("sd15-tiny")
+    inputs, t = zoo.example_inputs(unet, batch=2, seed=0), torch.tensor(500)
+    compiled = torch.compile(unet, backend="fisedit", dynamic=True)
+    with fc.recording(compiled) as rec:
+        recorded = call(compiled, inputs, t)
+    (graph,) = fc.backend.compiled_graphs(unet)
+    assert graph.number_names and rec.num_steps == 1
+    assert relative_error(recorded, call(unet, inputs, t)) <= TOLERANCE
+    mask = box((16, 16), 3, 5, 9, 10)
+    with fc.editing(rec, mask) as ed:
+        result = call(compiled, edited(inputs, mask), t)
+    outside = ~ed.plan[0].active
+    assert torch.equal(result[..., outside], recorded[..., outside])
+    ref = fc.oracle.masked_dense(rec.engine, ed.plan, rec.inputs[0], ed.inputs[0])
+    assert relative_error(result, ref) <= TOLERANCE
 
 
 @torch.no_grad()

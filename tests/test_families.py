@@ -267,12 +267,14 @@ def test_dense_graph_equals_the_module(family):
     torch.testing.assert_close(result, call(unet, edited), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["sd15_t2i_adapter", "latent_upscaler", "kandinsky22"])
+@pytest.mark.parametrize("name", ["sd15_t2i_adapter", "latent_upscaler", "kandinsky22",
+                                  "score_sde"])
 def test_backend_records_and_edits(name):
     """The torch.compile backend: the T2I-Adapter's list-valued input, popped empty by each
     call and added in place; the latent upscaler, whose resampling kernels are buffers
     Dynamo passes as graph inputs; Kandinsky 2.2, whose encoder_hidden_states=None Dynamo
-    drops from the graph's inputs."""
+    drops from the graph's inputs; score-SDE, whose skip blocks' NumPy scale factors Dynamo
+    makes graph inputs from the first call."""
     unet, inputs = FAMILIES[name]()
     compiled = torch.compile(unet, backend="fisedit")
     with fc.recording(compiled) as recording:

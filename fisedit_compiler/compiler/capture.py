@@ -20,6 +20,7 @@ out of place (``_functional``), so no value the engine records is written to aft
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -240,15 +241,17 @@ def dynamo_graph(unet, inputs: dict):
     return seen["graph"]
 
 
-def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
-                       arg_names=None) -> fx.GraphModule:
+def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs, arg_names=None,
+                       constant_positions=()) -> fx.GraphModule:
     """Lower a Dynamo backend graph to ATen; its module-state placeholders become constants.
 
     Dynamo passes parameters and buffers as placeholders whose example inputs are the module's
     tensors themselves (``is_module_state``); they become ``get_attr`` nodes holding those same
     tensors, so in-place weight updates stay visible. The remaining placeholders are the user
     inputs, in Dynamo's order: ``gm.meta["fc_input_positions"]`` gives each tensor input's
-    position in the backend's call.
+    position in the backend's call. The placeholders at ``constant_positions`` (Python
+    numbers Dynamo made inputs) become constants too, copies of their example values: the
+    caller keeps later calls to those values.
 
     A graph compiled with dynamic shapes also takes symbolic sizes (``SymInt`` placeholders):
     the lowered graph is specialized to the example's concrete sizes, and those inputs are not
@@ -263,14 +266,19 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
     # until first called; export names the inputs after forward's signature, so generate it.
     _LazyGraphModule.force_recompile(graph_module)
     example_inputs = [_concrete(x) for x in example_inputs]
+    if constant_positions:
+        graph_module = _numbers_read_as_values(graph_module, example_inputs, constant_positions)
     with torch.no_grad():
         program = torch.export.export(graph_module, tuple(example_inputs), strict=False)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    is_param = [is_module_state(node.name, x) for node, x in zip(placeholders, example_inputs)]
+    is_param = [is_module_state(node.name, x) or position in constant_positions
+                for position, (node, x) in enumerate(zip(placeholders, example_inputs))]
     constants = {}
     user_names, positions = [], []
     for position, (node, param) in enumerate(zip(placeholders, is_param)):
-        if param:
+        if position in constant_positions:      # a fresh tensor each call: its value, kept
+            constants[node.name] = example_inputs[position].clone()
+        elif param:
             constants[node.name] = example_inputs[position]
         else:
             user_names.append(dynamo_input_name(node.name, arg_names))
@@ -280,6 +288,25 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs,
         zip([n.name for n, p in zip(placeholders, is_param) if not p], user_names)))
     result.meta[INPUT_POSITIONS] = positions
     return result
+
+
+def _numbers_read_as_values(graph_module: fx.GraphModule, example_inputs,
+                            positions) -> fx.GraphModule:
+    """A copy of a Dynamo graph in which the Python numbers at ``positions`` (the 0-d tensors
+    Dynamo passes for them) are their example values wherever the graph reads them back as
+    numbers (``.item()``): export would trace a symbolic float there, which no pass follows.
+    (A copy: the graph itself still runs dense calls with the numbers they pass.)"""
+    graph = copy.deepcopy(graph_module.graph)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    for position in positions:
+        value = example_inputs[position].item()
+        for reader in list(placeholders[position].users):
+            if reader.op == "call_method" and reader.target == "item":
+                for user in list(reader.users):
+                    user.args, user.kwargs = fx.node.map_arg(
+                        (user.args, user.kwargs), lambda node: value if node is reader else node)
+                graph.erase_node(reader)
+    return fx.GraphModule(graph_module, graph)
 
 
 _POSITIONAL_DEFAULTS = ("sample", "timestep")

@@ -14,9 +14,10 @@ EditSession and edited automatically with every variant: a mask estimator of
   on the original generation and on a plain dense generation of the edited prompt from the
   same noise, which bound what an edit can reach;
 * fidelity: PSNR inside the truly changed region (pixels) against that dense generation;
-* background: outside the plan's active region the final latents must equal the original's
-  (``latent_max_diff_outside``: 0) and, with ``EditSession.edit``'s default compositing, so do
-  the decoded pixels (``pixel_max_diff_outside``: 0);
+* background: outside the edit's region (``result.region``: its mask grown by the dilation)
+  the final latents must equal the original's (``latent_max_diff_outside``: 0) and, with
+  ``EditSession.edit``'s default compositing, so do the decoded pixels
+  (``pixel_max_diff_outside``: 0);
 * cost: the dense U-Net evaluations spent on the mask (one = one denoising step's batched
   call), the edit's wall time against a plain dense generation, and the MACs ratio.
 
@@ -157,7 +158,7 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float | None:
 def edit_record(pair, result, original_image, original_latents, regenerated) -> dict:
     image = result.images[0]
     active = result.plan.levels[0].active
-    outside = ~active.to(result.latents.device)
+    outside = ~result.region.to(result.latents.device)
     truth = render.latent_region(pair)
     changed = render.changed_region(pair, image.shape[0]).numpy()
     report = result.report
@@ -173,7 +174,7 @@ def edit_record(pair, result, original_image, original_latents, regenerated) -> 
         "latent_max_diff_outside": float((result.latents - original_latents)[..., outside].abs()
                                          .max()) if outside.any() else 0.0,
         "pixel_max_diff_outside": pixel_diff(image, original_image,
-                                             ~upsample(active, image.shape[0])),
+                                             ~upsample(result.region, image.shape[0])),
         "mask_unet_evaluations": report["mask_unet_evaluations"],
         "edit_s": report["timings_s"]["edit_s"],
         "mask_s": report["timings_s"]["mask_s"],

@@ -207,6 +207,10 @@ class FiseditGraph:
                                 if isinstance(x, torch.nn.Parameter)]
         # Python numbers Dynamo made inputs (``numbers``): constants of the sparse programs.
         self.number_names = _number_inputs(gm, example_inputs, module, arg_names)
+        # Symbolic ints (a graph with dynamic shapes: its sizes, and Python ints Dynamo made
+        # inputs): the lowering specializes them to the call's values, so they are numbers too.
+        self.int_names = {i: dynamo_input_name(placeholders[i].name, arg_names)
+                          for i, x in enumerate(example_inputs) if isinstance(x, torch.SymInt)}
         self.input_positions = [i for i, x in enumerate(example_inputs)
                                 if isinstance(x, torch.Tensor) and i not in self.number_names
                                 and not is_module_state(placeholders[i].name, x)]
@@ -263,9 +267,11 @@ class FiseditGraph:
     def numbers(self, args) -> dict[str, object]:
         """The values of the Python numbers Dynamo made inputs of this graph (a U-Net or
         attention-processor attribute, a ``cross_attention_kwargs`` value, every float under
-        ``dynamic=True``), by name. A sparse program is built for one set of values, as
-        constants: a recording and its edits must keep them."""
-        return {name: args[position].item() for position, name in self.number_names.items()}
+        ``dynamic=True``), and of its symbolic ints (``int_names``), by name. A sparse program
+        is built for one set of values, as constants: a recording and its edits must keep
+        them."""
+        return ({name: args[position].item() for position, name in self.number_names.items()}
+                | {name: int(args[position]) for position, name in self.int_names.items()})
 
     def number_key(self, args) -> tuple:
         """``numbers(args)`` as a key: sorted (name, value) pairs."""
@@ -855,7 +861,7 @@ def _changed_since_recording(why: str) -> str:
 
 def _input_names_changed(signature: tuple, recorded: tuple) -> str:
     """Which inputs a call adds or drops against the recorded ones, for the message. (A
-    Python number Dynamo made an input is refused before, as the graph's problem.)"""
+    Python number Dynamo made an input is no input here: ``FiseditGraph.numbers``.)"""
     names, before = {entry[0] for entry in signature}, {entry[0] for entry in recorded}
     if names == before:
         return ""

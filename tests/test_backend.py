@@ -772,6 +772,32 @@ def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh
 
 
 @torch.no_grad()
+def test_an_int_number_input_is_a_constant_of_the_recording(fresh_dynamo):
+    """Under dynamic=True an int of cross_attention_kwargs is a symbolic int of the graph,
+    which the lowering specializes: a recording and its edits keep its value."""
+    unet, processor, inputs = scaled_unet()
+    compiled = torch.compile(unet, backend="fisedit", dynamic=True)
+    t, mask = torch.tensor(500), torch.ones(16, 16, dtype=torch.bool)
+
+    def at(gain):
+        return compiled(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                        cross_attention_kwargs={"gain": gain}, return_dict=False)[0]
+
+    with fc.recording(compiled) as rec:
+        recorded = at(3)
+        with pytest.raises(fc.FiseditError, match=r"earlier calls: a Python number its graph "
+                                                  r"takes changed \(cross_attention_kwargs_"
+                                                  r"gain was 3 and is 4\)"):
+            at(4)
+    assert rec.num_steps == 1
+    with fc.editing(rec, mask):
+        assert relative_error(at(3), recorded) <= TOLERANCE
+    with pytest.raises(fc.FiseditError, match="cross_attention_kwargs_gain was 3 and is 4"):
+        with fc.editing(rec, mask):
+            at(4)
+
+
+@torch.no_grad()
 def test_dynamic_true_records_and_edits_with_its_floats_as_constants(fresh_dynamo):
     """Under dynamic=True Dynamo makes every float of the modules (norm eps, scales) a graph
     input from the first call: each program holds the recorded values as constants."""

@@ -451,7 +451,8 @@ def test_edit_before_generate(pipe):
      rf"none \(probe_steps=0 of num_inference_steps={STEPS}\); give probe_steps >= 1"),
     (dict(mask_estimator="otsu"), "mask_estimator must be one of"),
     (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),
-    (dict(mask=_corner_mask(), mask_mode=None), "mask_mode must be one of 'replace', 'intersect', got None"),
+    (dict(mask=_corner_mask(), mask_mode=None),
+     "mask_mode must be one of 'replace', 'intersect', got None"),
     (dict(latents=torch.zeros(1)), "sets latents itself"),
 ])
 def test_bad_edit_arguments(session, kwargs, match):

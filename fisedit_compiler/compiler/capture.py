@@ -266,6 +266,7 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs, arg_names=N
     # until first called; export names the inputs after forward's signature, so generate it.
     _LazyGraphModule.force_recompile(graph_module)
     example_inputs = [_concrete(x) for x in example_inputs]
+    constant_positions = set(constant_positions)
     if constant_positions:
         graph_module = _numbers_read_as_values(graph_module, example_inputs, constant_positions)
     with torch.no_grad():

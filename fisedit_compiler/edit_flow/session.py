@@ -319,11 +319,11 @@ class EditSession:
         the edit may change, whatever region the plan computed) upsampled to pixels (each
         latent pixel covers a ``vae_scale_factor``-square block) the images take the original's
         pixels, inside the edit's. Why: outside the region the final latents already equal the
-        original's bit for bit, but the VAE decoder is not local (global group norms,
-        a mid-block attention), so the raw decode shifts background pixels too. Cost: nothing on the GPU side
-        (no extra decode), a few ms on the host for "pil". Seam risk: pixels just outside the
-        region come from the original, so a change that bleeds beyond the dilated mask is cut
-        at its edge. It needs the original's images in the same
+        original's bit for bit, but the VAE decoder is not local (global group norms, a
+        mid-block attention), so the raw decode shifts background pixels too. Cost: nothing on
+        the GPU side (no extra decode), a few ms on the host for "pil". Seam risk: pixels just
+        outside the region come from the original, so a change that bleeds beyond the dilated
+        mask is cut at its edge. It needs the original's images in the same
         form: the edit's ``output_type`` must be the one of the generation (or accepted edit)
         it edits, else FiseditError before any step runs; ``"latent"`` output needs nothing
         (it is the latents, exact already). ``composite_background=False`` returns the raw

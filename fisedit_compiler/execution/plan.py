@@ -362,8 +362,8 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
     the caller changes theirs afterwards.
     """
     wanted = "[H, W]" if size is None else f"{tuple(size)}"
-    if isinstance(mask, np.ndarray):
-        mask = np.ascontiguousarray(mask)       # torch wraps no negative strides (np.flip)
+    if isinstance(mask, np.ndarray) and any(stride < 0 for stride in mask.strides):
+        mask = mask.copy()                      # torch wraps no negative strides (np.flip)
     if not isinstance(mask, torch.Tensor):
         try:
             mask = torch.as_tensor(mask)

@@ -32,7 +32,8 @@ class SparseConfig:
     self_attention: ``full`` (exact: recorded K/V with the active rows replaced) or ``sparse``
         (FISEdit's fast mode: active queries attend to active tokens only).
     tile: output tile side at every level, or one value per level (finest first; the last
-        value repeats for further levels); the effective masks are unions of these tiles. The
+        value repeats for further levels, and values past a U-Net's levels are unused, so one
+        config serves U-Nets of any depth); the effective masks are unions of these tiles. The
         default (4, 2, 1) halves the tile per level: a 4x4 tile is a quarter of an 8x8 level,
         so coarse tiles there would inflate a 1% edit to most of the low levels, while the
         Triton kernels compute exactly the active pixels whatever the tile, and 4x4 tiles at
@@ -41,7 +42,7 @@ class SparseConfig:
         convolutions; exactness against the oracle holds for any value).
     dense_threshold: a level whose active fraction exceeds this runs dense, and so do the
         levels below it; one value, or one per level (finest first; a tuple's last value
-        repeats), e.g. measured by ``engine.cost_model.calibrate``. The default, 0.5 for the
+        repeats, values past the U-Net's levels are unused), e.g. measured by ``engine.cost_model.calibrate``. The default, 0.5 for the
         finest level and 0.75 below, follows the calibrations on an H200 (SD1.5: 0.47-0.52
         then 0.73-0.80, RESULTS.md sessions 8-9): a coarse level turning dense under a sparse
         finest level costs more than it saves, since the plan then pays both paths.

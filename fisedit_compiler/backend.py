@@ -309,11 +309,12 @@ class FiseditGraph:
         """
         canonical = self.canonical(args, module)
         built = self._built_for(module)
-        signature_and_numbers = self._key(args)
-        key = (signature_and_numbers, config)
+        signature, numbers = self._key(args)
+        key = (signature, config, numbers)
         if key not in built.programs:
+            _keep_one_numbers(built.programs, key)
             try:
-                built.programs[key] = build_program(signature_and_numbers[0], canonical, config)
+                built.programs[key] = build_program(signature, canonical, config)
             except Exception as error:  # noqa: BLE001 - a pass failure means "unsupported"
                 built.programs[key] = _unsupported("the fisedit passes failed on this graph",
                                                    error)
@@ -330,6 +331,7 @@ class FiseditGraph:
         key = self._key(args)
         built = self._built_for(module)
         if key not in built.canonical:
+            _keep_one_numbers(built.canonical, key)
             built.canonical[key] = self._canonical(args)
         result = built.canonical[key]
         if isinstance(result, Exception):
@@ -431,7 +433,16 @@ class _Built:
 
     def __init__(self):
         self.canonical: dict = {}   # (signature, numbers) -> analyzed canonical graph, or error
-        self.programs: dict = {}    # ((signature, numbers), config) -> Program, or the error
+        self.programs: dict = {}    # (signature, config, numbers) -> Program, or the error
+
+
+def _keep_one_numbers(cache: dict, key: tuple) -> None:
+    """Before ``cache`` gains ``key``, whose last item is the numbers' values, drop its
+    entries for the same signature (and config) with other values. A recording holds its own
+    program, so the cache need keep only the latest values: a scale changed at every
+    generation would otherwise keep a program, with its derived weight copies, per value."""
+    for other in [other for other in cache if other[:-1] == key[:-1]]:
+        del cache[other]
 
 
 def _unsupported(what: str, error: Exception) -> UnsupportedGraphError:

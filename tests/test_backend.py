@@ -769,6 +769,15 @@ def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh
             at(0.7)
     assert ed.steps == []
     assert_same_state(kept, again)
+    # A recording at another value: the graph's cache keeps the latest values' program only
+    # (one per value would keep its derived weight copies too); each recording has its own.
+    with fc.recording(compiled) as third:
+        at(0.7)
+    (graph,) = [g for g in fc.backend.compiled_graphs(unet) if g.number_names]
+    assert graph.programs_built == 1
+    with fc.editing(again, mask):
+        assert relative_error(at(1.0), out) <= TOLERANCE
+    assert third.num_steps == 1
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 
 from fisedit_compiler import shapes, zoo
 from fisedit_compiler.app.pool import EditRecipe, Generation, SessionPool
+from fisedit_compiler.edit_flow import EditSession
 from fisedit_compiler.errors import FiseditError
 
 GENERATION = Generation(shapes.DEMO_PROMPT, seed=0, steps=4, guidance_scale=5.0)
@@ -86,7 +87,7 @@ def test_going_back_replays_the_history_exactly(pipe):
     pool.restore("a", 0)                            # back to the generation ...
     assert pool.tabs["a"].current.accepted_edits == ()
     entry = pool.restore("a", 1)                    # ... and forward to the accepted edit
-    assert entry is accepted and len(pool.history("a")) == 2
+    assert entry == accepted and len(pool.history("a")) == 2        # (PIL compares pixels)
     again = pool.edit("a", further)
     assert np.array_equal(pixels(again.image), pixels(after_accept.image))
 
@@ -153,7 +154,7 @@ def _fails(*args, **kwargs):
 @pytest.mark.parametrize("where, call", [
     ("engine.prepare", lambda pool: pool.generate("a", replace(GENERATION, seed=5))),
     ("pool._dense_regeneration_s", lambda pool: pool.edit("a", EDIT)),
-    ("session.generate", lambda pool: pool.restore("a", 0)),
+    ("EditSession.generate", lambda pool: pool.restore("a", 0)),
 ], ids=["generate-prepare", "edit-timing", "restore-replay"])
 def test_a_call_that_fails_on_the_way_changes_nothing(edited_pool, monkeypatch, where, call):
     """Out of memory late in a call (the CUDA-graph captures after a generation, the dense
@@ -162,7 +163,7 @@ def test_a_call_that_fails_on_the_way_changes_nothing(edited_pool, monkeypatch, 
     pool = edited_pool
     session = pool.tabs["a"].session
     owner, name = where.split(".")
-    target = {"engine": pool.engine, "pool": pool, "session": session}[owner]
+    target = {"engine": pool.engine, "pool": pool, "EditSession": EditSession}[owner]
     before, original = snapshot(pool), session.original
     with monkeypatch.context() as patch:
         patch.setattr(target, name, _fails)
@@ -170,6 +171,38 @@ def test_a_call_that_fails_on_the_way_changes_nothing(edited_pool, monkeypatch, 
             call(pool)
     assert_unchanged(pool, before)
     assert session.original is original
+
+
+def test_a_restore_whose_accepted_edit_fails_to_replay_changes_nothing(pipe, monkeypatch):
+    # The replay runs in a new session: the tab keeps its recording until all of it ran.
+    pool = SessionPool(pipe)
+    pool.generate("a", GENERATION)
+    pool.edit("a", EDIT)
+    pool.accept("a")
+    pool.restore("a", 0)
+    before, original = snapshot(pool), pool.tabs["a"].session.original
+    with monkeypatch.context() as patch:
+        patch.setattr(EditSession, "accept", _fails)
+        with pytest.raises(torch.OutOfMemoryError):
+            pool.restore("a", 1)
+    assert_unchanged(pool, before)
+    assert pool.tabs["a"].session.original is original
+    pool.edit("a", EDIT)                            # the tab still edits its recording
+
+
+def test_a_drawn_seed_is_kept_and_history_images_are_the_pools_own(pipe):
+    pool = SessionPool(pipe)
+    image = pool.generate("a", replace(GENERATION, seed=None))
+    entry = pool.history("a")[0]
+    assert entry.generation.seed == pool.tabs["a"].session.seed
+    image.paste((0, 0, 0), (0, 0, image.width, image.height))    # the caller draws on it
+    assert pool.history("a")[0].image == entry.image != image
+    pool.edit("a", EDIT)                            # times the dense run with the drawn seed
+    restored = pool.restore("a", 0)
+    assert restored.image == entry.image
+    assert torch.equal(pool.tabs["a"].session.original.noise,
+                       torch.randn(pool.tabs["a"].session.original.noise.shape,
+                                   generator=torch.Generator().manual_seed(entry.generation.seed)))
 
 
 def test_calls_of_an_unknown_tab_create_no_tab(edited_pool):

@@ -869,6 +869,14 @@ def test_bad_session_arguments_are_refused_before_any_step(session, call, match)
     assert (session.cache, session.cache_nbytes(), session.original) == before
 
 
+def test_a_generation_that_overflows_is_refused_and_changes_nothing(session):
+    before = (session.cache, session.original, session.seed)
+    with pytest.raises(FiseditError, match=r"latents are not finite.*guidance_scale was 1e\+30"):
+        session.generate("a red circle", seed=0, num_inference_steps=STEPS,
+                         guidance_scale=1e30, output_type="np")
+    assert (session.cache, session.original, session.seed) == before
+
+
 def test_empty_cross_attention_kwargs_ask_for_nothing(session):
     # Taken as None by the checks, and by the U-Net call router too (it refused them mid-run).
     edit = dict(mask=_corner_mask(), output_type="latent")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -35,9 +36,10 @@ from ..errors import FiseditError
 
 @dataclass(frozen=True)
 class Generation:
-    """The settings of a dense generation (with the pipeline's default size unless given)."""
+    """The settings of a dense generation (with the pipeline's default size unless given;
+    seed None draws one, which the history entry then keeps)."""
     prompt: str
-    seed: int
+    seed: int | None
     steps: int
     guidance_scale: float
     size: int | None = None
@@ -108,9 +110,12 @@ class SessionPool:
         _check_call(tab_id, "generation", generation, Generation)
         with self.device_lock:
             tab = self.tabs.get(tab_id) or Tab(EditSession(self.pipe, engine=self.engine))
-            image = self._generate(tab, generation)
+            image = _generate(tab.session, generation)
+            # The seed drawn for seed None: a replay of the entry must draw the same noise.
+            generation = replace(generation, seed=tab.session.seed)
+            # The history keeps its own image: the caller may draw on the one returned.
             entry = HistoryEntry(f"generated: {generation.prompt} (seed {generation.seed})",
-                                 image, generation)
+                                 image.copy(), generation)
             tab.current, tab.last_edit, tab.evicted = entry, None, False
             tab.history.append(entry)
             self._used(tab_id, tab)
@@ -130,7 +135,7 @@ class SessionPool:
             if recipe.mask is not None:
                 latent_size = tuple(tab.session.original.noise.shape[-2:])
                 recipe = replace(recipe, mask=_latent_mask(recipe.mask, latent_size))
-            result = self._edit(tab, recipe)
+            result = _edit(tab.session, recipe)
             dense_s = self._dense_regeneration_s(tab.current.generation, recipe.prompt)
             # Only an edit the page is shown can be accepted.
             tab.last_edit = (recipe, result)
@@ -148,14 +153,15 @@ class SessionPool:
                 raise FiseditError("there is no edit to accept yet: edit the image first")
             recipe, result = tab.last_edit
             tab.session.accept(result)
-            entry = HistoryEntry(f"edit: {recipe.prompt}", result.images[0],
+            # From the session's own copy: the caller may have drawn on the edit's image.
+            entry = HistoryEntry(f"edit: {recipe.prompt}", tab.session.original.images[0].copy(),
                                  tab.current.generation,
                                  tab.current.accepted_edits + (recipe,))
             tab.current, tab.last_edit = entry, None
             tab.history.append(entry)
             self._used(tab_id, tab)
             self._enforce_budget(keep=tab_id)
-            return entry
+            return _own_copy(entry)
 
     def restore(self, tab_id: str, index: int) -> HistoryEntry:
         """Go back to history entry ``index``: its recipe is replayed (generate, then each
@@ -169,25 +175,23 @@ class SessionPool:
                 raise FiseditError(f"there is no history entry {index}; the history has "
                                    f"{len(entries)} entries")
             entry = entries[index]
-            # A failed generate leaves the session (and so the tab) as it was. Once it has
-            # run, until the replay has finished the recording is no entry's (an accepted
-            # edit's replay may fail), and the last edit, of the replaced recording, can no
-            # longer be accepted.
-            self._generate(tab, entry.generation)
-            tab.current, tab.last_edit = None, None
+            # Replayed in a new session, which replaces the tab's only once the whole replay
+            # has run: a failure (an accepted edit's replay too) leaves the tab as it was.
+            session = EditSession(self.pipe, engine=self.engine)
+            _generate(session, entry.generation)
             for recipe in entry.accepted_edits:
-                tab.session.accept(self._edit(tab, recipe))
-            tab.current, tab.evicted = entry, False
+                session.accept(_edit(session, recipe))
+            tab.session, tab.current, tab.last_edit, tab.evicted = session, entry, None, False
             self._used(tab_id, tab)
             self._enforce_budget(keep=tab_id)
-            return entry
+            return _own_copy(entry)
 
     def history(self, tab_id: str) -> list[HistoryEntry]:
         """The tab's history entries, oldest first (none for a tab that has generated
         nothing)."""
         with self.device_lock:
             tab = self.tabs.get(tab_id)
-            return [] if tab is None else list(tab.history)
+            return [] if tab is None else [_own_copy(entry) for entry in tab.history]
 
     def close(self, tab_id: str) -> None:
         """Forget a tab (its browser tab was closed) and free its recording."""
@@ -196,7 +200,8 @@ class SessionPool:
 
     def recorded_bytes(self) -> int:
         """The bytes held by all tabs' recordings (what the budget bounds)."""
-        return sum(tab.session.cache_nbytes() for tab in self.tabs.values())
+        with self.device_lock:
+            return self._recorded_bytes()
 
     # -- helpers (called with device_lock held) --------------------------------------------
     def _used(self, tab_id: str, tab: Tab) -> None:
@@ -204,22 +209,8 @@ class SessionPool:
         self.tabs[tab_id] = tab
         tab.last_used = time.monotonic()
 
-    def _generate(self, tab: Tab, generation: Generation) -> PIL.Image.Image:
-        return tab.session.generate(
-            generation.prompt, seed=generation.seed, num_inference_steps=generation.steps,
-            guidance_scale=generation.guidance_scale, height=generation.size,
-            width=generation.size, output_type="pil")[0]
-
-    def _edit(self, tab: Tab, recipe: EditRecipe) -> EditResult:
-        # The page always sends its estimator and mode; the session refuses choices it would
-        # ignore, so pass only what applies: a painted mask in "replace" mode needs no
-        # estimator, and with nothing painted the automatic mask is the whole story.
-        painted = recipe.mask is not None
-        replaces = painted and recipe.mask_mode == "replace"
-        return tab.session.edit(recipe.prompt, mask=recipe.mask, probe_steps=recipe.probe_steps,
-                                mask_estimator=None if replaces else recipe.mask_estimator,
-                                mask_mode=recipe.mask_mode if painted else "replace",
-                                output_type="pil")
+    def _recorded_bytes(self) -> int:
+        return sum(tab.session.cache_nbytes() for tab in self.tabs.values())
 
     def _require_recording(self, tab: Tab | None) -> None:
         if tab is not None and tab.evicted:
@@ -253,12 +244,41 @@ class SessionPool:
         others = sorted((tab.last_used, tab_id) for tab_id, tab in self.tabs.items()
                         if tab_id != keep and tab.current is not None)
         for _, tab_id in others:
-            if self.recorded_bytes() <= self.budget_bytes:
+            if self._recorded_bytes() <= self.budget_bytes:
                 return
             tab = self.tabs[tab_id]
             # A fresh session drops the old one's recording (its cache) with it.
             tab.session = EditSession(self.pipe, engine=self.engine)
             tab.current, tab.last_edit, tab.evicted = None, None, True
+        if self._recorded_bytes() > self.budget_bytes:
+            warnings.warn(
+                f"the recording of one tab takes {_megabytes(self._recorded_bytes())}, more "
+                f"than the memory budget of {_megabytes(self.budget_bytes)} for all open tabs "
+                "by itself; raise the budget (--memory-budget-mib)", UserWarning, stacklevel=3)
+
+
+def _generate(session: EditSession, generation: Generation) -> PIL.Image.Image:
+    return session.generate(
+        generation.prompt, seed=generation.seed, num_inference_steps=generation.steps,
+        guidance_scale=generation.guidance_scale, height=generation.size, width=generation.size,
+        output_type="pil")[0]
+
+
+def _edit(session: EditSession, recipe: EditRecipe) -> EditResult:
+    # The page always sends its estimator and mode; the session refuses choices it would
+    # ignore, so pass only what applies: a painted mask in "replace" mode needs no estimator,
+    # and with nothing painted the automatic mask is the whole story.
+    painted = recipe.mask is not None
+    replaces = painted and recipe.mask_mode == "replace"
+    return session.edit(recipe.prompt, mask=recipe.mask, probe_steps=recipe.probe_steps,
+                        mask_estimator=None if replaces else recipe.mask_estimator,
+                        mask_mode=recipe.mask_mode if painted else "replace",
+                        output_type="pil")
+
+
+def _own_copy(entry: HistoryEntry) -> HistoryEntry:
+    """A history entry with its own copy of the image, for a caller who may draw on it."""
+    return replace(entry, image=entry.image.copy())
 
 
 def _check_call(tab_id, name: str, value, kind: type) -> None:
@@ -313,4 +333,6 @@ def _mask_bools(mask) -> np.ndarray:
 
 
 def _megabytes(nbytes: int | None) -> str:
-    return "no limit" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+    if nbytes is None:
+        return "no limit"
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"

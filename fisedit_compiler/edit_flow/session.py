@@ -218,6 +218,13 @@ class EditSession:
         start = time.perf_counter()
         images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
         generate_time_s = time.perf_counter() - start
+        # Checked before it is installed: no estimate or blend can start from NaN or inf.
+        if not bool(torch.isfinite(trajectory.latents[-1]).all()):
+            raise FiseditError(
+                "the generation's latents are not finite (NaN or inf), so there is nothing to "
+                f"edit: the pipeline overflowed (guidance_scale was {guidance_scale:g}; a very "
+                "large one does that, as do float16 weights past their range); lower "
+                "guidance_scale or run in float32. The session keeps its previous generation")
         # Compile now what edits would otherwise compile on their way (the dense graph of the
         # probe steps, one captured sparse step per capacity bucket), so that the first edit
         # runs at the speed of later ones; a one-time cost, reported apart. Before the new

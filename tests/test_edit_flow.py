@@ -107,6 +107,21 @@ def test_auto_mask_and_intersect(session, estimator):
     assert _outside_equal(both, session.original.latents[-1])
 
 
+def test_an_intersection_that_marks_nothing_is_warned_about():
+    from fisedit_compiler import shapes
+
+    s = EditSession(zoo.pipeline("shapes"))
+    s.generate(shapes.DEMO_PROMPT, seed=0, num_inference_steps=STEPS, output_type="latent")
+    auto = s.edit(shapes.DEMO_EDIT, output_type="latent")       # the circle at the centre
+    corner = torch.zeros_like(auto.mask)
+    corner[-2:, -2:] = True                                     # the empty bottom right
+    assert auto.mask.any() and not (auto.mask & corner).any()
+    with pytest.warns(UserWarning, match="share no latent pixel.*mask_mode='replace'"):
+        both = s.edit(shapes.DEMO_EDIT, mask=corner, mask_mode="intersect",
+                      output_type="latent")
+    assert torch.equal(both.latents, s.original.latents[-1])
+
+
 def test_layer_sizes_of_odd_latents():
     from fisedit_compiler.edit_flow.attention import layer_size
 

@@ -23,6 +23,7 @@ import copy
 import inspect
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -968,6 +969,15 @@ class _EditRun:
         dilation = self.session.engine.config.dilation
         self.region = tac.dilate(chosen, 2 * dilation + 1) if dilation else chosen
         self.plan = self.session.engine.plan(chosen)
+        # (Planning read the mask on the host already; this reads the estimate only then.)
+        if (estimated is not None and self.user_mask is not None
+                and self.plan.raw_fraction == 0 and bool(estimated.any())):
+            warnings.warn(
+                "the estimated mask and the user mask (mask_mode='intersect') share no latent "
+                "pixel, so the edit changes nothing and its result is the recorded generation; "
+                "mark where the prompt's change shows (see result.mask of an edit without "
+                "mask=), or pass mask_mode='replace' to edit the marked region as it is",
+                UserWarning, stacklevel=2)
 
     def _unseen_change(self, inputs: dict) -> str | None:
         """What of the edit the estimators cannot measure, from its step-0 U-Net ``inputs``.

@@ -25,7 +25,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
-from fisedit_compiler.app.page import PageDefaults, _painted, build_page  # noqa: E402
+from fisedit_compiler.app.page import PageDefaults, _painted, _whole, build_page  # noqa: E402
 from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
 
@@ -46,6 +46,17 @@ def test_painted_layers_are_read_by_their_alpha_and_a_layer_without_one_is_refus
     assert _painted(None) is None and _painted({"layers": []}) is None
     with pytest.raises(FiseditError, match=r"RGBA image \[H, W, 4\].*got \(8, 8, 3\)"):
         _painted({"layers": [stroke, stroke[..., :3]]})
+    with pytest.raises(FiseditError, match=r"layers must have one size.*\(8, 8\), \(9, 8\)"):
+        _painted({"layers": [stroke, np.zeros((9, 8, 4), dtype=np.uint8)]})
+
+
+def test_number_fields_are_whole_numbers_not_truncated():
+    assert _whole("steps", 4.0) == 4 and _whole("seed", None, empty=0) == 0
+    assert _whole("dense probe steps", None) is None
+    for value, match in [(0.9, "must be an int, got float 0.9"), (float("nan"), "got float nan"),
+                         (float("inf"), "got float inf")]:
+        with pytest.raises(FiseditError, match=match):
+            _whole("dense probe steps", value)
 
 
 @pytest.fixture(scope="module")

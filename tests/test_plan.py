@@ -311,6 +311,21 @@ def test_a_16_bit_mask_png_is_read_by_its_upper_half(tmp_path):
         read_mask_png(str(path))
 
 
+def test_a_painted_rgba_mask_png_counts_strokes_of_any_opacity(tmp_path):
+    """As the app's painter does: a soft magenta stroke on a transparent layer is an edit."""
+    from PIL import Image
+
+    from fisedit_compiler.execution.plan import read_mask_png
+
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[2:4, 5:9] = (255, 0, 255, 100)                      # alpha 100 of 255
+    rgba[10, 10] = (255, 255, 255, 0)                        # white but fully transparent
+    path = tmp_path / "painted.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    mask = read_mask_png(str(path))
+    assert mask.sum() == 8 and mask[2:4, 5:9].all()
+
+
 def test_a_mask_image_too_large_to_read_is_refused(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import gradio as gr
 
+from ..checks import check_int
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..edit_flow.session import MASK_MODES
 from ..errors import FiseditError
@@ -86,15 +87,15 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
                              allow_preview=False, elem_id="history")
 
         def on_generate(prompt_, seed_, steps_, guidance_, request: gr.Request):
-            generation = Generation(prompt_, int(seed_ or 0), int(steps_), float(guidance_),
-                                    defaults.size)
+            generation = Generation(prompt_, _whole("seed", seed_, empty=0),
+                                    _whole("steps", steps_), guidance_, defaults.size)
             image = pool.generate(request.session_hash, generation)
             return (_shown(image), _shown(image), None, None, "",
                     _gallery(pool.history(request.session_hash)))
 
         def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
                     request: gr.Request):
-            recipe = EditRecipe(edit_prompt_, None if probe_steps_ is None else int(probe_steps_),
+            recipe = EditRecipe(edit_prompt_, _whole("dense probe steps", probe_steps_),
                                 _painted(painting_), mask_mode_, estimator_)
             view = pool.edit(request.session_hash, recipe)
             return _shown(view.image), _shown(_overlay(view)), _timings(view)
@@ -140,6 +141,17 @@ def _refusals_shown(handler):
     return shown
 
 
+def _whole(name: str, value, *, empty=None):
+    """A number field's value as an int (gradio sends floats such as 3.0); ``empty`` for an
+    empty field. Anything but a whole number (0.9, NaN) is refused, not truncated; the pool's
+    checks then bound it."""
+    if value is None:
+        return empty
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_int(name, value)
+
+
 def _shown(image: PIL.Image.Image) -> PIL.Image.Image:
     """``image`` enlarged by a whole factor (nearest) towards SHOWN_SIZE pixels."""
     factor = max(1, SHOWN_SIZE // max(image.size))
@@ -157,6 +169,10 @@ def _painted(painting: dict | None) -> np.ndarray | None:
             raise FiseditError(
                 f"a painted layer must be an RGBA image [H, W, 4] whose alpha marks the "
                 f"strokes, got {shape}; send the editor's layers as RGBA (image_mode='RGBA')")
+    if len({layer.shape for layer in layers}) > 1:
+        raise FiseditError(f"the painted layers must have one size, got "
+                           f"{sorted({layer.shape[:2] for layer in layers})}; send the editor's "
+                           "layers at the size of its background")
     painted = [layer[..., 3] > 0 for layer in layers]
     if not painted or not np.any(painted):
         return None

@@ -441,8 +441,8 @@ def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 def read_mask_png(path: str) -> torch.Tensor:
     """The bool pixel mask of a PNG (white = edit; in colour images any channel above 127, on
-    opaque pixels; in 16-bit grayscale any value above 32767). Needs no model, so the command
-    line reads it before loading one."""
+    pixels not fully transparent, as the app reads its painted strokes; in 16-bit grayscale any
+    value above 32767). Needs no model, so the command line reads it before loading one."""
     import numpy as np
     from PIL import Image
 
@@ -464,10 +464,11 @@ def read_mask_png(path: str) -> torch.Tensor:
                                "white is not defined; save it as an 8-bit PNG (white = edit)")
         else:
             # Any bright channel marks an edit: a red square on black (RGB) would be dark in
-            # grayscale (red is 76/255 there) and read as an empty mask. Transparent pixels
-            # (an alpha channel, e.g. a mask painted on a transparent layer) are not edits.
+            # grayscale (red is 76/255 there) and read as an empty mask. Fully transparent
+            # pixels (an alpha channel, e.g. a mask painted on a transparent layer) are not
+            # edits; a stroke of any opacity is, as in the app's painter.
             rgba = np.asarray(image.convert("RGBA"))
-            marked = (rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 127)
+            marked = (rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 0)
     except Image.DecompressionBombError as error:
         raise FiseditError(f"the mask {path} is too large to read ({error}); a mask is the size "
                            "of the image or of its latent") from None
@@ -476,7 +477,8 @@ def read_mask_png(path: str) -> torch.Tensor:
     mask = torch.from_numpy(marked)
     if not mask.any():
         raise FiseditError(
-            f"the mask {path} marks no pixel (white, or any channel above 127, is an edit); "
+            f"the mask {path} marks no pixel (white, or any channel above 127, on a pixel not "
+            "fully transparent, is an edit); "
             "paint the region to edit, or leave the mask out for the automatic one")
     return mask
 

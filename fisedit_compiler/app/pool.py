@@ -4,8 +4,9 @@ The page (``page.py``) is a thin layer over this module, and this module a thin 
 ``EditSession``: each tab (a gradio session, keyed by its session hash) owns a ``Tab`` holding
 its session, its last edit and the history of the states it has reached. A history entry keeps
 its *recipe* (the generation's settings and the accepted edits since), not a recording: going
-back to an entry replays the recipe through the session, which rebuilds the same recording, so
-a tab holds at most one recording in memory.
+back to an entry replays the recipe through a new session, which rebuilds the same recording
+and replaces the tab's once it has all run, so a tab holds one recording in memory (two while a
+replay, an accept or a generation runs).
 
 All tabs share the pipeline and one ``SparseEngine`` (one capture and compile for all). Every
 call into the pipeline runs under ``device_lock``: a session routes U-Net calls by replacing

@@ -626,11 +626,14 @@ class Recording:
         after a resolution change, another compiled wrapper of the same U-Net): such a graph
         lowers to the same canonical graph, which is compared when the cheap digest of the
         Dynamo graph and its numbers is not known (once per graph and numbers; a match is
-        remembered)."""
+        remembered). A known graph with other numbers is refused without lowering it: its
+        program would hold other constants."""
         known = self._graphs[signature]
         graph_and_numbers = (graph.fingerprint, graph.number_key(args))
         if graph_and_numbers in known:
             return True
+        if any(fingerprint == graph.fingerprint for fingerprint, _ in known):
+            return False    # a known graph with other numbers: other constants (not lowered)
         try:
             canonical = graph.canonical(args, self.unet)
         except UnsupportedGraphError:

@@ -195,7 +195,12 @@ def test_padded_input_sums_only_the_counted_positions(extra_positions, extra_til
     # The padded tensor's sums run in another order, so the fp32 statistics may differ in their
     # last bits and a 16-bit output by one rounding step (CI saw 6e-5 in fp16).
     torch.testing.assert_close(reference[..., :18], exact, **kernel_tolerance(exact))
-    assert torch.equal(reference[..., 18:], reference[..., :1].expand_as(reference[..., 18:]))
+    # Repeats are normalised like the position they repeat: bit for bit on the GPU; on the CPU
+    # a vectorised elementwise op may round a position in a vector's tail otherwise (one step,
+    # seen once with fresh examples; padded plans serve the CUDA graphs).
+    exactly = dict(rtol=0, atol=0) if DEVICE == "cuda" else kernel_tolerance(reference)
+    torch.testing.assert_close(reference[..., 18:],
+                               reference[..., :1].expand_as(reference[..., 18:]), **exactly)
     kernel = group_norm(*args, silu=silu, active_counts=counts)
     torch.testing.assert_close(kernel, reference, **kernel_tolerance(reference))
 

@@ -42,10 +42,11 @@ class SparseConfig:
         convolutions; exactness against the oracle holds for any value).
     dense_threshold: a level whose active fraction exceeds this runs dense, and so do the
         levels below it; one value, or one per level (finest first; a tuple's last value
-        repeats, values past the U-Net's levels are unused), e.g. measured by ``engine.cost_model.calibrate``. The default, 0.5 for the
-        finest level and 0.75 below, follows the calibrations on an H200 (SD1.5: 0.47-0.52
-        then 0.73-0.80, RESULTS.md sessions 8-9): a coarse level turning dense under a sparse
-        finest level costs more than it saves, since the plan then pays both paths.
+        repeats, values past the U-Net's levels are unused), e.g. measured by
+        ``engine.cost_model.calibrate``. The default, 0.5 for the finest level and 0.75 below,
+        follows the calibrations on an H200 (SD1.5: 0.47-0.52 then 0.73-0.80, RESULTS.md
+        sessions 8-9): a coarse level turning dense under a sparse finest level costs more
+        than it saves, since the plan then pays both paths.
     frontend: ``export`` or ``dynamo`` capture.
     check_inputs: verify on each edit that the inputs equal the recorded ones outside the mask.
     kernels: ``auto`` (Triton kernels on CUDA, the torch reference elsewhere), ``torch`` (the

@@ -727,6 +727,15 @@ def test_a_setting_changed_between_record_and_edit_is_refused(fresh_dynamo, requ
         assert torch.equal(call(compiled, inputs, t), recorded)
 
 
+def at_gain(compiled, inputs, t):
+    """``at(gain)``: ``compiled`` called on ``inputs`` at ``t`` with cross_attention_kwargs
+    {"gain": gain} (scaled_unet's processor reads it)."""
+    def at(gain):
+        return compiled(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                        cross_attention_kwargs={"gain": gain}, return_dict=False)[0]
+    return at
+
+
 @torch.no_grad()
 def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh_dynamo):
     """A number in cross_attention_kwargs (a LoRA scale) is baked into the graph; once it
@@ -736,10 +745,7 @@ def test_a_cross_attention_kwargs_value_changed_since_recording_is_refused(fresh
     unet, processor, inputs = scaled_unet()
     compiled = torch.compile(unet, backend="fisedit")
     t = torch.tensor(500)
-
-    def at(gain):
-        return compiled(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"],
-                        cross_attention_kwargs={"gain": gain}, return_dict=False)[0]
+    at = at_gain(compiled, inputs, t)
 
     with fc.recording(compiled) as rec:
         recorded = at(0.5)
@@ -787,10 +793,7 @@ def test_an_int_number_input_is_a_constant_of_the_recording(fresh_dynamo):
     unet, processor, inputs = scaled_unet()
     compiled = torch.compile(unet, backend="fisedit", dynamic=True)
     t, mask = torch.tensor(500), torch.ones(16, 16, dtype=torch.bool)
-
-    def at(gain):
-        return compiled(inputs["sample"], t, encoder_hidden_states=inputs["encoder_hidden_states"],
-                        cross_attention_kwargs={"gain": gain}, return_dict=False)[0]
+    at = at_gain(compiled, inputs, t)
 
     with fc.recording(compiled) as rec:
         recorded = at(3)

@@ -272,21 +272,17 @@ def lower_dynamo_graph(graph_module: fx.GraphModule, example_inputs, arg_names=N
     with torch.no_grad():
         program = torch.export.export(graph_module, tuple(example_inputs), strict=False)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    is_param = [is_module_state(node.name, x) or position in constant_positions
-                for position, (node, x) in enumerate(zip(placeholders, example_inputs))]
-    constants = {}
-    user_names, positions = [], []
-    for position, (node, param) in enumerate(zip(placeholders, is_param)):
+    constants, rename, positions = {}, {}, []
+    for position, (node, example) in enumerate(zip(placeholders, example_inputs)):
         if position in constant_positions:      # a fresh tensor each call: its value, kept
-            constants[node.name] = example_inputs[position].clone()
-        elif param:
-            constants[node.name] = example_inputs[position]
+            constants[node.name] = example.clone()
+        elif is_module_state(node.name, example):
+            constants[node.name] = example
         else:
-            user_names.append(dynamo_input_name(node.name, arg_names))
-            if isinstance(example_inputs[position], torch.Tensor):
+            rename[node.name] = dynamo_input_name(node.name, arg_names)
+            if isinstance(example, torch.Tensor):
                 positions.append(position)
-    result = program_to_graph_module(program, extra_constants=constants, rename=dict(
-        zip([n.name for n, p in zip(placeholders, is_param) if not p], user_names)))
+    result = program_to_graph_module(program, extra_constants=constants, rename=rename)
     result.meta[INPUT_POSITIONS] = positions
     return result
 

@@ -63,7 +63,7 @@ import torch
 from .checks import check_bool, check_int, check_optional_int
 from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, required_arguments)
-from .compiler.pipeline import build_program, canonical_graph, describe_signature
+from .compiler.pipeline import build_program, canonical_graph, describe_signature_change
 from .config import SparseConfig
 from .engine.engine import SparseEngine
 from .errors import FiseditError, UnsupportedGraphError
@@ -789,10 +789,9 @@ class _RecordState(_State):
         signature = SparseEngine.signature(flat)
         if rec.cache.signature is not None and signature != rec.cache.signature:
             raise FiseditError(
-                f"U-Net call {step + 1} of this recording has inputs "
-                f"({describe_signature(signature)}) but the recorded calls have "
-                f"({describe_signature(rec.cache.signature)})"
-                f"{_input_names_changed(signature, rec.cache.signature)}; one recording is one "
+                f"U-Net call {step + 1} of this recording has other inputs than the "
+                f"recorded calls: {describe_signature_change(signature, rec.cache.signature)}; "
+                "one recording is one "
                 "generation: keep the resolution, batch, dtypes and the U-Net's arguments and "
                 "settings fixed while recording")
         if not rec.growable and step >= rec.cache.num_steps:
@@ -873,19 +872,6 @@ def _changed_since_recording(why: str) -> str:
             "record the generation again with the new settings")
 
 
-def _input_names_changed(signature: tuple, recorded: tuple) -> str:
-    """Which inputs a call adds or drops against the recorded ones, for the message. (A
-    Python number Dynamo made an input is no input here: ``FiseditGraph.numbers``.)"""
-    names, before = {entry[0] for entry in signature}, {entry[0] for entry in recorded}
-    if names == before:
-        return ""
-    parts = [f"{verb} {', '.join(sorted(which))}" for verb, which in
-             (("adds", names - before), ("drops", before - names)) if which]
-    return (f" (the call {' and '.join(parts)}: an argument, such as ControlNet residuals or "
-            "an added condition, is given, or read by the U-Net's graph, at one call and not "
-            "at the other)")
-
-
 class _EditState(_State):
     verb, activity = "edited", "editing"
 
@@ -910,9 +896,8 @@ class _EditState(_State):
         signature = SparseEngine.signature(flat)
         if not rec.engine.has_program(signature):
             raise FiseditError(
-                f"this U-Net call has inputs ({describe_signature(signature)}) but the recording "
-                f"was made with ({describe_signature(rec.cache.signature)})"
-                f"{_input_names_changed(signature, rec.cache.signature)}; edits must keep the "
+                "this U-Net call has other inputs than the recording: "
+                f"{describe_signature_change(signature, rec.cache.signature)}; edits must keep the "
                 "resolution, batch and dtypes, and the U-Net's arguments and settings, of the "
                 "recorded generation")
         why = rec._unlike_recorded(graph, args, signature)

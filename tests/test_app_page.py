@@ -30,7 +30,7 @@ from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
 
 DEFAULTS = PageDefaults(shapes.DEMO_PROMPT, shapes.DEMO_EDIT, steps=4, probe_steps=1,
-                        guidance_scale=5.0)
+                        guidance_scale=5.0, check_prompt=shapes.check_caption)
 OTHER_PROMPT = "a small green triangle at the bottom right on a white background"
 OTHER_EDIT = "a small purple triangle at the bottom right on a white background"
 
@@ -154,6 +154,14 @@ def test_refused_inputs_show_the_library_message(served):
         tab.predict(api_name="/accept")
     with pytest.raises(gradio_client.exceptions.AppError, match=r"probe_steps 4 is out of range.*<= 3"):
         edit(tab, probe_steps=4)
+    # The shapes model draws only its caption grammar; a misspelt colour is refused.
+    typo = DEFAULTS.edit_prompt.replace("yellow", "yelow")
+    with pytest.raises(gradio_client.exceptions.AppError,
+                       match=r"the edit prompt is not a caption the 'shapes' model knows"):
+        edit(tab, typo)
+    with pytest.raises(gradio_client.exceptions.AppError,
+                       match=r"the prompt is not a caption the 'shapes' model knows"):
+        generate(tab, typo)
 
 
 def test_painted_mask_through_the_client(served, tmp_path):

@@ -188,6 +188,20 @@ def test_edit_and_demo_check_arguments_before_loading(command, extra, message, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--prompt", "--edit"])
+def test_the_shapes_demo_refuses_a_caption_outside_its_grammar_before_loading(
+        flag, tmp_path, capsys, no_loading):
+    """The shapes model's byte-level tokenizer takes any text, so a misspelt colour would
+    run and draw shapes unrelated to it."""
+    from fisedit_compiler import shapes
+
+    typo = shapes.DEMO_EDIT.replace("yellow", "yelow")
+    assert main(["demo", flag, typo, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} is not a caption the 'shapes' model knows" in err
+    assert "colours red, yellow, green" in err and "Traceback" not in err
+
+
 def _save_vae_config(folder, levels: int) -> None:
     """A saved pipeline's vae/config.json as far as --size needs it: its VAE factor is
     2 ** (levels - 1)."""

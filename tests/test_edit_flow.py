@@ -10,6 +10,7 @@ import fisedit_compiler as fc
 from fisedit_compiler import zoo
 from fisedit_compiler.edit_flow import EditSession
 from fisedit_compiler.edit_flow import mask as tac
+from fisedit_compiler.edit_flow.session import global_change_note
 from fisedit_compiler.errors import FiseditError
 
 STEPS = 6
@@ -469,6 +470,9 @@ def test_edit_before_generate(pipe):
     (dict(mask=_corner_mask(), mask_mode=None),
      "mask_mode must be one of 'replace', 'intersect', got None"),
     (dict(latents=torch.zeros(1)), "sets latents itself"),
+    (dict(callback=lambda step, timestep, latents: None, callback_steps=1),
+     r"callback, callback_steps \(diffusers' deprecated per-step callback\).*runs the "
+     r"pipeline's step callback itself"),
 ])
 def test_bad_edit_arguments(session, kwargs, match):
     before = (session.cache, session.cache_nbytes())
@@ -1373,12 +1377,16 @@ def test_a_change_the_contrast_cannot_see_is_planned_dense(session, pipe):
     assert report["global_change"] and result.mask.all()
     assert result.plan.levels[0].fraction == 1.0 and report["mask_unet_evaluations"] == 0
     assert not torch.equal(result.latents, s.original.latents[-1])
-    # A user mask still confines it, with the exact background.
+    assert global_change_note(report).endswith("planned dense: no sparse speedup")
+    # A user mask still confines it, with the exact background, and the note says so.
     both = s.edit("a red circle", mask=_corner_mask(), mask_mode="intersect",
                   output_type="latent", negative_prompt="blurry")
     assert torch.equal(both.mask, _corner_mask())
     assert _outside_equal(both, s.original.latents[-1])
     assert not torch.equal(both.latents, s.original.latents[-1])
+    assert both.report["global_change"] and both.plan.levels[0].fraction < 1.0
+    assert global_change_note(both.report).endswith(
+        "the intersecting user mask confines the edit to the mask")
 
 
 # The rules on the mask: one home (session.check_mask_choice) for the session and the CLI.

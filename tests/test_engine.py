@@ -357,6 +357,10 @@ def test_bad_edits_are_refused_and_leave_the_cache_intact(sd15_tiny):
     other_size = zoo.example_inputs(engine.unet, height=8, width=8)
     with pytest.raises(fc.FiseditError, match="do not match the recorded generation"):
         engine.edit(cache, 0, plan=plan, **other_size)
+    # The timestep as a 0-d tensor (diffusers takes both forms): the message names the input.
+    with pytest.raises(fc.FiseditError, match=r"timestep is \[\] float32 on cpu where the "
+                                              r"recording has \[2\] float32.*recorded form"):
+        engine.edit(cache, 0, plan=plan, **dict(unrecorded, timestep=inputs["timestep"][0]))
     with pytest.raises(fc.FiseditError, match="outside the edit mask"):
         engine.edit(cache, 0, plan=plan, **edited(inputs, torch.ones(16, 16, dtype=torch.bool)))
     with pytest.raises(fc.FiseditError, match="plan="):
@@ -595,6 +599,8 @@ def test_a_plan_with_other_tiles_names_them(sd15_tiny):
     (lambda e: e.new_cache(2.0), "num_steps must be an int"),
     (lambda e: e.new_cache(0), "num_steps 0 is out of range"),
     (lambda e: e.plan(torch.zeros(16, 16, dtype=torch.bool, device="meta")), "meta device"),
+    (lambda e: e.plan(torch.ones(16, 16, dtype=torch.bool).to_sparse()),
+     r"layout sparse_coo; pass a dense tensor \(mask.to_dense\(\)\)"),
     (lambda e: fc.compile(e.unet, {"dilation": 1}), r"SparseConfig\(\*\*config\)"),
 ])
 def test_bad_engine_arguments_are_refused(sd15_tiny, call, message):
@@ -755,8 +761,9 @@ def test_prepare_checks_its_inputs_against_the_cache(sd15_tiny):
     engine, cache, inputs, _ = sd15_tiny
     before, programs = snapshot(cache), dict(engine._programs)
     batch1 = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with pytest.raises(fc.FiseditError, match=r"do not match the recorded generation: recorded "
-                                              r"\(sample \[2, 4, 16, 16\].*got \(sample \[1,"):
+    with pytest.raises(fc.FiseditError, match=r"do not match the recorded generation: .*sample "
+                                              r"is \[1, 4, 16, 16\] float32 on cpu where the "
+                                              r"recording has \[2, 4, 16, 16\]"):
         engine.prepare(cache, 0, **batch1)
     with pytest.raises(fc.FiseditError, match=r"step 1 has not been recorded \(recorded steps: "
                                               r"\[0\]\)"):
@@ -783,8 +790,8 @@ def test_the_oracle_checks_its_arguments_before_computing(sd15_tiny, monkeypatch
          "missing U-Net input.*timestep"),
         ((plan, inputs, {k: v[:1] if isinstance(v, torch.Tensor) else v
                          for k, v in new.items()}),
-         r"edited inputs \(sample \[1, 4, 16, 16\].*do not match the original inputs "
-         r"\(sample \[2, 4, 16, 16\]"),
+         r"edited inputs do not match the original inputs: sample is \[1, 4, 16, 16\] float32 "
+         r"on cpu where the original has \[2, 4, 16, 16\]"),
         ((engine.with_config(fc.SparseConfig(tile=2)).plan(mask), inputs, new),
          r"with tiles \[2, 2\].*with tiles \[4, 2\]"),
     ]

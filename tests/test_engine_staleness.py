@@ -154,6 +154,22 @@ def test_a_unet_changed_after_compile_is_refused_and_the_recording_kept(compiled
     assert torch.equal(engine.edit(cache, 1, plan, **later), edits[1])
 
 
+def test_a_dtype_round_trip_is_refused_as_a_change_that_cannot_be_undone():
+    """.to(float64).to(float32) leaves every value as it was but in new storage, which the
+    engine's graphs do not read: the message must not suggest undoing it."""
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **inputs)
+    unet.to(torch.float64).to(torch.float32)
+    with pytest.raises(fc.FiseditError, match=r"storage of weight\(s\) .* was replaced .*a "
+                                              r"\.to\(\) back to the old dtype or device makes "
+                                              r"new storage again, so this change cannot be "
+                                              r"undone"):
+        engine.edit(cache, 0, engine.plan(box(2, 2, 6, 6)), **inputs)
+
+
 def test_compiled_again_after_the_change_the_engine_computes_the_changed_unet():
     unet = zoo.unet("sd15-tiny")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)

@@ -86,6 +86,6 @@ def _page_defaults(source: str, model: str | None):
         from .. import shapes
 
         return PageDefaults(shapes.DEMO_PROMPT, shapes.DEMO_EDIT, model=model,
-                            **SHAPES_DEFAULTS)
+                            check_prompt=shapes.check_caption, **SHAPES_DEFAULTS)
     settings = RANDOM_DEFAULTS if model is not None else SAVED_DEFAULTS
     return PageDefaults(RANDOM_PROMPT, RANDOM_EDIT, model=source, **settings)

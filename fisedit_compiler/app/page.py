@@ -8,6 +8,7 @@ the page (and gradio_client raises) with the library's message, not a traceback.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ import gradio as gr
 
 from ..checks import check_int
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from ..edit_flow.session import MASK_MODES
+from ..edit_flow.session import MASK_MODES, global_change_note
 from ..errors import FiseditError
 from .pool import EditRecipe, EditView, Generation, HistoryEntry, SessionPool
 
@@ -35,6 +36,9 @@ class PageDefaults:
     probe_steps: int | None = None   # None: the mask estimator's default
     size: int | None = None          # image side in pixels; None: the pipeline's default
     model: str = "shapes"
+    # (name, text) -> None, raising FiseditError for a prompt the model cannot draw (the
+    # shapes model knows only its caption grammar); None takes any text.
+    check_prompt: Callable[[str, str], None] | None = None
 
 
 def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
@@ -86,16 +90,23 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
                              fit_columns=False, height=220, object_fit="contain",
                              allow_preview=False, elem_id="history")
 
+        def checked(name: str, text: str) -> str:
+            if defaults.check_prompt is not None:
+                defaults.check_prompt(name, text)
+            return text
+
         def on_generate(prompt_, seed_, steps_, guidance_, request: gr.Request):
-            generation = Generation(prompt_, _whole("seed", seed_, empty=0),
-                                    _whole("steps", steps_), guidance_, defaults.size)
+            generation = Generation(checked("the prompt", prompt_),
+                                    _whole("seed", seed_, empty=0), _whole("steps", steps_),
+                                    guidance_, defaults.size)
             image = pool.generate(request.session_hash, generation)
             return (_shown(image), _shown(image), None, None, "",
                     _gallery(pool.history(request.session_hash)))
 
         def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
                     request: gr.Request):
-            recipe = EditRecipe(edit_prompt_, _whole("dense probe steps", probe_steps_),
+            recipe = EditRecipe(checked("the edit prompt", edit_prompt_),
+                                _whole("dense probe steps", probe_steps_),
                                 _painted(painting_), mask_mode_, estimator_)
             view = pool.edit(request.session_hash, recipe)
             return _shown(view.image), _shown(_overlay(view)), _timings(view)
@@ -199,8 +210,11 @@ def _timings(view: EditView) -> str:
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
         f"image (mask: {report['mask_source']} by {report['mask_estimator']}, "
         f"{report['mask_area_fraction']:.0%})."
-        + (" **A global change** (background, style or lighting): planned dense."
-           if report["global_change"] else ""))
+        + _sentence(global_change_note(report)))
+
+
+def _sentence(note: str) -> str:
+    return f" **{note[0].upper()}{note[1:]}.**" if note else ""
 
 
 def _gallery(history: list[HistoryEntry]) -> list[tuple[PIL.Image.Image, str]]:

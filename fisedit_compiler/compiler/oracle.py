@@ -24,7 +24,7 @@ from ..graph_keys import INPUTS
 from ..passes import registry
 from ..passes.analyze import META_BY_SHAPE
 from .capture import flatten_inputs
-from .pipeline import describe_signature
+from .pipeline import describe_signature_change
 
 
 @torch.no_grad()
@@ -54,9 +54,9 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
     before, after = engine.signature(original_inputs), engine.signature(edited_inputs)
     if after != before:         # signatures list inputs in one order, whatever the caller's
         raise FiseditError(
-            f"the edited inputs ({describe_signature(after)}) do not match the original "
-            f"inputs ({describe_signature(before)}); an edit keeps the original's inputs, "
-            "their shapes and dtypes, and changes only their values")
+            "the edited inputs do not match the original inputs: "
+            f"{describe_signature_change(after, before, 'the original')}; an edit keeps the "
+            "original's inputs, their shapes and dtypes, and changes only their values")
     program = engine.program(original_inputs)
     engine.check_plan(plan, program)
     gm = program.canonical

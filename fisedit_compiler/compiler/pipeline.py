@@ -147,7 +147,25 @@ def device_of(signature: tuple) -> torch.device:
     return torch.device(devices.get("sample", first))
 
 
-def describe_signature(signature: tuple) -> str:
-    """A signature for messages: ``name [shape] dtype`` per input."""
-    return ", ".join(f"{name} {list(shape)} {str(dtype).replace('torch.', '')}"
-                     for name, shape, dtype, _ in signature)
+def describe_signature_change(got: tuple, before: tuple, before_name: str = "the recording"
+                              ) -> str:
+    """What differs between signature ``got`` and ``before`` (``before_name``'s), for a
+    refusal: each input whose shape, dtype or device differs (a timestep given as a number or
+    a 0-d tensor where a ``[batch]`` tensor was recorded, a half-precision sample) and the
+    inputs a call adds or drops, in the signature's order (the sample first). Both full
+    signatures would leave the reader to find the one difference among a dozen inputs."""
+    now = {name: rest for name, *rest in got}
+    then = {name: rest for name, *rest in before}
+    parts = [f"{name} is {_describe_input(*now[name])} where {before_name} has "
+             f"{_describe_input(*then[name])}"
+             for name in now if name in then and now[name] != then[name]]
+    for verb, names in (("adds", now.keys() - then.keys()), ("drops", then.keys() - now.keys())):
+        if names:
+            parts.append(f"the call {verb} {', '.join(sorted(names))} (an argument such as "
+                         "ControlNet residuals or an added condition is given at one call and "
+                         "not at the other)")
+    return "; ".join(parts)
+
+
+def _describe_input(shape, dtype, device) -> str:
+    return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"

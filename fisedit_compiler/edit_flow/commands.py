@@ -20,7 +20,7 @@ from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from ..pipeline_files import read_json_object
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from .session import check_mask_choice, check_step_count, size_multiple
+from .session import check_mask_choice, check_step_count, global_change_note, size_multiple
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -148,6 +148,9 @@ def run_demo(args) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if trained:
+        shapes.check_caption("--prompt", args.prompt)
+        shapes.check_caption("--edit", args.edit)
     box_instead = not trained and args.mask is None and args.mask_box is None
     if box_instead:
         args.mask_box = DEMO_BOX
@@ -385,10 +388,9 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
 
 
 def _say_if_global(report: dict) -> None:
-    if report["global_change"]:
-        print(f"the edit changes the whole image (a global change: background, style or "
-              f"lighting, detected by the {report['mask_estimator']} estimator), so it was "
-              "planned dense: no sparse speedup")
+    note = global_change_note(report)
+    if note:
+        print(note)
 
 
 def _mask_image(mask: torch.Tensor, size: tuple[int, int]):

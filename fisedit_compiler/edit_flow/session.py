@@ -54,6 +54,9 @@ MASK_MODES = ("replace", "intersect")
 _MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
                    "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
                    "prompt_embeds", "negative_prompt_embeds", "return_dict")
+# Diffusers' deprecated per-step callback (``callback(step, timestep, latents)``), taken through
+# the pipelines' **kwargs.
+_DEPRECATED_CALLBACK_KWARGS = ("callback", "callback_steps")
 # Pipeline arguments whose non-default values act on the whole image at every step, so that a
 # change inside the region would move the background: their default (0.0), and why not others.
 _WHOLE_IMAGE_KWARGS = {
@@ -690,6 +693,15 @@ class EditSession:
                 f"generation would not keep its background); drop {', '.join(schedule)} and pass "
                 "num_inference_steps= to generate (the spacing of the timesteps is the "
                 "scheduler's config, e.g. timestep_spacing)")
+        deprecated = sorted(set(pipeline_kwargs) & set(_DEPRECATED_CALLBACK_KWARGS))
+        if deprecated:
+            # Diffusers still takes these through **kwargs, so the spelling check would call
+            # them typos.
+            raise FiseditError(
+                f"{', '.join(deprecated)} (diffusers' deprecated per-step callback) cannot be "
+                "passed: EditSession runs the pipeline's step callback itself, to blend and "
+                "record the latents at each step; drop them (generate and edit return when "
+                "every step is done)")
         params = inspect.signature(type(self.pipe).__call__).parameters
         accepted = {name for name, param in params.items()
                     if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
@@ -1354,6 +1366,19 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
             f"{say.at_least('probe_steps', 1)}{more}, another {say.name('mask_estimator')}, "
             f"or a user mask ({say.name('mask')}) with {say.given('mask_mode', 'replace')}")
     return estimator, probe_steps
+
+
+def global_change_note(report: dict) -> str:
+    """The sentence the command line and the page show for an edit whose estimator saw a
+    global change (empty otherwise): planned dense, or, with an intersecting user mask,
+    confined to that mask (the plan is then the user's, and may well run sparse)."""
+    if not report["global_change"]:
+        return ""
+    seen = (f"the {report['mask_estimator']} estimator sees a change over the whole image "
+            "(a global change: background, style or lighting)")
+    if report["mask_source"] == "auto&user":
+        return f"{seen}; the intersecting user mask confines the edit to the mask"
+    return f"{seen}, so the edit was planned dense: no sparse speedup"
 
 
 def _check_output_type(output_type) -> None:

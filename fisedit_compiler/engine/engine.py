@@ -31,8 +31,8 @@ from .. import ir
 from ..checks import check_bool, check_int, check_no_cross_attention_kwargs
 from ..compiler.capture import (check_unet, example_inputs, flatten_inputs, latent_size,
                                 raise_if_eager_fails, required_arguments)
-from ..compiler.pipeline import (Program, build_program, check_kernels, describe_signature,
-                                 device_of, trace)
+from ..compiler.pipeline import (Program, build_program, check_kernels,
+                                 describe_signature_change, device_of, trace)
 from ..config import SparseConfig
 from ..errors import FiseditError
 from ..execution.derived_weights import tensor_versions, version_counters
@@ -174,9 +174,8 @@ class SparseEngine:
         signature = self.signature(inputs)    # checked before compiling anything for it
         if cache.signature is not None and cache.signature != signature:
             raise FiseditError(
-                "this cache belongs to a generation with inputs "
-                f"({describe_signature(cache.signature)}) but record got "
-                f"({describe_signature(signature)}); "
+                "this cache belongs to a generation with other inputs: "
+                f"{describe_signature_change(signature, cache.signature)}; "
                 "use engine.new_cache() for a new generation")
         program = self.program(inputs)      # compiled already if the cache holds a step
         if cache.weight_versions is not None and cache.weight_versions != versions:
@@ -479,10 +478,10 @@ class SparseEngine:
         signature = self.signature(inputs)
         if cache.signature != signature:
             raise FiseditError(
-                "the inputs do not match the recorded generation: recorded "
-                f"({describe_signature(cache.signature)}), got "
-                f"({describe_signature(signature)}); "
-                "edits must keep the resolution, batch and dtypes of the original")
+                "the inputs do not match the recorded generation: "
+                f"{describe_signature_change(signature, cache.signature)}; edits must keep "
+                "the resolution, batch and dtypes of the original and pass each input in its "
+                "recorded form (a timestep as a tensor of the recorded shape)")
 
     def check_plan(self, plan: MaskPlan, program: Program, *, remedy: str = "") -> None:
         """Refuse a plan made for other levels or tiles than ``program``'s (another engine's,

@@ -221,7 +221,9 @@ class ModuleState:
                  if old != new]
         if moved:
             changes.append(f"the storage of weight(s) {some_names(moved, _SHOWN)} was replaced "
-                           "(a .data assignment: PEFT's merge or fuse_lora, .half(), .to())")
+                           "(a .data assignment: PEFT's merge or fuse_lora, .half(), .to(); "
+                           "a .to() back to the old dtype or device makes new storage again, "
+                           "so this change cannot be undone)")
         replaced = [_join(path, key) for container, key, (path, _), old in zip(
             self.tensors.containers, self.tensors.keys, self.tensors.labels, self.tensor_values)
             if key in container and container[key] is not old]

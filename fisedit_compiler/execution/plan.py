@@ -375,6 +375,10 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
         raise FiseditError(
             "the edit mask is on the meta device, which holds shapes but no values; make it "
             "on the cpu (or the U-Net's device)")
+    if mask.layout != torch.strided:
+        raise FiseditError(
+            f"the edit mask has layout {str(mask.layout).replace('torch.', '')}; pass a dense "
+            "tensor (mask.to_dense())")
     if mask.dtype != torch.bool:
         raise FiseditError(
             f"the edit mask must have dtype bool, got {mask.dtype}; convert it with "

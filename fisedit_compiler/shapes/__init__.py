@@ -29,6 +29,25 @@ TRAIN_COMMAND = ("python -m fisedit_compiler.shapes.train --out fisedit_compiler
                  "--minutes 7")
 
 
+def check_caption(name: str, text: str) -> None:
+    """Refuse ``text`` (the ``name`` option's value) unless it is a caption of the model's
+    grammar (``render.parse_caption``). The model learnt only those captions, and its
+    byte-level tokenizer takes any text, so a misspelt colour would run and draw shapes
+    unrelated to the prompt without a word."""
+    from . import render
+
+    try:
+        render.parse_caption(text)
+    except ValueError as error:
+        raise FiseditError(
+            f"{name} is not a caption the 'shapes' model knows ({error}). Its captions are "
+            "objects 'a <size> <colour> <shape> at the <position>' joined by ' and ', then "
+            f"' on a <background> background': sizes {', '.join(render.SIZES)}; colours "
+            f"{', '.join(render.COLOURS)}; shapes {', '.join(render.SHAPES)}; positions "
+            f"{', '.join(render.POSITIONS)}; backgrounds {', '.join(render.BACKGROUNDS)}; "
+            f"e.g. {DEMO_PROMPT!r}") from None
+
+
 def load_pipeline(path=None, dtype: torch.dtype = torch.float32):
     """The trained shapes pipeline from ``path`` (default: the package's ``weights`` folder).
 

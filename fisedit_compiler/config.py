@@ -20,6 +20,9 @@ GROUP_NORM_POLICIES = ("incremental", "cached")
 FRONTENDS = ("export", "dynamo")        # capture's frontends (compiler/capture.py)
 ATTENTION_POLICIES = ("full", "sparse")
 KERNELS = ("auto", "triton", "torch")
+# The dtypes the Triton kernels take (they accumulate in fp32); a float64 U-Net runs the torch
+# reference, which computes in float64.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONV_METHODS = ("implicit", "gather")
 
 
@@ -49,9 +52,9 @@ class SparseConfig:
         than it saves, since the plan then pays both paths.
     frontend: ``export`` or ``dynamo`` capture.
     check_inputs: verify on each edit that the inputs equal the recorded ones outside the mask.
-    kernels: ``auto`` (Triton kernels on CUDA, the torch reference elsewhere), ``torch`` (the
-        reference everywhere) or ``triton`` (Triton everywhere; on CPU only under
-        ``TRITON_INTERPRET=1``, for tests).
+    kernels: ``auto`` (Triton kernels on CUDA, the torch reference elsewhere and for float64),
+        ``torch`` (the reference everywhere) or ``triton`` (Triton everywhere; on CPU only
+        under ``TRITON_INTERPRET=1``, for tests; fp16, bf16 and fp32 only).
     cuda_graphs: on CUDA, run edit steps as CUDA graphs (no per-op launch overhead): plans
         are made for capacity buckets, and one graph per bucket, captured once
         (``SparseEngine.prepare``), replays every mask of the bucket.
@@ -131,9 +134,10 @@ class SparseConfig:
         """The dense threshold of each level (a tuple's last value repeats, as for ``tile``)."""
         return [float(t) for t in _per_level(self.dense_threshold, len(levels))]
 
-    def use_triton(self, device: torch.device | str) -> bool:
-        """Whether edit graphs on ``device`` run the Triton kernels."""
-        if self.kernels == "torch" or not HAS_TRITON:
+    def use_triton(self, device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
+        """Whether edit graphs on ``device`` (of ``dtype``, where known) run the Triton
+        kernels; a dtype outside ``KERNEL_DTYPES`` runs the torch reference."""
+        if self.kernels == "torch" or not HAS_TRITON or dtype not in (None,) + KERNEL_DTYPES:
             return False
         if self.kernels == "triton":
             return torch.device(device).type == "cuda" or INTERPRET

@@ -164,6 +164,25 @@ def test_several_steps_edited_in_turn():
         assert torch.equal(result[..., ~plan[0].active], outputs[step][..., ~plan[0].active])
 
 
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
+def test_a_float64_unet_edits_to_float64_precision(policy):
+    """The reference ops accumulate in fp32 for half types and in the input's own dtype for
+    float64 (a plain .float() rounded a float64 U-Net's edits to fp32: 1e-7 off)."""
+    unet = zoo.unet("sd15-tiny").double()
+    inputs = {name: value.double() if torch.is_tensor(value) and name != "timestep" else value
+              for name, value in zoo.example_inputs(unet, batch=2, seed=0).items()}
+    engine = fc.compile(unet, fc.SparseConfig(group_norm=policy[0], self_attention=policy[1]))
+    cache = engine.new_cache(num_steps=1)
+    recorded = engine.record(cache, 0, **inputs)
+    plan = engine.plan(box((16, 16), 3, 5, 7, 9))
+    if policy[1] == "full":     # the sparse policy's attention over active tokens is no identity
+        assert (engine.edit(cache, 0, plan, **inputs) - recorded).abs().max() < 1e-12
+    new = edited(inputs, plan[0].active)
+    result = engine.edit(cache, 0, plan, **new)
+    assert result.dtype == torch.float64
+    assert relative_error(result, fc.oracle.masked_dense(engine, plan, inputs, new)) < 1e-12
+
+
 # --- generated U-Net configurations --------------------------------------------------------
 
 @st.composite

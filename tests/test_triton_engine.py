@@ -9,6 +9,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.config import HAS_TRITON
 from fisedit_compiler.execution import sparse_ops, triton_ops
 from fisedit_compiler.execution.derived_weights import DerivedWeights
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
@@ -71,6 +72,14 @@ def test_kernel_choice_follows_the_config():
     assert not fc.SparseConfig().use_triton("cpu")            # auto: the reference on CPU
     with pytest.raises(fc.FiseditError, match="kernels"):
         fc.SparseConfig(kernels="cuda")
+    # The kernels take fp16, bf16 and fp32: a float64 U-Net runs the reference (in float64),
+    # and an explicit kernels="triton" for it is refused by name.
+    if HAS_TRITON:
+        assert fc.SparseConfig().use_triton("cuda", torch.float16)
+    assert not fc.SparseConfig().use_triton("cuda", torch.float64)
+    with pytest.raises(fc.FiseditError, match=r"cannot run on float64 tensors \(they take "
+                                              r"fp16, bf16 and fp32\)"):
+        fc.compile(zoo.unet("sd15-tiny").double(), fc.SparseConfig(kernels="triton"))
 
 
 def test_bench_masks_cover_the_requested_area():

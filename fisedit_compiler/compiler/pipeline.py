@@ -112,7 +112,7 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     edit = fuse_tokens(fuse(sparsify(canonical, config)))
     if config.group_projections:
         edit = group_linears(edit)
-    if check_kernels(config, device_of(signature)):
+    if check_kernels(config, device_of(signature), dtype_of(signature)):
         edit = lower_kernels(edit, config.conv_method)
     if config.hoist_pass_constants:
         edit = hoist_pass_constants(edit)
@@ -124,19 +124,25 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     return Program(signature, canonical, record, edit, entries, levels, config.tiles_for(levels))
 
 
-def check_kernels(config: SparseConfig, device) -> bool:
-    """Whether edit graphs on ``device`` run the Triton kernels (``SparseConfig.use_triton``);
-    refuses ``kernels="triton"`` where Triton cannot run, which ``use_triton`` answers with the
-    torch reference: an explicit request must not be dropped without a word."""
-    if config.kernels != "triton" or config.use_triton(device):
-        return config.use_triton(device)
-    why = ("triton is not installed" if not config_module.HAS_TRITON else
-           "Triton runs on CUDA devices, and on the CPU only under TRITON_INTERPRET=1 (set "
-           "before triton is first imported; slow, for tests)")
+def check_kernels(config: SparseConfig, device, dtype: torch.dtype | None = None) -> bool:
+    """Whether edit graphs on ``device`` of ``dtype`` run the Triton kernels
+    (``SparseConfig.use_triton``); refuses ``kernels="triton"`` where Triton cannot run, which
+    ``use_triton`` answers with the torch reference: an explicit request must not be dropped
+    without a word."""
+    if config.kernels != "triton" or config.use_triton(device, dtype):
+        return config.use_triton(device, dtype)
+    if dtype not in (None,) + config_module.KERNEL_DTYPES:
+        where = f"{str(dtype).replace('torch.', '')} tensors (they take fp16, bf16 and fp32)"
+        why = "the torch reference computes in float64"
+    else:
+        where = str(torch.device(device))
+        why = ("triton is not installed" if not config_module.HAS_TRITON else
+               "Triton runs on CUDA devices, and on the CPU only under TRITON_INTERPRET=1 (set "
+               "before triton is first imported; slow, for tests)")
     raise FiseditError(
         f"SparseConfig(kernels='triton') asks for the Triton kernels, but they cannot run on "
-        f"{torch.device(device)}: {why}; use kernels='auto' (Triton where it runs, the torch "
-        "reference elsewhere) or kernels='torch'")
+        f"{where}: {why}; use kernels='auto' (Triton where it runs, the torch reference "
+        "elsewhere) or kernels='torch'")
 
 
 def device_of(signature: tuple) -> torch.device:
@@ -145,6 +151,12 @@ def device_of(signature: tuple) -> torch.device:
     devices = {name: device for name, _, _, device in signature}
     first = next(iter(devices.values()), "cpu")
     return torch.device(devices.get("sample", first))
+
+
+def dtype_of(signature: tuple) -> torch.dtype:
+    """The dtype a U-Net call computes in: its sample's (the timestep may be another)."""
+    dtypes = {name: dtype for name, _, dtype, _ in signature}
+    return dtypes.get("sample", next(iter(dtypes.values()), torch.float32))
 
 
 def describe_signature_change(got: tuple, before: tuple, before_name: str = "the recording"

@@ -67,7 +67,8 @@ class SparseEngine:
         self.unet = unet
         self.config = config or SparseConfig()
         # Refused now rather than at the first program: the U-Net's device is where it runs.
-        check_kernels(self.config, next(unet.parameters()).device)
+        weight = next(unet.parameters())
+        check_kernels(self.config, weight.device, weight.dtype)
         self._programs: dict[tuple, Program] = {}
         # Canonical graphs (and their compiled dense form) do not depend on the config, so
         # engines made by with_config share them: one capture and one compile per signature.

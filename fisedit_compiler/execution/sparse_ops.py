@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import ir
 from .kernels import group_norm as group_norm_kernels
-from .kernels import mix_rows
+from .kernels import accumulation_dtype, mix_rows
 from .kernels import tokens as token_kernels
 from .plan import LevelPlan, MaskPlan
 
@@ -189,7 +189,8 @@ def group_norm_stats(x, groups: int, tile: int, size: tuple[int, int]) -> dict:
     """
     batch, channels = x.shape[:2]
     height, width = size
-    grouped = x.float().reshape(batch, groups, channels // groups, height, width)
+    grouped = x.to(accumulation_dtype(x.dtype)).reshape(batch, groups, channels // groups,
+                                                        height, width)
     mean = grouped.mean(dim=(2, 3, 4))
     shifted = grouped - mean[:, :, None, None, None]
     variance = (shifted * shifted).mean(dim=(2, 3, 4))

@@ -31,6 +31,13 @@ def autotune_options() -> dict:
             "cache_results": True}
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the torch references compute in: fp32 for fp16, bf16 and fp32 (as the kernels
+    accumulate), the input's own dtype for fp64, so that a float64 U-Net's edits stay
+    float64-exact (a plain ``.float()`` would round them to fp32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def triton_enabled(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on ``tensor``'s device."""
     return HAS_TRITON and (tensor.is_cuda or INTERPRET)

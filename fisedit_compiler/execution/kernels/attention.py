@@ -19,7 +19,8 @@ import math
 import torch
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions
+from . import (HAS_TRITON, INTERPRET, accumulation_dtype, autotune_options, launch_options,
+               mix_positions)
 
 if HAS_TRITON:
     import triton
@@ -219,14 +220,16 @@ def _check_inputs(q, k, v, k_recorded, v_recorded, key_position) -> bool:
 
 def attention_reference(q, k, v, scale=None, k_recorded=None, v_recorded=None,
                         key_position=None):
-    """softmax(q k^T * scale) v in fp32 over k's rows, or over the mixed K/V when recorded K/V
-    are given; ``scale`` None means 1 / sqrt(D), as in F.scaled_dot_product_attention."""
+    """softmax(q k^T * scale) v in fp32 (fp64 for fp64 inputs) over k's rows, or over the
+    mixed K/V when recorded K/V are given; ``scale`` None means 1 / sqrt(D), as in
+    F.scaled_dot_product_attention."""
     if _check_inputs(q, k, v, k_recorded, v_recorded, key_position):
         k = mix_positions(k, k_recorded, key_position, 2)
         v = mix_positions(v, v_recorded, key_position, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = q.float() @ k.float().transpose(-1, -2) * scale
-    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    acc = accumulation_dtype(q.dtype)
+    scores = q.to(acc) @ k.to(acc).transpose(-1, -2) * scale
+    return (torch.softmax(scores, dim=-1) @ v.to(acc)).to(q.dtype)
 
 
 @functools.lru_cache

@@ -168,7 +168,8 @@ def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy):
 
 def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weight, bias, eps,
                                      policy, active_counts=None):
-    """fp32 ``scale, shift [B, C]`` with group_norm(mixed)[active] == x * scale + shift.
+    """``scale, shift [B, C]`` with group_norm(mixed)[active] == x * scale + shift, in the
+    statistics' dtype (fp32; fp64 for a float64 U-Net).
 
     ``stats`` is ``sparse_ops.group_norm_stats`` of the recorded input; ``active_tiles`` the
     active tile ids (row-major in the level's tile grid); ``count`` the elements of one group of
@@ -182,7 +183,7 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     if policy == "cached":
         variance = stats["variance"]
     else:
-        shifted = x.float() - mean.repeat_interleave(channels // groups, 1)[:, :, None]
+        shifted = x.to(mean.dtype) - mean.repeat_interleave(channels // groups, 1)[:, :, None]
         tile_sum, tile_sum_sq = stats["tile_sum"][:, :, active_tiles], \
             stats["tile_sum_sq"][:, :, active_tiles]
         if active_counts is not None:
@@ -202,10 +203,10 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     per_group = channels // groups
     scale = torch.rsqrt(variance + eps).repeat_interleave(per_group, dim=1)
     if weight is not None:
-        scale = scale * weight.float()
+        scale = scale * weight.to(scale.dtype)
     shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if bias is not None:
-        shift = shift + bias.float()
+        shift = shift + bias.to(shift.dtype)
     return scale, shift
 
 
@@ -216,9 +217,9 @@ def _check_apply(x, scale, shift):
 
 
 def group_norm_apply_reference(x, scale, shift, silu=False):
-    """``x * scale[b, c] + shift[b, c]`` in fp32 (then SiLU), returned in x's dtype."""
+    """``x * scale[b, c] + shift[b, c]`` in scale's dtype (then SiLU), returned in x's dtype."""
     _check_apply(x, scale, shift)
-    y = x.float() * scale[:, :, None] + shift[:, :, None]
+    y = x.to(scale.dtype) * scale[:, :, None] + shift[:, :, None]
     return (F.silu(y) if silu else y).to(x.dtype)
 
 

@@ -39,12 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from ...checks import check_choice
-from ...config import CONV_METHODS
+from ...config import CONV_METHODS, KERNEL_DTYPES
 from ...errors import FiseditError
 from . import (HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions,
                triton_enabled)
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
 
 
@@ -64,9 +63,10 @@ def sparse_conv2d_reference(x, recorded, in_position, out_pixels, out_size, weig
     * ``temb`` ``[B, Cout]``, ``residual`` ``[B, Cout, P_out]``, ``out_scale`` (float): added,
       added, multiplied after the bias, in that order.
 
-    Computed in fp32 and returned in ``x.dtype``. Grouped convs (inferred from
-    ``weight``'s shape) are supported here and not by the kernel. On CUDA an fp32 conv follows
-    ``torch.backends.cudnn.allow_tf32`` (TF32 by default): turn it off to compare fp32 exactly.
+    Computed in fp32 and returned in ``x.dtype`` (fp16, bf16 or fp32). Grouped convs
+    (inferred from ``weight``'s shape) are supported here and not by the kernel. On CUDA an
+    fp32 conv follows ``torch.backends.cudnn.allow_tf32`` (TF32 by default): turn it off to
+    compare fp32 exactly.
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
                     dilation, temb, residual)
@@ -105,9 +105,9 @@ def _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride,
     if tuple(x.shape[:2]) != (batch, channels):
         fail(f"x {tuple(x.shape)} and recorded {tuple(recorded.shape)} differ in batch or "
              "channels")
-    if x.dtype not in _DTYPES or recorded.dtype != x.dtype or weight.dtype != x.dtype:
-        fail(f"x, recorded and weight must share one dtype of {_DTYPES}, got {x.dtype}, "
-             f"{recorded.dtype} and {weight.dtype}")
+    if x.dtype not in KERNEL_DTYPES or recorded.dtype != x.dtype or weight.dtype != x.dtype:
+        fail(f"x, recorded and weight must share one dtype of {KERNEL_DTYPES}, got "
+             f"{x.dtype}, {recorded.dtype} and {weight.dtype}")
     for name, index in (("in_position", in_position), ("out_pixels", out_pixels)):
         if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
             fail(f"{name} must be a 1-D int32 or int64 tensor, got {index.dtype} "

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from ... import ir
 from ...execution import sparse_ops, triton_ops
+from ...execution.kernels import accumulation_dtype
 from .spec import OPAQUE, Domain, OpSpec, before_trailing, domain_of, per_position, shape_of
 
 aten = torch.ops.aten
@@ -54,11 +55,11 @@ def _group_norm_oracle(node, args, original, active, config):
     if config.group_norm != "cached":
         return None
     x, groups, weight, bias, eps = args
-    recorded = original[node.args[0].name].float()
+    recorded = original[node.args[0].name].to(accumulation_dtype(x.dtype))
     grouped = recorded.reshape(recorded.shape[0], groups, -1)
     mean = grouped.mean(-1, keepdim=True)
     variance = grouped.var(-1, unbiased=False, keepdim=True)
-    new = x.float().reshape(x.shape[0], groups, -1)
+    new = x.to(recorded.dtype).reshape(x.shape[0], groups, -1)
     normed = ((new - mean) / torch.sqrt(variance + eps)).reshape(x.shape).to(x.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if weight is not None:

@@ -120,12 +120,19 @@ def check_no_cross_attention_kwargs(value) -> None:
     if value is None or (isinstance(value, dict) and not value):
         return
     keys = f" {sorted(map(str, value))}" if isinstance(value, dict) else ""
+    backend = ("record and edit through the torch.compile backend (fc.recording / "
+               "fc.editing), which compiles the U-Net call with them")
+    if isinstance(value, dict) and "gligen" in value:
+        raise FiseditError(
+            f"cross_attention_kwargs{keys}: GLIGEN's grounding boxes and embeddings are not "
+            "inputs of the engine's captured graphs, which would run without them; "
+            f"{backend} (its tensors may change from the recording to an edit, its numbers "
+            "may not)")
     raise FiseditError(
         f"cross_attention_kwargs{keys} (attention processor options such as a LoRA scale) "
         "are not supported here: the compiled graphs run the U-Net's own attention without "
-        "them; fuse LoRA weights into the U-Net (pipe.fuse_lora()), or record and edit "
-        "through the torch.compile backend (fc.recording / fc.editing), which compiles the "
-        "U-Net call with the options as long as they stay the same for the whole generation")
+        "them; fuse LoRA weights into the U-Net (pipe.fuse_lora()), or "
+        f"{backend} as long as its numbers (a scale) stay the same for the whole generation")
 
 
 def some_names(names: list[str], shown: int) -> str:

@@ -123,6 +123,23 @@ def test_an_intersection_that_marks_nothing_is_warned_about():
     assert torch.equal(both.latents, s.original.latents[-1])
 
 
+def test_a_new_negative_prompt_beside_a_prompt_change_is_planned_over_the_whole_image():
+    """The contrast of conditional predictions sees the prompt's change (a local mask) but
+    not the negative prompt's, which acts on the whole image: the estimate must not cut it
+    down to the prompt's region."""
+    from fisedit_compiler import shapes
+
+    s = EditSession(zoo.pipeline("shapes"))
+    s.generate(shapes.DEMO_PROMPT, seed=0, num_inference_steps=4, guidance_scale=5.0,
+               output_type="latent")
+    prompt_only = s.edit(shapes.DEMO_EDIT, output_type="latent")
+    assert not prompt_only.report["global_change"] and not prompt_only.mask.all()
+    both = s.edit(shapes.DEMO_EDIT, negative_prompt="a large black star at the bottom right",
+                  output_type="latent")
+    assert both.report["global_change"] and both.mask.all()
+    assert both.report["mask_unet_evaluations"] == 0
+
+
 def test_layer_sizes_of_odd_latents():
     from fisedit_compiler.edit_flow.attention import layer_size
 
@@ -494,6 +511,30 @@ def test_unsupported_scheduler(session, pipe):
         pipe.scheduler = original
     _unchanged(session, before)
     assert "forward" not in pipe.unet.__dict__
+
+
+def test_a_schedule_that_repeats_timesteps_is_refused_before_any_step(session, pipe,
+                                                                     monkeypatch):
+    """DPM-Solver's Karras sigmas on a cosine schedule give 998, 998, 998, ... at 7 steps;
+    diffusers then fails after recording every step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            original.config, beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+        s = EditSession(pipe, engine=session.engine)
+        calls = []
+        monkeypatch.setattr(s.engine, "record", lambda *args, **kwargs: calls.append(args))
+        with pytest.raises(FiseditError, match=r"DPMSolverMultistepScheduler repeats timesteps "
+                                               r"for num_inference_steps=7 \(998, 998, 998, "
+                                               r"997, 983, 682, 0\).*use another step count"):
+            s.generate("a red circle", num_inference_steps=7)
+        assert not calls and s.original is None and s.cache is None
+        monkeypatch.undo()
+        s.generate("a red circle", num_inference_steps=3, output_type="latent")   # 998, 997, 0
+    finally:
+        pipe.scheduler = original
 
 
 def test_dynamic_thresholding_is_refused_and_a_per_pixel_clamp_kept(session, pipe):

@@ -485,6 +485,9 @@ def test_a_python_number_timestep_is_a_graph_input(timestep, frontend):
     ({"foo": 1}, "unknown U-Net input"),
     ({"cross_attention_kwargs": {"scale": 0.5}}, r"cross_attention_kwargs \['scale'\].*"
                                                  r"fuse_lora.*torch.compile backend"),
+    ({"cross_attention_kwargs": {"gligen": {"boxes": torch.zeros(2, 1, 4)}}},
+     r"cross_attention_kwargs \['gligen'\]: GLIGEN's grounding boxes and embeddings are not "
+     r"inputs of the engine's captured graphs.*torch.compile backend"),
     ({"return_dict": True}, "return_dict"),
     ({"class_labels": "cat"}, "class_labels must be a tensor"),
     ({"class_labels": torch.tensor([1, 2])}, "no class embedding .* would be ignored"),

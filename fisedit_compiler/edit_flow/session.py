@@ -199,6 +199,7 @@ class EditSession:
         check_step_count("num_inference_steps", num_inference_steps,
                          self.pipe.scheduler.config.num_train_timesteps,
                          type(self.pipe.scheduler).__name__)
+        _check_distinct_timesteps(self.pipe.scheduler, num_inference_steps)
         height, width = self._size(height, width)
         seed = self._seed(seed, generator, latents)
         noise = self._noise(seed, generator, latents, height, width)
@@ -288,11 +289,11 @@ class EditSession:
         the recorded one bit for bit: a prompt that encodes like the original's, the same or
         one that differs only past the tokenizer's limit, and the same negative prompt) gets
         the empty estimate without the estimator's U-Net call, so its latents are the
-        original's. With a prompt that encodes like the original's but
-        another negative prompt or ControlNet control, which a one-call estimator's contrast
-        of conditional predictions cannot see, the estimate is all of the latent
-        (``report["global_change"]``), without its U-Net call; pass a ``mask`` to confine
-        such an edit.
+        original's. Where the negative prompt, the ControlNet's control or another pipeline
+        argument than the prompt changed, which a one-call estimator's contrast of
+        conditional predictions cannot see (alone or beside a prompt change), the estimate is
+        all of the latent (``report["global_change"]``), without its U-Net call; pass a
+        ``mask`` to confine such an edit.
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
         (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
@@ -998,23 +999,32 @@ class _EditRun:
         added conditions and ControlNet residuals: a prompt that encodes like the original's,
         e.g. the same one or one that differs only past the tokenizer's limit, with the same
         negative prompt), so the edit changes nothing (edit keeps the recorded guidance).
-        "all": the one-call estimators' own inputs (``contrast_batch``: the conditional text)
-        are the recorded ones, but the negative prompt or the ControlNet's control changed,
-        which their contrast of conditional predictions cannot see (the negative prompt acts
-        on the whole image); or the step-0 call is the recorded one but other pipeline
-        arguments than the generation's are passed, which act on later steps that step 0
-        does not show (a ControlNet's ``control_guidance_end``). None: the conditional text
-        changed, which they measure.
-        In the first two cases an estimator's contrast would be rounding noise (its batched
-        call differs from the recorded one by ~1e-6) and Otsu's cut through it a random
-        mask."""
+        "all": something changed that the one-call estimators' contrast of conditional
+        predictions (``contrast_batch``) cannot see, whether or not the conditional text
+        changed too: the unconditional rows (a new negative prompt, which acts on the whole
+        image; the ControlNet's control), or pipeline arguments other than the text's
+        (``prompt_2``), which may act on later steps that step 0 does not show (a
+        ControlNet's ``control_guidance_end``). A contrast of the text alone would then cut
+        such a change down to the text's region. None: only the conditional text changed,
+        which they measure.
+        Where nothing but what they cannot see changed, an estimator's contrast would be
+        rounding noise (its batched call differs from the recorded one by ~1e-6) and Otsu's
+        cut through it a random mask."""
         original = self.original
         recorded = original.unet_inputs[0]
-        same_arguments = _same_arguments(self.trajectory.pipeline_kwargs,
-                                         original.pipeline_kwargs, self.session.pipe)
-        if same_arguments and _identical(inputs, recorded):
+        pipe, new_arguments = self.session.pipe, self.trajectory.pipeline_kwargs
+        if (_same_arguments(new_arguments, original.pipeline_kwargs, pipe)
+                and _identical(inputs, recorded)):
             return "nothing"
-        steps, guided = tac.contrast_steps(original.num_steps), _guided(original)
+        guided = _guided(original)
+        text_arguments = ("prompt_2",)      # part of the conditional text the contrast reads
+        if not _same_arguments({k: v for k, v in new_arguments.items() if k not in text_arguments},
+                               {k: v for k, v in original.pipeline_kwargs.items()
+                                if k not in text_arguments}, pipe):
+            return "all"
+        if guided and not _identical(_unconditional_rows(inputs), _unconditional_rows(recorded)):
+            return "all"
+        steps = tac.contrast_steps(original.num_steps)
         if _identical(contrast_batch(original, inputs, steps, guided),
                       contrast_batch(original, recorded, steps, guided)):
             return "all"
@@ -1104,6 +1114,18 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
     return batch
 
 
+def _unconditional_rows(inputs):
+    """The unconditional rows (the first half of the batch, under classifier-free guidance)
+    of each tensor of U-Net ``inputs``, through dicts and lists."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[: inputs.shape[0] // 2] if inputs.dim() else inputs
+    if isinstance(inputs, dict):
+        return {key: _unconditional_rows(value) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return [_unconditional_rows(value) for value in inputs]
+    return inputs
+
+
 def _identical(a, b) -> bool:
     """Whether two U-Net inputs or pipeline arguments (tensors, numpy arrays, or dicts, lists
     and tuples of them, or plain values) are equal bit for bit, in dtype and device too."""
@@ -1175,6 +1197,24 @@ def _synchronized_clock(tensor: torch.Tensor) -> float:
     if tensor.is_cuda:
         torch.cuda.synchronize(tensor.device)
     return time.perf_counter()
+
+
+def _check_distinct_timesteps(scheduler, steps: int) -> None:
+    """Refuse a schedule that repeats a timestep (DPM-Solver's Karras sigmas at some step
+    counts on a cosine beta schedule: 998, 998, 998, ...). Diffusers' schedulers find their
+    step by the timestep's value, so on such a schedule they run past its end after the last
+    step (an IndexError, with every step recorded), and the estimators' alphas by timestep
+    would be ambiguous. Checked on a copy: set_timesteps is the pipeline's to call."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(steps, device="cpu")
+    timesteps = [float(t) for t in probe.timesteps]
+    if len(set(timesteps)) < len(timesteps):
+        shown = ", ".join(f"{t:g}" for t in timesteps[:8]) + (", ..." if steps > 8 else "")
+        raise FiseditError(
+            f"{type(scheduler).__name__} repeats timesteps for num_inference_steps={steps} "
+            f"({shown}), and diffusers' scheduler steps by the timestep's value, so it would "
+            "fail after the last step; use another step count, another sigma spacing (e.g. "
+            "without use_karras_sigmas), or another scheduler")
 
 
 def _check_pipeline(pipe) -> None:

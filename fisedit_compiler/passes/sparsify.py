@@ -50,12 +50,24 @@ def sparsify(gm: fx.GraphModule, config: SparseConfig) -> fx.GraphModule:
     rewriter = _Rewriter(gm, config)
     edit = rewriter.run()
     if rewriter.dense_nodes:
-        names = ", ".join(sorted(rewriter.dense_nodes)[:8])
         warnings.warn(
             f"{len(rewriter.dense_nodes)} positional node(s) run dense in edits (exact but "
-            f"slower), e.g. {names}; inspect with `fisedit-compiler dump --stage sparse`",
-            stacklevel=2)
+            f"slower), in {_by_module(rewriter.dense_nodes)}; inspect with "
+            "`fisedit-compiler dump --stage sparse`", stacklevel=2)
     return edit
+
+
+def _by_module(nodes: list[fx.Node], shown: int = 6) -> str:
+    """The modules the nodes come from, each with its first node names: a user knows the
+    U-Net's modules (an upsampler, FreeU's FFT), not the graph's node names."""
+    modules: dict[str, list[str]] = {}
+    for node in nodes:
+        modules.setdefault(node.meta.get(ir.META_MODULE) or "the U-Net's forward", []).append(
+            node.name)
+    parts = [f"{module} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for module, names in list(modules.items())[:shown]]
+    more = len(modules) - shown
+    return ", ".join(parts) + (f" and {more} more module(s)" if more > 0 else "")
 
 
 def _domain(node) -> Domain:
@@ -76,7 +88,7 @@ class _Rewriter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.reads: dict[str, fx.Node] = {}
         self.levels: dict[int, fx.Node] = {}
-        self.dense_nodes: list[str] = []
+        self.dense_nodes: list[fx.Node] = []
         self.modes: dict[str, str] = {}   # canonical node name -> how it runs in edits
 
     # -- helpers --------------------------------------------------------------------------
@@ -167,7 +179,7 @@ class _Rewriter:
                 self.modes.setdefault(node.name, "sparse")
                 return result
         self.modes[node.name] = "dense"
-        self.dense_nodes.append(node.name)
+        self.dense_nodes.append(node)
         return self.dense(node)
 
     def dense(self, node: fx.Node) -> fx.Node:

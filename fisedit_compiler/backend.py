@@ -65,7 +65,7 @@ from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, required_arguments)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature_change
 from .config import SparseConfig
-from .engine.engine import SparseEngine
+from .engine.engine import SparseEngine, check_plain_call
 from .errors import FiseditError, UnsupportedGraphError
 from .execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from .graph_keys import INPUTS, LEVELS
@@ -786,6 +786,7 @@ class _RecordState(_State):
                                  rec.fallbacks)
         # Everything that refuses the call is checked before any program is built for it.
         flat = graph.flat_inputs(args)
+        check_plain_call(flat)
         signature = SparseEngine.signature(flat)
         if rec.cache.signature is not None and signature != rec.cache.signature:
             raise FiseditError(
@@ -893,6 +894,7 @@ class _EditState(_State):
                 f"{rec._interruption()}; run the "
                 "edit with the scheduler and number of inference steps of the recording")
         flat = graph.flat_inputs(args)
+        check_plain_call(flat)
         signature = SparseEngine.signature(flat)
         if not rec.engine.has_program(signature):
             raise FiseditError(

@@ -126,8 +126,8 @@ def check_no_cross_attention_kwargs(value) -> None:
         raise FiseditError(
             f"cross_attention_kwargs{keys}: GLIGEN's grounding boxes and embeddings are not "
             "inputs of the engine's captured graphs, which would run without them; "
-            f"{backend} (its tensors may change from the recording to an edit, its numbers "
-            "may not)")
+            f"{backend} (exact, with its tensors free to change from the recording to an "
+            "edit, but with little speedup: GLIGEN's fusers then run dense in edits)")
     raise FiseditError(
         f"cross_attention_kwargs{keys} (attention processor options such as a LoRA scale) "
         "are not supported here: the compiled graphs run the U-Net's own attention without "

@@ -23,6 +23,11 @@ KERNELS = ("auto", "triton", "torch")
 # The dtypes the Triton kernels take (they accumulate in fp32); a float64 U-Net runs the torch
 # reference, which computes in float64.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernels_take(dtype: torch.dtype | None) -> bool:
+    """Whether the Triton kernels take ``dtype`` (None: not known yet, as at compile)."""
+    return dtype is None or dtype in KERNEL_DTYPES
 CONV_METHODS = ("implicit", "gather")
 
 
@@ -137,7 +142,7 @@ class SparseConfig:
     def use_triton(self, device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
         """Whether edit graphs on ``device`` (of ``dtype``, where known) run the Triton
         kernels; a dtype outside ``KERNEL_DTYPES`` runs the torch reference."""
-        if self.kernels == "torch" or not HAS_TRITON or dtype not in (None,) + KERNEL_DTYPES:
+        if self.kernels == "torch" or not HAS_TRITON or not kernels_take(dtype):
             return False
         if self.kernels == "triton":
             return torch.device(device).type == "cuda" or INTERPRET

@@ -940,6 +940,33 @@ def test_an_edit_without_the_recorded_controlnet_residuals_is_refused_naming_the
     assert_same_state(before, rec)
 
 
+def test_autocast_and_inputs_that_require_grad_are_refused_and_the_recording_kept(sd15):
+    """The engine computes in the U-Net's dtype without autograd: under torch.autocast a
+    recording and its edits would mix precisions, and a gradient would be silently lost."""
+    unet, compiled, inputs = sd15
+    t, mask = torch.tensor(500), box((16, 16), 0, 0, 4, 8)
+    with torch.no_grad(), fc.recording(compiled) as rec:
+        call(compiled, inputs, t)
+    before = state_of(rec)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(fc.FiseditError, match="torch.autocast is on for cpu"):
+            with fc.recording(compiled):
+                call(compiled, inputs, t)
+        with pytest.raises(fc.FiseditError, match="torch.autocast is on for cpu"):
+            with fc.editing(rec, mask):
+                call(compiled, inputs, t)
+    needs_grad = dict(inputs, sample=inputs["sample"].clone().requires_grad_())
+    with pytest.raises(fc.FiseditError, match=r"sample.* require grad, but the engine computes "
+                                              r"without autograd"):
+        with fc.editing(rec, mask):
+            call(compiled, needs_grad, t)
+    assert_same_state(before, rec)
+    with torch.no_grad(), fc.editing(rec, mask) as ed:
+        out = call(compiled, edited(inputs, mask), t)
+    ref = fc.oracle.masked_dense(rec.engine, ed.plan, rec.inputs[0], ed.inputs[0])
+    assert relative_error(out, ref) <= TOLERANCE
+
+
 @pytest.mark.parametrize("options, match", [({"strict": "no"}, "strict must be True or False"),
                                             ({"strict": 1}, "strict must be True or False"),
                                             ("strict", "options must be a dict"),

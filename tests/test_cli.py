@@ -200,6 +200,11 @@ def test_the_shapes_demo_refuses_a_caption_outside_its_grammar_before_loading(
     err = capsys.readouterr().err
     assert f"{flag} is not a caption the 'shapes' model knows" in err
     assert "colours red, yellow, green" in err and "Traceback" not in err
+    # A comma makes other tokens than the model learnt; case and spacing do not.
+    assert main(["demo", flag, shapes.DEMO_EDIT.replace(" and", ", and"), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "where the model learnt" in capsys.readouterr().err
+    shapes.check_caption(flag, "  " + shapes.DEMO_EDIT.upper().replace(" ", "  "))
 
 
 def _save_vae_config(folder, levels: int) -> None:

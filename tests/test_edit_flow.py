@@ -10,7 +10,7 @@ import fisedit_compiler as fc
 from fisedit_compiler import zoo
 from fisedit_compiler.edit_flow import EditSession
 from fisedit_compiler.edit_flow import mask as tac
-from fisedit_compiler.edit_flow.session import global_change_note
+from fisedit_compiler.edit_flow.session import _check_first_timestep_once, global_change_note
 from fisedit_compiler.errors import FiseditError
 
 STEPS = 6
@@ -138,6 +138,13 @@ def test_a_new_negative_prompt_beside_a_prompt_change_is_planned_over_the_whole_
                   output_type="latent")
     assert both.report["global_change"] and both.mask.all()
     assert both.report["mask_unet_evaluations"] == 0
+    assert both.report["unseen_change"] == "the negative prompt"
+    assert global_change_note(both.report).startswith(
+        "the edit changes the negative prompt, which the noise-contrast estimator cannot see")
+    # A pipeline argument at its default value of another type is no change: still local.
+    same = s.edit(shapes.DEMO_EDIT, eta=0, output_type="latent")
+    assert not same.report["global_change"] and torch.equal(same.mask, prompt_only.mask)
+    assert same.report["unseen_change"] is None
 
 
 def test_layer_sizes_of_odd_latents():
@@ -526,13 +533,19 @@ def test_a_schedule_that_repeats_timesteps_is_refused_before_any_step(session, p
         s = EditSession(pipe, engine=session.engine)
         calls = []
         monkeypatch.setattr(s.engine, "record", lambda *args, **kwargs: calls.append(args))
-        with pytest.raises(FiseditError, match=r"DPMSolverMultistepScheduler repeats timesteps "
-                                               r"for num_inference_steps=7 \(998, 998, 998, "
-                                               r"997, 983, 682, 0\).*use another step count"):
+        with pytest.raises(FiseditError, match=r"DPMSolverMultistepScheduler repeats its first "
+                                               r"timestep for num_inference_steps=7 \(998, 998, "
+                                               r"998, 997, \.\.\.\).*use another step count"):
             s.generate("a red circle", num_inference_steps=7)
         assert not calls and s.original is None and s.cache is None
         monkeypatch.undo()
         s.generate("a red circle", num_inference_steps=3, output_type="latent")   # 998, 997, 0
+        # DPM++ 2M Karras on SD's own schedule: at 50 steps it ends 2, 1, 1, 0, which diffusers
+        # counts through (only a repeated first timestep misleads it): accepted.
+        karras = DPMSolverMultistepScheduler.from_config(original.config, use_karras_sigmas=True)
+        karras.set_timesteps(50)
+        assert karras.timesteps[-3:].tolist() == [1, 1, 0]
+        _check_first_timestep_once(karras, 50)
     finally:
         pipe.scheduler = original
 

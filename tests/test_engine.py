@@ -481,6 +481,25 @@ def test_a_python_number_timestep_is_a_graph_input(timestep, frontend):
     assert torch.equal(output[..., outside], recorded[..., outside])
 
 
+def test_autocast_and_inputs_that_require_grad_are_refused(sd15_tiny):
+    engine, cache, inputs, _ = sd15_tiny
+    before = snapshot(cache)
+    plan = engine.plan(box((16, 16), 1, 1, 3, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for call in (lambda: engine.record(engine.new_cache(1), 0, **inputs),
+                     lambda: engine.edit(cache, 0, plan, **inputs),
+                     lambda: engine.dense(**inputs)):
+            with pytest.raises(fc.FiseditError, match=r"torch.autocast is on for cpu.*convert "
+                                                      r"the U-Net and its inputs instead"):
+                call()
+    needs_grad = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"]
+                      .clone().requires_grad_())
+    with pytest.raises(fc.FiseditError, match=r"U-Net input\(s\) encoder_hidden_states "
+                                              r"require grad"):
+        engine.edit(cache, 0, plan, **needs_grad)
+    assert same_cache(cache, before)
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"foo": 1}, "unknown U-Net input"),
     ({"cross_attention_kwargs": {"scale": 0.5}}, r"cross_attention_kwargs \['scale'\].*"

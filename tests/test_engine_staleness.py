@@ -154,9 +154,9 @@ def test_a_unet_changed_after_compile_is_refused_and_the_recording_kept(compiled
     assert torch.equal(engine.edit(cache, 1, plan, **later), edits[1])
 
 
-def test_a_dtype_round_trip_is_refused_as_a_change_that_cannot_be_undone():
+def test_a_dtype_round_trip_is_refused_as_a_change_it_does_not_undo():
     """.to(float64).to(float32) leaves every value as it was but in new storage, which the
-    engine's graphs do not read: the message must not suggest undoing it."""
+    engine's graphs do not read: the message says the round trip does not undo the change."""
     unet = zoo.unet("sd15-tiny")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     engine = fc.compile(unet)
@@ -165,8 +165,7 @@ def test_a_dtype_round_trip_is_refused_as_a_change_that_cannot_be_undone():
     unet.to(torch.float64).to(torch.float32)
     with pytest.raises(fc.FiseditError, match=r"storage of weight\(s\) .* was replaced .*a "
                                               r"\.to\(\) back to the old dtype or device makes "
-                                              r"new storage again, so this change cannot be "
-                                              r"undone"):
+                                              r"new storage again and does not undo it"):
         engine.edit(cache, 0, engine.plan(box(2, 2, 6, 6)), **inputs)
 
 
@@ -214,19 +213,22 @@ def test_freeu_disabled_again_is_the_compiled_unet_and_enabled_again_is_not():
         engine.edit(cache, 0, plan, **inputs)
 
 
-def test_a_parameter_replaced_mid_pass_is_refused_at_the_next_step(compiled):
-    """Later steps of an edit pass compare only the weights' identities and versions: a
-    replaced parameter is refused at once; a change the full comparison sees (FreeU) is
-    refused at the first step of the next pass."""
+def test_a_weight_replaced_mid_pass_is_refused_at_the_next_step(compiled):
+    """Later steps of an edit pass compare only the weights' identities, data addresses and
+    versions: a replaced parameter or a .data assignment (a LoRA fused by a step-end
+    callback) is refused at once; a change the full comparison sees (FreeU) is refused at the
+    first step of the next pass."""
     engine, cache, inputs, later, plan, edits = compiled
-    engine.edit(cache, 0, plan, **inputs)                    # the pass's first step
-    undo = replace_parameter(engine.unet)
-    try:
-        with pytest.raises(fc.FiseditError, match="conv_out.weight replaced"):
-            engine.edit(cache, 1, plan, **later)
-    finally:
-        undo()
-    assert torch.equal(engine.edit(cache, 1, plan, **later), edits[1])
+    for change, message in ((replace_parameter, "conv_out.weight replaced"),
+                            (assign_data, r"storage of weight\(s\) mid_block.resnets.0.conv1")):
+        engine.edit(cache, 0, plan, **inputs)                    # the pass's first step
+        undo = change(engine.unet)
+        try:
+            with pytest.raises(fc.FiseditError, match=message):
+                engine.edit(cache, 1, plan, **later)
+        finally:
+            undo()
+        assert torch.equal(engine.edit(cache, 1, plan, **later), edits[1])
     undo = enable_freeu(engine.unet)
     try:
         with pytest.raises(fc.FiseditError, match="s1"):     # a new pass: compared in full
@@ -321,11 +323,13 @@ def test_a_value_that_no_longer_compares_is_a_change():
     assert state.changes() == ["attribute(s) factor removed from the U-Net"]
 
 
-def test_the_per_step_check_sees_replaced_tensors_only():
+def test_the_per_step_check_sees_replaced_tensors_and_storages_only():
     layer = torch.nn.Linear(2, 2)
     state = ModuleState(layer)
     layer.eps = 0.1
-    assert state.same_tensors() and state.changes()
+    assert state.same_tensors() and state.same_storages() and state.changes()
+    layer.weight.data = layer.weight.data.clone()
+    assert state.same_tensors() and not state.same_storages()
     layer.bias = torch.nn.Parameter(torch.zeros(2))
     assert not state.same_tensors()
 

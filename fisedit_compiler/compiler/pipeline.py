@@ -131,7 +131,7 @@ def check_kernels(config: SparseConfig, device, dtype: torch.dtype | None = None
     without a word."""
     if config.kernels != "triton" or config.use_triton(device, dtype):
         return config.use_triton(device, dtype)
-    if dtype not in (None,) + config_module.KERNEL_DTYPES:
+    if not config_module.kernels_take(dtype):
         where = f"{str(dtype).replace('torch.', '')} tensors (they take fp16, bf16 and fp32)"
         why = "the torch reference computes in float64"
     else:

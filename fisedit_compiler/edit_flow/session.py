@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -199,7 +200,7 @@ class EditSession:
         check_step_count("num_inference_steps", num_inference_steps,
                          self.pipe.scheduler.config.num_train_timesteps,
                          type(self.pipe.scheduler).__name__)
-        _check_distinct_timesteps(self.pipe.scheduler, num_inference_steps)
+        _check_first_timestep_once(self.pipe.scheduler, num_inference_steps)
         height, width = self._size(height, width)
         seed = self._seed(seed, generator, latents)
         noise = self._noise(seed, generator, latents, height, width)
@@ -846,6 +847,7 @@ class EditSession:
             "mask_estimator": None if run.estimator is None else run.estimator.name,
             "mask_unet_evaluations": run.mask_unet_evaluations,
             "global_change": run.global_change,
+            "unseen_change": run.unseen_change,
             "mask_area_fraction": float(run.mask.float().mean()),
             "active_area_fraction": plan.levels[0].fraction,
             "timings_s": run.timings,
@@ -882,6 +884,8 @@ class _EditRun:
         self.region: torch.Tensor | None = None
         self.plan: MaskPlan | None = None
         self.global_change = False
+        # What changed that the estimators cannot see, which made the edit global (words).
+        self.unseen_change: str | None = None
         self.mask_unet_evaluations = 0.0
         self.unchanged = False     # step 0's U-Net call is the recorded one: nothing to edit
         self.differences: list[torch.Tensor] = []     # the probe's, per dense step
@@ -896,13 +900,15 @@ class _EditRun:
         self.trajectory.unet_inputs.append(_detach(inputs))
         if step == 0 and self.estimator is not None:
             began = time.perf_counter()
-            unseen = self._unseen_change(inputs)
+            unseen, what = self._unseen_change(inputs)
             self.unchanged = unseen == "nothing"
             if self.unchanged:
                 self._set_mask(self._empty())
+            elif self.estimator.before_step_zero and unseen == "all":
+                self.unseen_change = what
+                self._set_mask(self._estimated(None, True))
             elif self.estimator.before_step_zero:
-                self._set_mask(self._estimated(None, True) if unseen == "all"
-                               else self._estimate(inputs))
+                self._set_mask(self._estimate(inputs))
             self.timings["mask_s"] = time.perf_counter() - began
         if step < self.dense_steps and self.control is not None:
             control = self.control
@@ -992,8 +998,9 @@ class _EditRun:
                 "mask=), or pass mask_mode='replace' to edit the marked region as it is",
                 UserWarning, stacklevel=2)
 
-    def _unseen_change(self, inputs: dict) -> str | None:
-        """What of the edit the estimators cannot measure, from its step-0 U-Net ``inputs``.
+    def _unseen_change(self, inputs: dict) -> tuple[str | None, str | None]:
+        """What of the edit the estimators cannot measure, from its step-0 U-Net ``inputs``,
+        and for "all" what it is in words (for the report).
 
         "nothing": the call is the recorded one bit for bit (the same noise, text states,
         added conditions and ControlNet residuals: a prompt that encodes like the original's,
@@ -1010,25 +1017,24 @@ class _EditRun:
         Where nothing but what they cannot see changed, an estimator's contrast would be
         rounding noise (its batched call differs from the recorded one by ~1e-6) and Otsu's
         cut through it a random mask."""
-        original = self.original
+        original, trajectory = self.original, self.trajectory
         recorded = original.unet_inputs[0]
-        pipe, new_arguments = self.session.pipe, self.trajectory.pipeline_kwargs
-        if (_same_arguments(new_arguments, original.pipeline_kwargs, pipe)
-                and _identical(inputs, recorded)):
-            return "nothing"
+        changed = _changed_arguments(trajectory.pipeline_kwargs, original.pipeline_kwargs,
+                                     self.session.pipe)
+        if not changed and _identical(inputs, recorded):
+            return "nothing", None
+        unseen = sorted(set(changed) - {"prompt_2"})     # prompt_2 is text the contrast reads
+        if unseen:
+            return "all", f"the pipeline argument(s) {', '.join(unseen)}"
         guided = _guided(original)
-        text_arguments = ("prompt_2",)      # part of the conditional text the contrast reads
-        if not _same_arguments({k: v for k, v in new_arguments.items() if k not in text_arguments},
-                               {k: v for k, v in original.pipeline_kwargs.items()
-                                if k not in text_arguments}, pipe):
-            return "all"
         if guided and not _identical(_unconditional_rows(inputs), _unconditional_rows(recorded)):
-            return "all"
+            return "all", ("the negative prompt" if trajectory.negative_prompt
+                           != original.negative_prompt else "the unconditional branch's inputs")
         steps = tac.contrast_steps(original.num_steps)
         if _identical(contrast_batch(original, inputs, steps, guided),
                       contrast_batch(original, recorded, steps, guided)):
-            return "all"
-        return None
+            return "all", "U-Net inputs the estimators do not read (a ControlNet's residuals)"
+        return None, None
 
     def _estimate(self, inputs: dict) -> torch.Tensor:
         """The one-call estimator's mask: from its score, all of it when the noise contrast
@@ -1046,9 +1052,6 @@ class _EditRun:
         def rows(conditioning: dict) -> dict:
             return contrast_batch(original, conditioning, steps, guided)
 
-        def conditional(tensor):
-            return tensor[tensor.shape[0] // 2:] if guided else tensor
-
         batches = [rows(inputs)]
         maps = None
         if self.estimator.needs_attention:
@@ -1065,7 +1068,7 @@ class _EditRun:
         self.mask_unet_evaluations = batch["sample"].shape[0] / (2 if guided else 1)
         contrast = tac.Contrast(
             samples=batch["sample"][:len(steps)],
-            old=torch.cat([conditional(original.unet_outputs[s]) for s in steps]),
+            old=torch.cat([_conditional_rows(original.unet_outputs[s], guided) for s in steps]),
             new=prediction[:len(steps)],
             alphas=cumulative_alphas(pipe.scheduler, steps, batch["timestep"][:len(steps)]),
             prediction_type=pipe.scheduler.config.prediction_type,
@@ -1097,38 +1100,49 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
     """The U-Net inputs of the one-call estimators: the recorded conditional rows of the
     contrast ``steps`` (each at its own timestep) with ``conditioning``'s text (and SDXL's added
     conditions), one row per step."""
-    def conditional(tensor):
-        return tensor[tensor.shape[0] // 2:] if guided else tensor
-
     device = original.unet_inputs[0]["sample"].device
     batch = {
-        "sample": torch.cat([conditional(original.unet_inputs[s]["sample"]) for s in steps]),
+        "sample": torch.cat([_conditional_rows(original.unet_inputs[s]["sample"], guided)
+                             for s in steps]),
         "timestep": torch.stack([torch.as_tensor(original.unet_inputs[s]["timestep"]).reshape(())
                                  for s in steps]).to(device),
-        "encoder_hidden_states": conditional(
-            conditioning["encoder_hidden_states"]).repeat(len(steps), 1, 1)}
+        "encoder_hidden_states": _conditional_rows(
+            conditioning["encoder_hidden_states"], guided).repeat(len(steps), 1, 1)}
     if "added_cond_kwargs" in conditioning:      # SDXL's pooled text and size ids
         batch["added_cond_kwargs"] = {
-            key: conditional(value).repeat(len(steps), *[1] * (value.dim() - 1))
+            key: _conditional_rows(value, guided).repeat(len(steps), *[1] * (value.dim() - 1))
             for key, value in conditioning["added_cond_kwargs"].items()}
     return batch
 
 
-def _unconditional_rows(inputs):
-    """The unconditional rows (the first half of the batch, under classifier-free guidance)
-    of each tensor of U-Net ``inputs``, through dicts and lists."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[: inputs.shape[0] // 2] if inputs.dim() else inputs
-    if isinstance(inputs, dict):
-        return {key: _unconditional_rows(value) for key, value in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return [_unconditional_rows(value) for value in inputs]
-    return inputs
+def _conditional_rows(value, guided: bool):
+    """The conditional rows of U-Net inputs or outputs: under classifier-free guidance (every
+    batch is [unconditional, conditional] rows) the second half, else all of them."""
+    return _half(value, second=True) if guided else value
+
+
+def _unconditional_rows(value):
+    """The unconditional rows of U-Net inputs or outputs under classifier-free guidance."""
+    return _half(value, second=False)
+
+
+def _half(value, second: bool):
+    """The first or second half of each tensor's rows, through dicts and lists (0-d tensors,
+    such as a timestep, and plain values as they are)."""
+    if isinstance(value, torch.Tensor):
+        half = value.shape[0] // 2 if value.dim() else None
+        return value if half is None else (value[half:] if second else value[:half])
+    if isinstance(value, dict):
+        return {key: _half(item, second) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_half(item, second) for item in value]
+    return value
 
 
 def _identical(a, b) -> bool:
     """Whether two U-Net inputs or pipeline arguments (tensors, numpy arrays, or dicts, lists
-    and tuples of them, or plain values) are equal bit for bit, in dtype and device too."""
+    and tuples of them, or plain values) are equal bit for bit, in dtype and device too;
+    numbers by value, of any type."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                 and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
@@ -1142,6 +1156,8 @@ def _identical(a, b) -> bool:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
                 and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b)))
+    if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
+        return a == b       # 0 and 0.0, or 1 and True, make the pipeline compute the same
     return type(a) is type(b) and a == b
 
 
@@ -1167,10 +1183,10 @@ def check_step_count(name: str, steps: int, limit: int, scheduler: str) -> None:
             f"({scheduler}): each step takes one of its timesteps; use at most {limit} steps")
 
 
-def _same_arguments(new: dict, old: dict, pipe) -> bool:
-    """Whether two runs' further pipeline arguments are the same (``_identical``, or the same
-    object), an argument left out being the pipeline's default. A value that cannot say
-    (``==`` of arrays) counts as changed, so the edit is planned, not skipped."""
+def _changed_arguments(new: dict, old: dict, pipe) -> list[str]:
+    """The names of the further pipeline arguments that differ between two runs (not
+    ``_identical`` nor the same object), an argument left out being the pipeline's default.
+    A value that cannot say (``==`` of arrays) counts as changed."""
     params = inspect.signature(type(pipe).__call__).parameters
 
     def value(arguments: dict, name: str):
@@ -1183,7 +1199,8 @@ def _same_arguments(new: dict, old: dict, pipe) -> bool:
             return bool(_identical(a, b))
         except Exception:  # noqa: BLE001 - an == that is no bool: not shown to be the same
             return False
-    return all(same(value(new, name), value(old, name)) for name in new.keys() | old.keys())
+    return sorted(name for name in new.keys() | old.keys()
+                  if not same(value(new, name), value(old, name)))
 
 
 def _concatenate(values: list):
@@ -1199,22 +1216,25 @@ def _synchronized_clock(tensor: torch.Tensor) -> float:
     return time.perf_counter()
 
 
-def _check_distinct_timesteps(scheduler, steps: int) -> None:
-    """Refuse a schedule that repeats a timestep (DPM-Solver's Karras sigmas at some step
+def _check_first_timestep_once(scheduler, steps: int) -> None:
+    """Refuse a schedule whose first timestep repeats (DPM-Solver's Karras sigmas at some step
     counts on a cosine beta schedule: 998, 998, 998, ...). Diffusers' schedulers find their
-    step by the timestep's value, so on such a schedule they run past its end after the last
-    step (an IndexError, with every step recorded), and the estimators' alphas by timestep
-    would be ambiguous. Checked on a copy: set_timesteps is the pipeline's to call."""
+    first step by the timestep's value, taking the second of repeated ones, so on such a
+    schedule they start a step late and run past its end after the last step (an IndexError,
+    with every step recorded); repeats later on (DPM++ 2M Karras at 50 steps ends 2, 1, 1, 0)
+    are counted through and run. Checked on a copy: set_timesteps is the pipeline's to call."""
     probe = copy.deepcopy(scheduler)
     probe.set_timesteps(steps, device="cpu")
     timesteps = [float(t) for t in probe.timesteps]
-    if len(set(timesteps)) < len(timesteps):
-        shown = ", ".join(f"{t:g}" for t in timesteps[:8]) + (", ..." if steps > 8 else "")
+    repeats = timesteps.count(timesteps[0])
+    if repeats > 1:
+        shown = ", ".join(f"{t:g}" for t in timesteps[:repeats + 1])
         raise FiseditError(
-            f"{type(scheduler).__name__} repeats timesteps for num_inference_steps={steps} "
-            f"({shown}), and diffusers' scheduler steps by the timestep's value, so it would "
-            "fail after the last step; use another step count, another sigma spacing (e.g. "
-            "without use_karras_sigmas), or another scheduler")
+            f"{type(scheduler).__name__} repeats its first timestep for "
+            f"num_inference_steps={steps} ({shown}, ...), and diffusers' scheduler finds its "
+            "first step by that value, so it would start a step late and fail after the last "
+            "step; use another step count, another sigma spacing (e.g. without "
+            "use_karras_sigmas), or another scheduler")
 
 
 def _check_pipeline(pipe) -> None:
@@ -1409,13 +1429,19 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
 
 
 def global_change_note(report: dict) -> str:
-    """The sentence the command line and the page show for an edit whose estimator saw a
-    global change (empty otherwise): planned dense, or, with an intersecting user mask,
-    confined to that mask (the plan is then the user's, and may well run sparse)."""
+    """The sentence the command line and the page show for a global change (empty
+    otherwise), seen by the estimator or a change it cannot see: planned dense, or, with an
+    intersecting user mask, confined to that mask (the plan is then the user's, and may well
+    run sparse)."""
     if not report["global_change"]:
         return ""
-    seen = (f"the {report['mask_estimator']} estimator sees a change over the whole image "
-            "(a global change: background, style or lighting)")
+    if report["unseen_change"]:
+        seen = (f"the edit changes {report['unseen_change']}, which the "
+                f"{report['mask_estimator']} estimator cannot see and which may act anywhere "
+                "in the image")
+    else:
+        seen = (f"the {report['mask_estimator']} estimator sees a change over the whole image "
+                "(a global change: background, style or lighting)")
     if report["mask_source"] == "auto&user":
         return f"{seen}; the intersecting user mask confines the edit to the mask"
     return f"{seen}, so the edit was planned dense: no sparse speedup"

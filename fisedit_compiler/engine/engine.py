@@ -12,9 +12,9 @@ attention processors, adapters, replaced parameters, swapped weight storages): c
 Weights changed in place keep the graphs valid but not a recording made before: each cache
 keeps the weights' versions it was recorded with (``weight_versions``), and edits compare.
 The full comparison costs ~0.4 ms of host time on SD1.5, so ``edit`` runs it at the first step
-of each edit pass and, on the pass's later steps, compares only the weights' identities and
-version counters (~0.07 ms, of which the counters' 0.04 ms were read before; measured on a
-CPU host with ``fc.zoo.unet("sd15")``; ``_check_unchanged``).
+of each edit pass and, on the pass's later steps, compares only the weights' identities, data
+addresses and version counters (~0.14 ms: ~0.04, 0.05 and 0.05 ms, the counters read before
+anyway; measured on a CPU host with ``fc.zoo.unet("sd15")``; ``_check_unchanged``).
 """
 
 from __future__ import annotations
@@ -525,6 +525,7 @@ class SparseEngine:
         if inputs.get("return_dict", False):
             raise FiseditError("the engine returns the output sample tensor; drop "
                                "return_dict=True (or pass return_dict=False)")
+        check_plain_call(inputs)
         if self._stock_forward:
             _check_added_cond_keys(self.unet, inputs)
         device = next(self.unet.parameters()).device
@@ -556,18 +557,18 @@ class SparseEngine:
         captured CUDA graphs read current copies. EditSession runs it (in full) before an edit's
         first U-Net call.
 
-        ``full`` compares everything (~0.4 ms on SD1.5); otherwise only the weights' identities
-        and version counters (~0.07 ms), which is what ``edit`` runs on the later steps of an
-        edit pass, the first step having compared everything: a change of another kind in the
-        middle of a pass (FreeU enabled by a step-end callback) is refused at the next pass's
-        first step, not at once. Anything found moved there is
-        then compared in full, for the message. Returns the weights' versions when compared
-        in full (``weight_versions``), else None.
+        ``full`` compares everything (~0.4 ms on SD1.5); otherwise only the weights'
+        identities, data addresses and version counters (~0.14 ms on a CPU host), which is
+        what ``edit`` runs on the later steps of an edit pass, the first step having compared
+        everything: a weight replaced or reassigned mid-pass (a step-end callback fusing a
+        LoRA) is refused at once, a change of another kind (FreeU enabled) at the next pass's
+        first step. Anything found moved there is then compared in full, for the message.
+        Returns the weights' versions when compared in full (``weight_versions``), else None.
         """
         if not full:
             counters = version_counters(self._weights)
-            if self._state.same_tensors() and (cache is None or
-                                               counters == cache.weight_versions[0]):
+            if (self._state.same_tensors() and self._state.same_storages()
+                    and (cache is None or counters == cache.weight_versions[0])):
                 self._refresh_if_weights_moved(counters)
                 return None
         versions = self.weight_versions()
@@ -804,6 +805,39 @@ def _timestep_text(timestep: torch.Tensor) -> str:
     if len(set(values)) <= 1:
         return str(values[:1])
     return str(values[:8])[:-1] + (", ...]" if len(values) > 8 else "]")
+
+
+def check_plain_call(inputs: dict) -> None:
+    """Refuse a U-Net call made under ``torch.autocast`` or with an input that requires grad.
+
+    The engine's graphs compute in the U-Net's own dtype and do not follow autocast (a
+    recording under it would hold values of another precision than its edits compute), and
+    they run without autograd (the output would carry no gradient, and gradient guidance
+    would fail later with torch's own error). The engine's entry points and the backend's
+    recording and editing check it first."""
+    tensors = [(name, leaf) for name, value in inputs.items() for leaf in _leaves(value)
+               if isinstance(leaf, torch.Tensor)]
+    for device_type in sorted({tensor.device.type for _, tensor in tensors}):
+        if _autocast_on(device_type):
+            raise FiseditError(
+                f"torch.autocast is on for {device_type}, but the engine's graphs compute in "
+                "the U-Net's own dtype and do not follow it (a recording and its edits would "
+                "mix precisions); convert the U-Net and its inputs instead (unet.half(), "
+                "pipe.to(torch.float16)) and call outside torch.autocast")
+    grad = sorted({name for name, tensor in tensors if tensor.requires_grad})
+    if grad:
+        raise FiseditError(
+            f"U-Net input(s) {', '.join(grad)} require grad, but the engine computes without "
+            "autograd, so its output would carry no gradient; detach them (or run under "
+            "torch.no_grad()), or take gradients through the plain U-Net, outside "
+            "fc.recording / fc.editing")
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:        # a device type autocast has no mode for (meta)
+        return False
 
 
 def _leaves(value) -> list:

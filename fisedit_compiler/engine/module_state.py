@@ -168,6 +168,12 @@ class ModuleState:
         except KeyError:            # an entry removed
             return False
 
+    def same_storages(self) -> bool:
+        """Whether every weight's data is still at its address (the per-step check of a
+        ``.data`` assignment, which PEFT's merge makes: no identity or version counter
+        moves)."""
+        return storage_addresses(self.weights) == self.storages
+
     def changes(self, storages: tuple | None = None) -> list[str]:
         """What changed since the fingerprint was taken, in words (empty if nothing did).
         ``storages``: the weights' current ``storage_addresses`` if the caller has read them."""
@@ -222,8 +228,8 @@ class ModuleState:
         if moved:
             changes.append(f"the storage of weight(s) {some_names(moved, _SHOWN)} was replaced "
                            "(a .data assignment: PEFT's merge or fuse_lora, .half(), .to(); "
-                           "a .to() back to the old dtype or device makes new storage again, "
-                           "so this change cannot be undone)")
+                           "a .to() back to the old dtype or device makes new storage again "
+                           "and does not undo it, putting the old tensors back does)")
         replaced = [_join(path, key) for container, key, (path, _), old in zip(
             self.tensors.containers, self.tensors.keys, self.tensors.labels, self.tensor_values)
             if key in container and container[key] is not old]

@@ -118,8 +118,8 @@ def version_counters(tensors) -> tuple:
 
 
 def storage_addresses(tensors) -> tuple:
-    """The address of each tensor's data (``Tensor.data_ptr``). Dearer to read than a version
-    counter (~0.1 us a tensor), so the engine reads it once per edit pass, not per step."""
+    """The address of each tensor's data (``Tensor.data_ptr``; ~0.07 us a tensor, like a
+    version counter: 0.05 ms for SD1.5's weights on a CPU host)."""
     return tuple(map(_DATA_PTR, tensors))
 
 

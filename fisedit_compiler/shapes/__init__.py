@@ -31,13 +31,16 @@ TRAIN_COMMAND = ("python -m fisedit_compiler.shapes.train --out fisedit_compiler
 
 def check_caption(name: str, text: str) -> None:
     """Refuse ``text`` (the ``name`` option's value) unless it is a caption of the model's
-    grammar (``render.parse_caption``). The model learnt only those captions, and its
-    byte-level tokenizer takes any text, so a misspelt colour would run and draw shapes
-    unrelated to the prompt without a word."""
+    grammar written as the model learnt it (``render.caption`` of its ``parse_caption``), up
+    to case and spacing, which its CLIP tokenizer drops; punctuation makes other tokens. The
+    tokenizer takes any text, so a misspelt colour would run and draw shapes unrelated to the
+    prompt without a word."""
     from . import render
 
     try:
-        render.parse_caption(text)
+        written = render.caption(render.parse_caption(text))
+        if " ".join(text.lower().split()) != written:
+            raise ValueError(f"written {text!r}, where the model learnt {written!r}")
     except ValueError as error:
         raise FiseditError(
             f"{name} is not a caption the 'shapes' model knows ({error}). Its captions are "

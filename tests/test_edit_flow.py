@@ -966,6 +966,14 @@ def test_a_changed_scheduler_config_is_refused(session, pipe):
             session.edit("a blue circle", mask=_corner_mask(), probe_steps=PROBE)
     finally:
         pipe.scheduler = original
+    # A noise schedule set on the instance, the config untouched, is another scheduler too.
+    pipe.scheduler = type(original).from_config(original.config)
+    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod ** 1.01
+    try:
+        with pytest.raises(FiseditError, match=r"noise schedule \(alphas_cumprod\) changed"):
+            session.edit("a blue circle", mask=_corner_mask(), probe_steps=PROBE)
+    finally:
+        pipe.scheduler = original
     # The same config in a new scheduler object is the recorded scheduler.
     pipe.scheduler = type(original).from_config(original.config)
     try:

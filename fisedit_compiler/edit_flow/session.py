@@ -728,6 +728,11 @@ class EditSession:
                 f"the scheduler's config changed since the generation ({', '.join(changed)}); "
                 "edits must use the recorded scheduler config, since the recorded background "
                 "follows it (restore it, or call generate again)")
+        if not _identical(recorded[2], current[2]):
+            raise FiseditError(
+                "the scheduler's noise schedule (alphas_cumprod) changed since the generation, "
+                "though its config did not; edits must use the recorded schedule, since the "
+                "recorded background follows it (restore it, or call generate again)")
 
     def _check_scheduler(self) -> None:
         scheduler = self.pipe.scheduler
@@ -1464,10 +1469,14 @@ def _copy_images(images):
     return images
 
 
-def _scheduler_identity(scheduler) -> tuple[str, dict]:
-    """The scheduler's class name and a copy of its config (its constructor arguments; copied
-    in depth, so that a value changed in place, such as a numpy ``trained_betas``, shows)."""
-    return type(scheduler).__name__, copy.deepcopy(dict(scheduler.config))
+def _scheduler_identity(scheduler) -> tuple[str, dict, torch.Tensor | None]:
+    """The scheduler's class name, a copy of its config (its constructor arguments; copied
+    in depth, so that a value changed in place, such as a numpy ``trained_betas``, shows) and
+    of its noise schedule (``alphas_cumprod``, which code may set on the instance without
+    touching the config)."""
+    schedule = getattr(scheduler, "alphas_cumprod", None)
+    return (type(scheduler).__name__, copy.deepcopy(dict(scheduler.config)),
+            schedule.clone() if isinstance(schedule, torch.Tensor) else None)
 
 
 def _history(scheduler) -> list:

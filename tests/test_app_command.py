@@ -68,6 +68,22 @@ def test_a_bad_port_is_refused_before_loading(port, capsys, monkeypatch):
     assert f"--port {port} is out of range: it must satisfy 1 <= --port <= 65535" in err
 
 
+def test_a_port_in_use_is_refused_before_loading(capsys, monkeypatch):
+    from fisedit_compiler import zoo
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before --port was checked")
+
+    monkeypatch.setattr(zoo, "pipeline", no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["app", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port} cannot be used on 127.0.0.1" in err and "another --port" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nosuch"], "unknown pipeline name 'nosuch'; choose one of"),
     (["--pipeline", "{missing}"], "is not a folder; pass the folder a pipeline was saved to"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from .. import zoo
 from ..checks import check_int
@@ -46,6 +47,7 @@ def run_app(args) -> int:
     # The numbers first: importing gradio and loading the model take seconds. Port 0 (any
     # free port) is refused: the page's address, printed below, would then be unknown.
     check_int("--port", args.port, minimum=1, maximum=65535)
+    _check_port_free(args.port)
     if args.memory_budget_mib <= 0:
         raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
     device = torch_device(args.device)
@@ -77,6 +79,20 @@ def run_app(args) -> int:
     page.launch(server_name="127.0.0.1", server_port=args.port, ssr_mode=False,
                 footer_links=[], quiet=True)
     return 0
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a port something already listens on (a second app on the default port) before
+    the model loads, rather than failing in gradio's launch after it. (Another program may
+    still take the port in between: gradio then reports it.)"""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise FiseditError(
+                f"--port {port} cannot be used on 127.0.0.1 ({error.strerror or error}): is "
+                f"another app serving there? Stop it, or pass another --port, e.g. "
+                f"--port {port + 1 if port < 65535 else port - 1}") from None
 
 
 def _page_defaults(source: str, model: str | None):

@@ -19,7 +19,7 @@ from .app.command import add_app_command
 from .bench import add_bench_command
 from .checks import check_int
 from .compiler import capture
-from .edit_flow.commands import add_demo_command, add_edit_command
+from .edit_flow.commands import add_demo_command, add_edit_command, check_writable
 from .errors import FiseditError
 
 
@@ -80,9 +80,8 @@ def _check_out_file(path: str) -> None:
     if not parent.is_dir():
         raise FiseditError(f"--out {path}: {parent} is not an existing folder (dump creates no "
                            "folders); create it first or pass a file in an existing folder")
-    writable = os.access(file, os.W_OK) if file.exists() else os.access(parent,
-                                                                         os.W_OK | os.X_OK)
-    if not writable:
+    check_writable("--out", path, parent)
+    if file.exists() and not os.access(file, os.W_OK):
         raise FiseditError(f"--out {path} cannot be written (no write permission); pass a "
                            "file in a folder you can write to")
 

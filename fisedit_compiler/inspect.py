@@ -43,7 +43,7 @@ from .execution.plan import (mask_from_box, mask_to_latent, parse_box, read_mask
                              validate_mask)
 from .graph_keys import LEVELS
 from .passes.analyze import module_path
-from .pipeline_files import read_saved_folder
+from .pipeline_files import read_json_object, read_saved_folder
 
 FORMATS = ("text", "json", "dot", "svg")
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
@@ -561,6 +561,20 @@ def _check_path(name: str, value, what: str, hint: str) -> None:
                            f"{type(value).__name__}; {hint}")
 
 
+def _configured_latent_size(model: str | None, pipeline) -> tuple[int, int] | None:
+    """The latent size ``zoo.example_inputs`` will use, read from the zoo's or the saved
+    U-Net's config without building it; None where the config does not tell it."""
+    config = (zoo.config(model) if model is not None
+              else read_json_object(Path(pipeline) / "unet" / "config.json") or {})
+    size = config.get("sample_size")
+    if isinstance(size, int) and size > 0:
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            isinstance(side, int) and side > 0 for side in size):
+        return tuple(size)
+    return None
+
+
 def _check_pipeline_folder(path) -> None:
     _check_path("pipeline", path, "the folder a diffusers pipeline was saved to "
                 "(save_pretrained)", f"for a loaded pipeline, inspect pipe.unet: {_TRACE_HINT}")
@@ -599,10 +613,15 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
                            "x0,y0,x1,y1, and the masks need --stage sparse")
     if mask is not None and mask_box is not None:
         raise FiseditError("give either --mask or --mask-box, not both")
-    # The mask, read before the U-Net is built and captured (seconds to minutes).
-    pixels = read_mask_png(mask) if mask is not None else None
+    # The mask, read and sized before the U-Net is built and captured (seconds to minutes),
+    # where the config tells the latent size.
+    pixels = (read_mask_png(mask, remedy="or pass --mask-box x0,y0,x1,y1 instead")
+              if mask is not None else None)
     if mask_box is not None:
         parse_box(mask_box)
+    configured = _configured_latent_size(model, pipeline)
+    if pixels is not None and configured is not None:
+        mask_to_latent(pixels, configured, f"the mask {mask}")
     unet = zoo.unet(model) if model is not None else pipeline_unet(pipeline)
     inputs = zoo.example_inputs(unet, batch=batch)
     label = model if model is not None else str(pipeline)

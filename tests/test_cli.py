@@ -264,6 +264,8 @@ def test_a_command_failing_on_its_pipeline_creates_no_output_folder(argv, messag
 @pytest.mark.parametrize("out, message", [
     ("{tmp}/missing/x.json", "is not an existing folder (dump creates no folders)"),
     ("{tmp}", "is a folder; pass a file path such as"),
+    # Not writable even for root (os.access would say yes there).
+    ("/proc/fisedit-dump.json", "cannot be written: /proc is not writable"),
 ])
 def test_dump_checks_its_out_file_before_the_capture(out, message, tmp_path, capsys,
                                                      monkeypatch):
@@ -278,6 +280,17 @@ def test_dump_checks_its_out_file_before_the_capture(out, message, tmp_path, cap
     err = capsys.readouterr().err
     assert f"error: --out {out}" in err and message in err
     assert not (tmp_path / "missing").exists()
+
+
+def test_dump_checks_the_mask_size_before_building_the_unet(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(zoo, "unet", lambda *args, **kwargs: pytest.fail("built"))
+    Image.fromarray(np.full((10, 10), 255, dtype=np.uint8)).save(tmp_path / "m10.png")
+    assert main(["dump", "--model", "sd15-tiny", "--stage", "sparse", "--mask",
+                 str(tmp_path / "m10.png")]) == 2
+    assert "is 10x10 pixels; it must be the image size or the latent size 16x16" in \
+        capsys.readouterr().err
 
 
 def test_dump_names_its_batch_option(capsys, monkeypatch):

@@ -286,15 +286,20 @@ def check_output_folder(option: str, path) -> None:
     if not existing.is_dir():
         raise FiseditError(f"{option} {path} cannot be created: {existing} is a file, not a "
                            "folder; pass a folder path under an existing folder")
-    # Tried, not asked (os.access): as root it says yes to read-only places such as /proc,
-    # and the command would then fail only when it writes, after all its work.
+    check_writable(option, path, existing, "created or written")
+
+
+def check_writable(option: str, path, folder: Path, what: str = "written") -> None:
+    """Refuse ``path`` (the ``option``'s value) unless a file can be made in ``folder``.
+    Tried, not asked (os.access): as root it says yes to read-only places such as /proc, and
+    the command would then fail only when it writes, after all its work."""
     try:
-        probe, probe_path = tempfile.mkstemp(dir=existing, prefix=".fisedit-write-check-")
+        probe, probe_path = tempfile.mkstemp(dir=folder, prefix=".fisedit-write-check-")
         os.close(probe)
         os.remove(probe_path)
     except OSError as error:
-        raise FiseditError(f"{option} {path} cannot be created or written: {existing} is not "
-                           f"writable ({error.strerror}); pass a folder you can write to") from None
+        raise FiseditError(f"{option} {path} cannot be {what}: {folder} is not writable "
+                           f"({error.strerror}); pass a place you can write to") from None
 
 
 def torch_device(name: str | None) -> torch.device:

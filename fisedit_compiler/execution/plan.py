@@ -443,10 +443,12 @@ def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
     return mask_to_latent(read_mask_png(path), size, f"the mask {path}")
 
 
-def read_mask_png(path: str) -> torch.Tensor:
+def read_mask_png(path: str, remedy: str = "or leave the mask out for the automatic one"
+                  ) -> torch.Tensor:
     """The bool pixel mask of a PNG (white = edit; in colour images any channel above 127, on
     pixels not fully transparent, as the app reads its painted strokes; in 16-bit grayscale any
-    value above 32767). Needs no model, so the command line reads it before loading one."""
+    value above 32767). Needs no model, so the command line reads it before loading one.
+    ``remedy``: the fix the message offers for a mask that marks nothing, besides painting."""
     import numpy as np
     from PIL import Image
 
@@ -483,7 +485,7 @@ def read_mask_png(path: str) -> torch.Tensor:
         raise FiseditError(
             f"the mask {path} marks no pixel (white, or any channel above 127, on a pixel not "
             "fully transparent, is an edit); "
-            "paint the region to edit, or leave the mask out for the automatic one")
+            f"paint the region to edit, {remedy}")
     return mask
 
 

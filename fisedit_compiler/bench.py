@@ -147,6 +147,7 @@ def run(model: str = "sd15", areas=AREAS, layouts=LAYOUTS, compile_modes=DEFAULT
     for layout in layouts:
         for area in areas:
             if layout == "scattered" and area >= 1.0:
+                log("scattered at 100%: not measured (the full mask is the blob row's)")
                 continue
             mask = placed_blob(size, area) if layout == "blob" else scattered_mask(size, area)
             row = measure_mask(engines, caches, inputs, mask, result["dense"], tolerance, reps,
@@ -449,6 +450,15 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
             "host_ms": host_time_ms(edit_pass(engine, cache, plan, edited), reps)}
 
 
+def _area_label(row: dict) -> str:
+    """The row's requested area and, where the mask marks another fraction (scattered blobs
+    overlap and stop at the latent's edge), the fraction it marks."""
+    label = f"{100 * row['area']:.3g}%"
+    if abs(row.get("mask_fraction", row["area"]) - row["area"]) > 0.005:
+        label += f" ({100 * row['mask_fraction']:.3g}% marked)"
+    return label
+
+
 def _format_row(row: dict) -> str:
     ref = f"{row['reference_ms']:8.2f}" if "reference_ms" in row else "       -"
     buckets = (f" exact {row['exact_plan_ms']:.2f} pad {row['padding_overhead']:.2f}x"
@@ -460,7 +470,7 @@ def _format_row(row: dict) -> str:
                     f"({row['speedup_vs_compiled_beside']:.2f}x); loop "
                     f"{row['triton_loop_ms']:.2f} vs {row['dense_beside_loop_ms']:.2f} "
                     f"({row['speedup_loop_beside']:.2f}x)")
-    return (f"{row['layout']:9s} {row['area']:6.0%} {row['triton_ms']:8.2f} "
+    return (f"{row['layout']:9s} {_area_label(row):>6s} {row['triton_ms']:8.2f} "
             f"{row['torch_graphs_ms']:8.2f} {ref} "
             f"{row['speedup_vs_eager']:6.2f}x {row['speedup_vs_compiled']:6.2f}x "
             f"{row['sparse_gmacs']:7.1f} {row['ideal_gmacs']:7.1f} "
@@ -489,7 +499,7 @@ def table(result: dict) -> str:
         loop = (f"{row['triton_loop_ms']:.2f} vs {row['dense_beside_loop_ms']:.2f} ms "
                 f"({row['speedup_loop_beside']:.2f}x)" if "triton_loop_ms" in row else "-")
         lines.append(
-            f"| {row['layout']} | {row['area']:.0%} | {row['triton_ms']:.2f} | "
+            f"| {row['layout']} | {_area_label(row)} | {row['triton_ms']:.2f} | "
             f"{row['torch_graphs_ms']:.2f} | {ref} | "
             f"{row['speedup_vs_eager']:.2f}x | {row['speedup_vs_compiled']:.2f}x | {beside} | "
             f"{loop} | "
@@ -577,6 +587,11 @@ def _command_settings(args) -> dict:
     for mode in compile_modes:
         check_choice("--compile-modes", mode, KNOWN_COMPILE_MODES)
     check_int("--reps", args.reps, minimum=1)
+    if not any(layout == "blob" or area < 1.0 for layout in layouts for area in areas):
+        raise FiseditError(
+            f"--layouts {args.layouts} with --areas {args.areas} measures nothing: a scattered "
+            "mask covers less than the whole latent (its 100% is the blob's); add an area "
+            "below 1.0 or the blob layout")
     profile = args.profile_area
     if profile is not None and ("blob" not in layouts
                                 or not any(abs(area - profile) < 1e-9 for area in areas)):
@@ -613,17 +628,22 @@ def run_bench_command(args) -> int:
     settings = _command_settings(args)
     check_output_folder("--out", args.out)
     out = Path(args.out)
-    results = []
+    results, plotted = [], True
     for model in args.model or ["sd15"]:
         result = run(model, **settings, log=lambda text: print(text, flush=True))
         results.append(result)
-        # Made once there is a result to write: a run failing before leaves no folder.
+        # Made once there is a result to write: a run failing before leaves no folder. All
+        # three files are written after each model, so that a later model's failure leaves
+        # them in agreement (with an earlier run's files in the folder replaced).
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    markdown = "\n\n".join(table(result) for result in results)
-    (out / "results.md").write_text(markdown + "\n")
+        markdown = "\n\n".join(table(result) for result in results)
+        (out / "results.md").write_text(markdown + "\n")
+        plotted = plot(results, out / "speedup.png")
+        if not plotted:     # an earlier run's plot would disagree with these results
+            (out / "speedup.png").unlink(missing_ok=True)
     print(markdown)
-    if not plot(results, out / "speedup.png"):
+    if not plotted:
         print("matplotlib not installed: no plot (pip install 'fisedit-compiler[plot]', then "
               "fisedit_compiler.bench.plot on results.json makes it)", file=sys.stderr)
     return 0 if all(row["ok"] for result in results for row in result["rows"]) else 1

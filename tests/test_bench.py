@@ -1,5 +1,7 @@
 """The benchmark's CPU-side parts: the kernel categories of the profile and the tuned baseline."""
 
+import json
+
 import pytest
 
 from fisedit_compiler import bench, cli, zoo
@@ -39,7 +41,8 @@ def test_the_tuned_baseline_is_a_channels_last_copy_with_fused_projections():
 
 
 def test_the_table_shows_the_ratio_to_the_dense_step_timed_beside_each_row():
-    row = {"layout": "scattered", "area": 0.2, "triton_ms": 7.36, "torch_graphs_ms": 7.2,
+    row = {"layout": "scattered", "area": 0.2, "mask_fraction": 0.138, "triton_ms": 7.36,
+           "torch_graphs_ms": 7.2,
            "speedup_vs_eager": 3.86, "speedup_vs_compiled": 0.96, "sparse_gmacs": 803.3,
            "ideal_gmacs": 166.3, "triton_error": 2e-3, "ok": True, "levels": ["dense"] * 4}
     result = {"model": "sd15", "resolution_px": 512, "batch": 2, "dtype": "float16",
@@ -61,6 +64,32 @@ def test_the_table_shows_the_ratio_to_the_dense_step_timed_beside_each_row():
     assert beside[column] == "1.02x (7.50 ms)" and beside[loop] == "7.00 vs 7.70 ms (1.10x)"
     assert "dense beside 7.50 (1.02x); loop 7.00 vs 7.70 (1.10x)" in bench._format_row(
         result["rows"][1])
+    # The area asked for, and what the scattered mask marks where that differs.
+    assert without[header.index("area")] == "20% (13.8% marked)"
+    assert bench._area_label({"area": 0.002, "mask_fraction": 0.002}) == "0.2%"
+
+
+def test_outputs_agree_after_a_later_model_fails(tmp_path, monkeypatch):
+    """results.json, results.md and speedup.png are written together after each model: a
+    failure of the next leaves them in agreement, an earlier run's files replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("an earlier run's table\n")
+    (out / "speedup.png").write_bytes(b"an earlier run's plot")
+
+    def run(model, **settings):
+        if model == "sdxl-tiny":
+            raise RuntimeError("out of memory")
+        return {"model": model, "rows": []}
+
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "table", lambda result: f"table of {result['model']}")
+    monkeypatch.setattr(bench, "plot", lambda results, path: False)    # no matplotlib
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(["bench", "--model", "sd15-tiny", "--model", "sdxl-tiny", "--out", str(out)])
+    assert [r["model"] for r in json.loads((out / "results.json").read_text())] == ["sd15-tiny"]
+    assert (out / "results.md").read_text() == "table of sd15-tiny\n"
+    assert not (out / "speedup.png").exists()
 
 
 def test_an_edit_is_timed_as_the_successive_steps_of_a_pass():
@@ -115,6 +144,8 @@ def no_benchmark(monkeypatch):
                                                        "edit of that area, and this run has none"),
     (["--layouts", "scattered", "--profile-area", "0.1"], "add it to --areas and blob to "
                                                           "--layouts"),
+    (["--layouts", "scattered", "--areas", "1.0"], "--layouts scattered with --areas 1.0 "
+                                                   "measures nothing"),
 ])
 def test_bad_options_are_refused_before_any_work(extra, message, tmp_path, capsys,
                                                  no_benchmark):

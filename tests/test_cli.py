@@ -144,6 +144,8 @@ def _red_square_png(path, size=128):
     (["--seed", "-3"], "--seed -3 is out of range"),
     (["--size", "0"], "--size 0 is out of range"),
     (["--device", "nonsense"], "--device 'nonsense' cannot be used"),
+    # One sentence of torch's error, not its dispatcher table of backends.
+    (["--device", "mps"], "'MPS' backend); leave --device out"),
     # Bad input refused before loading, not after (a raw traceback, or the whole generation).
     (["--seed", "18446744073709551616"],
      "--seed 18446744073709551616 is out of range: it must satisfy 0 <= --seed <= "

@@ -310,7 +310,10 @@ def torch_device(name: str | None) -> torch.device:
         device = torch.device(name)
         torch.empty(0, device=device)       # raises when the device is absent (no CUDA)
     except (RuntimeError, AssertionError) as error:
-        raise FiseditError(f"--device {name!r} cannot be used here ({error}); leave --device "
+        # The first sentence: torch appends its whole dispatcher table to some.
+        why = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() \
+            else type(error).__name__
+        raise FiseditError(f"--device {name!r} cannot be used here ({why}); leave --device "
                            "out to use cuda when available, else cpu") from None
     if device.type == "meta":
         raise FiseditError(f"--device {name!r} holds tensor shapes but no data, so no image "

@@ -838,6 +838,14 @@ def test_edit_command(pipe_folder, tmp_path, capsys):
     assert report["timings_s"]["dense_regeneration_s"] > 0
     assert report["background_composited"] is True
     assert report["image_difference_outside_mask"]["max"] == 0.0
+    # The overlay tints the region (the mask grown by the dilation), past mask.png's mask:
+    # outside the tint, the edit is the original.
+    written = {name: np.asarray(Image.open(tmp_path / "out" / name).convert("RGB"))
+               for name in ("mask.png", "overlay.png", "edit.png", "original.png")}
+    tinted = (written["overlay.png"] != written["edit.png"]).any(-1)
+    marked = written["mask.png"][..., 0] > 0
+    assert (tinted >= marked).all() and tinted.sum() > marked.sum()
+    assert (written["edit.png"][~tinted] == written["original.png"][~tinted]).all()
     printed = capsys.readouterr()
     assert "edit_s" in printed.out and "background_composited" in printed.out
     assert f"wrote original.png, edit.png, mask.png, overlay.png, report.json to " \

@@ -388,9 +388,10 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
                            f"{error.strerror}") from None
     original.save(out / "original.png")
     edited.save(out / "edit.png")
-    mask_image = _mask_image(result.mask, original.size)
-    mask_image.save(out / "mask.png")
-    _overlay(edited, mask_image).save(out / "overlay.png")
+    _mask_image(result.mask, original.size).save(out / "mask.png")
+    # The region the edit may change (the mask grown by the dilation), which is where the
+    # report's image difference is measured outside of.
+    _overlay(edited, _mask_image(result.region, original.size)).save(out / "overlay.png")
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
@@ -409,7 +410,7 @@ def _mask_image(mask: torch.Tensor, size: tuple[int, int]):
 
 
 def _overlay(image, mask_image):
-    """The edited image with the mask tinted red."""
+    """The edited image with ``mask_image``'s region tinted red."""
     from PIL import Image
 
     red = Image.new("RGB", image.size, (255, 0, 0))

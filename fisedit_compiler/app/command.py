@@ -86,6 +86,9 @@ def _check_port_free(port: int) -> None:
     the model loads, rather than failing in gradio's launch after it. (Another program may
     still take the port in between: gradio then reports it.)"""
     with socket.socket() as probe:
+        # As the server binds (uvicorn sets it): a port left in TIME_WAIT by an app just
+        # stopped is free to it, one a server listens on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as error:

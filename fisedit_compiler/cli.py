@@ -10,7 +10,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -80,10 +79,17 @@ def _check_out_file(path: str) -> None:
     if not parent.is_dir():
         raise FiseditError(f"--out {path}: {parent} is not an existing folder (dump creates no "
                            "folders); create it first or pass a file in an existing folder")
-    check_writable("--out", path, parent)
-    if file.exists() and not os.access(file, os.W_OK):
-        raise FiseditError(f"--out {path} cannot be written (no write permission); pass a "
-                           "file in a folder you can write to")
+    if not file.exists():
+        check_writable("--out", path, parent)
+        return
+    # An existing file is tried by opening it to append (nothing written): its folder may
+    # allow no new files, and os.access says yes to everything as root.
+    try:
+        with open(file, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise FiseditError(f"--out {path} cannot be written ({error.strerror}); pass a file "
+                           "you can write to") from None
 
 
 SUBCOMMANDS = (add_dump, add_edit_command, add_demo_command, add_bench_command,

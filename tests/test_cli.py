@@ -12,6 +12,7 @@ import torch
 
 from fisedit_compiler import zoo
 from fisedit_compiler.cli import main
+from fisedit_compiler.errors import FiseditError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,8 +145,6 @@ def _red_square_png(path, size=128):
     (["--seed", "-3"], "--seed -3 is out of range"),
     (["--size", "0"], "--size 0 is out of range"),
     (["--device", "nonsense"], "--device 'nonsense' cannot be used"),
-    # One sentence of torch's error, not its dispatcher table of backends.
-    (["--device", "mps"], "'MPS' backend); leave --device out"),
     # Bad input refused before loading, not after (a raw traceback, or the whole generation).
     (["--seed", "18446744073709551616"],
      "--seed 18446744073709551616 is out of range: it must satisfy 0 <= --seed <= "
@@ -293,6 +292,40 @@ def test_dump_checks_the_mask_size_before_building_the_unet(tmp_path, capsys, mo
                  str(tmp_path / "m10.png")]) == 2
     assert "is 10x10 pixels; it must be the image size or the latent size 16x16" in \
         capsys.readouterr().err
+
+
+def test_a_device_error_quotes_one_sentence_of_torch(monkeypatch):
+    """Torch appends its table of dispatch backends to some device errors (MPS on Linux)."""
+    from fisedit_compiler.edit_flow.commands import torch_device
+
+    def absent(*args, **kwargs):
+        raise RuntimeError("Could not run 'aten::empty' with arguments from the 'MPS' backend. "
+                           "This could be because ...\nbackends: [CPU, Meta, ...]")
+
+    monkeypatch.setattr(torch, "empty", absent)
+    with pytest.raises(FiseditError, match=r"--device 'cpu' cannot be used here \(Could not run "
+                                           r"'aten::empty' with arguments from the 'MPS' "
+                                           r"backend\); leave --device out"):
+        torch_device("cpu")
+
+
+def test_dump_writes_over_an_existing_file_in_a_folder_that_takes_no_new_ones(
+        tmp_path, capsys, monkeypatch):
+    """An existing --out file is tried by opening it, not by making a file beside it."""
+    import tempfile
+
+    from fisedit_compiler import inspect
+
+    out = tmp_path / "graph.json"
+    out.write_text("old")
+
+    def no_new_files(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_new_files)
+    monkeypatch.setattr(inspect, "dump", lambda *args, **kwargs: "{}\n")
+    assert main(["dump", "--model", "sd15-tiny", "--format", "json", "--out", str(out)]) == 0
+    assert out.read_text() == "{}\n"
 
 
 def test_dump_names_its_batch_option(capsys, monkeypatch):

@@ -728,7 +728,7 @@ class EditSession:
                 f"the scheduler's config changed since the generation ({', '.join(changed)}); "
                 "edits must use the recorded scheduler config, since the recorded background "
                 "follows it (restore it, or call generate again)")
-        if not _identical(recorded[2], current[2]):
+        if not _identical(recorded[2], current[2]):     # both on the host
             raise FiseditError(
                 "the scheduler's noise schedule (alphas_cumprod) changed since the generation, "
                 "though its config did not; edits must use the recorded schedule, since the "
@@ -1475,8 +1475,10 @@ def _scheduler_identity(scheduler) -> tuple[str, dict, torch.Tensor | None]:
     of its noise schedule (``alphas_cumprod``, which code may set on the instance without
     touching the config)."""
     schedule = getattr(scheduler, "alphas_cumprod", None)
+    # On the host: diffusers moves it to the samples' device in add_noise, which is no change.
     return (type(scheduler).__name__, copy.deepcopy(dict(scheduler.config)),
-            schedule.clone() if isinstance(schedule, torch.Tensor) else None)
+            schedule.detach().to("cpu", copy=True) if isinstance(schedule, torch.Tensor)
+            else None)
 
 
 def _history(scheduler) -> list:

@@ -566,13 +566,7 @@ def _configured_latent_size(model: str | None, pipeline) -> tuple[int, int] | No
     U-Net's config without building it; None where the config does not tell it."""
     config = (zoo.config(model) if model is not None
               else read_json_object(Path(pipeline) / "unet" / "config.json") or {})
-    size = config.get("sample_size")
-    if isinstance(size, int) and size > 0:
-        return size, size
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(
-            isinstance(side, int) and side > 0 for side in size):
-        return tuple(size)
-    return None
+    return capture.configured_latent_size(config)
 
 
 def _check_pipeline_folder(path) -> None:

@@ -207,3 +207,20 @@ def test_example_inputs_take_a_per_block_text_width():
                                  + (width * 2,)))
     with pytest.raises(FiseditError, match=r"cross_attention_dim=.*different text widths"):
         zoo.example_inputs(mixed)
+
+
+@pytest.mark.parametrize("sample_size, expected", [
+    (16, (16, 16)), ((12, 20), (12, 20)), ([12, 20], (12, 20)),
+    (None, None), (0, None), (True, None), ((12,), None), ((12, 0), None), ("16", None)])
+def test_configured_latent_size_reads_an_int_or_a_pair(sample_size, expected):
+    assert capture.configured_latent_size({"sample_size": sample_size}) == expected
+
+
+def test_example_inputs_follow_a_non_square_sample_size_and_refuse_none():
+    cls_name, cfg = zoo.CONFIGS["sd15-tiny"]
+    unet = zoo.from_config(dict(cfg, sample_size=(8, 16)))
+    assert zoo.example_inputs(unet, batch=1)["sample"].shape[-2:] == (8, 16)
+    unet.register_to_config(sample_size=None)
+    with pytest.raises(FiseditError, match=r"sample_size is None.*pass height and width"):
+        zoo.example_inputs(unet, batch=1)
+    assert zoo.example_inputs(unet, batch=1, height=8, width=8)["sample"].shape[-2:] == (8, 8)

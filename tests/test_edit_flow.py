@@ -1507,3 +1507,19 @@ def test_the_cli_and_the_session_agree_on_the_mask_rules(session, pipe, tmp_path
                     assert (cli is None) == (python is None), case
                     checked += cli is not None
     assert checked >= 10          # the grid holds refusals of every rule
+
+
+def test_a_non_square_sample_size_gives_the_default_image_size():
+    """A U-Net whose config.sample_size is a (height, width) pair (diffusers' pipelines take
+    both forms): the session's default image follows it, and an edit runs at that size."""
+    pipe = zoo.pipeline("sd15-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.register_to_config(sample_size=(8, 12))
+    session = EditSession(pipe)
+    images = session.generate("a red circle", seed=0, num_inference_steps=2, output_type="np")
+    assert images.shape == (1, 64, 96, 3)
+    mask = torch.zeros(8, 12, dtype=torch.bool)
+    mask[2:4, 8:11] = True
+    result = session.edit("a blue circle", mask=mask, output_type="np")
+    assert result.images.shape == (1, 64, 96, 3)
+    assert _outside_equal(result, session.original.latents[-1])

@@ -106,9 +106,30 @@ def tensor_timestep(inputs: dict) -> dict:
     return inputs
 
 
+def configured_latent_size(config) -> tuple[int, int] | None:
+    """The latent (height, width) a U-Net config's ``sample_size`` gives (one int for a
+    square, or a pair, as diffusers takes it); None where the config tells no valid size."""
+    size = config.get("sample_size")
+
+    def side(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if side(size):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(map(side, size)):
+        return tuple(size)
+    return None
+
+
 def latent_size(model) -> tuple[int, int]:
-    size = model.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
+    """The latent (height, width) of ``model``'s config, or a FiseditError naming the fix."""
+    size = configured_latent_size(model.config)
+    if size is None:
+        raise FiseditError(
+            f"the U-Net's config.sample_size is {model.config.get('sample_size')!r}, which "
+            "gives no latent size; pass height and width explicitly (or set sample_size to "
+            "a positive int or a (height, width) pair)")
+    return size
 
 
 def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None = None,
@@ -132,9 +153,11 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
     cfg = model.config
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    h0, w0 = latent_size(model)
-    h = h0 if height is None else check_int("height", height, minimum=1)
-    w = w0 if width is None else check_int("width", width, minimum=1)
+    h = None if height is None else check_int("height", height, minimum=1)
+    w = None if width is None else check_int("width", width, minimum=1)
+    if h is None or w is None:
+        configured = latent_size(model)
+        h, w = h or configured[0], w or configured[1]
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):

@@ -145,18 +145,24 @@ def check_kernels(config: SparseConfig, device, dtype: torch.dtype | None = None
         "elsewhere) or kernels='torch'")
 
 
+def _sample_entry(signature: tuple) -> tuple | None:
+    """The signature's (name, shape, dtype, device) of the sample, which sets where and in what
+    dtype a U-Net call computes (a 0-d timestep may stay on the host, in another dtype: the
+    U-Net moves and casts it itself); else its first input's; None for no inputs."""
+    entries = {entry[0]: entry for entry in signature}
+    return entries.get("sample", next(iter(entries.values()), None))
+
+
 def device_of(signature: tuple) -> torch.device:
-    """The device a U-Net call runs on: its sample's (a 0-d timestep may stay on the host,
-    which the U-Net moves itself), else the first input's."""
-    devices = {name: device for name, _, _, device in signature}
-    first = next(iter(devices.values()), "cpu")
-    return torch.device(devices.get("sample", first))
+    """The device a U-Net call runs on (its sample's; the CPU for no inputs)."""
+    entry = _sample_entry(signature)
+    return torch.device("cpu" if entry is None else entry[3])
 
 
 def dtype_of(signature: tuple) -> torch.dtype:
-    """The dtype a U-Net call computes in: its sample's (the timestep may be another)."""
-    dtypes = {name: dtype for name, _, dtype, _ in signature}
-    return dtypes.get("sample", next(iter(dtypes.values()), torch.float32))
+    """The dtype a U-Net call computes in (its sample's; float32 for no inputs)."""
+    entry = _sample_entry(signature)
+    return torch.float32 if entry is None else entry[2]
 
 
 def describe_signature_change(got: tuple, before: tuple, before_name: str = "the recording"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..checks import check_guidance_scale, check_int, check_seed
+from ..compiler.capture import configured_latent_size
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from ..pipeline_files import read_json_object
@@ -221,39 +222,40 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
                                f"latent pixels of {scale}x{scale} pixels, and the pipeline "
                                f"takes multiples of 8); pass e.g. --size {lower} or "
                                f"--size {lower + multiple}")
-    size = _image_size(args.size, scale, unet_config)
-    args.user_mask = None if size is None else _user_mask(args, size, scale)
+    shape = _image_shape(args.size, scale, unet_config)
+    args.user_mask = None if shape is None else _user_mask(args, shape, scale)
     args.device = torch_device(args.device)
     check_output_folder("--out", args.out)
 
 
-def _image_size(size: int | None, scale: int | None, unet_config: dict | None) -> int | None:
-    """The image height and width: --size, else the pipeline's default (the U-Net's
+def _image_shape(size: int | None, scale: int | None, unet_config: dict | None
+                 ) -> tuple[int, int] | None:
+    """The images' (height, width): --size square, else the pipeline's default (the U-Net's
     sample_size times the VAE factor, as diffusers and EditSession take it); None where the
     configs do not tell it or the VAE factor (the latent size needs both)."""
     if scale is None:
         return None
     if size is not None:
-        return size
-    sample_size = None if unet_config is None else unet_config.get("sample_size")
-    valid = isinstance(sample_size, int) and not isinstance(sample_size, bool)
-    return sample_size * scale if valid else None
+        return size, size
+    latent = None if unet_config is None else configured_latent_size(unet_config)
+    return None if latent is None else (latent[0] * scale, latent[1] * scale)
 
 
-def _user_mask(args, size: int, scale: int) -> torch.Tensor | None:
-    """The user mask (--mask or --mask-box) at the latent size of ``size`` x ``size`` images;
-    None without one."""
+def _user_mask(args, shape: tuple[int, int], scale: int) -> torch.Tensor | None:
+    """The user mask (--mask or --mask-box) at the latent size of images of ``shape``
+    (height, width); None without one."""
     if not args.mask_box and args.mask_pixels is None:
         return None
-    latent_size = (size // scale, size // scale)
+    height, width = shape
+    latent_size = (height // scale, width // scale)
     if args.mask_box:
         return mask_from_box(args.mask_box, latent_size)
     try:
         return mask_to_latent(args.mask_pixels, latent_size, f"the mask {args.mask}")
     except FiseditError as error:
-        given = f"--size {size}" if args.size is not None else "the pipeline's default size"
-        raise FiseditError(f"{error}; the images are {size}x{size} pixels here ({given}), "
-                           f"so draw the mask at {size}x{size}") from None
+        given = f"--size {args.size}" if args.size is not None else "the pipeline's default size"
+        raise FiseditError(f"{error}; the images are {width}x{height} pixels here ({given}), "
+                           f"so draw the mask at {width}x{height}") from None
 
 
 def _saved_config(folder, component: str, file: str = "config.json") -> dict | None:
@@ -340,7 +342,7 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     mask = args.user_mask
     if mask is None:
         scale = pipe.vae_scale_factor
-        mask = _user_mask(args, _image_size(args.size, scale, pipe.unet.config), scale)
+        mask = _user_mask(args, _image_shape(args.size, scale, pipe.unet.config), scale)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   height=args.size, width=args.size)
     pipe.set_progress_bar_config(desc="generate")

@@ -35,7 +35,7 @@ import torch
 from ..checks import (check_bool, check_choice, check_float, check_guidance_scale, check_int,
                       check_no_cross_attention_kwargs, check_optional_int, check_prompt,
                       check_seed, guides)
-from ..compiler.capture import check_unet
+from ..compiler.capture import check_unet, latent_size
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
@@ -765,9 +765,12 @@ class EditSession:
     def _size(self, height, width) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor
         multiple = size_multiple(scale)
-        default = self.pipe.unet.config.sample_size * scale
-        height = default if height is None else check_int("height", height, minimum=multiple)
-        width = default if width is None else check_int("width", width, minimum=multiple)
+        if height is None or width is None:
+            # The pipeline's default: the U-Net's sample_size (an int or a pair) in pixels.
+            default_height, default_width = (side * scale for side in latent_size(self.pipe.unet))
+        height = default_height if height is None else check_int("height", height,
+                                                                  minimum=multiple)
+        width = default_width if width is None else check_int("width", width, minimum=multiple)
         if height % multiple or width % multiple:
             raise FiseditError(f"height and width must be multiples of {multiple}, got "
                                f"{height}x{width}")

@@ -694,14 +694,26 @@ def test_an_edit_keeps_the_generations_further_arguments_unless_given(sdxl_pipe)
     same = s.edit("a red circle", output_type="latent")
     assert not same.report["global_change"]
     assert torch.equal(same.latents, s.original.latents[-1])
-    # Inside a user mask the region is recomputed: the same up to the sparse ops' rounding.
+    # A user mask over the same edit recomputes nothing either (it would only round
+    # differently from the recording).
     masked = s.edit("a red circle", mask=_corner_mask(), output_type="latent")
-    assert _outside_equal(masked, s.original.latents[-1])
-    assert (masked.latents - s.original.latents[-1]).abs().max() < 1e-3
+    assert torch.equal(masked.latents, s.original.latents[-1]) and not masked.mask.any()
     # Given, it replaces the generation's (None: the pipeline's default, prompt_2 = prompt).
     changed = s.edit("a red circle", mask=_corner_mask(), prompt_2=None, output_type="latent")
     assert _outside_equal(changed, s.original.latents[-1])
     assert (changed.latents - s.original.latents[-1]).abs().max() > 0.1
+
+
+def test_size_conditions_given_at_their_defaults_change_nothing(sdxl_pipe):
+    """SDXL's original_size and target_size left out are the image size: an edit that gives
+    them at that size asks for what the generation had."""
+    s = EditSession(sdxl_pipe)
+    s.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent")
+    size = (s.original.height, s.original.width)
+    same = s.edit("a red circle", original_size=size, target_size=(float(size[0]), size[1]),
+                  output_type="latent")
+    assert same.report["unseen_change"] is None and not same.mask.any()
+    assert torch.equal(same.latents, s.original.latents[-1])
 
 
 def test_a_prompt_2_equal_to_the_prompt_follows_the_edits_prompt(sdxl_pipe, monkeypatch):
@@ -964,6 +976,10 @@ def test_empty_cross_attention_kwargs_ask_for_nothing(session):
     plain = session.edit("a blue circle", **edit)
     given = session.edit("a blue circle", cross_attention_kwargs={}, **edit)
     assert torch.equal(given.latents, plain.latents)
+    # Nor are they a change the estimators cannot see: the same prompt still changes nothing.
+    same = session.edit("a red circle", cross_attention_kwargs={}, output_type="latent")
+    assert same.report["unseen_change"] is None and not same.mask.any()
+    assert torch.equal(same.latents, session.original.latents[-1])
 
 
 def test_a_changed_scheduler_config_is_refused(session, pipe):

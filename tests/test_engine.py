@@ -949,3 +949,29 @@ def test_triton_kernels_where_triton_cannot_run_are_refused(monkeypatch, has_tri
         pipeline.check_kernels(fc.SparseConfig(kernels="triton"), "cpu")
     assert not pipeline.check_kernels(fc.SparseConfig(kernels="auto"), "cpu")
     fc.compile(unet, fc.SparseConfig(kernels="auto"))
+
+
+def test_a_forward_with_var_keywords_takes_the_keywords_it_passes_on():
+    """A subclass whose forward passes ``**kwargs`` on to diffusers' forward takes them (the
+    names are the parent's, not in the subclass's signature), and still meets the oracle."""
+    from diffusers import UNet2DConditionModel
+
+    class Halved(UNet2DConditionModel):
+        def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+            return super().forward(sample * 0.5, timestep, encoder_hidden_states, **kwargs)
+
+    torch.manual_seed(0)
+    unet = Halved(**zoo.config("sd15-tiny")).eval()
+    inputs = dict(zoo.example_inputs(unet, batch=2), cross_attention_kwargs=None)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    recorded = engine.record(cache, 0, **inputs)
+    with torch.no_grad():
+        assert (recorded - unet(**inputs)[0]).abs().max() <= 1e-5
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:6, 9:12] = True
+    plan = engine.plan(mask)
+    edited = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"] + 0.1)
+    result = engine.edit(cache, 0, plan=plan, **edited)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
+    assert (result - expected).abs().max() <= 1e-5 * expected.abs().max()

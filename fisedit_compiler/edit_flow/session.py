@@ -906,7 +906,12 @@ class _EditRun:
     def unet_call(self, step: int, inputs: dict) -> torch.Tensor:
         session = self.session
         self.trajectory.unet_inputs.append(_detach(inputs))
-        if step == 0 and self.estimator is not None:
+        if step == 0 and self.estimator is None and self._changes_nothing(inputs):
+            # A user mask over an edit that is the generation: recomputing the mask's region
+            # would only round differently from the recording.
+            self.unchanged = True
+            self._set_mask(self._empty())
+        elif step == 0 and self.estimator is not None:
             began = time.perf_counter()
             unseen, what = self._unseen_change(inputs)
             self.unchanged = unseen == "nothing"
@@ -1027,8 +1032,7 @@ class _EditRun:
         cut through it a random mask."""
         original, trajectory = self.original, self.trajectory
         recorded = original.unet_inputs[0]
-        changed = _changed_arguments(trajectory.pipeline_kwargs, original.pipeline_kwargs,
-                                     self.session.pipe)
+        changed = _changed_arguments(trajectory, original, self.session.pipe)
         if not changed and _identical(inputs, recorded):
             return "nothing", None
         unseen = sorted(set(changed) - {"prompt_2"})     # prompt_2 is text the contrast reads
@@ -1043,6 +1047,12 @@ class _EditRun:
                       contrast_batch(original, recorded, steps, guided)):
             return "all", "U-Net inputs the estimators do not read (a ControlNet's residuals)"
         return None, None
+
+    def _changes_nothing(self, inputs: dict) -> bool:
+        """Whether the edit is the generation: its step-0 U-Net ``inputs`` are the recorded
+        ones bit for bit and its pipeline arguments are the generation's."""
+        return (not _changed_arguments(self.trajectory, self.original, self.session.pipe)
+                and _identical(inputs, self.original.unet_inputs[0]))
 
     def _estimate(self, inputs: dict) -> torch.Tensor:
         """The one-call estimator's mask: from its score, all of it when the noise contrast
@@ -1191,14 +1201,21 @@ def check_step_count(name: str, steps: int, limit: int, scheduler: str) -> None:
             f"({scheduler}): each step takes one of its timesteps; use at most {limit} steps")
 
 
-def _changed_arguments(new: dict, old: dict, pipe) -> list[str]:
-    """The names of the further pipeline arguments that differ between two runs (not
-    ``_identical`` nor the same object), an argument left out being the pipeline's default.
-    A value that cannot say (``==`` of arrays) counts as changed."""
+def _changed_arguments(new: Trajectory, old: Trajectory, pipe) -> list[str]:
+    """The names of the further pipeline arguments (``pipeline_kwargs``) that differ between
+    two runs (not ``_identical`` nor the same object), each taken as the pipeline uses it: an
+    argument left out is the pipeline's default, SDXL's ``original_size`` and ``target_size``
+    left out are the run's (height, width), and empty ``cross_attention_kwargs`` are none. A
+    value that cannot say (``==`` of arrays) counts as changed."""
     params = inspect.signature(type(pipe).__call__).parameters
 
-    def value(arguments: dict, name: str):
-        return arguments[name] if name in arguments else params[name].default
+    def value(run: Trajectory, name: str):
+        given = run.pipeline_kwargs[name] if name in run.pipeline_kwargs else params[name].default
+        if given is None and name in ("original_size", "target_size"):
+            return (run.height, run.width)
+        if name == "cross_attention_kwargs" and isinstance(given, dict) and not given:
+            return None
+        return given
 
     def same(a, b) -> bool:
         if a is b:
@@ -1207,8 +1224,8 @@ def _changed_arguments(new: dict, old: dict, pipe) -> list[str]:
             return bool(_identical(a, b))
         except Exception:  # noqa: BLE001 - an == that is no bool: not shown to be the same
             return False
-    return sorted(name for name in new.keys() | old.keys()
-                  if not same(value(new, name), value(old, name)))
+    names = new.pipeline_kwargs.keys() | old.pipeline_kwargs.keys()
+    return sorted(name for name in names if not same(value(new, name), value(old, name)))
 
 
 def _concatenate(values: list):

@@ -508,14 +508,19 @@ class SparseEngine:
         wrong shape is an error here, not an export traceback or a silently dropped
         argument."""
         params = self._forward_params
+        named = [name for name, param in params.items()
+                 if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
         # Dict inputs may come flattened, as the captured graph names them
-        # (added_cond_kwargs_text_embeds); the backend passes them so.
-        unknown = sorted(name for name in inputs if name not in params
-                         if not any(name.startswith(p + "_") for p in params))
-        if unknown:
+        # (added_cond_kwargs_text_embeds); the backend passes them so. A forward with
+        # **kwargs (a subclass passing them on to diffusers' forward) takes any name.
+        takes_any = len(named) < len(params) and any(
+            param.kind == param.VAR_KEYWORD for param in params.values())
+        unknown = sorted(name for name in inputs if name not in named
+                         if not any(name.startswith(p + "_") for p in named))
+        if unknown and not takes_any:
             raise FiseditError(
                 f"unknown U-Net input(s) {', '.join(unknown)}; {type(self.unet).__name__} takes "
-                f"{', '.join(params)}")
+                f"{', '.join(named)}")
         # A required input passed as None is the caller's choice (Kandinsky 2.2's pipeline
         # passes encoder_hidden_states=None): only an absent one is missing.
         missing = [name for name in required_arguments(params.values()) if name not in inputs]

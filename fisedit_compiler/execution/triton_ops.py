@@ -92,6 +92,12 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
                      policy: str, attn_mask=None):
     target = plan[level]
     if recorded_k is not None and policy == "full" and not target.dense and attn_mask is None:
+        if q.dim() == 3:
+            # [batch * heads, tokens, dim], as diffusers' AttnProcessor lays heads out
+            # (passes/fold_attention.py): the kernel's [batch, heads, tokens, dim] with batch 1.
+            return attention_kernels.attention(
+                q[None], k[None], v[None], scale, recorded_k[None], recorded_v[None],
+                _position(target))[0]
         return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
                                            _position(target))
     return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,

@@ -21,6 +21,9 @@ from .compiler import capture
 from .edit_flow.commands import add_demo_command, add_edit_command, check_writable
 from .errors import FiseditError
 
+# dump's largest --batch: the graph's ops do not depend on it, and a huge one fails to allocate.
+MAX_DUMP_BATCH = 256
+
 
 def add_dump(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -52,7 +55,7 @@ def add_dump(subparsers) -> None:
 
 
 def run_dump(args) -> int:
-    check_int("--batch", args.batch, minimum=1)
+    check_int("--batch", args.batch, minimum=1, maximum=MAX_DUMP_BATCH)
     if args.out is not None:
         _check_out_file(args.out)     # before the capture, which takes seconds to minutes
     text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,
@@ -71,6 +74,8 @@ def run_dump(args) -> int:
 
 def _check_out_file(path: str) -> None:
     """``dump --out FILE`` can be written: not a folder, in an existing, writable folder."""
+    if not path:
+        raise FiseditError("--out is empty; pass a file path such as graph.txt")
     file = Path(path)
     if file.is_dir():
         raise FiseditError(f"--out {path} is a folder; pass a file path such as "

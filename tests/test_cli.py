@@ -265,6 +265,7 @@ def test_a_command_failing_on_its_pipeline_creates_no_output_folder(argv, messag
 @pytest.mark.parametrize("out, message", [
     ("{tmp}/missing/x.json", "is not an existing folder (dump creates no folders)"),
     ("{tmp}", "is a folder; pass a file path such as"),
+    ("", "--out is empty; pass a file path such as graph.txt"),
     # Not writable even for root (os.access would say yes there).
     ("/proc/fisedit-dump.json", "cannot be written: /proc is not writable"),
 ])
@@ -445,3 +446,41 @@ def test_the_user_mask_is_made_before_loading(tmp_path, no_loading):
     args = build_parser().parse_args(argv)
     commands._check_args(args, vae, None, None)
     assert args.user_mask is None and args.mask_pixels.shape == (128, 128)
+
+
+def test_a_saved_pipeline_of_another_kind_is_refused_before_loading(saved_pipeline, tmp_path,
+                                                                    no_loading, capsys):
+    """An img2img pipeline saved in the folder: refused from its model index, not after
+    loading every component (minutes at SD size)."""
+    folder = tmp_path / "img2img"
+    shutil.copytree(saved_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionImg2ImgPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["edit", "--pipeline", str(folder), "--prompt", "a", "--edit", "b",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "got StableDiffusionImg2ImgPipeline in" in err and "text-to-image pipeline" in err
+
+
+def test_a_mask_at_another_multiple_of_the_latent_is_refused(tmp_path, capsys, no_loading):
+    """The shapes demo's images are 64 px (latent 16, 4 px per latent pixel): a 128 px mask
+    was drawn for other images, so it is refused rather than pooled down to fit."""
+    big = _red_square_png(tmp_path / "big.png", size=128)
+    assert main(["demo", "--mask", str(big), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is 128x128 pixels; it must be the image size 64x64 or the latent size 16x16" in err
+    assert "draw the mask at 64x64" in err
+
+
+@pytest.mark.parametrize("command", ["dump", "demo"])
+def test_sizes_past_any_use_are_refused_before_building(command, tmp_path, capsys, no_loading):
+    """An extra digit in --size or --batch would build the model and run until memory runs
+    out; refused first, with the largest value taken."""
+    argv = (["dump", "--model", "sd15-tiny", "--batch", "1000000000"] if command == "dump"
+            else ["demo", "--size", "64000", "--out", str(tmp_path / "out")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("--batch 1000000000 is out of range" in err if command == "dump" else
+            "--size 64000 is more than 8x the pipeline's default 64 px" in err
+            and "pass at most --size 512" in err)

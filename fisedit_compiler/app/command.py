@@ -8,9 +8,8 @@ import socket
 from .. import zoo
 from ..checks import check_int
 from ..edit_flow.commands import (DEMO_MODEL, RANDOM_DEFAULTS, RANDOM_EDIT, RANDOM_PROMPT,
-                                  SHAPES_DEFAULTS, torch_device)
+                                  SHAPES_DEFAULTS, check_saved_pipeline_class, torch_device)
 from ..errors import FiseditError
-from ..pipeline_files import read_saved_folder
 
 DEFAULT_PORT = 7860
 DEFAULT_BUDGET_MIB = 4096
@@ -52,7 +51,7 @@ def run_app(args) -> int:
         raise FiseditError(f"--memory-budget-mib must be positive, got {args.memory_budget_mib}")
     device = torch_device(args.device)
     if args.pipeline is not None:
-        read_saved_folder(args.pipeline)
+        check_saved_pipeline_class(args.pipeline)
     else:
         zoo.check_pipeline_name(args.model)
     # Before gradio is imported: no analytics or version checks, which would wait on the

@@ -19,9 +19,10 @@ from ..checks import check_guidance_scale, check_int, check_seed
 from ..compiler.capture import configured_latent_size
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
-from ..pipeline_files import read_json_object
+from ..pipeline_files import read_json_object, read_saved_folder
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from .session import check_mask_choice, check_step_count, global_change_note, size_multiple
+from .session import (check_mask_choice, check_pipeline_class, check_step_count,
+                      global_change_note, size_multiple)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -34,6 +35,8 @@ RANDOM_DEFAULTS = dict(steps=8, guidance_scale=7.5, size=128)
 # Random weights give latents without spatial structure, so the automatic mask comes out
 # empty; a random-weight demo edits this box instead, to show a real sparse edit.
 DEMO_BOX = "0.4,0.4,0.6,0.6"
+# The largest --size taken, in multiples of the pipeline's default image side.
+MAX_SIZE_FACTOR = 8
 
 
 def add_edit_command(subparsers) -> None:
@@ -118,6 +121,7 @@ def run_edit(args) -> int:
 
     _check_args(args, _saved_config(args.pipeline, "vae"), _saved_config(args.pipeline, "unet"),
                 _saved_config(args.pipeline, "scheduler", "scheduler_config.json"))
+    check_saved_pipeline_class(args.pipeline)
     pipe = zoo.load_pipeline(args.pipeline)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
@@ -222,6 +226,14 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
                                f"latent pixels of {scale}x{scale} pixels, and the pipeline "
                                f"takes multiples of 8); pass e.g. --size {lower} or "
                                f"--size {lower + multiple}")
+        default = _image_shape(None, scale, unet_config)
+        largest = None if default is None else MAX_SIZE_FACTOR * max(default)
+        if largest is not None and args.size > largest:
+            # A typo's extra digit would otherwise load the pipeline and run until memory
+            # runs out (minutes), as diffusers takes any size.
+            raise FiseditError(
+                f"--size {args.size} is more than {MAX_SIZE_FACTOR}x the pipeline's default "
+                f"{max(default)} px (its U-Net's sample_size); pass at most --size {largest}")
     shape = _image_shape(args.size, scale, unet_config)
     args.user_mask = None if shape is None else _user_mask(args, shape, scale)
     args.device = torch_device(args.device)
@@ -251,11 +263,19 @@ def _user_mask(args, shape: tuple[int, int], scale: int) -> torch.Tensor | None:
     if args.mask_box:
         return mask_from_box(args.mask_box, latent_size)
     try:
-        return mask_to_latent(args.mask_pixels, latent_size, f"the mask {args.mask}")
+        return mask_to_latent(args.mask_pixels, latent_size, f"the mask {args.mask}", scale)
     except FiseditError as error:
         given = f"--size {args.size}" if args.size is not None else "the pipeline's default size"
         raise FiseditError(f"{error}; the images are {width}x{height} pixels here ({given}), "
                            f"so draw the mask at {width}x{height}") from None
+
+
+def check_saved_pipeline_class(folder) -> None:
+    """Refuse the pipeline saved in ``folder`` from its model index, before loading it (minutes
+    at SD size), where its class is not one EditSession drives (img2img, inpainting, ...)."""
+    name = read_saved_folder(folder).get("_class_name")
+    if isinstance(name, str):          # without one, loading says what is wrong
+        check_pipeline_class(name, f" in {folder}")
 
 
 def _saved_config(folder, component: str, file: str = "config.json") -> dict | None:

@@ -1263,13 +1263,26 @@ def _check_first_timestep_once(scheduler, steps: int) -> None:
 
 
 def _check_pipeline(pipe) -> None:
-    names = {cls.__name__ for cls in type(pipe).__mro__}
+    check_pipeline_class(type(pipe))
+    check_unet(pipe.unet)           # first: a torch.compile wrapper has a forward of its own
+    _check_unet_forward(pipe.unet)
+
+
+def check_pipeline_class(cls, where: str = "") -> None:
+    """Refuse a pipeline class (or a diffusers class name, as a saved folder's model index
+    gives it, so a command can refuse before loading) that EditSession does not drive;
+    subclasses of the supported ones are taken."""
+    if isinstance(cls, str):
+        import diffusers
+
+        cls = getattr(diffusers, cls, cls)
+    name = cls if isinstance(cls, str) else cls.__name__
+    names = {base.__name__ for base in cls.__mro__} if isinstance(cls, type) else {name}
     if not names & set(SUPPORTED_PIPELINES):
         raise FiseditError(
             f"EditSession supports {', '.join(SUPPORTED_PIPELINES)} (text-to-image), got "
-            f"{type(pipe).__name__}; load the text-to-image pipeline of your model")
-    check_unet(pipe.unet)           # first: a torch.compile wrapper has a forward of its own
-    _check_unet_forward(pipe.unet)
+            f"{name}{where}; load (or save) the text-to-image pipeline of your model, e.g. "
+            "StableDiffusionPipeline(**pipe.components)")
 
 
 def _check_unet_forward(unet) -> None:

@@ -489,15 +489,23 @@ def read_mask_png(path: str, remedy: str = "or leave the mask out for the automa
     return mask
 
 
-def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str) -> torch.Tensor:
-    """A pixel mask max-pooled to latent ``size`` (it must be that size or a whole multiple)."""
+def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
+                   scale: int | None = None) -> torch.Tensor:
+    """A pixel mask max-pooled to latent ``size``: it must be that size or, where the VAE's
+    ``scale`` is known, the image size (``scale`` times it); else any whole multiple."""
     height, width = size
-    if mask.shape[0] % height or mask.shape[1] % width or \
-            mask.shape[0] // height != mask.shape[1] // width:
-        raise FiseditError(
-            f"{source} is {mask.shape[1]}x{mask.shape[0]} pixels; it must be the image "
-            f"size or the latent size {width}x{height} (or an integer multiple of it)")
     factor = mask.shape[0] // height
+    fits = (not mask.shape[0] % height and not mask.shape[1] % width
+            and factor == mask.shape[1] // width)
+    if scale is not None and fits and factor not in (1, scale):
+        fits = False
+    if not fits:
+        image = ("the image size or " if scale is None else
+                 f"the image size {width * scale}x{height * scale} or ")
+        multiple = " (or an integer multiple of it)" if scale is None else ""
+        raise FiseditError(
+            f"{source} is {mask.shape[1]}x{mask.shape[0]} pixels; it must be {image}the "
+            f"latent size {width}x{height}{multiple}")
     return F.max_pool2d(mask[None, None].float(), factor)[0, 0] > 0
 
 

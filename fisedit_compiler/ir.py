@@ -25,7 +25,7 @@ attention    ``attention(q, k, v, attn_mask, scale)``: one scaled-dot-product at
 linear       ``linear(x, weight, bias)``
 upsample     ``upsample_nearest(x, out_h, out_w)``
 pointwise    unary: ``silu, gelu(x, approximate), neg, exp, sin, cos, sigmoid, tanh, sqrt,
-             rsqrt``; binary (tensor or scalar operands): ``add, sub, mul, div, pow``;
+             rsqrt, relu, mish``; binary (tensor or scalar operands): ``add, sub, mul, div, pow``;
              ``cast(x, dtype)``
 cat          ``cat(tensors, dim)``
 view         ``reshape(x, shape)``, ``permute(x, dims)``, ``expand(x, shape)``,
@@ -132,6 +132,7 @@ def full(shape, value, dtype, device):
 
 neg, exp, sin, cos = torch.neg, torch.exp, torch.sin, torch.cos
 sigmoid, tanh, sqrt, rsqrt = torch.sigmoid, torch.tanh, torch.sqrt, torch.rsqrt
+relu, mish = torch.relu, F.mish          # diffusers' act_fn "relu" and "mish"
 add, sub, mul, div, pow = operator.add, operator.sub, operator.mul, operator.truediv, operator.pow
 
 

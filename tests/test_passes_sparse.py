@@ -132,6 +132,17 @@ def test_an_unsupported_op_runs_dense_with_a_warning_and_stays_exact():
                                run.recorded)
 
 
+@pytest.mark.parametrize("act_fn", ["relu", "mish"])
+def test_diffusers_other_activations_run_sparse(act_fn):
+    """act_fn "relu" and "mish" (beside silu and gelu) are pointwise ops, not dense
+    fallbacks."""
+    _, cfg = zoo.CONFIGS["sd15-tiny"]
+    run = box_edit(zoo.from_config(dict(cfg, act_fn=act_fn)), slice(2, 4), slice(10, 12))
+    assert not any("run dense in edits" in str(w.message) for w in run.caught)
+    assert not run.engine.program(run.inputs).canonical.meta["fc_unknown_ops"]
+    assert run.error <= 1e-5
+
+
 class PooledOutput(torch.nn.Module):
     def forward(self, sample):
         return sample.mean(dim=(2, 3))

@@ -1,4 +1,5 @@
-"""Pointwise ops: silu, gelu, cast, the unary math functions and the binary operators.
+"""Pointwise ops: silu, gelu, cast, the unary math functions (relu and mish among them, two of
+diffusers' activations) and the binary operators.
 
 One family, one rule set: the output keeps its positional operands' positions (broadcasting
 aligned), and the sparse form is the same op on compact operands, global operands collapsed or
@@ -59,7 +60,7 @@ def _cast(b, a: dict):
 
 
 _UNARY = {"neg": ir.neg, "exp": ir.exp, "sin": ir.sin, "cos": ir.cos, "sigmoid": ir.sigmoid,
-          "tanh": ir.tanh, "sqrt": ir.sqrt, "rsqrt": ir.rsqrt}
+          "tanh": ir.tanh, "sqrt": ir.sqrt, "rsqrt": ir.rsqrt, "relu": ir.relu, "mish": ir.mish}
 
 SPECS = [
     _pointwise("silu", ir.silu, {aten.silu.default: _unary("silu")}),

@@ -4,7 +4,8 @@
 defined before use, targets resolvable, one output) and returns it. ``edit_outputs`` runs edit
 graphs (a pass's input and its result) on one recorded step, to compare what they compute;
 ``box_edit`` records a U-Net through the engine and edits a box, for the tests of ops the
-engine supports or runs dense. ``pure(pass_fn, gm, *args)``
+engine supports or runs dense; ``edit_checked`` checks a recording and an edit against every
+promise with nothing run dense. ``pure(pass_fn, gm, *args)``
 also checks that the input graph is unchanged: same nodes, same arguments, same metadata keys
 and values (the passes return what they find; they do not tag their input, docs/design.md,
 "Stages").
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 
 import fisedit_compiler as fc
-from fisedit_compiler import zoo
+from fisedit_compiler import bench, ir, zoo
 from fisedit_compiler.compiler.capture import flatten_inputs
 from fisedit_compiler.graph_keys import CACHE_INPUT, PLAN_INPUT
 
@@ -80,3 +81,35 @@ def box_edit(unet, rows: slice, cols: slice):
     return types.SimpleNamespace(engine=engine, cache=cache, inputs=inputs, recorded=recorded,
                                  caught=caught,
                                  error=((result - expected).norm() / expected.norm()).item())
+
+
+def attention_nodes(gm):
+    return [node for node in gm.graph.nodes if ir.is_call(node, ir.attention)]
+
+
+def edit_checked(unet, inputs, mask, config=fc.SparseConfig(), tolerance=1e-5):
+    """Record, edit ``mask``: the recording is the U-Net's output, nothing runs dense, the edit
+    meets the oracle and equals the recording outside the plan's region, bit for bit."""
+    engine = fc.compile(unet, config)
+    cache = engine.new_cache(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorded = engine.record(cache, 0, **inputs)
+    assert not [w for w in caught if "run dense in edits" in str(w.message)]
+    with torch.no_grad():
+        eager = unet(**inputs)[0]
+    assert bench.relative_error(recorded, eager) <= tolerance
+    plan = engine.plan(mask)
+    edited = bench.edited_inputs(inputs, mask)
+    result = engine.edit(cache, 0, plan=plan, **edited)
+    assert bench.relative_error(result, fc.oracle.masked_dense(engine, plan, inputs,
+                                                               edited)) <= tolerance
+    outside = ~plan[0].active
+    assert torch.equal(result[..., outside], recorded[..., outside])
+    return engine
+
+
+def box(rows, cols, size=16):
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask

@@ -1,8 +1,6 @@
 """fold_attention: diffusers' explicit attention (AttnProcessor: baddbmm, softmax, bmm) becomes
 the canonical attention op, so its edits run sparse; other uses of those ops stay as they are."""
 
-import warnings
-
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
@@ -14,11 +12,7 @@ from fisedit_compiler.compiler.pipeline import trace
 from fisedit_compiler.graph_keys import UNKNOWN_OPS
 from fisedit_compiler.passes.canonicalize import canonicalize
 from fisedit_compiler.passes.fold_attention import fold_attention
-from pass_checks import linted
-
-
-def attention_nodes(gm):
-    return [node for node in gm.graph.nodes if ir.is_call(node, ir.attention)]
+from pass_checks import attention_nodes, box, edit_checked, linted
 
 
 def explicit_unet(**changes):
@@ -27,33 +21,6 @@ def explicit_unet(**changes):
     unet = zoo.from_config(dict(cfg, **changes))
     unet.set_attn_processor(AttnProcessor())
     return unet
-
-
-def edit_checked(unet, inputs, mask, config=fc.SparseConfig(), tolerance=1e-5):
-    """Record, edit ``mask``: the recording is the U-Net's output, nothing runs dense, the edit
-    meets the oracle and equals the recording outside the plan's region, bit for bit."""
-    engine = fc.compile(unet, config)
-    cache = engine.new_cache(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")            # a dense fallback warns
-        recorded = engine.record(cache, 0, **inputs)
-    with torch.no_grad():
-        eager = unet(**inputs)[0]
-    assert bench.relative_error(recorded, eager) <= tolerance
-    plan = engine.plan(mask)
-    edited = bench.edited_inputs(inputs, mask)
-    result = engine.edit(cache, 0, plan=plan, **edited)
-    assert bench.relative_error(result, fc.oracle.masked_dense(engine, plan, inputs,
-                                                               edited)) <= tolerance
-    outside = ~plan[0].active
-    assert torch.equal(result[..., outside], recorded[..., outside])
-    return engine
-
-
-def box(rows, cols, size=16):
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[rows, cols] = True
-    return mask
 
 
 def test_the_explicit_attention_folds_to_the_attention_op():
@@ -102,8 +69,8 @@ def test_a_text_mask_folds_as_the_attention_mask():
 
 def test_upcast_casts_around_the_explicit_attention_fold_too():
     """bf16 with upcast_attention: the queries and keys are cast to fp32 before baddbmm and
-    the probabilities back to bf16 before bmm; the op computes in bf16 as the default
-    processor does, within bf16 rounding of the explicit form."""
+    the probabilities back to bf16 before bmm; the op takes bf16 operands (its softmax in
+    fp32), as the default processor does, within bf16 rounding of the explicit form."""
     unet = explicit_unet(upcast_attention=True).to(torch.bfloat16)
     inputs = zoo.example_inputs(unet, batch=2)
     gm = trace(unet, inputs, "export", "canonical")
@@ -114,9 +81,12 @@ def test_upcast_casts_around_the_explicit_attention_fold_too():
     edit_checked(unet, inputs, box(slice(6, 9), slice(6, 9)), tolerance=3e-2)
 
 
-class ScaledScoresProcessor(AttnProcessor):
-    """Attention whose scores get half of an added bias (baddbmm with beta=0.5): not the
-    pattern, so it must stay as written."""
+class VariantProcessor(AttnProcessor):
+    """Explicit attention with the scores changed: half of an added bias (``beta``), the
+    softmax in another dtype or over another dim. Only the plain form is the pattern."""
+
+    def __init__(self, beta=0.0, softmax_dtype=None, softmax_dim=-1):
+        self.beta, self.softmax_dtype, self.softmax_dim = beta, softmax_dtype, softmax_dim
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -126,22 +96,30 @@ class ScaledScoresProcessor(AttnProcessor):
         value = attn.head_to_batch_dim(attn.to_v(context))
         bias = torch.ones(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype,
                           device=query.device)
-        scores = torch.baddbmm(bias, query, key.transpose(-1, -2), beta=0.5, alpha=attn.scale)
-        out = attn.batch_to_head_dim(torch.bmm(scores.softmax(dim=-1), value))
+        scores = torch.baddbmm(bias, query, key.transpose(-1, -2), beta=self.beta,
+                               alpha=attn.scale)
+        if self.softmax_dtype is not None:
+            scores = scores.to(self.softmax_dtype)
+        probs = scores.softmax(dim=self.softmax_dim).to(query.dtype)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def test_another_baddbmm_is_left_as_written():
+@pytest.mark.parametrize("variant, folds", [
+    ({}, True), ({"beta": 0.5}, False), ({"softmax_dtype": torch.bfloat16}, False),
+    ({"softmax_dim": 1}, False)], ids=["plain", "beta", "narrower-softmax", "softmax-dim"])
+def test_only_the_plain_pattern_folds(variant, folds):
     unet = zoo.unet("sd15-tiny")
-    unet.set_attn_processor(ScaledScoresProcessor())
+    unet.set_attn_processor(VariantProcessor(**variant))
     inputs = zoo.example_inputs(unet, batch=2)
     gm = trace(unet, inputs, "export", "canonical")
-    assert not attention_nodes(gm)
-    assert gm.meta[UNKNOWN_OPS].get("aten.baddbmm.default")
+    assert bool(attention_nodes(gm)) == folds
+    assert ("aten.baddbmm.default" in gm.meta[UNKNOWN_OPS]) == (not folds)
     flat = fc.compiler.capture.flatten_inputs(inputs)
     with torch.no_grad():
         out = gm(*[flat[name] for name in gm.meta["fc_inputs"]])
-        assert bench.relative_error(out, unet(**inputs)[0]) <= 1e-5
+        # (A bf16 softmax amplifies the graph's float32 reorderings; folded it was 1.4e-4 off.)
+        assert bench.relative_error(out, unet(**inputs)[0]) <= 5e-5
 
 
 @pytest.mark.skipif(not fc.config.HAS_TRITON, reason="needs Triton (its interpreter on CPU)")

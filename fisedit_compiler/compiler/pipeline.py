@@ -1,7 +1,7 @@
 """The compile pipeline: a captured U-Net graph through the passes to a Program.
 
 ``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
-canonicalize, fold_attention, then analyze); ``build_program`` takes that analyzed canonical graph through the
+canonicalize, fold_attention, fold_slice_writes, then analyze); ``build_program`` takes that analyzed canonical graph through the
 sparse passes (sparsify, fuse, fuse_tokens, group_linears, lower_kernels where Triton runs,
 hoist_pass_constants) and derives the cache set and the record graph; ``Program.dense_graph``
 is the canonical graph tuned for dense runs (``tune_dense``). SparseEngine and the "fisedit"
@@ -25,6 +25,7 @@ from ..passes.cache import CacheEntry, cache_writes, derive_cache_set, insert_ca
 from ..passes.canonicalize import canonicalize
 from ..passes.fuse import fuse
 from ..passes.fold_attention import fold_attention
+from ..passes.fold_slice_writes import fold_slice_writes
 from ..passes.fuse_tokens import fuse_tokens
 from ..passes.group_linears import group_linears
 from ..passes.hoist_pass_constants import hoist_pass_constants
@@ -51,7 +52,7 @@ def trace(unet, inputs: dict, frontend: str = "export", stage: str = "canonical"
 def canonical_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A captured ATen graph in the ``ir`` dialect, annotated by ``passes.analyze`` (domains,
     levels, MACs, invariance)."""
-    return analyze(fold_attention(canonicalize(gm)))
+    return analyze(fold_slice_writes(fold_attention(canonicalize(gm))))
 
 
 @dataclass

@@ -50,11 +50,15 @@ def fold_attention(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _strip_cast(node):
+def _strip_cast(node, *, widening: bool = True):
     """The input of a cast node (``upcast_attention``'s and ``upcast_softmax``'s), else
-    ``node``."""
+    ``node``. With ``widening`` only a cast to a dtype that holds the input exactly is
+    stripped: a softmax computed in a narrower dtype than its scores is another function."""
     if isinstance(node, fx.Node) and ir.is_call(node, ir.cast) and len(node.users) == 1:
-        return node.args[0]
+        source, dtype = node.args[0], node.args[1]
+        if _dtype(source) is not None and (
+                not widening or torch.promote_types(_dtype(source), dtype) == dtype):
+            return source
     return node
 
 
@@ -66,7 +70,8 @@ def _dtype(node) -> torch.dtype | None:
 def _fold(graph: fx.Graph, bmm: fx.Node) -> bool:
     bmm_args = aten_arguments(bmm)
     probs, value = bmm_args["self"], bmm_args["mat2"]
-    softmax = _strip_cast(probs)
+    # The probabilities may come back to the values' dtype (upcast_softmax's cast down).
+    softmax = _strip_cast(probs, widening=False)
     if not (isinstance(softmax, fx.Node) and softmax.target in _SOFTMAX
             and len(softmax.users) == 1 and aten_arguments(softmax)["dim"] in (-1, 2)):
         return False

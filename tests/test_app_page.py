@@ -25,7 +25,8 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
-from fisedit_compiler.app.page import PageDefaults, _painted, _whole, build_page  # noqa: E402
+from fisedit_compiler.app.page import (PageDefaults, _messages_shown, _painted,  # noqa: E402
+                                       _whole, build_page)
 from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
 
@@ -57,6 +58,25 @@ def test_number_fields_are_whole_numbers_not_truncated():
                          (float("inf"), "got float inf")]:
         with pytest.raises(FiseditError, match=match):
             _whole("dense probe steps", value)
+
+
+def test_the_librarys_warnings_reach_the_page():
+    """A UserWarning raised while a handler runs is shown as the page's warning (outside a
+    gradio event, gr.Warning warns again); a refusal is the page's error."""
+    import warnings
+
+    def handler():
+        warnings.warn("the estimated mask and the user mask share no latent pixel", UserWarning)
+        return "done"
+
+    with pytest.warns(UserWarning, match="share no latent pixel"):
+        assert _messages_shown(handler)() == "done"
+
+    def refused():
+        raise FiseditError("the edit prompt is empty")
+
+    with pytest.raises(gr.Error, match="the edit prompt is empty"):
+        _messages_shown(refused)()
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +182,28 @@ def test_refused_inputs_show_the_library_message(served):
     with pytest.raises(gradio_client.exceptions.AppError,
                        match=r"the prompt is not a caption the 'shapes' model knows"):
         generate(tab, typo)
+
+
+def test_a_fraction_typed_into_a_number_field_is_refused_not_rounded(served):
+    _, url = served
+    tab = client(url)
+    with pytest.raises(gradio_client.exceptions.AppError, match="seed must be an int, got "
+                                                                "float 1.5"):
+        tab.predict(DEFAULTS.prompt, 1.5, DEFAULTS.steps, DEFAULTS.guidance_scale,
+                    api_name="/generate")
+
+
+def test_an_edit_that_changes_nothing_says_so_and_is_not_accepted(served):
+    _, url = served
+    tab = client(url)
+    original = generate(tab)[0]
+    edited, _, timings = edit(tab, DEFAULTS.prompt, probe_steps=None,
+                              estimator="noise-contrast")
+    assert "The edit changes nothing: its U-Net inputs" in timings
+    assert np.array_equal(read(edited), read(original))
+    with pytest.raises(gradio_client.exceptions.AppError, match="changes nothing.*nothing to "
+                                                                "accept"):
+        tab.predict(api_name="/accept")
 
 
 def test_painted_mask_through_the_client(served, tmp_path):

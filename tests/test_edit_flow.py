@@ -10,7 +10,7 @@ import fisedit_compiler as fc
 from fisedit_compiler import zoo
 from fisedit_compiler.edit_flow import EditSession
 from fisedit_compiler.edit_flow import mask as tac
-from fisedit_compiler.edit_flow.session import _check_first_timestep_once, global_change_note
+from fisedit_compiler.edit_flow.session import _check_first_timestep_once, plan_note
 from fisedit_compiler.errors import FiseditError
 
 STEPS = 6
@@ -139,7 +139,7 @@ def test_a_new_negative_prompt_beside_a_prompt_change_is_planned_over_the_whole_
     assert both.report["global_change"] and both.mask.all()
     assert both.report["mask_unet_evaluations"] == 0
     assert both.report["unseen_change"] == "the negative prompt"
-    assert global_change_note(both.report).startswith(
+    assert plan_note(both.report).startswith(
         "the edit changes the negative prompt, which the noise-contrast estimator cannot see")
     # A pipeline argument at its default value of another type is no change: still local.
     same = s.edit(shapes.DEMO_EDIT, eta=0, output_type="latent")
@@ -1464,7 +1464,7 @@ def test_a_change_the_contrast_cannot_see_is_planned_dense(session, pipe):
     assert report["global_change"] and result.mask.all()
     assert result.plan.levels[0].fraction == 1.0 and report["mask_unet_evaluations"] == 0
     assert not torch.equal(result.latents, s.original.latents[-1])
-    assert global_change_note(report).endswith("planned dense: no sparse speedup")
+    assert plan_note(report).endswith("planned dense: no sparse speedup")
     # A user mask still confines it, with the exact background, and the note says so.
     both = s.edit("a red circle", mask=_corner_mask(), mask_mode="intersect",
                   output_type="latent", negative_prompt="blurry")
@@ -1472,7 +1472,7 @@ def test_a_change_the_contrast_cannot_see_is_planned_dense(session, pipe):
     assert _outside_equal(both, s.original.latents[-1])
     assert not torch.equal(both.latents, s.original.latents[-1])
     assert both.report["global_change"] and both.plan.levels[0].fraction < 1.0
-    assert global_change_note(both.report).endswith(
+    assert plan_note(both.report).endswith(
         "the intersecting user mask confines the edit to the mask")
 
 

@@ -8,6 +8,7 @@ the page (and gradio_client raises) with the library's message, not a traceback.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import gradio as gr
 
 from ..checks import check_int
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from ..edit_flow.session import MASK_MODES, global_change_note
+from ..edit_flow.session import MASK_MODES, plan_note
 from ..errors import FiseditError
 from .pool import EditRecipe, EditView, Generation, HistoryEntry, SessionPool
 
@@ -52,7 +53,8 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
             "click a history entry to go back to it.")
         with gr.Row():
             prompt = gr.Textbox(defaults.prompt, label="Prompt", elem_id="prompt", scale=4)
-            seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+            # precision=None: gradio would round 1.5 to 2 before _whole could refuse it.
+            seed = gr.Number(0, label="Seed", precision=None, elem_id="seed")
         with gr.Row():
             steps = gr.Slider(2, 100, defaults.steps, step=1, label="Steps", elem_id="steps")
             guidance = gr.Slider(1.0, 15.0, defaults.guidance_scale, step=0.5,
@@ -61,7 +63,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
         with gr.Row():
             edit_prompt = gr.Textbox(defaults.edit_prompt, label="Edit prompt",
                                      elem_id="edit-prompt", scale=4)
-            probe_steps = gr.Number(defaults.probe_steps, precision=0, elem_id="probe-steps",
+            probe_steps = gr.Number(defaults.probe_steps, precision=None, elem_id="probe-steps",
                                     label="Dense steps before the sparse ones (empty: the "
                                           "estimator's default)")
         with gr.Row():
@@ -122,16 +124,16 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
             return (_shown(entry.image), _shown(entry.image), None, None,
                     f"Back to: {entry.label}")
 
-        generate.click(_refusals_shown(on_generate), [prompt, seed, steps, guidance],
+        generate.click(_messages_shown(on_generate), [prompt, seed, steps, guidance],
                        [original, painting, edited, overlay, timings, history],
                        api_name="generate")
-        edit.click(_refusals_shown(on_edit),
+        edit.click(_messages_shown(on_edit),
                    [edit_prompt, probe_steps, estimator, mask_mode, painting],
                    [edited, overlay, timings], api_name="edit")
-        accept.click(_refusals_shown(on_accept), None,
+        accept.click(_messages_shown(on_accept), None,
                      [original, painting, edited, overlay, timings, history],
                      api_name="accept")
-        history.select(_refusals_shown(on_history), None,
+        history.select(_messages_shown(on_history), None,
                        [original, painting, edited, overlay, timings], api_name="restore")
 
         def on_close(request: gr.Request):
@@ -141,14 +143,27 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
     return page
 
 
-def _refusals_shown(handler):
-    """Show a refused input (FiseditError) in the page as its message."""
+def _messages_shown(handler):
+    """Show a refused input (FiseditError) in the page as its message, and what the library
+    warns about while the handler runs (an intersection that marks nothing, a recording past
+    the memory budget) as the page's warnings: printed on the server they reach no user."""
     @functools.wraps(handler)
     def shown(*args, **kwargs):
+        caught = []
         try:
-            return handler(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                return handler(*args, **kwargs)
         except FiseditError as error:
             raise gr.Error(str(error), duration=20, print_exception=False) from None
+        finally:
+            # Outside the recording: shown now (or, outside a gradio event, warned again).
+            for warning in caught:
+                if issubclass(warning.category, UserWarning):
+                    gr.Warning(str(warning.message), duration=20)
+                else:
+                    warnings.warn_explicit(warning.message, warning.category,
+                                           warning.filename, warning.lineno)
     return shown
 
 
@@ -208,9 +223,15 @@ def _timings(view: EditView) -> str:
         f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense steps "
         f"{timing['probe_s']:.2f} s, {report['sparse_steps']} sparse steps "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
-        f"image (mask: {report['mask_source']} by {report['mask_estimator']}, "
-        f"{report['mask_area_fraction']:.0%})."
-        + _sentence(global_change_note(report)))
+        f"image (mask: {_mask_source(report)}, {report['mask_area_fraction']:.0%})."
+        + _sentence(plan_note(report)))
+
+
+def _mask_source(report: dict) -> str:
+    """Where the edit's mask came from, in the page's words."""
+    by = report["mask_estimator"]
+    return {"user": "painted", "auto": f"automatic, by {by}",
+            "auto&user": f"painted, intersecting the automatic one by {by}"}[report["mask_source"]]
 
 
 def _sentence(note: str) -> str:

@@ -153,6 +153,10 @@ class SessionPool:
             if tab.last_edit is None:
                 raise FiseditError("there is no edit to accept yet: edit the image first")
             recipe, result = tab.last_edit
+            if result.report["unchanged"]:
+                raise FiseditError("the last edit changes nothing (its prompt and settings are "
+                                   "the original's), so there is nothing to accept: edit the "
+                                   "prompt or paint a region first")
             tab.session.accept(result)
             # From the session's own copy: the caller may have drawn on the edit's image.
             entry = HistoryEntry(f"edit: {recipe.prompt}", tab.session.original.images[0].copy(),

@@ -22,7 +22,7 @@ from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask
 from ..pipeline_files import read_json_object, read_saved_folder
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from .session import (check_mask_choice, check_pipeline_class, check_step_count,
-                      global_change_note, size_multiple)
+                      plan_note, size_multiple)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -125,7 +125,7 @@ def run_edit(args) -> int:
     pipe = zoo.load_pipeline(args.pipeline)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
-    _say_if_global(report)
+    _say_plan_note(report)
     print(f"wrote {', '.join(OUTPUT_FILES)} to {args.out}")
     return 0
 
@@ -172,7 +172,7 @@ def run_demo(args) -> int:
                   f"--mask or --mask-box to change it")
     report = _generate_and_edit(pipe, args, warm_repeat=True, model=args.model)
     print(json.dumps(_summary(report), indent=2))
-    _say_if_global(report)
+    _say_plan_note(report)
     print(f"wrote {', '.join(OUTPUT_FILES)} to {args.out}")
     return 0
 
@@ -418,8 +418,8 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     return report
 
 
-def _say_if_global(report: dict) -> None:
-    note = global_change_note(report)
+def _say_plan_note(report: dict) -> None:
+    note = plan_note(report)
     if note:
         print(note)
 

@@ -854,6 +854,7 @@ class EditSession:
             "mask_source": source,
             "mask_estimator": None if run.estimator is None else run.estimator.name,
             "mask_unet_evaluations": run.mask_unet_evaluations,
+            "unchanged": run.unchanged,
             "global_change": run.global_change,
             "unseen_change": run.unseen_change,
             "mask_area_fraction": float(run.mask.float().mean()),
@@ -1466,11 +1467,16 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
     return estimator, probe_steps
 
 
-def global_change_note(report: dict) -> str:
-    """The sentence the command line and the page show for a global change (empty
-    otherwise), seen by the estimator or a change it cannot see: planned dense, or, with an
+def plan_note(report: dict) -> str:
+    """The sentence the command line and the page show where the plan is not simply the
+    mask's (empty otherwise): an edit that is the generation changes nothing; a global
+    change, seen by the estimator or one it cannot see, is planned dense, or, with an
     intersecting user mask, confined to that mask (the plan is then the user's, and may well
     run sparse)."""
+    if report["unchanged"]:
+        return ("the edit changes nothing: its U-Net inputs and pipeline arguments are the "
+                "generation's, so the result is the original (change the prompt or another "
+                "argument to edit)")
     if not report["global_change"]:
         return ""
     if report["unseen_change"]:

@@ -692,7 +692,10 @@ class Recording:
 
     def _nothing_recorded(self) -> str:
         why = (" Fallbacks: " + "; ".join(self.fallbacks)) if self.fallbacks else (
-            " Was the U-Net compiled with backend=\"fisedit\" and called inside the context?")
+            " Was the U-Net compiled with backend=\"fisedit\" and called inside the context? "
+            "(Past torch._dynamo.config.recompile_limit recompilations of one function, as "
+            "many input shapes, dtypes or configs, Dynamo runs it eagerly without a word: "
+            "call torch._dynamo.reset() or raise the limit.)")
         if any("is not a diffusers U-Net" in reason for reason in self.fallbacks):
             why += (". Graphs of the U-Net's submodules mean that a graph break split the "
                     "U-Net call, so Dynamo compiled its pieces (Python control flow on a "

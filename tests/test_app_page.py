@@ -51,6 +51,11 @@ def test_painted_layers_are_read_by_their_alpha_and_a_layer_without_one_is_refus
         _painted({"layers": [stroke, np.zeros((9, 8, 4), dtype=np.uint8)]})
 
 
+def test_a_painting_that_is_not_the_editors_value_is_refused():
+    with pytest.raises(FiseditError, match="the painting must be the image editor's value"):
+        _painted(np.zeros((4, 4, 4), dtype=np.uint8))
+
+
 def test_number_fields_are_whole_numbers_not_truncated():
     assert _whole("steps", 4.0) == 4 and _whole("seed", None, empty=0) == 0
     assert _whole("dense probe steps", None) is None

@@ -186,6 +186,10 @@ def _shown(image: PIL.Image.Image) -> PIL.Image.Image:
 
 def _painted(painting: dict | None) -> np.ndarray | None:
     """The painted pixels (bool, at the shown size) of the editor's layers; None if none."""
+    if painting is not None and not isinstance(painting, dict):
+        raise FiseditError(f"the painting must be the image editor's value (a dict of "
+                           f"'background', 'layers' and 'composite'), got "
+                           f"{type(painting).__name__}; send the editor's value as it is")
     layers = [] if painting is None else painting.get("layers") or []
     for layer in layers:
         # The editor's layers are RGBA and alpha marks the strokes; a layer without alpha

@@ -1046,7 +1046,7 @@ def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):
     may change is the user's mask grown by the dilation, and the images keep the rest."""
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[0:9, 0:9] = True
-    result = session.edit("a blue circle", mask=mask, probe_steps=PROBE, output_type="np")
+    result = session.edit("a yellow square", mask=mask, probe_steps=PROBE, output_type="np")
     assert result.plan.levels[0].dense
     assert torch.equal(result.region, tac.dilate(mask, 3))       # SparseConfig.dilation 1
     outside = _outside_pixels(result)

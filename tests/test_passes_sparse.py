@@ -205,3 +205,46 @@ def test_a_text_attention_mask_keeps_cross_attention_sparse_and_exact():
     assert ((output - expected).norm() / expected.norm()).item() < 1e-5
     outside = ~plan[0].active
     assert torch.equal(output[..., outside], recorded[..., outside])
+
+
+class LowRankDelta:
+    """A user's attention processor: the default one plus ``hidden_states @ down @ up`` with
+    constant factors (a hand-made LoRA)."""
+
+    def __init__(self, width: int, rank: int = 2):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        gen = torch.Generator().manual_seed(3)
+        self.inner = AttnProcessor2_0()
+        self.down = torch.randn(width, rank, generator=gen) * 0.1
+        self.up = torch.randn(rank, width, generator=gen) * 0.1
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self.inner(attn, hidden_states, *args, **kwargs) + (
+            hidden_states @ self.down @ self.up)
+
+
+def test_a_matmul_by_a_constant_matrix_is_a_projection():
+    unet = zoo.unet("sd15-tiny")
+    unet.set_attn_processor({name: LowRankDelta(unet.get_submodule(
+        name.rsplit(".processor", 1)[0]).to_q.in_features) for name in unet.attn_processors})
+    run = box_edit(unet, slice(2, 4), slice(10, 12))
+    assert not any("run dense in edits" in str(w.message) for w in run.caught)
+    assert not run.engine.program(run.inputs).canonical.meta["fc_unknown_ops"]
+    assert run.error <= 1e-5
+
+
+def test_a_matmul_of_two_activations_is_not_a_projection():
+    """``x @ y`` where y has positions too (here the sample's own tokens, transposed): a
+    mixing of positions, which runs dense and exact."""
+    unet = zoo.unet("sd15-tiny")
+
+    def mix(module, args, out):
+        tokens = out.flatten(2)                               # [B, C, HW]
+        mixed = (tokens.transpose(1, 2) @ tokens[0]).mean(-1)  # [B, HW, HW] -> [B, HW]
+        return out + 1e-3 * mixed.reshape(out.shape[0], 1, *out.shape[2:])
+
+    unet.conv_in.register_forward_hook(mix)
+    run = box_edit(unet, slice(2, 4), slice(10, 12))
+    assert any("run dense in edits" in str(w.message) for w in run.caught)
+    assert run.error <= 1e-5

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from ... import ir
 from ...execution import sparse_ops
-from .spec import Domain, OpSpec, before_trailing, per_position, shape_of
+from .spec import OPAQUE, Domain, OpSpec, before_trailing, domain_of, per_position, shape_of
 
 aten = torch.ops.aten
 
@@ -21,7 +21,21 @@ def _rule(b, a: dict):
     return b.emit("linear", b.get(a["input"]), b.get(a["weight"]), b.get(a["bias"]))
 
 
+def _matmul(b, a: dict):
+    """``x @ w`` with a constant 2-D ``w`` (a low-rank delta a user's attention processor
+    adds, say) is ``linear(x, w.T)``: per position, as a projection."""
+    x, other = a["self"], a["other"]
+    if len(b.shape(other)) != 2 or len(b.shape(x)) < 2:
+        return None
+    weight = b.emit("permute", b.get(other), (1, 0))
+    weight.meta["val"] = other.meta["val"].t()
+    return b.emit("linear", b.get(x), weight, None)
+
+
 def _domain(node: fx.Node) -> Domain:
+    # A weight with positions of its own (a matmul of two activations) is no projection.
+    if domain_of(node.args[1]).positional:
+        return OPAQUE
     return before_trailing(node, 1)
 
 
@@ -30,7 +44,7 @@ def _macs(node: fx.Node) -> int:
 
 
 SPECS = [
-    OpSpec(name="linear", fn=ir.linear, kind="linear", aten={aten.linear.default: _rule},
+    OpSpec(name="linear", fn=ir.linear, kind="linear", aten={aten.linear.default: _rule, aten.matmul.default: _matmul},
            domain=_domain, macs=_macs, edit_macs=None, sparse=per_position, records={},
            reference=(sparse_ops.grouped_linear,), lowerings={}, oracle=None),
 ]

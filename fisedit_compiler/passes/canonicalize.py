@@ -18,6 +18,8 @@ again, so no edit, not even one that changes nothing, could equal the recording.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx as fx
 
@@ -34,7 +36,6 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a new GraphModule in the canonical dialect (the input graph is left unchanged)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node | object] = {}
-    unknown: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
             graph.output(fx.map_arg(node.args[0], lambda n: env[n]))
@@ -48,15 +49,21 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             _refuse_if_random(node)
             new = graph.node_copy(node, lambda n: env[n])
             new.meta[ir.META_UNKNOWN] = True
-            unknown[str(node.target)] = unknown.get(str(node.target), 0) + 1
             env[node] = new
         else:
             env[node] = result
     graph.eliminate_dead_code()
     result_gm = fx.GraphModule(gm, graph)
     result_gm.meta.update(gm.meta)
-    result_gm.meta[UNKNOWN_OPS] = unknown
+    result_gm.meta[UNKNOWN_OPS] = unknown_ops(result_gm)
     return result_gm
+
+
+def unknown_ops(gm: fx.GraphModule) -> dict[str, int]:
+    """{ATen op: count} of the graph's nodes with no canonical form (``META_UNKNOWN``); the
+    fold passes recount them after rewriting some into canonical ops."""
+    return dict(Counter(str(node.target) for node in gm.graph.nodes
+                        if node.meta.get(ir.META_UNKNOWN)))
 
 
 def _refuse_if_random(node: fx.Node) -> None:

@@ -22,13 +22,12 @@ rounding, as the default processor's does.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.fx as fx
 
 from .. import ir
 from ..graph_keys import UNKNOWN_OPS
+from .canonicalize import unknown_ops
 from .registry.spec import aten_arguments
 
 aten = torch.ops.aten
@@ -45,8 +44,7 @@ def fold_attention(gm: fx.GraphModule) -> fx.GraphModule:
     if folded:
         graph.lint()
         gm.recompile()
-        gm.meta[UNKNOWN_OPS] = dict(Counter(
-            str(n.target) for n in graph.nodes if n.meta.get(ir.META_UNKNOWN)))
+        gm.meta[UNKNOWN_OPS] = unknown_ops(gm)
     return gm
 
 

@@ -16,13 +16,12 @@ nothing but the chain (a read of a half-filled buffer would see the initial valu
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.fx as fx
 
 from .. import ir
 from ..graph_keys import UNKNOWN_OPS
+from .canonicalize import unknown_ops
 from .registry.spec import aten_arguments
 
 aten = torch.ops.aten
@@ -39,8 +38,7 @@ def fold_slice_writes(gm: fx.GraphModule) -> fx.GraphModule:
     if folded:
         graph.lint()
         gm.recompile()
-        gm.meta[UNKNOWN_OPS] = dict(Counter(
-            str(n.target) for n in graph.nodes if n.meta.get(ir.META_UNKNOWN)))
+        gm.meta[UNKNOWN_OPS] = unknown_ops(gm)
     return gm
 
 

@@ -58,7 +58,9 @@ def test_a_painting_that_is_not_the_editors_value_is_refused():
 
 def test_number_fields_are_whole_numbers_not_truncated():
     assert _whole("steps", 4.0) == 4 and _whole("seed", None, empty=0) == 0
-    assert _whole("dense probe steps", None) is None
+    assert _whole("dense probe steps", None, empty=None) is None
+    with pytest.raises(FiseditError, match="the steps field is empty; enter a whole number"):
+        _whole("steps", None)
     for value, match in [(0.9, "must be an int, got float 0.9"), (float("nan"), "got float nan"),
                          (float("inf"), "got float inf")]:
         with pytest.raises(FiseditError, match=match):

@@ -108,7 +108,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
         def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
                     request: gr.Request):
             recipe = EditRecipe(checked("the edit prompt", edit_prompt_),
-                                _whole("dense probe steps", probe_steps_),
+                                _whole("dense probe steps", probe_steps_, empty=None),
                                 _painted(painting_), mask_mode_, estimator_)
             view = pool.edit(request.session_hash, recipe)
             return _shown(view.image), _shown(_overlay(view)), _timings(view)
@@ -167,11 +167,16 @@ def _messages_shown(handler):
     return shown
 
 
-def _whole(name: str, value, *, empty=None):
+_REQUIRED = object()
+
+
+def _whole(name: str, value, *, empty=_REQUIRED):
     """A number field's value as an int (gradio sends floats such as 3.0); ``empty`` for an
-    empty field. Anything but a whole number (0.9, NaN) is refused, not truncated; the pool's
-    checks then bound it."""
+    empty field, which without one is refused. Anything but a whole number (0.9, NaN) is
+    refused, not truncated; the pool's checks then bound it."""
     if value is None:
+        if empty is _REQUIRED:
+            raise FiseditError(f"the {name} field is empty; enter a whole number")
         return empty
     if isinstance(value, float) and value.is_integer():
         value = int(value)

@@ -1,17 +1,21 @@
-"""fold_slice_writes: a buffer filled slice by slice becomes a cat of the slices' values.
+"""fold_slice_writes: a buffer written slice by slice becomes a cat of the written values
+and the slices left as they were.
 
-Why: ``buffer[a:b] = value`` in a loop that fills every slice of a dim, as diffusers'
-``SlicedAttnProcessor`` does with the heads' attention outputs (``set_attention_slice``,
-``pipe.enable_attention_slicing()``), reaches the captured graph functionalised: per slice a
-``slice_scatter`` of the buffer so far with a ``copy`` of the value into its slice. Neither op
-has a canonical form, so everything downstream ran dense (measured on sd15-tiny: 606 nodes, a
-sixth of the MACs of a small edit). Where the slices tile the dim exactly, the result holds
-the values alone, joined along that dim: ``cat``, which the edit runs on compact tensors.
+Why: ``buffer[a:b] = value`` (and ``buffer[a:b] *= s``) reaches the captured graph
+functionalised: per write a ``slice_scatter`` of the buffer so far with the value (or a
+``copy`` of it into the slice). Neither op has a canonical form, so everything downstream ran
+dense: diffusers' ``SlicedAttnProcessor`` (``set_attention_slice``,
+``pipe.enable_attention_slicing()``) fills a buffer with the heads' attention outputs slice by
+slice (measured on sd15-tiny: 606 nodes, a sixth of the MACs of a small edit), and FreeU
+scales half of the channels in place. The result is the written values with the buffer's
+own values between them, joined along the written dim: ``cat`` of values and slices, which
+the edit runs on compact tensors (along channels or heads, never positions: cat refuses
+those).
 
-Taken only where that is exact: every write along one dim with step 1, the slices' ranges
-non-overlapping and covering the whole dim (the buffer's own values then never show), each
-value of the slice's shape and the buffer's dtype, and the intermediate buffers read by
-nothing but the chain (a read of a half-filled buffer would see the initial values).
+Taken only where that is exact: every write along one dim with step 1, the writes' ranges
+non-overlapping, each value of the slice's shape and the buffer's dtype, and the
+intermediate buffers read by nothing but the chain (a read of a half-written buffer would
+see the state between writes).
 """
 
 from __future__ import annotations
@@ -91,17 +95,28 @@ def _fold(graph: fx.Graph, last: fx.Node) -> bool:
                                        for user in buffer.users):
             return False
         node = buffer
-    dim = writes[0][4]
-    ranges = sorted((start, end) for start, end, *_ in writes)
-    if len(writes) < 2 or ranges[0][0] != 0 or ranges[-1][1] != shape[dim] or any(
-            before[1] != after[0] for before, after in zip(ranges, ranges[1:])):
+    dim, base = writes[0][4], node
+    ordered = sorted(writes, key=lambda w: w[0])
+    if any(before[1] > after[0] for before, after in zip(ordered, ordered[1:])):
+        return False                   # overlapping writes: the later one wins, in order
+    if _shape_dtype(base) != (shape, dtype):
         return False
-    values = [value for _, _, value, _, _ in sorted(writes, key=lambda w: w[0])]
+    meta = {key: item for key, item in last.meta.items() if key != ir.META_UNKNOWN}
+    pieces, done = [], 0
     with graph.inserting_before(last):
-        joined = graph.call_function(ir.cat, (values, dim))
-    joined.meta.update({key: item for key, item in last.meta.items() if key != ir.META_UNKNOWN})
+        for start, end, value, _, _ in ordered + [(shape[dim], shape[dim], None, None, None)]:
+            if done < start:           # not written: the buffer's own values
+                kept = graph.call_function(ir.slice_dim, (base, dim, done, start, 1))
+                kept.meta.update(meta, val=base.meta["val"].narrow(dim, done, start - done))
+                kept.meta[ir.META_OP] = "slice"
+                pieces.append(kept)
+            if value is not None:
+                pieces.append(value)
+            done = end
+        joined = graph.call_function(ir.cat, (pieces, dim))
+    joined.meta.update(meta)
     joined.meta[ir.META_OP] = "cat"
-    joined.meta[ir.META_SOURCE] = "aten.slice_scatter.default (a buffer filled slice by slice)"
+    joined.meta[ir.META_SOURCE] = "aten.slice_scatter.default (a buffer written slice by slice)"
     last.replace_all_uses_with(joined)
     # The chain, last write first: each write, then its copy and slice, then the buffer.
     for _, _, _, scatter, _ in writes:
@@ -110,8 +125,7 @@ def _fold(graph: fx.Graph, last: fx.Node) -> bool:
                      else None):
             if isinstance(dead, fx.Node) and not dead.users:
                 graph.erase_node(dead)
-    base = node
-    if isinstance(base, fx.Node) and not base.users and base.op == "call_function":
+    if not base.users and base.op == "call_function":
         graph.erase_node(base)
     return True
 

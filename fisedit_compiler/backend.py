@@ -458,6 +458,12 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
             check_unet(module)
         except FiseditError as error:
             return str(error)
+    if any(node.target is torch.ops.higher_order.tag_activation_checkpoint
+           for node in gm.graph.nodes):
+        return ("the U-Net runs with gradient checkpointing while gradients are on, which "
+                "wraps its blocks in checkpoint regions the engine cannot capture; call it "
+                "under torch.no_grad(), as diffusers pipelines do, or call "
+                "unet.disable_gradient_checkpointing()")
     outputs = gm.graph.output_node().args[0]
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     if len(outputs) != 1:

@@ -152,6 +152,20 @@ def test_dense_outside_contexts(sd15):
     assert torch.equal(call(compiled, inputs, t), call(unet, inputs, t))
 
 
+def test_gradient_checkpointing_with_gradients_on_is_named():
+    """Dynamo wraps checkpointed blocks in regions export cannot lower: the fallback says why
+    and what to do, instead of an error from inside torch.export."""
+    unet = zoo.unet("sd15-tiny")
+    unet.enable_gradient_checkpointing()
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    with pytest.warns(UnsupportedGraphWarning, match=r"gradient checkpointing while gradients "
+                      r"are on.*torch.no_grad\(\).*disable_gradient_checkpointing"):
+        with fc.recording(compiled) as rec:
+            call(compiled, inputs, torch.tensor(500))
+    assert rec.num_steps == 0
+
+
 @pytest.fixture(scope="module")
 def engine_for():
     engines = {}

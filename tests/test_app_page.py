@@ -86,6 +86,40 @@ def test_the_librarys_warnings_reach_the_page():
         _messages_shown(refused)()
 
 
+def test_warnings_of_handlers_in_two_threads_reach_their_own_tab(monkeypatch):
+    """gradio runs handlers in worker threads at once; each tab is shown its own warnings,
+    and the process's warning state is as before afterwards."""
+    import threading
+    import warnings
+
+    from fisedit_compiler.app import page
+
+    shown = []
+    monkeypatch.setattr(page.gr, "Warning", lambda message, duration=None: shown.append(
+        (threading.current_thread().name, message)))
+    a_running = threading.Event()
+
+    def tab_a():
+        a_running.set()
+        time.sleep(0.2)                       # B would start meanwhile
+        warnings.warn("warning of A", UserWarning)
+
+    def tab_b():
+        warnings.warn("warning of B", UserWarning)
+        time.sleep(0.4)                       # ... and end after A
+
+    before = warnings.showwarning, list(warnings.filters)
+    first = threading.Thread(target=_messages_shown(tab_a), name="A")
+    second = threading.Thread(target=_messages_shown(tab_b), name="B")
+    first.start()
+    a_running.wait()
+    second.start()
+    first.join()
+    second.join()
+    assert sorted(shown) == [("A", "warning of A"), ("B", "warning of B")]
+    assert (warnings.showwarning, list(warnings.filters)) == before
+
+
 @pytest.fixture(scope="module")
 def served():
     """(pool, url) of the page served on a free port of 127.0.0.1."""

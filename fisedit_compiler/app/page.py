@@ -8,6 +8,7 @@ the page (and gradio_client raises) with the library's message, not a traceback.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +144,14 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
     return page
 
 
+# The page's handlers run one at a time. Their work on the device already does (the pool's
+# lock); the rest is image conversion. Why: the warnings a handler shows are caught with
+# warnings.catch_warnings, which swaps process-wide state, so two handlers inside it at once
+# in gradio's worker threads would show each other's warnings and could leave the capture
+# installed for good.
+_HANDLER_LOCK = threading.Lock()
+
+
 def _messages_shown(handler):
     """Show a refused input (FiseditError) in the page as its message, and what the library
     warns about while the handler runs (an intersection that marks nothing, a recording past
@@ -151,7 +160,7 @@ def _messages_shown(handler):
     def shown(*args, **kwargs):
         caught = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with _HANDLER_LOCK, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 return handler(*args, **kwargs)
         except FiseditError as error:

@@ -31,12 +31,13 @@ def test_sliced_attention_edits_run_sparse_and_exact(slice_size):
 
 
 def halves_written(partial: bool, read_half_filled: bool = False):
-    """A conv_in hook that writes its output's channels into a new buffer in two slices."""
+    """A conv_in hook that writes its output's channels into a new buffer in two slices (a
+    partial one ending at a negative index)."""
     def hook(module, args, out):
         buffer = torch.zeros_like(out)
         buffer[:, :16] = out[:, :16] * 2
         early = buffer * 1.0 if read_half_filled else 0
-        buffer[:, 16:30 if partial else 32] = out[:, 16:30 if partial else 32]
+        buffer[:, 16:-2 if partial else 32] = out[:, 16:-2 if partial else 32]
         return buffer + early
     return hook
 

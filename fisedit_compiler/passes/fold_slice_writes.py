@@ -77,10 +77,12 @@ def _fold(graph: fx.Graph, last: fx.Node) -> bool:
     while _is_scatter(node):
         a = aten_arguments(node)
         dim = a["dim"] % len(shape)
-        start = 0 if a["start"] is None else a["start"]
-        end = shape[dim] if a["end"] is None else min(a["end"], shape[dim])
-        if a["step"] != 1 or not isinstance(start, int) or not isinstance(end, int) or \
-                not 0 <= start < end:
+        if not all(isinstance(v, (int, type(None))) for v in (a["start"], a["end"], a["step"])):
+            return False               # symbolic bounds
+        # Python's slice semantics (negative and past-the-end bounds), as canonicalize takes
+        # the copy's target slice.
+        start, end, step = slice(a["start"], a["end"], a["step"]).indices(shape[dim])
+        if step != 1 or start >= end:
             return False
         if writes and dim != writes[0][4]:
             return False

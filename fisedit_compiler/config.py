@@ -28,6 +28,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def kernels_take(dtype: torch.dtype | None) -> bool:
     """Whether the Triton kernels take ``dtype`` (None: not known yet, as at compile)."""
     return dtype is None or dtype in KERNEL_DTYPES
+
+
 CONV_METHODS = ("implicit", "gather")
 
 

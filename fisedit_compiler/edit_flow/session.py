@@ -1033,9 +1033,9 @@ class _EditRun:
         cut through it a random mask."""
         original, trajectory = self.original, self.trajectory
         recorded = original.unet_inputs[0]
-        changed = _changed_arguments(trajectory, original, self.session.pipe)
-        if not changed and _identical(inputs, recorded):
+        if self._changes_nothing(inputs):
             return "nothing", None
+        changed = _changed_arguments(trajectory, original, self.session.pipe)
         unseen = sorted(set(changed) - {"prompt_2"})     # prompt_2 is text the contrast reads
         if unseen:
             return "all", f"the pipeline argument(s) {', '.join(unseen)}"

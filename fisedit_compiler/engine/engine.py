@@ -513,8 +513,7 @@ class SparseEngine:
         # Dict inputs may come flattened, as the captured graph names them
         # (added_cond_kwargs_text_embeds); the backend passes them so. A forward with
         # **kwargs (a subclass passing them on to diffusers' forward) takes any name.
-        takes_any = len(named) < len(params) and any(
-            param.kind == param.VAR_KEYWORD for param in params.values())
+        takes_any = any(param.kind == param.VAR_KEYWORD for param in params.values())
         unknown = sorted(name for name in inputs if name not in named
                          if not any(name.startswith(p + "_") for p in named))
         if unknown and not takes_any:

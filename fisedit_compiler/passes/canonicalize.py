@@ -59,6 +59,17 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     return result_gm
 
 
+def canonical_call(graph: fx.Graph, name: str, args, meta: dict, source: str) -> fx.Node:
+    """A call of op ``name``'s canonical function on ``args``, with the metadata of the node(s)
+    it stands for (``meta``; an unknown op's tag dropped) and its op and ``source`` named:
+    how canonicalize and the fold passes make canonical nodes."""
+    new = graph.call_function(registry.REGISTRY[name].fn, tuple(args))
+    new.meta.update({key: item for key, item in meta.items() if key != ir.META_UNKNOWN})
+    new.meta[ir.META_OP] = name
+    new.meta[ir.META_SOURCE] = source
+    return new
+
+
 def unknown_ops(gm: fx.GraphModule) -> dict[str, int]:
     """{ATen op: count} of the graph's nodes with no canonical form (``META_UNKNOWN``); the
     fold passes recount them after rewriting some into canonical ops."""
@@ -114,11 +125,7 @@ class _Builder:
         return [int(s) for s in node.meta["val"].shape]
 
     def emit(self, name: str, *args) -> fx.Node:
-        new = self.graph.call_function(registry.REGISTRY[name].fn, tuple(args))
-        new.meta.update(self.source.meta)
-        new.meta[ir.META_OP] = name
-        new.meta[ir.META_SOURCE] = str(self.source.target)
-        return new
+        return canonical_call(self.graph, name, args, self.source.meta, str(self.source.target))
 
     def forward(self, value):
         """Fold the node into ``value`` (a canonical node of the new graph)."""

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..graph_keys import UNKNOWN_OPS
-from .canonicalize import unknown_ops
+from .canonicalize import canonical_call, unknown_ops
 from .registry.spec import aten_arguments
 
 aten = torch.ops.aten
@@ -93,11 +93,9 @@ def _fold(graph: fx.Graph, bmm: fx.Node) -> bool:
     else:
         return False
     with graph.inserting_before(bmm):
-        attention = graph.call_function(ir.attention, (query, key, value, mask, float(alpha)))
-    attention.meta.update({key: item for key, item in bmm.meta.items()
-                           if key != ir.META_UNKNOWN})
-    attention.meta[ir.META_OP] = "attention"
-    attention.meta[ir.META_SOURCE] = "aten.baddbmm.default, aten.softmax, aten.bmm.default"
+        attention = canonical_call(graph, "attention", (query, key, value, mask, float(alpha)),
+                                   bmm.meta, "aten.baddbmm.default, aten.softmax, "
+                                   "aten.bmm.default")
     bmm.replace_all_uses_with(attention)
     # The pattern's nodes, users before what they read; shared ones (a key permute read
     # elsewhere) and the inputs the attention now reads stay.

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..graph_keys import UNKNOWN_OPS
-from .canonicalize import unknown_ops
+from .canonicalize import canonical_call, unknown_ops
 from .registry.spec import aten_arguments
 
 aten = torch.ops.aten
@@ -73,7 +73,7 @@ def _fold(graph: fx.Graph, last: fx.Node) -> bool:
     shape, dtype = _shape_dtype(last) or (None, None)
     if shape is None:
         return False
-    writes, node = [], last          # (start, end, value, scatter), last write first
+    writes, node, chain_dim = [], last, None     # (start, end, value, scatter), last first
     while _is_scatter(node):
         a = aten_arguments(node)
         dim = a["dim"] % len(shape)
@@ -82,46 +82,42 @@ def _fold(graph: fx.Graph, last: fx.Node) -> bool:
         # Python's slice semantics (negative and past-the-end bounds), as canonicalize takes
         # the copy's target slice.
         start, end, step = slice(a["start"], a["end"], a["step"]).indices(shape[dim])
-        if step != 1 or start >= end:
+        if step != 1 or start >= end or chain_dim not in (None, dim):
             return False
-        if writes and dim != writes[0][4]:
-            return False
+        chain_dim = dim
         value = _written_value(a["self"], a["src"], dim, start, end)
         expected = shape[:dim] + (end - start,) + shape[dim + 1:]
         if value is None or _shape_dtype(value) != (expected, dtype):
             return False
-        writes.append((start, end, value, node, dim))
+        writes.append((start, end, value, node))
         buffer = a["self"]
         # An intermediate buffer read elsewhere would show the half-filled state.
         if _is_scatter(buffer) and any(user is not node and not _reads_only_for(user, node)
                                        for user in buffer.users):
             return False
         node = buffer
-    dim, base = writes[0][4], node
+    dim, base = chain_dim, node
     ordered = sorted(writes, key=lambda w: w[0])
     if any(before[1] > after[0] for before, after in zip(ordered, ordered[1:])):
         return False                   # overlapping writes: the later one wins, in order
     if _shape_dtype(base) != (shape, dtype):
         return False
-    meta = {key: item for key, item in last.meta.items() if key != ir.META_UNKNOWN}
+    source = "aten.slice_scatter.default (a buffer written slice by slice)"
     pieces, done = [], 0
     with graph.inserting_before(last):
-        for start, end, value, _, _ in ordered + [(shape[dim], shape[dim], None, None, None)]:
+        for start, end, value, _ in ordered + [(shape[dim], shape[dim], None, None)]:
             if done < start:           # not written: the buffer's own values
-                kept = graph.call_function(ir.slice_dim, (base, dim, done, start, 1))
-                kept.meta.update(meta, val=base.meta["val"].narrow(dim, done, start - done))
-                kept.meta[ir.META_OP] = "slice"
+                kept = canonical_call(graph, "slice", (base, dim, done, start, 1), last.meta,
+                                      source)
+                kept.meta["val"] = base.meta["val"].narrow(dim, done, start - done)
                 pieces.append(kept)
             if value is not None:
                 pieces.append(value)
             done = end
-        joined = graph.call_function(ir.cat, (pieces, dim))
-    joined.meta.update(meta)
-    joined.meta[ir.META_OP] = "cat"
-    joined.meta[ir.META_SOURCE] = "aten.slice_scatter.default (a buffer written slice by slice)"
+        joined = canonical_call(graph, "cat", (pieces, dim), last.meta, source)
     last.replace_all_uses_with(joined)
     # The chain, last write first: each write, then its copy and slice, then the buffer.
-    for _, _, _, scatter, _ in writes:
+    for _, _, _, scatter in writes:
         src = aten_arguments(scatter)["src"]
         for dead in (scatter, src, aten_arguments(src)["self"] if src.target is aten.copy.default
                      else None):

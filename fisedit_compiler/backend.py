@@ -914,6 +914,8 @@ class _EditState(_State):
         why = rec._unlike_recorded(graph, args, signature)
         if why:
             raise FiseditError(_changed_since_recording(why))
+        if not ed.steps:
+            _check_first_sample(ed.plan, rec.inputs[step]["sample"], flat["sample"], step)
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         # Copied before the edit notes the step: a failed copy leaves it as it was.
         kept, edited = _kept(flat), output.detach().clone()
@@ -921,6 +923,25 @@ class _EditState(_State):
         ed.inputs.append(kept)
         ed.outputs.append(edited)
         return (output,)
+
+
+def _check_first_sample(plan: MaskPlan, recorded: torch.Tensor, sample: torch.Tensor,
+                        step: int) -> None:
+    """An edit's first U-Net call starts from the recording's latents: outside the region the
+    plan recomputes, its outputs are the recorded ones, so a sample that differs there (other
+    noise: another seed or generator; rows of another meaning in a batch of the same shape:
+    the guidance scale turned on or off against num_images_per_prompt) would be dropped there
+    without a word. Later calls may differ (the latents drift outside the mask, README). One
+    comparison and one host read, at the first call only."""
+    outside = ~plan.levels[0].active.to(sample.device)
+    if bool((sample != recorded)[..., outside].any()):
+        raise FiseditError(
+            f"the edit's first U-Net call (step {step}) is fed a sample that differs from the "
+            "recording's outside the edit region, where the edit keeps the recorded outputs, "
+            "so the difference would be dropped: other noise (another seed, generator or "
+            "latents) or a batch of another meaning (guidance on or off, num_images_per_prompt "
+            "changed); run the edit with the recording's noise and batch, or record the "
+            "generation again with the new ones")
 
 
 @contextlib.contextmanager

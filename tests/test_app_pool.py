@@ -264,11 +264,15 @@ def soft(value):
     (EditRecipe(shapes.DEMO_EDIT, 1, mask_mode="bogus"), "mask_mode must be one of"),
     (EditRecipe(shapes.DEMO_EDIT, 1, mask=soft(1) > 0, mask_estimator="bogus"),
      "mask_estimator must be one of"),
+    # Choices that would not apply are refused as EditSession.edit refuses them, not dropped.
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask_mode="intersect"),
+     "mask_mode='intersect' says how a user mask combines.*no user mask is given"),
+    (EditRecipe(shapes.DEMO_EDIT, 1, mask=soft(1) > 0, mask_estimator="x0"),
+     "mask_estimator='x0' has nothing to do"),
     (EditRecipe(shapes.DEMO_EDIT, 1, mask_mode=None), "mask_mode must be one of"),
-], ids=["soft", "nan", "mixed-scales", "strings", "mode-without-mask", "estimator-replaced",
-        "no-mode"])
-def test_a_bad_mask_or_choice_is_refused_even_where_it_would_not_apply(edited_pool, recipe,
-                                                                        message):
+], ids=["soft", "nan", "mixed-scales", "strings", "bad-mode", "bad-estimator",
+        "mode-without-mask", "estimator-beside-a-replacing-mask", "no-mode"])
+def test_a_bad_mask_or_choice_is_refused(edited_pool, recipe, message):
     before = snapshot(edited_pool)
     with pytest.raises(FiseditError, match=message):
         edited_pool.edit("a", recipe)

@@ -215,7 +215,8 @@ def test_record_edit_equal_engine_and_oracle(sd15, engine_for, policy):
     # Empty mask: the recorded output; full mask: the dense U-Net on the edited inputs.
     with pytest.warns(UserWarning, match="marks no latent pixel"), \
             fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)):
-        assert torch.equal(call(compiled, new, timesteps[0]), recorded[0])
+        assert torch.equal(call(compiled, dict(new, sample=inputs["sample"]), timesteps[0]),
+                           recorded[0])
     with fc.editing(rec, torch.ones(16, 16, dtype=torch.bool), start_step=1):
         full = call(compiled, new, timesteps[1])
     assert relative_error(full, call(unet, new, timesteps[1])) <= TOLERANCE
@@ -311,6 +312,32 @@ def test_contexts_are_single_use_and_say_how_a_recording_ended(sd15):
             call(compiled, inputs, t)
             with pytest.raises(fc.FiseditError, match="holds 1 steps.*ended with a KeyError"):
                 call(compiled, inputs, torch.tensor(400))
+
+
+@torch.no_grad()
+def test_an_edit_whose_first_sample_differs_outside_the_mask_is_refused(sd15):
+    """Other noise (another seed) or rows of another meaning would be dropped outside the
+    region, where the edit keeps the recording: refused at the first call, the recording
+    intact; the later calls' latents may drift outside the mask."""
+    unet, compiled, inputs = sd15
+    timesteps = [torch.tensor(700), torch.tensor(500)]
+    with fc.recording(compiled) as rec:
+        recorded = [call(compiled, inputs, t) for t in timesteps]
+    mask = box((16, 16), 3, 5, 9, 10)
+    other_noise = dict(inputs, sample=torch.randn(inputs["sample"].shape,
+                                                  generator=torch.Generator().manual_seed(7)))
+    with fc.editing(rec, mask) as ed:
+        with pytest.raises(fc.FiseditError, match=r"first U-Net call \(step 0\) is fed a "
+                                                  r"sample that differs .*another seed"):
+            call(compiled, other_noise, timesteps[0])
+        assert ed.steps == []
+        call(compiled, edited(inputs, mask), timesteps[0])        # differs inside only
+        call(compiled, other_noise, timesteps[1])                  # drifted: a later call
+    assert ed.steps == [0, 1]
+    with pytest.warns(UserWarning, match="marks no latent pixel"), \
+            fc.editing(rec, torch.zeros(16, 16, dtype=torch.bool)) as empty:
+        assert torch.equal(call(compiled, inputs, timesteps[0]), recorded[0])   # intact
+    assert empty.steps == [0]
 
 
 @pytest.fixture(scope="module")

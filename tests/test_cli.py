@@ -249,6 +249,18 @@ def test_mask_mode_with_the_random_weight_demo_box_is_accepted(tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_the_random_weight_demo_names_its_own_box_not_the_user(tmp_path, capsys, no_loading):
+    """No --mask or --mask-box given: the message that refuses an estimator beside the box
+    says the box is the demo's, not one the user passed."""
+    assert main(["demo", "--model", "sd15-tiny", "--mask-estimator", "x0", "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert ("--mask-estimator x0 has nothing to do: the user mask (the demo's own --mask-box "
+            "0.4,0.4,0.6,0.6, which it edits where a random-weight model leaves the automatic "
+            "mask empty)") in err
+    assert "--mask-mode intersect" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--model", "nosuch"], "unknown pipeline name 'nosuch'"),
     (["edit", "--pipeline", "{missing}", "--prompt", "a", "--edit", "b"], "is not a folder"),

@@ -107,6 +107,29 @@ def test_edits_from_a_cold_tuning_cache_after_a_dense_compile(tmp_path):
     assert worst <= 2e-2
 
 
+def test_weights_written_through_data_reach_the_dense_graph_at_a_pass_start():
+    """A write through param.data moves no version counter; a full-mask edit (the compiled
+    dense graph, which reads nothing recorded) reads the weights' values at its pass's first
+    step (``content_fingerprint``), makes the derived copies again, and computes the U-Net as
+    it is now."""
+    unet = zoo.unet("sd15-tiny", dtype=torch.float16, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    full = engine.plan(torch.ones(16, 16, dtype=torch.bool))
+    before = engine.edit(cache, 0, plan=full, **inputs)
+    weight = unet.down_blocks[0].resnets[0].conv1.weight
+    saved = weight.detach().clone()
+    weight.data.mul_(1.5)
+    try:
+        after = engine.edit(cache, 0, plan=full, **inputs)      # step 0 again: a new pass
+        assert bench.relative_error(after, before) > 1e-3
+        assert bench.relative_error(after, unet(**inputs)[0]) <= 1e-2
+    finally:
+        weight.data.copy_(saved)
+
+
 def test_in_place_weight_changes_reach_captured_graphs():
     """A LoRA-style in-place change of a conv weight (packed copy) and of an attention
     projection (grouped copy) after graphs were captured: the compiled dense graph, which

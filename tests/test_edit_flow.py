@@ -493,10 +493,11 @@ def test_edit_before_generate(pipe):
     (dict(mask=_corner_mask(), mask_mode="union"), "mask_mode"),
     (dict(mask=_corner_mask(), mask_mode=None),
      "mask_mode must be one of 'replace', 'intersect', got None"),
-    (dict(latents=torch.zeros(1)), "sets latents itself"),
+    (dict(latents=torch.zeros(1)), "edit cannot take latents: an edit keeps the generation's "
+                                   "noise"),
     (dict(callback=lambda step, timestep, latents: None, callback_steps=1),
-     r"callback, callback_steps \(diffusers' deprecated per-step callback\).*runs the "
-     r"pipeline's step callback itself"),
+     r"edit cannot take callback, callback_steps: EditSession runs the pipeline's step "
+     r"callback itself.*diffusers' deprecated per-step callback"),
 ])
 def test_bad_edit_arguments(session, kwargs, match):
     before = (session.cache, session.cache_nbytes())
@@ -1055,6 +1056,17 @@ def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):
     assert result.report["composite_area_fraction"] == pytest.approx(100 / 256)
 
 
+def test_a_huge_dilation_reaches_what_the_whole_mask_side_does_at_once():
+    """mask_dilation / SparseConfig.dilation of 10**9 ("everything reachable") is the square
+    of twice the mask's side, not a max-pool of 2 * 10**9 + 1 (which took seconds and, from
+    2**30, overflowed)."""
+    mask = torch.zeros(16, 24, dtype=torch.bool)
+    mask[3, 22] = True
+    assert torch.equal(tac.dilate(mask, 2 * 10**9 + 1), tac.dilate(mask, 47))
+    assert tac.dilate(mask, 2 * 10**9 + 1).all()
+    assert tac.dilate(mask, 5).sum() == 5 * 4          # cut at the right edge: 4 columns
+
+
 def test_sessions_share_an_engine_of_the_same_unet(session, pipe):
     shared = EditSession(pipe, engine=session.engine)
     assert shared.engine is session.engine
@@ -1087,7 +1099,12 @@ def _noise_with(value: float, count: int) -> torch.Tensor:
     (lambda s: s.generate("a red circle", num_inference_steps=1001),
      r"num_inference_steps=1001 is more than the scheduler's num_train_timesteps=1000.*"
      r"at most 1000 steps"),
-    (lambda s: s.generate("a red circle", return_dict=False), "sets return_dict itself"),
+    (lambda s: s.generate("a red circle", return_dict=False),
+     "generate cannot take return_dict: EditSession reads the pipeline's output itself"),
+    (lambda s: s.generate("a red circle", prompt_embeds=torch.zeros(1, 4, 8)),
+     "generate cannot take prompt_embeds: EditSession encodes the prompts itself"),
+    (lambda s: s.generate("a red circle", num_images_per_prompt=2),
+     "generate cannot take num_images_per_prompt: a session records one image per prompt"),
     (lambda s: s.generate("a red circle", timesteps=[999, 500]),
      r"scheduler's own whole schedule.*drop timesteps"),
     # generate: where the noise comes from.
@@ -1137,7 +1154,12 @@ def _noise_with(value: float, count: int) -> torch.Tensor:
                           generator=torch.Generator()), "latents= and generator= both"),
     # edit: pipeline keywords the session sets or a custom schedule.
     (lambda s: s.edit("a blue circle", mask=_corner_mask(), return_dict=False),
-     "sets return_dict itself"),
+     "edit cannot take return_dict"),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), seed=3, generator=None),
+     r"edit cannot take generator, seed: an edit keeps the generation's noise.*generate "
+     r"again with seed="),
+    (lambda s: s.edit("a blue circle", mask=_corner_mask(), callback_on_step_end=print),
+     "edit cannot take callback_on_step_end: EditSession runs the pipeline's step callback"),
     (lambda s: s.edit("a blue circle", timesteps=[999, 800, 600, 400, 200, 100]),
      "scheduler's own whole schedule.*drop timesteps"),
     (lambda s: s.edit("a blue circle", sigmas=[1.0, 0.5]), "drop sigmas and pass"),
@@ -1220,28 +1242,40 @@ def test_edits_take_the_generations_negative_prompt(session, pipe):
     assert _outside_equal(empty, fresh.original.latents[-1])
 
 
-def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypatch):
-    """An in-place weight change (as fuse_lora makes) after the generation: the edit is
-    refused with the engine's message before the estimator's or the probe's U-Net calls, and
-    accepting an earlier edit before anything is recorded again."""
+def _write_counted(weight):
+    with torch.no_grad():
+        weight.mul_(1.0)
+
+
+def _write_through_data(weight):
+    weight.data.add_(0.01)
+
+
+@pytest.mark.parametrize("write, message", [
+    (_write_counted, "weights changed in place"),      # fuse_lora, fine-tuning
+    (_write_through_data, r"weights were written .* through param\.data"),    # an EMA copy_to
+])
+def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypatch, write,
+                                                         message):
+    """An in-place weight change after the generation, with or without a version count: the
+    edit is refused with the engine's message before the estimator's or the probe's U-Net
+    calls, and accepting an earlier edit before anything is recorded again."""
     pipe = zoo.pipeline(None, path=pipe_folder)     # its own: the weights change in place
     pipe.set_progress_bar_config(disable=True)
     s = EditSession(pipe)
     s.generate("a red circle", num_inference_steps=2, output_type="latent")
     before = s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
-    with torch.no_grad():
-        pipe.unet.conv_in.weight.mul_(1.0)
+    write(pipe.unet.conv_in.weight)
     with monkeypatch.context() as patch:
         patch.setattr(s, "_run", _must_not_run)
         for estimator in ("probe", tac.DEFAULT_ESTIMATOR):
-            with pytest.raises(FiseditError, match=r"weights changed in place.*"
-                                                   r"EditSession.generate"):
+            with pytest.raises(FiseditError, match=message + ".*EditSession.generate"):
                 s.edit("a blue circle", mask_estimator=estimator, output_type="latent")
     # Accepting an edit made with the old weights would record it with the new ones.
     kept = (s.cache, s.original)
     with monkeypatch.context() as patch:
         patch.setattr(s.engine, "record", _must_not_run)
-        with pytest.raises(FiseditError, match="weights changed in place"):
+        with pytest.raises(FiseditError, match=message):
             s.accept(before)
     assert (s.cache, s.original) == kept
     s.generate("a red circle", num_inference_steps=2, output_type="latent")   # recorded again

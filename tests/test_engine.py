@@ -541,6 +541,34 @@ def test_missing_and_misplaced_inputs_are_refused_before_capture(sd15_tiny):
     assert engine._traces == traces                      # nothing was captured
 
 
+def test_non_finite_inputs_are_refused_before_any_work(sd15_tiny):
+    """NaN or infinite noise, text states or timesteps: refused at a generation's first
+    recorded step before capture, at an edit pass's first step, and a later recorded step's
+    timestep (read on the host anyway); the cache is left as it was."""
+    engine, cache, inputs, _ = sd15_tiny
+    traces = dict(engine._traces)
+    fresh = zoo.example_inputs(engine.unet, height=24, width=24)     # a signature not compiled
+    sample = fresh["sample"].clone()
+    sample[0, 0, 0, 0] = float("nan")
+    with pytest.raises(fc.FiseditError, match="input.*sample hold NaN or infinite values"):
+        engine.record(engine.new_cache(1), 0, **dict(fresh, sample=sample))
+    with pytest.raises(fc.FiseditError, match="timestep hold NaN"):
+        engine.record(engine.new_cache(1), 0, **dict(fresh, timestep=float("nan")))
+    assert engine._traces == traces                      # nothing was captured
+    before = snapshot(cache)
+    text = inputs["encoder_hidden_states"].clone()
+    text[1, 2, 3] = float("inf")
+    mask = box((16, 16), 1, 1, 3, 3)
+    with pytest.raises(fc.FiseditError, match="encoder_hidden_states hold NaN or infinite"):
+        engine.edit(cache, 0, plan=engine.plan(mask),
+                    **dict(edited(inputs, mask), encoder_hidden_states=text))
+    two = engine.new_cache(2)
+    engine.record(two, 0, **inputs)
+    with pytest.raises(fc.FiseditError, match=r"the timestep is \[nan, nan\], not finite"):
+        engine.record(two, 1, **dict(inputs, timestep=torch.full((2,), float("nan"))))
+    assert 1 not in two.steps and same_cache(cache, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes_against_the_cache_are_refused_before_compiling(sd15_tiny, dtype):
     engine, cache, inputs, _ = sd15_tiny
@@ -626,6 +654,38 @@ def test_a_new_generation_after_weights_written_without_a_version_count_uses_the
     finally:
         for weight, value in zip(weights, saved):
             weight.data.copy_(value)
+
+
+@pytest.mark.parametrize("write", [
+    lambda weight: weight.data.add_(0.01),                       # PEFT's unsafe merge
+    lambda weight: weight.data.copy_(weight.detach() * 1.5),     # an EMA model's copy_to
+])
+def test_weights_written_through_data_after_recording_are_refused(write):
+    """A write through param.data moves no version counter; the weights' values, compared at
+    an edit pass's first step (``content_fingerprint``), still tell the recording is of other
+    weights: the edit (sparse or full-mask) is refused and the cache left as it was; written
+    back, the same edit runs again and gives what it gave."""
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet)
+    mask = box((16, 16), 1, 1, 5, 5)
+    cache = engine.new_cache(1)
+    engine.record(cache, 0, **inputs)
+    plan = engine.plan(mask)
+    expected = engine.edit(cache, 0, plan=plan, **edited(inputs, mask))
+    before = snapshot(cache)
+    weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    saved = weight.detach().clone()
+    write(weight)
+    try:
+        for edit_plan in (plan, engine.plan(torch.ones(16, 16, dtype=torch.bool))):
+            with pytest.raises(fc.FiseditError, match=r"written after this generation was "
+                                                      r"recorded, through param\.data"):
+                engine.edit(cache, 0, plan=edit_plan, **edited(inputs, mask))
+        assert same_cache(cache, before)
+    finally:
+        weight.data.copy_(saved)
+    assert torch.equal(engine.edit(cache, 0, plan=plan, **edited(inputs, mask)), expected)
 
 
 def test_a_plan_with_other_tiles_names_them(sd15_tiny):

@@ -326,6 +326,20 @@ def test_a_painted_rgba_mask_png_counts_strokes_of_any_opacity(tmp_path):
     assert mask.sum() == 8 and mask[2:4, 5:9].all()
 
 
+@pytest.mark.parametrize("suffix", [".gif", ".png", ".tiff"])
+def test_a_mask_file_of_several_frames_is_refused_not_read_by_its_first(tmp_path, suffix):
+    from PIL import Image
+
+    from fisedit_compiler.execution.plan import read_mask_png
+
+    first, second = Image.new("L", (16, 16), 0), Image.new("L", (16, 16), 255)
+    path = tmp_path / f"mask{suffix}"
+    first.save(path, save_all=True, append_images=[second])
+    with pytest.raises(FiseditError, match=r"holds 2 frames .*save the frame you mean as a "
+                                           r"single-frame PNG"):
+        read_mask_png(str(path))
+
+
 def test_a_mask_image_too_large_to_read_is_refused(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import gradio as gr
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..edit_flow.session import MASK_MODES, plan_note
 from ..errors import FiseditError
@@ -108,9 +108,9 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
 
         def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
                     request: gr.Request):
-            recipe = EditRecipe(checked("the edit prompt", edit_prompt_),
-                                _whole("dense probe steps", probe_steps_, empty=None),
-                                _painted(painting_), mask_mode_, estimator_)
+            recipe = _edit_recipe(checked("the edit prompt", edit_prompt_),
+                                  _whole("dense probe steps", probe_steps_, empty=None),
+                                  _painted(painting_), mask_mode_, estimator_)
             view = pool.edit(request.session_hash, recipe)
             return _shown(view.image), _shown(_overlay(view)), _timings(view)
 
@@ -196,6 +196,19 @@ def _shown(image: PIL.Image.Image) -> PIL.Image.Image:
     """``image`` enlarged by a whole factor (nearest) towards SHOWN_SIZE pixels."""
     factor = max(1, SHOWN_SIZE // max(image.size))
     return image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST)
+
+
+def _edit_recipe(prompt: str, probe_steps: int | None, mask: np.ndarray | None,
+                 mask_mode: str, mask_estimator: str) -> EditRecipe:
+    """The page always sends both radios' values, and EditSession refuses a choice it would
+    ignore, so the recipe keeps what applies: the mode beside a painted mask, the estimator
+    unless the painting replaces the estimate. Both are checked first: a wrong value must not
+    pass for being left out."""
+    check_choice("mask_mode", mask_mode, MASK_MODES)
+    check_choice("mask_estimator", mask_estimator, tuple(ESTIMATORS))
+    painted = mask is not None
+    return EditRecipe(prompt, probe_steps, mask, mask_mode if painted else "replace",
+                      None if painted and mask_mode == "replace" else mask_estimator)
 
 
 def _painted(painting: dict | None) -> np.ndarray | None:

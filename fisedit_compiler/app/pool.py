@@ -29,9 +29,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checks import check_choice, check_int, check_optional_int
-from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from ..edit_flow.session import MASK_MODES, EditResult, EditSession
+from ..checks import check_int, check_optional_int
+from ..edit_flow.session import EditResult, EditSession
 from ..errors import FiseditError
 
 
@@ -48,14 +47,15 @@ class Generation:
 
 @dataclass(frozen=True)
 class EditRecipe:
-    """The arguments of one ``EditSession.edit``. ``mask`` is None for the automatic mask, else
-    bools (or a painting's 0/1 or 0/255 values) at latent resolution or a whole multiple of it
-    (``SessionPool.edit`` pools it down to the latent)."""
+    """The arguments of one ``EditSession.edit``, under its rules (a mask mode only beside a
+    mask; an estimator not beside a mask that replaces the estimate). ``mask`` is None for the
+    automatic mask, else bools (or a painting's 0/1 or 0/255 values) at latent resolution or a
+    whole multiple of it (``SessionPool.edit`` pools it down to the latent)."""
     prompt: str
     probe_steps: int | None = None      # None: the estimator's default
     mask: torch.Tensor | np.ndarray | None = None
-    mask_mode: str = "replace"
-    mask_estimator: str = DEFAULT_ESTIMATOR
+    mask_mode: str = "replace"          # "intersect" only beside a mask
+    mask_estimator: str | None = None   # None: DEFAULT_ESTIMATOR where the mask is estimated
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,6 @@ class SessionPool:
         with self.device_lock:
             tab = self.tabs.get(tab_id)
             self._require_recording(tab)
-            # Checked here, not only by the session: _edit leaves out a choice that does not
-            # apply, and a wrong one must not pass because it was left out.
-            check_choice("mask_mode", recipe.mask_mode, MASK_MODES)
-            check_choice("mask_estimator", recipe.mask_estimator, tuple(ESTIMATORS))
             if recipe.mask is not None:
                 latent_size = tuple(tab.session.original.noise.shape[-2:])
                 recipe = replace(recipe, mask=_latent_mask(recipe.mask, latent_size))
@@ -270,14 +266,8 @@ def _generate(session: EditSession, generation: Generation) -> PIL.Image.Image:
 
 
 def _edit(session: EditSession, recipe: EditRecipe) -> EditResult:
-    # The page always sends its estimator and mode; the session refuses choices it would
-    # ignore, so pass only what applies: a painted mask in "replace" mode needs no estimator,
-    # and with nothing painted the automatic mask is the whole story.
-    painted = recipe.mask is not None
-    replaces = painted and recipe.mask_mode == "replace"
     return session.edit(recipe.prompt, mask=recipe.mask, probe_steps=recipe.probe_steps,
-                        mask_estimator=None if replaces else recipe.mask_estimator,
-                        mask_mode=recipe.mask_mode if painted else "replace",
+                        mask_estimator=recipe.mask_estimator, mask_mode=recipe.mask_mode,
                         output_type="pil")
 
 

@@ -159,7 +159,7 @@ def run_demo(args) -> int:
     box_instead = not trained and args.mask is None and args.mask_box is None
     if box_instead:
         args.mask_box = DEMO_BOX
-    _check_args(args, vae_config, unet_config, scheduler_config)
+    _check_args(args, vae_config, unet_config, scheduler_config, default_box=box_instead)
     pipe = zoo.pipeline(args.model)
     if trained:
         print(f"demo with the trained {DEMO_MODEL!r} pipeline: {args.prompt!r} -> {args.edit!r}")
@@ -181,7 +181,7 @@ OUTPUT_FILES = ("original.png", "edit.png", "mask.png", "overlay.png", "report.j
 
 
 def _check_args(args, vae_config: dict | None, unet_config: dict | None,
-                scheduler_config: dict | None) -> None:
+                scheduler_config: dict | None, *, default_box: bool = False) -> None:
     """Every argument, before any pipeline is loaded (minutes at SD size): a typo in the mask,
     a mask of the wrong size, a NaN guidance scale or a missing CUDA device is reported at
     once. ``vae_config``, ``unet_config`` and ``scheduler_config`` are the pipeline's, read
@@ -190,7 +190,8 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
     read), ``args.user_mask`` (the user mask at latent size; None without one, or where the
     configs do not tell the size: then it is made after loading), ``args.mask_mode``
     ("replace" when not given) and ``args.device`` (a torch.device). Creates nothing: the
-    output folder is made when the outputs are written."""
+    output folder is made when the outputs are written. ``default_box``: --mask-box is the
+    random-weight demo's own, not the user's (messages say so)."""
     for flag, value in (("--mask", args.mask), ("--mask-box", args.mask_box)):
         if value is not None and not value.strip():
             # An empty value is false below and would run the automatic mask without a word.
@@ -209,6 +210,9 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
                          scheduler_config.get("_class_name", "the pipeline's scheduler"))
     user_mask = (f"--mask {args.mask}" if args.mask is not None else
                  f"--mask-box {args.mask_box}" if args.mask_box is not None else None)
+    if default_box:
+        user_mask = (f"the demo's own {user_mask}, which it edits where a random-weight model "
+                     "leaves the automatic mask empty")
     # EditSession.edit's own rules, in the command line's words (the session checks them again).
     check_mask_choice(mask_estimator=args.mask_estimator, probe_steps=args.probe_steps,
                       num_steps=args.steps, user_mask=user_mask, mask_mode=args.mask_mode,

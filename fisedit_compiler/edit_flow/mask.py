@@ -216,7 +216,10 @@ def erode(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
 
 
 def dilate(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Binary dilation by a size x size square."""
+    """Binary dilation by a size x size square. A square wider than twice the mask's side
+    reaches what that one does, so a huge size (a config's dilation of 10**9, meaning
+    "everything reachable") costs no more than that."""
+    size = min(size, 2 * max(mask.shape) - 1)
     x = mask[None, None].float()
     return F.max_pool2d(x, size, stride=1, padding=size // 2)[0, 0] > 0.5
 

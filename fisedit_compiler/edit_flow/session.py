@@ -52,12 +52,33 @@ SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDi
 MASK_MODES = ("replace", "intersect")
 # Pipeline arguments the session sets itself (they decide noise, batch and per-step locality;
 # return_dict the pipeline output the session reads its images from).
-_MANAGED_KWARGS = ("latents", "generator", "callback_on_step_end",
-                   "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
-                   "prompt_embeds", "negative_prompt_embeds", "return_dict")
-# Diffusers' deprecated per-step callback (``callback(step, timestep, latents)``), taken through
-# the pipelines' **kwargs.
-_DEPRECATED_CALLBACK_KWARGS = ("callback", "callback_steps")
+_NOISE = ("an edit keeps the generation's noise (its background is the recording, made with "
+          "that noise); drop them, or generate again with seed=, generator= or latents= for "
+          "other noise")
+_STEP_CALLBACK = ("EditSession runs the pipeline's step callback itself, to blend and record "
+                  "the latents at each step; drop them (generate and edit return when every "
+                  "step is done)")
+_PROMPT_TEXT = ("EditSession encodes the prompts itself from their text (the automatic mask "
+                "and the unchanged-edit check read the words, and the pipeline would drop "
+                "pooled embeddings given without the others); pass the text as prompt / "
+                "new_prompt and negative_prompt")
+# Pipeline arguments the session sets itself or cannot take, and why. Diffusers' deprecated
+# per-step callback (callback, callback_steps) goes through the pipelines' **kwargs, so the
+# spelling check would call it a typo.
+_SESSION_KWARGS = {
+    "seed": _NOISE, "generator": _NOISE, "latents": _NOISE,
+    "callback_on_step_end": _STEP_CALLBACK, "callback_on_step_end_tensor_inputs": _STEP_CALLBACK,
+    "callback": _STEP_CALLBACK + " (callback and callback_steps: diffusers' deprecated "
+                "per-step callback)",
+    "callback_steps": _STEP_CALLBACK + " (callback and callback_steps: diffusers' deprecated "
+                      "per-step callback)",
+    "num_images_per_prompt": "a session records one image per prompt (every edit has the "
+                             "recording's batch); drop it and use one EditSession per image",
+    "prompt_embeds": _PROMPT_TEXT, "negative_prompt_embeds": _PROMPT_TEXT,
+    "pooled_prompt_embeds": _PROMPT_TEXT, "negative_pooled_prompt_embeds": _PROMPT_TEXT,
+    "return_dict": "EditSession reads the pipeline's output itself (generate returns the "
+                   "images, edit an EditResult); drop it",
+}
 # Pipeline arguments whose non-default values act on the whole image at every step, so that a
 # change inside the region would move the background: their default (0.0), and why not others.
 _WHOLE_IMAGE_KWARGS = {
@@ -191,7 +212,7 @@ class EditSession:
         check_prompt("negative_prompt", negative_prompt, optional=True)
         num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
         guidance_scale = check_guidance_scale("guidance_scale", guidance_scale)
-        self._check_kwargs(pipeline_kwargs)
+        self._check_kwargs(pipeline_kwargs, "generate")
         _check_negative_arguments(guidance_scale, negative_prompt, pipeline_kwargs, self.pipe)
         _check_output_type(output_type)
         self._check_scheduler()
@@ -348,7 +369,7 @@ class EditSession:
         check_prompt("new_prompt", new_prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
         mask_dilation = check_int("mask_dilation", mask_dilation, minimum=0)
-        self._check_kwargs(pipeline_kwargs)
+        self._check_kwargs(pipeline_kwargs, "edit")
         # The further pipeline arguments default to the generation's, as the negative prompt
         # does: SDXL's prompt_2 and size conditions, clip_skip or a ControlNet's image left out
         # would otherwise change the conditioning, hence the image, inside the region.
@@ -360,7 +381,7 @@ class EditSession:
         # The recorded outputs (and the background they made) came from the generation's
         # weights: after an in-place change the engine would refuse only at its first sparse
         # step, after the estimator's or the probe steps' dense U-Net calls. Its own check.
-        self.engine._check_unchanged(self.cache)
+        self.engine._check_unchanged(self.cache, contents=True)
         check_bool("cross_attention_control", cross_attention_control)
         check_bool("composite_background", composite_background)
         steps = original.num_steps if num_inference_steps is None else \
@@ -490,7 +511,7 @@ class EditSession:
         if result._generation != self._generation:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")
-        self.engine._check_unchanged(self.cache)      # as edit: the engine's own check
+        self.engine._check_unchanged(self.cache, contents=True)   # as edit: its own check
         trajectory = result._trajectory
         cache = self.engine.new_cache(trajectory.num_steps, self.cache_budget_bytes)
         for step, inputs in enumerate(trajectory.unet_inputs):
@@ -665,19 +686,19 @@ class EditSession:
             raise FiseditError("nothing to edit yet: call session.generate(prompt, seed) first")
         return self.original
 
-    def _check_kwargs(self, pipeline_kwargs: dict) -> None:
+    def _check_kwargs(self, pipeline_kwargs: dict, call: str) -> None:
         """Pipeline keywords must be ones the pipeline takes and the session does not set.
         Diffusers pipelines take ``**kwargs`` and drop names they do not know, so a typo would
         otherwise be ignored without a word. A custom schedule (``timesteps``, ``sigmas``) or
         one cut short (``denoising_end``) is refused too: the recording has one step per
         timestep of the scheduler's own schedule for ``num_inference_steps``, and edits must
         follow those timesteps, all of them."""
-        managed = sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS))
-        if managed:
-            raise FiseditError(
-                f"EditSession sets {', '.join(managed)} itself (the noise, the batch, per-step "
-                "blending and the pipeline output it reads depend on them); drop them (for the "
-                "noise, pass seed=, generator= or latents= to generate)")
+        refused = sorted(set(pipeline_kwargs) & set(_SESSION_KWARGS))
+        if refused:
+            why = _SESSION_KWARGS[refused[0]]
+            names = [name for name in refused if _SESSION_KWARGS[name] == why]
+            raise FiseditError(f"EditSession.{call} cannot take "
+                               f"{', '.join(names)}: {why}")
         for name, why in _WHOLE_IMAGE_KWARGS.items():
             # A number, None included: diffusers compares it with 0.0 (None crashes there).
             value = pipeline_kwargs[name] if name in pipeline_kwargs else 0.0
@@ -695,15 +716,6 @@ class EditSession:
                 f"generation would not keep its background); drop {', '.join(schedule)} and pass "
                 "num_inference_steps= to generate (the spacing of the timesteps is the "
                 "scheduler's config, e.g. timestep_spacing)")
-        deprecated = sorted(set(pipeline_kwargs) & set(_DEPRECATED_CALLBACK_KWARGS))
-        if deprecated:
-            # Diffusers still takes these through **kwargs, so the spelling check would call
-            # them typos.
-            raise FiseditError(
-                f"{', '.join(deprecated)} (diffusers' deprecated per-step callback) cannot be "
-                "passed: EditSession runs the pipeline's step callback itself, to blend and "
-                "record the latents at each step; drop them (generate and edit return when "
-                "every step is done)")
         params = inspect.signature(type(self.pipe).__call__).parameters
         accepted = {name for name, param in params.items()
                     if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}

@@ -188,6 +188,9 @@ class EditCache:
         # (SparseEngine.weight_versions): every step of one generation uses one set of
         # weights, and edits check it.
         self.weight_versions: tuple | None = None
+        # The weights' values when the first step was recorded (``content_fingerprint``):
+        # what tells a write through ``param.data`` since, which moves no version.
+        self.weight_fingerprint: tuple | None = None
         # (weak reference to the plan, step) of the last edit that succeeded: the next step
         # with that plan continues its edit pass (SparseEngine.edit checks the U-Net in full
         # at a pass's first step only).

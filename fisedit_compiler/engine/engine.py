@@ -10,7 +10,9 @@ The captured graphs are the U-Net as it was when compiled: the engine fingerprin
 state then (``module_state.ModuleState``) and refuses any call that finds it changed (FreeU,
 attention processors, adapters, replaced parameters, swapped weight storages): compile again.
 Weights changed in place keep the graphs valid but not a recording made before: each cache
-keeps the weights' versions it was recorded with (``weight_versions``), and edits compare.
+keeps the weights' versions it was recorded with (``weight_versions``), and edits compare;
+a write through ``param.data`` moves no version, so each cache also keeps the weights' norms
+(``content_fingerprint``), compared at an edit pass's first step.
 The full comparison costs ~0.4 ms of host time on SD1.5, so ``edit`` runs it at the first step
 of each edit pass and, on the pass's later steps, compares only the weights' identities, data
 addresses and version counters (~0.14 ms: ~0.04, 0.05 and 0.05 ms, the counters read before
@@ -35,7 +37,7 @@ from ..compiler.pipeline import (Program, build_program, check_kernels,
                                  describe_signature_change, device_of, trace)
 from ..config import SparseConfig
 from ..errors import FiseditError
-from ..execution.derived_weights import tensor_versions, version_counters
+from ..execution.derived_weights import content_fingerprint, tensor_versions, version_counters
 from ..execution.plan import (Bucket, MaskPlan, capacity_buckets, image_resolution_hint,
                               validate_mask)
 from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PASS_VALUES_INPUT, PLAN_INPUT
@@ -99,6 +101,9 @@ class SparseEngine:
         # programs' derived copies (packed, grouped) must be made again.
         self._weights = self._state.weights
         self._derived_versions = version_counters(self._weights)
+        # The weights' values the derived copies were made from (``content_fingerprint``;
+        # None: not read since they were made).
+        self._derived_fingerprint: tuple | None = None
 
     def weight_versions(self) -> tuple:
         """What tells the U-Net's parameters and buffers changed (``tensor_versions``): their
@@ -172,6 +177,8 @@ class SparseEngine:
         step = self._check_cache(cache, step)
         versions = self._check_unchanged()
         self._check_inputs(inputs)
+        if cache.weight_versions is None:     # a new generation's first step
+            _check_finite(flatten_inputs(inputs))
         signature = self.signature(inputs)    # checked before compiling anything for it
         if cache.signature is not None and cache.signature != signature:
             raise FiseditError(
@@ -184,12 +191,20 @@ class SparseEngine:
                 "the U-Net's weights changed in place since this generation's first recorded "
                 "step (a LoRA loaded or fused, fine-tuning): one recording must use one set of "
                 "weights; record the whole generation again in engine.new_cache()")
+        fingerprint = cache.weight_fingerprint
         if cache.weight_versions is None:
             # A new generation starts from the weights as they are: the derived copies are
             # made again, in case the weights were written without a version count since
-            # (an EMA model's copy_to writes param.data), which nothing else could tell.
-            self.refresh_weights()
+            # (an EMA model's copy_to writes param.data), and the values it is recorded
+            # with are kept for edits to compare (``_check_unchanged``).
+            fingerprint = content_fingerprint(self._weights)
+            self.refresh_weights(fingerprint)
         flat = flatten_inputs(inputs)
+        timestep = (self._host_values.read(flat["timestep"]).clone()
+                    if "timestep" in flat else None)
+        if timestep is not None and not bool(torch.isfinite(timestep).all()):
+            raise FiseditError(f"the timestep is {_timestep_text(timestep)}, not finite; pass "
+                               "the scheduler's timesteps")
         store: dict = {}
         try:
             output = program.record(**flat, **{CACHE_INPUT: store})
@@ -198,8 +213,6 @@ class SparseEngine:
             raise
         # Everything that can fail (an out-of-memory copy) is made before the cache changes,
         # so a failed record leaves the cache as it was.
-        timestep = (self._host_values.read(flat["timestep"]).clone()
-                    if "timestep" in flat else None)
         checked_inputs = ({name: value.clone() for name, value in flat.items()}
                           if self.config.check_inputs else None)
         # A recording starts from the weights as they are: pass constants kept from before
@@ -212,6 +225,7 @@ class SparseEngine:
         cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
         cache.signature = program.signature
         cache.weight_versions = versions
+        cache.weight_fingerprint = fingerprint
         cache.timesteps[step] = timestep
         if checked_inputs is not None:
             cache.inputs[step] = checked_inputs
@@ -267,7 +281,7 @@ class SparseEngine:
         (they would compile a program no edit of this generation uses)."""
         step = self._check_cache(cache, step)
         self._check_recorded_step(cache, step, inputs)
-        self._check_unchanged(cache)
+        self._check_unchanged(cache, contents=True)
         program = self.program(inputs)
         device = device_of(program.signature)
         started = time.perf_counter()
@@ -324,8 +338,8 @@ class SparseEngine:
         path, is the dense step itself (``dense``): it reads nothing recorded, so those last
         checks do not apply to it. The U-Net is compared in full at the first step of an edit
         pass (any call that is not the next step of the cache's last edit with the same plan),
-        and by its weights' identities and versions on the pass's other steps (module
-        docstring)."""
+        weights' values included (``content_fingerprint``), and by its weights' identities and
+        versions on the pass's other steps (module docstring)."""
         if not isinstance(plan, MaskPlan):
             raise FiseditError(f"edit needs plan=engine.plan(mask), got {type(plan).__name__}")
         step = self._check_cache(cache, step)
@@ -336,16 +350,18 @@ class SparseEngine:
         device = device_of(program.signature)
         graphs = self._uses_graphs(device)
         full = not _continues_pass(cache, plan, step)
+        if full:
+            _check_finite(flat)
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
             # It reads nothing recorded, so the checks against the recording below (which
             # guard against mixing recorded values with new ones) have nothing to guard. Its
             # graph is the compiled U-Net's, so the U-Net must still be that one.
-            self._check_unchanged(full=full)
+            self._check_unchanged(full=full, contents=full)
             output = self._compiled_dense(program, flat)
         else:
             self._check_timestep(cache, step, flat)
-            self._check_unchanged(cache, full=full)
+            self._check_unchanged(cache, full=full, contents=full)
             if self.config.check_inputs:
                 self._check_outside_mask(cache, step, plan, flat)
             output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs,
@@ -385,19 +401,22 @@ class SparseEngine:
         """Whether a program for ``signature`` has been compiled or added."""
         return signature in self._programs
 
-    def refresh_weights(self) -> None:
+    def refresh_weights(self, fingerprint: tuple | None = None) -> None:
         """Make every program's derived weight copies (the conv kernel's packed weights,
         grouped projections; the dense graphs read them too) again, in place, so that captured
         CUDA graphs use the U-Net's current weights. ``edit`` and ``dense`` call it when the
-        weights changed in place since the copies were made (eager edits notice by themselves
-        too), and ``record`` at a new generation's first step, whatever the counters say
-        (``param.data`` writes move none); recordings made with the old weights are refused
-        by ``edit``: record again."""
+        weights' version counters moved since the copies were made (eager edits notice by
+        themselves too), ``edit`` at a pass's first step when their values did
+        (``content_fingerprint``: ``param.data`` writes move no counter), and ``record`` at a
+        new generation's first step; recordings made with the old weights are refused by
+        ``edit``: record again. ``fingerprint``: the weights' ``content_fingerprint``, where
+        the caller has just read it."""
         copies = [program.derived for program in self._programs.values()]
         copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe
         for derived in {id(derived): derived for derived in copies}.values():
             derived.refresh()
         self._derived_versions = version_counters(self._weights)
+        self._derived_fingerprint = fingerprint
 
     def _refresh_if_weights_moved(self, counters: tuple | None = None) -> None:
         """``refresh_weights`` if the weights' version counters moved since it last ran
@@ -553,8 +572,8 @@ class SparseEngine:
             _check_class_labels(self.unet, inputs)
             _check_input_shapes(self.unet, inputs, self._cross_attention)
 
-    def _check_unchanged(self, cache: EditCache | None = None, *,
-                         full: bool = True) -> tuple | None:
+    def _check_unchanged(self, cache: EditCache | None = None, *, full: bool = True,
+                         contents: bool = False) -> tuple | None:
         """Refuse a call on a U-Net whose module state changed since it was compiled (its
         graphs are of the old one; ``ModuleState``) and, with ``cache``, a recording made with
         other weights; then refresh the derived copies if the weights changed in place, so that
@@ -567,7 +586,10 @@ class SparseEngine:
         everything: a weight replaced or reassigned mid-pass (a step-end callback fusing a
         LoRA) is refused at once, a change of another kind (FreeU enabled) at the next pass's
         first step. Anything found moved there is then compared in full, for the message.
-        Returns the weights' versions when compared in full (``weight_versions``), else None.
+        ``contents`` (an edit pass's first step, ``prepare``, EditSession before an edit) also
+        reads the weights' values (``content_fingerprint``, one pass over them), which tells
+        a write through ``param.data`` since the recording, and since the derived copies
+        were made. Returns the weights' versions when compared in full (``weight_versions``), else None.
         """
         if not full:
             counters = version_counters(self._weights)
@@ -576,6 +598,7 @@ class SparseEngine:
                 self._refresh_if_weights_moved(counters)
                 return None
         versions = self.weight_versions()
+        fingerprint = content_fingerprint(self._weights) if contents else None
         changes = self._state.changes(versions[1])
         if changes:
             raise FiseditError(
@@ -592,7 +615,19 @@ class SparseEngine:
                 "weights an edit would use, and the edit would mix the two; record the "
                 "generation again with the current weights (engine.record into "
                 "engine.new_cache(), or EditSession.generate)")
-        self._refresh_if_weights_moved(versions[0])
+        if fingerprint is not None and cache is not None and \
+                cache.weight_fingerprint not in (None, fingerprint):
+            raise FiseditError(
+                "the U-Net's weights were written after this generation was recorded, through "
+                "param.data (an EMA model's copy_to, w.data += delta), which moves no version "
+                "counter: its recorded values no longer match the weights an edit would use, "
+                "and the edit would mix the two; record the generation again with the current "
+                "weights (engine.record into engine.new_cache(), or EditSession.generate), or "
+                "write the weights back")
+        if fingerprint is not None and fingerprint != self._derived_fingerprint:
+            self.refresh_weights(fingerprint)
+        else:
+            self._refresh_if_weights_moved(versions[0])
         return versions
 
     def _check_timestep(self, cache, step, flat) -> None:
@@ -809,6 +844,26 @@ def _timestep_text(timestep: torch.Tensor) -> str:
     if len(set(values)) <= 1:
         return str(values[:1])
     return str(values[:8])[:-1] + (", ...]" if len(values) > 8 else "]")
+
+
+def _check_finite(flat: dict) -> None:
+    """Refuse NaN or infinite input values (noise or text states gone wrong upstream): the
+    U-Net would spread them over the whole output, and the recording or edit would keep them.
+    One fused reduction and one host read, so it runs where a call reads the host anyway: a
+    generation's first recorded step and an edit pass's first step (later steps' inputs come
+    from the U-Net's own outputs and the scheduler)."""
+    floats = {name: value for name, value in flat.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point()}
+    if not floats:
+        return
+    device = next(iter(floats.values())).device
+    finite = torch.stack([torch.isfinite(value).all().to(device) for value in floats.values()])
+    if bool(finite.all()):
+        return
+    names = [name for name, ok in zip(floats, finite.tolist()) if not ok]
+    raise FiseditError(f"U-Net input(s) {', '.join(names)} hold NaN or infinite values; "
+                       "find where they were made (the noise, the text encoder, the "
+                       "scheduler) and pass finite ones")
 
 
 def check_plain_call(inputs: dict) -> None:

@@ -454,6 +454,12 @@ def read_mask_png(path: str, remedy: str = "or leave the mask out for the automa
 
     try:
         image = Image.open(path)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            # Only the first frame would be read, the others dropped without a word.
+            raise FiseditError(f"the mask {path} holds {frames} frames (an animation or a "
+                               "multi-page file); a mask is one image: save the frame you "
+                               "mean as a single-frame PNG")
         if image.mode.startswith("I"):
             # 16-bit grayscale (PNG's "I;16" or "I"): Pillow's convert clips rather than
             # scales it, so even a dark grey would read as white; the edit is the upper half.

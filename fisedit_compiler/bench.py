@@ -390,16 +390,16 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
     Runs ``engine`` without CUDA graphs under ``torch.profiler`` (a replayed graph hides its
     kernels) and reports per step: the number of kernel launches, the summed GPU kernel time,
     and the top kernels by GPU time. Comparing the summed kernel time with the replayed step's
-    latency separates kernel work from launch gaps and host work.
+    latency separates kernel work from launch gaps and host work. The profiled calls are the
+    later steps of one edit pass (``edit_pass``), as the timed ones are: a pass's first step
+    also checks the weights and loads the pass constants, work of the pass, not of a step.
     """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     eager = engine.with_config(dataclasses.replace(engine.config, cuda_graphs=False))
-    eager_cache = eager.new_cache()
-    eager.record(eager_cache, 0, **inputs)
-    run = lambda: eager.edit(eager_cache, 0, plan=plan, **edited)  # noqa: E731
-    run()
+    run = edit_pass(eager, pass_cache(eager, inputs, calls + 1), plan, edited)
+    run()                                   # the pass's first step, not profiled
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):

@@ -1,9 +1,11 @@
-"""The benchmark's CPU-side parts: the kernel categories of the profile and the tuned baseline."""
+"""The benchmark: the kernel categories of the profile and the tuned baseline (CPU); what the
+profile measures (GPU)."""
 
 import json
 
 import pytest
 
+import fisedit_compiler as fc
 from fisedit_compiler import bench, cli, zoo
 
 
@@ -207,3 +209,21 @@ def test_the_bench_square_sits_off_the_tile_grid_as_most_placements_do(area, til
     placed = bench.placed_blob((64, 64), area)
     assert placed.sum() == plans.blob_mask((64, 64), area).sum()
     assert level0_tiles(placed) == tiles > level0_tiles(plans.blob_mask((64, 64), area))
+
+
+@pytest.mark.gpu
+def test_the_profile_is_of_steps_inside_a_pass_not_of_a_pass_start():
+    """A pass's first step reads every weight's norm (a fused multi-tensor kernel, one copy
+    per group) and loads the pass constants: the profiled steps are a pass's later ones."""
+    import torch
+
+    unet = zoo.unet("sd15-tiny", dtype=torch.float16, device="cuda")
+    engine = fc.compile(unet)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    mask = bench.blob_mask((16, 16), 0.1).cuda()
+    plan = engine.plan(mask)
+    profile = bench.profile_step(engine, inputs, plan, bench.edited_inputs(inputs, mask),
+                                 calls=2)
+    assert profile["kernels_per_step"] > 0
+    names = [row["kernel"] for row in profile["top"]]
+    assert not any("multi_tensor_apply" in name for name in names), names

@@ -626,26 +626,40 @@ def test_a_recording_made_with_other_weights_is_refused():
                                                   **edited(inputs, mask)), rtol=0, atol=0)
 
 
-def test_a_new_generation_after_weights_written_without_a_version_count_uses_them():
-    """An EMA model's copy_to writes param.data, which moves no version counter: nothing can
-    tell mid-generation, but a new generation's recording makes the derived copies (grouped
-    projections, packed conv weights) again, so its edits are those of the U-Net as it is."""
+@pytest.mark.parametrize("write", [
+    lambda weight: weight.data.add_(0.01),                       # PEFT's unsafe merge
+    lambda weight: weight.data.copy_(weight.detach() * 1.5),     # an EMA model's copy_to
+])
+def test_weights_written_through_data_refuse_the_recording_and_a_new_one_uses_them(write):
+    """A write through param.data moves no version counter; the weights' values, compared at
+    an edit pass's first step (``content_fingerprint``), still tell the recording is of other
+    weights: the edit (sparse or full-mask) is refused and the cache left as it was. A new
+    generation's recording makes the derived copies (grouped projections, packed conv
+    weights) again, so its edits are those of the U-Net as it is; written back, the old
+    recording edits again as it did."""
     unet = zoo.unet("sd15-tiny")
     engine = fc.compile(unet)
     inputs = zoo.example_inputs(unet)
     mask = box((16, 16), 1, 1, 5, 5)
     cache = engine.new_cache(1)
     engine.record(cache, 0, **inputs)
-    engine.edit(cache, 0, plan=engine.plan(mask), **edited(inputs, mask))  # copies made
+    plan = engine.plan(mask)
+    expected = engine.edit(cache, 0, plan=plan, **edited(inputs, mask))    # copies made
+    before = snapshot(cache)
     weights = [unet.mid_block.resnets[0].conv1.weight,
                unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight]
     saved = [weight.detach().clone() for weight in weights]
     for weight in weights:
-        weight.data.mul_(1.5)
+        write(weight)
     try:
-        cache = engine.new_cache(1)
-        engine.record(cache, 0, **inputs)
-        result = engine.edit(cache, 0, plan=engine.plan(mask), **edited(inputs, mask))
+        for edit_plan in (plan, engine.plan(torch.ones(16, 16, dtype=torch.bool))):
+            with pytest.raises(fc.FiseditError, match=r"written after this generation was "
+                                                      r"recorded, through param\.data"):
+                engine.edit(cache, 0, plan=edit_plan, **edited(inputs, mask))
+        assert same_cache(cache, before)
+        again = engine.new_cache(1)
+        engine.record(again, 0, **inputs)
+        result = engine.edit(again, 0, plan=plan, **edited(inputs, mask))
         fresh = fc.compile(unet)
         fresh_cache = fresh.new_cache(1)
         fresh.record(fresh_cache, 0, **inputs)
@@ -654,37 +668,6 @@ def test_a_new_generation_after_weights_written_without_a_version_count_uses_the
     finally:
         for weight, value in zip(weights, saved):
             weight.data.copy_(value)
-
-
-@pytest.mark.parametrize("write", [
-    lambda weight: weight.data.add_(0.01),                       # PEFT's unsafe merge
-    lambda weight: weight.data.copy_(weight.detach() * 1.5),     # an EMA model's copy_to
-])
-def test_weights_written_through_data_after_recording_are_refused(write):
-    """A write through param.data moves no version counter; the weights' values, compared at
-    an edit pass's first step (``content_fingerprint``), still tell the recording is of other
-    weights: the edit (sparse or full-mask) is refused and the cache left as it was; written
-    back, the same edit runs again and gives what it gave."""
-    unet = zoo.unet("sd15-tiny")
-    engine = fc.compile(unet)
-    inputs = zoo.example_inputs(unet)
-    mask = box((16, 16), 1, 1, 5, 5)
-    cache = engine.new_cache(1)
-    engine.record(cache, 0, **inputs)
-    plan = engine.plan(mask)
-    expected = engine.edit(cache, 0, plan=plan, **edited(inputs, mask))
-    before = snapshot(cache)
-    weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
-    saved = weight.detach().clone()
-    write(weight)
-    try:
-        for edit_plan in (plan, engine.plan(torch.ones(16, 16, dtype=torch.bool))):
-            with pytest.raises(fc.FiseditError, match=r"written after this generation was "
-                                                      r"recorded, through param\.data"):
-                engine.edit(cache, 0, plan=edit_plan, **edited(inputs, mask))
-        assert same_cache(cache, before)
-    finally:
-        weight.data.copy_(saved)
     assert torch.equal(engine.edit(cache, 0, plan=plan, **edited(inputs, mask)), expected)
 
 

@@ -78,7 +78,7 @@ for name, (cls_name, cfg, inputs, mask) in spec.items():
         ref = fc.oracle.masked_dense(rec.engine, ed.plan, rec.inputs[0], ed.inputs[0])
         row["edit_oracle_rel"] = ((out - ref).norm() / ref.norm()).item()
         with fc.editing(rec, torch.zeros_like(mask)):
-            row["empty_equal"] = torch.equal(compiled(**new)[0], recorded)
+            row["empty_equal"] = torch.equal(compiled(**inputs)[0], recorded)
     row["unsupported"] = [str(w.message) for w in caught
                           if type(w.message).__name__ == "UnsupportedGraphWarning"]
     result["models"][name] = row

@@ -1,5 +1,6 @@
 """EditSession: exact background, oracle-exact sparse calls, masks, continuous edits, errors."""
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -1574,3 +1575,86 @@ def test_a_non_square_sample_size_gives_the_default_image_size():
     result = session.edit("a blue circle", mask=mask, output_type="np")
     assert result.images.shape == (1, 64, 96, 3)
     assert _outside_equal(result, session.original.latents[-1])
+
+
+@pytest.mark.parametrize("estimator", ["probe", tac.DEFAULT_ESTIMATOR])
+def test_an_ip_adapter_edit_estimates_its_mask(estimator):
+    """An IP-Adapter's image embeddings reach the U-Net as a list in added_cond_kwargs: the
+    estimators' contrast batch repeats and joins its rows as it does a tensor's (they raised
+    on the list before)."""
+    from test_families import sd15_ip_adapter
+
+    pipe = zoo.pipeline("sd15-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet = sd15_ip_adapter()[0]
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(5))]  # [neg; pos]
+    s = EditSession(pipe)
+    s.generate("a red circle", num_inference_steps=3, output_type="latent",
+               ip_adapter_image_embeds=embeds)
+    result = s.edit("a blue circle", mask_estimator=estimator, output_type="latent")
+    assert result.report["mask_estimator"] == estimator
+    assert _outside_equal(result, s.original.latents[-1])
+
+
+def _flagging_checker(images, device, dtype):
+    """A safety checker that flags every image and blacks it out, as diffusers' does."""
+    return torch.zeros_like(images), [True] * images.shape[0]
+
+
+def test_a_flagged_edit_or_original_is_reported_and_not_composited(pipe, monkeypatch):
+    """The safety checker's blacked-out images are not composited (a black square pasted
+    into the original, or the edit's patch on a black image): the edit returns its own
+    decode, says so in its report and warns."""
+    s = EditSession(pipe)
+    s.generate("a red circle", num_inference_steps=2, output_type="np")
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe, "run_safety_checker", _flagging_checker)
+        with pytest.warns(UserWarning, match="safety checker flagged the edit"):
+            flagged = s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    assert flagged.report["nsfw_content_detected"] is True
+    assert flagged.report["background_composited"] is False
+    assert not flagged.images.any()                         # the checker's black, as it is
+    plain = s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    assert plain.report["nsfw_content_detected"] is False and \
+        plain.report["background_composited"] is True
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe, "run_safety_checker", _flagging_checker)
+        with pytest.warns(UserWarning, match="flagged the generated image"):
+            s.generate("a red circle", num_inference_steps=2, output_type="np")
+    with pytest.warns(UserWarning, match="safety checker flagged the original"):
+        edit = s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    assert edit.report["background_composited"] is False and edit.images.any()
+
+
+def test_a_replaced_vae_is_refused_where_the_edit_composites(pipe_folder):
+    """The background is the generation's decode: another VAE would decode the region
+    differently from it. Latent output, or the raw decode, needs no old decode."""
+    pipe = zoo.pipeline(None, path=pipe_folder)     # its own: its VAE changes
+    pipe.set_progress_bar_config(disable=True)
+    s = EditSession(pipe)
+    s.generate("a red circle", num_inference_steps=2, output_type="np")
+    vae = pipe.vae
+    pipe.vae = copy.deepcopy(vae)
+    try:
+        with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights changed"):
+            s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+        s.edit("a blue circle", mask=_corner_mask(), output_type="np",
+               composite_background=False)
+    finally:
+        pipe.vae = vae
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.0)
+    with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights changed"):
+        s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+
+
+def test_pipeline_arguments_are_the_sessions_own_copies(pipe):
+    """A ControlNet's image changed in place after generate must not reach the recording's
+    arguments, which edits compare theirs with (it made an unchanged edit global)."""
+    control, image = _controlnet_pipeline(pipe)
+    s = EditSession(control)
+    s.generate("a red circle", num_inference_steps=2, output_type="latent", image=image)
+    given = image.clone()
+    image.mul_(0.5)
+    result = s.edit("a red circle", output_type="latent", image=given)
+    assert result.report["unchanged"]

@@ -39,6 +39,7 @@ from ..compiler.capture import check_unet, latent_size
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
+from ..execution.derived_weights import tensor_versions
 from ..execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from . import mask as tac
 from .attention import (CrossAttentionControl, TokenAttentionMaps, changed_tokens,
@@ -110,6 +111,7 @@ class Trajectory:
     as returned for ``output_type`` (a private copy, composited for an edit): edits composite
     their background against the original's. ``pipeline_kwargs`` are the pipeline's own further
     arguments the run was made with (a ControlNet's ``image`` and ``control_guidance_end``, ...).
+    ``flagged``: the pipeline's safety checker flagged the run's images (and blacked them out).
     """
     prompt: str
     negative_prompt: str | None
@@ -126,6 +128,7 @@ class Trajectory:
     output_type: str | None = None
     images: object = None
     pipeline_kwargs: dict = field(default_factory=dict)
+    flagged: bool = False
 
 
 @dataclass
@@ -183,6 +186,9 @@ class EditSession:
         # The scheduler class and config of the generation: an edit under another one (say
         # another prediction_type) would leave the recorded background behind.
         self._scheduler: tuple | None = None
+        # The VAE that decoded the generation's images, and its weights' versions: edits
+        # composite their decode into those images (``_decoder_identity``).
+        self._decoder: tuple | None = None
         self.seed: int | None = None    # the seed of the generation's noise (None: given)
         self._generation = 0   # bumped by generate and accept; results of older ones are stale
         self._forward_params = inspect.signature(type(pipe.unet).forward).parameters
@@ -227,7 +233,7 @@ class EditSession:
         noise = self._noise(seed, generator, latents, height, width)
         trajectory = Trajectory(prompt, negative_prompt, guidance_scale, height, width,
                                 num_inference_steps, noise, output_type=output_type,
-                                pipeline_kwargs=dict(pipeline_kwargs))
+                                pipeline_kwargs=_own_copy(pipeline_kwargs))
         cache = self.engine.new_cache(num_inference_steps, self.cache_budget_bytes)
 
         def unet_call(step, inputs):
@@ -243,7 +249,8 @@ class EditSession:
             return latents_
 
         start = time.perf_counter()
-        images = self._run(trajectory, unet_call, on_step_end, output_type, pipeline_kwargs)
+        images, trajectory.flagged = self._run(trajectory, unet_call, on_step_end, output_type,
+                                               pipeline_kwargs)
         generate_time_s = time.perf_counter() - start
         # Checked before it is installed: no estimate or blend can start from NaN or inf.
         if not bool(torch.isfinite(trajectory.latents[-1]).all()):
@@ -261,12 +268,17 @@ class EditSession:
         report["prepare_s"] += self._prepare_contrast_call(trajectory)
         # A private copy: edits composite against it, and the caller may change the returned
         # arrays in place.
-        trajectory.images = _copy_images(images)
+        trajectory.images = _own_copy(images)
         self.cache, self.original = cache, trajectory
         self._scheduler = _scheduler_identity(self.pipe.scheduler)
+        self._decoder = _decoder_identity(self.pipe)
         self.seed = seed
         self._generation += 1
         self.generate_time_s, self.prepare_report = generate_time_s, report
+        if trajectory.flagged:
+            warnings.warn("the pipeline's safety checker flagged the generated image and "
+                          "returned it blacked out; edits of this generation return their own "
+                          "decode, not composited onto it", UserWarning, stacklevel=2)
         return images
 
     def _prepare_contrast_call(self, trajectory: Trajectory) -> float:
@@ -444,10 +456,16 @@ class EditSession:
                 f"output_type={original.output_type!r}; generate (or accept an edit made) with "
                 f"output_type={output_type!r}, or pass composite_background=False to get the "
                 "raw decode (its background is close to, not equal to, the original's)")
+        if composite and _decoder_identity(self.pipe) != self._decoder:
+            raise FiseditError(
+                "pipe.vae was replaced, or its weights changed, since the generation: the "
+                "background would be the old VAE's decode around the new one's; generate "
+                "again, restore pipe.vae, or pass composite_background=False (the raw decode) "
+                "or output_type='latent'")
 
         trajectory = Trajectory(new_prompt, negative, guidance, height, width, steps,
                                 original.noise, output_type=output_type,
-                                pipeline_kwargs=dict(pipeline_kwargs))
+                                pipeline_kwargs=_own_copy(pipeline_kwargs))
         control = None
         if cross_attention_control:
             control = CrossAttentionControl(*shared_tokens(self.pipe.tokenizer, original.prompt,
@@ -455,9 +473,18 @@ class EditSession:
         run = _EditRun(self, trajectory, estimator, user_mask, mask_dilation, dense_steps,
                        control)
         start = time.perf_counter()
-        images = self._run(trajectory, run.unet_call, run.on_step_end, output_type,
-                           pipeline_kwargs)
+        images, trajectory.flagged = self._run(trajectory, run.unet_call, run.on_step_end,
+                                               output_type, pipeline_kwargs)
         run_s = time.perf_counter() - start
+        if composite and (trajectory.flagged or original.flagged):
+            # A blacked-out image composited onto the original (or the edit onto a blacked-out
+            # original) would be neither the pipeline's answer nor the edit.
+            composite = False
+            warnings.warn(
+                f"the pipeline's safety checker flagged the "
+                f"{'edit' if trajectory.flagged else 'original'} and blacked it out; the edit's "
+                "images are its own decode, not composited onto the original "
+                "(report['nsfw_content_detected'])", UserWarning, stacklevel=2)
         region = run.region
         composite_area = None
         if composite:
@@ -466,7 +493,7 @@ class EditSession:
         total = time.perf_counter() - start
         # The edit's own images (composited), kept apart from the caller's: accept makes them
         # the next edits' original.
-        trajectory.images = _copy_images(images)
+        trajectory.images = _own_copy(images)
         timings = run.timings
         timings["probe_s"] = timings.get("probe_s", 0.0)
         timings["sparse_s"] = run_s - timings["probe_s"]
@@ -476,6 +503,7 @@ class EditSession:
         timings["prepare_s"] = self.prepare_report["prepare_s"]      # once, after generate
         report = self._report(run, steps, user_mask, mask_mode)
         report["background_composited"] = composite
+        report["nsfw_content_detected"] = trajectory.flagged
         report["composite_area_fraction"] = composite_area
         report["cross_attention_control"] = control is not None
         if control is not None:
@@ -539,7 +567,8 @@ class EditSession:
     def _run(self, trajectory: Trajectory, unet_call, on_step_end, output_type,
              pipeline_kwargs):
         """Run the pipeline once with U-Net calls sent to ``unet_call(step, inputs)`` and
-        ``on_step_end(step, latents) -> latents`` called after every scheduler step."""
+        ``on_step_end(step, latents) -> latents`` called after every scheduler step; returns
+        its images and whether its safety checker flagged any of them."""
         counter = {"calls": 0}
 
         def callback(pipe, step, timestep, callback_kwargs):
@@ -562,7 +591,8 @@ class EditSession:
                 width=trajectory.width, latents=trajectory.noise.clone(),
                 output_type=output_type, callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=["latents"], **pipeline_kwargs)
-        return output.images
+        flags = getattr(output, "nsfw_content_detected", None)     # None: no checker ran
+        return output.images, bool(flags is not None and any(flags))
 
     @contextmanager
     def _routed_unet(self, handler):
@@ -1137,13 +1167,25 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
                              for s in steps]),
         "timestep": torch.stack([torch.as_tensor(original.unet_inputs[s]["timestep"]).reshape(())
                                  for s in steps]).to(device),
-        "encoder_hidden_states": _conditional_rows(
-            conditioning["encoder_hidden_states"], guided).repeat(len(steps), 1, 1)}
-    if "added_cond_kwargs" in conditioning:      # SDXL's pooled text and size ids
-        batch["added_cond_kwargs"] = {
-            key: _conditional_rows(value, guided).repeat(len(steps), *[1] * (value.dim() - 1))
-            for key, value in conditioning["added_cond_kwargs"].items()}
+        "encoder_hidden_states": _repeat_rows(
+            _conditional_rows(conditioning["encoder_hidden_states"], guided), len(steps))}
+    if "added_cond_kwargs" in conditioning:
+        # SDXL's pooled text and size ids; an IP-Adapter's image embeddings (a list).
+        batch["added_cond_kwargs"] = _repeat_rows(
+            _conditional_rows(conditioning["added_cond_kwargs"], guided), len(steps))
     return batch
+
+
+def _repeat_rows(value, times: int):
+    """Each tensor's rows ``times`` over (one copy per contrast step), through dicts and
+    lists (plain values as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *[1] * (value.dim() - 1))
+    if isinstance(value, dict):
+        return {key: _repeat_rows(item, times) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_repeat_rows(item, times) for item in value]
+    return value
 
 
 def _conditional_rows(value, guided: bool):
@@ -1242,10 +1284,14 @@ def _changed_arguments(new: Trajectory, old: Trajectory, pipe) -> list[str]:
 
 
 def _concatenate(values: list):
-    """Row-wise concatenation of the batches' tensors (or of dicts of tensors)."""
+    """Row-wise concatenation of the batches' tensors, through dicts and lists (an
+    IP-Adapter's image embeddings are a list in added_cond_kwargs)."""
     if isinstance(values[0], dict):
-        return {key: torch.cat([v[key] for v in values]) for key in values[0]}
+        return {key: _concatenate([v[key] for v in values]) for key in values[0]}
+    if isinstance(values[0], (list, tuple)):
+        return [_concatenate(items) for items in zip(*values)]
     return torch.cat(values)
+
 
 def _synchronized_clock(tensor: torch.Tensor) -> float:
     """perf_counter after the work queued on ``tensor``'s device has finished."""
@@ -1508,16 +1554,28 @@ def _check_output_type(output_type) -> None:
         raise FiseditError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
-def _copy_images(images):
+def _decoder_identity(pipe) -> tuple:
+    """The pipeline's VAE (the object) and its weights' versions (``tensor_versions``): what
+    tells that the decoder of later images is not the one of earlier ones."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return (None,)
+    return (vae, tensor_versions([*vae.parameters(), *vae.buffers()]))
+
+
+def _own_copy(value):
     """A copy of a pipeline's images ("pil": a list of images, "np": an array, "pt"/"latent": a
-    tensor), so that later changes by the caller do not reach the session."""
-    if isinstance(images, (list, tuple)):
-        return [image.copy() for image in images]
-    if isinstance(images, np.ndarray):
-        return images.copy()
-    if isinstance(images, torch.Tensor):
-        return images.detach().clone()
-    return images
+    tensor) or of its further arguments (a ControlNet's image, in dicts and lists), so that
+    later changes by the caller do not reach the session."""
+    if isinstance(value, dict):
+        return {key: _own_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copy(item) for item in value)
+    if isinstance(value, (np.ndarray, PIL.Image.Image)):
+        return value.copy()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
 
 
 def _scheduler_identity(scheduler) -> tuple[str, dict, torch.Tensor | None]:

@@ -65,7 +65,7 @@ from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, required_arguments)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature_change
 from .config import SparseConfig
-from .engine.engine import SparseEngine, check_plain_call
+from .engine.engine import SparseEngine, check_finite_inputs, check_plain_call
 from .errors import FiseditError, UnsupportedGraphError
 from .execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from .graph_keys import INPUTS, LEVELS
@@ -915,6 +915,7 @@ class _EditState(_State):
         if why:
             raise FiseditError(_changed_since_recording(why))
         if not ed.steps:
+            check_finite_inputs(flat)    # a NaN differs from everything: named as what it is
             _check_first_sample(ed.plan, rec.inputs[step]["sample"], flat["sample"], step)
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         # Copied before the edit notes the step: a failed copy leaves it as it was.
@@ -933,8 +934,7 @@ def _check_first_sample(plan: MaskPlan, recorded: torch.Tensor, sample: torch.Te
     the guidance scale turned on or off against num_images_per_prompt) would be dropped there
     without a word. Later calls may differ (the latents drift outside the mask, README). One
     comparison and one host read, at the first call only."""
-    outside = ~plan.levels[0].active.to(sample.device)
-    if bool((sample != recorded)[..., outside].any()):
+    if plan.differs_outside(sample, recorded):
         raise FiseditError(
             f"the edit's first U-Net call (step {step}) is fed a sample that differs from the "
             "recording's outside the edit region, where the edit keeps the recorded outputs, "

@@ -330,6 +330,10 @@ def test_an_edit_whose_first_sample_differs_outside_the_mask_is_refused(sd15):
         with pytest.raises(fc.FiseditError, match=r"first U-Net call \(step 0\) is fed a "
                                                   r"sample that differs .*another seed"):
             call(compiled, other_noise, timesteps[0])
+        nan = inputs["sample"].clone()
+        nan[0, 0, 0, 0] = float("nan")
+        with pytest.raises(fc.FiseditError, match="sample hold NaN or infinite values"):
+            call(compiled, dict(inputs, sample=nan), timesteps[0])
         assert ed.steps == []
         call(compiled, edited(inputs, mask), timesteps[0])        # differs inside only
         call(compiled, other_noise, timesteps[1])                  # drifted: a later call

@@ -350,3 +350,16 @@ def test_a_mask_image_too_large_to_read_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 4096 > 2x the limit: a bomb
     with pytest.raises(FiseditError, match="is too large to read"):
         read_mask_png(str(path))
+
+
+def test_differs_outside_reads_the_finest_active_region_only():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:8, 4:8] = True
+    plan = MaskPlan(mask, [(16, 16), (8, 8)], [4, 2], 0, 1.0)
+    old = torch.zeros(2, 4, 16, 16)
+    inside, outside = old.clone(), old.clone()
+    inside[..., 5, 5] = 1.0
+    outside[..., 15, 0] = 1.0
+    assert not plan.differs_outside(inside, old) and not plan.differs_outside(old, old)
+    assert plan.differs_outside(outside, old)
+    assert plan.differs_outside(torch.full_like(old, float("nan")), old)

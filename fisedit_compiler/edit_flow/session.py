@@ -1422,12 +1422,12 @@ def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None
     drops the negative prompt and every other ``negative_*`` argument (SDXL's
     negative_prompt_2, negative_original_size, ...) without a word: refused. With it, an SDXL
     pipeline with ``force_zeros_for_empty_prompt`` and no negative prompt makes the
-    unconditional text zeros, dropping ``negative_prompt_2`` and
-    ``negative_pooled_prompt_embeds`` just as silently: refused too."""
+    unconditional text zeros, dropping ``negative_prompt_2`` just as silently: refused too
+    (embeddings are refused before, ``_SESSION_KWARGS``)."""
     if guides(guidance_scale):
         zeroed = (negative_prompt is None
                   and getattr(pipe.config, "force_zeros_for_empty_prompt", False))
-        dropped = [name for name in ("negative_prompt_2", "negative_pooled_prompt_embeds")
+        dropped = [name for name in ("negative_prompt_2",)
                    if zeroed and pipeline_kwargs.get(name) is not None]
         if dropped:
             raise FiseditError(

@@ -17,9 +17,10 @@ source weights has changed since (``tensor_versions``: its version counter moved
 swap or fine-tuning, or its storage was swapped by a ``.data`` assignment), so eager edits
 always see the current weights. A captured CUDA graph does not run
 this code on replay: ``refresh()`` makes every copy again in place, and ``SparseEngine.edit``
-calls it (``refresh_weights``) when the U-Net's weight versions moved since, and
-``SparseEngine.record`` at a new generation's first step. An ``nn.Module``
-only so that the graph can hold it as an attribute.
+calls it (``refresh_weights``) when the U-Net's weight versions moved since, or, at an edit
+pass's first step, their values (``content_fingerprint``: a write through ``param.data``
+moves no version), and ``SparseEngine.record`` at a new generation's first step. An
+``nn.Module`` only so that the graph can hold it as an attribute.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def content_fingerprint(tensors) -> tuple:
     a 2-core CPU host in fp32; 3.4 ms in fp16 on an H100, mostly host work over its 686
     tensors, against ~0.5 ms of weight reads; RESULTS session 18), so it is read at a new
     generation and at an edit pass's first step, not on every step. A write that keeps every
-    tensor's norm (a permutation, a sign flip) goes unseen."""
+    tensor's norm (a permutation, a sign flip) or moves it below fp32's resolution (one
+    weight of millions by 1e-6) goes unseen."""
     # One group per device and accumulation dtype: a fused norm kernel each, one host read.
     groups: dict[tuple, list] = {}
     for tensor in tensors:

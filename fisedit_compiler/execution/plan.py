@@ -192,6 +192,13 @@ class MaskPlan:
     def fractions(self) -> list[float]:
         return [level.fraction for level in self.levels]
 
+    def differs_outside(self, new: torch.Tensor, old: torch.Tensor) -> bool:
+        """Whether ``new`` and ``old`` (inputs with the latent's positions last) differ
+        outside the finest level's active region, where an edit keeps the recorded outputs
+        and so would drop the difference. One comparison and one host read."""
+        outside = ~self.levels[0].active.to(new.device)
+        return bool((new != old)[..., outside].any())
+
     def __getitem__(self, level: int) -> LevelPlan:
         return self.levels[level]
 

@@ -842,11 +842,13 @@ def _timestep_text(timestep: torch.Tensor) -> str:
 def check_finite_inputs(flat: dict) -> None:
     """Refuse NaN or infinite input values (noise or text states gone wrong upstream): the
     U-Net would spread them over the whole output, and the recording or edit would keep them.
-    One fused reduction and one host read, so it runs where a call reads the host anyway: a
-    generation's first recorded step and an edit pass's first step (later steps' inputs come
-    from the U-Net's own outputs and the scheduler)."""
+    A reduction per input and one host read, so it runs where a call reads the host anyway:
+    a generation's first recorded step and an edit pass's first step (later steps' inputs come
+    from the U-Net's own outputs and the scheduler). Masks are not checked: an attention mask
+    given as an additive bias holds -inf where it excludes keys."""
     floats = {name: value for name, value in flat.items()
-              if isinstance(value, torch.Tensor) and value.is_floating_point()}
+              if isinstance(value, torch.Tensor) and value.is_floating_point()
+              and "mask" not in name}
     if not floats:
         return
     device = next(iter(floats.values())).device

@@ -1614,6 +1614,12 @@ def test_a_flagged_edit_or_original_is_reported_and_not_composited(pipe, monkeyp
     assert flagged.report["background_composited"] is False
     assert not flagged.images.any()                         # the checker's black, as it is
     plain = s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    s.accept(flagged)                   # the black images become the original: still flagged
+    with pytest.warns(UserWarning, match="safety checker flagged the original"):
+        after = s.edit("a green circle", mask=_corner_mask(), output_type="np")
+    assert after.report["original_nsfw_content_detected"] is True
+    assert after.report["background_composited"] is False and after.images.any()
+    s.generate("a red circle", num_inference_steps=2, output_type="np")
     assert plain.report["nsfw_content_detected"] is False and \
         plain.report["background_composited"] is True
     with monkeypatch.context() as patch:
@@ -1645,6 +1651,21 @@ def test_a_replaced_vae_is_refused_where_the_edit_composites(pipe_folder):
         vae.decoder.conv_out.bias.add_(0.0)
     with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights changed"):
         s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+
+
+def test_an_sdxl_vae_cast_up_for_each_decode_is_the_same_decoder():
+    """SDXL's pipeline casts an fp16 VAE to fp32 for each decode and back (force_upcast):
+    new storages for the same weights, not another decoder, so edit after edit composites."""
+    pipe = zoo.pipeline("sdxl-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    s = EditSession(pipe)
+    s.generate("a red circle", num_inference_steps=2, output_type="np")
+    mask = torch.zeros(s.original.noise.shape[-2:], dtype=torch.bool)
+    mask[:3, :3] = True
+    for prompt in ("a blue circle", "a green circle"):
+        assert s.edit(prompt, mask=mask, output_type="np").report["background_composited"]
 
 
 def test_pipeline_arguments_are_the_sessions_own_copies(pipe):

@@ -39,7 +39,7 @@ from ..compiler.capture import check_unet, latent_size
 from ..config import SparseConfig
 from ..engine.engine import EditCache, SparseEngine
 from ..errors import FiseditError
-from ..execution.derived_weights import tensor_versions
+from ..execution.derived_weights import content_fingerprint, version_counters
 from ..execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from . import mask as tac
 from .attention import (CrossAttentionControl, TokenAttentionMaps, changed_tokens,
@@ -112,6 +112,7 @@ class Trajectory:
     their background against the original's. ``pipeline_kwargs`` are the pipeline's own further
     arguments the run was made with (a ControlNet's ``image`` and ``control_guidance_end``, ...).
     ``flagged``: the pipeline's safety checker flagged the run's images (and blacked them out).
+    ``decoder``: the VAE that decoded them (``_decoder_identity``), which edits composite with.
     """
     prompt: str
     negative_prompt: str | None
@@ -129,6 +130,7 @@ class Trajectory:
     images: object = None
     pipeline_kwargs: dict = field(default_factory=dict)
     flagged: bool = False
+    decoder: tuple | None = None
 
 
 @dataclass
@@ -186,9 +188,6 @@ class EditSession:
         # The scheduler class and config of the generation: an edit under another one (say
         # another prediction_type) would leave the recorded background behind.
         self._scheduler: tuple | None = None
-        # The VAE that decoded the generation's images, and its weights' versions: edits
-        # composite their decode into those images (``_decoder_identity``).
-        self._decoder: tuple | None = None
         self.seed: int | None = None    # the seed of the generation's noise (None: given)
         self._generation = 0   # bumped by generate and accept; results of older ones are stale
         self._forward_params = inspect.signature(type(pipe.unet).forward).parameters
@@ -251,6 +250,7 @@ class EditSession:
         start = time.perf_counter()
         images, trajectory.flagged = self._run(trajectory, unet_call, on_step_end, output_type,
                                                pipeline_kwargs)
+        trajectory.decoder = _decoder_identity(self.pipe)
         generate_time_s = time.perf_counter() - start
         # Checked before it is installed: no estimate or blend can start from NaN or inf.
         if not bool(torch.isfinite(trajectory.latents[-1]).all()):
@@ -271,7 +271,6 @@ class EditSession:
         trajectory.images = _own_copy(images)
         self.cache, self.original = cache, trajectory
         self._scheduler = _scheduler_identity(self.pipe.scheduler)
-        self._decoder = _decoder_identity(self.pipe)
         self.seed = seed
         self._generation += 1
         self.generate_time_s, self.prepare_report = generate_time_s, report
@@ -456,7 +455,7 @@ class EditSession:
                 f"output_type={original.output_type!r}; generate (or accept an edit made) with "
                 f"output_type={output_type!r}, or pass composite_background=False to get the "
                 "raw decode (its background is close to, not equal to, the original's)")
-        if composite and _decoder_identity(self.pipe) != self._decoder:
+        if composite and _decoder_identity(self.pipe) != original.decoder:
             raise FiseditError(
                 "pipe.vae was replaced, or its weights changed, since the generation: the "
                 "background would be the old VAE's decode around the new one's; generate "
@@ -475,6 +474,7 @@ class EditSession:
         start = time.perf_counter()
         images, trajectory.flagged = self._run(trajectory, run.unet_call, run.on_step_end,
                                                output_type, pipeline_kwargs)
+        trajectory.decoder = _decoder_identity(self.pipe)
         run_s = time.perf_counter() - start
         if composite and (trajectory.flagged or original.flagged):
             # A blacked-out image composited onto the original (or the edit onto a blacked-out
@@ -484,7 +484,8 @@ class EditSession:
                 f"the pipeline's safety checker flagged the "
                 f"{'edit' if trajectory.flagged else 'original'} and blacked it out; the edit's "
                 "images are its own decode, not composited onto the original "
-                "(report['nsfw_content_detected'])", UserWarning, stacklevel=2)
+                "(report['nsfw_content_detected'], report['original_nsfw_content_detected'])",
+                UserWarning, stacklevel=2)
         region = run.region
         composite_area = None
         if composite:
@@ -504,6 +505,7 @@ class EditSession:
         report = self._report(run, steps, user_mask, mask_mode)
         report["background_composited"] = composite
         report["nsfw_content_detected"] = trajectory.flagged
+        report["original_nsfw_content_detected"] = original.flagged
         report["composite_area_fraction"] = composite_area
         report["cross_attention_control"] = control is not None
         if control is not None:
@@ -555,7 +557,8 @@ class EditSession:
                               blend_steps=set(trajectory.blend_steps),
                               output_type=trajectory.output_type,
                               images=trajectory.images,
-                              pipeline_kwargs=trajectory.pipeline_kwargs)
+                              pipeline_kwargs=trajectory.pipeline_kwargs,
+                              flagged=trajectory.flagged, decoder=trajectory.decoder)
         self.cache, self.original = cache, accepted
         self._generation += 1
 
@@ -1555,12 +1558,15 @@ def _check_output_type(output_type) -> None:
 
 
 def _decoder_identity(pipe) -> tuple:
-    """The pipeline's VAE (the object) and its weights' versions (``tensor_versions``): what
-    tells that the decoder of later images is not the one of earlier ones."""
+    """The pipeline's VAE (the object), its weights' version counters and their values
+    (``content_fingerprint``): what tells that the decoder of later images is not the one of
+    earlier ones. Not their storages: SDXL's pipeline casts an fp16 VAE to fp32 for each
+    decode and back (``force_upcast``), new storages for the same values."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return (None,)
-    return (vae, tensor_versions([*vae.parameters(), *vae.buffers()]))
+    weights = [*vae.parameters(), *vae.buffers()]
+    return (vae, version_counters(weights), content_fingerprint(weights))
 
 
 def _own_copy(value):
@@ -1570,7 +1576,8 @@ def _own_copy(value):
     if isinstance(value, dict):
         return {key: _own_copy(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_own_copy(item) for item in value)
+        items = [_own_copy(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, (np.ndarray, PIL.Image.Image)):
         return value.copy()
     if isinstance(value, torch.Tensor):

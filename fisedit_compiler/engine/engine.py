@@ -195,12 +195,13 @@ class SparseEngine:
                 "weights; record the whole generation again in engine.new_cache()")
         fingerprint = cache.weight_fingerprint
         if cache.weight_versions is None:
-            # A new generation starts from the weights as they are: the derived copies are
-            # made again, in case the weights were written without a version count since
-            # (an EMA model's copy_to writes param.data), and the values it is recorded
-            # with are kept for edits to compare (``_check_unchanged``).
+            # A new generation starts from the weights as they are: their values are kept for
+            # edits to compare (``_check_unchanged``), and the derived copies made again where
+            # the values moved since the copies were made without a version count (an EMA
+            # model's copy_to writes param.data; counted moves were refreshed above).
             fingerprint = content_fingerprint(self._weights)
-            self.refresh_weights(fingerprint)
+            if fingerprint != self._derived_fingerprint:
+                self.refresh_weights(fingerprint)
         flat = flatten_inputs(inputs)
         timestep = (self._host_values.read(flat["timestep"]).clone()
                     if "timestep" in flat else None)
@@ -410,8 +411,8 @@ class SparseEngine:
         weights' version counters moved since the copies were made (eager edits notice by
         themselves too), ``edit`` at a pass's first step when their values did
         (``content_fingerprint``: ``param.data`` writes move no counter), and ``record`` at a
-        new generation's first step; recordings made with the old weights are refused by
-        ``edit``: record again. ``fingerprint``: the weights' ``content_fingerprint``, where
+        new generation's first step when their values moved; recordings made with the old
+        weights are refused by ``edit``: record again. ``fingerprint``: the weights' ``content_fingerprint``, where
         the caller has just read it."""
         copies = [program.derived for program in self._programs.values()]
         copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe

@@ -19,8 +19,8 @@ always see the current weights. A captured CUDA graph does not run
 this code on replay: ``refresh()`` makes every copy again in place, and ``SparseEngine.edit``
 calls it (``refresh_weights``) when the U-Net's weight versions moved since, or, at an edit
 pass's first step, their values (``content_fingerprint``: a write through ``param.data``
-moves no version), and ``SparseEngine.record`` at a new generation's first step. An
-``nn.Module`` only so that the graph can hold it as an attribute.
+moves no version), and ``SparseEngine.record`` at a new generation's first step when their
+values moved. An ``nn.Module`` only so that the graph can hold it as an attribute.
 """
 
 from __future__ import annotations

@@ -455,7 +455,8 @@ class EditSession:
                 f"output_type={original.output_type!r}; generate (or accept an edit made) with "
                 f"output_type={output_type!r}, or pass composite_background=False to get the "
                 "raw decode (its background is close to, not equal to, the original's)")
-        if composite and _decoder_identity(self.pipe) != original.decoder:
+        decoder = _decoder_identity(self.pipe)      # the VAE this edit decodes with
+        if composite and decoder != original.decoder:
             raise FiseditError(
                 "pipe.vae was replaced, or its weights changed, since the generation: the "
                 "background would be the old VAE's decode around the new one's; generate "
@@ -474,7 +475,7 @@ class EditSession:
         start = time.perf_counter()
         images, trajectory.flagged = self._run(trajectory, run.unet_call, run.on_step_end,
                                                output_type, pipeline_kwargs)
-        trajectory.decoder = _decoder_identity(self.pipe)
+        trajectory.decoder = decoder
         run_s = time.perf_counter() - start
         if composite and (trajectory.flagged or original.flagged):
             # A blacked-out image composited onto the original (or the edit onto a blacked-out
@@ -1180,15 +1181,8 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
 
 
 def _repeat_rows(value, times: int):
-    """Each tensor's rows ``times`` over (one copy per contrast step), through dicts and
-    lists (plain values as they are)."""
-    if isinstance(value, torch.Tensor):
-        return value.repeat(times, *[1] * (value.dim() - 1))
-    if isinstance(value, dict):
-        return {key: _repeat_rows(item, times) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_repeat_rows(item, times) for item in value]
-    return value
+    """Each tensor's rows ``times`` over (one copy per contrast step)."""
+    return _map_tensors(lambda tensor: tensor.repeat(times, *[1] * (tensor.dim() - 1)), value)
 
 
 def _conditional_rows(value, guided: bool):
@@ -1203,15 +1197,25 @@ def _unconditional_rows(value):
 
 
 def _half(value, second: bool):
-    """The first or second half of each tensor's rows, through dicts and lists (0-d tensors,
-    such as a timestep, and plain values as they are)."""
+    """The first or second half of each tensor's rows (0-d tensors, such as a timestep, as
+    they are)."""
+    def half(tensor):
+        if not tensor.dim():
+            return tensor
+        middle = tensor.shape[0] // 2
+        return tensor[middle:] if second else tensor[:middle]
+    return _map_tensors(half, value)
+
+
+def _map_tensors(function, value):
+    """``function`` of each tensor inside nested dicts and lists (U-Net inputs: SDXL's added
+    conditions, an IP-Adapter's list of embeddings); plain values as they are."""
     if isinstance(value, torch.Tensor):
-        half = value.shape[0] // 2 if value.dim() else None
-        return value if half is None else (value[half:] if second else value[:half])
+        return function(value)
     if isinstance(value, dict):
-        return {key: _half(item, second) for key, item in value.items()}
+        return {key: _map_tensors(function, item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_half(item, second) for item in value]
+        return [_map_tensors(function, item) for item in value]
     return value
 
 

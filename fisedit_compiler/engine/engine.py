@@ -14,7 +14,7 @@ keeps the weights' versions it was recorded with (``weight_versions``), and edit
 a write through ``param.data`` moves no version, so each cache also keeps the weights' norms
 (``content_fingerprint``), compared at an edit pass's first step.
 The full comparison costs ~0.4 ms of host time on SD1.5, and the norms one read of every
-weight (3.4 ms for SD1.5 in fp16 on an H100, 0.43 s in fp32 on a 2-core CPU host), so
+weight (3.4 ms for SD1.5 in fp16 on an H100, 0.28 s in fp32 on a 2-core CPU host), so
 ``edit`` runs both at the first step of each edit pass and, on the pass's later steps,
 compares only the weights' identities, data addresses and version counters (~0.14 ms: ~0.04,
 0.05 and 0.05 ms, the counters read before anyway; measured on a CPU host with

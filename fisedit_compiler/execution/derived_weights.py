@@ -123,9 +123,9 @@ def content_fingerprint(tensors) -> tuple:
     ``param.data`` (``w.data += delta``, an EMA model's ``copy_to``, a merge that is not
     PEFT's safe one) moves neither a version counter nor an address. Each tensor's L2 norm,
     accumulated in fp32 (fp64 for fp64 weights) and compared by its bits (a NaN weight
-    compares equal to itself): one read of every weight and one host read (SD1.5: 0.43 s on
-    a 2-core CPU host in fp32; 3.4 ms in fp16 on an H100, mostly host work over its 686
-    tensors, against ~0.5 ms of weight reads; RESULTS session 18), so it is read at a new
+    compares equal to itself): one read of every weight and one host read (SD1.5: 0.28 s on
+    a 2-core CPU host in fp32, ``benchmarks/weight_check_cost.py``; 3.4 ms in fp16 on an
+    H100, mostly host work over its 686 tensors; RESULTS session 18), so it is read at a new
     generation and at an edit pass's first step, not on every step. A write that keeps every
     tensor's norm (a permutation, a sign flip) or moves it below fp32's resolution (one
     weight of millions by 1e-6) goes unseen."""

@@ -107,6 +107,43 @@ def test_edits_from_a_cold_tuning_cache_after_a_dense_compile(tmp_path):
     assert worst <= 2e-2
 
 
+AFTER_CAPTURE_SCRIPT = textwrap.dedent("""
+    import torch, fisedit_compiler as fc
+    from fisedit_compiler import bench, zoo
+    unet = zoo.unet("sd15-tiny", dtype=torch.float16, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engine = fc.compile(unet)
+    cache = engine.new_cache()
+    engine.record(cache, 0, **inputs)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:9, 5:12] = True
+    plan, edited = engine.plan(mask), bench.edited_inputs(inputs, mask)
+    before = engine.edit(cache, 0, plan=plan, **edited)          # captures the bucket's graph
+    matmul = torch.compile(lambda a: a @ a + 1, mode="reduce-overhead")
+    square = torch.randn(512, 512, device="cuda", dtype=torch.float16)
+    for _ in range(3):          # records a CUDA graph: Inductor clears cuBLAS's workspaces
+        matmul(square)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()    # what was freed goes back to the driver
+    junk = [torch.full((1 << 22,), 7.0, device="cuda") for _ in range(64)]
+    after = engine.edit(cache, 0, plan=plan, **edited)           # step 0 again: a new pass
+    torch.cuda.synchronize()
+    print("EQUAL", torch.equal(before, after))
+""")
+
+
+def test_captured_graphs_survive_a_later_torch_compile_cuda_graph():
+    """Inductor's CUDA graphs clear cuBLAS's cached workspaces whenever they record: a dense
+    graph compiled after a bucket's capture (EditSession's estimator call at generate, a
+    probe step, a full-mask edit) freed the workspace the bucket's GEMMs wrote to, and the
+    next replay hit an illegal address (session 19's e2e run). Each capture now has its own,
+    in its pool. In a subprocess: an illegal address ends the process's CUDA context."""
+    done = subprocess.run([sys.executable, "-c", AFTER_CAPTURE_SCRIPT], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split("EQUAL")[-1].strip() == "True"
+
+
 def test_weights_written_through_data_reach_the_dense_graph_at_a_pass_start():
     """A write through param.data moves no version counter; a full-mask edit (the compiled
     dense graph, which reads nothing recorded) reads the weights' values at its pass's first

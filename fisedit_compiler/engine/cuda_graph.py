@@ -21,16 +21,19 @@ one stream. The output is cloned, because the next replay overwrites it.
 
 Nothing that tunes, compiles, synchronises or allocates outside the pool may run inside a
 capture: each graph is warmed up first, on the capture stream itself (kernel tuning and
-loading, packed weights, the plan's tables, cuBLAS workspaces of that stream), and captured in
-``thread_local`` mode, so CUDA calls of other threads (a compiler's workers) cannot invalidate
-it. Python's cyclic garbage collector is paused during a capture: a collection there may free
-another captured graph, and destroying a CUDA graph during a capture invalidates the capture
-(session 7 found calibration's exact-plan graphs freed so; an exact plan's graph no longer
-refers back to its plan, so it goes with the plan without a collection). A capture that fails
-anyway is dropped with a warning, and that bucket runs without a graph: the engine, its plans
-and the cache stay usable, and later captures use a new stream and memory pool, because a
-failed capture can leave the allocator still routing the old stream's allocations to the old
-pool ("beginAllocateToPool: already recording to mempool_id" on every later capture).
+loading, packed weights, the plan's tables), and captured in ``thread_local`` mode, so CUDA
+calls of other threads (a compiler's workers) cannot invalidate it. The one allocation a
+capture makes on purpose is cuBLAS's workspace, in the graph's pool: a workspace cached before
+would be freed under the graph by the next recording of torch.compile's CUDA graphs
+(``clear_cublas_workspaces``). Python's cyclic garbage collector is paused during a capture: a
+collection there may free another captured graph, and destroying a CUDA graph during a capture
+invalidates the capture (session 7 found calibration's exact-plan graphs freed so; an exact
+plan's graph no longer refers back to its plan, so it goes with the plan without a collection).
+A capture that fails anyway is dropped with a warning, and that bucket runs without a graph:
+the engine, its plans and the cache stay usable, and later captures use a new stream and memory
+pool, because a failed capture can leave the allocator still routing the old stream's
+allocations to the old pool ("beginAllocateToPool: already recording to mempool_id" on every
+later capture).
 """
 
 from __future__ import annotations
@@ -133,6 +136,13 @@ class CapturedSteps:
         graph = torch.cuda.CUDAGraph()
         collecting = gc.isenabled()
         gc.disable()
+        # The graph's GEMMs get a cuBLAS workspace of its own, in its pool: the one warmed up
+        # for this stream belongs to cuBLAS's cache, which torch.compile's CUDA graphs clear
+        # whenever they record (a dense graph compiled after this capture, as a probe step or
+        # a full-mask edit compiles it), freeing memory this graph would still write to (an
+        # illegal address or another tensor's values). Forgotten again after the capture, so
+        # that work outside graphs does not use pool memory.
+        clear_cublas_workspaces()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):
@@ -146,11 +156,19 @@ class CapturedSteps:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
             return None
         finally:
+            clear_cublas_workspaces()
             if collecting:
                 gc.enable()
         # A bucket's graph keeps its private template; an exact plan's graph is kept on the
         # plan itself (``_graphs_of``), so it must not refer back to it.
         return _Graph(graph, template if template.bucket is not None else None, output)
+
+
+def clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's cached workspaces (one per handle and stream), so that the next GEMM on
+    a stream allocates one; inside a capture, in the graph's pool. What Inductor's CUDA-graph
+    trees call around their recordings, for the same reason; torch has no public name for it."""
+    torch._C._cuda_clearCublasWorkspaces()
 
 
 def _static_copy(value):

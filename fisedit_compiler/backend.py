@@ -806,9 +806,17 @@ class _RecordState(_State):
                 "settings fixed while recording")
         if not rec.growable and step >= rec.cache.num_steps:
             raise FiseditError(
-                f"the recording was opened with num_steps={rec.cache.num_steps} but the U-Net "
-                f"is being called a {step + 1}th time; pass the pipeline's number of U-Net "
+                f"the recording was opened with num_steps={rec.cache.num_steps} but this is "
+                f"U-Net call {step + 1}; pass the pipeline's number of U-Net "
                 "calls, or leave num_steps=None to record however many there are")
+        if step and _starts_again(rec.engine.host_timestep(flat), rec.cache.timesteps.get(0),
+                                  rec.cache.timesteps.get(step - 1)):
+            raise FiseditError(
+                f"U-Net call {step + 1} of this recording is at the first call's timestep "
+                "again, after other timesteps: a second pipeline run inside one fc.recording, "
+                "whose steps would follow the first run's as if one generation (an edit would "
+                "then read the first run's, a warm-up's say); one recording is one run: open "
+                "a new fc.recording for each run")
         if signature in rec._graphs:
             # Every step of a recording runs one program (the cache keys are its node names),
             # so a later call must run the graph that made it.
@@ -896,13 +904,21 @@ class _EditState(_State):
             # it dense would regenerate the whole image, not edit the recorded one.
             raise FiseditError(_changed_since_recording(f"it cannot be edited ({graph.problem})"))
         step = ed.start_step + len(ed.steps)
+        flat = graph.flat_inputs(args)
         if step >= rec.num_steps:
+            if ed.steps and _starts_again(rec.engine.host_timestep(flat),
+                                          rec.cache.timesteps.get(ed.start_step),
+                                          rec.cache.timesteps.get(step - 1)):
+                raise FiseditError(
+                    f"U-Net call {len(ed.steps) + 1} of this edit is at its first call's "
+                    "timestep again, after the recording's last step: a second pipeline run "
+                    "inside one fc.editing; one context edits one run: open a new fc.editing "
+                    "for each")
             raise FiseditError(
                 f"this is U-Net call {len(ed.steps) + 1} of the edit, for step {step}, but "
                 f"the recording holds {rec.num_steps} steps (0..{rec.num_steps - 1})"
                 f"{rec._interruption()}; run the "
                 "edit with the scheduler and number of inference steps of the recording")
-        flat = graph.flat_inputs(args)
         check_plain_call(flat)
         signature = SparseEngine.signature(flat)
         if not rec.engine.has_program(signature):
@@ -924,6 +940,17 @@ class _EditState(_State):
         ed.inputs.append(kept)
         ed.outputs.append(edited)
         return (output,)
+
+
+def _starts_again(now, start, last) -> bool:
+    """Whether a call at timestep ``now`` starts a pipeline run again: at the timestep of a
+    run's first call (``start``), after a call at another (``last``). A scheduler that
+    repeats timesteps (Heun's pairs, DPM++ 2M Karras's last) never returns to its first one,
+    and a pipeline that calls the U-Net twice a step repeats it at once, not after others.
+    Host tensors (``SparseEngine.host_timestep``); None where the U-Net takes no timestep."""
+    if now is None or start is None or last is None:
+        return False
+    return torch.equal(now, start) and not torch.equal(last, start)
 
 
 def _check_first_sample(plan: MaskPlan, recorded: torch.Tensor, sample: torch.Tensor,
@@ -1035,6 +1062,12 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session
+    if session.steps and session.steps[-1] < recording.num_steps - 1:
+        warnings.warn(
+            f"fisedit: the edit ended at step {session.steps[-1]} of a recording of "
+            f"{recording.num_steps} steps (0..{recording.num_steps - 1}): the pipeline run "
+            "stopped early (interrupted, or run with fewer steps than recorded), so its output "
+            "is not a finished edit", UserWarning, stacklevel=4)
     if not session.steps:
         warnings.warn(
             "fisedit: no U-Net call was edited inside fc.editing; does the pipeline hold the "

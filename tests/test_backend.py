@@ -315,6 +315,41 @@ def test_contexts_are_single_use_and_say_how_a_recording_ended(sd15):
 
 
 @torch.no_grad()
+def test_a_second_pipeline_run_in_one_context_is_refused_and_an_early_stop_warns(sd15):
+    """A warm-up run and the real one inside one fc.recording were stored as one generation
+    of twice the steps, and an edit read the warm-up's: a call back at the first call's
+    timestep after others is refused, and the recording keeps its first run. In fc.editing a
+    second run past the recording's end is named as such; an edit that stops before the
+    recording's last step warns (its output is not a finished edit)."""
+    unet, compiled, inputs = sd15
+    run = [torch.tensor(t) for t in (700, 400, 100)]
+    with fc.recording(compiled) as rec:
+        for t in run:
+            call(compiled, inputs, t)
+        with pytest.raises(fc.FiseditError, match=r"call 4 .* first call's timestep again.*"
+                                                  r"second pipeline run.*new fc.recording"):
+            call(compiled, inputs, run[0])
+    assert rec.num_steps == 3 and len(rec.inputs) == 3
+    # Repeated timesteps that do not go back to the first (Heun's pairs, two calls a step).
+    with fc.recording(compiled) as pairs:
+        for t in (run[0], run[0], run[1], run[1]):
+            call(compiled, inputs, t)
+    assert pairs.num_steps == 4
+    mask = box((16, 16), 0, 0, 4, 4)
+    with fc.editing(rec, mask):
+        for t in run:
+            call(compiled, inputs, t)
+        with pytest.raises(fc.FiseditError, match=r"call 4 of this edit .* second pipeline "
+                                                  r"run inside one fc.editing"):
+            call(compiled, inputs, run[0])
+    with pytest.warns(UserWarning, match=r"ended at step 1 of a recording of 3 steps.*stopped "
+                                         r"early"):
+        with fc.editing(rec, mask):
+            for t in run[:2]:
+                call(compiled, inputs, t)
+
+
+@torch.no_grad()
 def test_an_edit_whose_first_sample_differs_outside_the_mask_is_refused(sd15):
     """Other noise (another seed) or rows of another meaning would be dropped outside the
     region, where the edit keeps the recording: refused at the first call, the recording

@@ -499,6 +499,8 @@ def test_edit_before_generate(pipe):
     (dict(callback=lambda step, timestep, latents: None, callback_steps=1),
      r"edit cannot take callback, callback_steps: EditSession runs the pipeline's step "
      r"callback itself.*diffusers' deprecated per-step callback"),
+    (dict(prompt="a blue circle"), "edit cannot take prompt: an edit's prompt is its first "
+                                   "argument, new_prompt"),
 ])
 def test_bad_edit_arguments(session, kwargs, match):
     before = (session.cache, session.cache_nbytes())

@@ -79,6 +79,8 @@ _SESSION_KWARGS = {
     "pooled_prompt_embeds": _PROMPT_TEXT, "negative_pooled_prompt_embeds": _PROMPT_TEXT,
     "return_dict": "EditSession reads the pipeline's output itself (generate returns the "
                    "images, edit an EditResult); drop it",
+    # Only edit can receive it here (generate's first parameter is prompt).
+    "prompt": "an edit's prompt is its first argument, new_prompt; pass the text there",
 }
 # Pipeline arguments whose non-default values act on the whole image at every step, so that a
 # change inside the region would move the background: their default (0.0), and why not others.

@@ -203,8 +203,7 @@ class SparseEngine:
             if fingerprint != self._derived_fingerprint:
                 self.refresh_weights(fingerprint)
         flat = flatten_inputs(inputs)
-        timestep = (self._host_values.read(flat["timestep"]).clone()
-                    if "timestep" in flat else None)
+        timestep = self.host_timestep(flat)
         if timestep is not None and not bool(torch.isfinite(timestep).all()):
             raise FiseditError(f"the timestep is {_timestep_text(timestep)}, not finite; pass "
                                "the scheduler's timesteps")
@@ -633,15 +632,21 @@ class SparseEngine:
             self._refresh_if_weights_moved(versions[0])
         return versions
 
+    def host_timestep(self, flat: dict) -> torch.Tensor | None:
+        """The timestep of the flat inputs ``flat`` as a host tensor of its own (None where
+        there is none). A pipeline's timesteps are views of one device tensor, which
+        ``HostValues`` copies once per pass: the later steps read it without synchronising."""
+        timestep = flat.get("timestep")
+        return None if timestep is None else self._host_values.read(timestep).clone()
+
     def _check_timestep(self, cache, step, flat) -> None:
         """Refuse a timestep other than the one ``step`` was recorded at. Both are compared on
         the host; a pipeline's timesteps are views of one device tensor, which ``HostValues``
         copies once per pass, so the later steps do not synchronise with the GPU."""
         recorded = cache.timesteps.get(step)
-        new = flat.get("timestep")
-        if recorded is None or new is None:
+        if recorded is None or flat.get("timestep") is None:
             return
-        new = self._host_values.read(new)
+        new = self.host_timestep(flat)
         if not torch.equal(recorded, new):
             raise FiseditError(
                 f"step {step} was recorded at timestep {_timestep_text(recorded)} but the "

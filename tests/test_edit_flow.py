@@ -720,6 +720,20 @@ def test_size_conditions_given_at_their_defaults_change_nothing(sdxl_pipe):
     assert torch.equal(same.latents, s.original.latents[-1])
 
 
+def test_second_prompts_given_as_the_pipeline_defaults_them_change_nothing(sdxl_pipe):
+    """SDXL's prompt_2 (negative_prompt_2) left out is the prompt (negative prompt): an edit
+    that gives it so asks for what the generation had, and changes nothing (it was planned
+    global, blaming a ControlNet the pipeline does not have)."""
+    s = EditSession(sdxl_pipe)
+    s.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent",
+               negative_prompt="blurry")
+    for given in (dict(prompt_2="a red circle"), dict(negative_prompt_2="blurry"),
+                  dict(prompt_2="", negative_prompt_2="")):
+        same = s.edit("a red circle", output_type="latent", **given)
+        assert same.report["unchanged"] and same.report["unseen_change"] is None, given
+        assert not same.mask.any() and torch.equal(same.latents, s.original.latents[-1])
+
+
 def test_a_prompt_2_equal_to_the_prompt_follows_the_edits_prompt(sdxl_pipe, monkeypatch):
     s = EditSession(sdxl_pipe)
     s.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent",

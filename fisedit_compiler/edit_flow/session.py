@@ -96,6 +96,8 @@ _SCHEDULE_KWARGS = ("timesteps", "sigmas", "denoising_end")
 # U-Net arguments the engine's recorded graphs take; others must be None.
 _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs",
                 "down_block_additional_residuals", "mid_block_additional_residual")
+# SDXL's second text encoder's prompts and the prompts they default to (Trajectory fields).
+_SECOND_PROMPTS = {"prompt_2": "prompt", "negative_prompt_2": "negative_prompt"}
 # The pipelines' output types (diffusers' VaeImageProcessor.postprocess); others are refused
 # because diffusers silently maps them to "np", which the background compositing must know.
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -1269,14 +1271,18 @@ def _changed_arguments(new: Trajectory, old: Trajectory, pipe) -> list[str]:
     """The names of the further pipeline arguments (``pipeline_kwargs``) that differ between
     two runs (not ``_identical`` nor the same object), each taken as the pipeline uses it: an
     argument left out is the pipeline's default, SDXL's ``original_size`` and ``target_size``
-    left out are the run's (height, width), and empty ``cross_attention_kwargs`` are none. A
-    value that cannot say (``==`` of arrays) counts as changed."""
+    left out are the run's (height, width), its ``prompt_2`` and ``negative_prompt_2`` left
+    out (or empty) are the run's prompt and negative prompt, and empty
+    ``cross_attention_kwargs`` are none. A value that cannot say (``==`` of arrays) counts as
+    changed."""
     params = inspect.signature(type(pipe).__call__).parameters
 
     def value(run: Trajectory, name: str):
         given = run.pipeline_kwargs[name] if name in run.pipeline_kwargs else params[name].default
         if given is None and name in ("original_size", "target_size"):
             return (run.height, run.width)
+        if name in _SECOND_PROMPTS and not given:      # SDXL: prompt_2 = prompt_2 or prompt
+            return getattr(run, _SECOND_PROMPTS[name])
         if name == "cross_attention_kwargs" and isinstance(given, dict) and not given:
             return None
         return given

@@ -17,7 +17,8 @@ in one process:
    convs as matmuls, ``torch.compile`` with CUDA graphs: the best of ``reduce-overhead`` and
    ``max-autotune``), and dense eager beside it.
 
-Every edit passes a user mask (a random-weight model's automatic mask is empty) and runs as
+Every edit passes a user mask (a random-weight model's automatic mask covers the whole
+latent: nothing to localise) and runs as
 ``EditSession.edit`` does by default with one: every step sparse, from the first (the default
 mask estimator needs no dense steps). ``--probe-steps N`` runs the first N steps dense instead,
 as FISEdit's probe does (10 of 50). Latents out on both sides (no VAE decode). Each edit is timed from an idle GPU to its synchronised end, with its phases from

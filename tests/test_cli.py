@@ -256,8 +256,8 @@ def test_the_random_weight_demo_names_its_own_box_not_the_user(tmp_path, capsys,
                  str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert ("--mask-estimator x0 has nothing to do: the user mask (the demo's own --mask-box "
-            "0.4,0.4,0.6,0.6, which it edits where a random-weight model leaves the automatic "
-            "mask empty)") in err
+            "0.4,0.4,0.6,0.6, which it edits where a random-weight model gives the automatic "
+            "mask nothing to localise)") in err
     assert "--mask-mode intersect" in err and "Traceback" not in err
 
 

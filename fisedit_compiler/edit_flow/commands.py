@@ -32,8 +32,9 @@ SHAPES_DEFAULTS = dict(steps=20, guidance_scale=5.0, size=None)
 # Any other zoo pipeline (--model) has random weights: a generic prompt edit, fewer steps.
 RANDOM_PROMPT, RANDOM_EDIT = "a red circle on a white table", "a blue circle on a white table"
 RANDOM_DEFAULTS = dict(steps=8, guidance_scale=7.5, size=128)
-# Random weights give latents without spatial structure, so the automatic mask comes out
-# empty; a random-weight demo edits this box instead, to show a real sparse edit.
+# Random weights give predictions without spatial structure, so the automatic mask cannot
+# localise the change: the estimators find it spread over the whole latent and plan the edit
+# global (dense). A random-weight demo edits this box instead, to show a real sparse edit.
 DEMO_BOX = "0.4,0.4,0.6,0.6"
 # The largest --size taken, in multiples of the pipeline's default image side.
 MAX_SIZE_FACTOR = 8
@@ -167,8 +168,9 @@ def run_demo(args) -> int:
         print(f"demo with zoo pipeline {args.model!r} (random weights: the images are "
               "noise-like)")
         if box_instead:
-            print(f"random weights leave the automatic mask empty (the latent difference has "
-                  f"no spatial structure), so the demo edits --mask-box {DEMO_BOX}; pass "
+            print(f"random weights give the automatic mask nothing to localise (the "
+                  f"prediction difference has no spatial structure, so it would cover the "
+                  f"whole latent), so the demo edits --mask-box {DEMO_BOX}; pass "
                   f"--mask or --mask-box to change it")
     report = _generate_and_edit(pipe, args, warm_repeat=True, model=args.model)
     print(json.dumps(_summary(report), indent=2))
@@ -212,7 +214,7 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
                  f"--mask-box {args.mask_box}" if args.mask_box is not None else None)
     if default_box:
         user_mask = (f"the demo's own {user_mask}, which it edits where a random-weight model "
-                     "leaves the automatic mask empty")
+                     "gives the automatic mask nothing to localise")
     # EditSession.edit's own rules, in the command line's words (the session checks them again).
     check_mask_choice(mask_estimator=args.mask_estimator, probe_steps=args.probe_steps,
                       num_steps=args.steps, user_mask=user_mask, mask_mode=args.mask_mode,

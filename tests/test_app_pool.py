@@ -294,6 +294,22 @@ def test_a_painting_of_0_1_or_0_255_values_is_the_bool_mask(mask):
     assert torch.equal(_latent_mask(mask, (16, 16)), expected)
 
 
+def test_a_pil_image_mask_is_read_by_its_colours_not_its_palette_indices():
+    """A palette image's array is its indices: black at index 1 and white at index 0 marked
+    the black surroundings. Images are read as mask PNGs are (white = edit)."""
+    from PIL import Image
+
+    from fisedit_compiler.app.pool import _latent_mask
+
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[2:6, 2:6] = True
+    palette = Image.fromarray(np.where(expected.numpy(), 0, 1).astype(np.uint8), mode="P")
+    palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)     # index 0 white, 1 black
+    grey = Image.fromarray(np.where(expected.numpy(), 255, 0).astype(np.uint8))
+    for image in (palette, grey, grey.convert("RGBA")):
+        assert torch.equal(_latent_mask(image, (16, 16)), expected), image.mode
+
+
 def test_an_edit_with_a_uint8_painting_equals_the_bool_one(pipe):
     pool = SessionPool(pipe)
     pool.generate("a", GENERATION)

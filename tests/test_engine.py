@@ -743,7 +743,8 @@ def test_a_unet_that_draws_random_numbers_is_refused_naming_the_module(generator
 @pytest.mark.parametrize("mask, bucketed, message", [
     (None, None, "bool tensor or array of shape .*got NoneType"),
     ("mask.png", None, "load_mask_png"),
-    ("image", None, r"got Image; convert an image with torch.from_numpy"),
+    ("image", None, r"got Image; read an image with fisedit_compiler.execution.plan."
+                    r"image_mask\(image\)"),
     (box((16, 16), 1, 1, 3, 3), "no", "bucketed must be True or False, got str 'no'"),
     (box((16, 16), 1, 1, 3, 3), 1, "bucketed must be True or False, got int"),
 ])

@@ -32,6 +32,7 @@ import torch
 from ..checks import check_int, check_optional_int
 from ..edit_flow.session import EditResult, EditSession
 from ..errors import FiseditError
+from ..execution.plan import image_mask
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,9 @@ def _latent_mask(mask, latent_size: tuple[int, int]) -> torch.Tensor:
     """A bool mask at ``latent_size`` from one at that size or an integer multiple (the image,
     or the image as shown): any marked pixel marks its latent pixel, as ``load_mask_png``
     does. ``mask`` holds bools (the page sends those), or a painting's 0/1 or 0/255 values
-    (uint8 or float arrays, as image editors give them); any other value (a soft mask's 0.3,
-    NaN) is refused, not rounded: which pixels it marks would be a guess."""
+    (uint8 or float arrays, as image editors give them), or is a PIL image, read by its
+    colours as mask PNGs are (``image_mask``); any other value (a soft mask's 0.3, NaN) is
+    refused, not rounded: which pixels it marks would be a guess."""
     mask = torch.as_tensor(_mask_bools(mask))
     height, width = latent_size
     factor = mask.shape[0] // height if mask.dim() == 2 else 0
@@ -302,6 +304,9 @@ def _latent_mask(mask, latent_size: tuple[int, int]) -> torch.Tensor:
 
 
 def _mask_bools(mask) -> np.ndarray:
+    if isinstance(mask, PIL.Image.Image):
+        # Read by its colours, as mask PNGs are: a palette image's array is its indices.
+        return image_mask(mask).numpy()
     if isinstance(mask, torch.Tensor):
         if mask.is_meta:
             raise FiseditError("the mask is a tensor on the meta device, which holds no "

@@ -424,8 +424,9 @@ def _not_a_mask_hint(value, size) -> str:
         return (f"; to use a PNG file, read it with "
                 f"fisedit_compiler.execution.plan.load_mask_png(path, {at})")
     if hasattr(value, "convert") and hasattr(value, "getbands"):     # a PIL image
-        return ("; convert an image with torch.from_numpy(np.asarray(image.convert('L')) > 127)"
-                " (white = edit), at latent resolution")
+        return ("; read an image with fisedit_compiler.execution.plan.image_mask(image) (white, "
+                "or any bright channel on a pixel not fully transparent, is an edit), then "
+                "bring it to latent resolution (mask_to_latent(mask, (H, W), 'the mask'))")
     return ""
 
 
@@ -452,11 +453,9 @@ def load_mask_png(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 def read_mask_png(path: str, remedy: str = "or leave the mask out for the automatic one"
                   ) -> torch.Tensor:
-    """The bool pixel mask of a PNG (white = edit; in colour images any channel above 127, on
-    pixels not fully transparent, as the app reads its painted strokes; in 16-bit grayscale any
-    value above 32767). Needs no model, so the command line reads it before loading one.
-    ``remedy``: the fix the message offers for a mask that marks nothing, besides painting."""
-    import numpy as np
+    """The bool pixel mask of a PNG (``image_mask``). Needs no model, so the command line reads
+    it before loading one. ``remedy``: the fix the message offers for a mask that marks
+    nothing, besides painting."""
     from PIL import Image
 
     try:
@@ -467,39 +466,51 @@ def read_mask_png(path: str, remedy: str = "or leave the mask out for the automa
             raise FiseditError(f"the mask {path} holds {frames} frames (an animation or a "
                                "multi-page file); a mask is one image: save the frame you "
                                "mean as a single-frame PNG")
-        if image.mode.startswith("I"):
-            # 16-bit grayscale (PNG's "I;16" or "I"): Pillow's convert clips rather than
-            # scales it, so even a dark grey would read as white; the edit is the upper half.
-            values = np.asarray(image)
-            marked = values > 32767
-            if not marked.any() and values.max() > 127:
-                raise FiseditError(
-                    f"the mask {path} is a 16-bit image whose values reach only "
-                    f"{int(values.max())} of 65535, so it marks no pixel (white, above 32767, "
-                    "is an edit); it seems to hold 8-bit values: save it as an 8-bit PNG, or "
-                    "scale it to 65535")
-        elif image.mode == "F":
-            raise FiseditError(f"the mask {path} holds floating-point pixels (mode F), whose "
-                               "white is not defined; save it as an 8-bit PNG (white = edit)")
-        else:
-            # Any bright channel marks an edit: a red square on black (RGB) would be dark in
-            # grayscale (red is 76/255 there) and read as an empty mask. Fully transparent
-            # pixels (an alpha channel, e.g. a mask painted on a transparent layer) are not
-            # edits; a stroke of any opacity is, as in the app's painter.
-            rgba = np.asarray(image.convert("RGBA"))
-            marked = (rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 0)
+        mask = image_mask(image, f"the mask {path}", "save it as an 8-bit PNG")
     except Image.DecompressionBombError as error:
         raise FiseditError(f"the mask {path} is too large to read ({error}); a mask is the size "
                            "of the image or of its latent") from None
     except OSError as error:
         raise FiseditError(f"cannot read the mask {path}: {error}") from None
-    mask = torch.from_numpy(marked)
     if not mask.any():
         raise FiseditError(
             f"the mask {path} marks no pixel (white, or any channel above 127, on a pixel not "
             "fully transparent, is an edit); "
             f"paint the region to edit, {remedy}")
     return mask
+
+
+def image_mask(image, source: str = "the mask image",
+               fix: str = "pass an 8-bit image") -> torch.Tensor:
+    """The bool pixel mask of a PIL image, white = edit: in colour images any channel above
+    127, on pixels not fully transparent, as the app reads its painted strokes; in 16-bit
+    grayscale any value above 32767; a palette image by its colours, not its indices. The one
+    reading of a mask image (the command line's PNGs, the app pool's images, the hint for an
+    image passed as a mask). ``source`` and ``fix`` word the messages (what it is; how to make
+    it an 8-bit mask)."""
+    import numpy as np
+
+    if image.mode.startswith("I"):
+        # 16-bit grayscale (PNG's "I;16" or "I"): Pillow's convert clips rather than scales
+        # it, so even a dark grey would read as white; the edit is the upper half.
+        values = np.asarray(image)
+        marked = values > 32767
+        if not marked.any() and values.max() > 127:
+            raise FiseditError(
+                f"{source} is a 16-bit image whose values reach only {int(values.max())} of "
+                f"65535, so it marks no pixel (white, above 32767, is an edit); it seems to "
+                f"hold 8-bit values: {fix}, or scale it to 65535")
+    elif image.mode == "F":
+        raise FiseditError(f"{source} holds floating-point pixels (mode F), whose white is not "
+                           f"defined; {fix} (white = edit)")
+    else:
+        # Any bright channel marks an edit: a red square on black (RGB) would be dark in
+        # grayscale (red is 76/255 there) and read as an empty mask. Fully transparent pixels
+        # (an alpha channel, e.g. a mask painted on a transparent layer) are not edits; a
+        # stroke of any opacity is, as in the app's painter.
+        rgba = np.asarray(image.convert("RGBA"))
+        marked = (rgba[..., :3].max(axis=-1) > 127) & (rgba[..., 3] > 0)
+    return torch.from_numpy(np.ascontiguousarray(marked))
 
 
 def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,

@@ -85,10 +85,13 @@ def test_dilation_grows_the_mask():
 
 
 @pytest.mark.parametrize("mask, message", [
-    (torch.zeros(8, 8, dtype=torch.bool), "latent is 16x16"),
+    (torch.zeros(8, 8, dtype=torch.bool), r"latent is 16x16; .*can be resized, e.g. "
+                                          r"F.interpolate\(mask\[None, None\].float\(\), "
+                                          r"\(16, 16\)\)"),
     (torch.zeros(128, 128, dtype=torch.bool), "image-resolution"),
     (torch.zeros(16, 16, dtype=torch.float32), "dtype bool"),
-    (torch.zeros(2, 16, 16, dtype=torch.bool), "2-D"),
+    (torch.zeros(2, 16, 16, dtype=torch.bool), "2-D.*drop batch and channel dimensions"),
+    (torch.tensor(True), r"2-D.*got shape \(\); make it one bool per latent pixel"),
     ("not a mask", "bool tensor"),
 ])
 def test_bad_masks(mask, message):

@@ -394,17 +394,22 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
     if mask.dim() != 2:
         raise FiseditError(
             f"the edit mask must be 2-D [H, W] at latent resolution{at}, got shape "
-            f"{tuple(mask.shape)}; drop batch and channel dimensions")
+            f"{tuple(mask.shape)}; "
+            + ("make it one bool per latent pixel, e.g. torch.full((H, W), True) for all"
+               if mask.dim() < 2 else "drop batch and channel dimensions"))
     if size is None and 0 in mask.shape:
         raise FiseditError(
             f"the edit mask has shape {tuple(mask.shape)}, with no pixels; make it [H, W] at "
             "the latent resolution of the edit (True = edit)")
     if size is not None and tuple(mask.shape) != tuple(size):
         height, width = size
-        hint = image_resolution_hint(tuple(mask.shape), size)
+        hint = image_resolution_hint(tuple(mask.shape), size) or (
+            f"make it one bool per latent pixel of this generation; a mask made for another "
+            f"size can be resized, e.g. F.interpolate(mask[None, None].float(), "
+            f"({height}, {width}))[0, 0] > 0")
         raise FiseditError(
-            f"the edit mask has shape {tuple(mask.shape)} but the latent is {height}x{width}"
-            f"{'; ' + hint if hint else ''}")
+            f"the edit mask has shape {tuple(mask.shape)} but the latent is {height}x{width}; "
+            f"{hint}")
     return mask.clone()
 
 

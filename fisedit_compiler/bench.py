@@ -451,10 +451,11 @@ def split_edit_time(engine, cache, plan, edited: dict, reps: int = 20) -> dict:
 
 
 def _area_label(row: dict) -> str:
-    """The row's requested area and, where the mask marks another fraction (scattered blobs
-    overlap and stop at the latent's edge), the fraction it marks."""
+    """The row's requested area and, where the mask marks another fraction by more than a
+    tenth of it (scattered blobs overlap and stop at the latent's edge; an area below a few
+    latent pixels rounds to whole ones), the fraction it marks."""
     label = f"{100 * row['area']:.3g}%"
-    if abs(row.get("mask_fraction", row["area"]) - row["area"]) > 0.005:
+    if abs(row.get("mask_fraction", row["area"]) - row["area"]) > 0.1 * row["area"]:
         label += f" ({100 * row['mask_fraction']:.3g}% marked)"
     return label
 

@@ -69,6 +69,10 @@ def test_the_table_shows_the_ratio_to_the_dense_step_timed_beside_each_row():
     # The area asked for, and what the scattered mask marks where that differs.
     assert without[header.index("area")] == "20% (13.8% marked)"
     assert bench._area_label({"area": 0.002, "mask_fraction": 0.002}) == "0.2%"
+    assert bench._area_label({"area": 0.05, "mask_fraction": 0.0488}) == "5%"
+    # An area below one latent pixel of 64x64 marks one: said, not hidden.
+    assert bench._area_label({"area": 1e-4, "mask_fraction": 1 / 4096}) == \
+        "0.01% (0.0244% marked)"
 
 
 def test_outputs_agree_after_a_later_model_fails(tmp_path, monkeypatch):

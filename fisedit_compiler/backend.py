@@ -804,19 +804,19 @@ class _RecordState(_State):
                 "one recording is one "
                 "generation: keep the resolution, batch, dtypes and the U-Net's arguments and "
                 "settings fixed while recording")
+        if step and _starts_again(rec.engine.host_timestep(flat), rec.cache.timesteps.get(0),
+                                  rec.cache.timesteps.get(step - 1)):
+            raise FiseditError(
+                f"U-Net call {step + 1} of this recording is at a higher timestep than the call "
+                "before, after falling ones: a second pipeline run inside one fc.recording, "
+                "whose steps would follow the first run's as if one generation (an edit would "
+                "then read the first run's, a warm-up's say); one recording is one run: open "
+                "a new fc.recording for each run")
         if not rec.growable and step >= rec.cache.num_steps:
             raise FiseditError(
                 f"the recording was opened with num_steps={rec.cache.num_steps} but this is "
                 f"U-Net call {step + 1}; pass the pipeline's number of U-Net "
                 "calls, or leave num_steps=None to record however many there are")
-        if step and _starts_again(rec.engine.host_timestep(flat), rec.cache.timesteps.get(0),
-                                  rec.cache.timesteps.get(step - 1)):
-            raise FiseditError(
-                f"U-Net call {step + 1} of this recording is at the first call's timestep "
-                "again, after other timesteps: a second pipeline run inside one fc.recording, "
-                "whose steps would follow the first run's as if one generation (an edit would "
-                "then read the first run's, a warm-up's say); one recording is one run: open "
-                "a new fc.recording for each run")
         if signature in rec._graphs:
             # Every step of a recording runs one program (the cache keys are its node names),
             # so a later call must run the graph that made it.
@@ -905,15 +905,15 @@ class _EditState(_State):
             raise FiseditError(_changed_since_recording(f"it cannot be edited ({graph.problem})"))
         step = ed.start_step + len(ed.steps)
         flat = graph.flat_inputs(args)
+        if ed.steps and _starts_again(rec.engine.host_timestep(flat),
+                                      rec.cache.timesteps.get(ed.start_step),
+                                      rec.cache.timesteps.get(step - 1)):
+            raise FiseditError(
+                f"U-Net call {len(ed.steps) + 1} of this edit is at a higher timestep than the "
+                "call before, after falling ones: a second pipeline run inside one "
+                "fc.editing, which would edit the recording's later steps with the run's "
+                "first ones; one context edits one run: open a new fc.editing for each")
         if step >= rec.num_steps:
-            if ed.steps and _starts_again(rec.engine.host_timestep(flat),
-                                          rec.cache.timesteps.get(ed.start_step),
-                                          rec.cache.timesteps.get(step - 1)):
-                raise FiseditError(
-                    f"U-Net call {len(ed.steps) + 1} of this edit is at its first call's "
-                    "timestep again, after the recording's last step: a second pipeline run "
-                    "inside one fc.editing; one context edits one run: open a new fc.editing "
-                    "for each")
             raise FiseditError(
                 f"this is U-Net call {len(ed.steps) + 1} of the edit, for step {step}, but "
                 f"the recording holds {rec.num_steps} steps (0..{rec.num_steps - 1})"
@@ -943,14 +943,16 @@ class _EditState(_State):
 
 
 def _starts_again(now, start, last) -> bool:
-    """Whether a call at timestep ``now`` starts a pipeline run again: at the timestep of a
-    run's first call (``start``), after a call at another (``last``). A scheduler that
-    repeats timesteps (Heun's pairs, DPM++ 2M Karras's last) never returns to its first one,
-    and a pipeline that calls the U-Net twice a step repeats it at once, not after others.
-    Host tensors (``SparseEngine.host_timestep``); None where the U-Net takes no timestep."""
+    """Whether a call at timestep ``now`` starts a pipeline run again: above the call before
+    (``last``), after timesteps that fell from the run's first (``start``). A run's timesteps
+    never rise: a scheduler that repeats them (Heun's pairs, DPM++ 2M Karras's last), a
+    pipeline that calls the U-Net twice a step, and an inversion (whose timesteps rise from the
+    first) pass. A one-step run before another starting at the same timestep cannot be told
+    from two calls a step. Host tensors (``SparseEngine.host_timestep``); None where the U-Net
+    takes no timestep."""
     if now is None or start is None or last is None:
         return False
-    return torch.equal(now, start) and not torch.equal(last, start)
+    return bool((now > last).all() and (start > last).all())
 
 
 def _check_first_sample(plan: MaskPlan, recorded: torch.Tensor, sample: torch.Tensor,

@@ -308,6 +308,10 @@ def test_a_pil_image_mask_is_read_by_its_colours_not_its_palette_indices():
     grey = Image.fromarray(np.where(expected.numpy(), 255, 0).astype(np.uint8))
     for image in (palette, grey, grey.convert("RGBA")):
         assert torch.equal(_latent_mask(image, (16, 16)), expected), image.mode
+    # 0/1 bytes as an image (Image.fromarray of a bool mask as uint8) would mark nothing.
+    with pytest.raises(FiseditError, match=r"holds 0/1 values, so it marks no pixel.*scale it "
+                                           r"to 0/255"):
+        _latent_mask(Image.fromarray(expected.numpy().astype(np.uint8)), (16, 16))
 
 
 def test_an_edit_with_a_uint8_painting_equals_the_bool_one(pipe):

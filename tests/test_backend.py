@@ -317,36 +317,50 @@ def test_contexts_are_single_use_and_say_how_a_recording_ended(sd15):
 @torch.no_grad()
 def test_a_second_pipeline_run_in_one_context_is_refused_and_an_early_stop_warns(sd15):
     """A warm-up run and the real one inside one fc.recording were stored as one generation
-    of twice the steps, and an edit read the warm-up's: a call back at the first call's
-    timestep after others is refused, and the recording keeps its first run. In fc.editing a
-    second run past the recording's end is named as such; an edit that stops before the
+    of more steps, and an edit read the warm-up's: a call whose timestep rises after falling
+    ones is refused (a warm-up of fewer steps starts lower: "leading" spacing's 2 steps are
+    501, 1), and the recording keeps its first run. In fc.editing a second run is named as
+    such, after a whole first run or one stopped early; an edit that stops before the
     recording's last step warns (its output is not a finished edit)."""
     unet, compiled, inputs = sd15
     run = [torch.tensor(t) for t in (700, 400, 100)]
     with fc.recording(compiled) as rec:
         for t in run:
             call(compiled, inputs, t)
-        with pytest.raises(fc.FiseditError, match=r"call 4 .* first call's timestep again.*"
-                                                  r"second pipeline run.*new fc.recording"):
+        with pytest.raises(fc.FiseditError, match=r"call 4 .* higher timestep than the call "
+                                                  r"before.*second pipeline run.*new "
+                                                  r"fc.recording"):
             call(compiled, inputs, run[0])
     assert rec.num_steps == 3 and len(rec.inputs) == 3
-    # Repeated timesteps that do not go back to the first (Heun's pairs, two calls a step).
-    with fc.recording(compiled) as pairs:
-        for t in (run[0], run[0], run[1], run[1]):
-            call(compiled, inputs, t)
-    assert pairs.num_steps == 4
+    with fc.recording(compiled, num_steps=2) as warm:
+        for t in (501, 1):
+            call(compiled, inputs, torch.tensor(t))
+        with pytest.raises(fc.FiseditError, match="second pipeline run"):    # not num_steps
+            call(compiled, inputs, torch.tensor(958))
+    # Timesteps that repeat or rise from the first do not start a run again: Heun's pairs or
+    # two calls a step, and an inversion's rising ones.
+    for timesteps in ((700, 700, 400, 400), (1, 201, 401)):
+        with fc.recording(compiled) as other:
+            for t in timesteps:
+                call(compiled, inputs, torch.tensor(t))
+        assert other.num_steps == len(timesteps)
     mask = box((16, 16), 0, 0, 4, 4)
-    with fc.editing(rec, mask):
-        for t in run:
-            call(compiled, inputs, t)
-        with pytest.raises(fc.FiseditError, match=r"call 4 of this edit .* second pipeline "
-                                                  r"run inside one fc.editing"):
-            call(compiled, inputs, run[0])
+    for first_run in (run, run[:2]):             # the second run after a whole one, or not
+        with pytest.warns(UserWarning, match="ended at step") if len(first_run) < 3 else \
+                warnings.catch_warnings():
+            with fc.editing(rec, mask):
+                for t in first_run:
+                    call(compiled, inputs, t)
+                with pytest.raises(fc.FiseditError, match=rf"call {len(first_run) + 1} of "
+                                                          r"this edit .* second pipeline run "
+                                                          r"inside one fc.editing"):
+                    call(compiled, inputs, run[0])
     with pytest.warns(UserWarning, match=r"ended at step 1 of a recording of 3 steps.*stopped "
                                          r"early"):
         with fc.editing(rec, mask):
             for t in run[:2]:
                 call(compiled, inputs, t)
+    assert len(warm.inputs) == 2
 
 
 @torch.no_grad()

@@ -1252,8 +1252,9 @@ def _carried_arguments(original: Trajectory, new_prompt: str,
     the same text for both encoders) follows the edit's prompt, as one left out would; so does
     ``negative_prompt_2`` equal to the negative prompt."""
     carried = dict(original.pipeline_kwargs)
-    for name, before, now in (("prompt_2", original.prompt, new_prompt),
-                              ("negative_prompt_2", original.negative_prompt, negative_prompt)):
+    edit = {"prompt": new_prompt, "negative_prompt": negative_prompt}
+    for name, default in _SECOND_PROMPTS.items():
+        before, now = getattr(original, default), edit[default]
         if now is not None and carried.get(name) is not None and carried[name] == before:
             carried[name] = now
     return carried
@@ -1388,7 +1389,7 @@ def _check_pipeline_values(pipe, pipeline_kwargs: dict) -> None:
     """The values of pipeline keywords that diffusers takes unchecked, failing deep inside the
     pipeline (a raw IndexError for too large a clip_skip) or not at all (a NaN target_size
     gives an all-NaN image): checked before any work."""
-    for name in ("prompt_2", "negative_prompt_2"):
+    for name in _SECOND_PROMPTS:
         if name in pipeline_kwargs:
             check_prompt(name, pipeline_kwargs[name], optional=True)
     for name in _SDXL_SIZES + _SDXL_CROPS:

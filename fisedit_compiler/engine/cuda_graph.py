@@ -142,8 +142,8 @@ class CapturedSteps:
         # a full-mask edit compiles it), freeing memory this graph would still write to (an
         # illegal address or another tensor's values). Forgotten again after the capture, so
         # that work outside graphs does not use pool memory.
-        clear_cublas_workspaces()
         try:
+            clear_cublas_workspaces()
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):
                 output = self._run(template)

@@ -635,18 +635,17 @@ class SparseEngine:
     def host_timestep(self, flat: dict) -> torch.Tensor | None:
         """The timestep of the flat inputs ``flat`` as a host tensor of its own (None where
         there is none). A pipeline's timesteps are views of one device tensor, which
-        ``HostValues`` copies once per pass: the later steps read it without synchronising."""
+        ``HostValues`` copies once while it is unchanged: the later steps of a run read it
+        without synchronising with the GPU."""
         timestep = flat.get("timestep")
         return None if timestep is None else self._host_values.read(timestep).clone()
 
     def _check_timestep(self, cache, step, flat) -> None:
-        """Refuse a timestep other than the one ``step`` was recorded at. Both are compared on
-        the host; a pipeline's timesteps are views of one device tensor, which ``HostValues``
-        copies once per pass, so the later steps do not synchronise with the GPU."""
-        recorded = cache.timesteps.get(step)
-        if recorded is None or flat.get("timestep") is None:
+        """Refuse a timestep other than the one ``step`` was recorded at, both compared on the
+        host (``host_timestep``)."""
+        recorded, new = cache.timesteps.get(step), self.host_timestep(flat)
+        if recorded is None or new is None:
             return
-        new = self.host_timestep(flat)
         if not torch.equal(recorded, new):
             raise FiseditError(
                 f"step {step} was recorded at timestep {_timestep_text(recorded)} but the "

@@ -395,7 +395,8 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
         raise FiseditError(
             f"the edit mask must be 2-D [H, W] at latent resolution{at}, got shape "
             f"{tuple(mask.shape)}; "
-            + ("make it one bool per latent pixel, e.g. torch.full((H, W), True) for all"
+            + (f"make it one bool per latent pixel, e.g. torch.full({at.strip() or '(H, W)'}, "
+               "True) for all"
                if mask.dim() < 2 else "drop batch and channel dimensions"))
     if size is None and 0 in mask.shape:
         raise FiseditError(
@@ -431,7 +432,8 @@ def _not_a_mask_hint(value, size) -> str:
     if hasattr(value, "convert") and hasattr(value, "getbands"):     # a PIL image
         return ("; read an image with fisedit_compiler.execution.plan.image_mask(image) (white, "
                 "or any bright channel on a pixel not fully transparent, is an edit), then "
-                "bring it to latent resolution (mask_to_latent(mask, (H, W), 'the mask'))")
+                "bring it to latent resolution with fisedit_compiler.execution.plan."
+                f"mask_to_latent(mask, {at}, 'the mask')")
     return ""
 
 
@@ -487,14 +489,19 @@ def read_mask_png(path: str, remedy: str = "or leave the mask out for the automa
 
 def image_mask(image, source: str = "the mask image",
                fix: str = "pass an 8-bit image") -> torch.Tensor:
-    """The bool pixel mask of a PIL image, white = edit: in colour images any channel above
-    127, on pixels not fully transparent, as the app reads its painted strokes; in 16-bit
-    grayscale any value above 32767; a palette image by its colours, not its indices. The one
-    reading of a mask image (the command line's PNGs, the app pool's images, the hint for an
-    image passed as a mask). ``source`` and ``fix`` word the messages (what it is; how to make
-    it an 8-bit mask)."""
+    """The bool pixel mask of a PIL image, white = edit: any channel above 127, on pixels not
+    fully transparent (a stroke of any opacity on a transparent layer); in 16-bit grayscale
+    any value above 32767; a palette image by its colours, not its indices. An 8-bit image of
+    0/1 values (``Image.fromarray(bools.astype(np.uint8))``) is refused: it would mark nothing.
+    The one reading of a mask image (the command line's PNGs, the app pool's images, the hint
+    for an image passed as a mask). ``source`` and ``fix`` word the messages (what it is; how
+    to make it an 8-bit mask)."""
     import numpy as np
 
+    if image.mode == "L" and np.asarray(image).max() == 1:
+        raise FiseditError(
+            f"{source} holds 0/1 values, so it marks no pixel (white, above 127, is an edit); "
+            "scale it to 0/255, e.g. Image.fromarray(mask.astype(np.uint8) * 255)")
     if image.mode.startswith("I"):
         # 16-bit grayscale (PNG's "I;16" or "I"): Pillow's convert clips rather than scales
         # it, so even a dark grey would read as white; the edit is the upper half.

@@ -467,8 +467,13 @@ def _structural_problem(gm, example_inputs, module, graph) -> str | None:
     outputs = gm.graph.output_node().args[0]
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     if len(outputs) != 1:
-        return (f"the graph returns {len(outputs)} values, not one sample: a graph break "
-                "split the U-Net call (torch.compile(..., fullgraph=True) shows where)")
+        return (f"the graph returns {len(outputs)} values, not one sample: either a graph "
+                "break split the U-Net call (torch.compile(..., fullgraph=True) shows where), "
+                "or the call writes Python state that torch.compile hands back as outputs: "
+                "PEFT's LoRA scale set through cross_attention_kwargs={'scale': s} once "
+                "Dynamo makes it an input (fuse the LoRA at that scale instead, "
+                "pipe.fuse_lora(lora_scale=s), on the uncompiled U-Net), an attention "
+                "processor that stores its maps (self-attention guidance)")
     if "timestep" in graph.number_names.values():
         return ("the graph takes the timestep as a Python number (Dynamo makes a number that "
                 "changed between calls a graph input); pass the timestep as a tensor, "
@@ -932,7 +937,11 @@ class _EditState(_State):
             raise FiseditError(_changed_since_recording(why))
         if not ed.steps:
             check_finite_inputs(flat)    # a NaN differs from everything: named as what it is
-            _check_first_sample(ed.plan, rec.inputs[step]["sample"], flat["sample"], step)
+            recorded, now = rec.cache.timesteps.get(step), rec.engine.host_timestep(flat)
+            # Another timestep (img2img's strength changed) is the engine's to name, below: a
+            # sample of another timestep differs everywhere, for that reason.
+            if recorded is None or now is None or torch.equal(recorded, now):
+                _check_first_sample(ed.plan, rec.inputs[step]["sample"], flat["sample"], step)
         output = rec.engine.edit(rec.cache, step, ed.plan, **flat)
         # Copied before the edit notes the step: a failed copy leaves it as it was.
         kept, edited = _kept(flat), output.detach().clone()

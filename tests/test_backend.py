@@ -383,6 +383,10 @@ def test_an_edit_whose_first_sample_differs_outside_the_mask_is_refused(sd15):
         nan[0, 0, 0, 0] = float("nan")
         with pytest.raises(fc.FiseditError, match="sample hold NaN or infinite values"):
             call(compiled, dict(inputs, sample=nan), timesteps[0])
+        # Another timestep too (img2img's strength changed): named as the timestep.
+        with pytest.raises(fc.FiseditError, match=r"step 0 was recorded at timestep \[700\] "
+                                                  r"but the edit passes \[500\].*strength"):
+            call(compiled, other_noise, timesteps[1])
         assert ed.steps == []
         call(compiled, edited(inputs, mask), timesteps[0])        # differs inside only
         call(compiled, other_noise, timesteps[1])                  # drifted: a later call
@@ -451,6 +455,27 @@ class GraphBreakProcessor(AttnProcessor2_0):
     def __call__(self, *args, **kwargs):
         torch._dynamo.graph_break()
         return super().__call__(*args, **kwargs)
+
+
+class StoringProcessor(AttnProcessor2_0):
+    """Diffusers' attention that keeps its output on itself, as self-attention guidance's
+    processor keeps its maps: Dynamo hands the stored tensor back as a second output."""
+
+    def __call__(self, *args, **kwargs):
+        self.stored = super().__call__(*args, **kwargs)
+        return self.stored
+
+
+@torch.no_grad()
+def test_a_call_that_stores_python_state_is_not_called_a_graph_break_alone():
+    unet = zoo.unet("sd15-tiny")
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.set_processor(StoringProcessor())
+    compiled = torch.compile(unet, backend="fisedit", fullgraph=True)
+    inputs, t = zoo.example_inputs(unet), torch.tensor(500)
+    with pytest.warns(UnsupportedGraphWarning, match=r"returns 2 values, not one sample: "
+                                                     r"either a graph break.*or the call "
+                                                     r"writes Python state.*fuse_lora"):
+        assert torch.equal(call(compiled, inputs, t), call(unet, inputs, t))
 
 
 @torch.no_grad()

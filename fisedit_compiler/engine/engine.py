@@ -650,7 +650,8 @@ class SparseEngine:
             raise FiseditError(
                 f"step {step} was recorded at timestep {_timestep_text(recorded)} but the "
                 f"edit passes {_timestep_text(new)}; edits must follow the recorded "
-                "scheduler timesteps (same scheduler and step count)")
+                "scheduler timesteps (same scheduler and step count, and an img2img "
+                "pipeline's strength)")
 
     @staticmethod
     def _check_outside_mask(cache, step, plan, flat) -> None:

@@ -625,6 +625,16 @@ class Recording:
         # stopped before its last step, so the recording may hold part of a generation.
         self.interrupted_by: str | None = None
 
+    def _start_from_the_unet_as_it_is(self) -> None:
+        """Take the U-Net as it is at the recording's first call, not as it was when the
+        context opened: a pipeline may set it up inside its own call (the PAG pipelines
+        install their attention processors there and restore them at its end), and the
+        recording is of the U-Net its calls run. Nothing is recorded yet: a new engine and
+        cache, for the same config and step count."""
+        num_steps = None if self.growable else self.cache.num_steps
+        self.engine = SparseEngine(self.unet, self.config)
+        self.cache = self.engine.new_cache(num_steps if num_steps is not None else 1)
+
     def _runs_recorded_program(self, graph: "FiseditGraph", args, signature: tuple) -> bool:
         """Whether ``graph``, called on ``args`` (of ``signature``, which has a program in
         ``engine``), computes what that program computes.
@@ -798,6 +808,8 @@ class _RecordState(_State):
                     "could"))
             return self.fallback(graph, UnsupportedGraphError(graph.problem), args,
                                  rec.fallbacks)
+        if not step and not rec._graphs:
+            rec._start_from_the_unet_as_it_is()
         # Everything that refuses the call is checked before any program is built for it.
         flat = graph.flat_inputs(args)
         check_plain_call(flat)

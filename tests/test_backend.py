@@ -457,6 +457,33 @@ class GraphBreakProcessor(AttnProcessor2_0):
         return super().__call__(*args, **kwargs)
 
 
+@torch.no_grad()
+def test_a_pipeline_that_sets_its_unet_up_inside_its_call_records_and_edits():
+    """The PAG pipelines install their attention processors inside their call (and restore
+    them at its end), after fc.recording began: the recording takes the U-Net of its first
+    call (it was refused as a U-Net changed since compiled, and the refusal skipped PAG's
+    restore). The edit meets the oracle at every call and keeps the recording outside."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    base = zoo.pipeline("sd15-tiny")
+    pipe = StableDiffusionPAGPipeline(**base.components, pag_applied_layers=["mid"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet = torch.compile(pipe.unet, backend="fisedit")
+    run = dict(num_inference_steps=3, height=128, width=128, output_type="latent",
+               pag_scale=3.0)
+    with fc.recording(pipe) as rec:
+        pipe("a cat", generator=torch.Generator().manual_seed(0), **run)
+    mask = box((16, 16), 3, 5, 9, 11)
+    with fc.editing(rec, mask) as ed:
+        pipe("a dog", generator=torch.Generator().manual_seed(0), **run)
+    assert rec.num_steps == 3 and ed.steps == [0, 1, 2]
+    outside = ~ed.plan[0].active
+    for k in range(3):
+        expected = fc.oracle.masked_dense(rec.engine, ed.plan, rec.inputs[k], ed.inputs[k])
+        assert relative_error(ed.outputs[k], expected) <= TOLERANCE
+        assert torch.equal(ed.outputs[k][..., outside], rec.outputs[k][..., outside])
+
+
 class StoringProcessor(AttnProcessor2_0):
     """Diffusers' attention that keeps its output on itself, as self-attention guidance's
     processor keeps its maps: Dynamo hands the stored tensor back as a second output."""

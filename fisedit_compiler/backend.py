@@ -597,7 +597,8 @@ def _resolve_unet(unet):
 class Recording:
     """One recorded generation: the cache of every U-Net call (step) and its inputs.
 
-    ``engine`` is a SparseEngine over the U-Net holding the programs the recording used, so
+    ``engine`` is a SparseEngine over the U-Net holding the programs the recording used (made
+    again, with ``cache``, at the first call: read them after the run), so
     ``engine.stats(plan)`` and ``fc.oracle.masked_dense(rec.engine, plan, rec.inputs[i],
     edited_inputs)`` work on it. ``inputs[i]`` are the tensor inputs of step ``i`` (the
     U-Net's argument names, ``added_cond_kwargs`` flattened; None for a required argument the
@@ -629,11 +630,14 @@ class Recording:
         """Take the U-Net as it is at the recording's first call, not as it was when the
         context opened: a pipeline may set it up inside its own call (the PAG pipelines
         install their attention processors there and restore them at its end), and the
-        recording is of the U-Net its calls run. Nothing is recorded yet: a new engine and
-        cache, for the same config and step count."""
+        recording is of the U-Net its calls run. Nothing is recorded yet (a first call that
+        failed left nothing): a new engine and cache, for the same config and step count,
+        and no graph known to compute a program."""
         num_steps = None if self.growable else self.cache.num_steps
         self.engine = SparseEngine(self.unet, self.config)
         self.cache = self.engine.new_cache(num_steps if num_steps is not None else 1)
+        self._graphs.clear()
+        self._canonical_fingerprints.clear()
 
     def _runs_recorded_program(self, graph: "FiseditGraph", args, signature: tuple) -> bool:
         """Whether ``graph``, called on ``args`` (of ``signature``, which has a program in
@@ -808,7 +812,7 @@ class _RecordState(_State):
                     "could"))
             return self.fallback(graph, UnsupportedGraphError(graph.problem), args,
                                  rec.fallbacks)
-        if not step and not rec._graphs:
+        if not rec.cache.steps and not rec.fallbacks:     # nothing recorded or refused yet
             rec._start_from_the_unet_as_it_is()
         # Everything that refuses the call is checked before any program is built for it.
         flat = graph.flat_inputs(args)

@@ -484,6 +484,32 @@ def test_a_pipeline_that_sets_its_unet_up_inside_its_call_records_and_edits():
         assert torch.equal(ed.outputs[k][..., outside], rec.outputs[k][..., outside])
 
 
+@torch.no_grad()
+def test_a_unet_changed_after_a_recordings_first_call_is_refused_before_it_is_not():
+    """The recording takes the U-Net of its first call; a change Dynamo does not see (a
+    weight's storage swapped through .data) between its calls is refused by that snapshot. A
+    first call that failed recorded nothing, so the call after it starts the recording."""
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs, t = zoo.example_inputs(unet), torch.tensor(500)
+    with fc.recording(compiled) as rec:
+        call(compiled, inputs, t)
+        weight = unet.conv_in.weight
+        weight.data = weight.data.clone()
+        with pytest.raises(fc.FiseditError, match=r"changed since it was compiled.*storage of "
+                                                  r"weight\(s\) conv_in.weight was replaced"):
+            call(compiled, inputs, torch.tensor(400))
+    assert rec.num_steps == 1
+    nan = dict(inputs, sample=torch.full_like(inputs["sample"], float("nan")))
+    with fc.recording(compiled) as retried:
+        with pytest.raises(fc.FiseditError, match="NaN"):
+            call(compiled, nan, t)
+        weight.data = weight.data.clone()         # between the failed call and the next
+        call(compiled, inputs, t)
+        call(compiled, inputs, torch.tensor(400))
+    assert retried.num_steps == 2
+
+
 class StoringProcessor(AttnProcessor2_0):
     """Diffusers' attention that keeps its output on itself, as self-attention guidance's
     processor keeps its maps: Dynamo hands the stored tensor back as a second output."""

@@ -51,8 +51,7 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                        "StableDiffusionControlNetPipeline")
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
 MASK_MODES = ("replace", "intersect")
-# Pipeline arguments the session sets itself (they decide noise, batch and per-step locality;
-# return_dict the pipeline output the session reads its images from).
+# Why the session refuses the pipeline arguments it sets itself (``_SESSION_KWARGS``).
 _NOISE = ("an edit keeps the generation's noise (its background is the recording, made with "
           "that noise); drop them, or generate again with seed=, generator= or latents= for "
           "other noise")
@@ -63,16 +62,15 @@ _PROMPT_TEXT = ("EditSession encodes the prompts itself from their text (the aut
                 "and the unchanged-edit check read the words, and the pipeline would drop "
                 "pooled embeddings given without the others); pass the text as prompt / "
                 "new_prompt and negative_prompt")
+_DEPRECATED_CALLBACK = (_STEP_CALLBACK + " (callback and callback_steps: diffusers' deprecated "
+                        "per-step callback)")
 # Pipeline arguments the session sets itself or cannot take, and why. Diffusers' deprecated
 # per-step callback (callback, callback_steps) goes through the pipelines' **kwargs, so the
 # spelling check would call it a typo.
 _SESSION_KWARGS = {
     "seed": _NOISE, "generator": _NOISE, "latents": _NOISE,
     "callback_on_step_end": _STEP_CALLBACK, "callback_on_step_end_tensor_inputs": _STEP_CALLBACK,
-    "callback": _STEP_CALLBACK + " (callback and callback_steps: diffusers' deprecated "
-                "per-step callback)",
-    "callback_steps": _STEP_CALLBACK + " (callback and callback_steps: diffusers' deprecated "
-                      "per-step callback)",
+    "callback": _DEPRECATED_CALLBACK, "callback_steps": _DEPRECATED_CALLBACK,
     "num_images_per_prompt": "a session records one image per prompt (every edit has the "
                              "recording's batch); drop it and use one EditSession per image",
     "prompt_embeds": _PROMPT_TEXT, "negative_prompt_embeds": _PROMPT_TEXT,

@@ -411,8 +411,8 @@ class SparseEngine:
         themselves too), ``edit`` at a pass's first step when their values did
         (``content_fingerprint``: ``param.data`` writes move no counter), and ``record`` at a
         new generation's first step when their values moved; recordings made with the old
-        weights are refused by ``edit``: record again. ``fingerprint``: the weights' ``content_fingerprint``, where
-        the caller has just read it."""
+        weights are refused by ``edit``: record again. ``fingerprint``: the weights'
+        ``content_fingerprint``, where the caller has just read it."""
         copies = [program.derived for program in self._programs.values()]
         copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe
         for derived in {id(derived): derived for derived in copies}.values():

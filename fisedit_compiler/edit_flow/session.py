@@ -326,9 +326,10 @@ class EditSession:
         the empty estimate without the estimator's U-Net call, so its latents are the
         original's. Where the negative prompt, the ControlNet's control or another pipeline
         argument than the prompt changed, which a one-call estimator's contrast of
-        conditional predictions cannot see (alone or beside a prompt change), the estimate is
-        all of the latent (``report["global_change"]``), without its U-Net call; pass a
-        ``mask`` to confine such an edit.
+        conditional predictions cannot see and which may act anywhere (alone or beside a
+        prompt change), the estimate is all of the latent (``report["global_change"]``),
+        without its U-Net call, whichever the estimator (the probe's cut would keep only
+        where such a change shows most); pass a ``mask`` to confine such an edit.
 
         Steps ``0..probe_steps-1`` run densely with the new prompt from the recorded noise
         (default: the estimator's ``dense_steps``: a fifth of the steps for the probe, FISEdit's
@@ -924,9 +925,10 @@ class _EditRun:
     The plan exists before the first sparse step: from the user mask (``replace``) at once,
     from a one-call estimator inside step 0's U-Net call (it needs the pipeline's encoding of
     the new prompt), from the probe after the last dense step. Where the estimators' evidence
-    can only be rounding noise (``_unseen_change``), the estimate is decided at step 0 without
-    them: empty when step 0's U-Net call is the recorded one, all of the latent when only what
-    a one-call estimator cannot see changed.
+    can only be rounding noise or would be cut short (``_unseen_change``), the estimate is
+    decided at step 0 without them: empty when step 0's U-Net call is the recorded one, all
+    of the latent when something a one-call estimator cannot see changed (the probe sees it,
+    but its cut would keep only where it shows most).
     """
 
     def __init__(self, session: "EditSession", trajectory: Trajectory,
@@ -966,7 +968,8 @@ class _EditRun:
             self.unchanged = unseen == "nothing"
             if self.unchanged:
                 self._set_mask(self._empty())
-            elif self.estimator.before_step_zero and unseen == "all":
+            elif unseen == "all":
+                # The probe would measure such a change, but cut it to where it shows most.
                 self.unseen_change = what
                 self._set_mask(self._estimated(None, True))
             elif self.estimator.before_step_zero:
@@ -995,7 +998,7 @@ class _EditRun:
     def on_step_end(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         original, trajectory = self.original, self.trajectory
         probing = (self.estimator is not None and not self.estimator.before_step_zero
-                   and not self.unchanged)
+                   and not self.unchanged and self.unseen_change is None)
         if step < self.dense_steps and probing:
             self.differences.append(tac.latent_difference(latents, original.latents[step])[0])
         if step == self.dense_steps - 1:
@@ -1552,9 +1555,8 @@ def plan_note(report: dict) -> str:
     if not report["global_change"]:
         return ""
     if report["unseen_change"]:
-        seen = (f"the edit changes {report['unseen_change']}, which the "
-                f"{report['mask_estimator']} estimator cannot see and which may act anywhere "
-                "in the image")
+        seen = (f"the edit changes {report['unseen_change']}, which may act anywhere in the "
+                f"image and which the {report['mask_estimator']} estimator cannot confine")
     else:
         seen = (f"the {report['mask_estimator']} estimator sees a change over the whole image "
                 "(a global change: background, style or lighting)")

@@ -726,6 +726,10 @@ def test_size_conditions_given_at_their_defaults_change_nothing(sdxl_pipe):
                   output_type="latent")
     assert same.report["unseen_change"] is None and not same.mask.any()
     assert torch.equal(same.latents, s.original.latents[-1])
+    # As are a clip_skip of 0 (no layer skipped) and the negative crop's default.
+    same = s.edit("a red circle", clip_skip=0, negative_crops_coords_top_left=(0, 0),
+                  output_type="latent")
+    assert same.report["unchanged"] and torch.equal(same.latents, s.original.latents[-1])
 
 
 def test_second_prompts_given_as_the_pipeline_defaults_them_change_nothing(sdxl_pipe):
@@ -767,6 +771,13 @@ def test_a_prompt_2_equal_to_the_prompt_follows_the_edits_prompt(sdxl_pipe, monk
     (dict(negative_original_size=(0, 64)), "negative_original_size 0.0 is out of range"),
     (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left -1.0 is out of range"),
     (dict(clip_skip=2), "clip_skip 2 is out of range"),
+    # diffusers uses the negative size conditions only together, else drops them silently.
+    (dict(negative_original_size=(64, 64)), "negative_original_size without "
+     "negative_target_size would be ignored.*pass negative_target_size too"),
+    (dict(negative_target_size=(64, 64), negative_crops_coords_top_left=(8, 8)),
+     "negative_target_size without negative_original_size would be ignored"),
+    (dict(negative_crops_coords_top_left=(8, 8)), r"negative_crops_coords_top_left=\(8, 8\) "
+     "would be ignored.*only when both negative_original_size and negative_target_size"),
     (dict(denoising_end=0.5), "not a custom or shortened one.*drop denoising_end"),
 ])
 def test_sdxl_conditions_are_checked_before_the_pipeline_runs(arguments, match, monkeypatch):
@@ -1477,7 +1488,8 @@ def test_without_guidance_negative_arguments_are_refused(session, pipe, monkeypa
     with pytest.raises(FiseditError, match="negative_prompt_2 without a negative_prompt would "
                                            "be ignored.*pass a negative_prompt with it"):
         _check_negative_arguments(7.5, None, {"negative_prompt_2": "x"}, sdxl)
-    _check_negative_arguments(7.5, None, {"negative_original_size": (64, 64)}, sdxl)
+    _check_negative_arguments(7.5, None, {"negative_original_size": (64, 64),
+                                          "negative_target_size": (64, 64)}, sdxl)
 
 
 # Edits the estimators cannot measure: nothing changed, or only what their contrast cannot see.

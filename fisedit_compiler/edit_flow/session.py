@@ -1274,8 +1274,8 @@ def _changed_arguments(new: Trajectory, old: Trajectory, pipe) -> list[str]:
     two runs (not ``_identical`` nor the same object), each taken as the pipeline uses it: an
     argument left out is the pipeline's default, SDXL's ``original_size`` and ``target_size``
     left out are the run's (height, width), its ``prompt_2`` and ``negative_prompt_2`` left
-    out (or empty) are the run's prompt and negative prompt, and empty
-    ``cross_attention_kwargs`` are none. A value that cannot say (``==`` of arrays) counts as
+    out (or empty) are the run's prompt and negative prompt, empty
+    ``cross_attention_kwargs`` are none, and a ``clip_skip`` of 0 is none. A value that cannot say (``==`` of arrays) counts as
     changed."""
     params = inspect.signature(type(pipe).__call__).parameters
 
@@ -1286,6 +1286,9 @@ def _changed_arguments(new: Trajectory, old: Trajectory, pipe) -> list[str]:
         if name in _SECOND_PROMPTS and not given:      # SDXL: prompt_2 = prompt_2 or prompt
             return getattr(run, _SECOND_PROMPTS[name])
         if name == "cross_attention_kwargs" and isinstance(given, dict) and not given:
+            return None
+        if name == "clip_skip" and isinstance(given, numbers.Integral) and given == 0:
+            # diffusers skips no layer for 0, as for None
             return None
         return given
 
@@ -1440,7 +1443,9 @@ def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None
     negative_prompt_2, negative_original_size, ...) without a word: refused. With it, an SDXL
     pipeline with ``force_zeros_for_empty_prompt`` and no negative prompt makes the
     unconditional text zeros, dropping ``negative_prompt_2`` just as silently: refused too
-    (embeddings are refused before, ``_SESSION_KWARGS``)."""
+    (embeddings are refused before, ``_SESSION_KWARGS``). SDXL's negative size conditions
+    (``_NEGATIVE_SIZES``) act only together: one of the sizes alone, or a
+    ``negative_crops_coords_top_left`` without both, is dropped as silently: refused."""
     if guides(guidance_scale):
         zeroed = (negative_prompt is None
                   and getattr(pipe.config, "force_zeros_for_empty_prompt", False))
@@ -1452,6 +1457,7 @@ def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None
                 "pipeline's force_zeros_for_empty_prompt makes the unconditional text zeros "
                 "when there is no negative prompt; pass a negative_prompt with it (\"\" for "
                 f"none), or leave {', '.join(dropped)} out")
+        _check_negative_sizes(pipeline_kwargs, pipe)
         return
     given = (["negative_prompt"] if negative_prompt is not None else []) + sorted(
         name for name, value in pipeline_kwargs.items()
@@ -1462,6 +1468,38 @@ def _check_negative_arguments(guidance_scale: float, negative_prompt: str | None
             f"runs only for guidance_scale > 1, and guidance_scale is {guidance_scale}: it "
             f"would be ignored; pass guidance_scale > 1 (e.g. 7.5), or leave "
             f"{', '.join(given)} out")
+
+
+# SDXL pipelines condition the unconditional branch on their own sizes only where both sizes
+# are given; otherwise it takes the conditional branch's, and the crop with them.
+_NEGATIVE_SIZES = ("negative_original_size", "negative_target_size")
+_NEGATIVE_CROP = "negative_crops_coords_top_left"
+
+
+def _check_negative_sizes(pipeline_kwargs: dict, pipe) -> None:
+    """Refuses the negative size conditions that the pipeline would drop without a word
+    (``_check_negative_arguments``)."""
+    sizes = [name for name in _NEGATIVE_SIZES if pipeline_kwargs.get(name) is not None]
+    both = " and ".join(_NEGATIVE_SIZES)
+    if len(sizes) == 1:
+        missing = next(name for name in _NEGATIVE_SIZES if name not in sizes)
+        raise FiseditError(
+            f"{sizes[0]} without {missing} would be ignored: diffusers conditions the "
+            f"unconditional branch on negative sizes only when both {both} are given; pass "
+            f"{missing} too, or leave {sizes[0]} out")
+    crop = pipeline_kwargs.get(_NEGATIVE_CROP)
+    if crop is None or sizes:
+        return
+    default = inspect.signature(type(pipe).__call__).parameters.get(_NEGATIVE_CROP)
+    try:
+        at_default = default is not None and tuple(crop) == tuple(default.default)
+    except TypeError:
+        at_default = False
+    if not at_default:
+        raise FiseditError(
+            f"{_NEGATIVE_CROP}={crop!r} would be ignored: diffusers conditions the "
+            f"unconditional branch on it only when both {both} are given; pass them too, or "
+            f"leave {_NEGATIVE_CROP} out")
 
 
 class _Spelling:

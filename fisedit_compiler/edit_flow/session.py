@@ -739,10 +739,17 @@ class EditSession:
         for name, why in _WHOLE_IMAGE_KWARGS.items():
             # A number, None included: diffusers compares it with 0.0 (None crashes there).
             value = pipeline_kwargs[name] if name in pipeline_kwargs else 0.0
-            if check_float(name, value) != 0.0:
+            if check_float(name, value) == 0.0:
+                continue
+            if name == "eta" and "eta" not in inspect.signature(
+                    self.pipe.scheduler.step).parameters:
                 raise FiseditError(
-                    f"{name}={value} {why}, so a change inside the edit region would move the "
-                    f"background; leave {name} out (or 0) for edits with an exact background")
+                    f"eta={value} would be ignored: diffusers passes eta only to schedulers "
+                    f"whose step takes it (DDIM's), and this pipeline's "
+                    f"{type(self.pipe.scheduler).__name__} does not; leave eta out")
+            raise FiseditError(
+                f"{name}={value} {why}, so a change inside the edit region would move the "
+                f"background; leave {name} out (or 0) for edits with an exact background")
         # None is each schedule argument's default (the scheduler's own schedule).
         schedule = sorted(name for name in set(pipeline_kwargs) & set(_SCHEDULE_KWARGS)
                           if pipeline_kwargs[name] is not None)

@@ -107,10 +107,7 @@ def sequence_ms(calls: list[tuple], functions: dict) -> float:
         for function, operands in bound:
             function(*operands)
 
-    ms = do_bench_cudagraph(step, rep=200)
-    del bound
-    torch.cuda.empty_cache()
-    return ms
+    return do_bench_cudagraph(step, rep=200)
 
 
 def main(argv=None) -> None:

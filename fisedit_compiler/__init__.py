@@ -17,7 +17,8 @@ Or through a stock pipeline, with the torch.compile backend "fisedit":
 """
 
 from . import zoo
-from .backend import Editing, Recording, editing, fisedit_backend, recording
+from .backend import (Editing, Recording, UnsupportedGraphWarning, editing, fisedit_backend,
+                      recording)
 from .compiler import oracle
 from .config import SparseConfig
 from .edit_flow import EditResult, EditSession
@@ -36,4 +37,4 @@ def compile(unet, config: SparseConfig | None = None) -> SparseEngine:  # noqa: 
 
 __all__ = ["compile", "SparseConfig", "SparseEngine", "EditCache", "MaskPlan", "EditSession",
            "EditResult", "recording", "editing", "Recording", "Editing", "fisedit_backend",
-           "FiseditError", "UnsupportedGraphError", "oracle", "zoo"]
+           "FiseditError", "UnsupportedGraphError", "UnsupportedGraphWarning", "oracle", "zoo"]

@@ -87,8 +87,9 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     """The torch.compile backend: ``torch.compile(unet, backend="fisedit")``.
 
     Options (``torch.compile(..., options={...})``): ``strict`` (default False): raise
-    ``UnsupportedGraphError`` at compile time for a graph the passes cannot handle, instead
-    of falling back to the dense graph with a warning.
+    ``UnsupportedGraphError`` for a graph the passes cannot handle, instead of falling back to
+    the dense graph with a warning (torch compiles at the first call and wraps the error in
+    its ``BackendCompilerFailed``, whose ``inner_exception`` it is).
     """
     opts = _check_options(options)
     if mode not in (None, "default"):

@@ -545,16 +545,19 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--model", action="append", choices=sorted(RESOLUTION) + [
         f"{m}-tiny" for m in sorted(RESOLUTION)], help="zoo model (repeatable; default sd15)")
     parser.add_argument("--areas", default=",".join(str(a) for a in AREAS),
-                        help="comma-separated edit areas as fractions of the latent")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="blob,scattered")
+                        help="comma-separated edit areas as fractions of the latent "
+                             "(default: %(default)s)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated mask layouts: blob, scattered "
+                        "(default: %(default)s)")
     parser.add_argument("--compile-modes", default=",".join(DEFAULT_COMPILE_MODES),
-                        help="torch.compile modes for the dense baseline ("
-                             f"{', '.join(COMPILE_MODES)}; '{TUNED}MODE' compiles the U-Net "
-                             "in channels_last with fused QKV projections and 1x1 convs as "
-                             "matmuls); the fastest is the baseline")
+                        help="comma-separated torch.compile modes for the dense baseline, the "
+                             "fastest of which is the baseline (default: %(default)s); each "
+                             f"one of {', '.join(COMPILE_MODES)}, or '{TUNED}MODE', which "
+                             "compiles the U-Net in channels_last with fused QKV projections "
+                             "and 1x1 convs as matmuls")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the engine's torch reference path")
-    parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement (default: %(default)s)")
     parser.add_argument("--profile-area", type=float, metavar="AREA",
                         help="profile the blob edit of this area: kernels per step, GPU "
                              "kernel time, top kernels")
@@ -568,12 +571,14 @@ def add_bench_command(subparsers) -> None:
                         help="compute the text K/V and other pass constants at every step "
                              "(SparseConfig.hoist_pass_constants=False), to measure that lever")
     parser.add_argument("--conv-method", choices=CONV_METHODS, default=SparseConfig.conv_method,
-                        help="how sparse convs run on the GPU (SparseConfig.conv_method)")
+                        help="how sparse convs run on the GPU (SparseConfig.conv_method; "
+                             "default: %(default)s)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
                         help="writes results.json, results.md and speedup.png (the plot "
-                             "needs matplotlib: pip install 'fisedit-compiler[plot]')")
+                             "needs matplotlib: pip install 'fisedit-compiler[plot]'; "
+                             "default: %(default)s)")
     parser.set_defaults(run=run_bench_command)
 
 

@@ -646,6 +646,7 @@ def test_strict_raises_and_default_falls_back():
         torch.compile(TwoOutputs(), backend="fisedit", options={"strict": True})(x)
     assert isinstance(info.value.inner_exception, fc.UnsupportedGraphError)
     assert "not a diffusers U-Net" in str(info.value)
+    assert fc.UnsupportedGraphWarning is UnsupportedGraphWarning      # the README's name
     with pytest.raises(BackendCompilerFailed) as info:
         torch.compile(TwoOutputs(), backend="fisedit", options={"strcit": True})(x)
     assert isinstance(info.value.inner_exception, fc.FiseditError)

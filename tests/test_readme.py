@@ -30,3 +30,8 @@ def test_readme_snippet_runs_as_written(code, monkeypatch):
     namespace = {"__name__": "readme"}
     exec(compile(code, str(README), "exec"), namespace)   # noqa: S102 - the README's own code
     torch._dynamo.reset()
+    # A snippet that says its edit runs sparsely must plan some level sparse (a mask whose
+    # grown tiles pass the dense threshold made the backend's example a dense regeneration).
+    if "sparsely" in code:
+        plan = namespace["ed"].plan
+        assert not all(level.dense for level in plan.levels), plan

@@ -332,7 +332,8 @@ class SparseEngine:
              **inputs) -> torch.Tensor:
         """Recompute only the planned region of step ``step`` for the edited ``inputs``.
 
-        Refused before any work: another engine's cache, an unrecorded step, inputs of another
+        ``plan`` is required (``engine.plan(mask)``; its None default only lets it follow
+        ``step``'s). Refused before any work: another engine's cache, an unrecorded step, inputs of another
         signature, a plan for other levels or tiles (``check_plan``), a U-Net changed since it
         was compiled; and, for a
         plan that reads recorded values, a timestep other than the recorded one and weights

@@ -20,10 +20,12 @@
 #                                         dense?) against the tuned dense step
 #   bash benchmarks/gpu_run.sh launch     sd15 steps with programmatic dependent launch off and
 #                                         on (benchmarks/launch_overlap.py), then the kernels GPU tests
+#   bash benchmarks/gpu_run.sh gemms      the 5% sd15 step's GEMMs under cuBLAS, cuBLASLt and
+#                                         per-shape autotuning (benchmarks/micro_step_gemms.py)
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -59,6 +61,9 @@ case "$1" in
             | grep -v -i warn | tee "$OUT/launch_overlap.log"
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_*.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+  gemms)  python3 benchmarks/micro_step_gemms.py --model sd15 --area 0.05 --autotune-seconds 300 \
+            --json "$OUT/micro_step_gemms.json" 2>&1 | grep -v -e AUTOTUNE -e "^  " -e SingleProcess \
+            | tee "$OUT/micro_step_gemms.log" | tail -60 ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;

@@ -1683,7 +1683,7 @@ def test_a_replaced_vae_is_refused_where_the_edit_composites(pipe_folder):
     vae = pipe.vae
     pipe.vae = copy.deepcopy(vae)
     try:
-        with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights changed"):
+        with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights or config"):
             s.edit("a blue circle", mask=_corner_mask(), output_type="np")
         s.edit("a blue circle", mask=_corner_mask(), output_type="np",
                composite_background=False)
@@ -1691,8 +1691,19 @@ def test_a_replaced_vae_is_refused_where_the_edit_composites(pipe_folder):
         pipe.vae = vae
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(0.0)
-    with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights changed"):
+    with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights or config"):
         s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    # The pipeline decodes with the VAE's scaling_factor: a new one decodes another image.
+    s.generate("a red circle", num_inference_steps=2, output_type="np")
+    scaling = vae.config.scaling_factor
+    vae.register_to_config(scaling_factor=scaling / 2)
+    try:
+        with pytest.raises(FiseditError, match=r"config \(scaling_factor, shift_factor"):
+            s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    finally:
+        vae.register_to_config(scaling_factor=scaling)
+    assert s.edit("a blue circle", mask=_corner_mask(), output_type="np").report[
+        "background_composited"]
 
 
 def test_an_sdxl_vae_cast_up_for_each_decode_is_the_same_decoder():

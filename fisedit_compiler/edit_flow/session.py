@@ -461,8 +461,9 @@ class EditSession:
         decoder = _decoder_identity(self.pipe)      # the VAE this edit decodes with
         if composite and decoder != original.decoder:
             raise FiseditError(
-                "pipe.vae was replaced, or its weights changed, since the generation: the "
-                "background would be the old VAE's decode around the new one's; generate "
+                "pipe.vae was replaced, or its weights or config (scaling_factor, "
+                "shift_factor, force_upcast) changed, since the generation: the background "
+                "would be the old VAE's decode around the new one's; generate "
                 "again, restore pipe.vae, or pass composite_background=False (the raw decode) "
                 "or output_type='latent'")
 
@@ -1617,14 +1618,16 @@ def _check_output_type(output_type) -> None:
 
 def _decoder_identity(pipe) -> tuple:
     """The pipeline's VAE (the object), its weights' version counters and their values
-    (``content_fingerprint``): what tells that the decoder of later images is not the one of
-    earlier ones. Not their storages: SDXL's pipeline casts an fp16 VAE to fp32 for each
-    decode and back (``force_upcast``), new storages for the same values."""
+    (``content_fingerprint``), and a copy of its config (the pipeline decodes with its
+    ``scaling_factor`` and ``shift_factor``): what tells that the decoder of later images is
+    not the one of earlier ones. Not their storages: SDXL's pipeline casts an fp16 VAE to
+    fp32 for each decode and back (``force_upcast``), new storages for the same values."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return (None,)
     weights = [*vae.parameters(), *vae.buffers()]
-    return (vae, version_counters(weights), content_fingerprint(weights))
+    config = copy.deepcopy(dict(getattr(vae, "config", {})))
+    return (vae, version_counters(weights), content_fingerprint(weights), config)
 
 
 def _own_copy(value):

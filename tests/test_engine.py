@@ -567,6 +567,13 @@ def test_non_finite_inputs_are_refused_before_any_work(sd15_tiny):
     with pytest.raises(fc.FiseditError, match=r"the timestep is \[nan, nan\], not finite"):
         engine.record(two, 1, **dict(inputs, timestep=torch.full((2,), float("nan"))))
     assert 1 not in two.steps and same_cache(cache, before)
+    # Step 0 recorded again into a cache that holds a generation starts a new one: checked too.
+    kept = snapshot(two)
+    noisy = inputs["sample"].clone()
+    noisy[1, 0, 2, 2] = float("nan")
+    with pytest.raises(fc.FiseditError, match="input.*sample hold NaN or infinite values"):
+        engine.record(two, 0, **dict(inputs, sample=noisy))
+    assert same_cache(two, kept)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

@@ -179,7 +179,7 @@ class SparseEngine:
         step = self._check_cache(cache, step)
         versions = self._check_unchanged()
         self._check_inputs(inputs)
-        if cache.weight_versions is None:     # a new generation's first step
+        if cache.weight_versions is None or step == 0:     # a generation's first step
             check_finite_inputs(flatten_inputs(inputs))
         signature = self.signature(inputs)    # checked before compiling anything for it
         if cache.signature is not None and cache.signature != signature:
@@ -850,9 +850,10 @@ def check_finite_inputs(flat: dict) -> None:
     """Refuse NaN or infinite input values (noise or text states gone wrong upstream): the
     U-Net would spread them over the whole output, and the recording or edit would keep them.
     A reduction per input and one host read, so it runs where a call reads the host anyway:
-    a generation's first recorded step and an edit pass's first step (later steps' inputs come
-    from the U-Net's own outputs and the scheduler). Masks are not checked: an attention mask
-    given as an additive bias holds -inf where it excludes keys."""
+    a generation's first recorded step (step 0, or the first into a new cache) and an edit
+    pass's first step (later steps' inputs come from the U-Net's own outputs and the
+    scheduler). Masks are not checked: an attention mask given as an additive bias holds -inf
+    where it excludes keys."""
     floats = {name: value for name, value in flat.items()
               if isinstance(value, torch.Tensor) and value.is_floating_point()
               and "mask" not in name}

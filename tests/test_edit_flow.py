@@ -662,6 +662,26 @@ def test_a_controlnet_schedule_change_is_not_taken_for_no_change(pipe):
     assert not kept.mask.any() and torch.equal(kept.latents, original)
 
 
+@pytest.mark.parametrize("arguments, match", [
+    # diffusers compares the window with its bounds, which a NaN passes as if it were 0 or 1.
+    (dict(control_guidance_end=float("nan")), "control_guidance_end must be a finite number"),
+    (dict(control_guidance_start=[float("nan")]), "control_guidance_start must be a finite"),
+    (dict(control_guidance_end=1.5), "control_guidance_end 1.5 is out of range"),
+    (dict(controlnet_conditioning_scale=float("inf")), "controlnet_conditioning_scale must be"),
+    (dict(guess_mode="no"), "guess_mode must be True or False, got str 'no'"),
+    (dict(image=None), "image=None: a ControlNet pipeline needs its control image"),
+])
+def test_controlnet_values_are_checked_before_the_pipeline_runs(pipe, monkeypatch, arguments,
+                                                                match):
+    control, image = _controlnet_pipeline(pipe)
+    session = EditSession(control)
+    monkeypatch.setattr(session, "_run", _must_not_run)
+    with pytest.raises(FiseditError, match=match):
+        session.generate("a red circle", seed=0, num_inference_steps=2,
+                         **{"image": image, **arguments})
+    assert session.original is None and session.cache is None
+
+
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
 def test_other_schedulers_background(session, pipe, scheduler):
     import diffusers

@@ -1428,6 +1428,7 @@ def _check_pipeline_values(pipe, pipeline_kwargs: dict) -> None:
                 "clip_skip cannot run with this diffusers and transformers: the pipeline reads "
                 f"text_encoder.text_model, which this {type(pipe.text_encoder).__name__} does "
                 "not have (transformers 5 flattened it); leave clip_skip out")
+    _check_controlnet_values(pipe, pipeline_kwargs)
     adapter_inputs = sorted(name for name in ("ip_adapter_image", "ip_adapter_image_embeds")
                             if pipeline_kwargs.get(name) is not None)
     if adapter_inputs and getattr(pipe.unet, "encoder_hid_proj", None) is None:
@@ -1435,6 +1436,28 @@ def _check_pipeline_values(pipe, pipeline_kwargs: dict) -> None:
             f"{', '.join(adapter_inputs)} needs an IP-Adapter, and none is loaded; load one "
             "(pipe.load_ip_adapter(...)) before the session is made, or drop "
             f"{', '.join(adapter_inputs)}")
+
+
+def _check_controlnet_values(pipe, pipeline_kwargs: dict) -> None:
+    """A ControlNet pipeline's own keywords (``_check_pipeline_values``): diffusers compares
+    the guidance window with its bounds, which a NaN passes as if it were 0 or 1; takes any
+    truthy ``guess_mode`` ("no" turns it on); and fails with a raw TypeError on
+    ``image=None``."""
+    if getattr(pipe, "controlnet", None) is None:
+        return
+    if "image" in pipeline_kwargs and pipeline_kwargs["image"] is None:
+        raise FiseditError(
+            "image=None: a ControlNet pipeline needs its control image; pass one (an edit "
+            "that leaves image out keeps the generation's)")
+    for name in ("control_guidance_start", "control_guidance_end",
+                 "controlnet_conditioning_scale"):
+        value = pipeline_kwargs.get(name)
+        bounds = {} if name == "controlnet_conditioning_scale" else dict(minimum=0, maximum=1)
+        for number in (value if isinstance(value, (list, tuple)) else [value]):
+            if number is not None:
+                check_float(name, number, **bounds)
+    if "guess_mode" in pipeline_kwargs:
+        check_bool("guess_mode", pipeline_kwargs["guess_mode"])
 
 
 def size_multiple(vae_scale_factor: int) -> int:

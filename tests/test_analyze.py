@@ -151,3 +151,37 @@ def test_unfollowed_spatial_values_are_placed_by_shape():
                            if n.args[0].meta.get(META_BY_SHAPE))
     assert not conv_after_pool.meta.get(META_BY_SHAPE)   # followed again after the pool
     assert gm.meta["fc_levels"] == [(8, 8), (4, 4)]
+
+
+class FourierFiltered(nn.Module):
+    """A conv, a Fourier filter as FreeU's (``fftn``, ``fftshift``, a frequency mask, the
+    inverse, ``.real``) and a conv: the spectrum is ``[B, C, H, W]`` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample):
+        spectrum = torch.fft.fftshift(torch.fft.fftn(self.conv(sample), dim=(-2, -1)),
+                                      dim=(-2, -1))
+        scale = torch.ones(spectrum.shape)
+        scale[..., 3:5, 3:5] = 0.5
+        filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * scale, dim=(-2, -1)),
+                                   dim=(-2, -1)).real
+        return self.conv(filtered)
+
+
+def test_a_spectrum_is_not_placed_by_shape():
+    """Its positions are frequencies: placed as spatial, it was restricted to the region
+    frequency by frequency (FreeU's edits 3x further from the dense U-Net than without it).
+    The filter stays opaque up to its real output, which has positions again."""
+    module, sample = FourierFiltered().eval(), torch.randn(2, 4, 8, 8)
+    program = torch.export.export(module, (sample,), strict=False)
+    gm = analyze(canonicalize(capture.program_to_graph_module(program)))
+    spectra = [n for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+               and n.meta["val"].is_complex()]
+    assert len(spectra) >= 4
+    assert all(domain(n).kind == "opaque" for n in spectra)
+    real = [n for n in gm.graph.nodes if n.meta.get(META_BY_SHAPE)]
+    assert len(real) == 1 and not real[0].meta["val"].is_complex()
+    assert domain(real[0]) == Domain("spatial", (2, 3), (8, 8), 0)

@@ -310,3 +310,43 @@ def test_what_runs_dense_is_a_small_part(family):
     assert dense <= 0.1 * sum(row["dense_macs"] for row in rows)
     assert not any(row["op"] == "attention" and program.modes.get(row["name"]) == "dense"
                    for row in rows)
+
+
+def test_freeu_edits_as_its_filter_on_any_view():
+    """FreeU's Fourier filter on ``[B, C, H, W]`` spectra and the same function on
+    ``[B*C, H, W]`` views are one U-Net: their edits must be equal (the 4-D spectra were
+    placed as spatial values and restricted to the region, an edit 3x further from the dense
+    U-Net inside the region than without FreeU)."""
+    import diffusers.utils.torch_utils as torch_utils
+
+    unet = zoo.unet("sd15-tiny")
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    randn = _randn(0)
+    inputs = zoo.example_inputs(unet, batch=BATCH, seed=0)
+    mask = torch.zeros(inputs["sample"].shape[-2:], dtype=torch.bool)
+    mask[:3, :3] = True
+    edited = dict(inputs, sample=torch.where(mask, 3 * randn(*inputs["sample"].shape),
+                                             inputs["sample"]))
+    four_d = torch_utils.fourier_filter
+
+    def on_views(x, threshold, scale):
+        batch, channels, height, width = x.shape
+        return four_d(x.reshape(1, batch * channels, height, width), threshold,
+                      scale).reshape(x.shape)
+
+    edits = []
+    for fourier_filter in (four_d, on_views):
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            patch.setattr(torch_utils, "fourier_filter", fourier_filter)
+            engine = fc.compile(unet)
+            cache = engine.new_cache(1)
+            recorded = engine.record(cache, 0, **inputs)
+            plan = engine.plan(mask)
+            edits.append(engine.edit(cache, 0, plan, **edited))
+            expected = oracle.masked_dense(engine, plan, inputs, edited)
+            assert torch.allclose(edits[-1], expected, rtol=1e-4, atol=1e-5)
+            outside = ~plan.levels[0].active
+            assert torch.equal(edits[-1][..., outside], recorded[..., outside])
+    assert torch.allclose(edits[0], edits[1], rtol=1e-5, atol=1e-6)
+

@@ -18,8 +18,9 @@ Domains (``Domain.kind``):
 
 The safety rule: a value the rules cannot follow whose shape shows it is spatial (``[B, C, H,
 W]`` with the sample's batch and an (H, W) of the sample's resolution pyramid: the output of an
-average pooling, a reflect pad's conv, the FIR resampling of score-SDE) is not left opaque but
-taken as spatial at that size, and tagged ``META_BY_SHAPE``. The edit then computes it densely
+average pooling, a reflect pad's conv, the FIR resampling of score-SDE; real-valued, since a
+complex one is a spectrum) is not left opaque but taken as spatial at that size, and tagged
+``META_BY_SHAPE``. The edit then computes it densely
 from mixed inputs *and restricts it to the region* like any positional value, so what follows it
 is sparse again, and the background stays the recording's on every model. Opaque values that
 never take a spatial shape again can only reach the output through one that does, and the U-Net
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.fx as fx
 
 from .. import ir
@@ -63,7 +65,7 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
         node.meta[ir.META_INVARIANT] = _invariant(node.meta[ir.META_DEPENDS])
         domain = _domain(node)
         shape = shape_of(node)
-        if domain.kind == "opaque" and len(shape) == 4 and (
+        if domain.kind == "opaque" and len(shape) == 4 and not _complex(node) and (
                 shape[0], shape[2], shape[3]) in spatial_shapes:
             domain = Domain("spatial", (2, 3), shape[2:])
             node.meta[META_BY_SHAPE] = True
@@ -83,6 +85,16 @@ def analyze(gm: fx.GraphModule) -> fx.GraphModule:
             node.meta.update(spec.meta(node))
     gm.meta[LEVELS] = levels
     return gm
+
+
+def _complex(node: fx.Node) -> bool:
+    """Whether ``node`` holds complex values: a spectrum (FreeU's Fourier filter, ``fftn`` of
+    a feature map), whose ``[B, C, H, W]`` indexes frequencies, not positions. Taken as
+    spatial, it was restricted to the region frequency by frequency and its inverse transform
+    mixed new and recorded frequencies; left opaque, the filter runs densely up to its real
+    output, which has positions again."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_complex()
 
 
 def _spatial_shapes(gm: fx.GraphModule) -> set[tuple[int, int, int]]:

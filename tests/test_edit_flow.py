@@ -122,6 +122,15 @@ def test_an_intersection_that_marks_nothing_is_warned_about():
         both = s.edit(shapes.DEMO_EDIT, mask=corner, mask_mode="intersect",
                       output_type="latent")
     assert torch.equal(both.latents, s.original.latents[-1])
+    # Accepted, the original image would be recorded as the new prompt's, and the edit the
+    # user wanted would then change nothing.
+    before = s.original
+    with pytest.raises(FiseditError, match="this edit's mask is empty.*a later edit to that "
+                                           "prompt would change nothing"):
+        s.accept(both)
+    assert s.original is before
+    s.accept(auto)
+    assert s.original.prompt == shapes.DEMO_EDIT
 
 
 @pytest.mark.parametrize("estimator", ["noise-contrast", "probe"])

@@ -532,8 +532,10 @@ class EditSession:
         images (composited unless it was made with ``composite_background=False``) the
         original images later edits composite against, in its ``output_type``. The session
         changes only if every step records. Refused, before any step records, when the U-Net's
-        weights changed in place since the generation: the edit's outputs came from the old
-        weights and would be mixed with a recording of the new ones.
+        weights changed in place since the generation (the edit's outputs came from the old
+        weights and would be mixed with a recording of the new ones), and for an edit whose
+        mask is empty although it changes the prompt or settings (its result is the original,
+        which would be recorded as the new prompt's).
         """
         self._require_generation()
         self._check_unet()
@@ -546,6 +548,13 @@ class EditSession:
         if result._generation != self._generation:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")
+        if not result.report["unchanged"] and not bool(result.mask.any()):
+            raise FiseditError(
+                "this edit's mask is empty (the estimated and the user mask share no pixel, or "
+                "the user mask marks none), so its result is the original: accepting it would "
+                "record the original image as the new prompt's, and a later edit to that "
+                "prompt would change nothing; edit with a mask that covers the change, then "
+                "accept")
         self.engine._check_unchanged(self.cache, contents=True)   # as edit: its own check
         trajectory = result._trajectory
         cache = self.engine.new_cache(trajectory.num_steps, self.cache_budget_bytes)

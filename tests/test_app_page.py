@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import urllib.request
+import warnings
 from io import BytesIO
 
 import numpy as np
@@ -25,8 +26,9 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
-from fisedit_compiler.app.page import (PageDefaults, _messages_shown, _painted,  # noqa: E402
-                                       _whole, build_page)
+from fisedit_compiler.app.page import (PageDefaults, _edit_recipe,  # noqa: E402
+                                       _messages_shown, _painted, _whole, build_page)
+from fisedit_compiler.edit_flow.mask import DEFAULT_ESTIMATOR  # noqa: E402
 from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
 
@@ -225,6 +227,26 @@ def test_refused_inputs_show_the_library_message(served):
         generate(tab, typo)
 
 
+def test_a_chosen_estimator_beside_a_replacing_painting_is_warned_about():
+    painting = np.ones((4, 4), dtype=bool)
+    with pytest.warns(UserWarning, match="replaces the automatic mask, so the chosen mask "
+                                         "estimator 'probe' is not used; choose intersect"):
+        recipe = _edit_recipe("a blue circle", None, painting, "replace", "probe")
+    assert recipe.mask_estimator is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # the radio's default is no choice: no warning
+        _edit_recipe("a blue circle", None, painting, "replace", DEFAULT_ESTIMATOR)
+        assert _edit_recipe("a blue circle", None, painting, "intersect",
+                            "probe").mask_estimator == "probe"
+
+
+def test_a_null_prompt_from_a_client_is_refused_by_name(served):
+    _, url = served
+    tab = client(url)
+    with pytest.raises(gradio_client.exceptions.AppError, match="the prompt must be one str"):
+        tab.predict(None, 0, DEFAULTS.steps, DEFAULTS.guidance_scale, api_name="/generate")
+
+
 def test_a_fraction_typed_into_a_number_field_is_refused_not_rounded(served):
     _, url = served
     tab = client(url)
@@ -241,6 +263,7 @@ def test_an_edit_that_changes_nothing_says_so_and_is_not_accepted(served):
     edited, _, timings = edit(tab, DEFAULTS.prompt, probe_steps=None,
                               estimator="noise-contrast")
     assert "The edit changes nothing: its U-Net inputs" in timings
+    assert "recomputing nothing" in timings and "x**" not in timings     # no speedup shown
     assert np.array_equal(read(edited), read(original))
     with pytest.raises(gradio_client.exceptions.AppError, match="changes nothing.*nothing to "
                                                                 "accept"):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fisedit_compiler import zoo
+from fisedit_compiler import shapes, zoo
 from fisedit_compiler.cli import main
+from fisedit_compiler.edit_flow import commands
 from fisedit_compiler.errors import FiseditError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +166,8 @@ def _red_square_png(path, size=128):
     (["--mask-mode", "replace"], "no user mask is given; add --mask PNG or --mask-box"),
     (["--size", "102"], "--size 102 is not a multiple of"),
     (["--out", "{red}"], "is a file, not a folder"),
+    (["--out", "{taken}"], "holds a folder named report.json, where the command writes a file "
+                           "of that name; move it, or pass another --out"),
     (["--out", ""], "--out is empty; pass the folder for the outputs"),
     # Not writable even for root (os.access would say yes there).
     (["--out", "/proc/fisedit-out"], "--out /proc/fisedit-out cannot be created or written"),
@@ -176,7 +179,9 @@ def test_edit_and_demo_check_arguments_before_loading(command, extra, message, t
 
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "empty.png")
     red = str(_red_square_png(tmp_path / "red.png"))
-    extra = [arg.format(empty=tmp_path / "empty.png", red=red) for arg in extra]
+    (tmp_path / "taken" / "report.json").mkdir(parents=True)
+    extra = [arg.format(empty=tmp_path / "empty.png", red=red, taken=tmp_path / "taken")
+             for arg in extra]
     _save_vae_config(tmp_path, levels=4)      # what --size is checked against for edit
     (tmp_path / "scheduler").mkdir()          # ... and --steps
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
@@ -194,8 +199,6 @@ def test_the_shapes_demo_refuses_a_caption_outside_its_grammar_before_loading(
         flag, tmp_path, capsys, no_loading):
     """The shapes model's byte-level tokenizer takes any text, so a misspelt colour would
     run and draw shapes unrelated to it."""
-    from fisedit_compiler import shapes
-
     typo = shapes.DEMO_EDIT.replace("yellow", "yelow")
     assert main(["demo", flag, typo, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -438,7 +441,6 @@ def test_a_mask_of_the_wrong_size_is_refused_before_loading(argv, images, tmp_pa
 
 def test_the_user_mask_is_made_before_loading(tmp_path, no_loading):
     from fisedit_compiler.cli import build_parser
-    from fisedit_compiler.edit_flow import commands
 
     _save_vae_config(tmp_path, levels=4)
     _save_unet_config(tmp_path, sample_size=16)
@@ -447,7 +449,7 @@ def test_the_user_mask_is_made_before_loading(tmp_path, no_loading):
     expected = torch.zeros(16, 16, dtype=torch.bool)
     expected[2:4, 2:4] = True                             # 8 pixels per latent pixel
     args = build_parser().parse_args(argv)
-    vae, unet = (commands._saved_config(tmp_path, name) for name in ("vae", "unet"))
+    vae, unet = (commands.read_saved_config(tmp_path, name) for name in ("vae", "unet"))
     commands._check_args(args, vae, unet, None)
     assert torch.equal(args.user_mask, expected)
     # A box too, at the latent size of --size.
@@ -496,3 +498,71 @@ def test_sizes_past_any_use_are_refused_before_building(command, tmp_path, capsy
     assert ("--batch 1000000000 is out of range" in err if command == "dump" else
             "--size 64000 is more than 8x the pipeline's default 64 px" in err
             and "pass at most --size 512" in err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["edit", "--pipeline", "{folder}", "--prompt", "a red circle", "--edit", "a red circle"],
+    ["demo", "--edit", shapes.DEMO_PROMPT]])
+def test_an_edit_prompt_equal_to_the_prompt_is_refused_before_loading(argv, tmp_path, capsys,
+                                                                       no_loading):
+    """EditSession would generate, then find nothing to edit (and the report claimed a
+    speedup for it)."""
+    argv = [arg.format(folder=tmp_path) for arg in argv]
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--edit is --prompt (" in err and "the edit would change nothing" in err
+
+
+def test_outputs_are_written_all_or_none(tmp_path):
+    """A failure while writing (a full disk) leaves the folder as it was: no mix of new files
+    and an earlier run's, no temporary files."""
+    (tmp_path / "a.txt").write_text("old")
+
+    def failing(path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(FiseditError, match="--out .*could not be written \\(No space left on "
+                                           "device\\); nothing was written there"):
+        commands.write_outputs("--out", tmp_path, {
+            "a.txt": lambda path: Path(path).write_text("new"), "b.txt": failing})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    assert (tmp_path / "a.txt").read_text() == "old"
+    commands.write_outputs("--out", tmp_path / "new", {
+        "a.txt": lambda path: Path(path).write_text("new")})
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["a.txt"]
+
+
+def test_a_saved_scheduler_the_session_cannot_drive_is_refused_before_loading(
+        saved_pipeline, tmp_path, capsys, monkeypatch):
+    """SD 1.5 is saved with PNDM: refused from its saved config, with the option that runs it
+    (a CLI user cannot set pipe.scheduler); with --scheduler it loads with that one."""
+    folder = tmp_path / "pndm"
+    shutil.copytree(saved_pipeline, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = "PNDMScheduler"
+    config_file.write_text(json.dumps(config))
+    argv = ["edit", "--pipeline", str(folder), "--prompt", "a", "--edit", "b", "--out",
+            str(tmp_path / "out")]
+    with monkeypatch.context() as patch:
+        patch.setattr(zoo, "load_pipeline", lambda *a, **k: pytest.fail("loaded"))
+        assert main(argv) == 2
+        assert main(["app", "--pipeline", str(folder), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is saved with PNDMScheduler, which EditSession does not drive") == 2
+    assert "pass --scheduler DPMSolverMultistepScheduler" in err
+    pipe = commands.load_with_scheduler(folder, "DDIMScheduler")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.num_train_timesteps == config["num_train_timesteps"]
+    assert main(["app", "--model", "shapes", "--scheduler", "DDIMScheduler", "--port",
+                 str(_free_port())]) == 2
+    assert "--scheduler replaces a saved pipeline's scheduler" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+

@@ -8,7 +8,9 @@ import socket
 from .. import zoo
 from ..checks import check_int
 from ..edit_flow.commands import (DEMO_MODEL, RANDOM_DEFAULTS, RANDOM_EDIT, RANDOM_PROMPT,
-                                  SHAPES_DEFAULTS, check_saved_pipeline_class, torch_device)
+                                  SHAPES_DEFAULTS, add_scheduler_option, check_saved_pipeline_class,
+                                  check_saved_scheduler, load_with_scheduler, read_saved_config,
+                                  torch_device)
 from ..errors import FiseditError
 
 DEFAULT_PORT = 7860
@@ -32,6 +34,7 @@ def add_app_command(subparsers) -> None:
     source.add_argument("--pipeline", metavar="DIR",
                         help="a folder holding a StableDiffusion(XL)Pipeline saved with "
                              "save_pretrained")
+    add_scheduler_option(parser)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port on 127.0.0.1 (default: {DEFAULT_PORT})")
     parser.add_argument("--device", default=None,
@@ -52,7 +55,14 @@ def run_app(args) -> int:
     device = torch_device(args.device)
     if args.pipeline is not None:
         check_saved_pipeline_class(args.pipeline)
+        check_saved_scheduler(args.pipeline, read_saved_config(args.pipeline, "scheduler",
+                                                               "scheduler_config.json"),
+                              args.scheduler)
     else:
+        if args.scheduler is not None:
+            raise FiseditError("--scheduler replaces a saved pipeline's scheduler (--pipeline); "
+                               f"the {args.model!r} model runs with its own: leave --scheduler "
+                               "out")
         zoo.check_pipeline_name(args.model)
     # Before gradio is imported: no analytics or version checks, which would wait on the
     # network offline.
@@ -65,7 +75,8 @@ def run_app(args) -> int:
     from .pool import SessionPool
 
     if args.pipeline is not None:
-        pipe, defaults = zoo.load_pipeline(args.pipeline), _page_defaults(args.pipeline, None)
+        pipe = load_with_scheduler(args.pipeline, args.scheduler)
+        defaults = _page_defaults(args.pipeline, None)
     else:
         pipe, defaults = zoo.pipeline(args.model), _page_defaults(args.model, args.model)
     pipe.to(device)

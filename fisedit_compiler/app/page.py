@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import gradio as gr
 
-from ..checks import check_choice, check_int
+from ..checks import check_choice, check_int, check_prompt
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..edit_flow.session import MASK_MODES, plan_note
 from ..errors import FiseditError
@@ -94,6 +94,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
                              allow_preview=False, elem_id="history")
 
         def checked(name: str, text: str) -> str:
+            check_prompt(name, text)       # an API client may send null
             if defaults.check_prompt is not None:
                 defaults.check_prompt(name, text)
             return text
@@ -202,11 +203,17 @@ def _edit_recipe(prompt: str, probe_steps: int | None, mask: np.ndarray | None,
                  mask_mode: str, mask_estimator: str) -> EditRecipe:
     """The page always sends both radios' values, and EditSession refuses a choice it would
     ignore, so the recipe keeps what applies: the mode beside a painted mask, the estimator
-    unless the painting replaces the estimate. Both are checked first: a wrong value must not
-    pass for being left out."""
+    unless the painting replaces the estimate (with a warning where another than the default
+    estimator was chosen). Both are checked first: a wrong value must not pass for being
+    left out."""
     check_choice("mask_mode", mask_mode, MASK_MODES)
     check_choice("mask_estimator", mask_estimator, tuple(ESTIMATORS))
     painted = mask is not None
+    if painted and mask_mode == "replace" and mask_estimator != DEFAULT_ESTIMATOR:
+        # A choice the user made (the radio's default is no choice) that this edit drops.
+        warnings.warn(f"the painted region replaces the automatic mask, so the chosen mask "
+                      f"estimator {mask_estimator!r} is not used; choose intersect to limit "
+                      "the estimated mask to the painting", UserWarning, stacklevel=2)
     return EditRecipe(prompt, probe_steps, mask, mask_mode if painted else "replace",
                       None if painted and mask_mode == "replace" else mask_estimator)
 
@@ -249,6 +256,10 @@ def _overlay(view: EditView) -> PIL.Image.Image:
 def _timings(view: EditView) -> str:
     report, timing = view.report, view.report["timings_s"]
     edit_s, dense_s = timing["edit_s"], view.dense_regeneration_s
+    if report["active_area_fraction"] == 0:
+        # Nothing recomputed (nothing changed, or the mask marks nothing): no speed to show.
+        return (f"**Edit {edit_s:.2f} s**, recomputing nothing: the image is the original."
+                + _sentence(plan_note(report)))
     return (
         f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
         f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense steps "

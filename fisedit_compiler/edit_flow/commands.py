@@ -21,8 +21,8 @@ from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from ..pipeline_files import read_json_object, read_saved_folder
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from .session import (check_mask_choice, check_pipeline_class, check_step_count,
-                      plan_note, size_multiple)
+from .session import (SUPPORTED_SCHEDULERS, check_mask_choice, check_pipeline_class,
+                      check_step_count, plan_note, size_multiple)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -53,8 +53,17 @@ def add_edit_command(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="the original prompt")
     parser.add_argument("--edit", required=True, help="the edited prompt")
     parser.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    add_scheduler_option(parser)
     _add_common(parser, steps=50, size=None)
     parser.set_defaults(run=run_edit)
+
+
+def add_scheduler_option(parser) -> None:
+    """``--scheduler`` of the commands that load a saved pipeline (edit, app)."""
+    parser.add_argument("--scheduler", choices=SUPPORTED_SCHEDULERS, default=None,
+                        help="run the saved pipeline with this scheduler, built from its saved "
+                             "scheduler's config (default: the saved one; needed where that "
+                             "is one EditSession does not drive, such as SD 1.5's PNDM)")
 
 
 def add_demo_command(subparsers) -> None:
@@ -118,12 +127,12 @@ def _add_common(parser, steps: int | None, size: int | None,
 
 
 def run_edit(args) -> int:
-    from .. import zoo
-
-    _check_args(args, _saved_config(args.pipeline, "vae"), _saved_config(args.pipeline, "unet"),
-                _saved_config(args.pipeline, "scheduler", "scheduler_config.json"))
+    scheduler_config = read_saved_config(args.pipeline, "scheduler", "scheduler_config.json")
+    _check_args(args, read_saved_config(args.pipeline, "vae"),
+                read_saved_config(args.pipeline, "unet"), scheduler_config)
     check_saved_pipeline_class(args.pipeline)
-    pipe = zoo.load_pipeline(args.pipeline)
+    check_saved_scheduler(args.pipeline, scheduler_config, args.scheduler)
+    pipe = load_with_scheduler(args.pipeline, args.scheduler)
     report = _generate_and_edit(pipe, args)
     print(json.dumps(_summary(report), indent=2))
     _say_plan_note(report)
@@ -139,9 +148,9 @@ def run_demo(args) -> int:
         from .. import shapes
 
         prompt, edit, defaults = shapes.DEMO_PROMPT, shapes.DEMO_EDIT, SHAPES_DEFAULTS
-        vae_config = _saved_config(shapes.WEIGHTS, "vae")
-        unet_config = _saved_config(shapes.WEIGHTS, "unet")
-        scheduler_config = _saved_config(shapes.WEIGHTS, "scheduler", "scheduler_config.json")
+        vae_config = read_saved_config(shapes.WEIGHTS, "vae")
+        unet_config = read_saved_config(shapes.WEIGHTS, "unet")
+        scheduler_config = read_saved_config(shapes.WEIGHTS, "scheduler", "scheduler_config.json")
     else:
         prompt, edit, defaults = RANDOM_PROMPT, RANDOM_EDIT, RANDOM_DEFAULTS
         # An unknown name has none; zoo.pipeline then refuses it, naming the known ones.
@@ -201,6 +210,10 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
                                "for the automatic mask")
     if args.mask is not None and args.mask_box is not None:
         raise FiseditError("give either --mask or --mask-box, not both")
+    if args.edit == args.prompt:
+        # EditSession would run the whole generation, then find nothing to edit.
+        raise FiseditError(f"--edit is --prompt ({args.prompt!r}), so the edit would change "
+                           "nothing; give --edit the changed prompt")
     args.mask_pixels = read_mask_png(args.mask) if args.mask else None
     if args.mask_box:
         parse_box(args.mask_box)
@@ -243,7 +256,7 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
     shape = _image_shape(args.size, scale, unet_config)
     args.user_mask = None if shape is None else _user_mask(args, shape, scale)
     args.device = torch_device(args.device)
-    check_output_folder("--out", args.out)
+    check_output_folder("--out", args.out, OUTPUT_FILES)
 
 
 def _image_shape(size: int | None, scale: int | None, unet_config: dict | None
@@ -284,7 +297,32 @@ def check_saved_pipeline_class(folder) -> None:
         check_pipeline_class(name, f" in {folder}")
 
 
-def _saved_config(folder, component: str, file: str = "config.json") -> dict | None:
+def check_saved_scheduler(folder, scheduler_config: dict | None, chosen: str | None) -> None:
+    """Refuse, before loading, a saved pipeline whose scheduler EditSession does not drive
+    (SD 1.5 is saved with PNDM), unless ``--scheduler`` (``chosen``) replaces it."""
+    name = None if scheduler_config is None else scheduler_config.get("_class_name")
+    if chosen is None and isinstance(name, str) and name not in SUPPORTED_SCHEDULERS:
+        raise FiseditError(
+            f"the pipeline in {folder} is saved with {name}, which EditSession does not drive "
+            f"(it takes {', '.join(SUPPORTED_SCHEDULERS)}); pass --scheduler "
+            f"{SUPPORTED_SCHEDULERS[1]} (or another of those) to run it with that scheduler, "
+            "built from the saved one's config")
+
+
+def load_with_scheduler(folder, chosen: str | None):
+    """The pipeline saved in ``folder``, with its scheduler replaced by ``chosen`` (a
+    diffusers class name, built from the saved scheduler's config) where given."""
+    from .. import zoo
+
+    pipe = zoo.load_pipeline(folder)
+    if chosen is not None:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, chosen).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def read_saved_config(folder, component: str, file: str = "config.json") -> dict | None:
     """The config of a component ("vae", "unet"; "scheduler" in scheduler_config.json) of the
     pipeline saved in ``folder``, read without loading it; None when it has none readable
     (loading the pipeline then reports what is wrong)."""
@@ -298,10 +336,11 @@ def _vae_scale_factor(vae_config: dict | None) -> int | None:
     return 2 ** (len(channels) - 1) if isinstance(channels, (list, tuple)) and channels else None
 
 
-def check_output_folder(option: str, path) -> None:
+def check_output_folder(option: str, path, files: tuple[str, ...] = ()) -> None:
     """``path`` can be the output folder: an existing folder, or one that can be created
-    there. Checked before any work; the commands create the folder only when they write their
-    outputs, so that a failed command leaves no folder behind."""
+    there, where none of the output ``files`` is a folder. Checked before any work; the
+    commands create the folder only when they write their outputs, so that a failed command
+    leaves no folder behind."""
     if not str(path).strip():
         # Path("") is the current folder: the outputs would land there without a word.
         raise FiseditError(f"{option} is empty; pass the folder for the outputs (e.g. {option} "
@@ -315,6 +354,37 @@ def check_output_folder(option: str, path) -> None:
         raise FiseditError(f"{option} {path} cannot be created: {existing} is a file, not a "
                            "folder; pass a folder path under an existing folder")
     check_writable(option, path, existing, "created or written")
+    taken = [name for name in files if (folder / name).is_dir()]
+    if taken:
+        raise FiseditError(f"{option} {path} holds a folder named {', '.join(taken)}, where "
+                           "the command writes a file of that name; move it, or pass another "
+                           f"{option}")
+
+
+def write_outputs(option: str, path, outputs: dict) -> None:
+    """Write each ``outputs`` file (name -> a function that writes to the path it is given)
+    into the folder ``path`` (made here), all or none: each goes to a temporary file first,
+    and they replace the old ones only once every one is written, so that a failure (a full
+    disk) leaves no mix of new files and an earlier run's."""
+    folder = Path(path)
+    written: list[str] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, write in outputs.items():
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.",
+                                                 suffix=Path(name).suffix)
+            os.close(handle)
+            written.append(temporary)
+            write(temporary)
+        for name, temporary in zip(outputs, written):
+            os.replace(temporary, folder / name)
+    except OSError as error:
+        raise FiseditError(f"{option} {path}: the outputs could not be written "
+                           f"({error.strerror or error}); nothing was written there") from None
+    finally:
+        for temporary in written:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def check_writable(option: str, path, folder: Path, what: str = "written") -> None:
@@ -360,7 +430,6 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     its second edit on; the speedup is then computed from it."""
     from .session import EditSession
 
-    out = Path(args.out)
     pipe.to(args.device)
     session = EditSession(pipe)
     # The user mask at latent size, made by _check_args unless the saved configs did not tell
@@ -398,8 +467,14 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     # Against the warm edit where there is one: both then output latents and have their
     # programs built, so the ratio is the editing speed, not first-call setup or decoding.
     basis = "edit_s" if warm_s is None else "warm_edit_s"
-    report["speedup_vs_dense_regeneration"] = dense_s / report["timings_s"][basis]
-    report["speedup_basis"] = f"dense_regeneration_s / {basis}"
+    if report["active_area_fraction"] == 0:
+        # It recomputed nothing (it changes nothing, or its mask marks nothing): its time is
+        # no editing speed.
+        report["speedup_vs_dense_regeneration"] = None
+        report["speedup_basis"] = "none: the edit recomputed nothing"
+    else:
+        report["speedup_vs_dense_regeneration"] = dense_s / report["timings_s"][basis]
+        report["speedup_basis"] = f"dense_regeneration_s / {basis}"
     report["figures"] = FIGURES
     report["image_difference_outside_mask"] = _outside_difference(original, edited,
                                                                   result.region)
@@ -408,19 +483,16 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     if model is not None:
         report["model"] = model
     # Made only now, so that a command failing earlier leaves no folder (checked writable by
-    # _check_args before anything ran).
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FiseditError(f"cannot create the output folder {args.out}: "
-                           f"{error.strerror}") from None
-    original.save(out / "original.png")
-    edited.save(out / "edit.png")
-    _mask_image(result.mask, original.size).save(out / "mask.png")
-    # The region the edit may change (the mask grown by the dilation), which is where the
-    # report's image difference is measured outside of.
-    _overlay(edited, _mask_image(result.region, original.size)).save(out / "overlay.png")
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    # _check_args before anything ran). The overlay shows the region the edit may change
+    # (the mask grown by the dilation), outside of which the report's image difference is
+    # measured.
+    text = json.dumps(report, indent=2)
+    write_outputs("--out", args.out, {
+        "original.png": original.save,
+        "edit.png": edited.save,
+        "mask.png": _mask_image(result.mask, original.size).save,
+        "overlay.png": _overlay(edited, _mask_image(result.region, original.size)).save,
+        "report.json": lambda path: Path(path).write_text(text, encoding="utf-8")})
     return report
 
 
@@ -485,7 +557,9 @@ def _summary(report: dict) -> dict:
         "edit_s": round(timings["edit_s"], 3),
         **({"warm_edit_s": round(timings["warm_edit_s"], 3)} if "warm_edit_s" in timings
            else {}),
-        "speedup_vs_dense_regeneration": round(report["speedup_vs_dense_regeneration"], 3),
+        "speedup_vs_dense_regeneration": (None if report["speedup_vs_dense_regeneration"]
+                                          is None else
+                                          round(report["speedup_vs_dense_regeneration"], 3)),
         "mask_estimator": report["mask_estimator"],
         "mask_unet_evaluations": report["mask_unet_evaluations"],
         "global_change": report["global_change"],

@@ -1292,8 +1292,8 @@ def _changed_arguments(new: Trajectory, old: Trajectory, pipe) -> list[str]:
     argument left out is the pipeline's default, SDXL's ``original_size`` and ``target_size``
     left out are the run's (height, width), its ``prompt_2`` and ``negative_prompt_2`` left
     out (or empty) are the run's prompt and negative prompt, empty
-    ``cross_attention_kwargs`` are none, and a ``clip_skip`` of 0 is none. A value that cannot say (``==`` of arrays) counts as
-    changed."""
+    ``cross_attention_kwargs`` are none, and a ``clip_skip`` of 0 is none. A value that
+    cannot say (``==`` of arrays) counts as changed."""
     params = inspect.signature(type(pipe).__call__).parameters
 
     def value(run: Trajectory, name: str):

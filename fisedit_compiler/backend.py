@@ -1087,6 +1087,10 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
     if recording.interrupted_by is not None:
         warnings.warn("fisedit: editing a recording whose context ended with an exception"
                       + recording._interruption(), UserWarning, stacklevel=4)
+    # A context is its own edit pass, even where it picks up at the step after the last
+    # context's last one with the same plan (engine.plan returns the same plan for the same
+    # mask): between them the U-Net's weights may have been written through param.data.
+    recording.cache.end_pass()
     session = Editing(recording, plan, start_step)
     with _activate(_EditState(session)):
         yield session

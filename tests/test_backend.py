@@ -1161,3 +1161,54 @@ def test_backend_refuses_compile_modes(mode):
         torch.compile(TwoOutputs(), backend="fisedit", mode=mode)(x)
     assert isinstance(info.value.inner_exception, fc.FiseditError)
     assert re.search("no compile modes.*leave mode out", str(info.value.inner_exception))
+
+
+@torch.no_grad()
+def test_a_recording_made_with_other_weights_does_not_change_anothers_edits():
+    """Recordings of one compiled graph share its program and so its derived weight copies:
+    recording B, made after a write through param.data (an EMA swap), refreshed them for its
+    weights, and recording A's edit, after the weights were written back, read them (0.07 off,
+    no error). The copies now carry what they were made from."""
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    t, mask = torch.tensor(500), box((16, 16), 3, 5, 9, 11)
+    edited = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"] + 0.1)
+    with fc.recording(compiled) as first:
+        call(compiled, inputs, t)
+    with fc.editing(first, mask):
+        expected = call(compiled, edited, t)
+    saved = [p.detach().clone() for p in unet.parameters()]
+    for p in unet.parameters():
+        p.data.add_(0.05)                       # through .data: no version counter moves
+    with fc.recording(compiled) as second:
+        call(compiled, inputs, t)
+    for p, value in zip(unet.parameters(), saved):
+        p.data.copy_(value)                     # written back, bit for bit
+    with fc.editing(first, mask):
+        assert torch.equal(call(compiled, edited, t), expected)
+    assert next(iter(first.engine._programs.values())) is \
+        next(iter(second.engine._programs.values()))      # the shared program of the premise
+
+
+@torch.no_grad()
+def test_each_editing_context_starts_an_edit_pass():
+    """A context that picks up at the step after the last context's, with the same mask (the
+    engine's same plan), continued its pass: it skipped the pass's full U-Net check, and a
+    write through param.data between the two went unseen (the edit mixed the weights)."""
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    timesteps, mask = [torch.tensor(900), torch.tensor(600)], box((16, 16), 3, 5, 9, 11)
+    with fc.recording(compiled) as rec:
+        for t in timesteps:
+            call(compiled, inputs, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # the first context stops early: warned
+        with fc.editing(rec, mask):
+            call(compiled, inputs, timesteps[0])
+    unet.conv_in.weight.data.mul_(2.0)
+    with pytest.raises(fc.FiseditError, match="written after this generation was recorded, "
+                                              "through param.data"):
+        with fc.editing(rec, mask, start_step=1):
+            call(compiled, inputs, timesteps[1])

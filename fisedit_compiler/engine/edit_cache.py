@@ -286,6 +286,13 @@ class EditCache:
         if self._prefetched is not None and self._prefetched[0] == step:
             self._prefetched = None         # the prefetched copy is stale
 
+    def end_pass(self) -> None:
+        """Make the next edit start a new edit pass (``SparseEngine.edit`` then compares the
+        U-Net in full, weights' values included), whatever its step and plan: a caller whose
+        edits may continue one across a gap in which the weights could change (a new
+        ``fc.editing`` context after one that stopped early) calls it."""
+        self.last_edit = None
+
     def share_step(self, step: int, source: int) -> None:
         """Make ``step`` hold recorded ``source``'s values and timestep, sharing its buffer (no
         copy). For a generation recorded on the same inputs at every step: ``bench`` times an

@@ -102,10 +102,11 @@ class SparseEngine:
         # versions tell a recording made with other weights (``weight_versions``), and when the
         # programs' derived copies (packed, grouped) must be made again.
         self._weights = self._state.weights
+        # The weights' version counters when this engine last made the derived copies (the
+        # pass constants' token, ``_values_for``). What the copies were made from is kept on
+        # the copies (``DerivedWeights.made_from``): engines share them (with_config, the
+        # backend's recordings of one graph), and one may refresh them for other weights.
         self._derived_versions = version_counters(self._weights)
-        # The weights' values the derived copies were made from (``content_fingerprint``;
-        # None: not read since they were made).
-        self._derived_fingerprint: tuple | None = None
 
     def weight_versions(self) -> tuple:
         """What tells the U-Net's parameters and buffers changed (``tensor_versions``): their
@@ -137,7 +138,8 @@ class SparseEngine:
             key = (signature, self.config.frontend)
             if key not in self._traces:
                 self._traces[key] = trace(self.unet, inputs, self.config.frontend)
-            self._programs[signature] = build_program(signature, self._traces[key], self.config)
+            self._programs[signature] = self._adopted(
+                build_program(signature, self._traces[key], self.config))
         return self._programs[signature]
 
     def program_for_size(self, size: tuple[int, int]) -> Program:
@@ -200,7 +202,7 @@ class SparseEngine:
             # the values moved since the copies were made without a version count (an EMA
             # model's copy_to writes param.data; counted moves were refreshed above).
             fingerprint = content_fingerprint(self._weights)
-            if fingerprint != self._derived_fingerprint:
+            if self._copies_made_from_other(fingerprint=fingerprint):
                 self.refresh_weights(fingerprint)
         flat = flatten_inputs(inputs)
         timestep = self.host_timestep(flat)
@@ -398,7 +400,16 @@ class SparseEngine:
     def add_program(self, program: Program) -> Program:
         """Use ``program`` (compiled elsewhere, e.g. by the "fisedit" backend) for its signature,
         unless one is already there; returns the one in use."""
-        return self._programs.setdefault(program.signature, program)
+        return self._programs.setdefault(program.signature, self._adopted(program))
+
+    def _adopted(self, program: Program) -> Program:
+        """``program``, its derived copies marked as made from the weights' versions now
+        where no engine has refreshed them yet: they are built from the weights as they are
+        when first read, and counted moves after that are refreshes (their values are read at
+        the next pass's first step)."""
+        if program.derived.made_from is None:
+            program.derived.made_from = (version_counters(self._weights), None)
+        return program
 
     def has_program(self, signature: tuple) -> bool:
         """Whether a program for ``signature`` has been compiled or added."""
@@ -414,20 +425,39 @@ class SparseEngine:
         new generation's first step when their values moved; recordings made with the old
         weights are refused by ``edit``: record again. ``fingerprint``: the weights'
         ``content_fingerprint``, where the caller has just read it."""
-        copies = [program.derived for program in self._programs.values()]
-        copies += [derived for _, derived in self._dense.values()]   # another engine's, maybe
-        for derived in {id(derived): derived for derived in copies}.values():
+        versions = version_counters(self._weights)
+        for derived in self._derived_copies():
             derived.refresh()
-        self._derived_versions = version_counters(self._weights)
-        self._derived_fingerprint = fingerprint
+            derived.made_from = (versions, fingerprint)
+        self._derived_versions = versions
+
+    def _derived_copies(self) -> list:
+        """The derived copies this engine's programs and dense graphs read (each once: the
+        dense graphs' may be another engine's)."""
+        copies = [program.derived for program in self._programs.values()]
+        copies += [derived for _, derived in self._dense.values()]
+        return list({id(derived): derived for derived in copies}.values())
+
+    def _copies_made_from_other(self, counters: tuple | None = None,
+                                fingerprint: tuple | None = None) -> bool:
+        """Whether a derived copy was made from weights other than the U-Net's now: other
+        version ``counters``, or, where given, other values (``fingerprint``; a copy whose
+        values were not read when it was made counts). Another engine that shares a copy may
+        have refreshed it for its own weights: what counts is the copy's record."""
+        for derived in self._derived_copies():
+            versions, values = derived.made_from
+            if (counters is not None and versions != counters) or (
+                    fingerprint is not None and values != fingerprint):
+                return True
+        return False
 
     def _refresh_if_weights_moved(self, counters: tuple | None = None) -> None:
-        """``refresh_weights`` if the weights' version counters moved since it last ran
-        (``counters``: the current ones, if the caller has read them). Their storages cannot
-        have moved: that is a changed U-Net, refused before (``_check_unchanged``)."""
+        """``refresh_weights`` if the weights' version counters moved since the copies were
+        made (``counters``: the current ones, if the caller has read them). Their storages
+        cannot have moved: that is a changed U-Net, refused before (``_check_unchanged``)."""
         if counters is None:
             counters = version_counters(self._weights)
-        if counters != self._derived_versions:
+        if self._copies_made_from_other(counters):
             self.refresh_weights()
 
     @torch.no_grad()
@@ -627,7 +657,7 @@ class SparseEngine:
                 "and the edit would mix the two; record the generation again with the current "
                 "weights (engine.record into engine.new_cache(), or EditSession.generate), or "
                 "write the weights back")
-        if fingerprint is not None and fingerprint != self._derived_fingerprint:
+        if fingerprint is not None and self._copies_made_from_other(fingerprint=fingerprint):
             self.refresh_weights(fingerprint)
         else:
             self._refresh_if_weights_moved(versions[0])

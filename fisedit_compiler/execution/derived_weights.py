@@ -43,6 +43,9 @@ class DerivedWeights(torch.nn.Module):
         # built, the derived tensor]; the weak references tell a live entry from one whose ids
         # were reused.
         self._entries: dict[tuple, list] = {}
+        # (version counters, content fingerprint or None) of the weights an engine last
+        # refreshed the copies from (``SparseEngine.refresh_weights``); None: none has yet.
+        self.made_from: tuple | None = None
 
     def get(self, sources: tuple[torch.Tensor, ...], build: Callable) -> torch.Tensor:
         """``build(*sources)``, built once and rebuilt in place when a source changes."""

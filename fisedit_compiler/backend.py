@@ -592,7 +592,27 @@ def _resolve_unet(unet):
             f"this {type(unet).__name__} is not compiled; compile it with the fisedit backend "
             "first: pipe.unet = torch.compile(pipe.unet, backend=\"fisedit\")")
     check_unet(original)
+    backend = _compiled_backend_name(unet)
+    if backend is not None and backend not in (BACKEND_NAME, fisedit_backend.__name__):
+        # The whole generation would run before the recording found it held no call.
+        raise FiseditError(
+            f"this U-Net is compiled with the {backend!r} backend, so no call of it reaches "
+            "fc.recording; compile the plain U-Net with the fisedit backend: pipe.unet = "
+            "torch.compile(pipe.unet._orig_mod, backend=\"fisedit\")")
     return original
+
+
+def _compiled_backend_name(compiled) -> str | None:
+    """The backend a ``torch.compile``d module was compiled with, by the name torch gives it
+    (``"fisedit"``, ``"inductor"``, ...), where torch's wrapper shows it; None where it does
+    not (``unet.compile()``, other torch versions): the recording then finds out at its end."""
+    wrapper = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    for _ in range(4):          # torch's wrappers, each holding the next (frame converters)
+        name = getattr(wrapper, "compiler_name", None)
+        if isinstance(name, str):
+            return name
+        wrapper = getattr(wrapper, "_torchdynamo_orig_backend", None)
+    return None
 
 
 class Recording:

@@ -229,6 +229,16 @@ def test_context_errors(sd15):
     with pytest.raises(fc.FiseditError, match="not compiled"):
         with fc.recording(unet):
             pass
+    # Refused at once: the whole generation ran before a warning that nothing was recorded.
+    for backend in ("eager", "inductor"):
+        with pytest.raises(fc.FiseditError, match=f"compiled with the '{backend}' backend, so "
+                                                  "no call of it reaches fc.recording"):
+            with fc.recording(torch.compile(unet, backend=backend)):
+                pass
+    by_function = torch.compile(unet, backend=fisedit_backend)   # the function: taken
+    with fc.recording(by_function) as rec:
+        call(by_function, inputs, t)
+    assert rec.num_steps == 1
     with pytest.raises(fc.FiseditError, match="not a diffusers U-Net"):
         with fc.recording(torch.compile(torch.nn.Linear(2, 2), backend="fisedit")):
             pass

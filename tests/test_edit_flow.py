@@ -1110,6 +1110,24 @@ def test_final_latents_keep_the_original_outside_the_region_and_accept_stays_con
     assert torch.equal(again.latents, result.latents)
 
 
+def test_dilate_and_erode_take_one_mask_and_an_odd_square():
+    """What the refusals of mask_dilation point users to: an even size returned a 17x17 mask
+    for a 16x16 one, a size of 0 or a batched mask a raw torch error."""
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:6, 4:6] = True
+    assert tac.dilate(mask, 3).shape == (16, 16) and int(tac.dilate(mask, 3).sum()) == 16
+    assert torch.equal(tac.erode(tac.dilate(mask, 3), 3), mask)
+    for call in (tac.dilate, tac.erode):
+        name = call.__name__
+        with pytest.raises(FiseditError, match=f"{name}'s size must be odd.*got 4; pass 5"):
+            call(mask, 4)
+        with pytest.raises(FiseditError, match=f"{name}'s size 0 is out of range"):
+            call(mask, 0)
+        with pytest.raises(FiseditError, match=rf"{name} takes one 2-D mask \[H, W\], got "
+                                               r"\[1, 16, 16\]"):
+            call(mask[None], 3)
+
+
 def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):
     """A mask large enough for the plan to go dense: the edit computes every pixel, but what
     may change is the user's mask grown by the dilation, and the images keep the rest."""

@@ -38,6 +38,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
+from ..errors import FiseditError
+
 # A change is global (background, style, lighting) when more than GLOBAL_AREA of the latent
 # reaches GLOBAL_LEVEL of the change evidence's peak (the noise contrast; the probe's latent
 # difference for the probe): the edit is then planned dense, since a partial mask of a global
@@ -209,16 +212,32 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     return low + (high - low) * (cut + 1) / bins
 
 
+def _check_square(name: str, mask, size) -> None:
+    """A 2-D mask and an odd square side (an even one would shift the result by half a
+    pixel and grow it by one: 16x16 came back 17x17)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise FiseditError(f"{name} takes one 2-D mask [H, W], got {shape}; pass a single "
+                           "mask (mask[0] of a batch)")
+    check_int(f"{name}'s size", size, minimum=1)
+    if size % 2 == 0:
+        raise FiseditError(f"{name}'s size must be odd (a square centred on each pixel), got "
+                           f"{size}; pass {size + 1} (2 * n + 1 grows by n pixels)")
+
+
 def erode(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Binary erosion by a size x size square (pixels outside the image do not erode)."""
+    """Binary erosion by a size x size square (pixels outside the image do not erode);
+    ``size`` odd."""
+    _check_square("erode", mask, size)
     x = mask[None, None].float()
     return (-F.max_pool2d(-x, size, stride=1, padding=size // 2))[0, 0] > 0.5
 
 
 def dilate(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Binary dilation by a size x size square. A square wider than twice the mask's side
-    reaches what that one does, so a huge size (a config's dilation of 10**9, meaning
-    "everything reachable") costs no more than that."""
+    """Binary dilation by a size x size square (``size`` odd: 2 * n + 1 grows by n pixels).
+    A square wider than twice the mask's side reaches what that one does, so a huge size (a
+    config's dilation of 10**9, meaning "everything reachable") costs no more than that."""
+    _check_square("dilate", mask, size)
     size = min(size, 2 * max(mask.shape) - 1)
     x = mask[None, None].float()
     return F.max_pool2d(x, size, stride=1, padding=size // 2)[0, 0] > 0.5

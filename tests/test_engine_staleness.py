@@ -60,6 +60,14 @@ def swap_processors(unet):
     return lambda: unet.set_attn_processor(previous)
 
 
+def fresh_processors(unet):
+    """New processors of the same class (what disable_attention_slicing does): no visible
+    change in the class names, so the message must say what was replaced."""
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor(type(next(iter(previous.values())))())
+    return lambda: unet.set_attn_processor(previous)
+
+
 def replace_parameter(unet):
     old = unet.conv_out.weight
     unet.conv_out.weight = torch.nn.Parameter(old.detach() * 2)
@@ -115,6 +123,8 @@ CHANGES = [
     (enable_freeu, r"attribute\(s\) b1, b2, s1, s2 added to up_blocks.0"),
     (swap_processors, r"attribute .*attn1.processor was replaced: AttnProcessor2_0 -> "
                       r"AttnProcessor"),
+    (fresh_processors, r"attribute .*attn1.processor was replaced by another "
+                       r"AttnProcessor2_0 object \(only the very object it had undoes that\)"),
     (replace_parameter, r"conv_out.weight replaced by other tensors \(module.weight = "
                         r"nn.Parameter"),
     (load_state_dict_assign, r"replaced by other tensors .*load_state_dict\(assign=True\)"),

@@ -263,7 +263,13 @@ class ModuleState:
                     continue        # told above, as removed
                 new = container[key]
                 if same:
-                    if new is not old:
+                    if new is not old and type(new) is type(old):
+                        # diffusers' undo calls (disable_attention_slicing,
+                        # unfuse_qkv_projections) install new objects of the old class.
+                        changes.append(f"{kind} {_join(path, key)} was replaced by another "
+                                       f"{_type_name(type(new), type(old))} object (only the "
+                                       "very object it had undoes that)")
+                    elif new is not old:
                         changes.append(f"{kind} {_join(path, key)} was replaced: "
                                        f"{_type_name(type(old), type(new))} -> "
                                        f"{_type_name(type(new), type(old))}")

@@ -491,12 +491,14 @@ def test_a_mask_at_another_multiple_of_the_latent_is_refused(tmp_path, capsys, n
 def test_sizes_past_any_use_are_refused_before_building(command, tmp_path, capsys, no_loading):
     """An extra digit in --size or --batch would build the model and run until memory runs
     out; refused first, with the largest value taken."""
+    # (64001 is no multiple of 8 either: the bound comes first, since a multiple suggested
+    # past it would be refused in turn.)
     argv = (["dump", "--model", "sd15-tiny", "--batch", "1000000000"] if command == "dump"
-            else ["demo", "--size", "64000", "--out", str(tmp_path / "out")])
+            else ["demo", "--size", "64001", "--out", str(tmp_path / "out")])
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert ("--batch 1000000000 is out of range" in err if command == "dump" else
-            "--size 64000 is more than 8x the pipeline's default 64 px" in err
+            "--size 64001 is more than 8x the pipeline's default 64 px" in err
             and "pass at most --size 512" in err)
 
 

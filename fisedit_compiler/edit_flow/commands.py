@@ -238,13 +238,7 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
     scale = _vae_scale_factor(vae_config)
     if args.size is not None:
         check_int("--size", args.size, minimum=1)
-        multiple = None if scale is None else size_multiple(scale)
-        if multiple is not None and args.size % multiple:
-            lower = max(multiple, args.size - args.size % multiple)
-            raise FiseditError(f"--size {args.size} is not a multiple of {multiple} (whole "
-                               f"latent pixels of {scale}x{scale} pixels, and the pipeline "
-                               f"takes multiples of 8); pass e.g. --size {lower} or "
-                               f"--size {lower + multiple}")
+        # The bound first: a multiple suggested past it would be refused in turn.
         default = _image_shape(None, scale, unet_config)
         largest = None if default is None else MAX_SIZE_FACTOR * max(default)
         if largest is not None and args.size > largest:
@@ -253,6 +247,14 @@ def _check_args(args, vae_config: dict | None, unet_config: dict | None,
             raise FiseditError(
                 f"--size {args.size} is more than {MAX_SIZE_FACTOR}x the pipeline's default "
                 f"{max(default)} px (its U-Net's sample_size); pass at most --size {largest}")
+        multiple = None if scale is None else size_multiple(scale)
+        if multiple is not None and args.size % multiple:
+            lower = max(multiple, args.size - args.size % multiple)
+            higher = lower + multiple
+            also = "" if largest is not None and higher > largest else f" or --size {higher}"
+            raise FiseditError(f"--size {args.size} is not a multiple of {multiple} (whole "
+                               f"latent pixels of {scale}x{scale} pixels, and the pipeline "
+                               f"takes multiples of 8); pass e.g. --size {lower}{also}")
     shape = _image_shape(args.size, scale, unet_config)
     args.user_mask = None if shape is None else _user_mask(args, shape, scale)
     args.device = torch_device(args.device)

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
+import fisedit_compiler as fc
 from fisedit_compiler import ir, zoo
 from fisedit_compiler.compiler import capture, pipeline
 from fisedit_compiler.passes import registry
@@ -207,6 +208,34 @@ def test_example_inputs_take_a_per_block_text_width():
                                  + (width * 2,)))
     with pytest.raises(FiseditError, match=r"cross_attention_dim=.*different text widths"):
         zoo.example_inputs(mixed)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(num_class_embeds=5),                                     # SD x4 upscaler
+    dict(class_embed_type="timestep"),                            # DeepFloyd IF stage II
+    dict(class_embed_type="identity"),
+    dict(class_embed_type="projection", projection_class_embeddings_input_dim=12),
+    dict(class_embed_type="simple_projection", projection_class_embeddings_input_dim=12),
+    dict(encoder_hid_dim=20, encoder_hid_dim_type="text_proj"),
+    dict(encoder_hid_dim=32, encoder_hid_dim_type="image_proj",
+         addition_embed_type="image"),                            # Kandinsky 2.2
+    dict(in_channels=8, encoder_hid_dim=32, encoder_hid_dim_type="image_proj",
+         addition_embed_type="image_hint"),                       # Kandinsky 2.2 ControlNet
+    dict(encoder_hid_dim=32, encoder_hid_dim_type="text_image_proj",
+         addition_embed_type="text_image"),                       # Kandinsky 2.1
+], ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()))
+def test_example_inputs_run_every_conditioning(changes):
+    """Class labels and added conditions as each config needs them: engine.plan before a
+    record (which builds the program from these inputs) refused such U-Nets, blaming inputs
+    the caller never passed."""
+    _, cfg = zoo.CONFIGS["sd15-tiny"]
+    unet = zoo.from_config(dict(cfg, cross_attention_dim=32, **changes))
+    inputs = zoo.example_inputs(unet, batch=2)
+    with torch.no_grad():
+        assert unet(**inputs)[0].shape[-2:] == inputs["sample"].shape[-2:]
+    mask = torch.zeros(inputs["sample"].shape[-2:], dtype=torch.bool)
+    mask[:3, :3] = True
+    assert fc.compile(unet).plan(mask).levels[0].count > 0
 
 
 @pytest.mark.parametrize("sample_size, expected", [

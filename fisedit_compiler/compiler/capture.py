@@ -137,8 +137,11 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
                    text_length: int = 77) -> dict:
     """Keyword arguments for ``model(**inputs)``: random latents and text states, one timestep.
 
-    Works for any UNet2DConditionModel or UNet2DModel config, including SDXL's text-time added
-    conditions, so generated configurations get valid inputs too. ``return_dict`` is False.
+    Works for any UNet2DConditionModel or UNet2DModel config, so generated configurations get
+    valid inputs too: class labels where the config embeds classes (``num_class_embeds``,
+    ``class_embed_type``), the added conditions of its ``addition_embed_type`` (SDXL's text
+    and time ids, Kandinsky's image embeddings and hint) and of its ``encoder_hid_dim_type``
+    (text states at ``encoder_hid_dim`` for a text projection). ``return_dict`` is False.
     """
     from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -163,11 +166,18 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
+    hint = getattr(getattr(model, "add_embedding", None), "input_hint_block", None)
+    # An image hint's embedding has channels the forward concatenates to the sample's, which
+    # in_channels counts too.
+    channels = cfg.in_channels - (hint[-1].out_channels if hint is not None else 0)
     inputs = {
-        "sample": randn(batch, cfg.in_channels, h, w),
+        "sample": randn(batch, channels, h, w),
         "timestep": torch.full((batch,), float(timestep), device=device),
         "return_dict": False,
     }
+    labels = _class_labels(model, batch, randn)
+    if labels is not None:
+        inputs["class_labels"] = labels.to(device)
     if isinstance(model, UNet2DConditionModel):
         width = cfg.cross_attention_dim
         if isinstance(width, (list, tuple)):
@@ -178,16 +188,47 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
                     "widths, which one encoder_hidden_states cannot feed; build the example "
                     "inputs by hand")
             width = width[0]
-        inputs["encoder_hidden_states"] = randn(batch, text_length, width)
+        projection, projected = cfg.get("encoder_hid_dim_type"), cfg.get("encoder_hid_dim")
+        # A text projection reads the states at encoder_hid_dim; an image one reads image
+        # embeddings at that width instead (the states are then unread).
+        text_width = projected if projection in ("text_proj", "text_image_proj") else width
+        inputs["encoder_hidden_states"] = randn(batch, text_length, text_width)
+        added = {}
+        if projection == "text_image_proj" or cfg.addition_embed_type == "text_image":
+            added["image_embeds"] = randn(batch, width)
+        if cfg.addition_embed_type == "text_image":
+            added["text_embeds"] = randn(batch, width)      # pooled, as Kandinsky 2.1's
+        if projection == "image_proj" or cfg.addition_embed_type in ("image", "image_hint"):
+            added["image_embeds"] = randn(batch, projected)
+        if cfg.addition_embed_type == "image_hint":
+            # The hint is an image, which its embedding downsamples by 8 to the latent.
+            added["hint"] = randn(batch, 3, h * 8, w * 8)
         if cfg.addition_embed_type == "text_time":
             text_dim = (cfg.projection_class_embeddings_input_dim
                         - 6 * cfg.addition_time_embed_dim)
             time_ids = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=dtype)
-            inputs["added_cond_kwargs"] = {
-                "text_embeds": randn(batch, text_dim),
-                "time_ids": time_ids.repeat(batch, 1).to(device),
-            }
+            added.update(text_embeds=randn(batch, text_dim),
+                         time_ids=time_ids.repeat(batch, 1).to(device))
+        if added:
+            inputs["added_cond_kwargs"] = added
     return inputs
+
+
+def _class_labels(model, batch: int, randn) -> torch.Tensor | None:
+    """The ``class_labels`` ``model``'s class embedding reads (None where it has none):
+    indices for ``num_class_embeds``, numbers for a timestep-like embedding, vectors for an
+    identity (the time embedding's width) or a projection."""
+    cfg = model.config
+    kind, count = cfg.get("class_embed_type"), cfg.get("num_class_embeds")
+    if kind is None:
+        return None if count is None else torch.arange(batch) % count
+    if kind == "timestep":
+        return torch.linspace(100.0, 900.0, batch)
+    if kind == "identity":
+        return randn(batch, model.time_embedding.linear_2.out_features)
+    if kind in ("projection", "simple_projection"):
+        return randn(batch, cfg.projection_class_embeddings_input_dim)
+    return None
 
 
 def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:

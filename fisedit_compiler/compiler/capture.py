@@ -277,7 +277,9 @@ def raise_if_eager_fails(unet, inputs: dict) -> None:
             unet(**_copy_containers(inputs))
     except Exception as error:  # noqa: BLE001 - whatever it is, it is the U-Net's own failure
         raise FiseditError(f"the U-Net itself fails on these inputs: {type(error).__name__}: "
-                           f"{error} (correct the inputs so that unet(**inputs) runs)") from error
+                           f"{error} (correct the inputs so that unet(**inputs) runs; "
+                           "where no inputs can, diffusers cannot run this U-Net's config)"
+                           ) from error
 
 
 def _copy_containers(value):

@@ -217,6 +217,8 @@ class EditSession:
         self._check_unet()
         check_prompt("prompt", prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
+        _warn_if_truncated(self.pipe, "prompt", prompt)
+        _warn_if_truncated(self.pipe, "negative_prompt", negative_prompt)
         num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
         guidance_scale = check_guidance_scale("guidance_scale", guidance_scale)
         self._check_kwargs(pipeline_kwargs, "generate")
@@ -382,6 +384,8 @@ class EditSession:
         self._check_unet()
         check_prompt("new_prompt", new_prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
+        _warn_if_truncated(self.pipe, "new_prompt", new_prompt)
+        _warn_if_truncated(self.pipe, "negative_prompt", negative_prompt)
         mask_dilation = check_int("mask_dilation", mask_dilation, minimum=0)
         self._check_kwargs(pipeline_kwargs, "edit")
         # The further pipeline arguments default to the generation's, as the negative prompt
@@ -1445,6 +1449,21 @@ def _check_pipeline_values(pipe, pipeline_kwargs: dict) -> None:
             f"{', '.join(adapter_inputs)} needs an IP-Adapter, and none is loaded; load one "
             "(pipe.load_ip_adapter(...)) before the session is made, or drop "
             f"{', '.join(adapter_inputs)}")
+
+
+def _warn_if_truncated(pipe, name: str, text: str | None) -> None:
+    """Warn where ``text`` is longer than the pipeline's tokenizer takes: diffusers cuts it
+    and says so only in its log, which a page's user never sees, and an edit of the part cut
+    off changes nothing."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if text is None or not isinstance(limit, int):
+        return
+    count = len(tokenizer(text).input_ids)
+    if count > limit:
+        warnings.warn(f"{name} is {count} tokens, and the text encoder reads the first {limit} "
+                      "(its start and end marks among them): the rest has no effect, and an "
+                      "edit of it changes nothing; shorten it", UserWarning, stacklevel=3)
 
 
 def _check_controlnet_values(pipe, pipeline_kwargs: dict) -> None:

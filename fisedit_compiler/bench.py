@@ -592,6 +592,13 @@ def _command_settings(args) -> dict:
     compile_modes = [mode for mode in args.compile_modes.split(",") if mode]  # "": eager only
     for mode in compile_modes:
         check_choice("--compile-modes", mode, KNOWN_COMPILE_MODES)
+    # A value given twice would measure the same thing twice, into two rows of one table.
+    for option, values in (("--model", args.model or []), ("--areas", areas),
+                           ("--layouts", layouts), ("--compile-modes", compile_modes)):
+        repeated = sorted({str(value) for value in values if values.count(value) > 1})
+        if repeated:
+            raise FiseditError(f"{option} names {', '.join(repeated)} more than once; give "
+                               "each value once")
     check_int("--reps", args.reps, minimum=1)
     if not any(layout == "blob" or area < 1.0 for layout in layouts for area in areas):
         raise FiseditError(

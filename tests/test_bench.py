@@ -152,6 +152,10 @@ def no_benchmark(monkeypatch):
                                                           "--layouts"),
     (["--layouts", "scattered", "--areas", "1.0"], "--layouts scattered with --areas 1.0 "
                                                    "measures nothing"),
+    # The same measurement twice, into two rows of one table.
+    (["--areas", "0.05,0.1,0.05"], "--areas names 0.05 more than once; give each value once"),
+    (["--layouts", "blob,blob"], "--layouts names blob more than once"),
+    (["--model", "sd15-tiny"], "--model names sd15-tiny more than once"),
 ])
 def test_bad_options_are_refused_before_any_work(extra, message, tmp_path, capsys,
                                                  no_benchmark):

@@ -1078,6 +1078,11 @@ def recording(unet, config: SparseConfig | None = None, num_steps: int | None = 
     num_steps = check_optional_int("num_steps", num_steps, minimum=1)
     if config is not None and not isinstance(config, SparseConfig):
         raise FiseditError(f"config must be a SparseConfig, got {type(config).__name__}")
+    if config is not None and config.frontend != SparseConfig.frontend:
+        raise FiseditError(
+            f"SparseConfig.frontend={config.frontend!r} chooses how fc.compile captures a "
+            "U-Net; the backend's graphs are Dynamo's already, lowered through torch.export, "
+            "so it would be ignored; leave frontend out")
     rec = Recording(module, config or SparseConfig(), num_steps)
     with _activate(_RecordState(rec)):
         try:

@@ -235,6 +235,10 @@ def test_context_errors(sd15):
                                                   "no call of it reaches fc.recording"):
             with fc.recording(torch.compile(unet, backend=backend)):
                 pass
+    with pytest.raises(fc.FiseditError, match="SparseConfig.frontend='dynamo' chooses how "
+                                              "fc.compile captures.*would be ignored"):
+        with fc.recording(compiled, config=fc.SparseConfig(frontend="dynamo")):
+            pass
     by_function = torch.compile(unet, backend=fisedit_backend)   # the function: taken
     with fc.recording(by_function) as rec:
         call(by_function, inputs, t)

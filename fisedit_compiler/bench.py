@@ -547,8 +547,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--areas", default=",".join(str(a) for a in AREAS),
                         help="comma-separated edit areas as fractions of the latent "
                              "(default: %(default)s)")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated mask layouts: blob, scattered "
-                        "(default: %(default)s)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="comma-separated mask layouts: blob, scattered "
+                             "(default: %(default)s)")
     parser.add_argument("--compile-modes", default=",".join(DEFAULT_COMPILE_MODES),
                         help="comma-separated torch.compile modes for the dense baseline, the "
                              "fastest of which is the baseline (default: %(default)s); each "
@@ -557,7 +558,8 @@ def add_bench_command(subparsers) -> None:
                              "and 1x1 convs as matmuls")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the engine's torch reference path")
-    parser.add_argument("--reps", type=int, default=20, help="timed calls per measurement (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=20,
+                        help="timed calls per measurement (default: %(default)s)")
     parser.add_argument("--profile-area", type=float, metavar="AREA",
                         help="profile the blob edit of this area: kernels per step, GPU "
                              "kernel time, top kernels")

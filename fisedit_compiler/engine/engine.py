@@ -335,16 +335,15 @@ class SparseEngine:
         """Recompute only the planned region of step ``step`` for the edited ``inputs``.
 
         ``plan`` is required (``engine.plan(mask)``; its None default only lets it follow
-        ``step``'s). Refused before any work: another engine's cache, an unrecorded step, inputs of another
-        signature, a plan for other levels or tiles (``check_plan``), a U-Net changed since it
-        was compiled; and, for a
-        plan that reads recorded values, a timestep other than the recorded one and weights
-        changed since the recording. A plan that runs every level dense, on the CUDA-graph
-        path, is the dense step itself (``dense``): it reads nothing recorded, so those last
-        checks do not apply to it. The U-Net is compared in full at the first step of an edit
-        pass (any call that is not the next step of the cache's last edit with the same plan),
-        weights' values included (``content_fingerprint``), and by its weights' identities and
-        versions on the pass's other steps (module docstring)."""
+        ``step``'s). Refused before any work: another engine's cache, an unrecorded step, inputs
+        of another signature, a plan for other levels or tiles (``check_plan``), a U-Net changed
+        since it was compiled; and, for a plan that reads recorded values, a timestep other than
+        the recorded one and weights changed since the recording. A plan that runs every level
+        dense, on the CUDA-graph path, is the dense step itself (``dense``): it reads nothing
+        recorded, so those last checks do not apply to it. The U-Net is compared in full at the
+        first step of an edit pass (any call that is not the next step of the cache's last edit
+        with the same plan), weights' values included (``content_fingerprint``), and by its
+        weights' identities and versions on the pass's other steps (module docstring)."""
         if not isinstance(plan, MaskPlan):
             raise FiseditError(f"edit needs plan=engine.plan(mask), got {type(plan).__name__}")
         step = self._check_cache(cache, step)

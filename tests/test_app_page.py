@@ -27,7 +27,8 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
 from fisedit_compiler.app.page import (PageDefaults, _edit_recipe,  # noqa: E402
-                                       _messages_shown, _painted, _whole, build_page)
+                                       _messages_shown, _painted, _whole, build_page,
+                                       in_page_words)
 from fisedit_compiler.edit_flow.mask import DEFAULT_ESTIMATOR  # noqa: E402
 from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
@@ -215,7 +216,9 @@ def test_refused_inputs_show_the_library_message(served):
     generate(tab)
     with pytest.raises(gradio_client.exceptions.AppError, match="no edit to accept"):
         tab.predict(api_name="/accept")
-    with pytest.raises(gradio_client.exceptions.AppError, match=r"probe_steps 4 is out of range.*<= 3"):
+    # Named as the page labels the field, beside the library's keyword.
+    with pytest.raises(gradio_client.exceptions.AppError,
+                       match=r"Dense steps \(probe_steps\) 4 is out of range.*<= 3"):
         edit(tab, probe_steps=4)
     # The shapes model draws only its caption grammar; a misspelt colour is refused.
     typo = DEFAULTS.edit_prompt.replace("yellow", "yelow")
@@ -225,6 +228,15 @@ def test_refused_inputs_show_the_library_message(served):
     with pytest.raises(gradio_client.exceptions.AppError,
                        match=r"the prompt is not a caption the 'shapes' model knows"):
         generate(tab, typo)
+
+
+def test_messages_name_the_fields_as_the_page_labels_them():
+    assert in_page_words("guidance_scale 1e+38 overflows; lower guidance_scale") == (
+        "Guidance scale (guidance_scale) 1e+38 overflows; lower Guidance scale "
+        "(guidance_scale)")
+    assert in_page_words("num_inference_steps 0 is out of range") == \
+        "Steps (num_inference_steps) 0 is out of range"
+    assert in_page_words("max_num_inference_steps") == "max_num_inference_steps"   # a word only
 
 
 def test_a_chosen_estimator_beside_a_replacing_painting_is_warned_about():

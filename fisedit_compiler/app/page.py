@@ -8,6 +8,7 @@ the page (and gradio_client raises) with the library's message, not a traceback.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -153,6 +154,21 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
 _HANDLER_LOCK = threading.Lock()
 
 
+# The page's fields by the names the library's messages give them: a message shows the field's
+# label beside the name (the library's checks are shared with Python callers).
+FIELD_LABELS = {"num_inference_steps": "Steps", "probe_steps": "Dense steps",
+                "guidance_scale": "Guidance scale", "new_prompt": "Edit prompt",
+                "mask_estimator": "Mask estimator", "mask_mode": "Mask mode"}
+
+
+def in_page_words(message: str) -> str:
+    """``message`` with each field the library names by its keyword labelled as the page
+    labels it ("Dense steps (probe_steps) 4 is out of range")."""
+    for name, label in FIELD_LABELS.items():
+        message = re.sub(rf"\b{name}\b", f"{label} ({name})", message)
+    return message
+
+
 def _messages_shown(handler):
     """Show a refused input (FiseditError) in the page as its message, and what the library
     warns about while the handler runs (an intersection that marks nothing, a recording past
@@ -165,12 +181,13 @@ def _messages_shown(handler):
                 warnings.simplefilter("always", UserWarning)
                 return handler(*args, **kwargs)
         except FiseditError as error:
-            raise gr.Error(str(error), duration=20, print_exception=False) from None
+            raise gr.Error(in_page_words(str(error)), duration=20,
+                           print_exception=False) from None
         finally:
             # Outside the recording: shown now (or, outside a gradio event, warned again).
             for warning in caught:
                 if issubclass(warning.category, UserWarning):
-                    gr.Warning(str(warning.message), duration=20)
+                    gr.Warning(in_page_words(str(warning.message)), duration=20)
                 else:
                     warnings.warn_explicit(warning.message, warning.category,
                                            warning.filename, warning.lineno)

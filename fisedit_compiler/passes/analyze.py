@@ -20,11 +20,11 @@ The safety rule: a value the rules cannot follow whose shape shows it is spatial
 W]`` with the sample's batch and an (H, W) of the sample's resolution pyramid: the output of an
 average pooling, a reflect pad's conv, the FIR resampling of score-SDE; real-valued, since a
 complex one is a spectrum) is not left opaque but taken as spatial at that size, and tagged
-``META_BY_SHAPE``. The edit then computes it densely
-from mixed inputs *and restricts it to the region* like any positional value, so what follows it
-is sparse again, and the background stays the recording's on every model. Opaque values that
-never take a spatial shape again can only reach the output through one that does, and the U-Net
-output always does (``passes.sparsify`` refuses a graph whose output shows no positions).
+``META_BY_SHAPE``. The edit then computes it densely from mixed inputs *and restricts it to
+the region* like any positional value, so what follows it is sparse again, and the background
+stays the recording's on every model. Opaque values that never take a spatial shape again can
+only reach the output through one that does, and the U-Net output always does
+(``passes.sparsify`` refuses a graph whose output shows no positions).
 
 Levels are numbered from the finest resolution (level 0, the latent) downwards. The domain
 rules and MAC counts are the ops' own (``OpSpec.domain``, ``OpSpec.macs`` in

@@ -271,11 +271,12 @@ def build_engines(unet, inputs: dict, config: SparseConfig, calibrate: bool, ref
         config = dataclasses.replace(config, dense_threshold=calibration["thresholds"])
         fast = fast.with_config(config)
         log(f"calibrated dense thresholds per level: {config.dense_threshold}")
-    engines = {"triton": fast,
-               "torch_graphs": fast.with_config(dataclasses.replace(config, kernels="torch"))}
+    torch_path = dataclasses.replace(config, kernels="torch",
+                                     conv_method=SparseConfig.conv_method)
+    engines = {"triton": fast, "torch_graphs": fast.with_config(torch_path)}
     if reference:
         engines["reference"] = fast.with_config(
-            dataclasses.replace(config, kernels="torch", cuda_graphs=False))
+            dataclasses.replace(torch_path, cuda_graphs=False))
     caches = {name: pass_cache(engine, inputs, steps) for name, engine in engines.items()}
     return engines, caches, calibration
 

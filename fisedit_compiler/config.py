@@ -105,6 +105,12 @@ class SparseConfig:
         check_choice("SparseConfig.frontend", self.frontend, FRONTENDS)
         check_choice("SparseConfig.kernels", self.kernels, KERNELS)
         check_choice("SparseConfig.conv_method", self.conv_method, CONV_METHODS)
+        if self.kernels == "torch" and self.conv_method != SparseConfig.conv_method:
+            # The torch reference runs every sparse conv one way: the choice would be ignored.
+            raise FiseditError(
+                f"SparseConfig.conv_method={self.conv_method!r} chooses how the Triton kernels "
+                f"run a sparse conv, but kernels='torch' runs none; drop conv_method or use "
+                f"kernels='auto'")
         # Lists are taken as tuples (the config is hashed: engines key their programs by it).
         self._normalize("tile", lambda value, name: check_int(name, value, minimum=1))
         self._normalize("dense_threshold",

@@ -235,3 +235,14 @@ def test_the_profile_is_of_steps_inside_a_pass_not_of_a_pass_start():
     assert profile["kernels_per_step"] > 0
     names = [row["kernel"] for row in profile["top"]]
     assert not any("multi_tensor_apply" in name for name in names), names
+
+
+def test_the_torch_path_engines_keep_a_conv_method_they_cannot_use_out(tmp_path):
+    """A bench of ``--conv-method implicit`` compares the Triton engine against the torch
+    path; the torch path's configs take the default conv method (it has no choice)."""
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=1, seed=0)
+    config = fc.SparseConfig(conv_method="implicit", cuda_graphs=False)
+    engines, _, _ = bench.build_engines(unet, inputs, config, calibrate=False, reference=True)
+    assert engines["triton"].config.conv_method == "implicit"
+    assert {engines[name].config.kernels for name in ("torch_graphs", "reference")} == {"torch"}

@@ -128,6 +128,13 @@ def test_sparse_config_refuses_unknown_choices_and_non_bool_flags(field, value):
         SparseConfig(**{field: value})
 
 
+def test_sparse_config_refuses_a_conv_method_the_torch_path_would_ignore():
+    with pytest.raises(FiseditError, match="conv_method='implicit'.*kernels='torch'"):
+        SparseConfig(kernels="torch", conv_method="implicit")
+    assert SparseConfig(kernels="torch").conv_method == SparseConfig.conv_method
+    assert SparseConfig(kernels="auto", conv_method="implicit").conv_method == "implicit"
+
+
 @pytest.mark.parametrize("value", [0, 0.0, 0.5, 1, 7.5, np.float32(3.0)])
 def test_check_guidance_scale_takes_scales_from_zero(value):
     assert check_guidance_scale("guidance_scale", value) == float(value)

@@ -1783,3 +1783,29 @@ def test_pipeline_arguments_are_the_sessions_own_copies(pipe):
     image.mul_(0.5)
     result = s.edit("a red circle", output_type="latent", image=given)
     assert result.report["unchanged"]
+
+
+@pytest.mark.parametrize("interrupted_call", ["generate", "edit"])
+def test_an_interrupted_run_is_refused_and_leaves_the_session_as_it_was(
+        session, pipe, monkeypatch, interrupted_call):
+    """diffusers' interrupt flag skips the rest of a run's U-Net calls and still decodes: a
+    session holding such a run would hold part of a generation as if whole."""
+    s = EditSession(pipe, engine=session.engine)
+    s.generate("a red circle", seed=3, num_inference_steps=3, output_type="latent")
+    original, cache = s.original, s.cache
+    route = s._routed_unet
+
+    def interrupting_route(handler):
+        def handler_then_interrupt(inputs):
+            output = handler(inputs)
+            pipe._interrupt = True
+            return output
+        return route(handler_then_interrupt)
+
+    monkeypatch.setattr(s, "_routed_unet", interrupting_route)
+    with pytest.raises(FiseditError, match="U-Net for 1 of its 3 steps.*session is unchanged"):
+        if interrupted_call == "generate":
+            s.generate("a green circle", seed=4, num_inference_steps=3, output_type="latent")
+        else:
+            s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
+    assert s.original is original and s.cache is cache

@@ -612,6 +612,14 @@ class EditSession:
                 width=trajectory.width, latents=trajectory.noise.clone(),
                 output_type=output_type, callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=["latents"], **pipeline_kwargs)
+        if counter["calls"] != trajectory.num_steps:
+            # diffusers' interrupt flag skips the remaining steps' U-Net calls and returns
+            # the partly denoised latents decoded as if the run had ended.
+            raise FiseditError(
+                f"the pipeline called the U-Net for {counter['calls']} of its "
+                f"{trajectory.num_steps} steps (an interrupt, such as pipe._interrupt set from "
+                "another thread, skipped the rest); a session records and edits whole runs: "
+                "clear the interrupt and call again. The session is unchanged")
         flags = getattr(output, "nsfw_content_detected", None)     # None: no checker ran
         return output.images, bool(flags is not None and any(flags))
 

@@ -20,7 +20,7 @@ import gradio as gr
 
 from ..checks import check_choice, check_int, check_prompt
 from ..edit_flow.mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from ..edit_flow.session import MASK_MODES, plan_note
+from ..edit_flow.session import MASK_MODES, plan_note, recomputed_nothing
 from ..errors import FiseditError
 from .pool import EditRecipe, EditView, Generation, HistoryEntry, SessionPool
 
@@ -273,8 +273,7 @@ def _overlay(view: EditView) -> PIL.Image.Image:
 def _timings(view: EditView) -> str:
     report, timing = view.report, view.report["timings_s"]
     edit_s, dense_s = timing["edit_s"], view.dense_regeneration_s
-    if report["active_area_fraction"] == 0:
-        # Nothing recomputed (nothing changed, or the mask marks nothing): no speed to show.
+    if recomputed_nothing(report):
         return (f"**Edit {edit_s:.2f} s**, recomputing nothing: the image is the original."
                 + _sentence(plan_note(report)))
     return (

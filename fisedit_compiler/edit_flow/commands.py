@@ -22,7 +22,7 @@ from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask
 from ..pipeline_files import read_json_object, read_saved_folder
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from .session import (SUPPORTED_SCHEDULERS, check_mask_choice, check_pipeline_class,
-                      check_step_count, plan_note, size_multiple)
+                      check_step_count, plan_note, recomputed_nothing, size_multiple)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -469,9 +469,7 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
     # Against the warm edit where there is one: both then output latents and have their
     # programs built, so the ratio is the editing speed, not first-call setup or decoding.
     basis = "edit_s" if warm_s is None else "warm_edit_s"
-    if report["active_area_fraction"] == 0:
-        # It recomputed nothing (it changes nothing, or its mask marks nothing): its time is
-        # no editing speed.
+    if recomputed_nothing(report):
         report["speedup_vs_dense_regeneration"] = None
         report["speedup_basis"] = "none: the edit recomputed nothing"
     else:

@@ -1647,6 +1647,12 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
     return estimator, probe_steps
 
 
+def recomputed_nothing(report: dict) -> bool:
+    """Whether an edit recomputed no pixel (it changes nothing, or its mask marks nothing):
+    its time is then no editing speed, and the command line and the page show none."""
+    return report["active_area_fraction"] == 0
+
+
 def plan_note(report: dict) -> str:
     """The sentence the command line and the page show where the plan is not simply the
     mask's (empty otherwise): an edit that is the generation changes nothing; a global

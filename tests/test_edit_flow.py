@@ -11,7 +11,8 @@ import fisedit_compiler as fc
 from fisedit_compiler import zoo
 from fisedit_compiler.edit_flow import EditSession
 from fisedit_compiler.edit_flow import mask as tac
-from fisedit_compiler.edit_flow.session import _check_first_timestep_once, plan_note
+from fisedit_compiler.edit_flow.session import (_check_first_timestep_once, contrast_batch,
+                                               plan_note)
 from fisedit_compiler.errors import FiseditError
 
 STEPS = 6
@@ -647,6 +648,31 @@ def test_controlnet_pipeline_keeps_the_background(pipe):
                               output_type="np", image=new_image)
         assert _outside_equal(result, session.original.latents[-1])
         assert not torch.equal(result.latents, session.original.latents[-1])
+
+
+def test_the_estimators_contrast_holds_the_controlnets_residuals(pipe):
+    """The one-call estimators contrast a prompt's predictions with the recorded outputs,
+    which a ControlNet's residuals shaped: their call takes the recorded residuals too, so the
+    original prompt contrasts with nothing (without them, the control itself would read as a
+    change over the whole image, and a local edit would be planned dense)."""
+    control, image = _controlnet_pipeline(pipe)
+    with torch.no_grad():      # ControlNet's zero convs made to act, as a trained one's do
+        for conv in [*control.controlnet.controlnet_down_blocks,
+                     control.controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    session = EditSession(control)
+    session.generate("a red circle", seed=0, num_inference_steps=4, output_type="latent",
+                     image=image)
+    original = session.original
+    steps = tac.contrast_steps(original.num_steps)
+    batch = contrast_batch(original, original.unet_inputs[0], steps, guided=True)
+    recorded = torch.cat([original.unet_outputs[s][1:] for s in steps])
+    without = {k: v for k, v in batch.items() if "residual" not in k}
+    with torch.no_grad():
+        assert torch.allclose(session.engine.dense(**batch, return_dict=False), recorded,
+                              atol=1e-5)
+        assert not torch.allclose(session.engine.dense(**without, return_dict=False),
+                                  recorded, atol=1e-2)     # the control acts
 
 
 def test_a_controlnet_schedule_change_is_not_taken_for_no_change(pipe):

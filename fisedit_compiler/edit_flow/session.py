@@ -91,9 +91,11 @@ _WHOLE_IMAGE_KWARGS = {
 # (SDXL's denoising_end, for an ensemble of expert denoisers): the session sizes its recording
 # by num_inference_steps and edits must follow the recorded timesteps, all of them.
 _SCHEDULE_KWARGS = ("timesteps", "sigmas", "denoising_end")
+# The U-Net arguments a ControlNet adds (one tensor per down block; one for the middle block).
+_RESIDUAL_INPUTS = ("down_block_additional_residuals", "mid_block_additional_residual")
 # U-Net arguments the engine's recorded graphs take; others must be None.
 _UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs",
-                "down_block_additional_residuals", "mid_block_additional_residual")
+                *_RESIDUAL_INPUTS)
 # SDXL's second text encoder's prompts and the prompts they default to (Trajectory fields).
 _SECOND_PROMPTS = {"prompt_2": "prompt", "negative_prompt_2": "negative_prompt"}
 # The pipelines' output types (diffusers' VaeImageProcessor.postprocess); others are refused
@@ -1126,7 +1128,8 @@ class _EditRun:
         steps = tac.contrast_steps(original.num_steps)
         if _identical(contrast_batch(original, inputs, steps, guided),
                       contrast_batch(original, recorded, steps, guided)):
-            return "all", "U-Net inputs the estimators do not read (a ControlNet's residuals)"
+            return "all", ("U-Net inputs the estimators do not read (a ControlNet's "
+                           "residuals for the edit's control)")
         return None, None
 
     def _changes_nothing(self, inputs: dict) -> bool:
@@ -1197,8 +1200,8 @@ def _guided(trajectory: Trajectory) -> bool:
 def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
                    guided: bool) -> dict:
     """The U-Net inputs of the one-call estimators: the recorded conditional rows of the
-    contrast ``steps`` (each at its own timestep) with ``conditioning``'s text (and SDXL's added
-    conditions), one row per step."""
+    contrast ``steps`` (each at its own timestep, with its recorded ControlNet residuals)
+    with ``conditioning``'s text (and SDXL's added conditions), one row per step."""
     device = original.unet_inputs[0]["sample"].device
     batch = {
         "sample": torch.cat([_conditional_rows(original.unet_inputs[s]["sample"], guided)
@@ -1211,6 +1214,15 @@ def contrast_batch(original: Trajectory, conditioning: dict, steps: list[int],
         # SDXL's pooled text and size ids; an IP-Adapter's image embeddings (a list).
         batch["added_cond_kwargs"] = _repeat_rows(
             _conditional_rows(conditioning["added_cond_kwargs"], guided), len(steps))
+    for name in _RESIDUAL_INPUTS:
+        if name in original.unet_inputs[0]:
+            # A ControlNet's residuals, the recorded ones of each step: the recorded outputs
+            # the contrast compares with were made with them, and without them the contrast
+            # would measure the control as a change over the whole image. (The new prompt's
+            # own residuals would need a ControlNet call; the control's reading of the text is
+            # minor beside the U-Net's.)
+            batch[name] = _concatenate([_conditional_rows(original.unet_inputs[s][name], guided)
+                                        for s in steps])
     return batch
 
 

@@ -385,17 +385,33 @@ def test_shared_tokens_alignment(pipe):
 
 
 def test_cross_attention_control(session, pipe):
-    # With the recorded prompt, injecting the recorded maps reproduces the recorded probe
-    # trajectory (up to the processors' different attention kernels).
-    same = session.edit(session.original.prompt, probe_steps=PROBE, cross_attention_control=True,
-                        output_type="latent")
-    recorded = session.original.latents[0]
-    assert ((same._trajectory.latents[0] - recorded).norm() / recorded.norm()).item() < 1e-4
-    assert same.report["shared_token_positions"] == 77
+    from fisedit_compiler.edit_flow.attention import CrossAttentionControl, shared_tokens
+
+    # With the recorded prompt, injecting the recorded maps reproduces the recorded call (up
+    # to the processors' different attention kernels). (An edit with the recorded prompt runs
+    # no call: it is the generation.)
+    control = CrossAttentionControl(*shared_tokens(pipe.tokenizer, session.original.prompt,
+                                                   session.original.prompt))
+    recorded_inputs = session.original.unet_inputs[0]
+    with torch.no_grad():
+        with control.installed(pipe.unet, "capture"):
+            pipe.unet(**recorded_inputs)
+        with control.installed(pipe.unet, "inject"):
+            injected = pipe.unet(**recorded_inputs)[0]
+    recorded = session.original.unet_outputs[0]
+    assert ((injected - recorded).norm() / recorded.norm()).item() < 1e-4
     edited = session.edit("a blue circle", probe_steps=PROBE, cross_attention_control=True,
                           output_type="latent")
     assert edited.report["cross_attention_control"]
+    shared, _ = shared_tokens(pipe.tokenizer, session.original.prompt, "a blue circle")
+    assert edited.report["shared_token_positions"] == shared.numel()
     assert _outside_equal(edited, session.original.latents[-1])
+    # Each dense step runs two calls (the original prompt's, captured, and the edit's).
+    macs = edited.report["macs"]
+    dense, sparse = macs["unet_call"]["dense_macs"], macs["unet_call"]["sparse_macs"]
+    estimate = edited.report["mask_unet_evaluations"]         # the estimator's call
+    assert macs["edit_unet_macs"] == pytest.approx((2 * PROBE + estimate) * dense
+                                                   + (STEPS - PROBE) * sparse)
     assert not any(type(p).__name__ == "_HookedAttnProcessor"
                    for p in pipe.unet.attn_processors.values())
 
@@ -1835,3 +1851,19 @@ def test_an_interrupted_run_is_refused_and_leaves_the_session_as_it_was(
         else:
             s.edit("a blue circle", mask=_corner_mask(), output_type="latent")
     assert s.original is original and s.cache is cache
+
+
+@pytest.mark.parametrize("edit_arguments", [dict(mask_estimator="probe", probe_steps=2),
+                                            dict(mask=True, probe_steps=3)])
+def test_an_edit_that_is_the_generation_runs_no_unet_call(session, monkeypatch, edit_arguments):
+    """The probe's dense steps (and the sparse ones) of an edit whose U-Net inputs and
+    arguments are the generation's would compute the recorded calls again: none runs."""
+    if edit_arguments.get("mask") is True:
+        edit_arguments = dict(edit_arguments, mask=_corner_mask())
+    monkeypatch.setattr(session, "_dense", _must_not_run)
+    monkeypatch.setattr(session.engine, "edit", _must_not_run)
+    result = session.edit(session.original.prompt, output_type="latent", **edit_arguments)
+    report = result.report
+    assert report["unchanged"] and report["probe_steps"] == 0
+    assert report["macs"]["edit_unet_macs"] == 0
+    assert torch.equal(result.latents, session.original.latents[-1])

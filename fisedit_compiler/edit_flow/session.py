@@ -917,14 +917,18 @@ class EditSession:
                            dtype=dtype).to(device)
 
     def _report(self, run: _EditRun, steps: int, user_mask, mask_mode) -> dict:
-        plan, dense_steps = run.plan, run.dense_steps
+        plan = run.plan
+        dense_steps = 0 if run.unchanged else run.dense_steps     # unchanged: none ran
         stats = self.engine.stats(plan)
         dense, sparse = stats["dense_macs"], stats["sparse_macs"]
         # The probe's evaluations are its dense steps, counted once; the one-call estimators'
-        # come on top of the steps.
+        # come on top of the steps; cross-attention control runs two calls a dense step (the
+        # original prompt's, whose attention it captures, and the edit's).
         extra = 0.0 if run.estimator is None or not run.estimator.before_step_zero \
             else run.mask_unet_evaluations
-        edit_macs = (dense_steps + extra) * dense + (steps - dense_steps) * sparse
+        calls = 2 if run.control is not None else 1
+        edit_macs = 0.0 if run.unchanged else \
+            (dense_steps * calls + extra) * dense + (steps - dense_steps) * sparse
         source = "auto" if user_mask is None else ("user" if mask_mode == "replace"
                                                    else "auto&user")
         return {
@@ -1006,7 +1010,12 @@ class _EditRun:
             elif self.estimator.before_step_zero:
                 self._set_mask(self._estimate(inputs))
             self.timings["mask_s"] = time.perf_counter() - began
-        if step < self.dense_steps and self.control is not None:
+        if self.unchanged:
+            # The edit is the generation: every call is the recorded one (the same inputs,
+            # the scheduler's the same steps), so the probe's dense steps would compute it
+            # again for nothing.
+            output = self.original.unet_outputs[step].clone()
+        elif step < self.dense_steps and self.control is not None:
             control = self.control
             with control.installed(session.pipe.unet, "capture"):
                 session._dense(self.original.unet_inputs[step], module=True)

@@ -1081,6 +1081,22 @@ def test_a_generation_that_overflows_is_refused_and_changes_nothing(session):
     assert (session.cache, session.original, session.seed) == before
 
 
+def test_a_zero_snr_schedule_with_an_epsilon_model_is_named_when_it_overflows(pipe):
+    """diffusers' zero-SNR schedule gives the first trailing timestep no signal, which an
+    epsilon-predicting model's estimate divides by (an infinite estimate, which DDIM's
+    thresholding makes NaN): the message names that, not guidance alone."""
+    from diffusers import DDIMScheduler
+
+    zero_snr = copy.copy(pipe)
+    zero_snr.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+        prediction_type="epsilon", thresholding=True, sample_max_value=1.0, clip_sample=True)
+    with pytest.raises(FiseditError, match="not finite.*rescale_betas_zero_snr=True.*"
+                                           "v-prediction model"):
+        EditSession(zero_snr).generate("a red circle", seed=0, num_inference_steps=3,
+                                       guidance_scale=1.0, output_type="latent")
+
+
 def test_empty_cross_attention_kwargs_ask_for_nothing(session):
     # Taken as None by the checks, and by the U-Net call router too (it refused them mid-run).
     edit = dict(mask=_corner_mask(), output_type="latent")

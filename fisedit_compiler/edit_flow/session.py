@@ -263,8 +263,9 @@ class EditSession:
             raise FiseditError(
                 "the generation's latents are not finite (NaN or inf), so there is nothing to "
                 f"edit: the pipeline overflowed (guidance_scale was {guidance_scale:g}; a very "
-                "large one does that, as do float16 weights past their range); lower "
-                "guidance_scale or run in float32. The session keeps its previous generation")
+                "large one does that, as do float16 weights past their range"
+                f"{_zero_snr_cause(self.pipe.scheduler)}); lower guidance_scale or run in "
+                "float32. The session keeps its previous generation")
         # Compile now what edits would otherwise compile on their way (the dense graph of the
         # probe steps, one captured sparse step per capacity bucket), so that the first edit
         # runs at the speed of later ones; a one-time cost, reported apart. Before the new
@@ -1368,6 +1369,18 @@ def _synchronized_clock(tensor: torch.Tensor) -> float:
     if tensor.is_cuda:
         torch.cuda.synchronize(tensor.device)
     return time.perf_counter()
+
+
+def _zero_snr_cause(scheduler) -> str:
+    """For the message of a generation that overflowed: the cause a zero-SNR schedule with an
+    epsilon-predicting model gives (its last timestep has no signal, which that prediction
+    divides by); empty for other schedulers."""
+    config = scheduler.config
+    if not (config.get("rescale_betas_zero_snr") and config.get("prediction_type") == "epsilon"):
+        return ""
+    return (", and so does this scheduler: rescale_betas_zero_snr=True gives the last timestep "
+            "no signal, which an epsilon-predicting model's estimate divides by; use it with a "
+            "v-prediction model, or without rescale_betas_zero_snr")
 
 
 def _check_first_timestep_once(scheduler, steps: int) -> None:

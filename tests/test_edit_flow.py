@@ -1181,9 +1181,44 @@ def test_dilate_and_erode_take_one_mask_and_an_odd_square():
             call(mask, 4)
         with pytest.raises(FiseditError, match=f"{name}'s size 0 is out of range"):
             call(mask, 0)
-        with pytest.raises(FiseditError, match=rf"{name} takes one 2-D mask \[H, W\], got "
-                                               r"\[1, 16, 16\]"):
+        with pytest.raises(FiseditError, match=rf"{name} takes one 2-D mask \[H, W\] with "
+                                               r"pixels, got \[1, 16, 16\]"):
             call(mask[None], 3)
+        with pytest.raises(FiseditError, match=rf"{name} takes one 2-D mask .* got \[0, 0\]"):
+            call(torch.zeros(0, 0, dtype=torch.bool), 3)
+        # A float or NaN mask was cut at 0.5 (NaN: nothing) without a word.
+        for not_bool in (mask.float() * 0.7, torch.full((16, 16), float("nan")), mask.byte()):
+            with pytest.raises(FiseditError, match=rf"{name} takes a bool mask, got "
+                                                   r"torch\.\w+; convert it with mask > 0\.5"):
+                call(not_bool, 3)
+        # A square past twice the side reaches what that one does, at its cost.
+        assert torch.equal(call(mask, 10**9 + 1), call(mask, 31))
+
+
+def test_box_smooth_and_binarize_refuse_what_they_would_get_wrong():
+    """An even box returned a 9x9 score for an 8x8 one; a size below 1 skipped the smoothing;
+    a negative dilation or a NaN cut was taken as none or as an empty mask; NaN scores failed
+    in torch.histc."""
+    score = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    assert tac.box_smooth(score, 3).shape == (8, 8)
+    assert torch.equal(tac.box_smooth(score, 1), score)
+    for size, match in ((2, "box_smooth's size must be odd.*got 2; pass 3"),
+                        (-3, "box_smooth's size -3 is out of range"),
+                        (3.5, "box_smooth's size must be an int")):
+        with pytest.raises(FiseditError, match=match):
+            tac.box_smooth(score, size)
+    for arguments, match in ((dict(dilation=-1), "binarize's dilation -1 is out of range"),
+                             (dict(cut=float("nan")), "binarize's cut must be a finite number"),
+                             (dict(cut=-0.5), "binarize's cut -0.5 is out of range")):
+        with pytest.raises(FiseditError, match=match):
+            tac.binarize(score, **arguments)
+    nan_score = score.clone()
+    nan_score[0, 0] = float("nan")
+    for call in (tac.binarize, tac.otsu_threshold):
+        with pytest.raises(FiseditError, match="scores are not all finite"):
+            call(nan_score)
+    with pytest.raises(FiseditError, match="otsu_threshold takes a tensor of scores with values"):
+        tac.otsu_threshold(torch.zeros(0))
 
 
 def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int
+from ..checks import check_float, check_int
 from ..errors import FiseditError
 
 # A change is global (background, style, lighting) when more than GLOBAL_AREA of the latent
@@ -193,6 +193,7 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     last bin of the lower class, so ``values > threshold`` is the upper class.
     """
     values = values.flatten().float().cpu()
+    _check_scores("otsu_threshold", values)
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return high  # constant input: nothing is above the threshold
@@ -212,33 +213,52 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     return low + (high - low) * (cut + 1) / bins
 
 
-def _check_square(name: str, mask, size) -> None:
-    """A 2-D mask and an odd square side (an even one would shift the result by half a
-    pixel and grow it by one: 16x16 came back 17x17)."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise FiseditError(f"{name} takes one 2-D mask [H, W], got {shape}; pass a single "
-                           "mask (mask[0] of a batch)")
-    check_int(f"{name}'s size", size, minimum=1)
+def _check_size(name: str, size) -> int:
+    """An odd square side (an even one would shift the result by half a pixel and grow it by
+    one: 16x16 came back 17x17)."""
+    size = check_int(f"{name}'s size", size, minimum=1)
     if size % 2 == 0:
         raise FiseditError(f"{name}'s size must be odd (a square centred on each pixel), got "
                            f"{size}; pass {size + 1} (2 * n + 1 grows by n pixels)")
+    return size
+
+
+def _check_square(name: str, mask, size) -> int:
+    """A bool 2-D mask with pixels and an odd square side; returns the side, clipped to twice
+    the mask's side less one: from any pixel such a square covers the whole mask, so a larger
+    one (a config's dilation of 10**9, meaning "everything reachable") gives the same result
+    and costs no more than that one."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or 0 in mask.shape:
+        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise FiseditError(f"{name} takes one 2-D mask [H, W] with pixels, got {shape}; pass a "
+                           "single mask (mask[0] of a batch)")
+    if mask.dtype != torch.bool:
+        raise FiseditError(f"{name} takes a bool mask, got {mask.dtype}; convert it with "
+                           "mask > 0.5 (or mask.bool() for 0/1 values)")
+    return min(_check_size(name, size), 2 * max(mask.shape) - 1)
+
+
+def _check_scores(name: str, score: torch.Tensor) -> None:
+    """Scores with values, all finite (a U-Net's NaN would otherwise cut at random)."""
+    if not isinstance(score, torch.Tensor) or not score.numel():
+        what = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+        raise FiseditError(f"{name} takes a tensor of scores with values, got {what}")
+    if not bool(torch.isfinite(score).all()):
+        raise FiseditError(f"{name}'s scores are not all finite (NaN or inf): the evidence "
+                           "they came from overflowed; there is no cut through them")
 
 
 def erode(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
     """Binary erosion by a size x size square (pixels outside the image do not erode);
     ``size`` odd."""
-    _check_square("erode", mask, size)
+    size = _check_square("erode", mask, size)
     x = mask[None, None].float()
     return (-F.max_pool2d(-x, size, stride=1, padding=size // 2))[0, 0] > 0.5
 
 
 def dilate(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Binary dilation by a size x size square (``size`` odd: 2 * n + 1 grows by n pixels).
-    A square wider than twice the mask's side reaches what that one does, so a huge size (a
-    config's dilation of 10**9, meaning "everything reachable") costs no more than that."""
-    _check_square("dilate", mask, size)
-    size = min(size, 2 * max(mask.shape) - 1)
+    """Binary dilation by a size x size square (``size`` odd: 2 * n + 1 grows by n pixels)."""
+    size = _check_square("dilate", mask, size)
     x = mask[None, None].float()
     return F.max_pool2d(x, size, stride=1, padding=size // 2)[0, 0] > 0.5
 
@@ -261,9 +281,13 @@ def smoothing_size(height: int) -> int:
 
 
 def box_smooth(score: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """The mean of ``score`` over a size x size box around each pixel (edges replicated, so a
-    change at the border keeps its level)."""
-    if size <= 1:
+    """The mean of ``score`` (``[H, W]``) over a size x size box around each pixel (edges
+    replicated, so a change at the border keeps its level); ``size`` odd."""
+    if not isinstance(score, torch.Tensor) or score.dim() != 2 or 0 in score.shape:
+        shape = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+        raise FiseditError(f"box_smooth takes one 2-D score [H, W] with pixels, got {shape}")
+    size = _check_size("box_smooth", size)
+    if size == 1:
         return score
     pad = size // 2
     x = F.pad(score[None, None].float(), (pad, pad, pad, pad), mode="replicate")
@@ -295,6 +319,12 @@ def binarize(score: torch.Tensor, cut: float = 1.0, dilation: int = 0,
     """The bool ``[H, W]`` mask from a score map: smoothed by a box scaled to the latent size
     (``smooth``), above ``cut`` times Otsu's threshold, opened by a square scaled to the latent
     size, then dilated by ``dilation`` latent pixels."""
+    cut = check_float("binarize's cut", cut, minimum=0.0)
+    dilation = check_int("binarize's dilation", dilation, minimum=0)
+    if not isinstance(score, torch.Tensor) or score.dim() != 2:
+        shape = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+        raise FiseditError(f"binarize takes one 2-D score [H, W], got {shape}")
+    _check_scores("binarize", score)
     score = score.float()
     if smooth:
         score = box_smooth(score, smoothing_size(score.shape[0]))

@@ -693,10 +693,22 @@ def test_a_plan_with_other_tiles_names_them(sd15_tiny):
     (lambda e: e.plan(torch.ones(16, 16, dtype=torch.bool).to_sparse()),
      r"layout sparse_coo; pass a dense tensor \(mask.to_dense\(\)\)"),
     (lambda e: fc.compile(e.unet, {"dilation": 1}), r"SparseConfig\(\*\*config\)"),
+    # A list has no .bool(): the hint says how to get a tensor first.
+    (lambda e: e.plan([[0, 1], [1, 0]]), r"got torch.int64 \(made from the list given\).*"
+                                         r"after torch.as_tensor\(mask\)"),
 ])
 def test_bad_engine_arguments_are_refused(sd15_tiny, call, message):
     with pytest.raises(fc.FiseditError, match=message):
         call(sd15_tiny[0])
+
+
+def test_an_input_on_the_meta_device_is_refused_without_a_move_hint(sd15_tiny):
+    """A meta tensor holds no values, so "move it with .to('cpu')" cannot help."""
+    engine, cache, inputs, _ = sd15_tiny
+    meta = dict(inputs, sample=torch.empty_like(inputs["sample"], device="meta"))
+    with pytest.raises(fc.FiseditError, match=r"sample is on the meta device, which holds "
+                                              r"shapes but no values; make it with values"):
+        engine.edit(cache, 0, plan=engine.plan(box((16, 16), 1, 1, 3, 3)), **meta)
 
 
 def test_captured_steps_of_cpu_inputs_are_refused(sd15_tiny):

@@ -596,6 +596,9 @@ class SparseEngine:
                 if not isinstance(tensor, torch.Tensor):
                     raise FiseditError(f"U-Net input {name} must be a tensor (or a dict or list "
                                        f"of tensors), got {type(tensor).__name__}")
+                if tensor.device.type == "meta":
+                    raise FiseditError(f"U-Net input {name} is on the meta device, which holds "
+                                       f"shapes but no values; make it with values on {device}")
                 # (A 0-d tensor, such as a timestep, is a scalar the U-Net moves itself.)
                 if tensor.device != device and tensor.dim() > 0:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "

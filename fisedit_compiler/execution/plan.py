@@ -371,7 +371,8 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
     wanted = "[H, W]" if size is None else f"{tuple(size)}"
     if isinstance(mask, np.ndarray) and any(stride < 0 for stride in mask.strides):
         mask = mask.copy()                      # torch wraps no negative strides (np.flip)
-    if not isinstance(mask, torch.Tensor):
+    given_tensor, given_type = isinstance(mask, torch.Tensor), type(mask).__name__
+    if not given_tensor:
         try:
             mask = torch.as_tensor(mask)
         except Exception as error:
@@ -387,9 +388,11 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
             f"the edit mask has layout {str(mask.layout).replace('torch.', '')}; pass a dense "
             "tensor (mask.to_dense())")
     if mask.dtype != torch.bool:
+        given = "" if given_tensor else f" (made from the {given_type} given)"
         raise FiseditError(
-            f"the edit mask must have dtype bool, got {mask.dtype}; convert it with "
-            "mask > 0.5 (or mask.bool() for 0/1 values)")
+            f"the edit mask must have dtype bool, got {mask.dtype}{given}; convert it with "
+            "mask > 0.5 (or mask.bool() for 0/1 values)"
+            + ("" if given_tensor else f", after torch.as_tensor(mask)"))
     at = "" if size is None else f" {tuple(size)}"
     if mask.dim() != 2:
         raise FiseditError(

@@ -392,7 +392,7 @@ def validate_mask(mask, size: tuple[int, int] | None) -> torch.Tensor:
         raise FiseditError(
             f"the edit mask must have dtype bool, got {mask.dtype}{given}; convert it with "
             "mask > 0.5 (or mask.bool() for 0/1 values)"
-            + ("" if given_tensor else f", after torch.as_tensor(mask)"))
+            + ("" if given_tensor else ", after torch.as_tensor(mask)"))
     at = "" if size is None else f" {tuple(size)}"
     if mask.dim() != 2:
         raise FiseditError(

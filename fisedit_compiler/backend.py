@@ -263,7 +263,24 @@ class FiseditGraph:
                     "this thread would not be part of it; call the pipeline in the thread "
                     "that entered the context, or run the thread in a copy of its context "
                     "(contextvars.copy_context().run(...))")
+        if states and self.problem is None:
+            self._warn_not_the_contexts_unet(states)
         return self.forward(*args)            # another module's graph
+
+    def _warn_not_the_contexts_unet(self, states) -> None:
+        """A whole U-Net's graph called inside contexts of other U-Nets (``pipe.unet``
+        replaced after the recording, by a reload of its weights say): its calls run dense,
+        neither recorded nor edited, which is said at the first call, not after the run."""
+        for state in states:
+            if id(self) in state.warned:
+                continue
+            state.warned.add(id(self))
+            warnings.warn(
+                f"fisedit: a {self.module_type} that is not the one this fc.{state.activity} "
+                f"context is for was called inside it, so its calls run dense and are not "
+                f"{state.verb} (was pipe.unet replaced after fc.recording? a reloaded U-Net "
+                "is another module: record again with it, or put the recorded one back)",
+                UnsupportedGraphWarning, stacklevel=4)
 
     def numbers(self, args) -> dict[str, object]:
         """The values of the Python numbers Dynamo made inputs of this graph (a U-Net or
@@ -801,6 +818,7 @@ class _State:
     def __init__(self, unet):
         self.unet = unet
         self.param_ids = frozenset(id(p) for p in unet.parameters())
+        self.warned: set = set()        # the graphs this context has warned about
 
 
 class _RecordState(_State):
@@ -809,7 +827,6 @@ class _RecordState(_State):
     def __init__(self, recording: Recording):
         super().__init__(recording.unet)
         self.recording = recording
-        self.warned: set = set()
 
     def fallback(self, graph, error, args, sink: list):
         if graph.strict:

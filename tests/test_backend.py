@@ -1227,3 +1227,29 @@ def test_each_editing_context_starts_an_edit_pass(fresh_dynamo):
                                               "through param.data"):
         with fc.editing(rec, mask, start_step=1):
             call(compiled, inputs, timesteps[1])
+
+
+def test_another_unet_called_inside_a_context_is_named_at_its_first_call(fresh_dynamo):
+    """pipe.unet replaced after the recording (a reload of its weights): its calls run dense,
+    a regeneration rather than an edit; said at the first call, not only after the run."""
+    pipe = zoo.pipeline("sd15-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet = torch.compile(pipe.unet, backend="fisedit")
+    with fc.recording(pipe) as rec:
+        generate(pipe, "a red cat")
+    pipe.unet = torch.compile(zoo.unet("sd15-tiny", seed=1), backend="fisedit")
+    seen_after_step = []
+
+    def count_warnings(pipeline, step, timestep, kwargs):
+        seen_after_step.append(len(_unsupported(caught)))
+        return kwargs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fc.editing(rec, box((16, 16), 6, 6, 10, 10)) as ed:
+            pipe("a blue cat", num_inference_steps=3, height=128, width=128,
+                 output_type="latent", generator=torch.Generator().manual_seed(0),
+                 callback_on_step_end=count_warnings)
+    assert seen_after_step[0] >= 1 and ed.steps == []
+    assert "UNet2DConditionModel that is not the one this fc.editing context is for" in \
+        _unsupported(caught)[0]

@@ -1434,7 +1434,7 @@ def _write_through_data(weight):
 
 
 @pytest.mark.parametrize("write, message", [
-    (_write_counted, "weights changed in place"),      # fuse_lora, fine-tuning
+    (_write_counted, "weights were written in place"),      # fuse_lora, fine-tuning
     (_write_through_data, r"weights were written .* through param\.data"),    # an EMA copy_to
 ])
 def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypatch, write,

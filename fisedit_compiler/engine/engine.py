@@ -645,11 +645,13 @@ class SparseEngine:
         if cache is not None and cache.weight_versions is not None and \
                 cache.weight_versions != versions:
             raise FiseditError(
-                "the U-Net's weights changed in place after this generation was recorded (a "
-                "LoRA loaded or fused, fine-tuning): its recorded values no longer match the "
-                "weights an edit would use, and the edit would mix the two; record the "
+                "the U-Net's weights were written in place after this generation was recorded "
+                "(a LoRA loaded or fused, load_state_dict, fine-tuning; a write counts even "
+                "where it restores the same values): its recorded values may no longer match "
+                "the weights an edit would use, and the edit would mix the two; record the "
                 "generation again with the current weights (engine.record into "
-                "engine.new_cache(), or EditSession.generate)")
+                "engine.new_cache(), EditSession.generate, or for the backend a new "
+                "fc.recording)")
         if fingerprint is not None and cache is not None and \
                 cache.weight_fingerprint not in (None, fingerprint):
             raise FiseditError(
@@ -657,8 +659,8 @@ class SparseEngine:
                 "param.data (an EMA model's copy_to, w.data += delta), which moves no version "
                 "counter: its recorded values no longer match the weights an edit would use, "
                 "and the edit would mix the two; record the generation again with the current "
-                "weights (engine.record into engine.new_cache(), or EditSession.generate), or "
-                "write the weights back")
+                "weights (engine.record into engine.new_cache(), EditSession.generate, or for "
+                "the backend a new fc.recording), or write the weights back")
         if fingerprint is not None and self._copies_made_from_other(fingerprint=fingerprint):
             self.refresh_weights(fingerprint)
         else:

@@ -18,7 +18,8 @@ from .app.command import add_app_command
 from .bench import add_bench_command
 from .checks import check_int
 from .compiler import capture
-from .edit_flow.commands import add_demo_command, add_edit_command, check_writable
+from .edit_flow.commands import (add_demo_command, add_edit_command, check_writable,
+                                 write_outputs)
 from .errors import FiseditError
 
 # dump's largest --batch: the graph's ops do not depend on it, and a huge one fails to allocate.
@@ -64,11 +65,30 @@ def run_dump(args) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    try:
-        Path(args.out).write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise FiseditError(f"cannot write {args.out}: {error.strerror}") from None
+    out = Path(args.out)
+
+    def write(path) -> None:
+        Path(path).write_text(text, encoding="utf-8")
+
+    if _takes_new_files(out.absolute().parent):
+        # Through a temporary file: a failed write (a full disk) keeps an earlier dump whole.
+        write_outputs("--out", out.parent, {out.name: write})
+    else:
+        # An existing file in a folder that takes no new ones (_check_out_file): in place.
+        try:
+            write(out)
+        except OSError as error:
+            raise FiseditError(f"cannot write {args.out}: {error.strerror}") from None
     print(f"wrote {args.out}")
+    return 0
+
+
+def _takes_new_files(folder: Path) -> bool:
+    try:
+        check_writable("--out", folder, folder)
+    except FiseditError:
+        return False
+    return True
     return 0
 
 

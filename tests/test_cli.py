@@ -1,6 +1,7 @@
 """The command line: ``dump`` end to end, and its errors (exit code 2, one line, no traceback)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fisedit_compiler import inspect as fc_inspect
 from fisedit_compiler import shapes, zoo
 from fisedit_compiler.cli import main
 from fisedit_compiler.edit_flow import commands
@@ -529,9 +531,38 @@ def test_outputs_are_written_all_or_none(tmp_path):
             "a.txt": lambda path: Path(path).write_text("new"), "b.txt": failing})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     assert (tmp_path / "a.txt").read_text() == "old"
+    # A folder made for the outputs goes again when they fail.
+    with pytest.raises(FiseditError, match="nothing was written there"):
+        commands.write_outputs("--out", tmp_path / "made" / "here", {"b.txt": failing})
+    assert not (tmp_path / "made").exists()
     commands.write_outputs("--out", tmp_path / "new", {
         "a.txt": lambda path: Path(path).write_text("new")})
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["a.txt"]
+    # The mode of any new file, not the temporary file's owner-only 0o600.
+    umask = os.umask(0o022)
+    try:
+        commands.write_outputs("--out", tmp_path / "shared", {
+            "a.txt": lambda path: Path(path).write_text("new")})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared" / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_dump_keeps_the_earlier_file_whole(tmp_path, capsys, monkeypatch):
+    """dump --out writes through a temporary file: a full disk left a cut-off file in place
+    of the earlier dump."""
+    out = tmp_path / "graph.txt"
+    out.write_text("an earlier dump")
+    monkeypatch.setattr(fc_inspect, "dump", lambda *args, **kwargs: "a new dump")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(["dump", "--model", "sd15-tiny", "--out", str(out)]) == 2
+    monkeypatch.undo()
+    assert "could not be written (No space left on device)" in capsys.readouterr().err
+    assert out.read_text() == "an earlier dump" and os.listdir(tmp_path) == ["graph.txt"]
 
 
 def test_a_saved_scheduler_the_session_cannot_drive_is_refused_before_loading(

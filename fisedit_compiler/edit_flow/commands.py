@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -367,19 +368,25 @@ def write_outputs(option: str, path, outputs: dict) -> None:
     """Write each ``outputs`` file (name -> a function that writes to the path it is given)
     into the folder ``path`` (made here), all or none: each goes to a temporary file first,
     and they replace the old ones only once every one is written, so that a failure (a full
-    disk) leaves no mix of new files and an earlier run's."""
-    folder = Path(path)
+    disk) leaves no mix of new files and an earlier run's, and no folder it made. The files
+    get the mode of any new file (the umask's), not the temporary files' owner-only one."""
+    folder = Path(path).absolute()
+    missing = [place for place in (folder, *folder.parents) if not place.exists()]
     written: list[str] = []
+    done = False
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        mode = _new_file_mode()
         for name, write in outputs.items():
             handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.",
                                                  suffix=Path(name).suffix)
             os.close(handle)
             written.append(temporary)
+            os.chmod(temporary, mode)
             write(temporary)
         for name, temporary in zip(outputs, written):
             os.replace(temporary, folder / name)
+        done = True
     except OSError as error:
         raise FiseditError(f"{option} {path}: the outputs could not be written "
                            f"({error.strerror or error}); nothing was written there") from None
@@ -387,6 +394,15 @@ def write_outputs(option: str, path, outputs: dict) -> None:
         for temporary in written:
             if os.path.exists(temporary):
                 os.remove(temporary)
+        if not done and missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)     # the folders made here
+
+
+def _new_file_mode() -> int:
+    """The mode a new file gets: 0o666 less the umask (read by setting it back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_writable(option: str, path, folder: Path, what: str = "written") -> None:

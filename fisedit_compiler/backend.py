@@ -604,6 +604,21 @@ def _resolve_unet(unet):
     if original is None and getattr(unet, "_compiled_call_impl", None) is not None:
         original = unet                                   # unet.compile()
     if original is None:
+        if hasattr(unet, "_torchdynamo_orig_callable"):
+            # torch.compile of a module already compiled gives a function (a notebook cell
+            # that compiles pipe.unet, run twice).
+            raise FiseditError(
+                "this is a function torch.compile made, not a compiled U-Net module: "
+                "torch.compile was applied to an already compiled U-Net (a cell run twice?); "
+                "compile the plain U-Net once: pipe.unet = torch.compile(unet, "
+                "backend=\"fisedit\") with unet the UNet2DConditionModel (reload it, or "
+                "keep it before compiling)")
+        if hasattr(vars(unet).get("forward"), "_torchdynamo_orig_callable"):
+            raise FiseditError(
+                f"this {type(unet).__name__}'s forward was compiled (unet.forward = "
+                "torch.compile(unet.forward, ...)), not the module, which is what fc.recording "
+                "follows; restore the forward and compile the module: del pipe.unet.forward; "
+                "pipe.unet = torch.compile(pipe.unet, backend=\"fisedit\")")
         check_unet(unet)
         raise FiseditError(
             f"this {type(unet).__name__} is not compiled; compile it with the fisedit backend "
@@ -992,6 +1007,15 @@ class _EditState(_State):
         if not ed.steps:
             check_finite_inputs(flat)    # a NaN differs from everything: named as what it is
             recorded, now = rec.cache.timesteps.get(step), rec.engine.host_timestep(flat)
+            first = rec.cache.timesteps.get(0)
+            known = now is not None and first is not None and recorded is not None
+            if step and known and not ed.plan.full and torch.equal(now, first) and \
+                    not torch.equal(now, recorded):
+                raise FiseditError(
+                    f"the edit's first U-Net call is at the timestep of the recording's step 0, "
+                    f"but fc.editing(..., start_step={step}) edits from step {step}; start_step "
+                    "is for a run that begins at a later step of the recording (the last "
+                    "steps of a generation), so for a whole run leave start_step at 0")
             # Another timestep (img2img's strength changed) is the engine's to name, below: a
             # sample of another timestep differs everywhere, for that reason.
             if recorded is None or now is None or torch.equal(recorded, now):

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1229,6 +1230,26 @@ def test_each_editing_context_starts_an_edit_pass(fresh_dynamo):
             call(compiled, inputs, timesteps[1])
 
 
+@torch.no_grad()
+def test_a_whole_run_edited_from_a_later_start_step_is_named_so(sd15):
+    """start_step is for a run that begins at a later recorded step; a whole run passed it
+    was refused for its timestep alone, naming the scheduler and step count."""
+    unet, compiled, inputs = sd15
+    timesteps = [torch.tensor(t) for t in (700, 400, 100)]
+    with fc.recording(compiled) as rec:
+        for t in timesteps:
+            call(compiled, inputs, t)
+    mask = box((16, 16), 0, 0, 4, 4)
+    with pytest.raises(fc.FiseditError, match=r"timestep of the recording's step 0, but "
+                                              r"fc.editing\(..., start_step=2\).*leave "
+                                              r"start_step at 0"):
+        with fc.editing(rec, mask, start_step=2):
+            call(compiled, inputs, timesteps[0])
+    with fc.editing(rec, mask, start_step=2) as ed:       # the run's last step: edited
+        call(compiled, inputs, timesteps[2])
+    assert ed.steps == [2]
+
+
 def test_another_unet_called_inside_a_context_is_named_at_its_first_call(fresh_dynamo):
     """pipe.unet replaced after the recording (a reload of its weights): its calls run dense,
     a regeneration rather than an edit; said at the first call, not only after the run."""
@@ -1253,3 +1274,19 @@ def test_another_unet_called_inside_a_context_is_named_at_its_first_call(fresh_d
     assert seen_after_step[0] >= 1 and ed.steps == []
     assert "UNet2DConditionModel that is not the one this fc.editing context is for" in \
         _unsupported(caught)[0]
+
+
+def test_a_unet_compiled_twice_or_through_its_forward_is_named_so(fresh_dynamo):
+    """Both compile the U-Net in a way fc.recording cannot follow; the messages said "not a
+    diffusers U-Net" (for a pipeline) and "not compiled"."""
+    twice = torch.compile(torch.compile(zoo.unet("sd15-tiny"), backend="fisedit"),
+                          backend="fisedit")
+    with pytest.raises(fc.FiseditError, match="torch.compile was applied to an already "
+                                              "compiled U-Net"):
+        with fc.recording(SimpleNamespace(unet=twice)):
+            pass
+    unet = zoo.unet("sd15-tiny")
+    unet.forward = torch.compile(unet.forward, backend="fisedit")
+    with pytest.raises(fc.FiseditError, match=r"forward was compiled .* del pipe.unet.forward"):
+        with fc.recording(unet):
+            pass

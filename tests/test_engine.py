@@ -618,7 +618,8 @@ def test_a_recording_made_with_other_weights_is_refused():
     before = snapshot(cache)
     with torch.no_grad():
         unet.mid_block.resnets[0].conv1.weight.mul_(1.1)
-    with pytest.raises(fc.FiseditError, match="weights were written in place after this generation.*for the backend a new fc.recording"):
+    with pytest.raises(fc.FiseditError, match="weights were written in place after this "
+                                              "generation.*for the backend a new fc.recording"):
         engine.edit(cache, 0, plan=plan, **edited(inputs, mask))
     with pytest.raises(fc.FiseditError, match="weights changed in place since this generation"):
         engine.record(cache, 1, **inputs)

@@ -43,7 +43,7 @@ from .execution.plan import (mask_from_box, mask_to_latent, parse_box, read_mask
                              validate_mask)
 from .graph_keys import LEVELS
 from .passes.analyze import module_path
-from .pipeline_files import read_json_object, read_saved_folder
+from .pipeline_files import load_unet, read_json_object, read_saved_folder
 
 FORMATS = ("text", "json", "dot", "svg")
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
@@ -506,15 +506,15 @@ def pipeline_unet(path):
 
     The folder and its ``model_index.json`` are read as ``zoo.load_pipeline`` reads them
     (``pipeline_files.read_saved_folder``, which reports a missing folder or index), so that a
-    pipeline saved without a U-Net is reported here, before loading; ``zoo.load_pipeline``
-    reports missing component folders.
+    pipeline saved without a U-Net is reported here, before loading; only the U-Net is loaded
+    (``pipeline_files.load_unet``): the other components are not needed to inspect it.
     """
     _check_pipeline_folder(path)
     if read_saved_folder(path).get("unet") in (None, [None, None]):
         raise FiseditError(
             f"the pipeline saved at {path} has no unet ({Path(path) / 'model_index.json'} lists "
             "none); fisedit-compiler compiles U-Net pipelines (Stable Diffusion 1.x/2.x, SDXL)")
-    return zoo.load_pipeline(path).unet
+    return load_unet(path)
 
 
 def sparse_report(unet, inputs, mask, *, model: str, frontend: str,

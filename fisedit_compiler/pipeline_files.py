@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -132,13 +133,43 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
             f"the pipeline saved at {path} lists components whose folders are missing or empty: "
             f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
             "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
-    try:
+    with _loading(path, "the pipeline"):
         return DiffusionPipeline.from_pretrained(path, local_files_only=True,
                                                  **_dtype_kwarg(dtype))
+
+
+def load_unet(path, dtype: torch.dtype = torch.float32):
+    """Load only the U-Net of a pipeline saved with ``save_pretrained`` in folder ``path``
+    (``dump --pipeline``: the text encoders and VAE, gigabytes for SDXL, are not read), with
+    the checks of ``load_pipeline`` for that component."""
+    import diffusers
+
+    check_dtype(dtype)
+    index = read_saved_folder(path)
+    _check_model_index(path, index)
+    library, class_name = index["unet"]
+    if _missing_components(path, {"unet": index["unet"]}):
+        raise FiseditError(
+            f"the pipeline saved at {path} lists a unet whose folder is missing or empty; save "
+            "the whole pipeline again with pipe.save_pretrained(...)")
+    unet_class = getattr(diffusers, class_name, None) if library == "diffusers" else None
+    if unet_class is None:
+        raise FiseditError(
+            f"the pipeline saved at {path} has a unet of class {library}.{class_name}, which "
+            "is not a diffusers model; fisedit-compiler compiles diffusers U-Nets")
+    with _loading(path, "the U-Net of the pipeline"):
+        return unet_class.from_pretrained(path, subfolder="unet", local_files_only=True,
+                                          **_dtype_kwarg(dtype))
+
+
+@contextmanager
+def _loading(path, what: str):
+    """A saved folder diffusers cannot load (damaged weights, a config of another version):
+    bad input, reported with diffusers' reason rather than as a traceback."""
+    try:
+        yield
     except (OSError, ValueError, ImportError, AttributeError, TypeError, KeyError) as error:
-        # A saved folder diffusers cannot load (damaged weights, a config of another version):
-        # bad input, reported with diffusers' reason rather than as a traceback.
-        raise FiseditError(f"diffusers cannot load the pipeline saved at {path} "
+        raise FiseditError(f"diffusers cannot load {what} saved at {path} "
                            f"({type(error).__name__}: {error})") from error
 
 

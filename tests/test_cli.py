@@ -82,6 +82,18 @@ def test_dump_pipeline(saved_pipeline, tmp_path):
     assert report["summary"]["ops"]["conv2d"] == 33
 
 
+def test_dump_pipeline_reads_only_the_unet(saved_pipeline, tmp_path, capsys):
+    """The VAE and text encoder are not needed to inspect the U-Net (gigabytes for SDXL): a
+    folder missing them dumps; one whose U-Net folder is empty is named so."""
+    folder = tmp_path / "no-vae"
+    shutil.copytree(saved_pipeline, folder, ignore=shutil.ignore_patterns("vae", "text_encoder"))
+    assert main(["dump", "--pipeline", str(folder), "--out", str(tmp_path / "dump.txt")]) == 0
+    shutil.rmtree(folder / "unet")
+    (folder / "unet").mkdir()
+    assert main(["dump", "--pipeline", str(folder)]) == 2
+    assert "lists a unet whose folder is missing or empty" in capsys.readouterr().err
+
+
 def test_pipeline_without_unet(saved_pipeline, tmp_path, capsys):
     folder = tmp_path / "no-unet"
     shutil.copytree(saved_pipeline, folder, ignore=shutil.ignore_patterns("unet"))

@@ -71,8 +71,9 @@ JSON_SCHEMA = {
     "title": "fisedit-compiler dump",
     "description": (
         "One U-Net graph at one stage. Node facts that a stage does not compute (domain, level, "
-        "MACs, ... at the captured stage) are null; later stages may add keys to nodes and "
-        "summary. Counts of nodes in summary cover operations (call_function nodes) only."),
+        "MACs, ... at the captured stage) are null; the sparse stage adds keys to nodes and "
+        "summary (sparse, sparse_macs, cache_write; summary.sparse), no stage any other. Counts "
+        "of nodes in summary cover operations (call_function nodes) only."),
     "type": "object",
     "required": ["model", "stage", "frontend", "inputs", "summary", "nodes"],
     "properties": {
@@ -107,7 +108,40 @@ JSON_SCHEMA = {
                               "properties": {"self": _COUNT, "cross": _COUNT}},
                 "macs": {"type": ["integer", "null"], "minimum": 0,
                          "description": "dense multiply-accumulates of one U-Net call"},
+                "sparse": {
+                    "type": "object", "description": "(sparse stage) SparseEngine.stats of the "
+                    "edit's plan: the MACs of one edit call",
+                    "required": ["dense_macs", "sparse_macs", "ideal_macs", "mask_fraction",
+                                 "levels"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "dense_macs": _COUNT,
+                        "sparse_macs": {**_COUNT, "description": "what the sparse ops compute, "
+                                        "halos and tiles included"},
+                        "ideal_macs": {**_COUNT, "description": "the mask's share of each "
+                                       "node's dense MACs: no halo, no tile rounding"},
+                        "mask_fraction": {"type": "number", "minimum": 0,
+                                          "description": "the mask's share of the latent"},
+                        "levels": {"type": "array", "description": "the plan per level, finest "
+                                   "first", "items": {
+                                       "type": "object", "additionalProperties": False,
+                                       "required": ["level", "size", "tile", "dense",
+                                                    "fraction", "tiles"],
+                                       "properties": {
+                                           "level": _COUNT,
+                                           "size": {"type": "array", "items": _COUNT,
+                                                    "description": "[H, W]"},
+                                           "tile": _COUNT,
+                                           "dense": {"type": "boolean", "description":
+                                                     "the level runs dense"},
+                                           "fraction": {"type": "number", "minimum": 0,
+                                                        "description": "active share"},
+                                           "tiles": {**_COUNT, "description": "active "
+                                                     "tiles"}}}},
+                    },
+                },
             },
+            "additionalProperties": False,
         },
         "nodes": {"type": "array", "description": "graph nodes in execution order", "items": {
             "type": "object",
@@ -133,7 +167,15 @@ JSON_SCHEMA = {
                 "unknown": {"type": "boolean"},
                 "inputs": {"type": "array", "items": {"type": "string"},
                            "description": "names of the nodes this one reads"},
+                "sparse": {"enum": ["sparse", "dense", "global", "input", None],
+                           "description": "(sparse stage) how the edit runs the node"},
+                "sparse_macs": {"type": ["integer", "null"], "minimum": 0,
+                                "description": "(sparse stage) its MACs in the edit"},
+                "cache_write": {"type": "array", "items": {"type": "string"},
+                                "description": "(sparse stage) the cache keys recorded from "
+                                               "it, which the edit graph reads back"},
             },
+            "additionalProperties": False,
         }},
     },
 }

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # The layers, lowest first: each may import itself and the layers before it. A layer is a set
 # of top-level names inside the package (modules or subpackages); every name not listed here
-# belongs to the last, user-facing layer (edit_flow, backend, inspect, bench, cli, zoo, shapes,
+# belongs to the last, user-facing layer (edit_flow, app, backend, inspect, bench, cli, zoo, shapes,
 # pipeline_files and the package's __init__).
 LAYERS = (
     ("core", ("errors", "checks", "config", "ir", "graph_keys")),

@@ -22,10 +22,6 @@ from .edit_flow.commands import (add_demo_command, add_edit_command, check_writa
                                  write_outputs)
 from .errors import FiseditError
 
-# dump's largest --batch: the graph's ops do not depend on it, and a huge one fails to allocate.
-MAX_DUMP_BATCH = 256
-
-
 def add_dump(subparsers) -> None:
     parser = subparsers.add_parser(
         "dump", help="show a U-Net graph: ops, shapes, domains, levels, MACs",
@@ -56,7 +52,7 @@ def add_dump(subparsers) -> None:
 
 
 def run_dump(args) -> int:
-    check_int("--batch", args.batch, minimum=1, maximum=MAX_DUMP_BATCH)
+    check_int("--batch", args.batch, minimum=1, maximum=inspect.MAX_DUMP_BATCH)
     if args.out is not None:
         _check_out_file(args.out)     # before the capture, which takes seconds to minutes
     text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,

@@ -46,6 +46,8 @@ from .passes.analyze import module_path
 from .pipeline_files import load_unet, read_json_object, read_saved_folder
 
 FORMATS = ("text", "json", "dot", "svg")
+# dump's largest batch: the graph's ops do not depend on it, and a huge one fails to allocate.
+MAX_DUMP_BATCH = 256
 DOMAIN_KINDS = ("spatial", "tokens", "global", "opaque")
 NODE_KEYS = ("name", "kind", "op", "source", "shape", "dtype", "module", "domain", "level",
              "invariant", "attention", "macs", "unknown", "inputs")
@@ -640,7 +642,7 @@ def dump(model: str | None = None, *, pipeline=None, fmt: str = "text",
     _check_format(fmt)  # fail before the capture, which takes seconds to minutes
     if fmt == "svg":
         _dot_program()
-    batch = check_int("batch", batch, minimum=1)
+    batch = check_int("batch", batch, minimum=1, maximum=MAX_DUMP_BATCH)
     if stage not in STAGES:
         raise FiseditError(f"unknown stage {stage!r}; choose one of {STAGES}")
     check_choice("frontend", frontend, capture.FRONTENDS)

@@ -289,6 +289,7 @@ def test_dump_rejects_bad_arguments(kwargs, message):
     ({"stage": "bogus"}, "unknown stage 'bogus'"),
     ({"fmt": "yaml"}, "unknown format"),
     ({"batch": True}, "batch must be an int"),
+    ({"batch": 10**6}, "batch 1000000 is out of range"),
 ])
 def test_dump_refuses_a_bad_choice_before_building_the_unet(monkeypatch, kwargs, message):
     def build(*args, **kwargs):

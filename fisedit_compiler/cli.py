@@ -22,6 +22,7 @@ from .edit_flow.commands import (add_demo_command, add_edit_command, check_writa
                                  write_outputs)
 from .errors import FiseditError
 
+
 def add_dump(subparsers) -> None:
     parser = subparsers.add_parser(
         "dump", help="show a U-Net graph: ops, shapes, domains, levels, MACs",
@@ -54,7 +55,8 @@ def add_dump(subparsers) -> None:
 def run_dump(args) -> int:
     check_int("--batch", args.batch, minimum=1, maximum=inspect.MAX_DUMP_BATCH)
     if args.out is not None:
-        _check_out_file(args.out)     # before the capture, which takes seconds to minutes
+        # Before the capture, which takes seconds to minutes.
+        replaceable = _check_out_file(args.out)
     text = inspect.dump(args.model, pipeline=args.pipeline, fmt=args.format, stage=args.stage,
                         frontend=args.frontend, batch=args.batch, mask=args.mask,
                         mask_box=args.mask_box)
@@ -66,30 +68,24 @@ def run_dump(args) -> int:
     def write(path) -> None:
         Path(path).write_text(text, encoding="utf-8")
 
-    if _takes_new_files(out.absolute().parent):
+    if replaceable:
         # Through a temporary file: a failed write (a full disk) keeps an earlier dump whole.
         write_outputs("--out", out.parent, {out.name: write})
     else:
-        # An existing file in a folder that takes no new ones (_check_out_file): in place.
         try:
             write(out)
         except OSError as error:
-            raise FiseditError(f"cannot write {args.out}: {error.strerror}") from None
+            raise FiseditError(f"--out {args.out} could not be written ({error.strerror})") \
+                from None
     print(f"wrote {args.out}")
     return 0
 
 
-def _takes_new_files(folder: Path) -> bool:
-    try:
-        check_writable("--out", folder, folder)
-    except FiseditError:
-        return False
-    return True
-    return 0
-
-
-def _check_out_file(path: str) -> None:
-    """``dump --out FILE`` can be written: not a folder, in an existing, writable folder."""
+def _check_out_file(path: str) -> bool:
+    """``dump --out FILE`` can be written: not a folder, in an existing, writable folder.
+    Returns whether the dump may replace it through a temporary file: a new path or a regular
+    file in a folder that takes new files; a link, a device (/dev/null) or a pipe is written
+    through, as a file in a folder that takes no new files is written in place."""
     if not path:
         raise FiseditError("--out is empty; pass a file path such as graph.txt")
     file = Path(path)
@@ -100,11 +96,23 @@ def _check_out_file(path: str) -> None:
     if not parent.is_dir():
         raise FiseditError(f"--out {path}: {parent} is not an existing folder (dump creates no "
                            "folders); create it first or pass a file in an existing folder")
+    if file.is_symlink() or (file.exists() and not file.is_file()):
+        _check_opens(file, path)
+        return False
     if not file.exists():
         check_writable("--out", path, parent)
-        return
-    # An existing file is tried by opening it to append (nothing written): its folder may
-    # allow no new files, and os.access says yes to everything as root.
+        return True
+    _check_opens(file, path)
+    try:
+        check_writable("--out", path, parent)
+    except FiseditError:
+        return False
+    return True
+
+
+def _check_opens(file: Path, path: str) -> None:
+    """An existing file is tried by opening it to append (nothing written): os.access says
+    yes to everything as root."""
     try:
         with open(file, "a", encoding="utf-8"):
             pass

@@ -13,7 +13,7 @@ import torch
 
 from fisedit_compiler import inspect as fc_inspect
 from fisedit_compiler import shapes, zoo
-from fisedit_compiler.cli import main
+from fisedit_compiler.cli import _check_out_file, main
 from fisedit_compiler.edit_flow import commands
 from fisedit_compiler.errors import FiseditError
 
@@ -567,14 +567,36 @@ def test_a_failed_dump_keeps_the_earlier_file_whole(tmp_path, capsys, monkeypatc
     out.write_text("an earlier dump")
     monkeypatch.setattr(fc_inspect, "dump", lambda *args, **kwargs: "a new dump")
 
-    def full_disk(self, *args, **kwargs):
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        write_text(self, text[:3], *args, **kwargs)         # as far as the disk took it
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     assert main(["dump", "--model", "sd15-tiny", "--out", str(out)]) == 2
     monkeypatch.undo()
-    assert "could not be written (No space left on device)" in capsys.readouterr().err
+    assert "graph.txt could not be written (No space left on device)" in \
+        capsys.readouterr().err
     assert out.read_text() == "an earlier dump" and os.listdir(tmp_path) == ["graph.txt"]
+
+
+def test_dump_writes_through_a_link_or_device_and_keeps_a_files_mode(tmp_path, monkeypatch):
+    """Only a regular file is replaced through a temporary file: a link is written through
+    (replacing it would leave its target old), a device such as /dev/null is written to; a
+    replaced file keeps its mode (a private dump stays private)."""
+    monkeypatch.setattr(fc_inspect, "dump", lambda *args, **kwargs: "a new dump")
+    target = tmp_path / "real.txt"
+    target.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    assert main(["dump", "--model", "sd15-tiny", "--out", str(link)]) == 0
+    assert link.is_symlink() and target.read_text() == "a new dump"
+    # (Asked, not run: were it replaced, the host's /dev/null would be a file.)
+    assert _check_out_file(os.devnull) is False and _check_out_file(str(target)) is True
+    target.chmod(0o600)
+    assert main(["dump", "--model", "sd15-tiny", "--out", str(target)]) == 0
+    assert target.stat().st_mode & 0o777 == 0o600 and target.read_text() == "a new dump"
 
 
 def test_a_saved_scheduler_the_session_cannot_drive_is_refused_before_loading(

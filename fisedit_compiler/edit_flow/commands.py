@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -368,27 +370,24 @@ def write_outputs(option: str, path, outputs: dict) -> None:
     """Write each ``outputs`` file (name -> a function that writes to the path it is given)
     into the folder ``path`` (made here), all or none: each goes to a temporary file first,
     and they replace the old ones only once every one is written, so that a failure (a full
-    disk) leaves no mix of new files and an earlier run's, and no folder it made. The files
-    get the mode of any new file (the umask's), not the temporary files' owner-only one."""
+    disk) leaves no mix of new files and an earlier run's, and no folder it made. A new file
+    gets the mode of any new file (the umask's), a replaced one keeps its own."""
     folder = Path(path).absolute()
-    missing = [place for place in (folder, *folder.parents) if not place.exists()]
     written: list[str] = []
+    missing: list[Path] = []
     done = False
     try:
+        missing = [place for place in (folder, *folder.parents) if not place.exists()]
         folder.mkdir(parents=True, exist_ok=True)
-        mode = _new_file_mode()
         for name, write in outputs.items():
-            handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.",
-                                                 suffix=Path(name).suffix)
-            os.close(handle)
+            temporary = _new_temporary_file(folder / name)
             written.append(temporary)
-            os.chmod(temporary, mode)
             write(temporary)
         for name, temporary in zip(outputs, written):
             os.replace(temporary, folder / name)
         done = True
     except OSError as error:
-        raise FiseditError(f"{option} {path}: the outputs could not be written "
+        raise FiseditError(f"{option} {path}: {', '.join(outputs)} could not be written "
                            f"({error.strerror or error}); nothing was written there") from None
     finally:
         for temporary in written:
@@ -398,11 +397,16 @@ def write_outputs(option: str, path, outputs: dict) -> None:
             shutil.rmtree(missing[-1], ignore_errors=True)     # the folders made here
 
 
-def _new_file_mode() -> int:
-    """The mode a new file gets: 0o666 less the umask (read by setting it back at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _new_temporary_file(target: Path) -> str:
+    """An empty file beside ``target``, of a name no other file has, made with the mode
+    ``target`` has (else that of any new file: the OS applies the umask, which tempfile's
+    owner-only files ignore)."""
+    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}{target.suffix}")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+    if target.is_file():
+        os.chmod(temporary, mode)       # the umask may have taken bits the old file had
+    return str(temporary)
 
 
 def check_writable(option: str, path, folder: Path, what: str = "written") -> None:

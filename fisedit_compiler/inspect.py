@@ -43,7 +43,7 @@ from .execution.plan import (mask_from_box, mask_to_latent, parse_box, read_mask
                              validate_mask)
 from .graph_keys import LEVELS
 from .passes.analyze import module_path
-from .pipeline_files import load_unet, read_json_object, read_saved_folder
+from .pipeline_files import load_unet, read_json_object
 
 FORMATS = ("text", "json", "dot", "svg")
 # dump's largest batch: the graph's ops do not depend on it, and a huge one fails to allocate.
@@ -546,18 +546,10 @@ def _svg(report: dict) -> str:
 # ------------------------------------------------------------------------------ entry points
 
 def pipeline_unet(path):
-    """The U-Net of the diffusers pipeline saved (``save_pretrained``) in folder ``path``.
-
-    The folder and its ``model_index.json`` are read as ``zoo.load_pipeline`` reads them
-    (``pipeline_files.read_saved_folder``, which reports a missing folder or index), so that a
-    pipeline saved without a U-Net is reported here, before loading; only the U-Net is loaded
-    (``pipeline_files.load_unet``): the other components are not needed to inspect it.
-    """
+    """The U-Net of the diffusers pipeline saved (``save_pretrained``) in folder ``path``,
+    loaded alone (``pipeline_files.load_unet``, which reports a missing folder, index or
+    U-Net before loading): the other components are not needed to inspect it."""
     _check_pipeline_folder(path)
-    if read_saved_folder(path).get("unet") in (None, [None, None]):
-        raise FiseditError(
-            f"the pipeline saved at {path} has no unet ({Path(path) / 'model_index.json'} lists "
-            "none); fisedit-compiler compiles U-Net pipelines (Stable Diffusion 1.x/2.x, SDXL)")
     return load_unet(path)
 
 

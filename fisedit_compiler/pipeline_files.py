@@ -142,24 +142,24 @@ def load_unet(path, dtype: torch.dtype = torch.float32):
     """Load only the U-Net of a pipeline saved with ``save_pretrained`` in folder ``path``
     (``dump --pipeline``: the text encoders and VAE, gigabytes for SDXL, are not read), with
     the checks of ``load_pipeline`` for that component."""
-    import diffusers
-
     check_dtype(dtype)
     index = read_saved_folder(path)
     _check_model_index(path, index)
-    library, class_name = index["unet"]
-    if _missing_components(path, {"unet": index["unet"]}):
+    entry = index.get("unet")
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+            and all(isinstance(part, str) for part in entry)):
+        listed = "none" if entry in (None, [None, None]) else f"{entry!r}, not [library, class]"
+        raise FiseditError(
+            f"the pipeline saved at {path} has no unet ({Path(path) / 'model_index.json'} lists "
+            f"{listed}); fisedit-compiler compiles U-Net pipelines (Stable Diffusion 1.x/2.x, "
+            "SDXL)")
+    if _missing_components(path, {"unet": entry}):
         raise FiseditError(
             f"the pipeline saved at {path} lists a unet whose folder is missing or empty; save "
             "the whole pipeline again with pipe.save_pretrained(...)")
-    unet_class = getattr(diffusers, class_name, None) if library == "diffusers" else None
-    if unet_class is None:
-        raise FiseditError(
-            f"the pipeline saved at {path} has a unet of class {library}.{class_name}, which "
-            "is not a diffusers model; fisedit-compiler compiles diffusers U-Nets")
     with _loading(path, "the U-Net of the pipeline"):
-        return unet_class.from_pretrained(path, subfolder="unet", local_files_only=True,
-                                          **_dtype_kwarg(dtype))
+        return _component_class(*entry).from_pretrained(
+            path, subfolder="unet", local_files_only=True, **_dtype_kwarg(dtype))
 
 
 @contextmanager
@@ -199,8 +199,6 @@ def read_saved_folder(path) -> dict:
 def _check_model_index(path, index: dict) -> None:
     """The pipeline class and every component class must be ones diffusers and transformers
     ship: a folder naming custom code would need ``trust_remote_code``, which we never pass."""
-    import importlib
-
     import diffusers
 
     cls_name = index.get("_class_name")
@@ -217,17 +215,24 @@ def _check_model_index(path, index: dict) -> None:
                 or value[0] is None or value[1] is None:
             continue
         library, component = value
-        try:
-            module = importlib.import_module(library if library in ("diffusers", "transformers")
-                                             else f"diffusers.pipelines.{library}")
-            known = hasattr(module, component)
-        except ImportError:
-            known = False
-        if not known:
+        if _component_class(library, component) is None:
             raise FiseditError(
                 f"{path}: component {key} is {library}.{component}, which neither diffusers "
                 "nor transformers provides (custom code is not loaded); save the pipeline "
                 "with stock components")
+
+
+def _component_class(library: str, name: str):
+    """The class a model index names for a component (``[library, class]``: diffusers,
+    transformers, or a pipeline module of diffusers such as ``audioldm2``), or None."""
+    import importlib
+
+    try:
+        module = importlib.import_module(library if library in ("diffusers", "transformers")
+                                         else f"diffusers.pipelines.{library}")
+    except (ImportError, TypeError, ValueError):
+        return None
+    return getattr(module, name, None) if isinstance(name, str) else None
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -633,3 +634,20 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
+
+
+@pytest.mark.parametrize("entry, listed", [
+    ("X", "'X', not \\[library, class\\]"), (["diffusers", None], "not \\[library, class\\]"),
+    (["diffusers", "UNet2DConditionModel", "x"], "not \\[library, class\\]"),
+    ([None, None], "lists none"),
+])
+def test_dump_pipeline_names_a_malformed_unet_entry(saved_pipeline, tmp_path, capsys, entry,
+                                                    listed):
+    folder = tmp_path / "odd"
+    shutil.copytree(saved_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert main(["dump", "--pipeline", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "has no unet" in err and re.search(listed, err) and "Traceback" not in err

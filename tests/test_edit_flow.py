@@ -1915,6 +1915,6 @@ def test_an_edit_that_is_the_generation_runs_no_unet_call(session, monkeypatch, 
     monkeypatch.setattr(session.engine, "edit", _must_not_run)
     result = session.edit(session.original.prompt, output_type="latent", **edit_arguments)
     report = result.report
-    assert report["unchanged"] and report["probe_steps"] == 0
+    assert report["unchanged"] and report["probe_steps"] == report["sparse_steps"] == 0
     assert report["macs"]["edit_unet_macs"] == 0
     assert torch.equal(result.latents, session.original.latents[-1])

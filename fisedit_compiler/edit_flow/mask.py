@@ -192,8 +192,8 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     Values are histogrammed over [min, max]; the returned threshold is the upper edge of the
     last bin of the lower class, so ``values > threshold`` is the upper class.
     """
-    values = values.flatten().float().cpu()
     _check_scores("otsu_threshold", values)
+    values = values.flatten().float().cpu()
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return high  # constant input: nothing is above the threshold
@@ -228,14 +228,18 @@ def _check_square(name: str, mask, size) -> int:
     the mask's side less one: from any pixel such a square covers the whole mask, so a larger
     one (a config's dilation of 10**9, meaning "everything reachable") gives the same result
     and costs no more than that one."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or 0 in mask.shape:
-        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise FiseditError(f"{name} takes one 2-D mask [H, W] with pixels, got {shape}; pass a "
-                           "single mask (mask[0] of a batch)")
+    _check_map(name, mask, "mask", "; pass a single mask (mask[0] of a batch)")
     if mask.dtype != torch.bool:
         raise FiseditError(f"{name} takes a bool mask, got {mask.dtype}; convert it with "
                            "mask > 0.5 (or mask.bool() for 0/1 values)")
     return min(_check_size(name, size), 2 * max(mask.shape) - 1)
+
+
+def _check_map(name: str, value, what: str, hint: str = "") -> None:
+    """``value`` is one 2-D tensor ``[H, W]`` with pixels (a mask or a score map)."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or 0 in value.shape:
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise FiseditError(f"{name} takes one 2-D {what} [H, W] with pixels, got {shape}{hint}")
 
 
 def _check_scores(name: str, score: torch.Tensor) -> None:
@@ -283,9 +287,7 @@ def smoothing_size(height: int) -> int:
 def box_smooth(score: torch.Tensor, size: int = 3) -> torch.Tensor:
     """The mean of ``score`` (``[H, W]``) over a size x size box around each pixel (edges
     replicated, so a change at the border keeps its level); ``size`` odd."""
-    if not isinstance(score, torch.Tensor) or score.dim() != 2 or 0 in score.shape:
-        shape = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-        raise FiseditError(f"box_smooth takes one 2-D score [H, W] with pixels, got {shape}")
+    _check_map("box_smooth", score, "score")
     size = _check_size("box_smooth", size)
     if size == 1:
         return score
@@ -321,9 +323,7 @@ def binarize(score: torch.Tensor, cut: float = 1.0, dilation: int = 0,
     size, then dilated by ``dilation`` latent pixels."""
     cut = check_float("binarize's cut", cut, minimum=0.0)
     dilation = check_int("binarize's dilation", dilation, minimum=0)
-    if not isinstance(score, torch.Tensor) or score.dim() != 2:
-        shape = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-        raise FiseditError(f"binarize takes one 2-D score [H, W], got {shape}")
+    _check_map("binarize", score, "score")
     _check_scores("binarize", score)
     score = score.float()
     if smooth:

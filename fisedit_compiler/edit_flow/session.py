@@ -935,7 +935,7 @@ class EditSession:
         return {
             "num_inference_steps": steps,
             "probe_steps": dense_steps,
-            "sparse_steps": steps - dense_steps,
+            "sparse_steps": 0 if run.unchanged else steps - dense_steps,
             "mask_source": source,
             "mask_estimator": None if run.estimator is None else run.estimator.name,
             "mask_unet_evaluations": run.mask_unet_evaluations,

@@ -216,6 +216,18 @@ def test_a_global_change_is_planned_dense(session, monkeypatch):
     assert result.plan.levels[0].fraction == 1.0
 
 
+def test_a_partial_mask_planned_dense_by_the_threshold_is_named(session):
+    """A mask whose tiles pass the finest level's dense threshold runs every level dense: the
+    report's note says why a part of the image recomputed all of it."""
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:, :10] = True                 # 62% of the latent, grown to whole tiles: all of it
+    result = session.edit("a blue circle", mask=mask, output_type="latent")
+    assert result.plan.levels[0].dense and not result.report["global_change"]
+    assert "passes the finest level's dense threshold" in plan_note(result.report)
+    assert plan_note(session.edit("a blue circle", mask=_corner_mask(),
+                                  output_type="latent").report) == ""
+
+
 def test_global_change_detection():
     blob = torch.zeros(16, 16)
     blob[4:8, 4:8] = 1.0

@@ -1692,12 +1692,19 @@ def plan_note(report: dict) -> str:
     mask's (empty otherwise): an edit that is the generation changes nothing; a global
     change, seen by the estimator or one it cannot see, is planned dense, or, with an
     intersecting user mask, confined to that mask (the plan is then the user's, and may well
-    run sparse)."""
+    run sparse); a partial mask whose tiles pass the finest level's dense threshold runs
+    dense."""
     if report["unchanged"]:
         return ("the edit changes nothing: its U-Net inputs and pipeline arguments are the "
                 "generation's, so the result is the original (change the prompt or another "
                 "argument to edit)")
     if not report["global_change"]:
+        finest = report["macs"]["unet_call"]["levels"][0]
+        if finest["dense"] and report["mask_area_fraction"] < 1:
+            return (f"the mask ({report['mask_area_fraction']:.0%} of the image), grown by the "
+                    "dilation to whole tiles, passes the finest level's dense threshold "
+                    "(SparseConfig.dense_threshold), so every level ran dense: no sparse "
+                    "speedup; a smaller mask edits sparsely")
         return ""
     if report["unseen_change"]:
         seen = (f"the edit changes {report['unseen_change']}, which may act anywhere in the "

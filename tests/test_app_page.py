@@ -57,6 +57,10 @@ def test_painted_layers_are_read_by_their_alpha_and_a_layer_without_one_is_refus
 def test_a_painting_that_is_not_the_editors_value_is_refused():
     with pytest.raises(FiseditError, match="the painting must be the image editor's value"):
         _painted(np.zeros((4, 4, 4), dtype=np.uint8))
+    # (A truth test of an array raised numpy's "ambiguous" ValueError.)
+    with pytest.raises(FiseditError, match="'layers' must be a list of RGBA images, got "
+                                           "ndarray"):
+        _painted({"layers": np.zeros((4, 4, 4), dtype=np.uint8)})
 
 
 def test_number_fields_are_whole_numbers_not_truncated():

@@ -241,7 +241,11 @@ def _painted(painting: dict | None) -> np.ndarray | None:
         raise FiseditError(f"the painting must be the image editor's value (a dict of "
                            f"'background', 'layers' and 'composite'), got "
                            f"{type(painting).__name__}; send the editor's value as it is")
-    layers = [] if painting is None else painting.get("layers") or []
+    layers = None if painting is None else painting.get("layers")
+    layers = [] if layers is None else layers
+    if not isinstance(layers, (list, tuple)):
+        raise FiseditError(f"the painting's 'layers' must be a list of RGBA images, got "
+                           f"{type(layers).__name__}; send the editor's value as it is")
     for layer in layers:
         # The editor's layers are RGBA and alpha marks the strokes; a layer without alpha
         # (from a client that sent RGB) would otherwise drop its strokes without a word.
@@ -278,11 +282,15 @@ def _timings(view: EditView) -> str:
                 + _sentence(plan_note(report)))
     return (
         f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
-        f"machine (**{dense_s / edit_s:.1f}x**): {report['probe_steps']} dense steps "
-        f"{timing['probe_s']:.2f} s, {report['sparse_steps']} sparse steps "
+        f"machine (**{dense_s / edit_s:.1f}x**): {_steps(report['probe_steps'], 'dense')} "
+        f"{timing['probe_s']:.2f} s, {_steps(report['sparse_steps'], 'sparse')} "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
         f"image (mask: {_mask_source(report)}, {report['mask_area_fraction']:.0%})."
         + _sentence(plan_note(report)))
+
+
+def _steps(count: int, kind: str) -> str:
+    return f"{count} {kind} step{'' if count == 1 else 's'}"
 
 
 def _mask_source(report: dict) -> str:

@@ -61,7 +61,7 @@ case "$1" in
             | grep -v -i warn | tee "$OUT/launch_overlap.log"
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_*.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
-  gemms)  python3 benchmarks/micro_step_gemms.py --model sd15 --area 0.05 --autotune-seconds 300 \
+  gemms)  python3 benchmarks/micro_step_gemms.py --model sd15 --area 0.05 --autotune-seconds 150 \
             --json "$OUT/micro_step_gemms.json" 2>&1 | grep -v -e AUTOTUNE -e "^  " -e SingleProcess \
             | tee "$OUT/micro_step_gemms.log" | tail -60 ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;

@@ -64,14 +64,16 @@ def test_a_painting_that_is_not_the_editors_value_is_refused():
 
 
 def test_number_fields_are_whole_numbers_not_truncated():
-    assert _whole("steps", 4.0) == 4 and _whole("seed", None, empty=0) == 0
-    assert _whole("dense probe steps", None, empty=None) is None
-    with pytest.raises(FiseditError, match="the steps field is empty; enter a whole number"):
-        _whole("steps", None)
-    for value, match in [(0.9, "must be an int, got float 0.9"), (float("nan"), "got float nan"),
-                         (float("inf"), "got float inf")]:
-        with pytest.raises(FiseditError, match=match):
-            _whole("dense probe steps", value)
+    assert _whole("Steps", 4.0) == 4 and _whole("Seed", None, empty=0) == 0
+    assert _whole("Dense steps", None, empty=None) is None
+    with pytest.raises(FiseditError, match="the Steps field is empty; enter a whole number"):
+        _whole("Steps", None)
+    # By the page's label, with the fix; 1e300 as such, not as its 301 digits.
+    for value, shown in [(0.9, "0.9"), (float("nan"), "nan"), (float("inf"), "inf"),
+                         (1e300, r"1e\+300")]:
+        with pytest.raises(FiseditError, match=f"Dense steps must be an int, got float {shown}; "
+                                               "enter a whole number"):
+            _whole("Dense steps", value)
 
 
 def test_the_librarys_warnings_reach_the_page():
@@ -266,8 +268,8 @@ def test_a_null_prompt_from_a_client_is_refused_by_name(served):
 def test_a_fraction_typed_into_a_number_field_is_refused_not_rounded(served):
     _, url = served
     tab = client(url)
-    with pytest.raises(gradio_client.exceptions.AppError, match="seed must be an int, got "
-                                                                "float 1.5"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="Seed must be an int, got "
+                                                                "float 1.5; enter a whole"):
         tab.predict(DEFAULTS.prompt, 1.5, DEFAULTS.steps, DEFAULTS.guidance_scale,
                     api_name="/generate")
 

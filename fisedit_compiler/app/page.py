@@ -102,7 +102,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
 
         def on_generate(prompt_, seed_, steps_, guidance_, request: gr.Request):
             generation = Generation(checked("the prompt", prompt_),
-                                    _whole("seed", seed_, empty=0), _whole("steps", steps_),
+                                    _whole("Seed", seed_, empty=0), _whole("Steps", steps_),
                                     guidance_, defaults.size)
             image = pool.generate(request.session_hash, generation)
             return (_shown(image), _shown(image), None, None, "",
@@ -111,7 +111,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
         def on_edit(edit_prompt_, probe_steps_, estimator_, mask_mode_, painting_,
                     request: gr.Request):
             recipe = _edit_recipe(checked("the edit prompt", edit_prompt_),
-                                  _whole("dense probe steps", probe_steps_, empty=None),
+                                  _whole("Dense steps", probe_steps_, empty=None),
                                   _painted(painting_), mask_mode_, estimator_)
             view = pool.edit(request.session_hash, recipe)
             return _shown(view.image), _shown(_overlay(view)), _timings(view)
@@ -205,9 +205,13 @@ def _whole(name: str, value, *, empty=_REQUIRED):
         if empty is _REQUIRED:
             raise FiseditError(f"the {name} field is empty; enter a whole number")
         return empty
-    if isinstance(value, float) and value.is_integer():
+    # (Past 2**53 a float is no exact whole number, and 1e300 would be shown in 301 digits.)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
         value = int(value)
-    return check_int(name, value)
+    try:
+        return check_int(name, value)
+    except FiseditError as error:
+        raise FiseditError(f"{error}; enter a whole number") from None
 
 
 def _shown(image: PIL.Image.Image) -> PIL.Image.Image:

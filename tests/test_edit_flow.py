@@ -1070,6 +1070,9 @@ def test_demo_command_random_weight_model_edits_its_default_box(tmp_path, capsys
     (lambda s: s.edit("a blue circle", probe_steps=np.float64(2)), "probe_steps must be an int"),
     (lambda s: s.generate("a red circle", seed=-1), "seed -1 is out of range"),
     (lambda s: s.generate("a red circle", height=100.0), "height must be an int"),
+    # 8x the default 128 px side at most: 10**6 failed to allocate, 8192 ran for minutes.
+    (lambda s: s.generate("a red circle", width=10**6),
+     r"width 1000000 is out of range: it must satisfy 8 <= width <= 1024"),
     (lambda s: s.edit("a blue circle", probe_steps=PROBE,
                       cross_attention_kwargs={"scale": 0.5}), "cross_attention_kwargs"),
     (lambda s: s.edit("a blue circle", probe_steps=PROBE, composite_background="no"),

@@ -24,8 +24,9 @@ from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from ..pipeline_files import read_json_object, read_saved_folder
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
-from .session import (SUPPORTED_SCHEDULERS, check_mask_choice, check_pipeline_class,
-                      check_step_count, plan_note, recomputed_nothing, size_multiple)
+from .session import (MAX_SIZE_FACTOR, SUPPORTED_SCHEDULERS, check_mask_choice,
+                      check_pipeline_class, check_step_count, plan_note, recomputed_nothing,
+                      size_multiple)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -39,8 +40,6 @@ RANDOM_DEFAULTS = dict(steps=8, guidance_scale=7.5, size=128)
 # localise the change: the estimators find it spread over the whole latent and plan the edit
 # global (dense). A random-weight demo edits this box instead, to show a real sparse edit.
 DEMO_BOX = "0.4,0.4,0.6,0.6"
-# The largest --size taken, in multiples of the pipeline's default image side.
-MAX_SIZE_FACTOR = 8
 
 
 def add_edit_command(subparsers) -> None:

@@ -91,6 +91,9 @@ _WHOLE_IMAGE_KWARGS = {
 # (SDXL's denoising_end, for an ensemble of expert denoisers): the session sizes its recording
 # by num_inference_steps and edits must follow the recorded timesteps, all of them.
 _SCHEDULE_KWARGS = ("timesteps", "sigmas", "denoising_end")
+# The largest image side taken, in multiples of the pipeline's default side (the U-Net's
+# sample_size in pixels).
+MAX_SIZE_FACTOR = 8
 # The U-Net arguments a ControlNet adds (one tensor per down block; one for the middle block).
 _RESIDUAL_INPUTS = ("down_block_additional_residuals", "mid_block_additional_residual")
 # U-Net arguments the engine's recorded graphs take; others must be None.
@@ -846,12 +849,15 @@ class EditSession:
     def _size(self, height, width) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor
         multiple = size_multiple(scale)
-        if height is None or width is None:
-            # The pipeline's default: the U-Net's sample_size (an int or a pair) in pixels.
-            default_height, default_width = (side * scale for side in latent_size(self.pipe.unet))
-        height = default_height if height is None else check_int("height", height,
-                                                                  minimum=multiple)
-        width = default_width if width is None else check_int("width", width, minimum=multiple)
+        # The pipeline's default: the U-Net's sample_size (an int or a pair) in pixels.
+        default_height, default_width = (side * scale for side in latent_size(self.pipe.unet))
+        # A typo's extra digit would otherwise run until memory runs out (minutes), or fail
+        # to allocate the noise, as diffusers takes any size.
+        largest = MAX_SIZE_FACTOR * max(default_height, default_width)
+        height = default_height if height is None else check_int(
+            "height", height, minimum=multiple, maximum=largest)
+        width = default_width if width is None else check_int(
+            "width", width, minimum=multiple, maximum=largest)
         if height % multiple or width % multiple:
             raise FiseditError(f"height and width must be multiples of {multiple}, got "
                                f"{height}x{width}")

@@ -536,7 +536,8 @@ def test_missing_and_misplaced_inputs_are_refused_before_capture(sd15_tiny):
         engine.record(engine.new_cache(1), 0, sample=torch.zeros(2, 4, 16, 16), timestep=1)
     meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
             for k, v in zoo.example_inputs(engine.unet).items()}
-    with pytest.raises(fc.FiseditError, match="sample is on the meta device, which holds shapes but no values"):
+    with pytest.raises(fc.FiseditError, match="sample is on the meta device, which holds "
+                                              "shapes but no values"):
         engine.record(engine.new_cache(1), 0, **meta)
     assert engine._traces == traces                      # nothing was captured
 

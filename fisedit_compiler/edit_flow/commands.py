@@ -400,10 +400,11 @@ def _new_temporary_file(target: Path) -> str:
     """An empty file beside ``target``, of a name no other file has, made with the mode
     ``target`` has (else that of any new file: the OS applies the umask, which tempfile's
     owner-only files ignore)."""
-    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666
+    replaced = target.is_file()
+    mode = stat.S_IMODE(target.stat().st_mode) if replaced else 0o666
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}{target.suffix}")
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
-    if target.is_file():
+    if replaced:
         os.chmod(temporary, mode)       # the umask may have taken bits the old file had
     return str(temporary)
 

@@ -925,7 +925,9 @@ class EditSession:
 
     def _report(self, run: _EditRun, steps: int, user_mask, mask_mode) -> dict:
         plan = run.plan
-        dense_steps = 0 if run.unchanged else run.dense_steps     # unchanged: none ran
+        # An edit that is the generation runs no step (nor an estimator call): all recorded.
+        dense_steps = 0 if run.unchanged else run.dense_steps
+        sparse_steps = 0 if run.unchanged else steps - dense_steps
         stats = self.engine.stats(plan)
         dense, sparse = stats["dense_macs"], stats["sparse_macs"]
         # The probe's evaluations are its dense steps, counted once; the one-call estimators'
@@ -934,14 +936,13 @@ class EditSession:
         extra = 0.0 if run.estimator is None or not run.estimator.before_step_zero \
             else run.mask_unet_evaluations
         calls = 2 if run.control is not None else 1
-        edit_macs = 0.0 if run.unchanged else \
-            (dense_steps * calls + extra) * dense + (steps - dense_steps) * sparse
+        edit_macs = (dense_steps * calls + extra) * dense + sparse_steps * sparse
         source = "auto" if user_mask is None else ("user" if mask_mode == "replace"
                                                    else "auto&user")
         return {
             "num_inference_steps": steps,
             "probe_steps": dense_steps,
-            "sparse_steps": 0 if run.unchanged else steps - dense_steps,
+            "sparse_steps": sparse_steps,
             "mask_source": source,
             "mask_estimator": None if run.estimator is None else run.estimator.name,
             "mask_unet_evaluations": run.mask_unet_evaluations,

@@ -105,6 +105,16 @@ def read_model_index(path) -> dict:
     return index
 
 
+def _check_components_saved(path, index: dict) -> None:
+    """Every component ``index`` lists has a folder with files in it at ``path``."""
+    missing = _missing_components(path, index)
+    if missing:
+        raise FiseditError(
+            f"the pipeline saved at {path} lists components whose folders are missing or empty: "
+            f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
+            "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
+
+
 def _missing_components(path, index: dict) -> list[str]:
     missing = []
     for key, value in index.items():
@@ -127,12 +137,7 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     check_dtype(dtype)
     index = read_saved_folder(path)
     _check_model_index(path, index)
-    missing = _missing_components(path, index)
-    if missing:
-        raise FiseditError(
-            f"the pipeline saved at {path} lists components whose folders are missing or empty: "
-            f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
-            "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
+    _check_components_saved(path, index)
     with _loading(path, "the pipeline"):
         return DiffusionPipeline.from_pretrained(path, local_files_only=True,
                                                  **_dtype_kwarg(dtype))
@@ -153,10 +158,7 @@ def load_unet(path, dtype: torch.dtype = torch.float32):
             f"the pipeline saved at {path} has no unet ({Path(path) / 'model_index.json'} lists "
             f"{listed}); fisedit-compiler compiles U-Net pipelines (Stable Diffusion 1.x/2.x, "
             "SDXL)")
-    if _missing_components(path, {"unet": entry}):
-        raise FiseditError(
-            f"the pipeline saved at {path} lists a unet whose folder is missing or empty; save "
-            "the whole pipeline again with pipe.save_pretrained(...)")
+    _check_components_saved(path, {"unet": entry})
     with _loading(path, "the U-Net of the pipeline"):
         return _component_class(*entry).from_pretrained(
             path, subfolder="unet", local_files_only=True, **_dtype_kwarg(dtype))

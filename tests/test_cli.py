@@ -92,7 +92,7 @@ def test_dump_pipeline_reads_only_the_unet(saved_pipeline, tmp_path, capsys):
     shutil.rmtree(folder / "unet")
     (folder / "unet").mkdir()
     assert main(["dump", "--pipeline", str(folder)]) == 2
-    assert "lists a unet whose folder is missing or empty" in capsys.readouterr().err
+    assert "lists components whose folders are missing or empty: unet" in capsys.readouterr().err
 
 
 def test_pipeline_without_unet(saved_pipeline, tmp_path, capsys):

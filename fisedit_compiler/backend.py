@@ -65,7 +65,8 @@ from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
                                lower_dynamo_graph, required_arguments)
 from .compiler.pipeline import build_program, canonical_graph, describe_signature_change
 from .config import SparseConfig
-from .engine.engine import SparseEngine, check_finite_inputs, check_plain_call
+from .engine.engine import (SparseEngine, check_finite_inputs, check_ignored_inputs,
+                            check_plain_call, stock_forward)
 from .errors import FiseditError, UnsupportedGraphError
 from .execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from .graph_keys import INPUTS, LEVELS
@@ -98,7 +99,11 @@ def fisedit_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
         raise FiseditError(
             f"the fisedit backend has no compile modes, got mode={mode!r}; leave mode out "
             "(its options are backend options: options={\"strict\": True})")
-    module, arg_names = _frame_module()
+    module, arg_names, frame_args = _frame_module()
+    if module is not None and stock_forward(module):
+        # Dynamo drops an input the graph does not read, so the graph's inputs cannot tell
+        # one diffusers ignores; the frame's arguments can.
+        check_ignored_inputs(module, frame_args)
     graph = FiseditGraph(gm, example_inputs, module=module, arg_names=arg_names,
                          strict=opts["strict"])
     if graph.problem is not None:
@@ -146,8 +151,9 @@ def _required_arguments(module) -> list[str]:
 
 
 def _frame_module():
-    """The module whose call Dynamo is compiling (``self`` of the frame) and its forward's
-    positional parameter names; (None, None) if torch does not tell."""
+    """The module whose call Dynamo is compiling (``self`` of the frame), its forward's
+    positional parameter names and the frame's arguments by name; (None, None, {}) if torch
+    does not tell."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -159,16 +165,22 @@ def _frame_module():
             # Dynamo in a wrapper frame that holds the module as ``fn``.
             module = root.f_locals.get("fn")
     except Exception:  # noqa: BLE001 - private API; names then fall back to the defaults
-        return None, None
+        return None, None, {}
     if not isinstance(module, torch.nn.Module):
-        return None, None
+        return None, None, {}
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
-        return module, None
+        return module, None, {}
     names = [p.name for p in params
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return module, names
+    frame = root.f_locals
+    if isinstance(frame.get("args"), tuple) and isinstance(frame.get("kwargs"), dict):
+        # Dynamo starts in the module's call wrapper, which holds forward's arguments packed.
+        arguments = {**dict(zip(names, frame["args"])), **frame["kwargs"]}
+    else:
+        arguments = {name: frame[name] for name in names if name in frame}
+    return module, names, arguments
 
 
 _GRAPHS: "weakref.WeakSet[FiseditGraph]" = weakref.WeakSet()

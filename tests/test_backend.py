@@ -604,6 +604,20 @@ def test_a_graph_break_in_a_block_is_named_when_nothing_was_recorded(fresh_dynam
 
 
 @torch.no_grad()
+def test_an_input_diffusers_would_drop_is_refused_though_dynamo_drops_it_too(fresh_dynamo):
+    """A mid-block residual without the down-block ones is ignored by diffusers, so the graph
+    Dynamo hands over has no input for it: the backend reads the call's arguments instead."""
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit")
+    inputs = dict(zoo.example_inputs(unet), mid_block_additional_residual=torch.randn(2, 64, 4, 4))
+    with pytest.raises(BackendCompilerFailed) as info:
+        compiled(**inputs)
+    assert isinstance(info.value.inner_exception, fc.FiseditError)
+    assert re.search("mid_block_additional_residual was given without "
+                     "down_block_additional_residuals", str(info.value.inner_exception))
+
+
+@torch.no_grad()
 def test_a_unet_that_draws_random_numbers_runs_dense_and_is_not_recorded(fresh_dynamo):
     unet = zoo.unet("sd15-tiny")
     unet.mid_block.resnets[0] = _Noisy(unet.mid_block.resnets[0])

@@ -510,6 +510,13 @@ def test_autocast_and_inputs_that_require_grad_are_refused(sd15_tiny):
     ({"return_dict": True}, "return_dict"),
     ({"class_labels": "cat"}, "class_labels must be a tensor"),
     ({"class_labels": torch.tensor([1, 2])}, "no class embedding .* would be ignored"),
+    ({"mid_block_additional_residual": torch.randn(2, 64, 4, 4)},
+     "mid_block_additional_residual was given without down_block_additional_residuals, so "
+     "diffusers would ignore it"),
+    ({"encoder_attention_mask": torch.ones(2, 5)},
+     r"encoder_attention_mask has shape \(2, 5\) but the text states are \(2, 77, 32\); "
+     r"pass one row per text state over its tokens, shape \[2, 77\]"),
+    ({"encoder_attention_mask": torch.ones(1, 77)}, r"encoder_attention_mask has shape \(1, 77\)"),
 ])
 def test_stray_keywords_are_refused_not_ignored(sd15_tiny, extra, message):
     engine, cache, inputs, _ = sd15_tiny

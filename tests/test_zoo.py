@@ -265,6 +265,33 @@ def test_example_inputs_refuse_bad_arguments(kwargs, message):
         zoo.example_inputs(unet, **kwargs)
 
 
+def test_example_inputs_of_a_learned_time_embedding_are_whole_timesteps_in_its_table():
+    """A learned time embedding (an nn.Embedding of num_train_timesteps rows) looks timesteps
+    up: the example inputs give integers inside the table, and the engine records them."""
+    import diffusers
+
+    import fisedit_compiler as fc
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), time_embedding_type="learned",
+        num_train_timesteps=100).eval()
+    inputs = zoo.example_inputs(unet, batch=2)
+    assert inputs["timestep"].dtype == torch.long and inputs["timestep"].tolist() == [50, 50]
+    with torch.no_grad():
+        expected = unet(**inputs)[0]
+    engine = fc.compile(unet)
+    recorded = engine.record(engine.new_cache(1), 0, **inputs)
+    assert torch.allclose(recorded, expected, atol=1e-5)
+    assert zoo.example_inputs(unet, timestep=99)["timestep"].tolist() == [99, 99]
+    for bad in (100, 2.5, -1):
+        with pytest.raises(FiseditError, match=r"learned .* a table of 100 timesteps, so "
+                                               r"timestep must be a whole number from 0 to 99"):
+            zoo.example_inputs(unet, timestep=bad)
+
+
 # Review: seeds, dtypes, devices, paths and saved folders are checked before any work.
 
 def test_seed_at_the_top_of_the_range_builds_a_pipeline():

@@ -132,8 +132,25 @@ def latent_size(model) -> tuple[int, int]:
     return size
 
 
+def _example_timestep(cfg, timestep: float | None) -> tuple:
+    """``(timestep, dtype)`` of ``example_inputs``: a learned time embedding looks its timestep
+    up in a table, so it takes a whole one inside the table, as an integer tensor."""
+    if cfg.get("time_embedding_type") != "learned":
+        return check_float("timestep", 500.0 if timestep is None else timestep), torch.float32
+    rows = cfg.get("num_train_timesteps")
+    if timestep is None:
+        return rows // 2, torch.long
+    timestep = check_float("timestep", timestep)
+    if timestep != int(timestep) or not 0 <= timestep < rows:
+        raise FiseditError(
+            f"this U-Net's time embedding is learned (time_embedding_type='learned'), a table "
+            f"of {rows} timesteps, so timestep must be a whole number from 0 to {rows - 1}, "
+            f"got {timestep}")
+    return int(timestep), torch.long
+
+
 def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None = None,
-                   width: int | None = None, timestep: float = 500.0,
+                   width: int | None = None, timestep: float | None = None,
                    text_length: int = 77) -> dict:
     """Keyword arguments for ``model(**inputs)``: random latents and text states, one timestep.
 
@@ -141,7 +158,10 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
     valid inputs too: class labels where the config embeds classes (``num_class_embeds``,
     ``class_embed_type``), the added conditions of its ``addition_embed_type`` (SDXL's text
     and time ids, Kandinsky's image embeddings and hint) and of its ``encoder_hid_dim_type``
-    (text states at ``encoder_hid_dim`` for a text projection). ``return_dict`` is False.
+    (text states at ``encoder_hid_dim`` for a text projection). ``timestep`` defaults to 500;
+    a learned time embedding (``time_embedding_type="learned"``, a table of
+    ``num_train_timesteps`` rows) takes a whole timestep in its range, by default the middle
+    one, as integers. ``return_dict`` is False.
     """
     from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -152,8 +172,8 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
     batch = check_int("batch", batch, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     text_length = check_int("text_length", text_length, minimum=1)
-    timestep = check_float("timestep", timestep)
     cfg = model.config
+    timestep, timestep_dtype = _example_timestep(cfg, timestep)
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     h = None if height is None else check_int("height", height, minimum=1)
@@ -172,7 +192,7 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
     channels = cfg.in_channels - (hint[-1].out_channels if hint is not None else 0)
     inputs = {
         "sample": randn(batch, channels, h, w),
-        "timestep": torch.full((batch,), float(timestep), device=device),
+        "timestep": torch.full((batch,), timestep, dtype=timestep_dtype, device=device),
         "return_dict": False,
     }
     labels = _class_labels(model, batch, randn)

@@ -91,7 +91,7 @@ class SparseEngine:
         # What the input checks read of the module itself (once: it does not change with the
         # config): whether diffusers' own forward reads the inputs, and whether any attention
         # reads encoder_hidden_states (``_check_input_shapes``).
-        self._stock_forward = _stock_forward(unet)
+        self._stock_forward = stock_forward(unet)
         self._cross_attention = any(getattr(module, "is_cross_attention", False)
                                     for module in unet.modules())
         # The U-Net's module state when compiled: the captured graphs (shared with engines made
@@ -604,7 +604,7 @@ class SparseEngine:
                     raise FiseditError(f"U-Net input {name} is on {tensor.device} but the "
                                        f"U-Net is on {device}; move it with .to({str(device)!r})")
         if self._stock_forward:
-            _check_class_labels(self.unet, inputs)
+            check_ignored_inputs(self.unet, inputs)
             _check_input_shapes(self.unet, inputs, self._cross_attention)
 
     def _check_unchanged(self, cache: EditCache | None = None, *, full: bool = True,
@@ -707,7 +707,7 @@ def _continues_pass(cache: EditCache, plan: MaskPlan, step: int) -> bool:
     return last_plan() is plan and step == last_step + 1
 
 
-def _stock_forward(unet) -> bool:
+def stock_forward(unet) -> bool:
     """Whether ``unet`` reads its inputs as diffusers' UNet2DConditionModel or UNet2DModel
     does (a subclass may override how): the config-based input checks know only those."""
     from diffusers import UNet2DConditionModel, UNet2DModel
@@ -762,14 +762,26 @@ def _check_added_cond_keys(unet, inputs: dict) -> None:
             "would be ignored; correct the key's name, or drop it")
 
 
-def _check_class_labels(unet, inputs: dict) -> None:
-    """Refuse class labels for a U-Net without a class embedding (``class_embed_type`` and
-    ``num_class_embeds`` unset): diffusers ignores them without a word."""
+def check_ignored_inputs(unet, inputs: dict) -> None:
+    """Refuse inputs diffusers' forward drops without a word: class labels for a U-Net without
+    a class embedding (``class_embed_type`` and ``num_class_embeds`` unset), and a ControlNet's
+    mid-block residual without its down-block residuals (diffusers adds the residuals only as
+    a pair; down-block residuals alone are a T2I-Adapter's). ``inputs`` as the U-Net's forward
+    takes them, or flattened as captured graphs name them (the backend checks the frame's
+    arguments with it, since Dynamo drops an input the graph does not read)."""
     if inputs.get("class_labels") is not None and getattr(unet, "class_embedding", 0) is None:
         raise FiseditError(
             "class_labels were given, but this U-Net has no class embedding (its config sets "
             "neither class_embed_type nor num_class_embeds), so they would be ignored; drop "
             "class_labels")
+    down = "down_block_additional_residuals"
+    has_down = inputs.get(down) is not None or any(name.startswith(down + "_")
+                                                   for name in inputs)
+    if inputs.get("mid_block_additional_residual") is not None and not has_down:
+        raise FiseditError(
+            "mid_block_additional_residual was given without down_block_additional_residuals, "
+            "so diffusers would ignore it (it adds a ControlNet's residuals only as a pair); "
+            "pass both, as a ControlNet returns them, or drop it")
 
 
 def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
@@ -813,6 +825,17 @@ def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
                 f"U-Net input encoder_hidden_states has a batch of {states.shape[0]} but the "
                 f"sample has {batch}; pass one row of text states per latent (with classifier-"
                 "free guidance both are [unconditional, conditional], the latents repeated)")
+    key_mask = inputs.get("encoder_attention_mask")
+    if isinstance(key_mask, torch.Tensor) and isinstance(states, torch.Tensor) and \
+            states.dim() == 3 and _reads_text_states(unet, cross_attention):
+        tokens = states.shape[1]
+        # diffusers reads [batch, tokens]; [batch, 1, tokens] broadcasts the same way.
+        if key_mask.dim() not in (2, 3) or key_mask.shape[0] != states.shape[0] or \
+                key_mask.shape[-1] != tokens or key_mask.shape[1:-1] not in ((), (1,)):
+            raise FiseditError(
+                f"U-Net input encoder_attention_mask has shape {tuple(key_mask.shape)} but the "
+                f"text states are {tuple(states.shape)}; pass one row per text state over its "
+                f"tokens, shape [{states.shape[0]}, {tokens}] (1 keeps a token, 0 masks it)")
     timestep = inputs.get("timestep")
     if isinstance(timestep, torch.Tensor) and batch is not None and (
             timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, batch))):

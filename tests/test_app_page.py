@@ -69,11 +69,16 @@ def test_number_fields_are_whole_numbers_not_truncated():
     with pytest.raises(FiseditError, match="the Steps field is empty; enter a whole number"):
         _whole("Steps", None)
     # By the page's label, with the fix; 1e300 as such, not as its 301 digits.
-    for value, shown in [(0.9, "0.9"), (float("nan"), "nan"), (float("inf"), "inf"),
-                         (1e300, r"1e\+300")]:
+    for value, shown in [(0.9, "0.9"), (float("nan"), "nan"), (float("inf"), "inf")]:
         with pytest.raises(FiseditError, match=f"Dense steps must be an int, got float {shown}; "
                                                "enter a whole number"):
             _whole("Dense steps", value)
+    # A whole number past 2**53 arrives from the browser as a float that is no longer it.
+    assert _whole("Seed", float(2 ** 53 - 1)) == 2 ** 53 - 1
+    for value, shown in [(1e300, r"1e\+300"), (1e21, r"1e\+21"), (-2.0 ** 53, r"-9\.0072e\+15")]:
+        with pytest.raises(FiseditError, match=f"Seed {shown} is too large to come from the "
+                                               "page exactly.*below 9007199254740992"):
+            _whole("Seed", value)
 
 
 def test_the_librarys_warnings_reach_the_page():
@@ -245,6 +250,45 @@ def test_messages_name_the_fields_as_the_page_labels_them():
     assert in_page_words("max_num_inference_steps") == "max_num_inference_steps"   # a word only
 
 
+API_TERMS = ("mask=", "result.", "SparseConfig", "U-Net inputs", "pipeline arguments",
+             "user mask", "edit_flow.")
+
+
+def test_library_messages_reach_the_page_in_its_words():
+    """The library's messages name Python API terms; the page shows them in its own words
+    (a painted mask, the edit prompt), the fields labelled as the page labels them."""
+    from fisedit_compiler.app.pool import EditRecipe, Generation
+    from fisedit_compiler.edit_flow.session import check_mask_choice, plan_note
+
+    pipe = zoo.pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    pool = SessionPool(pipe)
+    pool.generate("a", Generation(DEFAULTS.prompt, seed=0, steps=4, guidance_scale=5.0))
+    far_corner = np.zeros((16, 16), dtype=bool)
+    far_corner[15, 15] = True
+    with pytest.warns(UserWarning, match="share no latent pixel") as caught:
+        pool.edit("a", EditRecipe(DEFAULTS.edit_prompt, mask=far_corner, mask_mode="intersect",
+                                  mask_estimator="noise-contrast"))
+    messages = [str(warning.message) for warning in caught if "share no" in str(warning.message)]
+    for call in (lambda: check_mask_choice(mask_estimator="probe", probe_steps=0, num_steps=4,
+                                           user_mask=None, mask_mode=None),
+                 lambda: check_mask_choice(mask_estimator="probe", probe_steps=None,
+                                           num_steps=4, user_mask="mask=", mask_mode=None)):
+        with pytest.raises(FiseditError) as info:
+            call()
+        messages.append(str(info.value))
+    messages.append(plan_note({"unchanged": True}))
+    messages.append(plan_note({"unchanged": False, "global_change": False,
+                               "mask_area_fraction": 0.5,
+                               "macs": {"unet_call": {"levels": [{"dense": True}]}}}))
+    for message in messages:
+        shown = in_page_words(message)
+        assert not [term for term in API_TERMS if term in shown], shown
+    assert "the estimated mask and the painted mask (Mask mode (mask_mode)='intersect')" in \
+        in_page_words(messages[0])
+    assert "its prompt and settings are the original's" in in_page_words(messages[3])
+
+
 def test_a_chosen_estimator_beside_a_replacing_painting_is_warned_about():
     painting = np.ones((4, 4), dtype=bool)
     with pytest.warns(UserWarning, match="replaces the automatic mask, so the chosen mask "
@@ -280,11 +324,11 @@ def test_an_edit_that_changes_nothing_says_so_and_is_not_accepted(served):
     original = generate(tab)[0]
     edited, _, timings = edit(tab, DEFAULTS.prompt, probe_steps=None,
                               estimator="noise-contrast")
-    assert "The edit changes nothing: its U-Net inputs" in timings
+    assert "The edit changes nothing: its prompt and settings are the original's" in timings
     assert "recomputing nothing" in timings and "x**" not in timings     # no speedup shown
     assert np.array_equal(read(edited), read(original))
     with pytest.raises(gradio_client.exceptions.AppError, match="changes nothing.*nothing to "
-                                                                "accept"):
+                                                                "accept: change the edit prompt"):
         tab.predict(api_name="/accept")
 
 

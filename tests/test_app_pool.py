@@ -54,7 +54,8 @@ def test_refusals_are_library_errors(pipe):
     pool.generate("a", GENERATION)
     with pytest.raises(FiseditError, match="no edit to accept"):
         pool.accept("a")
-    with pytest.raises(FiseditError, match="probe_steps"):
+    with pytest.raises(FiseditError, match=r"probe_steps.*\(an edit runs the generation's 4 "
+                                            r"steps, and its last at least runs sparse\)"):
         pool.edit("a", EditRecipe(shapes.DEMO_EDIT, probe_steps=4))
     with pytest.raises(FiseditError, match="multiple"):
         pool.edit("a", EditRecipe(shapes.DEMO_EDIT, 1, mask=np.ones((10, 10), dtype=bool)))
@@ -222,6 +223,22 @@ def test_calls_of_an_unknown_tab_create_no_tab(edited_pool):
         pool.generate("a", Generation("a red circle", seed=-1, steps=4, guidance_scale=5.0))
     assert_unchanged(pool, before)
     assert "new" not in pool.tabs
+
+
+def test_a_generate_that_waited_while_its_tab_closed_makes_no_tab(pipe, monkeypatch):
+    """The page's close handler can run before a generate queued in the same tab: that
+    generate must not make a tab (and a recording) no browser will ever close."""
+    from fisedit_compiler.app import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "CLOSED_TABS_KEPT", 2)
+    pool = SessionPool(pipe)
+    pool.close("gone")
+    with pytest.raises(FiseditError, match="this tab was closed; open the page again"):
+        pool.generate("gone", GENERATION)
+    assert "gone" not in pool.tabs
+    pool.close("x")
+    pool.close("y")             # past CLOSED_TABS_KEPT: the oldest closed id is forgotten
+    assert list(pool._closed) == ["x", "y"]
 
 
 @pytest.mark.parametrize("call, message", [

@@ -71,7 +71,7 @@ def build_page(pool: SessionPool, defaults: PageDefaults) -> gr.Blocks:
         with gr.Row():
             estimator = gr.Radio(list(ESTIMATORS), value=DEFAULT_ESTIMATOR,
                                  elem_id="mask-estimator",
-                                 label="Mask estimator (edit_flow.mask.ESTIMATORS)")
+                                 label="Mask estimator")
             mask_mode = gr.Radio(list(MASK_MODES), value="replace", elem_id="mask-mode",
                                  label="A painted mask replaces the automatic mask, or "
                                        "intersects it (nothing painted: the automatic mask)")
@@ -161,9 +161,25 @@ FIELD_LABELS = {"num_inference_steps": "Steps", "probe_steps": "Dense steps",
                 "mask_estimator": "Mask estimator", "mask_mode": "Mask mode"}
 
 
+# Phrases of the library's messages that name Python API terms, in the page's words (a
+# painted mask is the page's user mask; the page has no dense-threshold control).
+PAGE_PHRASES = (
+    (" (see result.mask of an edit without mask=)", " (see the mask an edit without a painting "
+                                                    "shows)"),
+    ("user mask (mask=)", "user mask"), ("user mask", "painted mask"),
+    (" (SparseConfig.dense_threshold)", ""),
+    ("its U-Net inputs and pipeline arguments are the generation's",
+     "its prompt and settings are the original's"),
+    ("(change the prompt or another argument to edit)", "(change the edit prompt to edit)"),
+)
+
+
 def in_page_words(message: str) -> str:
-    """``message`` with each field the library names by its keyword labelled as the page
-    labels it ("Dense steps (probe_steps) 4 is out of range")."""
+    """``message`` in the page's words (``PAGE_PHRASES``), each field the library names by
+    its keyword labelled as the page labels it ("Dense steps (probe_steps) 4 is out of
+    range")."""
+    for phrase, page_phrase in PAGE_PHRASES:
+        message = message.replace(phrase, page_phrase)
     for name, label in FIELD_LABELS.items():
         message = re.sub(rf"\b{name}\b", f"{label} ({name})", message)
     return message
@@ -206,7 +222,11 @@ def _whole(name: str, value, *, empty=_REQUIRED):
             raise FiseditError(f"the {name} field is empty; enter a whole number")
         return empty
     # (Past 2**53 a float is no exact whole number, and 1e300 would be shown in 301 digits.)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+    if isinstance(value, float) and value.is_integer():
+        if abs(value) >= 2 ** 53:
+            raise FiseditError(
+                f"{name} {value:g} is too large to come from the page exactly (the browser "
+                f"sends numbers as floats); enter a whole number below {2 ** 53}")
         value = int(value)
     try:
         return check_int(name, value)
@@ -283,14 +303,14 @@ def _timings(view: EditView) -> str:
     edit_s, dense_s = timing["edit_s"], view.dense_regeneration_s
     if recomputed_nothing(report):
         return (f"**Edit {edit_s:.2f} s**, recomputing nothing: the image is the original."
-                + _sentence(plan_note(report)))
+                + _sentence(in_page_words(plan_note(report))))
     return (
         f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
         f"machine (**{dense_s / edit_s:.1f}x**): {_steps(report['probe_steps'], 'dense')} "
         f"{timing['probe_s']:.2f} s, {_steps(report['sparse_steps'], 'sparse')} "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
         f"image (mask: {_mask_source(report)}, {report['mask_area_fraction']:.0%})."
-        + _sentence(plan_note(report)))
+        + _sentence(in_page_words(plan_note(report))))
 
 
 def _steps(count: int, kind: str) -> str:

@@ -35,6 +35,11 @@ from ..errors import FiseditError
 from ..execution.plan import image_mask
 
 
+# How many closed tabs' ids the pool remembers (a few bytes each), far more than can have
+# work queued at once.
+CLOSED_TABS_KEPT = 4096
+
+
 @dataclass(frozen=True)
 class Generation:
     """The settings of a dense generation (with the pipeline's default size unless given;
@@ -103,6 +108,9 @@ class SessionPool:
         self.engine = EditSession(pipe, config).engine
         self.device_lock = threading.Lock()
         self.tabs: dict[str, Tab] = {}
+        # Tabs closed lately, oldest first: a generate queued before its tab closed runs
+        # after the close, and would otherwise make a tab no browser will ever close.
+        self._closed: dict[str, None] = {}
         self._dense_seconds: dict[tuple, float] = {}   # by (steps, guidance, size)
 
     # -- the page's actions -----------------------------------------------------------------
@@ -111,6 +119,8 @@ class SessionPool:
         of a new line (earlier entries stay)."""
         _check_call(tab_id, "generation", generation, Generation)
         with self.device_lock:
+            if tab_id in self._closed:
+                raise FiseditError("this tab was closed; open the page again to generate")
             tab = self.tabs.get(tab_id) or Tab(EditSession(self.pipe, engine=self.engine))
             image = _generate(tab.session, generation)
             # The seed drawn for seed None: a replay of the entry must draw the same noise.
@@ -152,8 +162,9 @@ class SessionPool:
             recipe, result = tab.last_edit
             if result.report["unchanged"]:
                 raise FiseditError("the last edit changes nothing (its prompt and settings are "
-                                   "the original's), so there is nothing to accept: edit the "
-                                   "prompt or paint a region first")
+                                   "the original's), so there is nothing to accept: change the "
+                                   "edit prompt first (a painted mask alone changes nothing "
+                                   "while the prompt is the original's)")
             tab.session.accept(result)
             # From the session's own copy: the caller may have drawn on the edit's image.
             entry = HistoryEntry(f"edit: {recipe.prompt}", tab.session.original.images[0].copy(),
@@ -199,6 +210,9 @@ class SessionPool:
         """Forget a tab (its browser tab was closed) and free its recording."""
         with self.device_lock:
             self.tabs.pop(tab_id, None)
+            self._closed[tab_id] = None
+            if len(self._closed) > CLOSED_TABS_KEPT:
+                del self._closed[next(iter(self._closed))]
 
     def recorded_bytes(self) -> int:
         """The bytes held by all tabs' recordings (what the budget bounds)."""

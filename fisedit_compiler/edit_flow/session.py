@@ -1659,8 +1659,12 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
                                else mask_estimator]
     if probe_steps is None:
         probe_steps = estimator.dense_steps(num_steps)
-    probe_steps = check_int(say.name("probe_steps"), probe_steps, minimum=0,
-                            maximum=num_steps - 1)
+    try:
+        probe_steps = check_int(say.name("probe_steps"), probe_steps, minimum=0,
+                                maximum=num_steps - 1)
+    except FiseditError as error:
+        raise FiseditError(f"{error} (an edit runs the generation's {num_steps} steps, and its "
+                           "last at least runs sparse)") from None
     if user_mask is not None and mask_mode != "intersect":
         replace = say.given("mask_mode", "replace")
         if mask_estimator is not None:

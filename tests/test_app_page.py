@@ -27,7 +27,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
 from fisedit_compiler.app.page import (PageDefaults, _edit_recipe,  # noqa: E402
-                                       _messages_shown, _painted, _whole, build_page,
+                                       _edit_steps, _messages_shown, _painted, _whole, build_page,
                                        in_page_words)
 from fisedit_compiler.edit_flow.mask import DEFAULT_ESTIMATOR  # noqa: E402
 from fisedit_compiler.errors import FiseditError  # noqa: E402
@@ -287,6 +287,18 @@ def test_library_messages_reach_the_page_in_its_words():
     assert "the estimated mask and the painted mask (Mask mode (mask_mode)='intersect')" in \
         in_page_words(messages[0])
     assert "its prompt and settings are the original's" in in_page_words(messages[3])
+
+
+def test_the_steps_after_the_dense_ones_are_named_as_they_ran():
+    sparse = {"sparse_steps": 3, "active_area_fraction": 0.25, "mask_estimator": "probe"}
+    assert _edit_steps(sparse) == "3 sparse steps"
+    assert _edit_steps(dict(sparse, mask_estimator=None)) == "3 sparse steps"
+    # A one-call estimator's U-Net call runs inside the first of them.
+    assert _edit_steps(dict(sparse, mask_estimator="noise-contrast")) == \
+        "3 sparse steps with the mask estimate"
+    # A plan over the whole latent (a global change, a large mask) runs them dense.
+    assert _edit_steps(dict(sparse, active_area_fraction=1.0, sparse_steps=1)) == \
+        "1 edit step (run dense)"
 
 
 def test_a_chosen_estimator_beside_a_replacing_painting_is_warned_about():

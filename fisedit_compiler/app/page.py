@@ -307,7 +307,7 @@ def _timings(view: EditView) -> str:
     return (
         f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
         f"machine (**{dense_s / edit_s:.1f}x**): {_steps(report['probe_steps'], 'dense')} "
-        f"{timing['probe_s']:.2f} s, {_steps(report['sparse_steps'], 'sparse')} "
+        f"{timing['probe_s']:.2f} s, {_edit_steps(report)} "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
         f"image (mask: {_mask_source(report)}, {report['mask_area_fraction']:.0%})."
         + _sentence(in_page_words(plan_note(report))))
@@ -315,6 +315,19 @@ def _timings(view: EditView) -> str:
 
 def _steps(count: int, kind: str) -> str:
     return f"{count} {kind} step{'' if count == 1 else 's'}"
+
+
+def _edit_steps(report: dict) -> str:
+    """The steps after the dense ones, as they ran: sparse, or dense where the plan covers the
+    whole latent; with the one-call estimator's U-Net call, which runs in the first of them."""
+    whole = report["active_area_fraction"] >= 1
+    words = _steps(report["sparse_steps"], "edit" if whole else "sparse")
+    if whole:
+        words += " (run dense)"
+    estimator = report["mask_estimator"]
+    if estimator is not None and ESTIMATORS[estimator].before_step_zero:
+        words += " with the mask estimate"
+    return words
 
 
 def _mask_source(report: dict) -> str:

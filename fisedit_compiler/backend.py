@@ -1123,9 +1123,9 @@ def recording(unet, config: SparseConfig | None = None, num_steps: int | None = 
     """Record every call of a fisedit-compiled U-Net made inside the context, one step each.
 
     ``unet`` is the compiled U-Net (``torch.compile(unet, backend="fisedit")``, or a pipeline
-    whose ``unet`` is one). Calls run densely and return exactly what the U-Net returns; each
-    stores what edits of its step will read. ``num_steps`` may be left None (the cache grows).
-    Yields the Recording.
+    whose ``unet`` is one). Calls run densely and return what the U-Net returns, up to rounding
+    (the captured graph may order a sum otherwise); each stores what edits of its step will
+    read. ``num_steps`` may be left None (the cache grows). Yields the Recording.
     """
     module = _resolve_unet(unet)
     num_steps = check_optional_int("num_steps", num_steps, minimum=1)

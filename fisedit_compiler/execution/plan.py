@@ -422,8 +422,8 @@ def warn_if_marks_nothing(marked: int, *, remedy: str, stacklevel: int) -> None:
     the recording), but an unpainted mask is more often a mistake than a request for nothing."""
     if marked == 0:
         warnings.warn(
-            "the edit mask marks no latent pixel, so the edit changes nothing and its result is "
-            f"the recorded generation; {remedy}", UserWarning, stacklevel=stacklevel + 1)
+            "the edit mask marks no latent pixel, so the edit changes nothing: its U-Net "
+            f"outputs are the recorded ones; {remedy}", UserWarning, stacklevel=stacklevel + 1)
 
 
 def _not_a_mask_hint(value, size) -> str:

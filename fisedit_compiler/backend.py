@@ -152,13 +152,17 @@ def _required_arguments(module) -> list[str]:
 
 def _frame_module():
     """The module whose call Dynamo is compiling (``self`` of the frame), its forward's
-    positional parameter names and the frame's arguments by name; (None, None, {}) if torch
-    does not tell."""
+    positional parameter names and the call's arguments by name ({} in a frame resumed after a
+    graph break); (None, None, {}) if torch does not tell."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
         root = getattr(getattr(tx, "output", None), "root_tx", None) or tx
+        # A frame Dynamo resumes after a graph break holds only the variables still live
+        # there: its arguments are the entry frame's, checked when that one compiled.
+        code_name = getattr(getattr(root, "f_code", None), "co_name", "")
+        resumed = "torch_dynamo_resume_in_" in code_name
         module = root.f_locals.get("self")
         if not isinstance(module, torch.nn.Module):
             # torch.compile(module) on some modules (torch.nn's own, e.g. a Conv2d) starts
@@ -175,7 +179,9 @@ def _frame_module():
     names = [p.name for p in params
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     frame = root.f_locals
-    if isinstance(frame.get("args"), tuple) and isinstance(frame.get("kwargs"), dict):
+    if resumed:
+        arguments = {}
+    elif isinstance(frame.get("args"), tuple) and isinstance(frame.get("kwargs"), dict):
         # Dynamo starts in the module's call wrapper, which holds forward's arguments packed.
         arguments = {**dict(zip(names, frame["args"])), **frame["kwargs"]}
     else:

@@ -26,9 +26,9 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from fisedit_compiler import shapes, zoo  # noqa: E402
-from fisedit_compiler.app.page import (PageDefaults, _edit_recipe,  # noqa: E402
-                                       _edit_steps, _messages_shown, _painted, _whole, build_page,
-                                       in_page_words)
+from fisedit_compiler.app.page import (PageDefaults, _dense_steps,  # noqa: E402
+                                       _edit_recipe, _edit_steps, _messages_shown, _painted,
+                                       _whole, build_page, in_page_words)
 from fisedit_compiler.edit_flow.mask import DEFAULT_ESTIMATOR  # noqa: E402
 from fisedit_compiler.errors import FiseditError  # noqa: E402
 from fisedit_compiler.app.pool import SessionPool  # noqa: E402
@@ -76,8 +76,8 @@ def test_number_fields_are_whole_numbers_not_truncated():
     # A whole number past 2**53 arrives from the browser as a float that is no longer it.
     assert _whole("Seed", float(2 ** 53 - 1)) == 2 ** 53 - 1
     for value, shown in [(1e300, r"1e\+300"), (1e21, r"1e\+21"), (-2.0 ** 53, r"-9\.0072e\+15")]:
-        with pytest.raises(FiseditError, match=f"Seed {shown} is too large to come from the "
-                                               "page exactly.*below 9007199254740992"):
+        with pytest.raises(FiseditError, match=f"Seed {shown} cannot come from the page "
+                                               "exactly.*below 9007199254740992 in size"):
             _whole("Seed", value)
 
 
@@ -289,13 +289,19 @@ def test_library_messages_reach_the_page_in_its_words():
     assert "its prompt and settings are the original's" in in_page_words(messages[3])
 
 
-def test_the_steps_after_the_dense_ones_are_named_as_they_ran():
-    sparse = {"sparse_steps": 3, "active_area_fraction": 0.25, "mask_estimator": "probe"}
-    assert _edit_steps(sparse) == "3 sparse steps"
+def test_the_steps_are_named_as_they_ran():
+    sparse = {"probe_steps": 1, "sparse_steps": 3, "active_area_fraction": 0.25,
+              "mask_estimator": "probe", "mask_unet_evaluations": 0}
+    assert (_dense_steps(sparse), _edit_steps(sparse)) == ("1 dense step", "3 sparse steps")
     assert _edit_steps(dict(sparse, mask_estimator=None)) == "3 sparse steps"
-    # A one-call estimator's U-Net call runs inside the first of them.
-    assert _edit_steps(dict(sparse, mask_estimator="noise-contrast")) == \
-        "3 sparse steps with the mask estimate"
+    # A one-call estimator's U-Net call runs at step 0: in the first group of steps that ran,
+    # and nowhere where it did not run (a change it cannot see, decided without it).
+    one_call = dict(sparse, mask_estimator="noise-contrast", mask_unet_evaluations=2)
+    assert (_dense_steps(one_call), _edit_steps(one_call)) == \
+        ("1 dense step with the mask estimate", "3 sparse steps")
+    assert _edit_steps(dict(one_call, probe_steps=0)) == "3 sparse steps with the mask estimate"
+    assert _edit_steps(dict(one_call, probe_steps=0, mask_unet_evaluations=0)) == \
+        "3 sparse steps"
     # A plan over the whole latent (a global change, a large mask) runs them dense.
     assert _edit_steps(dict(sparse, active_area_fraction=1.0, sparse_steps=1)) == \
         "1 edit step (run dense)"

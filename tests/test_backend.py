@@ -615,6 +615,37 @@ def test_an_input_diffusers_would_drop_is_refused_though_dynamo_drops_it_too(fre
     assert isinstance(info.value.inner_exception, fc.FiseditError)
     assert re.search("mid_block_additional_residual was given without "
                      "down_block_additional_residuals", str(info.value.inner_exception))
+    # SDXL's added conditions: a key its config does not read is dropped by diffusers.
+    torch._dynamo.reset()
+    sdxl = zoo.unet("sdxl-tiny")
+    stray = zoo.example_inputs(sdxl)
+    stray["added_cond_kwargs"] = dict(stray["added_cond_kwargs"], time_id=torch.zeros(2, 6))
+    with pytest.raises(BackendCompilerFailed) as info:
+        torch.compile(sdxl, backend="fisedit")(**stray)
+    assert re.search("added_cond_kwargs has key.*'time_id'.*does not read",
+                     str(info.value.inner_exception))
+
+
+@torch.no_grad()
+def test_a_frame_resumed_after_a_graph_break_is_not_read_as_the_call(fresh_dynamo):
+    """Past a graph break Dynamo compiles a resumed frame holding only the live variables: a
+    ControlNet call's down residuals are spent by then, its mid residual not, which is no
+    call of diffusers' that drops an input. The call runs, dense."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet)
+    controlnet = diffusers.ControlNetModel.from_unet(unet).eval()
+    image = torch.randn(2, 3, *(8 * side for side in inputs["sample"].shape[2:]))
+    down, mid = controlnet(inputs["sample"], inputs["timestep"],
+                           inputs["encoder_hidden_states"], controlnet_cond=image,
+                           return_dict=False)
+    call = dict(inputs, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    unet.mid_block.resnets[1] = _Branching(unet.mid_block.resnets[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedGraphWarning)
+        assert torch.equal(torch.compile(unet, backend="fisedit")(**call)[0], unet(**call)[0])
 
 
 @torch.no_grad()

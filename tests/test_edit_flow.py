@@ -1480,6 +1480,35 @@ def test_changed_weights_are_refused_before_any_unet_call(pipe_folder, monkeypat
     assert _outside_equal(result, s.original.latents[-1])
 
 
+def test_an_edit_reads_the_weights_values_once(session, monkeypatch):
+    """EditSession compares the U-Net in full, weights' values included, before its run, and
+    nothing of the caller's runs before the first sparse step: that step does not read the
+    values again (7.99 ms for SDXL), and the cache's mark does not outlive the run."""
+    from fisedit_compiler.engine import engine as engine_module
+
+    reads = []
+    counted = engine_module.content_fingerprint
+    monkeypatch.setattr(engine_module, "content_fingerprint",
+                        lambda weights: reads.append(1) or counted(weights))
+    new_prompt = session.original.prompt + " and a hat"     # whatever the module accepted
+    for estimator in ("probe", tac.DEFAULT_ESTIMATOR):
+        reads.clear()
+        session.edit(new_prompt, mask_estimator=estimator, output_type="np")
+        assert len(reads) == 1 and not session.cache.weight_values_checked
+    # A run that fails before its first sparse step leaves no mark either.
+    with monkeypatch.context() as patch:
+        patch.setattr(session.engine, "edit", _must_not_run)
+        with pytest.raises(AssertionError):
+            session.edit(new_prompt, mask=_corner_mask(), output_type="np")
+    assert not session.cache.weight_values_checked
+    # An engine edit pass of its own, the mark unset, reads them at its first step.
+    reads.clear()
+    inputs = session.original.unet_inputs[0]
+    plan = session.engine.plan(_corner_mask())
+    session.engine.edit(session.cache, 0, plan=plan, **inputs)
+    assert len(reads) == 1
+
+
 def test_a_generate_that_fails_while_preparing_leaves_the_session_as_it_was(other_session,
                                                                             monkeypatch):
     """engine.prepare (CUDA-graph captures, compiles) runs after the pipeline: out of memory

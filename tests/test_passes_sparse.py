@@ -194,10 +194,10 @@ def test_a_text_attention_mask_keeps_cross_attention_sparse_and_exact():
     recorded = engine.record(cache, 0, **inputs)
     with torch.no_grad():
         assert torch.allclose(recorded, unet(**inputs)[0], atol=1e-5)
-    # [batch, 1, tokens] broadcasts as diffusers' [batch, tokens] does: accepted, the same.
-    spelled_3d = dict(inputs, encoder_attention_mask=text_mask[:, None])
-    assert torch.allclose(engine.record(engine.new_cache(1), 0, **spelled_3d), recorded,
-                          atol=1e-6)
+    # [batch, 1, (1,) tokens] broadcast as diffusers' [batch, tokens] does: accepted, the same.
+    for spelled in (text_mask[:, None], text_mask[:, None, None]):
+        again = engine.record(engine.new_cache(1), 0, **dict(inputs, encoder_attention_mask=spelled))
+        assert torch.allclose(again, recorded, atol=1e-6)
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[3:8, 4:9] = True
     plan = engine.plan(mask)

@@ -225,8 +225,9 @@ def _whole(name: str, value, *, empty=_REQUIRED):
     if isinstance(value, float) and value.is_integer():
         if abs(value) >= 2 ** 53:
             raise FiseditError(
-                f"{name} {value:g} is too large to come from the page exactly (the browser "
-                f"sends numbers as floats); enter a whole number below {2 ** 53}")
+                f"{name} {value:g} cannot come from the page exactly (the browser sends "
+                f"numbers as floats, whole ones exactly only below {2 ** 53} in size); enter "
+                "a smaller whole number")
         value = int(value)
     try:
         return check_int(name, value)
@@ -306,7 +307,7 @@ def _timings(view: EditView) -> str:
                 + _sentence(in_page_words(plan_note(report))))
     return (
         f"**Edit {edit_s:.2f} s** against a dense regeneration of {dense_s:.2f} s on this "
-        f"machine (**{dense_s / edit_s:.1f}x**): {_steps(report['probe_steps'], 'dense')} "
+        f"machine (**{dense_s / edit_s:.1f}x**): {_dense_steps(report)} "
         f"{timing['probe_s']:.2f} s, {_edit_steps(report)} "
         f"{timing['sparse_s']:.2f} s. Recomputed {report['active_area_fraction']:.0%} of the "
         f"image (mask: {_mask_source(report)}, {report['mask_area_fraction']:.0%})."
@@ -317,17 +318,29 @@ def _steps(count: int, kind: str) -> str:
     return f"{count} {kind} step{'' if count == 1 else 's'}"
 
 
+def _dense_steps(report: dict) -> str:
+    words = _steps(report["probe_steps"], "dense")
+    return words + (" with the mask estimate" if _estimated_in(report) == "dense" else "")
+
+
 def _edit_steps(report: dict) -> str:
     """The steps after the dense ones, as they ran: sparse, or dense where the plan covers the
-    whole latent; with the one-call estimator's U-Net call, which runs in the first of them."""
+    whole latent."""
     whole = report["active_area_fraction"] >= 1
     words = _steps(report["sparse_steps"], "edit" if whole else "sparse")
     if whole:
         words += " (run dense)"
+    return words + (" with the mask estimate" if _estimated_in(report) == "edit" else "")
+
+
+def _estimated_in(report: dict) -> str | None:
+    """Which steps' time holds a one-call estimator's U-Net call ("dense" or "edit"): it runs
+    at step 0, the first dense step if there are any. None where no such call ran."""
     estimator = report["mask_estimator"]
-    if estimator is not None and ESTIMATORS[estimator].before_step_zero:
-        words += " with the mask estimate"
-    return words
+    if estimator is None or not ESTIMATORS[estimator].before_step_zero or \
+            not report["mask_unet_evaluations"]:
+        return None
+    return "dense" if report["probe_steps"] else "edit"
 
 
 def _mask_source(report: dict) -> str:

@@ -487,8 +487,15 @@ class EditSession:
         run = _EditRun(self, trajectory, estimator, user_mask, mask_dilation, dense_steps,
                        control)
         start = time.perf_counter()
-        images, trajectory.flagged = self._run(trajectory, run.unet_call, run.on_step_end,
-                                               output_type, pipeline_kwargs)
+        # The U-Net was compared in full above, weights' values included, and nothing of the
+        # caller's runs from there to the first sparse step (callbacks are refused): that
+        # step need not read the values again.
+        self.cache.weight_values_checked = True
+        try:
+            images, trajectory.flagged = self._run(trajectory, run.unet_call, run.on_step_end,
+                                                   output_type, pipeline_kwargs)
+        finally:
+            self.cache.weight_values_checked = False
         trajectory.decoder = decoder
         run_s = time.perf_counter() - start
         if composite and (trajectory.flagged or original.flagged):
@@ -1659,12 +1666,12 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
                                else mask_estimator]
     if probe_steps is None:
         probe_steps = estimator.dense_steps(num_steps)
-    try:
-        probe_steps = check_int(say.name("probe_steps"), probe_steps, minimum=0,
-                                maximum=num_steps - 1)
-    except FiseditError as error:
-        raise FiseditError(f"{error} (an edit runs the generation's {num_steps} steps, and its "
-                           "last at least runs sparse)") from None
+    probe_steps = check_int(say.name("probe_steps"), probe_steps, minimum=0)
+    if probe_steps > num_steps - 1:
+        raise FiseditError(
+            f"{say.name('probe_steps')} {probe_steps} is out of range: it must satisfy 0 <= "
+            f"{say.name('probe_steps')} <= {num_steps - 1} (an edit runs the generation's "
+            f"{num_steps} steps, and its last at least runs sparse)")
     if user_mask is not None and mask_mode != "intersect":
         replace = say.given("mask_mode", "replace")
         if mask_estimator is not None:

@@ -354,18 +354,21 @@ class SparseEngine:
         device = device_of(program.signature)
         graphs = self._uses_graphs(device)
         full = not _continues_pass(cache, plan, step)
+        # The weights' values at a pass's first step, unless its caller has just read them.
+        contents = full and not cache.weight_values_checked
         if full:
+            cache.weight_values_checked = False
             check_finite_inputs(flat)
         if plan.full and graphs:
             # Nothing to skip: the dense U-Net, compiled, is the fastest way to the same value.
             # It reads nothing recorded, so the checks against the recording below (which
             # guard against mixing recorded values with new ones) have nothing to guard. Its
             # graph is the compiled U-Net's, so the U-Net must still be that one.
-            self._check_unchanged(full=full, contents=full)
+            self._check_unchanged(full=full, contents=contents)
             output = self._compiled_dense(program, flat)
         else:
             self._check_timestep(cache, step, flat)
-            self._check_unchanged(cache, full=full, contents=full)
+            self._check_unchanged(cache, full=full, contents=contents)
             if self.config.check_inputs:
                 self._check_outside_mask(cache, step, plan, flat)
             output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs,
@@ -582,6 +585,8 @@ class SparseEngine:
                                "return_dict=True (or pass return_dict=False)")
         check_plain_call(inputs)
         if self._stock_forward:
+            # Before the tensor checks, which would call a non-dict one "not a tensor"; again
+            # in check_ignored_inputs below, which the backend shares.
             _check_added_cond_keys(self.unet, inputs)
         device = next(self.unet.parameters()).device
         for name, value in inputs.items():
@@ -763,12 +768,14 @@ def _check_added_cond_keys(unet, inputs: dict) -> None:
 
 
 def check_ignored_inputs(unet, inputs: dict) -> None:
-    """Refuse inputs diffusers' forward drops without a word: class labels for a U-Net without
-    a class embedding (``class_embed_type`` and ``num_class_embeds`` unset), and a ControlNet's
-    mid-block residual without its down-block residuals (diffusers adds the residuals only as
-    a pair; down-block residuals alone are a T2I-Adapter's). ``inputs`` as the U-Net's forward
-    takes them, or flattened as captured graphs name them (the backend checks the frame's
-    arguments with it, since Dynamo drops an input the graph does not read)."""
+    """Refuse inputs diffusers' forward drops without a word: ``added_cond_kwargs`` keys its
+    config does not read, class labels for a U-Net without a class embedding
+    (``class_embed_type`` and ``num_class_embeds`` unset), and a ControlNet's mid-block residual
+    without its down-block residuals (diffusers adds the residuals only as a pair; down-block
+    residuals alone are a T2I-Adapter's). ``inputs`` as the U-Net's forward takes them, or
+    flattened as captured graphs name them (the backend checks the call's arguments with it,
+    since Dynamo drops an input the graph does not read)."""
+    _check_added_cond_keys(unet, inputs)
     if inputs.get("class_labels") is not None and getattr(unet, "class_embedding", 0) is None:
         raise FiseditError(
             "class_labels were given, but this U-Net has no class embedding (its config sets "
@@ -826,12 +833,15 @@ def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
                 f"sample has {batch}; pass one row of text states per latent (with classifier-"
                 "free guidance both are [unconditional, conditional], the latents repeated)")
     key_mask = inputs.get("encoder_attention_mask")
+    # Checked where the attentions' keys are the text states' tokens: a projection of the
+    # states (Kandinsky's adds image tokens) or an IP-Adapter's keys are left to export.
     if isinstance(key_mask, torch.Tensor) and isinstance(states, torch.Tensor) and \
-            states.dim() == 3 and _reads_text_states(unet, cross_attention):
+            states.dim() == 3 and cross_attention and \
+            getattr(unet, "encoder_hid_proj", None) is None:
         tokens = states.shape[1]
-        # diffusers reads [batch, tokens]; [batch, 1, tokens] broadcasts the same way.
-        if key_mask.dim() not in (2, 3) or key_mask.shape[0] != states.shape[0] or \
-                key_mask.shape[-1] != tokens or key_mask.shape[1:-1] not in ((), (1,)):
+        # diffusers reads [batch, tokens]; [batch, 1, ..., tokens] broadcasts the same way.
+        if key_mask.dim() < 2 or key_mask.shape[0] != states.shape[0] or \
+                key_mask.shape[-1] != tokens or any(size != 1 for size in key_mask.shape[1:-1]):
             raise FiseditError(
                 f"U-Net input encoder_attention_mask has shape {tuple(key_mask.shape)} but the "
                 f"text states are {tuple(states.shape)}; pass one row per text state over its "

@@ -1667,11 +1667,11 @@ def check_mask_choice(*, mask_estimator: str | None, probe_steps, num_steps: int
     if probe_steps is None:
         probe_steps = estimator.dense_steps(num_steps)
     probe_steps = check_int(say.name("probe_steps"), probe_steps, minimum=0)
-    if probe_steps > num_steps - 1:
-        raise FiseditError(
-            f"{say.name('probe_steps')} {probe_steps} is out of range: it must satisfy 0 <= "
-            f"{say.name('probe_steps')} <= {num_steps - 1} (an edit runs the generation's "
-            f"{num_steps} steps, and its last at least runs sparse)")
+    try:    # The range apart from the type, so that only its refusal gets the reason.
+        check_int(say.name("probe_steps"), probe_steps, minimum=0, maximum=num_steps - 1)
+    except FiseditError as error:
+        raise FiseditError(f"{error} (an edit runs the generation's {num_steps} steps, and its "
+                           "last at least runs sparse)") from None
     if user_mask is not None and mask_mode != "intersect":
         replace = say.given("mask_mode", "replace")
         if mask_estimator is not None:

@@ -22,16 +22,6 @@ from fisedit_compiler import bench, zoo
 from fisedit_compiler.execution import sparse_ops
 
 
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(map(_nbytes, value.values()))
-    if isinstance(value, (list, tuple)):
-        return sum(map(_nbytes, value))
-    return 0
-
-
 @torch.no_grad()
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,14 +34,14 @@ def main(argv=None) -> None:
     engine = fc.compile(unet)
     cache = engine.new_cache(1)
     engine.record(cache, 0, **inputs)
-    store = cache.store_on(0, torch.device("cpu"))
+    key_bytes = cache.breakdown()       # of the one recorded step
     edit = engine.program(inputs).edit
     nbytes, reads = collections.Counter(), collections.Counter()
     for node in edit.graph.nodes:
         if node.op == "call_function" and node.target is sparse_ops.cache_read:
             readers = ", ".join(sorted({getattr(user.target, "__name__", str(user.target))
                                         for user in node.users}))
-            nbytes[readers] += _nbytes(store[node.args[1]])
+            nbytes[readers] += key_bytes[node.args[1]]
             reads[readers] += 1
     print(f"{args.model} {latent * 8} px, batch 2, {args.dtype}: "
           f"{sum(nbytes.values()) / 2**20:.1f} MiB a recorded step")

@@ -28,6 +28,8 @@ SPARSE_MODES = "fc_sparse_modes"        # sparsify, on the edit graph: {canonica
                                         # "sparse" | "dense" | "global" | "input"}
 CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"  # lower_kernels: cache keys stored
                                                     # channels-last for the conv kernel
+IN_PLACE_KEYS = "fc_in_place_cache_keys"  # lower_kernels: cache keys read only by kernels
+                                          # that take a recorded shift (kernels.recorded_shift)
 
 # -- attributes of the edit graph module -----------------------------------------------------
 DERIVED_WEIGHTS = "fc_derived_weights"  # the program's execution.derived_weights.DerivedWeights

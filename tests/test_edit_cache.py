@@ -128,6 +128,31 @@ def test_a_step_is_packed_into_one_buffer_keeping_values_and_strides():
     assert copy["half"].data_ptr() != packed["half"].data_ptr()
 
 
+def test_values_read_in_place_are_laid_out_after_the_rest():
+    """Keys read at a CUDA graph's recorded shift go last, so the rest, which its static store
+    copies, is one run from the buffer's start (``span_without``); values and strides stay."""
+    from fisedit_compiler.engine.edit_cache import StoreLayout
+
+    store = {"conv_input": torch.randn(2, 8, 5, 3), "stats": {"mean": torch.randn(2, 4)},
+             "key": torch.randn(2, 9, 40).half(), "small": torch.randn(3)}
+    in_place = {"conv_input", "key"}
+    layout = StoreLayout(store, channels_last={"conv_input"}, in_place=in_place)
+    packed = layout.pack(store)
+    copied = layout.span_without(in_place)
+    for path in (("stats", "mean"), ("small",)):
+        view = packed[path[0]] if len(path) == 1 else packed[path[0]][path[1]]
+        assert view.data_ptr() + view.numel() * view.element_size() <= \
+            packed.buffer.data_ptr() + copied
+    for key in in_place:
+        assert packed[key].data_ptr() >= packed.buffer.data_ptr() + copied
+        assert torch.equal(packed[key], store[key])
+    assert torch.equal(packed["stats"]["mean"], store["stats"]["mean"])
+    assert packed["conv_input"].is_contiguous(memory_format=torch.channels_last)
+    assert copied < layout.span_without(()) <= layout.nbytes
+    assert layout.span_without(set(store)) == 0 < copied < layout.nbytes
+    assert layout.matches(store)        # the order of the values is the store's still
+
+
 def test_replace_refuses_a_value_of_another_shape(setup):
     engine, steps, _ = setup
     cache, key = _step_0_recorded(setup, 1)

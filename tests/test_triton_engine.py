@@ -9,14 +9,16 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.compiler.capture import flatten_inputs
 from fisedit_compiler.config import HAS_TRITON
+from fisedit_compiler.engine.edit_cache import StepStore
 from fisedit_compiler.execution import sparse_ops, triton_ops
 from fisedit_compiler.execution.derived_weights import DerivedWeights
+from fisedit_compiler.execution.kernels.recorded_shift import SHIFT_ALIGN
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
-from fisedit_compiler.graph_keys import DERIVED_WEIGHTS
+from fisedit_compiler.graph_keys import DERIVED_WEIGHTS, IN_PLACE_KEYS
 from fisedit_compiler.passes import registry
 from fisedit_compiler.passes.lower_kernels import CHANNELS_LAST_KEYS
-
 
 def edit_and_check(unet, config, mask, tolerance):
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
@@ -51,6 +53,38 @@ def test_interpreted_kernels_meet_the_oracle(conv_method):
     keys = engine.program(zoo.example_inputs(unet, batch=2)).edit.meta[CHANNELS_LAST_KEYS]
     assert keys and all(cache.steps[0][key].is_contiguous(memory_format=torch.channels_last)
                         for key in keys)
+
+
+def test_interpreted_kernels_read_the_recorded_step_at_the_shift():
+    """What a CUDA graph's step does, without the graph: the edit graph run on a stand-in
+    store (the values copied before a replay, noise where the values read in place lie) whose
+    recorded shift points at the recorded step gives the same edit as the step itself. The
+    values read in place are the sparse convs' recorded inputs and the self-attentions'
+    recorded K/V, and nothing else reads them."""
+    unet = zoo.unet("sd15-tiny")
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[9:11, 3:5] = True
+    engine, cache, plan, edited, actual = edit_and_check(
+        unet, fc.SparseConfig(kernels="triton"), mask, 1e-5)
+    program = engine.program(edited)
+    in_place = program.edit.meta[IN_PLACE_KEYS]
+    reads = [node for node in program.edit.graph.nodes if node.target is sparse_ops.cache_read]
+    readers = {user.target for read in reads if read.args[1] in in_place for user in read.users}
+    assert readers == {triton_ops.sparse_conv2d, triton_ops.sparse_attention}
+    assert all(user.kwargs.get("recorded_shift") is not None
+               for read in reads if read.args[1] in in_place for user in read.users)
+    step = cache.steps[0]
+    copied = step.layout.span_without(in_place)
+    assert copied < step.layout.nbytes / 2        # the bulk of a step is read in place
+    noise = torch.randint(0, 256, step.buffer.shape, dtype=torch.uint8)
+    noise[:copied] = step.buffer[:copied]
+    shift = torch.tensor([step.buffer.data_ptr() - noise.data_ptr()])
+    assert shift.item() % SHIFT_ALIGN == 0
+    stand_in = StepStore(noise, step.layout, recorded_shift=shift)
+    flat = flatten_inputs(edited)
+    with torch.no_grad():
+        shifted = engine._edit_step(program, plan, flat, stand_in, graphs=False, new_pass=True)
+    assert torch.equal(shifted, actual)
 
 
 @pytest.mark.parametrize("channel_fast", [True, False])

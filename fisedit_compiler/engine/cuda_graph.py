@@ -12,12 +12,23 @@ writing its tables into the template's (``MaskPlan.refill``: a few small copies,
 synchronisation). A plan made without buckets (an exact plan) gets a graph of its own,
 kept on the plan.
 
-All graphs of a program share one set of static buffers: the user inputs the step reads and
-one step's recorded values are copied into them before each replay (every step's cache lives
-in one buffer of one layout, ``edit_cache.StepStore``, so that is one device-to-device copy),
-the pass constants' values (``engine.pass_values``) only when they are not the ones loaded
-last, that is once per edit pass; and one memory pool, since replays run one after another on
-one stream. The output is cloned, because the next replay overwrites it.
+All graphs of a program share one set of static buffers: the user inputs the step reads,
+copied in before each replay; a *static store*, a buffer of the recorded steps' layout
+(``edit_cache.StepStore``) that stands for the step being replayed; the pass constants' values
+(``engine.pass_values``), copied only when they are not the ones loaded last, that is once
+per edit pass; and one memory pool, since replays run one after another on one stream. The
+output is cloned, because the next replay overwrites it.
+
+The static store is not filled with the step before a replay. The kernels that read recorded
+values in bulk (sparse convs, mixed self-attention: the keys of ``edit.meta[IN_PLACE_KEYS]``)
+add the store's ``recorded_shift``, a byte distance held on the device, to the addresses they
+were captured with; one 8-byte fill before each replay points them at the step's own buffer
+(``kernels.recorded_shift``). Only the other values (group-norm statistics and the few values
+torch ops read: ~2 MiB of SD1.5's 247 MiB a step), laid out first, are copied in. Copying the
+whole step cost 1.00 ms of GPU time per SDXL 1024 px step on an H100 (benchmarks/RESULTS.md,
+session 22). A replay reads the step loaded last, so that step's buffer must stay allocated
+until the replay has run: each call loads its step before it replays, and the caller holds the
+step until then (the caching allocator orders a later reuse of its memory after the replay).
 
 Nothing that tunes, compiles, synchronises or allocates outside the pool may run inside a
 capture: each graph is warmed up first, on the capture stream itself (kernel tuning and
@@ -45,8 +56,10 @@ import weakref
 import torch
 import torch.fx as fx
 
+from ..errors import FiseditError
+from ..execution.kernels.recorded_shift import SHIFT_ALIGN
 from ..execution.plan import MaskPlan
-from ..graph_keys import CACHE_INPUT, PASS_VALUES_INPUT, PLAN_INPUT
+from ..graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PASS_VALUES_INPUT, PLAN_INPUT
 from .edit_cache import StepStore
 
 
@@ -58,8 +71,12 @@ class CapturedSteps:
         # The user inputs the step reads (those read only by the pass constants are not).
         self.read = frozenset(node.name for node in edit.graph.nodes
                               if node.op == "placeholder" and node.users)
+        # The recorded keys its kernels read at the static store's recorded shift.
+        self.in_place = edit.meta.get(IN_PLACE_KEYS, frozenset())
         self.inputs: dict | None = None      # static copies of the user inputs it reads
-        self.store: StepStore | None = None  # static copy of one step's recorded values
+        self.store: StepStore | None = None  # the static store (module docstring)
+        self._copied_bytes = 0               # how much of a step is copied into it
+        self._source = None                  # weak reference to the step loaded last
         self.values: tuple | None = None     # static copies of the pass constants' values
         self._loaded_values: tuple | None = None   # the values copied in last
         self.pool = torch.cuda.graph_pool_handle()
@@ -90,11 +107,18 @@ class CapturedSteps:
     def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None,
                 values: tuple | None = None):
         """The graph that replays ``plan`` (captured now if needed; None where capture failed).
-        ``inputs``, ``store`` and ``values`` fill the static buffers when none are loaded yet."""
-        if inputs is not None and self.inputs is None:
+        ``inputs``, ``store`` and ``values`` are loaded first when given; without them a
+        capture runs on the ones loaded last, whose recorded step must still be allocated."""
+        if inputs is not None:
             self._load(inputs, store, values)
         graphs, key = self._graphs_of(plan), self._key(plan)
         if key not in graphs:
+            if self.inputs is None or (self._source is not None and self._source() is None):
+                why = ("nothing is loaded yet" if self.inputs is None else
+                       "the recorded step loaded last has been freed since")
+                raise FiseditError(
+                    f"capturing an edit step runs it once on the inputs and recorded step "
+                    f"loaded last, but {why}; pass them: capture(plan, inputs, store, values)")
             template = plan if plan.bucket is None else plan.template()
             graphs[key] = self._capture(template)
         return graphs[key]
@@ -111,7 +135,10 @@ class CapturedSteps:
             # An input the step does not read is passed as None: no buffer, no copy.
             self.inputs = {name: value.clone() if name in self.read else None
                            for name, value in inputs.items()}
-            self.store = store.clone()
+            # A whole copy of the first step, at a shift of 0 (reading the copy itself).
+            shift = torch.zeros(1, dtype=torch.int64, device=store.buffer.device)
+            self.store = StepStore(store.buffer.clone(), store.layout, recorded_shift=shift)
+            self._copied_bytes = store.layout.span_without(self.in_place)
             if values is not None:
                 self.values = _static_copy(values)
                 self._loaded_values = values
@@ -119,7 +146,17 @@ class CapturedSteps:
         for name, value in inputs.items():
             if name in self.read:
                 self.inputs[name].copy_(value)
-        self.store.buffer.copy_(store.buffer)   # same layout: one cache, one signature
+        # Same layout (one cache, one signature), so one distance moves every read.
+        distance = store.buffer.data_ptr() - self.store.buffer.data_ptr()
+        if distance % SHIFT_ALIGN:
+            # Not from the caching allocator: no aligned shift reaches it, so copy it all.
+            self.store.buffer.copy_(store.buffer)
+            distance, self._source = 0, None
+        else:
+            copied = self._copied_bytes
+            self.store.buffer[:copied].copy_(store.buffer[:copied])
+            self._source = weakref.ref(store.buffer)
+        self.store.recorded_shift.fill_(distance)
         if values is not None and values is not self._loaded_values:
             _copy_into(self.values, values)
             self._loaded_values = values        # held: its identity is not reused meanwhile

@@ -9,11 +9,14 @@ starts that copy one step early (``prefetch``) on a side stream, so it overlaps 
 step's compute instead of stalling the next one.
 
 Each step's values live in one byte buffer (``StepStore``), one view per key. Why: the edit
-step's CUDA graph reads its cache at fixed addresses, so before each replay the step's values
-are copied into the graph's own buffer. SD1.5 records ~350 tensors per step; copied one by
-one that took 2.1 ms of host time per step on an H100 (``benchmarks/host_overhead.py``), a
-third of the whole edit step. One buffer makes it one copy, and offloading and prefetching a
-step one copy each way.
+step's CUDA graph reads its cache at fixed addresses, the graph's own buffer (its static
+store), which stands for the step it replays: one shift from that buffer to the step's, held
+on the device, moves every kernel read of the bulk of the values (``kernels.recorded_shift``),
+and the rest is copied into the static store before each replay. SD1.5 records ~350 tensors
+per step; copied one by one that took 2.1 ms of host time per step on an H100
+(``benchmarks/host_overhead.py``), a third of the whole edit step. One buffer makes the shift
+one number and the copy one run of memory (the values read in place are laid out last), and
+offloading and prefetching a step one copy each way.
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ class StepStore(dict):
 
     Reads like the plain dict the record graph fills (``store[key]``); ``layout`` gives the
     same views over any other buffer of the same layout, which is how a CUDA graph's static
-    copy and offloaded or prefetched copies are made.
+    store and offloaded or prefetched copies are made. ``recorded_shift`` is None, except on a
+    CUDA graph's static store: there the one-element int64 device tensor holding the byte
+    distance from this buffer to the step it stands for (``sparse_ops.cache_shift``).
     """
 
-    def __init__(self, buffer: torch.Tensor, layout: "StoreLayout"):
+    def __init__(self, buffer: torch.Tensor, layout: "StoreLayout", recorded_shift=None):
         super().__init__(layout.views(buffer))
         self.buffer, self.layout = buffer, layout
+        self.recorded_shift = recorded_shift
 
     def to(self, device, non_blocking: bool = False) -> "StepStore":
         return StepStore(self.buffer.to(device, non_blocking=non_blocking), self.layout)
@@ -74,12 +80,21 @@ class StoreLayout:
     """Where each tensor of a recorded step lives in its byte buffer: offset, dtype, shape,
     strides. 4-D tensors under a key in ``channels_last`` are stored channels-last (what the
     sparse conv kernel reads fastest); other tensors whose elements fill their span keep their
-    strides; the rest are stored contiguous, which every later view and op accepts."""
+    strides; the rest are stored contiguous, which every later view and op accepts. Values
+    under a key in ``in_place`` (those a CUDA graph reads where the step lives) are placed
+    after all the others, so the others are one run from the buffer's start
+    (``span_without``)."""
 
-    def __init__(self, store: dict, channels_last=()):
+    def __init__(self, store: dict, channels_last=(), in_place=()):
         self.slots = []             # (path, dtype, shape, stride, byte offset, elements)
-        self.nbytes = 0
-        for path, tensor in _leaves(store, ()):
+        leaves = list(_leaves(store, ()))
+        placed = sorted(leaves, key=lambda leaf: leaf[0][0] in in_place)    # stable
+        offsets, end = {}, 0
+        for path, tensor in placed:
+            offsets[path] = end
+            end += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+        self.nbytes = end
+        for path, tensor in leaves:
             if path[0] in channels_last and tensor.dim() == 4:
                 batch, channels, height, width = tensor.shape
                 stride = (height * width * channels, 1, width * channels, channels)
@@ -88,9 +103,14 @@ class StoreLayout:
             else:
                 stride = _contiguous_strides(tensor.shape)
             self.slots.append((path, tensor.dtype, tuple(tensor.shape), tuple(stride),
-                               self.nbytes, tensor.numel()))
-            self.nbytes += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+                               offsets[path], tensor.numel()))
         self.signature = [(path, dtype, shape) for path, dtype, shape, *_ in self.slots]
+
+    def span_without(self, keys) -> int:
+        """How many bytes from the buffer's start hold every value not under ``keys``."""
+        return max((offset + numel * dtype.itemsize
+                    for path, dtype, _, _, offset, numel in self.slots if path[0] not in keys),
+                   default=0)
 
     def matches(self, store: dict) -> bool:
         return self.signature == [(path, t.dtype, tuple(t.shape)) for path, t in _leaves(store, ())]
@@ -99,7 +119,8 @@ class StoreLayout:
         """``store``'s tensors copied into one new buffer on their device (one launch on CUDA)."""
         leaves = dict(_leaves(store, ()))
         pieces, end = [], 0
-        for path, dtype, shape, stride, offset, numel in self.slots:
+        for path, dtype, shape, stride, offset, numel in sorted(self.slots,
+                                                                key=lambda slot: slot[4]):
             if offset > end:
                 pieces.append(torch.zeros(offset - end, dtype=torch.uint8,
                                           device=leaves[path].device))
@@ -228,18 +249,19 @@ class EditCache:
         self.num_steps = num_steps
 
     # -- storing ----------------------------------------------------------------------------
-    def put(self, step: int, store: dict, channels_last=()) -> None:
+    def put(self, step: int, store: dict, channels_last=(), in_place=()) -> None:
         """Keep ``store`` (the record graph's dict) as the recorded values of ``step``, packed
         into one buffer: on its device while the budget allows, else in pinned host memory.
         The first step fixes the layout; 4-D values under the keys in ``channels_last`` are
-        stored channels-last.
+        stored channels-last, and values under the keys in ``in_place`` after the others
+        (``StoreLayout``).
 
         The buffer is packed (and offloaded) before the cache changes, so a failed copy (out
         of memory) leaves the cache as it was; re-recording a step holds its old buffer until
         the new one is made."""
         layout = self.layout
         if layout is None:
-            layout = StoreLayout(store, channels_last)
+            layout = StoreLayout(store, channels_last, in_place)
         elif not layout.matches(store):
             raise FiseditError("this step records other values than the cache's earlier steps; "
                                "a cache holds one generation: use engine.new_cache()")

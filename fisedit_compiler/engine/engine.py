@@ -42,7 +42,8 @@ from ..errors import FiseditError
 from ..execution.derived_weights import content_fingerprint, tensor_versions, version_counters
 from ..execution.plan import (Bucket, MaskPlan, capacity_buckets, image_resolution_hint,
                               validate_mask)
-from ..graph_keys import CACHE_INPUT, CHANNELS_LAST_KEYS, PASS_VALUES_INPUT, PLAN_INPUT
+from ..graph_keys import (CACHE_INPUT, CHANNELS_LAST_KEYS, IN_PLACE_KEYS, PASS_VALUES_INPUT,
+                          PLAN_INPUT)
 from ..passes import registry
 from .cuda_graph import CapturedSteps
 from .edit_cache import EditCache
@@ -226,7 +227,8 @@ class SparseEngine:
         self._pass_values.clear()
         # The step is stored, then its bookkeeping set by plain assignments, nothing between
         # them that can fail.
-        cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()))
+        cache.put(step, store, channels_last=program.edit.meta.get(CHANNELS_LAST_KEYS, ()),
+                  in_place=program.edit.meta.get(IN_PLACE_KEYS, ()))
         cache.signature = program.signature
         cache.weight_versions = versions
         cache.weight_fingerprint = fingerprint

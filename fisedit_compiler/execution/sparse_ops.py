@@ -30,6 +30,13 @@ def cache_read(cache: dict, key: str):
     return cache[key]
 
 
+def cache_shift(cache: dict):
+    """The byte distance, held on the device, from ``cache``'s values to those of the step
+    they stand for (``kernels.recorded_shift``): set on a CUDA graph's static store
+    (``StepStore.recorded_shift``), None for any other store."""
+    return getattr(cache, "recorded_shift", None)
+
+
 def cache_write(cache: dict, key: str, value) -> None:
     """Record ``value`` under ``key`` (record mode)."""
     cache[key] = value

@@ -15,6 +15,12 @@ function of the inputs:
 * self-attention under the ``full`` policy reads the recorded K/V with the active rows
   replaced in place; cross-attention and the ``sparse`` policy are plain attention over
   compact tensors and use PyTorch's fused SDPA.
+
+The conv and the attention also take ``recorded_shift`` (``kernels.recorded_shift``; set by
+``passes.lower_kernels`` on those whose recorded values come straight from the cache): their
+kernels read the recorded values that many bytes from the tensors given, which is how a CUDA
+graph's step reads the recorded step it replays where that step lives. Where such an op runs
+its reference instead, the reference reads a copy made from the shifted address.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from . import sparse_ops
 from .kernels import attention as attention_kernels
 from .kernels import group_norm as group_norm_kernels
+from .kernels.recorded_shift import read_shifted
 from .kernels import sparse_conv as conv_kernels
 from .kernels import tokens as token_kernels
 from .plan import LevelPlan, MaskPlan
@@ -36,6 +43,15 @@ def _position(level: LevelPlan) -> torch.Tensor:
 
 def _pixels(level: LevelPlan) -> torch.Tensor:
     return level.table("pixels_int32", lambda: level.pixels.to(torch.int32))
+
+
+def _recorded_for_reference(recorded, recorded_shift, level: LevelPlan):
+    """What a torch reference reads as the recorded values of a ``level``-sized tensor: a
+    copy from the shifted address, or the tensor given where the reference reads no recorded
+    value (none given, or a dense level, which is all new values: only its shape is read)."""
+    if recorded is None or recorded_shift is None or level.dense:
+        return recorded
+    return read_shifted(recorded, recorded_shift)
 
 
 def _group_norm(x, norm, level: LevelPlan, silu=False):
@@ -52,16 +68,18 @@ def _group_norm(x, norm, level: LevelPlan, silu=False):
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None, packed_weight=None, method: str = "implicit"):
-    """``sparse_ops.sparse_conv2d`` on the conv kernel; ``packed_weight`` and ``method`` are
-    added by ``passes.lower_kernels``: ``packed_weight`` is the program's packed copy of
-    ``weight`` (``kernels.sparse_conv.pack_weight``; packed here on each call without it),
-    ``method`` is ``SparseConfig.conv_method``."""
+                  residual=None, out_divisor=None, packed_weight=None, method: str = "implicit",
+                  recorded_shift=None):
+    """``sparse_ops.sparse_conv2d`` on the conv kernel; ``packed_weight``, ``method`` and
+    ``recorded_shift`` are added by ``passes.lower_kernels``: ``packed_weight`` is the
+    program's packed copy of ``weight`` (``kernels.sparse_conv.pack_weight``; packed here on
+    each call without it), ``method`` is ``SparseConfig.conv_method``."""
     source, target = plan[level_in], plan[level_out]
     batch, c_out = x.shape[0], weight.shape[0]
     per_channel_temb = temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
                                         and temb.shape[1] == c_out)
     if groups != 1 or target.dense or not per_channel_temb:
+        recorded = _recorded_for_reference(recorded, recorded_shift, source)
         return sparse_ops.sparse_conv2d(x, recorded, plan, level_in, level_out, weight, bias,
                                         stride, padding, dilation, groups, norm=norm, silu=silu,
                                         temb=temb, residual=residual, out_divisor=out_divisor)
@@ -80,7 +98,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         x, recorded, _position(source), _pixels(target), target.size, weight, bias,
         stride=stride, padding=padding, dilation=dilation, temb=temb, residual=residual,
         out_scale=None if out_divisor is None else 1.0 / out_divisor,
-        packed_weight=packed_weight, method=method)
+        packed_weight=packed_weight, method=method, recorded_shift=recorded_shift)
 
 
 def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,
@@ -89,7 +107,7 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
 
 
 def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int, scale,
-                     policy: str, attn_mask=None):
+                     policy: str, attn_mask=None, recorded_shift=None):
     target = plan[level]
     if recorded_k is not None and policy == "full" and not target.dense and attn_mask is None:
         if q.dim() == 3:
@@ -97,9 +115,12 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
             # (passes/fold_attention.py): the kernel's [batch, heads, tokens, dim] with batch 1.
             return attention_kernels.attention(
                 q[None], k[None], v[None], scale, recorded_k[None], recorded_v[None],
-                _position(target))[0]
+                _position(target), recorded_shift)[0]
         return attention_kernels.attention(q, k, v, scale, recorded_k, recorded_v,
-                                           _position(target))
+                                           _position(target), recorded_shift)
+    if policy == "full":
+        recorded_k, recorded_v = (_recorded_for_reference(recorded, recorded_shift, target)
+                                  for recorded in (recorded_k, recorded_v))
     return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,
                                        policy, attn_mask)
 

@@ -15,6 +15,15 @@ It also names, in ``edit.meta[CHANNELS_LAST_KEYS]``, the cache keys that sparse 
 their recorded input. The conv kernel gathers each pixel's channels as one vector, which is
 contiguous only in a channels-last tensor, so the cache stores those values channels-last
 (``EditCache`` packs every step anyway, so the layout costs nothing extra).
+
+And it gives the sparse convs and the mixed self-attentions whose recorded values come straight
+from the cache a ``recorded_shift``: the cache's ``cache_shift``, a byte distance on the device
+(``kernels.recorded_shift``). Outside CUDA graphs it is None and nothing changes; a CUDA
+graph's static store sets it, so the captured step reads the recorded step it replays where
+that step lives instead of a copy of it in the static store (``engine.cuda_graph``). The keys
+read only so are named in ``edit.meta[IN_PLACE_KEYS]``: the static store copies every other
+value before a replay, and ``EditCache`` lays these out after the rest, so that copy is one
+run of memory.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import torch.fx as fx
 
 from ..execution import sparse_ops, triton_ops
 from ..execution.derived_weights import packed_conv_weight
-from ..graph_keys import CHANNELS_LAST_KEYS
+from ..graph_keys import CHANNELS_LAST_KEYS, IN_PLACE_KEYS
 from . import registry
 from .pattern import args_of, call, derived_weights, set_args
 
@@ -46,5 +55,47 @@ def lower_kernels(edit: fx.GraphModule, conv_method: str) -> fx.GraphModule:
     recorded = [args_of(node)["recorded"] for node in convs]
     edit.meta[CHANNELS_LAST_KEYS] = frozenset(
         args_of(read)["key"] for read in recorded if call(read, sparse_ops.cache_read))
+    edit.meta[IN_PLACE_KEYS] = _shift_recorded_reads(edit)
     edit.recompile()
     return edit
+
+
+# The arguments of each op that take a recorded value its kernel reads at the recorded shift.
+_SHIFTED_ARGUMENTS = {triton_ops.sparse_conv2d: ("recorded",),
+                      triton_ops.sparse_attention: ("recorded_k", "recorded_v")}
+
+
+def _shift_recorded_reads(edit: fx.GraphModule) -> frozenset:
+    """Give each op of ``_SHIFTED_ARGUMENTS`` whose recorded arguments are all cache reads
+    the cache's shift; returns the keys that nothing else reads."""
+    graph = edit.graph
+    reads = [node for node in graph.nodes if call(node, sparse_ops.cache_read)]
+    if not reads:
+        return frozenset()
+    shift = None
+    shifted_uses = set()            # (cache read, op) pairs read at the shift
+    for node in graph.nodes:
+        names = _SHIFTED_ARGUMENTS.get(node.target) if node.op == "call_function" else None
+        recorded = [args_of(node)[name] for name in names or ()]
+        if not recorded or not all(call(read, sparse_ops.cache_read) for read in recorded):
+            continue
+        if shift is None:       # one shift, before the first op that reads it
+            with graph.inserting_before(node):
+                shift = graph.call_function(sparse_ops.cache_shift,
+                                            (args_of(recorded[0])["cache"],))
+        set_args(node, recorded_shift=shift)
+        shifted_uses.update((read, node) for read in recorded)
+    keys_read_elsewhere = {args_of(read)["key"] for read in reads
+                           if any((read, user) not in shifted_uses
+                                  or _passed_elsewhere(user, read) for user in read.users)}
+    return frozenset(args_of(read)["key"] for read in reads) - keys_read_elsewhere
+
+
+def _passed_elsewhere(op: fx.Node, read: fx.Node) -> bool:
+    """Whether ``op`` takes ``read`` in an argument other than its shifted recorded ones."""
+    shifted = _SHIFTED_ARGUMENTS[op.target]
+    passed = []
+    for name, value in args_of(op).items():
+        if name not in shifted:
+            fx.node.map_arg(value, passed.append)
+    return read in passed

@@ -21,12 +21,14 @@ import torch
 from ...errors import FiseditError
 from . import (HAS_TRITON, INTERPRET, accumulation_dtype, autotune_options, launch_options,
                mix_positions)
+from .recorded_shift import check_recorded_shift, shift_launch_args
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from . import wait_for_previous_kernel
+    from .recorded_shift import shifted
 
     # Shared memory one launch may use, with a margin for what the estimate below leaves out.
     _SHARED_BUDGET = 192 * 1024
@@ -79,12 +81,14 @@ if HAS_TRITON:
     # The query count follows the mask: not specialized on (Triton would compile a variant per
     # divisibility class), so a new mask does not recompile; tuning is per power-of-two bucket.
     @triton.jit(do_not_specialize=["q_len", "q_bucket"])
-    def _attention_kernel(q, k, v, k_rec, v_rec, key_position, out, partial, stats,
+    def _attention_kernel(q, k, v, k_rec, v_rec, shift_ptr, key_position, out, partial, stats,
                           q_len, n_keys, keys_per_split, heads, qk_scale, q_bucket,
                           sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
                           sv_b, sv_h, sv_l, sv_d, skr_b, skr_h, skr_l, skr_d,
                           svr_b, svr_h, svr_l, svr_d, so_b, so_h, so_l, so_d,
-                          MIXED: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                          MIXED: tl.constexpr, SHIFTED: tl.constexpr,
+                          RECORDED_BYTES: tl.constexpr, SPLIT: tl.constexpr,
+                          PRECISION: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
         """Program (query block, batch * heads, split): BLOCK_M queries of one (batch, head)
@@ -112,6 +116,8 @@ if HAS_TRITON:
                           mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         k += tl.multiple_of(b * sk_b + h * sk_h, ALIGN)
         v += tl.multiple_of(b * sv_b + h * sv_h, ALIGN)
+        k_rec = shifted(k_rec, shift_ptr, SHIFTED, RECORDED_BYTES)
+        v_rec = shifted(v_rec, shift_ptr, SHIFTED, RECORDED_BYTES)
         k_rec += tl.multiple_of(b * skr_b + h * skr_h, ALIGN)
         v_rec += tl.multiple_of(b * svr_b + h * svr_h, ALIGN)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -269,7 +275,8 @@ def _stride_alignment(*tensors) -> int:
     return align
 
 
-def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_position=None):
+def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_position=None,
+              recorded_shift=None):
     """Triton version of ``attention_reference``; q/k/v may be strided views (e.g. permutes).
 
     fp32 inputs use exact fp32 dot products (not TF32) so they match the reference closely.
@@ -278,8 +285,16 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
     Lq, H * D)`` for the output projection, is then a free view instead of a copy kernel. With
     few queries the keys are split across programs and a second small kernel merges the partial
     results.
+
+    ``recorded_shift`` (``kernels.recorded_shift``): the recorded K/V are read that many bytes
+    from their given addresses (a CUDA graph's static store standing for the step it
+    replays); None reads them in place.
     """
     mixed = _check_inputs(q, k, v, k_recorded, v_recorded, key_position)
+    if recorded_shift is not None and not mixed:
+        raise FiseditError("attention: recorded_shift moves the recorded K/V; pass it with "
+                           "k_recorded, v_recorded and key_position, or not at all")
+    check_recorded_shift(recorded_shift, q, "attention")
     batch, heads, q_len, head_dim = q.shape
     out = torch.empty((batch, q_len, heads, head_dim), dtype=q.dtype,
                       device=q.device).permute(0, 2, 1, 3)
@@ -304,14 +319,15 @@ def attention(q, k, v, scale=None, k_recorded=None, v_recorded=None, key_positio
     def grid(meta):
         return triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads, splits
 
+    shift, is_shifted, recorded_bytes = shift_launch_args(recorded_shift, k_recorded)
     _attention_kernel[grid](
-        q, k, v, k_recorded, v_recorded, key_position, out, partial, stats,
+        q, k, v, k_recorded, v_recorded, shift, key_position, out, partial, stats,
         q_len, n_keys, keys_per_split, heads, scale * math.log2(math.e),
         triton.next_power_of_2(q_len),
         *q.stride(), *k.stride(), *v.stride(), *k_recorded.stride(), *v_recorded.stride(),
         *out.stride(),
-        MIXED=mixed, SPLIT=splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, **launch_options(q))
+        MIXED=mixed, SHIFTED=is_shifted, RECORDED_BYTES=recorded_bytes, SPLIT=splits > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, **launch_options(q))
     if splits > 1:
         _combine_kernel[(triton.cdiv(q_len, 16), batch * heads)](
             partial, stats, out, q_len, heads, splits, *out.stride(),

@@ -43,6 +43,7 @@ from ...config import CONV_METHODS, KERNEL_DTYPES
 from ...errors import FiseditError
 from . import (HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions,
                triton_enabled)
+from .recorded_shift import check_recorded_shift, shift_launch_args
 
 _INT32_MAX = 2**31 - 1
 
@@ -177,6 +178,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from . import wait_for_previous_kernel
+    from .recorded_shift import shifted
 
     def _configs():
         """One small tile in the interpreter (fast CPU tests); a handful to tune on the GPU.
@@ -308,12 +310,13 @@ if HAS_TRITON:
                      **autotune_options())
     @triton.jit(do_not_specialize=["m_total", "p_out", "m_bucket"])
     def _sparse_conv2d_kernel(
-            x_ptr, rec_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, partial_ptr, counter_ptr,
+            x_ptr, rec_ptr, shift_ptr, position_ptr, pixels_ptr, w_ptr, bias_ptr, temb_ptr, res_ptr, out_ptr, partial_ptr, counter_ptr,
             m_total, p_out, c_in, c_out, src_w, in_h, in_w, out_w, pad_top, pad_left, m_bucket,
             sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w, sres_b, sres_c, sres_p, out_scale,
             KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
             DIL_H: tl.constexpr, DIL_W: tl.constexpr, HAS_BIAS: tl.constexpr,
             HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
+            SHIFTED: tl.constexpr, RECORDED_BYTES: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             PDL: tl.constexpr):
         wait_for_previous_kernel(PDL)
@@ -329,7 +332,7 @@ if HAS_TRITON:
         oy = pixel // out_w
         ox = pixel % out_w
         x_rows = x_ptr + batch64 * sx_b
-        rec_rows = rec_ptr + batch64 * sr_b
+        rec_rows = shifted(rec_ptr, shift_ptr, SHIFTED, RECORDED_BYTES) + batch64 * sr_b
         ks = tl.arange(0, BLOCK_K)
         # This program's share of the K steps (tap, channel block), in tap-major order.
         c_blocks = tl.cdiv(c_in, BLOCK_K)
@@ -369,11 +372,12 @@ if HAS_TRITON:
     # blocks, taps, channel blocks); the indexing is the implicit kernel's, per tap.
     @triton.jit(do_not_specialize=["m_total", "p_out"])
     def _gather_taps_kernel(
-            x_ptr, rec_ptr, position_ptr, pixels_ptr, a_ptr, m_total, p_out, c_in, src_w, in_h,
-            in_w, out_w, pad_top, pad_left, sx_b, sx_c, sx_p, sr_b, sr_c, sr_h, sr_w,
-            KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-            DIL_H: tl.constexpr, DIL_W: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+            x_ptr, rec_ptr, shift_ptr, position_ptr, pixels_ptr, a_ptr, m_total, p_out, c_in,
+            src_w, in_h, in_w, out_w, pad_top, pad_left, sx_b, sx_c, sx_p, sr_b, sr_c, sr_h,
+            sr_w, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+            DIL_H: tl.constexpr, DIL_W: tl.constexpr, SHIFTED: tl.constexpr,
+            RECORDED_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+            PDL: tl.constexpr):
         wait_for_previous_kernel(PDL)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         tap = tl.program_id(1)
@@ -385,6 +389,7 @@ if HAS_TRITON:
         sy, sx, position, inside = _tap_source(pixel // out_w, pixel % out_w, row_ok, tap,
                                                position_ptr, src_w, in_h, in_w, pad_top,
                                                pad_left, KW, STRIDE_H, STRIDE_W, DIL_H, DIL_W)
+        rec_ptr = shifted(rec_ptr, shift_ptr, SHIFTED, RECORDED_BYTES)
         a = _mixed_values(x_ptr + batch64 * sx_b + position * sx_p,
                           rec_ptr + batch64 * sr_b + sy * sr_h + sx * sr_w, position, inside,
                           channel, c_ok, sx_c, sr_c)
@@ -464,7 +469,8 @@ def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) 
 
 def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=None, *,
                   stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), temb=None, residual=None,
-                  out_scale=None, packed_weight=None, split_k=None, method="implicit"):
+                  out_scale=None, packed_weight=None, split_k=None, method="implicit",
+                  recorded_shift=None):
     """``sparse_conv2d_reference`` as a Triton kernel (see the module docstring).
 
     ``packed_weight`` is ``pack_weight(weight)``, packed once per conv by the runtime (packed
@@ -490,10 +496,15 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     the implicit method only. The gather method's GEMM accumulates in fp32 but rounds the
     product to the output dtype before the epilogue adds to it, and an fp32 GEMM follows
     ``torch.backends.cuda.matmul.allow_tf32`` (off by default: full fp32).
+
+    ``recorded_shift`` (``kernels.recorded_shift``): the recorded input is read that many
+    bytes from ``recorded``'s address (a CUDA graph's static store standing for the step it
+    replays); None reads ``recorded`` itself.
     """
     groups = _check(x, recorded, in_position, out_pixels, out_size, weight, bias, stride, padding,
                     dilation, temb, residual)
     check_choice("sparse_conv2d: method", method, CONV_METHODS)
+    check_recorded_shift(recorded_shift, recorded, "sparse_conv2d")
     if method == "gather" and split_k is not None:
         raise FiseditError("sparse_conv2d: split_k applies to method='implicit' only (cuBLAS "
                            "splits the gather method's GEMM itself); pass split_k=None")
@@ -533,8 +544,9 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     if m_total == 0:
         return out
     if method == "gather":
-        _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, stride, padding,
-                     dilation, temb, residual, out_scale, out, (kernel_h, kernel_w))
+        _gather_conv(x, recorded, recorded_shift, in_position, out_pixels, out_size, packed,
+                     bias, stride, padding, dilation, temb, residual, out_scale, out,
+                     (kernel_h, kernel_w))
         return out
     splits = (_auto_split_k(m_total, c_out, packed.shape[0], x.device) if split_k is None
               else split_k)
@@ -554,14 +566,15 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     out_scale = 1.0 if out_scale is None else float(out_scale)  # multiplying by 1.0 is exact
     grid = lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(c_out, meta["BLOCK_N"]), splits)
+    shift, is_shifted, recorded_bytes = shift_launch_args(recorded_shift, recorded)
     try:
         _sparse_conv2d_kernel[grid](
-            x, recorded, in_position, out_pixels, packed, bias, temb, residual, out,
+            x, recorded, shift, in_position, out_pixels, packed, bias, temb, residual, out,
             partial, counters, m_total, p_out, c_in, c_out, src_w, src_h, src_w, out_size[1], top, left, triton.next_power_of_2(m_total),
             *x.stride(), *recorded.stride(), *res_strides, out_scale,
             KH=kernel_h, KW=kernel_w, STRIDE_H=stride[0], STRIDE_W=stride[1],
             DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_TEMB=temb is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=splits > 1,
-            **launch_options(x))
+            SHIFTED=is_shifted, RECORDED_BYTES=recorded_bytes, **launch_options(x))
     except BaseException:
         # The interpreter can fail partway through a launch, leaving some counters raised.
         if INTERPRET and counters is not None:
@@ -570,8 +583,8 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     return out
 
 
-def _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, stride, padding,
-                 dilation, temb, residual, out_scale, out, kernel_size):
+def _gather_conv(x, recorded, recorded_shift, in_position, out_pixels, out_size, packed, bias,
+                 stride, padding, dilation, temb, residual, out_scale, out, kernel_size):
     """The ``"gather"`` method of ``sparse_conv2d``, into ``out`` (channel-fast, so its memory
     is the ``[M, Cout]`` GEMM result)."""
     batch, c_in, src_h, src_w = recorded.shape
@@ -582,11 +595,13 @@ def _gather_conv(x, recorded, in_position, out_pixels, out_size, packed, bias, s
     block_m, block_c = (16, 16) if INTERPRET else (32, 64)
     grid = (triton.cdiv(m_total, block_m), kernel_size[0] * kernel_size[1],
             triton.cdiv(c_in, block_c))
+    shift, is_shifted, recorded_bytes = shift_launch_args(recorded_shift, recorded)
     _gather_taps_kernel[grid](
-        x, recorded, in_position, out_pixels, taps, m_total, p_out, c_in, src_w, src_h, src_w,
-        out_size[1], padding[0], padding[2], *x.stride(), *recorded.stride(),
+        x, recorded, shift, in_position, out_pixels, taps, m_total, p_out, c_in, src_w, src_h,
+        src_w, out_size[1], padding[0], padding[2], *x.stride(), *recorded.stride(),
         KW=kernel_size[1], STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0],
-        DIL_W=dilation[1], BLOCK_M=block_m, BLOCK_C=block_c, **launch_options(x))
+        DIL_W=dilation[1], SHIFTED=is_shifted, RECORDED_BYTES=recorded_bytes, BLOCK_M=block_m,
+        BLOCK_C=block_c, **launch_options(x))
     result = out.transpose(1, 2).view(m_total, c_out)
     only_bias = temb is None and residual is None and out_scale is None
     if only_bias and bias is not None and bias.dtype == taps.dtype:

@@ -5,9 +5,11 @@
 ``fisedit-compiler bench --profile-area`` splits an edit call into the replayed graph and the
 host time of the call; this script splits the host time further, piece by piece, in the order
 ``SparseEngine.edit`` runs them: the program lookup, the timestep check, the step's cache
-lookup, the check that the pass constants' values are those of the step's inputs, the copies
-of the inputs and the cache into the graph's static buffers (host launch time and GPU time),
-the replay launch and the output clone. Medians of perf_counter timings
+lookup, the check that the pass constants' values are those of the step's inputs, the copy of
+the inputs into the graph's static buffers and the static store's load of the recorded step
+(``CapturedSteps.stand_for``: the values not read in place, and the recorded shift; beside it
+the whole-step copy it replaced, for comparison), both by host launch time and GPU time, the
+replay launch and the output clone. Medians of perf_counter timings
 from an idle GPU; GPU times by CUDA events. Prints a table and the CUDA kernels launched
 outside the graph, from a profile of one edit call.
 
@@ -60,7 +62,8 @@ def main(argv=None) -> None:
         for name in captured.read & flat.keys():
             captured.inputs[name].copy_(flat[name])
 
-    copy_cache = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
+    stand_for = lambda: captured.stand_for(store)  # noqa: E731
+    whole_copy = lambda: captured.store.buffer.copy_(store.buffer)  # noqa: E731
     graph = captured.capture(plan)
     host, gpu = timing.host_time_ms, timing.cuda_time_ms
     rows = [
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
         ("cache store_on", host(lambda: cache.store_on(0, torch.device("cuda"))), None),
         ("pass constants, kept", host(lambda: engine._values_for(program, flat, False)), None),
         ("copy inputs", host(copy_inputs), gpu(copy_inputs)),
-        ("copy cache", host(copy_cache), gpu(copy_cache)),
+        ("load the recorded step", host(stand_for), gpu(stand_for)),
+        ("(copy the whole step)", host(whole_copy), gpu(whole_copy)),
         ("plan a new mask", host(lambda: engine.plan(mask.roll(3, dims=1))), None),
         ("refill the bucket's tables", host(lambda: graph.plan.refill(plan)),
          gpu(lambda: graph.plan.refill(plan))),
@@ -85,7 +89,8 @@ def main(argv=None) -> None:
         ("output clone", host(lambda: graph.output.clone()), None),
     ]
     print(f"{args.model} {latent * 8} px, {args.area:.0%} blob, cache: {len(slots)} tensors in "
-          f"one {mib:.1f} MiB buffer, dtypes {dtypes}")
+          f"one {mib:.1f} MiB buffer, dtypes {dtypes}; {captured._copied_bytes / 2**20:.1f} MiB "
+          "copied before a replay, the rest read in place")
     print(f"{'piece':28s} {'host ms':>8s} {'GPU ms':>8s}")
     for name, host, gpu in rows:
         print(f"{name:28s} {host:8.3f} {'' if gpu is None else f'{gpu:8.3f}':>8s}")

@@ -234,6 +234,34 @@ def test_pass_constants_load_once_per_pass_and_follow_prompts_and_weights():
     assert engine._pass_values[program.signature].computed == 1
 
 
+@pytest.mark.parametrize("budget", [None, 0], ids=["on-device", "offloaded"])
+def test_each_replay_reads_its_recorded_step_where_it_lives(budget):
+    """The captured step reads the recorded step it replays in place (the kernels' recorded
+    shift): with the static store's copy of those values overwritten by NaN, the steps of a
+    generation, recorded from different inputs and kept on the device or offloaded to the
+    host (prefetched copies), still give the eager engine's edits, in any order."""
+    unet = zoo.unet("sd15-tiny", device="cuda")
+    engine = fc.compile(unet)
+    eager = engine.with_config(fc.SparseConfig(cuda_graphs=False))
+    mask = bench.blob_mask((16, 16), 0.1)
+    recorded = [zoo.example_inputs(unet, batch=2, seed=seed) for seed in range(3)]
+    cache, eager_cache = engine.new_cache(3, device_budget_bytes=budget), eager.new_cache(3)
+    for step, inputs in enumerate(recorded):
+        engine.record(cache, step, **inputs)
+        eager.record(eager_cache, step, **inputs)
+    assert len(cache.offloaded) == (3 if budget == 0 else 0)
+    plan, eager_plan = engine.plan(mask), eager.plan(mask)
+    steps = engine.captured_steps(**recorded[0])
+    for order, step in enumerate([0, 2, 1, 0]):
+        edited = bench.edited_inputs(recorded[step], mask)
+        actual = engine.edit(cache, step, plan=plan, **edited)
+        expected = eager.edit(eager_cache, step, plan=eager_plan, **edited)
+        assert bench.relative_error(actual, expected) <= 5e-4, (order, step)
+        if order == 0:
+            assert steps.in_place and steps._copied_bytes < steps.store.buffer.numel() / 2
+            steps.store.buffer[steps._copied_bytes:].fill_(255)      # NaN in every dtype
+
+
 def test_module_changes_are_refused_on_the_captured_paths_and_undone_edits_replay():
     """After graphs were captured (a bucket's step, the compiled dense graph, prepare), a
     module change the graphs cannot see (a Parameter replaced, forward chunking switched on)

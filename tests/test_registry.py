@@ -27,8 +27,8 @@ KINDS = {"conv", "norm", "attention", "linear", "upsample", "pointwise", "cat", 
          "factory"}
 # sparse_ops functions that belong to the edit graph's machinery, not to one op: cache access,
 # moving between compact and dense, and what the record graph computes for an op's records.
-MACHINERY = {sparse_ops.cache_read, sparse_ops.cache_write, sparse_ops.gather_positions,
-             sparse_ops.scatter_full, sparse_ops.group_norm_stats}
+MACHINERY = {sparse_ops.cache_read, sparse_ops.cache_shift, sparse_ops.cache_write,
+             sparse_ops.gather_positions, sparse_ops.scatter_full, sparse_ops.group_norm_stats}
 SPECS = list(registry.REGISTRY.values())
 
 

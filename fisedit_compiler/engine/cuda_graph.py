@@ -146,6 +146,15 @@ class CapturedSteps:
         for name, value in inputs.items():
             if name in self.read:
                 self.inputs[name].copy_(value)
+        self.stand_for(store)
+        if values is not None and values is not self._loaded_values:
+            _copy_into(self.values, values)
+            self._loaded_values = values        # held: its identity is not reused meanwhile
+
+    def stand_for(self, store: StepStore) -> None:
+        """Make the static store stand for the recorded step ``store``: copy in the values not
+        read in place and point the recorded shift at ``store``'s buffer (one copy and one
+        8-byte fill, both queued on the current stream)."""
         # Same layout (one cache, one signature), so one distance moves every read.
         distance = store.buffer.data_ptr() - self.store.buffer.data_ptr()
         if distance % SHIFT_ALIGN:
@@ -157,9 +166,6 @@ class CapturedSteps:
             self.store.buffer[:copied].copy_(store.buffer[:copied])
             self._source = weakref.ref(store.buffer)
         self.store.recorded_shift.fill_(distance)
-        if values is not None and values is not self._loaded_values:
-            _copy_into(self.values, values)
-            self._loaded_values = values        # held: its identity is not reused meanwhile
 
     def _run(self, plan: MaskPlan):
         extra = {} if self.values is None else {PASS_VALUES_INPUT: self.values}

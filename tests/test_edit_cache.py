@@ -105,7 +105,7 @@ def test_offloaded_steps_are_pinned_and_prefetched_on_cuda():
 
 
 def test_a_step_is_packed_into_one_buffer_keeping_values_and_strides():
-    from fisedit_compiler.engine.edit_cache import StoreLayout
+    from fisedit_compiler.engine.edit_cache import StepStore, StoreLayout
 
     base = torch.randn(2, 8, 5, 3)
     store = {"contiguous": torch.randn(3, 7),
@@ -123,7 +123,7 @@ def test_a_step_is_packed_into_one_buffer_keeping_values_and_strides():
         assert view.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
         assert view.data_ptr() % 64 == 0
     assert packed["channels_last"].stride() == store["channels_last"].stride()
-    copy = packed.clone()                    # one buffer copy gives every value at new places
+    copy = StepStore(packed.buffer.clone(), packed.layout)   # every value at new places
     assert torch.equal(copy["norm"]["tile_sum"], store["norm"]["tile_sum"])
     assert copy["half"].data_ptr() != packed["half"].data_ptr()
 

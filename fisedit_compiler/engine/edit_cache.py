@@ -72,9 +72,6 @@ class StepStore(dict):
     def to(self, device, non_blocking: bool = False) -> "StepStore":
         return StepStore(self.buffer.to(device, non_blocking=non_blocking), self.layout)
 
-    def clone(self) -> "StepStore":
-        return StepStore(self.buffer.clone(), self.layout)
-
 
 class StoreLayout:
     """Where each tensor of a recorded step lives in its byte buffer: offset, dtype, shape,

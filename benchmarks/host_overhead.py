@@ -13,6 +13,10 @@ replay launch and the output clone. Medians of perf_counter timings
 from an idle GPU; GPU times by CUDA events. Prints a table and the CUDA kernels launched
 outside the graph, from a profile of one edit call.
 
+``--whole-step-copy`` compiles the engine as before session 23 for an A/B in one run: no
+kernel reads at a recorded shift, so the whole step is copied before each replay (it empties
+``lower_kernels``' table of shifted arguments).
+
 ``--new-masks N`` then times N edits with *new* masks (seeded squares of 1-20% at new
 places): planning the mask (``engine.plan``), the first edit with it and a second one. After
 ``engine.prepare`` a first edit costs what a second does (its bucket's graph is captured);
@@ -30,6 +34,7 @@ import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.engine import timing
 from fisedit_compiler.compiler.capture import flatten_inputs
+from fisedit_compiler.passes import lower_kernels
 
 
 @torch.no_grad()
@@ -38,7 +43,10 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--area", type=float, default=0.05)
     parser.add_argument("--new-masks", type=int, default=0, metavar="N")
+    parser.add_argument("--whole-step-copy", action="store_true")
     args = parser.parse_args(argv)
+    if args.whole_step_copy:
+        lower_kernels._SHIFTED_ARGUMENTS.clear()
     latent = bench.RESOLUTION[args.model] // 8
     unet = zoo.unet(args.model, dtype=torch.float16, device="cuda")
     inputs = zoo.example_inputs(unet, batch=2, seed=0, height=latent, width=latent)

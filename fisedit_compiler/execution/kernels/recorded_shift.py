@@ -35,11 +35,17 @@ if HAS_TRITON:
 
     from . import wait_for_previous_kernel
 
+    _ALIGN: tl.constexpr = tl.constexpr(SHIFT_ALIGN)
+
     @triton.jit
     def shifted(pointer, shift_ptr, SHIFTED: tl.constexpr, ELEMENT_BYTES: tl.constexpr):
         """``pointer`` moved by the byte distance at ``shift_ptr`` when ``SHIFTED``."""
         if SHIFTED:
-            pointer += tl.load(shift_ptr) // ELEMENT_BYTES
+            # The hint keeps the pointer's known alignment: without it the compiler assumes
+            # none for the moved pointer and loads element by element (session 23 measured
+            # SD1.5's replay 10% slower so).
+            pointer += tl.multiple_of(tl.load(shift_ptr) // ELEMENT_BYTES,
+                                      _ALIGN // ELEMENT_BYTES)
         return pointer
 
     @triton.jit

@@ -87,6 +87,37 @@ def test_interpreted_kernels_read_the_recorded_step_at_the_shift():
     assert torch.equal(shifted, actual)
 
 
+def test_ops_that_fall_back_to_their_reference_read_the_recorded_values_at_the_shift():
+    """A conv into a dense level and an attention under a mask run their torch references;
+    given a stand-in recorded tensor and a shift, they read the values at the shift (a copy)
+    and equal the same ops given the recorded values themselves."""
+    from fisedit_compiler.execution.plan import MaskPlan
+
+    from test_kernels_recorded_shift import stand_in
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[1:4, 2:7] = True
+    plan = MaskPlan(mask, [(8, 8), (4, 4)], [2, 1], 0, (1.0, 0.0))   # level 1 dense
+    assert not plan[0].dense and plan[1].dense
+    gen = torch.Generator().manual_seed(0)
+    new, recorded = (torch.randn(2, 6, 8, 8, generator=gen) for _ in range(2))
+    weight, bias = torch.randn(5, 6, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    x = sparse_ops.gather_positions(new, plan[0], (2, 3))
+    conv = (plan, 0, 1, weight, bias, (2, 2), (0, 1, 0, 1), (1, 1), 1)
+    (fake,), _, shift = stand_in(recorded)
+    torch.testing.assert_close(triton_ops.sparse_conv2d(x, fake, *conv, recorded_shift=shift),
+                               triton_ops.sparse_conv2d(x, recorded, *conv))
+    active = plan[0].pixels.numel()
+    q, k, v = (torch.randn(2, 3, active, 8, generator=gen) for _ in range(3))
+    recorded_k, recorded_v = (torch.randn(2, 3, 64, 8, generator=gen) for _ in range(2))
+    attn_mask = torch.rand(active, 64, generator=gen) > 0.3
+    (fake_k, fake_v), _, shift = stand_in(recorded_k, recorded_v)
+    attention = (plan, 0, None, "full", attn_mask)
+    torch.testing.assert_close(
+        triton_ops.sparse_attention(q, k, v, fake_k, fake_v, *attention, recorded_shift=shift),
+        triton_ops.sparse_attention(q, k, v, recorded_k, recorded_v, *attention))
+
+
 @pytest.mark.parametrize("channel_fast", [True, False])
 def test_pointwise_conv_lowering_matches_the_reference(channel_fast):
     gen = torch.Generator().manual_seed(0)

@@ -107,18 +107,19 @@ class CapturedSteps:
     def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None,
                 values: tuple | None = None):
         """The graph that replays ``plan`` (captured now if needed; None where capture failed).
-        ``inputs``, ``store`` and ``values`` are loaded first when given; without them a
-        capture runs on the ones loaded last, whose recorded step must still be allocated."""
+        ``inputs``, ``store`` and ``values`` are loaded first when given; without them the
+        capture and the graph's replays read the ones loaded last, whose recorded step must
+        still be allocated (refused here when it is not)."""
         if inputs is not None:
             self._load(inputs, store, values)
+        elif self.inputs is None or (self._source is not None and self._source() is None):
+            why = ("nothing is loaded yet" if self.inputs is None else
+                   "the recorded step loaded last has been freed since")
+            raise FiseditError(
+                f"an edit step's graph runs on the inputs and recorded step loaded last, but "
+                f"{why}; pass them: capture(plan, inputs, store, values)")
         graphs, key = self._graphs_of(plan), self._key(plan)
         if key not in graphs:
-            if self.inputs is None or (self._source is not None and self._source() is None):
-                why = ("nothing is loaded yet" if self.inputs is None else
-                       "the recorded step loaded last has been freed since")
-                raise FiseditError(
-                    f"capturing an edit step runs it once on the inputs and recorded step "
-                    f"loaded last, but {why}; pass them: capture(plan, inputs, store, values)")
             template = plan if plan.bucket is None else plan.template()
             graphs[key] = self._capture(template)
         return graphs[key]
@@ -252,4 +253,6 @@ class _Graph:
         self._loaded = weakref.ref(plan)
 
     def replay(self) -> None:
+        """Run the step on the inputs and the recorded step loaded last (``CapturedSteps``
+        loads them before each edit call's replay)."""
         self.graph.replay()

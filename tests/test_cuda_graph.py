@@ -260,6 +260,13 @@ def test_each_replay_reads_its_recorded_step_where_it_lives(budget):
         if order == 0:
             assert steps.in_place and steps._copied_bytes < steps.store.buffer.numel() / 2
             steps.store.buffer[steps._copied_bytes:].fill_(255)      # NaN in every dtype
+    if budget == 0:
+        # The last edit read a copy of the offloaded step, freed when the edit returned: its
+        # graph would replay on freed memory, so it is not handed out without a new step.
+        with pytest.raises(fc.FiseditError, match="freed since"):
+            steps.capture(plan)
+    else:
+        assert steps.capture(plan) is not None
 
 
 def test_module_changes_are_refused_on_the_captured_paths_and_undone_edits_replay():

@@ -106,16 +106,20 @@ def read_model_index(path) -> dict:
 
 
 def _check_components_saved(path, index: dict) -> None:
-    """Every component ``index`` lists has a folder with files in it at ``path``."""
+    """Every component ``index`` lists has a folder at ``path`` with the files its class loads
+    from (``_required_files``): a folder without them would load as something else (a
+    tokenizer without its vocabulary loads with two tokens) or fail deep inside the loader."""
     missing = _missing_components(path, index)
     if missing:
         raise FiseditError(
-            f"the pipeline saved at {path} lists components whose folders are missing or empty: "
+            f"the pipeline saved at {path} lists components whose files are missing: "
             f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
             "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
 
 
 def _missing_components(path, index: dict) -> list[str]:
+    """Each listed component whose folder is missing or empty, or lacks a required file, as
+    ``name (what is missing)``."""
     missing = []
     for key, value in index.items():
         if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
@@ -124,8 +128,33 @@ def _missing_components(path, index: dict) -> list[str]:
             continue
         folder = Path(path) / key
         if not folder.is_dir() or not any(folder.iterdir()):
-            missing.append(key)
+            missing.append(f"{key} (no folder, or an empty one)")
+            continue
+        for choices in _required_files(_component_class(*value)):
+            if not any((folder / name).is_file() for name in choices):
+                missing.append(f"{key} (no {' or '.join(choices)})")
     return missing
+
+
+def _required_files(cls) -> list[tuple[str, ...]]:
+    """The files a component of class ``cls`` loads from, each as the names that can stand
+    for it: a diffusers model's or scheduler's config (``config_name``), a transformers
+    model's ``config.json``, a tokenizer's ``tokenizer_config.json`` and its vocabulary (one
+    ``tokenizer.json``, or the separate files of its ``vocab_files_names``)."""
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    if cls is None:
+        return []
+    if isinstance(getattr(cls, "config_name", None), str):
+        return [(cls.config_name,)]
+    if issubclass(cls, PreTrainedModel):
+        return [("config.json",)]
+    if issubclass(cls, PreTrainedTokenizerBase):
+        files = dict(cls.vocab_files_names)
+        single = (files.pop("tokenizer_file"),) if "tokenizer_file" in files else ()
+        vocabulary = [single + (name,) for name in files.values()] or [single]
+        return [("tokenizer_config.json",)] + [choice for choice in vocabulary if choice]
+    return []
 
 
 def load_pipeline(path, dtype: torch.dtype = torch.float32):
@@ -139,8 +168,29 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     _check_model_index(path, index)
     _check_components_saved(path, index)
     with _loading(path, "the pipeline"):
-        return DiffusionPipeline.from_pretrained(path, local_files_only=True,
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True,
                                                  **_dtype_kwarg(dtype))
+    _check_tokenizer_lengths(path, pipe)
+    return pipe
+
+
+# What transformers sets ``model_max_length`` to when a tokenizer's config names none
+# (``VERY_LARGE_INTEGER``, 1e30): encoding a prompt with it overflows inside the pipeline.
+_NO_MAX_LENGTH = 10**9
+
+
+def _check_tokenizer_lengths(path, pipe) -> None:
+    """Every tokenizer of ``pipe`` has a prompt length: the pipelines pad every prompt to it."""
+    from transformers import PreTrainedTokenizerBase
+
+    for name, component in pipe.components.items():
+        if isinstance(component, PreTrainedTokenizerBase) and \
+                not 0 < component.model_max_length < _NO_MAX_LENGTH:
+            config = Path(path) / name / "tokenizer_config.json"
+            raise FiseditError(
+                f"the {name} saved at {path} has no prompt length ({config} sets no "
+                "model_max_length, e.g. 77 for CLIP); save the pipeline again with "
+                "pipe.save_pretrained(...) or add it to that file")
 
 
 def load_unet(path, dtype: torch.dtype = torch.float32):
@@ -166,11 +216,13 @@ def load_unet(path, dtype: torch.dtype = torch.float32):
 
 @contextmanager
 def _loading(path, what: str):
-    """A saved folder diffusers cannot load (damaged weights, a config of another version):
-    bad input, reported with diffusers' reason rather than as a traceback."""
+    """A saved folder diffusers cannot load (damaged weights, a config of another version,
+    weights of other sizes than the config's): bad input, reported with diffusers' reason
+    rather than as a traceback."""
     try:
         yield
-    except (OSError, ValueError, ImportError, AttributeError, TypeError, KeyError) as error:
+    except (OSError, ValueError, ImportError, AttributeError, TypeError, KeyError,
+            RuntimeError) as error:
         raise FiseditError(f"diffusers cannot load {what} saved at {path} "
                            f"({type(error).__name__}: {error})") from error
 

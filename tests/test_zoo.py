@@ -1,6 +1,7 @@
 """The model zoo: tiny U-Nets run, inputs are deterministic, pipelines generate offline and round-trip."""
 
 import json
+import re
 import os
 import shutil
 
@@ -196,8 +197,52 @@ def test_missing_components_named(tmp_path):
     zoo.pipeline("sd15-tiny", path=tmp_path)
     shutil.rmtree(tmp_path / "vae")
     (tmp_path / "tokenizer").rename(tmp_path / "tok")
-    with pytest.raises(FiseditError, match="missing.*tokenizer, vae.*save_pretrained"):
+    with pytest.raises(FiseditError, match=r"missing: tokenizer \(no folder, or an empty one\), "
+                                           r"vae \(no folder.*save_pretrained"):
         zoo.pipeline(None, path=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "sd15-tiny"
+    zoo.pipeline("sd15-tiny", path=path)
+    return path
+
+
+@pytest.mark.parametrize("removed, named", [
+    ("tokenizer/tokenizer.json", "tokenizer (no tokenizer.json or vocab.json)"),
+    ("tokenizer/tokenizer_config.json", "tokenizer (no tokenizer_config.json)"),
+    ("text_encoder/config.json", "text_encoder (no config.json)"),
+    ("scheduler/scheduler_config.json", "scheduler (no scheduler_config.json)"),
+    ("unet/config.json", "unet (no config.json)"),
+])
+def test_a_component_missing_a_file_it_loads_from_is_named(saved_tiny, tmp_path, removed,
+                                                              named):
+    """A folder without the files its class loads from would load as something else (a
+    tokenizer without its vocabulary loads with two tokens) or fail inside transformers."""
+    shutil.copytree(saved_tiny, tmp_path / "saved")
+    (tmp_path / "saved" / removed).unlink()
+    (tmp_path / "saved" / removed).with_name("notes.txt").write_text("not empty")
+    with pytest.raises(FiseditError, match="files are missing: " + re.escape(named)):
+        zoo.load_pipeline(tmp_path / "saved")
+
+
+def test_a_tokenizer_without_a_prompt_length_and_mismatched_weights_are_refused(saved_tiny,
+                                                                                tmp_path):
+    folder = tmp_path / "saved"
+    shutil.copytree(saved_tiny, folder)
+    config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    config.pop("model_max_length")
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(FiseditError, match="tokenizer saved at .* has no prompt length"):
+        zoo.load_pipeline(folder)
+    shutil.rmtree(folder)
+    shutil.copytree(saved_tiny, folder)
+    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    config["hidden_size"] *= 2          # weights of other sizes than the config says
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FiseditError, match="cannot load the pipeline.*RuntimeError"):
+        zoo.load_pipeline(folder)
 
 
 def test_nothing_to_build_or_load(tmp_path):

@@ -295,6 +295,32 @@ def test_a_bucket_of_another_level_count_is_refused_and_a_config_fits_its_tuples
     assert plan.dense_threshold == [0.5, 0.6, 0.7]
 
 
+def test_the_mask_helpers_refuse_what_they_cannot_read_and_read_numpy_masks(tmp_path):
+    """The helpers the mask errors point to (image_mask, mask_to_latent, load_mask_png,
+    mask_from_box) name a wrong argument instead of failing inside PIL or torch."""
+    from PIL import Image
+
+    from fisedit_compiler.execution.plan import (image_mask, load_mask_png, mask_from_box,
+                                                 mask_to_latent)
+
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(path)
+    for size in [(16,), (0, 0), (16.0, 16), "16x16"]:
+        with pytest.raises(FiseditError, match="latent size must be .height, width."):
+            load_mask_png(path, size)
+    for value in [np.ones((8, 8), bool), torch.ones(8, 8)]:
+        with pytest.raises(FiseditError, match="image_mask reads a PIL image.*engine.plan"):
+            image_mask(value)
+    with pytest.raises(FiseditError, match="the mask must be a 2-D .* got a 1-D tensor"):
+        mask_to_latent(torch.ones(32, dtype=torch.bool), (16, 16), "the mask")
+    pixels = np.zeros((32, 32), bool)
+    pixels[3, 30] = True
+    assert torch.equal(mask_to_latent(pixels, (16, 16), "the mask"),
+                       mask_to_latent(torch.from_numpy(pixels), (16, 16), "the mask"))
+    with pytest.raises(FiseditError, match="mask box is a string .* got tuple"):
+        mask_from_box((0, 0, 1, 1), (16, 16))
+
+
 def test_a_16_bit_mask_png_is_read_by_its_upper_half(tmp_path):
     """Pillow clips 16-bit grey when converting it; a dark background must stay unmarked."""
     from PIL import Image

@@ -56,6 +56,7 @@ import weakref
 import torch
 import torch.fx as fx
 
+from ..config import INTERPRET
 from ..errors import FiseditError
 from ..execution.kernels.recorded_shift import SHIFT_ALIGN
 from ..execution.plan import MaskPlan
@@ -77,6 +78,7 @@ class CapturedSteps:
         self.store: StepStore | None = None  # the static store (module docstring)
         self._copied_bytes = 0               # how much of a step is copied into it
         self._source = None                  # weak reference to the step loaded last
+        self._layouts_seen = weakref.WeakSet()   # other caches' layouts, checked equal
         self.values: tuple | None = None     # static copies of the pass constants' values
         self._loaded_values: tuple | None = None   # the values copied in last
         self.pool = torch.cuda.graph_pool_handle()
@@ -107,17 +109,16 @@ class CapturedSteps:
     def capture(self, plan: MaskPlan, inputs: dict | None = None, store: StepStore | None = None,
                 values: tuple | None = None):
         """The graph that replays ``plan`` (captured now if needed; None where capture failed).
-        ``inputs``, ``store`` and ``values`` are loaded first when given; without them the
-        capture and the graph's replays read the ones loaded last, whose recorded step must
-        still be allocated (refused here when it is not)."""
+        ``inputs`` and ``store`` (with ``values``, for a graph with pass constants) are loaded
+        first when given; without them the capture and the graph's replays read the ones
+        loaded last, whose recorded step must still be allocated (``check_loaded``)."""
+        if (inputs is None) != (store is None):
+            raise FiseditError("capture takes the step's inputs and its recorded values "
+                               "together (capture(plan, inputs, store, values)), or neither")
         if inputs is not None:
             self._load(inputs, store, values)
-        elif self.inputs is None or (self._source is not None and self._source() is None):
-            why = ("nothing is loaded yet" if self.inputs is None else
-                   "the recorded step loaded last has been freed since")
-            raise FiseditError(
-                f"an edit step's graph runs on the inputs and recorded step loaded last, but "
-                f"{why}; pass them: capture(plan, inputs, store, values)")
+        else:
+            self.check_loaded()
         graphs, key = self._graphs_of(plan), self._key(plan)
         if key not in graphs:
             template = plan if plan.bucket is None else plan.template()
@@ -152,14 +153,27 @@ class CapturedSteps:
             _copy_into(self.values, values)
             self._loaded_values = values        # held: its identity is not reused meanwhile
 
+    def check_loaded(self) -> None:
+        """Refuse to run a graph unless inputs are loaded and the recorded step loaded last is
+        still allocated (a graph reads that step where it lives)."""
+        if self.inputs is None or (self._source is not None and self._source() is None):
+            why = ("nothing is loaded yet" if self.inputs is None else
+                   "the recorded step loaded last has been freed since")
+            raise FiseditError(
+                f"an edit step's graph runs on the inputs and recorded step loaded last, but "
+                f"{why}; load them: capture(plan, inputs, store, values)")
+
     def stand_for(self, store: StepStore) -> None:
         """Make the static store stand for the recorded step ``store``: copy in the values not
         read in place and point the recorded shift at ``store``'s buffer (one copy and one
         8-byte fill, both queued on the current stream)."""
-        # Same layout (one cache, one signature), so one distance moves every read.
+        self._check_layout(store)
+        # One layout, so one distance moves every read.
         distance = store.buffer.data_ptr() - self.store.buffer.data_ptr()
-        if distance % SHIFT_ALIGN:
-            # Not from the caching allocator: no aligned shift reaches it, so copy it all.
+        if INTERPRET or distance % SHIFT_ALIGN:
+            # Not from the caching allocator (no aligned shift reaches it), or Triton's
+            # interpreter, which copies each tensor a kernel reads to the host on its own, so
+            # no distance between two device buffers holds there: copy it all.
             self.store.buffer.copy_(store.buffer)
             distance, self._source = 0, None
         else:
@@ -167,6 +181,24 @@ class CapturedSteps:
             self.store.buffer[:copied].copy_(store.buffer[:copied])
             self._source = weakref.ref(store.buffer)
         self.store.recorded_shift.fill_(distance)
+
+    def _check_layout(self, store: StepStore) -> None:
+        """``store`` must be a step of the static store's layout, on its device: a shift or a
+        prefix copy from any other would read the wrong bytes. Steps of one cache share their
+        layout object; another cache's is compared once."""
+        layout = store.layout
+        if layout is self.store.layout or layout in self._layouts_seen:
+            if store.buffer.device == self.store.buffer.device:
+                return
+        elif layout.slots == self.store.layout.slots and \
+                store.buffer.device == self.store.buffer.device:
+            self._layouts_seen.add(layout)
+            return
+        raise FiseditError(
+            f"these CUDA graphs were captured for recorded steps of another layout or device "
+            f"(loaded first: {self.store.buffer.numel()} bytes on {self.store.buffer.device}; "
+            f"given: {store.buffer.numel()} bytes on {store.buffer.device}); a program's graphs "
+            "take the steps its engine recorded, on their device (cache.store_on(step, device))")
 
     def _run(self, plan: MaskPlan):
         extra = {} if self.values is None else {PASS_VALUES_INPUT: self.values}
@@ -205,7 +237,7 @@ class CapturedSteps:
                 gc.enable()
         # A bucket's graph keeps its private template; an exact plan's graph is kept on the
         # plan itself (``_graphs_of``), so it must not refer back to it.
-        return _Graph(graph, template if template.bucket is not None else None, output)
+        return _Graph(graph, template if template.bucket is not None else None, output, self)
 
 
 def clear_cublas_workspaces() -> None:
@@ -239,8 +271,9 @@ class _Graph:
     graph, which reads its own plan's tables and replays only that plan) and its output."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, plan: MaskPlan | None,
-                 output: torch.Tensor):
+                 output: torch.Tensor, steps: CapturedSteps):
         self.graph, self.plan, self.output = graph, plan, output
+        self._steps = weakref.ref(steps)        # what it reads: checked before each replay
         self._loaded = None          # weak reference to the plan whose tables are loaded
 
     def load(self, plan: MaskPlan) -> None:
@@ -254,5 +287,8 @@ class _Graph:
 
     def replay(self) -> None:
         """Run the step on the inputs and the recorded step loaded last (``CapturedSteps``
-        loads them before each edit call's replay)."""
+        loads them before each edit call's replay; ``check_loaded``)."""
+        steps = self._steps()
+        if steps is not None:
+            steps.check_loaded()
         self.graph.replay()

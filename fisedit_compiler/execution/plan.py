@@ -500,7 +500,14 @@ def image_mask(image, source: str = "the mask image",
     for an image passed as a mask). ``source`` and ``fix`` word the messages (what it is; how
     to make it an 8-bit mask)."""
     import numpy as np
+    from PIL import Image
 
+    if not isinstance(image, Image.Image):
+        raise FiseditError(
+            f"image_mask reads a PIL image (PIL.Image.open(path)), got {type(image).__name__}; "
+            "a bool array or tensor of the latent's size is a mask already: pass it to "
+            "engine.plan as torch.as_tensor(mask), or an image-sized one to "
+            "mask_to_latent(mask, (H, W), 'the mask')")
     if image.mode == "L" and np.asarray(image).max() == 1:
         raise FiseditError(
             f"{source} holds 0/1 values, so it marks no pixel (white, above 127, is an edit); "
@@ -531,7 +538,19 @@ def image_mask(image, source: str = "the mask image",
 def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
                    scale: int | None = None) -> torch.Tensor:
     """A pixel mask max-pooled to latent ``size``: it must be that size or, where the VAE's
-    ``scale`` is known, the image size (``scale`` times it); else any whole multiple."""
+    ``scale`` is known, the image size (``scale`` times it); else any whole multiple. A numpy
+    array is read as a tensor."""
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
+        raise FiseditError(f"the latent size must be (height, width), two positive ints, got "
+                           f"{size!r}")
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        got = (f"a {mask.dim()}-D tensor {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+               else type(mask).__name__)
+        raise FiseditError(f"{source} must be a 2-D (height, width) tensor or numpy array, got "
+                           f"{got}; read an image with image_mask(image) first")
     height, width = size
     factor = mask.shape[0] // height
     fits = (not mask.shape[0] % height and not mask.shape[1] % width
@@ -671,6 +690,10 @@ def _tile_slots(tiles: np.ndarray, tile: int, size: tuple[int, int]) -> np.ndarr
 
 def parse_box(box: str) -> tuple[float, float, float, float]:
     """``"x0,y0,x1,y1"`` in fractions of the width and height, checked."""
+    if not isinstance(box, str):
+        raise FiseditError(f"the mask box is a string \"x0,y0,x1,y1\" of fractions in [0, 1] "
+                           f"(as --mask-box takes it), got {type(box).__name__} {box!r}; pass "
+                           "e.g. \"0.25,0.25,0.75,0.75\"")
     try:
         x0, y0, x1, y1 = (float(v) for v in box.split(","))
     except ValueError:

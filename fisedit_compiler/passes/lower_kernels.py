@@ -18,9 +18,10 @@ contiguous only in a channels-last tensor, so the cache stores those values chan
 
 And it gives the sparse convs and the mixed self-attentions whose recorded values come straight
 from the cache a ``recorded_shift``: the cache's ``cache_shift``, a byte distance on the device
-(``kernels.recorded_shift``). Outside CUDA graphs it is None and nothing changes; a CUDA
-graph's static store sets it, so the captured step reads the recorded step it replays where
-that step lives instead of a copy of it in the static store (``engine.cuda_graph``). The keys
+(``kernels.recorded_shift``). A recorded step's own store has none, so nothing changes; a
+CUDA graph's static store sets it, so the captured step (or, where a capture failed, the step
+run on the static store) reads the recorded step it stands for where that step lives instead
+of a copy of it in the static store (``engine.cuda_graph``). The keys
 read only so are named in ``edit.meta[IN_PLACE_KEYS]``: the static store copies every other
 value before a replay, and ``EditCache`` lays these out after the rest, so that copy is one
 run of memory.

@@ -15,6 +15,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.engine.edit_cache import StoreLayout
 from fisedit_compiler.execution.plan import rectangle_mask
 
 pytestmark = pytest.mark.gpu
@@ -267,6 +268,11 @@ def test_each_replay_reads_its_recorded_step_where_it_lives(budget):
             steps.capture(plan)
     else:
         assert steps.capture(plan) is not None
+    with pytest.raises(fc.FiseditError, match="inputs and its recorded values together"):
+        steps.capture(plan, bench.edited_inputs(recorded[0], mask))
+    other = StoreLayout({"x": torch.zeros(25, device="cuda")})
+    with pytest.raises(fc.FiseditError, match="another layout or device"):
+        steps.stand_for(other.pack({"x": torch.zeros(25, device="cuda")}))
 
 
 def test_module_changes_are_refused_on_the_captured_paths_and_undone_edits_replay():

@@ -1159,6 +1159,9 @@ def test_seed_none_draws_a_seed_and_results_belong_to_their_session(session, pip
                           output_type="latent")
     with pytest.raises(FiseditError, match="made by another EditSession"):
         fresh.accept(result)
+    # A session without a generation names the same problem (generating there would not help).
+    with pytest.raises(FiseditError, match="made by another EditSession"):
+        EditSession(pipe).accept(result)
 
 
 def test_final_latents_keep_the_original_outside_the_region_and_accept_stays_consistent(pipe):

@@ -554,14 +554,16 @@ class EditSession:
         mask is empty although it changes the prompt or settings (its result is the original,
         which would be recorded as the new prompt's).
         """
-        self._require_generation()
-        self._check_unet()
+        # What the result is first: another session's result is not made acceptable by
+        # generating here, which a missing generation's message would advise.
         if not isinstance(result, EditResult):
             raise FiseditError(f"accept takes an EditResult from session.edit, got "
                                f"{type(result).__name__}")
         if result._session is not self:
             raise FiseditError("this EditResult was made by another EditSession; accept it in "
                                "the session that made it, or edit again in this one")
+        self._require_generation()
+        self._check_unet()
         if result._generation != self._generation:
             raise FiseditError("accept takes an EditResult of the current generation (from this "
                                "session's latest generate or accept); edit again and accept that")

@@ -112,14 +112,14 @@ def _check_components_saved(path, index: dict) -> None:
     missing = _missing_components(path, index)
     if missing:
         raise FiseditError(
-            f"the pipeline saved at {path} lists components whose files are missing: "
+            f"the pipeline saved at {path} lists components whose files are missing or damaged: "
             f"{', '.join(missing)}; save the whole pipeline again with pipe.save_pretrained(...) "
             "(or delete the folder and call zoo.pipeline(name, path=...) to rebuild it)")
 
 
 def _missing_components(path, index: dict) -> list[str]:
-    """Each listed component whose folder is missing or empty, or lacks a required file, as
-    ``name (what is missing)``."""
+    """Each listed component whose folder is missing or empty, or lacks a required file (or
+    holds it unreadable), as ``name (what is wrong)``."""
     missing = []
     for key, value in index.items():
         if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
@@ -131,8 +131,13 @@ def _missing_components(path, index: dict) -> list[str]:
             missing.append(f"{key} (no folder, or an empty one)")
             continue
         for choices in _required_files(_component_class(*value)):
-            if not any((folder / name).is_file() for name in choices):
+            present = [name for name in choices if (folder / name).is_file()]
+            if not present:
                 missing.append(f"{key} (no {' or '.join(choices)})")
+            unreadable = [name for name in present
+                          if name.endswith(".json") and read_json_object(folder / name) is None]
+            if unreadable:
+                missing.append(f"{key} ({', '.join(unreadable)} is not a JSON object)")
     return missing
 
 

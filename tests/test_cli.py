@@ -92,7 +92,8 @@ def test_dump_pipeline_reads_only_the_unet(saved_pipeline, tmp_path, capsys):
     shutil.rmtree(folder / "unet")
     (folder / "unet").mkdir()
     assert main(["dump", "--pipeline", str(folder)]) == 2
-    assert ("lists components whose files are missing: unet (no folder, or an empty one)"
+    assert ("lists components whose files are missing or damaged: unet (no folder, or an "
+            "empty one)"
             in capsys.readouterr().err)
 
 

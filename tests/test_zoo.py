@@ -197,7 +197,7 @@ def test_missing_components_named(tmp_path):
     zoo.pipeline("sd15-tiny", path=tmp_path)
     shutil.rmtree(tmp_path / "vae")
     (tmp_path / "tokenizer").rename(tmp_path / "tok")
-    with pytest.raises(FiseditError, match=r"missing: tokenizer \(no folder, or an empty one\), "
+    with pytest.raises(FiseditError, match=r"damaged: tokenizer \(no folder, or an empty one\), "
                                            r"vae \(no folder.*save_pretrained"):
         zoo.pipeline(None, path=tmp_path)
 
@@ -223,7 +223,15 @@ def test_a_component_missing_a_file_it_loads_from_is_named(saved_tiny, tmp_path,
     shutil.copytree(saved_tiny, tmp_path / "saved")
     (tmp_path / "saved" / removed).unlink()
     (tmp_path / "saved" / removed).with_name("notes.txt").write_text("not empty")
-    with pytest.raises(FiseditError, match="files are missing: " + re.escape(named)):
+    with pytest.raises(FiseditError, match="missing or damaged: " + re.escape(named)):
+        zoo.load_pipeline(tmp_path / "saved")
+
+
+def test_a_component_config_that_is_no_json_object_is_named(saved_tiny, tmp_path):
+    shutil.copytree(saved_tiny, tmp_path / "saved")
+    (tmp_path / "saved" / "scheduler" / "scheduler_config.json").write_text("[1]")
+    with pytest.raises(FiseditError, match=r"damaged: scheduler \(scheduler_config.json is not "
+                                           r"a JSON object\)"):
         zoo.load_pipeline(tmp_path / "saved")
 
 

@@ -175,7 +175,7 @@ def test_graph_static_buffers_take_each_pass_constants_once(unet, monkeypatch):
         output = steps._run(template)
         graph = SimpleNamespace(replay=lambda: output.copy_(steps._run(template)))
         return cuda_graph._Graph(graph, template if template.bucket is not None else None,
-                                 output)
+                                 output, steps)
 
     def counting_copy_into(static, value):
         copies.append(static)           # the whole tuple, then (recursively) each value

@@ -631,7 +631,8 @@ def _resolve_unet(unet):
                 "compile the plain U-Net once: pipe.unet = torch.compile(unet, "
                 "backend=\"fisedit\") with unet the UNet2DConditionModel (reload it, or "
                 "keep it before compiling)")
-        if hasattr(vars(unet).get("forward"), "_torchdynamo_orig_callable"):
+        # getattr: not every object has a __dict__ (None, an int); check_unet names those.
+        if hasattr(getattr(unet, "__dict__", {}).get("forward"), "_torchdynamo_orig_callable"):
             raise FiseditError(
                 f"this {type(unet).__name__}'s forward was compiled (unet.forward = "
                 "torch.compile(unet.forward, ...)), not the module, which is what fc.recording "

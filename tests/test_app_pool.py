@@ -250,7 +250,12 @@ def test_a_generate_that_waited_while_its_tab_closed_makes_no_tab(pipe, monkeypa
      "the recipe must be a fisedit_compiler.app.pool.EditRecipe, got str"),
     (lambda pool: pool.edit("a", EditRecipe(shapes.DEMO_EDIT, 1, mask=torch.ones(
         16, 16, dtype=torch.bool, device="meta"))), "on the meta device"),
-], ids=["generate-tab", "generate-dict", "edit-tab", "edit-str", "meta-mask"])
+    (lambda pool: pool.accept([]), "the tab id must be a str, got list"),
+    (lambda pool: pool.restore(None, 0), "the tab id must be a str, got NoneType"),
+    (lambda pool: pool.history(3), "the tab id must be a str, got int"),
+    (lambda pool: pool.close(3), "the tab id must be a str, got int"),
+], ids=["generate-tab", "generate-dict", "edit-tab", "edit-str", "meta-mask", "accept-tab",
+        "restore-tab", "history-tab", "close-tab"])
 def test_a_call_of_the_wrong_kind_is_refused_and_changes_nothing(edited_pool, call, message):
     before = snapshot(edited_pool)
     with pytest.raises(FiseditError, match=message):

@@ -230,6 +230,10 @@ def test_context_errors(sd15):
     with pytest.raises(fc.FiseditError, match="not compiled"):
         with fc.recording(unet):
             pass
+    for thing in (None, 42, "unet", [unet]):         # no U-Net at all (some have no __dict__)
+        with pytest.raises(fc.FiseditError, match="U-Net"):
+            with fc.recording(thing):
+                pass
     # Refused at once: the whole generation ran before a warning that nothing was recorded.
     for backend in ("eager", "inductor"):
         with pytest.raises(fc.FiseditError, match=f"compiled with the '{backend}' backend, so "

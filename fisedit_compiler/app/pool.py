@@ -154,6 +154,7 @@ class SessionPool:
     def accept(self, tab_id: str) -> HistoryEntry:
         """Make the tab's last edit its new original (continuous editing); returns the new
         history entry."""
+        _check_tab_id(tab_id)
         with self.device_lock:
             tab = self.tabs.get(tab_id)
             self._require_recording(tab)
@@ -180,6 +181,7 @@ class SessionPool:
         """Go back to history entry ``index``: its recipe is replayed (generate, then each
         accepted edit and accept), which rebuilds its recording."""
         # (A bool is refused: True would silently mean entry 1.)
+        _check_tab_id(tab_id)
         index = check_int("the history index", index, minimum=0)
         with self.device_lock:
             tab = self.tabs.get(tab_id)
@@ -202,12 +204,14 @@ class SessionPool:
     def history(self, tab_id: str) -> list[HistoryEntry]:
         """The tab's history entries, oldest first (none for a tab that has generated
         nothing)."""
+        _check_tab_id(tab_id)
         with self.device_lock:
             tab = self.tabs.get(tab_id)
             return [] if tab is None else [_own_copy(entry) for entry in tab.history]
 
     def close(self, tab_id: str) -> None:
         """Forget a tab (its browser tab was closed) and free its recording."""
+        _check_tab_id(tab_id)
         with self.device_lock:
             self.tabs.pop(tab_id, None)
             self._closed[tab_id] = None
@@ -291,11 +295,17 @@ def _own_copy(entry: HistoryEntry) -> HistoryEntry:
     return replace(entry, image=entry.image.copy())
 
 
-def _check_call(tab_id, name: str, value, kind: type) -> None:
-    """A page action's arguments: a str tab id (the browser's session hash) and the action's
-    dataclass, checked before the device lock is taken."""
+def _check_tab_id(tab_id) -> None:
+    """A page action's tab id: a str (the browser's session hash), checked before the device
+    lock is taken."""
     if not isinstance(tab_id, str):
         raise FiseditError(f"the tab id must be a str, got {type(tab_id).__name__}")
+
+
+def _check_call(tab_id, name: str, value, kind: type) -> None:
+    """A page action's arguments: a str tab id and the action's dataclass, checked before the
+    device lock is taken."""
+    _check_tab_id(tab_id)
     if not isinstance(value, kind):
         raise FiseditError(f"the {name} must be a fisedit_compiler.app.pool.{kind.__name__}, "
                            f"got {type(value).__name__}")

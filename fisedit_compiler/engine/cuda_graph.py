@@ -187,12 +187,11 @@ class CapturedSteps:
         prefix copy from any other would read the wrong bytes. Steps of one cache share their
         layout object; another cache's is compared once."""
         layout = store.layout
-        if layout is self.store.layout or layout in self._layouts_seen:
-            if store.buffer.device == self.store.buffer.device:
-                return
-        elif layout.slots == self.store.layout.slots and \
-                store.buffer.device == self.store.buffer.device:
+        known = layout is self.store.layout or layout in self._layouts_seen
+        if not known and layout.slots == self.store.layout.slots:
             self._layouts_seen.add(layout)
+            known = True
+        if known and store.buffer.device == self.store.buffer.device:
             return
         raise FiseditError(
             f"these CUDA graphs were captured for recorded steps of another layout or device "

@@ -121,16 +121,12 @@ def _missing_components(path, index: dict) -> list[str]:
     """Each listed component whose folder is missing or empty, or lacks a required file (or
     holds it unreadable), as ``name (what is wrong)``."""
     missing = []
-    for key, value in index.items():
-        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
-            continue
-        if value[0] is None or value[1] is None:  # an optional component saved as None
-            continue
+    for key, library, name in _listed_components(index):
         folder = Path(path) / key
         if not folder.is_dir() or not any(folder.iterdir()):
             missing.append(f"{key} (no folder, or an empty one)")
             continue
-        for choices in _required_files(_component_class(*value)):
+        for choices in _required_files(_component_class(library, name)):
             present = [name for name in choices if (folder / name).is_file()]
             if not present:
                 missing.append(f"{key} (no {' or '.join(choices)})")
@@ -139,6 +135,16 @@ def _missing_components(path, index: dict) -> list[str]:
             if unreadable:
                 missing.append(f"{key} ({', '.join(unreadable)} is not a JSON object)")
     return missing
+
+
+def _listed_components(index: dict):
+    """(name, library, class) of each component a model index lists, leaving out its own
+    entries (``_class_name``, ...) and optional components saved as None."""
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2 \
+                or value[0] is None or value[1] is None:
+            continue
+        yield key, value[0], value[1]
 
 
 def _required_files(cls) -> list[tuple[str, ...]]:
@@ -269,11 +275,7 @@ def _check_model_index(path, index: dict) -> None:
         raise FiseditError(
             f"{path} holds a {cls_name}, which is not a diffusers pipeline (custom pipeline "
             "code is not loaded); save a StableDiffusionPipeline or StableDiffusionXLPipeline")
-    for key, value in index.items():
-        if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2 \
-                or value[0] is None or value[1] is None:
-            continue
-        library, component = value
+    for key, library, component in _listed_components(index):
         if _component_class(library, component) is None:
             raise FiseditError(
                 f"{path}: component {key} is {library}.{component}, which neither diffusers "

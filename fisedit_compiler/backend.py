@@ -790,9 +790,7 @@ class Recording:
     def _nothing_recorded(self) -> str:
         why = (" Fallbacks: " + "; ".join(self.fallbacks)) if self.fallbacks else (
             " Was the U-Net compiled with backend=\"fisedit\" and called inside the context? "
-            "(Past torch._dynamo.config.recompile_limit recompilations of one function, as "
-            "many input shapes, dtypes or configs, Dynamo runs it eagerly without a word: "
-            "call torch._dynamo.reset() or raise the limit.)")
+            + _PAST_RECOMPILE_LIMIT)
         if any("is not a diffusers U-Net" in reason for reason in self.fallbacks):
             why += (". Graphs of the U-Net's submodules mean that a graph break split the "
                     "U-Net call, so Dynamo compiled its pieces (Python control flow on a "
@@ -962,6 +960,13 @@ def _kept(flat: dict) -> dict:
     return {name: None if value is None else value.detach().clone()
             for name, value in flat.items()}
 
+
+# Why a compiled U-Net's calls can reach no fisedit graph at all, for messages: Dynamo gives
+# up on a function silently once it has compiled it recompile_limit times.
+_PAST_RECOMPILE_LIMIT = (
+    "(Past torch._dynamo.config.recompile_limit recompilations of one function, as many "
+    "input shapes, dtypes or configs, Dynamo runs it eagerly without a word: call "
+    "torch._dynamo.reset() or raise the limit.)")
 
 # What changes a U-Net's Dynamo graph without changing its inputs, for messages.
 _SETTINGS = ("FreeU, an IP-Adapter scale, a LoRA scale or its adapters, a cross_attention_kwargs "
@@ -1189,5 +1194,5 @@ def editing(recording: Recording, mask, *, start_step: int = 0):
         warnings.warn(
             "fisedit: no U-Net call was edited inside fc.editing; does the pipeline hold the "
             "compiled U-Net that was recorded (pipe.unet = torch.compile(unet, "
-            "backend=\"fisedit\"), the same one as in fc.recording)?", UnsupportedGraphWarning,
-            stacklevel=4)
+            "backend=\"fisedit\"), the same one as in fc.recording)? " + _PAST_RECOMPILE_LIMIT,
+            UnsupportedGraphWarning, stacklevel=4)

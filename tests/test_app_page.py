@@ -52,6 +52,14 @@ def test_painted_layers_are_read_by_their_alpha_and_a_layer_without_one_is_refus
         _painted({"layers": [stroke, stroke[..., :3]]})
     with pytest.raises(FiseditError, match=r"layers must have one size.*\(8, 8\), \(9, 8\)"):
         _painted({"layers": [stroke, np.zeros((9, 8, 4), dtype=np.uint8)]})
+    # A float layer's alpha is read as any value above 0: NaN would read as no stroke.
+    soft = stroke.astype(np.float32) / 255
+    assert np.array_equal(_painted({"layers": [soft]}), _painted({"layers": [stroke]}))
+    soft[5, 5, 3] = np.nan
+    with pytest.raises(FiseditError, match="alpha that is not finite"):
+        _painted({"layers": [soft]})
+    with pytest.raises(FiseditError, match="holds object values"):
+        _painted({"layers": [stroke.astype(object)]})
 
 
 def test_a_painting_that_is_not_the_editors_value_is_refused():

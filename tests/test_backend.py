@@ -1339,3 +1339,22 @@ def test_a_unet_compiled_twice_or_through_its_forward_is_named_so(fresh_dynamo):
     with pytest.raises(fc.FiseditError, match=r"forward was compiled .* del pipe.unet.forward"):
         with fc.recording(unet):
             pass
+
+
+@torch.no_grad()
+def test_an_editing_context_past_the_recompile_limit_names_the_limit(fresh_dynamo, monkeypatch):
+    """Past Dynamo's recompile limit a call at a new size runs eagerly, never reaching the
+    backend: the context's warning names the limit, not only a pipeline holding the wrong U-Net."""
+    unet = zoo.unet("sd15-tiny")
+    compiled = torch.compile(unet, backend="fisedit", dynamic=False)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    t = torch.tensor(500)
+    with fc.recording(compiled) as rec:
+        call(compiled, inputs, t)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    generator = torch.Generator().manual_seed(2)
+    larger = dict(inputs, sample=torch.randn(2, 4, 24, 24, generator=generator))
+    with pytest.warns(UnsupportedGraphWarning, match=r"no U-Net call was edited.*recompile_limit"):
+        with fc.editing(rec, box((16, 16), 0, 0, 4, 4)):
+            eager = call(compiled, larger, t)
+    assert torch.equal(eager, call(unet, larger, t))

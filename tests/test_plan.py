@@ -317,6 +317,11 @@ def test_the_mask_helpers_refuse_what_they_cannot_read_and_read_numpy_masks(tmp_
     pixels[3, 30] = True
     assert torch.equal(mask_to_latent(pixels, (16, 16), "the mask"),
                        mask_to_latent(torch.from_numpy(pixels), (16, 16), "the mask"))
+    # numpy's integers are sizes too (an array's shape read through numpy arithmetic).
+    assert torch.equal(mask_to_latent(pixels, (np.int64(16), np.int32(16)), "the mask"),
+                       mask_to_latent(pixels, (16, 16), "the mask"))
+    with pytest.raises(FiseditError, match="latent size must be .height, width."):
+        mask_to_latent(pixels, (np.bool_(True), 16), "the mask")
     with pytest.raises(FiseditError, match="mask box is a string .* got tuple"):
         mask_from_box((0, 0, 1, 1), (16, 16))
 

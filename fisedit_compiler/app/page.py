@@ -279,6 +279,12 @@ def _painted(painting: dict | None) -> np.ndarray | None:
             raise FiseditError(
                 f"a painted layer must be an RGBA image [H, W, 4] whose alpha marks the "
                 f"strokes, got {shape}; send the editor's layers as RGBA (image_mode='RGBA')")
+        if layer.dtype.kind not in "buif" or (layer.dtype.kind == "f" and not np.isfinite(
+                layer[..., 3]).all()):
+            what = (f"{layer.dtype} values" if layer.dtype.kind not in "buif"
+                    else "an alpha that is not finite (NaN or infinite)")
+            raise FiseditError(f"a painted layer holds {what}, so its strokes cannot be read; "
+                               "send the editor's layers as RGBA images of numbers (uint8)")
     if len({layer.shape for layer in layers}) > 1:
         raise FiseditError(f"the painted layers must have one size, got "
                            f"{sorted({layer.shape[:2] for layer in layers})}; send the editor's "

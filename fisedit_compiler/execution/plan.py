@@ -22,6 +22,7 @@ the usual U-Net), and is quantized to its own grid.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -541,9 +542,11 @@ def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
     ``scale`` is known, the image size (``scale`` times it); else any whole multiple. A numpy
     array is read as a tensor."""
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
-            isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
+            isinstance(side, numbers.Integral) and not isinstance(side, (bool, np.bool_))
+            and side > 0 for side in size)):
         raise FiseditError(f"the latent size must be (height, width), two positive ints, got "
                            f"{size!r}")
+    size = (int(size[0]), int(size[1]))
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:

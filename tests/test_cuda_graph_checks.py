@@ -2,26 +2,30 @@
 with a stand-in for the captured graph (its replay runs the step again on the static
 buffers). The graphs themselves are tested on the GPU in test_cuda_graph.py."""
 
+import operator
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.fx as fx
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.compiler.capture import flatten_inputs
 from fisedit_compiler.engine import cuda_graph
-from fisedit_compiler.engine.edit_cache import StoreLayout
+from fisedit_compiler.engine.edit_cache import StepStore, StoreLayout
+
+
+def fake_capture(steps, template):
+    """A stand-in for a captured graph: its replay runs the step again on the static buffers."""
+    output = steps._run(template)
+    graph = SimpleNamespace(replay=lambda: output.copy_(steps._run(template)))
+    return cuda_graph._Graph(graph, template if template.bucket is not None else None,
+                             output, steps)
 
 
 @pytest.fixture
 def captured(monkeypatch):
-    def fake_capture(steps, template):
-        output = steps._run(template)
-        graph = SimpleNamespace(replay=lambda: output.copy_(steps._run(template)))
-        return cuda_graph._Graph(graph, template if template.bucket is not None else None,
-                                 output, steps)
-
     unet = zoo.unet("sd15-tiny")          # diffusers imported before torch.cuda is patched
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     engine = fc.compile(unet)
@@ -31,7 +35,7 @@ def captured(monkeypatch):
     monkeypatch.setattr(engine, "_uses_graphs", lambda device: True)
     cache = engine.new_cache(2)
     for step in range(2):
-        engine.record(cache, step, **inputs)
+        engine.record(cache, step, **zoo.example_inputs(unet, batch=2, seed=step))
     plan = engine.plan(bench.blob_mask((16, 16), 0.1), bucketed=True)
     edited = bench.edited_inputs(inputs, plan.raw)
     engine.edit(cache, 0, plan, **edited)
@@ -59,3 +63,56 @@ def test_a_step_of_another_layout_is_refused_and_an_equal_one_taken(captured):
     steps.stand_for(type(step)(step.buffer.clone(), copy))
     assert copy in steps._layouts_seen
     assert torch.equal(steps.store.buffer, step.buffer)     # the interpreter copies it all
+
+
+def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch):
+    """Off the interpreter (where no shift holds between device buffers), the static store's
+    in-place values are views of the first step loaded and its own buffer holds only the
+    copied values; each step, even one at an address no aligned shift reaches, is read where
+    it lives (or from an aligned copy), and no step is written. A one-op step graph that
+    reads an in-place value at the shift (``read_shifted``, interpreted on the CPU) and a
+    copied one, under the stand-in graph above."""
+    from fisedit_compiler.execution.kernels.recorded_shift import read_shifted
+    from fisedit_compiler.execution.plan import MaskPlan
+    from fisedit_compiler.graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PLAN_INPUT
+
+    graph = fx.Graph()
+    x, _, cache = (graph.placeholder(name) for name in ("x", PLAN_INPUT, CACHE_INPUT))
+    shift = graph.call_function(getattr, (cache, "recorded_shift"))
+    read = graph.call_function(read_shifted, (graph.call_function(operator.getitem,
+                                                                  (cache, "big")), shift))
+    small = graph.call_function(operator.getitem, (cache, "small"))
+    graph.output(graph.call_function(torch.add, (graph.call_function(torch.add, (x, read)),
+                                                 small)))
+    edit = fx.GraphModule(torch.nn.Module(), graph)
+    edit.meta[IN_PLACE_KEYS] = frozenset({"big"})
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(cuda_graph.CapturedSteps, "_capture", fake_capture)
+    monkeypatch.setattr(cuda_graph, "INTERPRET", False)
+    layout = StoreLayout({"big": torch.zeros(64), "small": torch.zeros(1)}, in_place=("big",))
+    recorded = [layout.pack({"big": torch.arange(64.0) * (step + 1),
+                             "small": torch.full((1,), 100.0 * step)}) for step in range(2)]
+    before = [store.buffer.clone() for store in recorded]
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[1:3, 2:4] = True
+    plan = MaskPlan(mask, [(8, 8), (4, 4)], [2, 1], 0, (1.0, 0.0))
+    steps = cuda_graph.CapturedSteps(edit)
+    inputs = {"x": torch.ones(64)}
+
+    def replay(store):
+        graph = steps.capture(plan, inputs, store)
+        graph.replay()
+        return graph.output.clone()
+
+    for store in recorded + [recorded[0]]:
+        assert torch.equal(replay(store), 1 + store["big"] + store["small"])
+    assert steps._base is recorded[0].buffer
+    assert steps.store.buffer.numel() == steps._copied_bytes < layout.nbytes / 2
+    assert steps.store["big"].data_ptr() == recorded[0]["big"].data_ptr()
+    misaligned = torch.empty(layout.nbytes + 8, dtype=torch.uint8)[8:]
+    misaligned.copy_(recorded[1].buffer)
+    assert torch.equal(replay(StepStore(misaligned, layout)), 1 + recorded[1]["big"]
+                       + recorded[1]["small"])
+    assert steps._aligned is not None
+    assert all(torch.equal(store.buffer, old) for store, old in zip(recorded, before))

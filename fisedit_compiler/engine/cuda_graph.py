@@ -26,7 +26,10 @@ were captured with; one 8-byte fill before each replay points them at the step's
 (``kernels.recorded_shift``). Only the other values (group-norm statistics and the few values
 torch ops read: ~2 MiB of SD1.5's 247 MiB a step), laid out first, are copied in. Copying the
 whole step cost 1.00 ms of GPU time per SDXL 1024 px step on an H100 (benchmarks/RESULTS.md,
-session 22). A replay reads the step loaded last, so that step's buffer must stay allocated
+session 22). The captured addresses of those values are views of the first step loaded, the
+*base* (held by the static store, which makes no copy of it: the store's own buffer is the
+copied values' ~2 MiB, not a whole step, 1.4 GiB for SDXL 1024 px), and the shift is the
+distance from it. A replay reads the step loaded last, so that step's buffer must stay allocated
 until the replay has run: each call loads its step before it replays, and the caller holds the
 step until then (the caching allocator orders a later reuse of its memory after the replay).
 
@@ -76,6 +79,8 @@ class CapturedSteps:
         self.in_place = edit.meta.get(IN_PLACE_KEYS, frozenset())
         self.inputs: dict | None = None      # static copies of the user inputs it reads
         self.store: StepStore | None = None  # the static store (module docstring)
+        self._base = None                    # the buffer its in-place values are views of
+        self._aligned = None                 # a step's copy at an aligned distance, if needed
         self._copied_bytes = 0               # how much of a step is copied into it
         self._source = None                  # weak reference to the step loaded last
         self._layouts_seen = weakref.WeakSet()   # other caches' layouts, checked equal
@@ -137,10 +142,7 @@ class CapturedSteps:
             # An input the step does not read is passed as None: no buffer, no copy.
             self.inputs = {name: value.clone() if name in self.read else None
                            for name, value in inputs.items()}
-            # A whole copy of the first step, at a shift of 0 (reading the copy itself).
-            shift = torch.zeros(1, dtype=torch.int64, device=store.buffer.device)
-            self.store = StepStore(store.buffer.clone(), store.layout, recorded_shift=shift)
-            self._copied_bytes = store.layout.span_without(self.in_place)
+            self._make_static_store(store)
             if values is not None:
                 self.values = _static_copy(values)
                 self._loaded_values = values
@@ -152,6 +154,25 @@ class CapturedSteps:
         if values is not None and values is not self._loaded_values:
             _copy_into(self.values, values)
             self._loaded_values = values        # held: its identity is not reused meanwhile
+
+    def _make_static_store(self, first: StepStore) -> None:
+        """The static store, standing for ``first`` (shift 0). Its in-place values are views
+        of ``first``'s own buffer, the base every shift is measured from, so no copy of a
+        step's bulk is made (SDXL 1024 px: 1.4 GiB a step); the base is held, its address
+        fixed in the graphs. Under the interpreter (no shift holds) or where ``first`` is
+        not aligned for a shift, the base is a whole copy of it instead."""
+        buffer, layout = first.buffer, first.layout
+        shift = torch.zeros(1, dtype=torch.int64, device=buffer.device)
+        self._copied_bytes = layout.span_without(self.in_place)
+        if INTERPRET or buffer.data_ptr() % SHIFT_ALIGN:
+            self._base = buffer.clone()
+            self.store = StepStore(self._base, layout, recorded_shift=shift)
+        else:
+            self._base = buffer
+            self.store = StepStore(buffer[:self._copied_bytes].clone(), layout,
+                                   recorded_shift=shift, in_place=self.in_place,
+                                   in_place_buffer=buffer)
+            self._source = weakref.ref(buffer)
 
     def check_loaded(self) -> None:
         """Refuse to run a graph unless inputs are loaded and the recorded step loaded last is
@@ -168,19 +189,24 @@ class CapturedSteps:
         read in place and point the recorded shift at ``store``'s buffer (one copy and one
         8-byte fill, both queued on the current stream)."""
         self._check_layout(store)
-        # One layout, so one distance moves every read.
-        distance = store.buffer.data_ptr() - self.store.buffer.data_ptr()
-        if INTERPRET or distance % SHIFT_ALIGN:
-            # Not from the caching allocator (no aligned shift reaches it), or Triton's
-            # interpreter, which copies each tensor a kernel reads to the host on its own, so
-            # no distance between two device buffers holds there: copy it all.
+        if INTERPRET:
+            # Triton's interpreter copies each tensor a kernel reads to the host on its own,
+            # so no distance between two device buffers holds there: copy it all.
             self.store.buffer.copy_(store.buffer)
-            distance, self._source = 0, None
-        else:
-            copied = self._copied_bytes
-            self.store.buffer[:copied].copy_(store.buffer[:copied])
-            self._source = weakref.ref(store.buffer)
-        self.store.recorded_shift.fill_(distance)
+            self.store.recorded_shift.fill_(0)
+            self._source = None
+            return
+        buffer = store.buffer
+        if (buffer.data_ptr() - self._base.data_ptr()) % SHIFT_ALIGN:
+            # Not from the caching allocator, so no aligned shift reaches it: read a copy.
+            if self._aligned is None:
+                self._aligned = torch.empty_like(buffer)
+            buffer = self._aligned.copy_(buffer)
+        copied = self._copied_bytes
+        self.store.buffer[:copied].copy_(buffer[:copied])
+        self._source = weakref.ref(buffer)
+        # One layout, so one distance moves every read.
+        self.store.recorded_shift.fill_(buffer.data_ptr() - self._base.data_ptr())
 
     def _check_layout(self, store: StepStore) -> None:
         """``store`` must be a step of the static store's layout, on its device: a shift or a
@@ -191,11 +217,11 @@ class CapturedSteps:
         if not known and layout.slots == self.store.layout.slots:
             self._layouts_seen.add(layout)
             known = True
-        if known and store.buffer.device == self.store.buffer.device:
+        if known and store.buffer.device == self._base.device:
             return
         raise FiseditError(
             f"these CUDA graphs were captured for recorded steps of another layout or device "
-            f"(loaded first: {self.store.buffer.numel()} bytes on {self.store.buffer.device}; "
+            f"(loaded first: {self._base.numel()} bytes on {self._base.device}; "
             f"given: {store.buffer.numel()} bytes on {store.buffer.device}); a program's graphs "
             "take the steps its engine recorded, on their device (cache.store_on(step, device))")
 

@@ -62,10 +62,14 @@ class StepStore(dict):
     store and offloaded or prefetched copies are made. ``recorded_shift`` is None, except on a
     CUDA graph's static store: there the one-element int64 device tensor holding the byte
     distance from this buffer to the step it stands for (``sparse_ops.cache_shift``).
+    A static store may take the values under the keys ``in_place`` from another buffer,
+    ``in_place_buffer`` (the recorded step its shift is measured from), so that its own
+    ``buffer`` need hold only the others (``span_without(in_place)`` bytes).
     """
 
-    def __init__(self, buffer: torch.Tensor, layout: "StoreLayout", recorded_shift=None):
-        super().__init__(layout.views(buffer))
+    def __init__(self, buffer: torch.Tensor, layout: "StoreLayout", recorded_shift=None,
+                 in_place=frozenset(), in_place_buffer: torch.Tensor | None = None):
+        super().__init__(layout.views(buffer, in_place, in_place_buffer))
         self.buffer, self.layout = buffer, layout
         self.recorded_shift = recorded_shift
 
@@ -130,11 +134,16 @@ class StoreLayout:
                                       device=pieces[0].device))
         return StepStore(torch.cat(pieces), self)
 
-    def views(self, buffer: torch.Tensor) -> dict:
+    def views(self, buffer: torch.Tensor, in_place=frozenset(),
+              in_place_buffer: torch.Tensor | None = None) -> dict:
+        """The step's tensors as views of ``buffer``; those under a key in ``in_place`` of
+        ``in_place_buffer`` instead, where given (``StepStore``)."""
         store: dict = {}
         for path, dtype, shape, stride, offset, numel in self.slots:
             size = numel * dtype.itemsize
-            flat = buffer[offset:offset + size].view(dtype)
+            source = (in_place_buffer if in_place_buffer is not None and path[0] in in_place
+                      else buffer)
+            flat = source[offset:offset + size].view(dtype)
             node = store
             for key in path[:-1]:
                 node = node.setdefault(key, {})

@@ -25,6 +25,10 @@ def check_int(name: str, value, *, minimum: int | None = None,
     """
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise FiseditError(f"{name} must be an int, got the bool {value!r}")
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        # operator.index takes a one-element tensor of any shape; an int is a 0-d tensor.
+        raise FiseditError(f"{name} must be an int, got a {value.dim()}-D tensor of shape "
+                           f"{tuple(value.shape)}; pass int(...) or a 0-d tensor")
     try:
         number = operator.index(value)
     except TypeError:

@@ -21,7 +21,7 @@ from fisedit_compiler.errors import FiseditError
 # multi-element tensors.
 NOT_INTS = st.one_of(
     st.floats(allow_nan=True), st.text(max_size=4), st.booleans(), st.none(),
-    st.lists(st.integers(), max_size=2), st.just(torch.tensor([1, 2])),
+    st.lists(st.integers(), max_size=2), st.just(torch.tensor([1, 2])), st.just(torch.tensor([1])),
     st.just(torch.tensor(1.0)), st.just(np.float64(2.0)), st.just(torch.tensor(True)))
 
 

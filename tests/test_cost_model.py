@@ -87,3 +87,16 @@ def test_calibration_with_failed_captures_keeps_the_engines_thresholds(monkeypat
                                       timer=lambda fn: next(timings))
     candidates = sum(len(m["ms_by_first_dense_level"]) for m in failed["measurements"])
     assert failed["capture_failures"] == candidates > 0 and failed["thresholds"] == 0.4
+
+
+@pytest.mark.parametrize("areas, timer, message", [
+    ((), None, r"at least one"), ((0.0,), None, r"\(0, 1\]"), ((1.5,), None, "out of range"),
+    ((float("nan"),), None, "finite"), (None, None, "got NoneType"), ("0.1", None, "got str"),
+    ((0.05,), 5, "timer must be a function"), ((0.05,), None, "on a CUDA device")])
+def test_calibration_refuses_bad_arguments_before_any_work(areas, timer, message):
+    """Checked before the program is built or a step recorded (seconds on a real U-Net)."""
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    with pytest.raises(fc.FiseditError, match=message):
+        cost_model.calibrate(engine, zoo.example_inputs(unet, batch=2), areas=areas, timer=timer)
+    assert not engine._programs

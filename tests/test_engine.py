@@ -584,6 +584,21 @@ def test_non_finite_inputs_are_refused_before_any_work(sd15_tiny):
     assert same_cache(two, kept)
 
 
+def test_an_attention_mask_may_exclude_with_minus_infinity_but_not_hold_nan():
+    """An additive attention mask holds -inf where it excludes keys; NaN or +inf in it would
+    make the attention's output NaN, so they are refused like any input's."""
+    from fisedit_compiler.engine.engine import check_finite_inputs
+
+    bias = torch.zeros(2, 77)
+    bias[:, 70:] = float("-inf")
+    check_finite_inputs({"sample": torch.zeros(2), "encoder_attention_mask": bias})
+    for bad in (float("nan"), float("inf")):
+        poisoned = bias.clone()
+        poisoned[0, 3] = bad
+        with pytest.raises(fc.FiseditError, match="encoder_attention_mask hold NaN or infinite"):
+            check_finite_inputs({"sample": torch.zeros(2), "encoder_attention_mask": poisoned})
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes_against_the_cache_are_refused_before_compiling(sd15_tiny, dtype):
     engine, cache, inputs, _ = sd15_tiny

@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from ..checks import check_float
+from ..errors import FiseditError
 from ..execution.plan import MaskPlan, blob_mask, scattered_mask
 from .timing import cuda_time_ms
 
@@ -43,8 +45,17 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
     graph could not be captured runs without it, several times slower, so the thresholds would
     send everything dense: then they are the engine's own, with a warning.
     """
+    areas = _check_areas(areas)
     if timer is None:
+        sample = inputs.get("sample") if isinstance(inputs, dict) else None
+        if not (isinstance(sample, torch.Tensor) and sample.is_cuda):
+            raise FiseditError("calibrate times each candidate with CUDA events by default, "
+                               "so its inputs must be on a CUDA device; on another device pass "
+                               "timer=(a function that runs its argument and returns ms)")
         timer = lambda fn: cuda_time_ms(fn, warmup=2, reps=5)  # noqa: E731
+    elif not callable(timer):
+        raise FiseditError(f"calibrate's timer must be a function that runs its argument and "
+                           f"returns milliseconds, got {type(timer).__name__}")
     program = engine.program(inputs)
     levels, tiles = program.levels, program.tiles
     cache = engine.new_cache()
@@ -87,6 +98,19 @@ def captured_steps_of(engine, inputs: dict):
     None."""
     return (engine.captured_steps(**inputs) if engine._uses_graphs(inputs["sample"].device)
             else None)
+
+
+def _check_areas(areas) -> tuple[float, ...]:
+    """The edit areas to time: a non-empty sequence of fractions in (0, 1]."""
+    if isinstance(areas, (str, bytes)) or not hasattr(areas, "__iter__"):
+        raise FiseditError(f"calibrate's areas must be a sequence of fractions of the latent in "
+                           f"(0, 1], e.g. {CALIBRATION_AREAS}, got {type(areas).__name__}")
+    checked = tuple(check_float("a calibration area", area, minimum=0.0, maximum=1.0)
+                    for area in areas)
+    if not checked or 0.0 in checked:
+        raise FiseditError(f"calibrate's areas must be fractions of the latent in (0, 1], at "
+                           f"least one, e.g. {CALIBRATION_AREAS}, got {list(checked)}")
+    return checked
 
 
 def thresholds_from(measurements: list[dict], levels: int) -> tuple:

@@ -921,21 +921,27 @@ def check_finite_inputs(flat: dict) -> None:
     A reduction per input and one host read, so it runs where a call reads the host anyway:
     a generation's first recorded step (step 0, or the first into a new cache) and an edit
     pass's first step (later steps' inputs come from the U-Net's own outputs and the
-    scheduler). Masks are not checked: an attention mask given as an additive bias holds -inf
-    where it excludes keys."""
+    scheduler). An attention mask given as an additive bias holds -inf where it excludes
+    keys, so a mask (an input named ``*mask*``) may hold -inf, but not NaN or +inf."""
     floats = {name: value for name, value in flat.items()
-              if isinstance(value, torch.Tensor) and value.is_floating_point()
-              and "mask" not in name}
+              if isinstance(value, torch.Tensor) and value.is_floating_point()}
     if not floats:
         return
     device = next(iter(floats.values())).device
-    finite = torch.stack([torch.isfinite(value).all().to(device) for value in floats.values()])
+    finite = torch.stack([(_finite_or_excluded(value) if "mask" in name
+                           else torch.isfinite(value)).all().to(device)
+                          for name, value in floats.items()])
     if bool(finite.all()):
         return
     names = [name for name, ok in zip(floats, finite.tolist()) if not ok]
     raise FiseditError(f"U-Net input(s) {', '.join(names)} hold NaN or infinite values; "
                        "find where they were made (the noise, the text encoder, the "
                        "scheduler) and pass finite ones")
+
+
+def _finite_or_excluded(mask: torch.Tensor) -> torch.Tensor:
+    """Where an attention mask's values are finite or -inf (an additive bias's exclusion)."""
+    return torch.isfinite(mask) | (mask == float("-inf"))
 
 
 def check_plain_call(inputs: dict) -> None:

@@ -1498,6 +1498,14 @@ def test_an_edit_reads_the_weights_values_once(session, monkeypatch):
         reads.clear()
         session.edit(new_prompt, mask_estimator=estimator, output_type="np")
         assert len(reads) == 1 and not session.cache.weight_values_checked
+    # Arguments refused for themselves are refused before the weights are read.
+    reads.clear()
+    for bad in ({"mask_mode": "union"}, {"composite_background": "no"},
+                {"mask": torch.ones(3, 3, dtype=torch.bool)}, {"mask_estimator": "foo"},
+                {"num_inference_steps": session.original.num_steps + 1}):
+        with pytest.raises(FiseditError):
+            session.edit(new_prompt, output_type="np", **bad)
+    assert not reads
     # A run that fails before its first sparse step leaves no mark either.
     with monkeypatch.context() as patch:
         patch.setattr(session.engine, "edit", _must_not_run)

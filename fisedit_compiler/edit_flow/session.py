@@ -402,10 +402,6 @@ class EditSession:
         _check_output_type(output_type)
         self._check_scheduler()
         self._check_same_scheduler()
-        # The recorded outputs (and the background they made) came from the generation's
-        # weights: after an in-place change the engine would refuse only at its first sparse
-        # step, after the estimator's or the probe steps' dense U-Net calls. Its own check.
-        self.engine._check_unchanged(self.cache, contents=True)
         check_bool("cross_attention_control", cross_attention_control)
         check_bool("composite_background", composite_background)
         steps = original.num_steps if num_inference_steps is None else \
@@ -476,6 +472,11 @@ class EditSession:
                 "would be the old VAE's decode around the new one's; generate "
                 "again, restore pipe.vae, or pass composite_background=False (the raw decode) "
                 "or output_type='latent'")
+        # The recorded outputs (and the background they made) came from the generation's
+        # weights: after an in-place change the engine would refuse only at its first sparse
+        # step, after the estimator's or the probe steps' dense U-Net calls. Its own check,
+        # after the argument checks: it reads every weight.
+        self.engine._check_unchanged(self.cache, contents=True)
 
         trajectory = Trajectory(new_prompt, negative, guidance, height, width, steps,
                                 original.noise, output_type=output_type,

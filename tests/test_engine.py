@@ -513,6 +513,9 @@ def test_autocast_and_inputs_that_require_grad_are_refused(sd15_tiny):
     ({"mid_block_additional_residual": torch.randn(2, 64, 4, 4)},
      "mid_block_additional_residual was given without down_block_additional_residuals, so "
      "diffusers would ignore it"),
+    ({"timestep_cond": torch.randn(2, 32)}, "has no time_cond_proj_dim .* drop timestep_cond"),
+    ({"down_block_additional_residuals": (torch.randn(2, 32, 16, 16),)},
+     "deprecated T2I-Adapter form, which needs a list.*down_intrablock_additional_residuals"),
     ({"encoder_attention_mask": torch.ones(2, 5)},
      r"encoder_attention_mask has shape \(2, 5\) but the text states are \(2, 77, 32\); "
      r"pass one row per text state over its tokens, shape \[2, 77\]"),

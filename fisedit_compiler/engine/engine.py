@@ -786,6 +786,19 @@ def check_ignored_inputs(unet, inputs: dict) -> None:
     down = "down_block_additional_residuals"
     has_down = inputs.get(down) is not None or any(name.startswith(down + "_")
                                                    for name in inputs)
+    if inputs.get("timestep_cond") is not None and getattr(
+            getattr(unet, "time_embedding", None), "cond_proj", None) is None:
+        # diffusers calls the missing projection (a TypeError naming nothing given).
+        raise FiseditError("timestep_cond was given, but this U-Net's config has no "
+                           "time_cond_proj_dim (no projection reads it); drop timestep_cond")
+    if (isinstance(inputs.get(down), tuple)
+            and inputs.get("mid_block_additional_residual") is None):
+        # diffusers' deprecated T2I-Adapter form: it pops the residuals from a list.
+        raise FiseditError(
+            "down_block_additional_residuals without mid_block_additional_residual is "
+            "diffusers' deprecated T2I-Adapter form, which needs a list; pass an adapter's "
+            "residuals as down_intrablock_additional_residuals=[...], or a ControlNet's as "
+            "down_block_additional_residuals with mid_block_additional_residual")
     if inputs.get("mid_block_additional_residual") is not None and not has_down:
         raise FiseditError(
             "mid_block_additional_residual was given without down_block_additional_residuals, "

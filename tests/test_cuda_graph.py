@@ -254,6 +254,7 @@ def test_each_replay_reads_its_recorded_step_where_it_lives(budget):
     assert len(cache.offloaded) == (3 if budget == 0 else 0)
     plan, eager_plan = engine.plan(mask), eager.plan(mask)
     steps = engine.captured_steps(**recorded[0])
+    before = [cache.steps[step].buffer.clone() for step in range(3)]
     for order, step in enumerate([0, 2, 1, 0]):
         edited = bench.edited_inputs(recorded[step], mask)
         actual = engine.edit(cache, step, plan=plan, **edited)
@@ -263,7 +264,6 @@ def test_each_replay_reads_its_recorded_step_where_it_lives(budget):
             size = steps.store.layout.nbytes
             assert steps.in_place and steps.store.buffer.numel() == steps._copied_bytes < size / 2
             assert budget == 0 or steps._base is cache.steps[0].buffer
-            before = [cache.steps[step].buffer.clone() for step in range(3)]
     assert all(torch.equal(cache.steps[step].buffer, before[step]) for step in range(3))
     if budget == 0:
         # The last edit read a copy of the offloaded step, freed when the edit returned: its

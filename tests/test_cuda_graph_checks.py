@@ -65,32 +65,43 @@ def test_a_step_of_another_layout_is_refused_and_an_equal_one_taken(captured):
     assert torch.equal(steps.store.buffer, step.buffer)     # the interpreter copies it all
 
 
-def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch):
+def read_at_shift(recorded, *, recorded_shift):
+    """A kernel's read of a recorded value, as lower_kernels passes the shift."""
+    from fisedit_compiler.execution.kernels.recorded_shift import read_shifted
+
+    return read_shifted(recorded, recorded_shift)
+
+
+@pytest.mark.parametrize("in_place", [("big",), (), ("big", "small")],
+                         ids=["read-in-place", "shifted-but-copied", "in-place-read-unshifted"])
+def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch, in_place):
     """Off the interpreter (where no shift holds between device buffers), the static store's
     in-place values are views of the first step loaded and its own buffer holds only the
     copied values; each step, even one at an address no aligned shift reaches, is read where
-    it lives (or from an aligned copy), and no step is written. A one-op step graph that
-    reads an in-place value at the shift (``read_shifted``, interpreted on the CPU) and a
-    copied one, under the stand-in graph above."""
-    from fisedit_compiler.execution.kernels.recorded_shift import read_shifted
+    it lives (or from an aligned copy), and no step is written. Where a key read at the shift
+    is copied too (not in place), the store is a whole copy, as the shift then measures from
+    it; so too where a value laid out in place is also read without the shift. A one-op
+    step graph that reads a value at the shift (``read_shifted``, interpreted on
+    the CPU) and a copied one, under the stand-in graph above."""
+    from fisedit_compiler.execution import sparse_ops
     from fisedit_compiler.execution.plan import MaskPlan
     from fisedit_compiler.graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PLAN_INPUT
 
     graph = fx.Graph()
     x, _, cache = (graph.placeholder(name) for name in ("x", PLAN_INPUT, CACHE_INPUT))
-    shift = graph.call_function(getattr, (cache, "recorded_shift"))
-    read = graph.call_function(read_shifted, (graph.call_function(operator.getitem,
-                                                                  (cache, "big")), shift))
-    small = graph.call_function(operator.getitem, (cache, "small"))
+    shift = graph.call_function(sparse_ops.cache_shift, (cache,))
+    big = graph.call_function(sparse_ops.cache_read, (cache, "big"))
+    read = graph.call_function(read_at_shift, (big,), {"recorded_shift": shift})
+    small = graph.call_function(sparse_ops.cache_read, (cache, "small"))
     graph.output(graph.call_function(torch.add, (graph.call_function(torch.add, (x, read)),
                                                  small)))
     edit = fx.GraphModule(torch.nn.Module(), graph)
-    edit.meta[IN_PLACE_KEYS] = frozenset({"big"})
+    edit.meta[IN_PLACE_KEYS] = frozenset(in_place)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
     monkeypatch.setattr(cuda_graph.CapturedSteps, "_capture", fake_capture)
     monkeypatch.setattr(cuda_graph, "INTERPRET", False)
-    layout = StoreLayout({"big": torch.zeros(64), "small": torch.zeros(1)}, in_place=("big",))
+    layout = StoreLayout({"big": torch.zeros(64), "small": torch.zeros(1)}, in_place=in_place)
     recorded = [layout.pack({"big": torch.arange(64.0) * (step + 1),
                              "small": torch.full((1,), 100.0 * step)}) for step in range(2)]
     before = [store.buffer.clone() for store in recorded]
@@ -107,12 +118,16 @@ def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch
 
     for store in recorded + [recorded[0]]:
         assert torch.equal(replay(store), 1 + store["big"] + store["small"])
-    assert steps._base is recorded[0].buffer
-    assert steps.store.buffer.numel() == steps._copied_bytes < layout.nbytes / 2
-    assert steps.store["big"].data_ptr() == recorded[0]["big"].data_ptr()
+    if in_place == ("big",):
+        assert steps._base is recorded[0].buffer
+        assert steps.store.buffer.numel() == steps._copied_bytes < layout.nbytes / 2
+        assert steps.store["big"].data_ptr() == recorded[0]["big"].data_ptr()
+    else:
+        assert steps._base is steps.store.buffer and steps._base.numel() == layout.nbytes
     misaligned = torch.empty(layout.nbytes + 8, dtype=torch.uint8)[8:]
     misaligned.copy_(recorded[1].buffer)
     assert torch.equal(replay(StepStore(misaligned, layout)), 1 + recorded[1]["big"]
                        + recorded[1]["small"])
     assert steps._aligned is not None
+    assert torch.equal(replay(recorded[0]), 1 + recorded[0]["big"] + recorded[0]["small"])
     assert all(torch.equal(store.buffer, old) for store, old in zip(recorded, before))

@@ -61,6 +61,7 @@ import torch.fx as fx
 
 from ..config import INTERPRET
 from ..errors import FiseditError
+from ..execution import sparse_ops
 from ..execution.kernels.recorded_shift import SHIFT_ALIGN
 from ..execution.plan import MaskPlan
 from ..graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PASS_VALUES_INPUT, PLAN_INPUT
@@ -77,6 +78,13 @@ class CapturedSteps:
                               if node.op == "placeholder" and node.users)
         # The recorded keys its kernels read at the static store's recorded shift.
         self.in_place = edit.meta.get(IN_PLACE_KEYS, frozenset())
+        # Whether a view of the first step may stand for those values: only if every key read
+        # at the shift is one of them and they are read at the shift only (a shifted read of
+        # a copied key, or an unshifted one of a viewed key, would read another step).
+        shifted, unshifted = _reads_by_shift(edit)
+        self._reads_in_place = (bool(self.in_place) and shifted <= self.in_place
+                                and not unshifted & self.in_place)
+        self._not_copied = self.in_place - unshifted     # never read but at the shift
         self.inputs: dict | None = None      # static copies of the user inputs it reads
         self.store: StepStore | None = None  # the static store (module docstring)
         self._base = None                    # the buffer its in-place values are views of
@@ -139,13 +147,14 @@ class CapturedSteps:
 
     def _load(self, inputs: dict, store: StepStore, values: tuple | None) -> None:
         if self.inputs is None:
+            # Made whole before any is kept: a failure (out of memory) leaves nothing loaded.
             # An input the step does not read is passed as None: no buffer, no copy.
-            self.inputs = {name: value.clone() if name in self.read else None
-                           for name, value in inputs.items()}
+            static_inputs = {name: value.clone() if name in self.read else None
+                             for name, value in inputs.items()}
+            static_values = None if values is None else _static_copy(values)
             self._make_static_store(store)
-            if values is not None:
-                self.values = _static_copy(values)
-                self._loaded_values = values
+            self.inputs, self.values = static_inputs, static_values
+            self._loaded_values = values
             return
         for name, value in inputs.items():
             if name in self.read:
@@ -159,20 +168,21 @@ class CapturedSteps:
         """The static store, standing for ``first`` (shift 0). Its in-place values are views
         of ``first``'s own buffer, the base every shift is measured from, so no copy of a
         step's bulk is made (SDXL 1024 px: 1.4 GiB a step); the base is held, its address
-        fixed in the graphs. Under the interpreter (no shift holds) or where ``first`` is
-        not aligned for a shift, the base is a whole copy of it instead."""
+        fixed in the graphs. Under the interpreter (no shift holds), where ``first`` is not
+        aligned for a shift, or where a key read at the shift is also copied (its view must
+        then lie in the base too), the base is a whole copy of it instead."""
         buffer, layout = first.buffer, first.layout
         shift = torch.zeros(1, dtype=torch.int64, device=buffer.device)
-        self._copied_bytes = layout.span_without(self.in_place)
-        if INTERPRET or buffer.data_ptr() % SHIFT_ALIGN:
-            self._base = buffer.clone()
-            self.store = StepStore(self._base, layout, recorded_shift=shift)
+        copied = layout.span_without(self._not_copied)
+        if INTERPRET or buffer.data_ptr() % SHIFT_ALIGN or not self._reads_in_place:
+            base = buffer.clone()
+            store, source = StepStore(base, layout, recorded_shift=shift), None
         else:
-            self._base = buffer
-            self.store = StepStore(buffer[:self._copied_bytes].clone(), layout,
-                                   recorded_shift=shift, in_place=self.in_place,
-                                   in_place_buffer=buffer)
-            self._source = weakref.ref(buffer)
+            base = buffer
+            store = StepStore(buffer[:copied].clone(), layout, recorded_shift=shift,
+                              in_place=self.in_place, in_place_buffer=buffer)
+            source = weakref.ref(buffer)
+        self._base, self.store, self._copied_bytes, self._source = base, store, copied, source
 
     def check_loaded(self) -> None:
         """Refuse to run a graph unless inputs are loaded and the recorded step loaded last is
@@ -198,10 +208,14 @@ class CapturedSteps:
             return
         buffer = store.buffer
         if (buffer.data_ptr() - self._base.data_ptr()) % SHIFT_ALIGN:
-            # Not from the caching allocator, so no aligned shift reaches it: read a copy.
-            if self._aligned is None:
+            # Not from the caching allocator, so no aligned shift reaches it: read a copy
+            # (the base itself where it is the store's own whole copy).
+            if self._base is self.store.buffer:
+                self._aligned = self._base
+            elif self._aligned is None:
                 self._aligned = torch.empty_like(buffer)
             buffer = self._aligned.copy_(buffer)
+            assert (buffer.data_ptr() - self._base.data_ptr()) % SHIFT_ALIGN == 0
         copied = self._copied_bytes
         self.store.buffer[:copied].copy_(buffer[:copied])
         self._source = weakref.ref(buffer)
@@ -263,6 +277,18 @@ class CapturedSteps:
         # A bucket's graph keeps its private template; an exact plan's graph is kept on the
         # plan itself (``_graphs_of``), so it must not refer back to it.
         return _Graph(graph, template if template.bucket is not None else None, output, self)
+
+
+def _reads_by_shift(edit: fx.GraphModule) -> tuple[set, set]:
+    """The recorded keys read by an op given the recorded shift (``lower_kernels``), and
+    those read by any other."""
+    shifted, unshifted = set(), set()
+    for node in edit.graph.nodes:
+        if node.op == "call_function" and node.target is sparse_ops.cache_read:
+            for user in node.users:
+                at_shift = user.kwargs.get("recorded_shift") is not None
+                (shifted if at_shift else unshifted).add(node.args[1])
+    return shifted, unshifted
 
 
 def clear_cublas_workspaces() -> None:

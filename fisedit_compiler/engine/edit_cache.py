@@ -61,7 +61,8 @@ class StepStore(dict):
     same views over any other buffer of the same layout, which is how a CUDA graph's static
     store and offloaded or prefetched copies are made. ``recorded_shift`` is None, except on a
     CUDA graph's static store: there the one-element int64 device tensor holding the byte
-    distance from this buffer to the step it stands for (``sparse_ops.cache_shift``).
+    distance from the buffer its in-place values are views of to the step it stands for
+    (``sparse_ops.cache_shift``).
     A static store may take the values under the keys ``in_place`` from another buffer,
     ``in_place_buffer`` (the recorded step its shift is measured from), so that its own
     ``buffer`` need hold only the others (``span_without(in_place)`` bytes).

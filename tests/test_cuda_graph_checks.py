@@ -2,7 +2,6 @@
 with a stand-in for the captured graph (its replay runs the step again on the static
 buffers). The graphs themselves are tested on the GPU in test_cuda_graph.py."""
 
-import operator
 from types import SimpleNamespace
 
 import pytest

@@ -322,6 +322,15 @@ def test_the_mask_helpers_refuse_what_they_cannot_read_and_read_numpy_masks(tmp_
                        mask_to_latent(pixels, (16, 16), "the mask"))
     with pytest.raises(FiseditError, match="latent size must be .height, width."):
         mask_to_latent(pixels, (np.bool_(True), 16), "the mask")
+    from fisedit_compiler.execution.plan import blob_mask, scattered_mask
+
+    for make in (blob_mask, scattered_mask):
+        for area in (0, 1.5, float("nan"), "0.1"):
+            with pytest.raises(FiseditError, match="the mask's area"):
+                make((16, 16), area)
+    for size in [(16.5, 16), (0, 16)]:
+        with pytest.raises(FiseditError, match="latent size must be .height, width."):
+            mask_from_box("0,0,1,1", size)
     with pytest.raises(FiseditError, match="mask box is a string .* got tuple"):
         mask_from_box((0, 0, 1, 1), (16, 16))
 

@@ -536,17 +536,22 @@ def image_mask(image, source: str = "the mask image",
     return torch.from_numpy(np.ascontiguousarray(marked))
 
 
-def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
-                   scale: int | None = None) -> torch.Tensor:
-    """A pixel mask max-pooled to latent ``size``: it must be that size or, where the VAE's
-    ``scale`` is known, the image size (``scale`` times it); else any whole multiple. A numpy
-    array is read as a tensor."""
+def check_latent_size(size) -> tuple[int, int]:
+    """``size`` as (height, width), two positive Python ints (numpy's integers too)."""
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
             isinstance(side, numbers.Integral) and not isinstance(side, (bool, np.bool_))
             and side > 0 for side in size)):
         raise FiseditError(f"the latent size must be (height, width), two positive ints, got "
                            f"{size!r}")
-    size = (int(size[0]), int(size[1]))
+    return int(size[0]), int(size[1])
+
+
+def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
+                   scale: int | None = None) -> torch.Tensor:
+    """A pixel mask max-pooled to latent ``size``: it must be that size or, where the VAE's
+    ``scale`` is known, the image size (``scale`` times it); else any whole multiple. A numpy
+    array is read as a tensor."""
+    size = check_latent_size(size)
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -710,16 +715,24 @@ def parse_box(box: str) -> tuple[float, float, float, float]:
 def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
     """A bool mask from ``"x0,y0,x1,y1"`` in fractions of the width and height."""
     x0, y0, x1, y1 = parse_box(box)
-    height, width = size
+    height, width = size = check_latent_size(size)
     mask = torch.zeros(size, dtype=torch.bool)
     mask[int(y0 * height):max(int(y0 * height) + 1, round(y1 * height)),
          int(x0 * width):max(int(x0 * width) + 1, round(x1 * width))] = True
     return mask
 
 
+def _check_area(area) -> float:
+    area = check_float("the mask's area", area, minimum=0.0, maximum=1.0)
+    if area == 0:
+        raise FiseditError("the mask's area must be a fraction of the latent in (0, 1], got 0")
+    return area
+
+
 def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
     """One centred square covering ``area`` of the latent (rounded to whole pixels)."""
-    height, width = size
+    height, width = size = check_latent_size(size)
+    area = _check_area(area)
     side_h = max(1, min(height, round(math.sqrt(area) * height)))
     side_w = max(1, min(width, round(math.sqrt(area) * width)))
     mask = torch.zeros(size, dtype=torch.bool)
@@ -730,7 +743,8 @@ def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
 
 def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int = 0):
     """``blobs`` squares at seeded random places, together covering about ``area``."""
-    height, width = size
+    height, width = size = check_latent_size(size)
+    area = _check_area(area)
     gen = torch.Generator().manual_seed(seed)
     side = max(1, round(math.sqrt(area * height * width / blobs)))
     mask = torch.zeros(size, dtype=torch.bool)

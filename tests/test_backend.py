@@ -1342,7 +1342,7 @@ def test_a_unet_compiled_twice_or_through_its_forward_is_named_so(fresh_dynamo):
 
 
 @torch.no_grad()
-def test_an_editing_context_past_the_recompile_limit_names_the_limit(fresh_dynamo, monkeypatch):
+def test_an_editing_context_past_the_recompile_limit_names_the_limit(fresh_dynamo):
     """Past Dynamo's recompile limit a call at a new size runs eagerly, never reaching the
     backend: the context's warning names the limit, not only a pipeline holding the wrong U-Net."""
     unet = zoo.unet("sd15-tiny")
@@ -1351,10 +1351,12 @@ def test_an_editing_context_past_the_recompile_limit_names_the_limit(fresh_dynam
     t = torch.tensor(500)
     with fc.recording(compiled) as rec:
         call(compiled, inputs, t)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     generator = torch.Generator().manual_seed(2)
     larger = dict(inputs, sample=torch.randn(2, 4, 24, 24, generator=generator))
-    with pytest.warns(UnsupportedGraphWarning, match=r"no U-Net call was edited.*recompile_limit"):
-        with fc.editing(rec, box((16, 16), 0, 0, 4, 4)):
-            eager = call(compiled, larger, t)
+    # (Dynamo's config patch, not monkeypatch: its undo would delete the config entry.)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.warns(UnsupportedGraphWarning,
+                          match=r"no U-Net call was edited.*recompile_limit"):
+            with fc.editing(rec, box((16, 16), 0, 0, 4, 4)):
+                eager = call(compiled, larger, t)
     assert torch.equal(eager, call(unet, larger, t))

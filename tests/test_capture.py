@@ -253,3 +253,28 @@ def test_example_inputs_follow_a_non_square_sample_size_and_refuse_none():
     with pytest.raises(FiseditError, match=r"sample_size is None.*pass height and width"):
         zoo.example_inputs(unet, batch=1)
     assert zoo.example_inputs(unet, batch=1, height=8, width=8)["sample"].shape[-2:] == (8, 8)
+
+
+@pytest.mark.parametrize("frontend", ["export", "dynamo"])
+def test_an_input_the_forward_never_reads_is_taken_by_both_frontends(frontend):
+    """Kandinsky 2.2's image_proj replaces the text states by the image embeddings'
+    projection, unread: Dynamo leaves that input out of its graph, export keeps it; the engine
+    passes every input, so the dynamo capture takes it too (record and edit meet the oracle)."""
+    _, cfg = zoo.CONFIGS["sd15-tiny"]
+    unet = zoo.from_config(dict(cfg, cross_attention_dim=32, encoder_hid_dim=32,
+                                encoder_hid_dim_type="image_proj", addition_embed_type="image"))
+    inputs = zoo.example_inputs(unet, batch=2)
+    engine = fc.compile(unet, fc.SparseConfig(frontend=frontend))
+    cache = engine.new_cache(1)
+    with torch.no_grad():
+        dense = unet(**inputs)[0]
+    assert torch.allclose(engine.record(cache, 0, **inputs), dense, atol=1e-5)
+    mask = torch.zeros(inputs["sample"].shape[-2:], dtype=torch.bool)
+    mask[:4, :4] = True
+    plan = engine.plan(mask)
+    image = dict(inputs["added_cond_kwargs"], image_embeds=inputs["added_cond_kwargs"]
+                 ["image_embeds"] + 0.1)
+    edited = dict(inputs, added_cond_kwargs=image)
+    expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
+    actual = engine.edit(cache, 0, plan=plan, **edited)
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-5

@@ -282,7 +282,32 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
             "one, shows where)") from error
     if frontend == "export":
         return program_to_graph_module(captured)
-    return lower_dynamo_graph(*captured)
+    return _with_unread_inputs(lower_dynamo_graph(*captured), inputs)
+
+
+def _with_unread_inputs(graph_module: fx.GraphModule, inputs: dict) -> fx.GraphModule:
+    """Dynamo leaves out of its graph an input the forward never reads (diffusers replaces a
+    Kandinsky 2.2 U-Net's text states by its image embeddings' projection); export keeps it.
+    Every call passes all its inputs, so the graph takes each of them, as export's does: an
+    unused placeholder (with its example's fake value, as export's) for each one missing."""
+    graph = graph_module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    names = {node.name for node in placeholders}
+    missing = [name for name, value in flatten_inputs(inputs).items()
+               if isinstance(value, torch.Tensor) and name not in names]
+    if not missing:
+        return graph_module
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    anchor = placeholders[-1] if placeholders else None
+    for name in missing:
+        with (graph.inserting_after(anchor) if anchor is not None
+              else graph.inserting_before(next(iter(graph.nodes)))):
+            anchor = graph.placeholder(name)
+        anchor.meta["val"] = mode.from_tensor(flatten_inputs(inputs)[name])
+    graph_module.meta[INPUTS] = [*graph_module.meta[INPUTS], *missing]   # placeholder order
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
 
 
 def raise_if_eager_fails(unet, inputs: dict) -> None:

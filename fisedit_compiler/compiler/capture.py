@@ -293,18 +293,20 @@ def _with_unread_inputs(graph_module: fx.GraphModule, inputs: dict) -> fx.GraphM
     graph = graph_module.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     names = {node.name for node in placeholders}
-    missing = [name for name, value in flatten_inputs(inputs).items()
+    flat = flatten_inputs(inputs)
+    missing = [name for name, value in flat.items()
                if isinstance(value, torch.Tensor) and name not in names]
     if not missing:
         return graph_module
     mode = torch._subclasses.fake_tensor.FakeTensorMode()
-    anchor = placeholders[-1] if placeholders else None
+    # Each after the last placeholder (the sample is always read, so there is one; get_attr
+    # nodes may come before them): the graph's inputs are its placeholders in order.
+    anchor = placeholders[-1]
     for name in missing:
-        with (graph.inserting_after(anchor) if anchor is not None
-              else graph.inserting_before(next(iter(graph.nodes)))):
+        with graph.inserting_after(anchor):
             anchor = graph.placeholder(name)
-        anchor.meta["val"] = mode.from_tensor(flatten_inputs(inputs)[name])
-    graph_module.meta[INPUTS] = [*graph_module.meta[INPUTS], *missing]   # placeholder order
+        anchor.meta["val"] = mode.from_tensor(flat[name])
+    graph_module.meta[INPUTS] = [*graph_module.meta[INPUTS], *missing]
     graph.lint()
     graph_module.recompile()
     return graph_module

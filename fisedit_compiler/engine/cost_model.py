@@ -26,9 +26,8 @@ import warnings
 
 import torch
 
-from ..checks import check_float
 from ..errors import FiseditError
-from ..execution.plan import MaskPlan, blob_mask, scattered_mask
+from ..execution.plan import MaskPlan, blob_mask, check_area, scattered_mask
 from .timing import cuda_time_ms
 
 CALIBRATION_AREAS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
@@ -105,11 +104,10 @@ def _check_areas(areas) -> tuple[float, ...]:
     if isinstance(areas, (str, bytes)) or not hasattr(areas, "__iter__"):
         raise FiseditError(f"calibrate's areas must be a sequence of fractions of the latent in "
                            f"(0, 1], e.g. {CALIBRATION_AREAS}, got {type(areas).__name__}")
-    checked = tuple(check_float("a calibration area", area, minimum=0.0, maximum=1.0)
-                    for area in areas)
-    if not checked or 0.0 in checked:
+    checked = tuple(check_area(area, "a calibration area") for area in areas)
+    if not checked:
         raise FiseditError(f"calibrate's areas must be fractions of the latent in (0, 1], at "
-                           f"least one, e.g. {CALIBRATION_AREAS}, got {list(checked)}")
+                           f"least one, e.g. {CALIBRATION_AREAS}, got none")
     return checked
 
 

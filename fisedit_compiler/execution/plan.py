@@ -722,17 +722,18 @@ def mask_from_box(box: str, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
-def _check_area(area) -> float:
-    area = check_float("the mask's area", area, minimum=0.0, maximum=1.0)
+def check_area(area, name: str = "the mask's area") -> float:
+    """``area`` as a fraction of the latent in (0, 1]."""
+    area = check_float(name, area, minimum=0.0, maximum=1.0)
     if area == 0:
-        raise FiseditError("the mask's area must be a fraction of the latent in (0, 1], got 0")
+        raise FiseditError(f"{name} must be a fraction of the latent in (0, 1], got 0")
     return area
 
 
 def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
     """One centred square covering ``area`` of the latent (rounded to whole pixels)."""
     height, width = size = check_latent_size(size)
-    area = _check_area(area)
+    area = check_area(area)
     side_h = max(1, min(height, round(math.sqrt(area) * height)))
     side_w = max(1, min(width, round(math.sqrt(area) * width)))
     mask = torch.zeros(size, dtype=torch.bool)
@@ -744,7 +745,7 @@ def blob_mask(size: tuple[int, int], area: float) -> torch.Tensor:
 def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int = 0):
     """``blobs`` squares at seeded random places, together covering about ``area``."""
     height, width = size = check_latent_size(size)
-    area = _check_area(area)
+    area = check_area(area)
     gen = torch.Generator().manual_seed(seed)
     side = max(1, round(math.sqrt(area * height * width / blobs)))
     mask = torch.zeros(size, dtype=torch.bool)

@@ -30,6 +30,8 @@ CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"  # lower_kernels: cache keys 
                                                     # channels-last for the conv kernel
 IN_PLACE_KEYS = "fc_in_place_cache_keys"  # lower_kernels: cache keys read only by kernels
                                           # that take a recorded shift (kernels.recorded_shift)
+SHIFTED_KEYS = "fc_shifted_cache_keys"    # lower_kernels: cache keys some kernel reads at the
+                                          # recorded shift (a superset of IN_PLACE_KEYS' reads)
 
 # -- attributes of the edit graph module -----------------------------------------------------
 DERIVED_WEIGHTS = "fc_derived_weights"  # the program's execution.derived_weights.DerivedWeights

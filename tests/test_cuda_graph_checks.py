@@ -71,20 +71,22 @@ def read_at_shift(recorded, *, recorded_shift):
     return read_shifted(recorded, recorded_shift)
 
 
-@pytest.mark.parametrize("in_place", [("big",), (), ("big", "small")],
-                         ids=["read-in-place", "shifted-but-copied", "in-place-read-unshifted"])
-def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch, in_place):
+@pytest.mark.parametrize("in_place, shifted", [(("big",), ("big",)), ((), ("big",)),
+                                               (("big",), ("big", "small"))],
+                         ids=["read-in-place", "shifted-but-copied", "another-shifted-copied"])
+def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch, in_place,
+                                                                     shifted):
     """Off the interpreter (where no shift holds between device buffers), the static store's
     in-place values are views of the first step loaded and its own buffer holds only the
     copied values; each step, even one at an address no aligned shift reaches, is read where
     it lives (or from an aligned copy), and no step is written. Where a key read at the shift
-    is copied too (not in place), the store is a whole copy, as the shift then measures from
-    it; so too where a value laid out in place is also read without the shift. A one-op
+    is copied (not in place), the store is a whole copy, as the shift then measures from
+    it (lower_kernels names the keys read at the shift, ``SHIFTED_KEYS``). A one-op
     step graph that reads a value at the shift (``read_shifted``, interpreted on
     the CPU) and a copied one, under the stand-in graph above."""
     from fisedit_compiler.execution import sparse_ops
     from fisedit_compiler.execution.plan import MaskPlan
-    from fisedit_compiler.graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PLAN_INPUT
+    from fisedit_compiler.graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PLAN_INPUT, SHIFTED_KEYS
 
     graph = fx.Graph()
     x, _, cache = (graph.placeholder(name) for name in ("x", PLAN_INPUT, CACHE_INPUT))
@@ -95,7 +97,7 @@ def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch
     graph.output(graph.call_function(torch.add, (graph.call_function(torch.add, (x, read)),
                                                  small)))
     edit = fx.GraphModule(torch.nn.Module(), graph)
-    edit.meta[IN_PLACE_KEYS] = frozenset(in_place)
+    edit.meta[IN_PLACE_KEYS], edit.meta[SHIFTED_KEYS] = frozenset(in_place), frozenset(shifted)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
     monkeypatch.setattr(cuda_graph.CapturedSteps, "_capture", fake_capture)
@@ -117,7 +119,7 @@ def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch
 
     for store in recorded + [recorded[0]]:
         assert torch.equal(replay(store), 1 + store["big"] + store["small"])
-    if in_place == ("big",):
+    if in_place == shifted:
         assert steps._base is recorded[0].buffer
         assert steps.store.buffer.numel() == steps._copied_bytes < layout.nbytes / 2
         assert steps.store["big"].data_ptr() == recorded[0]["big"].data_ptr()

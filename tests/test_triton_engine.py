@@ -16,7 +16,7 @@ from fisedit_compiler.execution import sparse_ops, triton_ops
 from fisedit_compiler.execution.derived_weights import DerivedWeights
 from fisedit_compiler.execution.kernels.recorded_shift import SHIFT_ALIGN
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
-from fisedit_compiler.graph_keys import DERIVED_WEIGHTS, IN_PLACE_KEYS
+from fisedit_compiler.graph_keys import DERIVED_WEIGHTS, IN_PLACE_KEYS, SHIFTED_KEYS
 from fisedit_compiler.passes import registry
 from fisedit_compiler.passes.lower_kernels import CHANNELS_LAST_KEYS
 
@@ -60,7 +60,9 @@ def test_interpreted_kernels_read_the_recorded_step_at_the_shift():
     store (the values copied before a replay, noise where the values read in place lie) whose
     recorded shift points at the recorded step gives the same edit as the step itself. The
     values read in place are the sparse convs' recorded inputs and the self-attentions'
-    recorded K/V, and nothing else reads them."""
+    recorded K/V, and nothing else reads them; every key read at the shift is one of them (so
+    a CUDA graph's static store holds no copy of them: a conv's fused group-norm statistics,
+    also cache reads, are not read at the shift)."""
     unet = zoo.unet("sd15-tiny")
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[9:11, 3:5] = True
@@ -68,6 +70,7 @@ def test_interpreted_kernels_read_the_recorded_step_at_the_shift():
         unet, fc.SparseConfig(kernels="triton"), mask, 1e-5)
     program = engine.program(edited)
     in_place = program.edit.meta[IN_PLACE_KEYS]
+    assert program.edit.meta[SHIFTED_KEYS] == in_place
     reads = [node for node in program.edit.graph.nodes if node.target is sparse_ops.cache_read]
     readers = {user.target for read in reads if read.args[1] in in_place for user in read.users}
     assert readers == {triton_ops.sparse_conv2d, triton_ops.sparse_attention}

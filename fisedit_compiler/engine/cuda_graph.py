@@ -61,10 +61,9 @@ import torch.fx as fx
 
 from ..config import INTERPRET
 from ..errors import FiseditError
-from ..execution import sparse_ops
 from ..execution.kernels.recorded_shift import SHIFT_ALIGN
 from ..execution.plan import MaskPlan
-from ..graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PASS_VALUES_INPUT, PLAN_INPUT
+from ..graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PASS_VALUES_INPUT, PLAN_INPUT, SHIFTED_KEYS
 from .edit_cache import StepStore
 
 
@@ -79,12 +78,9 @@ class CapturedSteps:
         # The recorded keys its kernels read at the static store's recorded shift.
         self.in_place = edit.meta.get(IN_PLACE_KEYS, frozenset())
         # Whether a view of the first step may stand for those values: only if every key read
-        # at the shift is one of them and they are read at the shift only (a shifted read of
-        # a copied key, or an unshifted one of a viewed key, would read another step).
-        shifted, unshifted = _reads_by_shift(edit)
-        self._reads_in_place = (bool(self.in_place) and shifted <= self.in_place
-                                and not unshifted & self.in_place)
-        self._not_copied = self.in_place - unshifted     # never read but at the shift
+        # at the shift is one of them (a shifted read of a copied key would read another step).
+        shifted = edit.meta.get(SHIFTED_KEYS, frozenset())
+        self._reads_in_place = bool(self.in_place) and shifted <= self.in_place
         self.inputs: dict | None = None      # static copies of the user inputs it reads
         self.store: StepStore | None = None  # the static store (module docstring)
         self._base = None                    # the buffer its in-place values are views of
@@ -173,7 +169,7 @@ class CapturedSteps:
         then lie in the base too), the base is a whole copy of it instead."""
         buffer, layout = first.buffer, first.layout
         shift = torch.zeros(1, dtype=torch.int64, device=buffer.device)
-        copied = layout.span_without(self._not_copied)
+        copied = layout.span_without(self.in_place)
         if INTERPRET or buffer.data_ptr() % SHIFT_ALIGN or not self._reads_in_place:
             base = buffer.clone()
             store, source = StepStore(base, layout, recorded_shift=shift), None
@@ -277,18 +273,6 @@ class CapturedSteps:
         # A bucket's graph keeps its private template; an exact plan's graph is kept on the
         # plan itself (``_graphs_of``), so it must not refer back to it.
         return _Graph(graph, template if template.bucket is not None else None, output, self)
-
-
-def _reads_by_shift(edit: fx.GraphModule) -> tuple[set, set]:
-    """The recorded keys read by an op given the recorded shift (``lower_kernels``), and
-    those read by any other."""
-    shifted, unshifted = set(), set()
-    for node in edit.graph.nodes:
-        if node.op == "call_function" and node.target is sparse_ops.cache_read:
-            for user in node.users:
-                at_shift = user.kwargs.get("recorded_shift") is not None
-                (shifted if at_shift else unshifted).add(node.args[1])
-    return shifted, unshifted
 
 
 def clear_cublas_workspaces() -> None:

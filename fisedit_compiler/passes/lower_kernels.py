@@ -24,7 +24,9 @@ run on the static store) reads the recorded step it stands for where that step l
 of a copy of it in the static store (``engine.cuda_graph``). The keys
 read only so are named in ``edit.meta[IN_PLACE_KEYS]``: the static store copies every other
 value before a replay, and ``EditCache`` lays these out after the rest, so that copy is one
-run of memory.
+run of memory. Every key read at the shift is named in ``edit.meta[SHIFTED_KEYS]``: a key
+read at the shift and also otherwise is copied, and the shift then measures from the static
+store's own copy of the step (``engine.cuda_graph``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.fx as fx
 
 from ..execution import sparse_ops, triton_ops
 from ..execution.derived_weights import packed_conv_weight
-from ..graph_keys import CHANNELS_LAST_KEYS, IN_PLACE_KEYS
+from ..graph_keys import CHANNELS_LAST_KEYS, IN_PLACE_KEYS, SHIFTED_KEYS
 from . import registry
 from .pattern import args_of, call, derived_weights, set_args
 
@@ -56,7 +58,7 @@ def lower_kernels(edit: fx.GraphModule, conv_method: str) -> fx.GraphModule:
     recorded = [args_of(node)["recorded"] for node in convs]
     edit.meta[CHANNELS_LAST_KEYS] = frozenset(
         args_of(read)["key"] for read in recorded if call(read, sparse_ops.cache_read))
-    edit.meta[IN_PLACE_KEYS] = _shift_recorded_reads(edit)
+    edit.meta[IN_PLACE_KEYS], edit.meta[SHIFTED_KEYS] = _shift_recorded_reads(edit)
     edit.recompile()
     return edit
 
@@ -66,13 +68,14 @@ _SHIFTED_ARGUMENTS = {triton_ops.sparse_conv2d: ("recorded",),
                       triton_ops.sparse_attention: ("recorded_k", "recorded_v")}
 
 
-def _shift_recorded_reads(edit: fx.GraphModule) -> frozenset:
+def _shift_recorded_reads(edit: fx.GraphModule) -> tuple[frozenset, frozenset]:
     """Give each op of ``_SHIFTED_ARGUMENTS`` whose recorded arguments are all cache reads
-    the cache's shift; returns the keys that nothing else reads."""
+    the cache's shift; returns the keys that nothing reads otherwise, and the keys read at
+    the shift."""
     graph = edit.graph
     reads = [node for node in graph.nodes if call(node, sparse_ops.cache_read)]
     if not reads:
-        return frozenset()
+        return frozenset(), frozenset()
     shift = None
     shifted_uses = set()            # (cache read, op) pairs read at the shift
     for node in graph.nodes:
@@ -89,7 +92,8 @@ def _shift_recorded_reads(edit: fx.GraphModule) -> frozenset:
     keys_read_elsewhere = {args_of(read)["key"] for read in reads
                            if any((read, user) not in shifted_uses
                                   or _passed_elsewhere(user, read) for user in read.users)}
-    return frozenset(args_of(read)["key"] for read in reads) - keys_read_elsewhere
+    in_place = frozenset(args_of(read)["key"] for read in reads) - keys_read_elsewhere
+    return in_place, frozenset(args_of(read)["key"] for read, _ in shifted_uses)
 
 
 def _passed_elsewhere(op: fx.Node, read: fx.Node) -> bool:

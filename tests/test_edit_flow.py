@@ -1237,6 +1237,9 @@ def test_box_smooth_and_binarize_refuse_what_they_would_get_wrong():
             call(nan_score)
     with pytest.raises(FiseditError, match="otsu_threshold takes a tensor of scores with values"):
         tac.otsu_threshold(torch.zeros(0))
+    for bins in (0, 1, 2.5):
+        with pytest.raises(FiseditError, match="otsu_threshold's bins"):
+            tac.otsu_threshold(score, bins=bins)
 
 
 def test_a_dense_plan_changes_nothing_outside_the_dilated_mask(session):

@@ -193,6 +193,8 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     last bin of the lower class, so ``values > threshold`` is the upper class.
     """
     _check_scores("otsu_threshold", values)
+    # One bin has no cut between two classes.
+    bins = check_int("otsu_threshold's bins", bins, minimum=2)
     values = values.flatten().float().cpu()
     low, high = float(values.min()), float(values.max())
     if high <= low:

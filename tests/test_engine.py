@@ -993,8 +993,16 @@ def test_inputs_the_unet_itself_fails_on_are_told_as_such(sd15_tiny):
                                               r"RuntimeError: The size of tensor a") as error:
         fresh.record(fresh.new_cache(1), 0, **bad)
     assert isinstance(error.value.__cause__, RuntimeError)
+    assert "attention_mask" not in str(error.value)
     assert fresh._traces == {} and fresh._programs == {}
     assert same_cache(cache, before) and engine._programs == programs
+    # A mask over the text tokens passed as attention_mask (diffusers' self-attention mask
+    # over the image tokens): the U-Net's own error, and the likely mix-up named.
+    text_mask = torch.ones(2, inputs["encoder_hidden_states"].shape[1])
+    with pytest.raises(fc.FiseditError, match=r"itself fails.*not the text tokens: a mask "
+                                              r"over the text tokens is encoder_attention_mask"):
+        fresh.record(fresh.new_cache(1), 0, **inputs, attention_mask=text_mask)
+    assert fresh._programs == {}
 
 
 def test_stats_refuses_a_plan_of_another_engine(sd15_tiny):

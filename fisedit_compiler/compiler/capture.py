@@ -326,7 +326,18 @@ def raise_if_eager_fails(unet, inputs: dict) -> None:
         raise FiseditError(f"the U-Net itself fails on these inputs: {type(error).__name__}: "
                            f"{error} (correct the inputs so that unet(**inputs) runs; "
                            "where no inputs can, diffusers cannot run this U-Net's config)"
-                           ) from error
+                           f"{_attention_mask_hint(inputs)}") from error
+
+
+def _attention_mask_hint(inputs: dict) -> str:
+    """A hint for the likeliest cause where an ``attention_mask`` was given: diffusers applies
+    it to the self-attentions over the image's tokens at every attention level (whose counts
+    differ), so a mask meant for the text tokens fails there."""
+    if inputs.get("attention_mask") is None:
+        return ""
+    return ("; note: attention_mask masks the self-attentions' image tokens at every "
+            "attention level, not the text tokens: a mask over the text tokens is "
+            "encoder_attention_mask")
 
 
 def _copy_containers(value):

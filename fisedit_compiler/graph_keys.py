@@ -31,7 +31,7 @@ CHANNELS_LAST_KEYS = "fc_channels_last_cache_keys"  # lower_kernels: cache keys 
 IN_PLACE_KEYS = "fc_in_place_cache_keys"  # lower_kernels: cache keys read only by kernels
                                           # that take a recorded shift (kernels.recorded_shift)
 SHIFTED_KEYS = "fc_shifted_cache_keys"    # lower_kernels: cache keys some kernel reads at the
-                                          # recorded shift (a superset of IN_PLACE_KEYS' reads)
+                                          # recorded shift (also read otherwise: not in place)
 
 # -- attributes of the edit graph module -----------------------------------------------------
 DERIVED_WEIGHTS = "fc_derived_weights"  # the program's execution.derived_weights.DerivedWeights

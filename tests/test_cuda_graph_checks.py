@@ -71,19 +71,22 @@ def read_at_shift(recorded, *, recorded_shift):
     return read_shifted(recorded, recorded_shift)
 
 
-@pytest.mark.parametrize("in_place, shifted", [(("big",), ("big",)), ((), ("big",)),
-                                               (("big",), ("big", "small"))],
-                         ids=["read-in-place", "shifted-but-copied", "another-shifted-copied"])
-def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch, in_place,
-                                                                     shifted):
+@pytest.mark.parametrize("in_place, shifted, big_read_otherwise", [
+    (("big", "extra"), ("big", "extra"), False),
+    (("extra",), ("big", "extra"), True),
+    (("big", "extra"), None, False)],
+    ids=["read-in-place", "shifted-but-copied", "shifted-keys-untold"])
+def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(
+        monkeypatch, in_place, shifted, big_read_otherwise):
     """Off the interpreter (where no shift holds between device buffers), the static store's
     in-place values are views of the first step loaded and its own buffer holds only the
     copied values; each step, even one at an address no aligned shift reaches, is read where
     it lives (or from an aligned copy), and no step is written. Where a key read at the shift
-    is copied (not in place), the store is a whole copy, as the shift then measures from
-    it (lower_kernels names the keys read at the shift, ``SHIFTED_KEYS``). A one-op
-    step graph that reads a value at the shift (``read_shifted``, interpreted on
-    the CPU) and a copied one, under the stand-in graph above."""
+    is also read otherwise, and so copied (``lower_kernels`` leaves it out of the in-place
+    keys but names it among those read at the shift, ``SHIFTED_KEYS``), the store is a whole
+    copy, as the shift then measures from it; so too where a graph does not name the keys it
+    reads at the shift. A step graph that reads two values at the shift (``read_shifted``,
+    interpreted on the CPU) and a copied one, under the stand-in graph above."""
     from fisedit_compiler.execution import sparse_ops
     from fisedit_compiler.execution.plan import MaskPlan
     from fisedit_compiler.graph_keys import CACHE_INPUT, IN_PLACE_KEYS, PLAN_INPUT, SHIFTED_KEYS
@@ -91,19 +94,27 @@ def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch
     graph = fx.Graph()
     x, _, cache = (graph.placeholder(name) for name in ("x", PLAN_INPUT, CACHE_INPUT))
     shift = graph.call_function(sparse_ops.cache_shift, (cache,))
-    big = graph.call_function(sparse_ops.cache_read, (cache, "big"))
-    read = graph.call_function(read_at_shift, (big,), {"recorded_shift": shift})
+    total = x
+    for key in ("big", "extra"):
+        read = graph.call_function(sparse_ops.cache_read, (cache, key))
+        total = graph.call_function(torch.add, (total, graph.call_function(
+            read_at_shift, (read,), {"recorded_shift": shift})))
+        if key == "big" and big_read_otherwise:
+            total = graph.call_function(torch.add, (total, read))
     small = graph.call_function(sparse_ops.cache_read, (cache, "small"))
-    graph.output(graph.call_function(torch.add, (graph.call_function(torch.add, (x, read)),
-                                                 small)))
+    graph.output(graph.call_function(torch.add, (total, small)))
     edit = fx.GraphModule(torch.nn.Module(), graph)
-    edit.meta[IN_PLACE_KEYS], edit.meta[SHIFTED_KEYS] = frozenset(in_place), frozenset(shifted)
+    edit.meta[IN_PLACE_KEYS] = frozenset(in_place)
+    if shifted is not None:
+        edit.meta[SHIFTED_KEYS] = frozenset(shifted)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
     monkeypatch.setattr(cuda_graph.CapturedSteps, "_capture", fake_capture)
     monkeypatch.setattr(cuda_graph, "INTERPRET", False)
-    layout = StoreLayout({"big": torch.zeros(64), "small": torch.zeros(1)}, in_place=in_place)
+    layout = StoreLayout({"big": torch.zeros(64), "extra": torch.zeros(64),
+                          "small": torch.zeros(1)}, in_place=in_place)
     recorded = [layout.pack({"big": torch.arange(64.0) * (step + 1),
+                             "extra": torch.arange(64.0).flip(0) * (step + 3),
                              "small": torch.full((1,), 100.0 * step)}) for step in range(2)]
     before = [store.buffer.clone() for store in recorded]
     mask = torch.zeros(8, 8, dtype=torch.bool)
@@ -117,9 +128,12 @@ def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch
         graph.replay()
         return graph.output.clone()
 
+    def expected(store):
+        return 1 + store["big"] * (1 + big_read_otherwise) + store["extra"] + store["small"]
+
     for store in recorded + [recorded[0]]:
-        assert torch.equal(replay(store), 1 + store["big"] + store["small"])
-    if in_place == shifted:
+        assert torch.equal(replay(store), expected(store))
+    if shifted is not None and not big_read_otherwise:
         assert steps._base is recorded[0].buffer
         assert steps.store.buffer.numel() == steps._copied_bytes < layout.nbytes / 2
         assert steps.store["big"].data_ptr() == recorded[0]["big"].data_ptr()
@@ -127,8 +141,7 @@ def test_the_static_store_copies_no_step_and_reads_each_at_its_shift(monkeypatch
         assert steps._base is steps.store.buffer and steps._base.numel() == layout.nbytes
     misaligned = torch.empty(layout.nbytes + 8, dtype=torch.uint8)[8:]
     misaligned.copy_(recorded[1].buffer)
-    assert torch.equal(replay(StepStore(misaligned, layout)), 1 + recorded[1]["big"]
-                       + recorded[1]["small"])
+    assert torch.equal(replay(StepStore(misaligned, layout)), expected(recorded[1]))
     assert steps._aligned is not None
-    assert torch.equal(replay(recorded[0]), 1 + recorded[0]["big"] + recorded[0]["small"])
+    assert torch.equal(replay(recorded[0]), expected(recorded[0]))
     assert all(torch.equal(store.buffer, old) for store, old in zip(recorded, before))

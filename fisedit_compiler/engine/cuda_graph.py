@@ -24,14 +24,17 @@ values in bulk (sparse convs, mixed self-attention: the keys of ``edit.meta[IN_P
 add the store's ``recorded_shift``, a byte distance held on the device, to the addresses they
 were captured with; one 8-byte fill before each replay points them at the step's own buffer
 (``kernels.recorded_shift``). Only the other values (group-norm statistics and the few values
-torch ops read: ~2 MiB of SD1.5's 247 MiB a step), laid out first, are copied in. Copying the
+torch ops read: 6.4 MiB of SD1.5's 247 MiB a step), laid out first, are copied in. Copying the
 whole step cost 1.00 ms of GPU time per SDXL 1024 px step on an H100 (benchmarks/RESULTS.md,
 session 22). The captured addresses of those values are views of the first step loaded, the
 *base* (held by the static store, which makes no copy of it: the store's own buffer is the
-copied values' ~2 MiB, not a whole step, 1.4 GiB for SDXL 1024 px), and the shift is the
-distance from it. A replay reads the step loaded last, so that step's buffer must stay allocated
-until the replay has run: each call loads its step before it replays, and the caller holds the
-step until then (the caching allocator orders a later reuse of its memory after the replay).
+copied values, not a whole step, 1.4 GiB for SDXL 1024 px), and the shift is the distance
+from it. That holds where every key read at the shift is one read only so (``lower_kernels``
+names both sets); else the base is a whole copy of the first step, made once, which every
+shift then measures from. A replay reads the step loaded last, so that step's buffer must stay
+allocated until the replay has run: each call loads its step before it replays, and the caller
+holds the step until then (the caching allocator orders a later reuse of its memory after the
+replay).
 
 Nothing that tunes, compiles, synchronises or allocates outside the pool may run inside a
 capture: each graph is warmed up first, on the capture stream itself (kernel tuning and
@@ -75,12 +78,14 @@ class CapturedSteps:
         # The user inputs the step reads (those read only by the pass constants are not).
         self.read = frozenset(node.name for node in edit.graph.nodes
                               if node.op == "placeholder" and node.users)
-        # The recorded keys its kernels read at the static store's recorded shift.
+        # The recorded keys read only by kernels, at the static store's recorded shift.
         self.in_place = edit.meta.get(IN_PLACE_KEYS, frozenset())
         # Whether a view of the first step may stand for those values: only if every key read
-        # at the shift is one of them (a shifted read of a copied key would read another step).
-        shifted = edit.meta.get(SHIFTED_KEYS, frozenset())
-        self._reads_in_place = bool(self.in_place) and shifted <= self.in_place
+        # at the shift is one of them (a shifted read of a copied key would read another step)
+        # and a graph that does not say which keys it reads at the shift reads none in place.
+        shifted = edit.meta.get(SHIFTED_KEYS)
+        self._reads_in_place = (bool(self.in_place) and shifted is not None
+                                and shifted <= self.in_place)
         self.inputs: dict | None = None      # static copies of the user inputs it reads
         self.store: StepStore | None = None  # the static store (module docstring)
         self._base = None                    # the buffer its in-place values are views of

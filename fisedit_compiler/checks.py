@@ -63,12 +63,19 @@ def check_float(name: str, value, *, minimum: float | None = None,
         raise FiseditError(f"{name} must be a number, got {_describe(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):      # RuntimeError: a tensor of several
         raise FiseditError(f"{name} must be a number, got {_describe(value)}") from None
     if not math.isfinite(number):
         raise FiseditError(f"{name} must be a finite number, got {number}")
     _check_range(name, number, minimum, maximum)
     return number
+
+
+def check_inputs_dict(name: str, inputs) -> None:
+    """The U-Net's keyword inputs, as a dict (what ``unet(**inputs)`` takes)."""
+    if not isinstance(inputs, dict):
+        raise FiseditError(f"{name} must be a dict of the U-Net's keyword inputs, as for "
+                           f"unet(**inputs), got {type(inputs).__name__}")
 
 
 def guides(guidance_scale: float) -> bool:

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from . import ir, zoo
-from .checks import check_choice, check_int
+from .checks import check_choice, check_inputs_dict, check_int
 from .compiler import capture
 from .compiler.pipeline import STAGES as COMPILE_STAGES
 from .compiler.pipeline import Program, trace
@@ -565,6 +565,7 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
     # Everything checked before engine.program, which captures and compiles (seconds to minutes).
     _check_label(model)
     check_choice("frontend", frontend, capture.FRONTENDS)
+    check_inputs_dict("sparse_report's inputs", inputs)
     engine = SparseEngine(unet, config or SparseConfig(frontend=frontend))  # checks both
     config = engine.config
     if config.frontend != frontend:
@@ -572,7 +573,7 @@ def sparse_report(unet, inputs, mask, *, model: str, frontend: str,
         raise FiseditError(f"frontend {frontend!r} differs from config.frontend "
                            f"{config.frontend!r}, which the engine captures with; pass the same "
                            f"frontend, or leave config out")
-    sample = inputs.get("sample") if isinstance(inputs, dict) else None
+    sample = inputs.get("sample")
     latent = (tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) and sample.dim() == 4
               else None)        # the inputs themselves are checked by engine.program
     validate_mask(mask, latent)

@@ -92,11 +92,35 @@ def test_calibration_with_failed_captures_keeps_the_engines_thresholds(monkeypat
 @pytest.mark.parametrize("areas, timer, message", [
     ((), None, r"at least one"), ((0.0,), None, r"\(0, 1\]"), ((1.5,), None, "out of range"),
     ((float("nan"),), None, "finite"), (None, None, "got NoneType"), ("0.1", None, "got str"),
-    ((0.05,), 5, "timer must be a function"), ((0.05,), None, "on a CUDA device")])
+    ((0.05,), 5, "timer must be a function"), ((0.05,), None, "on a CUDA device"),
+    ("inputs", None, "calibrate's inputs must be a dict .* got NoneType")])
 def test_calibration_refuses_bad_arguments_before_any_work(areas, timer, message):
     """Checked before the program is built or a step recorded (seconds on a real U-Net)."""
     unet = zoo.unet("sd15-tiny")
     engine = fc.compile(unet)
+    inputs = None if areas == "inputs" else zoo.example_inputs(unet, batch=2)
     with pytest.raises(fc.FiseditError, match=message):
-        cost_model.calibrate(engine, zoo.example_inputs(unet, batch=2), areas=areas, timer=timer)
+        cost_model.calibrate(engine, inputs, areas=(0.05,) if inputs is None else areas,
+                             timer=timer)
     assert not engine._programs
+
+
+@pytest.mark.parametrize("timer, message", [
+    (lambda fn: fn(), r"must be a number, got a torch.float32 tensor"),    # returned the edit
+    (lambda fn: (fn(), None)[1], "must be a number, got NoneType"),        # returned nothing
+    (lambda fn: float("nan"), "must be a finite number"), (lambda fn: -1.0, "-1.0 is out of range")])
+def test_calibration_refuses_a_timers_result_that_is_not_milliseconds_at_once(timer, message):
+    """A timer's result is checked as it comes: the first candidate's, not after them all."""
+    unet = zoo.unet("sd15-tiny")
+    engine = fc.compile(unet)
+    calls = []
+
+    def counted(fn):
+        calls.append(fn)
+        return timer(fn)
+
+    with pytest.raises(fc.FiseditError, match=r"calibrate's timer result \(milliseconds\) "
+                                              + message):
+        cost_model.calibrate(engine, zoo.example_inputs(unet, batch=2), areas=(0.05,),
+                             timer=counted)
+    assert len(calls) == 1

@@ -720,6 +720,9 @@ def test_a_plan_with_other_tiles_names_them(sd15_tiny):
     (lambda e: e.plan(torch.ones(16, 16, dtype=torch.bool).to_sparse()),
      r"layout sparse_coo; pass a dense tensor \(mask.to_dense\(\)\)"),
     (lambda e: fc.compile(e.unet, {"dilation": 1}), r"SparseConfig\(\*\*config\)"),
+    # None would silently mean the defaults, dropping the engine's own settings.
+    (lambda e: e.with_config(None), r"with_config needs a SparseConfig, got NoneType; for the "
+                                    r"defaults pass fc.SparseConfig\(\)"),
     # A list has no .bool(): the hint says how to get a tensor first.
     (lambda e: e.plan([[0, 1], [1, 0]]), r"got torch.int64 \(made from the list given\).*"
                                          r"after torch.as_tensor\(mask\)"),
@@ -944,6 +947,8 @@ def test_the_oracle_checks_its_arguments_before_computing(sd15_tiny, monkeypatch
     ("three_timesteps", r"timestep has shape \(3,\) but the sample's batch is 2; pass one "
                         r"timestep .* or one per latent \(shape \[2\]\)"),
     ("timestep_2d", r"timestep has shape \(2, 2\)"),
+    ("complex_timestep", r"timestep is complex64; pass a real timestep"),
+    ("bool_timestep", r"timestep is bool; pass a real timestep"),
     ("empty_batch", r"sample has an empty batch .*; pass at least one latent"),
 ])
 def test_inputs_of_the_wrong_dtype_or_batch_are_refused_before_capture(sd15_tiny, case,
@@ -958,6 +963,8 @@ def test_inputs_of_the_wrong_dtype_or_batch_are_refused_before_capture(sd15_tiny
            "states_batch_3": dict(inputs, encoder_hidden_states=states[[0, 1, 1]]),
            "three_timesteps": dict(inputs, timestep=torch.tensor([1.0, 2.0, 3.0])),
            "timestep_2d": dict(inputs, timestep=torch.ones(2, 2)),
+           "complex_timestep": dict(inputs, timestep=torch.full((2,), 500 + 3j)),
+           "bool_timestep": dict(inputs, timestep=torch.ones(2, dtype=torch.bool)),
            "empty_batch": dict(inputs, sample=inputs["sample"][:0], encoder_hidden_states=
                                states[:0], timestep=inputs["timestep"][:0])}[case]
     before, traces = snapshot(cache), dict(engine._traces)

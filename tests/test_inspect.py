@@ -446,6 +446,8 @@ def test_sparse_report_refuses_bad_arguments_before_compiling(no_compile):
         inspect.sparse_report(unet, inputs, mask, model="m", frontend="bogus")
     with pytest.raises(FiseditError, match="model must be a str"):
         inspect.sparse_report(unet, inputs, mask, model=unet, frontend="export")
+    with pytest.raises(FiseditError, match="sparse_report's inputs must be a dict .* got list"):
+        inspect.sparse_report(unet, [inputs], mask, model="m", frontend="export")
     with pytest.raises(FiseditError, match="the edit mask must have dtype bool"):
         inspect.sparse_report(unet, inputs, mask.float(), model="m", frontend="export")
     with pytest.raises(FiseditError, match=r"shape \(12, 12\) but the latent is 16x16"):

@@ -322,12 +322,30 @@ def test_the_mask_helpers_refuse_what_they_cannot_read_and_read_numpy_masks(tmp_
                        mask_to_latent(pixels, (16, 16), "the mask"))
     with pytest.raises(FiseditError, match="latent size must be .height, width."):
         mask_to_latent(pixels, (np.bool_(True), 16), "the mask")
+    # A soft mask is not read as "any value above 0 is an edit" (a faint brush stroke over the
+    # image would edit most of it); nor are a mask without values or pixels, or a bad scale.
+    for mask, message in [(pixels.astype(np.float32), "must have dtype bool, got torch.float32"),
+                          (torch.from_numpy(pixels).to("meta"), "on the meta device"),
+                          (torch.zeros(0, 0, dtype=torch.bool), r"shape \(0, 0\), with no pixels"),
+                          (np.array([[None] * 32] * 32), "must be a bool tensor or array")]:
+        with pytest.raises(FiseditError, match=message):
+            mask_to_latent(mask, (16, 16), "the mask")
+    for scale, message in [(0, "scale .the VAE's. 0 is out of range"), ("2", "must be an int")]:
+        with pytest.raises(FiseditError, match=message):
+            mask_to_latent(pixels, (16, 16), "the mask", scale=scale)
     from fisedit_compiler.execution.plan import blob_mask, scattered_mask
 
     for make in (blob_mask, scattered_mask):
         for area in (0, 1.5, float("nan"), "0.1"):
             with pytest.raises(FiseditError, match="the mask's area"):
                 make((16, 16), area)
+    for arguments, message in [(dict(blobs=0), "blobs 0 is out of range"),
+                               (dict(blobs=True), "blobs must be an int"),
+                               (dict(blobs=2.5), "blobs must be an int"),
+                               (dict(seed=None), "seed must be an int"),
+                               (dict(seed=-1), "seed -1 is out of range")]:
+        with pytest.raises(FiseditError, match=f"scattered_mask's {message}"):
+            scattered_mask((16, 16), 0.2, **arguments)
     for size in [(16.5, 16), (0, 16)]:
         with pytest.raises(FiseditError, match="latent size must be .height, width."):
             mask_from_box("0,0,1,1", size)

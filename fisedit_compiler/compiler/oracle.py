@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from ..checks import check_inputs_dict
 from ..errors import FiseditError
 from ..execution.plan import MaskPlan
 from ..graph_keys import INPUTS
@@ -46,9 +47,7 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
         raise FiseditError(f"masked_dense needs plan=engine.plan(mask), a MaskPlan, got "
                            f"{type(plan).__name__}; make the plan of the mask with the engine")
     for name, inputs in (("original_inputs", original_inputs), ("edited_inputs", edited_inputs)):
-        if not isinstance(inputs, dict):
-            raise FiseditError(f"masked_dense's {name} must be a dict of the U-Net's keyword "
-                               f"inputs, as for unet(**inputs), got {type(inputs).__name__}")
+        check_inputs_dict(f"masked_dense's {name}", inputs)
     engine._check_inputs(original_inputs)
     engine._check_inputs(edited_inputs)
     before, after = engine.signature(original_inputs), engine.signature(edited_inputs)

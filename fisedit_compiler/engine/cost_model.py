@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+from ..checks import check_float, check_inputs_dict
 from ..errors import FiseditError
 from ..execution.plan import MaskPlan, blob_mask, check_area, scattered_mask
 from .timing import cuda_time_ms
@@ -44,9 +45,10 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
     graph could not be captured runs without it, several times slower, so the thresholds would
     send everything dense: then they are the engine's own, with a warning.
     """
+    check_inputs_dict("calibrate's inputs", inputs)
     areas = _check_areas(areas)
     if timer is None:
-        sample = inputs.get("sample") if isinstance(inputs, dict) else None
+        sample = inputs.get("sample")
         if not (isinstance(sample, torch.Tensor) and sample.is_cuda):
             raise FiseditError("calibrate times each candidate with CUDA events by default, "
                                "so its inputs must be on a CUDA device; on another device pass "
@@ -72,7 +74,10 @@ def calibrate(engine, inputs: dict, areas=CALIBRATION_AREAS, timer=None, log=Non
             thresholds = [1.0] * first_dense + [0.0] * (len(levels) - first_dense)
             plan = MaskPlan(mask, levels, tiles, engine.config.dilation, thresholds,
                             device=device)
-            times.append(timer(lambda: engine.edit(cache, 0, plan=plan, **inputs)))  # noqa: B023
+            ms = timer(lambda: engine.edit(cache, 0, plan=plan, **inputs))  # noqa: B023
+            # Checked at once: a timer that returns the edit, or nothing, would otherwise fail
+            # (or give thresholds from garbage) only after every candidate had run.
+            times.append(check_float("calibrate's timer result (milliseconds)", ms, minimum=0))
             failures += steps is not None and steps.failed(plan)
         best = min(range(len(times)), key=times.__getitem__)
         measurements.append({"area": area, "layout": layout, "fractions": fractions,

@@ -118,6 +118,10 @@ class SparseEngine:
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs (and
         so the module state they were captured in)."""
+        if not isinstance(config, SparseConfig):
+            # None would mean the defaults, silently dropping this engine's settings.
+            raise FiseditError(f"with_config needs a SparseConfig, got {type(config).__name__}; "
+                               "for the defaults pass fc.SparseConfig()")
         return SparseEngine(self.unet, config, _traces=self._traces, _dense=self._dense,
                             _state=self._state)
 
@@ -862,6 +866,12 @@ def _check_input_shapes(unet, inputs: dict, cross_attention: bool) -> None:
                 f"text states are {tuple(states.shape)}; pass one row per text state over its "
                 f"tokens, shape [{states.shape[0]}, {tokens}] (1 keeps a token, 0 masks it)")
     timestep = inputs.get("timestep")
+    if isinstance(timestep, torch.Tensor) and (timestep.is_complex()
+                                               or timestep.dtype == torch.bool):
+        # diffusers casts it to a real dtype, dropping the imaginary part with a warning.
+        raise FiseditError(
+            f"U-Net input timestep is {str(timestep.dtype).removeprefix('torch.')}; pass a "
+            "real timestep (an int or float tensor: the scheduler's timesteps)")
     if isinstance(timestep, torch.Tensor) and batch is not None and (
             timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, batch))):
         raise FiseditError(

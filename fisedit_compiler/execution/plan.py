@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_seed
 from ..errors import FiseditError
 
 
@@ -548,17 +548,20 @@ def check_latent_size(size) -> tuple[int, int]:
 
 def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
                    scale: int | None = None) -> torch.Tensor:
-    """A pixel mask max-pooled to latent ``size``: it must be that size or, where the VAE's
-    ``scale`` is known, the image size (``scale`` times it); else any whole multiple. A numpy
-    array is read as a tensor."""
+    """A bool pixel mask (True = edit) max-pooled to latent ``size``: it must be that size or,
+    where the VAE's ``scale`` is known, the image size (``scale`` times it); else any whole
+    multiple. A numpy array is read as a tensor. A soft (float) mask is refused rather than
+    read as "any value above 0 is an edit": threshold it first (``mask > 0.5``)."""
     size = check_latent_size(size)
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        got = (f"a {mask.dim()}-D tensor {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
-               else type(mask).__name__)
+    if scale is not None:
+        scale = check_int("mask_to_latent's scale (the VAE's)", scale, minimum=1)
+    if not isinstance(mask, (torch.Tensor, np.ndarray)) or mask.ndim != 2:
+        kind = "tensor" if isinstance(mask, torch.Tensor) else "array"
+        got = (f"a {mask.ndim}-D {kind} {tuple(mask.shape)}"
+               if isinstance(mask, (torch.Tensor, np.ndarray)) else type(mask).__name__)
         raise FiseditError(f"{source} must be a 2-D (height, width) tensor or numpy array, got "
                            f"{got}; read an image with image_mask(image) first")
+    mask = validate_mask(mask, None)      # bool (True = edit), with values and pixels
     height, width = size
     factor = mask.shape[0] // height
     fits = (not mask.shape[0] % height and not mask.shape[1] % width
@@ -746,6 +749,8 @@ def scattered_mask(size: tuple[int, int], area: float, blobs: int = 6, seed: int
     """``blobs`` squares at seeded random places, together covering about ``area``."""
     height, width = size = check_latent_size(size)
     area = check_area(area)
+    blobs = check_int("scattered_mask's blobs", blobs, minimum=1)
+    seed = check_seed("scattered_mask's seed", seed)
     gen = torch.Generator().manual_seed(seed)
     side = max(1, round(math.sqrt(area * height * width / blobs)))
     mask = torch.zeros(size, dtype=torch.bool)

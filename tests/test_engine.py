@@ -723,6 +723,8 @@ def test_a_plan_with_other_tiles_names_them(sd15_tiny):
     # None would silently mean the defaults, dropping the engine's own settings.
     (lambda e: e.with_config(None), r"with_config needs a SparseConfig, got NoneType; for the "
                                     r"defaults pass fc.SparseConfig\(\)"),
+    (lambda e: e.refresh_weights("x"), "refresh_weights' fingerprint must be the weights' "
+                                       r"content_fingerprint \(a tuple\) or None, got str"),
     # A list has no .bool(): the hint says how to get a tensor first.
     (lambda e: e.plan([[0, 1], [1, 0]]), r"got torch.int64 \(made from the list given\).*"
                                          r"after torch.as_tensor\(mask\)"),

@@ -433,6 +433,10 @@ class SparseEngine:
         new generation's first step when their values moved; recordings made with the old
         weights are refused by ``edit``: record again. ``fingerprint``: the weights'
         ``content_fingerprint``, where the caller has just read it."""
+        if fingerprint is not None and not isinstance(fingerprint, tuple):
+            raise FiseditError(f"refresh_weights' fingerprint must be the weights' "
+                               f"content_fingerprint (a tuple) or None, got "
+                               f"{type(fingerprint).__name__}")
         versions = version_counters(self._weights)
         for derived in self._derived_copies():
             derived.refresh()
@@ -476,7 +480,9 @@ class SparseEngine:
         ``torch.compile`` with CUDA graphs and 1x1 convs as matmuls, compiled once per
         signature and shared by ``with_config`` engines; elsewhere the module itself. Full-mask
         edits, edits whose plan runs every level dense, and the editing flow's dense probe
-        steps use it."""
+        steps use it. Like the U-Net, it computes on NaN or infinite inputs without refusing
+        them (a check would synchronise every call; ``record`` and ``edit`` check once per
+        generation and per edit pass)."""
         self._check_inputs(inputs)
         if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
             return self.unet(**inputs)[0]      # the module as it is now: nothing to check

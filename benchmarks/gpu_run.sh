@@ -22,10 +22,13 @@
 #                                         on (benchmarks/launch_overlap.py), then the kernels GPU tests
 #   bash benchmarks/gpu_run.sh gemms      the 5% sd15 step's GEMMs under cuBLAS, cuBLASLt and
 #                                         per-shape autotuning (benchmarks/micro_step_gemms.py)
+#   bash benchmarks/gpu_run.sh tile-ab    sd15 steps with tiles (4, 2, 1), (2, 1) and (1,): how
+#                                         much a smaller active area (the ring of tiles around a
+#                                         mask) buys against more table entries (issue 17)
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -64,6 +67,8 @@ case "$1" in
   gemms)  python3 benchmarks/micro_step_gemms.py --model sd15 --area 0.05 --autotune-seconds 150 \
             --json "$OUT/micro_step_gemms.json" 2>&1 | grep -v -e AUTOTUNE -e "^  " -e SingleProcess \
             | tee "$OUT/micro_step_gemms.log" | tail -60 ;;
+  tile-ab) ab="--model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --no-prepare --compile-modes="
+          for tile in 4,2,1 2,1 1; do bench $ab --tile $tile --out "$OUT/tile_${tile//,/}"; done ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;

@@ -576,6 +576,10 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--conv-method", choices=CONV_METHODS, default=SparseConfig.conv_method,
                         help="how sparse convs run on the GPU (SparseConfig.conv_method; "
                              "default: %(default)s)")
+    parser.add_argument("--tile", default=",".join(str(side) for side in SparseConfig.tile),
+                        help="output tile side per level, finest first, comma-separated "
+                             "(SparseConfig.tile; default: %(default)s): smaller tiles plan a "
+                             "mask to less active area for more tables, to measure that lever")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the default dense thresholds instead of measuring them")
     parser.add_argument("--out", metavar="DIR", default="bench-out",
@@ -621,7 +625,22 @@ def _command_settings(args) -> dict:
                 prepare=not args.no_prepare,
                 config=SparseConfig(group_projections=not args.no_group_projections,
                                     hoist_pass_constants=not args.no_hoist_pass_constants,
-                                    conv_method=args.conv_method))
+                                    conv_method=args.conv_method, tile=_parse_tile(args.tile)))
+
+
+def _parse_tile(text: str) -> tuple[int, ...]:
+    """``--tile``: comma-separated tile sides, finest level first, each a whole number >= 1."""
+    sides = []
+    for item in text.split(","):
+        try:
+            side = int(item)
+        except ValueError:
+            side = 0
+        if side < 1:
+            raise FiseditError(f"--tile takes comma-separated tile sides per level, finest "
+                               f"first, such as 4,2,1; {item!r} is not a whole number >= 1")
+        sides.append(side)
+    return tuple(sides)
 
 
 def _parse_areas(text: str) -> list[float]:

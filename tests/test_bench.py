@@ -146,6 +146,9 @@ def no_benchmark(monkeypatch):
                                                           "'default'"),
     (["--compile-modes", "tuned:fast"], "got 'tuned:fast'"),
     (["--reps", "0"], "--reps 0 is out of range"),
+    (["--tile", "4,0"], "--tile takes comma-separated tile sides per level, finest first, such "
+                        "as 4,2,1; '0' is not a whole number >= 1"),
+    (["--tile", "4,2.5"], "'2.5' is not a whole number"),
     (["--areas", "0.1,0.2", "--profile-area", "0.05"], "--profile-area 0.05 profiles the blob "
                                                        "edit of that area, and this run has none"),
     (["--layouts", "scattered", "--profile-area", "0.1"], "add it to --areas and blob to "
@@ -176,13 +179,15 @@ def test_the_lever_options_reach_the_engine_config(tmp_path, monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr(bench, "run", run)
-    for extra in ([], ["--no-hoist-pass-constants"], ["--no-group-projections"]):
+    for extra in ([], ["--no-hoist-pass-constants"], ["--no-group-projections"],
+                  ["--tile", "2,1"]):
         with pytest.raises(SystemExit):
             cli.main(["bench", "--model", "sd15-tiny", "--out", str(tmp_path / "out")] + extra)
-    default, per_step, separate = seen
+    default, per_step, separate, small_tiles = seen
     assert default == bench.SparseConfig()
     assert per_step == bench.SparseConfig(hoist_pass_constants=False)
     assert separate == bench.SparseConfig(group_projections=False)
+    assert small_tiles == bench.SparseConfig(tile=(2, 1))
 
 
 def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys, no_benchmark):

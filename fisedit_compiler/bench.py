@@ -83,14 +83,17 @@ def placed_blob(size: tuple[int, int], area: float) -> torch.Tensor:
 
 
 def edited_inputs(inputs: dict, mask: torch.Tensor, seed: int = 1) -> dict:
-    """A new prompt everywhere and new latents inside ``mask`` (outside they stay recorded)."""
+    """A new prompt everywhere (where the U-Net reads text states: an unconditional U-Net's
+    inputs have none) and new latents inside ``mask`` (outside they stay recorded)."""
     gen = torch.Generator().manual_seed(seed)
     sample = inputs["sample"]
     noise = torch.randn(sample.shape, generator=gen).to(sample)
-    text = inputs["encoder_hidden_states"]
-    new_text = text + 0.1 * torch.randn(text.shape, generator=gen).to(text)
-    return dict(inputs, sample=torch.where(mask.to(sample.device), noise, sample),
-                encoder_hidden_states=new_text)
+    edited = dict(inputs, sample=torch.where(mask.to(sample.device), noise, sample))
+    text = inputs.get("encoder_hidden_states")
+    if isinstance(text, torch.Tensor):
+        edited["encoder_hidden_states"] = text + 0.1 * torch.randn(text.shape,
+                                                                   generator=gen).to(text)
+    return edited
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

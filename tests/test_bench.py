@@ -4,6 +4,7 @@ profile measures (GPU)."""
 import json
 
 import pytest
+import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, cli, zoo
@@ -251,3 +252,18 @@ def test_the_torch_path_engines_keep_a_conv_method_they_cannot_use_out(tmp_path)
     engines, _, _ = bench.build_engines(unet, inputs, config, calibrate=False, reference=True)
     assert engines["triton"].config.conv_method == "implicit"
     assert {engines[name].config.kernels for name in ("torch_graphs", "reference")} == {"torch"}
+
+
+@pytest.mark.parametrize("model", ["sd15-tiny", "ddpm-tiny"])
+def test_edited_inputs_change_the_latents_inside_the_mask_and_the_text_where_there_is_one(model):
+    """An unconditional U-Net's inputs have no text states: only the latents are edited."""
+    unet = zoo.unet(model)
+    inputs = zoo.example_inputs(unet, batch=2)
+    mask = torch.zeros(inputs["sample"].shape[-2:], dtype=torch.bool)
+    mask[2:5, 3:6] = True
+    edited = bench.edited_inputs(inputs, mask)
+    assert set(edited) == set(inputs)
+    changed = edited["sample"] != inputs["sample"]
+    assert changed[..., mask].all() and not changed[..., ~mask].any()
+    text = inputs.get("encoder_hidden_states")
+    assert text is None or not torch.equal(edited["encoder_hidden_states"], text)

@@ -633,17 +633,11 @@ def _command_settings(args) -> dict:
 
 def _parse_tile(text: str) -> tuple[int, ...]:
     """``--tile``: comma-separated tile sides, finest level first, each a whole number >= 1."""
-    sides = []
-    for item in text.split(","):
-        try:
-            side = int(item)
-        except ValueError:
-            side = 0
-        if side < 1:
-            raise FiseditError(f"--tile takes comma-separated tile sides per level, finest "
-                               f"first, such as 4,2,1; {item!r} is not a whole number >= 1")
-        sides.append(side)
-    return tuple(sides)
+    bad = [item for item in text.split(",") if not (item.isdigit() and int(item) >= 1)]
+    if bad:
+        raise FiseditError(f"--tile takes comma-separated tile sides per level, finest first, "
+                           f"such as 4,2,1; {bad[0]!r} is not a whole number >= 1")
+    return tuple(int(item) for item in text.split(","))
 
 
 def _parse_areas(text: str) -> list[float]:

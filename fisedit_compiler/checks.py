@@ -63,7 +63,7 @@ def check_float(name: str, value, *, minimum: float | None = None,
         raise FiseditError(f"{name} must be a number, got {_describe(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError, RuntimeError):      # RuntimeError: a tensor of several
+    except (TypeError, ValueError):
         raise FiseditError(f"{name} must be a number, got {_describe(value)}") from None
     if not math.isfinite(number):
         raise FiseditError(f"{name} must be a finite number, got {number}")

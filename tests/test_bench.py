@@ -150,6 +150,7 @@ def no_benchmark(monkeypatch):
     (["--tile", "4,0"], "--tile takes comma-separated tile sides per level, finest first, such "
                         "as 4,2,1; '0' is not a whole number >= 1"),
     (["--tile", "4,2.5"], "'2.5' is not a whole number"),
+    (["--tile", "+2"], "'+2' is not a whole number"),
     (["--areas", "0.1,0.2", "--profile-area", "0.05"], "--profile-area 0.05 profiles the blob "
                                                        "edit of that area, and this run has none"),
     (["--layouts", "scattered", "--profile-area", "0.1"], "add it to --areas and blob to "

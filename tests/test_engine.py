@@ -721,8 +721,9 @@ def test_a_plan_with_other_tiles_names_them(sd15_tiny):
      r"layout sparse_coo; pass a dense tensor \(mask.to_dense\(\)\)"),
     (lambda e: fc.compile(e.unet, {"dilation": 1}), r"SparseConfig\(\*\*config\)"),
     # None would silently mean the defaults, dropping the engine's own settings.
-    (lambda e: e.with_config(None), r"with_config needs a SparseConfig, got NoneType; for the "
+    (lambda e: e.with_config(None), r"with_config needs a SparseConfig, got None; for the "
                                     r"defaults pass fc.SparseConfig\(\)"),
+    (lambda e: e.with_config({"tile": 2}), r"from a dict: fc.SparseConfig\(\*\*config\)"),
     (lambda e: e.refresh_weights("x"), "refresh_weights' fingerprint must be the weights' "
                                        r"content_fingerprint \(a tuple\) or None, got str"),
     # A list has no .bool(): the hint says how to get a tensor first.

@@ -118,10 +118,11 @@ class SparseEngine:
     def with_config(self, config: SparseConfig) -> "SparseEngine":
         """An engine for the same U-Net under another config, sharing the captured graphs (and
         so the module state they were captured in)."""
-        if not isinstance(config, SparseConfig):
-            # None would mean the defaults, silently dropping this engine's settings.
-            raise FiseditError(f"with_config needs a SparseConfig, got {type(config).__name__}; "
-                               "for the defaults pass fc.SparseConfig()")
+        if config is None:
+            # For SparseEngine, None means the defaults: here it would silently drop this
+            # engine's settings. Anything else is checked there.
+            raise FiseditError("with_config needs a SparseConfig, got None; for the defaults "
+                               "pass fc.SparseConfig()")
         return SparseEngine(self.unet, config, _traces=self._traces, _dense=self._dense,
                             _state=self._state)
 

@@ -633,11 +633,12 @@ def _command_settings(args) -> dict:
 
 def _parse_tile(text: str) -> tuple[int, ...]:
     """``--tile``: comma-separated tile sides, finest level first, each a whole number >= 1."""
-    bad = [item for item in text.split(",") if not (item.isdigit() and int(item) >= 1)]
+    items = text.split(",")
+    bad = [item for item in items if not (item.isdigit() and int(item) >= 1)]
     if bad:
         raise FiseditError(f"--tile takes comma-separated tile sides per level, finest first, "
                            f"such as 4,2,1; {bad[0]!r} is not a whole number >= 1")
-    return tuple(int(item) for item in text.split(","))
+    return tuple(map(int, items))
 
 
 def _parse_areas(text: str) -> list[float]:

@@ -555,10 +555,10 @@ def mask_to_latent(mask: torch.Tensor, size: tuple[int, int], source: str,
     size = check_latent_size(size)
     if scale is not None:
         scale = check_int("mask_to_latent's scale (the VAE's)", scale, minimum=1)
-    if not isinstance(mask, (torch.Tensor, np.ndarray)) or mask.ndim != 2:
+    is_array = isinstance(mask, (torch.Tensor, np.ndarray))
+    if not is_array or mask.ndim != 2:
         kind = "tensor" if isinstance(mask, torch.Tensor) else "array"
-        got = (f"a {mask.ndim}-D {kind} {tuple(mask.shape)}"
-               if isinstance(mask, (torch.Tensor, np.ndarray)) else type(mask).__name__)
+        got = f"a {mask.ndim}-D {kind} {tuple(mask.shape)}" if is_array else type(mask).__name__
         raise FiseditError(f"{source} must be a 2-D (height, width) tensor or numpy array, got "
                            f"{got}; read an image with image_mask(image) first")
     mask = validate_mask(mask, None)      # bool (True = edit), with values and pixels

@@ -25,10 +25,13 @@
 #   bash benchmarks/gpu_run.sh tile-ab    sd15 steps with tiles (4, 2, 1), (2, 1) and (1,): how
 #                                         much a smaller active area (the ring of tiles around a
 #                                         mask) buys against more table entries (issue 17)
+#   bash benchmarks/gpu_run.sh fold-ab    sd15 and sdxl steps with and without the cross-attention
+#                                         query fold (passes.fold_text_queries, issue 17), then
+#                                         the text-attention kernel's GPU tests
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -69,6 +72,13 @@ case "$1" in
             | tee "$OUT/micro_step_gemms.log" | tail -60 ;;
   tile-ab) ab="--model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --no-prepare --compile-modes="
           for tile in 4,2,1 2,1 1; do bench $ab --tile $tile --out "$OUT/tile_${tile//,/}"; done ;;
+  fold-ab) ab="--areas 0.01,0.05,0.2 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
+          bench --model sd15 $ab --profile-area 0.05 --out "$OUT/folded_sd15"
+          bench --model sd15 $ab --no-fold-text-queries --out "$OUT/unfolded_sd15"
+          bench --model sdxl $ab --out "$OUT/folded_sdxl"
+          bench --model sdxl $ab --no-fold-text-queries --out "$OUT/unfolded_sdxl"
+          python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
+          python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;

@@ -77,6 +77,10 @@ class SparseConfig:
         step, and again on a later step whose inputs or weights changed by a write torch
         counts (in-place ops, new tensors; not ``.data`` or NumPy views: ``engine.pass_values``).
         Off, they are computed at every step.
+    fold_text_queries: fold each cross-attention's query projection into its text keys, once
+        per pass (``passes.fold_text_queries``; needs ``hoist_pass_constants``, else it is not
+        applied): one kernel per cross-attention and step where there were three, for the
+        folded keys' memory (fp16 ``B x T x C x heads`` values each: SD1.5 31 MB at batch 2).
     conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
         ``gather`` (the mixed input's taps as a dense matrix, then cuBLAS and the epilogue:
         three launches, 1.3-2.6x faster than one implicit-GEMM launch at SD1.5's shapes) or
@@ -97,6 +101,7 @@ class SparseConfig:
     bucket_ratio: float = 1.25
     group_projections: bool = True
     hoist_pass_constants: bool = True
+    fold_text_queries: bool = True
     conv_method: str = "gather"
 
     def __post_init__(self):
@@ -122,7 +127,8 @@ class SparseConfig:
             raise FiseditError(f"SparseConfig.bucket_ratio must be a number > 1, got "
                                f"{self.bucket_ratio!r}")
         object.__setattr__(self, "bucket_ratio", bucket_ratio)     # a float, as it is hashed
-        for flag in ("check_inputs", "cuda_graphs", "group_projections", "hoist_pass_constants"):
+        for flag in ("check_inputs", "cuda_graphs", "group_projections", "hoist_pass_constants",
+                     "fold_text_queries"):
             check_bool(f"SparseConfig.{flag}", getattr(self, flag))
 
     def _normalize(self, field_name: str, check) -> None:

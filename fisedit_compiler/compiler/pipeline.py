@@ -3,7 +3,8 @@
 ``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
 canonicalize, fold_attention, fold_slice_writes, then analyze); ``build_program`` takes that
 analyzed canonical graph through the sparse passes (sparsify, fuse, fuse_tokens,
-group_linears, lower_kernels where Triton runs, hoist_pass_constants) and derives the cache
+group_linears, fold_text_queries, lower_kernels where Triton runs,
+hoist_pass_constants) and derives the cache
 set and the record graph; ``Program.dense_graph`` is the canonical graph tuned for dense runs
 (``tune_dense``). SparseEngine and the "fisedit" backend both compile through here.
 """
@@ -26,6 +27,7 @@ from ..passes.canonicalize import canonicalize
 from ..passes.fuse import fuse
 from ..passes.fold_attention import fold_attention
 from ..passes.fold_slice_writes import fold_slice_writes
+from ..passes.fold_text_queries import fold_text_queries
 from ..passes.fuse_tokens import fuse_tokens
 from ..passes.group_linears import group_linears
 from ..passes.hoist_pass_constants import hoist_pass_constants
@@ -114,6 +116,8 @@ def build_program(signature: tuple, shared: fx.GraphModule, config: SparseConfig
     edit = fuse_tokens(fuse(sparsify(canonical, config)))
     if config.group_projections:
         edit = group_linears(edit)
+    if config.fold_text_queries and config.hoist_pass_constants:
+        edit = fold_text_queries(edit)
     if check_kernels(config, device_of(signature), dtype_of(signature)):
         edit = lower_kernels(edit, config.conv_method)
     if config.hoist_pass_constants:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import ir
 from .kernels import group_norm as group_norm_kernels
+from .kernels import text_attention as text_attention_kernels
 from .kernels import accumulation_dtype, mix_rows
 from .kernels import tokens as token_kernels
 from .plan import LevelPlan, MaskPlan
@@ -278,3 +279,17 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
         keys = torch.arange(k.shape[-2], device=k.device) < target.counts[0]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keys[None, :], scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def fold_text_keys(k, query_weight, scale):
+    """A cross-attention's text keys with its query projection folded in, ``[B, H, T, C]``
+    (``passes.fold_text_queries``; the specification is
+    ``kernels.text_attention.fold_keys_reference``): computed once per pass."""
+    return text_attention_kernels.fold_keys_reference(k, query_weight, scale)
+
+
+def text_attention(x, folded_keys, values):
+    """Cross-attention of the token rows ``x`` ``[B, N, C]`` to the text through its folded
+    keys (``fold_text_keys``), ``[B, H, N, D]``; the specification is
+    ``kernels.text_attention.text_attention_reference``."""
+    return text_attention_kernels.text_attention_reference(x, folded_keys, values)

@@ -33,6 +33,7 @@ from .kernels import attention as attention_kernels
 from .kernels import group_norm as group_norm_kernels
 from .kernels.recorded_shift import read_shifted
 from .kernels import sparse_conv as conv_kernels
+from .kernels import text_attention as text_attention_kernels
 from .kernels import tokens as token_kernels
 from .plan import LevelPlan, MaskPlan
 
@@ -123,6 +124,12 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
                                   for recorded in (recorded_k, recorded_v))
     return sparse_ops.sparse_attention(q, k, v, recorded_k, recorded_v, plan, level, scale,
                                        policy, attn_mask)
+
+
+def text_attention(x, folded_keys, values):
+    if not text_attention_kernels.supported(folded_keys, values):
+        return sparse_ops.text_attention(x, folded_keys, values)      # a long text
+    return text_attention_kernels.text_attention(x, folded_keys, values)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):

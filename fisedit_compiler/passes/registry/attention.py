@@ -101,7 +101,10 @@ SPECS = [
     OpSpec(name="attention", fn=ir.attention, kind="attention",
            aten={aten.scaled_dot_product_attention.default: _rule},
            domain=_domain, macs=_macs, edit_macs=_edit_macs, sparse=_sparse, records={},
-           reference=(sparse_ops.sparse_attention,),
-           lowerings={sparse_ops.sparse_attention: triton_ops.sparse_attention},
+           # With the query projection folded into the text keys (passes.fold_text_queries).
+           reference=(sparse_ops.sparse_attention, sparse_ops.text_attention,
+                      sparse_ops.fold_text_keys),
+           lowerings={sparse_ops.sparse_attention: triton_ops.sparse_attention,
+                      sparse_ops.text_attention: triton_ops.text_attention},
            oracle=_oracle, meta=_meta, opaque_inputs=True),
 ]

@@ -1,0 +1,148 @@
+"""Cross-attention to the text with the query projection folded into the keys.
+
+(docs/design.md, "Sparse ops" and "Kernels"; the rewrite is ``passes.fold_text_queries``.)
+
+A cross-attention head scores a token row ``x`` against the text's keys ``K_h`` through the
+query projection: ``(x Wq_h^T) K_h^T * scale``, which equals ``x (scale * K_h Wq_h)^T``. The
+text, hence ``K_h``, is fixed for a whole edit pass, so ``fold_keys_reference`` computes the
+*folded keys* ``scale * K_h Wq_h`` (``[B, H, T, C]``) once per pass and every step scores the
+rows against them directly: the query GEMM, and the copy that put its output into heads, are
+gone from the step. ``text_attention`` is then softmax over the T text tokens and the product
+with the values, per head, in one Triton launch beside its torch specification
+``text_attention_reference``; its output ``[B, H, N, D]`` is stored as the permuted view of a
+contiguous ``[B, N, H, D]`` tensor, so the output projection's reshape is a free view.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import FiseditError
+from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options
+
+# The kernel holds every text token's score of a row block at once: CLIP's 77 tokens (and
+# T5's up to 256) fit; longer texts run the reference.
+MAX_TOKENS = 256
+MAX_HEAD_DIM = 256
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from . import wait_for_previous_kernel
+
+    # The query count follows the mask: not specialised on, so a new mask does not recompile.
+    @triton.jit(do_not_specialize=["rows"])
+    def _text_attention_kernel(x, keys, values, out, rows, tokens, heads,
+                               sx_b, sx_n, sx_c, sk_b, sk_h, sk_t, sk_c, sv_b, sv_h, sv_t, sv_d,
+                               so_b, so_h, so_n, so_d, CHANNELS: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        """Program (row block, batch * heads): the block's scores against the head's folded
+        keys (a loop over the channels), their softmax over the tokens, times the values."""
+        wait_for_previous_kernel(PDL)
+        batch_head = tl.program_id(1)
+        b = batch_head // heads
+        h = batch_head % heads
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_t = tl.arange(0, BLOCK_T)
+        m_mask = offs_m < rows
+        t_mask = offs_t < tokens
+        x += b * sx_b
+        keys += b * sk_b + h * sk_h
+        scores = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        for start in range(0, CHANNELS, BLOCK_C):
+            offs_c = start + tl.arange(0, BLOCK_C)
+            c_mask = offs_c < CHANNELS
+            block = tl.load(x + offs_m[:, None] * sx_n + offs_c[None, :] * sx_c,
+                            mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+            folded = tl.load(keys + offs_t[:, None] * sk_t + offs_c[None, :] * sk_c,
+                             mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+            scores += tl.dot(block, tl.trans(folded), input_precision=PRECISION)
+        # Softmax over the tokens in the log2 domain (exp2), padding tokens excluded.
+        scores = tl.where(t_mask[None, :], scores * 1.4426950408889634, float("-inf"))
+        weights = tl.exp2(scores - tl.max(scores, 1)[:, None])
+        weights = weights / tl.sum(weights, 1)[:, None]
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        head_values = tl.load(values + b * sv_b + h * sv_h + offs_t[:, None] * sv_t
+                              + offs_d[None, :] * sv_d,
+                              mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        result = tl.dot(weights.to(head_values.dtype), head_values, input_precision=PRECISION)
+        tl.store(out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
+                 result.to(out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _check_inputs(x, keys, values):
+    if x.dim() != 3 or keys.dim() != 4 or values.dim() != 4:
+        raise FiseditError(f"text_attention: x must be [B, N, C], keys [B, H, T, C] and values "
+                           f"[B, H, T, D]; got {tuple(x.shape)}, {tuple(keys.shape)}, "
+                           f"{tuple(values.shape)}")
+    if keys.shape[0] != x.shape[0] or keys.shape[3] != x.shape[2] or \
+            values.shape[:3] != keys.shape[:3]:
+        raise FiseditError(f"text_attention: keys {tuple(keys.shape)} and values "
+                           f"{tuple(values.shape)} must share B, H, T, and keys the B and C of "
+                           f"x {tuple(x.shape)}")
+    if keys.shape[2] == 0:
+        raise FiseditError("text_attention: no text tokens to attend to")
+    if keys.dtype != x.dtype or values.dtype != x.dtype:
+        raise FiseditError(f"text_attention: x, keys and values need one dtype, got {x.dtype}, "
+                           f"{keys.dtype}, {values.dtype}")
+
+
+def fold_keys_reference(k: torch.Tensor, query_weight: torch.Tensor, scale) -> torch.Tensor:
+    """The folded keys ``scale * K_h Wq_h`` of each head, ``[B, H, T, C]``, in k's dtype
+    (computed in the accumulation dtype): ``k`` is ``[B, H, T, D]``, ``query_weight`` the
+    query projection's ``[H * D, C]`` weight, ``scale`` None means ``1 / sqrt(D)``."""
+    heads, head_dim = k.shape[1], k.shape[3]
+    if query_weight.dim() != 2 or query_weight.shape[0] != heads * head_dim:
+        raise FiseditError(f"fold_keys: the query weight {tuple(query_weight.shape)} must be "
+                           f"[H * D = {heads * head_dim}, C] for keys {tuple(k.shape)}")
+    scale = head_dim ** -0.5 if scale is None else scale
+    acc = accumulation_dtype(k.dtype)
+    per_head = query_weight.to(acc).reshape(heads, head_dim, query_weight.shape[1])
+    return (k.to(acc) @ per_head * scale).to(k.dtype)
+
+
+def text_attention_reference(x, keys, values):
+    """``softmax(x keys_h^T) values_h`` for every head h, ``[B, H, N, D]``, computed in the
+    accumulation dtype (the scale is in the folded keys)."""
+    _check_inputs(x, keys, values)
+    acc = accumulation_dtype(x.dtype)
+    scores = x.to(acc)[:, None] @ keys.to(acc).transpose(-1, -2)
+    return (torch.softmax(scores, dim=-1) @ values.to(acc)).to(x.dtype)
+
+
+def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the kernel takes these text lengths and head dims (else run the reference)."""
+    return keys.shape[2] <= MAX_TOKENS and values.shape[3] <= MAX_HEAD_DIM
+
+
+def text_attention(x, keys, values):
+    """Triton version of ``text_attention_reference`` (``supported`` shapes only)."""
+    _check_inputs(x, keys, values)
+    if not supported(keys, values):
+        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens and head dims of "
+                           f"{MAX_HEAD_DIM} (got {keys.shape[2]}, {values.shape[3]}); use "
+                           f"text_attention_reference")
+    batch, rows, channels = x.shape
+    heads, tokens, head_dim = keys.shape[1], keys.shape[2], values.shape[3]
+    out = torch.empty((batch, rows, heads, head_dim), dtype=x.dtype,
+                      device=x.device).permute(0, 2, 1, 3)
+    if rows == 0:
+        return out
+    block_t = max(16, triton.next_power_of_2(tokens))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # Small row blocks under the interpreter (every program runs in Python) and where the
+    # scores of many tokens fill the registers.
+    block_m = 16 if INTERPRET or rows <= 16 else (32 if block_t > 128 or rows <= 32 else 64)
+    _text_attention_kernel[(math.ceil(rows / block_m), batch * heads)](
+        x, keys, values, out, rows, tokens, heads, *x.stride(), *keys.stride(),
+        *values.stride(), *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+        BLOCK_C=16 if INTERPRET else 64, BLOCK_T=block_t, BLOCK_D=block_d,
+        num_warps=4, **launch_options(x))
+    return out

@@ -1,0 +1,137 @@
+"""kernels.text_attention: the folded keys and the reference against the unfolded
+cross-attention, the Triton kernel against the reference (interpreter on the CPU, real sizes
+on the GPU).
+
+Tolerances (absolute and relative, outputs of magnitude ~1): fp32 1e-5; fp16 2e-3 and bf16
+1.6e-2 (the softmax weights are rounded to the values' dtype before their product, as flash
+attention does, and the folded keys once to the model's dtype).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fisedit_compiler.errors import FiseditError
+from fisedit_compiler.execution.kernels import INTERPRET
+from fisedit_compiler.execution.kernels.text_attention import (
+    MAX_TOKENS, fold_keys_reference, supported, text_attention, text_attention_reference)
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRET, reason="the Triton interpreter multiplies bf16 tl.dot operands as raw bits "
+    "(triton-lang/triton#11584)"))
+
+
+def rand(*shape, dtype=torch.float32, device=DEVICE, scale=1.0):
+    return torch.randn(*shape, dtype=dtype, device=device) * scale
+
+
+def inputs(batch, rows, channels, heads, tokens, head_dim, dtype=torch.float32, device=DEVICE):
+    """Token rows, the text's keys and values as the attention takes them ([B, H, T, D]
+    permuted views of [B, T, H * D] projections, as diffusers lays heads out) and a query
+    weight; scaled so the scores spread the softmax (neither uniform nor one-hot)."""
+    x = rand(batch, rows, channels, dtype=dtype, device=device)
+    k, v = (rand(batch, tokens, heads * head_dim, dtype=dtype, device=device)
+            .reshape(batch, tokens, heads, head_dim).permute(0, 2, 1, 3) for _ in range(2))
+    weight = rand(heads * head_dim, channels, dtype=dtype, device=device,
+                  scale=channels ** -0.5)
+    return x, k, v, weight
+
+
+def unfolded(x, k, v, weight, scale=None):
+    """The cross-attention as the U-Net runs it: queries, heads, SDPA."""
+    batch, rows, _ = x.shape
+    heads, head_dim = k.shape[1], k.shape[3]
+    q = F.linear(x, weight).reshape(batch, rows, heads, head_dim).permute(0, 2, 1, 3)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_the_folded_keys_give_the_unfolded_attention(scale):
+    x, k, v, weight = inputs(2, 9, 24, 3, 7, 8, dtype=torch.float64, device="cpu")
+    keys = fold_keys_reference(k, weight, scale)
+    assert keys.shape == (2, 3, 7, 24) and keys.dtype == torch.float64
+    torch.testing.assert_close(text_attention_reference(x, keys, v), unfolded(x, k, v, weight, scale))
+
+
+def test_the_fold_computes_in_the_accumulation_dtype():
+    x, k, v, weight = inputs(1, 4, 16, 2, 5, 8, dtype=torch.float16, device="cpu")
+    keys = fold_keys_reference(k, weight, None)
+    exact = (k.double() @ weight.double().reshape(2, 8, 16) * 8 ** -0.5).half()
+    assert keys.dtype == torch.float16
+    torch.testing.assert_close(keys, exact, atol=0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+@pytest.mark.parametrize("rows,channels,heads,tokens,head_dim", [
+    (37, 48, 2, 7, 8),       # rows over several blocks, channels over several chunks
+    (1, 20, 3, 77, 10),      # CLIP's 77 tokens, odd head dim and channels (masked lanes)
+    (16, 16, 1, 1, 16),      # one token: the softmax is all ones
+])
+def test_kernel_matches_reference(dtype, rows, channels, heads, tokens, head_dim):
+    x, k, v, weight = inputs(2, rows, channels, heads, tokens, head_dim, dtype)
+    keys = fold_keys_reference(k, weight, None)
+    got = text_attention(x, keys, v)
+    expected = text_attention_reference(x, keys, v)
+    assert got.shape == expected.shape == (2, heads, rows, head_dim)
+    # Heads inside rows: the output projection's reshape is a view.
+    assert got.permute(0, 2, 1, 3).is_contiguous()
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_kernel_reads_strided_rows_and_takes_no_rows():
+    x, k, v, weight = inputs(2, 12, 32, 2, 9, 16)
+    keys = fold_keys_reference(k, weight, None)
+    strided = rand(12, 2, 64).transpose(0, 1)[..., ::2]        # no unit stride anywhere
+    torch.testing.assert_close(text_attention(strided, keys, v),
+                               text_attention_reference(strided, keys, v),
+                               atol=1e-5, rtol=1e-5)
+    empty = text_attention(x[:, :0], keys, v)
+    assert empty.shape == (2, 2, 0, 16)
+
+
+def test_long_texts_are_for_the_reference():
+    _, k, v, _ = inputs(1, 1, 16, 1, MAX_TOKENS + 1, 16, device="cpu")
+    assert not supported(k, v) and supported(k[:, :, :MAX_TOKENS], v[:, :, :MAX_TOKENS])
+    with pytest.raises(FiseditError, match="text_attention_reference"):
+        text_attention(rand(1, 4, 16, device="cpu"), rand(1, 1, MAX_TOKENS + 1, 16, device="cpu"),
+                       v)
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda x, keys, v: (x[0], keys, v), r"x must be \[B, N, C\]"),
+    (lambda x, keys, v: (x, keys[..., :-1], v), "must share B, H, T"),
+    (lambda x, keys, v: (x, keys, v[:, :, :-1]), "must share B, H, T"),
+    (lambda x, keys, v: (x, keys[:, :, :0], v[:, :, :0]), "no text tokens"),
+    (lambda x, keys, v: (x.half(), keys, v), "one dtype"),
+])
+def test_bad_inputs_are_refused_by_reference_and_kernel(case, match):
+    x, k, v, weight = inputs(2, 3, 16, 2, 5, 8, device="cpu")
+    arguments = case(x, fold_keys_reference(k, weight, None), v)
+    for function in (text_attention_reference, text_attention):
+        with pytest.raises(FiseditError, match=match):
+            function(*arguments)
+
+
+def test_a_query_weight_of_other_heads_is_refused():
+    _, k, _, weight = inputs(1, 1, 16, 2, 5, 8, device="cpu")
+    with pytest.raises(FiseditError, match=r"must be \[H \* D = 16, C\]"):
+        fold_keys_reference(k, weight[:-1], None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,channels,head_dim", [(820, 320, 40), (40, 640, 80), (18, 1280, 160)])
+def test_kernel_at_sd15_sizes_on_the_gpu(dtype, rows, channels, head_dim):
+    """SD1.5's cross-attentions at a 5% edit (rows per level, batch 2, 8 heads, CLIP text),
+    against the unfolded attention computed in fp32 (the fold's rounding included)."""
+    x, k, v, weight = inputs(2, rows, channels, 8, 77, head_dim, dtype, device="cuda")
+    keys = fold_keys_reference(k, weight, None)
+    got = text_attention(x, keys, v)
+    expected = unfolded(x.float(), k.float(), v.float(), weight.float())
+    tolerance = 2 * TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)

@@ -80,7 +80,8 @@ class SparseConfig:
     fold_text_queries: fold each cross-attention's query projection into its text keys, once
         per pass (``passes.fold_text_queries``; needs ``hoist_pass_constants``, else it is not
         applied): one kernel per cross-attention and step where there were three, for the
-        folded keys' memory (fp16 ``B x T x C x heads`` values each: SD1.5 31 MB at batch 2).
+        folded keys' memory (``B x heads x T x C`` values each, kept twice on the CUDA-graph
+        path: at batch 2 in fp16 SD1.5 31 MB, SDXL ~490 MB).
     conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
         ``gather`` (the mixed input's taps as a dense matrix, then cuBLAS and the epilogue:
         three launches, 1.3-2.6x faster than one implicit-GEMM launch at SD1.5's shapes) or

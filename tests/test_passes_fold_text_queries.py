@@ -80,6 +80,23 @@ def test_a_query_bias_leaves_its_attention_as_it_was():
     assert len(calls(folded, ops.text_attention)) == 3
 
 
+def test_keys_computed_from_the_sample_leave_their_attention_as_it_was():
+    """An added-KV attention joins the text's keys with the image tokens' (computed from the
+    sample): not fixed for the pass, so folding them would run the fold at every step."""
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    edit = copy.deepcopy(program_of(unet, inputs, hoist_pass_constants=False).edit)
+    first = cross_attentions(edit)[0]
+    sample = next(node for node in edit.graph.nodes if node.name == "sample")
+    with edit.graph.inserting_before(first):
+        image_part = edit.graph.call_function(torch.sum, (sample,))
+        joined = edit.graph.call_function(torch.add, (args_of(first)["k"], image_part))
+    first.args = (first.args[0], joined) + first.args[2:]
+    folded = linted(fold_text_queries, edit)
+    assert cross_attentions(folded) == [first]
+    assert len(calls(folded, ops.text_attention)) == 3
+
+
 def test_an_attention_mask_leaves_the_attentions_as_they_were():
     unet = zoo.unet("sd15-tiny")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)

@@ -15,7 +15,9 @@ per cross-attention: 16 in an SD1.5 step, 70 in SDXL's. The scores change only b
 result meets the oracle at the same tolerance.
 
 Taken only where the pattern is exactly that, each node of it read only by the next (the
-query projection is not needed elsewhere), and only where the edit pass holds the text fixed
+query projection is not needed elsewhere), where the keys and values are computed from
+pass-fixed inputs and weights alone (not from the sample, as an added-KV attention's image
+tokens are), and only where the edit pass holds them fixed
 (``SparseConfig.hoist_pass_constants``; without it the fold would run at every step, a GEMM
 over the text for the one it saves, so the pipeline does not run this pass). A query bias, a
 query norm (``qk_norm``), an attention mask, or the explicit attention of diffusers'
@@ -29,6 +31,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops as ops
+from .hoist_pass_constants import STEP_INPUTS
 from .pattern import args_of, call, parameter
 
 
@@ -48,6 +51,10 @@ def fold_text_queries(edit: fx.GraphModule) -> fx.GraphModule:
 def _fold(edit: fx.GraphModule, attention: fx.Node) -> bool:
     arguments = args_of(attention)
     if arguments["policy"] != "cross" or arguments["attn_mask"] is not None:
+        return False
+    # The keys and values must be fixed for the pass (not, like an added-KV attention's
+    # image tokens, computed from the sample): else the fold would run at every step.
+    if _reads_step_inputs(arguments["k"]) or _reads_step_inputs(arguments["v"]):
         return False
     heads = arguments["q"]
     if not (call(heads, ir.permute, users=1) and tuple(args_of(heads)["dims"]) == (0, 2, 1, 3)):
@@ -72,8 +79,23 @@ def _fold(edit: fx.GraphModule, attention: fx.Node) -> bool:
                                    (arguments["k"], weight, arguments["scale"]))
         folded = graph.call_function(ops.text_attention,
                                      (args_of(projection)["x"], keys, arguments["v"]))
+    keys.meta.update(attention.meta)
     folded.meta.update(attention.meta)
     attention.replace_all_uses_with(folded)
     for node in (attention, heads, rows, projection):
         graph.erase_node(node)
     return True
+
+
+def _reads_step_inputs(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from an input that changes from step to step."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder" and current.name in STEP_INPUTS:
+            return True
+        stack.extend(current.all_input_nodes)
+    return False

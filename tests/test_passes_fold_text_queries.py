@@ -144,3 +144,28 @@ def test_folded_edits_meet_the_oracle_and_keep_the_background(kernels):
         outside = ~plan[0].active
         assert torch.equal(folded[..., outside], recorded[0][..., outside])
         assert not torch.equal(folded, recorded[0])
+
+
+def test_folded_keys_follow_a_text_changed_within_a_pass():
+    """The folded keys are pass constants: a text rewritten in place between two steps of a
+    pass must reach the next step's folded keys, as it reaches the unfolded engine's K/V."""
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    engines = [fc.compile(unet, fc.SparseConfig(kernels="torch", fold_text_queries=fold))
+               for fold in (True, False)]
+    mask = bench.blob_mask((16, 16), 0.1)
+    outputs = []
+    for engine in engines:
+        cache = engine.new_cache(3)
+        for step in range(3):
+            engine.record(cache, step, **inputs)
+        edited = dict(bench.edited_inputs(inputs, mask),
+                      encoder_hidden_states=inputs["encoder_hidden_states"] + 0.5)
+        plan = engine.plan(mask)
+        outputs.append([engine.edit(cache, 0, plan, **edited)])
+        edited["encoder_hidden_states"].mul_(-1.0)          # in place, mid-pass
+        outputs[-1].append(engine.edit(cache, 1, plan, **edited))
+    folded, unfolded = outputs
+    for got, expected in zip(folded, unfolded):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(folded[0], folded[1], atol=1e-3)

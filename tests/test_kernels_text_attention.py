@@ -94,9 +94,13 @@ def test_kernel_reads_strided_rows_and_takes_no_rows():
     assert empty.shape == (2, 2, 0, 16)
 
 
-def test_long_texts_are_for_the_reference():
+def test_long_texts_and_wide_fp32_heads_are_for_the_reference():
     _, k, v, _ = inputs(1, 1, 16, 1, MAX_TOKENS + 1, 16, device="cpu")
     assert not supported(k, v) and supported(k[:, :, :MAX_TOKENS], v[:, :, :MAX_TOKENS])
+    # SD1.5's widest heads (160 channels, padded to 256) at CLIP's 77 tokens (128): 64 KiB of
+    # fp16 values fit beside the pipelined blocks, 128 KiB of fp32 ones would not.
+    wide = rand(1, 1, 77, 160, device="cpu")
+    assert supported(wide, wide.half()) and not supported(wide, wide)
     with pytest.raises(FiseditError, match="text_attention_reference"):
         text_attention(rand(1, 4, 16, device="cpu"), rand(1, 1, MAX_TOKENS + 1, 16, device="cpu"),
                        v)

@@ -35,10 +35,10 @@ def cross_attentions(gm) -> list:
 def test_every_cross_attention_folds_and_its_keys_leave_the_step(name):
     unet = zoo.unet(name)
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
-    unfolded = program_of(unet, inputs, fold_text_queries=False).edit
+    unfolded = program_of(unet, inputs).edit            # off by default (SparseConfig)
     crossing = len(cross_attentions(unfolded))
     assert crossing >= 2
-    edit = program_of(unet, inputs).edit
+    edit = program_of(unet, inputs, fold_text_queries=True).edit
     assert not cross_attentions(edit)
     # Each text attention reads the rows its query projection read; no linear is left
     # without users, and the folded keys are pass constants (computed once per pass).
@@ -101,14 +101,14 @@ def test_an_attention_mask_leaves_the_attentions_as_they_were():
     unet = zoo.unet("sd15-tiny")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     inputs["encoder_attention_mask"] = torch.ones(2, 77)
-    edit = program_of(unet, inputs).edit
+    edit = program_of(unet, inputs, fold_text_queries=True).edit
     assert not calls(edit, ops.text_attention) and len(cross_attentions(edit)) == 4
 
 
 def test_without_pass_constants_nothing_is_folded():
     unet = zoo.unet("sd15-tiny")
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
-    edit = program_of(unet, inputs, hoist_pass_constants=False).edit
+    edit = program_of(unet, inputs, hoist_pass_constants=False, fold_text_queries=True).edit
     assert not calls(edit, ops.text_attention) and not calls(edit, ops.fold_text_keys)
 
 

@@ -42,7 +42,7 @@ def test_every_heavy_op_becomes_its_sparse_form(program):
     fused_norms = sum(n.kwargs.get("norm") is not None for n in edit.graph.nodes
                       if n.target is ops.sparse_conv2d)
     assert edit_targets.count(ops.sparse_group_norm) + fused_norms == count("group_norm")
-    # Cross-attentions run as text attentions (their query projection folded into the keys).
+    # A cross-attention whose query projection is folded (fold_text_queries) is a text attention.
     assert edit_targets.count(ops.sparse_attention) + edit_targets.count(ops.text_attention) \
         == count("attention")
     assert edit_targets.count(ops.upsample_gather) == count("upsample_nearest")

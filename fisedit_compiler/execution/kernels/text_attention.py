@@ -22,10 +22,13 @@ import torch
 from ...errors import FiseditError
 from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options
 
-# The kernel holds every text token's score of a row block at once: CLIP's 77 tokens (and
-# T5's up to 256) fit; longer texts run the reference.
+# The kernel holds every text token's score of a row block at once, and the head's values
+# in shared memory beside the pipelined row and key blocks: CLIP's 77 tokens (and T5's up to
+# 256) fit, and a head's values up to 64 KiB (fp16 heads of 256 channels at 77 tokens; fp32
+# ones of 128). Longer texts and wider heads run the reference.
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 256
+MAX_VALUE_BYTES = 64 * 1024
 
 if HAS_TRITON:
     import triton
@@ -116,18 +119,27 @@ def text_attention_reference(x, keys, values):
     return (torch.softmax(scores, dim=-1) @ values.to(acc)).to(x.dtype)
 
 
+def _value_block_bytes(values: torch.Tensor) -> int:
+    """Bytes of one head's values as the kernel holds them (padded to powers of two)."""
+    padded = [max(16, 1 << (size - 1).bit_length()) for size in values.shape[2:]]
+    return padded[0] * padded[1] * values.element_size()
+
+
 def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the kernel takes these text lengths and head dims (else run the reference)."""
-    return keys.shape[2] <= MAX_TOKENS and values.shape[3] <= MAX_HEAD_DIM
+    """Whether the kernel takes these text lengths, head dims and dtypes (else run the
+    reference)."""
+    return (keys.shape[2] <= MAX_TOKENS and values.shape[3] <= MAX_HEAD_DIM
+            and _value_block_bytes(values) <= MAX_VALUE_BYTES)
 
 
 def text_attention(x, keys, values):
     """Triton version of ``text_attention_reference`` (``supported`` shapes only)."""
     _check_inputs(x, keys, values)
     if not supported(keys, values):
-        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens and head dims of "
-                           f"{MAX_HEAD_DIM} (got {keys.shape[2]}, {values.shape[3]}); use "
-                           f"text_attention_reference")
+        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens, head dims of "
+                           f"{MAX_HEAD_DIM} and {MAX_VALUE_BYTES} bytes of a head's values (got "
+                           f"{keys.shape[2]} tokens, {values.shape[3]} channels of "
+                           f"{values.dtype}); use text_attention_reference")
     batch, rows, channels = x.shape
     heads, tokens, head_dim = keys.shape[1], keys.shape[2], values.shape[3]
     out = torch.empty((batch, rows, heads, head_dim), dtype=x.dtype,

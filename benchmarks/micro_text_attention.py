@@ -77,7 +77,7 @@ def main():
                 results.append((float("inf"), block_m, block_c, warps, stages))
                 print(f"  config {block_m, block_c, warps, stages}: {type(error).__name__}")
         results.sort()
-        default_m = 16 if rows <= 16 else (32 if head_dim > 128 or rows <= 32 else 64)
+        default_m = 16 if rows <= 128 else (32 if head_dim > 128 else 64)
         default = next(r[0] for r in results if r[1:] == (default_m, 64, 4, 3))
         print(f"rows {rows:4d} C {channels:4d} D {head_dim:3d}: unfolded {base * 1e3:6.1f} us, "
               f"kernel as shipped {default * 1e3:6.1f} us, best {results[0][0] * 1e3:6.1f} us "

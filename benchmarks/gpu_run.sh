@@ -73,10 +73,10 @@ case "$1" in
   tile-ab) ab="--model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --no-prepare --compile-modes="
           for tile in 4,2,1 2,1 1; do bench $ab --tile $tile --out "$OUT/tile_${tile//,/}"; done ;;
   fold-ab) ab="--areas 0.01,0.05,0.2 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
-          bench --model sd15 $ab --fold-text-queries --profile-area 0.05 --out "$OUT/folded_sd15"
-          bench --model sd15 $ab --out "$OUT/unfolded_sd15"
-          bench --model sdxl $ab --fold-text-queries --out "$OUT/folded_sdxl"
-          bench --model sdxl $ab --out "$OUT/unfolded_sdxl"
+          bench --model sd15 $ab --profile-area 0.05 --out "$OUT/folded_sd15"
+          bench --model sd15 $ab --no-fold-text-queries --out "$OUT/unfolded_sd15"
+          bench --model sdxl $ab --out "$OUT/folded_sdxl"
+          bench --model sdxl $ab --no-fold-text-queries --out "$OUT/unfolded_sdxl"
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;

@@ -576,9 +576,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-hoist-pass-constants", action="store_true",
                         help="compute the text K/V and other pass constants at every step "
                              "(SparseConfig.hoist_pass_constants=False), to measure that lever")
-    parser.add_argument("--fold-text-queries", action="store_true",
-                        help="fold each cross-attention's query projection into its text keys "
-                             "(SparseConfig.fold_text_queries=True), to measure that lever")
+    parser.add_argument("--no-fold-text-queries", action="store_true",
+                        help="run each cross-attention's query projection at every step "
+                             "(SparseConfig.fold_text_queries=False), to measure that lever")
     parser.add_argument("--conv-method", choices=CONV_METHODS, default=SparseConfig.conv_method,
                         help="how sparse convs run on the GPU (SparseConfig.conv_method; "
                              "default: %(default)s)")
@@ -631,7 +631,7 @@ def _command_settings(args) -> dict:
                 prepare=not args.no_prepare,
                 config=SparseConfig(group_projections=not args.no_group_projections,
                                     hoist_pass_constants=not args.no_hoist_pass_constants,
-                                    fold_text_queries=args.fold_text_queries,
+                                    fold_text_queries=not args.no_fold_text_queries,
                                     conv_method=args.conv_method, tile=_parse_tile(args.tile)))
 
 

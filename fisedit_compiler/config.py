@@ -81,9 +81,9 @@ class SparseConfig:
         per pass (``passes.fold_text_queries``; needs ``hoist_pass_constants``, else it is not
         applied): one kernel per cross-attention and step where there were three, for the
         folded keys' memory (``B x heads x T x C`` values each, kept twice on the CUDA-graph
-        path: at batch 2 in fp16 SD1.5 31 MB, SDXL ~490 MB). Off by default until its kernel
-        has been timed and tested on a GPU (benchmarks/RESULTS.md, session 26); it changes
-        results by rounding only.
+        path: at batch 2 in fp16 SD1.5 31 MB, SDXL ~490 MB). It changes results by rounding
+        only; a 5% SD1.5 step 0.09 ms faster in a pass on the H100 (benchmarks/RESULTS.md,
+        session 26).
     conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
         ``gather`` (the mixed input's taps as a dense matrix, then cuBLAS and the epilogue:
         three launches, 1.3-2.6x faster than one implicit-GEMM launch at SD1.5's shapes) or
@@ -104,7 +104,7 @@ class SparseConfig:
     bucket_ratio: float = 1.25
     group_projections: bool = True
     hoist_pass_constants: bool = True
-    fold_text_queries: bool = False
+    fold_text_queries: bool = True
     conv_method: str = "gather"
 
     def __post_init__(self):

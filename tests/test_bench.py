@@ -182,15 +182,15 @@ def test_the_lever_options_reach_the_engine_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "run", run)
     for extra in ([], ["--no-hoist-pass-constants"], ["--no-group-projections"],
-                  ["--tile", "2,1"], ["--fold-text-queries"]):
+                  ["--tile", "2,1"], ["--no-fold-text-queries"]):
         with pytest.raises(SystemExit):
             cli.main(["bench", "--model", "sd15-tiny", "--out", str(tmp_path / "out")] + extra)
-    default, per_step, separate, small_tiles, folded = seen
+    default, per_step, separate, small_tiles, unfolded = seen
     assert default == bench.SparseConfig()
     assert per_step == bench.SparseConfig(hoist_pass_constants=False)
     assert separate == bench.SparseConfig(group_projections=False)
     assert small_tiles == bench.SparseConfig(tile=(2, 1))
-    assert folded == bench.SparseConfig(fold_text_queries=True)
+    assert unfolded == bench.SparseConfig(fold_text_queries=False)
 
 
 def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys, no_benchmark):

@@ -35,10 +35,10 @@ def cross_attentions(gm) -> list:
 def test_every_cross_attention_folds_and_its_keys_leave_the_step(name):
     unet = zoo.unet(name)
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
-    unfolded = program_of(unet, inputs).edit            # off by default (SparseConfig)
+    unfolded = program_of(unet, inputs, fold_text_queries=False).edit
     crossing = len(cross_attentions(unfolded))
     assert crossing >= 2
-    edit = program_of(unet, inputs, fold_text_queries=True).edit
+    edit = program_of(unet, inputs).edit                # on by default
     assert not cross_attentions(edit)
     # Each text attention reads the rows its query projection read; no linear is left
     # without users, and the folded keys are pass constants (computed once per pass).

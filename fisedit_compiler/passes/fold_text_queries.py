@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops as ops
-from .hoist_pass_constants import STEP_INPUTS
+from .hoist_pass_constants import STEP_INPUTS, ancestors
 from .pattern import args_of, call, parameter
 
 
@@ -54,7 +54,8 @@ def _fold(edit: fx.GraphModule, attention: fx.Node) -> bool:
         return False
     # The keys and values must be fixed for the pass (not, like an added-KV attention's
     # image tokens, computed from the sample): else the fold would run at every step.
-    if _reads_step_inputs(arguments["k"]) or _reads_step_inputs(arguments["v"]):
+    if any(node.op == "placeholder" and node.name in STEP_INPUTS
+           for node in ancestors([arguments["k"], arguments["v"]])):
         return False
     heads = arguments["q"]
     if not (call(heads, ir.permute, users=1) and tuple(args_of(heads)["dims"]) == (0, 2, 1, 3)):
@@ -86,16 +87,3 @@ def _fold(edit: fx.GraphModule, attention: fx.Node) -> bool:
         graph.erase_node(node)
     return True
 
-
-def _reads_step_inputs(node: fx.Node) -> bool:
-    """Whether ``node`` is computed from an input that changes from step to step."""
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder" and current.name in STEP_INPUTS:
-            return True
-        stack.extend(current.all_input_nodes)
-    return False

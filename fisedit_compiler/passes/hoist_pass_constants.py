@@ -92,7 +92,7 @@ def _constants_graph(edit: fx.GraphModule, fixed: list, weight_only: set, moved:
                      boundary: list) -> fx.GraphModule:
     """The graph that computes ``boundary`` from the ``fixed`` inputs it reads, by keyword
     as the edit graph takes them, returning their values as one tuple."""
-    needed = _ancestors(boundary)
+    needed = ancestors(boundary)
     graph = fx.Graph()
     env: dict = {}
     for node in fixed:
@@ -105,7 +105,7 @@ def _constants_graph(edit: fx.GraphModule, fixed: list, weight_only: set, moved:
     return fx.GraphModule(edit, graph)
 
 
-def _ancestors(nodes: list) -> set:
+def ancestors(nodes: list) -> set:
     """``nodes`` and every node they are computed from."""
     seen: set = set()
     stack = list(nodes)

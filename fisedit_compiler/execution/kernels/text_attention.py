@@ -149,7 +149,7 @@ def text_attention(x, keys, values):
     block_t = max(16, triton.next_power_of_2(tokens))
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Small row blocks under the interpreter (every program runs in Python), for few rows (more
-    # programs read the folded keys at once: 1.2-1.5x faster at SD1.5's 9-100 rows, H100,
+    # programs read the folded keys at once: 1.2x faster at SD1.5's 25 and 100 rows, H100,
     # benchmarks/micro_text_attention.py) and where many tokens' scores or a wide head's
     # outputs fill the registers.
     block_m = 16 if INTERPRET or rows <= 128 else (

@@ -9,11 +9,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from fisedit_compiler.execution.kernels import launch_options
 from fisedit_compiler.execution.kernels.text_attention import (
-    _text_attention_kernel, fold_keys_reference)
+    _text_attention_kernel, fold_keys_reference, padded_block, row_block)
 
 # (rows, channels, head dim, cross-attentions of this shape per SD1.5 step) at a 5% blob.
 SHAPES = [(400, 320, 40, 5), (100, 640, 80, 5), (25, 1280, 160, 5), (9, 1280, 160, 1)]
@@ -69,7 +68,7 @@ def main():
                     x, keys, v, out, rows, 77, heads, *x.stride(), *keys.stride(), *v.stride(),
                     *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim, PRECISION="tf32",
                     BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_T=128,
-                    BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=warps,
+                    BLOCK_D=padded_block(head_dim), num_warps=warps,
                     num_stages=stages, **launch_options(x))
             try:
                 results.append((time_ms(folded), block_m, block_c, warps, stages))
@@ -77,8 +76,7 @@ def main():
                 results.append((float("inf"), block_m, block_c, warps, stages))
                 print(f"  config {block_m, block_c, warps, stages}: {type(error).__name__}")
         results.sort()
-        default_m = 16 if rows <= 128 else (32 if head_dim > 128 else 64)
-        default = next(r[0] for r in results if r[1:] == (default_m, 64, 4, 3))
+        default = next(r[0] for r in results if r[1:] == (row_block(rows, 77, head_dim), 64, 4, 3))
         print(f"rows {rows:4d} C {channels:4d} D {head_dim:3d}: unfolded {base * 1e3:6.1f} us, "
               f"kernel as shipped {default * 1e3:6.1f} us, best {results[0][0] * 1e3:6.1f} us "
               f"(BLOCK_M, BLOCK_C, warps, stages = {results[0][1:]}); next {results[1][1:]} "

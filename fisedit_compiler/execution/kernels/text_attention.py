@@ -119,10 +119,24 @@ def text_attention_reference(x, keys, values):
     return (torch.softmax(scores, dim=-1) @ values.to(acc)).to(x.dtype)
 
 
+def padded_block(size: int) -> int:
+    """The kernel's block along a dim of ``size``: a power of two, at least tl.dot's 16."""
+    return max(16, 1 << (size - 1).bit_length())
+
+
+def row_block(rows: int, tokens: int, head_dim: int) -> int:
+    """The kernel's BLOCK_M: small under the interpreter (every program runs in Python), for
+    few rows (more programs read the folded keys at once: 1.2x faster at SD1.5's 25 and 100
+    rows, H100, benchmarks/micro_text_attention.py) and where many tokens' scores or a wide
+    head's outputs fill the registers."""
+    if INTERPRET or rows <= 128:
+        return 16
+    return 32 if padded_block(tokens) > 128 or padded_block(head_dim) > 128 else 64
+
+
 def _value_block_bytes(values: torch.Tensor) -> int:
-    """Bytes of one head's values as the kernel holds them (padded to powers of two)."""
-    padded = [max(16, 1 << (size - 1).bit_length()) for size in values.shape[2:]]
-    return padded[0] * padded[1] * values.element_size()
+    """Bytes of one head's values as the kernel holds them."""
+    return padded_block(values.shape[2]) * padded_block(values.shape[3]) * values.element_size()
 
 
 def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -146,18 +160,12 @@ def text_attention(x, keys, values):
                       device=x.device).permute(0, 2, 1, 3)
     if rows == 0:
         return out
-    block_t = max(16, triton.next_power_of_2(tokens))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # Small row blocks under the interpreter (every program runs in Python), for few rows (more
-    # programs read the folded keys at once: 1.2x faster at SD1.5's 25 and 100 rows, H100,
-    # benchmarks/micro_text_attention.py) and where many tokens' scores or a wide head's
-    # outputs fill the registers.
-    block_m = 16 if INTERPRET or rows <= 128 else (
-        32 if block_t > 128 or block_d > 128 else 64)
+    block_m = row_block(rows, tokens, head_dim)
     _text_attention_kernel[(math.ceil(rows / block_m), batch * heads)](
         x, keys, values, out, rows, tokens, heads, *x.stride(), *keys.stride(),
         *values.stride(), *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
-        BLOCK_C=16 if INTERPRET else 64, BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_C=16 if INTERPRET else 64, BLOCK_T=padded_block(tokens),
+        BLOCK_D=padded_block(head_dim),
         num_warps=4, **launch_options(x))
     return out

@@ -3,10 +3,10 @@
 ``trace`` captures a U-Net (``capture``) and runs the front passes (``canonical_graph``:
 canonicalize, fold_attention, fold_slice_writes, then analyze); ``build_program`` takes that
 analyzed canonical graph through the sparse passes (sparsify, fuse, fuse_tokens,
-group_linears, fold_text_queries, lower_kernels where Triton runs,
-hoist_pass_constants) and derives the cache
-set and the record graph; ``Program.dense_graph`` is the canonical graph tuned for dense runs
-(``tune_dense``). SparseEngine and the "fisedit" backend both compile through here.
+group_linears, fold_text_queries, lower_kernels where Triton runs, hoist_pass_constants) and
+derives the cache set and the record graph; ``Program.dense_graph`` is the canonical graph
+tuned for dense runs (``tune_dense``). SparseEngine and the "fisedit" backend both compile
+through here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import fisedit_compiler as fc
 from fisedit_compiler import bench, ir, zoo
 from fisedit_compiler.execution import sparse_ops as ops
 from fisedit_compiler.graph_keys import PASS_CONSTANTS
-from fisedit_compiler.passes.fold_text_queries import fold_text_queries
+from fisedit_compiler.passes import fold_text_queries as fold_module
+from fisedit_compiler.passes.fold_text_queries import fold_text_queries, folding_pays
 from fisedit_compiler.passes.pattern import args_of
 from pass_checks import linted
 
@@ -110,6 +111,31 @@ def test_without_pass_constants_nothing_is_folded():
     inputs = zoo.example_inputs(unet, batch=2, seed=0)
     edit = program_of(unet, inputs, hoist_pass_constants=False, fold_text_queries=True).edit
     assert not calls(edit, ops.text_attention) and not calls(edit, ops.fold_text_keys)
+
+
+@pytest.mark.parametrize("batch, heads, channels, pays", [
+    (2, 8, 320, True), (2, 8, 640, True), (2, 8, 1280, True),     # SD1.5's levels
+    (2, 10, 640, False), (2, 20, 1280, False),                    # SDXL's
+    (1, 20, 1280, True)])                                         # SDXL without CFG
+def test_folding_pays_where_the_folded_keys_read_little_more_than_the_weight(
+        batch, heads, channels, pays):
+    """fp16 keys of 77 tokens: the folded keys ``[B, H, 77, C]`` against the ``[C, C]`` query
+    weight, the rule's threshold in bytes."""
+    graph = torch.fx.Graph()
+    keys = graph.placeholder("keys")
+    keys.meta["val"] = torch.empty(batch, heads, 77, channels // heads, device="meta")
+    weight = torch.empty(channels, channels, dtype=torch.float16, device="meta")
+    assert folding_pays(keys, weight) is pays
+    del keys.meta["val"]                                    # shape unknown: never folded
+    assert folding_pays(keys, weight) is False
+
+
+def test_cross_attentions_whose_folded_keys_read_too_much_stay_as_they_were(monkeypatch):
+    unet = zoo.unet("sd15-tiny")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0)
+    monkeypatch.setattr(fold_module, "MAX_EXTRA_KEY_BYTES", 0)
+    edit = program_of(unet, inputs).edit
+    assert not calls(edit, ops.text_attention) and len(cross_attentions(edit)) == 4
 
 
 def test_the_flag_is_checked():

@@ -22,17 +22,31 @@ tokens are), and only where the edit pass holds them fixed
 over the text for the one it saves, so the pipeline does not run this pass). A query bias, a
 query norm (``qk_norm``), an attention mask, or the explicit attention of diffusers'
 ``AttnProcessor`` (heads folded into the batch) leave the attention as it was.
+Taken only where the folded keys read at most ``MAX_EXTRA_KEY_BYTES`` more than the query
+weight they replace (``folding_pays``): each step reads the folded keys (``B * H * T * C``
+values) where it read the weight (``C * H * D``), and the kernel reads them again from L2 for
+every block of query rows. Where they are small (SD1.5 at batch 2: 0.2-1.6 MB, at most 0.8 MB
+more than the weight) the two saved launches win; where they are large (SDXL: 20 heads x 77
+tokens x 1280 channels, 7.9 MB against a 3.3 MB weight) the reads cost more than the launches
+save (benchmarks/RESULTS.md, session 27: SDXL's 5% step 0.83 ms slower folded).
 ``SparseConfig.fold_text_queries`` turns the pass off.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops as ops
 from .hoist_pass_constants import STEP_INPUTS, ancestors
 from .pattern import args_of, call, parameter
+
+# The most bytes the folded keys of one cross-attention may read beyond its query weight
+# (module docstring), fp16 at batch 2 on an H100 (RESULTS.md, session 27): above SD1.5's four
+# shapes (+0.59, +0.76, -0.13, -0.13 MB), where the fold paid, below SDXL's two (+1.15, +4.6
+# MB), where it cost.
+MAX_EXTRA_KEY_BYTES = 2 ** 20
 
 
 def fold_text_queries(edit: fx.GraphModule) -> fx.GraphModule:
@@ -74,6 +88,8 @@ def _fold(edit: fx.GraphModule, attention: fx.Node) -> bool:
     if query_weight is None or query_weight.dim() != 2 or \
             query_weight.shape[0] != template[2] * template[3]:
         return False
+    if not folding_pays(arguments["k"], query_weight):
+        return False
     graph = edit.graph
     with graph.inserting_before(attention):
         keys = graph.call_function(ops.fold_text_keys,
@@ -87,3 +103,16 @@ def _fold(edit: fx.GraphModule, attention: fx.Node) -> bool:
         graph.erase_node(node)
     return True
 
+
+
+def folding_pays(keys: fx.Node, query_weight) -> bool:
+    """Whether the folded keys of text keys ``keys`` (``[B, H, T, D]``, known from the trace)
+    read at most ``MAX_EXTRA_KEY_BYTES`` more than ``query_weight`` (``[H * D, C]``); False
+    where the trace left the keys' shape unknown."""
+    value = keys.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return False
+    batch, heads, tokens, _ = value.shape
+    item = query_weight.element_size()
+    folded_bytes = batch * heads * tokens * query_weight.shape[1] * item
+    return folded_bytes - query_weight.numel() * item <= MAX_EXTRA_KEY_BYTES

@@ -91,6 +91,12 @@ def _supports_programmatic_launch(device: torch.device) -> bool:
     return HAS_GRID_DEPENDENCY_CONTROL and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA ``device``: what a launch's grid must fill."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch_options(tensor: torch.Tensor) -> dict:
     """The keyword arguments that launch a kernel here on ``tensor``'s device: ``PDL`` (the
     kernel's constexpr for ``wait_for_previous_kernel``) and Triton's ``launch_pdl``, both

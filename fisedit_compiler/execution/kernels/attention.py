@@ -20,7 +20,7 @@ import torch
 
 from ...errors import FiseditError
 from . import (HAS_TRITON, INTERPRET, accumulation_dtype, autotune_options, launch_options,
-               mix_positions)
+               mix_positions, multiprocessors)
 from .recorded_shift import check_recorded_shift, shift_launch_args
 
 if HAS_TRITON:
@@ -244,7 +244,7 @@ def _target_programs(device: torch.device) -> int:
     toy tests take the split path too."""
     if INTERPRET:
         return 16
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * multiprocessors(device)
 
 
 # Keys per split are a multiple of this (which every BLOCK_N divides), so no block of keys

@@ -33,7 +33,6 @@ the same way.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ from ...checks import check_choice
 from ...config import CONV_METHODS, KERNEL_DTYPES
 from ...errors import FiseditError
 from . import (HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions,
-               triton_enabled)
+               multiprocessors, triton_enabled)
 from .recorded_shift import check_recorded_shift, shift_launch_args
 
 _INT32_MAX = 2**31 - 1
@@ -413,11 +412,6 @@ if HAS_TRITON:
                   sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # Split-K tile counters: one zeroed int32 buffer per device, shared by every split-K launch.
 # Invariant: every launch leaves the counters it used at 0 (the last split of each output tile
 # resets its counter), so launches need no memset: launches on one stream run one after another
@@ -461,7 +455,7 @@ def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) 
     """
     if INTERPRET:
         return 1
-    programs = 2 * _multiprocessors(device)
+    programs = 2 * multiprocessors(device)
     tiles = triton.cdiv(m_total, 64) * triton.cdiv(c_out, 64)
     wanted = min(16, programs // tiles, k_total // 256)
     return 1 << (wanted.bit_length() - 1) if wanted > 1 else 1

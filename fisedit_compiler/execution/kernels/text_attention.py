@@ -15,12 +15,13 @@ contiguous ``[B, N, H, D]`` tensor, so the output projection's reshape is a free
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options
+from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options, multiprocessors
 
 # The kernel holds every text token's score of a row block at once, and the head's values
 # in shared memory beside the pipelined row and key blocks: CLIP's 77 tokens (and T5's up to
@@ -124,14 +125,56 @@ def padded_block(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
-def row_block(rows: int, tokens: int, head_dim: int) -> int:
-    """The kernel's BLOCK_M: small under the interpreter (every program runs in Python), for
-    few rows (more programs read the folded keys at once: 1.2x faster at SD1.5's 25 and 100
-    rows, H100, benchmarks/micro_text_attention.py) and where many tokens' scores or a wide
-    head's outputs fill the registers."""
-    if INTERPRET or rows <= 128:
-        return 16
-    return 32 if padded_block(tokens) > 128 or padded_block(head_dim) > 128 else 64
+def launch_shape(rows: int, batch_heads: int, channels: int, tokens: int, head_dim: int,
+                 item_size: int, programs: int, shared_bytes: int) -> tuple[int, int, int]:
+    """The kernel's (BLOCK_M, BLOCK_C, warps) for ``rows`` query rows of each of
+    ``batch_heads`` heads, on a GPU of ``programs`` multiprocessors with ``shared_bytes`` of
+    shared memory per program; values of ``item_size`` bytes.
+
+    Every row block reads its head's folded keys, so the row block grows (16 up to 128 rows)
+    until the grid no longer exceeds one program per multiprocessor: few rows keep 16-row
+    blocks and many programs reading at once, many rows and heads (SDXL's 20 at 1280 channels)
+    stop re-reading the keys from L2 for every 16 rows. Wide channels take 128 of them per
+    step, with 8 warps. Where many tokens' scores or a wide head's outputs fill the registers
+    the row block stops at 32, and a block that would not fit in shared memory shrinks (see
+    ``_shared_bytes``). Measured on an H100, inputs read from DRAM
+    (benchmarks/micro_text_attention.py, RESULTS.md session 27). Small blocks under the
+    interpreter (every program runs in Python)."""
+    if INTERPRET:
+        return 16, 16, 4
+    largest = 32 if padded_block(tokens) > 128 or padded_block(head_dim) > 128 else 128
+    block_m = 16
+    while block_m < largest and math.ceil(rows / block_m) * batch_heads > programs:
+        block_m *= 2
+    block_c = 128 if channels >= 640 else 64
+    while (_shared_bytes(block_m, block_c, tokens, head_dim, item_size) > shared_bytes
+           and (block_c > 64 or block_m > 16)):
+        if block_c > 64:
+            block_c //= 2
+        else:
+            block_m //= 2
+    return block_m, block_c, 8 if block_c == 128 or block_m == 128 else 4
+
+
+# The pipelined row and key blocks' stages (Triton's default, which the launch keeps).
+_STAGES = 3
+
+
+def _shared_bytes(block_m: int, block_c: int, tokens: int, head_dim: int, item_size: int) -> int:
+    """An upper bound on a program's shared memory: every stage of the row and folded-key
+    blocks, and the head's values."""
+    block_t = padded_block(tokens)
+    return item_size * (_STAGES * (block_m + block_t) * block_c
+                        + block_t * padded_block(head_dim))
+
+
+@functools.cache
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, shared memory one program may use, as Triton reads it) of a CUDA
+    device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return multiprocessors(device), shared
 
 
 def _value_block_bytes(values: torch.Tensor) -> int:
@@ -160,12 +203,13 @@ def text_attention(x, keys, values):
                       device=x.device).permute(0, 2, 1, 3)
     if rows == 0:
         return out
-    block_m = row_block(rows, tokens, head_dim)
+    limits = _device_limits(x.device) if x.is_cuda else (1, 0)
+    block_m, block_c, warps = launch_shape(rows, batch * heads, channels, tokens, head_dim,
+                                           x.element_size(), *limits)
     _text_attention_kernel[(math.ceil(rows / block_m), batch * heads)](
         x, keys, values, out, rows, tokens, heads, *x.stride(), *keys.stride(),
         *values.stride(), *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
-        BLOCK_C=16 if INTERPRET else 64, BLOCK_T=padded_block(tokens),
-        BLOCK_D=padded_block(head_dim),
-        num_warps=4, **launch_options(x))
+        BLOCK_C=block_c, BLOCK_T=padded_block(tokens), BLOCK_D=padded_block(head_dim),
+        num_warps=warps, **launch_options(x))
     return out

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from fisedit_compiler.errors import FiseditError
 from fisedit_compiler.execution.kernels import INTERPRET
+from fisedit_compiler.execution.kernels import text_attention as text_attention_module
 from fisedit_compiler.execution.kernels.text_attention import (
-    MAX_TOKENS, fold_keys_reference, supported, text_attention, text_attention_reference)
+    MAX_TOKENS, _shared_bytes, fold_keys_reference, launch_shape, supported, text_attention,
+    text_attention_reference)
 
 pytest.importorskip("triton")
 
@@ -98,7 +100,8 @@ def test_long_texts_and_wide_fp32_heads_are_for_the_reference():
     _, k, v, _ = inputs(1, 1, 16, 1, MAX_TOKENS + 1, 16, device="cpu")
     assert not supported(k, v) and supported(k[:, :, :MAX_TOKENS], v[:, :, :MAX_TOKENS])
     # SD1.5's widest heads (160 channels, padded to 256) at CLIP's 77 tokens (128): 64 KiB of
-    # fp16 values fit beside the pipelined blocks, 128 KiB of fp32 ones would not.
+    # fp16 values fit beside the pipelined blocks in an H100's shared memory (the interpreter
+    # assumes one), 128 KiB of fp32 ones would not.
     wide = rand(1, 1, 77, 160, device="cpu")
     assert supported(wide, wide.half()) and not supported(wide, wide)
     with pytest.raises(FiseditError, match="text_attention_reference"):
@@ -127,13 +130,50 @@ def test_a_query_weight_of_other_heads_is_refused():
         fold_keys_reference(k, weight[:-1], None)
 
 
+H100 = dict(programs=132, shared_bytes=227 * 1024)
+
+
+@pytest.mark.parametrize("rows, batch_heads, channels, head_dim, expected", [
+    (25, 16, 1280, 160, (16, 128, 8)),     # SD1.5's deepest level: few rows, 16-row blocks
+    (400, 16, 320, 40, (64, 64, 4)),       # SD1.5's first level: blocks grow with the grid
+    (288, 20, 640, 64, (64, 128, 8)),      # SDXL
+    (240, 40, 1280, 64, (128, 128, 8)),
+])
+def test_row_blocks_grow_until_the_grid_fits_the_gpu(monkeypatch, rows, batch_heads, channels,
+                                                      head_dim, expected):
+    monkeypatch.setattr(text_attention_module, "INTERPRET", False)
+    shape = launch_shape(rows, batch_heads, channels, 77, head_dim, 2, **H100)
+    assert shape == expected
+    block_m = shape[0]
+    assert block_m == 16 or -(-rows // (block_m // 2)) * batch_heads > H100["programs"]
+
+
+@pytest.mark.parametrize("tokens, head_dim, item_size, shared_kib", [
+    (77, 64, 2, 227), (77, 64, 4, 227), (256, 128, 2, 227), (77, 128, 4, 99), (256, 128, 2, 99)])
+def test_launch_shapes_fit_the_shared_memory(monkeypatch, tokens, head_dim, item_size, shared_kib):
+    """Any row count: the pipelined blocks and the values fit the device's shared memory (or
+    the smallest block is taken, which ``supported`` bounds); wide texts or heads stop at 32
+    rows."""
+    monkeypatch.setattr(text_attention_module, "INTERPRET", False)
+    for rows in (1, 40, 300, 5000):
+        block_m, block_c, warps = launch_shape(rows, 40, 1280, tokens, head_dim, item_size, 132,
+                                               shared_kib * 1024)
+        assert _shared_bytes(block_m, block_c, tokens, head_dim, item_size) <= \
+            shared_kib * 1024 or (block_m, block_c) == (16, 64)    # too wide: not supported
+        assert block_m <= (32 if tokens > 128 or head_dim > 128 else 128)
+        assert warps == (8 if block_c == 128 or block_m == 128 else 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows,channels,head_dim", [(820, 320, 40), (40, 640, 80), (18, 1280, 160)])
-def test_kernel_at_sd15_sizes_on_the_gpu(dtype, rows, channels, head_dim):
-    """SD1.5's cross-attentions at a 5% edit (rows per level, batch 2, 8 heads, CLIP text),
-    against the unfolded attention computed in fp32 (the fold's rounding included)."""
-    x, k, v, weight = inputs(2, rows, channels, 8, 77, head_dim, dtype, device="cuda")
+@pytest.mark.parametrize("rows,channels,heads,head_dim", [
+    (820, 320, 8, 40), (40, 640, 8, 80), (18, 1280, 8, 160),           # SD1.5 at 5%
+    (2458, 320, 8, 40),                                                # SD1.5 at 30%: 128 rows
+    (288, 640, 10, 64), (72, 1280, 20, 64), (240, 1280, 20, 64)])      # SDXL at 7-23%
+def test_kernel_at_model_sizes_on_the_gpu(dtype, rows, channels, heads, head_dim):
+    """SD1.5's and SDXL's cross-attentions (rows per level, batch 2, CLIP text), against the
+    unfolded attention computed in fp32 (the fold's rounding included)."""
+    x, k, v, weight = inputs(2, rows, channels, heads, 77, head_dim, dtype, device="cuda")
     keys = fold_keys_reference(k, weight, None)
     got = text_attention(x, keys, v)
     expected = unfolded(x.float(), k.float(), v.float(), weight.float())

@@ -25,11 +25,13 @@ from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options, multipr
 
 # The kernel holds every text token's score of a row block at once, and the head's values
 # in shared memory beside the pipelined row and key blocks: CLIP's 77 tokens (and T5's up to
-# 256) fit, and a head's values up to 64 KiB (fp16 heads of 256 channels at 77 tokens; fp32
-# ones of 128). Longer texts and wider heads run the reference.
+# 256) fit, and heads up to 256 channels where its smallest blocks fit the device's shared
+# memory (``supported``: fp16 heads of 256 channels at 77 tokens on an H100, fp32 ones of
+# 128). Longer texts and wider heads run the reference.
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 256
-MAX_VALUE_BYTES = 64 * 1024
+# The shared memory assumed where the kernel runs off a GPU (the interpreter): an H100's.
+_INTERPRETER_SHARED_BYTES = 227 * 1024
 
 if HAS_TRITON:
     import triton
@@ -171,30 +173,29 @@ def _shared_bytes(block_m: int, block_c: int, tokens: int, head_dim: int, item_s
 @functools.cache
 def _device_limits(device: torch.device) -> tuple[int, int]:
     """(multiprocessors, shared memory one program may use, as Triton reads it) of a CUDA
-    device."""
+    device; one program and an H100's shared memory elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1, _INTERPRETER_SHARED_BYTES
     index = device.index if device.index is not None else torch.cuda.current_device()
     shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return multiprocessors(device), shared
 
 
-def _value_block_bytes(values: torch.Tensor) -> int:
-    """Bytes of one head's values as the kernel holds them."""
-    return padded_block(values.shape[2]) * padded_block(values.shape[3]) * values.element_size()
-
-
 def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the kernel takes these text lengths, head dims and dtypes (else run the
-    reference)."""
-    return (keys.shape[2] <= MAX_TOKENS and values.shape[3] <= MAX_HEAD_DIM
-            and _value_block_bytes(values) <= MAX_VALUE_BYTES)
+    """Whether the kernel takes these text lengths, head dims and dtypes on their device: its
+    smallest blocks fit the shared memory (else run the reference)."""
+    tokens, head_dim = keys.shape[2], values.shape[3]
+    smallest = _shared_bytes(16, 64, tokens, head_dim, values.element_size())
+    return (tokens <= MAX_TOKENS and head_dim <= MAX_HEAD_DIM
+            and smallest <= _device_limits(values.device)[1])
 
 
 def text_attention(x, keys, values):
     """Triton version of ``text_attention_reference`` (``supported`` shapes only)."""
     _check_inputs(x, keys, values)
     if not supported(keys, values):
-        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens, head dims of "
-                           f"{MAX_HEAD_DIM} and {MAX_VALUE_BYTES} bytes of a head's values (got "
+        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens and head dims of "
+                           f"{MAX_HEAD_DIM} whose blocks fit the device's shared memory (got "
                            f"{keys.shape[2]} tokens, {values.shape[3]} channels of "
                            f"{values.dtype}); use text_attention_reference")
     batch, rows, channels = x.shape
@@ -203,9 +204,8 @@ def text_attention(x, keys, values):
                       device=x.device).permute(0, 2, 1, 3)
     if rows == 0:
         return out
-    limits = _device_limits(x.device) if x.is_cuda else (1, 0)
     block_m, block_c, warps = launch_shape(rows, batch * heads, channels, tokens, head_dim,
-                                           x.element_size(), *limits)
+                                           x.element_size(), *_device_limits(x.device))
     _text_attention_kernel[(math.ceil(rows / block_m), batch * heads)](
         x, keys, values, out, rows, tokens, heads, *x.stride(), *keys.stride(),
         *values.stride(), *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim,

@@ -27,8 +27,10 @@ weight they replace (``folding_pays``): each step reads the folded keys (``B * H
 values) where it read the weight (``C * H * D``), and the kernel reads them again from L2 for
 every block of query rows. Where they are small (SD1.5 at batch 2: 0.2-1.6 MB, at most 0.8 MB
 more than the weight) the two saved launches win; where they are large (SDXL: 20 heads x 77
-tokens x 1280 channels, 7.9 MB against a 3.3 MB weight) the reads cost more than the launches
-save (benchmarks/RESULTS.md, session 27: SDXL's 5% step 0.83 ms slower folded).
+tokens x 1280 channels, 7.9 MB against a 3.3 MB weight) the folded step measured slower
+(benchmarks/RESULTS.md, session 27: SDXL's 5% step 0.14-0.2 ms slower folded, on an H100,
+runs alternated; the kernel alone was faster, so part of the cost is elsewhere in the step,
+not yet profiled).
 ``SparseConfig.fold_text_queries`` turns the pass off.
 """
 

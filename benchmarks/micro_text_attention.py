@@ -23,7 +23,7 @@ MODELS = {
     "sd15": (64, [(64, 320, 40, 5), (32, 640, 80, 5), (16, 1280, 160, 5), (8, 1280, 160, 1)]),
     "sdxl": (128, [(64, 640, 64, 10), (32, 1280, 64, 60)]),
 }
-# (BLOCK_M, BLOCK_C, warps, stages); the shipped kernel uses BLOCK_C 64, 4 warps, 3 stages.
+# (BLOCK_M, BLOCK_C, warps, stages); the shipped kernel's pick (``launch_shape``) is among them.
 CONFIGS = [(m, c, w, 3) for m in (16, 32, 64, 128) for c in (64, 128) for w in (4, 8)]
 TOKENS = 77
 # Bytes each ring of copies must exceed so that no call finds its inputs in L2 (H100: 50 MB,

@@ -82,9 +82,10 @@ class SparseConfig:
         applied): one kernel per cross-attention and step where there were three, for the
         folded keys' memory (``B x heads x T x C`` values each, kept twice on the CUDA-graph
         path: at batch 2 in fp16 SD1.5 31 MB). Only where the folded keys read at most 1 MiB
-        more than the query weight (SDXL's do not: folded, its 5% step was 0.14-0.2 ms slower).
-        It changes results by rounding only; a 5% SD1.5 step 0.09 ms faster in a pass on the
-        H100 (benchmarks/RESULTS.md, sessions 26-27).
+        more than the query weight, counted at CFG batch 2 in fp16 whatever the program's
+        (SD1.5's do; SDXL's do not: folded, its 5% step was 0.14-0.2 ms slower). It changes
+        results by rounding only; a 5% SD1.5 step 0.09 ms faster in a pass on the H100
+        (benchmarks/RESULTS.md, sessions 26-27).
     conv_method: how the Triton path runs a sparse conv (``kernels.sparse_conv.sparse_conv2d``):
         ``gather`` (the mixed input's taps as a dense matrix, then cuBLAS and the epilogue:
         three launches, 1.3-2.6x faster than one implicit-GEMM launch at SD1.5's shapes) or

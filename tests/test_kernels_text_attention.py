@@ -148,19 +148,24 @@ def test_row_blocks_grow_until_the_grid_fits_the_gpu(monkeypatch, rows, batch_he
     assert block_m == 16 or -(-rows // (block_m // 2)) * batch_heads > H100["programs"]
 
 
-@pytest.mark.parametrize("tokens, head_dim, item_size, shared_kib", [
-    (77, 64, 2, 227), (77, 64, 4, 227), (256, 128, 2, 227), (77, 128, 4, 99), (256, 128, 2, 99)])
-def test_launch_shapes_fit_the_shared_memory(monkeypatch, tokens, head_dim, item_size, shared_kib):
-    """Any row count: the pipelined blocks and the values fit the device's shared memory (or
-    the smallest block is taken, which ``supported`` bounds); wide texts or heads stop at 32
-    rows."""
+@pytest.mark.parametrize("tokens, head_dim, item_size, shared_kib, fits", [
+    (77, 64, 2, 227, True), (77, 64, 4, 227, True), (256, 128, 2, 227, True),
+    (77, 160, 2, 99, True),          # SD1.5's widest heads on a 99 KiB GPU (RTX 4090, L4)
+    (256, 128, 2, 99, False)])       # T5-length text there: the reference
+def test_launch_shapes_fit_the_shared_memory(monkeypatch, tokens, head_dim, item_size, shared_kib,
+                                             fits):
+    """Any row count: the pipelined blocks and the values fit the device's shared memory,
+    except where even the smallest blocks do not (then ``supported`` sends the call to the
+    reference); wide texts or heads, and fp32, stop at 32 rows."""
     monkeypatch.setattr(text_attention_module, "INTERPRET", False)
+    shared = shared_kib * 1024
+    assert (_shared_bytes(16, 64, tokens, head_dim, item_size) <= shared) is fits
     for rows in (1, 40, 300, 5000):
         block_m, block_c, warps = launch_shape(rows, 40, 1280, tokens, head_dim, item_size, 132,
-                                               shared_kib * 1024)
-        assert _shared_bytes(block_m, block_c, tokens, head_dim, item_size) <= \
-            shared_kib * 1024 or (block_m, block_c) == (16, 64)    # too wide: not supported
-        assert block_m <= (32 if tokens > 128 or head_dim > 128 else 128)
+                                               shared)
+        assert _shared_bytes(block_m, block_c, tokens, head_dim, item_size) <= shared or \
+            (not fits and (block_m, block_c) == (16, 64))
+        assert block_m <= (32 if tokens > 128 or head_dim > 128 or item_size > 2 else 128)
         assert warps == (8 if block_c == 128 or block_m == 128 else 4)
 
 

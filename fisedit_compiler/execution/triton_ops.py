@@ -128,7 +128,8 @@ def sparse_attention(q, k, v, recorded_k, recorded_v, plan: MaskPlan, level: int
 
 def text_attention(x, folded_keys, values):
     if not text_attention_kernels.supported(folded_keys, values):
-        return sparse_ops.text_attention(x, folded_keys, values)  # long text or wide fp32 head
+        # A long text, or a head too wide for the registers or the device's shared memory.
+        return sparse_ops.text_attention(x, folded_keys, values)
     return text_attention_kernels.text_attention(x, folded_keys, values)
 
 

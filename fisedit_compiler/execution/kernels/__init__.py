@@ -91,10 +91,15 @@ def _supports_programmatic_launch(device: torch.device) -> bool:
     return HAS_GRID_DEPENDENCY_CONTROL and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-@functools.cache
 def multiprocessors(device: torch.device) -> int:
     """The streaming multiprocessors of a CUDA ``device``: what a launch's grid must fill."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def launch_options(tensor: torch.Tensor) -> dict:

@@ -33,7 +33,6 @@ the same way.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -23,13 +23,14 @@ import torch
 from ...errors import FiseditError
 from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options, multiprocessors
 
-# The kernel holds every text token's score of a row block at once, and the head's values
-# in shared memory beside the pipelined row and key blocks: CLIP's 77 tokens (and T5's up to
-# 256) fit, and heads up to 256 channels where its smallest blocks fit the device's shared
-# memory (``supported``: fp16 heads of 256 channels at 77 tokens on an H100, fp32 ones of
-# 128). Longer texts and wider heads run the reference.
+# The kernel holds every text token's score of a row block at once, and the head's values in
+# shared memory and registers: CLIP's 77 tokens (and T5's up to 256) fit, and a head's values
+# up to 64 KiB (fp16 heads of 256 channels at 77 tokens; fp32 ones of 128), where its smallest
+# blocks fit the device's shared memory (``supported``). Longer texts and wider heads run the
+# reference.
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 256
+MAX_VALUE_BYTES = 64 * 1024
 # The shared memory assumed where the kernel runs off a GPU (the interpreter): an H100's.
 _INTERPRETER_SHARED_BYTES = 227 * 1024
 
@@ -138,13 +139,15 @@ def launch_shape(rows: int, batch_heads: int, channels: int, tokens: int, head_d
     blocks and many programs reading at once, many rows and heads (SDXL's 20 at 1280 channels)
     stop re-reading the keys from L2 for every 16 rows. Wide channels take 128 of them per
     step, with 8 warps. Where many tokens' scores or a wide head's outputs fill the registers
-    the row block stops at 32, and a block that would not fit in shared memory shrinks (see
-    ``_shared_bytes``). Measured on an H100, inputs read from DRAM
+    the row block stops at 32 (and in fp32, whose wide blocks spill registers), and a block
+    that would not fit in shared memory shrinks (see ``_shared_bytes``). Measured on an H100
+    in fp16, inputs read from DRAM
     (benchmarks/micro_text_attention.py, RESULTS.md session 27). Small blocks under the
     interpreter (every program runs in Python)."""
     if INTERPRET:
         return 16, 16, 4
-    largest = 32 if padded_block(tokens) > 128 or padded_block(head_dim) > 128 else 128
+    wide = padded_block(tokens) > 128 or padded_block(head_dim) > 128
+    largest = 32 if wide or item_size > 2 else 128
     block_m = 16
     while block_m < largest and math.ceil(rows / block_m) * batch_heads > programs:
         block_m *= 2
@@ -160,42 +163,54 @@ def launch_shape(rows: int, batch_heads: int, channels: int, tokens: int, head_d
 
 # The pipelined row and key blocks' stages (Triton's default, which the launch keeps).
 _STAGES = 3
+# What Triton allocates beside the larger of the two below (4 KiB seen; sm_86, sm_90).
+_SHARED_MARGIN = 8 * 1024
 
 
 def _shared_bytes(block_m: int, block_c: int, tokens: int, head_dim: int, item_size: int) -> int:
-    """An upper bound on a program's shared memory: every stage of the row and folded-key
-    blocks, and the head's values."""
+    """A program's shared memory, bounded from above: every stage of the row and folded-key
+    blocks, or the head's values, which reuse that memory after the loop (Triton 3.9's
+    compiles for sm_86 and sm_90), plus a margin."""
     block_t = padded_block(tokens)
-    return item_size * (_STAGES * (block_m + block_t) * block_c
-                        + block_t * padded_block(head_dim))
+    pipelined = _STAGES * (block_m + block_t) * block_c
+    return item_size * max(pipelined, block_t * padded_block(head_dim)) + _SHARED_MARGIN
 
 
 @functools.cache
 def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, shared memory one program may use, as Triton reads it) of a CUDA
-    device; one program and an H100's shared memory elsewhere (the interpreter)."""
+    """(multiprocessors, shared memory one program may use, as Triton reads it) of a device
+    with an index; one program and an H100's shared memory off the GPU (the interpreter)."""
     if device.type != "cuda":
         return 1, _INTERPRETER_SHARED_BYTES
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return multiprocessors(device), shared
+    shared = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    return multiprocessors(device), shared["max_shared_mem"]
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index ("cuda" means the current device), as a cache key."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the kernel takes these text lengths, head dims and dtypes on their device: its
-    smallest blocks fit the shared memory (else run the reference)."""
-    tokens, head_dim = keys.shape[2], values.shape[3]
-    smallest = _shared_bytes(16, 64, tokens, head_dim, values.element_size())
-    return (tokens <= MAX_TOKENS and head_dim <= MAX_HEAD_DIM
-            and smallest <= _device_limits(values.device)[1])
+    """Whether the kernel takes these text lengths, head dims and dtypes on their device: at
+    most ``MAX_TOKENS`` and ``MAX_HEAD_DIM``, ``MAX_VALUE_BYTES`` of a head's values, and its
+    smallest blocks fit the device's shared memory (else run the reference)."""
+    tokens, head_dim, item = keys.shape[2], values.shape[3], values.element_size()
+    value_bytes = padded_block(tokens) * padded_block(head_dim) * item
+    return (tokens <= MAX_TOKENS and head_dim <= MAX_HEAD_DIM and value_bytes <= MAX_VALUE_BYTES
+            and _shared_bytes(16, 64, tokens, head_dim, item)
+            <= _device_limits(_indexed(values.device))[1])
 
 
 def text_attention(x, keys, values):
     """Triton version of ``text_attention_reference`` (``supported`` shapes only)."""
     _check_inputs(x, keys, values)
     if not supported(keys, values):
-        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens and head dims of "
-                           f"{MAX_HEAD_DIM} whose blocks fit the device's shared memory (got "
+        raise FiseditError(f"text_attention: at most {MAX_TOKENS} text tokens, head dims of "
+                           f"{MAX_HEAD_DIM} and {MAX_VALUE_BYTES} bytes of a head's values, in "
+                           f"blocks that fit the device's shared memory (got "
                            f"{keys.shape[2]} tokens, {values.shape[3]} channels of "
                            f"{values.dtype}); use text_attention_reference")
     batch, rows, channels = x.shape
@@ -205,7 +220,8 @@ def text_attention(x, keys, values):
     if rows == 0:
         return out
     block_m, block_c, warps = launch_shape(rows, batch * heads, channels, tokens, head_dim,
-                                           x.element_size(), *_device_limits(x.device))
+                                           x.element_size(),
+                                           *_device_limits(_indexed(x.device)))
     _text_attention_kernel[(math.ceil(rows / block_m), batch * heads)](
         x, keys, values, out, rows, tokens, heads, *x.stride(), *keys.stride(),
         *values.stride(), *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim,

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from fisedit_compiler.execution.kernels import launch_options
 from fisedit_compiler.execution.kernels.text_attention import (
-    _device_limits, _text_attention_kernel, fold_keys_reference, launch_shape, padded_block)
+    _text_attention_kernel, device_limits, fold_keys_reference, launch_shape, padded_block)
 
-# Per model: (latent side, [(level side, channels, head dim, cross-attentions per step)]).
+# Per model: (level side, channels, head dim, cross-attentions per step) of each level with
+# cross-attention.
 MODELS = {
-    "sd15": (64, [(64, 320, 40, 5), (32, 640, 80, 5), (16, 1280, 160, 5), (8, 1280, 160, 1)]),
-    "sdxl": (128, [(64, 640, 64, 10), (32, 1280, 64, 60)]),
+    "sd15": [(64, 320, 40, 5), (32, 640, 80, 5), (16, 1280, 160, 5), (8, 1280, 160, 1)],
+    "sdxl": [(64, 640, 64, 10), (32, 1280, 64, 60)],
 }
 # (BLOCK_M, BLOCK_C, warps, stages); the shipped kernel's pick (``launch_shape``) is among them.
 CONFIGS = [(m, c, w, 3) for m in (16, 32, 64, 128) for c in (64, 128) for w in (4, 8)]
@@ -101,9 +102,8 @@ def main():
                         help="the active share of each level (the plan's, tiles included)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    latent, levels = MODELS[args.model]
     total_unfolded, total_best, total_default = 0.0, 0.0, 0.0
-    for side, channels, head_dim, count in levels:
+    for side, channels, head_dim, count in MODELS[args.model]:
         rows = max(1, round(args.area * side * side))
         one = operands(rows, channels, head_dim)
         set_bytes = sum(t.numel() * t.element_size() for t in one)
@@ -120,7 +120,7 @@ def main():
                 print(f"  config {config}: {type(error).__name__}")
         results.sort()
         shipped = launch_shape(rows, 2 * (channels // head_dim), channels, TOKENS, head_dim, 2,
-                               *_device_limits(torch.device("cuda", 0)))
+                               *device_limits(torch.device("cuda", 0)))
         default = next(r[0] for r in results if r[1:] == (*shipped, 3))
         print(f"rows {rows:4d} C {channels:4d} D {head_dim:3d} x{count:2d}: unfolded "
               f"{base * 1e3:6.1f} us, kernel as shipped {shipped} {default * 1e3:6.1f} us, best "

@@ -93,13 +93,29 @@ def _supports_programmatic_launch(device: torch.device) -> bool:
 
 def multiprocessors(device: torch.device) -> int:
     """The streaming multiprocessors of a CUDA ``device``: what a launch's grid must fill."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _multiprocessors(index)
+    return _multiprocessors(_index(device))
+
+
+def shared_memory(device: torch.device) -> int:
+    """The shared memory one program may use on a CUDA ``device``, as Triton reads it."""
+    return _shared_memory(_index(device))
+
+
+def _index(device: torch.device) -> int:
+    """The CUDA device's index ("cuda" means the current device): the caches' key."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _shared_memory(index: int) -> int:
+    import triton
+
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def launch_options(tensor: torch.Tensor) -> dict:

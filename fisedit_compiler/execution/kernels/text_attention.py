@@ -15,13 +15,13 @@ contiguous ``[B, N, H, D]`` tensor, so the output projection's reshape is a free
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from ...errors import FiseditError
-from . import HAS_TRITON, INTERPRET, accumulation_dtype, launch_options, multiprocessors
+from . import (HAS_TRITON, INTERPRET, accumulation_dtype, launch_options, multiprocessors,
+               shared_memory)
 
 # The kernel holds every text token's score of a row block at once, and the head's values in
 # shared memory and registers: CLIP's 77 tokens (and T5's up to 256) fit, and a head's values
@@ -176,21 +176,12 @@ def _shared_bytes(block_m: int, block_c: int, tokens: int, head_dim: int, item_s
     return item_size * max(pipelined, block_t * padded_block(head_dim)) + _SHARED_MARGIN
 
 
-@functools.cache
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, shared memory one program may use, as Triton reads it) of a device
-    with an index; one program and an H100's shared memory off the GPU (the interpreter)."""
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, shared memory one program may use) of ``device``: one program and an
+    H100's shared memory off the GPU (the interpreter)."""
     if device.type != "cuda":
         return 1, _INTERPRETER_SHARED_BYTES
-    shared = triton.runtime.driver.active.utils.get_device_properties(device.index)
-    return multiprocessors(device), shared["max_shared_mem"]
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """``device`` with its index ("cuda" means the current device), as a cache key."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    return multiprocessors(device), shared_memory(device)
 
 
 def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -201,7 +192,7 @@ def supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
     value_bytes = padded_block(tokens) * padded_block(head_dim) * item
     return (tokens <= MAX_TOKENS and head_dim <= MAX_HEAD_DIM and value_bytes <= MAX_VALUE_BYTES
             and _shared_bytes(16, 64, tokens, head_dim, item)
-            <= _device_limits(_indexed(values.device))[1])
+            <= device_limits(values.device)[1])
 
 
 def text_attention(x, keys, values):
@@ -220,8 +211,7 @@ def text_attention(x, keys, values):
     if rows == 0:
         return out
     block_m, block_c, warps = launch_shape(rows, batch * heads, channels, tokens, head_dim,
-                                           x.element_size(),
-                                           *_device_limits(_indexed(x.device)))
+                                           x.element_size(), *device_limits(x.device))
     _text_attention_kernel[(math.ceil(rows / block_m), batch * heads)](
         x, keys, values, out, rows, tokens, heads, *x.stride(), *keys.stride(),
         *values.stride(), *out.stride(), CHANNELS=channels, HEAD_DIM=head_dim,

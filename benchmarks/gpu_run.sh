@@ -29,13 +29,10 @@
 #                                         query fold (passes.fold_text_queries, issue 17; forced
 #                                         past its size rule), alternated and profiled, then the
 #                                         text-attention kernel's GPU tests
-#   bash benchmarks/gpu_run.sh gemm-sweep the split-K GEMM (kernels/gemm.py) against cuBLAS at
-#                                         every GEMM shape of a 5% sd15 step (then sdxl), its
-#                                         configurations swept, then its and the conv's GPU tests
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|gemm-sweep) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|gemm-sweep" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -87,13 +84,6 @@ case "$1" in
           done
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
-  gemm-sweep) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
-          timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py \
-            tests/test_kernels_sparse_conv.py 2>&1 | tee "$OUT/tests.log" | tail -5
-          for model in sd15 sdxl; do
-            timeout 240 python3 benchmarks/micro_gemm.py --model $model --area 0.05 \
-              --json "$OUT/micro_gemm_$model.json" 2>&1 | grep -v -i warn | tee "$OUT/micro_gemm_$model.log"
-          done ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fisedit_compiler.errors import FiseditError
 from fisedit_compiler.execution import sparse_ops as ops
 from fisedit_compiler.execution.kernels import HAS_TRITON
-from fisedit_compiler.execution.kernels import gemm
+from fisedit_compiler.execution.kernels import sparse_conv
 from fisedit_compiler.execution.kernels.sparse_conv import (
     pack_weight, sparse_conv2d, sparse_conv2d_reference)
 from fisedit_compiler.execution.plan import MaskPlan
@@ -197,7 +197,7 @@ def test_kernel_split_k_matches_reference(split_k):
 
 def split_k_counters(device=DEVICE):
     """The tile counters split-K launches on ``device`` share (the newest buffer)."""
-    return gemm._tile_counter_buffers[torch.device(device)][-1]
+    return sparse_conv._tile_counter_buffers[torch.device(device)][-1]
 
 
 @needs_triton
@@ -206,7 +206,7 @@ def test_kernel_split_k_runs_in_one_launch_and_leaves_the_counters_at_zero():
     args, kwargs, _ = make_case(GEOMETRIES["3x3"], c_in=20, seed=5)
     sparse_conv2d(*args, **kwargs, split_k=3)
     counters = split_k_counters(args[0].device)
-    assert counters.dtype == torch.int32 and counters.numel() >= gemm.MIN_TILE_COUNTERS
+    assert counters.dtype == torch.int32 and counters.numel() >= sparse_conv._MIN_TILE_COUNTERS
     assert not counters.any()
 
 
@@ -232,6 +232,28 @@ def test_kernel_is_deterministic(split_k):
     first = sparse_conv2d(*args, **kwargs, split_k=split_k)
     second = sparse_conv2d(*args, **kwargs, split_k=split_k)
     assert torch.equal(first, second)
+
+
+@needs_triton
+def test_split_k_counters_grow_zeroed_and_keep_the_old_buffer(monkeypatch):
+    """A launch needing more tiles gets a larger zeroed buffer; the old one stays alive (a
+    captured CUDA graph may still address it)."""
+    monkeypatch.setattr(sparse_conv, "_tile_counter_buffers", {})
+    device = torch.device("cpu")
+    small = sparse_conv._tile_counters(device, 10)
+    assert small.numel() == sparse_conv._MIN_TILE_COUNTERS
+    assert sparse_conv._tile_counters(device, sparse_conv._MIN_TILE_COUNTERS) is small
+    large = sparse_conv._tile_counters(device, sparse_conv._MIN_TILE_COUNTERS + 1)
+    assert large.numel() == 2 * sparse_conv._MIN_TILE_COUNTERS and not large.any()
+    assert sparse_conv._tile_counter_buffers[device] == [small, large]
+
+
+@needs_triton
+def test_split_k_counters_cannot_grow_during_cuda_graph_capture(monkeypatch):
+    monkeypatch.setattr(sparse_conv, "_tile_counter_buffers", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(FiseditError, match="during CUDA graph capture"):
+        sparse_conv._tile_counters(torch.device("cuda", 0), 10)
 
 
 @needs_triton

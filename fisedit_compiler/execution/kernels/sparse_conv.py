@@ -41,8 +41,6 @@ from ...config import CONV_METHODS, KERNEL_DTYPES
 from ...errors import FiseditError
 from . import (HAS_TRITON, INTERPRET, autotune_options, launch_options, mix_positions,
                multiprocessors, triton_enabled)
-from . import gemm as gemm_kernels
-from .gemm import tile_counters
 from .recorded_shift import check_recorded_shift, shift_launch_args
 
 _INT32_MAX = 2**31 - 1
@@ -178,7 +176,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     from . import wait_for_previous_kernel
-    from .gemm import epilogue, split_k_finish
     from .recorded_shift import shifted
 
     def _configs():
@@ -220,6 +217,80 @@ if HAS_TRITON:
                            mask=(inside & (position < 0))[:, None] & c_ok[None, :], other=0.0)
         return tl.where(new_mask, value.to(recorded.dtype), recorded)
 
+    @triton.jit
+    def _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
+                  sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr,
+                  HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """Bias, time embedding, residual and output scale on an fp32 ``[rows, cols]`` tile of
+        the GEMM, stored to ``out`` ``[B, Cout, P_out]``."""
+        row_ok = rows < m_total
+        col_ok = cols < c_out
+        mask = row_ok[:, None] & col_ok[None, :]
+        batch = rows // p_out
+        batch64 = batch.to(tl.int64)
+        slot = rows % p_out
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_TEMB:
+            acc += tl.load(temb_ptr + batch[:, None] * c_out + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + batch64[:, None] * sres_b + cols[None, :] * sres_c
+                           + slot[:, None] * sres_p, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * out_scale
+        # Channel-fast output (see sparse_conv2d): a row of the tile is one contiguous run.
+        out = out_ptr + batch64[:, None] * c_out * p_out + slot[:, None] * c_out + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _split_k_finish(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+                        out_ptr, partial_ptr, counter_ptr, sres_b, sres_c, sres_p, out_scale,
+                        HAS_BIAS: tl.constexpr, HAS_TEMB: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr):
+        """Split-K, in the same launch: publish this split's fp32 partial tile; the last split
+        of the output tile to arrive adds all the partials and runs the epilogue.
+
+        Each split stores its tile to ``partial`` ``[split, M, Cout]`` and increments the
+        tile's counter; the one that reads back ``splits - 1`` is last, so every other split's
+        partial is stored. It adds the partials in split order 0, 1, ... (its own included,
+        read back like the others) whichever split it is, so the sum does not depend on the
+        order of arrival: results are deterministic. It then sets the counter back to 0, so
+        every launch leaves all counters at 0 (see ``_tile_counters``). Nothing waits or
+        spins: a program that is not last just exits.
+
+        Memory ordering (PTX memory model). Producer side: every thread of the program stores
+        part of the tile, but a scalar atomic is executed by one thread. The ``debug_barrier``
+        (``bar.sync``) orders all the program's stores before that thread's atomic, and the
+        atomic's release half (``acq_rel``, gpu scope) is cumulative: it publishes the stores
+        ordered before it through the barrier, not only its own thread's (the pattern of
+        CUTLASS's split-K semaphore: ``__syncthreads()``, then one thread's release). Consumer
+        side: the last program's atomic reads a value written by the release of every other
+        split (an RMW chain on one counter), so its acquire half synchronizes with all of
+        them; Triton hands the atomic's result to the program's other threads through shared
+        memory and a ``bar.sync``, which orders their loads after the acquire. The loads use
+        ``.cg`` (cache in L2, not L1), so no stale L1 line could be hit even if the acquire did
+        not invalidate L1; the partials are read once anyway. The counter is reset by a plain
+        store: no other program touches it again in this launch, and the end of the launch
+        publishes it to the next one.
+        """
+        mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
+        splits = tl.num_programs(2)
+        stride = m_total.to(tl.int64) * c_out
+        tile = partial_ptr + rows[:, None].to(tl.int64) * c_out + cols[None, :]
+        tl.store(tile + tl.program_id(2).to(tl.int64) * stride, acc, mask=mask)
+        tl.debug_barrier()
+        counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in range(0, splits):
+                total += tl.load(tile + split * stride, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(counter, 0)
+            _epilogue(total, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+                      out_ptr, sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB,
+                      HAS_RESIDUAL)
+
     # ``m_bucket`` (the power of two at or above B * P_out) is in the key and unused in the
     # body: tuning once per bucket, not per mask, keeps a new mask from re-tuning every conv.
     # The sizes that follow the mask (P_out, P_in) are not specialized on, so a new mask does
@@ -230,7 +301,7 @@ if HAS_TRITON:
     # a mask costs at most one more compile per conv.
     #
     # Grid: (M tiles, N tiles, splits). With SPLIT_K each of the ``splits`` programs of an
-    # output tile reduces its share of K and ``gemm.split_k_finish`` completes the tile: the last
+    # output tile reduces its share of K and ``_split_k_finish`` completes the tile: the last
     # to arrive (``counter_ptr``, one int32 per tile, left at 0) sums the partials from
     # ``partial_ptr`` and runs the epilogue. Without it, the single program runs the epilogue.
     @triton.autotune(configs=_configs(), key=["c_in", "c_out", "KH", "KW", "m_bucket"],
@@ -285,11 +356,11 @@ if HAS_TRITON:
                 # ieee: fp32 operands multiply in full fp32, not TF32 (fp16/bf16 are unaffected).
                 acc = tl.dot(a, b, acc, input_precision="ieee")
         if SPLIT_K:
-            split_k_finish(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+            _split_k_finish(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
                             out_ptr, partial_ptr, counter_ptr, sres_b, sres_c, sres_p, out_scale,
                             HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
         else:
-            epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
+            _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr,
                       out_ptr, sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB,
                       HAS_RESIDUAL)
 
@@ -329,15 +400,46 @@ if HAS_TRITON:
                          sres_b, sres_c, sres_p, out_scale, HAS_BIAS: tl.constexpr,
                          HAS_TEMB: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        """``gemm.epilogue`` over the GEMM's result ``y`` ``[M, Cout]`` (in place when y is out)."""
+        """``_epilogue`` over the GEMM's result ``y`` ``[M, Cout]`` (in place when y is out)."""
         wait_for_previous_kernel(PDL)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < m_total)[:, None] & (cols < c_out)[None, :]
         acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * c_out + cols[None, :], mask=mask,
                       other=0.0).to(tl.float32)
-        epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
+        _epilogue(acc, rows, cols, m_total, p_out, c_out, bias_ptr, temb_ptr, res_ptr, out_ptr,
                   sres_b, sres_c, sres_p, out_scale, HAS_BIAS, HAS_TEMB, HAS_RESIDUAL)
+
+
+# Split-K tile counters: one zeroed int32 buffer per device, shared by every split-K launch.
+# Invariant: every launch leaves the counters it used at 0 (the last split of each output tile
+# resets its counter), so launches need no memset: launches on one stream run one after another
+# (and so do the kernels of a replayed CUDA graph, which bakes the buffer's address in), each
+# finding the counters at 0. Limit: split-K launches running concurrently, on different streams
+# (or graphs replayed on different streams), would share counters and corrupt each other; they
+# would need one buffer per stream. The buffer is allocated on first use (the runtime warms up
+# before capturing a CUDA graph, so that happens outside the capture) and replaced by a larger
+# one when a launch needs more tiles; growing during a capture is refused (the allocation and
+# its zeroing would be captured), so it starts generously large. Replaced buffers are kept
+# alive: a captured graph may still address them.
+_MIN_TILE_COUNTERS = 4096
+_tile_counter_buffers: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's zeroed split-K counters, at least ``tiles`` of them (see above)."""
+    buffers = _tile_counter_buffers.setdefault(device, [])
+    if buffers and buffers[-1].numel() >= tiles:
+        return buffers[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        have = buffers[-1].numel() if buffers else 0
+        raise FiseditError(
+            f"sparse_conv2d: split-K needs {tiles} tile counters on {device}, {have} are "
+            "allocated, and they cannot be allocated during CUDA graph capture; run the same "
+            "convs once before capturing")
+    size = max(_MIN_TILE_COUNTERS, triton.next_power_of_2(tiles))
+    buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _auto_split_k(m_total: int, c_out: int, k_total: int, device: torch.device) -> int:
@@ -369,7 +471,7 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     tile; the last of them to finish adds their fp32 partial sums (in split order, so results
     are deterministic) and runs the epilogue, all in one launch. None chooses from the problem
     size (``_auto_split_k``). Split-K launches share per-device tile counters (see
-    ``gemm.tile_counters``): they must not run concurrently on different streams.
+    ``_tile_counters``): they must not run concurrently on different streams.
 
     Accumulates in fp32; fp32 inputs multiply in IEEE fp32 (no TF32), so the kernel matches
     the reference to rounding. Strided ``x``, ``recorded`` and ``residual`` are read in place;
@@ -381,13 +483,12 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
     allocates the split-K counters).
 
     ``method`` ``"implicit"`` runs the implicit GEMM above; ``"gather"`` writes the mixed
-    input's taps as a dense ``[M, KH * KW * Cin]`` matrix (one launch), then multiplies it by
-    the packed weight: with ``gemm.gemm``, the epilogue fused, in one more launch where
-    ``gemm.launch_config`` picks it; elsewhere with cuBLAS, and the epilogue in a third launch
-    (none when there is nothing but a bias in the activations' dtype, which cuBLAS adds).
-    ``split_k`` applies to the implicit method only. The cuBLAS GEMM accumulates in fp32 but
-    rounds the product to the output dtype before the epilogue adds to it, and an fp32 one
-    follows ``torch.backends.cuda.matmul.allow_tf32`` (off by default: full fp32).
+    input's taps as a dense ``[M, KH * KW * Cin]`` matrix (one launch), multiplies it by the
+    packed weight with cuBLAS and runs the epilogue in a third launch (none when there is
+    nothing but a bias in the activations' dtype, which cuBLAS adds); ``split_k`` applies to
+    the implicit method only. The gather method's GEMM accumulates in fp32 but rounds the
+    product to the output dtype before the epilogue adds to it, and an fp32 GEMM follows
+    ``torch.backends.cuda.matmul.allow_tf32`` (off by default: full fp32).
 
     ``recorded_shift`` (``kernels.recorded_shift``): the recorded input is read that many
     bytes from ``recorded``'s address (a CUDA graph's static store standing for the step it
@@ -451,7 +552,7 @@ def sparse_conv2d(x, recorded, in_position, out_pixels, out_size, weight, bias=N
         tiles = max(triton.cdiv(m_total, config.kwargs["BLOCK_M"])
                     * triton.cdiv(c_out, config.kwargs["BLOCK_N"])
                     for config in _sparse_conv2d_kernel.configs)
-        counters = tile_counters(x.device, tiles)
+        counters = _tile_counters(x.device, tiles)
     temb = temb.contiguous() if temb is not None else None
     res_strides = residual.stride() if residual is not None else (0, 0, 0)
     top, _, left, _ = padding
@@ -495,11 +596,6 @@ def _gather_conv(x, recorded, recorded_shift, in_position, out_pixels, out_size,
         DIL_W=dilation[1], SHIFTED=is_shifted, RECORDED_BYTES=recorded_bytes, BLOCK_M=block_m,
         BLOCK_C=block_c, **launch_options(x))
     result = out.transpose(1, 2).view(m_total, c_out)
-    config = gemm_kernels.launch_config(m_total, c_out, packed.shape[0], taps.dtype, x.device)
-    if config is not None:
-        gemm_kernels.gemm(taps, packed, bias, temb=temb, residual=residual,
-                          rows_per_item=p_out, out_scale=out_scale, out=result, config=config)
-        return
     only_bias = temb is None and residual is None and out_scale is None
     if only_bias and bias is not None and bias.dtype == taps.dtype:
         torch.addmm(bias, taps, packed, out=result)

@@ -29,10 +29,15 @@
 #                                         query fold (passes.fold_text_queries, issue 17; forced
 #                                         past its size rule), alternated and profiled, then the
 #                                         text-attention kernel's GPU tests
+#   bash benchmarks/gpu_run.sh ab         steps of this tree against an earlier one, alternated on one
+#                                         machine: put the earlier tree's package in .device/base
+#                                         (git archive <commit> fisedit_compiler | tar -x -C
+#                                         .device/base); MODEL (sd15) and AREAS (0.01,0.05,0.2)
+#                                         choose the bench, 5% profiles of both
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -84,6 +89,16 @@ case "$1" in
           done
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+  ab)     test -d .device/base/fisedit_compiler || { echo "no earlier tree in .device/base" >&2; exit 2; }
+          ab="--model ${MODEL:-sd15} --areas ${AREAS:-0.01,0.05,0.2} --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
+          out=$(cd "$OUT" && pwd)
+          for run in 1 2; do
+            profile=$([ $run = 1 ] && echo "--profile-area 0.05")
+            bench $ab $profile --out "$out/new_$run"
+            # python -m puts the working directory first on sys.path: run the earlier tree from its own
+            (cd .device/base && PYTHONPATH=/tmp/site python3 -m fisedit_compiler.cli bench --reps 10 $ab $profile \
+              --out "$out/base_$run" 2>&1 | grep -v -i "warn" | tee -a "$out/bench.log")
+          done ;;
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;

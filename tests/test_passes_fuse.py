@@ -39,8 +39,13 @@ def test_resnet_chains_are_folded_into_convs(setup):
     assert norm_silu_convs > 0
     assert sum(n.kwargs.get("norm") is not None and n.kwargs.get("silu") for n in fused) \
         == norm_silu_convs
-    assert any(n.kwargs.get("temb") is not None for n in fused)      # ResnetBlock2D conv1
-    assert any(n.kwargs.get("residual") is not None for n in fused)  # ResnetBlock2D conv2
+    # ResnetBlock2D: conv1's time embedding moves into conv2's norm; conv2 adds the residual.
+    assert not any(n.kwargs.get("temb") is not None for n in fused)
+    moved = [n for n in fused if n.kwargs.get("input_temb") is not None]
+    assert moved and all(n.kwargs.get("norm") is not None for n in moved)
+    assert all(len(n.args[0].users) == 1 and n.args[0].target is ops.sparse_conv2d
+               for n in moved)
+    assert any(n.kwargs.get("residual") is not None for n in fused)
     # No SiLU or group norm is left between a norm and a conv that could take it.
     for node in fused:
         x = node.args[0]
@@ -59,6 +64,41 @@ def test_fused_and_unfused_edits_agree(setup):
                                              inputs["sample"]))
     expected, actual = edit_outputs(engine, inputs, mask, edited, unfused, refused)
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def resnet_convs(second_user=False, residual=False):
+    """conv1 -> + temb (-> + residual) -> group norm -> SiLU -> conv2, as sparsify leaves a
+    ResnetBlock2D; with ``second_user`` conv1's sum is also an output."""
+    graph = fx.Graph()
+    x, recorded, plan, weight, temb, stats = (
+        graph.placeholder(n) for n in ("x", "recorded", PLAN_INPUT, "w", "temb", "stats"))
+    conv_args = (recorded, plan, 0, 0, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    first = graph.call_function(ops.sparse_conv2d, (x, *conv_args))
+    summed = graph.call_function(ir.add, (first, temb))
+    if residual:
+        summed = graph.call_function(ir.add, (summed, x))
+    norm = graph.call_function(ops.sparse_group_norm,
+                               (summed, stats, plan, 0, 4, None, None, 1e-5, "incremental"))
+    act = graph.call_function(ir.silu, (norm,))
+    second = graph.call_function(ops.sparse_conv2d, (act, *conv_args))
+    graph.output((second, summed) if second_user else second)
+    return linted(fuse, fx.GraphModule(torch.nn.Module(), graph))
+
+
+def test_time_embedding_moves_into_the_next_convs_norm():
+    first, second = convs(resnet_convs())
+    assert first.kwargs.get("temb") is None and second.args[0] is first
+    assert second.kwargs["input_temb"].name == "temb" and second.kwargs["norm"] is not None
+
+
+@pytest.mark.parametrize("case", ["second user", "residual"])
+def test_time_embedding_stays_where_moving_it_would_change_a_value(case):
+    """A sum that something else reads, or a residual added after the time embedding (the
+    norm would see the residual without it), keeps the add in the first conv."""
+    first, second = convs(resnet_convs(second_user=case == "second user",
+                                       residual=case == "residual"))
+    assert first.kwargs["temb"].name == "temb"
+    assert second.kwargs.get("input_temb") is None
 
 
 def test_fuse_leaves_chains_with_other_users_alone():

@@ -78,7 +78,7 @@ def compact_expand(x: torch.Tensor, template: tuple, compact_dim: int) -> torch.
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None):
+                  residual=None, out_divisor=None, input_temb=None):
     """conv2d on the active output tiles of ``level_out``, with the fused prologue and epilogue
     of ``passes.fuse``.
 
@@ -88,10 +88,13 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
     (``tile x tile``) and the slots outside the image dropped.
 
     Fused prologue (applied to the new values only; the recorded input is already normalised):
-    ``norm = (stats, groups, weight, bias, eps, policy)`` runs ``sparse_group_norm`` first, and
-    ``silu`` a SiLU. Fused epilogue, in this order: ``+ temb`` (a global value broadcast over
+    ``+ input_temb`` (the time embedding of the conv before, moved here by ``passes.fuse``;
+    only with ``norm``), ``norm = (stats, groups, weight, bias, eps, policy)`` runs
+    ``sparse_group_norm``, and ``silu`` a SiLU. Fused epilogue, in this order: ``+ temb`` (a global value broadcast over
     positions), ``residual +``, ``/ out_divisor``.
     """
+    if input_temb is not None:
+        x = x + input_temb
     if norm is not None:
         stats, norm_groups, norm_weight, norm_bias, eps, policy = norm
         x = sparse_group_norm(x, stats, plan, level_in, norm_groups, norm_weight, norm_bias, eps,
@@ -236,10 +239,12 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
 # --- token ops (passes.fuse_tokens) ---------------------------------------------------------
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
-    """``(x + residual, layer_norm(x + residual))`` over the last dim; the specification is
+    """``(x + residual, layer_norm(x + residual))`` over the last dim (``x`` and its norm
+    where ``residual`` is None); the specification is
     ``kernels.tokens.add_layer_norm_reference`` (the add is done here, so that a broadcasting
     add, which the kernel does not take, is the same function)."""
-    return token_kernels.add_layer_norm_reference(x + residual, None, weight, bias, eps)
+    total = x if residual is None else x + residual
+    return token_kernels.add_layer_norm_reference(total, None, weight, bias, eps)
 
 
 def geglu(x, dim: int):

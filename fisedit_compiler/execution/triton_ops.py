@@ -55,8 +55,9 @@ def _recorded_for_reference(recorded, recorded_shift, level: LevelPlan):
     return read_shifted(recorded, recorded_shift)
 
 
-def _group_norm(x, norm, level: LevelPlan, silu=False):
-    """The group norm of the mixed tensor at x's positions (then SiLU), in one launch."""
+def _group_norm(x, norm, level: LevelPlan, silu=False, add=None):
+    """The group norm of the mixed tensor at x's positions (then SiLU), in one launch; with
+    ``add`` (``[B, C]``), that of ``x + add``."""
     stats, groups, weight, bias, eps, policy = norm
     count = (x.shape[1] // groups) * level.size[0] * level.size[1]
     if level.dense:
@@ -64,33 +65,38 @@ def _group_norm(x, norm, level: LevelPlan, silu=False):
         policy = "incremental"
     return group_norm_kernels.group_norm(x, stats, level.tile_ids(), count, groups, weight, bias,
                                          eps, policy, silu=silu,
-                                         active_counts=level.counts if level.padded else None)
+                                         active_counts=level.counts if level.padded else None,
+                                         add=add)
 
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None, packed_weight=None, method: str = "implicit",
-                  recorded_shift=None):
+                  residual=None, out_divisor=None, input_temb=None, packed_weight=None,
+                  method: str = "implicit", recorded_shift=None):
     """``sparse_ops.sparse_conv2d`` on the conv kernel; ``packed_weight``, ``method`` and
     ``recorded_shift`` are added by ``passes.lower_kernels``: ``packed_weight`` is the
     program's packed copy of ``weight`` (``kernels.sparse_conv.pack_weight``; packed here on
-    each call without it), ``method`` is ``SparseConfig.conv_method``."""
+    each call without it), ``method`` is ``SparseConfig.conv_method``. A time embedding
+    added before the norm (``input_temb``) is added by the group-norm kernel."""
     source, target = plan[level_in], plan[level_out]
     batch, c_out = x.shape[0], weight.shape[0]
-    per_channel_temb = temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
-                                        and temb.shape[1] == c_out)
-    if groups != 1 or target.dense or not per_channel_temb:
+    kernel_temb = (_per_channel(temb, c_out) and _per_channel(input_temb, x.shape[1])
+                   and (input_temb is None or norm is not None))
+    if groups != 1 or target.dense or not kernel_temb:
         recorded = _recorded_for_reference(recorded, recorded_shift, source)
         return sparse_ops.sparse_conv2d(x, recorded, plan, level_in, level_out, weight, bias,
                                         stride, padding, dilation, groups, norm=norm, silu=silu,
-                                        temb=temb, residual=residual, out_divisor=out_divisor)
+                                        temb=temb, residual=residual, out_divisor=out_divisor,
+                                        input_temb=input_temb)
     if norm is not None or silu:
         # Normalise the compact input in one pointwise pass rather than in the conv's loads:
         # the conv reads each input value once per tap, and redoing the affine and SiLU per
         # tap cost more than the extra pass (up to 1.9x on the 1280-channel convs, measured by
         # benchmarks/micro_sparse_conv.py on the H100), while the compact tensor is small.
         if norm is not None:
-            x = _group_norm(x, norm, source, silu=silu)
+            add = (None if input_temb is None
+                   else input_temb.expand(batch, x.shape[1], 1).reshape(batch, x.shape[1]))
+            x = _group_norm(x, norm, source, silu=silu, add=add)
         else:
             x = F.silu(x)
     if temb is not None:
@@ -100,6 +106,13 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         stride=stride, padding=padding, dilation=dilation, temb=temb, residual=residual,
         out_scale=None if out_divisor is None else 1.0 / out_divisor,
         packed_weight=packed_weight, method=method, recorded_shift=recorded_shift)
+
+
+def _per_channel(temb, channels: int) -> bool:
+    """Whether a conv's time embedding (absent, or ``[B or 1, channels, 1]``) is one value per
+    batch item and channel: what the kernels add."""
+    return temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
+                            and temb.shape[1] == channels)
 
 
 def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,
@@ -134,7 +147,7 @@ def text_attention(x, folded_keys, values):
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
-    if residual.shape != x.shape or residual.dtype != x.dtype:
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         return sparse_ops.add_layer_norm(x, residual, weight, bias, eps)   # a broadcasting add
     return token_kernels.add_layer_norm(x, residual, weight, bias, eps)
 

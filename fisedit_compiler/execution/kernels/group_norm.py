@@ -8,6 +8,10 @@ statistics behind ``scale`` and ``shift`` follow ``sparse_ops.sparse_group_norm`
   tiles plus the new sums over ``x``, all of values shifted by the recorded mean;
 * ``cached``: the recorded mean and variance.
 
+``add`` (``[B, C]``, optional) is a value added to ``x`` per batch item and channel before
+the norm: the time embedding a ResNet block adds to its first conv's output, which
+``passes.fuse`` moves here from that conv's epilogue (one launch fewer per block).
+
 ``group_norm`` does both steps, and optionally a SiLU, in one launch: one program per
 (batch, group) sums its group's slice of ``x``, finishes the statistics, then reads the slice
 again (from L2) to write the output. A U-Net step runs dozens of group norms, each too small
@@ -64,15 +68,15 @@ if HAS_TRITON:
     # them keeps a new mask from compiling the kernel again.
     @triton.jit(do_not_specialize=["positions", "active_count"])
     def _group_norm_kernel(x, out, mean, variance, tile_sum, tile_sum_sq, tile_count,
-                           active_tiles, active_count, active_counts, weight, bias, groups,
+                           active_tiles, active_count, active_counts, weight, bias, add, groups,
                            channels_per_group, positions, count, eps, s_b, s_c, s_p, so_b, so_c,
                            so_p, INCREMENTAL: tl.constexpr, COUNTED: tl.constexpr,
-                           HAS_WEIGHT: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+                           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_ADD: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         """Program b * G + g: the group's mean and variance, then
         ``out = x * scale[b, c] + shift[b, c]`` (then SiLU) over the group's channels and
-        positions, in fp32.
+        positions, in fp32. With HAS_ADD, ``x`` stands for ``x + add[b, c]`` throughout.
 
         Incremental statistics sum ``x - mean`` and its square over the slice in
         ``[BLOCK_C, BLOCK_P]`` blocks and add the recorded sums of the inactive tiles
@@ -88,6 +92,7 @@ if HAS_TRITON:
         first_channel = (batch_group % groups) * channels_per_group
         x += (batch_group // groups) * s_b + first_channel * s_c
         out += (batch_group // groups) * so_b + first_channel * so_c
+        add += (batch_group // groups) * groups * channels_per_group + first_channel
         group_mean = tl.load(mean + batch_group)
         if INCREMENTAL:
             acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -95,12 +100,15 @@ if HAS_TRITON:
             for c0 in range(0, channels_per_group, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_mask = offs_c < channels_per_group
+                channel_add = tl.zeros([BLOCK_C], tl.float32)
+                if HAS_ADD:
+                    channel_add = tl.load(add + offs_c, mask=c_mask, other=0.0).to(tl.float32)
                 for p0 in range(0, summed_positions, BLOCK_P):
                     offs_p = p0 + tl.arange(0, BLOCK_P)
                     mask = c_mask[:, None] & (offs_p < summed_positions)[None, :]
                     values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p,
                                      mask=mask, other=0.0).to(tl.float32)
-                    shifted = tl.where(mask, values - group_mean, 0.0)
+                    shifted = tl.where(mask, values + channel_add[:, None] - group_mean, 0.0)
                     acc += shifted
                     acc_sq += shifted * shifted
             tile_sum += batch_group * tile_count
@@ -126,6 +134,10 @@ if HAS_TRITON:
             if HAS_BIAS:
                 channel_shift += tl.load(bias + first_channel + offs_c, mask=c_mask,
                                          other=0.0).to(tl.float32)
+            if HAS_ADD:
+                # (x + add) * scale + shift, with the add folded into the shift.
+                channel_shift += tl.load(add + offs_c, mask=c_mask,
+                                         other=0.0).to(tl.float32) * channel_scale
             for p0 in range(0, positions, BLOCK_P):
                 offs_p = p0 + tl.arange(0, BLOCK_P)
                 mask = c_mask[:, None] & (offs_p < positions)[None, :]
@@ -138,7 +150,7 @@ if HAS_TRITON:
                          y.to(out.dtype.element_ty), mask=mask)
 
 
-def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy):
+def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add=None):
     if policy not in POLICIES:
         raise FiseditError(f"group norm: policy must be one of {POLICIES}, got {policy!r}")
     if x.dim() != 3:
@@ -164,10 +176,13 @@ def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy):
         if param is not None and param.shape != (channels,):
             raise FiseditError(f"group norm: {name} must be [C={channels}], "
                                f"got {tuple(param.shape)}")
+    if add is not None and tuple(add.shape) != (batch, channels):
+        raise FiseditError(f"group norm: add must be [B={batch}, C={channels}], got "
+                           f"{tuple(add.shape)}")
 
 
 def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weight, bias, eps,
-                                     policy, active_counts=None):
+                                     policy, active_counts=None, add=None):
     """``scale, shift [B, C]`` with group_norm(mixed)[active] == x * scale + shift, in the
     statistics' dtype (fp32; fp64 for a float64 U-Net).
 
@@ -175,15 +190,19 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     active tile ids (row-major in the level's tile grid); ``count`` the elements of one group of
     the full level, (C // G) * H * W. ``active_counts`` (int ``[positions, tiles]`` on x's
     device; a padded plan's) limits the sums to the first positions of ``x`` and the first
-    ``active_tiles``: the rest repeat them.
+    ``active_tiles``: the rest repeat them. With ``add`` (``[B, C]``) the affine is that of
+    ``x + add[:, :, None]``, applied to ``x``: the add is folded into ``shift``.
     """
-    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy)
+    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add)
     batch, channels, positions = x.shape
     mean = stats["mean"]
     if policy == "cached":
         variance = stats["variance"]
     else:
-        shifted = x.to(mean.dtype) - mean.repeat_interleave(channels // groups, 1)[:, :, None]
+        values = x.to(mean.dtype)
+        if add is not None:
+            values = values + add.to(mean.dtype)[:, :, None]
+        shifted = values - mean.repeat_interleave(channels // groups, 1)[:, :, None]
         tile_sum, tile_sum_sq = stats["tile_sum"][:, :, active_tiles], \
             stats["tile_sum_sq"][:, :, active_tiles]
         if active_counts is not None:
@@ -207,6 +226,8 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if bias is not None:
         shift = shift + bias.to(shift.dtype)
+    if add is not None:
+        shift = shift + add.to(shift.dtype) * scale
     return scale, shift
 
 
@@ -224,19 +245,20 @@ def group_norm_apply_reference(x, scale, shift, silu=False):
 
 
 def group_norm_reference(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
-                         silu=False, active_counts=None):
+                         silu=False, active_counts=None, add=None):
     """The group norm of the mixed tensor at x's positions (then SiLU), in x's dtype: the
-    affine of ``group_norm_scale_shift_reference`` applied by ``group_norm_apply_reference``."""
+    affine of ``group_norm_scale_shift_reference`` applied by ``group_norm_apply_reference``
+    (that of ``x + add[:, :, None]`` with ``add``)."""
     scale, shift = group_norm_scale_shift_reference(x, stats, active_tiles, count, groups,
-                                                    weight, bias, eps, policy, active_counts)
+                                                    weight, bias, eps, policy, active_counts, add)
     return group_norm_apply_reference(x, scale, shift, silu)
 
 
 def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy, silu=False,
-               active_counts=None):
+               active_counts=None, add=None):
     """``group_norm_reference`` in one Triton launch. ``x`` may be strided (e.g. channel-fast,
     channel stride 1); the output keeps x's memory layout (``empty_like``)."""
-    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy)
+    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add)
     batch, channels, positions = x.shape
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -259,10 +281,11 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
     _group_norm_kernel[(batch * groups,)](
         x, out, mean, variance, tile_sum, tile_sum_sq, tile_count, active_tiles, active_count,
         active_counts if counted else mean,
-        mean if weight is None else weight, mean if bias is None else bias, groups, per_group,
+        mean if weight is None else weight, mean if bias is None else bias,
+        mean if add is None else add.contiguous(), groups, per_group,
         positions, count, eps,
         *x.stride(), *out.stride(),
-        INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        SILU=silu, BLOCK_C=block_c, BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
+        INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
         num_warps=_NUM_WARPS, **launch_options(x))
     return out

@@ -75,6 +75,25 @@ def test_add_layer_norm_kernel(shape, dtype, residual, with_affine):
         assert_close(result, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_sum_bias_is_stored_with_the_sum_only(dtype):
+    """``sum_bias`` is added to the stored sum, not to what the norm sees."""
+    x, r, weight, bias, sum_bias = (rand(3, 5, 40, dtype=dtype), rand(3, 5, 40, dtype=dtype),
+                                    rand(40, dtype=dtype), rand(40, dtype=dtype),
+                                    rand(40, dtype=dtype))
+    total, normed = add_layer_norm_reference(x, r, weight, bias, 1e-5, sum_bias)
+    assert_close(total, x + r + sum_bias)
+    assert_close(normed, F.layer_norm(x + r, (40,), weight, bias, 1e-5))
+    for result, expected in zip(add_layer_norm(x, r, weight, bias, 1e-5, sum_bias),
+                                (total, normed)):
+        assert_close(result, expected)
+    for fn in (add_layer_norm, add_layer_norm_reference):
+        with pytest.raises(FiseditError, match="sum_bias needs a residual"):
+            fn(x, None, weight, bias, 1e-5, sum_bias)
+        with pytest.raises(FiseditError, match="sum_bias must be"):
+            fn(x, r, weight, bias, 1e-5, sum_bias[:-1])
+
+
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_add_layer_norm_kernel_strided(layout):
     x, r = strided((3, 5, 40), torch.float32, layout), strided((3, 5, 40), torch.float32, layout)

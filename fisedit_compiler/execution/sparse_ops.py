@@ -238,13 +238,23 @@ def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, w
 
 # --- token ops (passes.fuse_tokens) ---------------------------------------------------------
 
-def add_layer_norm(x, residual, weight, bias, eps: float):
+def add_layer_norm(x, residual, weight, bias, eps: float, sum_bias=None):
     """``(x + residual, layer_norm(x + residual))`` over the last dim (``x`` and its norm
-    where ``residual`` is None); the specification is
-    ``kernels.tokens.add_layer_norm_reference`` (the add is done here, so that a broadcasting
-    add, which the kernel does not take, is the same function)."""
+    where ``residual`` is None); with ``sum_bias`` the sum returned is ``x + residual +
+    sum_bias`` (``passes.fuse_tokens``: the bias of a linear that ``linear_accumulate``s into
+    it). The specification is ``kernels.tokens.add_layer_norm_reference`` (the add is done
+    here, so that a broadcasting add, which the kernel does not take, is the same function)."""
     total = x if residual is None else x + residual
-    return token_kernels.add_layer_norm_reference(total, None, weight, bias, eps)
+    total, normed = token_kernels.add_layer_norm_reference(total, None, weight, bias, eps)
+    return (total if sum_bias is None else total + sum_bias), normed
+
+
+def linear_accumulate(x, weight, into):
+    """``into + linear(x, weight)`` (``passes.fuse_tokens``: a feed-forward's output linear
+    added to the residual it returns to, its bias already in ``into``). The Triton path adds
+    the product into ``into`` in place, one GEMM; the pass gives it an ``into`` that nothing
+    else reads."""
+    return into + F.linear(x, weight)
 
 
 def geglu(x, dim: int):

@@ -146,10 +146,23 @@ def text_attention(x, folded_keys, values):
     return text_attention_kernels.text_attention(x, folded_keys, values)
 
 
-def add_layer_norm(x, residual, weight, bias, eps: float):
+def add_layer_norm(x, residual, weight, bias, eps: float, sum_bias=None):
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        return sparse_ops.add_layer_norm(x, residual, weight, bias, eps)   # a broadcasting add
-    return token_kernels.add_layer_norm(x, residual, weight, bias, eps)
+        # A broadcasting add.
+        return sparse_ops.add_layer_norm(x, residual, weight, bias, eps, sum_bias)
+    return token_kernels.add_layer_norm(x, residual, weight, bias, eps, sum_bias)
+
+
+def linear_accumulate(x, weight, into):
+    """``sparse_ops.linear_accumulate`` as one cuBLAS GEMM that adds into ``into`` in place
+    (beta = 1), where the product has ``into``'s shape and dtype and ``into`` is contiguous:
+    the separate add's launch goes."""
+    rows, features = into.numel() // max(1, weight.shape[0]), weight.shape[0]
+    if (into.shape[:-1] != x.shape[:-1] or into.shape[-1] != features or into.dtype != x.dtype
+            or weight.dtype != x.dtype or not into.is_contiguous()):
+        return sparse_ops.linear_accumulate(x, weight, into)
+    into.view(rows, features).addmm_(x.reshape(rows, x.shape[-1]), weight.t())
+    return into
 
 
 def geglu(x, dim: int):

@@ -1,4 +1,5 @@
-"""fuse_tokens: the transformer blocks' residual add + layer_norm, and GEGLU, as single ops.
+"""fuse_tokens: the transformer blocks' residual add + layer_norm, GEGLU, and the feed-forward's
+return to the residual, as single ops.
 
 Why: in every BasicTransformerBlock the residual add and the layer norm after it read and
 write the same token rows, and the feed-forward's GEGLU splits a projection, applies GELU to
@@ -14,6 +15,12 @@ whose input is no add (a transformer block's first norm) becomes the same fused 
 residual: on the GPU that is the token kernel (one program per row) in place of torch's layer
 norm kernel, which the 5% SD1.5 profile timed at 3.9 us a call against 2.2 us for the fused
 add and norm (benchmarks/RESULTS.md, session 26).
+
+Then a block's last step, ``linear(g, W, b) + total`` where ``total`` is the sum a fused add +
+layer norm stored and nothing else reads, becomes ``linear_accumulate(g, W, total)`` with ``b``
+moved into that sum (``add_layer_norm``'s ``sum_bias``): on the GPU the GEMM adds its product
+into the sum in place (``execution.triton_ops``), one launch where the linear and the add took
+two.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..execution import sparse_ops as ops
-from .pattern import args_of, call
+from .pattern import args_of, call, set_args
 
 _getitem = operator.getitem
 
@@ -38,6 +45,10 @@ def fuse_tokens(edit: fx.GraphModule) -> fx.GraphModule:
             _fuse_add_layer_norm(graph, node, order)
         elif ir.is_call(node, ir.mul):
             _fuse_geglu(graph, node)
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if ir.is_call(node, ir.add):
+            _accumulate_into_sum(graph, node, order)
     graph.lint()
     edit.recompile()
     return edit
@@ -72,6 +83,34 @@ def _fuse_add_layer_norm(graph: fx.Graph, norm: fx.Node, order: dict) -> None:
     graph.erase_node(norm)
     total.replace_all_uses_with(summed)
     graph.erase_node(total)
+
+
+def _accumulate_into_sum(graph: fx.Graph, add: fx.Node, order: dict) -> None:
+    if len(add.args) != 2 or add.kwargs:
+        return
+    for product, total in (add.args, add.args[::-1]):
+        if (call(product, ir.linear, users=1) and call(total, _getitem, users=1)
+                and total.args[1] == 0 and call(total.args[0], ops.add_layer_norm)):
+            break
+    else:
+        return
+    fused = total.args[0]
+    fused_args, linear_args = args_of(fused), args_of(product)
+    bias = linear_args["bias"]
+    if fused_args["residual"] is None or fused_args["sum_bias"] is not None or not (
+            bias is None or isinstance(bias, fx.Node)):
+        return
+    if bias is not None and order[bias] > order[fused]:
+        if bias.op != "get_attr":
+            return
+        fused.prepend(bias)          # a parameter: read it before the sum that now adds it
+    set_args(fused, sum_bias=bias)
+    with graph.inserting_before(add):
+        accumulated = graph.call_function(ops.linear_accumulate,
+                                          (linear_args["x"], linear_args["weight"], total))
+    add.replace_all_uses_with(accumulated)
+    graph.erase_node(add)
+    graph.erase_node(product)
 
 
 def _fuse_geglu(graph: fx.Graph, mul: fx.Node) -> None:

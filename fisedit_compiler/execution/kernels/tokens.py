@@ -3,6 +3,9 @@
 Token tensors of a level already hold only the active positions, so these ops need no gather;
 what pays is fusing the memory-bound steps: the residual add with the layer_norm that follows
 it (one read of each input, one write of each output), and GEGLU's split, GELU and product.
+The stored sum may carry a bias of its own (``sum_bias``, not seen by the norm): the bias of
+the linear whose output is later added to it, so that linear can accumulate into the sum
+without a bias of its own (``passes.fuse_tokens``).
 Rows are all leading dims; the last dim must be contiguous (a copy is made otherwise).
 """
 
@@ -21,11 +24,13 @@ if HAS_TRITON:
     from . import wait_for_previous_kernel
 
     @triton.jit
-    def _add_layer_norm_kernel(x, residual, weight, bias, total, normed, width, eps,
+    def _add_layer_norm_kernel(x, residual, weight, bias, sum_bias, total, normed, width, eps,
                                s_x, s_r, s_t, s_n, HAS_RESIDUAL: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """Program r: total = x + residual of row r, then its layer norm."""
+                               HAS_SUM_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr):
+        """Program r: total = x + residual of row r (+ sum_bias, stored only), then the layer
+        norm of x + residual."""
         wait_for_previous_kernel(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -35,7 +40,11 @@ if HAS_TRITON:
             values += tl.load(residual + row * s_r + cols, mask=mask, other=0.0).to(tl.float32)
             # Normalise the sum as stored (rounded to the input dtype), as the unfused ops do.
             rounded = values.to(total.dtype.element_ty)
-            tl.store(total + row * s_t + cols, rounded, mask=mask)
+            stored = rounded
+            if HAS_SUM_BIAS:
+                stored = (rounded.to(tl.float32) + tl.load(sum_bias + cols, mask=mask).to(
+                    tl.float32)).to(total.dtype.element_ty)
+            tl.store(total + row * s_t + cols, stored, mask=mask)
             values = rounded.to(tl.float32)
         mean = tl.sum(values) / width
         centred = tl.where(mask, values - mean, 0.0)
@@ -65,29 +74,34 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _check_add_layer_norm(x, residual, weight, bias):
+def _check_add_layer_norm(x, residual, weight, bias, sum_bias=None):
     if x.dim() == 0:
         raise FiseditError("add_layer_norm: x must have a last (feature) dim")
+    if sum_bias is not None and residual is None:
+        raise FiseditError("add_layer_norm: sum_bias needs a residual (with none, the sum is x "
+                           "itself, which is not written)")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise FiseditError(f"add_layer_norm: residual {tuple(residual.shape)} {residual.dtype} "
                            f"must match x {tuple(x.shape)} {x.dtype}")
-    for name, param in (("weight", weight), ("bias", bias)):
+    for name, param in (("weight", weight), ("bias", bias), ("sum_bias", sum_bias)):
         if param is not None and param.shape != x.shape[-1:]:
             raise FiseditError(f"add_layer_norm: {name} must be [{x.shape[-1]}], "
                                f"got {tuple(param.shape)}")
 
 
-def add_layer_norm_reference(x, residual, weight, bias, eps):
+def add_layer_norm_reference(x, residual, weight, bias, eps, sum_bias=None):
     """``(total, normed)``: total = x + residual (x itself when residual is None) and
-    normed = layer_norm(total) over the last dim, both in x's dtype."""
-    _check_add_layer_norm(x, residual, weight, bias)
+    normed = layer_norm(total) over the last dim, both in x's dtype; with ``sum_bias`` the
+    returned total is ``x + residual + sum_bias`` (the norm is still that of x + residual)."""
+    _check_add_layer_norm(x, residual, weight, bias, sum_bias)
     total = x if residual is None else x + residual
-    return total, F.layer_norm(total, x.shape[-1:], weight, bias, eps)
+    normed = F.layer_norm(total, x.shape[-1:], weight, bias, eps)
+    return (total if sum_bias is None else total + sum_bias), normed
 
 
-def add_layer_norm(x, residual, weight, bias, eps):
+def add_layer_norm(x, residual, weight, bias, eps, sum_bias=None):
     """Triton version of ``add_layer_norm_reference``: one program per row."""
-    _check_add_layer_norm(x, residual, weight, bias)
+    _check_add_layer_norm(x, residual, weight, bias, sum_bias)
     width = x.shape[-1]
     rows = _rows(x)
     total = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -97,10 +111,11 @@ def add_layer_norm(x, residual, weight, bias, eps):
     block = triton.next_power_of_2(width)
     _add_layer_norm_kernel[(rows.shape[0],)](
         rows, residual_rows, normed if weight is None else weight,
-        normed if bias is None else bias, total_rows, normed_rows, width, eps,
+        normed if bias is None else bias, normed if sum_bias is None else sum_bias, total_rows,
+        normed_rows, width, eps,
         rows.stride(0), residual_rows.stride(0), total_rows.stride(0), normed_rows.stride(0),
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        HAS_BIAS=bias is not None, HAS_SUM_BIAS=sum_bias is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         **launch_options(x))
     return total, normed
 

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from ... import ir
-from ...execution import sparse_ops
+from ...execution import sparse_ops, triton_ops
 from .spec import OPAQUE, Domain, OpSpec, before_trailing, domain_of, per_position, shape_of
 
 aten = torch.ops.aten
@@ -46,5 +46,6 @@ def _macs(node: fx.Node) -> int:
 SPECS = [
     OpSpec(name="linear", fn=ir.linear, kind="linear", aten={aten.linear.default: _rule, aten.matmul.default: _matmul},
            domain=_domain, macs=_macs, edit_macs=None, sparse=per_position, records={},
-           reference=(sparse_ops.grouped_linear,), lowerings={}, oracle=None),
+           reference=(sparse_ops.grouped_linear, sparse_ops.linear_accumulate),
+           lowerings={sparse_ops.linear_accumulate: triton_ops.linear_accumulate}, oracle=None),
 ]

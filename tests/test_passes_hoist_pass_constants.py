@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import fisedit_compiler as fc
-from fisedit_compiler import bench, zoo
+from fisedit_compiler import bench, ir, zoo
 from fisedit_compiler.execution import sparse_ops as ops
+from fisedit_compiler.execution import triton_ops
 from fisedit_compiler.graph_keys import PASS_CONSTANTS, PASS_VALUES_INPUT
+from fisedit_compiler.passes.fuse_tokens import fuse_tokens
 from fisedit_compiler.passes.hoist_pass_constants import STEP_INPUTS, hoist_pass_constants
+from fisedit_compiler.passes.lower_kernels import lower_kernels
 from pass_checks import linted
 from test_families import FAMILIES, copied, new_conditions, new_sample
 
@@ -98,6 +101,32 @@ def test_random_and_step_dependent_calls_stay_in_the_step():
     torch.manual_seed(0)
     pass_values = constants(encoder_hidden_states=values["encoder_hidden_states"])
     assert torch.equal(hoisted(**values, **{PASS_VALUES_INPUT: pass_values}), expected)
+
+
+def test_a_value_a_step_call_adds_into_stays_in_the_step():
+    """``linear_accumulate`` (lowered: in place) adds a step-dependent product into a sum of
+    fixed inputs: hoisted, that sum would be a pass value every step adds to again."""
+    root = torch.nn.Module()
+    root.weight = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    root.bias = torch.nn.Parameter(torch.randn(8), requires_grad=False)
+    graph = torch.fx.Graph()
+    text, sample = graph.placeholder("encoder_hidden_states"), graph.placeholder("sample")
+    weight, bias = graph.get_attr("weight"), graph.get_attr("bias")
+    total = graph.call_function(ir.add, (text, text))                       # fixed
+    norm = graph.call_function(ir.layer_norm, (total, (8,), None, None, 1e-5))
+    product = graph.call_function(ir.linear, (sample, weight, bias))       # per step
+    graph.output((graph.call_function(ir.add, (product, total)), norm))
+    edit = lower_kernels(fuse_tokens(torch.fx.GraphModule(root, graph)), "gather")
+    assert any(node.target is triton_ops.linear_accumulate for node in edit.graph.nodes)
+    hoisted = linted(hoist_pass_constants, edit)
+    text_value, sample_value = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    expected = sample_value @ root.weight.t() + root.bias + 2 * text_value
+    constants = getattr(hoisted, PASS_CONSTANTS, None)
+    values = {} if constants is None else {
+        PASS_VALUES_INPUT: constants(encoder_hidden_states=text_value)}
+    for _ in range(3):
+        out, _ = hoisted(encoder_hidden_states=text_value, sample=sample_value, **values)
+        torch.testing.assert_close(out, expected)
 
 
 # Families whose fixed inputs feed more than the text K/V: a ControlNet hint's encoder

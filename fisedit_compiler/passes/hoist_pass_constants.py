@@ -10,7 +10,9 @@ calls are every cross-attention's K and V projections of the text (one GEMM afte
 ``group_linears``) with their head reshapes, the text projections and pooling of IF and
 Kandinsky, SDXL's added-condition inputs, a ControlNet hint's encoder. Calls that also read a
 weight-only value (a derived weight copy, a constant) take a copy of it along; impure calls
-(random, in-place) stay.
+(random, in-place) stay, and so does a value that a call of the step writes into
+(``linear_accumulate``'s ``into``, with the call whose tuple it is taken from): moved, it would
+be a pass value that every step adds to.
 
 Why: a pipeline's loop calls the U-Net with the same text states at every step, so every step
 recomputed the same text K/V: for SDXL a GEMM over 681 MB of weights (13% of the U-Net's),
@@ -34,11 +36,16 @@ import operator
 
 import torch.fx as fx
 
+from ..execution import sparse_ops, triton_ops
 from ..graph_keys import CACHE_INPUT, PASS_CONSTANTS, PASS_VALUES_INPUT, PLAN_INPUT
+from .pattern import args_of
 
 # The inputs that change from one step of an edit pass to the next; with the plan and the
 # recorded step, nothing computed from them is a pass constant.
 STEP_INPUTS = frozenset({"sample", "timestep", PLAN_INPUT, CACHE_INPUT})
+# Calls that write into one of their arguments (by name): what they write into stays a value
+# of the step. (The reference op is functional; it is listed as its lowering's stand-in.)
+WRITES_INTO = {sparse_ops.linear_accumulate: "into", triton_ops.linear_accumulate: "into"}
 
 
 def hoist_pass_constants(edit: fx.GraphModule) -> fx.GraphModule:
@@ -76,8 +83,11 @@ def _classify(graph: fx.Graph, fixed: set) -> tuple[set, set]:
     pure calls computed from ``fixed`` inputs (at least one) and weight-only values."""
     weight_only: set = set()
     moved: set = set()
+    written = _written_into(graph)
     for node in graph.nodes:
         inputs = node.all_input_nodes
+        if node in written:
+            continue
         if node.op == "get_attr" or (node.op == "call_function" and not node.is_impure()
                                      and all(value in weight_only for value in inputs)):
             weight_only.add(node)
@@ -86,6 +96,21 @@ def _classify(graph: fx.Graph, fixed: set) -> tuple[set, set]:
                       for value in inputs)):
             moved.add(node)
     return weight_only, moved
+
+
+def _written_into(graph: fx.Graph) -> set:
+    """The values calls of ``WRITES_INTO`` write into, each with the call it is an element of
+    (a ``getitem`` of a tuple returns the tuple's own tensor)."""
+    written = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in WRITES_INTO:
+            value = args_of(node)[WRITES_INTO[node.target]]
+            while isinstance(value, fx.Node) and value.target is operator.getitem:
+                written.add(value)
+                value = value.args[0]
+            if isinstance(value, fx.Node):
+                written.add(value)
+    return written
 
 
 def _constants_graph(edit: fx.GraphModule, fixed: list, weight_only: set, moved: set,

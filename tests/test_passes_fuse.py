@@ -66,7 +66,7 @@ def test_fused_and_unfused_edits_agree(setup):
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-def resnet_convs(second_user=False, residual=False):
+def resnet_convs(second_user=False, residual=False, divisor=False):
     """conv1 -> + temb (-> + residual) -> group norm -> SiLU -> conv2, as sparsify leaves a
     ResnetBlock2D; with ``second_user`` conv1's sum is also an output."""
     graph = fx.Graph()
@@ -77,6 +77,8 @@ def resnet_convs(second_user=False, residual=False):
     summed = graph.call_function(ir.add, (first, temb))
     if residual:
         summed = graph.call_function(ir.add, (summed, x))
+    if divisor:
+        summed = graph.call_function(ir.div, (summed, 2.0))
     norm = graph.call_function(ops.sparse_group_norm,
                                (summed, stats, plan, 0, 4, None, None, 1e-5, "incremental"))
     act = graph.call_function(ir.silu, (norm,))
@@ -91,12 +93,13 @@ def test_time_embedding_moves_into_the_next_convs_norm():
     assert second.kwargs["input_temb"].name == "temb" and second.kwargs["norm"] is not None
 
 
-@pytest.mark.parametrize("case", ["second user", "residual"])
+@pytest.mark.parametrize("case", ["second user", "residual", "divisor"])
 def test_time_embedding_stays_where_moving_it_would_change_a_value(case):
-    """A sum that something else reads, or a residual added after the time embedding (the
-    norm would see the residual without it), keeps the add in the first conv."""
+    """A sum that something else reads, or a residual added or a division after the time
+    embedding (the norm would see them without it), keeps the add in the first conv."""
     first, second = convs(resnet_convs(second_user=case == "second user",
-                                       residual=case == "residual"))
+                                       residual=case == "residual",
+                                       divisor=case == "divisor"))
     assert first.kwargs["temb"].name == "temb"
     assert second.kwargs.get("input_temb") is None
 

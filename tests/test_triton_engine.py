@@ -121,6 +121,47 @@ def test_ops_that_fall_back_to_their_reference_read_the_recorded_values_at_the_s
         triton_ops.sparse_attention(q, k, v, recorded_k, recorded_v, *attention))
 
 
+@pytest.mark.parametrize("into_layout", ["contiguous", "transposed", "broadcast"])
+def test_linear_accumulate_lowering_adds_in_place_where_it_can(into_layout):
+    """Into a contiguous sum of the product's shape the GEMM adds in place (the sum is
+    returned); any other sum gets the reference's new tensor, the same values."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 5, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    into = {"contiguous": torch.randn(2, 5, 4, generator=gen),
+            "transposed": torch.randn(2, 4, 5, generator=gen).transpose(1, 2),
+            "broadcast": torch.randn(4, generator=gen)}[into_layout]
+    expected = sparse_ops.linear_accumulate(x, weight, into.clone())
+    result = triton_ops.linear_accumulate(x, weight, into)
+    torch.testing.assert_close(result, expected)
+    assert (result is into) == (into_layout == "contiguous")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("temb_shape", [(2, 6, 1), (1, 6, 1), (2, 6, 5)])
+def test_conv_with_a_time_embedding_before_its_norm_matches_the_reference(temb_shape):
+    """``input_temb`` (moved by passes.fuse from the conv before): the group-norm kernel adds
+    a per-channel one; any other shape runs the conv's reference. Both equal the reference."""
+    from fisedit_compiler.execution.plan import MaskPlan
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[1:4, 2:7] = True
+    plan = MaskPlan(mask, [(8, 8)], [2], 0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    recorded = torch.randn(2, 6, 8, 8, generator=gen)
+    x = sparse_ops.gather_positions(torch.randn(2, 6, 8, 8, generator=gen), plan[0], (2, 3))
+    stats = sparse_ops.group_norm_stats(recorded * 2 + 1, 3, plan[0].tile, (8, 8))
+    norm = (stats, 3, torch.randn(6, generator=gen), torch.randn(6, generator=gen), 1e-5,
+            "incremental")
+    temb = torch.randn(*temb_shape[:2], temb_shape[2] if temb_shape[2] == 1
+                       else x.shape[-1], generator=gen)
+    weight, bias = torch.randn(5, 6, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    conv = (recorded, plan, 0, 0, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    kwargs = dict(norm=norm, silu=True, input_temb=temb)
+    torch.testing.assert_close(triton_ops.sparse_conv2d(x, *conv, **kwargs),
+                               sparse_ops.sparse_conv2d(x, *conv, **kwargs),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("channel_fast", [True, False])
 def test_pointwise_conv_lowering_matches_the_reference(channel_fast):
     gen = torch.Generator().manual_seed(0)

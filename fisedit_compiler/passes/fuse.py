@@ -13,7 +13,10 @@ the conv's loads was measured slower: the conv reads each input value once per t
 benchmarks/RESULTS.md.) The first conv's ``+ temb`` then moves to the second conv's norm
 (``input_temb``), whose kernel adds it as it reads the values: the first conv's GEMM then has
 nothing but a bias to add, which cuBLAS does, and its epilogue launch goes (one per ResNet
-block with a time embedding). On the reference path ``sparse_ops.sparse_conv2d`` computes the same
+block with a time embedding). Measured on SD1.5 at 5% (benchmarks/RESULTS.md, session 28):
+22 launches fewer, but cuBLAS's split-K kernels with the bias epilogue take ~2 us more than
+without on the widest conv1s, most of what the launch cost; moving conv1's bias with the
+time embedding would recover it. On the reference path ``sparse_ops.sparse_conv2d`` computes the same
 sequence with torch ops, so fused and unfused graphs agree, and the CPU oracle tests check the
 fusion itself.
 

@@ -16,9 +16,9 @@ nothing but a bias to add, which cuBLAS does, and its epilogue launch goes (one 
 block with a time embedding). Measured on SD1.5 at 5% (benchmarks/RESULTS.md, session 28):
 22 launches fewer, but cuBLAS's split-K kernels with the bias epilogue take ~2 us more than
 without on the widest conv1s, most of what the launch cost; moving conv1's bias with the
-time embedding would recover it. On the reference path ``sparse_ops.sparse_conv2d`` computes the same
-sequence with torch ops, so fused and unfused graphs agree, and the CPU oracle tests check the
-fusion itself.
+time embedding would recover it. On the reference path ``sparse_ops.sparse_conv2d`` computes
+the same sequence with torch ops, so fused and unfused graphs agree, and the CPU oracle tests
+check the fusion itself.
 
 The rewrite is local and conservative: an op is absorbed only when its single user is the next
 op of the chain, the norm is at the conv's input level, the time embedding is a global value

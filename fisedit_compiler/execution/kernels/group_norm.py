@@ -286,6 +286,7 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
         positions, count, eps,
         *x.stride(), *out.stride(),
         INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, HAS_ADD=add is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, SILU=silu, BLOCK_C=block_c,
+        BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
         num_warps=_NUM_WARPS, **launch_options(x))
     return out

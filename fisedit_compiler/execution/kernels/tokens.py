@@ -115,7 +115,8 @@ def add_layer_norm(x, residual, weight, bias, eps, sum_bias=None):
         normed_rows, width, eps,
         rows.stride(0), residual_rows.stride(0), total_rows.stride(0), normed_rows.stride(0),
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, HAS_SUM_BIAS=sum_bias is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        HAS_BIAS=bias is not None, HAS_SUM_BIAS=sum_bias is not None, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
         **launch_options(x))
     return total, normed
 

@@ -94,16 +94,14 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         # tap cost more than the extra pass (up to 1.9x on the 1280-channel convs, measured by
         # benchmarks/micro_sparse_conv.py on the H100), while the compact tensor is small.
         if norm is not None:
-            add = (None if input_temb is None
-                   else input_temb.expand(batch, x.shape[1], 1).reshape(batch, x.shape[1]))
-            x = _group_norm(x, norm, source, silu=silu, add=add)
+            x = _group_norm(x, norm, source, silu=silu,
+                            add=_channel_rows(input_temb, batch, x.shape[1]))
         else:
             x = F.silu(x)
-    if temb is not None:
-        temb = temb.expand(batch, c_out, 1).reshape(batch, c_out)
     return conv_kernels.sparse_conv2d(
         x, recorded, _position(source), _pixels(target), target.size, weight, bias,
-        stride=stride, padding=padding, dilation=dilation, temb=temb, residual=residual,
+        stride=stride, padding=padding, dilation=dilation,
+        temb=_channel_rows(temb, batch, c_out), residual=residual,
         out_scale=None if out_divisor is None else 1.0 / out_divisor,
         packed_weight=packed_weight, method=method, recorded_shift=recorded_shift)
 
@@ -113,6 +111,11 @@ def _per_channel(temb, channels: int) -> bool:
     batch item and channel: what the kernels add."""
     return temb is None or (temb.dim() == 3 and temb.shape[-1] == 1
                             and temb.shape[1] == channels)
+
+
+def _channel_rows(temb, batch: int, channels: int):
+    """A ``_per_channel`` time embedding as the kernels take it, ``[batch, channels]``."""
+    return None if temb is None else temb.expand(batch, channels, 1).reshape(batch, channels)
 
 
 def sparse_group_norm(x, stats: dict, plan: MaskPlan, level: int, groups: int, weight, bias,

@@ -59,30 +59,25 @@ def _fuse_add_layer_norm(graph: fx.Graph, norm: fx.Node, order: dict) -> None:
     total, weight, bias = norm_args["x"], norm_args["weight"], norm_args["bias"]
     if len(norm_args["normalized_shape"]) != 1:
         return
-    if not call(total, ir.add):
-        with graph.inserting_before(norm):
-            fused = graph.call_function(ops.add_layer_norm,
-                                        (total, None, weight, bias, norm_args["eps"]))
-            normed = graph.call_function(_getitem, (fused, 1))
-        norm.replace_all_uses_with(normed)
-        graph.erase_node(norm)
-        return
-    x, residual = total.args          # operator.add: two positional operands
-    params = [p for p in (weight, bias) if isinstance(p, fx.Node)]
-    if not (isinstance(x, fx.Node) and isinstance(residual, fx.Node)) or any(
-            order[p] > order[total] for p in params):
-        return
-    with graph.inserting_after(total):
+    if call(total, ir.add):
+        x, residual = total.args      # operator.add: two positional operands
+        params = [p for p in (weight, bias) if isinstance(p, fx.Node)]
+        if not (isinstance(x, fx.Node) and isinstance(residual, fx.Node)) or any(
+                order[p] > order[total] for p in params):
+            return
+        anchor = total.next           # right after the sum: its other readers may precede the norm
+    else:
+        x, residual, anchor = total, None, norm
+    with graph.inserting_before(anchor):
         fused = graph.call_function(ops.add_layer_norm,
                                     (x, residual, weight, bias, norm_args["eps"]))
-    with graph.inserting_after(fused):
-        summed = graph.call_function(_getitem, (fused, 0))
-    with graph.inserting_after(summed):
+        summed = None if residual is None else graph.call_function(_getitem, (fused, 0))
         normed = graph.call_function(_getitem, (fused, 1))
     norm.replace_all_uses_with(normed)
     graph.erase_node(norm)
-    total.replace_all_uses_with(summed)
-    graph.erase_node(total)
+    if summed is not None:
+        total.replace_all_uses_with(summed)
+        graph.erase_node(total)
 
 
 def _accumulate_into_sum(graph: fx.Graph, add: fx.Node, order: dict) -> None:

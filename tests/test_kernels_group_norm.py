@@ -75,11 +75,11 @@ def kernel_tolerance(expected):
     return tolerance
 
 
-def assert_matches_reference(args, silu, add=None):
+def assert_matches_reference(args, silu, add=None, add_bias=None):
     """The kernel's output equals the reference's, in x's dtype and memory layout."""
     x = args[0]
-    result = group_norm(*args, silu=silu, add=add)
-    expected = group_norm_reference(*args, silu=silu, add=add)
+    result = group_norm(*args, silu=silu, add=add, add_bias=add_bias)
+    expected = group_norm_reference(*args, silu=silu, add=add, add_bias=add_bias)
     assert result.dtype == x.dtype and result.stride() == torch.empty_like(x).stride()
     torch.testing.assert_close(result, expected, **kernel_tolerance(expected))
 
@@ -155,9 +155,9 @@ def test_kernel_strided_input(dtype, layout, silu):
        active_fraction=st.floats(0, 1),
        dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
        policy=st.sampled_from(POLICIES), with_weight=st.booleans(), with_bias=st.booleans(),
-       silu=st.booleans(), with_add=st.booleans())
+       silu=st.booleans(), with_add=st.booleans(), with_add_bias=st.booleans())
 def test_kernel_random_shapes(batch, groups, per_group, active_fraction, dtype, layout, policy,
-                              with_weight, with_bias, silu, with_add):
+                              with_weight, with_bias, silu, with_add, with_add_bias):
     # Seeded per example, so a failing example replays with the same data.
     torch.manual_seed(hash((batch, groups, per_group, active_fraction)) % 2**31)
     channels = groups * per_group
@@ -172,7 +172,8 @@ def test_kernel_random_shapes(batch, groups, per_group, active_fraction, dtype, 
     args = (x, stats, active_tiles, count, groups, weight if with_weight else None,
             bias if with_bias else None, 1e-5, policy)
     add = torch.randn(batch, channels, dtype=dtype, device=DEVICE) if with_add else None
-    assert_matches_reference(args, silu, add)
+    add_bias = torch.randn(channels, dtype=dtype, device=DEVICE) if with_add_bias else None
+    assert_matches_reference(args, silu, add, add_bias)
 
 
 @settings(max_examples=10, deadline=None)
@@ -207,18 +208,23 @@ def test_padded_input_sums_only_the_counted_positions(extra_positions, extra_til
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_add_is_the_norm_of_the_sum(policy):
-    """``add`` (a time embedding per batch item and channel) gives the norm of ``x + add``:
-    the reference's folded shift against the sum written out, and the kernel against both."""
+@pytest.mark.parametrize("added", ["add", "add_bias", "both"])
+def test_add_is_the_norm_of_the_sum(policy, added):
+    """``add`` (a time embedding per batch item and channel) and ``add_bias`` (a conv's bias
+    per channel) give the norm of ``x + add + add_bias``: the reference's folded shift against
+    the sum written out, and the kernel against both."""
     stats, active_tiles, count = recorded_level(2, 12, 4, (10, 9), 4, 3)
     x = compact(2, 12, 48, layout="channels_last")
-    add = torch.randn(2, 12, device=DEVICE)
+    adds = {"add": torch.randn(2, 12, device=DEVICE), "add_bias": torch.randn(12, device=DEVICE)}
+    if added != "both":
+        adds = {added: adds[added]}
+    total = adds.get("add", torch.zeros(2, 12, device=DEVICE)) + adds.get("add_bias", 0)
     weight, bias = affine(12, True)
     args = (stats, active_tiles, count, 4, weight, bias, 1e-5, policy)
-    summed = group_norm_reference(x + add[:, :, None], *args, silu=True)
-    torch.testing.assert_close(group_norm_reference(x, *args, silu=True, add=add), summed,
+    summed = group_norm_reference(x + total[:, :, None], *args, silu=True)
+    torch.testing.assert_close(group_norm_reference(x, *args, silu=True, **adds), summed,
                                **kernel_tolerance(summed))
-    torch.testing.assert_close(group_norm(x, *args, silu=True, add=add), summed,
+    torch.testing.assert_close(group_norm(x, *args, silu=True, **adds), summed,
                                **kernel_tolerance(summed))
 
 
@@ -247,6 +253,8 @@ def test_bad_inputs_raise():
         dict(active_tiles=active_tiles[None]),
         dict(add=torch.randn(2, 11, device=DEVICE)),    # not [B, C]
         dict(add=torch.randn(12, device=DEVICE)),
+        dict(add_bias=torch.randn(2, 12, device=DEVICE)),  # not [C]
+        dict(add_bias=torch.randn(11, device=DEVICE)),
     ]
     base = dict(x=x, stats=stats, active_tiles=active_tiles, count=count, groups=4, weight=None,
                 bias=None, eps=1e-5, policy="incremental")

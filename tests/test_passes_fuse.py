@@ -11,6 +11,7 @@ from fisedit_compiler import ir, zoo
 from fisedit_compiler.execution import sparse_ops as ops
 from fisedit_compiler.graph_keys import PLAN_INPUT
 from fisedit_compiler.passes.fuse import fuse
+from fisedit_compiler.passes.pattern import args_of, set_args
 from fisedit_compiler.passes.sparsify import sparsify
 from pass_checks import edit_outputs, linted, pure
 
@@ -39,12 +40,14 @@ def test_resnet_chains_are_folded_into_convs(setup):
     assert norm_silu_convs > 0
     assert sum(n.kwargs.get("norm") is not None and n.kwargs.get("silu") for n in fused) \
         == norm_silu_convs
-    # ResnetBlock2D: conv1's time embedding moves into conv2's norm; conv2 adds the residual.
+    # ResnetBlock2D: conv1's bias and time embedding move into conv2's norm; conv2 adds the
+    # residual.
     assert not any(n.kwargs.get("temb") is not None for n in fused)
     moved = [n for n in fused if n.kwargs.get("input_temb") is not None]
-    assert moved and all(n.kwargs.get("norm") is not None for n in moved)
+    assert moved and all(n.kwargs.get("norm") is not None
+                         and n.kwargs.get("input_bias") is not None for n in moved)
     assert all(len(n.args[0].users) == 1 and n.args[0].target is ops.sparse_conv2d
-               for n in moved)
+               and args_of(n.args[0])["bias"] is None for n in moved)
     assert any(n.kwargs.get("residual") is not None for n in fused)
     # No SiLU or group norm is left between a norm and a conv that could take it.
     for node in fused:
@@ -66,15 +69,19 @@ def test_fused_and_unfused_edits_agree(setup):
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-def resnet_convs(second_user=False, residual=False, divisor=False):
-    """conv1 -> + temb (-> + residual) -> group norm -> SiLU -> conv2, as sparsify leaves a
-    ResnetBlock2D; with ``second_user`` conv1's sum is also an output."""
+def resnet_convs(second_user=False, residual=False, divisor=False, temb=True, bias=True):
+    """conv1 (+ bias) (-> + temb) (-> + residual) -> group norm -> SiLU -> conv2, as sparsify
+    leaves a ResnetBlock2D; with ``second_user`` conv1's sum is also an output."""
     graph = fx.Graph()
-    x, recorded, plan, weight, temb, stats = (
-        graph.placeholder(n) for n in ("x", "recorded", PLAN_INPUT, "w", "temb", "stats"))
+    x, recorded, plan, weight, first_bias, stats = (
+        graph.placeholder(n) for n in ("x", "recorded", PLAN_INPUT, "w", "b", "stats"))
     conv_args = (recorded, plan, 0, 0, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     first = graph.call_function(ops.sparse_conv2d, (x, *conv_args))
-    summed = graph.call_function(ir.add, (first, temb))
+    if bias:
+        set_args(first, bias=first_bias)
+    summed = first
+    if temb:
+        summed = graph.call_function(ir.add, (first, graph.placeholder("temb")))
     if residual:
         summed = graph.call_function(ir.add, (summed, x))
     if divisor:
@@ -87,21 +94,26 @@ def resnet_convs(second_user=False, residual=False, divisor=False):
     return linted(fuse, fx.GraphModule(torch.nn.Module(), graph))
 
 
-def test_time_embedding_moves_into_the_next_convs_norm():
-    first, second = convs(resnet_convs())
-    assert first.kwargs.get("temb") is None and second.args[0] is first
-    assert second.kwargs["input_temb"].name == "temb" and second.kwargs["norm"] is not None
+@pytest.mark.parametrize("temb, bias", [(True, True), (True, False), (False, True)])
+def test_bias_and_time_embedding_move_into_the_next_convs_norm(temb, bias):
+    first, second = convs(resnet_convs(temb=temb, bias=bias))
+    assert second.args[0] is first and second.kwargs["norm"] is not None
+    assert first.kwargs.get("temb") is None and args_of(first)["bias"] is None
+    moved_temb, moved_bias = second.kwargs.get("input_temb"), second.kwargs.get("input_bias")
+    assert (moved_temb.name if temb else moved_temb) == ("temb" if temb else None)
+    assert (moved_bias.name if bias else moved_bias) == ("b" if bias else None)
 
 
 @pytest.mark.parametrize("case", ["second user", "residual", "divisor"])
 def test_time_embedding_stays_where_moving_it_would_change_a_value(case):
     """A sum that something else reads, or a residual added or a division after the time
-    embedding (the norm would see them without it), keeps the add in the first conv."""
+    embedding (the norm would see them without it), keeps the bias and the add in the first
+    conv."""
     first, second = convs(resnet_convs(second_user=case == "second user",
                                        residual=case == "residual",
                                        divisor=case == "divisor"))
-    assert first.kwargs["temb"].name == "temb"
-    assert second.kwargs.get("input_temb") is None
+    assert first.kwargs["temb"].name == "temb" and args_of(first)["bias"].name == "b"
+    assert second.kwargs.get("input_temb") is None and second.kwargs.get("input_bias") is None
 
 
 def test_fuse_leaves_chains_with_other_users_alone():

@@ -137,10 +137,12 @@ def test_linear_accumulate_lowering_adds_in_place_where_it_can(into_layout):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("temb_shape", [(2, 6, 1), (1, 6, 1), (2, 6, 5)])
-def test_conv_with_a_time_embedding_before_its_norm_matches_the_reference(temb_shape):
-    """``input_temb`` (moved by passes.fuse from the conv before): the group-norm kernel adds
-    a per-channel one; any other shape runs the conv's reference. Both equal the reference."""
+@pytest.mark.parametrize("temb_shape", [(2, 6, 1), (1, 6, 1), (2, 6, 5), None])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv_with_a_time_embedding_before_its_norm_matches_the_reference(temb_shape, with_bias):
+    """``input_temb`` and ``input_bias`` (moved by passes.fuse from the conv before): the
+    group-norm kernel adds a per-channel time embedding and the bias; a time embedding of any
+    other shape runs the conv's reference. Both equal the reference."""
     from fisedit_compiler.execution.plan import MaskPlan
 
     mask = torch.zeros(8, 8, dtype=torch.bool)
@@ -152,11 +154,12 @@ def test_conv_with_a_time_embedding_before_its_norm_matches_the_reference(temb_s
     stats = sparse_ops.group_norm_stats(recorded * 2 + 1, 3, plan[0].tile, (8, 8))
     norm = (stats, 3, torch.randn(6, generator=gen), torch.randn(6, generator=gen), 1e-5,
             "incremental")
-    temb = torch.randn(*temb_shape[:2], temb_shape[2] if temb_shape[2] == 1
-                       else x.shape[-1], generator=gen)
+    temb = None if temb_shape is None else torch.randn(
+        *temb_shape[:2], temb_shape[2] if temb_shape[2] == 1 else x.shape[-1], generator=gen)
+    input_bias = torch.randn(6, generator=gen) if with_bias else None
     weight, bias = torch.randn(5, 6, 3, 3, generator=gen), torch.randn(5, generator=gen)
     conv = (recorded, plan, 0, 0, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
-    kwargs = dict(norm=norm, silu=True, input_temb=temb)
+    kwargs = dict(norm=norm, silu=True, input_temb=temb, input_bias=input_bias)
     torch.testing.assert_close(triton_ops.sparse_conv2d(x, *conv, **kwargs),
                                sparse_ops.sparse_conv2d(x, *conv, **kwargs),
                                atol=1e-5, rtol=1e-5)

@@ -78,7 +78,7 @@ def compact_expand(x: torch.Tensor, template: tuple, compact_dim: int) -> torch.
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None, input_temb=None):
+                  residual=None, out_divisor=None, input_temb=None, input_bias=None):
     """conv2d on the active output tiles of ``level_out``, with the fused prologue and epilogue
     of ``passes.fuse``.
 
@@ -88,13 +88,15 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
     (``tile x tile``) and the slots outside the image dropped.
 
     Fused prologue (applied to the new values only; the recorded input is already normalised):
-    ``+ input_temb`` (the time embedding of the conv before, moved here by ``passes.fuse``;
-    only with ``norm``), ``norm = (stats, groups, weight, bias, eps, policy)`` runs
+    ``+ input_temb`` and ``+ input_bias`` (the time embedding and the bias ``[C]`` of the conv
+    before, moved here by ``passes.fuse``; only with ``norm``), ``norm = (stats, groups, weight, bias, eps, policy)`` runs
     ``sparse_group_norm``, and ``silu`` a SiLU. Fused epilogue, in this order: ``+ temb`` (a
     global value broadcast over positions), ``residual +``, ``/ out_divisor``.
     """
     if input_temb is not None:
         x = x + input_temb
+    if input_bias is not None:
+        x = x + input_bias[:, None]
     if norm is not None:
         stats, norm_groups, norm_weight, norm_bias, eps, policy = norm
         x = sparse_group_norm(x, stats, plan, level_in, norm_groups, norm_weight, norm_bias, eps,

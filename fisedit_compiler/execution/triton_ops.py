@@ -55,9 +55,9 @@ def _recorded_for_reference(recorded, recorded_shift, level: LevelPlan):
     return read_shifted(recorded, recorded_shift)
 
 
-def _group_norm(x, norm, level: LevelPlan, silu=False, add=None):
+def _group_norm(x, norm, level: LevelPlan, silu=False, add=None, add_bias=None):
     """The group norm of the mixed tensor at x's positions (then SiLU), in one launch; with
-    ``add`` (``[B, C]``), that of ``x + add``."""
+    ``add`` (``[B, C]``) and ``add_bias`` (``[C]``), that of ``x + add + add_bias``."""
     stats, groups, weight, bias, eps, policy = norm
     count = (x.shape[1] // groups) * level.size[0] * level.size[1]
     if level.dense:
@@ -66,28 +66,29 @@ def _group_norm(x, norm, level: LevelPlan, silu=False, add=None):
     return group_norm_kernels.group_norm(x, stats, level.tile_ids(), count, groups, weight, bias,
                                          eps, policy, silu=silu,
                                          active_counts=level.counts if level.padded else None,
-                                         add=add)
+                                         add=add, add_bias=add_bias)
 
 
 def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, weight, bias,
                   stride, padding, dilation, groups, *, norm=None, silu=False, temb=None,
-                  residual=None, out_divisor=None, input_temb=None, packed_weight=None,
-                  method: str = "implicit", recorded_shift=None):
+                  residual=None, out_divisor=None, input_temb=None, input_bias=None,
+                  packed_weight=None, method: str = "implicit", recorded_shift=None):
     """``sparse_ops.sparse_conv2d`` on the conv kernel; ``packed_weight``, ``method`` and
     ``recorded_shift`` are added by ``passes.lower_kernels``: ``packed_weight`` is the
     program's packed copy of ``weight`` (``kernels.sparse_conv.pack_weight``; packed here on
-    each call without it), ``method`` is ``SparseConfig.conv_method``. A time embedding
-    added before the norm (``input_temb``) is added by the group-norm kernel."""
+    each call without it), ``method`` is ``SparseConfig.conv_method``. A time embedding and a
+    bias added before the norm (``input_temb``, ``input_bias``) are added by the group-norm
+    kernel."""
     source, target = plan[level_in], plan[level_out]
     batch, c_out = x.shape[0], weight.shape[0]
     kernel_temb = (_per_channel(temb, c_out) and _per_channel(input_temb, x.shape[1])
-                   and (input_temb is None or norm is not None))
+                   and (norm is not None or input_temb is None and input_bias is None))
     if groups != 1 or target.dense or not kernel_temb:
         recorded = _recorded_for_reference(recorded, recorded_shift, source)
         return sparse_ops.sparse_conv2d(x, recorded, plan, level_in, level_out, weight, bias,
                                         stride, padding, dilation, groups, norm=norm, silu=silu,
                                         temb=temb, residual=residual, out_divisor=out_divisor,
-                                        input_temb=input_temb)
+                                        input_temb=input_temb, input_bias=input_bias)
     if norm is not None or silu:
         # Normalise the compact input in one pointwise pass rather than in the conv's loads:
         # the conv reads each input value once per tap, and redoing the affine and SiLU per
@@ -95,7 +96,7 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
         # benchmarks/micro_sparse_conv.py on the H100), while the compact tensor is small.
         if norm is not None:
             x = _group_norm(x, norm, source, silu=silu,
-                            add=_channel_rows(input_temb, batch, x.shape[1]))
+                            add=_channel_rows(input_temb, batch, x.shape[1]), add_bias=input_bias)
         else:
             x = F.silu(x)
     return conv_kernels.sparse_conv2d(

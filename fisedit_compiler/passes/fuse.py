@@ -1,6 +1,6 @@
 """fuse: fold each sparse conv's group norm and SiLU (before) and its time-embedding add,
-residual add and output division (after) into the conv node; then move a time-embedding add
-whose conv feeds only the next conv's norm into that norm.
+residual add and output division (after) into the conv node; then move the bias and the
+time-embedding add of a conv that feeds only the next conv's norm into that norm.
 
 Why: a ResNet block is ``norm -> SiLU -> conv -> + temb`` then ``norm -> SiLU -> conv -> +
 shortcut``: eight ops over the same compact tensors for two convolutions. On the GPU
@@ -10,23 +10,23 @@ kernel computes the statistics, normalises the compact input and applies the SiL
 "Sparse ops"), then the conv kernel adds bias, time embedding and residual and divides before
 it stores, so the epilogue's intermediate tensors never reach memory. (Applying the norm inside
 the conv's loads was measured slower: the conv reads each input value once per tap,
-benchmarks/RESULTS.md.) The first conv's ``+ temb`` then moves to the second conv's norm
-(``input_temb``), whose kernel adds it as it reads the values: the first conv's GEMM then has
-nothing but a bias to add, which cuBLAS does, and its epilogue launch goes (one per ResNet
-block with a time embedding). Measured on SD1.5 at 5% (benchmarks/RESULTS.md, session 28):
-22 launches fewer, but cuBLAS's split-K kernels with the bias epilogue take ~2 us more than
-without on the widest conv1s, most of what the launch cost; moving conv1's bias with the
-time embedding would recover it. On the reference path ``sparse_ops.sparse_conv2d`` computes
-the same sequence with torch ops, so fused and unfused graphs agree, and the CPU oracle tests
-check the fusion itself.
+benchmarks/RESULTS.md.) The first conv's bias and ``+ temb`` then move to the second conv's
+norm (``input_bias``, ``input_temb``), whose kernel adds them as it reads the values: the first
+conv is then a bare GEMM, and its epilogue launch goes (one per ResNet block with a time
+embedding). Measured on SD1.5 at 5% (benchmarks/RESULTS.md, session 28), moving only the time
+embedding removed 22 launches, but cuBLAS's split-K kernels with the bias epilogue it left took
+~2 us more than without on the widest conv1s, most of what the launch cost; the bias moves
+with it since session 29. On the reference path ``sparse_ops.sparse_conv2d`` computes the same
+sequence with torch ops, so fused and unfused graphs agree, and the CPU oracle tests check the
+fusion itself.
 
 The rewrite is local and conservative: an op is absorbed only when its single user is the next
 op of the chain, the norm is at the conv's input level, the time embedding is a global value
 (it does not depend on the plan) added before the residual, and the division is by a number.
-A time embedding moves only from a conv with no residual or division after it, whose single
-user is the conv with the norm; adding it before the norm is then the same function. (One of
-another shape than ``[B or 1, C, 1]`` runs the receiving conv on its torch reference, as it
-ran the giving one before the move: ``execution.triton_ops``.)
+A bias and a time embedding move only from a conv with no residual or division after it,
+whose single user is the conv with the norm; adding them before the norm is then the same
+function. (A time embedding of another shape than ``[B or 1, C, 1]`` runs the receiving conv
+on its torch reference, as it ran the giving one before the move: ``execution.triton_ops``.)
 """
 
 from __future__ import annotations
@@ -76,19 +76,20 @@ def _fuse_prologue(graph: fx.Graph, conv: fx.Node) -> None:
     for node in absorbed:          # consumer first, so each has no users left when erased
         graph.erase_node(node)
     if norm is not None and call(x, ops.sparse_conv2d) and only_user(x) is conv:
-        _move_temb_into_norm(x, conv)
+        _move_epilogue_into_norm(x, conv)
 
 
-def _move_temb_into_norm(producer: fx.Node, conv: fx.Node) -> None:
-    """``conv(norm(producer + temb))`` with the add in ``producer``'s epilogue becomes
-    ``conv(norm(producer_without_temb + temb))`` with the add in ``conv``'s norm."""
+def _move_epilogue_into_norm(producer: fx.Node, conv: fx.Node) -> None:
+    """``conv(norm(producer + bias + temb))`` with the bias and the add in ``producer``'s
+    epilogue becomes ``conv(norm(producer_without_both + bias + temb))`` with both added by
+    ``conv``'s norm (``input_bias``, ``input_temb``)."""
     fused = args_of(producer)
-    temb = fused.get("temb")
-    if (temb is None or fused.get("residual") is not None
+    temb, bias = fused.get("temb"), fused.get("bias")
+    if ((temb is None and bias is None) or fused.get("residual") is not None
             or fused.get("out_divisor") is not None):
         return
-    set_args(producer, temb=None)
-    set_args(conv, input_temb=temb)
+    set_args(producer, temb=None, bias=None)
+    set_args(conv, input_temb=temb, input_bias=bias)
 
 
 def _fuse_epilogue(graph: fx.Graph, conv: fx.Node, positional: set) -> None:

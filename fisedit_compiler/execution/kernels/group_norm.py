@@ -8,9 +8,10 @@ statistics behind ``scale`` and ``shift`` follow ``sparse_ops.sparse_group_norm`
   tiles plus the new sums over ``x``, all of values shifted by the recorded mean;
 * ``cached``: the recorded mean and variance.
 
-``add`` (``[B, C]``, optional) is a value added to ``x`` per batch item and channel before
-the norm: the time embedding a ResNet block adds to its first conv's output, which
-``passes.fuse`` moves here from that conv's epilogue (one launch fewer per block).
+``add`` (``[B, C]``, optional) and ``add_bias`` (``[C]``, optional) are values added to ``x``
+per batch item and channel, and per channel, before the norm: the time embedding a ResNet
+block adds to its first conv's output and that conv's bias, which ``passes.fuse`` moves here
+from the conv's epilogue (one launch fewer per block, and a GEMM with no bias to add).
 
 ``group_norm`` does both steps, and optionally a SiLU, in one launch: one program per
 (batch, group) sums its group's slice of ``x``, finishes the statistics, then reads the slice
@@ -64,19 +65,33 @@ if HAS_TRITON:
             total_second += tl.load(second + offs, mask=mask, other=0.0)
         return tl.sum(total_first), tl.sum(total_second)
 
+    @triton.jit
+    def _channel_add(add, add_bias, offs_c, c_mask, HAS_ADD: tl.constexpr,
+                     HAS_ADD_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """What is added to x's channels ``offs_c`` before the norm, in fp32 (zero if nothing)."""
+        total = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_ADD:
+            total += tl.load(add + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_ADD_BIAS:
+            total += tl.load(add_bias + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        return total
+
     # The number of positions and of active tiles change with every mask: not specialising on
     # them keeps a new mask from compiling the kernel again.
     @triton.jit(do_not_specialize=["positions", "active_count"])
     def _group_norm_kernel(x, out, mean, variance, tile_sum, tile_sum_sq, tile_count,
-                           active_tiles, active_count, active_counts, weight, bias, add, groups,
+                           active_tiles, active_count, active_counts, weight, bias, add, add_bias,
+                           groups,
                            channels_per_group, positions, count, eps, s_b, s_c, s_p, so_b, so_c,
                            so_p, INCREMENTAL: tl.constexpr, COUNTED: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_ADD: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+                           HAS_ADD: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr,
+                           BLOCK_C: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         """Program b * G + g: the group's mean and variance, then
         ``out = x * scale[b, c] + shift[b, c]`` (then SiLU) over the group's channels and
-        positions, in fp32. With HAS_ADD, ``x`` stands for ``x + add[b, c]`` throughout.
+        positions, in fp32. With HAS_ADD, ``x`` stands for ``x + add[b, c]`` throughout, and
+        with HAS_ADD_BIAS for ``x + add_bias[c]``.
 
         Incremental statistics sum ``x - mean`` and its square over the slice in
         ``[BLOCK_C, BLOCK_P]`` blocks and add the recorded sums of the inactive tiles
@@ -93,6 +108,7 @@ if HAS_TRITON:
         x += (batch_group // groups) * s_b + first_channel * s_c
         out += (batch_group // groups) * so_b + first_channel * so_c
         add += (batch_group // groups) * groups * channels_per_group + first_channel
+        add_bias += first_channel
         group_mean = tl.load(mean + batch_group)
         if INCREMENTAL:
             acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -100,9 +116,8 @@ if HAS_TRITON:
             for c0 in range(0, channels_per_group, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_mask = offs_c < channels_per_group
-                channel_add = tl.zeros([BLOCK_C], tl.float32)
-                if HAS_ADD:
-                    channel_add = tl.load(add + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+                channel_add = _channel_add(add, add_bias, offs_c, c_mask, HAS_ADD, HAS_ADD_BIAS,
+                                           BLOCK_C)
                 for p0 in range(0, summed_positions, BLOCK_P):
                     offs_p = p0 + tl.arange(0, BLOCK_P)
                     mask = c_mask[:, None] & (offs_p < summed_positions)[None, :]
@@ -134,10 +149,9 @@ if HAS_TRITON:
             if HAS_BIAS:
                 channel_shift += tl.load(bias + first_channel + offs_c, mask=c_mask,
                                          other=0.0).to(tl.float32)
-            if HAS_ADD:
-                # (x + add) * scale + shift, with the add folded into the shift.
-                channel_shift += tl.load(add + offs_c, mask=c_mask,
-                                         other=0.0).to(tl.float32) * channel_scale
+            # (x + add) * scale + shift, with the add folded into the shift.
+            channel_shift += _channel_add(add, add_bias, offs_c, c_mask, HAS_ADD, HAS_ADD_BIAS,
+                                          BLOCK_C) * channel_scale
             for p0 in range(0, positions, BLOCK_P):
                 offs_p = p0 + tl.arange(0, BLOCK_P)
                 mask = c_mask[:, None] & (offs_p < positions)[None, :]
@@ -150,7 +164,8 @@ if HAS_TRITON:
                          y.to(out.dtype.element_ty), mask=mask)
 
 
-def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add=None):
+def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add=None,
+                       add_bias=None):
     if policy not in POLICIES:
         raise FiseditError(f"group norm: policy must be one of {POLICIES}, got {policy!r}")
     if x.dim() != 3:
@@ -172,7 +187,7 @@ def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add
                                f"and {tuple(stats['tile_sum_sq'].shape)}")
         if active_tiles.dim() != 1 or active_tiles.dtype.is_floating_point:
             raise FiseditError("group norm: active_tiles must be a 1-D integer tensor of tile ids")
-    for name, param in (("weight", weight), ("bias", bias)):
+    for name, param in (("weight", weight), ("bias", bias), ("add_bias", add_bias)):
         if param is not None and param.shape != (channels,):
             raise FiseditError(f"group norm: {name} must be [C={channels}], "
                                f"got {tuple(param.shape)}")
@@ -182,7 +197,7 @@ def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add
 
 
 def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weight, bias, eps,
-                                     policy, active_counts=None, add=None):
+                                     policy, active_counts=None, add=None, add_bias=None):
     """``scale, shift [B, C]`` with group_norm(mixed)[active] == x * scale + shift, in the
     statistics' dtype (fp32; fp64 for a float64 U-Net).
 
@@ -191,17 +206,19 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     the full level, (C // G) * H * W. ``active_counts`` (int ``[positions, tiles]`` on x's
     device; a padded plan's) limits the sums to the first positions of ``x`` and the first
     ``active_tiles``: the rest repeat them. With ``add`` (``[B, C]``) the affine is that of
-    ``x + add[:, :, None]``, applied to ``x``: the add is folded into ``shift``.
+    ``x + add[:, :, None]``, applied to ``x``: the add is folded into ``shift``; ``add_bias``
+    (``[C]``) likewise, as ``x + add_bias[None, :, None]``.
     """
-    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add)
+    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add, add_bias)
     batch, channels, positions = x.shape
     mean = stats["mean"]
+    add = _total_add(add, add_bias, batch, mean.dtype)
     if policy == "cached":
         variance = stats["variance"]
     else:
         values = x.to(mean.dtype)
         if add is not None:
-            values = values + add.to(mean.dtype)[:, :, None]
+            values = values + add[:, :, None]
         shifted = values - mean.repeat_interleave(channels // groups, 1)[:, :, None]
         tile_sum, tile_sum_sq = stats["tile_sum"][:, :, active_tiles], \
             stats["tile_sum_sq"][:, :, active_tiles]
@@ -231,6 +248,16 @@ def group_norm_scale_shift_reference(x, stats, active_tiles, count, groups, weig
     return scale, shift
 
 
+def _total_add(add, add_bias, batch: int, dtype):
+    """``add + add_bias`` as ``[B, C]`` in ``dtype``, or None where neither is given."""
+    if add is None and add_bias is None:
+        return None
+    total = 0 if add is None else add.to(dtype)
+    if add_bias is not None:
+        total = total + add_bias.to(dtype).expand(batch, -1)
+    return total
+
+
 def _check_apply(x, scale, shift):
     if x.dim() != 3 or scale.shape != x.shape[:2] or shift.shape != x.shape[:2]:
         raise FiseditError(f"group norm apply: x must be [B, C, P] and scale, shift [B, C]; got "
@@ -245,20 +272,21 @@ def group_norm_apply_reference(x, scale, shift, silu=False):
 
 
 def group_norm_reference(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
-                         silu=False, active_counts=None, add=None):
+                         silu=False, active_counts=None, add=None, add_bias=None):
     """The group norm of the mixed tensor at x's positions (then SiLU), in x's dtype: the
     affine of ``group_norm_scale_shift_reference`` applied by ``group_norm_apply_reference``
-    (that of ``x + add[:, :, None]`` with ``add``)."""
+    (that of ``x + add[:, :, None] + add_bias[None, :, None]`` with ``add``, ``add_bias``)."""
     scale, shift = group_norm_scale_shift_reference(x, stats, active_tiles, count, groups,
-                                                    weight, bias, eps, policy, active_counts, add)
+                                                    weight, bias, eps, policy, active_counts, add,
+                                                    add_bias)
     return group_norm_apply_reference(x, scale, shift, silu)
 
 
 def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy, silu=False,
-               active_counts=None, add=None):
+               active_counts=None, add=None, add_bias=None):
     """``group_norm_reference`` in one Triton launch. ``x`` may be strided (e.g. channel-fast,
     channel stride 1); the output keeps x's memory layout (``empty_like``)."""
-    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add)
+    _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add, add_bias)
     batch, channels, positions = x.shape
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -282,11 +310,13 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
         x, out, mean, variance, tile_sum, tile_sum_sq, tile_count, active_tiles, active_count,
         active_counts if counted else mean,
         mean if weight is None else weight, mean if bias is None else bias,
-        mean if add is None else add.contiguous(), groups, per_group,
+        mean if add is None else add.contiguous(),
+        mean if add_bias is None else add_bias.contiguous(), groups, per_group,
         positions, count, eps,
         *x.stride(), *out.stride(),
         INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, HAS_ADD=add is not None, SILU=silu, BLOCK_C=block_c,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None,
+        HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK_C=block_c,
         BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
         num_warps=_NUM_WARPS, **launch_options(x))
     return out

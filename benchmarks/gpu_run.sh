@@ -29,6 +29,9 @@
 #                                         query fold (passes.fold_text_queries, issue 17; forced
 #                                         past its size rule), alternated and profiled, then the
 #                                         text-attention kernel's GPU tests
+#   bash benchmarks/gpu_run.sh split-ab   sd15 steps with the self-attention's key split aiming at
+#                                         2, 4 and 8 programs per SM (kernels.attention
+#                                         PROGRAMS_PER_SM), 5% profiles of each (issue 17)
 #   bash benchmarks/gpu_run.sh ab         steps of this tree against an earlier one, alternated on one
 #                                         machine: put the earlier tree's package in .device/base
 #                                         (git archive <commit> fisedit_compiler | tar -x -C
@@ -37,7 +40,7 @@
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|ab" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|split-ab|ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|split-ab|ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -89,6 +92,12 @@ case "$1" in
           done
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+  split-ab) ab="--model sd15 --areas ${AREAS:-0.01,0.05,0.2} --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes= --profile-area 0.05"
+          for per_sm in 2 4 8; do
+            split="import sys; import fisedit_compiler.execution.kernels.attention as a; a.PROGRAMS_PER_SM = $per_sm; from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
+            echo "PROGRAMS_PER_SM=$per_sm" | tee -a "$OUT/bench.log"
+            python3 -c "$split" bench --reps 10 $ab --out "$OUT/split_$per_sm" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
+          done ;;
   ab)     test -d .device/base/fisedit_compiler || { echo "no earlier tree in .device/base" >&2; exit 2; }
           ab="--model ${MODEL:-sd15} --areas ${AREAS:-0.01,0.05,0.2} --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
           out=$(cd "$OUT" && pwd)

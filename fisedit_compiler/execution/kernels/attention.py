@@ -13,7 +13,6 @@ is never materialised.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -238,13 +237,18 @@ def attention_reference(q, k, v, scale=None, k_recorded=None, v_recorded=None,
     return (torch.softmax(scores, dim=-1) @ v.to(acc)).to(q.dtype)
 
 
-@functools.lru_cache
+# Programs per SM the key split aims at. Each program streams its keys in a dependent chain
+# (load, two dots, the running softmax), so a short chain per program, not only a full GPU,
+# bounds a small edit's attention.
+PROGRAMS_PER_SM = 2
+
+
 def _target_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: two per SM on a GPU; few under the interpreter, so
-    toy tests take the split path too."""
+    """Programs that keep the device busy: ``PROGRAMS_PER_SM`` per SM on a GPU; few under the
+    interpreter, so toy tests take the split path too."""
     if INTERPRET:
         return 16
-    return 2 * multiprocessors(device)
+    return PROGRAMS_PER_SM * multiprocessors(device)
 
 
 # Keys per split are a multiple of this (which every BLOCK_N divides), so no block of keys

@@ -31,7 +31,7 @@
 #                                         text-attention kernel's GPU tests
 #   bash benchmarks/gpu_run.sh split-ab   sd15 steps with the self-attention's key split aiming at
 #                                         2, 4 and 8 programs per SM (kernels.attention
-#                                         PROGRAMS_PER_SM), 5% profiles of each (issue 17)
+#                                         PROGRAMS_PER_SM), twice each, 5% profiles (issue 17)
 #   bash benchmarks/gpu_run.sh ab         steps of this tree against an earlier one, alternated on one
 #                                         machine: put the earlier tree's package in .device/base
 #                                         (git archive <commit> fisedit_compiler | tar -x -C
@@ -92,11 +92,14 @@ case "$1" in
           done
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
-  split-ab) ab="--model sd15 --areas ${AREAS:-0.01,0.05,0.2} --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes= --profile-area 0.05"
-          for per_sm in 2 4 8; do
-            split="import sys; import fisedit_compiler.execution.kernels.attention as a; a.PROGRAMS_PER_SM = $per_sm; from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
-            echo "PROGRAMS_PER_SM=$per_sm" | tee -a "$OUT/bench.log"
-            python3 -c "$split" bench --reps 10 $ab --out "$OUT/split_$per_sm" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
+  split-ab) ab="--model sd15 --areas ${AREAS:-0.01,0.05,0.2} --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="
+          for run in 1 2; do
+            for per_sm in 2 4 8; do
+              profile=$([ $run = 1 ] && echo "--profile-area 0.05")
+              split="import sys; import fisedit_compiler.execution.kernels.attention as a; a.PROGRAMS_PER_SM = $per_sm; from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
+              echo "PROGRAMS_PER_SM=$per_sm run $run" | tee -a "$OUT/bench.log"
+              python3 -c "$split" bench --reps 10 $ab $profile --out "$OUT/split_${per_sm}_$run" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
+            done
           done ;;
   ab)     test -d .device/base/fisedit_compiler || { echo "no earlier tree in .device/base" >&2; exit 2; }
           ab="--model ${MODEL:-sd15} --areas ${AREAS:-0.01,0.05,0.2} --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes="

@@ -83,7 +83,9 @@ def resnet_convs(second_user=False, residual=False, divisor=False, temb=True, bi
     if temb:
         summed = graph.call_function(ir.add, (first, graph.placeholder("temb")))
     if residual:
-        summed = graph.call_function(ir.add, (summed, x))
+        # A residual is computed from the plan (a constant added would be a time embedding).
+        shortcut = graph.call_function(ops.sparse_conv2d, (x, *conv_args))
+        summed = graph.call_function(ir.add, (summed, shortcut))
     if divisor:
         summed = graph.call_function(ir.div, (summed, 2.0))
     norm = graph.call_function(ops.sparse_group_norm,
@@ -94,7 +96,8 @@ def resnet_convs(second_user=False, residual=False, divisor=False, temb=True, bi
     return linted(fuse, fx.GraphModule(torch.nn.Module(), graph))
 
 
-@pytest.mark.parametrize("temb, bias", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("temb, bias", [(True, True), (True, False), (False, True),
+                                        (False, False)])
 def test_bias_and_time_embedding_move_into_the_next_convs_norm(temb, bias):
     first, second = convs(resnet_convs(temb=temb, bias=bias))
     assert second.args[0] is first and second.kwargs["norm"] is not None
@@ -105,14 +108,19 @@ def test_bias_and_time_embedding_move_into_the_next_convs_norm(temb, bias):
 
 
 @pytest.mark.parametrize("case", ["second user", "residual", "divisor"])
-def test_time_embedding_stays_where_moving_it_would_change_a_value(case):
-    """A sum that something else reads, or a residual added or a division after the time
-    embedding (the norm would see them without it), keeps the bias and the add in the first
-    conv."""
-    first, second = convs(resnet_convs(second_user=case == "second user",
-                                       residual=case == "residual",
-                                       divisor=case == "divisor"))
-    assert first.kwargs["temb"].name == "temb" and args_of(first)["bias"].name == "b"
+@pytest.mark.parametrize("temb", [True, False])
+def test_bias_and_time_embedding_stay_where_moving_them_would_change_a_value(case, temb):
+    """A sum that something else reads, or a residual added or a division after the bias and
+    time embedding (the norm would see them without it), keeps both in the first conv."""
+    built = resnet_convs(second_user=case == "second user", residual=case == "residual",
+                         divisor=case == "divisor", temb=temb)
+    first = next(conv for conv in convs(built) if args_of(conv)["bias"] is not None)
+    second = next(conv for conv in convs(built) if conv.kwargs.get("norm") is not None)
+    assert args_of(first)["bias"].name == "b"
+    assert (first.kwargs["temb"].name if temb else first.kwargs.get("temb")) == \
+        ("temb" if temb else None)
+    if case == "residual":
+        assert first.kwargs["residual"].target is ops.sparse_conv2d
     assert second.kwargs.get("input_temb") is None and second.kwargs.get("input_bias") is None
 
 

@@ -139,7 +139,8 @@ def test_linear_accumulate_lowering_adds_in_place_where_it_can(into_layout):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("temb_shape", [(2, 6, 1), (1, 6, 1), (2, 6, 5), None])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_conv_with_a_time_embedding_before_its_norm_matches_the_reference(temb_shape, with_bias):
+def test_conv_with_a_bias_and_time_embedding_before_its_norm_matches_the_reference(temb_shape,
+                                                                                  with_bias):
     """``input_temb`` and ``input_bias`` (moved by passes.fuse from the conv before): the
     group-norm kernel adds a per-channel time embedding and the bias; a time embedding of any
     other shape runs the conv's reference. Both equal the reference."""

@@ -89,7 +89,8 @@ def _move_epilogue_into_norm(producer: fx.Node, conv: fx.Node) -> None:
             or fused.get("out_divisor") is not None):
         return
     set_args(producer, temb=None, bias=None)
-    set_args(conv, input_temb=temb, input_bias=bias)
+    moved = {"input_temb": temb, "input_bias": bias}
+    set_args(conv, **{name: value for name, value in moved.items() if value is not None})
 
 
 def _fuse_epilogue(graph: fx.Graph, conv: fx.Node, positional: set) -> None:

@@ -14,8 +14,9 @@ block adds to its first conv's output and that conv's bias, which ``passes.fuse`
 from the conv's epilogue (one launch fewer per block, and a GEMM with no bias to add).
 
 ``group_norm`` does both steps, and optionally a SiLU, in one launch: one program per
-(batch, group) sums its group's slice of ``x``, finishes the statistics, then reads the slice
-again (from L2) to write the output. A U-Net step runs dozens of group norms, each too small
+(batch, group) sums its group's slice of ``x``, finishes the statistics, then writes the
+output, from registers for the slice's first block (all of it on a small edit) and reading
+the rest again (from L2). A U-Net step runs dozens of group norms, each too small
 to fill the GPU, so the launches rather than the bytes bound them. The reduction is
 deterministic (a fixed order per program, no atomics) and needs no host synchronisation.
 
@@ -34,10 +35,9 @@ from . import HAS_TRITON, INTERPRET, launch_options
 
 POLICIES = ("incremental", "cached")
 
-# Elements of x a program holds at once, and its widest channel block: register-sized on the
-# GPU; small under the interpreter so toy tests still loop over several blocks.
+# Elements of x a program holds at once: register-sized on the GPU; small under the
+# interpreter so toy tests still loop over several blocks.
 _BLOCK_ELEMENTS = 128 if INTERPRET else 4096
-_MAX_BLOCK_C = 8 if INTERPRET else 128
 # Recorded tile sums summed at once (SD1.5 levels have 64 tiles).
 _BLOCK_TILES = 8 if INTERPRET else 128
 # The grid is only B * G programs (64 in SD1.5), each streaming a whole group: more warps per
@@ -51,117 +51,175 @@ if HAS_TRITON:
     from . import wait_for_previous_kernel
 
     @triton.jit
-    def _sum_pair(first, second, index, length, GATHER: tl.constexpr, BLOCK: tl.constexpr):
-        """Sums of ``first[i]`` and ``second[i]`` over i < length, or over i = index[j] for
-        j < length with GATHER."""
-        total_first = tl.zeros([BLOCK], tl.float32)
-        total_second = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, length, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < length
-            if GATHER:
-                offs = tl.load(index + offs, mask=mask, other=0)
-            total_first += tl.load(first + offs, mask=mask, other=0.0)
-            total_second += tl.load(second + offs, mask=mask, other=0.0)
-        return tl.sum(total_first), tl.sum(total_second)
+    def _split_index(e, channels_per_group, positions, CHANNEL_FAST: tl.constexpr):
+        """(channel, position) of the group's flattened elements ``e``: channel-fast order for a
+        channel-fast tensor, position-fast otherwise, so neighbouring elements are neighbours
+        in memory."""
+        if CHANNEL_FAST:
+            channel = e % channels_per_group
+            position = e // channels_per_group
+        else:
+            channel = e // positions
+            position = e % positions
+        return channel, position
 
     @triton.jit
-    def _channel_add(add, add_bias, offs_c, c_mask, HAS_ADD: tl.constexpr,
-                     HAS_ADD_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
-        """What is added to x's channels ``offs_c`` before the norm, in fp32 (zero if nothing)."""
-        total = tl.zeros([BLOCK_C], tl.float32)
+    def _channel_add(add, add_bias, channel, mask, HAS_ADD: tl.constexpr,
+                     HAS_ADD_BIAS: tl.constexpr):
+        """What is added to the elements of ``channel`` before the norm, in fp32 (zero if
+        nothing)."""
+        total = tl.zeros(channel.shape, tl.float32)
         if HAS_ADD:
-            total += tl.load(add + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            total += tl.load(add + channel, mask=mask, other=0.0).to(tl.float32)
         if HAS_ADD_BIAS:
-            total += tl.load(add_bias + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            total += tl.load(add_bias + channel, mask=mask, other=0.0).to(tl.float32)
         return total
+
+    @triton.jit
+    def _affine(weight, bias, channel, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The norm's weight and bias at ``channel``, in fp32 (one and zero without them)."""
+        channel_weight = tl.full(channel.shape, 1.0, tl.float32)
+        channel_bias = tl.zeros(channel.shape, tl.float32)
+        if HAS_WEIGHT:
+            channel_weight = tl.load(weight + channel, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            channel_bias = tl.load(bias + channel, mask=mask, other=0.0).to(tl.float32)
+        return channel_weight, channel_bias
+
+    @triton.jit
+    def _recorded_sums(tile_sum, tile_sum_sq, active_tiles, tile_count, active_count,
+                       BLOCK: tl.constexpr):
+        """The recorded sums (and sums of squares) of every tile minus those of the active
+        tiles ``active_tiles[:active_count]``, as the reference computes them. The first block
+        of each is loaded before any loop, with nothing waiting on it in between, so its loads
+        overlap the caller's."""
+        offs = tl.arange(0, BLOCK)
+        every = offs < tile_count
+        active = offs < active_count
+        ids = tl.load(active_tiles + offs, mask=active, other=0)
+        all_sum = tl.load(tile_sum + offs, mask=every, other=0.0)
+        all_sum_sq = tl.load(tile_sum_sq + offs, mask=every, other=0.0)
+        old_sum = tl.load(tile_sum + ids, mask=active, other=0.0)
+        old_sum_sq = tl.load(tile_sum_sq + ids, mask=active, other=0.0)
+        for start in range(BLOCK, tile_count, BLOCK):
+            more = start + tl.arange(0, BLOCK)
+            all_sum += tl.load(tile_sum + more, mask=more < tile_count, other=0.0)
+            all_sum_sq += tl.load(tile_sum_sq + more, mask=more < tile_count, other=0.0)
+        for start in range(BLOCK, active_count, BLOCK):
+            more = start + tl.arange(0, BLOCK)
+            more_ids = tl.load(active_tiles + more, mask=more < active_count, other=0)
+            old_sum += tl.load(tile_sum + more_ids, mask=more < active_count, other=0.0)
+            old_sum_sq += tl.load(tile_sum_sq + more_ids, mask=more < active_count, other=0.0)
+        return tl.sum(all_sum) - tl.sum(old_sum), tl.sum(all_sum_sq) - tl.sum(old_sum_sq)
+
+    @triton.jit
+    def _normalize(out, values, added, channel_weight, channel_bias, channel, position, mask,
+                   group_mean, rstd, so_c, so_p, SILU: tl.constexpr):
+        """Store ``(values + added) * scale + shift`` (then SiLU), the add folded into the
+        shift as the reference folds it."""
+        scale = channel_weight * rstd
+        shift = channel_bias - group_mean * scale + added * scale
+        y = values * scale + shift
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(out + channel * so_c + position * so_p, y.to(out.dtype.element_ty), mask=mask)
 
     # The number of positions and of active tiles change with every mask: not specialising on
     # them keeps a new mask from compiling the kernel again.
     @triton.jit(do_not_specialize=["positions", "active_count"])
     def _group_norm_kernel(x, out, mean, variance, tile_sum, tile_sum_sq, tile_count,
                            active_tiles, active_count, active_counts, weight, bias, add, add_bias,
-                           groups,
-                           channels_per_group, positions, count, eps, s_b, s_c, s_p, so_b, so_c,
-                           so_p, INCREMENTAL: tl.constexpr, COUNTED: tl.constexpr,
+                           groups, channels_per_group, positions, count, eps, s_b, s_c, s_p,
+                           so_b, so_c, so_p, INCREMENTAL: tl.constexpr, COUNTED: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_ADD: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr,
-                           BLOCK_C: tl.constexpr,
-                           BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+                           CHANNEL_FAST: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         """Program b * G + g: the group's mean and variance, then
         ``out = x * scale[b, c] + shift[b, c]`` (then SiLU) over the group's channels and
         positions, in fp32. With HAS_ADD, ``x`` stands for ``x + add[b, c]`` throughout, and
         with HAS_ADD_BIAS for ``x + add_bias[c]``.
 
-        Incremental statistics sum ``x - mean`` and its square over the slice in
-        ``[BLOCK_C, BLOCK_P]`` blocks and add the recorded sums of the inactive tiles
-        (all tiles minus the active ones, as the reference does). With COUNTED the sums
-        cover only the first ``active_counts[0]`` positions and ``active_counts[1]`` tiles (a
-        padded plan's); the output covers every position."""
+        The group's (channel, position) elements are taken ``BLOCK`` at a time in one flat
+        index (no lanes lost to a channel count that is not a power of two). Incremental
+        statistics sum ``x - mean`` and its square over them and add the recorded sums of the
+        inactive tiles (all tiles minus the active ones, as the reference does). With COUNTED
+        the sums cover only the first ``active_counts[0]`` positions and ``active_counts[1]``
+        tiles (a padded plan's); the output covers every position.
+
+        Why the first block is apart: a small edit's group fits in one block, and the kernel is
+        bound by its chain of memory round trips, not by bytes. Its values, what is added to
+        them, the norm's weight and bias and the recorded tile sums are all loaded before
+        anything waits on them, and the block is normalised from registers: two dependent
+        round trips (the tile ids, then the tiles they name) where a loop per phase, with
+        the tile sums after the values, made five or more (benchmarks/RESULTS.md, session
+        29)."""
         wait_for_previous_kernel(PDL)
         batch_group = tl.program_id(0)
         summed_positions = positions
         if COUNTED:
             summed_positions = tl.load(active_counts)
             active_count = tl.load(active_counts + 1)
+        batch = batch_group // groups
         first_channel = (batch_group % groups) * channels_per_group
-        x += (batch_group // groups) * s_b + first_channel * s_c
-        out += (batch_group // groups) * so_b + first_channel * so_c
-        add += (batch_group // groups) * groups * channels_per_group + first_channel
+        x += batch * s_b + first_channel * s_c
+        out += batch * so_b + first_channel * so_c
+        add += batch * groups * channels_per_group + first_channel
         add_bias += first_channel
+        weight += first_channel
+        bias += first_channel
+        elements = channels_per_group * positions
+        e = tl.arange(0, BLOCK)
+        channel, position = _split_index(e, channels_per_group, positions, CHANNEL_FAST)
+        in_group = e < elements
+        values = tl.load(x + channel * s_c + position * s_p, mask=in_group,
+                         other=0.0).to(tl.float32)
+        added = _channel_add(add, add_bias, channel, in_group, HAS_ADD, HAS_ADD_BIAS)
+        channel_weight, channel_bias = _affine(weight, bias, channel, in_group, HAS_WEIGHT,
+                                               HAS_BIAS)
         group_mean = tl.load(mean + batch_group)
         if INCREMENTAL:
-            acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-            acc_sq = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-            for c0 in range(0, channels_per_group, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_mask = offs_c < channels_per_group
-                channel_add = _channel_add(add, add_bias, offs_c, c_mask, HAS_ADD, HAS_ADD_BIAS,
-                                           BLOCK_C)
-                for p0 in range(0, summed_positions, BLOCK_P):
-                    offs_p = p0 + tl.arange(0, BLOCK_P)
-                    mask = c_mask[:, None] & (offs_p < summed_positions)[None, :]
-                    values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p,
-                                     mask=mask, other=0.0).to(tl.float32)
-                    shifted = tl.where(mask, values + channel_add[:, None] - group_mean, 0.0)
-                    acc += shifted
-                    acc_sq += shifted * shifted
-            tile_sum += batch_group * tile_count
-            tile_sum_sq += batch_group * tile_count
-            all_sum, all_sum_sq = _sum_pair(tile_sum, tile_sum_sq, active_tiles, tile_count,
-                                            False, BLOCK_T)
-            old_sum, old_sum_sq = _sum_pair(tile_sum, tile_sum_sq, active_tiles, active_count,
-                                            True, BLOCK_T)
-            offset = (all_sum - old_sum + tl.sum(acc)) / count
-            group_var = (all_sum_sq - old_sum_sq + tl.sum(acc_sq)) / count - offset * offset
+            recorded_sum, recorded_sum_sq = _recorded_sums(
+                tile_sum + batch_group * tile_count, tile_sum_sq + batch_group * tile_count,
+                active_tiles, tile_count, active_count, BLOCK_T)
+            counted = in_group & (position < summed_positions)
+            shifted = tl.where(counted, values + added - group_mean, 0.0)
+            acc = shifted
+            acc_sq = shifted * shifted
+            for start in range(BLOCK, elements, BLOCK):
+                more = start + tl.arange(0, BLOCK)
+                more_channel, more_position = _split_index(more, channels_per_group, positions,
+                                                           CHANNEL_FAST)
+                more_counted = (more < elements) & (more_position < summed_positions)
+                more_values = tl.load(x + more_channel * s_c + more_position * s_p,
+                                      mask=more_counted, other=0.0).to(tl.float32)
+                more_shifted = tl.where(
+                    more_counted, more_values - group_mean + _channel_add(
+                        add, add_bias, more_channel, more_counted, HAS_ADD, HAS_ADD_BIAS), 0.0)
+                acc += more_shifted
+                acc_sq += more_shifted * more_shifted
+            offset = (recorded_sum + tl.sum(acc)) / count
+            group_var = (recorded_sum_sq + tl.sum(acc_sq)) / count - offset * offset
             group_mean += offset
         else:
             group_var = tl.load(variance + batch_group)
         rstd = 1.0 / tl.sqrt(group_var + eps)
-        for c0 in range(0, channels_per_group, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_mask = offs_c < channels_per_group
-            channel_scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-            if HAS_WEIGHT:
-                channel_scale *= tl.load(weight + first_channel + offs_c, mask=c_mask,
-                                         other=0.0).to(tl.float32)
-            channel_shift = -group_mean * channel_scale
-            if HAS_BIAS:
-                channel_shift += tl.load(bias + first_channel + offs_c, mask=c_mask,
-                                         other=0.0).to(tl.float32)
-            # (x + add) * scale + shift, with the add folded into the shift.
-            channel_shift += _channel_add(add, add_bias, offs_c, c_mask, HAS_ADD, HAS_ADD_BIAS,
-                                          BLOCK_C) * channel_scale
-            for p0 in range(0, positions, BLOCK_P):
-                offs_p = p0 + tl.arange(0, BLOCK_P)
-                mask = c_mask[:, None] & (offs_p < positions)[None, :]
-                values = tl.load(x + offs_c[:, None] * s_c + offs_p[None, :] * s_p, mask=mask,
-                                 other=0.0).to(tl.float32)
-                y = values * channel_scale[:, None] + channel_shift[:, None]
-                if SILU:
-                    y = y * tl.sigmoid(y)
-                tl.store(out + offs_c[:, None] * so_c + offs_p[None, :] * so_p,
-                         y.to(out.dtype.element_ty), mask=mask)
+        _normalize(out, values, added, channel_weight, channel_bias, channel, position, in_group,
+                   group_mean, rstd, so_c, so_p, SILU)
+        for start in range(BLOCK, elements, BLOCK):
+            more = start + tl.arange(0, BLOCK)
+            more_channel, more_position = _split_index(more, channels_per_group, positions,
+                                                       CHANNEL_FAST)
+            more_mask = more < elements
+            more_values = tl.load(x + more_channel * s_c + more_position * s_p, mask=more_mask,
+                                  other=0.0).to(tl.float32)
+            more_weight, more_bias = _affine(weight, bias, more_channel, more_mask, HAS_WEIGHT,
+                                             HAS_BIAS)
+            _normalize(out, more_values,
+                       _channel_add(add, add_bias, more_channel, more_mask, HAS_ADD,
+                                    HAS_ADD_BIAS),
+                       more_weight, more_bias, more_channel, more_position, more_mask,
+                       group_mean, rstd, so_c, so_p, SILU)
 
 
 def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add=None,
@@ -304,7 +362,6 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
         # The cached statistics read no tile sums: placeholders.
         tile_sum = tile_sum_sq = active_tiles = mean
         tile_count = active_count = 0
-    block_c = min(triton.next_power_of_2(per_group), _MAX_BLOCK_C)
     counted = incremental and active_counts is not None
     _group_norm_kernel[(batch * groups,)](
         x, out, mean, variance, tile_sum, tile_sum_sq, tile_count, active_tiles, active_count,
@@ -316,7 +373,6 @@ def group_norm(x, stats, active_tiles, count, groups, weight, bias, eps, policy,
         *x.stride(), *out.stride(),
         INCREMENTAL=incremental, COUNTED=counted, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK_C=block_c,
-        BLOCK_P=_BLOCK_ELEMENTS // block_c, BLOCK_T=_BLOCK_TILES,
-        num_warps=_NUM_WARPS, **launch_options(x))
+        HAS_ADD_BIAS=add_bias is not None, SILU=silu, CHANNEL_FAST=x.stride(1) < x.stride(2),
+        BLOCK=_BLOCK_ELEMENTS, BLOCK_T=_BLOCK_TILES, num_warps=_NUM_WARPS, **launch_options(x))
     return out

@@ -14,10 +14,10 @@ block adds to its first conv's output and that conv's bias, which ``passes.fuse`
 from the conv's epilogue (one launch fewer per block, and a GEMM with no bias to add).
 
 ``group_norm`` does both steps, and optionally a SiLU, in one launch: one program per
-(batch, group) sums its group's slice of ``x``, finishes the statistics, then writes the
-output, from registers for the slice's first block (all of it on a small edit) and reading
-the rest again (from L2). A U-Net step runs dozens of group norms, each too small
-to fill the GPU, so the launches rather than the bytes bound them. The reduction is
+(batch, group) sums its group's slice of ``x`` (incremental statistics), finishes the
+statistics, then writes the output, from registers for the slice's first block (all of it on
+a small edit) and reading the rest again (from L2). A U-Net step runs dozens of group norms,
+each too small to fill the GPU, so the launches rather than the bytes bound them. The reduction is
 deterministic (a fixed order per program, no atomics) and needs no host synchronisation.
 
 The torch specification is split the same way: ``group_norm_scale_shift_reference`` (the
@@ -62,6 +62,18 @@ if HAS_TRITON:
             channel = e // positions
             position = e % positions
         return channel, position
+
+    @triton.jit
+    def _load_block(x, start, elements, channels_per_group, positions, s_c, s_p,
+                    CHANNEL_FAST: tl.constexpr, BLOCK: tl.constexpr):
+        """The group's elements ``[start, start + BLOCK)``: their channel, position, whether
+        they are in the group, and their values in fp32."""
+        e = start + tl.arange(0, BLOCK)
+        channel, position = _split_index(e, channels_per_group, positions, CHANNEL_FAST)
+        in_group = e < elements
+        values = tl.load(x + channel * s_c + position * s_p, mask=in_group,
+                         other=0.0).to(tl.float32)
+        return channel, position, in_group, values
 
     @triton.jit
     def _channel_add(add, add_bias, channel, mask, HAS_ADD: tl.constexpr,
@@ -150,7 +162,8 @@ if HAS_TRITON:
         The first block is apart: a small edit's group fits in one block, whose values, adds,
         norm weight and bias and recorded tile sums are all loaded before anything waits on
         them, and which is normalised from registers (two dependent round trips to memory,
-        the tile ids then the tiles they name, where a loop per phase made five or more).
+        the tile ids then the tiles they name, three for a padded plan, whose active tile
+        count is read first; a loop per phase made five or more).
         Measured on SD1.5 at 5% (benchmarks/RESULTS.md, session 29) that took the step's 61
         norms from 0.363 to 0.356 ms only: the chain of round trips is not what bounds them."""
         wait_for_previous_kernel(PDL)
@@ -168,11 +181,8 @@ if HAS_TRITON:
         weight += first_channel
         bias += first_channel
         elements = channels_per_group * positions
-        e = tl.arange(0, BLOCK)
-        channel, position = _split_index(e, channels_per_group, positions, CHANNEL_FAST)
-        in_group = e < elements
-        values = tl.load(x + channel * s_c + position * s_p, mask=in_group,
-                         other=0.0).to(tl.float32)
+        channel, position, in_group, values = _load_block(
+            x, 0, elements, channels_per_group, positions, s_c, s_p, CHANNEL_FAST, BLOCK)
         added = _channel_add(add, add_bias, channel, in_group, HAS_ADD, HAS_ADD_BIAS)
         channel_weight, channel_bias = _affine(weight, bias, channel, in_group, HAS_WEIGHT,
                                                HAS_BIAS)
@@ -186,15 +196,13 @@ if HAS_TRITON:
             acc = shifted
             acc_sq = shifted * shifted
             for start in range(BLOCK, elements, BLOCK):
-                more = start + tl.arange(0, BLOCK)
-                more_channel, more_position = _split_index(more, channels_per_group, positions,
-                                                           CHANNEL_FAST)
-                more_counted = (more < elements) & (more_position < summed_positions)
-                more_values = tl.load(x + more_channel * s_c + more_position * s_p,
-                                      mask=more_counted, other=0.0).to(tl.float32)
-                more_shifted = tl.where(
-                    more_counted, more_values - group_mean + _channel_add(
-                        add, add_bias, more_channel, more_counted, HAS_ADD, HAS_ADD_BIAS), 0.0)
+                more_channel, more_position, more_in_group, more_values = _load_block(
+                    x, start, elements, channels_per_group, positions, s_c, s_p, CHANNEL_FAST,
+                    BLOCK)
+                more_counted = more_in_group & (more_position < summed_positions)
+                more_added = _channel_add(add, add_bias, more_channel, more_counted, HAS_ADD,
+                                          HAS_ADD_BIAS)
+                more_shifted = tl.where(more_counted, more_values + more_added - group_mean, 0.0)
                 acc += more_shifted
                 acc_sq += more_shifted * more_shifted
             offset = (recorded_sum + tl.sum(acc)) / count
@@ -206,19 +214,14 @@ if HAS_TRITON:
         _normalize(out, values, added, channel_weight, channel_bias, channel, position, in_group,
                    group_mean, rstd, so_c, so_p, SILU)
         for start in range(BLOCK, elements, BLOCK):
-            more = start + tl.arange(0, BLOCK)
-            more_channel, more_position = _split_index(more, channels_per_group, positions,
-                                                       CHANNEL_FAST)
-            more_mask = more < elements
-            more_values = tl.load(x + more_channel * s_c + more_position * s_p, mask=more_mask,
-                                  other=0.0).to(tl.float32)
-            more_weight, more_bias = _affine(weight, bias, more_channel, more_mask, HAS_WEIGHT,
-                                             HAS_BIAS)
-            _normalize(out, more_values,
-                       _channel_add(add, add_bias, more_channel, more_mask, HAS_ADD,
-                                    HAS_ADD_BIAS),
-                       more_weight, more_bias, more_channel, more_position, more_mask,
-                       group_mean, rstd, so_c, so_p, SILU)
+            more_channel, more_position, more_in_group, more_values = _load_block(
+                x, start, elements, channels_per_group, positions, s_c, s_p, CHANNEL_FAST, BLOCK)
+            more_weight, more_bias = _affine(weight, bias, more_channel, more_in_group,
+                                             HAS_WEIGHT, HAS_BIAS)
+            more_added = _channel_add(add, add_bias, more_channel, more_in_group, HAS_ADD,
+                                      HAS_ADD_BIAS)
+            _normalize(out, more_values, more_added, more_weight, more_bias, more_channel,
+                       more_position, more_in_group, group_mean, rstd, so_c, so_p, SILU)
 
 
 def _check_scale_shift(x, stats, active_tiles, groups, weight, bias, policy, add=None,

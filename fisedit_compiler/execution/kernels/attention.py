@@ -237,9 +237,10 @@ def attention_reference(q, k, v, scale=None, k_recorded=None, v_recorded=None,
     return (torch.softmax(scores, dim=-1) @ v.to(acc)).to(q.dtype)
 
 
-# Programs per SM the key split aims at. Each program streams its keys in a dependent chain
-# (load, two dots, the running softmax), so a short chain per program, not only a full GPU,
-# bounds a small edit's attention.
+# Programs per SM the key split aims at. More splits shorten each program's chain of key
+# blocks but give the merge kernel more partial rows to read: on SD1.5 at 5% (H100) 4 or 8
+# per SM took the self-attention kernels 0.02-0.03 ms less and the step no less than 2 did
+# (benchmarks/RESULTS.md, session 29); ``gpu_run.sh split-ab`` times them.
 PROGRAMS_PER_SM = 2
 
 

@@ -46,6 +46,11 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 bench() { python3 -m fisedit_compiler.cli bench --reps 10 "$@" 2>&1 | grep -v -i "warn" | tee -a "$OUT/bench.log"; }
+# bench with one module constant set first: bench_with MODULE NAME VALUE ARGS...
+bench_with() {
+  python3 -c "import sys, importlib; setattr(importlib.import_module('$1'), '$2', $3); from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))" \
+    bench --reps 10 "${@:4}" 2>&1 | grep -v -i "warn" | tee -a "$OUT/bench.log"
+}
 case "$1" in
   tests)  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests.log" ;;
   sd15)   bench --model sd15 --areas 0.01,0.05,0.2 --no-reference --no-calibrate --profile-area 0.05 --out "$OUT/sd15" ;;
@@ -85,10 +90,9 @@ case "$1" in
           # with unfolded runs on one warm machine, with the 5% profiles (issue 17; SD1.5's
           # A/B is `bench --no-fold-text-queries` against the default).
           ab="--model sdxl --areas 0.05 --layouts blob --no-reference --no-calibrate --no-prepare --compile-modes= --profile-area 0.05"
-          fold_all="import sys; import fisedit_compiler.passes.fold_text_queries as f; f.MAX_EXTRA_KEY_BYTES = 1 << 40; from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
           for run in 1 2; do
-            python3 -m fisedit_compiler.cli bench --reps 10 $ab --no-fold-text-queries --out "$OUT/unfolded_sdxl_$run" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
-            python3 -c "$fold_all" bench --reps 10 $ab --out "$OUT/folded_sdxl_$run" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
+            bench $ab --no-fold-text-queries --out "$OUT/unfolded_sdxl_$run"
+            bench_with fisedit_compiler.passes.fold_text_queries MAX_EXTRA_KEY_BYTES "1 << 40" $ab --out "$OUT/folded_sdxl_$run"
           done
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/extra/*.whl
           python3 -m pytest -q -p no:cacheprovider tests/test_kernels_text_attention.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
@@ -96,9 +100,8 @@ case "$1" in
           for run in 1 2; do
             for per_sm in 2 4 8; do
               profile=$([ $run = 1 ] && echo "--profile-area 0.05")
-              split="import sys; import fisedit_compiler.execution.kernels.attention as a; a.PROGRAMS_PER_SM = $per_sm; from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
               echo "PROGRAMS_PER_SM=$per_sm run $run" | tee -a "$OUT/bench.log"
-              python3 -c "$split" bench --reps 10 $ab $profile --out "$OUT/split_${per_sm}_$run" 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log"
+              bench_with fisedit_compiler.execution.kernels.attention PROGRAMS_PER_SM "$per_sm" $ab $profile --out "$OUT/split_${per_sm}_$run"
             done
           done ;;
   ab)     test -d .device/base/fisedit_compiler || { echo "no earlier tree in .device/base" >&2; exit 2; }

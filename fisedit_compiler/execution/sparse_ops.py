@@ -90,8 +90,9 @@ def sparse_conv2d(x, recorded, plan: MaskPlan, level_in: int, level_out: int, we
     Fused prologue (applied to the new values only; the recorded input is already normalised):
     ``+ input_temb`` and ``+ input_bias`` (the time embedding and the bias ``[C]`` of the conv
     before, moved here by ``passes.fuse``; only with ``norm``), ``norm = (stats, groups, weight,
-    bias, eps, policy)`` runs ``sparse_group_norm``, and ``silu`` a SiLU. Fused epilogue, in this order: ``+ temb`` (a
-    global value broadcast over positions), ``residual +``, ``/ out_divisor``.
+    bias, eps, policy)`` runs ``sparse_group_norm``, and ``silu`` a SiLU. Fused epilogue, in
+    this order: ``+ temb`` (a global value broadcast over positions), ``residual +``,
+    ``/ out_divisor``.
     """
     if input_temb is not None:
         x = x + input_temb

@@ -17,7 +17,7 @@ Errors are max |result - reference| against the module's ``*_reference`` (fp32 m
   torch reference vs dense F.group_norm + F.silu;
 * add_layer_norm and GEGLU on the compact tokens: Triton vs the unfused torch ops.
 
-    python benchmarks/micro_attention_norm.py [--json OUT]
+    python benchmarks/micro_attention_norm.py [--ops attention,group_norm,tokens] [--json OUT]
 
 Needs CUDA, torch and triton (no diffusers).
 """
@@ -163,6 +163,9 @@ def bench_tokens():
     return rows
 
 
+BENCHES = {"attention": bench_attention, "group_norm": bench_group_norm, "tokens": bench_tokens}
+
+
 def print_table(rows):
     """GPU times (graph replays) with Triton's speedups, then eager wall clock per call."""
     columns = [("triton_ms", "triton"), ("torch_ms", "torch"), ("dense_ms", "dense"),
@@ -191,12 +194,18 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows and the environment to this file")
+    parser.add_argument("--ops", default=",".join(BENCHES),
+                        help=f"which ops to time, comma-separated (default: all of {list(BENCHES)})")
     args = parser.parse_args()
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(BENCHES))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {list(BENCHES)}")
     if not torch.cuda.is_available():
         raise SystemExit("micro_attention_norm needs a CUDA device")
     torch.manual_seed(0)
     with torch.no_grad():
-        rows = bench_attention() + bench_group_norm() + bench_tokens()
+        rows = [row for op in ops for row in BENCHES[op]()]
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

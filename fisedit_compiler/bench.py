@@ -346,6 +346,7 @@ def _profile_row(fast, cache, inputs: dict, mask: torch.Tensor, row: dict, reps:
         log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x [{name}]")
     for entry in profile["top"]:
         log(f"  {entry['ms_per_step']:7.3f} ms {entry['calls_per_step']:5.0f}x "
+            f"{entry['us_min']:5.1f} / {entry['us_median']:5.1f} / {entry['us_max']:5.1f} us "
             f"{entry['kernel']}")
     return profile
 
@@ -393,8 +394,9 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
 
     Runs ``engine`` without CUDA graphs under ``torch.profiler`` (a replayed graph hides its
     kernels) and reports per step: the number of kernel launches, the summed GPU kernel time,
-    and the top kernels by GPU time. Comparing the summed kernel time with the replayed step's
-    latency separates kernel work from launch gaps and host work. The profiled calls are the
+    and the top kernels by GPU time with their shortest, median and longest launch. Comparing
+    the summed kernel time with the replayed step's latency separates kernel work from launch
+    gaps and host work. The profiled calls are the
     later steps of one edit pass (``edit_pass``), as the timed ones are: a pass's first step
     also checks the weights and loads the pass constants, work of the pass, not of a step.
     """
@@ -409,26 +411,33 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
         for _ in range(calls):
             run()
         torch.cuda.synchronize()
-    kernels: dict[str, list] = {}
+    durations: dict[str, list[float]] = {}          # kernel name -> each launch's us
     for event in prof.events():
         if event.device_type.name == "CUDA":
-            entry = kernels.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.device_time_total / 1000.0
-    launches = sum(count for count, _ in kernels.values()) / calls
-    gpu_ms = sum(ms for _, ms in kernels.values()) / calls
-    ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+            durations.setdefault(event.name, []).append(event.device_time_total)
+    launches = sum(len(times) for times in durations.values()) / calls
+    gpu_ms = sum(sum(times) for times in durations.values()) / calls / 1000.0
+    ranked = sorted(durations.items(), key=lambda item: -sum(item[1]))[:top]
     categories: dict[str, list] = {}
-    for name, (count, ms) in kernels.items():
+    for name, times in durations.items():
         entry = categories.setdefault(kernel_category(name), [0, 0.0])
-        entry[0] += count / calls
-        entry[1] += ms / calls
+        entry[0] += len(times) / calls
+        entry[1] += sum(times) / calls / 1000.0
     return {"kernels_per_step": launches, "gpu_kernel_ms_per_step": gpu_ms,
             "categories": {name: {"calls_per_step": count, "ms_per_step": ms}
                            for name, (count, ms) in sorted(categories.items(),
                                                            key=lambda item: -item[1][1])},
-            "top": [{"kernel": name[:90], "calls_per_step": count / calls,
-                     "ms_per_step": ms / calls} for name, (count, ms) in ranked]}
+            "top": [{"kernel": name[:90], "calls_per_step": len(times) / calls,
+                     "ms_per_step": sum(times) / calls / 1000.0, **_spread_us(times)}
+                    for name, times in ranked]}
+
+
+def _spread_us(times: list[float]) -> dict:
+    """The shortest, median and longest launch of a kernel, in us: one kernel serves layers
+    of every level, so a narrow spread says a fixed cost bounds it and a wide one the work."""
+    ordered = sorted(times)
+    return {"us_min": ordered[0], "us_median": ordered[len(ordered) // 2],
+            "us_max": ordered[-1]}
 
 
 def kernel_category(name: str) -> str:

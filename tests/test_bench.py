@@ -243,6 +243,10 @@ def test_the_profile_is_of_steps_inside_a_pass_not_of_a_pass_start():
     assert profile["kernels_per_step"] > 0
     names = [row["kernel"] for row in profile["top"]]
     assert not any("multi_tensor_apply" in name for name in names), names
+    for row in profile["top"]:
+        assert 0 < row["us_min"] <= row["us_median"] <= row["us_max"], row
+        per_step_us = 1000 * row["ms_per_step"]
+        assert row["us_min"] * row["calls_per_step"] <= per_step_us * (1 + 1e-6), row
 
 
 def test_the_torch_path_engines_keep_a_conv_method_they_cannot_use_out(tmp_path):

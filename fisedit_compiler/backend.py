@@ -66,7 +66,7 @@ from .compiler.capture import (check_unet, dynamo_input_name, is_module_state,
 from .compiler.pipeline import build_program, canonical_graph, describe_signature_change
 from .config import SparseConfig
 from .engine.engine import (SparseEngine, check_finite_inputs, check_ignored_inputs,
-                            check_plain_call, stock_forward)
+                            check_plain_call, input_signature, stock_forward)
 from .errors import FiseditError, UnsupportedGraphError
 from .execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from .graph_keys import INPUTS, LEVELS
@@ -376,7 +376,7 @@ class FiseditGraph:
 
     def _key(self, args) -> tuple:
         """What a canonical graph is lowered for: the inputs' signature and the numbers."""
-        return (SparseEngine.signature(self.flat_inputs(args)),
+        return (input_signature(self.flat_inputs(args)),
                 self.number_key(args))
 
     def _built_for(self, module) -> "_Built":
@@ -887,7 +887,7 @@ class _RecordState(_State):
         # Everything that refuses the call is checked before any program is built for it.
         flat = graph.flat_inputs(args)
         check_plain_call(flat)
-        signature = SparseEngine.signature(flat)
+        signature = input_signature(flat)
         if rec.cache.signature is not None and signature != rec.cache.signature:
             raise FiseditError(
                 f"U-Net call {step + 1} of this recording has other inputs than the "
@@ -1018,7 +1018,7 @@ class _EditState(_State):
                 f"{rec._interruption()}; run the "
                 "edit with the scheduler and number of inference steps of the recording")
         check_plain_call(flat)
-        signature = SparseEngine.signature(flat)
+        signature = input_signature(flat)
         if not rec.engine.has_program(signature):
             raise FiseditError(
                 "this U-Net call has other inputs than the recording: "

@@ -278,3 +278,22 @@ def test_an_input_the_forward_never_reads_is_taken_by_both_frontends(frontend):
     expected = fc.oracle.masked_dense(engine, plan, inputs, edited)
     actual = engine.edit(cache, 0, plan=plan, **edited)
     assert ((actual - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_a_number_timestep_becomes_the_tensor_the_unet_makes_of_it():
+    """UNet2DModel truncates a number to long (diffusers' forward); UNet2DConditionModel keeps
+    a float in float64 and an int in int64 (its get_time_embed). A number with no U-Net to
+    tell which is refused, and so is one that is not finite, before it becomes a tensor."""
+    condition, plain = zoo.unet("sd15-tiny"), zoo.unet("ddpm-tiny")
+    cases = [(plain, 37.5, torch.long, 37), (plain, 12, torch.long, 12),
+             (condition, 999.5, torch.float64, 999.5), (condition, 7, torch.int64, 7)]
+    for unet, number, dtype, value in cases:
+        timestep = capture.flatten_inputs({"timestep": number}, unet)["timestep"]
+        assert timestep.dtype == dtype and timestep.dim() == 0 and timestep.item() == value
+    tensor = torch.tensor([3.5])
+    assert capture.flatten_inputs({"timestep": tensor})["timestep"] is tensor
+    with pytest.raises(FiseditError, match="pass the U-Net .*or pass the timestep as a tensor"):
+        capture.flatten_inputs({"timestep": 10.0})
+    for number in (float("nan"), float("inf")):
+        with pytest.raises(FiseditError, match=f"the timestep is {number}, not finite"):
+            capture.flatten_inputs({"timestep": number}, plain)

@@ -164,6 +164,46 @@ def test_several_steps_edited_in_turn():
         assert torch.equal(result[..., ~plan[0].active], outputs[step][..., ~plan[0].active])
 
 
+def _fourier_unet():
+    """A tiny UNet2DConditionModel with a Fourier time embedding: its sin/cos of t times
+    large frequencies tells a float64 timestep from a float32 one (~1e-3 at t = 999)."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return diffusers.UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=32, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            time_embedding_type="fourier", time_embedding_dim=64).eval()
+
+
+@pytest.mark.parametrize("make, number", [(lambda: zoo.unet("ddpm-tiny"), 37.5),
+                                          (_fourier_unet, 999.0)], ids=["ddpm", "fourier"])
+def test_a_number_timestep_runs_as_the_unet_runs_it(make, number):
+    """A Python-number timestep, as a caller may pass one: recorded, edited and run dense as
+    the U-Net itself runs it (UNet2DModel truncates 37.5 to 37; UNet2DConditionModel keeps
+    999.0 in float64), not as a float32 tensor of the number."""
+    unet = make()
+    inputs = dict(zoo.example_inputs(unet, batch=1, seed=0), timestep=number)
+    engine = fc.compile(unet)
+    cache = engine.new_cache(1)
+    with torch.no_grad():
+        expected = unet(**inputs)[0]
+    assert relative_error(engine.record(cache, 0, **inputs), expected) <= 1e-6
+    size = tuple(inputs["sample"].shape[-2:])
+    mask = box(size, 1, 1, 4, 4)
+    plan = engine.plan(mask)
+    new = edited(inputs, mask)
+    result = engine.edit(cache, 0, plan=plan, **new)
+    assert relative_error(result, fc.oracle.masked_dense(engine, plan, inputs, new)) <= 1e-5
+    full = torch.ones(size, dtype=torch.bool)
+    with torch.no_grad():
+        dense = unet(**new)[0]
+    assert relative_error(engine.edit(cache, 0, plan=engine.plan(full), **new), dense) <= 1e-5
+
+
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
 def test_a_float64_unet_edits_to_float64_precision(policy):
     """The reference ops accumulate in fp32 for half types and in the input's own dtype for
@@ -563,7 +603,7 @@ def test_non_finite_inputs_are_refused_before_any_work(sd15_tiny):
     sample[0, 0, 0, 0] = float("nan")
     with pytest.raises(fc.FiseditError, match="input.*sample hold NaN or infinite values"):
         engine.record(engine.new_cache(1), 0, **dict(fresh, sample=sample))
-    with pytest.raises(fc.FiseditError, match="timestep hold NaN"):
+    with pytest.raises(fc.FiseditError, match="the timestep is nan, not finite"):
         engine.record(engine.new_cache(1), 0, **dict(fresh, timestep=float("nan")))
     assert engine._traces == traces                      # nothing was captured
     before = snapshot(cache)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
 import torch.fx as fx
@@ -77,15 +78,16 @@ def required_arguments(parameters) -> list[str]:
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
+def flatten_inputs(inputs: dict, unet=None) -> dict[str, torch.Tensor]:
     """The tensor inputs of a U-Net call under the names the captured graph uses.
 
     Nested inputs are flattened as export and Dynamo name them: a dict entry joins its key
     (``added_cond_kwargs_text_embeds``), a list or tuple item its index
-    (``down_block_additional_residuals_0``, ``added_cond_kwargs_image_embeds_1``).
+    (``down_block_additional_residuals_0``, ``added_cond_kwargs_image_embeds_1``). A
+    Python-number timestep becomes the tensor ``unet`` would make of it (``tensor_timestep``).
     """
     flat = {}
-    for name, value in tensor_timestep(inputs).items():
+    for name, value in tensor_timestep(inputs, unet).items():
         if isinstance(value, dict):
             flat.update(flatten_inputs({f"{name}_{key}": inner for key, inner in value.items()}))
         elif isinstance(value, (list, tuple)):
@@ -96,14 +98,31 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
     return flat
 
 
-def tensor_timestep(inputs: dict) -> dict:
-    """``inputs`` with a Python-number timestep as a 0-d tensor (the U-Net moves it to its
-    device, as it does a number). Why: export would bake a number into the graph as a
-    constant, and the graph must take each step's timestep as an input."""
+def tensor_timestep(inputs: dict, unet=None) -> dict:
+    """``inputs`` with a Python-number timestep as the 0-d tensor ``unet``'s forward makes of
+    it (the U-Net moves it to its device, as it does a number). Why: export would bake a
+    number into the graph as a constant, and the graph must take each step's timestep as an
+    input; and the dtype is the U-Net's own: ``UNet2DModel`` truncates any number to
+    ``torch.long`` (37.5 runs as 37), ``UNet2DConditionModel`` keeps a float in float64 (a
+    Fourier time embedding of t = 999 differs by ~1e-3 computed in float32) and an int in
+    int64. Which U-Net it is must be known for a number: without ``unet`` it is refused."""
     value = inputs.get("timestep")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return dict(inputs, timestep=torch.tensor(value))
-    return inputs
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return inputs
+    if unet is None:
+        raise FiseditError("a Python-number timestep is made a tensor as the U-Net makes it: "
+                           "pass the U-Net (flatten_inputs(inputs, unet)), or pass the "
+                           "timestep as a tensor")
+    if not math.isfinite(value):        # as a long it would be refused with no clear cause
+        raise FiseditError(f"the timestep is {value}, not finite; pass the scheduler's "
+                           "timesteps")
+    from diffusers import UNet2DModel
+
+    if isinstance(unet, UNet2DModel):
+        dtype = torch.long
+    else:
+        dtype = torch.float64 if isinstance(value, float) else torch.int64
+    return dict(inputs, timestep=torch.tensor(value, dtype=dtype))
 
 
 def configured_latent_size(config) -> tuple[int, int] | None:
@@ -256,7 +275,7 @@ def capture(unet, inputs: dict, frontend: str = "export") -> fx.GraphModule:
     check_unet(unet)
     if frontend not in FRONTENDS:
         raise FiseditError(f"unknown frontend {frontend!r}; choose one of {FRONTENDS}")
-    inputs = dict(tensor_timestep(inputs), return_dict=False)
+    inputs = dict(tensor_timestep(inputs, unet), return_dict=False)
     # Only the frontend's own call is explained as a forward it cannot take: a failure in our
     # conversion after it is ours and propagates as it is.
     try:

@@ -24,7 +24,6 @@ from ..execution.plan import MaskPlan
 from ..graph_keys import INPUTS
 from ..passes import registry
 from ..passes.analyze import META_BY_SHAPE
-from .capture import flatten_inputs
 from .pipeline import describe_signature_change
 
 
@@ -39,7 +38,7 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
     """
     # The engine layer sits above this one: an engine is known by what the oracle calls.
     if not all(callable(getattr(engine, name, None))
-               for name in ("_check_inputs", "signature", "program", "check_plan")):
+               for name in ("_check_inputs", "signature", "flat", "program", "check_plan")):
         raise FiseditError(f"masked_dense needs the engine the plan was made with "
                            f"(fc.compile(unet), or a recording's rec.engine), got "
                            f"{type(engine).__name__}")
@@ -60,9 +59,9 @@ def masked_dense(engine, plan: MaskPlan, original_inputs: dict, edited_inputs: d
     engine.check_plan(plan, program)
     gm = program.canonical
     names = gm.meta[INPUTS]
-    original = _Recorder(gm).run_all(flatten_inputs(original_inputs), names)
+    original = _Recorder(gm).run_all(engine.flat(original_inputs), names)
     return _Masked(gm, plan, original, engine.config).run_all(
-        flatten_inputs(edited_inputs), names)
+        engine.flat(edited_inputs), names)
 
 
 class _Recorder(fx.Interpreter):

@@ -57,6 +57,15 @@ from .pass_values import PassValues
 DENSE_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
 
 
+def input_signature(flat: dict) -> tuple:
+    """What a program is compiled for: each tensor input's name, shape, dtype and device, in
+    one order whatever the caller's (graphs are called by keyword, so another order must not
+    make another program): the sample first, as messages show it, then by name."""
+    return tuple((name, tuple(value.shape), value.dtype, str(value.device))
+                 for name, value in sorted(flat.items(),
+                                           key=lambda item: (item[0] != "sample", item[0])))
+
+
 class SparseEngine:
     """A U-Net compiled for incremental edits. See docs/design.md, "Public API", for the
     call sequence."""
@@ -127,15 +136,14 @@ class SparseEngine:
                             _state=self._state)
 
     # -- compilation ----------------------------------------------------------------------
-    @staticmethod
-    def signature(inputs: dict) -> tuple:
-        """What a program is compiled for: each tensor input's name, shape, dtype and device,
-        in one order whatever the caller's (graphs are called by keyword, so another order
-        must not make another program): the sample first, as messages show it, then by name."""
-        flat = flatten_inputs(inputs)
-        return tuple((name, tuple(value.shape), value.dtype, str(value.device))
-                     for name, value in sorted(flat.items(),
-                                               key=lambda item: (item[0] != "sample", item[0])))
+    def signature(self, inputs: dict) -> tuple:
+        """What a program is compiled for: ``input_signature`` of the U-Net call's tensors."""
+        return input_signature(self.flat(inputs))
+
+    def flat(self, inputs: dict) -> dict:
+        """The call's tensor inputs under the graph's names, a number timestep made the tensor
+        this U-Net makes of it (``capture.flatten_inputs``)."""
+        return flatten_inputs(inputs, self.unet)
 
     def program(self, inputs: dict) -> Program:
         """The compiled program for ``inputs``' signature (compiled on first use)."""
@@ -188,7 +196,7 @@ class SparseEngine:
         versions = self._check_unchanged()
         self._check_inputs(inputs)
         if cache.weight_versions is None or step == 0:     # a generation's first step
-            check_finite_inputs(flatten_inputs(inputs))
+            check_finite_inputs(self.flat(inputs))
         signature = self.signature(inputs)    # checked before compiling anything for it
         if cache.signature is not None and cache.signature != signature:
             raise FiseditError(
@@ -210,7 +218,7 @@ class SparseEngine:
             fingerprint = content_fingerprint(self._weights)
             if self._copies_made_from_other(fingerprint=fingerprint):
                 self.refresh_weights(fingerprint)
-        flat = flatten_inputs(inputs)
+        flat = self.flat(inputs)
         timestep = self.host_timestep(flat)
         if timestep is not None and not bool(torch.isfinite(timestep).all()):
             raise FiseditError(f"the timestep is {_timestep_text(timestep)}, not finite; pass "
@@ -298,7 +306,7 @@ class SparseEngine:
         started = time.perf_counter()
         captured = 0
         if self._uses_graphs(device):
-            flat = flatten_inputs(inputs)
+            flat = self.flat(inputs)
             for _ in range(3):      # torch.compile's CUDA graphs record on a later call
                 self._compiled_dense(program, flat)
             steps = self._captured_steps(program)
@@ -357,7 +365,7 @@ class SparseEngine:
         self._check_recorded_step(cache, step, inputs)
         program = self.program(inputs)
         self.check_plan(plan, program)
-        flat = flatten_inputs(inputs)
+        flat = self.flat(inputs)
         device = device_of(program.signature)
         graphs = self._uses_graphs(device)
         full = not _continues_pass(cache, plan, step)
@@ -488,7 +496,7 @@ class SparseEngine:
         if not (self.config.cuda_graphs and inputs["sample"].is_cuda):
             return self.unet(**inputs)[0]      # the module as it is now: nothing to check
         self._check_unchanged()                # the compiled graph is the compiled U-Net's
-        return self._compiled_dense(self.program(inputs), flatten_inputs(inputs))
+        return self._compiled_dense(self.program(inputs), self.flat(inputs))
 
     def _compiled_dense(self, program: Program, flat: dict) -> torch.Tensor:
         if program.signature not in self._dense:

@@ -60,9 +60,11 @@ DENSE_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
 def input_signature(flat: dict) -> tuple:
     """What a program is compiled for: each tensor input's name, shape, dtype and device, in
     one order whatever the caller's (graphs are called by keyword, so another order must not
-    make another program): the sample first, as messages show it, then by name."""
+    make another program): the sample first, as messages show it, then by name. Entries that
+    are not tensors (the backend's None for an input Dynamo dropped) are not part of it."""
+    tensors = {name: value for name, value in flat.items() if isinstance(value, torch.Tensor)}
     return tuple((name, tuple(value.shape), value.dtype, str(value.device))
-                 for name, value in sorted(flat.items(),
+                 for name, value in sorted(tensors.items(),
                                            key=lambda item: (item[0] != "sample", item[0])))
 
 

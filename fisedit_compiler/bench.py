@@ -396,9 +396,9 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
     kernels) and reports per step: the number of kernel launches, the summed GPU kernel time,
     and the top kernels by GPU time with their shortest, median and longest launch. Comparing
     the summed kernel time with the replayed step's latency separates kernel work from launch
-    gaps and host work. The profiled calls are the
-    later steps of one edit pass (``edit_pass``), as the timed ones are: a pass's first step
-    also checks the weights and loads the pass constants, work of the pass, not of a step.
+    gaps and host work. The profiled calls are the later steps of one edit pass
+    (``edit_pass``), as the timed ones are: a pass's first step also checks the weights and
+    loads the pass constants, work of the pass, not of a step.
     """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

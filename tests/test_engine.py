@@ -164,6 +164,19 @@ def test_several_steps_edited_in_turn():
         assert torch.equal(result[..., ~plan[0].active], outputs[step][..., ~plan[0].active])
 
 
+def assert_edit_meets_oracle_and_full_mask_is_dense(engine, cache, inputs, mask):
+    """Step 0 of ``cache`` edited inside ``mask`` meets the oracle, and edited everywhere
+    equals the U-Net run on the edited inputs."""
+    new = edited(inputs, mask)
+    plan = engine.plan(mask)
+    result = engine.edit(cache, 0, plan=plan, **new)
+    assert relative_error(result, fc.oracle.masked_dense(engine, plan, inputs, new)) <= 1e-5
+    full = torch.ones(mask.shape, dtype=torch.bool)
+    with torch.no_grad():
+        dense = engine.unet(**new)[0]
+    assert relative_error(engine.edit(cache, 0, plan=engine.plan(full), **new), dense) <= 1e-5
+
+
 def _fourier_unet():
     """A tiny UNet2DConditionModel with a Fourier time embedding: its sin/cos of t times
     large frequencies tells a float64 timestep from a float32 one (~1e-3 at t = 999)."""
@@ -193,15 +206,7 @@ def test_a_number_timestep_runs_as_the_unet_runs_it(make, number):
         expected = unet(**inputs)[0]
     assert relative_error(engine.record(cache, 0, **inputs), expected) <= 1e-6
     size = tuple(inputs["sample"].shape[-2:])
-    mask = box(size, 1, 1, 4, 4)
-    plan = engine.plan(mask)
-    new = edited(inputs, mask)
-    result = engine.edit(cache, 0, plan=plan, **new)
-    assert relative_error(result, fc.oracle.masked_dense(engine, plan, inputs, new)) <= 1e-5
-    full = torch.ones(size, dtype=torch.bool)
-    with torch.no_grad():
-        dense = unet(**new)[0]
-    assert relative_error(engine.edit(cache, 0, plan=engine.plan(full), **new), dense) <= 1e-5
+    assert_edit_meets_oracle_and_full_mask_is_dense(engine, cache, inputs, box(size, 1, 1, 4, 4))
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "-".join(p))
@@ -260,16 +265,8 @@ def test_generated_unets_meet_the_oracle(config, data):
         output = engine.record(cache, 0, **inputs)
     with torch.no_grad():
         assert (output - unet(**inputs)[0]).abs().max().item() <= 1e-5
-    size = tuple(inputs["sample"].shape[-2:])
-    mask = data.draw(blobs(size))
-    new = edited(inputs, mask)
-    plan = engine.plan(mask)
-    result = engine.edit(cache, 0, plan=plan, **new)
-    assert relative_error(result, fc.oracle.masked_dense(engine, plan, inputs, new)) <= 1e-5
-    full = torch.ones(size, dtype=torch.bool)
-    with torch.no_grad():
-        dense = unet(**new)[0]
-    assert relative_error(engine.edit(cache, 0, plan=engine.plan(full), **new), dense) <= 1e-5
+    mask = data.draw(blobs(tuple(inputs["sample"].shape[-2:])))
+    assert_edit_meets_oracle_and_full_mask_is_dense(engine, cache, inputs, mask)
 
 
 # --- statistics and cache accounting ---------------------------------------------------------

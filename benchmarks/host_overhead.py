@@ -18,7 +18,8 @@ kernel reads at a recorded shift, so the whole step is copied before each replay
 ``lower_kernels``' table of shifted arguments).
 
 ``--new-masks N`` then times N edits with *new* masks (seeded squares of 1-20% at new
-places): planning the mask (``engine.plan``), the first edit with it and a second one. After
+places): planning the mask (``engine.plan``), the first edit with it, a second one (each the
+first step of an edit pass) and the pass's next step. After
 ``engine.prepare`` a first edit costs what a second does (its bucket's graph is captured);
 without it, a first edit of a new bucket pays that bucket's capture.
 """
@@ -34,6 +35,7 @@ import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
 from fisedit_compiler.engine import timing
 from fisedit_compiler.compiler.capture import flatten_inputs
+from fisedit_compiler.engine.engine import check_finite_inputs
 from fisedit_compiler.passes import lower_kernels
 
 
@@ -86,6 +88,10 @@ def main(argv=None) -> None:
          host(lambda: engine._check_unchanged(cache, full=True)), None),
         ("the same with the weights' values",
          host(lambda: engine._check_unchanged(cache, full=True, contents=True)), None),
+        ("inputs finite, first step of an edit", host(lambda: check_finite_inputs(flat)), None),
+        ("pass constants, computed (first step)",
+         host(lambda: engine._values_for(program, flat, True)),
+         gpu(lambda: engine._values_for(program, flat, True))),
         ("cache store_on", host(lambda: cache.store_on(0, torch.device("cuda"))), None),
         ("pass constants, kept", host(lambda: engine._values_for(program, flat, False)), None),
         ("copy inputs", host(copy_inputs), gpu(copy_inputs)),
@@ -130,12 +136,14 @@ def synchronized_ms(fn) -> float:
 
 
 def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
-    """Per new mask (seeded blobs of new sizes and places): plan, first and second edit (ms).
-    A first edit slower than the second is capture or tuning on the edit path."""
+    """Per new mask (seeded blobs of new sizes and places): plan, first and second edit (ms),
+    each the first step of an edit pass, then the pass's next step. A first edit slower than
+    the second is capture or tuning on the edit path; a pass's first step slower than its next
+    is the pass's own work (the weights' values read, the pass constants computed)."""
     gen = torch.Generator().manual_seed(1)
     size = tuple(mask.shape)
     print(f"\nnew masks: {'area':>6s} {'bucket':>6s} {'plan':>8s} {'edit 1':>8s} {'edit 2':>8s}"
-          "  (ms)")
+          f" {'next step':>9s}  (ms)")
     for _ in range(count):
         area = 0.01 + 0.19 * float(torch.rand((), generator=gen))
         shift = [int(v) for v in torch.randint(-size[0] // 3, size[0] // 3, (2,), generator=gen)]
@@ -144,8 +152,10 @@ def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
         plan_ms = synchronized_ms(lambda: plans.append(engine.plan(moved)))
         run = lambda: engine.edit(cache, 0, plan=plans[0], **edited)  # noqa: E731
         first, second = synchronized_ms(run), synchronized_ms(run)
+        following = synchronized_ms(lambda: engine.edit(cache, 1, plan=plans[0], **edited))
         bucket = "-" if plans[0].bucket is None else plans[0].bucket.index
-        print(f"{'':10s} {area:6.1%} {bucket:>6} {plan_ms:8.2f} {first:8.2f} {second:8.2f}")
+        print(f"{'':10s} {area:6.1%} {bucket:>6} {plan_ms:8.2f} {first:8.2f} {second:8.2f}"
+              f" {following:9.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """DerivedWeights: a program's weight copies (packed conv weights, grouped projections) are
-built once, follow in-place changes of their sources and go with them."""
+built once, follow in-place changes of their sources and go with them. WeightFingerprint reads
+the weights' values as content_fingerprint does, bit for bit, wherever they are."""
 
+import pytest
 import torch
 
-from fisedit_compiler.execution.derived_weights import DerivedWeights
+from fisedit_compiler.execution.derived_weights import (DerivedWeights, WeightFingerprint,
+                                                        content_fingerprint)
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
 
 
@@ -91,3 +94,50 @@ def test_a_copy_made_under_inference_mode_is_refreshed_outside_it():
     derived.refresh()
     assert torch.equal(first, pack_weight(weight))
     assert derived.get((weight,), pack_weight) is first
+
+
+def _weights(device) -> list[torch.Tensor]:
+    """Weights of every kind a U-Net holds: fp16 and fp32 parameters, an fp64 one, an integer
+    buffer (position ids), one that is a view into a larger tensor."""
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.randn(64, 32, generator=gen)
+    return [t.to(device) for t in (torch.randn(320, 4, 3, 3, generator=gen).half(),
+                                   torch.randn(320, generator=gen), torch.randn(7, generator=gen,
+                                   dtype=torch.float64), torch.arange(77), whole)] + \
+        [whole.to(device)[8:40]]
+
+
+def _reads_as_content_fingerprint(device) -> None:
+    weights = _weights(device)
+    fingerprint = WeightFingerprint(weights)
+    first = fingerprint()
+    assert first == content_fingerprint(weights) and len(first) == len(weights)
+    assert fingerprint() == fingerprint() == first          # the later reads (a graph on a GPU)
+    weights[0].data.mul_(1.5)                                # no version counter moves
+    changed = fingerprint()
+    assert changed != first and changed == content_fingerprint(weights)
+    assert changed[1:] == first[1:]
+    weights[1].data = weights[1].data * 2                    # a new storage: read where it is
+    assert fingerprint() == content_fingerprint(weights) != changed
+    weights[2].data[0] = float("nan")                         # NaN compares equal to itself
+    assert fingerprint() == fingerprint() == content_fingerprint(weights)
+
+
+def test_the_weight_fingerprint_is_content_fingerprint_on_the_cpu():
+    _reads_as_content_fingerprint("cpu")
+    assert WeightFingerprint([])() == content_fingerprint([]) == ()
+
+
+@pytest.mark.gpu
+def test_the_weight_fingerprint_replays_content_fingerprint_on_a_gpu():
+    _reads_as_content_fingerprint("cuda")
+    weights = _weights("cuda")
+    fingerprint = WeightFingerprint(weights)
+    fingerprint()
+    fingerprint()
+    assert fingerprint._graph is not None                    # the second read captured it
+    replayed = fingerprint._graph[1]
+    weights[3].data = weights[3].data.clone()                # moved: captured again
+    assert fingerprint() == content_fingerprint(weights)
+    assert fingerprint() == content_fingerprint(weights)
+    assert fingerprint._graph[1] is not replayed

@@ -1490,12 +1490,10 @@ def test_an_edit_reads_the_weights_values_once(session, monkeypatch):
     """EditSession compares the U-Net in full, weights' values included, before its run, and
     nothing of the caller's runs before the first sparse step: that step does not read the
     values again (7.99 ms for SDXL), and the cache's mark does not outlive the run."""
-    from fisedit_compiler.engine import engine as engine_module
-
     reads = []
-    counted = engine_module.content_fingerprint
-    monkeypatch.setattr(engine_module, "content_fingerprint",
-                        lambda weights: reads.append(1) or counted(weights))
+    counted = session.engine._state.fingerprint
+    monkeypatch.setattr(session.engine._state, "fingerprint",
+                        lambda: reads.append(1) or counted())
     new_prompt = session.original.prompt + " and a hat"     # whatever the module accepted
     for estimator in ("probe", tac.DEFAULT_ESTIMATOR):
         reads.clear()

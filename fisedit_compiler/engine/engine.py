@@ -39,7 +39,7 @@ from ..compiler.pipeline import (Program, build_program, check_kernels,
                                  describe_signature_change, device_of, trace)
 from ..config import SparseConfig
 from ..errors import FiseditError
-from ..execution.derived_weights import content_fingerprint, tensor_versions, version_counters
+from ..execution.derived_weights import tensor_versions, version_counters
 from ..execution.plan import (Bucket, MaskPlan, capacity_buckets, image_resolution_hint,
                               validate_mask)
 from ..graph_keys import (CACHE_INPUT, CHANNELS_LAST_KEYS, IN_PLACE_KEYS, PASS_VALUES_INPUT,
@@ -217,7 +217,7 @@ class SparseEngine:
             # edits to compare (``_check_unchanged``), and the derived copies made again where
             # the values moved since the copies were made without a version count (an EMA
             # model's copy_to writes param.data; counted moves were refreshed above).
-            fingerprint = content_fingerprint(self._weights)
+            fingerprint = self._state.fingerprint()
             if self._copies_made_from_other(fingerprint=fingerprint):
                 self.refresh_weights(fingerprint)
         flat = self.flat(inputs)
@@ -661,7 +661,7 @@ class SparseEngine:
                 self._refresh_if_weights_moved(counters)
                 return None
         versions = self.weight_versions()
-        fingerprint = content_fingerprint(self._weights) if contents else None
+        fingerprint = self._state.fingerprint() if contents else None
         changes = self._state.changes(versions[1])
         if changes:
             raise FiseditError(

@@ -44,7 +44,7 @@ from itertools import chain
 import torch
 
 from ..checks import some_names
-from ..execution.derived_weights import storage_addresses
+from ..execution.derived_weights import WeightFingerprint, storage_addresses
 
 # nn.Module's own bookkeeping in every module's __dict__: the parameter, buffer and submodule
 # dicts (compared entry by entry instead), the hook tables (the forward ones are counted, the
@@ -138,6 +138,9 @@ class ModuleState:
         self.weight_names = list(named)
         self.storages = storage_addresses(self.weights)
         self.tensor_values = self.tensors.read()
+        # Their values' fingerprint, read by every engine that shares this state (with_config):
+        # on a GPU a CUDA graph of the read, captured once for all of them.
+        self.fingerprint = WeightFingerprint(self.weights)
 
     def _track(self, path: str, obj) -> None:
         """Its class, its attribute names (through the size of its __dict__) and values."""

@@ -62,6 +62,21 @@ def test_replace_keeps_a_step_where_it_is(setup):
     assert not torch.equal(cache.steps[0][key], value)
 
 
+def test_replace_writes_a_step_recorded_under_inference_mode(setup):
+    """A step recorded under ``torch.inference_mode`` holds inference tensors, which refuse
+    writes outside that mode: ``replace`` still takes a value there, and edits read it."""
+    engine, steps, _ = setup
+    cache = engine.new_cache(1)
+    with torch.inference_mode():
+        engine.record(cache, 0, **steps[0])
+    key = engine.program(steps[0]).output_key
+    value = torch.randn_like(cache.steps[0][key])
+    cache.replace(0, key, value)
+    assert torch.equal(cache.steps[0][key], value)
+    empty = engine.plan(torch.zeros(16, 16, dtype=torch.bool))
+    assert torch.equal(engine.edit(cache, 0, plan=empty, **steps[0]), value)
+
+
 def test_a_shared_step_is_its_source_step_in_one_buffer(setup):
     """``share_step``: the step edits as its source does (values and timestep), the buffer is
     held once, and an edit pass over shared steps is the benchmark's (``bench.pass_cache``)."""

@@ -311,6 +311,7 @@ def test_loaders_refuse_bad_arguments(call, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch=0), "batch 0 is out of range"), (dict(height=2.5), "height must be an int"),
     (dict(timestep=float("nan")), "timestep must be a finite number"),
+    (dict(seed=2 ** 64), r"seed 18446744073709551616 is out of range.*<= 18446744073709551615"),
 ])
 def test_example_inputs_refuse_bad_arguments(kwargs, message):
     unet = zoo.unet("sd15-tiny")

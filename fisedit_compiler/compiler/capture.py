@@ -27,7 +27,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ..checks import check_float, check_int
+from ..checks import check_float, check_int, check_seed
 from ..config import FRONTENDS
 from ..errors import FiseditError, UnsupportedGraphError
 from ..graph_keys import INPUT_POSITIONS, INPUTS
@@ -189,7 +189,7 @@ def example_inputs(model, batch: int = 2, seed: int = 0, *, height: int | None =
             f"{type(model).__name__} is not a diffusers U-Net; pass a UNet2DConditionModel "
             "or UNet2DModel (for a pipeline, pass pipe.unet)")
     batch = check_int("batch", batch, minimum=1)
-    seed = check_int("seed", seed, minimum=0)
+    seed = check_seed("seed", seed)
     text_length = check_int("text_length", text_length, minimum=1)
     cfg = model.config
     timestep, timestep_dtype = _example_timestep(cfg, timestep)

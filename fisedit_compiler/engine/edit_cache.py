@@ -315,7 +315,9 @@ class EditCache:
             raise FiseditError(f"cannot replace {key!r} of step {step}: it was recorded on "
                                f"{self.device}, got a value on {value.device}; move it with "
                                f"value.to({str(self.device)!r})")
-        with torch.no_grad():       # recorded values are data: keep a value's autograd graph out
+        # Recorded values are data: a value's autograd graph stays out. A step recorded under
+        # inference mode holds inference tensors, which take writes only in that mode.
+        with torch.inference_mode() if old.is_inference() else torch.no_grad():
             old.copy_(value)
         if self._prefetched is not None and self._prefetched[0] == step:
             self._prefetched = None         # the prefetched copy is stale

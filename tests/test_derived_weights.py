@@ -141,3 +141,18 @@ def test_the_weight_fingerprint_replays_content_fingerprint_on_a_gpu():
     assert fingerprint() == content_fingerprint(weights)
     assert fingerprint() == content_fingerprint(weights)
     assert fingerprint._graph[1] is not replayed
+
+
+@pytest.mark.gpu
+def test_a_weight_fingerprint_whose_capture_fails_reads_eagerly(monkeypatch):
+    weights = _weights("cuda")
+    fingerprint = WeightFingerprint(weights)
+
+    def no_capture(*args, **kwargs):
+        raise RuntimeError("no capture here")
+
+    monkeypatch.setattr(torch.cuda, "graph", no_capture)
+    fingerprint()
+    with pytest.warns(RuntimeWarning, match="no capture here.*runs eagerly"):
+        assert fingerprint() == content_fingerprint(weights)
+    assert fingerprint() == content_fingerprint(weights) and fingerprint._graph is None

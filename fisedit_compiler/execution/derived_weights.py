@@ -25,7 +25,9 @@ values moved. An ``nn.Module`` only so that the graph can hold it as an attribut
 
 from __future__ import annotations
 
+import gc
 import operator
+import warnings
 import weakref
 from typing import Callable
 
@@ -148,18 +150,21 @@ class WeightFingerprint:
     read (the first runs eagerly, which also loads the kernels) for the tensors where they are:
     their addresses, shapes and device; a tensor moved or resized since is captured again.
     Tensors on the CPU or on several devices, and a read while a CUDA graph is being captured
-    elsewhere on the stream, run eagerly."""
+    elsewhere on the stream, run eagerly. The capture is made as the engine's step graphs are
+    (``engine.cuda_graph``): in ``thread_local`` mode with Python's garbage collector paused;
+    one that fails anyway leaves a warning and every later read eager (same bits, slower)."""
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
         self._placement: tuple | None = None    # where the tensors were at the last read
         self._graph: tuple | None = None        # (placement, CUDA graph, its norms)
+        self._capture_failed = False
 
     def __call__(self) -> tuple:
         placement = (storage_addresses(self.tensors), tuple(map(_SHAPE, self.tensors)),
                      frozenset(map(_DEVICE, self.tensors)))
         devices = placement[2]
-        if (len(devices) != 1 or next(iter(devices)).type != "cuda"
+        if (self._capture_failed or len(devices) != 1 or next(iter(devices)).type != "cuda"
                 or torch.cuda.is_current_stream_capturing()):
             return content_fingerprint(self.tensors)
         if self._graph is None or self._graph[0] != placement:
@@ -167,13 +172,32 @@ class WeightFingerprint:
                 self._placement, self._graph = placement, None
                 return content_fingerprint(self.tensors)
             self._graph = None                   # its memory back before capturing anew
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph):
-                norms = torch.cat(_group_norms(self.tensors))
-            self._graph = (placement, graph, norms)
+            self._graph = self._capture(placement)
+            if self._graph is None:
+                return content_fingerprint(self.tensors)
         _, graph, norms = self._graph
         graph.replay()
         return _as_fingerprint(norms.cpu())
+
+    def _capture(self, placement: tuple) -> tuple | None:
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()        # a collection that frees another CUDA graph breaks a capture
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                norms = torch.cat(_group_norms(self.tensors))
+        except Exception as error:  # noqa: BLE001 - any failure: read eagerly from now on
+            warnings.warn(f"capturing the weights' values read as a CUDA graph failed "
+                          f"({type(error).__name__}: {error}); it runs eagerly (same values, "
+                          "~1-2 ms more host time at each edit pass's first step)",
+                          RuntimeWarning, stacklevel=4)
+            torch.cuda.synchronize()
+            self._capture_failed = True
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+        return placement, graph, norms
 
 
 def _group_norms(tensors) -> list[torch.Tensor]:

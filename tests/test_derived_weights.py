@@ -5,6 +5,7 @@ the weights' values as content_fingerprint does, bit for bit, wherever they are.
 import pytest
 import torch
 
+from fisedit_compiler.execution import derived_weights
 from fisedit_compiler.execution.derived_weights import (DerivedWeights, WeightFingerprint,
                                                         content_fingerprint)
 from fisedit_compiler.execution.kernels.sparse_conv import pack_weight
@@ -144,15 +145,25 @@ def test_the_weight_fingerprint_replays_content_fingerprint_on_a_gpu():
 
 
 @pytest.mark.gpu
-def test_a_weight_fingerprint_whose_capture_fails_reads_eagerly(monkeypatch):
+@pytest.mark.parametrize("failure", ["capture", "other values"])
+def test_a_weight_fingerprint_whose_capture_fails_reads_eagerly(monkeypatch, failure):
+    """A capture that raises, or whose replay reads other values than the eager read (which
+    would refuse every later edit), warns once and leaves every later read eager."""
     weights = _weights("cuda")
     fingerprint = WeightFingerprint(weights)
-
-    def no_capture(*args, **kwargs):
-        raise RuntimeError("no capture here")
-
-    monkeypatch.setattr(torch.cuda, "graph", no_capture)
     fingerprint()
-    with pytest.warns(RuntimeWarning, match="no capture here.*runs eagerly"):
-        assert fingerprint() == content_fingerprint(weights)
-    assert fingerprint() == content_fingerprint(weights) and fingerprint._graph is None
+    if failure == "capture":
+        def no_capture(*args, **kwargs):
+            raise RuntimeError("no capture here")
+
+        monkeypatch.setattr(torch.cuda, "graph", no_capture)
+        message = "no capture here.*runs eagerly"
+    else:
+        eager = derived_weights.content_fingerprint
+        monkeypatch.setattr(derived_weights, "content_fingerprint",
+                            lambda tensors: eager(tensors)[::-1])
+        message = "read other values.*runs eagerly"
+    with pytest.warns(RuntimeWarning, match=message):
+        assert fingerprint() == derived_weights.content_fingerprint(weights)
+    assert fingerprint._graph is None
+    assert fingerprint() == derived_weights.content_fingerprint(weights)

@@ -152,7 +152,8 @@ class WeightFingerprint:
     Tensors on the CPU or on several devices, and a read while a CUDA graph is being captured
     elsewhere on the stream, run eagerly. The capture is made as the engine's step graphs are
     (``engine.cuda_graph``): in ``thread_local`` mode with Python's garbage collector paused;
-    one that fails anyway leaves a warning and every later read eager (same bits, slower)."""
+    its first replay is compared with an eager read. One that fails anyway, or reads other
+    values, leaves a warning and every later read eager (same bits, slower)."""
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
@@ -186,6 +187,11 @@ class WeightFingerprint:
         try:
             with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 norms = torch.cat(_group_norms(self.tensors))
+            graph.replay()
+            # A replay that read other values than the eager read would refuse every later
+            # edit as made with other weights: checked once, here.
+            if _as_fingerprint(norms.cpu()) != content_fingerprint(self.tensors):
+                raise RuntimeError("its replay read other values than the eager read")
         except Exception as error:  # noqa: BLE001 - any failure: read eagerly from now on
             warnings.warn(f"capturing the weights' values read as a CUDA graph failed "
                           f"({type(error).__name__}: {error}); it runs eagerly (same values, "

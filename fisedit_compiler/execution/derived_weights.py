@@ -158,7 +158,7 @@ class WeightFingerprint:
     def __init__(self, tensors):
         self.tensors = list(tensors)
         self._placement: tuple | None = None    # where the tensors were at the last read
-        self._graph: tuple | None = None        # (placement, CUDA graph, its norms)
+        self._graph: tuple | None = None        # (CUDA graph, its norms) captured there
         self._capture_failed = False
 
     def __call__(self) -> tuple:
@@ -168,19 +168,18 @@ class WeightFingerprint:
         if (self._capture_failed or len(devices) != 1 or next(iter(devices)).type != "cuda"
                 or torch.cuda.is_current_stream_capturing()):
             return content_fingerprint(self.tensors)
-        if self._graph is None or self._graph[0] != placement:
-            if self._placement != placement:     # first read where they are: eagerly
-                self._placement, self._graph = placement, None
-                return content_fingerprint(self.tensors)
-            self._graph = None                   # its memory back before capturing anew
-            self._graph = self._capture(placement)
+        if self._placement != placement:         # first read where they are: eagerly
+            self._placement, self._graph = placement, None
+            return content_fingerprint(self.tensors)
+        if self._graph is None:
+            self._graph = self._capture()
             if self._graph is None:
                 return content_fingerprint(self.tensors)
-        _, graph, norms = self._graph
+        graph, norms = self._graph
         graph.replay()
         return _as_fingerprint(norms.cpu())
 
-    def _capture(self, placement: tuple) -> tuple | None:
+    def _capture(self) -> tuple | None:
         graph = torch.cuda.CUDAGraph()
         collecting = gc.isenabled()
         gc.disable()        # a collection that frees another CUDA graph breaks a capture
@@ -203,7 +202,7 @@ class WeightFingerprint:
         finally:
             if collecting:
                 gc.enable()
-        return placement, graph, norms
+        return graph, norms
 
 
 def _group_norms(tensors) -> list[torch.Tensor]:

@@ -145,8 +145,9 @@ class WeightFingerprint:
     read on a CUDA device by replaying a CUDA graph of it.
 
     Why: eagerly the read is mostly host work (a norm launch per group of ~100 tensors, a
-    stack of hundreds of results: ~2 ms on SD1.5, RESULTS session 25) against ~0.6 ms of GPU
-    read, and it runs at every edit pass's first step. The graph is captured at the second
+    stack of hundreds of results: ~2 ms on SD1.5 on an H100, RESULTS session 25, where reading
+    its 1.7 GB of fp16 weights at the GPU's bandwidth would take ~0.5 ms, an estimate), and it
+    runs at every edit pass's first step. The graph is captured at the second
     read (the first runs eagerly, which also loads the kernels) for the tensors where they are:
     their addresses, shapes and device; a tensor moved or resized since is captured again.
     Tensors on the CPU or on several devices, and a read while a CUDA graph is being captured
@@ -194,7 +195,7 @@ class WeightFingerprint:
         except Exception as error:  # noqa: BLE001 - any failure: read eagerly from now on
             warnings.warn(f"capturing the weights' values read as a CUDA graph failed "
                           f"({type(error).__name__}: {error}); it runs eagerly (same values, "
-                          "~1-2 ms more host time at each edit pass's first step)",
+                          "more host time at each edit pass's first step)",
                           RuntimeWarning, stacklevel=4)
             torch.cuda.synchronize()
             self._capture_failed = True

@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..pipeline_files import read_json_object, read_saved_folder
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from .session import (MAX_SIZE_FACTOR, SUPPORTED_SCHEDULERS, check_mask_choice,
                       check_pipeline_class, check_step_count, plan_note, recomputed_nothing,
-                      size_multiple)
+                      size_multiple, synchronized_clock)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -477,10 +476,11 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
 
     # The dense baseline: the edit prompt regenerated from scratch, without the session.
     pipe.set_progress_bar_config(desc="dense regeneration (baseline)")
-    start = time.perf_counter()
+    device = pipe.unet.device
+    start = synchronized_clock(device)
     pipe(args.edit, generator=torch.Generator("cpu").manual_seed(args.seed),
          output_type="latent", **common)
-    dense_s = time.perf_counter() - start
+    dense_s = synchronized_clock(device) - start
 
     report = dict(result.report)
     report["timings_s"] = dict(report["timings_s"], dense_regeneration_s=dense_s)

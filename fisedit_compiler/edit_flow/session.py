@@ -498,7 +498,9 @@ class EditSession:
         finally:
             self.cache.weight_values_checked = False
         trajectory.decoder = decoder
-        run_s = time.perf_counter() - start
+        # Its latents are still being computed on a GPU when the pipeline returns them
+        # (output_type="latent"): the report times the work, not its queueing.
+        run_s = synchronized_clock(trajectory.noise.device) - start
         if composite and (trajectory.flagged or original.flagged):
             # A blacked-out image composited onto the original (or the edit onto a blacked-out
             # original) would be neither the pipeline's answer nor the edit.
@@ -1045,9 +1047,9 @@ class _EditRun:
         elif step == self.dense_steps:
             # Timed apart: on CUDA it captures the plan's CUDA graph unless the plan is reused
             # (the same mask as the last edit).
-            began = _synchronized_clock(inputs["sample"])
+            began = synchronized_clock(inputs["sample"].device)
             output = session.engine.edit(session.cache, step, self.plan, **inputs)
-            self.timings["first_sparse_step_s"] = _synchronized_clock(output) - began
+            self.timings["first_sparse_step_s"] = synchronized_clock(output.device) - began
         else:
             output = session.engine.edit(session.cache, step, self.plan, **inputs)
         self.trajectory.unet_outputs.append(output.detach().clone())
@@ -1066,7 +1068,7 @@ class _EditRun:
                 self._set_mask(self._estimated(score, tac.is_global(score)))
                 self.timings["mask_s"] = time.perf_counter() - began
                 self.mask_unet_evaluations = float(self.dense_steps)
-            self.timings["probe_s"] = time.perf_counter() - self.start
+            self.timings["probe_s"] = synchronized_clock(latents.device) - self.start
         if step == self.dense_steps - 1 or (step >= self.dense_steps
                                             and step in original.blend_steps):
             latents = self.session._blend(latents, step, self.plan)
@@ -1381,10 +1383,11 @@ def _concatenate(values: list):
     return torch.cat(values)
 
 
-def _synchronized_clock(tensor: torch.Tensor) -> float:
-    """perf_counter after the work queued on ``tensor``'s device has finished."""
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
+def synchronized_clock(device: torch.device) -> float:
+    """perf_counter after the work queued on ``device`` has finished: a GPU runs behind the
+    host, and a time read before it is done would count only the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 

@@ -22,10 +22,11 @@ from ..compiler.capture import configured_latent_size
 from ..errors import FiseditError
 from ..execution.plan import mask_from_box, mask_to_latent, parse_box, read_mask_png
 from ..pipeline_files import read_json_object, read_saved_folder
+from .device_clock import DeviceClock
 from .mask import DEFAULT_ESTIMATOR, ESTIMATORS
 from .session import (MAX_SIZE_FACTOR, SUPPORTED_SCHEDULERS, check_mask_choice,
                       check_pipeline_class, check_step_count, plan_note, recomputed_nothing,
-                      size_multiple, synchronized_clock)
+                      size_multiple)
 
 # The demo runs the trained "shapes" pipeline (fisedit_compiler.shapes, shipped with the
 # package) by default: its scene and colour edit come from there, at its native 64 px, with
@@ -476,11 +477,11 @@ def _generate_and_edit(pipe, args, *, warm_repeat: bool = False,
 
     # The dense baseline: the edit prompt regenerated from scratch, without the session.
     pipe.set_progress_bar_config(desc="dense regeneration (baseline)")
-    device = pipe.unet.device
-    start = synchronized_clock(device)
+    clock = DeviceClock(pipe.unet.device)
+    start = clock.mark()
     pipe(args.edit, generator=torch.Generator("cpu").manual_seed(args.seed),
          output_type="latent", **common)
-    dense_s = synchronized_clock(device) - start
+    dense_s = clock.seconds(start, clock.mark())
 
     report = dict(result.report)
     report["timings_s"] = dict(report["timings_s"], dense_regeneration_s=dense_s)

@@ -44,6 +44,7 @@ from ..execution.plan import MaskPlan, validate_mask, warn_if_marks_nothing
 from . import mask as tac
 from .attention import (CrossAttentionControl, TokenAttentionMaps, changed_tokens,
                         shared_tokens)
+from .device_clock import DeviceClock
 
 # With a ControlNet, pass the control image (``image=``) to generate and to every edit: the
 # ControlNet runs densely on each step's latents, and its residuals count inside the region only.
@@ -487,7 +488,6 @@ class EditSession:
                                                            new_prompt))
         run = _EditRun(self, trajectory, estimator, user_mask, mask_dilation, dense_steps,
                        control)
-        start = time.perf_counter()
         # The U-Net was compared in full above, weights' values included, and nothing of the
         # caller's runs from there to the first sparse step (callbacks are refused): that
         # step need not read the values again.
@@ -498,9 +498,7 @@ class EditSession:
         finally:
             self.cache.weight_values_checked = False
         trajectory.decoder = decoder
-        # Its latents are still being computed on a GPU when the pipeline returns them
-        # (output_type="latent"): the report times the work, not its queueing.
-        run_s = synchronized_clock(trajectory.noise.device) - start
+        run_end = run.clock.mark()
         if composite and (trajectory.flagged or original.flagged):
             # A blacked-out image composited onto the original (or the edit onto a blacked-out
             # original) would be neither the pipeline's answer nor the edit.
@@ -516,18 +514,15 @@ class EditSession:
         if composite:
             images, composite_area = self._composite(images, original.images, output_type,
                                                      region)
-        total = time.perf_counter() - start
+        end = run.clock.mark()
         # The edit's own images (composited), kept apart from the caller's: accept makes them
         # the next edits' original.
         trajectory.images = _own_copy(images)
-        timings = run.timings
-        timings["probe_s"] = timings.get("probe_s", 0.0)
-        timings["sparse_s"] = run_s - timings["probe_s"]
-        timings["composite_s"] = total - run_s
-        timings["edit_s"] = total     # probe_s + sparse_s + composite_s
-        timings["generate_s"] = self.generate_time_s
-        timings["prepare_s"] = self.prepare_report["prepare_s"]      # once, after generate
         report = self._report(run, steps, user_mask, mask_mode)
+        # Read last, so that the host work above overlaps the steps still queued on a GPU.
+        run.read_timings(run_end, end)
+        report["timings_s"]["generate_s"] = self.generate_time_s
+        report["timings_s"]["prepare_s"] = self.prepare_report["prepare_s"]   # once, at generate
         report["background_composited"] = composite
         report["nsfw_content_detected"] = trajectory.flagged
         report["original_nsfw_content_detected"] = original.flagged
@@ -1004,9 +999,29 @@ class _EditRun:
         self.unchanged = False     # step 0's U-Net call is the recorded one: nothing to edit
         self.differences: list[torch.Tensor] = []     # the probe's, per dense step
         self.timings = {"mask_s": 0.0}
-        self.start = time.perf_counter()
+        # The edit's phases on its device's timeline, read at its end (read_timings).
+        self.clock = DeviceClock(trajectory.noise.device)
+        self.start = self.clock.mark()
+        self.probe_end = None
+        self.first_sparse_step = None       # its (begin, end) marks
         if estimator is None:
             self._set_mask(None)
+
+    def read_timings(self, run_end, end) -> None:
+        """The phase times (seconds) into ``timings`` from the marks: the run's start to
+        ``run_end`` (the pipeline's return), to ``end`` (the images composited), the probe's
+        and the first sparse step's; on a GPU this waits for the work queued before ``end``."""
+        clock, timings = self.clock, self.timings
+        total = clock.seconds(self.start, end)
+        run_s = clock.seconds(self.start, run_end)
+        timings["probe_s"] = 0.0 if self.probe_end is None else \
+            clock.seconds(self.start, self.probe_end)
+        if self.first_sparse_step is not None:
+            # Timed apart: on CUDA it captures the plan's CUDA graph unless the plan is reused.
+            timings["first_sparse_step_s"] = clock.seconds(*self.first_sparse_step)
+        timings["sparse_s"] = run_s - timings["probe_s"]
+        timings["composite_s"] = total - run_s
+        timings["edit_s"] = total       # probe_s + sparse_s + composite_s
 
     # -- the pipeline's hooks ---------------------------------------------------------------
     def unet_call(self, step: int, inputs: dict) -> torch.Tensor:
@@ -1045,11 +1060,9 @@ class _EditRun:
         elif step < self.dense_steps:
             output = session._dense(inputs)
         elif step == self.dense_steps:
-            # Timed apart: on CUDA it captures the plan's CUDA graph unless the plan is reused
-            # (the same mask as the last edit).
-            began = synchronized_clock(inputs["sample"].device)
+            began = self.clock.mark()
             output = session.engine.edit(session.cache, step, self.plan, **inputs)
-            self.timings["first_sparse_step_s"] = synchronized_clock(output.device) - began
+            self.first_sparse_step = (began, self.clock.mark())
         else:
             output = session.engine.edit(session.cache, step, self.plan, **inputs)
         self.trajectory.unet_outputs.append(output.detach().clone())
@@ -1068,7 +1081,7 @@ class _EditRun:
                 self._set_mask(self._estimated(score, tac.is_global(score)))
                 self.timings["mask_s"] = time.perf_counter() - began
                 self.mask_unet_evaluations = float(self.dense_steps)
-            self.timings["probe_s"] = synchronized_clock(latents.device) - self.start
+            self.probe_end = self.clock.mark()
         if step == self.dense_steps - 1 or (step >= self.dense_steps
                                             and step in original.blend_steps):
             latents = self.session._blend(latents, step, self.plan)
@@ -1381,14 +1394,6 @@ def _concatenate(values: list):
     if isinstance(values[0], (list, tuple)):
         return [_concatenate(items) for items in zip(*values)]
     return torch.cat(values)
-
-
-def synchronized_clock(device: torch.device) -> float:
-    """perf_counter after the work queued on ``device`` has finished: a GPU runs behind the
-    host, and a time read before it is done would count only the queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _zero_snr_cause(scheduler) -> str:

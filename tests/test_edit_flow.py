@@ -1905,6 +1905,18 @@ def test_a_replaced_vae_is_refused_where_the_edit_composites(pipe_folder):
         vae.register_to_config(scaling_factor=scaling)
     assert s.edit("a blue circle", mask=_corner_mask(), output_type="np").report[
         "background_composited"]
+    # A write that moves no version counter (an EMA model's param.data.copy_): the weights'
+    # values are read, by the same reader as the edit before.
+    bias = vae.decoder.conv_out.bias
+    saved = bias.detach().clone()
+    bias.data.add_(1.0)
+    try:
+        with pytest.raises(FiseditError, match="pipe.vae was replaced, or its weights or config"):
+            s.edit("a blue circle", mask=_corner_mask(), output_type="np")
+    finally:
+        bias.data.copy_(saved)
+    assert s.edit("a blue circle", mask=_corner_mask(), output_type="np").report[
+        "background_composited"]
 
 
 def test_an_sdxl_vae_cast_up_for_each_decode_is_the_same_decoder():

@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_run.sh e2e        end-to-end edits with new masks, as users call them,
 #                                         vs dense regeneration (sd15; reduce-overhead only:
 #                                         max-autotune compiles past the 10-minute limit)
+#   bash benchmarks/gpu_run.sh e2e-ab     the e2e run (4 new masks a group, 2 repeats) for this tree, then
+#                                         for an earlier one in .device/base (see ab below), on one machine
 #   bash benchmarks/gpu_run.sh e2e-sdxl   the same for sdxl at 1024 px (cache partly on the host)
 #   bash benchmarks/gpu_run.sh shapes     train the shapes model (~8 min), weights under $OUT
 #   bash benchmarks/gpu_run.sh masks      edit time per mask estimator (sd15, 5% mask, issue 15)
@@ -40,7 +42,7 @@
 # On the device machine diffusers comes from the wheel in .device/wheels (carry ".device").
 # Output goes to $OUT (default ./gpu-out) and is streamed, so a cut-off run still returns it.
 set -o pipefail
-case "$1" in tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|split-ab|ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|split-ab|ab" >&2; exit 2 ;; esac
+case "$1" in tests|sd15|sdxl|e2e|e2e-ab|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|split-ab|ab) ;; *) echo "usage: $0 tests|sd15|sdxl|e2e|e2e-ab|e2e-sdxl|shapes|masks|sd15-ab|conv-ab|hoist-ab|dense|calibrated|launch|gemms|tile-ab|fold-ab|split-ab|ab" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
@@ -117,6 +119,13 @@ case "$1" in
   masks)  python3 benchmarks/edit_quality.py --gpu-timing sd15 --out "$OUT/masks" 2>&1 | tee "$OUT/masks.log" ;;
   e2e)    python3 benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead \
             --json "$OUT/e2e_sd15.json" 2>&1 | grep -v -i warn | tee "$OUT/e2e.log" ;;
+  e2e-ab) test -d .device/base/fisedit_compiler || { echo "no earlier tree in .device/base" >&2; exit 2; }
+          e2e="$PWD/benchmarks/edit_e2e.py --model sd15 --dense-modes reduce-overhead --edits 4 --reps 2"
+          out=$(cd "$OUT" && pwd)
+          python3 $e2e --json "$out/e2e_new.json" 2>&1 | grep -v -i warn | tail -8 | tee "$out/e2e_new.log"
+          # the same script on the earlier tree's package, imported from its own folder
+          (cd .device/base && PYTHONPATH=/tmp/site:$PWD python3 $e2e --json "$out/e2e_base.json" 2>&1 \
+            | grep -v -i warn | tail -8 | tee "$out/e2e_base.log") ;;
   # 50 steps x 1.4 GiB: 56 GiB (39 steps) stay on the H100, the rest is prefetched from pinned host memory.
   e2e-sdxl) python3 benchmarks/edit_e2e.py --model sdxl --cache-budget-gib 56 --reps 2 \
             --json "$OUT/e2e_sdxl.json" 2>&1 | tee "$OUT/e2e_sdxl.log" ;;

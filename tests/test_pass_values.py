@@ -15,6 +15,7 @@ import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import bench, zoo
+from fisedit_compiler.engine.pass_values import PassValues
 
 STEPS = 3
 
@@ -166,6 +167,55 @@ def test_weights_changed_in_place_are_seen(unet):
             for name, parameter in unet.named_parameters():
                 if "attn2.to_k" in name:
                     parameter.sub_(0.05)
+
+
+def test_values_are_reused_only_under_the_weights_they_were_computed_under(unet):
+    """The weights are told by value (what the engine checked them against), not by a token
+    of the engine's: PassValues reuses the values at a new pass only for equal weights, and
+    never for weights that cannot be told (None)."""
+    editing = Editing(unet)
+    program = editing.engine.program(editing.inputs)
+    pass_values = PassValues(program.pass_constants)
+    flat = editing.engine.flat(editing.edited(0.5))
+    with torch.no_grad():
+        first = pass_values(flat, ("versions", "values"), new_pass=True)
+        assert pass_values(flat, ("versions", "values"), new_pass=True) is first
+        assert pass_values(flat, ("versions", "other values"), new_pass=True) is not first
+        assert pass_values(flat, ("versions", "other values"), new_pass=False) is not first
+        for _ in range(2):
+            pass_values(flat, None, new_pass=True)
+    assert (pass_values.computed, pass_values.reused) == (4, 1)
+
+
+def test_recordings_under_other_weights_edit_with_their_own_constants(unet):
+    """Two recordings of one engine under weights that differ by a .data write (no version
+    counter moves), edited in turn with one text: each pass computes the constants under
+    its recording's weights, and a pass that repeats the last one reuses them."""
+    editing = Editing(unet, group_projections=False)
+    edited = editing.edited(0.5)
+    weights = [p for name, p in unet.named_parameters() if "attn2.to_k" in name]
+    original = [weight.detach().clone() for weight in weights]
+
+    def use(values, caches):
+        for weight, value in zip(weights, values):
+            weight.data.copy_(value)
+        editing.caches = caches
+
+    editing.record()
+    first_caches = editing.caches
+    for weight in weights:
+        weight.data.mul_(1.5)
+    try:
+        editing.record()
+        scaled_outputs = editing.edit_pass(edited)       # each checked against the reference
+        use(original, first_caches)
+        original_outputs = editing.edit_pass(edited)
+        assert not torch.equal(scaled_outputs[0], original_outputs[0])
+        assert (editing.computed, editing.reused) == (2, 0)
+        editing.edit_pass(edited)
+        assert (editing.computed, editing.reused) == (2, 1)
+    finally:
+        use(original, first_caches)
 
 
 def test_inference_tensors_are_computed_at_every_step(unet):

@@ -86,7 +86,8 @@ def test_interpreted_kernels_read_the_recorded_step_at_the_shift():
     stand_in = StepStore(noise, step.layout, recorded_shift=shift)
     flat = flatten_inputs(edited)
     with torch.no_grad():
-        shifted = engine._edit_step(program, plan, flat, stand_in, graphs=False, new_pass=True)
+        shifted = engine._edit_step(program, plan, flat, stand_in, cache, graphs=False,
+                                      new_pass=True)
     assert torch.equal(shifted, actual)
 
 

@@ -114,11 +114,6 @@ class SparseEngine:
         # versions tell a recording made with other weights (``weight_versions``), and when the
         # programs' derived copies (packed, grouped) must be made again.
         self._weights = self._state.weights
-        # The weights' version counters when this engine last made the derived copies (the
-        # pass constants' token, ``_values_for``). What the copies were made from is kept on
-        # the copies (``DerivedWeights.made_from``): engines share them (with_config, the
-        # backend's recordings of one graph), and one may refresh them for other weights.
-        self._derived_versions = version_counters(self._weights)
 
     def weight_versions(self) -> tuple:
         """What tells the U-Net's parameters and buffers changed (``tensor_versions``): their
@@ -315,7 +310,7 @@ class SparseEngine:
             store = cache.store_on(step, device)
             seed = torch.zeros(program.levels[0], dtype=torch.bool)
             seed[0, 0] = True
-            values = self._values_for(program, flat, new_pass=True)
+            values = self._values_for(program, flat, cache, new_pass=True)
             for bucket in self.buckets(program):
                 plan = MaskPlan(seed, program.levels, program.tiles, self.config.dilation,
                                 self.config.thresholds_for(program.levels), device=device,
@@ -388,33 +383,39 @@ class SparseEngine:
             self._check_unchanged(cache, full=full, contents=contents)
             if self.config.check_inputs:
                 self._check_outside_mask(cache, step, plan, flat)
-            output = self._edit_step(program, plan, flat, cache.store_on(step, device), graphs,
-                                     new_pass=full)
+            output = self._edit_step(program, plan, flat, cache.store_on(step, device), cache,
+                                     graphs, new_pass=full)
             if step + 1 < cache.num_steps:
                 cache.prefetch(step + 1, device)    # overlaps this step's compute
         cache.last_edit = (weakref.ref(plan), step)     # after success: the pass goes on
         return output
 
     def _edit_step(self, program: Program, plan: MaskPlan, flat: dict, store: dict,
-                   graphs: bool, new_pass: bool):
+                   cache: EditCache, graphs: bool, new_pass: bool):
         if plan.empty and program.output_key in store:
             return store[program.output_key].clone()   # nothing active: the recorded output
-        values = self._values_for(program, flat, new_pass)
+        values = self._values_for(program, flat, cache, new_pass)
         if graphs:
             return self._captured_steps(program)(plan, flat, store, values)
         extra = {} if values is None else {PASS_VALUES_INPUT: values}
         return program.edit(**flat, **{PLAN_INPUT: plan, CACHE_INPUT: store}, **extra)
 
-    def _values_for(self, program: Program, flat: dict, new_pass: bool) -> tuple | None:
-        """The values of ``program``'s pass constants for ``flat`` (computed once per pass:
-        ``PassValues``), or None when its edit graph has none. The weights' token is their
-        version counters as the derived copies were last made from (``refresh_weights``
-        replaces it), which the step's U-Net check has brought up to date."""
+    def _values_for(self, program: Program, flat: dict, cache: EditCache,
+                    new_pass: bool) -> tuple | None:
+        """The values of ``program``'s pass constants for ``flat`` (computed once per pass,
+        and not again for a pass with the same inputs under the same weights: ``PassValues``),
+        or None when its edit graph has none. The weights are told by ``cache``'s recording:
+        a pass's first step has checked the U-Net's against its version counters and values
+        (``_check_unchanged``; EditSession checks them just before), and a later step refuses
+        any counted change. A recording without the values read cannot vouch for them (None):
+        its passes compute the values afresh."""
         if program.pass_constants is None:
             return None
         if program.signature not in self._pass_values:
             self._pass_values[program.signature] = PassValues(program.pass_constants)
-        return self._pass_values[program.signature](flat, self._derived_versions, new_pass)
+        weights = None if cache.weight_fingerprint is None else \
+            (cache.weight_versions, cache.weight_fingerprint)
+        return self._pass_values[program.signature](flat, weights, new_pass)
 
     def add_program(self, program: Program) -> Program:
         """Use ``program`` (compiled elsewhere, e.g. by the "fisedit" backend) for its signature,
@@ -452,7 +453,6 @@ class SparseEngine:
         for derived in self._derived_copies():
             derived.refresh()
             derived.made_from = (versions, fingerprint)
-        self._derived_versions = versions
 
     def _derived_copies(self) -> list:
         """The derived copies this engine's programs and dense graphs read (each once: the

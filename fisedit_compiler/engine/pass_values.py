@@ -7,15 +7,17 @@ graph when, and only when, its values would change. A pipeline's loop passes the
 (its prompt embeddings, added conditions) at every step of a pass, so for the pass's later
 steps the values are kept with those tensors (held here, so that no other tensor can take
 their place at their addresses), their version counters and data addresses (an in-place write
-moves a counter; a ``.data`` assignment moves an address), and the engine's token for its
-weights (a new token whenever the weights changed, in place or by their values); any
-difference computes them again, as for a pipeline whose step-end callback switches the prompt
-mid-pass. A new pass is where a new prompt or new weights come in, by whatever means they
-were written, so its first step compares the values of the inputs themselves, bit for bit,
-with copies taken when the constants were last computed, and the weights' token (which the
-pass's first step, reading the weights' values, has brought up to date): the same prompt with
-a new mask, the common edit, reuses them (~1.8 ms of GPU and host time for SD1.5's sixteen
-cross-attentions on an H100, RESULTS session 32). An inference tensor, which has no version
+moves a counter; a ``.data`` assignment moves an address); any difference computes them
+again, as for a pipeline whose step-end callback switches the prompt mid-pass. A new pass is
+where a new prompt or new weights come in, by whatever means they were written, so its first
+step compares the values of the inputs themselves, bit for bit, with copies taken when the
+constants were last computed, and the weights by what the engine has checked them against at
+that step: the recording's version counters and values (``SparseEngine._values_for``). The
+same prompt with a new mask, the common edit, reuses them (~1.8 ms of GPU and host time for
+SD1.5's sixteen cross-attentions on an H100, RESULTS session 32). The weights are told by
+value, not by an engine's own token: engines share derived weight copies (``with_config``),
+and one refreshing them for its weights left another's token unchanged across weights that
+differ (found by a fuzz of edit sequences, session 32). An inference tensor, which has no version
 counter, cannot be told unchanged within a pass: its values are computed at every step, as
 they were before the pass moved them.
 
@@ -43,7 +45,7 @@ class _Computed(NamedTuple):
     versions: tuple         # their version counters then
     addresses: tuple        # their data addresses then
     copies: tuple           # their values then, which a new pass compares bit for bit
-    weights_token: object   # the engine's token for its weights then
+    weights: tuple | None   # what told the weights then (None: nothing could)
     values: tuple
 
 
@@ -58,18 +60,20 @@ class PassValues:
         self.computed = 0          # how many times the values were computed
         self.reused = 0            # how many new passes took them from an earlier pass
 
-    def __call__(self, flat: dict, weights_token, new_pass: bool) -> tuple:
+    def __call__(self, flat: dict, weights: tuple | None, new_pass: bool) -> tuple:
         """The values for the fixed inputs in ``flat`` (by name) under the weights that
-        ``weights_token`` stands for. On a pass's later steps, and at a ``new_pass``'s first
-        step whose inputs have the bits of the last computation's, the kept tuple itself, so
-        that a caller can tell by identity that they are the ones it loaded before."""
+        ``weights`` tells (compared by value; None: weights that cannot be told, whose values
+        are not reused across passes). On a pass's later steps, and at a ``new_pass``'s first
+        step whose inputs have the bits of the last computation's under equal ``weights``, the
+        kept tuple itself, so that a caller can tell by identity that they are the ones it
+        loaded before."""
         inputs = tuple(flat[name] for name in self.names)
         last = self._last
-        if last is not None and last.weights_token is weights_token:
+        if last is not None and last.weights == weights:
             if not new_pass and _held_unchanged(last, inputs):
                 return last.values
-            if new_pass and all(map(_same_bits, last.copies, inputs)):
-                self._last = _computed(inputs, last.copies, weights_token, last.values)
+            if new_pass and weights is not None and all(map(_same_bits, last.copies, inputs)):
+                self._last = _computed(inputs, last.copies, weights, last.values)
                 self.reused += 1
                 return last.values
         values = tuple(self.constants(**dict(zip(self.names, inputs))))
@@ -79,13 +83,13 @@ class PassValues:
         else:
             copies = tuple(value.detach().clone() if isinstance(value, torch.Tensor) else value
                            for value in inputs)
-            self._last = _computed(inputs, copies, weights_token, values)
+            self._last = _computed(inputs, copies, weights, values)
         return values
 
 
-def _computed(inputs: tuple, copies: tuple, weights_token, values: tuple) -> _Computed:
+def _computed(inputs: tuple, copies: tuple, weights: tuple | None, values: tuple) -> _Computed:
     return _Computed(inputs, version_counters(inputs), storage_addresses(inputs), copies,
-                     weights_token, values)
+                     weights, values)
 
 
 def _held_unchanged(last: _Computed, inputs: tuple) -> bool:

@@ -1,6 +1,7 @@
-"""Can Inductor compile the compact edit graph, and how much does it fuse? (CPU, sd15-tiny)
+"""Can Inductor compile the compact edit graph, how much does it fuse, and is it faster?
 
     python benchmarks/inductor_probe.py [--model sd15-tiny] [--latent 32] [--dynamic]
+    python benchmarks/inductor_probe.py --device cuda       (sd15, 64x64 latent, fp16, 5%)
 
 Issue 17's first lever is Inductor over the compact edit graph. This probe answers the
 questions that come before any GPU timing, on the torch reference path (the ops'
@@ -20,7 +21,15 @@ see as custom ops):
   active tiles of 64, both sparse): a recompile where shapes are static per plan; with
   ``--dynamic`` (``torch.compile(dynamic=True)``), whether symbolic sizes avoid it.
 
-Prints a short table; compile times are CPU times and say nothing of the GPU's.
+Prints a short table; on the CPU, compile times are CPU times and say nothing of the GPU's.
+
+``--device cuda`` (issue 17's first lever, timed; defaults: sd15 at 512 px, fp16, batch 2, a
+5% blob) compiles the same graph on the GPU and times, in a loop of steps as a pipeline calls
+them: the torch ops eager, Inductor's compiled step, that step replayed in a CUDA graph, and
+the product path (Triton kernels in the engine's CUDA graphs) beside them, with each one's
+kernels per step (profiler) and error against the oracle. Inductor sees the reference path's
+ops (gathers, SDPA, cuDNN convs), not the product's Triton kernels: what it would fuse around
+them as custom ops is the glue it fuses here.
 """
 
 from __future__ import annotations
@@ -53,21 +62,40 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _baked(program) -> fx.GraphModule:
+    """A copy of ``program``'s edit graph whose derived weight copies are buffers (their
+    lookup reads version counters, which Dynamo does not trace)."""
+    edit = fx.GraphModule(program.edit, copy.deepcopy(program.edit.graph))
+    bake_derived_copies(edit)
+    edit.graph.eliminate_dead_code()
+    edit.recompile()
+    return edit
+
+
 @torch.no_grad()
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="sd15-tiny")
-    parser.add_argument("--latent", type=int, default=32, help="latent side (default 32)")
-    parser.add_argument("--areas", default="0.05,0.12",
-                        help="two blob areas whose plans are sparse at different capacities")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default=None, help="sd15-tiny on the CPU, sd15 on the GPU")
+    parser.add_argument("--latent", type=int, default=None,
+                        help="latent side (default 32 on the CPU, the model's on the GPU)")
+    parser.add_argument("--areas", default=None,
+                        help="CPU: two blob areas whose plans are sparse at different "
+                             "capacities (0.05,0.12); GPU: the areas timed (0.05)")
     parser.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        _gpu(args)
+        return
     from torch._inductor import metrics
     from torch._inductor.utils import run_and_get_code
 
+    args.model = args.model or "sd15-tiny"
     unet = zoo.unet(args.model)
-    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=args.latent, width=args.latent)
-    areas = [float(area) for area in args.areas.split(",")]
+    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=args.latent or 32,
+                                width=args.latent or 32)
+    args.latent = args.latent or 32
+    areas = [float(area) for area in (args.areas or "0.05,0.12").split(",")]
     # The whole step in one graph (no pass constants apart), as the probe's rows count it.
     engine = fc.compile(unet, fc.SparseConfig(kernels="torch", cuda_graphs=False,
                                               hoist_pass_constants=False))
@@ -92,10 +120,7 @@ def main(argv=None) -> None:
     with counter:
         program.edit(**first)
     breaks_as_built = torch._dynamo.explain(program.edit)(**first).graph_break_count
-    edit = fx.GraphModule(program.edit, copy.deepcopy(program.edit.graph))
-    bake_derived_copies(edit)
-    edit.graph.eliminate_dead_code()
-    edit.recompile()
+    edit = _baked(program)
     breaks_baked = torch._dynamo.explain(edit)(**first).graph_break_count
     torch._dynamo.reset()
     metrics.reset()
@@ -132,6 +157,102 @@ def main(argv=None) -> None:
     for name, value in rows:
         print(f"| {name} | {value} |")
 
+
+
+def _kernels_per_call(call, calls: int = 3) -> float:
+    """CUDA kernels ``call`` launches, per call (torch.profiler; not for graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    return sum(event.device_type.name == "CUDA" for event in prof.events()) / calls
+
+
+def _graphed(call):
+    """``call`` captured in a CUDA graph (warmed up on a side stream first): its replay, or
+    the reason it cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            output = call()
+    except Exception as error:      # reported in the table: why Inductor's step is not graphed
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return (lambda: graph.replay() or output), None
+
+
+def _gpu(args) -> None:
+    """Issue 17's Inductor lever on the GPU: the torch-ops edit graph eager, compiled by
+    Inductor, and compiled then replayed in a CUDA graph, against the product path, timed in
+    a loop of steps of one edit pass at each area; one table row per variant and area."""
+    import dataclasses
+
+    from fisedit_compiler import oracle
+    from fisedit_compiler.engine.pass_values import PassValues
+    from fisedit_compiler.engine.timing import loop_time_ms
+    from fisedit_compiler.graph_keys import PASS_VALUES_INPUT
+
+    reps = 20
+    model = args.model or "sd15"
+    latent = args.latent or bench.RESOLUTION.get(model.removesuffix("-tiny"), 512) // 8
+    unet = zoo.unet(model, dtype=torch.float16, device="cuda")
+    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=latent, width=latent)
+    size = tuple(inputs["sample"].shape[-2:])
+    product = fc.compile(unet)                      # Triton kernels in CUDA graphs
+    torch_ops = product.with_config(dataclasses.replace(product.config, kernels="torch",
+                                                        cuda_graphs=False))
+    program = torch_ops.program(inputs)
+    steps = bench.recorded_steps(reps)
+    product_cache = bench.pass_cache(product, inputs, steps)
+    store = bench.pass_cache(torch_ops, inputs, 1).store_on(0, inputs["sample"].device)
+    compiled = torch.compile(_baked(program), dynamic=args.dynamic or None)
+    print(f"| {model}, {latent}x{latent} latent, fp16, batch 2, blob, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__} | ms per step in a loop "
+          f"| kernels per step | error vs oracle | notes |", flush=True)
+    print("|---|---|---|---|---|", flush=True)
+    for area in [float(area) for area in (args.areas or "0.05,0.2").split(",")]:
+        mask = bench.placed_blob(size, area)
+        edited = bench.edited_inputs(inputs, mask)
+        flat = torch_ops.flat(edited)
+        plan = torch_ops.plan(mask)
+        step_inputs = {**flat, PLAN_INPUT: plan, CACHE_INPUT: store}
+        if program.pass_constants is not None:
+            step_inputs[PASS_VALUES_INPUT] = PassValues(program.pass_constants)(flat, None, True)
+        expected = oracle.masked_dense(product, product.plan(mask), inputs, edited)
+
+        def row(name, call, kernels, notes=""):
+            error = bench.relative_error(call(), expected)
+            print(f"| {area:.0%}: {name} | {loop_time_ms(call, calls=reps):.2f} | {kernels} | "
+                  f"{error:.1e} | {notes} |", flush=True)
+
+        eager = lambda: program.edit(**step_inputs)        # noqa: E731
+        row("torch ops, eager", eager, f"{_kernels_per_call(eager):.0f}")
+        started = time.perf_counter()
+        inductor = lambda: compiled(**step_inputs)          # noqa: E731
+        inductor()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - started
+        row("torch ops, Inductor", inductor, f"{_kernels_per_call(inductor):.0f}",
+            f"compiled in {compile_s:.0f} s")
+        replay, why_not = _graphed(inductor)
+        if replay is None:
+            print(f"| {area:.0%}: torch ops, Inductor, CUDA graph | - | - | - | {why_not} |")
+        else:
+            row("torch ops, Inductor, CUDA graph", replay, "as above")
+        product_plan = product.plan(mask)
+        kernels = bench.profile_step(product, inputs, product_plan, edited)["kernels_per_step"]
+        row("product (Triton kernels, CUDA graph)",
+            bench.edit_pass(product, product_cache, product_plan, edited), f"{kernels:.0f}")
+        torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """EditSession: exact background, oracle-exact sparse calls, masks, continuous edits, errors."""
 
 import copy
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,7 +88,33 @@ def test_user_mask_background_and_oracle(session, monkeypatch):
     assert 0 < report["mask_area_fraction"] <= report["active_area_fraction"] < 1
     timings = report["timings_s"]
     assert 0 < timings["first_sparse_step_s"] <= timings["sparse_s"] <= timings["edit_s"]
+    phases = ("checks_s", "probe_s", "sparse_s", "composite_s")
+    assert all(timings[phase] > 0 for phase in phases)
+    assert sum(timings[phase] for phase in phases) == pytest.approx(timings["edit_s"])
     assert result.images.shape == (1, 128, 128, 3)
+
+
+def test_edit_s_counts_the_checks_before_the_run(session, monkeypatch):
+    """The report times the edit call from its entry: the argument and weight checks before
+    the pipeline runs are in edit_s (checks_s), not left out of it."""
+    import fisedit_compiler.edit_flow.session as session_module
+
+    slow = 0.05
+    check = session_module._check_output_type
+
+    def slow_check(output_type):
+        time.sleep(slow)
+        return check(output_type)
+
+    monkeypatch.setattr(session_module, "_check_output_type", slow_check)
+    began = time.perf_counter()
+    result = session.edit("a blue circle", mask=_corner_mask(), probe_steps=0,
+                          output_type="latent")
+    wall = time.perf_counter() - began
+    timings = result.report["timings_s"]
+    assert timings["checks_s"] >= slow
+    assert timings["edit_s"] >= timings["checks_s"] + timings["sparse_s"]
+    assert timings["edit_s"] <= wall
 
 
 def test_user_mask_without_probe(session):

@@ -586,6 +586,7 @@ def _summary(report: dict) -> dict:
         "global_change": report["global_change"],
         "mask_s": round(timings["mask_s"], 3),
         "speedup_basis": report["speedup_basis"],
+        "checks_s": round(timings["checks_s"], 3),
         "probe_s": round(timings["probe_s"], 3),
         "sparse_s": round(timings["sparse_s"], 3),
         "edit_unet_macs": macs["edit_unet_macs"],

@@ -410,6 +410,11 @@ class EditSession:
         ``report["composite_area_fraction"]`` the fraction of pixels taken from the edit.
         """
         original = self._require_generation()
+        # The report's edit_s starts here: the checks below (the U-Net's and the VAE's weights
+        # read among them) are the edit's time too. Timed from the run's start, edit_s lay
+        # 7-8 ms under an SD1.5 edit's synchronised wall time (H100, RESULTS.md session 33).
+        clock = DeviceClock(original.noise.device)
+        entry = clock.mark()
         self._check_unet()
         check_prompt("new_prompt", new_prompt)
         check_prompt("negative_prompt", negative_prompt, optional=True)
@@ -509,7 +514,7 @@ class EditSession:
             control = CrossAttentionControl(*shared_tokens(self.pipe.tokenizer, original.prompt,
                                                            new_prompt))
         run = _EditRun(self, trajectory, estimator, user_mask, mask_dilation, dense_steps,
-                       control)
+                       control, clock, entry)
         # The U-Net was compared in full above, weights' values included, and nothing of the
         # caller's runs from there to the first sparse step (callbacks are refused): that
         # step need not read the values again.
@@ -1005,9 +1010,11 @@ class _EditRun:
 
     def __init__(self, session: "EditSession", trajectory: Trajectory,
                  estimator: tac.Estimator | None, user_mask: torch.Tensor | None,
-                 mask_dilation: int, dense_steps: int, control: CrossAttentionControl | None):
+                 mask_dilation: int, dense_steps: int, control: CrossAttentionControl | None,
+                 clock: DeviceClock, entry):
         """``estimator`` None: the user mask replaces the estimate; else a user mask
-        intersects it."""
+        intersects it. ``clock`` and ``entry`` (its mark at the edit call's start) time the
+        edit on its device's timeline."""
         self.session, self.original, self.trajectory = session, session.original, trajectory
         self.estimator, self.user_mask = estimator, user_mask
         self.mask_dilation, self.dense_steps, self.control = mask_dilation, dense_steps, control
@@ -1022,19 +1029,21 @@ class _EditRun:
         self.differences: list[torch.Tensor] = []     # the probe's, per dense step
         self.timings = {"mask_s": 0.0}
         # The edit's phases on its device's timeline, read at its end (read_timings).
-        self.clock = DeviceClock(trajectory.noise.device)
-        self.start = self.clock.mark()
+        self.clock, self.entry = clock, entry
+        self.start = clock.mark()
         self.probe_end = None
         self.first_sparse_step = None       # its (begin, end) marks
         if estimator is None:
             self._set_mask(None)
 
     def read_timings(self, run_end, end) -> None:
-        """The phase times (seconds) into ``timings`` from the marks: the run's start to
-        ``run_end`` (the pipeline's return), to ``end`` (the images composited), the probe's
-        and the first sparse step's; on a GPU this waits for the work queued before ``end``."""
+        """The phase times (seconds) into ``timings`` from the marks: the edit call's entry to
+        the run's start (its checks), the run's start to ``run_end`` (the pipeline's return),
+        to ``end`` (the images composited), the probe's and the first sparse step's; on a GPU
+        this waits for the work queued before ``end``."""
         clock, timings = self.clock, self.timings
-        total = clock.seconds(self.start, end)
+        total = clock.seconds(self.entry, end)
+        timings["checks_s"] = clock.seconds(self.entry, self.start)
         run_s = clock.seconds(self.start, run_end)
         timings["probe_s"] = 0.0 if self.probe_end is None else \
             clock.seconds(self.start, self.probe_end)
@@ -1042,8 +1051,8 @@ class _EditRun:
             # Timed apart: on CUDA it captures the plan's CUDA graph unless the plan is reused.
             timings["first_sparse_step_s"] = clock.seconds(*self.first_sparse_step)
         timings["sparse_s"] = run_s - timings["probe_s"]
-        timings["composite_s"] = total - run_s
-        timings["edit_s"] = total       # probe_s + sparse_s + composite_s
+        timings["composite_s"] = clock.seconds(run_end, end)
+        timings["edit_s"] = total       # checks_s + probe_s + sparse_s + composite_s
 
     # -- the pipeline's hooks ---------------------------------------------------------------
     def unet_call(self, step: int, inputs: dict) -> torch.Tensor:

@@ -129,6 +129,39 @@ def test_the_weight_fingerprint_is_content_fingerprint_on_the_cpu():
     assert WeightFingerprint([])() == content_fingerprint([]) == ()
 
 
+def test_preparing_a_weight_fingerprint_on_the_cpu_reads_nothing(monkeypatch):
+    """Reads run eagerly off CUDA: there is no graph to capture, so prepare costs no read."""
+    weights = _weights("cpu")
+    fingerprint = WeightFingerprint(weights)
+    reads = []
+    eager = derived_weights.content_fingerprint
+    monkeypatch.setattr(derived_weights, "content_fingerprint",
+                        lambda tensors: reads.append(1) or eager(tensors))
+    fingerprint.prepare()
+    assert reads == [] and fingerprint._graph is None
+    assert fingerprint() == eager(weights) and reads == [1]
+
+
+@pytest.mark.gpu
+def test_a_prepared_weight_fingerprint_replays_at_its_next_read(monkeypatch):
+    """prepare pays the eager read and the capture, for new tensors and after a move, so that
+    the next read replays the graph: no eager read, the same bits."""
+    weights = _weights("cuda")
+    fingerprint = WeightFingerprint(weights)
+    for _ in range(2):
+        fingerprint.prepare()
+        graph = fingerprint._graph
+        assert graph is not None
+        expected = content_fingerprint(weights)
+        with monkeypatch.context() as patch:
+            patch.setattr(derived_weights, "content_fingerprint", None)   # no eager read
+            assert fingerprint() == expected
+        assert fingerprint._graph is graph
+        fingerprint.prepare()                                    # prepared already: no read
+        assert fingerprint._graph is graph
+        weights[1].data = weights[1].data.clone()                # moved: prepared anew
+
+
 @pytest.mark.gpu
 def test_the_weight_fingerprint_replays_content_fingerprint_on_a_gpu():
     _reads_as_content_fingerprint("cuda")

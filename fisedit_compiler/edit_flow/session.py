@@ -279,6 +279,7 @@ class EditSession:
         # leaves the session as it was.
         report = self.engine.prepare(cache, 0, **trajectory.unet_inputs[0])
         report["prepare_s"] += self._prepare_contrast_call(trajectory)
+        report["prepare_s"] += self._prepare_decoder_read()
         # A private copy: edits composite against it, and the caller may change the returned
         # arrays in place.
         trajectory.images = _own_copy(images)
@@ -312,6 +313,16 @@ class EditSession:
             reader = self._decoder_values = WeightFingerprint(weights)
         config = copy.deepcopy(dict(getattr(vae, "config", {})))
         return (vae, version_counters(weights), reader(), config)
+
+    def _prepare_decoder_read(self) -> float:
+        """Capture the VAE's values read (``_decoder_identity``) now: a reader captures at its
+        second read, which was the first edit's (whose time outside its run was ~10 ms longer
+        than later edits', RESULTS.md session 33; this capture is a part, not timed apart).
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        if self._decoder_values is not None:
+            self._decoder_values.prepare()
+        return time.perf_counter() - started
 
     def _prepare_contrast_call(self, trajectory: Trajectory) -> float:
         """Compile the default estimator's U-Net call (its own input signature: one row per

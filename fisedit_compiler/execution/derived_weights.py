@@ -164,12 +164,8 @@ class WeightFingerprint:
         self._capture_failed = False
 
     def __call__(self) -> tuple:
-        # A graph reads each tensor's bytes as the dtype and shape it was captured with.
-        placement = (storage_addresses(self.tensors), tuple(map(_SHAPE, self.tensors)),
-                     tuple(map(_DTYPE, self.tensors)), frozenset(map(_DEVICE, self.tensors)))
-        devices = placement[3]
-        if (self._capture_failed or len(devices) != 1 or next(iter(devices)).type != "cuda"
-                or torch.cuda.is_current_stream_capturing()):
+        placement = self._placement_now()
+        if self._eager_only(placement):
             return content_fingerprint(self.tensors)
         if self._placement != placement:         # first read where they are: eagerly
             self._placement, self._graph = placement, None
@@ -181,6 +177,30 @@ class WeightFingerprint:
         graph, norms = self._graph
         graph.replay()
         return _as_fingerprint(norms.cpu())
+
+    def prepare(self) -> None:
+        """Make the next read a replay: read now as the next reads would (eagerly where the
+        tensors are new to this reader, then capturing), so that a caller's one-time setup
+        pays the capture rather than its next read (EditSession.generate, for the VAE read
+        again at the first edit). Nothing where reads run eagerly (CPU, several devices)."""
+        for _ in range(2):
+            placement = self._placement_now()
+            if self._eager_only(placement) or \
+                    (self._placement == placement and self._graph is not None):
+                return
+            self()
+
+    def _placement_now(self) -> tuple:
+        # A graph reads each tensor's bytes as the dtype and shape it was captured with.
+        return (storage_addresses(self.tensors), tuple(map(_SHAPE, self.tensors)),
+                tuple(map(_DTYPE, self.tensors)), frozenset(map(_DEVICE, self.tensors)))
+
+    def _eager_only(self, placement: tuple) -> bool:
+        """Whether reads at ``placement`` run eagerly: after a failed capture, off CUDA, over
+        several devices, or while a CUDA graph is being captured on the stream."""
+        devices = placement[3]
+        return (self._capture_failed or len(devices) != 1 or next(iter(devices)).type != "cuda"
+                or torch.cuda.is_current_stream_capturing())
 
     def _capture(self) -> tuple | None:
         graph = torch.cuda.CUDAGraph()

@@ -1,7 +1,7 @@
 """Can Inductor compile the compact edit graph, how much does it fuse, and is it faster?
 
     python benchmarks/inductor_probe.py [--model sd15-tiny] [--latent 32] [--dynamic]
-    python benchmarks/inductor_probe.py --device cuda       (sd15, 64x64 latent, fp16, 5%)
+    python benchmarks/inductor_probe.py --device cuda   (sd15, 64x64 latent, fp16, 5% and 20%)
 
 Issue 17's first lever is Inductor over the compact edit graph. This probe answers the
 questions that come before any GPU timing, on the torch reference path (the ops'
@@ -24,7 +24,7 @@ see as custom ops):
 Prints a short table; on the CPU, compile times are CPU times and say nothing of the GPU's.
 
 ``--device cuda`` (issue 17's first lever, timed; defaults: sd15 at 512 px, fp16, batch 2, a
-5% blob) compiles the same graph on the GPU and times, in a loop of steps as a pipeline calls
+blobs of 5% and 20%) compiles the same graph on the GPU and times, in a loop of steps as a pipeline calls
 them: the torch ops eager, Inductor's compiled step, that step replayed in a CUDA graph, and
 the product path (Triton kernels in the engine's CUDA graphs) beside them, with each one's
 kernels per step (profiler) and error against the oracle. Inductor sees the reference path's
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import re
 import time
 
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
                         help="latent side (default 32 on the CPU, the model's on the GPU)")
     parser.add_argument("--areas", default=None,
                         help="CPU: two blob areas whose plans are sparse at different "
-                             "capacities (0.05,0.12); GPU: the areas timed (0.05)")
+                             "capacities (0.05,0.12); GPU: the areas timed (0.05,0.2)")
     parser.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
@@ -91,10 +92,9 @@ def main(argv=None) -> None:
     from torch._inductor.utils import run_and_get_code
 
     args.model = args.model or "sd15-tiny"
-    unet = zoo.unet(args.model)
-    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=args.latent or 32,
-                                width=args.latent or 32)
     args.latent = args.latent or 32
+    unet = zoo.unet(args.model)
+    inputs = zoo.example_inputs(unet, batch=2, seed=0, height=args.latent, width=args.latent)
     areas = [float(area) for area in (args.areas or "0.05,0.12").split(",")]
     # The whole step in one graph (no pass constants apart), as the probe's rows count it.
     engine = fc.compile(unet, fc.SparseConfig(kernels="torch", cuda_graphs=False,
@@ -158,9 +158,9 @@ def main(argv=None) -> None:
         print(f"| {name} | {value} |")
 
 
-
 def _kernels_per_call(call, calls: int = 3) -> float:
-    """CUDA kernels ``call`` launches, per call (torch.profiler; not for graph replays)."""
+    """GPU activities (kernels, copies) of ``call``, per call, counted as
+    ``bench.profile_step`` counts the product's (torch.profiler; not for graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
@@ -194,8 +194,6 @@ def _gpu(args) -> None:
     """Issue 17's Inductor lever on the GPU: the torch-ops edit graph eager, compiled by
     Inductor, and compiled then replayed in a CUDA graph, against the product path, timed in
     a loop of steps of one edit pass at each area; one table row per variant and area."""
-    import dataclasses
-
     from fisedit_compiler import oracle
     from fisedit_compiler.engine.pass_values import PassValues
     from fisedit_compiler.engine.timing import loop_time_ms
@@ -203,8 +201,8 @@ def _gpu(args) -> None:
 
     reps = 20
     model = args.model or "sd15"
-    latent = args.latent or bench.RESOLUTION.get(model.removesuffix("-tiny"), 512) // 8
     unet = zoo.unet(model, dtype=torch.float16, device="cuda")
+    latent = args.latent or unet.config.sample_size
     inputs = zoo.example_inputs(unet, batch=2, seed=0, height=latent, width=latent)
     size = tuple(inputs["sample"].shape[-2:])
     product = fc.compile(unet)                      # Triton kernels in CUDA graphs
@@ -227,7 +225,8 @@ def _gpu(args) -> None:
         step_inputs = {**flat, PLAN_INPUT: plan, CACHE_INPUT: store}
         if program.pass_constants is not None:
             step_inputs[PASS_VALUES_INPUT] = PassValues(program.pass_constants)(flat, None, True)
-        expected = oracle.masked_dense(product, product.plan(mask), inputs, edited)
+        product_plan = product.plan(mask)
+        expected = oracle.masked_dense(product, product_plan, inputs, edited)
 
         def row(name, call, kernels, notes=""):
             error = bench.relative_error(call(), expected)
@@ -248,7 +247,6 @@ def _gpu(args) -> None:
             print(f"| {area:.0%}: torch ops, Inductor, CUDA graph | - | - | - | {why_not} |")
         else:
             row("torch ops, Inductor, CUDA graph", replay, "as above")
-        product_plan = product.plan(mask)
         kernels = bench.profile_step(product, inputs, product_plan, edited)["kernels_per_step"]
         row("product (Triton kernels, CUDA graph)",
             bench.edit_pass(product, product_cache, product_plan, edited), f"{kernels:.0f}")

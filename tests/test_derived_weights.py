@@ -147,19 +147,29 @@ def test_a_prepared_weight_fingerprint_replays_at_its_next_read(monkeypatch):
     """prepare pays the eager read and the capture, for new tensors and after a move, so that
     the next read replays the graph: no eager read, the same bits."""
     weights = _weights("cuda")
-    fingerprint = WeightFingerprint(weights)
-    for _ in range(2):
-        fingerprint.prepare()
+    eager = derived_weights.content_fingerprint
+    for read_before in (False, True):
+        fingerprint = WeightFingerprint(weights)
+        if read_before:
+            fingerprint()
+        reads = []
+        with monkeypatch.context() as patch:
+            patch.setattr(derived_weights, "content_fingerprint",
+                          lambda tensors: reads.append(1) or eager(tensors))
+            fingerprint.prepare()
+        # The capture checks its replay with one eager read; a first read adds one.
+        assert len(reads) == (1 if read_before else 2)
         graph = fingerprint._graph
         assert graph is not None
-        expected = content_fingerprint(weights)
+        expected = eager(weights)
         with monkeypatch.context() as patch:
             patch.setattr(derived_weights, "content_fingerprint", None)   # no eager read
             assert fingerprint() == expected
+            fingerprint.prepare()                                # prepared already: no read
         assert fingerprint._graph is graph
-        fingerprint.prepare()                                    # prepared already: no read
-        assert fingerprint._graph is graph
-        weights[1].data = weights[1].data.clone()                # moved: prepared anew
+    weights[1].data = weights[1].data.clone()                    # moved: prepared anew
+    fingerprint.prepare()
+    assert fingerprint._graph is not graph and fingerprint() == eager(weights)
 
 
 @pytest.mark.gpu

@@ -89,7 +89,6 @@ def test_user_mask_background_and_oracle(session, monkeypatch):
     timings = report["timings_s"]
     assert 0 < timings["first_sparse_step_s"] <= timings["sparse_s"] <= timings["edit_s"]
     phases = ("checks_s", "probe_s", "sparse_s", "composite_s")
-    assert all(timings[phase] > 0 for phase in phases)
     assert sum(timings[phase] for phase in phases) == pytest.approx(timings["edit_s"])
     assert result.images.shape == (1, 128, 128, 3)
 
@@ -112,9 +111,23 @@ def test_edit_s_counts_the_checks_before_the_run(session, monkeypatch):
                           output_type="latent")
     wall = time.perf_counter() - began
     timings = result.report["timings_s"]
-    assert timings["checks_s"] >= slow
-    assert timings["edit_s"] >= timings["checks_s"] + timings["sparse_s"]
-    assert timings["edit_s"] <= wall
+    assert slow <= timings["checks_s"] < timings["edit_s"] <= wall
+
+
+def test_generate_captures_the_vae_read_the_first_edit_repeats(pipe, monkeypatch):
+    """generate prepares its VAE reader (on a GPU: the read's CUDA graph, which the first
+    edit's check would otherwise capture); a pipeline without a VAE has none to prepare."""
+    from fisedit_compiler.execution.derived_weights import WeightFingerprint
+
+    prepared = []
+    monkeypatch.setattr(WeightFingerprint, "prepare", lambda self: prepared.append(self))
+    session = EditSession(pipe)
+    session.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent")
+    assert prepared == [session._decoder_values]
+    assert prepared[0].tensors[0] is next(pipe.vae.parameters())
+    monkeypatch.setattr(pipe, "vae", None)
+    session.generate("a red circle", seed=0, num_inference_steps=2, output_type="latent")
+    assert len(prepared) == 1
 
 
 def test_user_mask_without_probe(session):

@@ -541,8 +541,9 @@ def _overlay(image, mask_image):
 
 # What each timing of the report is, written into report.json beside them.
 FIGURES = {
-    "edit_s": "the first edit: probe steps, mask, sparse steps, decode and composite, including "
-              "building its programs and plan",
+    "edit_s": "the first edit, from the call's entry: its argument and weight checks, probe "
+              "steps, mask, sparse steps, decode and composite, including building its "
+              "programs and plan",
     "warm_edit_s": "(demo) the same edit again, latents out: the speed of every later edit",
     "dense_regeneration_s": "the pipeline run from scratch on the edit prompt, latents out: "
                             "what editing replaces",

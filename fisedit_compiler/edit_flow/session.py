@@ -279,7 +279,7 @@ class EditSession:
         # leaves the session as it was.
         report = self.engine.prepare(cache, 0, **trajectory.unet_inputs[0])
         report["prepare_s"] += self._prepare_contrast_call(trajectory)
-        report["prepare_s"] += self._prepare_decoder_read()
+        report["prepare_s"] += self._prepare_decoder_read(trajectory)
         # A private copy: edits composite against it, and the caller may change the returned
         # arrays in place.
         trajectory.images = _own_copy(images)
@@ -314,13 +314,14 @@ class EditSession:
         config = copy.deepcopy(dict(getattr(vae, "config", {})))
         return (vae, version_counters(weights), reader(), config)
 
-    def _prepare_decoder_read(self) -> float:
-        """Capture the VAE's values read (``_decoder_identity``) now: a reader captures at its
-        second read, which was the first edit's (whose time outside its run was ~10 ms longer
-        than later edits', RESULTS.md session 33; this capture is a part, not timed apart).
+    def _prepare_decoder_read(self, trajectory: Trajectory) -> float:
+        """Capture the VAE's values read (``_decoder_identity``) now, where a reader would
+        capture at its second read, the first edit's: the first edit then paid it (its time
+        outside the run was ~10 ms above later edits', RESULTS.md session 33, of which this
+        capture is one part, not timed on its own). Nothing where this generation read no VAE.
         Returns the seconds it took."""
         started = time.perf_counter()
-        if self._decoder_values is not None:
+        if trajectory.decoder[0] is not None:
             self._decoder_values.prepare()
         return time.perf_counter() - started
 
@@ -421,8 +422,8 @@ class EditSession:
         ``report["composite_area_fraction"]`` the fraction of pixels taken from the edit.
         """
         original = self._require_generation()
-        # The report's edit_s starts here: the checks below (the U-Net's and the VAE's weights
-        # read among them) are the edit's time too. Timed from the run's start, edit_s lay
+        # The report's edit_s starts here: the checks and setup below (the U-Net's and the
+        # VAE's weights read among them) are the edit's time too. Timed from the run's start, edit_s lay
         # 7-8 ms under an SD1.5 edit's synchronised wall time (H100, RESULTS.md session 33).
         clock = DeviceClock(original.noise.device)
         entry = clock.mark()
@@ -536,7 +537,7 @@ class EditSession:
         finally:
             self.cache.weight_values_checked = False
         trajectory.decoder = decoder
-        run_end = run.clock.mark()
+        run_end = clock.mark()
         if composite and (trajectory.flagged or original.flagged):
             # A blacked-out image composited onto the original (or the edit onto a blacked-out
             # original) would be neither the pipeline's answer nor the edit.
@@ -552,7 +553,7 @@ class EditSession:
         if composite:
             images, composite_area = self._composite(images, original.images, output_type,
                                                      region)
-        end = run.clock.mark()
+        end = clock.mark()
         # The edit's own images (composited), kept apart from the caller's: accept makes them
         # the next edits' original.
         trajectory.images = _own_copy(images)
@@ -1022,7 +1023,7 @@ class _EditRun:
     def __init__(self, session: "EditSession", trajectory: Trajectory,
                  estimator: tac.Estimator | None, user_mask: torch.Tensor | None,
                  mask_dilation: int, dense_steps: int, control: CrossAttentionControl | None,
-                 clock: DeviceClock, entry):
+                 clock: DeviceClock, entry):     # entry: a mark of clock
         """``estimator`` None: the user mask replaces the estimate; else a user mask
         intersects it. ``clock`` and ``entry`` (its mark at the edit call's start) time the
         edit on its device's timeline."""
@@ -1049,11 +1050,10 @@ class _EditRun:
 
     def read_timings(self, run_end, end) -> None:
         """The phase times (seconds) into ``timings`` from the marks: the edit call's entry to
-        the run's start (its checks), the run's start to ``run_end`` (the pipeline's return),
+        the run's start (its checks and setup), the run's start to ``run_end`` (the pipeline's return),
         to ``end`` (the images composited), the probe's and the first sparse step's; on a GPU
         this waits for the work queued before ``end``."""
         clock, timings = self.clock, self.timings
-        total = clock.seconds(self.entry, end)
         timings["checks_s"] = clock.seconds(self.entry, self.start)
         run_s = clock.seconds(self.start, run_end)
         timings["probe_s"] = 0.0 if self.probe_end is None else \
@@ -1063,7 +1063,8 @@ class _EditRun:
             timings["first_sparse_step_s"] = clock.seconds(*self.first_sparse_step)
         timings["sparse_s"] = run_s - timings["probe_s"]
         timings["composite_s"] = clock.seconds(run_end, end)
-        timings["edit_s"] = total       # checks_s + probe_s + sparse_s + composite_s
+        # checks_s + probe_s + sparse_s + composite_s
+        timings["edit_s"] = clock.seconds(self.entry, end)
 
     # -- the pipeline's hooks ---------------------------------------------------------------
     def unet_call(self, step: int, inputs: dict) -> torch.Tensor:

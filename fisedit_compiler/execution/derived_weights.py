@@ -149,8 +149,9 @@ class WeightFingerprint:
     its 1.7 GB of fp16 weights at the GPU's bandwidth would take ~0.5 ms, an estimate), and it
     runs at every edit pass's first step (graphed: 1.15 ms against 2.17 eager, RESULTS
     session 32). The graph is captured at the second read (the first runs eagerly, which also
-    loads the kernels) for the tensors where they are: their addresses, shapes, dtypes and
-    device; a tensor moved, resized or cast since is captured again.
+    loads the kernels), or at ``prepare`` (both at once), for the tensors where they are:
+    their addresses, shapes, dtypes and device; a tensor moved, resized or cast since is
+    captured again.
     Tensors on the CPU or on several devices, and a read while a CUDA graph is being captured
     elsewhere on the stream, run eagerly. The capture is made as the engine's step graphs are
     (``engine.cuda_graph``): in ``thread_local`` mode with Python's garbage collector paused;
@@ -183,12 +184,13 @@ class WeightFingerprint:
         tensors are new to this reader, then capturing), so that a caller's one-time setup
         pays the capture rather than its next read (EditSession.generate, for the VAE read
         again at the first edit). Nothing where reads run eagerly (CPU, several devices)."""
-        for _ in range(2):
-            placement = self._placement_now()
-            if self._eager_only(placement) or \
-                    (self._placement == placement and self._graph is not None):
-                return
-            self()
+        placement = self._placement_now()
+        if self._eager_only(placement):
+            return
+        if self._placement != placement:
+            self()          # eagerly: the first read where they are
+        if self._graph is None:
+            self()          # captures
 
     def _placement_now(self) -> tuple:
         # A graph reads each tensor's bytes as the dtype and shape it was captured with.

@@ -4,13 +4,14 @@
 
 A zoo pipeline at its native resolution (fp16 on CUDA, fp32 on the CPU), a generation of two
 steps without CUDA graphs (the checks do not depend on them, and capturing every bucket's
-graph would take a minute and a half), then ``--edits`` (at least 2) edits with a 5% user mask, latents
-out, each from an idle GPU: the report's ``checks_s`` (the edit call's entry to its run's
-start, on the device's timeline: host time, since the GPU is idle) and ``edit_s`` beside the
-call's synchronised wall time. Then one more edit under cProfile: the time of each function
-``edit`` calls directly, which splits the checks (``_decoder_identity``, ``_check_unchanged``,
-``_warn_if_truncated``, ...) from the run (``_run``) and the report (``_report``); cProfile's
-own overhead inflates every row, so compare rows with each other, not with ``checks_s``.
+graph would take a minute and a half), then ``--edits`` (at least 2) edits with a 5% user
+mask, latents out, each from an idle GPU: the report's ``checks_s`` (the edit call's entry to
+its run's start, on the device's timeline: host time, since the GPU is idle) and ``edit_s``
+beside the call's synchronised wall time. Then one more edit under cProfile: the time of
+each function ``edit`` calls directly, which splits the checks (``_decoder_identity``,
+``_check_unchanged``, ``_warn_if_truncated``, ...) from the run (``_run``) and the report
+(``_report``); cProfile's own overhead inflates every row, so compare rows with each other,
+not with ``checks_s``.
 """
 
 from __future__ import annotations
@@ -19,26 +20,15 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import time
 
 import torch
 
 import fisedit_compiler as fc
 from fisedit_compiler import zoo
+from fisedit_compiler.engine.timing import synchronized_s
 from fisedit_compiler.execution import plan
 
 PROMPT, NEW_PROMPT = "a dog on the sofa", "a dog on the sofa wearing a hat"
-
-
-def synchronized(call) -> float:
-    """Seconds of ``call`` from an idle device to its synchronised end."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    call()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def main(argv=None) -> None:
@@ -63,7 +53,7 @@ def main(argv=None) -> None:
     def edit():
         results.append(session.edit(NEW_PROMPT, mask=mask, output_type="latent"))
 
-    walls = [synchronized(edit) for _ in range(args.edits)]
+    walls = [synchronized_s(edit) for _ in range(args.edits)]
     print(f"{args.model} {size} px, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}"
           f", 2 steps, 5% user mask, latents out")
     print("| edit | wall ms | edit_s ms | checks_s ms |")

@@ -43,6 +43,8 @@ from fisedit_compiler.execution import plan
 PROMPT, NEW_PROMPT = "a dog on the sofa", "a dog on the sofa wearing a hat"
 
 
+# Not engine.timing.synchronized_s: `gpu_run.sh e2e-ab` runs this script on an earlier tree's
+# package, which may predate it.
 def synchronized_s(fn) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import torch
 
@@ -121,7 +120,7 @@ def main(argv=None) -> None:
     # A pipeline calls the U-Net step after step: where nothing synchronises, the host part of
     # one call overlaps the GPU work of the one before.
     calls = 20
-    loop_ms = synchronized_ms(lambda: [edit() for _ in range(calls)]) / calls
+    loop_ms = 1e3 * timing.synchronized_s(lambda: [edit() for _ in range(calls)]) / calls
     print(f"{calls} edit calls back to back: {loop_ms:.3f} ms per call (one call from an idle "
           f"GPU: {rows[0][2]:.3f} ms)")
 
@@ -134,14 +133,6 @@ def main(argv=None) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     if args.new_masks:
         new_mask_costs(engine, cache, edited, mask, args.new_masks)
-
-
-def synchronized_ms(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
 
 
 def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
@@ -158,10 +149,11 @@ def new_mask_costs(engine, cache, edited: dict, mask, count: int) -> None:
         shift = [int(v) for v in torch.randint(-size[0] // 3, size[0] // 3, (2,), generator=gen)]
         moved = bench.blob_mask(size, area).roll(shift, dims=(0, 1))
         plans = []
-        plan_ms = synchronized_ms(lambda: plans.append(engine.plan(moved)))
+        plan_ms = 1e3 * timing.synchronized_s(lambda: plans.append(engine.plan(moved)))
         run = lambda: engine.edit(cache, 0, plan=plans[0], **edited)  # noqa: E731
-        first, second = synchronized_ms(run), synchronized_ms(run)
-        following = synchronized_ms(lambda: engine.edit(cache, 1, plan=plans[0], **edited))
+        first, second = 1e3 * timing.synchronized_s(run), 1e3 * timing.synchronized_s(run)
+        following = 1e3 * timing.synchronized_s(
+            lambda: engine.edit(cache, 1, plan=plans[0], **edited))
         bucket = "-" if plans[0].bucket is None else plans[0].bucket.index
         print(f"{'':10s} {area:6.1%} {bucket:>6} {plan_ms:8.2f} {first:8.2f} {second:8.2f}"
               f" {following:9.2f}")

@@ -23,13 +23,13 @@ see as custom ops):
 
 Prints a short table; on the CPU, compile times are CPU times and say nothing of the GPU's.
 
-``--device cuda`` (issue 17's first lever, timed; defaults: sd15 at 512 px, fp16, batch 2, a
-blobs of 5% and 20%) compiles the same graph on the GPU and times, in a loop of steps as a pipeline calls
-them: the torch ops eager, Inductor's compiled step, that step replayed in a CUDA graph, and
-the product path (Triton kernels in the engine's CUDA graphs) beside them, with each one's
-kernels per step (profiler) and error against the oracle. Inductor sees the reference path's
-ops (gathers, SDPA, cuDNN convs), not the product's Triton kernels: what it would fuse around
-them as custom ops is the glue it fuses here.
+``--device cuda`` (issue 17's first lever, timed; defaults: sd15 at 512 px, fp16, batch 2,
+blobs of 5% and 20%) compiles the same graph on the GPU and times, in a loop of steps as a
+pipeline calls them: the torch ops eager, Inductor's compiled step, that step replayed in a
+CUDA graph, and the product path (Triton kernels in the engine's CUDA graphs) beside them,
+with each one's kernels per step (profiler) and error against the oracle. Inductor sees the
+reference path's ops (gathers, SDPA, cuDNN convs), not the product's Triton kernels: what it
+would fuse around them as custom ops is the glue it fuses here.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Why: a GPU runs behind the host. A pipeline asked for latents returns while ~100
 steps are still queued (SD1.5, 50 steps), so a host clock read there times the queueing (a
 report gave 0.07 s for an edit whose work took 0.17 s); a synchronisation there instead
 makes the host work that follows (the report, copies) wait for the GPU rather than overlap
-it (with it, 11-18 ms of each SD1.5 edit lay outside its steps, RESULTS session 32). On a GPU a mark is a CUDA event recorded in
-stream order, and the times are read once, at the end, after the host work; on the CPU a mark
-is the host's clock.
+it (with it, 11-18 ms of each SD1.5 edit lay outside its steps, RESULTS session 32). On a
+GPU a mark is a CUDA event recorded in stream order, and the times are read once, at the
+end, after the host work; on the CPU a mark is the host's clock.
 """
 
 from __future__ import annotations

@@ -423,8 +423,9 @@ class EditSession:
         """
         original = self._require_generation()
         # The report's edit_s starts here: the checks and setup below (the U-Net's and the
-        # VAE's weights read among them) are the edit's time too. Timed from the run's start, edit_s lay
-        # 7-8 ms under an SD1.5 edit's synchronised wall time (H100, RESULTS.md session 33).
+        # VAE's weights read among them) are the edit's time too. Timed from the run's start,
+        # edit_s lay 7-8 ms under an SD1.5 edit's synchronised wall time (H100, RESULTS.md
+        # session 33).
         clock = DeviceClock(original.noise.device)
         entry = clock.mark()
         self._check_unet()
@@ -1050,9 +1051,9 @@ class _EditRun:
 
     def read_timings(self, run_end, end) -> None:
         """The phase times (seconds) into ``timings`` from the marks: the edit call's entry to
-        the run's start (its checks and setup), the run's start to ``run_end`` (the pipeline's return),
-        to ``end`` (the images composited), the probe's and the first sparse step's; on a GPU
-        this waits for the work queued before ``end``."""
+        the run's start (its checks and setup), the run's start to ``run_end`` (the pipeline's
+        return), to ``end`` (the images composited), the probe's and the first sparse step's;
+        on a GPU this waits for the work queued before ``end``."""
         clock, timings = self.clock, self.timings
         timings["checks_s"] = clock.seconds(self.entry, self.start)
         run_s = clock.seconds(self.start, run_end)

@@ -37,6 +37,19 @@ def host_time_ms(fn, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def synchronized_s(fn) -> float:
+    """Seconds of ``fn`` from an idle device to its synchronised end: the whole call as a
+    user waits for it (the host clock alone where there is no CUDA device)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def loop_time_ms(fn, calls: int = 20, warmup: int = 3) -> float:
     """Milliseconds per call of ``fn`` called ``calls`` times back to back, as a pipeline's
     loop calls the U-Net: one synchronisation at the end, so where nothing in ``fn``

@@ -160,16 +160,8 @@ def main(argv=None) -> None:
 
 def _kernels_per_call(call, calls: int = 3) -> float:
     """GPU activities (kernels, copies) of ``call``, per call, counted as
-    ``bench.profile_step`` counts the product's (torch.profiler; not for graph replays)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    return sum(event.device_type.name == "CUDA" for event in prof.events()) / calls
+    ``bench.profile_step`` counts the product's."""
+    return len(bench.gpu_events(call, calls)) / calls
 
 
 def _graphed(call):

@@ -400,21 +400,11 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
     (``edit_pass``), as the timed ones are: a pass's first step also checks the weights and
     loads the pass constants, work of the pass, not of a step.
     """
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     eager = engine.with_config(dataclasses.replace(engine.config, cuda_graphs=False))
     run = edit_pass(eager, pass_cache(eager, inputs, calls + 1), plan, edited)
-    run()                                   # the pass's first step, not profiled
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run()
-        torch.cuda.synchronize()
     durations: dict[str, list[float]] = {}          # kernel name -> each launch's us
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            durations.setdefault(event.name, []).append(event.device_time_total)
+    for event in gpu_events(run, calls):            # the pass's first step not profiled
+        durations.setdefault(event.name, []).append(event.device_time_total)
     launches = sum(len(times) for times in durations.values()) / calls
     gpu_ms = sum(sum(times) for times in durations.values()) / calls / 1000.0
     ranked = sorted(durations.items(), key=lambda item: -sum(item[1]))[:top]
@@ -430,6 +420,21 @@ def profile_step(engine, inputs: dict, plan, edited: dict, calls: int = 5,
             "top": [{"kernel": name[:90], "calls_per_step": len(times) / calls,
                      "ms_per_step": sum(times) / calls / 1000.0, **_spread_us(times)}
                     for name, times in ranked]}
+
+
+def gpu_events(run, calls: int) -> list:
+    """The GPU activities (kernels, copies) of ``calls`` calls of ``run``, by torch.profiler,
+    after one call not profiled (it loads kernels; in an edit pass, it is the pass's first
+    step). A replayed CUDA graph hides its kernels: profile the calls eagerly."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    return [event for event in prof.events() if event.device_type.name == "CUDA"]
 
 
 def _spread_us(times: list[float]) -> dict:

@@ -4,10 +4,11 @@
 
 A zoo pipeline at its native resolution (fp16 on CUDA, fp32 on the CPU), a generation of two
 steps without CUDA graphs (the checks do not depend on them, and capturing every bucket's
-graph would take a minute and a half), then ``--edits`` (at least 2) edits with a 5% user
-mask, latents out, each from an idle GPU: the report's ``checks_s`` (the edit call's entry to
-its run's start, on the device's timeline: host time, since the GPU is idle) and ``edit_s``
-beside the call's synchronised wall time. Then one more edit under cProfile: the time of
+graph would take a minute and a half), then ``--edits`` (at least 2) edits, each with a new
+user mask (a square of 1-20% of the latent at a new place, seeded), latents out, each from an
+idle GPU: the report's ``checks_s`` (the edit call's entry to its run's start, on the device's
+timeline: host time, since the GPU is idle) and ``edit_s`` beside the call's synchronised
+wall time. Then one more edit under cProfile: the time of
 each function ``edit`` calls directly, which splits the checks (``_decoder_identity``,
 ``_check_unchanged``, ``_warn_if_truncated``, ...) from the run (``_run``) and the report
 (``_report``); cProfile's own overhead inflates every row, so compare rows with each other,
@@ -47,15 +48,18 @@ def main(argv=None) -> None:
     session.generate(PROMPT, seed=0, num_inference_steps=2, height=size, width=size,
                      output_type="latent")
     latent = pipe.unet.config.sample_size
-    mask = plan.blob_mask((latent, latent), 0.05)
+    gen = torch.Generator().manual_seed(1)
     results = []
 
     def edit():
+        area = 0.01 + 0.19 * float(torch.rand((), generator=gen))
+        shift = [int(v) for v in torch.randint(-latent // 3, latent // 3, (2,), generator=gen)]
+        mask = plan.blob_mask((latent, latent), area).roll(shift, dims=(0, 1))
         results.append(session.edit(NEW_PROMPT, mask=mask, output_type="latent"))
 
     walls = [synchronized_s(edit) for _ in range(args.edits)]
     print(f"{args.model} {size} px, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}"
-          f", 2 steps, 5% user mask, latents out")
+          f", 2 steps, a new 1-20% user mask each edit, latents out")
     print("| edit | wall ms | edit_s ms | checks_s ms |")
     print("|---|---|---|---|")
     for index, (wall, result) in enumerate(zip(walls, results)):

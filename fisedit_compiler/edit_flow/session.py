@@ -424,7 +424,7 @@ class EditSession:
         original = self._require_generation()
         # The report's edit_s starts here: the checks and setup below (the U-Net's and the
         # VAE's weights read among them) are the edit's time too. Timed from the run's start,
-        # edit_s lay 7-8 ms under an SD1.5 edit's synchronised wall time (H100, RESULTS.md
+        # edit_s lay 5-8 ms under an SD1.5 edit's synchronised wall time (H100, RESULTS.md
         # session 33).
         clock = DeviceClock(original.noise.device)
         entry = clock.mark()
